@@ -1,0 +1,18 @@
+from setuptools import setup
+
+setup(
+    name="grokfast_metrics",
+    version="0.1.0",
+    description="Fast linear mapping number (LMN) for tracking grokking at every training step",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["grokfast_metrics", "grokfast_metrics.kernels"],
+    package_dir={"grokfast_metrics": "grokfast_metrics", "grokfast_metrics.kernels": "kernels"},
+    install_requires=["torch>=2.1", "numpy", "scipy", "tqdm", "matplotlib"],
+    extras_require={
+        "triton": ["triton>=3.0"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.0"],
+    },
+    entry_points={"console_scripts": ["grokfast-metrics=grokfast_metrics.cli:main"]},
+)
