@@ -1,0 +1,55 @@
+"""Small builders shared by the test files."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+ACTS = {
+    "silu": nn.SiLU,
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "leaky_relu": lambda: nn.LeakyReLU(0.1),
+    "identity": nn.Identity,
+}
+
+
+def mlp_tail(widths: list[int], act: str = "silu", bias: bool = True, final_act: str | None = None,
+             dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Sequential:
+    """``Linear(w0,w1) -> act -> Linear(w1,w2) -> act ... -> Linear`` with seeded init."""
+    g = torch.Generator().manual_seed(seed)
+    layers: list[nn.Module] = []
+    for k, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        if k:
+            layers.append(ACTS[act]())
+        lin = nn.Linear(a, b, bias=bias)
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(b, a, generator=g) / a**0.5 * 1.5)
+            if bias:
+                lin.bias.copy_(torch.randn(b, generator=g) * 0.5)
+        layers.append(lin)
+    if final_act is not None:
+        layers.append(ACTS[final_act]())
+    return nn.Sequential(*layers).to(dtype)
+
+
+class Wrapped(nn.Module):
+    """Hides a module behind a custom forward so it takes the generic path."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
+def abs_tail() -> nn.Sequential:
+    """f(x) = |x| for 1-D x: a path from -a to +a is a symmetric V, r2 = 0."""
+    t = nn.Sequential(nn.Linear(1, 2, bias=False), nn.ReLU(), nn.Linear(2, 1, bias=False))
+    with torch.no_grad():
+        t[0].weight.copy_(torch.tensor([[1.0], [-1.0]]))
+        t[2].weight.copy_(torch.tensor([[1.0, 1.0]]))
+    return t
