@@ -7,7 +7,18 @@
 True
 """
 from .core import BACKENDS, LMNResult, connectivity, lmn, lmn_from_connectivity
+from .dropin import lmn_at
+from .tracker import LMNTracker
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "LMNResult", "connectivity", "lmn", "lmn_from_connectivity", "__version__"]
+__all__ = [
+    "BACKENDS",
+    "LMNResult",
+    "LMNTracker",
+    "__version__",
+    "connectivity",
+    "lmn",
+    "lmn_at",
+    "lmn_from_connectivity",
+]

@@ -1,0 +1,207 @@
+"""``LMNTracker``: LMN of a fixed probe set at one layer, on a schedule, inside any training loop.
+
+Three lines in an existing loop::
+
+    import grokfast_metrics as gm
+    tracker = gm.LMNTracker(model, probe_inputs, at="layers.0", every="log")
+    tracker.update(step)            # in the loop; computes only when the schedule says so
+
+``update`` / ``compute`` / ``reset`` follow torchmetrics; values are plain Python floats, ready for
+wandb, TensorBoard or ``torch.save``. A computation never perturbs training: it runs without
+grad, in eval mode (restored afterwards), with the global RNG state forked, and leaves no hooks.
+
+``LMNMetric`` (a ``torchmetrics.Metric`` wrapping a tracker) exists only when torchmetrics is
+installed; it is not a dependency.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import nn
+
+from .dropin import OutputSelector, lmn_at
+
+#: base of the log-spaced schedule: LMN at steps 0 and floor(LOG_BASE ** k), k = 0, 1, 2, ...
+LOG_BASE = 1.3
+
+
+def log_schedule(max_step: int, base: float = LOG_BASE) -> list[int]:
+    """Steps ``0`` and ``floor(base ** k)`` up to ``max_step``, deduplicated, ascending.
+
+    ``base = 1.3`` gives 0, 1, 2, 3, 4, 6, 8, 10, 13, 17, 23, 30, 39, ... (about 8.8 steps per decade:
+    36 computations over a 20,000-step run).
+    """
+    if base <= 1.0:
+        raise ValueError(f"log schedule base must be > 1; got {base}")
+    steps, k = {0}, 0
+    while True:
+        s = math.floor(base**k)
+        if s > max_step:
+            break
+        steps.add(s)
+        k += 1
+    return sorted(steps)
+
+
+def _on_log_schedule(step: int, base: float) -> bool:
+    if step <= 1:
+        return step >= 0
+    k0 = int(math.log(step) / math.log(base))
+    return any(math.floor(base**k) == step for k in range(max(0, k0 - 2), k0 + 3))
+
+
+class LMNTracker:
+    """Linear mapping number of ``probe_inputs`` at the output of ``model.<at>``, on a schedule.
+
+    Args:
+        model: the model being trained (not copied: LMN is measured on its current weights).
+        probe_inputs: the model's input for the fixed probe samples (tensor or tuple of tensors,
+            samples along ``batch_dim``), on the model's device. Keep them fixed so curves compare.
+        at: submodule name (see :func:`grokfast_metrics.lmn_at`).
+        every: ``int`` k (compute at steps divisible by k, including 0) or ``"log"`` (steps 0 and
+            ``floor(log_base ** k)``).
+        output, batch_dim, n_lambda, backend: as in :func:`grokfast_metrics.lmn_at`.
+        log_base: base of the log schedule (default 1.3).
+        check: cut check on the first computation only (the cut is structural; later calls skip it).
+
+    Attributes:
+        history: list of ``{"step": int, "lmn": float, "entropy_bits": float}``, one per computation
+            (NaN values, with a warning, when the model's parameters are not finite: a diverged run
+            keeps training instead of crashing in the metric).
+
+    Raises:
+        ValueError: bad ``every``/``log_base``; errors of :func:`lmn_at` surface at the first ``update``.
+    """
+
+    def __init__(self, model: nn.Module, probe_inputs, at: str, every: int | str = 1, output: OutputSelector = None,
+                 batch_dim: int = 0, n_lambda: int = 21, backend: str = "auto", log_base: float = LOG_BASE,
+                 check: bool = True):
+        if isinstance(every, str):
+            if every != "log":
+                raise ValueError(f"every must be a positive int or 'log'; got {every!r}")
+            if not log_base > 1.0:
+                raise ValueError(f"log_base must be > 1; got {log_base}")
+        elif isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive int or 'log'; got {every!r}")
+        self.model = model
+        self.probe_inputs = probe_inputs
+        self.at = at
+        self.every = every
+        self.output = output
+        self.batch_dim = batch_dim
+        self.n_lambda = n_lambda
+        self.backend = backend
+        self.log_base = log_base
+        self._check = check
+        self._checked = False
+        self._calls = 0
+        self.history: list[dict] = []
+
+    def should_compute(self, step: int) -> bool:
+        """Whether the schedule computes LMN at ``step``."""
+        if step < 0:
+            return False
+        if self.every == "log":
+            return _on_log_schedule(step, self.log_base)
+        return step % self.every == 0
+
+    def update(self, step: int | None = None) -> float | None:
+        """Compute LMN if the schedule says so at ``step`` (default: the number of earlier ``update`` calls).
+
+        Returns:
+            the new LMN as a float when computed, else ``None``.
+        """
+        if step is None:
+            step = self._calls
+        self._calls += 1
+        if isinstance(step, torch.Tensor):
+            step = int(step)
+        if not self.should_compute(step):
+            return None
+        params = [(n, p) for n, p in self.model.named_parameters() if p.is_floating_point()]
+        flags = [torch.isfinite(p).all().to(params[0][1].device) for _, p in params]
+        finite = torch.stack(flags).tolist() if params else []       # one device sync
+        bad = [n for (n, _), ok in zip(params, finite) if not ok]
+        if bad:  # a diverged run: record NaN rather than crash the training loop
+            msg = f"LMNTracker: step {step}: parameters {bad[:3]} have NaN/Inf; recording LMN = NaN"
+            warnings.warn(msg, stacklevel=2)
+            self.history.append({"step": int(step), "lmn": math.nan, "entropy_bits": math.nan})
+            return math.nan
+        res = lmn_at(self.model, self.probe_inputs, at=self.at, output=self.output, batch_dim=self.batch_dim,
+                     n_lambda=self.n_lambda, backend=self.backend, check=self._check and not self._checked)
+        self._checked = True
+        self.history.append({"step": int(step), "lmn": float(res.lmn), "entropy_bits": float(res.entropy_bits)})
+        return float(res.lmn)
+
+    def compute(self) -> float:
+        """The latest LMN as a plain float.
+
+        Raises:
+            RuntimeError: nothing computed yet (call ``update`` first).
+        """
+        if not self.history:
+            raise RuntimeError("LMNTracker.compute() called before any LMN was computed; call update(step) first")
+        return self.history[-1]["lmn"]
+
+    def reset(self) -> None:
+        """Forget the history and the call counter (the cut check is not repeated)."""
+        self.history = []
+        self._calls = 0
+
+    def as_dict(self) -> dict[str, list]:
+        """History as ``{"step": [...], "lmn": [...], "entropy_bits": [...]}`` (``pandas.DataFrame(...)``-ready)."""
+        keys = ("step", "lmn", "entropy_bits")
+        return {k: [row[k] for row in self.history] for k in keys}
+
+    def __len__(self) -> int:
+        return len(self.history)
+
+    def __repr__(self) -> str:
+        last = f", last={self.history[-1]}" if self.history else ""
+        return f"LMNTracker(at={self.at!r}, every={self.every!r}, computed={len(self.history)}{last})"
+
+
+try:  # optional adapter, only when torchmetrics is installed
+    import torchmetrics as _tm
+except ImportError:  # pragma: no cover - depends on the environment
+    _tm = None
+
+if _tm is not None:
+
+    class LMNMetric(_tm.Metric):
+        """``torchmetrics.Metric`` wrapper of :class:`LMNTracker`: ``update(step)`` / ``compute()`` -> 0-d tensor.
+
+        State ``value`` (latest LMN, NaN before the first computation) is reduced across processes
+        with ``mean`` (ranks of a data-parallel run hold the same model and probe set, hence the same value).
+        ``metric(step)`` is ``update(step)`` then ``compute()`` (one computation, not torchmetrics' two).
+        """
+
+        full_state_update = False
+        higher_is_better = None
+        is_differentiable = False
+
+        def __init__(self, model: nn.Module, probe_inputs, at: str, every: int | str = 1, **kwargs):
+            tracker_keys = ("output", "batch_dim", "n_lambda", "backend", "log_base", "check")
+            tracker_kw = {k: kwargs.pop(k) for k in tracker_keys if k in kwargs}
+            super().__init__(**kwargs)
+            self._tracker = LMNTracker(model, probe_inputs, at=at, every=every, **tracker_kw)
+            self.add_state("value", default=torch.tensor(float("nan"), dtype=torch.float64), dist_reduce_fx="mean")
+
+        @property
+        def tracker(self) -> LMNTracker:
+            return self._tracker
+
+        def update(self, step: int | None = None) -> None:
+            self._tracker.update(step)
+            if self._tracker.history:  # also after reset(), which restores the NaN default
+                latest = self._tracker.history[-1]["lmn"]
+                self.value = torch.tensor(latest, dtype=torch.float64, device=self.value.device)
+
+        def compute(self) -> torch.Tensor:
+            return self.value
+
+        def forward(self, step: int | None = None) -> torch.Tensor:
+            self.update(step)
+            return self.compute()
