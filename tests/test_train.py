@@ -1,0 +1,175 @@
+"""Model layers and tails, tracker non-interference, logs/plot of a short run, the CLI."""
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import grokfast_metrics as gm
+from grokfast_metrics import cli
+from grokfast_metrics import train as train_mod
+from grokfast_metrics.model import (
+    LAYERS,
+    GrokMLP,
+    representation,
+    representations,
+    scale_init,
+)
+from grokfast_metrics.tasks import make_task
+from grokfast_metrics.train import TrainConfig, probe_indices, train
+
+TINY = {"task": "add", "device": "cpu", "hidden": 16, "embed_dim": 8, "log_every": 1, "probe": 12, "threads": 1}
+
+
+@pytest.fixture(scope="module")
+def model_and_x():
+    torch.manual_seed(0)
+    task = make_task("add")
+    return GrokMLP(task.n_tokens, task.n_classes, 8, 16), task.x[:10]
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_tail_of_representation_gives_logits(model_and_x, layer):
+    model, x = model_and_x
+    h, tail = representation(model, x, layer)
+    torch.testing.assert_close(tail(h), model(x), atol=1e-6, rtol=1e-5)
+    own = {id(m) for m in model.modules()}
+    assert all(id(m) in own for m in tail)  # the model's own modules, no copies
+    assert not h.requires_grad
+
+
+def test_layer_equivalences(model_and_x):
+    """SPEC §1: embeddings == hidden1_pre, hidden1_post == hidden2_pre, hidden2_post is affine (LMN 1)."""
+    model, x = model_and_x
+    reps = representations(model, x, list(LAYERS))
+    L = {k: gm.connectivity(h, t, backend="torch") for k, (h, t) in reps.items()}
+    torch.testing.assert_close(L["embeddings"], L["hidden1_pre"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(L["hidden1_post"], L["hidden2_pre"], atol=1e-5, rtol=0)
+    assert gm.lmn_from_connectivity(L["hidden2_post"]).lmn == pytest.approx(1.0, abs=1e-6)
+    ref = gm.lmn(*reps["hidden1_post"], backend="reference").lmn
+    assert gm.lmn_from_connectivity(L["hidden1_post"]).lmn == pytest.approx(ref, rel=1e-5)
+
+
+def test_separate_embeddings_and_init_scale():
+    torch.manual_seed(0)
+    m = GrokMLP(5, 3, 4, 6, embedding="separate")
+    assert m.embed_a is not m.embed_b
+    before = [p.detach().clone() for p in m.parameters()]
+    scale_init(m, 0.5)
+    for b, p in zip(before, m.parameters()):
+        torch.testing.assert_close(p.detach(), 0.5 * b)
+    with pytest.raises(ValueError):
+        scale_init(m, 0.0)
+
+
+def test_probe_subset_seeded_and_rng_untouched():
+    task = make_task("add")
+    state = torch.get_rng_state()
+    a, b = probe_indices(task, 40, 7), probe_indices(task, 40, 7)
+    assert torch.equal(a, b) and len(set(a.tolist())) == 40
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(probe_indices(task, "test", 0), task.test_idx)
+
+
+def test_tracking_does_not_perturb_training(tmp_path):
+    """Bit-identical losses and parameters with LMN at every step (two layers) and without tracking."""
+    state = torch.get_rng_state()
+    on = train(TrainConfig(steps=25, lmn_every=1, lmn_layers=["hidden1_post", "embeddings"], grokfast="ema", **TINY),
+               tmp_path / "on", progress=False, plot=False)
+    off = train(TrainConfig(steps=25, lmn_every=0, grokfast="ema", **TINY), tmp_path / "off", progress=False, plot=False)
+    assert torch.equal(torch.get_rng_state(), state)
+    loss_on = [r["train_loss"] for r in on.rows]
+    assert loss_on == [r["train_loss"] for r in off.rows] and len(loss_on) == 26
+    assert [r["test_loss"] for r in on.rows] == [r["test_loss"] for r in off.rows]
+    assert [r["l2"] for r in on.rows] == [r["l2"] for r in off.rows]
+    assert all(r["lmn"] is not None and r["lmn"] >= 1.0 for r in on.rows)
+    assert all(r["lmn"] is None for r in off.rows)
+    assert len(set(loss_on)) > 20  # it did train
+
+
+def test_key_steps_match_logged_accuracies(tmp_path):
+    res = train(TrainConfig(steps=40, lmn_every=0, lr=1e-2, **TINY), tmp_path, progress=False, plot=False)
+    first_mem = next((r["step"] for r in res.rows if r["train_acc"] == 1.0), None)
+    first_gen = next((r["step"] for r in res.rows if r["test_acc"] >= 0.99), None)
+    assert res.summary["memorization_step"] == first_mem
+    assert res.summary["generalization_step"] == first_gen
+
+
+def test_cli_short_run_writes_valid_logs_and_plot(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = cli.main(["train", "--task", "s4", "--steps", "12", "--lmn-every", "5", "--probe", "16", "--hidden", "16",
+                   "--device", "cpu", "--out", str(out), "--no-progress", "--log-every", "3"])
+    assert rc == 0
+    assert "memorization step" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 5, 6, 9, 10, 12]  # every 3, LMN steps, final
+    assert [r["step"] for r in rows if r["lmn"] is not None] == [0, 1, 2, 3, 5, 10, 12]  # early 1, 2, 3; every 5
+    with open(out / "metrics.csv", newline="") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in csv_rows] == [r["step"] for r in rows]
+    assert float(csv_rows[4]["lmn"]) == pytest.approx(rows[4]["lmn"]) and csv_rows[5]["lmn"] == ""
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["config"]["task"] == "s4" and cfg["n_inputs"] == 576 and cfg["n_probe"] == 16
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps_done"] == 12 and not summary["interrupted"]
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_interrupt_leaves_valid_logs_and_plot(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = train_mod.track_lmn
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 6:  # steps 0, 1, 2, 3 (early), 4, 8
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(train_mod, "track_lmn", flaky)
+    rc = cli.main(["train", "--steps", "50", "--lmn-every", "4", "--probe", "8", "--hidden", "8", "--device", "cpu",
+                   "--out", str(tmp_path), "--no-progress", "--log-every", "1"])
+    assert rc == 130
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # step 8's metrics were computed before its LMN call was interrupted: logged, without LMN
+    assert [r["step"] for r in rows] == list(range(9)) and rows[-1]["lmn"] is None and rows[4]["lmn"] is not None
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["interrupted"] and summary["steps_done"] == 8
+    assert (tmp_path / "curves.png").exists()
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["train", "--task", "mul"], "invalid choice"),
+    (["train", "--train-fraction", "1.0"], "train fraction"),
+    (["train", "--steps", "0"], "steps"),
+    (["train", "--probe", "1"], "probe"),
+    (["train", "--probe", "2000"], "larger than the task"),
+    (["train", "--lmn-layer", "hidden3"], "invalid choice"),
+    (["train", "--grokfast", "ema", "--ema-alpha", "1.5"], "alpha"),
+    (["train", "--bogus"], "unrecognized"),
+    ([], "required"),
+])
+def test_cli_bad_arguments_one_line_exit_2(argv, msg, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert msg in err and err.count("\n") == 1
+
+
+def test_cli_unwritable_out_dir(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert cli.main(["train", "--out", str(blocker / "sub"), "--steps", "1"]) == 2
+    assert "cannot write" in capsys.readouterr().err
+
+
+def test_cli_missing_lazy_subcommand(monkeypatch, capsys):
+    monkeypatch.setitem(cli.LAZY, "plot", ("grokfast_metrics._no_such_module", "x"))
+    assert cli.main(["plot", "--anything"]) == 2
+    err = capsys.readouterr().err
+    assert "not available" in err and err.count("\n") == 1
+
+
+def test_python_dash_m_entry_point():
+    p = subprocess.run([sys.executable, "-m", "grokfast_metrics", "train", "--steps", "-3"], capture_output=True, text=True, check=False)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "steps" in p.stderr
