@@ -38,6 +38,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     from .grokfast import FILTERS
     from .model import EMBEDDINGS, LAYERS
     from .tasks import TASKS
+    from .train import SNAPSHOT_DEFAULT
 
     g = p.add_argument_group("task and model")
     g.add_argument("--task", default="add", choices=TASKS, help="add: (a+b) mod 31; s4: composition in S4; xor: 5-bit XOR (default add)")
@@ -65,10 +66,22 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="skip the extra log-spaced LMN steps (1, 2, 3, 5, ...) below --lmn-every")
     g.add_argument("--probe", default=None, help="LMN samples: all, train, test or a seeded subset size n (default: all on CUDA, 256 on CPU)")
     g.add_argument("--probe-seed", type=int, default=0, help="seed of the probe subset (default 0)")
-    g.add_argument("--lmn-layer", dest="lmn_layers", action="append", choices=LAYERS, default=None,
-                   help="layer to track (repeat for several; first is the 'lmn' column) (default hidden1_post)")
+    g.add_argument("--lmn-layer", dest="lmn_layers", action="append", choices=LAYERS + ("all",), default=None,
+                   help="layer to track (repeat for several; first is the 'lmn' column; 'all' = every layer, the "
+                        "default one first) (default hidden1_post)")
     g.add_argument("--n-lambda", type=int, default=21, help="interpolation points per pair (default 21)")
     g.add_argument("--lmn-backend", default="auto", choices=("auto", "triton", "torch", "reference"), help="LMN backend (default auto)")
+
+    g = p.add_argument_group("other complexity measures")
+    g.add_argument("--complexity", default="log",
+                   help="compression-based complexity schedule: off, log (0 and powers of two) or every k steps (default log)")
+    g.add_argument("--complexity-eps", type=float, nargs="+", default=[1e-3, 1e-2, 1e-1],
+                   help="loss tolerances of the compression complexity (default 1e-3 1e-2 1e-1)")
+    g.add_argument("--spectral-entropy-weight", type=float, default=0.0,
+                   help="add this times the spectral entropy of every Linear weight to the loss (default 0 = off)")
+    g.add_argument("--save-connectivity", default=",".join(SNAPSHOT_DEFAULT),
+                   help="steps at which to save L for Figure 4: comma-separated integers and/or memorization, "
+                        "generalization, final; '' = none (default: %(default)s)")
 
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, help="run directory (default runs/<task>-s<seed>-<time>)")
@@ -89,6 +102,18 @@ def _check_out_dir(out: Path) -> None:
         raise UsageError(f"{PROG} train: error: cannot write to output directory {str(out)!r}: {e.strerror or e}") from None
 
 
+def _layers(chosen: list[str]) -> list[str]:
+    """Expand ``all`` to every layer (default layer first), keeping the order and dropping repeats."""
+    from .model import DEFAULT_LAYER, LAYERS
+
+    out: list[str] = []
+    for layer in chosen:
+        for name in ([DEFAULT_LAYER, *LAYERS] if layer == "all" else [layer]):
+            if name not in out:
+                out.append(name)
+    return out
+
+
 def _run_train(args: argparse.Namespace) -> int:
     from .model import DEFAULT_LAYER
     from .plots import format_summary
@@ -99,8 +124,10 @@ def _run_train(args: argparse.Namespace) -> int:
         seed=args.seed, init_scale=args.init_scale, embed_dim=args.embed_dim, hidden=args.hidden, embedding=args.embedding,
         grokfast=args.grokfast, ema_alpha=args.ema_alpha, ema_lamb=args.ema_lamb, ma_window=args.ma_window, ma_lamb=args.ma_lamb,
         device=args.device, lmn_every=args.lmn_every, lmn_early=args.lmn_early, probe=args.probe, probe_seed=args.probe_seed,
-        lmn_layers=args.lmn_layers or [DEFAULT_LAYER], n_lambda=args.n_lambda, lmn_backend=args.lmn_backend,
-        log_every=args.log_every, threads=args.threads,
+        lmn_layers=_layers(args.lmn_layers or [DEFAULT_LAYER]), n_lambda=args.n_lambda, lmn_backend=args.lmn_backend,
+        log_every=args.log_every, threads=args.threads, complexity=args.complexity, complexity_eps=args.complexity_eps,
+        spectral_entropy_weight=args.spectral_entropy_weight,
+        save_connectivity=[s.strip() for s in args.save_connectivity.split(",") if s.strip()],
     )
     for name in ("embed_dim", "hidden", "ma_window"):
         if getattr(args, name) < 1:

@@ -21,13 +21,16 @@ import math
 import platform
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .core import BACKENDS, lmn
+from ._tail import parse_tail
+from .complexity import compression_complexity, spectral_entropies, spectral_entropy_penalty, weight_matrices, weight_norms
+from .core import BACKENDS, LMNResult, lmn
 from .grokfast import FILTERS, make_filter
 from .model import (
     DEFAULT_LAYER,
@@ -38,11 +41,19 @@ from .model import (
     scale_init,
 )
 from .tasks import TASKS, Task, make_task
+from .figures import save_connectivity
 
 #: columns always present in the logs; ``lmn_<layer>`` columns follow
 BASE_COLUMNS = ("step", "train_loss", "train_acc", "test_loss", "test_acc", "l2", "lmn", "time_s")
 #: test accuracy that counts as generalized
 GENERALIZED_ACC = 0.99
+#: default ``save_connectivity``: init, the two phase boundaries and the end
+SNAPSHOT_DEFAULT = ("0", "memorization", "generalization", "final")
+SNAPSHOT_EVENTS = ("memorization", "generalization", "final")
+#: the trainer's compression-complexity grid (7 bin sizes x 4 rank fractions, ~1.6 s per evaluation on the
+#: paper's model on one CPU core); ``grokfast_metrics.complexity`` has the finer default grid
+COMPLEXITY_BINS = tuple(2.0**-k for k in range(12, -1, -2))
+COMPLEXITY_RANK_FRACTIONS = (1.0, 0.9, 0.7, 0.5)
 
 
 @dataclass
@@ -70,6 +81,13 @@ class TrainConfig:
         lmn_layers: layers to track (first one is the ``lmn`` column), from :data:`LAYERS`.
         n_lambda: interpolation points per pair (paper: 21).
         lmn_backend: backend passed to ``grokfast_metrics.lmn``.
+        spectral_entropy_weight: weight of the spectral-entropy penalty added to the training loss (DeMoss et
+            al.); 0 = off. ``train_loss`` in the logs stays the plain cross-entropy.
+        complexity: when to compute the compression-based complexity (costlier than LMN): ``"off"``,
+            ``"log"`` (steps 0 and powers of two, plus the last step) or every k steps as a digit string.
+        complexity_eps: loss tolerances of the compression complexity (one ``complexity_bits_eps<e>`` column each).
+        save_connectivity: steps at which to save the connectivity matrix of the first tracked layer under
+            ``connectivity/`` (for Figure 4): integers and/or ``"memorization"``, ``"generalization"``, ``"final"``.
         log_every: write a row every k steps (LMN steps and key steps always). ``None``: 1 on CUDA, 10 on CPU.
         threads: torch CPU threads during the run (restored afterwards). ``None``: 1 on CPU (the model is
             tiny; on a shared 2-core machine 2 threads measured 6-20x slower than 1), unchanged on CUDA.
@@ -98,6 +116,10 @@ class TrainConfig:
     lmn_layers: list[str] = field(default_factory=lambda: [DEFAULT_LAYER])
     n_lambda: int = 21
     lmn_backend: str = "auto"
+    spectral_entropy_weight: float = 0.0
+    complexity: str = "log"
+    complexity_eps: list[float] = field(default_factory=lambda: [1e-3, 1e-2, 1e-1])
+    save_connectivity: list[str] = field(default_factory=lambda: list(SNAPSHOT_DEFAULT))
     log_every: int | None = None
     threads: int | None = None
 
@@ -135,6 +157,14 @@ class TrainConfig:
             raise ValueError(f"lmn_layers has duplicates: {self.lmn_layers}")
         if self.n_lambda < 3:
             raise ValueError(f"n_lambda must be >= 3; got {self.n_lambda}")
+        if not (self.spectral_entropy_weight >= 0 and math.isfinite(self.spectral_entropy_weight)):
+            raise ValueError(f"spectral entropy weight must be >= 0; got {self.spectral_entropy_weight}")
+        complexity_steps(self.complexity, 1)
+        if not self.complexity_eps or any(not (e >= 0 and math.isfinite(e)) for e in self.complexity_eps):
+            raise ValueError(f"complexity eps must be a non-empty list of numbers >= 0; got {self.complexity_eps}")
+        for s in self.save_connectivity:
+            if s not in SNAPSHOT_EVENTS and not (str(s).isdigit()):
+                raise ValueError(f"save-connectivity steps must be integers >= 0 or one of {', '.join(SNAPSHOT_EVENTS)}; got {s!r}")
         if self.lmn_backend not in BACKENDS:
             raise ValueError(f"LMN backend must be one of {', '.join(BACKENDS)}; got {self.lmn_backend!r}")
         parse_probe(self.probe if self.probe is not None else "all")
@@ -199,6 +229,43 @@ def lmn_steps_early(every: int, base: float = 1.5) -> set[int]:
         out.add(s)
         k += 1
     return out
+
+
+def complexity_steps(spec: str, steps: int) -> set[int]:
+    """Steps at which the compression complexity runs: ``"off"``, ``"log"`` (0 and powers of two) or every k.
+
+    Raises:
+        ValueError: any other spec.
+    """
+    spec = str(spec)
+    if spec == "off":
+        return set()
+    if spec == "log":
+        out, k = {0}, 0
+        while 2**k <= steps:
+            out.add(2**k)
+            k += 1
+        return out
+    if spec.isdigit() and int(spec) >= 1:
+        return set(range(0, steps + 1, int(spec)))
+    raise ValueError(f"complexity must be 'off', 'log' or a step interval >= 1; got {spec!r}")
+
+
+def weight_columns(model: torch.nn.Module) -> tuple[list[str], list[str]]:
+    """Column names of the per-layer norms (``l2_<module>``, ``l2_last``) and effective ranks (``erank_<linear>``)."""
+    norms = [f"l2_{name}" for name in weight_norms(model)["layers"]] + ["l2_last"]
+    ranks = [f"erank_{name}" for name in weight_matrices(model)]
+    return norms, ranks
+
+
+def weight_measures(model: torch.nn.Module, ranks: bool) -> dict[str, float]:
+    """Per-layer L2 norms, the last layer's norm and (if ``ranks``) the effective rank of each Linear."""
+    wn = weight_norms(model)
+    row = {f"l2_{name}": v for name, v in wn["layers"].items()}
+    row["l2_last"] = wn["last"]
+    if ranks:
+        row.update({f"erank_{name}": v["effective_rank"] for name, v in spectral_entropies(model).items()})
+    return row
 
 
 def probe_indices(task: Task, probe: str | int, seed: int) -> torch.Tensor:
@@ -285,7 +352,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def track_lmn(model: GrokMLP, x_probe: torch.Tensor, layers: list[str], n_lambda: int = 21, backend: str = "auto") -> dict[str, float]:
+def track_lmn(model: GrokMLP, x_probe: torch.Tensor, layers: list[str], n_lambda: int = 21,
+              backend: str = "auto") -> dict[str, LMNResult]:
     """LMN of the probe inputs at each of ``layers`` (no grad, RNG and modes untouched).
 
     Args:
@@ -294,10 +362,10 @@ def track_lmn(model: GrokMLP, x_probe: torch.Tensor, layers: list[str], n_lambda
         layers: layer names from :data:`~grokfast_metrics.model.LAYERS`.
 
     Returns:
-        ``{layer: lmn}``.
+        ``{layer: LMNResult}`` (``.lmn``, ``.connectivity``, ...).
     """
     reps = representations(model, x_probe, layers)
-    return {layer: lmn(h, tail, n_lambda, backend).lmn for layer, (h, tail) in reps.items()}
+    return {layer: lmn(h, tail, n_lambda, backend) for layer, (h, tail) in reps.items()}
 
 
 def _lmn_at(rows: list[dict], step: int | None, key: str = "lmn") -> tuple[int, float] | None:
@@ -403,9 +471,20 @@ def _run(cfg: TrainConfig, run_dir: Path, progress: bool, plot: bool) -> RunResu
     }
     (run_dir / "config.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
-    columns = list(BASE_COLUMNS) + [f"lmn_{layer}" for layer in layers]
+    for layer in layers:
+        if parse_tail(model.tail(layer)).is_affine:
+            warnings.warn(f"LMN at {layer}: the tail from there to the logits is affine, so its LMN is 1 at every step "
+                          "(see docs/lmn.md, 'Which layer')", stacklevel=2)
+    norm_cols, rank_cols = weight_columns(model)
+    cx_steps = complexity_steps(cfg.complexity, cfg.steps) | ({cfg.steps} if cfg.complexity != "off" else set())
+    cx_cols = [f"complexity_bits_eps{e:g}" for e in cfg.complexity_eps]
+    snap_steps = {int(s) for s in cfg.save_connectivity if str(s).isdigit()}
+    snap_events = {s for s in cfg.save_connectivity if s in SNAPSHOT_EVENTS}
+    cx_loss = lambda m: float(F.cross_entropy(m(x_tr), y_tr))  # noqa: E731  training loss of a coarse-grained copy
+
+    columns = list(BASE_COLUMNS) + [f"lmn_{layer}" for layer in layers] + norm_cols + rank_cols + cx_cols
     log = MetricsLog(run_dir, columns)
-    timings = {"train": 0.0, "lmn": 0.0, "log": 0.0}
+    timings = {"train": 0.0, "lmn": 0.0, "complexity": 0.0, "log": 0.0}  # complexity: also norms and ranks
     mem_step = gen_step = None
     interrupted = False
     step = 0
@@ -428,7 +507,10 @@ def _run(cfg: TrainConfig, run_dir: Path, progress: bool, plot: bool) -> RunResu
             loss = F.cross_entropy(logits, y_tr)
             if not final:
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                if cfg.spectral_entropy_weight > 0:
+                    (loss + cfg.spectral_entropy_weight * spectral_entropy_penalty(model)).backward()
+                else:
+                    loss.backward()
             with torch.no_grad():
                 te_logits = model(x_te)
                 stats = torch.stack([
@@ -451,13 +533,28 @@ def _run(cfg: TrainConfig, run_dir: Path, progress: bool, plot: bool) -> RunResu
             timings["train"] += t1 - t0
 
             row = None
-            if tracking and (step % cfg.lmn_every == 0 or final or key or step in early):
-                vals = track_lmn(model, x_probe, layers, cfg.n_lambda, cfg.lmn_backend)
+            events = {e for e, hit in (("memorization", step == mem_step), ("generalization", step == gen_step),
+                                       ("final", final)) if hit}
+            snap = step in snap_steps or bool(events & snap_events)
+            if tracking and (step % cfg.lmn_every == 0 or final or key or step in early or snap):
+                res = track_lmn(model, x_probe, layers, cfg.n_lambda, cfg.lmn_backend)
                 _sync(device)
-                row = {f"lmn_{layer}": v for layer, v in vals.items()}
-                row["lmn"] = last_lmn = vals[layers[0]]
+                row = {f"lmn_{layer}": r.lmn for layer, r in res.items()}
+                row["lmn"] = last_lmn = res[layers[0]].lmn
+                if snap:
+                    save_connectivity(run_dir, step, layers[0], res[layers[0]].connectivity, last_lmn)
             t2 = time.perf_counter()
             timings["lmn"] += t2 - t1
+            if step in cx_steps:
+                cc = compression_complexity(model, cx_loss, cfg.complexity_eps, COMPLEXITY_BINS, COMPLEXITY_RANK_FRACTIONS)
+                row = row or {}
+                row.update({f"complexity_bits_eps{e:g}": b for e, b in cc.bits.items()})
+            logged = row is not None or key or final or step % cfg.log_every == 0
+            if logged:  # norms / effective ranks of the same weights as the rest of the row
+                pending.update(weight_measures(model, ranks=(row is not None and "lmn" in row) or final))
+            t1b = time.perf_counter()
+            timings["complexity"] += t1b - t2
+            t2 = t1b
 
             if not final:
                 if grad_filter is not None:
@@ -466,7 +563,7 @@ def _run(cfg: TrainConfig, run_dir: Path, progress: bool, plot: bool) -> RunResu
             t3 = time.perf_counter()
             timings["train"] += t3 - t2
 
-            if row is not None or key or final or step % cfg.log_every == 0:
+            if logged:
                 row = row or {}
                 row.update(pending, time_s=round(t3 - start, 4))
                 log.write(row)

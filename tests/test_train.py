@@ -104,12 +104,16 @@ def test_cli_short_run_writes_valid_logs_and_plot(tmp_path, capsys):
     assert rc == 0
     assert "memorization step" in capsys.readouterr().out
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [0, 1, 2, 3, 5, 6, 9, 10, 12]  # every 3, LMN steps, final
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4, 5, 6, 8, 9, 10, 12]  # every 3, LMN / complexity steps, final
+    cx_steps = [r["step"] for r in rows if r.get("complexity_bits_eps0.01") is not None]
+    assert cx_steps == [0, 1, 2, 4, 8, 12]  # "log" schedule: 0, powers of two, final
+    assert all(r["l2_fc3"] > 0 and r["l2_last"] == r["l2_fc3"] for r in rows)
+    assert all(r["erank_fc2"] is not None for r in rows if r["lmn"] is not None)
     assert [r["step"] for r in rows if r["lmn"] is not None] == [0, 1, 2, 3, 5, 10, 12]  # early 1, 2, 3; every 5
     with open(out / "metrics.csv", newline="") as f:
         csv_rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in csv_rows] == [r["step"] for r in rows]
-    assert float(csv_rows[4]["lmn"]) == pytest.approx(rows[4]["lmn"]) and csv_rows[5]["lmn"] == ""
+    assert float(csv_rows[5]["lmn"]) == pytest.approx(rows[5]["lmn"]) and csv_rows[6]["lmn"] == ""  # steps 5, 6
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["config"]["task"] == "s4" and cfg["n_inputs"] == 576 and cfg["n_probe"] == 16
     summary = json.loads((out / "summary.json").read_text())
@@ -173,3 +177,65 @@ def test_cli_missing_lazy_subcommand(monkeypatch, capsys):
 def test_python_dash_m_entry_point():
     p = subprocess.run([sys.executable, "-m", "grokfast_metrics", "train", "--steps", "-3"], capture_output=True, text=True, check=False)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "steps" in p.stderr
+
+
+# ------------------------------------------------------------------------------------------
+# issue 6: every layer, other measures, connectivity snapshots, the plot command
+
+
+def test_all_layers_in_one_run_with_equivalences_and_affine_warning(tmp_path):
+    with pytest.warns(UserWarning, match="hidden2_post: the tail from there to the logits is affine"):
+        rc = cli.main(["train", "--steps", "6", "--lmn-every", "3", "--probe", "12", "--hidden", "12", "--device", "cpu",
+                       "--lmn-layer", "all", "--complexity", "off", "--out", str(tmp_path), "--no-progress", "--no-plot"])
+    assert rc == 0
+    rows = [r for r in (json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()) if r["lmn"] is not None]
+    assert rows and all(r["lmn"] == r["lmn_hidden1_post"] for r in rows)  # default layer first
+    for r in rows:
+        assert r["lmn_hidden1_post"] == pytest.approx(r["lmn_hidden2_pre"], rel=1e-5)  # same interpolation (SPEC §1)
+        assert r["lmn_embeddings"] == pytest.approx(r["lmn_hidden1_pre"], rel=1e-5)
+        assert r["lmn_hidden2_post"] == 1.0
+
+
+def test_connectivity_snapshots_and_plot_command(tmp_path, capsys):
+    run = tmp_path / "run"
+    rc = cli.main(["train", "--steps", "30", "--lr", "1e-2", "--lmn-every", "10", "--probe", "20", "--hidden", "16",
+                   "--device", "cpu", "--complexity", "10", "--save-connectivity", "0,7,memorization,final",
+                   "--out", str(run), "--no-progress"])
+    assert rc == 0
+    summary = json.loads((run / "summary.json").read_text())
+    saved = sorted(int(p.name.split("_")[1]) for p in (run / "connectivity").glob("step_*.pt"))
+    expected = {0, 7, 30} | ({summary["memorization_step"]} if summary["memorization_step"] is not None else set())
+    assert saved == sorted(expected)
+    snap = torch.load(next((run / "connectivity").glob("step_0000007_*.pt")), weights_only=True)
+    rows = {r["step"]: r for r in (json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines())}
+    assert snap["L"].shape == (20, 20) and snap["lmn"] == pytest.approx(rows[7]["lmn"])
+    assert [s for s, r in sorted(rows.items()) if r.get("complexity_bits_eps0.1") is not None] == [0, 10, 20, 30]
+    capsys.readouterr()
+    assert cli.main(["plot", str(run), "--out", str(tmp_path / "figs")]) == 0
+    out = capsys.readouterr().out
+    assert "Pearson r with test loss" in out
+    for name in ("fig2_curves.png", "fig3_layers.png", "fig4_connectivity.png", "scatter_test_loss.png", "figures.json"):
+        assert (tmp_path / "figs" / name).stat().st_size > 0
+
+
+def test_spectral_entropy_regularizer_lowers_effective_rank(tmp_path):
+    def total_erank(weight):
+        cfg = TrainConfig(steps=60, lr=1e-2, lmn_every=0, complexity="off", spectral_entropy_weight=weight, **TINY)
+        res = train(cfg, tmp_path / f"w{weight}", progress=False, plot=False)
+        last = res.rows[-1]
+        return sum(v for k, v in last.items() if k.startswith("erank_")), res.rows[-1]["train_loss"]
+
+    erank0, _ = total_erank(0.0)
+    erank1, _ = total_erank(1.0)
+    assert erank1 < erank0 * 0.9
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--complexity", "sometimes"], "complexity must be"),
+    (["--complexity-eps", "-1"], "complexity eps"),
+    (["--spectral-entropy-weight", "-0.5"], "spectral entropy weight"),
+    (["--save-connectivity", "0,later"], "save-connectivity"),
+])
+def test_issue6_bad_arguments(tmp_path, capsys, args, match):
+    assert cli.main(["train", "--steps", "2", "--device", "cpu", "--out", str(tmp_path), *args]) == 2
+    assert match in capsys.readouterr().err
