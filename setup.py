@@ -9,6 +9,8 @@ setup(
     python_requires=">=3.10",
     packages=["grokfast_metrics", "grokfast_metrics.kernels"],
     package_dir={"grokfast_metrics": "grokfast_metrics", "grokfast_metrics.kernels": "kernels"},
+    # the fused CPU kernel's C++ source, compiled on first use with the system compiler
+    package_data={"grokfast_metrics.kernels": ["connectivity_cpu.cpp"]},
     install_requires=["torch>=2.1", "numpy", "scipy", "tqdm", "matplotlib"],
     extras_require={
         "triton": ["triton>=3.0"],

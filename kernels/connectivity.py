@@ -1,0 +1,425 @@
+"""Fused Triton kernel for the linear connectivity matrix of an MLP tail (SPEC §1-2).
+
+One launch computes every ``L_ij`` (``i < j``) of a normalised MLP tail
+(``grokfast_metrics._tail.MLPTail``) from ``z = absorb(spec, h)`` (``N x H0``): the ``T x H0``
+interpolated activations of a pair are formed in registers, run through the remaining Linears
+with ``tl.dot``, centred over ``t`` and reduced to ``r2`` per output and then to ``L_ij``.
+Only ``L`` (``N x N``) is written to memory.
+
+Tiling. A program owns row ``i`` and ``BLOCK_J`` consecutive columns ``j = i+1+jb*BLOCK_J+...``
+(grid ``(N, cdiv(N-1, BLOCK_J))``; programs past the last column do nothing). Its ``BLOCK_J``
+pairs give ``M = BLOCK_J * T_PAD`` rows (``T`` padded to a power of two; padded ``t`` are masked
+out of the statistics). The first remaining Linear loops over ``K`` (the width of ``z``) in
+``BLOCK_K`` chunks. Linears 1-2-3 are chained in column blocks: ``BLOCK_N1`` output columns of
+Linear 1 feed Linear 2, whose ``BLOCK_N2`` output columns feed Linear 3 (Linear 1 is recomputed
+``P2 / BLOCK_N2`` times, 1 unless layer 2 is wide), so no ``[M, wide]`` intermediate lives in
+registers; only the last accumulator (and Linear 4's input) is full width. Weights are packed on
+the host as zero-padded ``W^T`` (``[K_PAD, N_PAD]``), so padded columns contribute exactly 0 and
+only the pair dimension needs masks. Every ``tl.dot`` accumulates in the compute dtype.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .._tail import MLPTail
+from ..torch_backend import CONST_RTOL, absorb
+
+#: Remaining Linears (after the absorbed ones) the kernel supports.
+MAX_DEPTH = 4
+#: Widest layer (padded to a power of two) the kernel supports.
+MAX_WIDTH = 1024
+#: Activation codes (the ``ACT*`` constexprs of the kernel).
+ACT_CODES = {
+    "identity": 0, "silu": 1, "relu": 2, "gelu": 3, "gelu_tanh": 4, "tanh": 5, "sigmoid": 6, "leaky_relu": 7,
+}
+#: Default ``tl.dot`` precision for fp32 (fp64 always uses ``"ieee"``), see :func:`connectivity_triton`.
+DEFAULT_FP32_PRECISION = "tf32x3"
+
+
+# --------------------------------------------------------------------------------------------
+# kernel
+
+
+@triton.jit
+def _tanh(x):
+    """tanh without cancellation near 0 (odd Taylor series for |x| < 1/8, exp form elsewhere)."""
+    a = tl.abs(x)
+    e = tl.exp(-2.0 * a)
+    big = (1.0 - e) / (1.0 + e)
+    x2 = x * x
+    # tanh x = x - x^3/3 + 2x^5/15 - 17x^7/315 + 62x^9/2835 - 1382x^11/155925 + O(x^13)
+    p = -1382.0 / 155925.0
+    p = p * x2 + 62.0 / 2835.0
+    p = p * x2 - 17.0 / 315.0
+    p = p * x2 + 2.0 / 15.0
+    p = p * x2 - 1.0 / 3.0
+    small = x + x * x2 * p
+    return tl.where(a < 0.125, small, tl.where(x < 0, -big, big))
+
+
+@triton.jit
+def _act(x, ACT: tl.constexpr, SLOPE: tl.constexpr):
+    """Elementwise activation ``ACT`` (codes in ``ACT_CODES``) of a block, in its dtype."""
+    if ACT == 1:  # silu
+        x = x / (1.0 + tl.exp(-x))
+    elif ACT == 2:  # relu
+        x = tl.maximum(x, 0.0)
+    elif ACT == 3:  # gelu (erf)
+        x = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+    elif ACT == 4:  # gelu (tanh): 0.5 x (1 + tanh u) == x * sigmoid(2u), no cancellation
+        u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        x = x / (1.0 + tl.exp(-2.0 * u))
+    elif ACT == 5:  # tanh
+        x = _tanh(x)
+    elif ACT == 6:  # sigmoid
+        x = 1.0 / (1.0 + tl.exp(-x))
+    elif ACT == 7:  # leaky relu
+        x = tl.where(x >= 0.0, x, x * SLOPE)
+    return x
+
+
+@triton.jit
+def _first_linear(
+    z_ptr, w1_ptr, c1_ptr, i, o_j, m_j, b_lam, n0,
+    K0: tl.constexpr, P1: tl.constexpr, BN: tl.constexpr, T_PAD: tl.constexpr, BLOCK_J: tl.constexpr,
+    BLOCK_K: tl.constexpr, ACT1: tl.constexpr, SLOPE1: tl.constexpr, PREC: tl.constexpr,
+):
+    """``W1 act1(z_i + lam (z_j - z_i)) + c1`` for output columns ``n0 .. n0+BN``: ``[BLOCK_J * T_PAD, BN]``."""
+    DT = z_ptr.dtype.element_ty
+    o_n = n0 + tl.arange(0, BN)
+    b_acc = tl.zeros([BLOCK_J * T_PAD, BN], dtype=DT)                                  # [M, BN]
+    for k0 in range(0, K0, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        b_zi = tl.load(z_ptr + i.to(tl.int64) * K0 + o_k)                             # [BLOCK_K]
+        p_zj = z_ptr + o_j.to(tl.int64)[:, None] * K0 + o_k[None, :]
+        b_zj = tl.load(p_zj, mask=m_j[:, None], other=0.0)                             # [BLOCK_J, BLOCK_K]
+        b_d = b_zj - b_zi[None, :]                                                     # [BLOCK_J, BLOCK_K]
+        b_x = b_zi[None, None, :] + b_lam[None, :, None] * b_d[:, None, :]             # [BLOCK_J, T_PAD, BLOCK_K]
+        b_x = _act(b_x, ACT1, SLOPE1)
+        b_x = tl.reshape(b_x, [BLOCK_J * T_PAD, BLOCK_K])                              # [M, BLOCK_K]
+        b_w = tl.load(w1_ptr + o_k[:, None] * P1 + o_n[None, :])                       # [BLOCK_K, BN]
+        b_acc = tl.dot(b_x, b_w, b_acc, input_precision=PREC)
+    b_acc += tl.load(c1_ptr + o_n)[None, :]
+    return b_acc
+
+
+@triton.jit
+def _dense(b_x, w_ptr, c_ptr, K: tl.constexpr, P: tl.constexpr, PREC: tl.constexpr):
+    """``b_x @ W^T + c`` with ``W^T`` packed as ``[K, P]``: ``[M, K] -> [M, P]``."""
+    o_k = tl.arange(0, K)
+    o_n = tl.arange(0, P)
+    b_w = tl.load(w_ptr + o_k[:, None] * P + o_n[None, :])                            # [K, P]
+    return tl.dot(b_x, b_w, input_precision=PREC, out_dtype=b_x.dtype) + tl.load(c_ptr + o_n)[None, :]
+
+
+@triton.jit
+def _connectivity_fwd_kernel(
+    z_ptr, w1_ptr, c1_ptr, w2_ptr, c2_ptr, w3_ptr, c3_ptr, w4_ptr, c4_ptr, out_ptr, N,
+    T: tl.constexpr, T_PAD: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N1: tl.constexpr,
+    BLOCK_N2: tl.constexpr,
+    K0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr, P4: tl.constexpr,
+    PO: tl.constexpr, O: tl.constexpr, DEPTH: tl.constexpr,
+    ACT1: tl.constexpr, SLOPE1: tl.constexpr, ACT2: tl.constexpr, SLOPE2: tl.constexpr,
+    ACT3: tl.constexpr, SLOPE3: tl.constexpr, ACT4: tl.constexpr, SLOPE4: tl.constexpr,
+    ACT_F: tl.constexpr, SLOPE_F: tl.constexpr, CONST_TOL: tl.constexpr, PREC: tl.constexpr,
+):
+    """``L[i, j] = L[j, i] = mean_k r2_k`` for row ``i`` and ``BLOCK_J`` columns ``j > i``.
+
+    With ``lam_t = t / (T-1)``, ``x_0 = z_i + lam_t (z_j - z_i)``, ``x_l = W_l act_l(x_{l-1}) + c_l``
+    (``l = 1..DEPTH``) and ``y = act_F(x_DEPTH)`` (``T x O``), per output ``k``::
+
+        yc = y_k - mean_t y_k,  r2_k = (sum_t yc lc)^2 / (sum_t yc^2 * sum_t lc^2),  lc = lam - 1/2
+        r2_k = 1                          if sqrt(mean_t yc^2) <= CONST_TOL * max_t |y_k|
+        r2_k = clamp(r2_k, 0, 1)          otherwise
+
+    Args (pointers): ``z [N, K0]`` (zero-padded), ``w_l [K_PAD_l, P_l]`` zero-padded ``W_l^T``,
+    ``c_l [P_l]`` zero-padded biases, ``out [N, N]``. Unused layers get any pointer.
+    """
+    i = tl.program_id(0)
+    jb = tl.program_id(1)
+    j0 = i + 1 + jb * BLOCK_J
+    if j0 < N:
+        DT = z_ptr.dtype.element_ty
+        o_j = j0 + tl.arange(0, BLOCK_J)                                               # [BLOCK_J]
+        m_j = o_j < N
+        o_t = tl.arange(0, T_PAD)                                                      # [T_PAD]
+        m_t = o_t < T
+        b_lam = o_t.to(DT) / (T - 1)                                                   # [T_PAD]
+
+        if DEPTH == 1:
+            b_y = _first_linear(z_ptr, w1_ptr, c1_ptr, i, o_j, m_j, b_lam, 0, K0, P1, P1, T_PAD, BLOCK_J,
+                                BLOCK_K, ACT1, SLOPE1, PREC)                           # [M, P1]
+        else:
+            # layer 1 -> 2 (-> 3) chained in column blocks: x1 cols [BLOCK_N1] feed x2 cols [BLOCK_N2],
+            # which feed x3 [P3] when DEPTH >= 3 (layer 1 is recomputed P2 / BLOCK_N2 times).
+            PY: tl.constexpr = P2 if DEPTH == 2 else P3
+            b_y = tl.zeros([BLOCK_J * T_PAD, PY], dtype=DT)                            # [M, PY]
+            for n2 in range(0, P2, BLOCK_N2):
+                o_n2 = n2 + tl.arange(0, BLOCK_N2)
+                b_x2 = tl.zeros([BLOCK_J * T_PAD, BLOCK_N2], dtype=DT)                 # [M, BLOCK_N2]
+                for n1 in range(0, P1, BLOCK_N1):
+                    b_h = _first_linear(z_ptr, w1_ptr, c1_ptr, i, o_j, m_j, b_lam, n1, K0, P1, BLOCK_N1, T_PAD,
+                                        BLOCK_J, BLOCK_K, ACT1, SLOPE1, PREC)          # [M, BLOCK_N1]
+                    b_h = _act(b_h, ACT2, SLOPE2)
+                    o_n1 = n1 + tl.arange(0, BLOCK_N1)
+                    b_w = tl.load(w2_ptr + o_n1[:, None] * P2 + o_n2[None, :])         # [BLOCK_N1, BLOCK_N2]
+                    b_x2 = tl.dot(b_h, b_w, b_x2, input_precision=PREC)
+                b_x2 += tl.load(c2_ptr + o_n2)[None, :]
+                if DEPTH == 2:
+                    b_y = b_x2                                                         # BLOCK_N2 == P2: one pass
+                else:
+                    b_x2 = _act(b_x2, ACT3, SLOPE3)
+                    o_p3 = tl.arange(0, P3)
+                    b_w = tl.load(w3_ptr + o_n2[:, None] * P3 + o_p3[None, :])         # [BLOCK_N2, P3]
+                    b_y = tl.dot(b_x2, b_w, b_y, input_precision=PREC)
+            if DEPTH >= 3:
+                b_y += tl.load(c3_ptr + tl.arange(0, P3))[None, :]
+            if DEPTH >= 4:
+                b_y = _dense(_act(b_y, ACT4, SLOPE4), w4_ptr, c4_ptr, P3, P4, PREC)    # [M, P4]
+        b_y = _act(b_y, ACT_F, SLOPE_F)                                                # [M, PO]
+        b_y3 = tl.reshape(b_y, [BLOCK_J, T_PAD, PO])                                   # [BLOCK_J, T_PAD, PO]
+
+        m_t3 = m_t[None, :, None]
+        b_mean = tl.sum(tl.where(m_t3, b_y3, 0.0), axis=1) / T                         # [BLOCK_J, PO]
+        b_yc = tl.where(m_t3, b_y3 - b_mean[:, None, :], 0.0)                          # [BLOCK_J, T_PAD, PO]
+        b_lc = tl.where(m_t, b_lam - 0.5, 0.0)                                         # [T_PAD]
+        b_ll = tl.sum(b_lc * b_lc, axis=0)
+        b_ss = tl.sum(b_yc * b_yc, axis=1)                                             # [BLOCK_J, PO]
+        b_cov = tl.sum(b_yc * b_lc[None, :, None], axis=1)                             # [BLOCK_J, PO]
+        b_ymax = tl.max(tl.where(m_t3, tl.abs(b_y3), 0.0), axis=1)                     # [BLOCK_J, PO]
+        b_den = tl.where(b_ss > 0.0, b_ss * b_ll, 1.0)
+        b_r2 = tl.minimum(tl.maximum(b_cov * b_cov / b_den, 0.0), 1.0)
+        b_const = tl.sqrt(b_ss / T) <= CONST_TOL * b_ymax
+        b_r2 = tl.where(b_const, 1.0, b_r2)
+        m_o = tl.arange(0, PO) < O
+        b_l = tl.sum(tl.where(m_o[None, :], b_r2, 0.0), axis=1) / O                    # [BLOCK_J]
+
+        o_j64 = o_j.to(tl.int64)
+        i64 = i.to(tl.int64)
+        tl.store(out_ptr + i64 * N + o_j64, b_l.to(out_ptr.dtype.element_ty), mask=m_j)
+        tl.store(out_ptr + o_j64 * N + i64, b_l.to(out_ptr.dtype.element_ty), mask=m_j)
+
+
+# --------------------------------------------------------------------------------------------
+# host side
+
+
+def unsupported_reason(spec: MLPTail) -> str | None:
+    """Why :func:`connectivity_triton` cannot run ``spec``, or ``None`` if it can.
+
+    Affine tails are always supported (they need no kernel: ``L = 1``).
+    """
+    if spec.is_affine:
+        return None
+    if not spec.stages:
+        return "the tail has no Linear after its first activation"
+    if len(spec.stages) > MAX_DEPTH:
+        return f"{len(spec.stages)} Linears after the first activation; the kernel supports at most {MAX_DEPTH}"
+    for l, (acts, _) in enumerate(spec.stages, start=1):
+        if len([a for a in acts if not a.is_identity]) > 1:
+            return f"stage {l} stacks {len(acts)} activations; the kernel applies one per stage"
+    if len(spec.final) > 1:
+        return f"{len(spec.final)} stacked activations after the last Linear; the kernel applies one"
+    for a in [a for acts, _ in spec.stages for a in acts] + spec.final:
+        if a.name not in ACT_CODES:
+            return f"activation {a.name!r} has no kernel implementation"
+    widths = [spec.stages[0][1].in_features] + [lin.out_features for _, lin in spec.stages]
+    if max(widths) > MAX_WIDTH:
+        return f"layer width {max(widths)} exceeds the kernel's maximum {MAX_WIDTH}"
+    if len(spec.stages) == 4 and widths[3] > 256:
+        return f"with 4 Linears the input of the last one must be at most 256 wide; got {widths[3]}"
+    return None
+
+
+def _pad(n: int) -> int:
+    """Power of two >= max(n, 16) (``tl.dot`` needs every dimension >= 16)."""
+    return max(16, triton.next_power_of_2(n))
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Everything a launch of :func:`_connectivity_fwd_kernel` depends on besides the tensors.
+
+    Attributes:
+        constexprs: constexpr arguments by name.
+        signature: argument name -> Triton type (``"*fp32"``, ``"i32"``, ``"constexpr"``).
+        widths: real ``[H0, H1, ..., H_DEPTH]`` of the remaining layers.
+        pads: padded ``[K0, P1, ..., P_DEPTH]`` (``K0`` a multiple of ``BLOCK_K``).
+        num_warps, num_stages: launch options.
+    """
+
+    constexprs: dict
+    signature: dict
+    widths: tuple
+    pads: tuple
+    num_warps: int
+    num_stages: int
+
+    @property
+    def block_j(self) -> int:
+        return self.constexprs["BLOCK_J"]
+
+
+POINTER_ARGS = ("z_ptr", "w1_ptr", "c1_ptr", "w2_ptr", "c2_ptr", "w3_ptr", "c3_ptr", "w4_ptr", "c4_ptr", "out_ptr")
+
+
+def launch_config(
+    spec: MLPTail, dtype: torch.dtype, n_lambda: int, *, interpret: bool, input_precision: str | None = None,
+    n: int | None = None,
+) -> LaunchConfig:
+    """The (constexprs, signature, launch options) :func:`connectivity_triton` uses for this shape.
+
+    Args:
+        spec: a non-affine MLP tail that :func:`unsupported_reason` accepts.
+        dtype: ``torch.float32`` or ``torch.float64`` (compute dtype).
+        n_lambda: interpolation points ``T``.
+        interpret: pick the single interpreter config (big blocks: few Python-level programs).
+        n: number of samples; only the interpreter config uses it (``BLOCK_J`` up to ``N - 1``).
+        input_precision: ``tl.dot`` precision for fp32 (``"tf32x3"``, ``"ieee"``, ``"tf32"``);
+            ``None`` means :data:`DEFAULT_FP32_PRECISION`. fp64 always uses ``"ieee"``.
+
+    Raises:
+        ValueError: unsupported dtype, precision or tail.
+    """
+    reason = unsupported_reason(spec)
+    if reason is not None:
+        raise ValueError(f"the Triton kernel cannot run this tail: {reason}")
+    if spec.is_affine:
+        raise ValueError("affine tails need no kernel (L = 1)")
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"compute dtype must be float32 or float64; got {dtype}")
+    if dtype == torch.float64:
+        prec = "ieee"
+    else:
+        prec = DEFAULT_FP32_PRECISION if input_precision is None else input_precision
+        if prec not in ("tf32x3", "ieee", "tf32"):
+            raise ValueError(f"input_precision must be 'tf32x3', 'ieee' or 'tf32'; got {input_precision!r}")
+    depth = len(spec.stages)
+    widths = (spec.stages[0][1].in_features,) + tuple(lin.out_features for _, lin in spec.stages)
+    p = [_pad(w) for w in widths[1:]]
+    wide = max(p)
+    fp64 = dtype == torch.float64
+    t_pad = triton.next_power_of_2(n_lambda)
+    if interpret:
+        block_j = min(64, triton.next_power_of_2(max(1, (n or 65) - 1)))
+        block_k, block_n1, block_n2, num_warps = _pad(widths[0]), p[0], p[min(1, depth - 1)], 4
+    else:
+        # Register budget: every [M, width] tile at most ~8K fp32 / ~4K fp64 elements (M = BLOCK_J * T_PAD);
+        # chained column blocks keep layers 1-2 narrow, the last accumulator is full width.
+        cap = 8192 if not fp64 else 4096
+        chunk = 64 if not fp64 else 32
+        block_k = 32 if not fp64 else 16
+        block_n1 = p[0] if depth == 1 else min(p[0], chunk)
+        block_n2 = p[1] if depth == 2 else (min(p[1], 2 * chunk) if depth >= 3 else 16)
+        full = max(p[-1], p[2] if depth >= 3 else 0, block_n1, block_n2)
+        rows = max(32, min(128, cap // full))
+        block_j = max(1, rows // t_pad)
+        num_warps = 4 if block_j * t_pad * full <= 4096 else 8
+    k0 = triton.cdiv(widths[0], block_k) * block_k
+    pads = (k0,) + tuple(p)
+    acts = [next((a for a in stage if not a.is_identity), None) for stage, _ in spec.stages]
+    fin = spec.final[0] if spec.final else None
+    const = {
+        "T": n_lambda, "T_PAD": t_pad, "BLOCK_J": block_j, "BLOCK_K": block_k, "BLOCK_N1": block_n1,
+        "BLOCK_N2": block_n2,
+        "K0": k0, "P1": p[0], "P2": p[1] if depth >= 2 else 16, "P3": p[2] if depth >= 3 else 16,
+        "P4": p[3] if depth >= 4 else 16, "PO": p[-1], "O": widths[-1], "DEPTH": depth,
+    }
+    for l in range(MAX_DEPTH):
+        a = acts[l] if l < depth else None
+        const[f"ACT{l + 1}"] = ACT_CODES[a.name] if a is not None else 0
+        const[f"SLOPE{l + 1}"] = float(a.slope) if a is not None else 0.0
+    const["ACT_F"] = ACT_CODES[fin.name] if fin is not None else 0
+    const["SLOPE_F"] = float(fin.slope) if fin is not None else 0.0
+    const["CONST_TOL"] = CONST_RTOL * torch.finfo(dtype).eps
+    const["PREC"] = prec
+    ptr = "*fp64" if fp64 else "*fp32"
+    signature = {name: ptr for name in POINTER_ARGS}
+    signature["N"] = "i32"
+    signature.update({name: "constexpr" for name in const})
+    return LaunchConfig(const, signature, widths, pads, num_warps, 1 if wide >= 512 else 2)
+
+
+def _pack(w: torch.Tensor, b: torch.Tensor | None, k_pad: int, n_pad: int, dtype, device) -> tuple:
+    """Zero-padded ``W^T`` ``[k_pad, n_pad]`` and bias ``[n_pad]`` (zeros when absent), contiguous."""
+    wt = torch.zeros(k_pad, n_pad, dtype=dtype, device=device)
+    wt[: w.shape[1], : w.shape[0]] = w.detach().t().to(dtype)
+    c = torch.zeros(n_pad, dtype=dtype, device=device)
+    if b is not None:
+        c[: b.shape[0]] = b.detach().to(dtype)
+    return wt, c
+
+
+def connectivity_triton(
+    h: torch.Tensor, spec: MLPTail, n_lambda: int, *, input_precision: str | None = None,
+    config: LaunchConfig | None = None,
+) -> torch.Tensor:
+    """Connectivity matrix ``L`` of an MLP tail with one fused Triton launch.
+
+    ``z = absorb(spec, h)`` is computed with torch; the kernel computes every ``L_ij``, ``i < j``
+    (see :func:`_connectivity_fwd_kernel`) and writes both triangles; the diagonal is set to 1 here.
+    Identical rows of ``h`` are handled by the caller (``grokfast_metrics.core``).
+
+    Args:
+        h: ``(N, D)`` in the compute dtype (fp32 or fp64), on CUDA, or on the CPU under ``TRITON_INTERPRET=1``.
+        spec: normalised MLP tail (``grokfast_metrics._tail.parse_tail``).
+        n_lambda: interpolation points ``T >= 3``.
+        input_precision: fp32 ``tl.dot`` precision. Default ``"tf32x3"``: three TF32 tensor-core
+            products (split hi/lo operands) reach about fp32 accuracy at tensor-core speed, whereas plain
+            ``"tf32"`` (10-bit mantissa, ~5e-4 relative) misses the 1e-5 target on ``L`` and ``"ieee"``
+            (exact fp32 FMA) runs on CUDA cores only. Ignored for fp64 (always ``"ieee"``).
+        config: launch configuration to use instead of :func:`launch_config`'s pick (tests run the
+            GPU tiling under the interpreter this way); must come from ``launch_config`` for this
+            ``spec``, dtype and ``n_lambda``.
+
+    Returns:
+        ``(N, N)`` tensor, ``h``'s dtype and device.
+
+    Raises:
+        ValueError: unsupported tail/dtype, or a CPU tensor without the Triton interpreter.
+    """
+    if h.dim() != 2:
+        raise ValueError(f"h must be 2-D (N, D); got shape {tuple(h.shape)}")
+    n = h.shape[0]
+    dtype, dev = h.dtype, h.device
+    if spec.is_affine:
+        return torch.ones(n, n, dtype=dtype, device=dev)
+    interpret = kernel_is_interpreted()
+    if dev.type != "cuda" and not interpret:
+        raise ValueError(
+            "connectivity_triton on CPU tensors runs only under the Triton interpreter: set TRITON_INTERPRET=1 "
+            "before triton is first imported in this process"
+        )
+    cfg = config or launch_config(spec, dtype, n_lambda, interpret=interpret, input_precision=input_precision, n=n)
+    if cfg.constexprs["T"] != n_lambda or cfg.widths[0] != spec.stages[0][1].in_features:
+        raise ValueError("config does not match this tail / n_lambda; build it with launch_config")
+    z = absorb(spec, h)
+    zp = torch.zeros(n, cfg.pads[0], dtype=dtype, device=dev)
+    zp[:, : z.shape[1]] = z
+    packed = []
+    for l, (_, lin) in enumerate(spec.stages):
+        packed.extend(_pack(lin.weight, lin.bias, cfg.pads[l], cfg.pads[l + 1], dtype, dev))
+    packed.extend([zp] * (2 * MAX_DEPTH - len(packed)))
+    out = torch.full((n, n), float("nan"), dtype=dtype, device=dev)
+    grid = (n, triton.cdiv(n - 1, cfg.block_j))
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        _connectivity_fwd_kernel[grid](
+            zp, *packed, out, n, **cfg.constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages
+        )
+    out.diagonal().fill_(1.0)
+    return out
+
+
+def kernel_is_interpreted() -> bool:
+    """True when the kernel is an interpreted function (``TRITON_INTERPRET=1`` when triton was imported).
+
+    ``triton.jit`` picks compiled or interpreted when a function is defined, and Triton's own
+    library functions (``tl.zeros``, ``tl.sum``) are decided when ``triton`` is first imported, so
+    the interpreter works only in a process that had ``TRITON_INTERPRET=1`` before importing triton.
+    """
+    return not isinstance(_connectivity_fwd_kernel, triton.runtime.JITFunction)

@@ -1,0 +1,220 @@
+"""The fused Triton kernel against the NumPy reference.
+
+With CUDA the tests run the compiled kernel in this process. Without CUDA they need the Triton
+interpreter, which works only in a process that had ``TRITON_INTERPRET=1`` before triton was first
+imported (``triton.jit`` decides at definition time, also for ``tl.zeros``/``tl.sum``). So when this
+session cannot interpret, every test here is skipped and :func:`test_interpreter_subprocess` reruns
+this file in a child pytest with the variable set (its output is shown on failure).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+triton = pytest.importorskip("triton")
+
+from grokfast_metrics.kernels import connectivity as kc
+
+import grokfast_metrics as gm
+from grokfast_metrics import reference
+from grokfast_metrics._tail import parse_tail
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [(torch.float32, 1e-5), (torch.float64, 1e-10)]
+RUN_HERE = DEVICE == "cuda" or kc.kernel_is_interpreted()
+here = pytest.mark.skipif(not RUN_HERE, reason="needs the Triton interpreter; run by test_interpreter_subprocess")
+
+
+@pytest.mark.skipif(RUN_HERE, reason="the kernel runs in this process")
+def test_interpreter_subprocess():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "TRITON_DEFAULT_FP_FUSION": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__]
+    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"interpreted kernel tests failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}"
+    summary = proc.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and "2 skipped" in summary, summary  # skipped: the two outer-session-only tests
+
+
+def _seq(*layers) -> nn.Sequential:
+    return nn.Sequential(*layers)
+
+
+# name -> (N, D, tail factory). Widths are not powers of two; O = 1 appears; biases on and off.
+CASES = {
+    "default_silu": (65, 8, lambda: _seq(nn.Linear(8, 100), nn.SiLU(), nn.Linear(100, 31))),
+    "relu_o1": (17, 5, lambda: _seq(nn.Linear(5, 20), nn.ReLU(), nn.Linear(20, 1))),
+    "gelu_erf": (17, 6, lambda: _seq(nn.Linear(6, 24), nn.GELU(), nn.Linear(24, 7))),
+    "gelu_tanh_nobias": (
+        3, 6, lambda: _seq(nn.Linear(6, 24, bias=False), nn.GELU(approximate="tanh"), nn.Linear(24, 5, bias=False))
+    ),
+    "tanh": (17, 4, lambda: _seq(nn.Linear(4, 18), nn.Tanh(), nn.Linear(18, 3))),
+    "sigmoid": (2, 4, lambda: _seq(nn.Linear(4, 18), nn.Sigmoid(), nn.Linear(18, 3))),
+    "leaky": (17, 4, lambda: _seq(nn.Linear(4, 18), nn.LeakyReLU(0.2), nn.Linear(18, 6))),
+    "no_absorbed_linear": (17, 9, lambda: _seq(nn.Tanh(), nn.Linear(9, 4))),
+    "depth2_o1_nobias": (
+        17, 6, lambda: _seq(nn.Linear(6, 24), nn.GELU(), nn.Linear(24, 13, bias=False), nn.Tanh(),
+                            nn.Linear(13, 1, bias=False))
+    ),
+    "depth2_identity_trailing": (
+        17, 6, lambda: _seq(nn.Linear(6, 20), nn.SiLU(), nn.Linear(20, 11), nn.Identity(), nn.Linear(11, 5),
+                            nn.Sigmoid())
+    ),
+    "depth3_mixed": (
+        17, 5, lambda: _seq(nn.Linear(5, 24), nn.Sigmoid(), nn.Linear(24, 40), nn.LeakyReLU(0.1), nn.Linear(40, 9),
+                            nn.SiLU(), nn.Linear(9, 5, bias=False))
+    ),
+    "depth4": (
+        3, 5, lambda: _seq(nn.Linear(5, 12), nn.Tanh(), nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 9),
+                           nn.GELU(approximate="tanh"), nn.Linear(9, 7), nn.SiLU(), nn.Linear(7, 2), nn.Tanh())
+    ),
+}
+
+
+def _make(name: str, dtype: torch.dtype, seed: int = 0):
+    n, d, factory = CASES[name]
+    torch.manual_seed(seed)
+    tail = factory().to(dtype)
+    h = torch.randn(n, d, dtype=dtype)
+    return h, tail
+
+
+def _ref(h: torch.Tensor, tail: nn.Module) -> torch.Tensor:
+    return torch.from_numpy(reference.connectivity(h, tail))
+
+
+@functools.cache
+def _case_result(name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(L from gm.connectivity(backend="triton"), L_ref)`` for a case, computed once per session."""
+    h, tail = _make(name, dtype)
+    L = gm.connectivity(h.to(DEVICE), tail.to(DEVICE), backend="triton")
+    assert L.dtype == dtype and L.shape == (h.shape[0], h.shape[0])
+    return L.cpu(), _ref(h, tail)
+
+
+@here
+@pytest.mark.parametrize("dtype, atol", DTYPES)
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_reference(name, dtype, atol):
+    L, R = _case_result(name, dtype)
+    assert bool(torch.isfinite(L).all()), "a pair was never written (NaN poison survived)"
+    err = (L.double() - R).abs().max().item()
+    assert err <= atol, f"{name}: max |L - L_ref| = {err:.3g} > {atol}"
+    assert torch.equal(L, L.T)
+    assert bool((L.diagonal() == 1).all())
+
+
+@here
+@pytest.mark.parametrize("dtype, rtol", DTYPES)
+def test_lmn_matches_reference(dtype, rtol):
+    L, R = _case_result("default_silu", dtype)  # gm.lmn == lmn_from_connectivity(connectivity(...))
+    got = gm.lmn_from_connectivity(L).lmn
+    want, _, _ = reference.lmn_from_connectivity(R.numpy())
+    assert abs(got - want) / want <= rtol, (got, want)
+
+
+@here
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_duplicate_rows_give_one(dtype):
+    """Straight from the kernel (no host override): identical rows make a constant path, r2 = 1."""
+    h, tail = _make("depth2_o1_nobias", dtype)
+    h[5] = h[2]
+    h[9] = h[2]
+    h[11] = h[0]
+    L = kc.connectivity_triton(h.to(DEVICE), parse_tail(tail.to(DEVICE)), 21).cpu()
+    for i, j in [(2, 5), (2, 9), (5, 9), (0, 11)]:
+        assert L[i, j].item() == 1.0 and L[j, i].item() == 1.0
+    assert (L.diagonal() == 1).all()
+    err = (L.double() - _ref(h, tail)).abs().max().item()
+    assert err <= (1e-5 if dtype == torch.float32 else 1e-10)
+
+
+@here
+@pytest.mark.parametrize("n_lambda", [3, 7, 33])
+def test_other_n_lambda(n_lambda):
+    h, tail = _make("tanh", torch.float64)
+    L = gm.connectivity(h.to(DEVICE), tail.to(DEVICE), n_lambda=n_lambda, backend="triton").cpu()
+    want = torch.from_numpy(reference.connectivity(h, tail, n_lambda))
+    assert (L - want).abs().max().item() <= 1e-10
+
+
+# The GPU tilings (K chunks, chained column blocks of layers 1-2-3, small pair blocks) under the
+# interpreter: few rows keep it fast, the widths force several chunks in every loop.
+GPU_TILING = [
+    ("h256_depth1_gelu", 3, lambda: _seq(nn.Linear(4, 256), nn.GELU(), nn.Linear(256, 31)), torch.float32),
+    ("h512_depth2_silu", 3, lambda: _seq(nn.Linear(4, 512), nn.SiLU(), nn.Linear(512, 200), nn.Tanh(),
+                                         nn.Linear(200, 31)), torch.float32),
+    ("h150_depth3_fp64", 3, lambda: _seq(nn.Linear(4, 150), nn.SiLU(), nn.Linear(150, 150), nn.Sigmoid(),
+                                         nn.Linear(150, 130), nn.ReLU(), nn.Linear(130, 1)), torch.float64),
+    ("default_n17", 17, lambda: _seq(nn.Linear(4, 100), nn.SiLU(), nn.Linear(100, 31)), torch.float32),
+]
+
+
+@here
+@pytest.mark.parametrize("name, n, factory, dtype", GPU_TILING, ids=[c[0] for c in GPU_TILING])
+def test_gpu_tiling_matches_reference(name, n, factory, dtype):
+    torch.manual_seed(3)
+    tail = factory().to(dtype)
+    h = torch.randn(n, 4, dtype=dtype)
+    spec = parse_tail(tail)
+    cfg = kc.launch_config(spec, dtype, 21, interpret=False)
+    c = cfg.constexprs
+    if name != "default_n17":  # the wide cases must exercise every loop of the GPU tiling
+        assert c["BLOCK_K"] < c["K0"], "K loop"
+        assert c["DEPTH"] == 1 or c["BLOCK_N1"] < c["P1"], "layer-1 column blocks"
+        assert c["DEPTH"] < 3 or c["BLOCK_N2"] < c["P2"], "layer-2 column blocks"
+    L = kc.connectivity_triton(h.to(DEVICE), parse_tail(tail.to(DEVICE)), 21, config=cfg).cpu()
+    assert bool(torch.isfinite(L).all())
+    err = (L.double() - _ref(h, tail)).abs().max().item()
+    assert err <= (1e-5 if dtype == torch.float32 else 1e-10), f"{name}: {err:.3g}"
+
+
+@here
+def test_ieee_precision_and_bad_precision():
+    h, tail = _make("leaky", torch.float32)
+    spec = parse_tail(tail.to(DEVICE))
+    L = kc.connectivity_triton(h.to(DEVICE), spec, 21, input_precision="ieee").cpu()
+    assert (L.double() - _ref(h, tail)).abs().max().item() <= 1e-5
+    with pytest.raises(ValueError, match="input_precision"):
+        kc.connectivity_triton(h.to(DEVICE), spec, 21, input_precision="bf16")
+
+
+def test_affine_tail_needs_no_kernel():
+    tail = _seq(nn.Linear(4, 6), nn.Identity(), nn.Linear(6, 3))
+    spec = parse_tail(tail)
+    assert kc.unsupported_reason(spec) is None
+    L = kc.connectivity_triton(torch.randn(5, 4), spec, 21)
+    assert torch.equal(L, torch.ones(5, 5))
+
+
+@pytest.mark.parametrize(
+    "tail, match",
+    [
+        (_seq(nn.Linear(3, 4), *[m for _ in range(5) for m in (nn.SiLU(), nn.Linear(4, 4))]), "at most 4"),
+        (_seq(nn.Linear(3, 4), nn.SiLU(), nn.Tanh(), nn.Linear(4, 2)), "stacks 2 activations"),
+        (_seq(nn.Linear(3, 4), nn.SiLU(), nn.Linear(4, 2), nn.Tanh(), nn.Sigmoid()), "after the last Linear"),
+        (_seq(nn.Linear(3, 2000), nn.SiLU(), nn.Linear(2000, 2)), "exceeds"),
+    ],
+)
+def test_unsupported_reason(tail, match):
+    reason = kc.unsupported_reason(parse_tail(tail))
+    assert reason is not None and match in reason
+    with pytest.raises(ValueError, match="cannot run this tail"):
+        kc.launch_config(parse_tail(tail), torch.float32, 21, interpret=False)
+
+
+def test_supported_tails_have_no_reason():
+    for name in CASES:
+        assert kc.unsupported_reason(parse_tail(CASES[name][2]())) is None, name
+
+
+@pytest.mark.skipif(RUN_HERE, reason="only without CUDA and interpreter")
+def test_cpu_without_interpreter_raises():
+    h, tail = _make("tanh", torch.float32)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        kc.connectivity_triton(h, parse_tail(tail), 21)
