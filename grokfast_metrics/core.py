@@ -129,12 +129,13 @@ def _resolve_backend(backend: str, h: torch.Tensor, spec: MLPTail | None) -> str
             )
         if not _triton_available():
             raise ValueError("backend='triton' needs the triton package (pip install triton)")
-        if not h.is_cuda and not _interpreting():
+        from .kernels import connectivity as kc
+
+        if not h.is_cuda and not (_interpreting() and kc.kernel_is_interpreted()):
             raise ValueError(
                 "backend='triton' on CPU tensors runs only under the Triton interpreter "
-                "(set TRITON_INTERPRET=1 before importing triton); use backend='torch' on the CPU"
+                "(set TRITON_INTERPRET=1 before Python imports triton); use backend='torch' on the CPU"
             )
-        from .kernels import connectivity as kc
 
         reason = kc.unsupported_reason(spec)
         if reason is not None:
@@ -162,8 +163,9 @@ def connectivity(
             elementwise activations takes the fused paths; any module works on the generic path
             (evaluated in eval mode; its mode is restored).
         n_lambda: interpolation points per pair (the paper uses 21).
-        backend: ``"auto"`` (Triton on CUDA when possible, else torch), ``"triton"``, ``"torch"``
-            or ``"reference"`` (NumPy, float64, slow).
+        backend: ``"auto"`` (Triton on CUDA when possible; on the CPU the fused C++ kernel for fp32 MLP
+            tails on AVX2 machines; torch ops otherwise), ``"triton"``, ``"torch"`` (chunked stock torch ops
+            on any device) or ``"reference"`` (NumPy, float64, slow).
         chunk_bytes: size of one chunk of interpolated activations (default 4 MiB on CPU,
             256 MiB on CUDA); peak extra memory is ``O(N^2 + chunk_bytes)``.
 
@@ -182,6 +184,7 @@ def connectivity(
     spec = parse_tail(tail)
     if spec is not None and spec.in_features is not None and spec.in_features != h.shape[1]:
         raise ValueError(f"h has {h.shape[1]} features but the tail's first Linear expects {spec.in_features}")
+    fused_cpu = backend == "auto"  # the fused CPU kernel is taken only when the caller let us choose
     backend = _resolve_backend(backend, h, spec)
     dtype = _compute_dtype(h, tail)
     with torch.no_grad():
@@ -196,7 +199,8 @@ def connectivity(
 
             L = connectivity_triton(hc, spec, n_lambda)
         elif spec is not None:
-            L = torch_backend.connectivity_mlp(hc, spec, n_lambda, chunk_bytes)
+            # "auto" may take the fused CPU kernel (fp32, AVX2); "torch" is always the stock torch-op path
+            L = torch_backend.connectivity_mlp(hc, spec, n_lambda, chunk_bytes, use_cpu_kernel=None if fused_cpu else False)
         else:
             params = [p for p in tail.parameters() if p.is_floating_point()]
             run_dtype = params[0].dtype if params else dtype

@@ -41,12 +41,13 @@ def r2_from_paths(y: torch.Tensor, lam_c: torch.Tensor, eps: float) -> torch.Ten
         ``(P,)`` values of ``L_ij``.
     """
     T = y.shape[1]
+    amax = torch.maximum(y.amax(dim=1), -y.amin(dim=1))         # [P, O]  max_t |y|
     yc = y - y.mean(dim=1, keepdim=True)                       # [P, T, O]
-    cov = torch.einsum("pto,t->po", yc, lam_c)                 # [P, O]
-    ss = torch.einsum("pto,pto->po", yc, yc)                   # [P, O]  T * var(y)
+    cov = torch.matmul(lam_c, yc)                              # [P, O]
+    ss = yc.square_().sum(dim=1)                               # [P, O]  T * var(y)
     ll = torch.dot(lam_c, lam_c)                               # T * var(lam)
     r2 = (cov * cov / (ss * ll)).clamp_(0.0, 1.0)
-    const = (ss / T).sqrt() <= CONST_RTOL * eps * y.abs().amax(dim=1)
+    const = (ss / T).sqrt() <= CONST_RTOL * eps * amax
     r2 = torch.where(const, torch.ones_like(r2), r2)
     return r2.mean(dim=1)
 
@@ -87,13 +88,39 @@ def absorb(spec: MLPTail, h: torch.Tensor) -> torch.Tensor:
     return z
 
 
-def connectivity_mlp(h: torch.Tensor, spec: MLPTail, n_lambda: int, chunk_bytes: int | None = None) -> torch.Tensor:
-    """Connectivity matrix ``(N, N)`` of an MLP tail, in ``h``'s dtype (fp32 or fp64)."""
+def connectivity_mlp(
+    h: torch.Tensor, spec: MLPTail, n_lambda: int, chunk_bytes: int | None = None, use_cpu_kernel: bool | None = None
+) -> torch.Tensor:
+    """Connectivity matrix ``(N, N)`` of an MLP tail, in ``h``'s dtype (fp32 or fp64).
+
+    fp32 CPU input goes to the fused kernel (``grokfast_metrics.kernels.connectivity_cpu``) when it
+    can run the tail (AVX2/FMA CPU, C++ compiler, supported activations; set
+    ``GROKFAST_METRICS_CPU_KERNEL=0`` to disable it); everything else runs the chunked torch ops below.
+
+    Args:
+        h: ``(N, D)`` representations (fp32 or fp64, any device).
+        spec: normalised MLP tail.
+        n_lambda: interpolation points per pair.
+        chunk_bytes: size of one chunk of activations on the torch-op path.
+        use_cpu_kernel: ``None`` (default) uses the fused CPU kernel when possible, ``False`` never,
+            ``True`` requires it.
+
+    Raises:
+        ValueError: ``use_cpu_kernel=True`` but the fused kernel cannot run this input.
+    """
     dtype, dev = h.dtype, h.device
     n = h.shape[0]
     if spec.is_affine:  # affine tail: every path is a straight line, r2 = 1 exactly
         return torch.ones(n, n, dtype=dtype, device=dev)
     z = absorb(spec, h)
+    if use_cpu_kernel is not False and dev.type == "cpu" and dtype == torch.float32:
+        from .kernels import connectivity_cpu as kcpu
+
+        reason = kcpu.unsupported_reason(spec, h)
+        if reason is None:
+            return kcpu.connectivity_cpu(z.contiguous(), spec, n_lambda)
+        if use_cpu_kernel:
+            raise ValueError(f"fused CPU kernel requested but it cannot run: {reason}")
     stages = [
         (acts, lin.weight.to(dtype).t(), None if lin.bias is None else lin.bias.to(dtype))
         for acts, lin in spec.stages

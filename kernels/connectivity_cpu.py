@@ -1,0 +1,259 @@
+"""Fused CPU kernel for the connectivity matrix of an MLP tail (AVX2 + FMA, C++ via ctypes).
+
+The kernel (``connectivity_cpu.cpp`` beside this file) does per pair what the Triton kernel does
+per block: interpolate on the absorbed ``z``, run the activations and the remaining Linears on a
+``[T, H]`` tile held in L1 (register-blocked 6 x 16 GEMM micro-kernel), reduce to ``L_ij`` with
+the constant-path rule, and write only ``L``. It is plain C++ with a C ABI (no torch headers), so
+the first build takes seconds; the shared library is cached under the torch extensions directory
+(``TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``) keyed by a hash of the source, the
+flags and the compiler.
+
+When the CPU lacks AVX2/FMA, no C++ compiler is found, the build fails (warned once), the tail
+is not supported (see :func:`unsupported_reason`) or ``GROKFAST_METRICS_CPU_KERNEL=0`` is set,
+:func:`available` / :func:`unsupported_reason` say so and the caller uses torch ops instead.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from grokfast_metrics._tail import MLPTail
+
+_SOURCE = Path(__file__).with_name("connectivity_cpu.cpp")
+_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fno-math-errno"]
+#: activation name -> code in the C++ kernel (``ActCode``): every activation of ``_tail.ACTIVATIONS``.
+ACT_CODES = {"identity": 0, "silu": 1, "relu": 2, "gelu_tanh": 3, "tanh": 4, "sigmoid": 5, "leaky_relu": 6, "gelu": 7}
+#: Constant-path rule (SPEC §1), same value as ``torch_backend.CONST_RTOL``.
+CONST_RTOL = 16.0
+_ENV_SWITCH = "GROKFAST_METRICS_CPU_KERNEL"
+
+_lock = threading.Lock()
+_state: dict = {"lib": None, "tried": False, "error": None, "build_seconds": None, "path": None}
+
+
+def _cpu_has_avx2_fma() -> bool:
+    get_cap = getattr(torch.backends.cpu, "get_cpu_capability", None)
+    cap = get_cap() if get_cap is not None else ""
+    if cap in ("AVX2", "AVX512"):
+        return True
+    try:  # torch may be built or forced (ATEN_CPU_CAPABILITY) below AVX2; ask the CPU itself
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx2" in flags and "fma" in flags
+
+
+def _cache_dir() -> Path:
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return Path(get_default_build_root()) / "grokfast_metrics_cpu"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _build() -> ctypes.CDLL:
+    """Compile (or reuse the cached) shared library and load it. Raises ``RuntimeError`` on failure."""
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (set CXX or install g++)")
+    src = _SOURCE.read_bytes()
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30, check=False).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise RuntimeError(f"{cxx} --version failed: {e}") from e
+    key = hashlib.sha256(src + " ".join(_FLAGS).encode() + version.encode()).hexdigest()[:16]
+    out_dir = _cache_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lib_path = out_dir / f"connectivity_cpu_{key}.so"
+    if not lib_path.exists():
+        t0 = time.perf_counter()
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+        os.close(fd)
+        try:
+            res = subprocess.run(
+                [cxx, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=600, check=False
+            )
+            if res.returncode != 0:
+                raise RuntimeError(f"compiling {_SOURCE.name} failed:\n{res.stderr[-4000:]}")
+            os.replace(tmp, lib_path)  # atomic: concurrent builders never see a partial file
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        _state["build_seconds"] = time.perf_counter() - t0
+    lib = ctypes.CDLL(str(lib_path))
+    lib.gm_cpu_supported.restype = ctypes.c_int
+    lib.gm_cpu_supported.argtypes = []
+    if not lib.gm_cpu_supported():
+        raise RuntimeError("the CPU lacks AVX2/FMA")
+    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    lib.gm_connectivity_mlp.restype = ctypes.c_int
+    lib.gm_connectivity_mlp.argtypes = [i64, i32, i32, p, p, p, p, p, p, p, p, i32, p, p, p, f32, f32, f32, p, i32]
+    _state["path"] = str(lib_path)
+    return lib
+
+
+def _library() -> ctypes.CDLL | None:
+    """The loaded kernel library, building it on first use; ``None`` (warned once) if unavailable."""
+    if _state["tried"]:
+        return _state["lib"]
+    with _lock:
+        if _state["tried"]:
+            return _state["lib"]
+        if not _cpu_has_avx2_fma():
+            _state["error"] = "the CPU lacks AVX2/FMA"
+        elif not _SOURCE.exists():
+            _state["error"] = f"kernel source {_SOURCE} is missing from the installation"
+        else:
+            try:
+                _state["lib"] = _build()
+            except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+                _state["error"] = str(e)
+                warnings.warn(
+                    f"grokfast_metrics: fused CPU kernel unavailable, using torch ops instead ({e})",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+        _state["tried"] = True
+    return _state["lib"]
+
+
+def available() -> bool:
+    """True when the fused CPU kernel can run here (builds it on first call)."""
+    if os.environ.get(_ENV_SWITCH, "1") in ("0", "false", "False"):
+        return False
+    return _library() is not None
+
+
+def build_info() -> dict:
+    """``{"path", "build_seconds", "error"}`` of the kernel library (``build_seconds`` is ``None`` when cached)."""
+    return {k: _state[k] for k in ("path", "build_seconds", "error")}
+
+
+def unsupported_reason(spec: MLPTail, h: torch.Tensor) -> str | None:
+    """Why the fused CPU kernel cannot run ``spec`` on ``h`` (``None`` when it can).
+
+    Args:
+        spec: normalised MLP tail.
+        h: ``(N, D)`` input in its compute dtype.
+    """
+    if h.device.type != "cpu":
+        return f"h is on {h.device}, not the CPU"
+    if h.dtype != torch.float32:
+        return f"only float32 is fused on the CPU (got {h.dtype})"
+    if not spec.stages:
+        return "the tail has no Linear after its first activation"
+    acts = [a for acts, _ in spec.stages for a in acts] + list(spec.final)
+    bad = sorted({a.name for a in acts if a.name not in ACT_CODES})
+    if bad:
+        return f"activation(s) {bad} are not implemented in the CPU kernel"
+    for _, lin in spec.stages:
+        if lin.weight.dtype != torch.float32 or lin.weight.device.type != "cpu":
+            return "tail weights must be float32 on the CPU"
+    if os.environ.get(_ENV_SWITCH, "1") in ("0", "false", "False"):
+        return f"disabled by {_ENV_SWITCH}=0"
+    if _library() is None:
+        return f"kernel unavailable: {_state['error']}"
+    return None
+
+
+def _pad8(n: int) -> int:
+    return (n + 7) // 8 * 8
+
+
+def _pack(weight: torch.Tensor, kp: int, np_: int) -> torch.Tensor:
+    """``W^T`` zero-padded to ``(kp, np_)`` and laid out as column panels of 16 (last may be 8)."""
+    out_f, in_f = weight.shape
+    wt = torch.zeros(kp, np_, dtype=torch.float32)
+    wt[:in_f, :out_f] = weight.detach().to(torch.float32).t()
+    return torch.cat([wt[:, c : c + 16].contiguous().flatten() for c in range(0, np_, 16)])
+
+
+def connectivity_cpu(z: torch.Tensor, spec: MLPTail, n_lambda: int, num_threads: int | None = None) -> torch.Tensor:
+    """Connectivity matrix of an MLP tail from the absorbed representations, fused on the CPU.
+
+    Args:
+        z: ``(N, H0)`` float32 CPU tensor, ``h`` through ``spec.pre`` (see ``torch_backend.absorb``).
+        spec: normalised MLP tail with at least one stage; every activation in :data:`ACT_CODES`.
+        n_lambda: interpolation points ``T`` per pair (>= 3).
+        num_threads: worker threads (default ``torch.get_num_threads()``).
+
+    Returns:
+        ``(N, N)`` float32 matrix ``L``: symmetric, unit diagonal, entries in ``[0, 1]``.
+
+    Raises:
+        ValueError: unsupported input (see :func:`unsupported_reason`), bad ``z`` shape or ``n_lambda < 3``.
+    """
+    reason = unsupported_reason(spec, z)
+    if reason is not None:
+        raise ValueError(f"fused CPU kernel cannot run this tail: {reason}")
+    lib = _library()
+    if z.dim() != 2 or z.shape[1] != spec.stages[0][1].in_features:
+        raise ValueError(
+            f"z must be (N, {spec.stages[0][1].in_features}) (the first stage's input width); got {tuple(z.shape)}"
+        )
+    if isinstance(n_lambda, bool) or not isinstance(n_lambda, int) or n_lambda < 3:
+        raise ValueError(f"n_lambda must be an int >= 3; got {n_lambda!r}")
+    if z.shape[0] < 2:
+        raise ValueError(f"z needs at least 2 rows (samples); got {z.shape[0]}")
+    n, h0 = z.shape
+    kps, kins, nps, packs, biases = [], [], [], [], []
+    width = h0
+    for _, lin in spec.stages:
+        if lin.in_features != width:
+            raise ValueError(f"tail stage expects {lin.in_features} features but receives {width}")
+        kp, np_ = _pad8(lin.in_features), _pad8(lin.out_features)
+        kps.append(kp)
+        kins.append(lin.in_features)
+        nps.append(np_)
+        packs.append(_pack(lin.weight, kp, np_))
+        b = torch.zeros(np_, dtype=torch.float32)
+        if lin.bias is not None:
+            b[: lin.out_features] = lin.bias.detach().to(torch.float32)
+        biases.append(b)
+        width = lin.out_features
+    zp = torch.zeros(n, kps[0], dtype=torch.float32)
+    zp[:, :h0] = z
+    act_lists = [acts for acts, _ in spec.stages] + [list(spec.final)]
+    codes, slopes, offs = [], [], [0]
+    for acts in act_lists:
+        codes += [ACT_CODES[a.name] for a in acts]
+        slopes += [float(a.slope) for a in acts]
+        offs.append(len(codes))
+    lam = torch.arange(n_lambda, dtype=torch.float64) / (n_lambda - 1)
+    lam_c64 = lam - 0.5
+    lam32, lam_c = lam.to(torch.float32), lam_c64.to(torch.float32)
+    ll = float((lam_c.double() ** 2).sum())
+    out = torch.empty(n, n, dtype=torch.float32)
+
+    def ints(v: list[int]) -> ctypes.Array:
+        return (ctypes.c_int * max(1, len(v)))(*v)
+
+    ptrs = (ctypes.c_void_p * len(packs))(*[t.data_ptr() for t in packs])
+    bptrs = (ctypes.c_void_p * len(biases))(*[t.data_ptr() for t in biases])
+    c_kp, c_kin, c_np, c_off, c_codes = ints(kps), ints(kins), ints(nps), ints(offs), ints(codes)
+    c_slopes = (ctypes.c_float * max(1, len(slopes)))(*slopes)
+    threads = num_threads if num_threads is not None else torch.get_num_threads()
+    addr = ctypes.addressof
+    rc = lib.gm_connectivity_mlp(
+        n, n_lambda, len(packs), addr(c_kp), addr(c_kin), addr(c_np), addr(ptrs), addr(bptrs), addr(c_off),
+        addr(c_codes), addr(c_slopes), spec.stages[-1][1].out_features, zp.data_ptr(), lam32.data_ptr(),
+        lam_c.data_ptr(), ll, torch.finfo(torch.float32).eps, CONST_RTOL, out.data_ptr(), max(1, int(threads)),
+    )
+    if rc != 0:  # pragma: no cover - the kernel has no failure path today
+        raise RuntimeError(f"fused CPU kernel failed with code {rc}")
+    return out

@@ -1,0 +1,206 @@
+"""Fused CPU kernel (``grokfast_metrics.kernels.connectivity_cpu``) against the NumPy reference.
+
+The kernel is built on first use (a few seconds); tests that need it skip when it cannot run here
+(no AVX2/FMA, no compiler), the fallback tests run everywhere.
+"""
+from __future__ import annotations
+
+import warnings
+from itertools import pairwise
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import grokfast_metrics as gm
+from grokfast_metrics import reference, torch_backend
+from grokfast_metrics._tail import ACTIVATIONS, parse_tail
+from grokfast_metrics.kernels import connectivity_cpu as kc
+
+ATOL = 1e-5  # fp32 vs float64 reference (SPEC §4)
+#: Outputs whose variation along the path is tiny next to their offset (std_t(y) / max|y| ~ 1e-4, seen with
+#: sigmoid/tanh) are limited by fp32 itself: correctly rounded fp32 activations alone give ~7e-6 there.
+#: There the kernel must stay within 3e-5 and be at least as accurate as the torch-op path.
+ATOL_ILL = 3e-5
+
+needs_kernel = pytest.mark.skipif(
+    not kc.available(), reason=f"fused CPU kernel unavailable: {kc.build_info()['error']}"
+)
+
+ACTS = {
+    "silu": nn.SiLU,
+    "relu": nn.ReLU,
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "leaky_relu": lambda: nn.LeakyReLU(0.1),
+    "gelu": nn.GELU,
+}
+
+
+def make_tail(d: int, widths: list[int], act: str, bias: bool = True, trailing: bool = False) -> nn.Sequential:
+    """``Linear(d, w0) -> act -> Linear(w0, w1) -> act -> ...`` (``len(widths) - 1`` stages after the first)."""
+    layers: list[nn.Module] = [nn.Linear(d, widths[0], bias=bias)]
+    for a, b in pairwise(widths):
+        layers += [ACTS[act](), nn.Linear(a, b, bias=bias)]
+    if trailing:
+        layers.append(ACTS[act]())
+    return nn.Sequential(*layers)
+
+
+def fused(h: torch.Tensor, tail: nn.Module, n_lambda: int = 21, num_threads: int | None = None) -> torch.Tensor:
+    spec = parse_tail(tail)
+    with torch.no_grad():
+        return kc.connectivity_cpu(torch_backend.absorb(spec, h), spec, n_lambda, num_threads=num_threads)
+
+
+def check_vs_reference(L: torch.Tensor, h: torch.Tensor, tail: nn.Module, n_lambda: int = 21) -> None:
+    ref = reference.connectivity(h, tail, n_lambda)
+    assert L.dtype == torch.float32 and L.shape == ref.shape
+    err = np.abs(L.numpy().astype(np.float64) - ref).max()
+    if err > ATOL:  # allowed only where the torch-op path is no better (fp32-limited, see ATOL_ILL)
+        with torch.no_grad():
+            ops = torch_backend.connectivity_mlp(h, parse_tail(tail), n_lambda, use_cpu_kernel=False)
+        err_ops = np.abs(ops.numpy().astype(np.float64) - ref).max()
+        assert err <= min(ATOL_ILL, max(ATOL, err_ops)), f"max |L - L_ref| = {err:.3g} (torch ops: {err_ops:.3g})"
+    assert torch.equal(L, L.T)
+    assert torch.all(L.diagonal() == 1.0)
+    assert float(L.min()) >= 0.0 and float(L.max()) <= 1.0
+
+
+@needs_kernel
+@pytest.mark.parametrize("n, widths", [(2, [100, 31]), (3, [7, 1]), (17, [37, 31]), (65, [24, 3])])
+@pytest.mark.parametrize("act", list(ACTS))
+def test_one_stage_matches_reference(n: int, widths: list[int], act: str) -> None:
+    torch.manual_seed(n * 31 + len(act))
+    h = torch.randn(n, 5)
+    tail = make_tail(5, widths, act)
+    check_vs_reference(fused(h, tail), h, tail)
+
+
+@needs_kernel
+@pytest.mark.parametrize("widths", [[13, 9, 2], [40, 17, 33, 5]])
+@pytest.mark.parametrize("act", ["silu", "tanh", "leaky_relu", "gelu"])
+@pytest.mark.parametrize("bias, trailing", [(True, False), (False, True)])
+def test_deeper_tails_bias_and_trailing(widths: list[int], act: str, bias: bool, trailing: bool) -> None:
+    torch.manual_seed(len(widths) + 7 * bias)
+    h = torch.randn(11, 6)
+    tail = make_tail(6, widths, act, bias=bias, trailing=trailing)
+    check_vs_reference(fused(h, tail), h, tail)
+
+
+@needs_kernel
+@pytest.mark.parametrize("n_lambda", [3, 4, 20, 21, 50])
+def test_n_lambda_even_odd_and_long(n_lambda: int) -> None:
+    """Even/odd T change where the two exp chains meet; T > CHAIN_TMAX takes the direct exp path."""
+    torch.manual_seed(n_lambda)
+    h = torch.randn(9, 4)
+    tail = make_tail(4, [30, 6], "silu")
+    check_vs_reference(fused(h, tail, n_lambda), h, tail, n_lambda)
+
+
+@needs_kernel
+def test_large_activations_take_the_direct_exp_path() -> None:
+    """Samples with |z| > 40 must not use the exp chain (it could overflow); pairs mixing both kinds are right too."""
+    torch.manual_seed(3)
+    h = torch.randn(12, 4)
+    h[:4] *= 60.0  # z = W h + b reaches |z| > 80 for these rows (chain limit: 40)
+    tail = make_tail(4, [20, 3], "silu")
+    with torch.no_grad():
+        z = torch_backend.absorb(parse_tail(tail), h)
+    assert float(z[:4].abs().max()) > 80.0 and float(z[4:].abs().max()) < 40.0
+    check_vs_reference(fused(h, tail), h, tail)
+
+
+@needs_kernel
+def test_constant_paths_count_as_linear() -> None:
+    """Dead ReLU units (a whole path at z < 0) give y = bias exactly: r2 = 1 by the constant-path rule."""
+    torch.manual_seed(4)
+    tail = make_tail(3, [8, 2], "relu")
+    with torch.no_grad():
+        tail[0].weight.copy_(torch.eye(8, 3))
+        tail[0].bias.fill_(-10.0)
+    h = torch.rand(5, 3)  # z in [-10, -9]: every unit is off on every path
+    L = fused(h, tail)
+    assert torch.all(L == 1.0)
+    check_vs_reference(L, h, tail)
+
+
+@needs_kernel
+def test_default_tail_threads_and_dispatch() -> None:
+    """Default tail shape; 1 and 2 threads agree bit for bit; ``backend="auto"`` on CPU uses the kernel,
+    ``backend="torch"`` the stock torch ops."""
+    torch.manual_seed(5)
+    h = torch.randn(40, 100)
+    tail = nn.Sequential(nn.Linear(100, 100), nn.SiLU(), nn.Linear(100, 31))
+    L1 = fused(h, tail, num_threads=1)
+    L2 = fused(h, tail, num_threads=2)
+    assert torch.equal(L1, L2)
+    assert torch.equal(gm.connectivity(h, tail), L1)
+    spec = parse_tail(tail)
+    with torch.no_grad():
+        ops = torch_backend.connectivity_mlp(h, spec, 21, use_cpu_kernel=False)
+    assert torch.equal(gm.connectivity(h, tail, backend="torch"), ops)
+    assert float((ops - L1).abs().max()) <= 2 * ATOL
+    check_vs_reference(L1, h, tail)
+
+
+@needs_kernel
+def test_duplicate_rows_through_public_api() -> None:
+    torch.manual_seed(6)
+    h = torch.randn(6, 5)
+    h[4] = h[1]
+    tail = make_tail(5, [16, 4], "silu")
+    L = gm.connectivity(h, tail)
+    assert float(L[1, 4]) == 1.0 and float(L[4, 1]) == 1.0
+    check_vs_reference(L, h, tail)
+
+
+def test_every_parsed_activation_is_fused() -> None:
+    assert set(kc.ACT_CODES) == set(ACTIVATIONS)
+
+
+def test_unsupported_inputs_fall_back_to_torch_ops() -> None:
+    torch.manual_seed(7)
+    h = torch.randn(7, 4)
+    tail = nn.Sequential(nn.Linear(4, 6), nn.SiLU())  # no Linear after the activation: not fused
+    spec = parse_tail(tail)
+    assert "no Linear" in (kc.unsupported_reason(spec, h) or "")
+    check_vs_reference(gm.connectivity(h, tail), h, tail)
+    with pytest.raises(ValueError, match="cannot run"):
+        torch_backend.connectivity_mlp(h, spec, 21, use_cpu_kernel=True)
+    with pytest.raises(ValueError, match="cannot run this tail"):
+        kc.connectivity_cpu(h, spec, 21)
+    tail64 = make_tail(4, [10, 3], "silu").double()  # fp64 runs on torch ops, fp64 tolerance
+    assert "float32" in kc.unsupported_reason(parse_tail(tail64), h.double())
+    L64 = gm.connectivity(h.double(), tail64)
+    assert L64.dtype == torch.float64
+    assert np.abs(L64.numpy() - reference.connectivity(h.double(), tail64, 21)).max() <= 1e-10
+
+
+def test_env_switch_disables_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GROKFAST_METRICS_CPU_KERNEL", "0")
+    tail = make_tail(4, [10, 3], "silu")
+    h = torch.randn(5, 4)
+    assert not kc.available()
+    assert "GROKFAST_METRICS_CPU_KERNEL" in kc.unsupported_reason(parse_tail(tail), h)
+    check_vs_reference(gm.connectivity(h, tail), h, tail)
+
+
+def test_build_failure_warns_once_and_falls_back(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    bad = tmp_path / "connectivity_cpu.cpp"
+    bad.write_text("this is not C++\n")
+    monkeypatch.setattr(kc, "_SOURCE", bad)
+    monkeypatch.setattr(kc, "_cache_dir", lambda: tmp_path / "cache")
+    monkeypatch.setattr(kc, "_cpu_has_avx2_fma", lambda: True)
+    monkeypatch.setattr(kc, "_state", {"lib": None, "tried": False, "error": None, "build_seconds": None, "path": None})
+    with pytest.warns(RuntimeWarning, match="fused CPU kernel unavailable"):
+        assert not kc.available()
+    assert "failed" in kc.build_info()["error"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        assert not kc.available()
+        tail = make_tail(3, [6, 2], "silu")
+        h = torch.randn(4, 3)
+        check_vs_reference(gm.connectivity(h, tail), h, tail)
