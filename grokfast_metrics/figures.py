@@ -121,12 +121,15 @@ def plot_connectivity(snaps: list[dict], path: str | Path) -> Path | None:
     if not snaps:
         return None
     n = len(snaps)
+    # one colour scale for all panels, from the data: L often lives in [0.8, 1], where 0..1 shows nothing
+    vmin = min(float(s["L"].min()) for s in snaps)
+    vmin = min(vmin, 0.999)
     fig, axes = plt.subplots(2, n, figsize=(max(3.4 * n, 6.0), 6.4), squeeze=False, layout="constrained",
                              gridspec_kw={"height_ratios": [3, 2]})
     for c, s in enumerate(snaps):
         L = s["L"].double().numpy()
         perm = spectral_order(L)
-        im = axes[0, c].imshow(L[perm][:, perm], vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
+        im = axes[0, c].imshow(L[perm][:, perm], vmin=vmin, vmax=1, cmap="viridis", interpolation="nearest")
         axes[0, c].set(title=f"step {s['step']}  LMN={s['lmn']:.2f}", xticks=[], yticks=[])
         ev = np.sort(np.abs(np.linalg.eigvalsh(L)))[::-1]
         axes[1, c].semilogy(np.arange(1, len(ev) + 1), np.maximum(ev / ev.sum(), 1e-12), ".", ms=3)
@@ -172,8 +175,8 @@ def plot_scatter(rows: list[dict], summary: dict | None, path: str | Path) -> di
     for ax, key, label in ((axes[0], "lmn", "LMN"), (axes[1], "l2", "L2 norm")):
         sc = ax.scatter([r[key] for r in phase], loss, c=[r["step"] for r in phase], s=10, cmap="plasma")
         r = out[f"pearson_{key}_test_loss"]
-        ax.set(xlabel=label, ylabel="test loss", title=f"{label} vs test loss, generalizing phase (r = "
-               + ("n/a" if r is None else f"{r:.3f}") + ")")
+        ax.set(xlabel=label, ylabel="test loss", title=f"{label}: Pearson r = " + ("n/a" if r is None else f"{r:.3f}"))
+    fig.suptitle("test loss vs complexity over the generalizing phase (memorization to generalization)", fontsize=10)
     if phase:
         fig.colorbar(sc, ax=axes.tolist(), label="step")
     fig.savefig(path, dpi=120)

@@ -138,6 +138,7 @@ def format_summary(summary: dict) -> str:
          f"at memorization {lm('lmn_at_memorization')}, at generalization {lm('lmn_at_generalization')}, "
          f"final {lm('lmn_final')}"),
         (f"  time {t.get('total', 0):.1f} s (train {t.get('train', 0):.1f} s, LMN {t.get('lmn', 0):.1f} s "
-         f"over {summary.get('lmn_evaluations')} evaluations, logging {t.get('log', 0):.1f} s)"),
+         f"over {summary.get('lmn_evaluations')} evaluations, complexity/norms {t.get('complexity', 0):.1f} s, "
+         f"logging {t.get('log', 0):.1f} s)"),
     ]
     return "\n".join(lines)
