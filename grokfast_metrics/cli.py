@@ -46,7 +46,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed of the split and the initialization (default 0)")
     g.add_argument("--embed-dim", type=int, default=32, help="embedding width per operand (default 32)")
     g.add_argument("--hidden", type=int, default=100, help="hidden width (default 100)")
-    g.add_argument("--embedding", default="shared", choices=EMBEDDINGS, help="one table for both operands or one per operand (default shared)")
+    g.add_argument("--embedding", default="shared", choices=EMBEDDINGS,
+                   help="one table for both operands or one per operand (default shared)")
     g.add_argument("--init-scale", type=float, default=1.0, help="Omnigrok alpha: multiply initial parameters by it (default 1)")
 
     g = p.add_argument_group("optimization")
@@ -64,9 +65,10 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lmn-every", type=int, default=None, help="LMN every k steps, 0 = off (default: 1 on CUDA, 100 on CPU)")
     g.add_argument("--no-lmn-early", dest="lmn_early", action="store_false",
                    help="skip the extra log-spaced LMN steps (1, 2, 3, 5, ...) below --lmn-every")
-    g.add_argument("--probe", default=None, help="LMN samples: all, train, test or a seeded subset size n (default: all on CUDA, 256 on CPU)")
+    g.add_argument("--probe", default=None,
+                   help="LMN samples: all, train, test or a seeded subset size n (default: all on CUDA, 256 on CPU)")
     g.add_argument("--probe-seed", type=int, default=0, help="seed of the probe subset (default 0)")
-    g.add_argument("--lmn-layer", dest="lmn_layers", action="append", choices=LAYERS + ("all",), default=None,
+    g.add_argument("--lmn-layer", dest="lmn_layers", action="append", choices=(*LAYERS, "all"), default=None,
                    help="layer to track (repeat for several; first is the 'lmn' column; 'all' = every layer, the "
                         "default one first) (default hidden1_post)")
     g.add_argument("--n-lambda", type=int, default=21, help="interpolation points per pair (default 21)")

@@ -111,7 +111,7 @@ def _select(out, output: OutputSelector, n: int) -> torch.Tensor:
     else:
         raise TypeError(f"output must be None, an int (tuple index) or a callable (out) -> (B, O); got {output!r}")
     if not isinstance(y, torch.Tensor):
-        raise ValueError(  # noqa: TRY004 - a wrong selection, reported with the other selector errors
+        raise ValueError(
             f"the model's output{'' if output is None else ' after the output selector'} is a "
             f"{type(y).__name__}, not a (B, O) tensor; pass output=<index> or output=lambda out: ..."
         )

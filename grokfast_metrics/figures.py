@@ -20,11 +20,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
 
-from .plots import plot_curves, read_metrics  # noqa: E402
+from .plots import plot_curves, read_metrics
 
 SNAPSHOT_DIR = "connectivity"
 
@@ -236,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
     for key in ("fig2", "fig3", "fig4"):
         print(f"{key}: {res[key] or 'skipped (nothing logged for it)'}")
     sc = res["scatter"]
-    fmt = lambda v: "n/a" if v is None else f"{v:+.3f}"  # noqa: E731
+    fmt = lambda v: "n/a" if v is None else f"{v:+.3f}"
     print(f"generalizing phase: {sc['phase_points']} points; Pearson r with test loss: "
           f"LMN {fmt(sc['pearson_lmn_test_loss'])}, L2 {fmt(sc['pearson_l2_test_loss'])}  ({sc['path']})")
     return 0

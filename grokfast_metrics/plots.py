@@ -64,7 +64,7 @@ def plot_curves(rows: list[dict], path: str | Path, *, summary: dict | None = No
         ax.set_xlim(0, max(last, 1) * 1.05)
         ax.set_xlabel("step")
         ax.grid(True, which="major", alpha=0.3)
-        for (name, color), lo, hi in zip(_PHASES, bounds[:-1], bounds[1:]):
+        for (_name, color), lo, hi in zip(_PHASES, bounds[:-1], bounds[1:]):
             if hi > lo:
                 ax.axvspan(lo, hi, color=color, alpha=0.6, lw=0)
         for s in (mem, gen):

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from ._tail import parse_tail
 from .complexity import compression_complexity, spectral_entropies, spectral_entropy_penalty, weight_matrices, weight_norms
 from .core import BACKENDS, LMNResult, lmn
+from .figures import save_connectivity
 from .grokfast import FILTERS, make_filter
 from .model import (
     DEFAULT_LAYER,
@@ -41,7 +42,6 @@ from .model import (
     scale_init,
 )
 from .tasks import TASKS, Task, make_task
-from .figures import save_connectivity
 
 #: columns always present in the logs; ``lmn_<layer>`` columns follow
 BASE_COLUMNS = ("step", "train_loss", "train_acc", "test_loss", "test_acc", "l2", "lmn", "time_s")
@@ -308,8 +308,8 @@ class MetricsLog:
     def __init__(self, run_dir: Path, columns: list[str], flush_s: float = 1.0):
         self.columns = columns
         self.flush_s = flush_s
-        self._jsonl = open(run_dir / "metrics.jsonl", "w", encoding="utf-8")  # noqa: SIM115 (closed in close())
-        self._csv_file = open(run_dir / "metrics.csv", "w", encoding="utf-8", newline="")  # noqa: SIM115
+        self._jsonl = open(run_dir / "metrics.jsonl", "w", encoding="utf-8")
+        self._csv_file = open(run_dir / "metrics.csv", "w", encoding="utf-8", newline="")
         self._csv = csv.DictWriter(self._csv_file, fieldnames=columns, extrasaction="raise")
         self._csv.writeheader()
         self._last_flush = time.perf_counter()
@@ -480,7 +480,7 @@ def _run(cfg: TrainConfig, run_dir: Path, progress: bool, plot: bool) -> RunResu
     cx_cols = [f"complexity_bits_eps{e:g}" for e in cfg.complexity_eps]
     snap_steps = {int(s) for s in cfg.save_connectivity if str(s).isdigit()}
     snap_events = {s for s in cfg.save_connectivity if s in SNAPSHOT_EVENTS}
-    cx_loss = lambda m: float(F.cross_entropy(m(x_tr), y_tr))  # noqa: E731  training loss of a coarse-grained copy
+    cx_loss = lambda m: float(F.cross_entropy(m(x_tr), y_tr))
 
     columns = list(BASE_COLUMNS) + [f"lmn_{layer}" for layer in layers] + norm_cols + rank_cols + cx_cols
     log = MetricsLog(run_dir, columns)

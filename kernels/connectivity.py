@@ -300,7 +300,7 @@ def launch_config(
         if prec not in ("tf32x3", "ieee", "tf32"):
             raise ValueError(f"input_precision must be 'tf32x3', 'ieee' or 'tf32'; got {input_precision!r}")
     depth = len(spec.stages)
-    widths = (spec.stages[0][1].in_features,) + tuple(lin.out_features for _, lin in spec.stages)
+    widths = (spec.stages[0][1].in_features, *tuple(lin.out_features for _, lin in spec.stages))
     p = [_pad(w) for w in widths[1:]]
     wide = max(p)
     fp64 = dtype == torch.float64
@@ -321,7 +321,7 @@ def launch_config(
         block_j = max(1, rows // t_pad)
         num_warps = 4 if block_j * t_pad * full <= 4096 else 8
     k0 = triton.cdiv(widths[0], block_k) * block_k
-    pads = (k0,) + tuple(p)
+    pads = (k0, *tuple(p))
     acts = [next((a for a in stage if not a.is_identity), None) for stage, _ in spec.stages]
     fin = spec.final[0] if spec.final else None
     const = {

@@ -6,6 +6,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from helpers import ACTS, Wrapped, abs_tail, mlp_tail
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -13,8 +14,6 @@ from torch import nn
 import grokfast_metrics as gm
 from grokfast_metrics import reference
 from grokfast_metrics.torch_backend import triu_pair_chunks
-
-from helpers import ACTS, Wrapped, abs_tail, mlp_tail
 
 TOL = [(torch.float32, 1e-5), (torch.float64, 1e-10)]
 
@@ -262,7 +261,7 @@ def test_nonfinite_parameter_named():
     tail = _tail()
     with torch.no_grad():
         tail[2].bias[0] = float("nan")
-    with pytest.raises(ValueError, match="'2.bias'"):
+    with pytest.raises(ValueError, match=r"'2\.bias'"):
         gm.connectivity(torch.randn(5, 4), tail)
 
 

@@ -11,12 +11,12 @@ from itertools import pairwise
 import numpy as np
 import pytest
 import torch
+from grokfast_metrics.kernels import connectivity_cpu as kc
 from torch import nn
 
 import grokfast_metrics as gm
 from grokfast_metrics import reference, torch_backend
 from grokfast_metrics._tail import ACTIVATIONS, parse_tail
-from grokfast_metrics.kernels import connectivity_cpu as kc
 
 ATOL = 1e-5  # fp32 vs float64 reference (SPEC §4)
 #: Outputs whose variation along the path is tiny next to their offset (std_t(y) / max|y| ~ 1e-4, seen with

@@ -337,5 +337,5 @@ def test_bad_inputs_and_batch_dim():
         gm.lmn_at(model, torch.randn(4, 5), at="act1", batch_dim=-1)
     with pytest.raises(ValueError, match=r"does not have the 5 samples along batch_dim=1"):
         gm.lmn_at(model, torch.randn(3, 5), at="act1", batch_dim=1)
-    with pytest.raises(TypeError, match="nn.Module"):
+    with pytest.raises(TypeError, match=r"nn\.Module"):
         gm.lmn_at(lambda x: x, torch.randn(3, 5), at="act1")
