@@ -7,20 +7,13 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
 from grokfast_metrics.tracker import log_schedule
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is ~10x faster than two on a shared, loaded CPU; restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = {
     "grokfast_transformer": {

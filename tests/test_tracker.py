@@ -11,14 +11,7 @@ from torch import nn
 import grokfast_metrics as gm
 from grokfast_metrics.tracker import log_schedule
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is ~10x faster than two on a shared, loaded CPU; restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(seed: int = 0) -> nn.Module:
