@@ -143,6 +143,30 @@ def _resolve_backend(backend: str, h: torch.Tensor, spec: MLPTail | None) -> str
     return backend
 
 
+def resolve_backend(h: torch.Tensor, tail: nn.Module, backend: str = "auto") -> str:
+    """What :func:`connectivity` would run for these arguments (for logs and benchmarks).
+
+    Returns:
+        ``"triton"``, ``"cpu-kernel"`` (the fused C++ kernel), ``"torch"`` (MLP tail, torch ops),
+        ``"torch-generic"`` (any other module) or ``"reference"``.
+
+    Raises:
+        ValueError: the same backend errors as :func:`connectivity`.
+    """
+    spec = parse_tail(tail)
+    chosen = _resolve_backend(backend, h, spec)
+    if chosen != "torch":
+        return chosen
+    if spec is None:
+        return "torch-generic"
+    if backend == "auto" and not spec.is_affine and h.device.type == "cpu" and _compute_dtype(h, tail) == torch.float32:
+        from .kernels import connectivity_cpu as kcpu
+
+        if kcpu.unsupported_reason(spec, h) is None:
+            return "cpu-kernel"
+    return "torch"
+
+
 def _identical_rows(h: torch.Tensor) -> torch.Tensor | None:
     """``(N,)`` group ids of exactly equal rows of ``h``, or None if all rows are distinct."""
     _, inverse, counts = torch.unique(h, dim=0, return_inverse=True, return_counts=True)

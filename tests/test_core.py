@@ -277,3 +277,14 @@ def test_triton_on_cpu_without_interpreter(monkeypatch):
 def test_lmn_from_connectivity_bad_input(L, match):
     with pytest.raises(ValueError, match=match):
         gm.lmn_from_connectivity(L)
+
+
+def test_resolve_backend_names_what_runs(monkeypatch):
+    h = torch.randn(5, 4)
+    tail = _tail()
+    assert gm.core.resolve_backend(h, tail, "torch") == "torch"
+    assert gm.core.resolve_backend(h, Wrapped(tail), "auto") == "torch-generic"
+    assert gm.core.resolve_backend(h, tail, "reference") == "reference"
+    assert gm.core.resolve_backend(h.double(), tail, "auto") == "torch"  # fp64: torch ops
+    monkeypatch.setenv("GROKFAST_METRICS_CPU_KERNEL", "0")
+    assert gm.core.resolve_backend(h, tail, "auto") == "torch"

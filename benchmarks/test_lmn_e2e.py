@@ -1,0 +1,84 @@
+"""End-to-end LMN (L + eigen + entropy) split into its parts, and the training-step overhead of tracking it.
+
+Run: ``pytest benchmarks/ --benchmark-only``. The training rows use ``bench.PaperMLP`` (addition
+mod 31): compare the ``plain`` and ``tracked`` medians of the same session for the overhead ratio.
+"""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from _gfm_bench import LARGE, check_or_refuse, needs_cuda, sync
+
+import grokfast_metrics as gm
+from grokfast_metrics import bench
+
+H, O, T = 100, 31, 21
+DEVS = [("cpu", n) for n in (64, 256) + ((961,) if LARGE else ())] + [
+    pytest.param("cuda", n, marks=needs_cuda) for n in (961, 4096)
+]
+
+
+def _timed(fn, device):
+    def call():
+        out = fn()
+        sync(device)
+        return out
+
+    return call
+
+
+@pytest.mark.parametrize("dev, n", DEVS)
+def test_lmn_end_to_end(benchmark, dev, n):
+    device = torch.device(dev)
+    tail, h = bench.make_tail(H, O, 1, device=device), bench.make_inputs(n, H, seed=1, device=device)
+    check_or_refuse(h, tail, "auto", T)
+    res = benchmark.pedantic(_timed(functools.partial(gm.lmn, h, tail, T), device),
+                             rounds=20 if dev == "cuda" else 3, iterations=1, warmup_rounds=1)
+    assert res.lmn >= 1.0
+
+
+@pytest.mark.parametrize("dev, n", DEVS)
+def test_eigen_part(benchmark, dev, n):
+    device = torch.device(dev)
+    tail, h = bench.make_tail(H, O, 1, device=device), bench.make_inputs(n, H, seed=1, device=device)
+    L = gm.connectivity(h, tail, T).to(torch.float64)
+    benchmark.pedantic(_timed(functools.partial(torch.linalg.eigvalsh, L), device), rounds=10, iterations=1,
+                       warmup_rounds=1)
+
+
+@pytest.mark.parametrize("dev, n", DEVS)
+def test_eigen_plus_entropy_part(benchmark, dev, n):
+    device = torch.device(dev)
+    tail, h = bench.make_tail(H, O, 1, device=device), bench.make_inputs(n, H, seed=1, device=device)
+    L = gm.connectivity(h, tail, T)
+    benchmark.pedantic(_timed(functools.partial(gm.lmn_from_connectivity, L), device), rounds=10, iterations=1,
+                       warmup_rounds=1)
+
+
+@pytest.mark.parametrize("dev, n_track", [("cpu", 64), pytest.param("cuda", 961, marks=needs_cuda)])
+@pytest.mark.parametrize("tracked", [False, True], ids=["plain", "tracked"])
+def test_training_step(benchmark, dev, n_track, tracked):
+    """One full-batch AdamW step of the paper's MLP, with or without LMN of layer 1 on ``n_track`` inputs."""
+    torch.manual_seed(0)
+    model = bench.PaperMLP().to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1.0)
+    a, b = torch.meshgrid(torch.arange(31), torch.arange(31), indexing="ij")
+    x_all = torch.stack([a.flatten(), b.flatten()], 1).to(dev)
+    perm = torch.randperm(961, generator=torch.Generator().manual_seed(0)).to(dev)
+    x = x_all[perm[:480]]
+    y = x.sum(1) % 31
+    x_track = x_all[perm[:n_track]]
+    tail = model.tail()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        if tracked:
+            with torch.no_grad():
+                gm.lmn(model.hidden1(x_track), tail)
+        sync(torch.device(dev))
+
+    benchmark.pedantic(step, rounds=10 if not tracked or dev == "cuda" else 3, iterations=1, warmup_rounds=1)
