@@ -315,3 +315,25 @@ def test_auto_timed_once_and_wide_shapes_capped(monkeypatch):
     e2e = {r.N: r for r in _rows("lmn_e2e", rows)}
     assert e2e[5].status == "ok" and e2e[5].time_L_s == small.time_median_s
     assert e2e[9].status == big.status
+
+
+def test_paired_roof_ratio_formula():
+    calls = []
+
+    def fn():
+        calls.append(1)
+        return sum(range(1000))
+
+    ratios, secs, roofs = bench.paired_roof(fn, 1e6, CPU, repeats=3, size=32)
+    assert len(ratios) == len(secs) == len(roofs) == 3 and len(calls) == 4  # one warm-up
+    for r, s, g in zip(ratios, secs, roofs):
+        assert r == pytest.approx(1e6 / s / 1e9 / g)
+
+
+def test_paired_roof_row_in_sweep():
+    cfg = bench.BenchConfig(**{**TINY.__dict__, "ns": (5, 961), "hiddens": (100,), "depths": (1,), "out": 31,
+                               "n_lambda": 21, "backends": ("auto",), "max_row_seconds": 0.0, "repeats": 1})
+    rows = bench.run_benchmarks(cfg, CPU)
+    paired = _rows("roof_paired", rows)
+    assert len(paired) == 1 and paired[0].N == 961 and paired[0].repeats == 5 and 0 < paired[0].frac_roof
+    assert "timed alternately" in bench.format_table(rows)
