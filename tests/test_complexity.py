@@ -21,7 +21,7 @@ def test_weight_norms_direct_formula():
     total = math.sqrt(sum(float((p.detach().double() ** 2).sum()) for p in m.parameters()))
     assert res["l2"] == pytest.approx(total, rel=1e-12)
     assert set(res["layers"]) == {"0", "2", "4"}
-    last = math.sqrt(float((m[4].weight.double() ** 2).sum() + (m[4].bias.double() ** 2).sum()))
+    last = math.sqrt(float((m[4].weight.detach().double() ** 2).sum() + (m[4].bias.detach().double() ** 2).sum()))
     assert res["last"] == pytest.approx(last, rel=1e-12)
     assert res["layers"]["2"] == pytest.approx(float(torch.cat([m[2].weight.flatten(), m[2].bias]).detach().double().norm()))
 
