@@ -44,7 +44,7 @@ def test_effective_rank_of_equal_spectrum(r):
 def test_spectral_entropy_penalty_matches_and_has_gradient():
     m = _mlp()
     pen = cx.spectral_entropy_penalty(m)
-    assert float(pen) == pytest.approx(sum(v["entropy"] for v in cx.spectral_entropies(m).values()), rel=1e-5)
+    assert float(pen.detach()) == pytest.approx(sum(v["entropy"] for v in cx.spectral_entropies(m).values()), rel=1e-5)
     pen.backward()
     assert m[0].weight.grad is not None and bool(m[0].weight.grad.abs().sum() > 0)
 
