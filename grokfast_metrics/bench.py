@@ -532,15 +532,14 @@ def resolve_device(name: str) -> torch.device | None:
     Raises:
         ValueError: ``name`` is not a torch device string.
     """
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from .train import resolve_device as resolve_train_device
+
     try:
-        dev = torch.device(name)
-    except RuntimeError as e:
+        return resolve_train_device(name)
+    except ValueError as e:
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            return None
         raise ValueError(f"--device must be auto, cpu, cuda or cuda:<index>; got {name!r}") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        return None
-    return dev
 
 
 def default_backends(device: torch.device) -> list[str]:
