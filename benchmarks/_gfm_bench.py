@@ -18,6 +18,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed(fn, device: torch.device):
+    """``fn`` followed by a device sync, so the benchmark times the work, not the launch."""
+    def call():
+        out = fn()
+        sync(device)
+        return out
+
+    return call
+
+
 def check_or_refuse(h: torch.Tensor, tail: torch.nn.Module, backend: str, n_lambda: int = 21) -> float:
     """Max abs diff of ``backend`` vs the NumPy reference on ``h[:N_REF]``; ``pytest.fail`` when refused."""
     sub = h[:N_REF]

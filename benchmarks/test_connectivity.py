@@ -11,7 +11,7 @@ import functools
 
 import pytest
 import torch
-from _gfm_bench import LARGE, check_or_refuse, median_s, needs_cuda, sync
+from _gfm_bench import LARGE, check_or_refuse, median_s, needs_cuda, timed
 
 from grokfast_metrics import bench
 
@@ -31,15 +31,6 @@ def _extra(benchmark, n: int, depth: int, roof: float, diff: float) -> None:
         benchmark.extra_info.update(pairs_per_s=bench.n_pairs(n) / t, useful_gflops=g, frac_roof=g / roof)
 
 
-def _timed(fn, device: torch.device):
-    def call():
-        out = fn()
-        sync(device)
-        return out
-
-    return call
-
-
 @pytest.mark.parametrize("dev, backend, n", CASES)
 @pytest.mark.parametrize("depth", [1, 2])
 def test_connectivity(benchmark, roof_gflops, dev, backend, n, depth):
@@ -48,7 +39,7 @@ def test_connectivity(benchmark, roof_gflops, dev, backend, n, depth):
     h = bench.make_inputs(n, H, seed=1, device=device)
     diff = check_or_refuse(h, tail, backend, T)
     rounds = 20 if dev == "cuda" else 3
-    L = benchmark.pedantic(_timed(functools.partial(bench.backend_fn(backend), h, tail, T), device),
+    L = benchmark.pedantic(timed(functools.partial(bench.backend_fn(backend), h, tail, T), device),
                            rounds=rounds, iterations=1, warmup_rounds=1)
     assert L.shape == (n, n)
     _extra(benchmark, n, depth, roof_gflops[dev], diff)
@@ -59,7 +50,7 @@ def test_naive_torch_baseline(benchmark, roof_gflops, dev):
     device, n = torch.device(dev), (256 if dev == "cpu" else 961)
     tail, h = bench.make_tail(H, O, 1, device=device), bench.make_inputs(n, H, seed=1, device=device)
     diff = check_or_refuse(h, tail, "naive", T)
-    benchmark.pedantic(_timed(functools.partial(bench.naive_connectivity, h, tail, T), device),
+    benchmark.pedantic(timed(functools.partial(bench.naive_connectivity, h, tail, T), device),
                        rounds=3, iterations=1, warmup_rounds=1)
     _extra(benchmark, n, 1, roof_gflops[dev], diff)
 
@@ -81,7 +72,7 @@ def test_matmul_roof(benchmark, dev):
     size = 2048 if dev == "cpu" else 8192
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(size, size, generator=gen).to(device), torch.randn(size, size, generator=gen).to(device)
-    benchmark.pedantic(_timed(functools.partial(torch.mm, a, b), device), rounds=5, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(timed(functools.partial(torch.mm, a, b), device), rounds=5, iterations=1, warmup_rounds=1)
     t = median_s(benchmark)
     if t:
         benchmark.extra_info["gflops"] = 2 * size**3 / t / 1e9

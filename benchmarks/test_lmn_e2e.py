@@ -9,7 +9,7 @@ import functools
 
 import pytest
 import torch
-from _gfm_bench import LARGE, check_or_refuse, needs_cuda, sync
+from _gfm_bench import LARGE, check_or_refuse, needs_cuda, sync, timed
 
 import grokfast_metrics as gm
 from grokfast_metrics import bench
@@ -20,21 +20,12 @@ DEVS = [("cpu", n) for n in (64, 256) + ((961,) if LARGE else ())] + [
 ]
 
 
-def _timed(fn, device):
-    def call():
-        out = fn()
-        sync(device)
-        return out
-
-    return call
-
-
 @pytest.mark.parametrize("dev, n", DEVS)
 def test_lmn_end_to_end(benchmark, dev, n):
     device = torch.device(dev)
     tail, h = bench.make_tail(H, O, 1, device=device), bench.make_inputs(n, H, seed=1, device=device)
     check_or_refuse(h, tail, "auto", T)
-    res = benchmark.pedantic(_timed(functools.partial(gm.lmn, h, tail, T), device),
+    res = benchmark.pedantic(timed(functools.partial(gm.lmn, h, tail, T), device),
                              rounds=20 if dev == "cuda" else 3, iterations=1, warmup_rounds=1)
     assert res.lmn >= 1.0
 
@@ -44,7 +35,7 @@ def test_eigen_part(benchmark, dev, n):
     device = torch.device(dev)
     tail, h = bench.make_tail(H, O, 1, device=device), bench.make_inputs(n, H, seed=1, device=device)
     L = gm.connectivity(h, tail, T).to(torch.float64)
-    benchmark.pedantic(_timed(functools.partial(torch.linalg.eigvalsh, L), device), rounds=10, iterations=1,
+    benchmark.pedantic(timed(functools.partial(torch.linalg.eigvalsh, L), device), rounds=10, iterations=1,
                        warmup_rounds=1)
 
 
@@ -53,7 +44,7 @@ def test_eigen_plus_entropy_part(benchmark, dev, n):
     device = torch.device(dev)
     tail, h = bench.make_tail(H, O, 1, device=device), bench.make_inputs(n, H, seed=1, device=device)
     L = gm.connectivity(h, tail, T)
-    benchmark.pedantic(_timed(functools.partial(gm.lmn_from_connectivity, L), device), rounds=10, iterations=1,
+    benchmark.pedantic(timed(functools.partial(gm.lmn_from_connectivity, L), device), rounds=10, iterations=1,
                        warmup_rounds=1)
 
 
