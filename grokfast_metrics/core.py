@@ -60,11 +60,18 @@ def _check_h(h) -> None:
 def _check_tail(tail, h: torch.Tensor) -> None:
     if not isinstance(tail, nn.Module):
         raise TypeError(f"tail must be an nn.Module (the network from h's layer to the logits); got {type(tail).__name__}")
+    named = []
     for name, p in tail.named_parameters():
         if p.device != h.device:
             raise ValueError(f"tail parameter {name!r} is on {p.device} but h is on {h.device}; move one of them")
-        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
-            raise ValueError(f"tail parameter {name!r} has NaN/Inf values")
+        if p.is_floating_point():
+            named.append((name, p))
+    if not named:
+        return
+    finite = torch.stack([torch.isfinite(p).all() for _, p in named])  # one device sync for all parameters
+    if not bool(finite.all()):
+        name = named[int((~finite).nonzero()[0])][0]
+        raise ValueError(f"tail parameter {name!r} has NaN/Inf values")
 
 
 def _check_n_lambda(n_lambda) -> None:
@@ -159,11 +166,8 @@ def resolve_backend(h: torch.Tensor, tail: nn.Module, backend: str = "auto") -> 
         return chosen
     if spec is None:
         return "torch-generic"
-    if backend == "auto" and not spec.is_affine and h.device.type == "cpu" and _compute_dtype(h, tail) == torch.float32:
-        from .kernels import connectivity_cpu as kcpu
-
-        if kcpu.unsupported_reason(spec, h) is None:
-            return "cpu-kernel"
+    if backend == "auto" and torch_backend.cpu_kernel_reason(h.to(_compute_dtype(h, tail)), spec) is None:
+        return "cpu-kernel"
     return "torch"
 
 

@@ -88,6 +88,16 @@ def absorb(spec: MLPTail, h: torch.Tensor) -> torch.Tensor:
     return z
 
 
+def cpu_kernel_reason(h: torch.Tensor, spec: MLPTail) -> str | None:
+    """Why :func:`connectivity_mlp` will not run ``spec`` on ``h`` (already in its compute dtype) with the
+    fused CPU kernel; ``None`` when it will. The one place that decision is made."""
+    if spec.is_affine:
+        return "affine tail: L = 1 without a kernel"
+    from .kernels import connectivity_cpu as kcpu
+
+    return kcpu.unsupported_reason(spec, h)
+
+
 def connectivity_mlp(
     h: torch.Tensor, spec: MLPTail, n_lambda: int, chunk_bytes: int | None = None, use_cpu_kernel: bool | None = None
 ) -> torch.Tensor:
@@ -113,11 +123,11 @@ def connectivity_mlp(
     if spec.is_affine:  # affine tail: every path is a straight line, r2 = 1 exactly
         return torch.ones(n, n, dtype=dtype, device=dev)
     z = absorb(spec, h)
-    if use_cpu_kernel is not False and dev.type == "cpu" and dtype == torch.float32:
-        from .kernels import connectivity_cpu as kcpu
-
-        reason = kcpu.unsupported_reason(spec, h)
+    if use_cpu_kernel is not False:
+        reason = cpu_kernel_reason(h, spec)
         if reason is None:
+            from .kernels import connectivity_cpu as kcpu
+
             return kcpu.connectivity_cpu(z.contiguous(), spec, n_lambda)
         if use_cpu_kernel:
             raise ValueError(f"fused CPU kernel requested but it cannot run: {reason}")

@@ -288,3 +288,10 @@ def test_resolve_backend_names_what_runs(monkeypatch):
     assert gm.core.resolve_backend(h.double(), tail, "auto") == "torch"  # fp64: torch ops
     monkeypatch.setenv("GROKFAST_METRICS_CPU_KERNEL", "0")
     assert gm.core.resolve_backend(h, tail, "auto") == "torch"
+
+
+def test_resolve_backend_agrees_with_dispatch_for_low_precision_input():
+    """bf16 h is computed in fp32, so it takes the same path as fp32 h."""
+    h = torch.randn(6, 4)
+    tail = _tail()
+    assert gm.core.resolve_backend(h.to(torch.bfloat16), tail, "auto") == gm.core.resolve_backend(h, tail, "auto")
