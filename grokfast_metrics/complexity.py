@@ -33,11 +33,14 @@ def weight_norms(model: nn.Module) -> dict:
         "last": norm of the parameters of the last module (in registration order) that has any}``.
     """
     with torch.no_grad():
-        layers: dict[str, float] = {}
+        names, sq = [], []
         for name, mod in model.named_modules():
             own = [p.detach().double().pow(2).sum() for p in mod.parameters(recurse=False)]
             if own:
-                layers[name or type(model).__name__] = float(torch.stack(own).sum().sqrt())
+                names.append(name or type(model).__name__)
+                sq.append(torch.stack(own).sum())
+        norms = torch.stack(sq).sqrt().tolist() if sq else []  # one device sync, logged every step on a GPU
+        layers = dict(zip(names, norms))
         total = math.sqrt(sum(v * v for v in layers.values()))
     return {"l2": total, "layers": layers, "last": list(layers.values())[-1] if layers else 0.0}
 
