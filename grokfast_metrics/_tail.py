@@ -1,7 +1,7 @@
-"""Turn a tail module into the layer list the fast paths run.
+"""The tail spec every backend reads: the activation table and the normalised MLP tail.
 
-A tail that is an ``nn.Sequential`` (possibly nested) of ``nn.Linear`` and the supported
-elementwise activations is an *MLP tail*. It is normalised to::
+A tail that is a plain ``nn.Sequential`` (possibly nested) of ``nn.Linear`` and the activations of
+:data:`ACTIVATIONS` is an *MLP tail*. It is normalised to::
 
     z = A h + c                      # the leading affine part (Linears before the first
                                      # activation), absorbed: computed once per sample
@@ -10,21 +10,82 @@ elementwise activations is an *MLP tail*. It is normalised to::
     y   = final_act(x_depth)         # optional trailing activation(s)
 
 Any other module is not an MLP tail; it takes the generic path.
+
+:data:`ACTIVATIONS` is the one description of the supported activations: how a module is
+recognised, the integer code both fused kernels use (the Triton kernel's ``constexpr`` codes and
+the C++ kernel's ``ActCode`` enum are generated from it), the torch function and the float64
+NumPy function of the reference.
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-#: activation name -> how it is recognised. GELU is split by its ``approximate`` flag.
-ACTIVATIONS = ("identity", "silu", "relu", "gelu", "gelu_tanh", "tanh", "sigmoid", "leaky_relu")
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def _np_erf(x: np.ndarray) -> np.ndarray:
+    from scipy.special import erf
+
+    return erf(x)
+
+
+@dataclass(frozen=True)
+class ActivationKind:
+    """One supported elementwise activation.
+
+    Attributes:
+        name: the name used everywhere (``Act.name``, kernel codes, error messages).
+        code: the integer both fused kernels use for it.
+        module: the ``nn.Module`` type that computes it (matched exactly, subclasses are not).
+        matches: extra condition on the module (GELU is split by its ``approximate`` flag).
+        torch_fn: ``(x, slope, inplace) -> y`` with torch ops.
+        numpy_fn: ``(x, slope) -> y`` in float64 NumPy (the reference).
+    """
+
+    name: str
+    code: int
+    module: type[nn.Module]
+    torch_fn: Callable[[torch.Tensor, float, bool], torch.Tensor]
+    numpy_fn: Callable[[np.ndarray, float], np.ndarray]
+    matches: Callable[[nn.Module], bool] = lambda m: True
+
+
+def _inplace(method: str) -> Callable[[torch.Tensor, float, bool], torch.Tensor]:
+    return lambda x, s, inplace: getattr(x, method + ("_" if inplace else ""))()
+
+
+#: name -> :class:`ActivationKind`, in kernel-code order.
+ACTIVATIONS: dict[str, ActivationKind] = {k.name: k for k in (
+    ActivationKind("identity", 0, nn.Identity, lambda x, s, inplace: x, lambda x, s: x),
+    ActivationKind("silu", 1, nn.SiLU, lambda x, s, inplace: F.silu(x, inplace=inplace),
+                   lambda x, s: x / (1.0 + np.exp(-x))),
+    ActivationKind("relu", 2, nn.ReLU, lambda x, s, inplace: F.relu(x, inplace=inplace),
+                   lambda x, s: np.maximum(x, 0.0)),
+    ActivationKind("gelu", 3, nn.GELU, lambda x, s, inplace: F.gelu(x),
+                   lambda x, s: 0.5 * x * (1.0 + _np_erf(x / math.sqrt(2.0))),
+                   matches=lambda m: m.approximate != "tanh"),
+    ActivationKind("gelu_tanh", 4, nn.GELU, lambda x, s, inplace: F.gelu(x, approximate="tanh"),
+                   lambda x, s: 0.5 * x * (1.0 + np.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x**3))),
+                   matches=lambda m: m.approximate == "tanh"),
+    ActivationKind("tanh", 5, nn.Tanh, _inplace("tanh"), lambda x, s: np.tanh(x)),
+    ActivationKind("sigmoid", 6, nn.Sigmoid, _inplace("sigmoid"), lambda x, s: 1.0 / (1.0 + np.exp(-x))),
+    ActivationKind("leaky_relu", 7, nn.LeakyReLU, lambda x, s, inplace: F.leaky_relu(x, s, inplace=inplace),
+                   lambda x, s: np.where(x >= 0.0, x, s * x)),
+)}
+#: activation name -> kernel code (what both fused kernels are compiled with).
+ACT_CODES: dict[str, int] = {k.name: k.code for k in ACTIVATIONS.values()}
 
 
 @dataclass(frozen=True)
 class Act:
-    """An elementwise activation. ``slope`` is only used by ``leaky_relu``."""
+    """An elementwise activation of a tail. ``slope`` is only used by ``leaky_relu``."""
 
     name: str
     slope: float = 0.0
@@ -33,17 +94,43 @@ class Act:
     def is_identity(self) -> bool:
         return self.name == "identity"
 
+    @property
+    def code(self) -> int:
+        """The fused kernels' code for this activation."""
+        return ACTIVATIONS[self.name].code
+
+    def torch(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """Apply it to ``x`` with torch ops (in place when ``inplace`` and the op allows it)."""
+        return ACTIVATIONS[self.name].torch_fn(x, self.slope, inplace)
+
+    def numpy(self, x: np.ndarray) -> np.ndarray:
+        """Apply it to a float64 array (the reference's formula)."""
+        return ACTIVATIONS[self.name].numpy_fn(x, self.slope)
+
 
 IDENTITY = Act("identity")
 
 
+def activation_of(m: nn.Module) -> Act | None:
+    """The :class:`Act` an activation module computes, or ``None`` if it is not one of :data:`ACTIVATIONS`."""
+    for kind in ACTIVATIONS.values():
+        if type(m) is kind.module and kind.matches(m):
+            return Act(kind.name, float(m.negative_slope) if kind.name == "leaky_relu" else 0.0)
+    return None
+
+
+def is_plain_sequential(m: nn.Module) -> bool:
+    """True for an ``nn.Sequential`` whose forward is the plain chain (not a subclass overriding it)."""
+    return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
+
+
 @dataclass
 class MLPTail:
-    """Normalised MLP tail (see module docstring). Weights are detached views of the module's.
+    """Normalised MLP tail (see module docstring). Weights are the module's own (never copied).
 
     Attributes:
         pre: leading Linears absorbed into ``z`` (applied in order; may be empty).
-        stages: ``(act, linear)`` pairs applied after interpolation.
+        stages: ``(acts, linear)`` pairs applied after interpolation.
         final: activations applied after the last Linear (usually empty).
         in_features: width of ``h`` the tail expects (that of its first Linear), ``None`` if it has none.
     """
@@ -54,10 +141,14 @@ class MLPTail:
     in_features: int | None = None
 
     @property
+    def activations(self) -> list[Act]:
+        """Every activation after the absorbed part, stage by stage, then the final ones."""
+        return [a for acts, _ in self.stages for a in acts] + list(self.final)
+
+    @property
     def is_affine(self) -> bool:
         """True when the tail is an affine map (every activation is the identity)."""
-        acts = [a for acts, _ in self.stages for a in acts] + self.final
-        return all(a.is_identity for a in acts)
+        return all(a.is_identity for a in self.activations)
 
     @property
     def out_features(self) -> int | None:
@@ -67,51 +158,46 @@ class MLPTail:
             return self.pre[-1].out_features
         return None
 
+    def absorb(self, h: torch.Tensor) -> torch.Tensor:
+        """``z``: ``h`` through the leading (absorbed) affine layers, in ``h``'s dtype. ``(N, H0)``.
 
-def _flatten(module: nn.Module) -> list[nn.Module]:
-    if isinstance(module, nn.Sequential):
-        out: list[nn.Module] = []
-        for m in module:
-            out.extend(_flatten(m))
-        return out
-    return [module]
+        Interpolating ``h`` and then applying an affine map equals interpolating ``z``, so every fused
+        path interpolates ``z`` and saves the first Linear per interpolation point.
+        """
+        z = h
+        for lin in self.pre:
+            z = F.linear(z, lin.weight.to(h.dtype), None if lin.bias is None else lin.bias.to(h.dtype))
+        return z
 
 
-def activation_of(m: nn.Module) -> Act | None:
-    """The :class:`Act` an activation module computes, or ``None`` if it is not supported."""
-    if isinstance(m, nn.Identity):
-        return IDENTITY
-    if isinstance(m, nn.SiLU):
-        return Act("silu")
-    if isinstance(m, nn.ReLU):
-        return Act("relu")
-    if isinstance(m, nn.GELU):
-        return Act("gelu_tanh" if m.approximate == "tanh" else "gelu")
-    if isinstance(m, nn.Tanh):
-        return Act("tanh")
-    if isinstance(m, nn.Sigmoid):
-        return Act("sigmoid")
-    if isinstance(m, nn.LeakyReLU):
-        return Act("leaky_relu", float(m.negative_slope))
-    return None
+def _flatten(module: nn.Module) -> list[nn.Module] | None:
+    """The leaves of nested plain Sequentials, or ``None`` if a container overrides its forward."""
+    if not isinstance(module, nn.Sequential):
+        return [module]
+    if not is_plain_sequential(module):
+        return None
+    out: list[nn.Module] = []
+    for m in module:
+        leaves = _flatten(m)
+        if leaves is None:
+            return None
+        out.extend(leaves)
+    return out
 
 
 def parse_tail(tail: nn.Module) -> MLPTail | None:
     """Normalise ``tail`` to an :class:`MLPTail`, or return ``None`` if it is not an MLP tail.
 
-    ``nn.Linear`` on its own and (nested) ``nn.Sequential`` of ``nn.Linear`` and the supported
-    activations qualify. Subclasses of ``nn.Sequential`` with their own ``forward`` do not.
+    ``nn.Linear`` on its own and (nested) plain ``nn.Sequential`` of ``nn.Linear`` and the
+    activations of :data:`ACTIVATIONS` qualify. Subclasses of ``nn.Sequential`` with their own
+    ``forward`` do not.
     """
-    if isinstance(tail, nn.Sequential) and type(tail).forward is not nn.Sequential.forward:
-        return None
     layers = _flatten(tail)
     if not layers:
         return None
     spec = MLPTail()
     pending: list[Act] = []
     for m in layers:
-        if isinstance(m, nn.Sequential) and type(m).forward is not nn.Sequential.forward:
-            return None
         if type(m) is nn.Linear:
             if spec.in_features is None:
                 spec.in_features = m.in_features
@@ -122,34 +208,32 @@ def parse_tail(tail: nn.Module) -> MLPTail | None:
             pending = []
             continue
         act = activation_of(m)
-        if act is None or type(m) not in _ACT_TYPES:
+        if act is None:
             return None
         pending.append(act)
     spec.final = [a for a in pending if not a.is_identity]
     return spec
 
 
-_ACT_TYPES = (nn.Identity, nn.SiLU, nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU)
+def numpy_layers(tail: nn.Module) -> list[Callable[[np.ndarray], np.ndarray]]:
+    """The tail, layer by layer, as float64 NumPy callables (the reference runs these, nothing absorbed).
 
-
-def apply_act(x: torch.Tensor, act: Act, inplace: bool = False) -> torch.Tensor:
-    """Apply ``act`` to ``x`` with torch ops (in place when ``inplace``)."""
-    F = torch.nn.functional
-    n = act.name
-    if n == "identity":
-        return x
-    if n == "silu":
-        return F.silu(x, inplace=inplace)
-    if n == "relu":
-        return F.relu(x, inplace=inplace)
-    if n == "gelu":
-        return F.gelu(x)
-    if n == "gelu_tanh":
-        return F.gelu(x, approximate="tanh")
-    if n == "tanh":
-        return x.tanh_() if inplace else x.tanh()
-    if n == "sigmoid":
-        return x.sigmoid_() if inplace else x.sigmoid()
-    if n == "leaky_relu":
-        return F.leaky_relu(x, act.slope, inplace=inplace)
-    raise ValueError(f"unknown activation {n!r}")
+    Raises:
+        ValueError: the tail contains something other than ``nn.Linear`` and :data:`ACTIVATIONS`.
+    """
+    layers = _flatten(tail)
+    out: list[Callable[[np.ndarray], np.ndarray]] = []
+    for m in layers or [tail]:
+        if type(m) is nn.Linear:
+            W = m.weight.detach().cpu().double().numpy()
+            b = None if m.bias is None else m.bias.detach().cpu().double().numpy()
+            out.append(lambda x, W=W, b=b: x @ W.T + (0.0 if b is None else b))
+            continue
+        act = activation_of(m) if layers is not None else None
+        if act is None:
+            raise ValueError(
+                "the reference backend runs nn.Linear and elementwise activations "
+                f"({', '.join(ACTIVATIONS)}) only; got {type(m).__name__}"
+            )
+        out.append(act.numpy)
+    return out

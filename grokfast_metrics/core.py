@@ -1,21 +1,24 @@
 """Public functional API: ``connectivity``, ``lmn``, ``lmn_from_connectivity``.
 
-This module validates input, picks a backend and calls it; the math lives in
-``torch_backend`` (torch), ``grokfast_metrics.kernels.connectivity`` (Triton) and ``reference`` (NumPy).
+This module validates input, picks the one backend that runs (``_choose``; ``"auto"`` resolves to a
+single name) and calls it from one table (``_DISPATCH``). The math lives in ``torch_backend``
+(torch), ``grokfast_metrics.kernels.connectivity`` (Triton), ``grokfast_metrics.kernels.connectivity_cpu``
+(the fused C++ CPU kernel) and ``reference`` (NumPy).
 """
 from __future__ import annotations
 
-import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from . import torch_backend
+from ._policy import check_n_lambda
+from ._runtime import eval_mode, triton_available, triton_interpreting
 from ._tail import MLPTail, parse_tail
 
-BACKENDS = ("auto", "triton", "torch", "reference")
+#: what ``backend=`` accepts; every name but ``"auto"`` is also what :func:`resolve_backend` can return
+BACKENDS = ("auto", "triton", "cpu", "torch", "reference")
 
 
 @dataclass
@@ -74,13 +77,6 @@ def _check_tail(tail, h: torch.Tensor) -> None:
         raise ValueError(f"tail parameter {name!r} has NaN/Inf values")
 
 
-def _check_n_lambda(n_lambda) -> None:
-    if isinstance(n_lambda, bool) or not isinstance(n_lambda, int):
-        raise TypeError(f"n_lambda must be an int; got {type(n_lambda).__name__}")
-    if n_lambda < 3:
-        raise ValueError(f"n_lambda must be >= 3 (r2 of 2 points is always 1); got {n_lambda}")
-
-
 def _compute_dtype(h: torch.Tensor, tail: nn.Module) -> torch.dtype:
     """fp64 if ``h`` or the tail's parameters are fp64, else fp32 (never below fp32)."""
     if h.dtype == torch.float64 or any(p.dtype == torch.float64 for p in tail.parameters()):
@@ -88,87 +84,108 @@ def _compute_dtype(h: torch.Tensor, tail: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-@contextmanager
-def _eval_mode(module: nn.Module):
-    """Run ``module`` in eval mode and leave every submodule's mode as it was; RNG untouched."""
-    modes = [(m, m.training) for m in module.modules()]
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=devices):
-        module.eval()
-        try:
-            yield
-        finally:
-            for m, mode in modes:
-                m.training = mode
-
-
 # --------------------------------------------------------------------------------------------
-# backends
+# backends: every condition for running one lives in _unavailable, every choice in _choose
 
 
-def _resolve_backend(backend: str, h: torch.Tensor, spec: MLPTail | None) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
-    if backend == "auto":
-        if h.is_cuda and spec is not None and _triton_available():
-            from .kernels import connectivity as kc
+def _unavailable(name: str, h: torch.Tensor, dtype: torch.dtype, spec: MLPTail | None) -> str | None:
+    """Why backend ``name`` cannot run ``h`` (compute dtype ``dtype``) through a tail with spec ``spec``.
 
-            if kc.unsupported_reason(spec) is None:
-                return "triton"
-        return "torch"
-    if backend == "triton":
+    ``None`` when it can. The one place each backend's conditions are stated.
+    """
+    if name == "triton":
         if spec is None:
-            raise ValueError(
-                "backend='triton' needs an MLP tail: an nn.Sequential of nn.Linear and elementwise "
-                "activations (SiLU, ReLU, GELU, Tanh, Sigmoid, LeakyReLU, Identity); use backend='torch' for other modules"
-            )
-        if not _triton_available():
-            raise ValueError("backend='triton' needs the triton package (pip install triton)")
+            return _NOT_MLP
+        if not triton_available():
+            return "it needs the triton package (pip install triton)"
         from .kernels import connectivity as kc
 
-        if not h.is_cuda and not (_interpreting() and kc.kernel_is_interpreted()):
-            raise ValueError(
-                "backend='triton' on CPU tensors runs only under the Triton interpreter "
-                "(set TRITON_INTERPRET=1 before Python imports triton); use backend='torch' on the CPU"
-            )
+        if not h.is_cuda and not (triton_interpreting() and kc.kernel_is_interpreted()):
+            return ("CPU tensors run only under the Triton interpreter (set TRITON_INTERPRET=1 before Python "
+                    "imports triton); use backend='torch' on the CPU")
+        return kc.unsupported_reason(spec)
+    if name == "cpu":
+        if spec is None:
+            return _NOT_MLP
+        if spec.is_affine:
+            return None  # L = 1 without a kernel
+        from .kernels import connectivity_cpu as kcpu
 
-        reason = kc.unsupported_reason(spec)
+        return kcpu.unsupported_reason(spec, h.device, dtype)
+    return None  # torch runs everything; the reference refuses non-MLP tails itself
+
+
+_NOT_MLP = (
+    "it needs an MLP tail: an nn.Sequential of nn.Linear and elementwise activations "
+    "(SiLU, ReLU, GELU, Tanh, Sigmoid, LeakyReLU, Identity); use backend='torch' for other modules"
+)
+
+
+def _choose(backend: str, h: torch.Tensor, dtype: torch.dtype, spec: MLPTail | None) -> str:
+    """The one backend that runs: ``backend`` itself (checked), or what ``"auto"`` picks."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    if backend != "auto":
+        reason = _unavailable(backend, h, dtype, spec)
         if reason is not None:
-            raise ValueError(f"backend='triton' cannot run this tail: {reason}")
-    return backend
+            raise ValueError(f"backend={backend!r} cannot run here: {reason}")
+        return backend
+    if spec is None or spec.is_affine:  # the generic path; or L = 1 with no kernel at all
+        return "torch"
+    if h.is_cuda and _unavailable("triton", h, dtype, spec) is None:
+        return "triton"
+    if not h.is_cuda and _unavailable("cpu", h, dtype, spec) is None:
+        return "cpu"
+    return "torch"
 
 
 def resolve_backend(h: torch.Tensor, tail: nn.Module, backend: str = "auto") -> str:
-    """What :func:`connectivity` would run for these arguments (for logs and benchmarks).
+    """What :func:`connectivity` runs for these arguments (for logs and benchmarks).
 
     Returns:
-        ``"triton"``, ``"cpu-kernel"`` (the fused C++ kernel), ``"torch"`` (MLP tail, torch ops),
-        ``"torch-generic"`` (any other module) or ``"reference"``.
+        ``"triton"``, ``"cpu"`` (the fused C++ kernel), ``"torch"`` (stock torch ops: the chunked MLP
+        path or, for any other module, the generic batched forward) or ``"reference"``.
 
     Raises:
         ValueError: the same backend errors as :func:`connectivity`.
     """
-    spec = parse_tail(tail)
-    chosen = _resolve_backend(backend, h, spec)
-    if chosen != "torch":
-        return chosen
-    if spec is None:
-        return "torch-generic"
-    if backend == "auto" and torch_backend.cpu_kernel_reason(h.to(_compute_dtype(h, tail)), spec) is None:
-        return "cpu-kernel"
-    return "torch"
+    return _choose(backend, h, _compute_dtype(h, tail), parse_tail(tail))
+
+
+def _run_triton(h, tail, spec, n_lambda, chunk_bytes):
+    from .kernels.connectivity import connectivity_triton
+
+    return connectivity_triton(h, spec, n_lambda)
+
+
+def _run_cpu(h, tail, spec, n_lambda, chunk_bytes):
+    if spec.is_affine:
+        return torch.ones(h.shape[0], h.shape[0], dtype=h.dtype, device=h.device)
+    from .kernels.connectivity_cpu import connectivity_cpu
+
+    return connectivity_cpu(spec.absorb(h).contiguous(), spec, n_lambda)
+
+
+def _run_torch(h, tail, spec, n_lambda, chunk_bytes):
+    if spec is not None:
+        return torch_backend.connectivity_mlp(h, spec, n_lambda, chunk_bytes)
+    params = [p for p in tail.parameters() if p.is_floating_point()]
+    run_dtype = params[0].dtype if params else h.dtype
+    with eval_mode(tail):
+        try:
+            return torch_backend.connectivity_generic(h, tail, n_lambda, run_dtype, h.dtype, chunk_bytes)
+        except RuntimeError as e:
+            raise ValueError(f"tail failed on a batch of interpolated h (D={h.shape[1]}): {e}") from e
+
+
+def _run_reference(h, tail, spec, n_lambda, chunk_bytes):
+    from . import reference
+
+    return torch.from_numpy(reference.connectivity(h, tail, n_lambda)).to(device=h.device, dtype=h.dtype)
+
+
+#: resolved backend name -> ``(h in its compute dtype, tail, spec, n_lambda, chunk_bytes) -> L``
+_DISPATCH = {"triton": _run_triton, "cpu": _run_cpu, "torch": _run_torch, "reference": _run_reference}
 
 
 def _identical_rows(h: torch.Tensor) -> torch.Tensor | None:
@@ -192,8 +209,9 @@ def connectivity(
             (evaluated in eval mode; its mode is restored).
         n_lambda: interpolation points per pair (the paper uses 21).
         backend: ``"auto"`` (Triton on CUDA when possible; on the CPU the fused C++ kernel for fp32 MLP
-            tails on AVX2 machines; torch ops otherwise), ``"triton"``, ``"torch"`` (chunked stock torch ops
-            on any device) or ``"reference"`` (NumPy, float64, slow).
+            tails on AVX2 machines; torch ops otherwise), ``"triton"``, ``"cpu"`` (the fused C++ kernel),
+            ``"torch"`` (chunked stock torch ops on any device) or ``"reference"`` (NumPy, float64, slow).
+            :func:`resolve_backend` names what ``"auto"`` picks.
         chunk_bytes: size of one chunk of interpolated activations (default 4 MiB on CPU,
             256 MiB on CUDA); peak extra memory is ``O(N^2 + chunk_bytes)``.
 
@@ -208,35 +226,14 @@ def connectivity(
     """
     _check_h(h)
     _check_tail(tail, h)
-    _check_n_lambda(n_lambda)
+    n_lambda = check_n_lambda(n_lambda)
     spec = parse_tail(tail)
     if spec is not None and spec.in_features is not None and spec.in_features != h.shape[1]:
         raise ValueError(f"h has {h.shape[1]} features but the tail's first Linear expects {spec.in_features}")
-    fused_cpu = backend == "auto"  # the fused CPU kernel is taken only when the caller let us choose
-    backend = _resolve_backend(backend, h, spec)
     dtype = _compute_dtype(h, tail)
+    run = _DISPATCH[_choose(backend, h, dtype, spec)]
     with torch.no_grad():
-        if backend == "reference":
-            from . import reference
-
-            L = torch.from_numpy(reference.connectivity(h, tail, n_lambda)).to(device=h.device, dtype=dtype)
-            return L
-        hc = h.to(dtype)
-        if backend == "triton":
-            from .kernels.connectivity import connectivity_triton
-
-            L = connectivity_triton(hc, spec, n_lambda)
-        elif spec is not None:
-            # "auto" may take the fused CPU kernel (fp32, AVX2); "torch" is always the stock torch-op path
-            L = torch_backend.connectivity_mlp(hc, spec, n_lambda, chunk_bytes, use_cpu_kernel=None if fused_cpu else False)
-        else:
-            params = [p for p in tail.parameters() if p.is_floating_point()]
-            run_dtype = params[0].dtype if params else dtype
-            with _eval_mode(tail):
-                try:
-                    L = torch_backend.connectivity_generic(h, tail, n_lambda, run_dtype, dtype, chunk_bytes)
-                except RuntimeError as e:
-                    raise ValueError(f"tail failed on a batch of interpolated h (D={h.shape[1]}): {e}") from e
+        L = run(h.to(dtype), tail, spec, n_lambda, chunk_bytes)
         groups = _identical_rows(h)
         if groups is not None:  # SPEC §1: identical representations are perfectly connected
             L[groups[:, None] == groups[None, :]] = 1.0

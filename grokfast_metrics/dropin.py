@@ -28,7 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .core import LMNResult, _eval_mode, lmn
+from ._runtime import eval_mode
+from ._tail import is_plain_sequential
+from .core import LMNResult, lmn
 
 #: what ``output`` may be: ``None`` (the model returns ``(B, O)``), a tuple index, or a callable.
 OutputSelector = int | Callable[[Any], torch.Tensor] | None
@@ -82,7 +84,7 @@ def _check_devices(model: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             )
 
 
-def _resolve(model: nn.Module, at: str) -> nn.Module:
+def _find_module(model: nn.Module, at: str) -> nn.Module:
     """The submodule named ``at``; ValueError listing (close) valid names otherwise."""
     if not isinstance(at, str):
         raise TypeError(f"at must be a submodule name (str) as in model.named_modules(); got {type(at).__name__}")
@@ -257,7 +259,7 @@ def check_cut(
             or any of the input errors of :func:`lmn_at`.
     """
     args, module, n = _prepare(model, inputs, at, batch_dim)
-    with torch.no_grad(), _eval_mode(model):
+    with torch.no_grad(), eval_mode(model):
         y, act = _forward(model, module, at, args, output, n, batch_dim)
         return _enforce_cut(model, module, at, args, act, y, output, batch_dim)
 
@@ -335,7 +337,7 @@ def _prepare(model, inputs, at, batch_dim):
         raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
     if isinstance(batch_dim, bool) or not isinstance(batch_dim, int) or batch_dim < 0:
         raise ValueError(f"batch_dim must be a non-negative int (0 batch-first, 1 sequence-first); got {batch_dim!r}")
-    module = _resolve(model, at)
+    module = _find_module(model, at)
     args = _as_args(inputs)
     n = _n_samples(args, batch_dim)
     if n < 2:
@@ -354,10 +356,6 @@ def _forward(model, module, at, args, output, n, batch_dim):
     return _select(out, output, n), act
 
 
-def _plain_sequential(m: nn.Module) -> bool:
-    return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
-
-
 def _sequential_tail(model: nn.Module, at: str) -> nn.Sequential | None:
     """The modules after ``at`` when ``at`` sits in (nested) plain ``nn.Sequential`` chains, else None.
 
@@ -366,7 +364,7 @@ def _sequential_tail(model: nn.Module, at: str) -> nn.Sequential | None:
     """
     parts, container, rest = at.split("."), model, []
     for part in parts:
-        if not _plain_sequential(container):
+        if not is_plain_sequential(container):
             return None
         names = [name for name, _ in container.named_children()]
         if part not in names:
@@ -420,7 +418,7 @@ def lmn_at(
         TypeError: ``model``/``inputs``/``output`` of the wrong type.
     """
     args, module, n = _prepare(model, inputs, at, batch_dim)
-    with torch.no_grad(), _eval_mode(model):
+    with torch.no_grad(), eval_mode(model):
         y, act = _forward(model, module, at, args, output, n, batch_dim)
         h = act.movedim(batch_dim, 0).reshape(n, -1)
         seq_tail = _sequential_tail(model, at) if output is None and batch_dim == 0 and act.dim() == 2 else None

@@ -17,16 +17,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from ._tail import MLPTail, apply_act
-
-#: Constant-path rule (SPEC §1): std_t(y) <= CONST_RTOL * eps * max_t |y| counts as constant.
-CONST_RTOL = 16.0
-
-
-def lambdas(n_lambda: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``lam_t = t / (T - 1)`` and its centred copy ``lam_t - 1/2`` (exact in binary floating point)."""
-    lam = torch.arange(n_lambda, dtype=torch.float64, device=device) / (n_lambda - 1)
-    return lam.to(dtype), (lam - 0.5).to(dtype)
+from ._policy import CONST_RTOL, lambdas
+from ._tail import MLPTail
 
 
 def r2_from_paths(y: torch.Tensor, lam_c: torch.Tensor, eps: float) -> torch.Tensor:
@@ -80,57 +72,20 @@ def chunk_pairs(width: int, n_lambda: int, elem_bytes: int, device: torch.device
     return max(1, chunk_bytes // max(1, n_lambda * width * elem_bytes))
 
 
-def absorb(spec: MLPTail, h: torch.Tensor) -> torch.Tensor:
-    """``z``: ``h`` through the leading (absorbed) affine layers, in ``h``'s dtype. ``(N, H0)``."""
-    z = h
-    for lin in spec.pre:
-        z = torch.nn.functional.linear(z, lin.weight.to(h.dtype), None if lin.bias is None else lin.bias.to(h.dtype))
-    return z
-
-
-def cpu_kernel_reason(h: torch.Tensor, spec: MLPTail) -> str | None:
-    """Why :func:`connectivity_mlp` will not run ``spec`` on ``h`` (already in its compute dtype) with the
-    fused CPU kernel; ``None`` when it will. The one place that decision is made."""
-    if spec.is_affine:
-        return "affine tail: L = 1 without a kernel"
-    from .kernels import connectivity_cpu as kcpu
-
-    return kcpu.unsupported_reason(spec, h)
-
-
-def connectivity_mlp(
-    h: torch.Tensor, spec: MLPTail, n_lambda: int, chunk_bytes: int | None = None, use_cpu_kernel: bool | None = None
-) -> torch.Tensor:
-    """Connectivity matrix ``(N, N)`` of an MLP tail, in ``h``'s dtype (fp32 or fp64).
-
-    fp32 CPU input goes to the fused kernel (``grokfast_metrics.kernels.connectivity_cpu``) when it
-    can run the tail (AVX2/FMA CPU, C++ compiler, supported activations; set
-    ``GROKFAST_METRICS_CPU_KERNEL=0`` to disable it); everything else runs the chunked torch ops below.
+def connectivity_mlp(h: torch.Tensor, spec: MLPTail, n_lambda: int, chunk_bytes: int | None = None) -> torch.Tensor:
+    """Connectivity matrix ``(N, N)`` of an MLP tail with chunked stock torch ops, in ``h``'s dtype.
 
     Args:
         h: ``(N, D)`` representations (fp32 or fp64, any device).
         spec: normalised MLP tail.
         n_lambda: interpolation points per pair.
-        chunk_bytes: size of one chunk of activations on the torch-op path.
-        use_cpu_kernel: ``None`` (default) uses the fused CPU kernel when possible, ``False`` never,
-            ``True`` requires it.
-
-    Raises:
-        ValueError: ``use_cpu_kernel=True`` but the fused kernel cannot run this input.
+        chunk_bytes: size of one chunk of activations.
     """
     dtype, dev = h.dtype, h.device
     n = h.shape[0]
     if spec.is_affine:  # affine tail: every path is a straight line, r2 = 1 exactly
         return torch.ones(n, n, dtype=dtype, device=dev)
-    z = absorb(spec, h)
-    if use_cpu_kernel is not False:
-        reason = cpu_kernel_reason(h, spec)
-        if reason is None:
-            from .kernels import connectivity_cpu as kcpu
-
-            return kcpu.connectivity_cpu(z.contiguous(), spec, n_lambda)
-        if use_cpu_kernel:
-            raise ValueError(f"fused CPU kernel requested but it cannot run: {reason}")
+    z = spec.absorb(h)
     stages = [
         (acts, lin.weight.to(dtype).t(), None if lin.bias is None else lin.bias.to(dtype))
         for acts, lin in spec.stages
@@ -145,10 +100,10 @@ def connectivity_mlp(
         x = torch.addcmul(zi.unsqueeze(1), lam.view(1, -1, 1), (z[j] - zi).unsqueeze(1))  # [P, T, H0]
         for acts, wt, b in stages:
             for a in acts:
-                x = apply_act(x, a, inplace=True)
+                x = a.torch(x, inplace=True)
             x = torch.matmul(x, wt) if b is None else torch.addmm(b, x.flatten(0, 1), wt).view(x.shape[0], n_lambda, -1)
         for a in spec.final:
-            x = apply_act(x, a, inplace=True)
+            x = a.torch(x, inplace=True)
         out.append((i, j, r2_from_paths(x, lam_c, eps)))
     return _finish(out, n, h)
 

@@ -1,7 +1,7 @@
 """Fused Triton kernel for the linear connectivity matrix of an MLP tail (SPEC §1-2).
 
 One launch computes every ``L_ij`` (``i < j``) of a normalised MLP tail
-(``grokfast_metrics._tail.MLPTail``) from ``z = absorb(spec, h)`` (``N x H0``): the ``T x H0``
+(``grokfast_metrics._tail.MLPTail``) from ``z = spec.absorb(h)`` (``N x H0``): the ``T x H0``
 interpolated activations of a pair are formed in registers, run through the remaining Linears
 with ``tl.dot``, centred over ``t`` and reduced to ``r2`` per output and then to ``L_ij``.
 Only ``L`` (``N x N``) is written to memory.
@@ -26,17 +26,21 @@ import torch
 import triton
 import triton.language as tl
 
-from .._tail import MLPTail
-from ..torch_backend import CONST_RTOL, absorb
+from .._policy import CONST_RTOL
+from .._tail import ACT_CODES, IDENTITY, MLPTail
 
 #: Remaining Linears (after the absorbed ones) the kernel supports.
 MAX_DEPTH = 4
 #: Widest layer (padded to a power of two) the kernel supports.
 MAX_WIDTH = 1024
-#: Activation codes (the ``ACT*`` constexprs of the kernel).
-ACT_CODES = {
-    "identity": 0, "silu": 1, "relu": 2, "gelu": 3, "gelu_tanh": 4, "tanh": 5, "sigmoid": 6, "leaky_relu": 7,
-}
+# Activation codes of the ``ACT*`` constexprs, from the one activation table (``_tail.ACTIVATIONS``).
+_SILU = tl.constexpr(ACT_CODES["silu"])
+_RELU = tl.constexpr(ACT_CODES["relu"])
+_GELU = tl.constexpr(ACT_CODES["gelu"])
+_GELU_TANH = tl.constexpr(ACT_CODES["gelu_tanh"])
+_TANH = tl.constexpr(ACT_CODES["tanh"])
+_SIGMOID = tl.constexpr(ACT_CODES["sigmoid"])
+_LEAKY_RELU = tl.constexpr(ACT_CODES["leaky_relu"])
 #: Default ``tl.dot`` precision for fp32 (fp64 always uses ``"ieee"``), see :func:`connectivity_triton`.
 DEFAULT_FP32_PRECISION = "tf32x3"
 
@@ -64,21 +68,21 @@ def _tanh(x):
 
 @triton.jit
 def _act(x, ACT: tl.constexpr, SLOPE: tl.constexpr):
-    """Elementwise activation ``ACT`` (codes in ``ACT_CODES``) of a block, in its dtype."""
-    if ACT == 1:  # silu
+    """Elementwise activation ``ACT`` (a code of ``_tail.ACT_CODES``; identity: unchanged) of a block."""
+    if ACT == _SILU:
         x = x / (1.0 + tl.exp(-x))
-    elif ACT == 2:  # relu
+    elif ACT == _RELU:
         x = tl.maximum(x, 0.0)
-    elif ACT == 3:  # gelu (erf)
+    elif ACT == _GELU:  # erf form
         x = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
-    elif ACT == 4:  # gelu (tanh): 0.5 x (1 + tanh u) == x * sigmoid(2u), no cancellation
+    elif ACT == _GELU_TANH:  # 0.5 x (1 + tanh u) == x * sigmoid(2u), no cancellation
         u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
         x = x / (1.0 + tl.exp(-2.0 * u))
-    elif ACT == 5:  # tanh
+    elif ACT == _TANH:
         x = _tanh(x)
-    elif ACT == 6:  # sigmoid
+    elif ACT == _SIGMOID:
         x = 1.0 / (1.0 + tl.exp(-x))
-    elif ACT == 7:  # leaky relu
+    elif ACT == _LEAKY_RELU:
         x = tl.where(x >= 0.0, x, x * SLOPE)
     return x
 
@@ -225,9 +229,6 @@ def unsupported_reason(spec: MLPTail) -> str | None:
             return f"stage {l} stacks {len(acts)} activations; the kernel applies one per stage"
     if len(spec.final) > 1:
         return f"{len(spec.final)} stacked activations after the last Linear; the kernel applies one"
-    for a in [a for acts, _ in spec.stages for a in acts] + spec.final:
-        if a.name not in ACT_CODES:
-            return f"activation {a.name!r} has no kernel implementation"
     widths = [spec.stages[0][1].in_features] + [lin.out_features for _, lin in spec.stages]
     if max(widths) > MAX_WIDTH:
         return f"layer width {max(widths)} exceeds the kernel's maximum {MAX_WIDTH}"
@@ -332,9 +333,9 @@ def launch_config(
     }
     for l in range(MAX_DEPTH):
         a = acts[l] if l < depth else None
-        const[f"ACT{l + 1}"] = ACT_CODES[a.name] if a is not None else 0
+        const[f"ACT{l + 1}"] = (a or IDENTITY).code
         const[f"SLOPE{l + 1}"] = float(a.slope) if a is not None else 0.0
-    const["ACT_F"] = ACT_CODES[fin.name] if fin is not None else 0
+    const["ACT_F"] = (fin or IDENTITY).code
     const["SLOPE_F"] = float(fin.slope) if fin is not None else 0.0
     const["CONST_TOL"] = CONST_RTOL * torch.finfo(dtype).eps
     const["PREC"] = prec
@@ -361,7 +362,7 @@ def connectivity_triton(
 ) -> torch.Tensor:
     """Connectivity matrix ``L`` of an MLP tail with one fused Triton launch.
 
-    ``z = absorb(spec, h)`` is computed with torch; the kernel computes every ``L_ij``, ``i < j``
+    ``z = spec.absorb(h)`` is computed with torch; the kernel computes every ``L_ij``, ``i < j``
     (see :func:`_connectivity_fwd_kernel`) and writes both triangles; the diagonal is set to 1 here.
     Identical rows of ``h`` are handled by the caller (``grokfast_metrics.core``).
 
@@ -398,7 +399,7 @@ def connectivity_triton(
     cfg = config or launch_config(spec, dtype, n_lambda, interpret=interpret, input_precision=input_precision, n=n)
     if cfg.constexprs["T"] != n_lambda or cfg.widths[0] != spec.stages[0][1].in_features:
         raise ValueError("config does not match this tail / n_lambda; build it with launch_config")
-    z = absorb(spec, h)
+    z = spec.absorb(h)
     zp = torch.zeros(n, cfg.pads[0], dtype=dtype, device=dev)
     zp[:, : z.shape[1]] = z
     packed = []

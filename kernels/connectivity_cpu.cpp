@@ -20,8 +20,15 @@ extern "C" int gm_cpu_supported() {
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
 
-enum ActCode { ACT_IDENTITY = 0, ACT_SILU = 1, ACT_RELU = 2, ACT_GELU_TANH = 3, ACT_TANH = 4,
-               ACT_SIGMOID = 5, ACT_LEAKY_RELU = 6, ACT_GELU = 7 };
+// Activation codes come from the one activation table (grokfast_metrics._tail.ACTIVATIONS): the
+// Python wrapper compiles this file with -DGM_ACT_<NAME>=<code> for every entry.
+#if !defined(GM_ACT_IDENTITY) || !defined(GM_ACT_SILU) || !defined(GM_ACT_RELU) || !defined(GM_ACT_GELU) || \
+    !defined(GM_ACT_GELU_TANH) || !defined(GM_ACT_TANH) || !defined(GM_ACT_SIGMOID) || !defined(GM_ACT_LEAKY_RELU)
+#error "compile with -DGM_ACT_<NAME>=<code> for every activation of grokfast_metrics._tail.ACTIVATIONS"
+#endif
+enum ActCode { ACT_IDENTITY = GM_ACT_IDENTITY, ACT_SILU = GM_ACT_SILU, ACT_RELU = GM_ACT_RELU,
+               ACT_GELU = GM_ACT_GELU, ACT_GELU_TANH = GM_ACT_GELU_TANH, ACT_TANH = GM_ACT_TANH,
+               ACT_SIGMOID = GM_ACT_SIGMOID, ACT_LEAKY_RELU = GM_ACT_LEAKY_RELU };
 
 struct Problem {
     int64_t n;          // samples

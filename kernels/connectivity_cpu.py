@@ -27,14 +27,14 @@ from pathlib import Path
 
 import torch
 
-from grokfast_metrics._tail import MLPTail
+from grokfast_metrics._policy import CONST_RTOL, check_n_lambda, lambdas
+from grokfast_metrics._tail import ACT_CODES, MLPTail
 
 _SOURCE = Path(__file__).with_name("connectivity_cpu.cpp")
-_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fno-math-errno"]
-#: activation name -> code in the C++ kernel (``ActCode``): every activation of ``_tail.ACTIVATIONS``.
-ACT_CODES = {"identity": 0, "silu": 1, "relu": 2, "gelu_tanh": 3, "tanh": 4, "sigmoid": 5, "leaky_relu": 6, "gelu": 7}
-#: Constant-path rule (SPEC §1), same value as ``torch_backend.CONST_RTOL``.
-CONST_RTOL = 16.0
+#: compiler flags; the activation codes of the C++ ``ActCode`` enum come from ``_tail.ACT_CODES``
+_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fno-math-errno"] + [
+    f"-DGM_ACT_{name.upper()}={code}" for name, code in ACT_CODES.items()
+]
 _ENV_SWITCH = "GROKFAST_METRICS_CPU_KERNEL"
 
 _lock = threading.Lock()
@@ -144,23 +144,18 @@ def build_info() -> dict:
     return {k: _state[k] for k in ("path", "build_seconds", "error")}
 
 
-def unsupported_reason(spec: MLPTail, h: torch.Tensor) -> str | None:
-    """Why the fused CPU kernel cannot run ``spec`` on ``h`` (``None`` when it can).
+def unsupported_reason(spec: MLPTail, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why the fused CPU kernel cannot run ``spec`` on input on ``device`` in compute dtype ``dtype``.
 
-    Args:
-        spec: normalised MLP tail.
-        h: ``(N, D)`` input in its compute dtype.
+    ``None`` when it can (the library is then built and loaded). Every activation of the
+    activation table is implemented, so only the device, the dtype and the structure matter.
     """
-    if h.device.type != "cpu":
-        return f"h is on {h.device}, not the CPU"
-    if h.dtype != torch.float32:
-        return f"only float32 is fused on the CPU (got {h.dtype})"
+    if torch.device(device).type != "cpu":
+        return f"h is on {device}, not the CPU"
+    if dtype != torch.float32:
+        return f"only float32 is fused on the CPU (got {dtype})"
     if not spec.stages:
         return "the tail has no Linear after its first activation"
-    acts = [a for acts, _ in spec.stages for a in acts] + list(spec.final)
-    bad = sorted({a.name for a in acts if a.name not in ACT_CODES})
-    if bad:
-        return f"activation(s) {bad} are not implemented in the CPU kernel"
     for _, lin in spec.stages:
         if lin.weight.dtype != torch.float32 or lin.weight.device.type != "cpu":
             return "tail weights must be float32 on the CPU"
@@ -187,8 +182,8 @@ def connectivity_cpu(z: torch.Tensor, spec: MLPTail, n_lambda: int, num_threads:
     """Connectivity matrix of an MLP tail from the absorbed representations, fused on the CPU.
 
     Args:
-        z: ``(N, H0)`` float32 CPU tensor, ``h`` through ``spec.pre`` (see ``torch_backend.absorb``).
-        spec: normalised MLP tail with at least one stage; every activation in :data:`ACT_CODES`.
+        z: ``(N, H0)`` float32 CPU tensor, ``h`` through ``spec.pre`` (``spec.absorb(h)``).
+        spec: normalised MLP tail with at least one stage.
         n_lambda: interpolation points ``T`` per pair (>= 3).
         num_threads: worker threads (default ``torch.get_num_threads()``).
 
@@ -197,8 +192,9 @@ def connectivity_cpu(z: torch.Tensor, spec: MLPTail, n_lambda: int, num_threads:
 
     Raises:
         ValueError: unsupported input (see :func:`unsupported_reason`), bad ``z`` shape or ``n_lambda < 3``.
+        TypeError: ``n_lambda`` is not an int.
     """
-    reason = unsupported_reason(spec, z)
+    reason = unsupported_reason(spec, z.device, z.dtype)
     if reason is not None:
         raise ValueError(f"fused CPU kernel cannot run this tail: {reason}")
     lib = _library()
@@ -206,8 +202,7 @@ def connectivity_cpu(z: torch.Tensor, spec: MLPTail, n_lambda: int, num_threads:
         raise ValueError(
             f"z must be (N, {spec.stages[0][1].in_features}) (the first stage's input width); got {tuple(z.shape)}"
         )
-    if isinstance(n_lambda, bool) or not isinstance(n_lambda, int) or n_lambda < 3:
-        raise ValueError(f"n_lambda must be an int >= 3; got {n_lambda!r}")
+    n_lambda = check_n_lambda(n_lambda)
     if z.shape[0] < 2:
         raise ValueError(f"z needs at least 2 rows (samples); got {z.shape[0]}")
     n, h0 = z.shape
@@ -231,12 +226,10 @@ def connectivity_cpu(z: torch.Tensor, spec: MLPTail, n_lambda: int, num_threads:
     act_lists = [acts for acts, _ in spec.stages] + [list(spec.final)]
     codes, slopes, offs = [], [], [0]
     for acts in act_lists:
-        codes += [ACT_CODES[a.name] for a in acts]
+        codes += [a.code for a in acts]
         slopes += [float(a.slope) for a in acts]
         offs.append(len(codes))
-    lam = torch.arange(n_lambda, dtype=torch.float64) / (n_lambda - 1)
-    lam_c64 = lam - 0.5
-    lam32, lam_c = lam.to(torch.float32), lam_c64.to(torch.float32)
+    lam32, lam_c = lambdas(n_lambda, torch.float32)
     ll = float((lam_c.double() ** 2).sum())
     out = torch.empty(n, n, dtype=torch.float32)
 

@@ -4,15 +4,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from grokfast_metrics._tail import ACTIVATIONS
+
+#: activation name -> module factory, one per entry of the library's activation table
 ACTS = {
-    "silu": nn.SiLU,
-    "relu": nn.ReLU,
-    "gelu": nn.GELU,
-    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
-    "tanh": nn.Tanh,
-    "sigmoid": nn.Sigmoid,
-    "leaky_relu": lambda: nn.LeakyReLU(0.1),
-    "identity": nn.Identity,
+    name: (lambda: nn.GELU(approximate="tanh")) if name == "gelu_tanh"
+    else (lambda: nn.LeakyReLU(0.1)) if name == "leaky_relu"
+    else kind.module
+    for name, kind in ACTIVATIONS.items()
 }
 
 

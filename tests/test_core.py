@@ -283,7 +283,7 @@ def test_resolve_backend_names_what_runs(monkeypatch):
     h = torch.randn(5, 4)
     tail = _tail()
     assert gm.core.resolve_backend(h, tail, "torch") == "torch"
-    assert gm.core.resolve_backend(h, Wrapped(tail), "auto") == "torch-generic"
+    assert gm.core.resolve_backend(h, Wrapped(tail), "auto") == "torch"  # generic path: torch ops
     assert gm.core.resolve_backend(h, tail, "reference") == "reference"
     assert gm.core.resolve_backend(h.double(), tail, "auto") == "torch"  # fp64: torch ops
     monkeypatch.setenv("GROKFAST_METRICS_CPU_KERNEL", "0")

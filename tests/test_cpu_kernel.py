@@ -6,17 +6,17 @@ The kernel is built on first use (a few seconds); tests that need it skip when i
 from __future__ import annotations
 
 import warnings
-from itertools import pairwise
 
 import numpy as np
 import pytest
 import torch
 from grokfast_metrics.kernels import connectivity_cpu as kc
+from helpers import ACTS, mlp_tail
 from torch import nn
 
 import grokfast_metrics as gm
 from grokfast_metrics import reference, torch_backend
-from grokfast_metrics._tail import ACTIVATIONS, parse_tail
+from grokfast_metrics._tail import parse_tail
 
 ATOL = 1e-5  # fp32 vs float64 reference (SPEC §4)
 #: Outputs whose variation along the path is tiny next to their offset (std_t(y) / max|y| ~ 1e-4, seen with
@@ -28,31 +28,18 @@ needs_kernel = pytest.mark.skipif(
     not kc.available(), reason=f"fused CPU kernel unavailable: {kc.build_info()['error']}"
 )
 
-ACTS = {
-    "silu": nn.SiLU,
-    "relu": nn.ReLU,
-    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
-    "tanh": nn.Tanh,
-    "sigmoid": nn.Sigmoid,
-    "leaky_relu": lambda: nn.LeakyReLU(0.1),
-    "gelu": nn.GELU,
-}
+FUSED_ACTS = [a for a in ACTS if a != "identity"]
 
 
 def make_tail(d: int, widths: list[int], act: str, bias: bool = True, trailing: bool = False) -> nn.Sequential:
     """``Linear(d, w0) -> act -> Linear(w0, w1) -> act -> ...`` (``len(widths) - 1`` stages after the first)."""
-    layers: list[nn.Module] = [nn.Linear(d, widths[0], bias=bias)]
-    for a, b in pairwise(widths):
-        layers += [ACTS[act](), nn.Linear(a, b, bias=bias)]
-    if trailing:
-        layers.append(ACTS[act]())
-    return nn.Sequential(*layers)
+    return mlp_tail([d, *widths], act, bias=bias, final_act=act if trailing else None, seed=sum(widths) + d)
 
 
 def fused(h: torch.Tensor, tail: nn.Module, n_lambda: int = 21, num_threads: int | None = None) -> torch.Tensor:
     spec = parse_tail(tail)
     with torch.no_grad():
-        return kc.connectivity_cpu(torch_backend.absorb(spec, h), spec, n_lambda, num_threads=num_threads)
+        return kc.connectivity_cpu(spec.absorb(h), spec, n_lambda, num_threads=num_threads)
 
 
 def check_vs_reference(L: torch.Tensor, h: torch.Tensor, tail: nn.Module, n_lambda: int = 21) -> None:
@@ -61,7 +48,7 @@ def check_vs_reference(L: torch.Tensor, h: torch.Tensor, tail: nn.Module, n_lamb
     err = np.abs(L.numpy().astype(np.float64) - ref).max()
     if err > ATOL:  # allowed only where the torch-op path is no better (fp32-limited, see ATOL_ILL)
         with torch.no_grad():
-            ops = torch_backend.connectivity_mlp(h, parse_tail(tail), n_lambda, use_cpu_kernel=False)
+            ops = torch_backend.connectivity_mlp(h, parse_tail(tail), n_lambda)
         err_ops = np.abs(ops.numpy().astype(np.float64) - ref).max()
         assert err <= min(ATOL_ILL, max(ATOL, err_ops)), f"max |L - L_ref| = {err:.3g} (torch ops: {err_ops:.3g})"
     assert torch.equal(L, L.T)
@@ -71,7 +58,7 @@ def check_vs_reference(L: torch.Tensor, h: torch.Tensor, tail: nn.Module, n_lamb
 
 @needs_kernel
 @pytest.mark.parametrize("n, widths", [(2, [100, 31]), (3, [7, 1]), (17, [37, 31]), (65, [24, 3])])
-@pytest.mark.parametrize("act", list(ACTS))
+@pytest.mark.parametrize("act", FUSED_ACTS)
 def test_one_stage_matches_reference(n: int, widths: list[int], act: str) -> None:
     torch.manual_seed(n * 31 + len(act))
     h = torch.randn(n, 5)
@@ -108,7 +95,7 @@ def test_large_activations_take_the_direct_exp_path() -> None:
     h[:4] *= 60.0  # z = W h + b reaches |z| > 80 for these rows (chain limit: 40)
     tail = make_tail(4, [20, 3], "silu")
     with torch.no_grad():
-        z = torch_backend.absorb(parse_tail(tail), h)
+        z = parse_tail(tail).absorb(h)
     assert float(z[:4].abs().max()) > 80.0 and float(z[4:].abs().max()) < 40.0
     check_vs_reference(fused(h, tail), h, tail)
 
@@ -138,10 +125,11 @@ def test_default_tail_threads_and_dispatch() -> None:
     L2 = fused(h, tail, num_threads=2)
     assert torch.equal(L1, L2)
     assert torch.equal(gm.connectivity(h, tail), L1)
-    spec = parse_tail(tail)
     with torch.no_grad():
-        ops = torch_backend.connectivity_mlp(h, spec, 21, use_cpu_kernel=False)
+        ops = torch_backend.connectivity_mlp(h, parse_tail(tail), 21)
     assert torch.equal(gm.connectivity(h, tail, backend="torch"), ops)
+    assert torch.equal(gm.connectivity(h, tail, backend="cpu"), L1)
+    assert gm.core.resolve_backend(h, tail) == "cpu"
     assert float((ops - L1).abs().max()) <= 2 * ATOL
     check_vs_reference(L1, h, tail)
 
@@ -157,8 +145,12 @@ def test_duplicate_rows_through_public_api() -> None:
     check_vs_reference(L, h, tail)
 
 
-def test_every_parsed_activation_is_fused() -> None:
-    assert set(kc.ACT_CODES) == set(ACTIVATIONS)
+def test_kernel_is_compiled_with_the_activation_table() -> None:
+    """The C++ ActCode enum takes its values from ``_tail.ACT_CODES`` (one -D flag per activation)."""
+    from grokfast_metrics._tail import ACT_CODES
+
+    assert {f"-DGM_ACT_{n.upper()}={c}" for n, c in ACT_CODES.items()} <= set(kc._FLAGS)
+    assert len(set(ACT_CODES.values())) == len(ACT_CODES)
 
 
 def test_unsupported_inputs_fall_back_to_torch_ops() -> None:
@@ -166,14 +158,17 @@ def test_unsupported_inputs_fall_back_to_torch_ops() -> None:
     h = torch.randn(7, 4)
     tail = nn.Sequential(nn.Linear(4, 6), nn.SiLU())  # no Linear after the activation: not fused
     spec = parse_tail(tail)
-    assert "no Linear" in (kc.unsupported_reason(spec, h) or "")
+    assert "no Linear" in (kc.unsupported_reason(spec, h.device, h.dtype) or "")
+    assert gm.core.resolve_backend(h, tail) == "torch"
     check_vs_reference(gm.connectivity(h, tail), h, tail)
-    with pytest.raises(ValueError, match="cannot run"):
-        torch_backend.connectivity_mlp(h, spec, 21, use_cpu_kernel=True)
+    with pytest.raises(ValueError, match="backend='cpu' cannot run here: the tail has no Linear"):
+        gm.connectivity(h, tail, backend="cpu")
     with pytest.raises(ValueError, match="cannot run this tail"):
         kc.connectivity_cpu(h, spec, 21)
     tail64 = make_tail(4, [10, 3], "silu").double()  # fp64 runs on torch ops, fp64 tolerance
-    assert "float32" in kc.unsupported_reason(parse_tail(tail64), h.double())
+    assert "float32" in kc.unsupported_reason(parse_tail(tail64), h.device, torch.float64)
+    with pytest.raises(ValueError, match="only float32"):
+        gm.connectivity(h.double(), tail64, backend="cpu")
     L64 = gm.connectivity(h.double(), tail64)
     assert L64.dtype == torch.float64
     assert np.abs(L64.numpy() - reference.connectivity(h.double(), tail64, 21)).max() <= 1e-10
@@ -184,7 +179,8 @@ def test_env_switch_disables_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     tail = make_tail(4, [10, 3], "silu")
     h = torch.randn(5, 4)
     assert not kc.available()
-    assert "GROKFAST_METRICS_CPU_KERNEL" in kc.unsupported_reason(parse_tail(tail), h)
+    assert "GROKFAST_METRICS_CPU_KERNEL" in kc.unsupported_reason(parse_tail(tail), h.device, h.dtype)
+    assert gm.core.resolve_backend(h, tail) == "torch"
     check_vs_reference(gm.connectivity(h, tail), h, tail)
 
 
