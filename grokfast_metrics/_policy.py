@@ -13,6 +13,8 @@ import torch
 
 #: Constant-path rule (SPEC §1): ``std_t(y) <= CONST_RTOL * eps * max_t |y|`` counts as constant (r² = 1).
 CONST_RTOL = 16.0
+#: Most interpolation points per pair accepted (the paper uses 21; each point costs a tail forward per pair).
+MAX_N_LAMBDA = 10_000
 
 
 def check_n_lambda(n_lambda) -> int:
@@ -20,12 +22,14 @@ def check_n_lambda(n_lambda) -> int:
 
     Raises:
         TypeError: not an integer (bools are refused).
-        ValueError: fewer than 3 points (r² of 2 points is always 1).
+        ValueError: fewer than 3 points (r² of 2 points is always 1) or more than :data:`MAX_N_LAMBDA`.
     """
     if isinstance(n_lambda, bool) or not isinstance(n_lambda, numbers.Integral):
         raise TypeError(f"n_lambda must be an int; got {type(n_lambda).__name__}")
     if n_lambda < 3:
         raise ValueError(f"n_lambda must be >= 3 (r2 of 2 points is always 1); got {n_lambda}")
+    if n_lambda > MAX_N_LAMBDA:
+        raise ValueError(f"n_lambda must be <= {MAX_N_LAMBDA} (the paper uses 21); got {n_lambda}")
     return int(n_lambda)
 
 

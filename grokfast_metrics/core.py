@@ -49,6 +49,8 @@ def _check_h(h) -> None:
         raise ValueError(f"h must be 2-D (N samples, D features); got shape {tuple(h.shape)}")
     if not h.is_floating_point():
         raise TypeError(f"h must have a floating dtype; got {h.dtype}")
+    if h.device.type == "meta":
+        raise ValueError("h is on the meta device, which holds no values; pass a tensor on the CPU or a GPU")
     if h.shape[0] < 2:
         raise ValueError(f"h needs at least 2 samples (rows) to form a pair; got N={h.shape[0]}")
     if h.shape[1] < 1:
@@ -64,17 +66,49 @@ def _check_tail(tail, h: torch.Tensor) -> None:
     if not isinstance(tail, nn.Module):
         raise TypeError(f"tail must be an nn.Module (the network from h's layer to the logits); got {type(tail).__name__}")
     named = []
-    for name, p in tail.named_parameters():
-        if p.device != h.device:
-            raise ValueError(f"tail parameter {name!r} is on {p.device} but h is on {h.device}; move one of them")
-        if p.is_floating_point():
-            named.append((name, p))
+    for kind, tensors in (("parameter", tail.named_parameters()), ("buffer", tail.named_buffers())):
+        for name, p in tensors:
+            if p.device != h.device:
+                raise ValueError(f"tail {kind} {name!r} is on {p.device} but h is on {h.device}; move one of them")
+            if kind == "parameter" and p.is_floating_point():
+                named.append((name, p))
     if not named:
         return
     finite = torch.stack([torch.isfinite(p).all() for _, p in named])  # one device sync for all parameters
     if not bool(finite.all()):
         name = named[int((~finite).nonzero()[0])][0]
         raise ValueError(f"tail parameter {name!r} has NaN/Inf values")
+
+
+def _check_outputs(h: torch.Tensor, tail: nn.Module) -> None:
+    """Run the tail once on the samples themselves (the t = 0 and t = 1 ends of every path).
+
+    Raises:
+        ValueError: the tail fails on ``h``, does not return ``(N, O)`` real floating-point logits,
+            or returns NaN/Inf (a diverged model: LMN would be a plausible-looking number otherwise).
+    """
+    with eval_mode(tail):
+        try:
+            y = tail(h.to(_param_dtype(tail, h.dtype)))
+        except RuntimeError as e:
+            raise ValueError(f"tail failed on h (N={h.shape[0]}, D={h.shape[1]}): {e}") from e
+    if not isinstance(y, torch.Tensor) or y.dim() != 2 or y.shape[0] != h.shape[0]:
+        shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ValueError(f"tail must map a (B, {h.shape[1]}) batch to (B, O) logits; for B={h.shape[0]} it returned {shape}")
+    if not y.is_floating_point():
+        raise ValueError(f"tail returns {y.dtype} values; LMN needs real floating-point logits")
+    bad = ~torch.isfinite(y).all(dim=1)
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten().tolist()
+        raise ValueError(
+            f"the tail's outputs are NaN/Inf for {len(rows)} of the {h.shape[0]} samples (first: {rows[0]}): the "
+            "model has diverged or overflows its dtype, and LMN is undefined there"
+        )
+
+
+def _param_dtype(tail: nn.Module, default: torch.dtype) -> torch.dtype:
+    """The dtype the tail runs in: that of its first floating-point parameter (``default`` if none)."""
+    return next((p.dtype for p in tail.parameters() if p.is_floating_point()), default)
 
 
 def _compute_dtype(h: torch.Tensor, tail: nn.Module) -> torch.dtype:
@@ -169,8 +203,7 @@ def _run_cpu(h, tail, spec, n_lambda, chunk_bytes):
 def _run_torch(h, tail, spec, n_lambda, chunk_bytes):
     if spec is not None:
         return torch_backend.connectivity_mlp(h, spec, n_lambda, chunk_bytes)
-    params = [p for p in tail.parameters() if p.is_floating_point()]
-    run_dtype = params[0].dtype if params else h.dtype
+    run_dtype = _param_dtype(tail, h.dtype)
     with eval_mode(tail):
         try:
             return torch_backend.connectivity_generic(h, tail, n_lambda, run_dtype, h.dtype, chunk_bytes)
@@ -221,8 +254,9 @@ def connectivity(
 
     Raises:
         TypeError: ``h`` is not a float tensor, ``tail`` not a module, ``n_lambda`` not an int.
-        ValueError: non-finite input, ``N < 2``, shape/device mismatch, unknown backend, or a
-            backend that cannot run here (see the message).
+        ValueError: non-finite input, ``N < 2``, shape/device mismatch, ``n_lambda`` out of range, a
+            tail whose outputs on ``h`` are not finite real ``(N, O)`` logits (e.g. a diverged model),
+            unknown backend, or a backend that cannot run here (see the message).
     """
     _check_h(h)
     _check_tail(tail, h)
@@ -232,7 +266,8 @@ def connectivity(
         raise ValueError(f"h has {h.shape[1]} features but the tail's first Linear expects {spec.in_features}")
     dtype = _compute_dtype(h, tail)
     run = _DISPATCH[_choose(backend, h, dtype, spec)]
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(h.device.type, enabled=False):  # autocast must not lower the precision
+        _check_outputs(h, tail)
         L = run(h.to(dtype), tail, spec, n_lambda, chunk_bytes)
         groups = _identical_rows(h)
         if groups is not None:  # SPEC §1: identical representations are perfectly connected
@@ -251,14 +286,20 @@ def lmn_from_connectivity(L: torch.Tensor) -> LMNResult:
         L: ``(N, N)`` symmetric matrix (only the lower triangle is read by the eigensolver).
 
     Raises:
-        ValueError: ``L`` is not square, is empty, has NaN/Inf, or is all zeros.
+        TypeError: ``L`` is not a real floating-point tensor (complex, bool and integer matrices are refused).
+        ValueError: ``L`` is not square, is empty, is not symmetric, has NaN/Inf, or is all zeros.
     """
     if not isinstance(L, torch.Tensor):
         raise TypeError(f"L must be a torch.Tensor; got {type(L).__name__}")
     if L.dim() != 2 or L.shape[0] != L.shape[1] or L.shape[0] < 1:
         raise ValueError(f"L must be a non-empty square matrix; got shape {tuple(L.shape)}")
+    if not L.is_floating_point():
+        raise TypeError(f"L must be a real floating-point matrix; got {L.dtype}")
     if not bool(torch.isfinite(L).all()):
         raise ValueError("L has NaN/Inf entries")
+    asym = float((L - L.T).abs().max())
+    if asym > 64 * torch.finfo(L.dtype).eps * max(1.0, float(L.abs().max())):
+        raise ValueError(f"L is not symmetric (max |L - L^T| = {asym:.3g}); a connectivity matrix is symmetric")
     with torch.no_grad():
         ev = torch.linalg.eigvalsh(L.detach().to(torch.float64)).abs()
         top = ev.max()

@@ -129,10 +129,11 @@ def connectivity_generic(
         hi = hr[i]
         x = torch.addcmul(hi.unsqueeze(1), lam.view(1, -1, 1), (hr[j] - hi).unsqueeze(1))  # [P, T, D]
         y = tail(x.flatten(0, 1))
-        if not isinstance(y, torch.Tensor) or y.dim() != 2 or y.shape[0] != x.shape[0] * n_lambda:
-            shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        if not isinstance(y, torch.Tensor) or y.dim() != 2 or y.shape[0] != x.shape[0] * n_lambda or not y.is_floating_point():
+            shape = f"{tuple(y.shape)} {y.dtype}" if isinstance(y, torch.Tensor) else type(y).__name__
             raise ValueError(
-                f"tail must map a (B, {h.shape[1]}) batch to (B, O) logits; for B={x.shape[0] * n_lambda} it returned {shape}"
+                f"tail must map a (B, {h.shape[1]}) batch to (B, O) floating-point logits; for B={x.shape[0] * n_lambda} "
+                f"it returned {shape}"
             )
         out.append((i, j, r2_from_paths(y.to(out_dtype).view(x.shape[0], n_lambda, -1), lam_c, eps)))
     return _finish(out, n, h.to(out_dtype))

@@ -228,6 +228,47 @@ def _tail():
     return mlp_tail([4, 8, 3])
 
 
+class _IntLogits(nn.Module):
+    def forward(self, x):
+        return (x * 10).long()
+
+
+class _ComplexLogits(nn.Module):
+    def forward(self, x):
+        return torch.complex(x, x)
+
+
+def test_numpy_integer_n_lambda_is_accepted():
+    h = torch.randn(6, 4)
+    assert torch.equal(gm.connectivity(h, _tail(), n_lambda=np.int64(21)), gm.connectivity(h, _tail(), n_lambda=21))
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "reference"])
+@pytest.mark.parametrize("wrap", [False, True])
+def test_diverged_model_is_an_error_not_a_number(backend, wrap):
+    """Logits that overflow (a diverged run) must not come back as a plausible L (it used to read LMN = N)."""
+    tail = _tail()
+    with torch.no_grad():
+        tail[2].weight.fill_(1e38)  # finite weights, logits overflow fp32 to inf
+    with pytest.raises(ValueError, match="NaN/Inf for"):
+        gm.connectivity(torch.randn(6, 4) * 10, Wrapped(tail) if wrap else tail, backend=backend)
+
+
+def test_tail_buffer_on_another_device_is_refused():
+    tail = _tail()
+    tail.register_buffer("scale", torch.ones(1, device="meta"))
+    with pytest.raises(ValueError, match="buffer 'scale' is on meta"):
+        gm.connectivity(torch.randn(5, 4), tail)
+
+
+def test_autocast_does_not_lower_the_precision():
+    h, tail = torch.randn(12, 4), Wrapped(_tail())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        L = gm.connectivity(h, tail)
+    assert L.dtype == torch.float32
+    torch.testing.assert_close(L, gm.connectivity(h, tail), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("h, tail, kwargs, exc, match", [
     ([[1.0, 2.0]], _tail(), {}, TypeError, "torch.Tensor"),
     (torch.randn(5), _tail(), {}, ValueError, "2-D"),
@@ -243,6 +284,10 @@ def _tail():
      "Softmax"),
     (torch.randn(5, 3), Wrapped(_tail()), {}, ValueError, "tail failed"),
     (torch.randn(5, 4), Wrapped(nn.Flatten(0)), {}, ValueError, r"\(B, O\)"),
+    (torch.randn(5, 4), _tail(), {"n_lambda": 10**9}, ValueError, "n_lambda must be <="),
+    (torch.empty(5, 4, device="meta"), _tail(), {}, ValueError, "meta device"),
+    (torch.randn(5, 4), _IntLogits(), {}, ValueError, "floating-point logits"),
+    (torch.randn(5, 4), _ComplexLogits(), {}, ValueError, "floating-point logits"),
 ])
 def test_bad_input_raises(h, tail, kwargs, exc, match):
     with pytest.raises(exc, match=match):
@@ -272,10 +317,14 @@ def test_triton_on_cpu_without_interpreter(monkeypatch):
         gm.connectivity(torch.randn(5, 4), _tail(), backend="triton")
 
 
-@pytest.mark.parametrize("L, match", [(torch.ones(3, 4), "square"), (torch.full((3, 3), float("nan")), "NaN"),
-                                      (torch.zeros(3, 3), "all zeros")])
-def test_lmn_from_connectivity_bad_input(L, match):
-    with pytest.raises(ValueError, match=match):
+@pytest.mark.parametrize("L, exc, match", [
+    (torch.ones(3, 4), ValueError, "square"), (torch.full((3, 3), float("nan")), ValueError, "NaN"),
+    (torch.zeros(3, 3), ValueError, "all zeros"), (torch.eye(3, dtype=torch.bool), TypeError, "real floating"),
+    (torch.eye(3, dtype=torch.complex64), TypeError, "real floating"), (torch.eye(3, dtype=torch.long), TypeError, "real"),
+    (torch.tensor([[1.0, 0.5], [0.2, 1.0]]), ValueError, "not symmetric"),
+])
+def test_lmn_from_connectivity_bad_input(L, exc, match):
+    with pytest.raises(exc, match=match):
         gm.lmn_from_connectivity(L)
 
 
