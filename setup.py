@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["grokfast_metrics", "grokfast_metrics.kernels"],
+    packages=["grokfast_metrics", "grokfast_metrics.bench", "grokfast_metrics.kernels"],
     package_dir={"grokfast_metrics": "grokfast_metrics", "grokfast_metrics.kernels": "kernels"},
     # the fused CPU kernel's C++ source, compiled on first use with the system compiler
     package_data={"grokfast_metrics.kernels": ["connectivity_cpu.cpp"]},

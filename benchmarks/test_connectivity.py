@@ -13,7 +13,7 @@ import pytest
 import torch
 from _gfm_bench import LARGE, check_or_refuse, median_s, needs_cuda, timed
 
-from grokfast_metrics import bench
+from grokfast_metrics import bench, reference
 
 H, O, T = 100, 31, 21
 N_CPU = (64, 256) + ((961,) if LARGE else ())
@@ -59,7 +59,7 @@ def test_numpy_reference_per_pair(benchmark, roof_gflops):
     """The NumPy reference on N=16 (120 pairs); divide by the pairs for the per-pair time."""
     n = 16
     tail, h = bench.make_tail(H, O, 1), bench.make_inputs(n, H, seed=1)
-    benchmark.pedantic(functools.partial(bench.reference.connectivity, h, tail, T), rounds=3, iterations=1)
+    benchmark.pedantic(functools.partial(reference.connectivity, h, tail, T), rounds=3, iterations=1)
     _extra(benchmark, n, 1, roof_gflops["cpu"], 0.0)
     t = median_s(benchmark)
     if t:
@@ -68,11 +68,10 @@ def test_numpy_reference_per_pair(benchmark, roof_gflops):
 
 @pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=needs_cuda)])
 def test_matmul_roof(benchmark, dev):
+    """The roof: the harness's large fp32 matmul (2048^2 on CPU, 8192^2 on CUDA), warmed up."""
     device = torch.device(dev)
-    size = 2048 if dev == "cpu" else 8192
-    gen = torch.Generator().manual_seed(0)
-    a, b = torch.randn(size, size, generator=gen).to(device), torch.randn(size, size, generator=gen).to(device)
-    benchmark.pedantic(timed(functools.partial(torch.mm, a, b), device), rounds=5, iterations=1, warmup_rounds=1)
+    mm, size = bench.square_matmul(device)
+    benchmark.pedantic(timed(mm, device), rounds=5, iterations=1, warmup_rounds=1)
     t = median_s(benchmark)
     if t:
         benchmark.extra_info["gflops"] = 2 * size**3 / t / 1e9

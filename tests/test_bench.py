@@ -4,15 +4,19 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import subprocess
+import sys
 import time
 
 import numpy as np
 import pytest
 import torch
+from grokfast_metrics.kernels import connectivity_cpu as cpu_kernel
 from torch import nn
 
 import grokfast_metrics as gm
 from grokfast_metrics import bench, reference
+from grokfast_metrics.model import GrokMLP
 
 TINY = bench.BenchConfig(ns=(5, 9), hiddens=(6,), depths=(1, 2), out=3, n_lambda=5, repeats=1, n_ref=5, n_naive=9,
                          max_row_seconds=60.0, roof_size=32, lmn_parts=True, train_n=None, progress=False)
@@ -75,11 +79,11 @@ def test_fill_speed_fields_follow_the_formulas():
     assert row.frac_roof == pytest.approx(row.gflops / 10.0)
 
 
-def test_entropy_part_matches_lmn():
-    L = gm.connectivity(bench.make_inputs(12, 5), bench.make_tail(5, 3, 1), 7)
-    res = gm.lmn_from_connectivity(L)
-    ev = torch.linalg.eigvalsh(L.double()).abs()
-    assert bench.entropy_of_eigenvalues(ev) == pytest.approx(res.entropy_bits, rel=1e-12, abs=1e-12)
+def test_e2e_split_adds_up(tiny_rows):
+    # entropy = the rest of lmn_from_connectivity (its time minus eigen, >= 0): L + eigen + entropy = total
+    for r in _rows("lmn_e2e", tiny_rows):
+        assert r.time_entropy_s >= 0
+        assert r.time_L_s + r.time_eigen_s + r.time_entropy_s == pytest.approx(max(r.time_median_s, r.time_L_s + r.time_eigen_s))
 
 
 def test_fit_exponent_recovers_power_law():
@@ -178,7 +182,9 @@ def test_sweep_rows_ok(tiny_rows):
         assert r.speedup_vs_naive == pytest.approx(naive.time_median_s / r.time_median_s)
         assert r.frac_roof == pytest.approx(r.gflops / _rows("roof", tiny_rows)[0].gflops)
         assert r.machine and r.cpu and r.torch_version == torch.__version__ and r.device == "cpu"
-    for r in _rows("connectivity", tiny_rows, backend="auto->cpu-kernel"):  # the fused CPU kernel vs torch ops
+    fused = _rows("connectivity", tiny_rows, backend="auto->cpu")
+    assert len(fused) == (4 if cpu_kernel.available() else 0)
+    for r in fused:  # the fused CPU kernel vs torch ops
         t = _rows("connectivity", tiny_rows, backend="torch", N=r.N, depth=r.depth)[0]
         assert r.status == "ok" and r.max_abs_diff <= 1e-5
         assert r.speedup_vs_torch == pytest.approx(t.time_median_s / r.time_median_s)
@@ -298,7 +304,7 @@ def test_cli_cuda_without_gpu_skips_cleanly(capsys, tmp_path):
 
 def test_train_overhead_leaves_global_rng_alone():
     state = torch.random.get_rng_state()
-    plain, tracked = bench.train_overhead(CPU, n_track=12, p=5, steps=1)
+    plain, tracked = bench.train_overhead(CPU, n_track=12, steps=1)
     assert torch.equal(torch.random.get_rng_state(), state)
     assert len(plain.times) == 1 and len(tracked.times) == 1
 
@@ -337,3 +343,31 @@ def test_paired_roof_row_in_sweep():
     paired = _rows("roof_paired", rows)
     assert len(paired) == 1 and paired[0].N == 961 and paired[0].repeats == 5 and 0 < paired[0].frac_roof
     assert "timed alternately" in bench.format_table(rows)
+
+
+def test_addition_training_is_the_paper_mlp_on_addition():
+    state = torch.random.get_rng_state()
+    work = bench.addition_training(CPU, n_track=961, seed=0)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert isinstance(work.model, GrokMLP) and work.model.embedding == "shared"
+    assert work.n_train == 480 and work.x_track.shape == (961, 2)
+    h = work.model.act1(work.model.fc1(work.model.embed(work.x_track[:20])))
+    work.x_track = work.x_track[:20]
+    res = work.track("torch", 7)
+    assert res.lmn == pytest.approx(gm.lmn(h.detach(), work.model.tail("hidden1_post"), 7, backend="torch").lmn)
+
+
+def test_mlp_tail_layout_and_seed():
+    tail = bench.mlp_tail([6, 5, 4, 3], nn.Tanh, bias=False, final_act=nn.ReLU, seed=None)
+    assert [type(m) for m in tail] == [nn.Linear, nn.Tanh, nn.Linear, nn.Tanh, nn.Linear, nn.ReLU]
+    assert [m.weight.shape for m in tail if isinstance(m, nn.Linear)] == [(5, 6), (4, 5), (3, 4)]
+    assert all(m.bias is None for m in tail if isinstance(m, nn.Linear))
+    a, b = bench.make_tail(4, 2, 2, seed=3), bench.mlp_tail([4, 4, 4, 2], seed=3)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    with pytest.raises(ValueError, match="widths"):
+        bench.mlp_tail([4])
+
+
+def test_bench_does_not_import_the_trainer():
+    code = "import sys, grokfast_metrics.bench; sys.exit('grokfast_metrics.train' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

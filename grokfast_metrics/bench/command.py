@@ -1,0 +1,184 @@
+"""``grokfast-metrics bench`` (and ``python -m grokfast_metrics.bench``): options, the run, the output.
+
+:func:`add_arguments` and :func:`run` are what the CLI loads lazily; :func:`run_benchmarks` is the
+whole measurement (roof, sweep, exponents, rows after the sweep) without any output.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from .. import _runtime
+from .extras import extra_rows
+from .harness import BenchRow
+from .report import DEFAULT_CSV, DEFAULT_MD, append_csv, format_table, update_results_md
+from .sweep import (
+    FULL_DEPTH,
+    FULL_HIDDEN,
+    FULL_N,
+    FULL_N_GPU,
+    QUICK_DEPTH,
+    QUICK_HIDDEN,
+    QUICK_N,
+    BenchConfig,
+    check_backends,
+    default_backends,
+    roof_row,
+    row_maker,
+    scaling_rows,
+    sweep_shapes,
+)
+
+DESCRIPTION = "Benchmark harness: throughput of the LMN paths against baselines measured in the same run."
+
+
+def run_benchmarks(cfg: BenchConfig, device: torch.device) -> list[BenchRow]:
+    """Run the sweep of ``cfg`` on ``device`` and return its rows (nothing is written).
+
+    Rows, in order: the matmul roof; for every (H, depth) and N the reference and naive baselines (per
+    pair, on subsets, extrapolated to each N) and each backend's ``L`` time (refused if its agreement
+    check on the reference subset failed, done before any timing; skipped if a small-N probe predicts one
+    call above ``cfg.max_row_seconds``, or if the shape is not the default one and N > ``cfg.max_n_other``);
+    the fitted exponent of time vs N; the paired roof; the end-to-end split (L from the sweep, eigen and the
+    rest of ``lmn_from_connectivity`` timed on that L); the training overhead.
+
+    Raises:
+        ValueError: an unknown backend name.
+    """
+    backends = check_backends(cfg.backends or default_backends(device))
+    new_row = row_maker(device)
+    roof = roof_row(cfg, device, new_row)
+    rows, state = sweep_shapes(cfg, device, backends, roof.gflops, new_row)
+    return [roof, *rows, *scaling_rows(cfg, state.l_times, new_row), *extra_rows(cfg, device, state, new_row)]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``bench`` options to ``parser`` (used by ``grokfast-metrics bench`` and ``python -m``)."""
+    add = parser.add_argument
+    add("--n", type=int, nargs="+", default=None,
+        help=f"sample counts N (default {list(FULL_N)}; on CUDA up to 16384; --quick: {list(QUICK_N)})")
+    add("--hidden", type=int, nargs="+", default=None,
+        help=f"hidden widths H (default {list(FULL_HIDDEN)}; --quick: {list(QUICK_HIDDEN)})")
+    add("--depth", type=int, nargs="+", default=None,
+        help=f"nonlinear stages after the absorbed first Linear (default {list(FULL_DEPTH)})")
+    add("--backends", nargs="+", default=None,
+        help="backends to time: torch (stock torch ops), cpu (the fused C++ kernel), triton, auto (the fused C++ "
+             "kernel on CPU, Triton on CUDA) (default: torch auto on CPU, torch triton auto on CUDA; "
+             "an auto that resolves to a listed backend is timed once)")
+    add("--out", type=int, default=31, help="output logits O (default 31: addition mod 31)")
+    add("--n-lambda", type=int, default=21, help="interpolation points T (default 21)")
+    add("--repeats", type=int, default=None, help="timed runs per row (default 5, --quick 2)")
+    add("--quick", action="store_true",
+        help="smoke run: N 64 256, H 100, depth 1 2, 2 repeats, small baselines and training overhead")
+    add("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
+    add("--csv", default=str(DEFAULT_CSV), help=f"CSV to append rows to (default {DEFAULT_CSV})")
+    add("--no-csv", action="store_true", help="do not append to the CSV (nor update --results-md)")
+    add("--results-md", default=str(DEFAULT_MD),
+        help=f"markdown file whose generated section is refreshed from the CSV (default {DEFAULT_MD}; '' to skip)")
+    add("--max-row-seconds", type=float, default=None,
+        help="skip a row whose call is predicted (small-N probe) to take longer (default 60 CPU, 30 CUDA)")
+    add("--n-ref", type=int, default=24, help="samples for the reference check/baseline (default 24)")
+    add("--n-naive", type=int, default=None, help="samples for the naive baseline (default 128, --quick 64)")
+    add("--train-n", type=int, default=None,
+        help="inputs tracked per training step in the overhead ratio (default 961, --quick 64; 0 skips)")
+    add("--all-n", action="store_true",
+        help="on CPU, also run shapes other than H=100 depth=1 above N=961 (default: capped)")
+    add("--no-e2e", action="store_true", help="skip the end-to-end L/eigen/entropy split")
+    add("--no-paired-roof", action="store_true",
+        help="skip the N=961 fraction of the roof timed alternately with the matmul (robust to machine drift)")
+    add("--roof-size", type=int, default=None, help="side of the roof matmul (default 2048 CPU, 8192 CUDA)")
+    add("--threads", type=int, default=None, help="torch.set_num_threads for the run (default: torch's)")
+    add("--seed", type=int, default=0)
+    add("--no-progress", action="store_true", help="no progress bar or per-row log")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace, device: torch.device) -> BenchConfig:
+    """:class:`BenchConfig` from parsed :func:`add_arguments` options.
+
+    Raises:
+        ValueError: a size is out of range.
+    """
+    gpu = device.type == "cuda"
+    ns = args.n or (QUICK_N if args.quick else (FULL_N_GPU if gpu else FULL_N))
+    hiddens = args.hidden or (QUICK_HIDDEN if args.quick else FULL_HIDDEN)
+    depths = args.depth or (QUICK_DEPTH if args.quick else FULL_DEPTH)
+    if min(ns) < 2:
+        raise ValueError(f"--n values must be >= 2; got {list(ns)}")
+    if min(hiddens) < 1 or min(depths) < 1 or args.out < 1:
+        raise ValueError("--hidden, --depth and --out must be >= 1")
+    if args.n_lambda < 3:
+        raise ValueError(f"--n-lambda must be >= 3; got {args.n_lambda}")
+    if args.n_ref < 2:
+        raise ValueError(f"--n-ref must be >= 2; got {args.n_ref}")
+    repeats = args.repeats or (2 if args.quick else 5)
+    if repeats < 1:
+        raise ValueError(f"--repeats must be >= 1; got {repeats}")
+    train_n = args.train_n if args.train_n is not None else (64 if args.quick else 961)
+    return BenchConfig(
+        ns=sorted(set(ns)), hiddens=list(dict.fromkeys(hiddens)), depths=sorted(set(depths)), backends=args.backends,
+        out=args.out, n_lambda=args.n_lambda, repeats=repeats, device=str(device), n_ref=args.n_ref,
+        n_naive=args.n_naive or (64 if args.quick else 128),
+        max_n_other=None if (gpu or args.all_n) else 961,
+        max_row_seconds=args.max_row_seconds or (30.0 if gpu else 60.0), roof_size=args.roof_size,
+        lmn_parts=not args.no_e2e, paired_roof=not args.no_paired_roof, train_n=train_n or None, seed=args.seed,
+        progress=not args.no_progress,
+    )
+
+
+def resolve_device(name: str) -> torch.device | None:
+    """``"auto"`` -> cuda if available else cpu; ``"cuda"`` without CUDA -> ``None`` (caller skips).
+
+    Raises:
+        ValueError: ``name`` is not a torch device string.
+    """
+    try:
+        return _runtime.resolve_device(name)
+    except ValueError as e:
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            return None
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:<index>; got {name!r}") from e
+
+
+def _error(msg: str) -> int:
+    print(f"grokfast-metrics bench: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark described by ``args``; print the table; append to the CSV. Returns the exit code.
+
+    ``--device cuda`` without CUDA prints that the GPU benchmarks are skipped and returns 0.
+    Bad options print the error and return 2.
+    """
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        return _error(str(e))
+    if device is None:
+        print(f"no CUDA device available: GPU benchmarks skipped (--device {args.device})", file=sys.stderr)
+        return 0
+    if args.threads is not None:
+        if args.threads < 1:
+            return _error(f"--threads must be >= 1; got {args.threads}")
+        torch.set_num_threads(args.threads)
+    try:
+        rows = run_benchmarks(config_from_args(args, device), device)
+    except ValueError as e:
+        return _error(str(e))
+    print(format_table(rows))
+    if not args.no_csv:
+        path = append_csv(rows, args.csv)
+        print(f"\nappended {len(rows)} rows to {path}")
+        if args.results_md:
+            print(f"updated {update_results_md(path, args.results_md)}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m grokfast_metrics.bench [options]``."""
+    parser = add_arguments(argparse.ArgumentParser(prog="grokfast-metrics bench", description=DESCRIPTION))
+    return run(parser.parse_args(argv))

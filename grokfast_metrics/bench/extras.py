@@ -1,0 +1,126 @@
+"""The rows after the sweep: fraction of the roof timed alternately, the end-to-end split, the training overhead."""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+from .. import core
+from ..tasks import ADD_MODULUS, make_task
+from .baselines import backend_fn, backend_label, paired_roof
+from .harness import BenchRow, n_pairs, refuse, time_fn, useful_flops_per_pair
+from .sweep import DEFAULT_SHAPE, BenchConfig, NewRow, SweepState, e2e_shape, log
+from .workloads import TRAIN_FRACTION, make_inputs, make_tail, train_overhead
+
+#: N of the paired-roof rows: the SPEC §4 key shape (all 961 inputs of addition mod 31)
+PAIRED_N = 961
+
+
+def extra_rows(cfg: BenchConfig, device: torch.device, state: SweepState, new_row: NewRow) -> list[BenchRow]:
+    """The paired-roof, end-to-end and training-overhead rows ``cfg`` asks for.
+
+    Paired roof and training overhead take the timed backends of the sweep's last shape; the paired roof
+    runs only when the sweep has N=961, H=100 and depth 1, and leaves out backends refused in the sweep.
+    """
+    rows: list[BenchRow] = []
+    H, depth = DEFAULT_SHAPE
+    if cfg.paired_roof and PAIRED_N in cfg.ns and H in cfg.hiddens and depth in cfg.depths:
+        rows += paired_roof_rows(cfg, device, [b for b in state.timed if b not in state.refused], new_row)
+    if cfg.lmn_parts:
+        rows += lmn_parts_rows(cfg, device, state.e2e_L, state.e2e_skip, new_row)
+    if cfg.train_n:
+        rows += train_overhead_rows(cfg, device, state.timed, new_row, state.refused)
+    return rows
+
+
+def paired_roof_rows(cfg: BenchConfig, device: torch.device, backends: list[str], new_row: NewRow) -> list[BenchRow]:
+    """One ``roof_paired`` row per backend for the SPEC §4 key shape (N=961, default tail)."""
+    out = []
+    (H, depth), n, T = DEFAULT_SHAPE, PAIRED_N, cfg.n_lambda
+    tail = make_tail(H, cfg.out, depth, cfg.seed, device)
+    h = make_inputs(n, H, cfg.seed + 1, device)
+    flop = useful_flops_per_pair(T, H, cfg.out, depth) * n_pairs(n)
+    for b in backends:
+        fn = functools.partial(backend_fn(b), h, tail, T)
+        ratios, secs, roofs = paired_roof(fn, flop, device, max(cfg.repeats, 5), cfg.roof_size)
+        q = np.percentile(ratios, [25, 50, 75])
+        out.append(new_row(
+            kind="roof_paired", backend=backend_label(b, h, tail), N=n, H=H, O=cfg.out, T=T, depth=depth,
+            dtype="float32", repeats=len(ratios), time_median_s=float(np.median(secs)), time_min_s=min(secs),
+            time_max_s=max(secs), frac_roof=float(q[1]),
+            note=f"roof and backend timed alternately {len(ratios)}x; per-repetition ratio IQR {q[0]:.3f}-{q[2]:.3f}, "
+                 f"min-max {min(ratios):.3f}-{max(ratios):.3f}; roof {min(roofs):.0f}-{max(roofs):.0f} GFLOP/s"))
+        log(f"paired roof ({b}, N={n}): median ratio {q[1]:.3f} (IQR {q[0]:.3f}-{q[2]:.3f})", cfg.progress)
+    return out
+
+
+def lmn_parts_rows(cfg: BenchConfig, device: torch.device, e2e_L: dict[int, tuple[BenchRow, torch.Tensor]],
+                   e2e_skip: dict[int, str], new_row: NewRow) -> list[BenchRow]:
+    """End-to-end ``gm.lmn`` split into L / eigen / the rest, for every N of the sweep.
+
+    ``time_L_s`` is the sweep's median ``gm.connectivity`` time of that N (the backend ``"auto"``
+    picks, else the first timed one; shape :func:`~.sweep.e2e_shape`); ``time_eigen_s`` times
+    ``torch.linalg.eigvalsh`` of that ``L`` in float64; ``time_median_s`` is L plus the measured
+    ``gm.lmn_from_connectivity(L)``; ``time_entropy_s`` is the rest of ``lmn_from_connectivity``
+    (checks, conversion, threshold, normalisation, entropy, sort): its median minus eigen's, at least 0.
+    The eigensolver is warmed up once first.
+    """
+    H, depth = e2e_shape(cfg)
+    shape = {"H": H, "O": cfg.out, "T": cfg.n_lambda, "depth": depth, "dtype": "float32"}
+    core.lmn_from_connectivity(torch.eye(2, device=device))  # warm-up: the eigensolver's first call loads its library
+    out = []
+    for N in cfg.ns:
+        if N not in e2e_L:
+            out.append(new_row(kind="lmn_e2e", N=N, **shape, status=e2e_skip.get(N) or "SKIPPED: no L time for this N"))
+            continue
+        src, L = e2e_L[N]
+        t_eig = time_fn(functools.partial(torch.linalg.eigvalsh, L.to(torch.float64)), device, cfg.repeats,
+                        budget_s=cfg.max_row_seconds)
+        t_post = time_fn(functools.partial(core.lmn_from_connectivity, L), device, cfg.repeats,
+                         budget_s=cfg.max_row_seconds)
+        total = src.time_median_s + t_post.median
+        r = new_row(kind="lmn_e2e", backend=src.backend, N=N, **shape, pairs=n_pairs(N),
+                    repeats=min(src.repeats, len(t_post.times)), time_median_s=total,
+                    time_iqr_s=src.time_iqr_s + t_post.iqr, time_min_s=src.time_min_s + t_post.min,
+                    time_max_s=src.time_max_s + t_post.max, time_L_s=src.time_median_s, time_eigen_s=t_eig.median,
+                    time_entropy_s=max(t_post.median - t_eig.median, 0.0), eigen_share=t_eig.median / total,
+                    note="total = L (sweep row) + lmn_from_connectivity(L); eigen = eigvalsh(float64); "
+                         "entropy = the rest of lmn_from_connectivity (its time - eigen, >= 0); "
+                         "spread summed over L and the rest")
+        out.append(r)
+        log(f"lmn e2e N={N}: L {src.time_median_s * 1e3:.2f} ms, eigen {t_eig.median * 1e3:.2f} ms, "
+            f"entropy {r.time_entropy_s * 1e3:.3f} ms, eigen share {r.eigen_share:.3f}", cfg.progress)
+    return out
+
+
+def train_overhead_rows(cfg: BenchConfig, device: torch.device, backends: list[str], new_row: NewRow,
+                        refused: dict[str, str] | None = None) -> list[BenchRow]:
+    """One ``train_overhead`` row per backend: step time with LMN tracking / without.
+
+    A backend in ``refused`` (failed its agreement check in this run) gets a refused row, untimed.
+    """
+    out = []
+    n = min(cfg.train_n, ADD_MODULUS**2)
+    n_train = len(make_task("add", TRAIN_FRACTION, cfg.seed).train_idx)
+    for b in backends:
+        r = new_row(kind="train_overhead", backend=b, N=n, H=100, O=ADD_MODULUS, T=cfg.n_lambda, depth=1,
+                    dtype="float32")
+        if refused and b in refused:
+            out.append(refuse(r, refused[b]))
+            continue
+        try:
+            plain, tracked = train_overhead(device, n_track=n, backend=b, steps=cfg.repeats, seed=cfg.seed,
+                                            budget_s=cfg.max_row_seconds, n_lambda=cfg.n_lambda)
+        except Exception as e:
+            out.append(refuse(r, f"training step with tracking raised {type(e).__name__}: {str(e)[:160]}"))
+            continue
+        r.time_median_s, r.time_min_s, r.time_max_s, r.time_iqr_s = tracked.median, tracked.min, tracked.max, tracked.iqr
+        r.repeats = len(tracked.times)
+        r.overhead_ratio = tracked.median / plain.median
+        r.note = (f"addition mod 31, GrokMLP (shared embedding), full-batch AdamW on {n_train} samples; "
+                  f"LMN of layer-1 output on {n} inputs every step; plain step {plain.median * 1e3:.3f} ms")
+        out.append(r)
+        log(f"train overhead ({b}, N={n}): step {plain.median * 1e3:.2f} ms, with LMN {tracked.median * 1e3:.2f} ms, "
+            f"ratio {r.overhead_ratio:.1f}", cfg.progress)
+    return out
