@@ -1,8 +1,9 @@
 """Command line: ``grokfast-metrics {train,bench,plot} ...`` (also ``python -m grokfast_metrics``).
 
-``train`` is implemented here (see :mod:`grokfast_metrics.train`). ``bench`` and ``plot`` live in
-``grokfast_metrics.bench`` and ``grokfast_metrics.figures``; each exposes ``add_arguments(parser)``
-and ``run(args) -> int`` and is imported only when its subcommand is used.
+``train`` is implemented here (see :mod:`grokfast_metrics.train`); its options are generated from the
+fields of :class:`~grokfast_metrics.config.TrainConfig` (help, choices and defaults in one place).
+``bench`` and ``plot`` live in ``grokfast_metrics.bench`` and ``grokfast_metrics.figures``; each exposes
+``add_arguments(parser)`` and ``run(args) -> int`` and is imported only when its subcommand is used.
 
 Exit codes: 0 success, 2 bad arguments or unavailable subcommand, 130 interrupted (logs kept).
 """
@@ -13,7 +14,9 @@ import importlib
 import os
 import sys
 import time
+from dataclasses import MISSING, Field, fields
 from pathlib import Path
+from typing import get_args, get_origin, get_type_hints
 
 PROG = "grokfast-metrics"
 #: lazily loaded subcommands: name -> (module, help)
@@ -35,62 +38,66 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
-    from .grokfast import FILTERS
-    from .model import EMBEDDINGS, LAYERS
-    from .tasks import TASKS
-    from .train import SNAPSHOT_DEFAULT
+    """One option per :class:`~grokfast_metrics.config.TrainConfig` field (from its metadata), then the run options."""
+    from .config import GROUPS, TrainConfig
 
-    g = p.add_argument_group("task and model")
-    g.add_argument("--task", default="add", choices=TASKS, help="add: (a+b) mod 31; s4: composition in S4; xor: 5-bit XOR (default add)")
-    g.add_argument("--train-fraction", type=float, default=0.8, help="fraction of all inputs used for training, in (0, 1) (default 0.8)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the split and the initialization (default 0)")
-    g.add_argument("--embed-dim", type=int, default=32, help="embedding width per operand (default 32)")
-    g.add_argument("--hidden", type=int, default=100, help="hidden width (default 100)")
-    g.add_argument("--embedding", default="shared", choices=EMBEDDINGS,
-                   help="one table for both operands or one per operand (default shared)")
-    g.add_argument("--init-scale", type=float, default=1.0, help="Omnigrok alpha: multiply initial parameters by it (default 1)")
-
-    g = p.add_argument_group("optimization")
-    g.add_argument("--steps", type=int, default=20_000, help="full-batch AdamW steps (default 20000)")
-    g.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
-    g.add_argument("--weight-decay", type=float, default=0.2, help="AdamW weight decay (default 0.2)")
-    g.add_argument("--grokfast", default="none", choices=FILTERS, help="Grokfast gradient filter (default none)")
-    g.add_argument("--ema-alpha", type=float, default=0.98, help="grokfast ema momentum (default 0.98)")
-    g.add_argument("--ema-lamb", type=float, default=2.0, help="grokfast ema amplification (default 2)")
-    g.add_argument("--ma-window", type=int, default=100, help="grokfast ma window (default 100)")
-    g.add_argument("--ma-lamb", type=float, default=5.0, help="grokfast ma amplification (default 5)")
-
-    g = p.add_argument_group("LMN tracking")
-    g.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N (default auto)")
-    g.add_argument("--lmn-every", type=int, default=None, help="LMN every k steps, 0 = off (default: 1 on CUDA, 100 on CPU)")
-    g.add_argument("--no-lmn-early", dest="lmn_early", action="store_false",
-                   help="skip the extra log-spaced LMN steps (1, 2, 3, 5, ...) below --lmn-every")
-    g.add_argument("--probe", default=None,
-                   help="LMN samples: all, train, test or a seeded subset size n (default: all on CUDA, 256 on CPU)")
-    g.add_argument("--probe-seed", type=int, default=0, help="seed of the probe subset (default 0)")
-    g.add_argument("--lmn-layer", dest="lmn_layers", action="append", choices=(*LAYERS, "all"), default=None,
-                   help="layer to track (repeat for several; first is the 'lmn' column; 'all' = every layer, the "
-                        "default one first) (default hidden1_post)")
-    g.add_argument("--n-lambda", type=int, default=21, help="interpolation points per pair (default 21)")
-    g.add_argument("--lmn-backend", default="auto", choices=("auto", "triton", "torch", "reference"), help="LMN backend (default auto)")
-
-    g = p.add_argument_group("other complexity measures")
-    g.add_argument("--complexity", default="log",
-                   help="compression-based complexity schedule: off, log (0 and powers of two) or every k steps (default log)")
-    g.add_argument("--complexity-eps", type=float, nargs="+", default=[1e-3, 1e-2, 1e-1],
-                   help="loss tolerances of the compression complexity (default 1e-3 1e-2 1e-1)")
-    g.add_argument("--spectral-entropy-weight", type=float, default=0.0,
-                   help="add this times the spectral entropy of every Linear weight to the loss (default 0 = off)")
-    g.add_argument("--save-connectivity", default=",".join(SNAPSHOT_DEFAULT),
-                   help="steps at which to save L for Figure 4: comma-separated integers and/or memorization, "
-                        "generalization, final; '' = none (default: %(default)s)")
-
-    g = p.add_argument_group("output")
+    groups = {name: p.add_argument_group(name) for name in GROUPS}
+    hints = get_type_hints(TrainConfig)
+    for f in fields(TrainConfig):
+        groups[f.metadata["group"]].add_argument(f.metadata.get("flag", "--" + f.name.replace("_", "-")),
+                                                 **_argument(f, hints[f.name]))
+    g = groups["output"]
     g.add_argument("--out", default=None, help="run directory (default runs/<task>-s<seed>-<time>)")
-    g.add_argument("--log-every", type=int, default=None, help="log a row every k steps (default: 1 on CUDA, 10 on CPU)")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 on CPU)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--no-plot", action="store_true", help="do not write curves.png")
+
+
+def _default(f: Field):
+    """The dataclass default of field ``f``."""
+    return f.default_factory() if f.default is MISSING else f.default
+
+
+def _argument(f: Field, hint) -> dict:
+    """``add_argument`` keywords of a ``TrainConfig`` field: type, default and help from the dataclass.
+
+    ``bool`` fields are switches (``--no-<name>`` when the default is True); list fields take several
+    values (``nargs="+"``), a ``sep``-separated string (``sep`` metadata) or a repeated option
+    (``action="append"`` metadata, default filled in by :func:`_train_config`).
+    """
+    meta, default = f.metadata, _default(f)
+    kw = {"dest": f.name, "help": meta["help"] + _default_help(default, meta.get("sep", " "))}
+    if meta.get("choices") is not None:
+        kw["choices"] = meta["choices"]
+    if hint is bool:
+        return {**kw, "action": "store_false" if default else "store_true", "help": meta["help"]}
+    if meta.get("action") is not None:
+        return {**kw, "action": meta["action"], "default": None}
+    if get_origin(hint) is list:
+        item = get_args(hint)[0]
+        if "sep" in meta:
+            return {**kw, "default": default, "type": lambda s: [x.strip() for x in s.split(meta["sep"]) if x.strip()]}
+        return {**kw, "default": default, "type": item, "nargs": "+"}
+    types = [t for t in get_args(hint) if t is not type(None)] or [hint]  # X | None -> X; str | int -> str
+    return {**kw, "default": default, "type": types[0]}
+
+
+def _default_help(default, sep: str) -> str:
+    if default is None:  # device-dependent: the help says what it resolves to
+        return ""
+    shown = sep.join(map(str, default)) if isinstance(default, list) else str(default)
+    return f" (default {shown})".replace("%", "%%")
+
+
+def _train_config(args: argparse.Namespace):
+    """The :class:`~grokfast_metrics.config.TrainConfig` of parsed ``train`` arguments (``all`` layers expanded)."""
+    from .config import TrainConfig
+
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
+    for f in fields(TrainConfig):
+        if f.metadata.get("action") is not None and values[f.name] is None:
+            values[f.name] = _default(f)
+    values["lmn_layers"] = _layers(values["lmn_layers"])
+    return TrainConfig(**values)
 
 
 def _check_out_dir(out: Path) -> None:
@@ -117,27 +124,18 @@ def _layers(chosen: list[str]) -> list[str]:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from .model import DEFAULT_LAYER
-    from .plots import format_summary
-    from .train import TrainConfig, train
+    from .runlog import format_summary
+    from .train import train
 
-    cfg = TrainConfig(
-        task=args.task, steps=args.steps, lr=args.lr, weight_decay=args.weight_decay, train_fraction=args.train_fraction,
-        seed=args.seed, init_scale=args.init_scale, embed_dim=args.embed_dim, hidden=args.hidden, embedding=args.embedding,
-        grokfast=args.grokfast, ema_alpha=args.ema_alpha, ema_lamb=args.ema_lamb, ma_window=args.ma_window, ma_lamb=args.ma_lamb,
-        device=args.device, lmn_every=args.lmn_every, lmn_early=args.lmn_early, probe=args.probe, probe_seed=args.probe_seed,
-        lmn_layers=_layers(args.lmn_layers or [DEFAULT_LAYER]), n_lambda=args.n_lambda, lmn_backend=args.lmn_backend,
-        log_every=args.log_every, threads=args.threads, complexity=args.complexity, complexity_eps=args.complexity_eps,
-        spectral_entropy_weight=args.spectral_entropy_weight,
-        save_connectivity=[s.strip() for s in args.save_connectivity.split(",") if s.strip()],
-    )
+    cfg = _train_config(args)
     for name in ("embed_dim", "hidden", "ma_window"):
         if getattr(args, name) < 1:
             raise UsageError(f"{PROG} train: error: --{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
     try:
         cfg.validate()
+        from .config import parse_probe
         from .tasks import make_task
-        from .train import parse_probe, probe_indices
+        from .train import probe_indices
 
         if cfg.probe is not None:
             probe_indices(make_task(cfg.task, cfg.train_fraction, cfg.seed), parse_probe(cfg.probe), cfg.probe_seed)

@@ -38,6 +38,13 @@ class LMNResult:
     connectivity: torch.Tensor
 
 
+class NonFiniteOutputError(ValueError):
+    """The tail's outputs are NaN/Inf: a diverged model, for which LMN is undefined.
+
+    A ``ValueError``; :class:`~grokfast_metrics.tracker.LMNTracker` records NaN (with a warning) instead.
+    """
+
+
 # --------------------------------------------------------------------------------------------
 # validation
 
@@ -100,7 +107,7 @@ def _check_outputs(h: torch.Tensor, tail: nn.Module) -> None:
     bad = ~torch.isfinite(y).all(dim=1)
     if bool(bad.any()):
         rows = bad.nonzero().flatten().tolist()
-        raise ValueError(
+        raise NonFiniteOutputError(
             f"the tail's outputs are NaN/Inf for {len(rows)} of the {h.shape[0]} samples (first: {rows[0]}): the "
             "model has diverged or overflows its dtype, and LMN is undefined there"
         )

@@ -1,14 +1,16 @@
-"""The LMN paper's figures from a run directory (``grokfast-metrics plot RUN``).
+"""The LMN paper's figures, drawn with matplotlib (``grokfast-metrics plot RUN``): the one plotting module.
 
-* ``fig2_curves.png``: accuracy, loss, LMN and L2 vs step (Figure 2; :func:`plots.plot_curves`).
+* ``fig2_curves.png``: accuracy, loss, LMN and L2 vs step (Figure 2; :func:`plot_curves`, which the
+  trainer also uses for ``curves.png``).
 * ``fig3_layers.png``: LMN at every tracked layer vs step (Figure 3 / Appendix A).
 * ``fig4_connectivity.png``: the saved connectivity matrices ``L`` at chosen steps, samples reordered by
   spectral clustering, beside their eigenvalue spectra (Figure 4).
 * ``scatter_test_loss.png``: LMN vs test loss and L2 vs test loss over the generalizing phase, with their
   Pearson correlations (the paper's claim (2): LMN is the more linear one); also written to ``figures.json``.
 
-Connectivity snapshots are written by the trainer (``--save-connectivity STEPS``) with
-:func:`save_connectivity` as ``RUN/connectivity/step_<step>_<layer>.pt``.
+The run directory's files (metrics, summary, connectivity snapshots written by the trainer with
+``--save-connectivity STEPS``) are read and written by :mod:`grokfast_metrics.runlog`, which needs no
+matplotlib; importing this module selects matplotlib's Agg backend.
 """
 from __future__ import annotations
 
@@ -24,29 +26,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from .plots import plot_curves, read_metrics
+from .runlog import load_connectivity, read_metrics
 
-SNAPSHOT_DIR = "connectivity"
+_PHASES = (("memorizing", "#fde2e2"), ("generalizing", "#fff4cc"), ("finalizing", "#e3f4e1"))
 
 
 # ------------------------------------------------------------------------------------------
-# connectivity snapshots
-
-
-def save_connectivity(run_dir: str | Path, step: int, layer: str, L: torch.Tensor, lmn: float) -> Path:
-    """Save ``L`` (``(N, N)``) of ``layer`` at ``step`` under ``run_dir/connectivity/``."""
-    d = Path(run_dir) / SNAPSHOT_DIR
-    d.mkdir(parents=True, exist_ok=True)
-    path = d / f"step_{step:07d}_{layer}.pt"
-    torch.save({"step": int(step), "layer": layer, "lmn": float(lmn), "L": L.detach().to("cpu", torch.float32)}, path)
-    return path
-
-
-def load_connectivity(run_dir: str | Path, layer: str | None = None) -> list[dict]:
-    """Saved snapshots (dicts with ``step``, ``layer``, ``lmn``, ``L``), sorted by step; optionally one layer."""
-    d = Path(run_dir) / SNAPSHOT_DIR
-    snaps = [torch.load(p, weights_only=True) for p in sorted(d.glob("step_*.pt"))] if d.is_dir() else []
-    return sorted((s for s in snaps if layer is None or s["layer"] == layer), key=lambda s: s["step"])
+# connectivity: spectral reordering
 
 
 def spectral_order(L: torch.Tensor | np.ndarray, k: int | None = None, seed: int = 0) -> np.ndarray:
@@ -78,7 +64,103 @@ def spectral_order(L: torch.Tensor | np.ndarray, k: int | None = None, seed: int
 
 
 # ------------------------------------------------------------------------------------------
-# figures
+# Figure 2: training curves
+
+
+def _xy(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
+    pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_curves(rows: list[dict], path: str | Path, *, summary: dict | None = None, layers: list[str] | None = None,
+                title: str | None = None) -> Path:
+    """Write a 1x4 figure: accuracy, loss, LMN, L2 norm vs step (symlog x: linear in [0, 1], log above).
+
+    The memorization and generalization steps are marked and the three phases shaded.
+
+    Args:
+        rows: logged rows (``step``, ``train_acc``, ``test_acc``, ``train_loss``, ``test_loss``,
+            ``l2``, ``lmn`` / ``lmn_<layer>``), e.g. from :func:`grokfast_metrics.runlog.read_metrics`.
+        path: PNG path to write.
+        summary: optional run summary (memorization / generalization steps are marked).
+        layers: tracked layers (one LMN line each); default: the ``lmn`` column only.
+        title: figure title (default from the summary).
+
+    Returns:
+        ``path`` as a ``Path``.
+    """
+    path = Path(path)
+    summary = summary or {}
+    mem, gen = summary.get("memorization_step"), summary.get("generalization_step")
+    last = max((r["step"] for r in rows), default=1)
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
+    for ax in axes:
+        _phase_axis(ax, last, mem, gen)
+    _train_test_panel(axes[0], rows, "acc", "accuracy", legend="upper left")
+    axes[0].set_ylim(-0.02, 1.02)
+    _train_test_panel(axes[1], rows, "loss", "cross-entropy loss", legend="lower left")
+    axes[1].set_yscale("log")
+    _lmn_panel(axes[2], rows, summary, layers)
+    axes[3].plot(*_xy(rows, "l2"), color="C4")
+    axes[3].set_ylabel("L2 norm of parameters")
+
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c, alpha=0.6) for _, c in _PHASES]
+    fig.legend(handles, [n for n, _ in _PHASES], loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.suptitle(_curves_title(summary) if title is None else title)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _phase_axis(ax, last: int, mem: int | None, gen: int | None) -> None:
+    """Symlog step axis with the phases shaded and the memorization / generalization steps marked."""
+    ax.set_xscale("symlog", linthresh=1.0, linscale=0.5)
+    ax.set_xlim(0, max(last, 1) * 1.05)
+    ax.set_xlabel("step")
+    ax.grid(True, which="major", alpha=0.3)
+    bounds = [0, mem if mem is not None else last, gen if gen is not None else last, last]
+    for (_name, color), lo, hi in zip(_PHASES, bounds[:-1], bounds[1:]):
+        if hi > lo:
+            ax.axvspan(lo, hi, color=color, alpha=0.6, lw=0)
+    for s in (mem, gen):
+        if s is not None:
+            ax.axvline(s, color="0.3", ls="--", lw=0.8)
+
+
+def _train_test_panel(ax, rows: list[dict], what: str, ylabel: str, legend: str) -> None:
+    ax.plot(*_xy(rows, f"train_{what}"), label="train", color="C0")
+    ax.plot(*_xy(rows, f"test_{what}"), label="test", color="C3")
+    ax.set_ylabel(ylabel)
+    ax.legend(loc=legend, fontsize=8)
+
+
+def _lmn_panel(ax, rows: list[dict], summary: dict, layers: list[str] | None) -> None:
+    keys = [f"lmn_{layer}" for layer in layers] if layers else ["lmn"]
+    for i, key in enumerate(keys):
+        xs, ys = _xy(rows, key)
+        if xs:
+            ax.plot(xs, ys, marker="." if len(xs) <= 120 else None, ms=4, color=f"C{2 + i}",
+                    label=key[4:] if len(keys) > 1 else None)
+    if len(keys) > 1:
+        ax.legend(fontsize=8)
+    where = summary.get("lmn_layer", keys[0][4:] if layers else "tracked layer")
+    probe = summary.get("lmn_probe")
+    ax.set_ylabel(f"LMN ({where}" + (f", probe {probe})" if probe is not None else ")"))
+
+
+def _curves_title(summary: dict) -> str:
+    title = summary.get("task", "")
+    mem, gen = summary.get("memorization_step"), summary.get("generalization_step")
+    if mem is not None or gen is not None:
+        title += f"   memorization step {mem}, generalization step {gen}"
+    if summary.get("interrupted"):
+        title += "   (interrupted)"
+    return title
+
+
+# ------------------------------------------------------------------------------------------
+# Figures 3 and 4, scatter plots, all figures of a run
 
 
 def _layer_columns(rows: list[dict]) -> list[str]:

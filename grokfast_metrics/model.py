@@ -130,8 +130,3 @@ def scale_init(model: nn.Module, alpha: float) -> None:
         for p in model.parameters():
             p.mul_(alpha)
 
-
-def param_l2(model: nn.Module) -> float:
-    """L2 norm of all parameters (each shared tensor counted once)."""
-    with torch.no_grad():
-        return float(torch.sqrt(sum((p.detach().double() ** 2).sum() for p in model.parameters())))

@@ -10,6 +10,11 @@ Three lines in an existing loop::
 wandb, TensorBoard or ``torch.save``. A computation never perturbs training: it runs without
 grad, in eval mode (restored afterwards), with the global RNG state forked, and leaves no hooks.
 
+:class:`Tracker` is the machinery behind it (schedule, history, NaN policy) with a pluggable
+measurement; the trainer (:mod:`grokfast_metrics.train`) tracks its layers through the same class.
+The schedules live in :mod:`grokfast_metrics.schedule` (``log_schedule`` and ``LOG_BASE`` are
+re-exported here).
+
 ``LMNMetric`` (a ``torchmetrics.Metric`` wrapping a tracker) exists only when torchmetrics is
 installed; it is not a dependency.
 """
@@ -17,42 +22,113 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable, Collection
 
 import torch
 from torch import nn
 
+from .core import LMNResult, NonFiniteOutputError
 from .dropin import OutputSelector, lmn_at
+from .schedule import LOG_BASE, Schedule, log_schedule
 
-#: base of the log-spaced schedule: LMN at steps 0 and floor(LOG_BASE ** k), k = 0, 1, 2, ...
-LOG_BASE = 1.3
+__all__ = ["LOG_BASE", "LMNTracker", "Tracker", "diverged_parameters", "log_schedule"]
 
 
-def log_schedule(max_step: int, base: float = LOG_BASE) -> list[int]:
-    """Steps ``0`` and ``floor(base ** k)`` up to ``max_step``, deduplicated, ascending.
+def diverged_parameters(model: nn.Module) -> list[str]:
+    """Names of the floating-point parameters of ``model`` that hold NaN or Inf (one device sync)."""
+    params = [(n, p) for n, p in model.named_parameters() if p.is_floating_point()]
+    if not params:
+        return []
+    flags = torch.stack([torch.isfinite(p).all().to(params[0][1].device) for _, p in params]).tolist()
+    return [n for (n, _), ok in zip(params, flags) if not ok]
 
-    ``base = 1.3`` gives 0, 1, 2, 3, 4, 6, 8, 10, 13, 17, 23, 30, 39, ... (about 8.8 steps per decade:
-    36 computations over a 20,000-step run).
+
+class Tracker:
+    """LMN on a :class:`~grokfast_metrics.schedule.Schedule`, with a history: the machinery every tracker shares.
+
+    What is measured is pluggable: ``measure()`` returns ``{name: LMNResult}`` for the model's current
+    weights, the first entry being the one recorded in :attr:`history`. :class:`LMNTracker` measures
+    with :func:`grokfast_metrics.lmn_at`; the trainer measures several layers of its MLP at once.
+
+    Args:
+        model: the model being trained (its parameters are checked for NaN/Inf before each measurement).
+        schedule: when LMN is due (``schedule.due(step, events).lmn``).
+        measure: ``() -> {name: LMNResult}``.
+
+    Attributes:
+        history: list of ``{"step": int, "lmn": float, "entropy_bits": float}``, one per computation
+            (NaN values, with a warning, when the model's parameters or outputs are not finite: a
+            diverged run keeps training instead of crashing in the metric).
+        results: every result of the latest computation (``None`` before the first one or after NaN).
     """
-    if base <= 1.0:
-        raise ValueError(f"log schedule base must be > 1; got {base}")
-    steps, k = {0}, 0
-    while True:
-        s = math.floor(base**k)
-        if s > max_step:
-            break
-        steps.add(s)
-        k += 1
-    return sorted(steps)
+
+    def __init__(self, model: nn.Module, schedule: Schedule, measure: Callable[[], dict[str, LMNResult]]):
+        self.model = model
+        self.schedule = schedule
+        self._measure = measure
+        self._calls = 0
+        self.history: list[dict] = []
+        self.results: dict[str, LMNResult] | None = None
+
+    def should_compute(self, step: int, events: Collection[str] = ()) -> bool:
+        """Whether the schedule computes LMN at ``step`` (where ``events`` happen, e.g. ``"memorization"``)."""
+        return self.schedule.due(int(step), events).lmn
+
+    def update(self, step: int | None = None, events: Collection[str] = ()) -> float | None:
+        """Compute LMN if the schedule says so at ``step`` (default: the number of earlier ``update`` calls).
+
+        Returns:
+            the new LMN as a float when computed (NaN when the parameters diverged), else ``None``.
+        """
+        if step is None:
+            step = self._calls
+        self._calls += 1
+        step = int(step)
+        if not self.should_compute(step, events):
+            return None
+        bad = diverged_parameters(self.model)
+        if bad:  # a diverged run: record NaN rather than crash the training loop
+            return self._record_nan(step, f"parameters {bad[:3]} have NaN/Inf")
+        try:
+            self.results = self._measure()
+        except NonFiniteOutputError as e:  # finite weights, but the logits overflow: diverged all the same
+            return self._record_nan(step, str(e))
+        first = next(iter(self.results.values()))
+        self.history.append({"step": step, "lmn": float(first.lmn), "entropy_bits": float(first.entropy_bits)})
+        return float(first.lmn)
+
+    def _record_nan(self, step: int, why: str) -> float:
+        warnings.warn(f"{type(self).__name__}: step {step}: {why}; recording LMN = NaN", stacklevel=3)
+        self.results = None
+        self.history.append({"step": step, "lmn": math.nan, "entropy_bits": math.nan})
+        return math.nan
+
+    def compute(self) -> float:
+        """The latest LMN as a plain float.
+
+        Raises:
+            RuntimeError: nothing computed yet (call ``update`` first).
+        """
+        if not self.history:
+            raise RuntimeError(f"{type(self).__name__}.compute() called before any LMN was computed; call update(step) first")
+        return self.history[-1]["lmn"]
+
+    def reset(self) -> None:
+        """Forget the history and the call counter (a cut check already done is not repeated)."""
+        self.history = []
+        self.results = None
+        self._calls = 0
+
+    def as_dict(self) -> dict[str, list]:
+        """History as ``{"step": [...], "lmn": [...], "entropy_bits": [...]}`` (``pandas.DataFrame(...)``-ready)."""
+        keys = ("step", "lmn", "entropy_bits")
+        return {k: [row[k] for row in self.history] for k in keys}
+
+    def __len__(self) -> int:
+        return len(self.history)
 
 
-def _on_log_schedule(step: int, base: float) -> bool:
-    if step <= 1:
-        return step >= 0
-    k0 = int(math.log(step) / math.log(base))
-    return any(math.floor(base**k) == step for k in range(max(0, k0 - 2), k0 + 3))
-
-
-class LMNTracker:
+class LMNTracker(Tracker):
     """Linear mapping number of ``probe_inputs`` at the output of ``model.<at>``, on a schedule.
 
     Args:
@@ -85,7 +161,7 @@ class LMNTracker:
                 raise ValueError(f"log_base must be > 1; got {log_base}")
         elif isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive int or 'log'; got {every!r}")
-        self.model = model
+        super().__init__(model, Schedule.for_tracker(every, log_base), self._lmn_at)
         self.probe_inputs = probe_inputs
         self.at = at
         self.every = every
@@ -96,67 +172,12 @@ class LMNTracker:
         self.log_base = log_base
         self._check = check
         self._checked = False
-        self._calls = 0
-        self.history: list[dict] = []
 
-    def should_compute(self, step: int) -> bool:
-        """Whether the schedule computes LMN at ``step``."""
-        if step < 0:
-            return False
-        if self.every == "log":
-            return _on_log_schedule(step, self.log_base)
-        return step % self.every == 0
-
-    def update(self, step: int | None = None) -> float | None:
-        """Compute LMN if the schedule says so at ``step`` (default: the number of earlier ``update`` calls).
-
-        Returns:
-            the new LMN as a float when computed, else ``None``.
-        """
-        if step is None:
-            step = self._calls
-        self._calls += 1
-        if isinstance(step, torch.Tensor):
-            step = int(step)
-        if not self.should_compute(step):
-            return None
-        params = [(n, p) for n, p in self.model.named_parameters() if p.is_floating_point()]
-        flags = [torch.isfinite(p).all().to(params[0][1].device) for _, p in params]
-        finite = torch.stack(flags).tolist() if params else []       # one device sync
-        bad = [n for (n, _), ok in zip(params, finite) if not ok]
-        if bad:  # a diverged run: record NaN rather than crash the training loop
-            msg = f"LMNTracker: step {step}: parameters {bad[:3]} have NaN/Inf; recording LMN = NaN"
-            warnings.warn(msg, stacklevel=2)
-            self.history.append({"step": int(step), "lmn": math.nan, "entropy_bits": math.nan})
-            return math.nan
+    def _lmn_at(self) -> dict[str, LMNResult]:
         res = lmn_at(self.model, self.probe_inputs, at=self.at, output=self.output, batch_dim=self.batch_dim,
                      n_lambda=self.n_lambda, backend=self.backend, check=self._check and not self._checked)
         self._checked = True
-        self.history.append({"step": int(step), "lmn": float(res.lmn), "entropy_bits": float(res.entropy_bits)})
-        return float(res.lmn)
-
-    def compute(self) -> float:
-        """The latest LMN as a plain float.
-
-        Raises:
-            RuntimeError: nothing computed yet (call ``update`` first).
-        """
-        if not self.history:
-            raise RuntimeError("LMNTracker.compute() called before any LMN was computed; call update(step) first")
-        return self.history[-1]["lmn"]
-
-    def reset(self) -> None:
-        """Forget the history and the call counter (the cut check is not repeated)."""
-        self.history = []
-        self._calls = 0
-
-    def as_dict(self) -> dict[str, list]:
-        """History as ``{"step": [...], "lmn": [...], "entropy_bits": [...]}`` (``pandas.DataFrame(...)``-ready)."""
-        keys = ("step", "lmn", "entropy_bits")
-        return {k: [row[k] for row in self.history] for k in keys}
-
-    def __len__(self) -> int:
-        return len(self.history)
+        return {self.at: res}
 
     def __repr__(self) -> str:
         last = f", last={self.history[-1]}" if self.history else ""

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from grokfast_metrics import figures
+from grokfast_metrics import figures, runlog
 
 
 def test_spectral_order_recovers_blocks():
@@ -44,7 +44,7 @@ def _fake_run(tmp_path):
     for step, c in ((100, 6), (300, 2)):
         labels = torch.arange(24) % c
         L = (labels[:, None] == labels[None, :]).float()
-        figures.save_connectivity(tmp_path, step, "hidden1_post", L, float(c))
+        runlog.save_connectivity(tmp_path, step, "hidden1_post", L, float(c))
     return rows
 
 
@@ -58,7 +58,7 @@ def test_make_figures_renders_everything(tmp_path):
     assert sc["pearson_lmn_test_loss"] == pytest.approx(1.0)  # test loss is affine in LMN here
     assert sc["pearson_l2_test_loss"] is not None and sc["pearson_l2_test_loss"] > 0.9
     assert json.loads((tmp_path / "figures.json").read_text())["fig4"] == res["fig4"]
-    snaps = figures.load_connectivity(tmp_path)
+    snaps = runlog.load_connectivity(tmp_path)
     assert [s["step"] for s in snaps] == [100, 300] and snaps[0]["L"].shape == (24, 24)
 
 

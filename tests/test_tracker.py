@@ -135,6 +135,19 @@ def test_diverged_model_records_nan():
     assert math.isnan(tr.compute()) and tr.as_dict()["step"] == [0, 1]
 
 
+def test_overflowing_outputs_record_nan():
+    """Finite weights whose logits overflow are a diverged run too: NaN with a warning, not a number, not a crash."""
+    model, x = _model(), torch.randn(6, 6)
+    tr = gm.LMNTracker(model, x, at="3", n_lambda=5)
+    with torch.no_grad():
+        model[4].weight.zero_()
+        model[4].bias.fill_(1.0)        # every hidden unit SiLU(1) = 0.73
+        model[6].weight.fill_(3e38)     # logits = 3e38 * 16 * 0.73 overflow fp32
+    with pytest.warns(UserWarning, match="NaN/Inf for"):
+        assert math.isnan(tr.update(0))
+    assert math.isnan(tr.compute())
+
+
 def test_torchmetrics_adapter():
     pytest.importorskip("torchmetrics")
     from grokfast_metrics.tracker import LMNMetric

@@ -1,6 +1,7 @@
 """Model layers and tails, tracker non-interference, logs/plot of a short run, the CLI."""
 import csv
 import json
+import math
 import subprocess
 import sys
 
@@ -239,3 +240,48 @@ def test_spectral_entropy_regularizer_lowers_effective_rank(tmp_path):
 def test_issue6_bad_arguments(tmp_path, capsys, args, match):
     assert cli.main(["train", "--steps", "2", "--device", "cpu", "--out", str(tmp_path), *args]) == 2
     assert match in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------
+# one source of defaults, no plotting import, the shared tracker machinery
+
+
+def _parse_train(argv):
+    args, extra = cli.build_parser(["train", *argv]).parse_known_args(["train", *argv])
+    assert not extra
+    return cli._train_config(args)
+
+
+def test_cli_defaults_are_the_dataclass_defaults():
+    assert _parse_train([]) == TrainConfig()
+
+
+def test_cli_options_map_to_fields():
+    cfg = _parse_train(["--lmn-layer", "embeddings", "--lmn-layer", "all", "--no-lmn-early", "--save-connectivity", " 5, final ",
+                        "--complexity-eps", "0.5", "0.25", "--probe", "64", "--lmn-every", "3", "--lmn-backend", "cpu"])
+    assert cfg.lmn_layers == ["embeddings", "hidden1_post", "hidden1_pre", "hidden2_pre", "hidden2_post"]
+    assert not cfg.lmn_early and cfg.save_connectivity == ["5", "final"] and cfg.complexity_eps == [0.5, 0.25]
+    assert cfg.probe == "64" and cfg.lmn_every == 3 and cfg.lmn_backend == "cpu"
+    assert _parse_train(["--save-connectivity", ""]).save_connectivity == []
+
+
+def test_importing_the_trainer_does_not_import_matplotlib():
+    code = "import sys, grokfast_metrics.train, grokfast_metrics.cli; assert 'matplotlib' not in sys.modules"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert p.returncode == 0, p.stderr
+
+
+def test_trainer_tracker_records_nan_when_parameters_diverge(model_and_x):
+    from grokfast_metrics.schedule import Schedule
+
+    model, x = model_and_x
+    tracker = train_mod.layer_tracker(model, x, TrainConfig(lmn_layers=["hidden1_post", "embeddings"], n_lambda=5),
+                                      Schedule.for_tracker(1))
+    assert tracker.update(0) == tracker.results["hidden1_post"].lmn >= 1.0
+    bad = GrokMLP(model.embed_a.num_embeddings, model.fc3.out_features, 8, 16)
+    with torch.no_grad():
+        bad.fc2.weight[0, 0] = float("inf")
+    tracker = train_mod.layer_tracker(bad, x, TrainConfig(n_lambda=5), Schedule.for_tracker(1))
+    with pytest.warns(UserWarning, match=r"'fc2\.weight'.*NaN"):
+        assert math.isnan(tracker.update(0))
+    assert tracker.results is None and math.isnan(tracker.compute())

@@ -1,0 +1,171 @@
+""":class:`TrainConfig`: everything that defines a training run, and the one source of its defaults.
+
+Each field carries its command-line help in ``metadata`` (``help``, and where it applies ``choices``
+from the registries of tasks, filters, embeddings, layers and LMN backends, ``flag``, ``group``,
+``sep``, ``action``); ``grokfast-metrics train`` generates its options from them (:mod:`grokfast_metrics.cli`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from ._policy import check_n_lambda
+from ._runtime import resolve_device
+from .core import BACKENDS
+from .grokfast import FILTERS, make_filter
+from .model import DEFAULT_LAYER, EMBEDDINGS, LAYERS
+from .schedule import SNAPSHOT_EVENTS, complexity_steps
+from .tasks import TASKS
+
+#: default ``save_connectivity``: init, the two phase boundaries and the end
+SNAPSHOT_DEFAULT = ("0", "memorization", "generalization", "final")
+#: option groups of ``grokfast-metrics train``, in help order
+GROUPS = ("task and model", "optimization", "LMN tracking", "other complexity measures", "output")
+
+
+def _meta(help: str, group: str, **extra) -> dict:
+    """A field's CLI metadata: ``help``, ``group`` and optional ``choices``, ``flag``, ``sep``, ``action``."""
+    return {"help": help, "group": group, **extra}
+
+
+_MODEL, _OPT, _LMN, _CX, _OUT = GROUPS
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run. ``None`` fields are resolved from the device (see :meth:`resolved`).
+
+    Every field is documented by its ``help`` metadata (``grokfast-metrics train --help`` shows it with
+    the default). Step ``s`` is the model after ``s`` optimizer updates.
+    """
+
+    task: str = field(default="add", metadata=_meta("add: (a+b) mod 31; s4: composition in S4; xor: 5-bit XOR", _MODEL,
+                                                    choices=TASKS))
+    steps: int = field(default=20_000, metadata=_meta("full-batch AdamW steps", _OPT))
+    lr: float = field(default=1e-3, metadata=_meta("learning rate", _OPT))
+    weight_decay: float = field(default=0.2, metadata=_meta("AdamW weight decay", _OPT))
+    train_fraction: float = field(default=0.8, metadata=_meta("fraction of all inputs used for training, in (0, 1)", _MODEL))
+    seed: int = field(default=0, metadata=_meta("seed of the split and the initialization", _MODEL))
+    init_scale: float = field(default=1.0, metadata=_meta("Omnigrok alpha: multiply initial parameters by it", _MODEL))
+    embed_dim: int = field(default=32, metadata=_meta("embedding width per operand", _MODEL))
+    hidden: int = field(default=100, metadata=_meta("hidden width", _MODEL))
+    embedding: str = field(default="shared", metadata=_meta("one table for both operands or one per operand", _MODEL,
+                                                            choices=EMBEDDINGS))
+    grokfast: str = field(default="none", metadata=_meta("Grokfast gradient filter", _OPT, choices=FILTERS))
+    ema_alpha: float = field(default=0.98, metadata=_meta("grokfast ema momentum", _OPT))
+    ema_lamb: float = field(default=2.0, metadata=_meta("grokfast ema amplification", _OPT))
+    ma_window: int = field(default=100, metadata=_meta("grokfast ma window", _OPT))
+    ma_lamb: float = field(default=5.0, metadata=_meta("grokfast ma amplification", _OPT))
+    device: str = field(default="auto", metadata=_meta("auto (CUDA if available), cpu, cuda, cuda:N", _LMN))
+    lmn_every: int | None = field(default=None, metadata=_meta(
+        "LMN every k steps, 0 = off (default: 1 on CUDA, 100 on CPU)", _LMN))
+    lmn_early: bool = field(default=True, metadata=_meta(
+        "skip the extra log-spaced LMN steps floor(1.5 ** k) (1, 2, 3, 5, ...) below --lmn-every (about 11 at every=100; "
+        "they resolve the memorization phase on a log axis)", _LMN, flag="--no-lmn-early"))
+    probe: str | int | None = field(default=None, metadata=_meta(
+        "LMN samples: all, train, test or a seeded subset size n (default: all on CUDA, 256 on CPU)", _LMN))
+    probe_seed: int = field(default=0, metadata=_meta("seed of the probe subset (its own generator)", _LMN))
+    lmn_layers: list[str] = field(default_factory=lambda: [DEFAULT_LAYER], metadata=_meta(
+        "layer to track (repeat for several; first is the 'lmn' column; 'all' = every layer, the default one first)", _LMN,
+        flag="--lmn-layer", choices=(*LAYERS, "all"), action="append"))
+    n_lambda: int = field(default=21, metadata=_meta("interpolation points per pair", _LMN))
+    lmn_backend: str = field(default="auto", metadata=_meta("LMN backend passed to grokfast_metrics.lmn", _LMN, choices=BACKENDS))
+    spectral_entropy_weight: float = field(default=0.0, metadata=_meta(
+        "add this times the spectral entropy of every Linear weight to the loss (0 = off; train_loss in the logs stays "
+        "the cross-entropy)", _CX))
+    complexity: str = field(default="log", metadata=_meta(
+        "compression-based complexity schedule: off, log (0 and powers of two) or every k steps; the last step always", _CX))
+    complexity_eps: list[float] = field(default_factory=lambda: [1e-3, 1e-2, 1e-1], metadata=_meta(
+        "loss tolerances of the compression complexity (one complexity_bits_eps<e> column each)", _CX))
+    save_connectivity: list[str] = field(default_factory=lambda: list(SNAPSHOT_DEFAULT), metadata=_meta(
+        "steps at which to save L of the first tracked layer for Figure 4: comma-separated integers and/or memorization, "
+        "generalization, final; '' = none", _CX, sep=","))
+    log_every: int | None = field(default=None, metadata=_meta(
+        "log a row every k steps; LMN, complexity and key steps always (default: 1 on CUDA, 10 on CPU)", _OUT))
+    threads: int | None = field(default=None, metadata=_meta(
+        "torch CPU threads during the run, restored afterwards (default: 1 on CPU, where 2 threads measured 6-20x slower "
+        "on the tiny model; unchanged on CUDA)", _OUT))
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first bad field."""
+        self._validate_training()
+        self._validate_tracking()
+        resolve_device(self.device)
+
+    def _validate_training(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps must be an integer >= 1; got {self.steps}")
+        if not 0.0 < self.train_fraction < 1.0:
+            raise ValueError(f"train fraction must be in (0, 1); got {self.train_fraction}")
+        for name, value, positive in (("lr", self.lr, True), ("weight decay", self.weight_decay, False),
+                                      ("init scale", self.init_scale, True),
+                                      ("spectral entropy weight", self.spectral_entropy_weight, False)):
+            if not ((value > 0 if positive else value >= 0) and math.isfinite(value)):
+                raise ValueError(f"{name} must be {'a positive number' if positive else '>= 0'}; got {value}")
+        if self.embedding not in EMBEDDINGS:
+            raise ValueError(f"embedding must be one of {', '.join(EMBEDDINGS)}; got {self.embedding!r}")
+        if self.grokfast not in FILTERS:
+            raise ValueError(f"grokfast filter must be one of {', '.join(FILTERS)}; got {self.grokfast!r}")
+        make_filter(self.grokfast, ema_alpha=self.ema_alpha, ema_lamb=self.ema_lamb, ma_window=self.ma_window, ma_lamb=self.ma_lamb)
+        for name in ("lmn_every", "log_every", "threads"):
+            value, least = getattr(self, name), 0 if name == "lmn_every" else 1
+            if value is not None and value < least:
+                raise ValueError(f"{name} must be >= {least}{' (0 disables tracking)' if least == 0 else ''}; got {value}")
+
+    def _validate_tracking(self) -> None:
+        if not self.lmn_layers:
+            raise ValueError("lmn_layers is empty; give at least one layer")
+        for layer in self.lmn_layers:
+            if layer not in LAYERS:
+                raise ValueError(f"unknown LMN layer {layer!r}; choose from {', '.join(LAYERS)}")
+        if len(set(self.lmn_layers)) != len(self.lmn_layers):
+            raise ValueError(f"lmn_layers has duplicates: {self.lmn_layers}")
+        try:
+            check_n_lambda(self.n_lambda)
+        except TypeError as e:
+            raise ValueError(str(e)) from None
+        complexity_steps(self.complexity)
+        if not self.complexity_eps or any(not (e >= 0 and math.isfinite(e)) for e in self.complexity_eps):
+            raise ValueError(f"complexity eps must be a non-empty list of numbers >= 0; got {self.complexity_eps}")
+        for s in self.save_connectivity:
+            if s not in SNAPSHOT_EVENTS and not (str(s).isdigit()):
+                raise ValueError(f"save-connectivity steps must be integers >= 0 or one of {', '.join(SNAPSHOT_EVENTS)}; got {s!r}")
+        if self.lmn_backend not in BACKENDS:
+            raise ValueError(f"LMN backend must be one of {', '.join(BACKENDS)}; got {self.lmn_backend!r}")
+        parse_probe(self.probe if self.probe is not None else "all")
+
+    def resolved(self) -> TrainConfig:
+        """A copy with device-dependent defaults filled in (after :meth:`validate`)."""
+        dev = resolve_device(self.device)
+        cuda = dev.type == "cuda"
+        out = TrainConfig(**asdict(self))
+        out.device = str(dev)
+        if out.lmn_every is None:
+            out.lmn_every = 1 if cuda else 100
+        if out.probe is None:
+            out.probe = "all" if cuda else 256
+        out.probe = parse_probe(out.probe)
+        if out.log_every is None:
+            out.log_every = 1 if cuda else 10
+        if out.threads is None and not cuda:
+            out.threads = 1
+        return out
+
+
+def parse_probe(probe: str | int) -> str | int:
+    """``"all"``/``"train"``/``"test"`` or a subset size n >= 2 (int or digit string).
+
+    Raises:
+        ValueError: anything else.
+    """
+    if isinstance(probe, str) and probe in ("all", "train", "test"):
+        return probe
+    try:
+        n = int(probe)
+    except (TypeError, ValueError):
+        raise ValueError(f"probe must be 'all', 'train', 'test' or a subset size n >= 2; got {probe!r}") from None
+    if n < 2:
+        raise ValueError(f"probe subset size must be >= 2; got {n}")
+    return n
