@@ -27,7 +27,7 @@ def backend_fn(backend: str) -> Callable[[torch.Tensor, nn.Module, int], torch.T
     return functools.partial(core.connectivity, backend=backend)
 
 
-def resolved_backend(backend: str, h: torch.Tensor, tail: nn.Module) -> str:
+def backend_that_runs(backend: str, h: torch.Tensor, tail: nn.Module) -> str:
     """What ``backend`` runs here (``core.resolve_backend``); the name itself if it cannot run."""
     try:
         return core.resolve_backend(h, tail, backend)
@@ -37,7 +37,7 @@ def resolved_backend(backend: str, h: torch.Tensor, tail: nn.Module) -> str:
 
 def backend_label(backend: str, h: torch.Tensor, tail: nn.Module) -> str:
     """``backend``, or ``"<backend>-><what it runs>"`` when that differs (``auto->cpu``)."""
-    resolved = resolved_backend(backend, h[:2], tail)
+    resolved = backend_that_runs(backend, h[:2], tail)
     return backend if resolved == backend else f"{backend}->{resolved}"
 
 

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from .. import _runtime
+from .._policy import check_n_lambda
 from .extras import extra_rows
 from .harness import BenchRow
 from .report import DEFAULT_CSV, DEFAULT_MD, append_csv, format_table, update_results_md
@@ -110,8 +111,10 @@ def config_from_args(args: argparse.Namespace, device: torch.device) -> BenchCon
         raise ValueError(f"--n values must be >= 2; got {list(ns)}")
     if min(hiddens) < 1 or min(depths) < 1 or args.out < 1:
         raise ValueError("--hidden, --depth and --out must be >= 1")
-    if args.n_lambda < 3:
-        raise ValueError(f"--n-lambda must be >= 3; got {args.n_lambda}")
+    try:
+        check_n_lambda(args.n_lambda)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"--n-lambda: {e}") from None
     if args.n_ref < 2:
         raise ValueError(f"--n-ref must be >= 2; got {args.n_ref}")
     repeats = args.repeats or (2 if args.quick else 5)
@@ -129,7 +132,7 @@ def config_from_args(args: argparse.Namespace, device: torch.device) -> BenchCon
     )
 
 
-def resolve_device(name: str) -> torch.device | None:
+def bench_device(name: str) -> torch.device | None:
     """``"auto"`` -> cuda if available else cpu; ``"cuda"`` without CUDA -> ``None`` (caller skips).
 
     Raises:
@@ -155,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
     Bad options print the error and return 2.
     """
     try:
-        device = resolve_device(args.device)
+        device = bench_device(args.device)
     except ValueError as e:
         return _error(str(e))
     if device is None:

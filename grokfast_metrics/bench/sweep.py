@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .. import core
-from .baselines import backend_fn, matmul_roof, naive_seconds_per_pair, reference_timed, resolved_backend
+from .baselines import backend_fn, backend_that_runs, matmul_roof, naive_seconds_per_pair, reference_timed
 from .harness import BenchRow, Timing, check_agreement, estimate_seconds, fill_speed, fit_exponent, machine_info, n_pairs, refuse, time_fn
 from .workloads import make_inputs, make_tail
 
@@ -186,9 +186,9 @@ def prepare_shape(cfg: BenchConfig, device: torch.device, backends: Sequence[str
     naive_pp = None
     if checks["naive"][1] is None:
         naive_pp = naive_seconds_per_pair(h[:n_naive], tail, T, device, cfg.repeats, budget_s=cfg.max_row_seconds / 4)
-    resolved = {b: resolved_backend(b, h[:2], tail) for b in backends}
+    resolved = {b: backend_that_runs(b, h[:2], tail) for b in backends}
     timed = [b for b in backends if not (b == "auto" and resolved[b] != b and resolved[b] in backends)]
-    auto_is = resolved_backend("auto", h[:2], tail)
+    auto_is = backend_that_runs("auto", h[:2], tail)
     e2e_backend = next((b for b in timed if resolved[b] == auto_is), timed[0] if timed else None)
     return ShapeRun(H, depth, cfg.out, T, tail, h, n_ref, ref_pp, n_naive, naive_pp, checks, resolved, timed, e2e_backend)
 
