@@ -93,6 +93,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--roof-size", type=int, default=None, help="side of the roof matmul (default 2048 CPU, 8192 CUDA)")
     add("--threads", type=int, default=None, help="torch.set_num_threads for the run (default: torch's)")
     add("--seed", type=int, default=0)
+    add("--static-gpu", action="store_true",
+        help="no GPU needed: compile the Triton kernel for sm_90 and sm_80, count its SASS instructions per "
+             "execution unit and print a static estimate of L's time per resource (N from --n, default 961 "
+             "4096; H, depth from --hidden, --depth); writes its own block of --results-md")
     add("--no-progress", action="store_true", help="no progress bar or per-row log")
     return parser
 
@@ -164,6 +168,8 @@ def run(args: argparse.Namespace) -> int:
     if device is None:
         print(f"no CUDA device available: GPU benchmarks skipped (--device {args.device})", file=sys.stderr)
         return 0
+    if args.static_gpu:
+        return _run_static_gpu(args)
     if args.threads is not None:
         if args.threads < 1:
             return _error(f"--threads must be >= 1; got {args.threads}")
@@ -178,6 +184,23 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nappended {len(rows)} rows to {path}")
         if args.results_md:
             print(f"updated {update_results_md(path, args.results_md)}")
+    return 0
+
+
+def _run_static_gpu(args: argparse.Namespace) -> int:
+    """``--static-gpu``: print (and record in ``--results-md``) the static estimate for the asked shapes."""
+    from . import static_gpu
+
+    try:
+        rows = [static_gpu.estimate(n, h, args.out, d, arch, args.n_lambda)
+                for arch in (90, 80) for h in (args.hidden or [100]) for d in (args.depth or [1])
+                for n in (args.n or [961, 4096])]
+    except (RuntimeError, ValueError) as e:
+        return _error(f"static GPU estimate unavailable: {e}")
+    print("static estimate (not a measurement): SASS instructions x programs / per-SM throughput, perfect overlap")
+    print(static_gpu.format_estimates(rows))
+    if args.results_md and not args.no_csv:
+        print(f"updated {static_gpu.update_results_md(rows, args.results_md)}")
     return 0
 
 

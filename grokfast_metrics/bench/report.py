@@ -249,11 +249,19 @@ def update_results_md(csv_path: str | os.PathLike, md_path: str | os.PathLike) -
     for _, run_id in sorted(_latest_runs(rows).items()):
         parts += _run_section([r for r in rows if r["run_id"] == run_id], md_path)
     parts.append(MD_END)
-    block = "\n".join(parts)
+    return replace_block(md_path, MD_BEGIN, MD_END, "\n".join(parts))
+
+
+def replace_block(md_path: str | os.PathLike, begin: str, end: str, block: str) -> Path:
+    """Write ``block`` (which starts with ``begin`` and ends with ``end``) over that block of ``md_path``.
+
+    Text outside the markers is kept; the block is appended when the markers are missing.
+    """
+    md_path = Path(md_path)
     text = md_path.read_text(encoding="utf-8") if md_path.exists() else "# Benchmark results\n\n"
-    if MD_BEGIN in text and MD_END in text:
-        head, rest = text.split(MD_BEGIN, 1)
-        text = head + block + rest.split(MD_END, 1)[1]
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     md_path.parent.mkdir(parents=True, exist_ok=True)
