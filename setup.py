@@ -7,14 +7,16 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["grokfast_metrics", "grokfast_metrics.bench", "grokfast_metrics.kernels"],
+    packages=["grokfast_metrics", "grokfast_metrics.bench", "grokfast_metrics.kernels", "grokfast_metrics.sweep"],
     package_dir={"grokfast_metrics": "grokfast_metrics", "grokfast_metrics.kernels": "kernels"},
     # the fused CPU kernel's C++ source, compiled on first use with the system compiler
     package_data={"grokfast_metrics.kernels": ["connectivity_cpu.cpp"]},
     install_requires=["torch>=2.1", "numpy", "scipy", "tqdm", "matplotlib"],
     extras_require={
         "triton": ["triton>=3.0"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.0"],
+        # sweeps on a Ray cluster (grokfast-metrics sweep --engine ray); the local process pool needs nothing
+        "ray": ["ray>=2.9"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.0", "ray>=2.9"],
     },
     entry_points={"console_scripts": ["grokfast-metrics=grokfast_metrics.cli:main"]},
 )

@@ -1,4 +1,4 @@
-"""Command line: ``grokfast-metrics {train,bench,plot} ...`` (also ``python -m grokfast_metrics``).
+"""Command line: ``grokfast-metrics {train,bench,plot,sweep} ...`` (also ``python -m grokfast_metrics``).
 
 ``train`` is implemented here (see :mod:`grokfast_metrics.train`); its options are generated from the
 fields of :class:`~grokfast_metrics.config.TrainConfig` (help, choices and defaults in one place).
@@ -23,6 +23,7 @@ PROG = "grokfast-metrics"
 LAZY = {
     "bench": ("grokfast_metrics.bench", "benchmark the LMN backends"),
     "plot": ("grokfast_metrics.figures", "plot figures from run directories"),
+    "sweep": ("grokfast_metrics.sweep", "train a grid of runs (local process pool or Ray) and draw the phase diagram"),
 }
 
 
@@ -167,7 +168,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
     parser = _Parser(prog=PROG, description="Fast linear mapping number (LMN) for tracking grokking at every step.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{train,bench,plot}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{train,bench,plot,sweep}", parser_class=_Parser)
     sub.required = True
     p = sub.add_parser("train", help="train on add/s4/xor with LMN tracked (the main job)",
                        description="Full-batch AdamW on an algorithmic task with LMN tracked; writes metrics.jsonl, "
@@ -189,7 +190,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
             p.set_defaults(_unavailable=f"{module} failed to import: {e}")
             continue
         mod.add_arguments(p)
-        p.set_defaults(_run=mod.run)
+        p.set_defaults(_run=mod.run, _parser=p)
     return parser
 
 

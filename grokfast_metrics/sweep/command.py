@@ -1,0 +1,104 @@
+"""``grokfast-metrics sweep``: every ``train`` option, plus the grid, the seeds and the engine."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from .engines import ENGINES, run_sweep
+from .grid import parse_axis, plan_runs
+from .outcomes import OUTCOMES, sweep_rows, write_csv
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The ``train`` options (each run's settings; a grid axis overrides one) and the sweep's own options."""
+    from ..cli import _add_train_arguments
+
+    _add_train_arguments(parser)
+    g = parser.add_argument_group("sweep")
+    g.add_argument("--grid", nargs="+", default=[], metavar="NAME=V1,V2",
+                   help="grid axes: any train option and its values, e.g. init_scale=0.5,1,2 weight_decay=0,0.2 "
+                        "(the first two axes are the phase diagram's)")
+    g.add_argument("--seeds", type=int, default=1, help="seeds per grid point: 0 .. SEEDS-1 (default 1)")
+    g.add_argument("--engine", choices=ENGINES, default="local",
+                   help="local: a process pool on this machine (default); ray: Ray tasks (pip install "
+                        "\"grokfast_metrics[ray]\")")
+    g.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="runs at a time (default: the core count; each run uses one thread on the CPU)")
+    g.add_argument("--ray-address", default=None, help="address of an existing Ray cluster (default: start Ray locally)")
+    return parser
+
+
+def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    from ..cli import _train_config
+
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1; got {args.seeds}")
+    axes = [parse_axis(spec, parser) for spec in args.grid]
+    out = Path(args.out) if args.out else Path("runs") / f"sweep-{args.task}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return axes, out, plan_runs(_train_config(args), axes, list(range(args.seeds)), out)
+
+
+def _progress(total: int, quiet: bool):
+    if quiet:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="runs", unit="run", dynamic_ncols=True)
+
+
+def write_outputs(out: Path, axes: list[str], rows: list[dict], window: int) -> dict:
+    """``sweep.csv``, ``phase.png`` and ``lmn_predicts.png`` in ``out``; returns the predictor statistics."""
+    from .figures import plot_lmn_predicts, plot_phase
+
+    write_csv(rows, out / "sweep.csv")
+    plot_phase(rows, axes, out / "phase.png")
+    stats = plot_lmn_predicts(rows, window, out / "lmn_predicts.png")
+    (out / "sweep.json").write_text(json.dumps({"axes": axes, "lmn_predicts": stats}, indent=2) + "\n", encoding="utf-8")
+    return stats
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the sweep; write its outputs (also after Ctrl-C). Exit 0 all done, 1 some runs failed, 2 bad options, 130."""
+    parser = getattr(args, "_parser", None) or add_arguments(argparse.ArgumentParser())
+    try:
+        axes, out, runs = _plan(args, parser)
+    except ValueError as e:
+        print(f"grokfast-metrics sweep: error: {e}", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    bar = _progress(len(runs), args.no_progress)
+    interrupted = False
+    results: dict[str, dict] = {}
+    try:
+        results = run_sweep(runs, args.engine, args.workers, plot=not args.no_plot, ray_address=args.ray_address,
+                            on_done=lambda run, res: bar.update(1) if bar is not None else None)
+    except KeyboardInterrupt:
+        interrupted = True
+    except (RuntimeError, ValueError) as e:
+        print(f"grokfast-metrics sweep: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if bar is not None:
+            bar.close()
+    rows = sweep_rows(runs, results)
+    stats = write_outputs(out, [name for name, _ in axes], rows, window=max(1, args.steps // 10))
+    _report(rows, out, stats)
+    if interrupted:
+        return 130
+    return 1 if any(r["status"] == "failed" for r in rows) else 0
+
+
+def _report(rows: list[dict], out: Path, stats: dict) -> None:
+    status = {s: sum(r["status"] == s for r in rows) for s in ("done", "skipped", "failed", "interrupted", "not run")}
+    outcome = {o: sum(r.get("outcome") == o for r in rows) for o in OUTCOMES}
+    print(f"{len(rows)} runs: " + ", ".join(f"{n} {s}" for s, n in status.items() if n))
+    print("outcomes: " + ", ".join(f"{n} {o}" for o, n in outcome.items() if n))
+    for r in rows:
+        if r["status"] == "failed":
+            print(f"  failed: {r['run']}: {r['error']} (see {Path(r['run_dir']) / 'error.txt'})")
+    print(f"LMN drop vs generalization delay: n={stats['n']}, Pearson {stats['pearson']}, Spearman {stats['spearman']}")
+    print(f"wrote {out / 'sweep.csv'}, {out / 'phase.png'}, {out / 'lmn_predicts.png'}")
