@@ -15,6 +15,7 @@ import importlib
 import os
 import sys
 import time
+import warnings
 from dataclasses import MISSING, Field, fields
 from pathlib import Path
 from typing import get_args, get_origin, get_type_hints
@@ -156,13 +157,15 @@ def _resume_steps(args: argparse.Namespace, cfg) -> int | None:
 
 def _run_train(args: argparse.Namespace) -> int:
     from .runlog import RunDirError, RunLogError
-    from .train import resume, train
+    from .train import NumericalCollapseWarning, resume, train
 
     cfg = _train_config(args)
     if args.resume is not None:
         steps = _resume_steps(args, cfg)
         try:
-            res = resume(args.resume, steps=steps, progress=not args.no_progress, plot=not args.no_plot)
+            with warnings.catch_warnings():  # _report prints the collapse warning itself
+                warnings.simplefilter("ignore", NumericalCollapseWarning)
+                res = resume(args.resume, steps=steps, progress=not args.no_progress, plot=not args.no_plot)
         except (FileNotFoundError, RunLogError, ValueError) as e:
             raise UsageError(f"{PROG} train: error: cannot resume {args.resume!r}: {e}") from None
         return _report(res, Path(args.resume), args.no_plot)
@@ -182,7 +185,9 @@ def _run_train(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / f"{args.task}-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
     _check_out_dir(out)
     try:
-        res = train(cfg, out, progress=not args.no_progress, plot=not args.no_plot, overwrite=args.overwrite)
+        with warnings.catch_warnings():  # _report prints the collapse warning itself
+            warnings.simplefilter("ignore", NumericalCollapseWarning)
+            res = train(cfg, out, progress=not args.no_progress, plot=not args.no_plot, overwrite=args.overwrite)
     except RunDirError as e:
         raise UsageError(f"{PROG} train: error: {e}") from None
     return _report(res, out, args.no_plot)
@@ -190,11 +195,13 @@ def _run_train(args: argparse.Namespace) -> int:
 
 def _report(res, out: Path, no_plot: bool) -> int:
     """Print the summary (and why the run stopped); the run's exit code."""
-    from .runlog import format_summary
+    from .runlog import collapse_message, format_summary
 
     print(format_summary(res.summary))
     print(f"logs: {out / 'metrics.jsonl'}, {out / 'metrics.csv'}; summary: {out / 'summary.json'}"
           + ("" if no_plot else f"; plot: {out / 'curves.png'}"))
+    if res.summary.get("numerical_collapse") is not None:  # the warning, last, where it is seen
+        print(f"{PROG} train: warning: {collapse_message(res.summary)}", file=sys.stderr)
     if res.stop_reason is not None:
         print(f"{PROG} train: stopped early: {res.stop_reason} (exit code {res.exit_code})", file=sys.stderr)
     return res.exit_code

@@ -703,7 +703,7 @@ def _finish(run: Run, stop: _Stop | None, plot: bool, signals: _Signals) -> RunR
             print("interrupted again: curves.png not written (summary.json is)", file=sys.stderr)
     collapse = summary.get("numerical_collapse")
     if collapse is not None:
-        warnings.warn(collapse_message(summary), NumericalCollapseWarning, stacklevel=3)
+        warnings.warn(collapse_message(summary), NumericalCollapseWarning, stacklevel=4)  # at train()'s caller
     return RunResult(run.run_dir, summary, rows, interrupted, 0 if stop is None else stop.exit_code,
                      None if stop is None else stop.reason)
 
