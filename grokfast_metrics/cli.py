@@ -5,7 +5,8 @@ fields of :class:`~grokfast_metrics.config.TrainConfig` (help, choices and defau
 ``bench`` and ``plot`` live in ``grokfast_metrics.bench`` and ``grokfast_metrics.figures``; each exposes
 ``add_arguments(parser)`` and ``run(args) -> int`` and is imported only when its subcommand is used.
 
-Exit codes: 0 success, 2 bad arguments or unavailable subcommand, 130 interrupted (logs kept).
+Exit codes: 0 success, 2 bad arguments or unavailable subcommand, 3 training diverged (non-finite loss),
+130 interrupted by SIGINT, 143 stopped by SIGTERM (logs, summary and plot kept in every case).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import importlib
 import os
 import sys
 import time
+import warnings
 from dataclasses import MISSING, Field, fields
 from pathlib import Path
 from typing import get_args, get_origin, get_type_hints
@@ -48,7 +50,12 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         groups[f.metadata["group"]].add_argument(f.metadata.get("flag", "--" + f.name.replace("_", "-")),
                                                  **_argument(f, hints[f.name]))
     g = groups["output"]
-    g.add_argument("--out", default=None, help="run directory (default runs/<task>-s<seed>-<time>)")
+    g.add_argument("--out", default=None, help="run directory (default runs/<task>-s<seed>-<time>); one that already "
+                   "holds a run is refused unless --overwrite or --resume")
+    g.add_argument("--overwrite", action="store_true", help="replace the run in --out (its run files are removed first)")
+    g.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue the run in DIR from its checkpoint (--checkpoint-every); its config is kept, --steps "
+                        "may extend it")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--no-plot", action="store_true", help="do not write curves.png")
 
@@ -113,22 +120,56 @@ def _check_out_dir(out: Path) -> None:
 
 
 def _layers(chosen: list[str]) -> list[str]:
-    """Expand ``all`` to every layer (default layer first), keeping the order and dropping repeats."""
-    from .model import DEFAULT_LAYER, LAYERS
+    """Expand ``all`` to every layer (default layer first) and ``fig3`` to Fig. 3's readings; ``A:logits`` is ``A``;
+    keeps the order and drops repeats."""
+    from .model import DEFAULT_LAYER, FIG3_READINGS, LAYERS, canonical_spec
 
     out: list[str] = []
     for layer in chosen:
-        for name in ([DEFAULT_LAYER, *LAYERS] if layer == "all" else [layer]):
+        expanded = [DEFAULT_LAYER, *LAYERS] if layer == "all" else list(FIG3_READINGS) if layer == "fig3" else [layer]
+        for name in expanded:
+            name = canonical_spec(name)
             if name not in out:
                 out.append(name)
     return out
 
 
+def _resume_steps(args: argparse.Namespace, cfg) -> int | None:
+    """``--steps`` for a resumed run; refuses any other option that differs from the run's own config."""
+    from dataclasses import asdict
+
+    from .config import TrainConfig
+    from .runlog import RunLogError, read_json
+
+    run_dir = Path(args.resume)
+    if args.out is not None and Path(args.out).resolve() != run_dir.resolve():
+        raise UsageError(f"{PROG} train: error: --resume {run_dir} continues that directory; do not give another --out")
+    try:
+        stored = read_json(run_dir / "config.json")["config"]
+    except (FileNotFoundError, RunLogError, KeyError) as e:
+        raise UsageError(f"{PROG} train: error: cannot resume {str(run_dir)!r}: {e}") from None
+    default, given = asdict(TrainConfig()), asdict(cfg)
+    for name, value in given.items():
+        if name != "steps" and value != default[name] and str(value) != str(stored.get(name)):
+            raise UsageError(f"{PROG} train: error: --{name.replace('_', '-')} {value} differs from the resumed run's "
+                             f"config ({stored.get(name)}); a resumed run keeps its configuration (only --steps may change)")
+    return cfg.steps if cfg.steps != default["steps"] else None
+
+
 def _run_train(args: argparse.Namespace) -> int:
-    from .runlog import format_summary
-    from .train import train
+    from .runlog import RunDirError, RunLogError
+    from .train import NumericalCollapseWarning, resume, train
 
     cfg = _train_config(args)
+    if args.resume is not None:
+        steps = _resume_steps(args, cfg)
+        try:
+            with warnings.catch_warnings():  # _report prints the collapse warning itself
+                warnings.simplefilter("ignore", NumericalCollapseWarning)
+                res = resume(args.resume, steps=steps, progress=not args.no_progress, plot=not args.no_plot)
+        except (FileNotFoundError, RunLogError, ValueError) as e:
+            raise UsageError(f"{PROG} train: error: cannot resume {args.resume!r}: {e}") from None
+        return _report(res, Path(args.resume), args.no_plot)
     for name in ("embed_dim", "hidden", "ma_window"):
         if getattr(args, name) < 1:
             raise UsageError(f"{PROG} train: error: --{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
@@ -144,11 +185,27 @@ def _run_train(args: argparse.Namespace) -> int:
         raise UsageError(f"{PROG} train: error: {e}") from None
     out = Path(args.out) if args.out else Path("runs") / f"{args.task}-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
     _check_out_dir(out)
-    res = train(cfg, out, progress=not args.no_progress, plot=not args.no_plot)
+    try:
+        with warnings.catch_warnings():  # _report prints the collapse warning itself
+            warnings.simplefilter("ignore", NumericalCollapseWarning)
+            res = train(cfg, out, progress=not args.no_progress, plot=not args.no_plot, overwrite=args.overwrite)
+    except RunDirError as e:
+        raise UsageError(f"{PROG} train: error: {e}") from None
+    return _report(res, out, args.no_plot)
+
+
+def _report(res, out: Path, no_plot: bool) -> int:
+    """Print the summary (and why the run stopped); the run's exit code."""
+    from .runlog import collapse_message, format_summary
+
     print(format_summary(res.summary))
     print(f"logs: {out / 'metrics.jsonl'}, {out / 'metrics.csv'}; summary: {out / 'summary.json'}"
-          + ("" if args.no_plot else f"; plot: {out / 'curves.png'}"))
-    return 130 if res.interrupted else 0
+          + ("" if no_plot else f"; plot: {out / 'curves.png'}"))
+    if res.summary.get("numerical_collapse") is not None:  # the warning, last, where it is seen
+        print(f"{PROG} train: warning: {collapse_message(res.summary)}", file=sys.stderr)
+    if res.stop_reason is not None:
+        print(f"{PROG} train: stopped early: {res.stop_reason} (exit code {res.exit_code})", file=sys.stderr)
+    return res.exit_code
 
 
 def _selected_command(argv: list[str]) -> str | None:

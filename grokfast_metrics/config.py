@@ -13,12 +13,18 @@ from ._policy import check_n_lambda
 from ._runtime import resolve_device
 from .core import BACKENDS
 from .grokfast import FILTERS, make_filter
-from .model import DEFAULT_LAYER, EMBEDDINGS, LAYERS
+from .model import DEFAULT_LAYER, EMBEDDINGS, LAYERS, check_layer_spec
 from .schedule import SNAPSHOT_EVENTS, complexity_steps
 from .tasks import TASKS
 
 #: default ``save_connectivity``: init, the two phase boundaries and the end
 SNAPSHOT_DEFAULT = ("0", "memorization", "generalization", "final")
+#: training precisions (``--dtype``)
+DTYPES = ("float32", "float64")
+#: default fraction of training samples whose correct-class probability is exactly 1 that counts as a numerical collapse
+COLLAPSE_FRACTION = 0.1
+#: default factor of a train-loss spike over the lowest train loss so far that counts as a numerical collapse
+COLLAPSE_SPIKE = 1e3
 #: option groups of ``grokfast-metrics train``, in help order
 GROUPS = ("task and model", "optimization", "LMN tracking", "other complexity measures", "output")
 
@@ -44,18 +50,27 @@ class TrainConfig:
     steps: int = field(default=20_000, metadata=_meta("full-batch AdamW steps", _OPT))
     lr: float = field(default=1e-3, metadata=_meta("learning rate", _OPT))
     weight_decay: float = field(default=0.2, metadata=_meta("AdamW weight decay", _OPT))
+    adam_eps: float = field(default=1e-8, metadata=_meta("AdamW epsilon (1e-6 avoids the late float32 collapse)", _OPT))
     train_fraction: float = field(default=0.8, metadata=_meta("fraction of all inputs used for training, in (0, 1)", _MODEL))
     seed: int = field(default=0, metadata=_meta("seed of the split and the initialization", _MODEL))
     init_scale: float = field(default=1.0, metadata=_meta("Omnigrok alpha: multiply initial parameters by it", _MODEL))
     embed_dim: int = field(default=32, metadata=_meta("embedding width per operand", _MODEL))
     hidden: int = field(default=100, metadata=_meta("hidden width", _MODEL))
-    embedding: str = field(default="shared", metadata=_meta("one table for both operands or one per operand", _MODEL,
-                                                            choices=EMBEDDINGS))
+    embedding: str = field(default="separate", metadata=_meta(
+        "one table per operand (the paper's setup) or one table shared by both operands", _MODEL, choices=EMBEDDINGS))
+    dtype: str = field(default="float32", metadata=_meta(
+        "training precision of the parameters and activations (LMN is computed on the model as it is)", _OPT,
+        choices=DTYPES))
     grokfast: str = field(default="none", metadata=_meta("Grokfast gradient filter", _OPT, choices=FILTERS))
     ema_alpha: float = field(default=0.98, metadata=_meta("grokfast ema momentum", _OPT))
     ema_lamb: float = field(default=2.0, metadata=_meta("grokfast ema amplification", _OPT))
     ma_window: int = field(default=100, metadata=_meta("grokfast ma window", _OPT))
     ma_lamb: float = field(default=5.0, metadata=_meta("grokfast ma amplification", _OPT))
+    collapse_fraction: float = field(default=COLLAPSE_FRACTION, metadata=_meta(
+        "numerical collapse when this fraction of the training samples has correct-class probability exactly 1 in the "
+        "training dtype", _OPT))
+    collapse_spike: float = field(default=COLLAPSE_SPIKE, metadata=_meta(
+        "numerical collapse when the train loss exceeds this factor times its lowest value so far", _OPT))
     device: str = field(default="auto", metadata=_meta("auto (CUDA if available), cpu, cuda, cuda:N", _LMN))
     lmn_every: int | None = field(default=None, metadata=_meta(
         "LMN every k steps, 0 = off (default: 1 on CUDA, 100 on CPU)", _LMN))
@@ -66,8 +81,10 @@ class TrainConfig:
         "LMN samples: all, train, test or a seeded subset size n (default: all on CUDA, 256 on CPU)", _LMN))
     probe_seed: int = field(default=0, metadata=_meta("seed of the probe subset (its own generator)", _LMN))
     lmn_layers: list[str] = field(default_factory=lambda: [DEFAULT_LAYER], metadata=_meta(
-        "layer to track (repeat for several; first is the 'lmn' column; 'all' = every layer, the default one first)", _LMN,
-        flag="--lmn-layer", choices=(*LAYERS, "all"), action="append"))
+        f"reading to track: a layer ({', '.join(LAYERS)}) to the logits, or FROM:TO for the segment between two layers "
+        "(TO may be 'logits'); repeat for several, the first is the 'lmn' column; 'all' = every layer to the logits, "
+        "'fig3' = the paper's three layers to the logits and to the next layer", _LMN,
+        flag="--lmn-layer", action="append"))
     n_lambda: int = field(default=21, metadata=_meta("interpolation points per pair", _LMN))
     lmn_backend: str = field(default="auto", metadata=_meta("LMN backend passed to grokfast_metrics.lmn", _LMN, choices=BACKENDS))
     spectral_entropy_weight: float = field(default=0.0, metadata=_meta(
@@ -80,6 +97,8 @@ class TrainConfig:
     save_connectivity: list[str] = field(default_factory=lambda: list(SNAPSHOT_DEFAULT), metadata=_meta(
         "steps at which to save L of the first tracked layer for Figure 4: comma-separated integers and/or memorization, "
         "generalization, final; '' = none", _CX, sep=","))
+    checkpoint_every: int = field(default=0, metadata=_meta(
+        "write checkpoint.pt (model, optimizer, filter, RNG, tracker state) every k steps, for --resume; 0 = never", _OUT))
     log_every: int | None = field(default=None, metadata=_meta(
         "log a row every k steps; LMN, complexity and key steps always (default: 1 on CUDA, 10 on CPU)", _OUT))
     threads: int | None = field(default=None, metadata=_meta(
@@ -99,7 +118,14 @@ class TrainConfig:
             raise ValueError(f"steps must be an integer >= 1; got {self.steps}")
         if not 0.0 < self.train_fraction < 1.0:
             raise ValueError(f"train fraction must be in (0, 1); got {self.train_fraction}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
+        if not 0.0 < self.collapse_fraction <= 1.0:
+            raise ValueError(f"collapse fraction must be in (0, 1]; got {self.collapse_fraction}")
+        if not (self.collapse_spike > 1.0):
+            raise ValueError(f"collapse spike must be > 1; got {self.collapse_spike}")
         for name, value, positive in (("lr", self.lr, True), ("weight decay", self.weight_decay, False),
+                                      ("adam eps", self.adam_eps, True),
                                       ("init scale", self.init_scale, True),
                                       ("spectral entropy weight", self.spectral_entropy_weight, False)):
             if not ((value > 0 if positive else value >= 0) and math.isfinite(value)):
@@ -109,6 +135,8 @@ class TrainConfig:
         if self.grokfast not in FILTERS:
             raise ValueError(f"grokfast filter must be one of {', '.join(FILTERS)}; got {self.grokfast!r}")
         make_filter(self.grokfast, ema_alpha=self.ema_alpha, ema_lamb=self.ema_lamb, ma_window=self.ma_window, ma_lamb=self.ma_lamb)
+        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be an integer >= 0 (0 = no checkpoints); got {self.checkpoint_every}")
         for name in ("lmn_every", "log_every", "threads"):
             value, least = getattr(self, name), 0 if name == "lmn_every" else 1
             if value is not None and value < least:
@@ -118,8 +146,7 @@ class TrainConfig:
         if not self.lmn_layers:
             raise ValueError("lmn_layers is empty; give at least one layer")
         for layer in self.lmn_layers:
-            if layer not in LAYERS:
-                raise ValueError(f"unknown LMN layer {layer!r}; choose from {', '.join(LAYERS)}")
+            check_layer_spec(layer)
         if len(set(self.lmn_layers)) != len(self.lmn_layers):
             raise ValueError(f"lmn_layers has duplicates: {self.lmn_layers}")
         try:

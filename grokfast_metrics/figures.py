@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -26,7 +27,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from .runlog import load_connectivity, read_metrics
+from .runlog import RunLogError, load_connectivity, read_json, read_metrics
 
 _PHASES = (("memorizing", "#fde2e2"), ("generalizing", "#fff4cc"), ("finalizing", "#e3f4e1"))
 
@@ -92,10 +93,13 @@ def plot_curves(rows: list[dict], path: str | Path, *, summary: dict | None = No
     path = Path(path)
     summary = summary or {}
     mem, gen = summary.get("memorization_step"), summary.get("generalization_step")
+    collapse = (summary.get("numerical_collapse") or {}).get("step")
     last = max((r["step"] for r in rows), default=1)
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
     for ax in axes:
         _phase_axis(ax, last, mem, gen)
+        if collapse is not None:
+            ax.axvline(collapse, color="crimson", ls=":", lw=1.6)
     _train_test_panel(axes[0], rows, "acc", "accuracy", legend="upper left")
     axes[0].set_ylim(-0.02, 1.02)
     _train_test_panel(axes[1], rows, "loss", "cross-entropy loss", legend="lower left")
@@ -105,7 +109,11 @@ def plot_curves(rows: list[dict], path: str | Path, *, summary: dict | None = No
     axes[3].set_ylabel("L2 norm of parameters")
 
     handles = [plt.Rectangle((0, 0), 1, 1, color=c, alpha=0.6) for _, c in _PHASES]
-    fig.legend(handles, [n for n, _ in _PHASES], loc="lower center", ncol=3, fontsize=8, frameon=False)
+    names = [n for n, _ in _PHASES]
+    if collapse is not None:
+        handles.append(plt.Line2D([], [], color="crimson", ls=":", lw=1.6))
+        names.append(f"numerical collapse (step {collapse})")
+    fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=8, frameon=False)
     fig.suptitle(_curves_title(summary) if title is None else title)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=110)
@@ -154,7 +162,12 @@ def _curves_title(summary: dict) -> str:
     mem, gen = summary.get("memorization_step"), summary.get("generalization_step")
     if mem is not None or gen is not None:
         title += f"   memorization step {mem}, generalization step {gen}"
-    if summary.get("interrupted"):
+    collapse = summary.get("numerical_collapse")
+    if collapse is not None:
+        title += f"   numerical collapse at step {collapse['step']}"
+    if summary.get("stop_reason"):
+        title += f"   ({summary['stop_reason']})"
+    elif summary.get("interrupted"):
         title += "   (interrupted)"
     return title
 
@@ -173,18 +186,24 @@ def _layer_columns(rows: list[dict]) -> list[str]:
 
 
 def plot_layers(rows: list[dict], path: str | Path, summary: dict | None = None) -> Path | None:
-    """LMN at every tracked layer vs step (log-x). Returns None when fewer than one layer column exists."""
+    """Figure 3: LMN of every tracked reading vs step (log-x), in two panels when both kinds were tracked:
+    each layer to the logits (``lmn_<layer>``) and each segment between two layers (``lmn_<from>:<to>``,
+    e.g. each layer to the next one). Returns None when no LMN column exists."""
     cols = _layer_columns(rows)
     if not cols:
         return None
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for c in cols:
-        pts = [(r["step"], r[c]) for r in rows if r.get(c) is not None and r["step"] >= 1]
-        if pts:
-            ax.plot(*zip(*pts), label=c[len("lmn_"):], lw=1.4)
-    _mark_phases(ax, summary)
-    ax.set(xscale="log", xlabel="step", ylabel="LMN", title="LMN at each layer (tail to the logits)")
-    ax.legend(fontsize=8)
+    panels = [("each layer to the logits", [c for c in cols if ":" not in c]),
+              ("each layer to the next layer (segments)", [c for c in cols if ":" in c])]
+    panels = [(t, cs) for t, cs in panels if cs]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4), squeeze=False)
+    for ax, (title, cs) in zip(axes[0], panels):
+        for c in cs:
+            pts = [(r["step"], r[c]) for r in rows if r.get(c) is not None and r["step"] >= 1]
+            if pts:
+                ax.plot(*zip(*pts), label=c[len("lmn_"):].replace(":", " \u2192 "), lw=1.4)
+        _mark_phases(ax, summary)
+        ax.set(xscale="log", xlabel="step", ylabel="LMN", title=f"LMN: {title}")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -196,6 +215,9 @@ def _mark_phases(ax, summary: dict | None) -> None:
         s = (summary or {}).get(key)
         if s:
             ax.axvline(s, color=color, ls="--", lw=0.9, label=key.split("_")[0])
+    c = ((summary or {}).get("numerical_collapse") or {}).get("step")
+    if c:
+        ax.axvline(c, color="crimson", ls=":", lw=1.4, label="numerical collapse")
 
 
 def plot_connectivity(snaps: list[dict], path: str | Path) -> Path | None:
@@ -275,8 +297,10 @@ def make_figures(run_dir: str | Path, out_dir: str | Path | None = None) -> dict
     out = Path(out_dir) if out_dir else run_dir
     out.mkdir(parents=True, exist_ok=True)
     rows = read_metrics(run_dir)
+    if not rows:
+        raise RunLogError(f"{run_dir / 'metrics.jsonl'}: no rows")
     summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    summary = read_json(summary_path) if summary_path.is_file() else {}
     layers = [c[len("lmn_"):] for c in _layer_columns(rows)] or None
     res = {
         "fig2": str(plot_curves(rows, out / "fig2_curves.png", summary=summary, layers=layers)),
@@ -312,8 +336,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         res = make_figures(args.run, args.out)
-    except FileNotFoundError as e:
-        print(f"grokfast-metrics plot: error: {e}")
+    except (FileNotFoundError, RunLogError) as e:
+        print(f"grokfast-metrics plot: error: {e}", file=sys.stderr)
         return 2
     for key in ("fig2", "fig3", "fig4"):
         print(f"{key}: {res[key] or 'skipped (nothing logged for it)'}")

@@ -60,6 +60,14 @@ class EMAFilter:
                 s.mul_(self.alpha).add_(g, alpha=1.0 - self.alpha)
             g.add_(s, alpha=self.lamb)
 
+    def state_dict(self) -> dict:
+        """The filter state (copies), for checkpoints."""
+        return {"state": {k: v.detach().clone() for k, v in self.state.items()}}
+
+    def load_state_dict(self, state: dict, device: torch.device | None = None) -> None:
+        """Restore :meth:`state_dict` (tensors moved to ``device`` if given)."""
+        self.state = {k: v.to(device) if device is not None else v.clone() for k, v in state["state"].items()}
+
 
 class MAFilter:
     """Windowed moving-average Grokfast filter (``gradfilter_ma``, mean filter).
@@ -92,6 +100,15 @@ class MAFilter:
             if self.warmup and len(q) < self.window:
                 continue
             p.grad.add_(torch.stack(list(q)).mean(dim=0), alpha=self.lamb)
+
+    def state_dict(self) -> dict:
+        """The filter state (copies of the windows), for checkpoints."""
+        return {"state": {k: [g.detach().clone() for g in q] for k, q in self.state.items()}}
+
+    def load_state_dict(self, state: dict, device: torch.device | None = None) -> None:
+        """Restore :meth:`state_dict` (tensors moved to ``device`` if given)."""
+        self.state = {k: deque((g.to(device) if device is not None else g.clone() for g in q), maxlen=self.window)
+                      for k, q in state["state"].items()}
 
 
 def make_filter(kind: str, *, ema_alpha: float = 0.98, ema_lamb: float = 2.0, ma_window: int = 100, ma_lamb: float = 5.0):

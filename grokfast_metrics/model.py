@@ -22,6 +22,13 @@ from torch import nn
 #: layers LMN can be taken at, in forward order
 LAYERS = ("embeddings", "hidden1_pre", "hidden1_post", "hidden2_pre", "hidden2_post")
 DEFAULT_LAYER = "hidden1_post"
+#: the end point of a segment that reaches the output (``"A:logits"`` is the same reading as ``"A"``)
+OUTPUT = "logits"
+#: position of each representation in the chain ``fc1, act1, fc2, act2, fc3`` (the modules after it)
+_POSITION = {**{name: i for i, name in enumerate(LAYERS)}, OUTPUT: len(LAYERS)}
+#: Fig. 3's readings: each of the paper's three layers (embedding, first hidden, second hidden) to the output
+#: and to the next layer (``--lmn-layer fig3``), the default reading first
+FIG3_READINGS = ("hidden1_post", "embeddings", "hidden2_post", "embeddings:hidden1_post", "hidden1_post:hidden2_post")
 #: embedding layouts: one table shared by both operands, or one table per operand
 EMBEDDINGS = ("shared", "separate")
 
@@ -71,9 +78,26 @@ class GrokMLP(nn.Module):
             ValueError: unknown layer name.
         """
         _check_layer(layer)
+        return self.segment(layer, OUTPUT)
+
+    def segment(self, from_layer: str, to_layer: str = OUTPUT) -> nn.Sequential:
+        """The modules between two representations, ``from_layer -> to_layer``, as an ``nn.Sequential``
+        of this model's own modules (no copies): an MLP segment, so LMN takes the MLP paths.
+
+        ``to_layer`` is one of :data:`LAYERS` after ``from_layer`` or ``"logits"`` (the default: the tail).
+
+        Raises:
+            ValueError: unknown names or ``to_layer`` not after ``from_layer``.
+        """
+        _check_layer(from_layer)
+        if to_layer not in _POSITION:
+            raise ValueError(f"unknown layer {to_layer!r}; choose one of {', '.join((*LAYERS, OUTPUT))}")
+        start, stop = _POSITION[from_layer], _POSITION[to_layer]
+        if stop <= start:
+            raise ValueError(f"segment {from_layer}:{to_layer}: {to_layer} must come after {from_layer} "
+                             f"(order: {', '.join((*LAYERS, OUTPUT))})")
         mods: list[nn.Module] = [self.fc1, self.act1, self.fc2, self.act2, self.fc3]
-        start = {"embeddings": 0, "hidden1_pre": 1, "hidden1_post": 2, "hidden2_pre": 3, "hidden2_post": 4}[layer]
-        return nn.Sequential(*mods[start:])
+        return nn.Sequential(*mods[start:stop])
 
 
 def _check_layer(layer: str) -> None:
@@ -81,8 +105,49 @@ def _check_layer(layer: str) -> None:
         raise ValueError(f"unknown layer {layer!r}; choose one of {', '.join(LAYERS)}")
 
 
+def split_spec(spec: str) -> tuple[str, str]:
+    """``"A"`` -> ``(A, "logits")``; ``"A:B"`` -> ``(A, B)`` (names not checked)."""
+    a, sep, b = spec.partition(":")
+    return a, (b if sep else OUTPUT)
+
+
+def check_layer_spec(spec: str) -> None:
+    """Check an LMN reading ``"A"`` (layer A to the logits) or ``"A:B"`` (layer A to layer B).
+
+    Raises:
+        ValueError: what is wrong, with the valid names.
+    """
+    a, b = split_spec(spec)
+    if a not in LAYERS:
+        raise ValueError(f"unknown LMN layer {a!r} in {spec!r}; choose from {', '.join(LAYERS)} "
+                         f"(or FROM:TO with TO one of {', '.join((*LAYERS, OUTPUT))})")
+    if b not in _POSITION:
+        raise ValueError(f"unknown LMN target layer {b!r} in {spec!r}; choose from {', '.join((*LAYERS, OUTPUT))}")
+    if _POSITION[b] <= _POSITION[a]:
+        raise ValueError(f"LMN segment {spec!r}: {b} must come after {a} (order: {', '.join((*LAYERS, OUTPUT))})")
+
+
+def canonical_spec(spec: str) -> str:
+    """``"A:logits"`` -> ``"A"``; other readings unchanged."""
+    a, b = split_spec(spec)
+    return a if b == OUTPUT else spec
+
+
+def segment_of(model: GrokMLP, spec: str) -> nn.Sequential:
+    """The modules of the reading ``spec`` (``"A"`` or ``"A:B"``); see :meth:`GrokMLP.segment`."""
+    return model.segment(*split_spec(spec))
+
+
+def layer_target(spec: str) -> str:
+    """Where the reading ``spec`` ends: ``"the logits"`` or the target layer's name."""
+    b = split_spec(spec)[1]
+    return "the logits" if b == OUTPUT else b
+
+
 def representations(model: GrokMLP, x: torch.Tensor, layers: list[str] | tuple[str, ...]) -> dict[str, tuple[torch.Tensor, nn.Sequential]]:
     """Representations of ``x`` at each of ``layers`` and the tail from there to the logits.
+
+    A reading ``"A:B"`` gives the representation at A and the segment ``A -> B`` instead of the tail.
 
     One forward pass under ``torch.no_grad()``; the model's mode, parameters and the RNG are not touched.
 
@@ -99,16 +164,16 @@ def representations(model: GrokMLP, x: torch.Tensor, layers: list[str] | tuple[s
         ValueError: unknown layer name.
     """
     for layer in layers:
-        _check_layer(layer)
+        check_layer_spec(layer)
     with torch.no_grad():
         acts: dict[str, torch.Tensor] = {}
         acts["embeddings"] = e = model.embed(x)
         acts["hidden1_pre"] = z1 = model.fc1(e)
         acts["hidden1_post"] = h1 = model.act1(z1)
-        if any(layer in ("hidden2_pre", "hidden2_post") for layer in layers):
+        if any(split_spec(layer)[0] in ("hidden2_pre", "hidden2_post") for layer in layers):
             acts["hidden2_pre"] = z2 = model.fc2(h1)
             acts["hidden2_post"] = model.act2(z2)
-    return {layer: (acts[layer], model.tail(layer)) for layer in layers}
+    return {layer: (acts[split_spec(layer)[0]], segment_of(model, layer)) for layer in layers}
 
 
 def representation(model: GrokMLP, x: torch.Tensor, layer: str = DEFAULT_LAYER) -> tuple[torch.Tensor, nn.Sequential]:

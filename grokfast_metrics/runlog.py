@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,56 @@ if TYPE_CHECKING:
     from .config import TrainConfig
 
 SNAPSHOT_DIR = "connectivity"
+#: the files a run writes into its directory (``grokfast-metrics plot`` adds :data:`FIGURE_FILES`)
+RUN_FILES = ("config.json", "metrics.jsonl", "metrics.csv", "summary.json", "curves.png", "checkpoint.pt", "checkpoint.tmp")
+FIGURE_FILES = ("fig2_curves.png", "fig3_layers.png", "fig4_connectivity.png", "scatter_test_loss.png", "figures.json")
+
+
+class RunDirError(ValueError):
+    """The run directory already holds a run (refused without ``--overwrite`` / ``--resume``)."""
+
+
+class RunLogError(ValueError):
+    """A run file is damaged; the message names the file and the line."""
+
+
+def existing_run_files(run_dir: str | Path) -> list[str]:
+    """Names of the run files (and the ``connectivity/`` snapshots) already in ``run_dir``."""
+    d = Path(run_dir)
+    found = [name for name in (*RUN_FILES, *FIGURE_FILES) if (d / name).exists()]
+    if any((d / SNAPSHOT_DIR).glob("step_*.pt")):
+        found.append(f"{SNAPSHOT_DIR}/")
+    return found
+
+
+def prepare_run_dir(run_dir: str | Path, overwrite: bool = False) -> None:
+    """Create ``run_dir``; refuse one that holds a run unless ``overwrite``, which removes that run's files first.
+
+    Only the files a run writes are removed (:data:`RUN_FILES`, :data:`FIGURE_FILES`, ``connectivity/step_*.pt``);
+    anything else in the directory is left alone. A run directory is therefore never a mix of two runs.
+
+    Raises:
+        RunDirError: ``run_dir`` holds a run and ``overwrite`` is False.
+    """
+    d = Path(run_dir)
+    found = existing_run_files(d)
+    if found and not overwrite:
+        raise RunDirError(f"{d} already holds a run ({', '.join(found)}); pass --overwrite to replace it or "
+                          f"--resume {d} to continue it")
+    for name in (*RUN_FILES, *FIGURE_FILES):
+        (d / name).unlink(missing_ok=True)
+    snaps = d / SNAPSHOT_DIR
+    if snaps.is_dir():
+        for p in snaps.glob("step_*.pt"):
+            p.unlink()
+    d.mkdir(parents=True, exist_ok=True)
+
+
+def drop_snapshots_after(run_dir: str | Path, step: int) -> None:
+    """Remove the connectivity snapshots of steps after ``step`` (a resumed run writes them again)."""
+    for p in (Path(run_dir) / SNAPSHOT_DIR).glob("step_*.pt"):
+        if int(p.name.split("_")[1]) > step:
+            p.unlink()
 
 
 # ------------------------------------------------------------------------------------------
@@ -35,7 +86,7 @@ class MetricsLog:
         flush_s: flush at most this often (and always on :meth:`close`).
     """
 
-    def __init__(self, run_dir: Path, columns: list[str], flush_s: float = 1.0):
+    def __init__(self, run_dir: Path, columns: list[str], flush_s: float = 1.0, rows: list[dict] | None = None):
         self.columns = columns
         self.flush_s = flush_s
         self._jsonl = open(run_dir / "metrics.jsonl", "w", encoding="utf-8")
@@ -44,17 +95,23 @@ class MetricsLog:
         self._csv.writeheader()
         self._last_flush = time.perf_counter()
         self.rows: list[dict] = []
+        for row in rows or ():  # a resumed run: its rows so far, written again exactly as they were
+            self._write(row)
+        self.flush()
 
     def write(self, row: dict) -> None:
         """Write one row (keys must be a subset of ``columns``; missing ones are null)."""
-        full = {c: row.get(c) for c in self.columns}
-        self.rows.append(full)
-        self._jsonl.write(json.dumps(full) + "\n")
-        self._csv.writerow({c: ("" if v is None else v) for c, v in full.items()})
+        self._write(row)
         now = time.perf_counter()
         if now - self._last_flush >= self.flush_s:
             self.flush()
             self._last_flush = now
+
+    def _write(self, row: dict) -> None:
+        full = {c: row.get(c) for c in self.columns}
+        self.rows.append(full)
+        self._jsonl.write(json.dumps(full) + "\n")
+        self._csv.writerow({c: ("" if v is None else v) for c, v in full.items()})
 
     def flush(self) -> None:
         """Flush both files."""
@@ -70,19 +127,52 @@ class MetricsLog:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    """Rows of ``run_dir/metrics.jsonl`` (skips a truncated last line, e.g. after a crash).
+    """Rows of ``run_dir/metrics.jsonl``.
+
+    A truncated last line (no final newline: the process died while writing it) is skipped with a
+    warning; any other bad line is an error that names the file and the line.
 
     Raises:
         FileNotFoundError: no ``metrics.jsonl`` in ``run_dir``.
+        RunLogError: a line that is not a JSON object with an integer ``step``, or steps not increasing.
     """
-    rows = []
-    with open(Path(run_dir) / "metrics.jsonl", encoding="utf-8") as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
+    path = Path(run_dir) / "metrics.jsonl"
+    rows: list[dict] = []
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(lines) and not line.endswith("\n"):
+                warnings.warn(f"{path}, line {i}: truncated last line skipped ({e.msg})", stacklevel=2)
                 break
+            raise RunLogError(f"{path}, line {i}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            raise RunLogError(f"{path}, line {i}: not a metrics row (a JSON object with an integer 'step')")
+        if rows and row["step"] <= rows[-1]["step"]:
+            raise RunLogError(f"{path}, line {i}: step {row['step']} does not follow step {rows[-1]['step']}")
+        rows.append(row)
     return rows
+
+
+def read_json(path: str | Path) -> dict:
+    """A JSON object file (``summary.json``, ``config.json``).
+
+    Raises:
+        FileNotFoundError: no such file.
+        RunLogError: not valid JSON (names the file and the line).
+    """
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise RunLogError(f"{path}, line {e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(obj, dict):
+        raise RunLogError(f"{path}: not a JSON object")
+    return obj
 
 
 def write_json(path: Path, obj) -> None:
@@ -107,24 +197,40 @@ def lmn_at_step(rows: list[dict], step: int | None, column: str = "lmn") -> tupl
     return None
 
 
-def summarize(rows: list[dict], cfg: TrainConfig, memorization_step: int | None, generalization_step: int | None,
-              timings: dict, interrupted: bool, steps_done: int) -> dict:
-    """Summary dict: key steps, LMN at init / peak / memorization / generalization / end, timings."""
+def summarize(rows: list[dict], cfg: TrainConfig, phases: dict, collapse: dict | None, timings: dict, interrupted: bool,
+              steps_done: int, stop_reason: str | None = None) -> dict:
+    """Summary dict: key steps, LMN at init / peak / phase steps / end, numerical collapse, timings.
+
+    Args:
+        phases: ``{"memorization": step, "generalization": step, "generalization_99": step}`` (``None``: not reached).
+        collapse: the numerical-collapse event (``Collapse.summary()``) or ``None``.
+        stop_reason: why the run stopped early (``None``: it completed).
+    """
     tracked = [r for r in rows if r.get("lmn") is not None]
     peak = max(tracked, key=lambda r: r["lmn"]) if tracked else None
     last = rows[-1] if rows else {}
+    collapse_step = None if collapse is None else collapse["step"]
 
     def at(step):
         hit = lmn_at_step(rows, step)
         return None if hit is None else {"step": hit[0], "lmn": hit[1]}
 
+    final = None if not tracked else {"step": tracked[-1]["step"], "lmn": tracked[-1]["lmn"]}
+    if final is not None:
+        final["after_collapse"] = collapse_step is not None and final["step"] >= collapse_step
     return {
         "task": cfg.task,
+        "dtype": cfg.dtype,
         "steps_done": steps_done,
         "steps_planned": cfg.steps,
         "interrupted": interrupted,
-        "memorization_step": memorization_step,
-        "generalization_step": generalization_step,
+        "stop_reason": stop_reason,
+        "memorization_step": phases.get("memorization"),
+        "generalization_step": phases.get("generalization"),
+        "generalization_step_99": phases.get("generalization_99"),
+        "best_test_acc": max((r["test_acc"] for r in rows if r.get("test_acc") is not None), default=None),
+        "numerical_collapse": collapse,
+        "final_after_collapse": collapse_step is not None and steps_done >= collapse_step,
         "final_train_acc": last.get("train_acc"),
         "final_test_acc": last.get("test_acc"),
         "final_l2": last.get("l2"),
@@ -132,12 +238,35 @@ def summarize(rows: list[dict], cfg: TrainConfig, memorization_step: int | None,
         "lmn_probe": cfg.probe,
         "lmn_init": at(0),
         "lmn_peak": None if peak is None else {"step": peak["step"], "lmn": peak["lmn"]},
-        "lmn_at_memorization": at(memorization_step),
-        "lmn_at_generalization": at(generalization_step),
-        "lmn_final": None if not tracked else {"step": tracked[-1]["step"], "lmn": tracked[-1]["lmn"]},
+        "lmn_at_memorization": at(phases.get("memorization")),
+        "lmn_at_generalization": at(phases.get("generalization")),
+        "lmn_at_generalization_99": at(phases.get("generalization_99")),
+        "lmn_before_collapse": None if collapse_step is None else _last_before(tracked, collapse_step),
+        "lmn_final": final,
         "lmn_evaluations": len(tracked),
         "timings_s": timings,
     }
+
+
+def _last_before(tracked: list[dict], step: int) -> dict | None:
+    before = [r for r in tracked if r["step"] < step]
+    return None if not before else {"step": before[-1]["step"], "lmn": before[-1]["lmn"]}
+
+
+def collapse_message(summary: dict) -> str:
+    """The end-of-run warning for a numerical collapse (``summary["numerical_collapse"]`` set)."""
+    c = summary["numerical_collapse"]
+    why = []
+    if c.get("p1_fraction_step") is not None:
+        why.append(f"from step {c['p1_fraction_step']} at least {c['p1_fraction_threshold']:.0%} of the training samples "
+                   f"have correct-class probability exactly 1 in {summary.get('dtype', 'the training dtype')}")
+    if c.get("loss_spike_step") is not None:
+        why.append(f"at step {c['loss_spike_step']} the train loss spiked above {c['loss_spike_factor']:g}x its lowest value")
+    before = summary.get("lmn_before_collapse")
+    return (f"numerical collapse at step {c['step']}: " + "; ".join(why) + ". The final values (step "
+            f"{summary.get('steps_done')}) come after it" + (f"; LMN before it: {before['lmn']:.2f} (step {before['step']})"
+                                                             if before else "")
+            + ". Train in --dtype float64 (or with a larger --adam-eps) to avoid it.")
 
 
 def format_summary(summary: dict) -> str:
@@ -151,19 +280,26 @@ def format_summary(summary: dict) -> str:
         return "-" if v is None else f"{100 * v:.1f}%"
 
     t = summary.get("timings_s", {})
+    after = "  [after the numerical collapse]" if summary.get("final_after_collapse") else ""
     lines = [
         (f"task {summary.get('task')}: {summary.get('steps_done')}/{summary.get('steps_planned')} steps"
-         + ("  [interrupted]" if summary.get("interrupted") else "")),
-        f"  memorization step (train acc 100%):   {summary.get('memorization_step')}",
-        f"  generalization step (test acc >= 99%): {summary.get('generalization_step')}",
-        f"  final accuracy train {pct(summary.get('final_train_acc'))}, test {pct(summary.get('final_test_acc'))}",
+         + (f"  [{summary['stop_reason']}]" if summary.get("stop_reason") else
+            "  [interrupted]" if summary.get("interrupted") else "")),
+        f"  memorization step (train acc 100%):     {summary.get('memorization_step')}",
+        f"  generalization step (test acc 100%):    {summary.get('generalization_step')}",
+        f"  generalization step (test acc >= 99%):  {summary.get('generalization_step_99')}",
+        f"  final accuracy train {pct(summary.get('final_train_acc'))}, test {pct(summary.get('final_test_acc'))}"
+        f" (best test {pct(summary.get('best_test_acc'))}){after}",
         (f"  LMN ({summary.get('lmn_layer')}): init {lm('lmn_init')}, peak {lm('lmn_peak')}, "
          f"at memorization {lm('lmn_at_memorization')}, at generalization {lm('lmn_at_generalization')}, "
-         f"final {lm('lmn_final')}"),
-        (f"  time {t.get('total', 0):.1f} s (train {t.get('train', 0):.1f} s, LMN {t.get('lmn', 0):.1f} s "
-         f"over {summary.get('lmn_evaluations')} evaluations, complexity/norms {t.get('complexity', 0):.1f} s, "
-         f"logging {t.get('log', 0):.1f} s)"),
+         f"final {lm('lmn_final')}{after}"),
     ]
+    if summary.get("numerical_collapse") is not None:
+        lines.append("  WARNING: " + collapse_message(summary))
+    lines.append(
+        f"  time {t.get('total', 0):.1f} s (train {t.get('train', 0):.1f} s, LMN {t.get('lmn', 0):.1f} s "
+        f"over {summary.get('lmn_evaluations')} evaluations, complexity/norms {t.get('complexity', 0):.1f} s, "
+        f"logging {t.get('log', 0):.1f} s)")
     return "\n".join(lines)
 
 
@@ -175,7 +311,7 @@ def save_connectivity(run_dir: str | Path, step: int, layer: str, L: torch.Tenso
     """Save ``L`` (``(N, N)``) of ``layer`` at ``step`` under ``run_dir/connectivity/``."""
     d = Path(run_dir) / SNAPSHOT_DIR
     d.mkdir(parents=True, exist_ok=True)
-    path = d / f"step_{step:07d}_{layer}.pt"
+    path = d / f"step_{step:07d}_{layer.replace(':', '-to-')}.pt"
     torch.save({"step": int(step), "layer": layer, "lmn": float(lmn), "L": L.detach().to("cpu", torch.float32)}, path)
     return path
 

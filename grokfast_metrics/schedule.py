@@ -28,8 +28,9 @@ LOG_BASE = 1.3
 EARLY_BASE = 1.5
 #: base of the compression-complexity ``"log"`` schedule (step 0 and the powers of two)
 COMPLEXITY_BASE = 2.0
-#: phase events: the first step with train accuracy 100% / test accuracy >= 99%
-PHASE_EVENTS = ("memorization", "generalization")
+#: phase events: the first step with train accuracy 100% / test accuracy 100% (the paper's generalization) /
+#: test accuracy >= 99%
+PHASE_EVENTS = ("memorization", "generalization", "generalization_99")
 #: events a snapshot step can name: the phase events and the last step
 SNAPSHOT_EVENTS = (*PHASE_EVENTS, "final")
 

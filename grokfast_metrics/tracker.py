@@ -119,6 +119,16 @@ class Tracker:
         self.results = None
         self._calls = 0
 
+    def state_dict(self) -> dict:
+        """The tracking state (history and call counter), for checkpoints: plain Python values."""
+        return {"history": [dict(row) for row in self.history], "calls": self._calls}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`; the next scheduled computation continues the history."""
+        self.history = [dict(row) for row in state["history"]]
+        self._calls = int(state["calls"])
+        self.results = None
+
     def as_dict(self) -> dict[str, list]:
         """History as ``{"step": [...], "lmn": [...], "entropy_bits": [...]}`` (``pandas.DataFrame(...)``-ready)."""
         keys = ("step", "lmn", "entropy_bits")

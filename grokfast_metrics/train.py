@@ -21,8 +21,11 @@ give bit-identical losses.
 from __future__ import annotations
 
 import math
+import os
 import platform
+import signal
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -39,18 +42,29 @@ from .complexity import compression_complexity, spectral_entropies, spectral_ent
 from .config import SNAPSHOT_DEFAULT, TrainConfig, parse_probe
 from .core import LMNResult, lmn
 from .grokfast import make_filter
-from .model import GrokMLP, representations, scale_init
-from .runlog import MetricsLog, save_connectivity, summarize, write_json
+from .model import GrokMLP, layer_target, representations, scale_init, segment_of
+from .runlog import (
+    MetricsLog,
+    RunDirError,
+    RunLogError,
+    collapse_message,
+    drop_snapshots_after,
+    prepare_run_dir,
+    read_metrics,
+    save_connectivity,
+    summarize,
+    write_json,
+)
 from .schedule import Due, Schedule
 from .tasks import Task, make_task
 from .tracker import Tracker
 
-__all__ = ["BASE_COLUMNS", "SNAPSHOT_DEFAULT", "RunResult", "TrainConfig", "parse_probe", "probe_indices", "track_lmn",
-           "train"]
+__all__ = ["BASE_COLUMNS", "SNAPSHOT_DEFAULT", "NumericalCollapseWarning", "RunDirError", "RunLogError", "RunResult",
+           "TrainConfig", "parse_probe", "probe_indices", "resume", "track_lmn", "train"]
 
 #: columns always present in the logs; ``lmn_<layer>`` columns follow
-BASE_COLUMNS = ("step", "train_loss", "train_acc", "test_loss", "test_acc", "l2", "lmn", "time_s")
-#: test accuracy that counts as generalized
+BASE_COLUMNS = ("step", "train_loss", "train_acc", "test_loss", "test_acc", "l2", "lmn", "time_s", "train_p1_frac")
+#: test accuracy of ``generalization_99`` (the paper's generalization step is the first at test accuracy 100%)
 GENERALIZED_ACC = 0.99
 #: the trainer's compression-complexity grid (7 bin sizes x 4 rank fractions, ~1.6 s per evaluation on the
 #: paper's model on one CPU core); ``grokfast_metrics.complexity`` has the finer default grid
@@ -104,7 +118,7 @@ def build_model(task: Task, cfg: TrainConfig, device: torch.device) -> GrokMLP:
         torch.manual_seed(cfg.seed)
         model = GrokMLP(task.n_tokens, task.n_classes, cfg.embed_dim, cfg.hidden, cfg.embedding)
     scale_init(model, cfg.init_scale)
-    return model.to(device)
+    return model.to(device=device, dtype=TORCH_DTYPES[cfg.dtype])
 
 
 def track_lmn(model: GrokMLP, x_probe: torch.Tensor, layers: list[str], n_lambda: int = 21,
@@ -158,25 +172,86 @@ class Timer:
 
 @dataclass
 class Phases:
-    """The first step with train accuracy 100% (memorization) and with test accuracy >= 99% (generalization)."""
+    """First steps with train accuracy 100% (memorization), test accuracy 100% (generalization, the paper's
+    definition) and test accuracy >= 99% (``generalization_99``)."""
 
     memorization: int | None = None
     generalization: int | None = None
+    generalization_99: int | None = None
 
-    def observe(self, step: int, all_train_correct: bool, test_acc: float) -> tuple[str, ...]:
+    def observe(self, step: int, all_train_correct: bool, all_test_correct: bool, test_acc: float) -> tuple[str, ...]:
         """Record ``step``'s accuracies; returns the phase events first reached at this step."""
         events = []
         if self.memorization is None and all_train_correct:
             self.memorization = step
             events.append("memorization")
-        if self.generalization is None and test_acc >= GENERALIZED_ACC:
+        if self.generalization is None and all_test_correct:
             self.generalization = step
             events.append("generalization")
+        if self.generalization_99 is None and test_acc >= GENERALIZED_ACC:
+            self.generalization_99 = step
+            events.append("generalization_99")
         return tuple(events)
+
+
+@dataclass
+class Collapse:
+    """Numerical-collapse detector, fed every step.
+
+    The collapse event is the first step at which either (a) the fraction of training samples whose
+    correct-class probability is exactly 1 in the training dtype reaches ``fraction`` (their loss is
+    exactly 0 and their gradient through the correct logit vanishes: "softmax collapse"), or (b) the
+    train loss exceeds ``spike`` times its lowest value so far (a loss spike of orders of magnitude).
+
+    Attributes:
+        fraction_step, spike_step: first step of each criterion (``None``: not reached).
+        detail: the values at those steps.
+    """
+
+    fraction: float
+    spike: float
+    min_loss: float = math.inf
+    fraction_step: int | None = None
+    spike_step: int | None = None
+    detail: dict = field(default_factory=dict)
+
+    def observe(self, step: int, train_loss: float, p1_fraction: float) -> bool:
+        """Record ``step``; returns True when the collapse event happens at this step."""
+        before = self.step
+        if self.fraction_step is None and p1_fraction >= self.fraction:
+            self.fraction_step = step
+            self.detail["at_fraction_step"] = {"train_loss": train_loss, "train_p1_frac": p1_fraction}
+        if self.spike_step is None and 0.0 < self.min_loss and train_loss > self.spike * self.min_loss:
+            self.spike_step = step
+            self.detail["at_spike_step"] = {"train_loss": train_loss, "min_train_loss_before": self.min_loss,
+                                            "train_p1_frac": p1_fraction}
+        if train_loss < self.min_loss:
+            self.min_loss = train_loss
+        return before is None and self.step is not None
+
+    @property
+    def step(self) -> int | None:
+        """The collapse step: the first step of either criterion (``None``: no collapse)."""
+        hits = [s for s in (self.fraction_step, self.spike_step) if s is not None]
+        return min(hits) if hits else None
+
+    def summary(self) -> dict | None:
+        """``summary.json``'s ``numerical_collapse`` entry (``None`` when no collapse)."""
+        if self.step is None:
+            return None
+        return {"step": self.step, "p1_fraction_step": self.fraction_step, "loss_spike_step": self.spike_step,
+                "p1_fraction_threshold": self.fraction, "loss_spike_factor": self.spike, **self.detail}
 
 
 # ------------------------------------------------------------------------------------------
 # one run
+
+#: exit codes of a run that stopped early (``RunResult.exit_code``; 0: completed)
+EXIT_SIGINT, EXIT_SIGTERM, EXIT_NONFINITE = 130, 143, 3
+#: the checkpoint file in the run directory (the latest one; replaced atomically)
+CHECKPOINT = "checkpoint.pt"
+#: dtype names of ``--dtype``
+TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 @dataclass
@@ -194,26 +269,44 @@ class Run:
     log: MetricsLog
     timer: Timer
     phases: Phases = field(default_factory=Phases)
+    collapse: Collapse | None = None
     start: float = field(default_factory=time.perf_counter)
+    first_step: int = 0
 
 
 @dataclass
 class RunResult:
-    """What :func:`train` returns. ``summary`` is also written to ``summary.json``."""
+    """What :func:`train` returns. ``summary`` is also written to ``summary.json``.
+
+    ``exit_code``: 0 completed, 130 SIGINT, 143 SIGTERM, 3 non-finite loss; ``stop_reason`` says why in words.
+    """
 
     run_dir: Path
     summary: dict
     rows: list[dict]
     interrupted: bool
+    exit_code: int = 0
+    stop_reason: str | None = None
 
 
-def setup(cfg: TrainConfig, run_dir: Path) -> Run:
-    """Task, model, optimizer, filter, schedule, tracker and log of a resolved ``cfg``; writes ``config.json``."""
+class _Stop(Exception):
+    """The loop stops early: ``reason`` in words and the run's exit code."""
+
+    def __init__(self, reason: str, exit_code: int):
+        super().__init__(reason)
+        self.reason, self.exit_code = reason, exit_code
+
+
+def setup(cfg: TrainConfig, run_dir: Path, resume_rows: list[dict] | None = None) -> Run:
+    """Task, model, optimizer, filter, schedule, tracker and log of a resolved ``cfg``; writes ``config.json``.
+
+    ``resume_rows``: the rows already logged by the run being resumed (the log is rewritten with them, then appended to).
+    """
     device = torch.device(cfg.device)
     task = make_task(cfg.task, cfg.train_fraction, cfg.seed)
     probe_idx = probe_indices(task, cfg.probe, cfg.probe_seed)
     model = build_model(task, cfg, device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
     grad_filter = make_filter(cfg.grokfast, ema_alpha=cfg.ema_alpha, ema_lamb=cfg.ema_lamb, ma_window=cfg.ma_window, ma_lamb=cfg.ma_lamb)
     x, y = task.x.to(device), task.y.to(device)
     tr, te = task.train_idx.to(device), task.test_idx.to(device)
@@ -221,15 +314,15 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
     schedule = Schedule.from_config(cfg)
     write_json(run_dir / "config.json", _run_info(cfg, task, model, len(probe_idx), schedule))
     for layer in cfg.lmn_layers:
-        if parse_tail(model.tail(layer)).is_affine:
-            warnings.warn(f"LMN at {layer}: the tail from there to the logits is affine, so its LMN is 1 at every step "
-                          "(see docs/lmn.md, 'Which layer')", stacklevel=2)
+        if parse_tail(segment_of(model, layer)).is_affine:
+            warnings.warn(f"LMN at {layer}: the map from there to {layer_target(layer)} is affine, so its LMN is 1 at "
+                          "every step (see docs/lmn.md, 'Which layer')", stacklevel=2)
     norm_cols, rank_cols = weight_columns(model)
     columns = [*BASE_COLUMNS, *(f"lmn_{layer}" for layer in cfg.lmn_layers), *norm_cols, *rank_cols,
                *map(complexity_column, cfg.complexity_eps)]
     return Run(cfg=cfg, run_dir=run_dir, model=model, opt=opt, grad_filter=grad_filter, data=data, schedule=schedule,
-               tracker=layer_tracker(model, data["x_probe"], cfg, schedule), log=MetricsLog(run_dir, columns),
-               timer=Timer(device))
+               tracker=layer_tracker(model, data["x_probe"], cfg, schedule), log=MetricsLog(run_dir, columns, rows=resume_rows),
+               timer=Timer(device), collapse=Collapse(cfg.collapse_fraction, cfg.collapse_spike))
 
 
 def _run_info(cfg: TrainConfig, task: Task, model: GrokMLP, n_probe: int, schedule: Schedule) -> dict:
@@ -251,7 +344,11 @@ def complexity_column(eps: float) -> str:
 
 
 def forward_backward(run: Run, step: int, final: bool) -> tuple[dict, tuple[str, ...]]:
-    """Loss, gradients (not at the ``final`` step) and the step's metrics; returns them and the phase events."""
+    """Loss, gradients (not at the ``final`` step) and the step's metrics; returns them and the phase events.
+
+    The metrics include ``train_p1_frac``: the fraction of training samples whose correct-class probability
+    is exactly 1 in the training dtype (their loss is exactly 0), the numerical-collapse signal.
+    """
     cfg, model, d = run.cfg, run.model, run.data
     model.train()
     logits = model(d["x_tr"])
@@ -264,18 +361,23 @@ def forward_backward(run: Run, step: int, final: bool) -> tuple[dict, tuple[str,
             loss.backward()
     with torch.no_grad():
         te_logits = model(d["x_te"])
+        p_correct = torch.softmax(logits.detach(), 1).gather(1, d["y_tr"][:, None])
         stats = torch.stack([
             loss.detach(),
             (logits.argmax(1) == d["y_tr"]).sum().to(loss.dtype),
             F.cross_entropy(te_logits, d["y_te"]),
             (te_logits.argmax(1) == d["y_te"]).sum().to(loss.dtype),
             torch.stack(torch._foreach_norm([p.detach() for p in model.parameters()])).norm(),
+            (p_correct == 1).sum().to(loss.dtype),
         ]).tolist()
-    tr_loss, tr_correct, te_loss, te_correct, l2 = stats
+    tr_loss, tr_correct, te_loss, te_correct, l2, n_p1 = stats
     n_tr, n_te = len(d["y_tr"]), len(d["y_te"])
     tr_acc, te_acc = tr_correct / n_tr, te_correct / n_te
-    events = run.phases.observe(step, tr_correct == n_tr, te_acc)
-    metrics = {"step": step, "train_loss": tr_loss, "train_acc": tr_acc, "test_loss": te_loss, "test_acc": te_acc, "l2": l2}
+    events = run.phases.observe(step, tr_correct == n_tr, te_correct == n_te, te_acc)
+    metrics = {"step": step, "train_loss": tr_loss, "train_acc": tr_acc, "test_loss": te_loss, "test_acc": te_acc, "l2": l2,
+               "train_p1_frac": n_p1 / n_tr}
+    if run.collapse is not None and run.collapse.observe(step, tr_loss, n_p1 / n_tr):
+        events = (*events, "collapse")
     return metrics, events
 
 
@@ -320,10 +422,11 @@ def write_row(run: Run, row: dict, metrics: dict, now: float) -> None:
 class _Progress:
     """tqdm bar on stderr with a loss / accuracy / LMN postfix refreshed at most every 0.5 s."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, initial: int = 0):
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=cfg.steps, desc=f"{cfg.task}", unit="step", dynamic_ncols=True, mininterval=0.5)
+        self.bar = tqdm(total=cfg.steps, initial=initial, desc=f"{cfg.task}", unit="step", dynamic_ncols=True,
+                        mininterval=0.5)
         self.last_postfix = 0.0
 
     def update(self, metrics: dict, lmn_value: float | None, final: bool, now: float) -> None:
@@ -341,15 +444,65 @@ class _Progress:
         self.bar.close()
 
 
-def _loop(run: Run, progress: _Progress | None) -> bool:
-    """Steps 0 to ``cfg.steps``; returns whether Ctrl-C stopped it (the last computed metrics are then logged)."""
+class _Signals:
+    """SIGINT and SIGTERM stop training the same way (as ``KeyboardInterrupt``); while the run's summary is
+    written (:meth:`deferred`) they are only recorded, so a second Ctrl-C cannot lose it.
+
+    Installed only in the main thread (elsewhere, signals are not ours to handle); restored on exit.
+    """
+
+    def __init__(self):
+        self.received: list[str] = []
+        self._defer = False
+        self._old: dict[int, object] = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        self.received.append(name)
+        if self._defer:
+            print(f"{name} received: still writing the run's summary and plot", file=sys.stderr, flush=True)
+            return
+        raise KeyboardInterrupt(name)
+
+    @contextmanager
+    def deferred(self):
+        """Signals arriving inside the block are recorded, not raised."""
+        self._defer = True
+        try:
+            yield
+        finally:
+            self._defer = False
+
+
+def _loop(run: Run, progress: _Progress | None, signals: _Signals) -> _Stop | None:
+    """Steps ``first_step`` to ``cfg.steps``; returns why it stopped early (``None``: it completed).
+
+    A signal (SIGINT / SIGTERM) or a non-finite train loss stops it; the last computed metrics are
+    then logged. A checkpoint is written every ``cfg.checkpoint_every`` steps (never at the last step).
+    """
+    cfg = run.cfg
     pending: dict | None = None  # metrics of the latest step, until written
     try:
-        for step in range(run.cfg.steps + 1):
-            final = step == run.cfg.steps
+        for step in range(run.first_step, cfg.steps + 1):
+            final = step == cfg.steps
             with run.timer("train"):
                 metrics, events = forward_backward(run, step, final)
             pending = metrics
+            if not (math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["l2"])):
+                what = "train loss" if not math.isfinite(metrics["train_loss"]) else "parameter norm"
+                value = metrics["train_loss"] if what == "train loss" else metrics["l2"]
+                raise _Stop(f"non-finite {what} ({value}) at step {step}: training diverged", EXIT_NONFINITE)
             due = run.schedule.due(step, events)
             row = measure(run, step, due, events, metrics)
             with run.timer("train"):
@@ -363,64 +516,197 @@ def _loop(run: Run, progress: _Progress | None) -> bool:
                 if progress is not None:
                     history = run.tracker.history
                     progress.update(metrics, history[-1]["lmn"] if history else None, final, now)
-    except KeyboardInterrupt:
-        if pending is not None and (not run.log.rows or run.log.rows[-1]["step"] < pending["step"]):
-            write_row(run, {}, pending, time.perf_counter())
-        return True
-    return False
+                if cfg.checkpoint_every and not final and step > 0 and step % cfg.checkpoint_every == 0:
+                    with signals.deferred():
+                        save_checkpoint(run, step)
+    except (KeyboardInterrupt, _Stop) as e:
+        with signals.deferred():
+            if pending is not None and (not run.log.rows or run.log.rows[-1]["step"] < pending["step"]):
+                write_row(run, {}, pending, time.perf_counter())
+        if isinstance(e, _Stop):
+            return e
+        name = signals.received[0] if signals.received else "SIGINT"
+        return _Stop(f"interrupted ({name})", EXIT_SIGTERM if name == "SIGTERM" else EXIT_SIGINT)
+    return None
 
 
-def train(cfg: TrainConfig, run_dir: str | Path, *, progress: bool = True, plot: bool = True) -> RunResult:
+# ------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def save_checkpoint(run: Run, step: int) -> Path:
+    """Write ``checkpoint.pt``: everything needed to continue after ``step`` bit-identically.
+
+    Model, optimizer, Grokfast filter, RNG states, tracker history, phases, collapse detector, timers
+    and the number of logged rows (the log is flushed first; rows after ``step`` are dropped on resume).
+    A step whose row is not due has none; the resumed run does not write one either.
+    """
+    run.log.flush()
+    state = {
+        "step": step,
+        "config": asdict(run.cfg),
+        "model": run.model.state_dict(),
+        "optimizer": run.opt.state_dict(),
+        "grad_filter": None if run.grad_filter is None else run.grad_filter.state_dict(),
+        "rng": {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        "tracker": run.tracker.state_dict(),
+        "phases": asdict(run.phases),
+        "collapse": asdict(run.collapse) if run.collapse is not None else None,
+        "timer": dict(run.timer.totals),
+        "elapsed_s": time.perf_counter() - run.start,
+        "rows": len(run.log.rows),
+    }
+    path = run.run_dir / CHECKPOINT
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(run_dir: str | Path) -> dict:
+    """The checkpoint of ``run_dir``.
+
+    Raises:
+        FileNotFoundError: no checkpoint (the run was not started with ``checkpoint_every``).
+    """
+    path = Path(run_dir) / CHECKPOINT
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: nothing to resume (train with --checkpoint-every K to write "
+                                "checkpoints)")
+    return torch.load(path, weights_only=False, map_location="cpu")
+
+
+def _restore(run: Run, state: dict) -> None:
+    """Load a checkpoint's state into a freshly set-up ``run``."""
+    run.model.load_state_dict(state["model"])
+    run.opt.load_state_dict(state["optimizer"])
+    if run.grad_filter is not None and state["grad_filter"] is not None:
+        run.grad_filter.load_state_dict(state["grad_filter"], device=torch.device(run.cfg.device))
+    torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    run.tracker.load_state_dict(state["tracker"])
+    run.phases = Phases(**state["phases"])
+    if state["collapse"] is not None:
+        run.collapse = Collapse(**state["collapse"])
+    run.timer.totals.update(state["timer"])
+    run.start = time.perf_counter() - state["elapsed_s"]
+    run.first_step = state["step"] + 1
+
+
+# ------------------------------------------------------------------------------------------
+# the entry points
+
+
+def train(cfg: TrainConfig, run_dir: str | Path, *, progress: bool = True, plot: bool = True,
+          overwrite: bool = False) -> RunResult:
     """Run one training job and write its logs, summary and plot into ``run_dir``.
 
-    Ctrl-C (``KeyboardInterrupt``) stops training early; the logs, summary and plot of the steps
-    that ran are still written and ``RunResult.interrupted`` is True.
+    SIGINT (Ctrl-C) and SIGTERM stop training early; a non-finite train loss stops it too. The logs,
+    summary and plot of the steps that ran are still written, and ``RunResult.exit_code`` /
+    ``stop_reason`` say why it stopped.
 
     Args:
         cfg: configuration (validated here; device defaults resolved).
-        run_dir: output directory (created if missing; existing logs in it are overwritten).
+        run_dir: output directory (created if missing). One that already holds a run is refused
+            unless ``overwrite`` (its run files are then removed first); use :func:`resume` to continue one.
         progress: show a tqdm progress bar on stderr.
         plot: write ``curves.png``.
+        overwrite: replace the run in ``run_dir``.
 
     Returns:
         :class:`RunResult`.
 
     Raises:
         ValueError: invalid configuration or probe.
+        RunDirError: ``run_dir`` holds a run and ``overwrite`` is False.
         OSError: ``run_dir`` cannot be created or written.
     """
     cfg.validate()
     cfg = cfg.resolved()
     run_dir = Path(run_dir)
+    prepare_run_dir(run_dir, overwrite=overwrite)
+    return _execute(cfg, run_dir, None, progress, plot)
+
+
+def resume(run_dir: str | Path, *, steps: int | None = None, progress: bool = True, plot: bool = True) -> RunResult:
+    """Continue the run in ``run_dir`` from its checkpoint; the result is bit-identical to an uninterrupted run.
+
+    The configuration is the run's own (``config.json``); ``steps`` may extend it. Rows and connectivity
+    snapshots after the checkpoint are dropped and recomputed.
+
+    Raises:
+        FileNotFoundError: no checkpoint in ``run_dir``.
+        RunLogError: ``metrics.jsonl`` is damaged before the checkpoint.
+        ValueError: ``steps`` not after the checkpoint.
+    """
+    run_dir = Path(run_dir)
+    state = load_checkpoint(run_dir)
+    cfg = TrainConfig(**state["config"])
+    if steps is not None:
+        if steps <= state["step"]:
+            raise ValueError(f"steps must be > {state['step']} (the checkpoint's step) to resume; got {steps}")
+        cfg.steps = steps
+    cfg.validate()
+    rows = read_metrics(run_dir)
+    rows = [r for r in rows if r["step"] <= state["step"]]
+    if len(rows) != state["rows"]:
+        raise RunLogError(f"{run_dir / 'metrics.jsonl'} has {len(rows)} rows up to step {state['step']}, the checkpoint "
+                          f"expects {state['rows']}; the run directory was modified")
+    drop_snapshots_after(run_dir, state["step"])
+    for name in ("summary.json",):
+        (run_dir / name).unlink(missing_ok=True)
+    return _execute(cfg, run_dir, (state, rows), progress, plot)
+
+
+def _execute(cfg: TrainConfig, run_dir: Path, resumed: tuple[dict, list[dict]] | None, progress: bool,
+             plot: bool) -> RunResult:
     run_dir.mkdir(parents=True, exist_ok=True)
     threads_before = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     try:
-        run = setup(cfg, run_dir)
-        bar = _Progress(cfg) if progress else None
-        try:
-            interrupted = _loop(run, bar)
-        finally:
-            if bar is not None:
-                bar.close()
-            run.log.close()
-        return _finish(run, interrupted, plot)
+        with _Signals() as signals:
+            run = setup(cfg, run_dir, resume_rows=None if resumed is None else resumed[1])
+            if resumed is not None:
+                _restore(run, resumed[0])
+            bar = _Progress(cfg, run.first_step) if progress else None
+            try:
+                stop = _loop(run, bar, signals)
+            finally:
+                if bar is not None:
+                    bar.close()
+                run.log.close()
+            return _finish(run, stop, plot, signals)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _finish(run: Run, interrupted: bool, plot: bool) -> RunResult:
-    """Write ``summary.json`` (and ``curves.png``) from the logged rows."""
+def _finish(run: Run, stop: _Stop | None, plot: bool, signals: _Signals) -> RunResult:
+    """Write ``summary.json`` (signals deferred), then ``curves.png`` (a signal there skips the plot); warn on collapse."""
     timings = {k: round(v, 3) for k, v in run.timer.totals.items()}
     timings["total"] = round(time.perf_counter() - run.start, 3)
     rows = run.log.rows
     steps_done = rows[-1]["step"] if rows else 0
-    summary = summarize(rows, run.cfg, run.phases.memorization, run.phases.generalization, timings, interrupted, steps_done)
-    write_json(run.run_dir / "summary.json", summary)
+    interrupted = stop is not None and stop.exit_code in (EXIT_SIGINT, EXIT_SIGTERM)
+    with signals.deferred():
+        summary = summarize(rows, run.cfg, asdict(run.phases), run.collapse.summary() if run.collapse else None, timings,
+                            interrupted, steps_done, None if stop is None else stop.reason)
+        write_json(run.run_dir / "summary.json", summary)
     if plot and rows:
-        from .figures import plot_curves
+        try:
+            from .figures import plot_curves
 
-        plot_curves(rows, run.run_dir / "curves.png", summary=summary, layers=list(run.cfg.lmn_layers))
-    return RunResult(run.run_dir, summary, rows, interrupted)
+            plot_curves(rows, run.run_dir / "curves.png", summary=summary, layers=list(run.cfg.lmn_layers))
+        except KeyboardInterrupt:
+            print("interrupted again: curves.png not written (summary.json is)", file=sys.stderr)
+    collapse = summary.get("numerical_collapse")
+    if collapse is not None:
+        warnings.warn(collapse_message(summary), NumericalCollapseWarning, stacklevel=4)  # at train()'s caller
+    return RunResult(run.run_dir, summary, rows, interrupted, 0 if stop is None else stop.exit_code,
+                     None if stop is None else stop.reason)
 
+
+class NumericalCollapseWarning(UserWarning):
+    """The run's training hit a numerical collapse (see :class:`Collapse`)."""

@@ -66,4 +66,4 @@ def test_plot_cli_bad_run_dir(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     figures.add_arguments(parser)
     assert figures.run(parser.parse_args([str(tmp_path / "nope")])) == 2
-    assert "no metrics.jsonl" in capsys.readouterr().out
+    assert "no metrics.jsonl" in capsys.readouterr().err

@@ -150,7 +150,11 @@ def test_interrupt_leaves_valid_logs_and_plot(tmp_path, monkeypatch):
     (["train", "--steps", "0"], "steps"),
     (["train", "--probe", "1"], "probe"),
     (["train", "--probe", "2000"], "larger than the task"),
-    (["train", "--lmn-layer", "hidden3"], "invalid choice"),
+    (["train", "--lmn-layer", "hidden3"], "unknown LMN layer 'hidden3'"),
+    (["train", "--lmn-layer", "hidden2_pre:hidden1_post"], "must come after"),
+    (["train", "--dtype", "float16"], "invalid choice"),
+    (["train", "--adam-eps", "0"], "adam eps"),
+    (["train", "--checkpoint-every", "-1"], "checkpoint_every"),
     (["train", "--grokfast", "ema", "--ema-alpha", "1.5"], "alpha"),
     (["train", "--bogus"], "unrecognized"),
     ([], "required"),
@@ -185,7 +189,7 @@ def test_python_dash_m_entry_point():
 
 
 def test_all_layers_in_one_run_with_equivalences_and_affine_warning(tmp_path):
-    with pytest.warns(UserWarning, match="hidden2_post: the tail from there to the logits is affine"):
+    with pytest.warns(UserWarning, match="hidden2_post: the map from there to the logits is affine"):
         rc = cli.main(["train", "--steps", "6", "--lmn-every", "3", "--probe", "12", "--hidden", "12", "--device", "cpu",
                        "--lmn-layer", "all", "--complexity", "off", "--out", str(tmp_path), "--no-progress", "--no-plot"])
     assert rc == 0
