@@ -38,13 +38,13 @@ def _without_time(rows):
 
 def test_paper_defaults():
     cfg = TrainConfig()
-    assert cfg.embedding == "separate" and cfg.dtype == "float32" and cfg.adam_eps == 1e-8
+    assert cfg.embedding == "separate" and cfg.dtype == "float32" and cfg.adam_eps == 1e-6
     assert (cfg.lr, cfg.weight_decay, cfg.steps, cfg.embed_dim, cfg.hidden) == (1e-3, 0.2, 20_000, 32, 100)
 
 
 def test_generalization_is_test_accuracy_100_and_99_is_reported(tmp_path):
     res = train(TrainConfig(steps=150, lmn_every=50, lr=1e-2, complexity="off", **TINY), tmp_path, progress=False, plot=False)
-    first = lambda pred: next((r["step"] for r in res.rows if pred(r)), None)  # noqa: E731
+    first = lambda pred: next((r["step"] for r in res.rows if pred(r)), None)
     assert res.summary["memorization_step"] == first(lambda r: r["train_acc"] == 1.0)
     assert res.summary["generalization_step"] == first(lambda r: r["test_acc"] == 1.0)
     assert res.summary["generalization_step_99"] == first(lambda r: r["test_acc"] >= 0.99)
@@ -186,7 +186,7 @@ def test_plot_names_the_bad_line(tmp_path, capsys):
     run = tmp_path / "run"
     train(TrainConfig(steps=20, lmn_every=5, complexity="off", **TINY), run, progress=False, plot=False)
     lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
-    (run / "metrics.jsonl").write_text("".join(lines[:7] + ['{"step": 7, "train_lo\n'] + lines[8:]))
+    (run / "metrics.jsonl").write_text("".join([*lines[:7], '{"step": 7, "train_lo\n', *lines[8:]]))
     assert cli.main(["plot", str(run)]) == 2
     err = capsys.readouterr().err
     assert "metrics.jsonl, line 8: not valid JSON" in err and err.count("\n") == 1
@@ -224,7 +224,7 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, monkeypatch, grokf
     assert (tmp_path / "cut" / "metrics.csv").read_text().count("\n") == (tmp_path / "full" / "metrics.csv").read_text().count("\n")
     for key in ("memorization_step", "generalization_step", "lmn_peak", "lmn_final", "numerical_collapse"):
         assert resumed.summary[key] == full.summary[key]
-    snaps = lambda d: sorted(p.name for p in (d / "connectivity").glob("*.pt"))  # noqa: E731
+    snaps = lambda d: sorted(p.name for p in (d / "connectivity").glob("*.pt"))
     assert snaps(tmp_path / "cut") == snaps(tmp_path / "full")
 
 

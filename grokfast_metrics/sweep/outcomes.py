@@ -40,11 +40,10 @@ def _l2_at(rows: list[dict], step: int | None) -> float | None:
     return None if hit is None else hit[1]
 
 
-def _collapse(summary: dict) -> tuple[bool | None, int | None]:
-    c = summary.get("collapse")
-    if isinstance(c, dict):
-        return bool(c.get("detected", c.get("step") is not None)), c.get("step")
-    return None, None
+def _collapse(summary: dict) -> tuple[bool, int | None]:
+    """``(collapsed, step)`` from the trainer's ``numerical_collapse`` record."""
+    c = summary.get("numerical_collapse")
+    return (True, c.get("step")) if isinstance(c, dict) else (False, None)
 
 
 def run_row(run: Run, result: dict) -> dict:
