@@ -370,14 +370,14 @@ def _check_act_layout(act: torch.Tensor, at: str, n: int, batch_dim: int, input_
     got = f"axis {batch_dim} (batch_dim) has {shape[batch_dim]}" if act.dim() > batch_dim else f"it has no axis {batch_dim}"
     msg = (f"module {at!r} outputs shape {shape}: {got}, not the N={n} samples read from the inputs along "
            f"input_batch_dim={input_batch_dim} ({_shapes(args)}). ")
-    if match:
-        msg += (f"The activation has {n} along axis {match[0]}: pass batch_dim={match[0]} (input_batch_dim stays "
-                "the inputs' sample axis; it defaults to batch_dim, so pass both for a model fed batch-first whose "
-                "blocks run sequence-first).")
-    else:
-        msg += "No axis of the activation has N."
-        if act.dim() > batch_dim:
-            msg += _layout_hint(args, input_batch_dim, shape[batch_dim])
+    msg += f"The activation has {n} along axis {match[0]}." if match else "No axis of the activation has N."
+    hint = _layout_hint(args, input_batch_dim, shape[batch_dim]) if act.dim() > batch_dim else ""
+    if hint:   # batch_dim's size is an axis of the inputs: most likely the inputs' sample axis is elsewhere
+        msg += hint + f" (input_batch_dim defaults to batch_dim; a model fed batch-first whose blocks run " \
+                      f"sequence-first needs input_batch_dim=0, batch_dim=1)"
+    elif match:
+        msg += (f" Pass batch_dim={match[0]} (the activation's sample axis; input_batch_dim, the inputs' sample "
+                "axis, defaults to batch_dim)")
     raise ValueError(msg)
 
 
@@ -640,14 +640,15 @@ def _selector_affine(output: OutputSelector) -> bool:
         return False
 
 
-def _warn_affine(at: str, to: str | None, how: str) -> None:
+def emit_affine_warning(at: str, to: str | None, how: str, stacklevel: int = 4) -> None:
+    """Emit the :class:`AffineTailWarning` for ``at`` (-> ``to``), saying ``how`` it was detected."""
     target = f"module {to!r}" if to else "the output"
     warnings.warn(
         f"LMN at {at!r} is 1 at every step: the map from {at!r} to {target} is affine ({how}), so every "
         "interpolation path is a straight line. Measure at a layer with a nonlinearity after it: the residual "
         "stream before the last nonlinearity (e.g. the last block's input, or 'blocks.<k>.hook_resid_mid' before "
         "the last MLP in TransformerLens), or the first hidden layer's output of an MLP.",
-        AffineTailWarning, stacklevel=4)
+        AffineTailWarning, stacklevel=stacklevel)
 
 
 # --------------------------------------------------------------------------------------------
@@ -801,10 +802,10 @@ class Plan:
         if warn_affine and not self.affine_warned:
             if self.affine:
                 self.affine_warned = True
-                _warn_affine(self.at, self.to, "structurally: only affine layers follow it")
+                emit_affine_warning(self.at, self.to, "structurally: only affine layers follow it")
             elif _all_ones(res.connectivity):
                 self.affine_warned = True
-                _warn_affine(self.at, self.to, "every entry of L is 1 to rounding")
+                emit_affine_warning(self.at, self.to, "every entry of L is 1 to rounding")
         return res
 
     def _generic(self, h, y, n_lambda, backend, chunk_bytes) -> LMNResult:

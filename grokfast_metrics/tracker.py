@@ -31,7 +31,7 @@ from torch import nn
 
 from ._policy import check_n_lambda
 from .core import BACKENDS, LMNResult, NonFiniteOutputError, resolve_backend
-from .dropin import AffineTailWarning, OutputSelector, Plan
+from .dropin import OutputSelector, Plan, emit_affine_warning
 from .schedule import LOG_BASE, Schedule, log_schedule
 
 __all__ = ["LOG_BASE", "LMNTracker", "Tracker", "diverged_parameters", "log_schedule"]
@@ -244,12 +244,7 @@ class LMNTracker(Tracker):
         plan.checked = plan.checked or not check
         if plan.affine:
             plan.affine_warned = True
-            warnings.warn(f"LMNTracker: LMN at {plan.at!r} is 1 at every step: the map from it to "
-                          f"{'module ' + repr(plan.to) if plan.to else 'the output'} is affine (only affine layers "
-                          "follow it). Measure at a layer with a nonlinearity after it: the residual stream before the "
-                          "last nonlinearity (e.g. the last block's input, or 'blocks.<k>.hook_resid_mid' before the "
-                          "last MLP in TransformerLens), or the first hidden layer's output of an MLP.",
-                          AffineTailWarning, stacklevel=3)
+            emit_affine_warning(plan.at, plan.to, "structurally: only affine layers follow it", stacklevel=4)
 
     def _lmn_at(self) -> dict[str, LMNResult]:
         return {name: plan.compute(self.n_lambda, self.backend) for name, plan in self._plans.items()}
