@@ -14,7 +14,13 @@ setup(
     install_requires=["torch>=2.1", "numpy", "scipy", "tqdm", "matplotlib"],
     extras_require={
         "triton": ["triton>=3.0"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.0"],
+        # optional integrations of the drop-in tracker (the library imports without them)
+        "torchmetrics": ["torchmetrics>=1.0"],
+        "tensorboard": ["tensorboard"],
+        # HookedTransformer was removed in TransformerLens 4.0; 3.9 installs beside torch 2.13 without touching it
+        "transformer-lens": ["transformer-lens>=2.0,<4"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.0", "torchmetrics>=1.0", "tensorboard",
+                 "transformer-lens>=2.0,<4"],
     },
     entry_points={"console_scripts": ["grokfast-metrics=grokfast_metrics.cli:main"]},
 )

@@ -417,3 +417,9 @@ if _tm is not None:
 
         def set_extra_state(self, state: dict) -> None:
             self._tracker.load_state_dict(state)
+
+
+def __getattr__(name: str):
+    if name == "LMNMetric":  # only defined when torchmetrics imports
+        raise ImportError('LMNMetric needs torchmetrics: pip install torchmetrics (or pip install "grokfast_metrics[torchmetrics]")')
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
