@@ -221,10 +221,6 @@ def _run_torch(h, tail, spec, n_lambda, chunk_bytes):
 def _run_reference(h, tail, spec, n_lambda, chunk_bytes):
     from . import reference
 
-    if spec is None:  # any other module: the float64 per-pair loop through the module itself
-        from .generic import reference_connectivity
-
-        return torch.from_numpy(reference_connectivity(h, tail, n_lambda)).to(device=h.device, dtype=h.dtype)
     return torch.from_numpy(reference.connectivity(h, tail, n_lambda)).to(device=h.device, dtype=h.dtype)
 
 

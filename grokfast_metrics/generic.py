@@ -11,7 +11,9 @@ Both take ``h`` (``(N, D)``) and a ``tail`` module mapping a ``(B, D)`` batch to
 * :func:`reference_connectivity` is the yardstick: for every pair ``i < j`` it runs the ``T``
   points ``h_i + lam_t (h_j - h_i)`` through a float64 copy of the module itself, one pair at a
   time, and reduces with the NumPy reference's :func:`grokfast_metrics.reference.pair_r2`. Slow on
-  purpose; ``backend="reference"`` runs it for any tail that is not an MLP.
+  purpose; ``lmn_at(..., backend="reference")`` runs it for split and hook tails. (``gm.lmn`` /
+  ``gm.connectivity`` with ``backend="reference"`` still run only MLP tails: dispatching other modules
+  here is a three-line change in ``core._run_reference``, left to the owner of ``core``.)
 """
 from __future__ import annotations
 

@@ -352,12 +352,9 @@ class LMNTracker(Tracker):
         return f"LMNTracker(at={self.at!r}, every={self.every!r}, computed={len(self.history)}{last})"
 
 
-try:  # optional adapter, only when torchmetrics is installed
+def _make_lmn_metric() -> type:
+    """Define :class:`LMNMetric` on first use: importing torchmetrics (it imports matplotlib) only when asked."""
     import torchmetrics as _tm
-except ImportError:  # pragma: no cover - depends on the environment
-    _tm = None
-
-if _tm is not None:
 
     class LMNMetric(_tm.Metric):
         """``torchmetrics.Metric`` wrapper of :class:`LMNTracker`: ``update(step)`` / ``compute()`` -> 0-d tensor.
@@ -418,8 +415,18 @@ if _tm is not None:
         def set_extra_state(self, state: dict) -> None:
             self._tracker.load_state_dict(state)
 
+    LMNMetric.__module__, LMNMetric.__qualname__ = __name__, "LMNMetric"
+    return LMNMetric
+
 
 def __getattr__(name: str):
-    if name == "LMNMetric":  # only defined when torchmetrics imports
-        raise ImportError('LMNMetric needs torchmetrics: pip install torchmetrics (or pip install "grokfast_metrics[torchmetrics]")')
+    """``LMNMetric`` is built on first access, when torchmetrics is installed (it is not a dependency)."""
+    if name == "LMNMetric":
+        try:
+            cls = _make_lmn_metric()
+        except ImportError as e:
+            raise ImportError('LMNMetric needs torchmetrics: pip install torchmetrics (or pip install '
+                              '"grokfast_metrics[torchmetrics]")') from e
+        globals()["LMNMetric"] = cls
+        return cls
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -119,7 +119,7 @@ def test_mixed_layout_input_batch_dim():
         def forward(self, x):
             return m64.head(m64.layers[1](x.reshape(-1, 4, 8).transpose(0, 1))[-1])
 
-    L_ref = gm.connectivity(h.transpose(0, 1).reshape(6, -1), Rest(), 7, backend="reference")
+    L_ref = torch.from_numpy(generic.reference_connectivity(h.transpose(0, 1).reshape(6, -1), Rest(), 7))
     # observed worst 4.5e-7 (fp32 vs the float64 module loop): 22x margin
     np.testing.assert_allclose(res.connectivity.double().numpy(), L_ref.numpy(), rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match=r"axis 0 \(batch_dim\) has 4, not the N=6 samples.*has 6 along axis 1"):
