@@ -33,7 +33,7 @@ import difflib
 import operator
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
@@ -373,8 +373,8 @@ def _check_act_layout(act: torch.Tensor, at: str, n: int, batch_dim: int, input_
     msg += f"The activation has {n} along axis {match[0]}." if match else "No axis of the activation has N."
     hint = _layout_hint(args, input_batch_dim, shape[batch_dim]) if act.dim() > batch_dim else ""
     if hint:   # batch_dim's size is an axis of the inputs: most likely the inputs' sample axis is elsewhere
-        msg += hint + f" (input_batch_dim defaults to batch_dim; a model fed batch-first whose blocks run " \
-                      f"sequence-first needs input_batch_dim=0, batch_dim=1)"
+        msg += hint + " (input_batch_dim defaults to batch_dim; a model fed batch-first whose blocks run " \
+                      "sequence-first needs input_batch_dim=0, batch_dim=1)"
     elif match:
         msg += (f" Pass batch_dim={match[0]} (the activation's sample axis; input_batch_dim, the inputs' sample "
                 "axis, defaults to batch_dim)")
@@ -532,7 +532,7 @@ def _trace_split(model: nn.Module, at: str, to: str | None) -> nn.Module | None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             graph = _Tracer().trace(model)
-    except Exception:  # noqa: BLE001 - any failure to trace means: use the hook path
+    except Exception:  # any failure to trace means: use the hook path
         return None
     nodes = list(graph.nodes)
     a = [n for n in nodes if n.op == "call_module" and n.target == at]
@@ -578,7 +578,7 @@ def _trace_split(model: nn.Module, at: str, to: str | None) -> nn.Module | None:
     g2.output(fx.node.map_arg(result, lambda m: env[m]))
     try:
         return fx.GraphModule(model, g2)
-    except Exception:  # noqa: BLE001
+    except Exception:  # e.g. a target GraphModule cannot copy: use the hook path
         return None
 
 
@@ -636,7 +636,7 @@ def _selector_affine(output: OutputSelector) -> bool:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return _graph_kind(fx.symbolic_trace(output)) <= _AFFINE
-    except Exception:  # noqa: BLE001
+    except Exception:  # an untraceable selector: unknown, the numeric check decides
         return False
 
 
@@ -774,7 +774,7 @@ class Plan:
                 if act.dim() <= self.batch_dim or act.shape[self.batch_dim] != self.n:
                     continue
                 src, dst = _pairs(self.n, y.device)
-                if _cut_error(lambda s, d: self._mixed(modules[parent], act, s, d), y, src, dst) <= _cut_rtol(y.dtype):
+                if _cut_error(lambda s, d, m=modules[parent], a=act: self._mixed(m, a, s, d), y, src, dst) <= _cut_rtol(y.dtype):
                     suggestion = parent
                     break
             except (ValueError, _Stop):
@@ -836,7 +836,7 @@ def _rows(out, output) -> int:
     try:
         y = out if output is None else (out[output] if isinstance(output, int) else output(out))
         return int(y.shape[0])
-    except Exception:  # noqa: BLE001 - only for the hint of an error message
+    except Exception:
         return -1
 
 

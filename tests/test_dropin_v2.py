@@ -27,7 +27,7 @@ def _example(name: str):
 
 
 G = _example("grokfast_transformer")
-LAST = lambda out: out[-1]  # noqa: E731 - the logits of the last position, sequence-first
+LAST = lambda out: out[-1]
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +217,7 @@ def test_split_tail_skips_the_prefix_and_computes_ends_once(decoder, monkeypatch
         assert sum(tail_rows) == 2 * (n + n * (n - 1) // 2 * (T - 2))  # ends once, interior points per pair
     for at in ("layers.0", "layers.1"):
         a, b = results["split", at].connectivity, results["hooks", at].connectivity
-        assert float((a - b).abs().max()) <= 2e-6                      # observed 0 (same ops, same batches); 2e-6 allows batch-size rounding
+        assert float((a - b).abs().max()) <= 2e-6                      # observed 0 (same ops and batches); 2e-6: batch-size rounding
 
 
 def test_split_falls_back_to_hooks_when_it_does_not_trace(decoder):

@@ -139,7 +139,7 @@ def test_state_dict_round_trip_and_copies_share_the_model():
     assert fresh.update(15) is None and fresh.update(20) is not None   # the schedule resumes where it was
     with pytest.raises(ValueError, match="steps must increase"):
         fresh.update(20)
-    with pytest.raises(ValueError, match="at=.2."):
+    with pytest.raises(ValueError, match=r"at=.2."):
         gm.LMNTracker(model, x, at="2", every=10, n_lambda=5).load_state_dict(state)
     twin = copy.deepcopy(tr)
     assert twin.model is model and twin.history == tr.history and twin.history is not tr.history
