@@ -16,7 +16,13 @@ setup(
         "triton": ["triton>=3.0"],
         # sweeps on a Ray cluster (grokfast-metrics sweep --engine ray); the local process pool needs nothing
         "ray": ["ray>=2.9"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.0", "ray>=2.9"],
+        # optional integrations of the drop-in tracker (the library imports without them)
+        "torchmetrics": ["torchmetrics>=1.0"],
+        "tensorboard": ["tensorboard"],
+        # HookedTransformer was removed in TransformerLens 4.0; 3.9 installs beside torch 2.13 without touching it
+        "transformer-lens": ["transformer-lens>=2.0,<4"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.0", "ray>=2.9", "torchmetrics>=1.0",
+                 "tensorboard", "transformer-lens>=2.0,<4"],
     },
     entry_points={"console_scripts": ["grokfast-metrics=grokfast_metrics.cli:main"]},
 )

@@ -329,7 +329,7 @@ def test_bad_inputs_and_batch_dim():
         gm.lmn_at(model, [1, 2], at="act1")
     with pytest.raises(ValueError, match="batch_dim"):
         gm.lmn_at(model, torch.randn(4, 5), at="act1", batch_dim=-1)
-    with pytest.raises(ValueError, match=r"does not have the 5 samples along batch_dim=1"):
+    with pytest.raises(ValueError, match=r"axis 1 \(batch_dim\) has 12, not the N=5 samples"):
         gm.lmn_at(model, torch.randn(3, 5), at="act1", batch_dim=1)
     with pytest.raises(TypeError, match=r"nn\.Module"):
         gm.lmn_at(lambda x: x, torch.randn(3, 5), at="act1")

@@ -21,7 +21,11 @@ TINY = {
     },
     "omnigrok_mnist_mlp": {"steps": 12, "n_train": 32, "width": 16, "batch_size": 8, "n_probe": 8},
     "sequential_mlp": {"steps": 12, "p": 5, "emb": 4, "width": 8},
+    "transformer_lens_grokking": {"steps": 12, "p": 7, "d_model": 16, "n_heads": 2, "d_mlp": 32, "n_probe": 6},
+    "tensorboard_logging": {"steps": 12, "p": 5, "emb": 4, "width": 8},
 }
+#: the optional package an example needs (installed by the ``test`` extra; skipped with the reason otherwise)
+NEEDS = {"transformer_lens_grokking": "transformer_lens", "tensorboard_logging": "tensorboard"}
 
 
 def _load(name: str):
@@ -32,8 +36,11 @@ def _load(name: str):
 
 
 @pytest.mark.parametrize("name", sorted(TINY))
-def test_example_runs_tiny(name):
-    out = _load(name).main(**TINY[name])
+def test_example_runs_tiny(name, tmp_path):
+    if name in NEEDS:
+        pytest.importorskip(NEEDS[name], reason=f"examples/{name}.py needs {NEEDS[name]} (the test extra installs it)")
+    kwargs = {**TINY[name], **({"logdir": str(tmp_path)} if name == "tensorboard_logging" else {})}
+    out = _load(name).main(**kwargs)
     steps = TINY[name]["steps"]
     assert out["step"] == log_schedule(steps - 1)
     assert len(out["loss"]) == steps and all(math.isfinite(v) for v in out["loss"])
@@ -49,3 +56,29 @@ def test_example_adds_three_lines(name):
     assert [re.search(r"\d/3", ln).group() for ln in lines] == ["1/3", "2/3", "3/3"]
     assert "import grokfast_metrics as gm" in lines[0]
     assert "gm.LMNTracker(" in lines[1] and "tracker.update(step)" in lines[2]
+
+
+def test_tensorboard_example_logs_what_the_tracker_computed(tmp_path):
+    pytest.importorskip("tensorboard", reason="examples/tensorboard_logging.py needs tensorboard (the test extra installs it)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = _load("tensorboard_logging").main(logdir=str(tmp_path), **TINY["tensorboard_logging"])
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    lmn = events.Scalars("lmn/hidden1")
+    assert [e.step for e in lmn] == out["step"]
+    assert all(abs(e.value - v) <= 1e-6 * v for e, v in zip(lmn, out["lmn"]))     # float32 in the event file
+    assert len(events.Scalars("train/loss")) == TINY["tensorboard_logging"]["steps"]
+
+
+def test_transformer_lens_resid_post_warns_affine():
+    pytest.importorskip("transformer_lens", reason="needs transformer-lens<4 (the test extra installs it)")
+    import torch
+
+    import grokfast_metrics as gm
+    from grokfast_metrics.dropin import AffineTailWarning
+
+    model = _load("transformer_lens_grokking").make_model(p=7, d_model=16, n_heads=2, d_mlp=32)
+    tokens = torch.stack([torch.arange(6), torch.arange(6).flip(0), torch.full((6,), 7)], dim=1)
+    with pytest.warns(AffineTailWarning, match="every entry of L is 1"):
+        gm.lmn_at(model, tokens, at="blocks.0.hook_resid_post", output=lambda out: out[:, -1], n_lambda=5)

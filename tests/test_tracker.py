@@ -38,17 +38,17 @@ def test_log_schedule_matches_formula():
     want = sorted({0} | {math.floor(1.3**k) for k in range(60) if math.floor(1.3**k) <= 5000})
     assert log_schedule(5000) == want
     assert want[:10] == [0, 1, 2, 3, 4, 6, 8, 10, 13, 17]
-    tr = gm.LMNTracker(nn.Linear(2, 2), torch.zeros(2, 2), at="x", every="log")
+    tr = gm.LMNTracker(_model(), torch.randn(4, 6), at="3", every="log")
     assert [s for s in range(5001) if tr.should_compute(s)] == want
     assert log_schedule(100, base=2.0) == [0, 1, 2, 4, 8, 16, 32, 64]
-    tr5 = gm.LMNTracker(nn.Linear(2, 2), torch.zeros(2, 2), at="x", every=5)
+    tr5 = gm.LMNTracker(_model(), torch.randn(4, 6), at="3", every=5)
     assert [s for s in range(23) if tr5.should_compute(s)] == [0, 5, 10, 15, 20]
 
 
 @pytest.mark.parametrize("every", [0, -1, 1.5, "lin", True])
 def test_bad_every(every):
     with pytest.raises(ValueError, match="every must be"):
-        gm.LMNTracker(nn.Linear(2, 2), torch.zeros(2, 2), at="x", every=every)
+        gm.LMNTracker(_model(), torch.randn(4, 6), at="3", every=every)
 
 
 def _train(model, x, y, steps, tracker=None, every=1, at="3"):
@@ -118,10 +118,9 @@ def test_values_history_and_reset():
     assert tr.update() == want.lmn                           # counter restarted at step 0
 
 
-def test_errors_surface_at_first_update():
-    tr = gm.LMNTracker(_model(), torch.randn(4, 6), at="nope")
-    with pytest.raises(ValueError, match="no submodule named 'nope'"):
-        tr.update(0)
+def test_misspelled_at_fails_at_construction():
+    with pytest.raises(ValueError, match=r"no submodule named 'nope'.*Valid names"):
+        gm.LMNTracker(_model(), torch.randn(4, 6), at="nope")
 
 
 def test_diverged_model_records_nan():

@@ -1,0 +1,141 @@
+"""The generic path for any tail module: a fast batched loop and its float64 paper-literal reference.
+
+Both take ``h`` (``(N, D)``) and a ``tail`` module mapping a ``(B, D)`` batch to ``(B, O)`` logits
+(``lmn_at``'s split or hook tails, or any user module):
+
+* :func:`connectivity_tail` runs the tail once on the ``N`` samples (the ``t = 0`` and ``t = 1``
+  ends of every path are the samples themselves) and on the ``T - 2`` interior points of each pair
+  only, in batches of up to ``chunk_bytes`` of interpolated input (cache-sized on the CPU, as large
+  as free memory allows on CUDA: see :func:`default_chunk_bytes`), reusing the shared r² reduction
+  (:func:`grokfast_metrics.torch_backend.r2_from_paths`, constant-path rule included).
+* :func:`reference_connectivity` is the yardstick: for every pair ``i < j`` it runs the ``T``
+  points ``h_i + lam_t (h_j - h_i)`` through a float64 copy of the module itself, one pair at a
+  time, and reduces with the NumPy reference's :func:`grokfast_metrics.reference.pair_r2`. Slow on
+  purpose; ``lmn_at(..., backend="reference")`` runs it for split and hook tails. (``gm.lmn`` /
+  ``gm.connectivity`` with ``backend="reference"`` still run only MLP tails: dispatching other modules
+  here is a three-line change in ``core._run_reference``, left to the owner of ``core``.)
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._policy import lambdas
+from ._runtime import eval_mode
+from .core import NonFiniteOutputError
+from .torch_backend import r2_from_paths, triu_pair_chunks
+
+#: default batch of interpolated tail input per forward: CPU (bytes), CUDA (cap; also <= 1/8 of free memory)
+CHUNK_BYTES_CPU = 1 << 20
+CHUNK_BYTES_CUDA = 1 << 30
+
+
+def default_chunk_bytes(device: torch.device) -> int:
+    """Bytes of interpolated input per tail forward: 1 MiB on the CPU; on CUDA min(1 GiB, free / 8).
+
+    On the CPU, cache-sized batches win (Grokfast-style decoder, N=64, 1 thread, first block: 0.84 s at
+    0.5-2 MiB, 0.90 s at 8 MiB, 1.36 s at 32 MiB; 2 threads: best at 0.25-1 MiB); on a GPU, the larger the
+    batch the better.
+    """
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(min(CHUNK_BYTES_CUDA, free // 8))
+    return CHUNK_BYTES_CPU
+
+
+def run_tail(tail: nn.Module, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """``tail(x)`` checked to be ``(B, O)`` real floating-point logits, cast to ``out_dtype``."""
+    try:
+        y = tail(x)
+    except RuntimeError as e:
+        raise ValueError(f"tail failed on a batch of interpolated h (B={x.shape[0]}, D={x.shape[1]}): {e}") from e
+    if not isinstance(y, torch.Tensor) or y.dim() != 2 or y.shape[0] != x.shape[0] or not y.is_floating_point():
+        shape = f"{tuple(y.shape)} {y.dtype}" if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ValueError(f"tail must map a (B, {x.shape[1]}) batch to (B, O) floating-point logits; for "
+                         f"B={x.shape[0]} it returned {shape}")
+    return y.to(out_dtype)
+
+
+def end_outputs(tail: nn.Module, h: torch.Tensor, run_dtype: torch.dtype, out_dtype: torch.dtype) -> torch.Tensor:
+    """The tail on the samples themselves (``(N, O)``); ``NonFiniteOutputError`` when not finite."""
+    y = run_tail(tail, h.to(run_dtype, copy=True), out_dtype)     # a copy: the tail may work in place
+    bad = ~torch.isfinite(y).all(dim=1)
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten().tolist()
+        raise NonFiniteOutputError(
+            f"the tail's outputs are NaN/Inf for {len(rows)} of the {h.shape[0]} samples (first: {rows[0]}): the "
+            "model has diverged or overflows its dtype, and LMN is undefined there")
+    return y
+
+
+def connectivity_tail(h: torch.Tensor, tail: nn.Module, n_lambda: int, run_dtype: torch.dtype,
+                      out_dtype: torch.dtype, chunk_bytes: int | None = None,
+                      y_end: torch.Tensor | None = None) -> torch.Tensor:
+    """``(N, N)`` connectivity of any tail, the ends of every path computed once.
+
+    Args:
+        h: ``(N, D)`` representations.
+        tail: ``(B, D) -> (B, O)`` module, run as it is (the caller sets eval mode and no-grad).
+        n_lambda: points per path (``>= 3``).
+        run_dtype: dtype the tail runs in (its parameters'); ``out_dtype``: dtype of the reduction and of ``L``.
+        chunk_bytes: bytes of interpolated input per forward (default :func:`default_chunk_bytes`).
+        y_end: ``tail(h)`` if the caller has it already (``(N, O)`` in ``out_dtype``).
+
+    Returns:
+        ``L`` in ``out_dtype`` on ``h``'s device (identical rows are *not* set to 1 here).
+    """
+    dev, n = h.device, h.shape[0]
+    hr = h.to(run_dtype)
+    if y_end is None:
+        y_end = end_outputs(tail, hr, run_dtype, out_dtype)
+    lam, _ = lambdas(n_lambda, run_dtype, dev)
+    _, lam_c = lambdas(n_lambda, out_dtype, dev)
+    inner = lam[1:-1].view(1, -1, 1)
+    eps = torch.finfo(run_dtype).eps
+    budget = default_chunk_bytes(dev) if chunk_bytes is None else int(chunk_bytes)
+    rows = max(1, budget // max(1, h.shape[1] * hr.element_size()))
+    chunk = max(1, rows // (n_lambda - 2))
+    L = torch.empty(n, n, dtype=out_dtype, device=dev)
+    for i, j in triu_pair_chunks(n, chunk, dev):
+        hi = hr[i]
+        x = torch.addcmul(hi.unsqueeze(1), inner, (hr[j] - hi).unsqueeze(1))          # [P, T-2, D]
+        y_in = run_tail(tail, x.flatten(0, 1), out_dtype).view(x.shape[0], n_lambda - 2, -1)
+        y = torch.cat([y_end[i].unsqueeze(1), y_in, y_end[j].unsqueeze(1)], dim=1)    # [P, T, O]
+        v = r2_from_paths(y, lam_c, eps)
+        L[i, j] = v
+        L[j, i] = v
+    L.diagonal().fill_(1.0)
+    return L
+
+
+def reference_connectivity(h: torch.Tensor, tail: nn.Module, n_lambda: int = 21) -> np.ndarray:
+    """Paper-literal float64 ``L`` through the module itself: one pair at a time, ``T`` points per pair.
+
+    The module is deep-copied and converted with ``.double()`` (its floating-point parameters, buffers
+    and, for ``lmn_at``'s tails, the probe inputs they replay), run in eval mode without grad; every
+    path is reduced by the NumPy reference's ``pair_r2`` (SPEC §1 policies). Identical rows give 1.
+
+    Returns:
+        ``(N, N)`` float64 NumPy array.
+    """
+    from .reference import pair_r2
+
+    tail64 = copy.deepcopy(tail).double()
+    h64 = h.detach().to(torch.float64)
+    n = h64.shape[0]
+    lam = np.linspace(0.0, 1.0, n_lambda)
+    lam_t = torch.from_numpy(lam).to(h64.device).view(-1, 1)
+    L = np.eye(n)
+    with torch.no_grad(), eval_mode(tail64):
+        for i in range(n):
+            for j in range(i + 1, n):
+                if torch.equal(h64[i], h64[j]):
+                    L[i, j] = L[j, i] = 1.0
+                    continue
+                x = h64[i] + lam_t * (h64[j] - h64[i])                               # (T, D)
+                y = tail64(x).detach().to(torch.float64).cpu().numpy()
+                L[i, j] = L[j, i] = pair_r2(y, lam).mean()
+    return L
