@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import torch_backend
-from ._policy import check_n_lambda
+from ._policy import FLAGGED, check_n_lambda
 from ._runtime import eval_mode, triton_available, triton_interpreting
 from ._tail import MLPTail, parse_tail
 
@@ -197,16 +197,17 @@ def _run_cpu(h, tail, spec, n_lambda, chunk_bytes):
         return torch.ones(h.shape[0], h.shape[0], dtype=h.dtype, device=h.device)
     from .kernels.connectivity_cpu import connectivity_cpu
 
-    return connectivity_cpu(spec.absorb(h).contiguous(), spec, n_lambda)
+    return connectivity_cpu(spec.absorb(h).contiguous(), spec, n_lambda, flag=True)
 
 
 def _run_torch(h, tail, spec, n_lambda, chunk_bytes):
+    flag = h.dtype == torch.float32
     if spec is not None:
-        return torch_backend.connectivity_mlp(h, spec, n_lambda, chunk_bytes)
-    run_dtype = _param_dtype(tail, h.dtype)
+        return torch_backend.connectivity_mlp(h, spec, n_lambda, chunk_bytes, flag=flag)
+    run_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32  # never below fp32 (bf16 models)
     with eval_mode(tail):
         try:
-            return torch_backend.connectivity_generic(h, tail, n_lambda, run_dtype, h.dtype, chunk_bytes)
+            return torch_backend.connectivity_generic(h, tail, n_lambda, run_dtype, h.dtype, chunk_bytes, flag=flag)
         except RuntimeError as e:
             raise ValueError(f"tail failed on a batch of interpolated h (D={h.shape[1]}): {e}") from e
 
@@ -219,6 +220,39 @@ def _run_reference(h, tail, spec, n_lambda, chunk_bytes):
 
 #: resolved backend name -> ``(h in its compute dtype, tail, spec, n_lambda, chunk_bytes) -> L``
 _DISPATCH = {"triton": _run_triton, "cpu": _run_cpu, "torch": _run_torch, "reference": _run_reference}
+
+
+#: what the last :func:`connectivity` call did (for benchmarks and logs): see :func:`last_run_info`
+_LAST_RUN: dict = {}
+
+
+def last_run_info() -> dict:
+    """``{"backend", "pairs", "recomputed", "fraction_recomputed"}`` of the last :func:`connectivity` call
+    in this process: how many pairs the fp32 backend flagged as ill-conditioned and recomputed in fp64."""
+    return dict(_LAST_RUN)
+
+
+def _recompute_flagged(L: torch.Tensor, h: torch.Tensor, tail: nn.Module, spec: MLPTail | None, n_lambda: int,
+                       chunk_bytes: int | None, groups: torch.Tensor | None) -> int:
+    """Recompute in fp64 every pair an fp32 backend wrote as ``FLAGGED``; returns how many."""
+    iu = (torch.triu(L, diagonal=1) == FLAGGED).nonzero()
+    if iu.numel() == 0:
+        return 0
+    i, j = iu[:, 0], iu[:, 1]
+    if groups is not None:  # identical rows are set to 1 by the caller: nothing to recompute
+        keep = groups[i] != groups[j]
+        i, j = i[keep], j[keep]
+    if i.numel():
+        h64 = h.to(torch.float64)
+        if spec is not None:
+            v = torch_backend.mlp_pairs(h64, spec, i, j, n_lambda, chunk_bytes)
+        else:
+            with eval_mode(tail):
+                v = torch_backend.generic_pairs(h64, tail, i, j, n_lambda, chunk_bytes)
+        v = v.to(L.dtype)
+        L[i, j] = v
+        L[j, i] = v
+    return int(iu.shape[0])
 
 
 def _identical_rows(h: torch.Tensor) -> torch.Tensor | None:
@@ -265,13 +299,21 @@ def connectivity(
     if spec is not None and spec.in_features is not None and spec.in_features != h.shape[1]:
         raise ValueError(f"h has {h.shape[1]} features but the tail's first Linear expects {spec.in_features}")
     dtype = _compute_dtype(h, tail)
-    run = _DISPATCH[_choose(backend, h, dtype, spec)]
+    name = _choose(backend, h, dtype, spec)
+    run = _DISPATCH[name]
     with torch.no_grad(), torch.autocast(h.device.type, enabled=False):  # autocast must not lower the precision
         _check_outputs(h, tail)
         L = run(h.to(dtype), tail, spec, n_lambda, chunk_bytes)
         groups = _identical_rows(h)
+        recomputed = 0
+        if name != "reference" and dtype == torch.float32:  # SPEC §1 (c): flagged pairs are recomputed in fp64
+            recomputed = _recompute_flagged(L, h, tail, spec, n_lambda, chunk_bytes, groups)
         if groups is not None:  # SPEC §1: identical representations are perfectly connected
             L[groups[:, None] == groups[None, :]] = 1.0
+    n = h.shape[0]
+    _LAST_RUN.clear()
+    _LAST_RUN.update(backend=name, pairs=n * (n - 1) // 2, recomputed=recomputed,
+                     fraction_recomputed=recomputed / max(1, n * (n - 1) // 2))
     return L
 
 

@@ -12,6 +12,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <new>
 #include <thread>
 #include <vector>
 
@@ -53,6 +54,9 @@ struct Problem {
     const float* ez;    // [n, kp[0]] exp(-z) (SiLU chain path) or nullptr
     const float* sz;    // [n, kp[0]] silu(z) (SiLU chain path) or nullptr
     const uint8_t* ez_ok;  // [n] max |z_i| <= CHAIN_ZMAX: the chain path cannot overflow
+    const float* wabs;  // packed |W_S^T| of the last stage (rounding scale of the centred outputs)
+    float flag_tau;     // > 0: write FLAGGED (-1) for a pair whose estimated error exceeds it
+    std::atomic<int>* error;  // set by a worker that failed (bad_alloc ...): 1
 };
 
 //: SiLU chain path (see silu_chain): used when T <= CHAIN_TMAX and both |z| <= CHAIN_ZMAX.
@@ -234,28 +238,25 @@ void gemm(const float* A, int T, int kp, int K, int np, const float* wpack, cons
 }
 
 // Sum over G column blocks (8 outputs each, starting at column c0) of r2_k, constant-path rule
-// (SPEC §1): r2_k = cov_k^2 / (ss_k ll), clamped to [0, 1]; 1 when sqrt(ss_k / T) <= tol max_t |y_tk|.
-// With mid >= 0, row mid of y holds y_mid - bias and every other row t holds y_t - y_mid (see run_rows).
+// (SPEC §1): r2_k = cov_k^2 / (ss_k ll), clamped to [0, 1]; 1 when sqrt(ss_k / T) <= tol scale_k, where
+// scale_k is the rounding scale of output k: with mid >= 0 (centred last projection: row mid of y is 0,
+// every other row t holds y_t - y_mid, the bias never enters) it is sc[k] = sum_h |W_kh| m_h; otherwise
+// max_t |y_tk|. est accumulates min(1, 2 sqrt(r2 (1 - r2)) kappa + kappa^2), kappa = eps scale / std.
 template <int G>
 inline __m256 r2_blocks(const float* y, int T, int ld, int c0, int O, const float* lam_c, float ll, float tol,
-                        int mid, const float* bias) {
+                        int mid, const float* sc, float eps, __m256& est) {
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     __m256 s[G], amax[G], ss[G], cov[G];
-    __m256 ym[G];  // offset added back for the constant-path rule's max_t |y_t|
     for (int g = 0; g < G; ++g) {
-        s[g] = amax[g] = ss[g] = cov[g] = ym[g] = _mm256_setzero_ps();
-        if (mid >= 0)
-            ym[g] = _mm256_add_ps(_mm256_loadu_ps(y + mid * ld + c0 + 8 * g), _mm256_loadu_ps(bias + c0 + 8 * g));
+        s[g] = amax[g] = ss[g] = cov[g] = _mm256_setzero_ps();
+        if (mid >= 0) amax[g] = _mm256_loadu_ps(sc + c0 + 8 * g);
     }
     for (int t = 0; t < T; ++t) {
-        if (t == mid) {
-            for (int g = 0; g < G; ++g) amax[g] = _mm256_max_ps(amax[g], _mm256_and_ps(ym[g], absmask));
-            continue;
-        }
+        if (t == mid) continue;
         for (int g = 0; g < G; ++g) {
             __m256 v = _mm256_loadu_ps(y + t * ld + c0 + 8 * g);
             s[g] = _mm256_add_ps(s[g], v);
-            amax[g] = _mm256_max_ps(amax[g], _mm256_and_ps(_mm256_add_ps(v, ym[g]), absmask));
+            if (mid < 0) amax[g] = _mm256_max_ps(amax[g], _mm256_and_ps(v, absmask));
         }
     }
     const __m256 tv = _mm256_set1_ps((float)T);
@@ -272,31 +273,45 @@ inline __m256 r2_blocks(const float* y, int T, int ld, int c0, int O, const floa
     }
     __m256 total = _mm256_setzero_ps();
     const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
     for (int g = 0; g < G; ++g) {
         __m256 std_t = _mm256_sqrt_ps(_mm256_div_ps(ss[g], tv));
         __m256 is_const = _mm256_cmp_ps(std_t, _mm256_mul_ps(_mm256_set1_ps(tol), amax[g]), _CMP_LE_OQ);
         __m256 r2 = _mm256_div_ps(_mm256_mul_ps(cov[g], cov[g]), _mm256_mul_ps(ss[g], _mm256_set1_ps(ll)));
-        r2 = _mm256_min_ps(_mm256_max_ps(r2, _mm256_setzero_ps()), _mm256_set1_ps(1.0f));  // NaN -> 0
-        r2 = _mm256_blendv_ps(r2, _mm256_set1_ps(1.0f), is_const);
+        r2 = _mm256_min_ps(_mm256_max_ps(r2, zero), one);  // NaN -> 0
         __m256 valid = _mm256_cmp_ps(_mm256_add_ps(lane, _mm256_set1_ps((float)(c0 + 8 * g))),
                                      _mm256_set1_ps((float)O), _CMP_LT_OQ);
+        // error estimate (before the constant rule): kappa = eps scale / std; std == 0 < scale -> inf -> 1
+        __m256 kap = _mm256_div_ps(_mm256_mul_ps(_mm256_set1_ps(eps), amax[g]), std_t);
+        kap = _mm256_and_ps(kap, _mm256_cmp_ps(amax[g], zero, _CMP_GT_OQ));  // scale 0: exact, 0
+        __m256 q = _mm256_sqrt_ps(_mm256_max_ps(_mm256_mul_ps(r2, _mm256_sub_ps(one, r2)), zero));
+        __m256 e = _mm256_fmadd_ps(kap, kap, _mm256_mul_ps(_mm256_add_ps(kap, kap), q));
+        e = _mm256_min_ps(e, one);  // NaN (0/0 handled above) -> 1 via min's second operand
+        est = _mm256_add_ps(est, _mm256_and_ps(e, valid));
+        r2 = _mm256_blendv_ps(r2, one, is_const);
         total = _mm256_add_ps(total, _mm256_and_ps(r2, valid));
     }
     return total;
 }
 
-// L_ij = mean over the first O columns of y[T, ld] of r2_k (ld a multiple of 8).
+// L_ij = mean over the first O columns of y[T, ld] of r2_k (ld a multiple of 8); FLAGGED (-1) when
+// flag_tau > 0 and the mean error estimate exceeds it.
 float r2_mean(const float* y, int T, int ld, int O, const float* lam_c, float ll, float tol, int mid,
-              const float* bias) {
-    __m256 total = _mm256_setzero_ps();
+              const float* sc, float eps, float flag_tau) {
+    __m256 total = _mm256_setzero_ps(), est = _mm256_setzero_ps();
     int c = 0;
     for (; c + 32 <= ld && c < O; c += 32)
-        total = _mm256_add_ps(total, r2_blocks<4>(y, T, ld, c, O, lam_c, ll, tol, mid, bias));
-    for (; c < O; c += 8) total = _mm256_add_ps(total, r2_blocks<1>(y, T, ld, c, O, lam_c, ll, tol, mid, bias));
-    alignas(32) float lanes[8];
+        total = _mm256_add_ps(total, r2_blocks<4>(y, T, ld, c, O, lam_c, ll, tol, mid, sc, eps, est));
+    for (; c < O; c += 8) total = _mm256_add_ps(total, r2_blocks<1>(y, T, ld, c, O, lam_c, ll, tol, mid, sc, eps, est));
+    alignas(32) float lanes[8], elanes[8];
     _mm256_store_ps(lanes, total);
-    double sum = 0.0;
-    for (float v : lanes) sum += v;
+    _mm256_store_ps(elanes, est);
+    double sum = 0.0, esum = 0.0;
+    for (int k = 0; k < 8; ++k) {
+        sum += lanes[k];
+        esum += elanes[k];
+    }
+    if (flag_tau > 0.0f && !(esum / O <= flag_tau)) return -1.0f;  // NaN estimate: flagged too
     return (float)(sum / O);
 }
 
@@ -367,11 +382,13 @@ void run_rows(const Problem& p, std::atomic<int64_t>* next_row) {
     for (int s = 0; s < S; ++s) width = std::max(width, p.np[s]);
     std::vector<float> buf_a((size_t)T * width + 8), buf_b((size_t)T * width + 8), d(kp0);
     std::vector<float> zero_bias(width, 0.0f), scratch(2 * (size_t)kp0);
+    std::vector<float> mvec(width + 8, 0.0f), scvec(width + 8, 0.0f);
     // Offset-free last projection (no trailing activation): rows t != mid of its input become
     // a_t - a_mid and the bias is left out, so y_t - y_mid comes out of the GEMM without the
     // cancellation of a large common offset (fp32 accuracy when std_t(y) << |y|).
     const bool centred = p.act_off[S + 1] == p.act_off[S];
     const int mid = centred ? 0 : -1;  // reference row
+    const bool silu1 = p.act_off[1] - p.act_off[0] == 1 && p.act_code[p.act_off[0]] == ACT_SILU;
     const float tol = p.const_rtol * p.eps;
     for (;;) {
         int64_t i = next_row->fetch_add(1);
@@ -415,6 +432,42 @@ void run_rows(const Problem& p, std::atomic<int64_t>* next_row) {
                 if (s == S - 1 && centred) {
                     const int kp = p.kp[s];
                     const float* xm = x + mid * kp;
+                    // m_h: rounding scale of input h of the last Linear, max_t |a_th| (|a_0| + max |a_t - a_0|
+                    // when the rows already hold differences), times (1 + max(|z_i|, |z_j|)) for a single
+                    // stage (the input's rounding amplified by x act'(x), see torch_backend._rounding_scale)
+                    // or 2 for deeper tails.
+                    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+                    const __m256 zero8 = _mm256_setzero_ps();
+                    for (int q = 0; q < kp; q += 8) {
+                        __m256 m = _mm256_setzero_ps();
+                        for (int t = 0; t < T; ++t) {
+                            if (t == mid) continue;
+                            m = _mm256_max_ps(m, _mm256_and_ps(_mm256_loadu_ps(x + t * kp + q), absmask));
+                        }
+                        __m256 a0 = _mm256_and_ps(_mm256_loadu_ps(xm + q), absmask);
+                        m = pre_centred ? _mm256_add_ps(m, a0) : _mm256_max_ps(m, a0);
+                        __m256 vzi = _mm256_loadu_ps(zi + q), vzj = _mm256_loadu_ps(zj + q);
+                        if (S == 1 && silu1) {
+                            // SiLU: |x silu'(x)| <= 1.1 |x| <= 2.2 |a| for x >= 0; for x < 0 it is at most
+                            // g(x) = |x sigmoid(x)| (1 + |x|), unimodal with its peak (0.72) at x = -1.85, so
+                            // its max over the path's negative part is g at the point of [lo, min(hi, 0)]
+                            // nearest -1.85 (one SiLU per unit instead of one per element).
+                            __m256 lo = _mm256_min_ps(vzi, vzj), hi = _mm256_min_ps(_mm256_max_ps(vzi, vzj), zero8);
+                            __m256 xn = _mm256_min_ps(_mm256_max_ps(_mm256_set1_ps(-1.85f), lo), hi);
+                            __m256 ax = _mm256_and_ps(xn, absmask);
+                            __m256 g = _mm256_mul_ps(_mm256_and_ps(_mm256_mul_ps(xn, sigmoid256(xn)), absmask),
+                                                     _mm256_add_ps(_mm256_set1_ps(1.0f), ax));
+                            g = _mm256_and_ps(g, _mm256_cmp_ps(lo, zero8, _CMP_LT_OQ));
+                            _mm256_storeu_ps(&mvec[q], _mm256_fmadd_ps(m, _mm256_set1_ps(2.2f), g));
+                        } else {
+                            __m256 f = _mm256_set1_ps(2.0f);
+                            if (S == 1)
+                                f = _mm256_add_ps(_mm256_set1_ps(1.0f), _mm256_max_ps(_mm256_and_ps(vzi, absmask),
+                                                                                    _mm256_and_ps(vzj, absmask)));
+                            _mm256_storeu_ps(&mvec[q], _mm256_mul_ps(m, f));
+                        }
+                    }
+                    gemm(mvec.data(), 1, kp, p.kin[s], p.np[s], p.wabs, zero_bias.data(), scvec.data());
                     for (int t = 0; t < T && !pre_centred; ++t) {
                         if (t == mid) continue;
                         for (int q = 0; q < kp; q += 8)
@@ -429,9 +482,21 @@ void run_rows(const Problem& p, std::atomic<int64_t>* next_row) {
             }
             apply_acts(x, (int64_t)T * p.np[S - 1], p.act_code + p.act_off[S], p.act_slope + p.act_off[S],
                        p.act_off[S + 1] - p.act_off[S]);
-            float v = r2_mean(x, T, p.np[S - 1], p.out_dim, p.lam_c, p.ll, tol, mid, p.bias[S - 1]);
+            float v = r2_mean(x, T, p.np[S - 1], p.out_dim, p.lam_c, p.ll, tol, mid, scvec.data(), p.eps,
+                              p.flag_tau);
             p.L[i * p.n + j] = v;  // lower triangle mirrored after the join (no false sharing)
         }
+    }
+}
+
+// A worker never lets an exception escape a std::thread (that is std::terminate, i.e. SIGABRT): it
+// records the failure and stops taking rows; the others stop at their next row.
+void run_rows_safe(const Problem& p, std::atomic<int64_t>* next_row) {
+    try {
+        run_rows(p, next_row);
+    } catch (...) {
+        p.error->store(1);
+        next_row->store(p.n);  // no more rows for anyone
     }
 }
 
@@ -443,34 +508,43 @@ extern "C" int gm_connectivity_mlp(
     int64_t n, int T, int n_stages, const int* kp, const int* kin, const int* np, const float* const* wpack,
     const float* const* bias, const int* act_off, const int* act_code, const float* act_slope, int out_dim,
     const float* z, const float* lam, const float* lam_c, float ll, float eps, float const_rtol, float* L,
-    int n_threads) {
-    Problem p{n, T, n_stages, kp, kin, np, wpack, bias, act_off, act_code, act_slope, out_dim,
-              z, lam, lam_c, ll, eps, const_rtol, L, nullptr, nullptr, nullptr};
-    std::vector<float> ez, sz;
-    std::vector<uint8_t> ez_ok;
-    if (T <= CHAIN_TMAX && act_off[1] - act_off[0] == 1 && act_code[act_off[0]] == ACT_SILU) {
-        ez.resize((size_t)n * kp[0]);
-        sz.resize((size_t)n * kp[0]);
-        ez_ok.resize((size_t)n);
-        precompute_exp(z, n, kp[0], ez.data(), sz.data(), ez_ok.data());
-        p.ez = ez.data();
-        p.sz = sz.data();
-        p.ez_ok = ez_ok.data();
-    }
-    for (int64_t i = 0; i < n; ++i) L[i * n + i] = 1.0f;
-    std::atomic<int64_t> next_row{0};
-    n_threads = (int)std::max<int64_t>(1, std::min<int64_t>(n_threads, n - 1));
-    std::vector<std::thread> pool;
-    for (int w = 1; w < n_threads; ++w) {
-        try {
-            pool.emplace_back(run_rows, std::cref(p), &next_row);
-        } catch (...) {  // no more threads: the ones running share the rows
-            break;
+    int n_threads, const float* wabs, float flag_tau) {
+    // Returns 0 on success, 2 when memory ran out, 3 on any other C++ exception (never throws across the C ABI).
+    std::atomic<int> error{0};
+    try {
+        Problem p{n, T, n_stages, kp, kin, np, wpack, bias, act_off, act_code, act_slope, out_dim,
+                  z, lam, lam_c, ll, eps, const_rtol, L, nullptr, nullptr, nullptr, wabs, flag_tau, &error};
+        std::vector<float> ez, sz;
+        std::vector<uint8_t> ez_ok;
+        if (T <= CHAIN_TMAX && act_off[1] - act_off[0] == 1 && act_code[act_off[0]] == ACT_SILU) {
+            ez.resize((size_t)n * kp[0]);
+            sz.resize((size_t)n * kp[0]);
+            ez_ok.resize((size_t)n);
+            precompute_exp(z, n, kp[0], ez.data(), sz.data(), ez_ok.data());
+            p.ez = ez.data();
+            p.sz = sz.data();
+            p.ez_ok = ez_ok.data();
         }
+        for (int64_t i = 0; i < n; ++i) L[i * n + i] = 1.0f;
+        std::atomic<int64_t> next_row{0};
+        n_threads = (int)std::max<int64_t>(1, std::min<int64_t>(n_threads, n - 1));
+        std::vector<std::thread> pool;
+        for (int w = 1; w < n_threads; ++w) {
+            try {
+                pool.emplace_back(run_rows_safe, std::cref(p), &next_row);
+            } catch (...) {  // no more threads: the ones running share the rows
+                break;
+            }
+        }
+        run_rows_safe(p, &next_row);
+        for (auto& th : pool) th.join();
+        if (error.load()) return 2;
+        for (int64_t i = 0; i < n; ++i)
+            for (int64_t j = i + 1; j < n; ++j) L[j * n + i] = L[i * n + j];
+        return 0;
+    } catch (const std::bad_alloc&) {
+        return 2;
+    } catch (...) {
+        return 3;
     }
-    run_rows(p, &next_row);
-    for (auto& th : pool) th.join();
-    for (int64_t i = 0; i < n; ++i)
-        for (int64_t j = i + 1; j < n; ++j) L[j * n + i] = L[i * n + j];
-    return 0;
 }

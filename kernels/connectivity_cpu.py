@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from grokfast_metrics._policy import CONST_RTOL, check_n_lambda, lambdas
+from grokfast_metrics._policy import CONST_RTOL, FLAG_KAPPA, check_fits, check_n_lambda, lambdas
 from grokfast_metrics._tail import ACT_CODES, MLPTail
 
 _SOURCE = Path(__file__).with_name("connectivity_cpu.cpp")
@@ -102,7 +102,7 @@ def _build() -> ctypes.CDLL:
         raise RuntimeError("the CPU lacks AVX2/FMA")
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     lib.gm_connectivity_mlp.restype = ctypes.c_int
-    lib.gm_connectivity_mlp.argtypes = [i64, i32, i32, p, p, p, p, p, p, p, p, i32, p, p, p, f32, f32, f32, p, i32]
+    lib.gm_connectivity_mlp.argtypes = [i64, i32, i32, p, p, p, p, p, p, p, p, i32, p, p, p, f32, f32, f32, p, i32, p, f32]
     _state["path"] = str(lib_path)
     return lib
 
@@ -178,7 +178,8 @@ def _pack(weight: torch.Tensor, kp: int, np_: int) -> torch.Tensor:
     return torch.cat([wt[:, c : c + 16].contiguous().flatten() for c in range(0, np_, 16)])
 
 
-def connectivity_cpu(z: torch.Tensor, spec: MLPTail, n_lambda: int, num_threads: int | None = None) -> torch.Tensor:
+def connectivity_cpu(z: torch.Tensor, spec: MLPTail, n_lambda: int, num_threads: int | None = None,
+                     flag: bool = False) -> torch.Tensor:
     """Connectivity matrix of an MLP tail from the absorbed representations, fused on the CPU.
 
     Args:
@@ -186,12 +187,16 @@ def connectivity_cpu(z: torch.Tensor, spec: MLPTail, n_lambda: int, num_threads:
         spec: normalised MLP tail with at least one stage.
         n_lambda: interpolation points ``T`` per pair (>= 3).
         num_threads: worker threads (default ``torch.get_num_threads()``).
+        flag: write ``_policy.FLAGGED`` for pairs whose estimated fp32 error exceeds ``_policy.FLAG_KAPPA``
+            (``core`` recomputes them in fp64). The estimate is that of the torch path with a coarser
+            rounding scale per hidden unit (``max_t |a| (1 + max(|z_i|, |z_j|))``).
 
     Returns:
         ``(N, N)`` float32 matrix ``L``: symmetric, unit diagonal, entries in ``[0, 1]``.
 
     Raises:
         ValueError: unsupported input (see :func:`unsupported_reason`), bad ``z`` shape or ``n_lambda < 3``.
+        MemoryError: ``L`` cannot fit, or the kernel ran out of memory (reported by the C++ code, never an abort).
         TypeError: ``n_lambda`` is not an int.
     """
     reason = unsupported_reason(spec, z.device, z.dtype)
@@ -231,7 +236,10 @@ def connectivity_cpu(z: torch.Tensor, spec: MLPTail, n_lambda: int, num_threads:
         offs.append(len(codes))
     lam32, lam_c = lambdas(n_lambda, torch.float32)
     ll = float((lam_c.double() ** 2).sum())
+    check_fits(4 * n * n, 4 * (n + 8) * kps[0] * 3, "cpu")
     out = torch.empty(n, n, dtype=torch.float32)
+    last = spec.stages[-1][1]
+    wabs = _pack(last.weight.detach().abs(), kps[-1], nps[-1])
 
     def ints(v: list[int]) -> ctypes.Array:
         return (ctypes.c_int * max(1, len(v)))(*v)
@@ -246,7 +254,10 @@ def connectivity_cpu(z: torch.Tensor, spec: MLPTail, n_lambda: int, num_threads:
         n, n_lambda, len(packs), addr(c_kp), addr(c_kin), addr(c_np), addr(ptrs), addr(bptrs), addr(c_off),
         addr(c_codes), addr(c_slopes), spec.stages[-1][1].out_features, zp.data_ptr(), lam32.data_ptr(),
         lam_c.data_ptr(), ll, torch.finfo(torch.float32).eps, CONST_RTOL, out.data_ptr(), max(1, int(threads)),
+        wabs.data_ptr(), FLAG_KAPPA if flag else 0.0,
     )
-    if rc != 0:  # pragma: no cover - the kernel has no failure path today
+    if rc == 2:
+        raise MemoryError(f"fused CPU kernel ran out of memory (N={n}, widths {kins + [spec.stages[-1][1].out_features]})")
+    if rc != 0:
         raise RuntimeError(f"fused CPU kernel failed with code {rc}")
     return out
