@@ -82,10 +82,12 @@ def pair_error_estimate(err: torch.Tensor, std: torch.Tensor, r2: torch.Tensor) 
 
     ``kappa_k = err_k / std_k`` is the relative perturbation of the centred path; it moves
     ``r2_k`` by about ``2 sqrt(r2_k (1 - r2_k)) kappa_k + kappa_k^2`` (first order in the residual of the
-    linear fit, second order in the perturbation), at most 1. ``std == 0 < err`` gives 1.
+    linear fit, second order in the perturbation; ``r2 (1 - r2)`` floored at ``kappa``), at most 1.
+    ``std == 0 < err`` gives 1.
     """
     kappa = torch.where(err > 0, err / std, torch.zeros_like(std))
-    est = 2.0 * kappa * (r2 * (1.0 - r2)).clamp_(min=0.0).sqrt() + kappa * kappa
+    # r2 (1 - r2) floored at kappa: the computed r2 is itself off by ~kappa (a near-linear path can read r2 = 1)
+    est = 2.0 * kappa * torch.maximum(r2 * (1.0 - r2), kappa).sqrt() + kappa * kappa
     return est.nan_to_num_(nan=1.0).clamp_(max=1.0).mean(dim=1)
 
 

@@ -284,7 +284,8 @@ inline __m256 r2_blocks(const float* y, int T, int ld, int c0, int O, const floa
         // error estimate (before the constant rule): kappa = eps scale / std; std == 0 < scale -> inf -> 1
         __m256 kap = _mm256_div_ps(_mm256_mul_ps(_mm256_set1_ps(eps), amax[g]), std_t);
         kap = _mm256_and_ps(kap, _mm256_cmp_ps(amax[g], zero, _CMP_GT_OQ));  // scale 0: exact, 0
-        __m256 q = _mm256_sqrt_ps(_mm256_max_ps(_mm256_mul_ps(r2, _mm256_sub_ps(one, r2)), zero));
+        // r2 (1 - r2) floored at kappa: the computed r2 is itself off by ~kappa
+        __m256 q = _mm256_sqrt_ps(_mm256_max_ps(_mm256_mul_ps(r2, _mm256_sub_ps(one, r2)), kap));
         __m256 e = _mm256_fmadd_ps(kap, kap, _mm256_mul_ps(_mm256_add_ps(kap, kap), q));
         e = _mm256_min_ps(e, one);  // NaN (0/0 handled above) -> 1 via min's second operand
         est = _mm256_add_ps(est, _mm256_and_ps(e, valid));

@@ -69,7 +69,8 @@ def test_fp32_within_contract_or_recomputed(name, backend):
     h, tail = regime(name, n=10)
     L = gm.connectivity(h, tail, backend=backend)
     assert L.dtype == torch.float32
-    assert _err(L, _exact(name)) <= 1e-5  # worst observed 1.6e-6 (sat_tanh:6, torch); see the fuzz run
+    # worst observed 2.5e-6 (torch, sat_tanh:9: a 4x margin, short of the 5x asked) and 1.1e-6 (C++ kernel, shift:-20)
+    assert _err(L, _exact(name)) <= 1e-5
     info = core.last_run_info()
     assert 0 <= info["recomputed"] <= info["pairs"] == 45
 
@@ -88,7 +89,7 @@ def test_recompute_fraction_is_reported_and_small_when_well_conditioned():
     gm.connectivity(h, tail, backend="torch")
     info = core.last_run_info()
     assert info["backend"] == "torch" and info["pairs"] == 780
-    assert info["fraction_recomputed"] <= 0.1  # observed 0.01 (the estimate is 2-60x pessimistic)
+    assert info["fraction_recomputed"] <= 0.1  # observed 0.00 at FLAG_KAPPA = 5e-5 (0.01 at 2e-5)
     h, tail = regime("near:1e-5", n=10)
     gm.connectivity(h, tail, backend="torch")
     assert core.last_run_info()["fraction_recomputed"] == 1.0  # unresolvable in fp32: every pair recomputed
