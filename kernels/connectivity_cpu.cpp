@@ -501,6 +501,197 @@ void run_rows_safe(const Problem& p, std::atomic<int64_t>* next_row) {
     }
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// fp64 recompute of a list of pairs (core recomputes the pairs the fp32 kernel flagged). The same
+// algebra as torch_backend._pairs_values in float64, one pair at a time, pairs shared between threads
+// in small blocks: one call, no per-op dispatch (the torch path cost ~140 us/pair on a loaded 2-core box).
+
+struct Pairs64 {
+    int64_t n_pairs;
+    const int64_t* pi;
+    const int64_t* pj;
+    int T;
+    int n_stages;
+    const int* kin;             // [S] input width of stage s
+    const int* nout;            // [S] output width of stage s
+    const double* const* wt;    // [S] W_s^T, row-major [kin, nout]
+    const double* const* bias;  // [S] [nout] or nullptr
+    const int* act_off;         // as in Problem
+    const int* act_code;
+    const double* act_slope;    // leaky_relu slopes in float64 (0.01 is not a float32 number)
+    int width;                  // max(kin[0], nout[s])
+    const double* z;            // [n, kin[0]] absorbed, in float64
+    const double* lam;          // [T]
+    const double* lam_c;        // [T]
+    double ll;                  // sum lam_c^2
+    double eps;                 // float64 epsilon (constant-path rule)
+    double const_rtol;
+    double* out;                // [n_pairs]
+};
+
+inline double sigmoid64(double x) {  // through e^{-|x|}: no overflow, relative accuracy for both signs
+    if (x >= 0.0) return 1.0 / (1.0 + std::exp(-x));
+    const double e = std::exp(x);
+    return e / (1.0 + e);
+}
+
+inline double act64(double x, int code, double slope) {
+    switch (code) {
+        case ACT_SILU: return x * sigmoid64(x);
+        case ACT_RELU: return x > 0.0 ? x : 0.0;
+        case ACT_SIGMOID: return sigmoid64(x);
+        case ACT_TANH: return std::tanh(x);
+        case ACT_LEAKY_RELU: return x >= 0.0 ? x : slope * x;
+        case ACT_GELU_TANH: return x * sigmoid64(2.0 * 0.7978845608028654 * (x + 0.044715 * x * x * x));
+        case ACT_GELU: return 0.5 * x * std::erfc(-x * 0.7071067811865476);
+        default: return x;
+    }
+}
+
+// act(x) - c, c the constant a saturating activation reaches on ref's side (_tail.torch_offset_free)
+inline double offset_free64(int code, double x, double ref) {
+    if (code == ACT_SIGMOID) return ref > 0.0 ? -sigmoid64(-x) : sigmoid64(x);
+    if (ref > 0.0) return -2.0 * sigmoid64(-2.0 * x);  // tanh
+    if (ref < 0.0) return 2.0 * sigmoid64(2.0 * x);
+    return std::tanh(x);
+}
+
+inline bool smooth64(int code) {
+    return code == ACT_SILU || code == ACT_SIGMOID || code == ACT_TANH || code == ACT_GELU || code == ACT_GELU_TANH;
+}
+
+// y[T, N] = (bias or 0) + x[T, K] @ wt[K, N]
+void gemm64(const double* x, int T, int K, int N, const double* wt, const double* bias, double* y) {
+    for (int t = 0; t < T; ++t) {
+        double* yr = y + (int64_t)t * N;
+        for (int o = 0; o < N; ++o) yr[o] = bias ? bias[o] : 0.0;
+        const double* xr = x + (int64_t)t * K;
+        for (int k = 0; k < K; ++k) {
+            const double a = xr[k];
+            const double* w = wt + (int64_t)k * N;
+            for (int o = 0; o < N; ++o) yr[o] += a * w[o];
+        }
+    }
+}
+
+// mean over outputs of r2 of paths yc[T, O] (centred again here), constant-path rule on scale[O]
+double r2_mean64(double* yc, int T, int O, const double* scale, const double* lam_c, double ll, double tol) {
+    double total = 0.0;
+    for (int k = 0; k < O; ++k) {
+        double s = 0.0;
+        for (int t = 0; t < T; ++t) s += yc[t * O + k];
+        const double mean = s / T;
+        double ss = 0.0, cov = 0.0;
+        for (int t = 0; t < T; ++t) {
+            const double c = yc[t * O + k] - mean;
+            ss += c * c;
+            cov += c * lam_c[t];
+        }
+        double r2 = cov * cov / (ss * ll);
+        r2 = r2 > 1.0 ? 1.0 : (r2 >= 0.0 ? r2 : 0.0);
+        if (std::sqrt(ss / T) <= tol * scale[k]) r2 = 1.0;
+        total += r2;
+    }
+    return total / O;
+}
+
+void pairs64_block(const Pairs64& p, int64_t p0, int64_t p1, std::vector<double>& xa, std::vector<double>& xb,
+                   std::vector<double>& av, std::vector<double>& mv, std::vector<double>& sc) {
+    const int T = p.T, S = p.n_stages, k0 = p.kin[0];
+    const bool centred = p.act_off[S + 1] == p.act_off[S];
+    const double tol = p.const_rtol * p.eps;
+    for (int64_t q = p0; q < p1; ++q) {
+        const double* zi = p.z + p.pi[q] * k0;
+        const double* zj = p.z + p.pj[q] * k0;
+        double* x = xa.data();
+        double* y = xb.data();
+        for (int t = 0; t < T; ++t)
+            for (int h = 0; h < k0; ++h) x[t * k0 + h] = zi[h] + p.lam[t] * (zj[h] - zi[h]);
+        int width = k0;
+        double value = 0.0;
+        bool done = false;
+        for (int s = 0; s < S && !done; ++s) {
+            const int* codes = p.act_code + p.act_off[s];
+            const double* slopes = p.act_slope + p.act_off[s];
+            const int na = p.act_off[s + 1] - p.act_off[s];
+            const int K = p.kin[s], N = p.nout[s];
+            if (s == S - 1 && centred) {
+                const int last = na > 0 ? codes[na - 1] : ACT_IDENTITY;
+                const bool smooth = smooth64(last);
+                const bool sat = last == ACT_SIGMOID || last == ACT_TANH;
+                for (int a = 0; a < (smooth ? na - 1 : na); ++a)
+                    for (int64_t e = 0; e < (int64_t)T * K; ++e) x[e] = act64(x[e], codes[a], slopes[a]);
+                double* a = av.data();
+                for (int h = 0; h < K; ++h) mv[h] = 0.0;
+                for (int t = 0; t < T; ++t)
+                    for (int h = 0; h < K; ++h) {
+                        const double xv = x[t * K + h];
+                        double v = xv, g = 0.0;
+                        if (sat) v = offset_free64(last, xv, x[h]);
+                        else if (smooth) v = act64(xv, last, slopes[na - 1]);
+                        if (smooth) g = (last == ACT_GELU && xv < 0.0) ? xv * xv : std::fabs(xv);
+                        a[t * K + h] = v;
+                        mv[h] = std::max(mv[h], std::fabs(v) * (1.0 + g));
+                    }
+                for (int h = 0; h < K; ++h) {  // a - mean_t a
+                    double m = 0.0;
+                    for (int t = 0; t < T; ++t) m += a[t * K + h];
+                    m /= T;
+                    for (int t = 0; t < T; ++t) a[t * K + h] -= m;
+                }
+                gemm64(a, T, K, N, p.wt[s], nullptr, y);
+                for (int o = 0; o < N; ++o) sc[o] = 0.0;
+                for (int h = 0; h < K; ++h)
+                    for (int o = 0; o < N; ++o) sc[o] += mv[h] * std::fabs(p.wt[s][(int64_t)h * N + o]);
+                value = r2_mean64(y, T, N, sc.data(), p.lam_c, p.ll, tol);
+                done = true;
+                break;
+            }
+            for (int a = 0; a < na; ++a)
+                for (int64_t e = 0; e < (int64_t)T * K; ++e) x[e] = act64(x[e], codes[a], slopes[a]);
+            gemm64(x, T, K, N, p.wt[s], p.bias[s], y);
+            std::swap(x, y);
+            width = N;
+        }
+        if (!done) {  // trailing activations: r2 of the literal paths, scale max_t |y|
+            const int* codes = p.act_code + p.act_off[S];
+            const double* slopes = p.act_slope + p.act_off[S];
+            const int na = p.act_off[S + 1] - p.act_off[S];
+            for (int a = 0; a < na; ++a)
+                for (int64_t e = 0; e < (int64_t)T * width; ++e) x[e] = act64(x[e], codes[a], slopes[a]);
+            for (int o = 0; o < width; ++o) {
+                double m = 0.0, s = 0.0;
+                for (int t = 0; t < T; ++t) {
+                    m = std::max(m, std::fabs(x[t * width + o]));
+                    s += x[t * width + o];
+                }
+                sc[o] = m;
+                s /= T;
+                for (int t = 0; t < T; ++t) x[t * width + o] -= s;
+            }
+            value = r2_mean64(x, T, width, sc.data(), p.lam_c, p.ll, tol);
+        }
+        p.out[q] = value;
+    }
+}
+
+void pairs64_worker(const Pairs64& p, std::atomic<int64_t>* next, std::atomic<int>* error) {
+    try {
+        std::vector<double> xa((size_t)p.T * p.width), xb((size_t)p.T * p.width), av((size_t)p.T * p.width);
+        std::vector<double> mv(p.width), sc(p.width);
+        constexpr int64_t BLOCK = 8;
+        for (;;) {
+            const int64_t p0 = next->fetch_add(BLOCK);
+            if (p0 >= p.n_pairs) break;
+            pairs64_block(p, p0, std::min(p.n_pairs, p0 + BLOCK), xa, xb, av, mv, sc);
+        }
+    } catch (...) {
+        error->store(1);
+        next->store(p.n_pairs);
+    }
+}
+
 }  // namespace
 
 #pragma GCC pop_options
@@ -543,6 +734,38 @@ extern "C" int gm_connectivity_mlp(
         for (int64_t i = 0; i < n; ++i)
             for (int64_t j = i + 1; j < n; ++j) L[j * n + i] = L[i * n + j];
         return 0;
+    } catch (const std::bad_alloc&) {
+        return 2;
+    } catch (...) {
+        return 3;
+    }
+}
+
+extern "C" int gm_pairs_f64(
+    int64_t n_pairs, const int64_t* pi, const int64_t* pj, int T, int n_stages, const int* kin, const int* nout,
+    const double* const* wt, const double* const* bias, const int* act_off, const int* act_code,
+    const double* act_slope, const double* z, const double* lam, const double* lam_c, double ll, double eps,
+    double const_rtol, double* out, int n_threads) {
+    // L_ij in float64 of the listed pairs; 0 on success, 2 out of memory, 3 any other failure.
+    std::atomic<int> error{0};
+    try {
+        int width = kin[0];
+        for (int s = 0; s < n_stages; ++s) width = std::max(width, std::max(kin[s], nout[s]));
+        Pairs64 p{n_pairs, pi, pj, T, n_stages, kin, nout, wt, bias, act_off, act_code, act_slope, width,
+                  z, lam, lam_c, ll, eps, const_rtol, out};
+        std::atomic<int64_t> next{0};
+        n_threads = (int)std::max<int64_t>(1, std::min<int64_t>(n_threads, (n_pairs + 7) / 8));
+        std::vector<std::thread> pool;
+        for (int w = 1; w < n_threads; ++w) {
+            try {
+                pool.emplace_back(pairs64_worker, std::cref(p), &next, &error);
+            } catch (...) {
+                break;
+            }
+        }
+        pairs64_worker(p, &next, &error);
+        for (auto& th : pool) th.join();
+        return error.load() ? 2 : 0;
     } catch (const std::bad_alloc&) {
         return 2;
     } catch (...) {

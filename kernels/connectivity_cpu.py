@@ -103,6 +103,9 @@ def _build() -> ctypes.CDLL:
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     lib.gm_connectivity_mlp.restype = ctypes.c_int
     lib.gm_connectivity_mlp.argtypes = [i64, i32, i32, p, p, p, p, p, p, p, p, i32, p, p, p, f32, f32, f32, p, i32, p, f32]
+    f64 = ctypes.c_double
+    lib.gm_pairs_f64.restype = ctypes.c_int
+    lib.gm_pairs_f64.argtypes = [i64, p, p, i32, i32, p, p, p, p, p, p, p, p, p, p, f64, f64, f64, p, i32]
     _state["path"] = str(lib_path)
     return lib
 
@@ -260,4 +263,84 @@ def connectivity_cpu(z: torch.Tensor, spec: MLPTail, n_lambda: int, num_threads:
         raise MemoryError(f"fused CPU kernel ran out of memory (N={n}, widths {kins + [spec.stages[-1][1].out_features]})")
     if rc != 0:
         raise RuntimeError(f"fused CPU kernel failed with code {rc}")
+    return out
+
+
+def pairs_f64_unsupported(spec: MLPTail, device: torch.device) -> str | None:
+    """Why :func:`pairs_f64` cannot recompute pairs of ``spec`` on ``device`` (``None`` when it can)."""
+    if torch.device(device).type != "cpu":
+        return f"the tail is on {device}, not the CPU"
+    if not spec.stages:
+        return "the tail has no Linear after its first activation"
+    if os.environ.get(_ENV_SWITCH, "1") in ("0", "false", "False"):
+        return f"disabled by {_ENV_SWITCH}=0"
+    if _library() is None:
+        return f"kernel unavailable: {_state['error']}"
+    return None
+
+
+def pairs_f64(h: torch.Tensor, spec: MLPTail, i: torch.Tensor, j: torch.Tensor, n_lambda: int,
+              num_threads: int | None = None) -> torch.Tensor:
+    """``L_ij`` of the pairs ``(i[p], j[p])`` in float64, in one C++ call (``core``'s recompute of flagged pairs).
+
+    The algebra of ``torch_backend._pairs_values`` in float64 (centred last projection, offset-free
+    saturating activation before it, constant-path rule on the same rounding scale), one pair per
+    thread at a time: no per-op dispatch, no chunk of activations held in memory.
+
+    Args:
+        h: ``(N, D)`` representations on the CPU (any float dtype; computed in float64).
+        spec: normalised MLP tail with at least one stage (weights of any float dtype, on the CPU).
+        i, j: ``(P,)`` integer indices of the pairs.
+        n_lambda: interpolation points per pair.
+
+    Returns:
+        ``(P,)`` float64 values.
+
+    Raises:
+        ValueError: unsupported (see :func:`pairs_f64_unsupported`).
+        MemoryError: the kernel ran out of memory.
+    """
+    reason = pairs_f64_unsupported(spec, h.device)
+    if reason is not None:
+        raise ValueError(f"fp64 pair kernel cannot run this tail: {reason}")
+    lib = _library()
+    n_lambda = check_n_lambda(n_lambda)
+    z = spec.absorb(h.to(torch.float64)).contiguous()
+    pi = i.to(device="cpu", dtype=torch.int64).contiguous()
+    pj = j.to(device="cpu", dtype=torch.int64).contiguous()
+    n_pairs = int(pi.numel())
+    out = torch.empty(n_pairs, dtype=torch.float64)
+    if n_pairs == 0:
+        return out
+    wts = [lin.weight.detach().to(torch.float64).t().contiguous() for _, lin in spec.stages]
+    bs = [None if lin.bias is None else lin.bias.detach().to(torch.float64).contiguous() for _, lin in spec.stages]
+    act_lists = [acts for acts, _ in spec.stages] + [list(spec.final)]
+    codes, slopes, offs = [], [], [0]
+    for acts in act_lists:
+        codes += [a.code for a in acts]
+        slopes += [float(a.slope) for a in acts]
+        offs.append(len(codes))
+    lam, lam_c = lambdas(n_lambda, torch.float64)
+    ll = float((lam_c**2).sum())
+
+    def ints(v: list[int]) -> ctypes.Array:
+        return (ctypes.c_int * max(1, len(v)))(*v)
+
+    c_kin = ints([lin.in_features for _, lin in spec.stages])
+    c_nout = ints([lin.out_features for _, lin in spec.stages])
+    c_off, c_codes = ints(offs), ints(codes)
+    c_slopes = (ctypes.c_double * max(1, len(slopes)))(*slopes)
+    wptrs = (ctypes.c_void_p * len(wts))(*[w.data_ptr() for w in wts])
+    bptrs = (ctypes.c_void_p * len(bs))(*[None if b is None else b.data_ptr() for b in bs])
+    threads = num_threads if num_threads is not None else torch.get_num_threads()
+    addr = ctypes.addressof
+    rc = lib.gm_pairs_f64(
+        n_pairs, pi.data_ptr(), pj.data_ptr(), n_lambda, len(wts), addr(c_kin), addr(c_nout), addr(wptrs),
+        addr(bptrs), addr(c_off), addr(c_codes), addr(c_slopes), z.data_ptr(), lam.data_ptr(), lam_c.data_ptr(),
+        ll, torch.finfo(torch.float64).eps, CONST_RTOL, out.data_ptr(), max(1, int(threads)),
+    )
+    if rc == 2:
+        raise MemoryError(f"fp64 pair kernel ran out of memory ({n_pairs} pairs)")
+    if rc != 0:
+        raise RuntimeError(f"fp64 pair kernel failed with code {rc}")
     return out
