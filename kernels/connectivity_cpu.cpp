@@ -55,6 +55,7 @@ struct Problem {
     const float* sz;    // [n, kp[0]] silu(z) (SiLU chain path) or nullptr
     const uint8_t* ez_ok;  // [n] max |z_i| <= CHAIN_ZMAX: the chain path cannot overflow
     const float* wabs;  // packed |W_S^T| of the last stage (rounding scale of the centred outputs)
+    const float* wnorm; // [2 (np[S-1] + 8)] sum_h |W_S[k, h]|, then |W_S[k, :]|_2 (zero padded): cheap bounds on it
     float flag_tau;     // > 0: write FLAGGED (-1) for a pair whose estimated error exceeds it
     std::atomic<int>* error;  // set by a worker that failed (bad_alloc ...): 1
 };
@@ -237,20 +238,42 @@ void gemm(const float* A, int T, int kp, int K, int np, const float* wpack, cons
     }
 }
 
-// Sum over G column blocks (8 outputs each, starting at column c0) of r2_k, constant-path rule
-// (SPEC §1): r2_k = cov_k^2 / (ss_k ll), clamped to [0, 1]; 1 when sqrt(ss_k / T) <= tol scale_k, where
-// scale_k is the rounding scale of output k: with mid >= 0 (centred last projection: row mid of y is 0,
-// every other row t holds y_t - y_mid, the bias never enters) it is sc[k] = sum_h |W_kh| m_h; otherwise
-// max_t |y_tk|. est accumulates min(1, 2 sqrt(r2 (1 - r2)) kappa + kappa^2), kappa = eps scale / std.
+// out[np] = m[:K] @ |W|^T for one row m: the packed panels of gemm, with the K loop split four ways so that
+// 4 x 2 accumulators hide the FMA latency (a one-row gemm waits ~4 cycles per k).
+void gemv_rows1(const float* m, int kp, int K, int np, const float* wpack, float* out) {
+    const float* B = wpack;
+    for (int c = 0; c < np; c += 16) {
+        const int nv = np - c >= 16 ? 2 : 1, w = 8 * nv;
+        __m256 acc[4][2];
+        for (int u = 0; u < 4; ++u) acc[u][0] = acc[u][1] = _mm256_setzero_ps();
+        int k = 0;
+        for (; k + 4 <= K; k += 4)
+            for (int u = 0; u < 4; ++u) {
+                __m256 a = _mm256_broadcast_ss(m + k + u);
+                for (int v = 0; v < nv; ++v)
+                    acc[u][v] = _mm256_fmadd_ps(a, _mm256_loadu_ps(B + (int64_t)(k + u) * w + 8 * v), acc[u][v]);
+            }
+        for (; k < K; ++k) {
+            __m256 a = _mm256_broadcast_ss(m + k);
+            for (int v = 0; v < nv; ++v) acc[0][v] = _mm256_fmadd_ps(a, _mm256_loadu_ps(B + (int64_t)k * w + 8 * v), acc[0][v]);
+        }
+        for (int v = 0; v < nv; ++v)
+            _mm256_storeu_ps(out + c + 8 * v, _mm256_add_ps(_mm256_add_ps(acc[0][v], acc[1][v]),
+                                                          _mm256_add_ps(acc[2][v], acc[3][v])));
+        B += (int64_t)kp * w;
+    }
+}
+
+// Statistics of G column blocks (8 outputs each, starting at column c0) of y[T, ld]: std_t(y_k) and
+// r2_k = cov_k^2 / (ss_k ll) clamped to [0, 1] (NaN -> 0), stored to st[k], rr[k]; with mid < 0 also
+// am[k] = max_t |y_tk| (the rounding scale of uncentred outputs). With mid >= 0 (centred last projection)
+// row mid of y is 0 and every other row t holds y_t - y_mid (the bias never enters).
 template <int G>
-inline __m256 r2_blocks(const float* y, int T, int ld, int c0, int O, const float* lam_c, float ll, float tol,
-                        int mid, const float* sc, float eps, __m256& est) {
+inline void r2_stats(const float* y, int T, int ld, int c0, const float* lam_c, float ll, int mid, float* st,
+                     float* rr, float* am) {
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     __m256 s[G], amax[G], ss[G], cov[G];
-    for (int g = 0; g < G; ++g) {
-        s[g] = amax[g] = ss[g] = cov[g] = _mm256_setzero_ps();
-        if (mid >= 0) amax[g] = _mm256_loadu_ps(sc + c0 + 8 * g);
-    }
+    for (int g = 0; g < G; ++g) s[g] = amax[g] = ss[g] = cov[g] = _mm256_setzero_ps();
     for (int t = 0; t < T; ++t) {
         if (t == mid) continue;
         for (int g = 0; g < G; ++g) {
@@ -271,39 +294,42 @@ inline __m256 r2_blocks(const float* y, int T, int ld, int c0, int O, const floa
             cov[g] = _mm256_fmadd_ps(c, l, cov[g]);
         }
     }
-    __m256 total = _mm256_setzero_ps();
-    const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
     const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
     for (int g = 0; g < G; ++g) {
-        __m256 std_t = _mm256_sqrt_ps(_mm256_div_ps(ss[g], tv));
-        __m256 is_const = _mm256_cmp_ps(std_t, _mm256_mul_ps(_mm256_set1_ps(tol), amax[g]), _CMP_LE_OQ);
         __m256 r2 = _mm256_div_ps(_mm256_mul_ps(cov[g], cov[g]), _mm256_mul_ps(ss[g], _mm256_set1_ps(ll)));
-        r2 = _mm256_min_ps(_mm256_max_ps(r2, zero), one);  // NaN -> 0
-        __m256 valid = _mm256_cmp_ps(_mm256_add_ps(lane, _mm256_set1_ps((float)(c0 + 8 * g))),
-                                     _mm256_set1_ps((float)O), _CMP_LT_OQ);
+        _mm256_storeu_ps(rr + c0 + 8 * g, _mm256_min_ps(_mm256_max_ps(r2, zero), one));  // NaN -> 0
+        _mm256_storeu_ps(st + c0 + 8 * g, _mm256_sqrt_ps(_mm256_div_ps(ss[g], tv)));
+        if (mid < 0) _mm256_storeu_ps(am + c0 + 8 * g, amax[g]);
+    }
+}
+
+// Sum over the first O outputs of r2_k with the constant-path rule (SPEC §1): 1 when std_k <= tol scale_k,
+// scale_k = f sc[k] (or min(f sc[k], f2 sc2[k]) when sc2 is given) the rounding scale of output k (centred:
+// sum_h |W_kh| m_h, or a bound on it; otherwise max_t |y_tk|). est: sum of min(1, 2 sqrt(r2 (1 - r2)) kappa + kappa^2), kappa = eps scale / std;
+// any_const: the rule fired on some output. A larger scale gives a larger est and fires the rule more.
+inline double r2_finish(const float* st, const float* rr, const float* sc, float f, const float* sc2, float f2,
+                        int O, float tol, float eps, double& est_sum, bool& any_const) {
+    const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps(), vf = _mm256_set1_ps(f), vf2 = _mm256_set1_ps(f2);
+    __m256 total = zero, est = zero, cmask = zero;
+    for (int c = 0; c < O; c += 8) {
+        __m256 std_t = _mm256_loadu_ps(st + c), r2 = _mm256_loadu_ps(rr + c);
+        __m256 scale = _mm256_mul_ps(vf, _mm256_loadu_ps(sc + c));
+        if (sc2 != nullptr) scale = _mm256_min_ps(scale, _mm256_mul_ps(vf2, _mm256_loadu_ps(sc2 + c)));
+        __m256 valid = _mm256_cmp_ps(_mm256_add_ps(lane, _mm256_set1_ps((float)c)), _mm256_set1_ps((float)O), _CMP_LT_OQ);
+        __m256 is_const = _mm256_and_ps(_mm256_cmp_ps(std_t, _mm256_mul_ps(_mm256_set1_ps(tol), scale), _CMP_LE_OQ), valid);
         // error estimate (before the constant rule): kappa = eps scale / std; std == 0 < scale -> inf -> 1
-        __m256 kap = _mm256_div_ps(_mm256_mul_ps(_mm256_set1_ps(eps), amax[g]), std_t);
-        kap = _mm256_and_ps(kap, _mm256_cmp_ps(amax[g], zero, _CMP_GT_OQ));  // scale 0: exact, 0
+        __m256 kap = _mm256_div_ps(_mm256_mul_ps(_mm256_set1_ps(eps), scale), std_t);
+        kap = _mm256_and_ps(kap, _mm256_cmp_ps(scale, zero, _CMP_GT_OQ));  // scale 0: exact, 0
         // r2 (1 - r2) floored at kappa: the computed r2 is itself off by ~kappa
         __m256 q = _mm256_sqrt_ps(_mm256_max_ps(_mm256_mul_ps(r2, _mm256_sub_ps(one, r2)), kap));
         __m256 e = _mm256_fmadd_ps(kap, kap, _mm256_mul_ps(_mm256_add_ps(kap, kap), q));
         e = _mm256_min_ps(e, one);  // NaN (0/0 handled above) -> 1 via min's second operand
         est = _mm256_add_ps(est, _mm256_and_ps(e, valid));
+        cmask = _mm256_or_ps(cmask, is_const);
         r2 = _mm256_blendv_ps(r2, one, is_const);
         total = _mm256_add_ps(total, _mm256_and_ps(r2, valid));
     }
-    return total;
-}
-
-// L_ij = mean over the first O columns of y[T, ld] of r2_k (ld a multiple of 8); FLAGGED (-1) when
-// flag_tau > 0 and the mean error estimate exceeds it.
-float r2_mean(const float* y, int T, int ld, int O, const float* lam_c, float ll, float tol, int mid,
-              const float* sc, float eps, float flag_tau) {
-    __m256 total = _mm256_setzero_ps(), est = _mm256_setzero_ps();
-    int c = 0;
-    for (; c + 32 <= ld && c < O; c += 32)
-        total = _mm256_add_ps(total, r2_blocks<4>(y, T, ld, c, O, lam_c, ll, tol, mid, sc, eps, est));
-    for (; c < O; c += 8) total = _mm256_add_ps(total, r2_blocks<1>(y, T, ld, c, O, lam_c, ll, tol, mid, sc, eps, est));
     alignas(32) float lanes[8], elanes[8];
     _mm256_store_ps(lanes, total);
     _mm256_store_ps(elanes, est);
@@ -312,7 +338,27 @@ float r2_mean(const float* y, int T, int ld, int O, const float* lam_c, float ll
         sum += lanes[k];
         esum += elanes[k];
     }
-    if (flag_tau > 0.0f && !(esum / O <= flag_tau)) return -1.0f;  // NaN estimate: flagged too
+    est_sum = esum;
+    any_const = _mm256_movemask_ps(cmask) != 0;
+    return sum;
+}
+
+// Column statistics of y[T, ld] for the first O outputs (ld a multiple of 8) into st / rr / am.
+void r2_stats_all(const float* y, int T, int ld, int O, const float* lam_c, float ll, int mid, float* st, float* rr,
+                  float* am) {
+    int c = 0;
+    for (; c + 32 <= ld && c < O; c += 32) r2_stats<4>(y, T, ld, c, lam_c, ll, mid, st, rr, am);
+    for (; c < O; c += 8) r2_stats<1>(y, T, ld, c, lam_c, ll, mid, st, rr, am);
+}
+
+// L_ij from the statistics: mean r2 with the constant rule; FLAGGED (-1) when flag_tau > 0 and the mean error
+// estimate exceeds it (a NaN estimate too).
+inline float r2_value(const float* st, const float* rr, const float* sc, float f, int O, float tol, float eps,
+                      float flag_tau) {
+    double esum;
+    bool any_const;
+    const double sum = r2_finish(st, rr, sc, f, nullptr, 0.0f, O, tol, eps, esum, any_const);
+    if (flag_tau > 0.0f && !(esum / O <= flag_tau)) return -1.0f;
     return (float)(sum / O);
 }
 
@@ -384,6 +430,9 @@ void run_rows(const Problem& p, std::atomic<int64_t>* next_row) {
     std::vector<float> buf_a((size_t)T * width + 8), buf_b((size_t)T * width + 8), d(kp0);
     std::vector<float> zero_bias(width, 0.0f), scratch(2 * (size_t)kp0);
     std::vector<float> mvec(width + 8, 0.0f), scvec(width + 8, 0.0f);
+    std::vector<float> st(width + 8, 0.0f), rr(width + 8, 0.0f), am(width + 8, 0.0f);  // per-output statistics
+    float mmax_s = 0.0f, m2_s = 0.0f;  // max_h m_h and sum_h m_h^2 of the last pair (centred path)
+    const int wn2_off = p.np[S - 1] + 8;  // wnorm holds sum_h |W_kh| then sqrt(sum_h W_kh^2)
     // Offset-free last projection (no trailing activation): rows t != mid of its input become
     // a_t - a_mid and the bias is left out, so y_t - y_mid comes out of the GEMM without the
     // cancellation of a large common offset (fp32 accuracy when std_t(y) << |y|).
@@ -436,39 +485,74 @@ void run_rows(const Problem& p, std::atomic<int64_t>* next_row) {
                     // m_h: rounding scale of input h of the last Linear, max_t |a_th| (|a_0| + max |a_t - a_0|
                     // when the rows already hold differences), times (1 + max(|z_i|, |z_j|)) for a single
                     // stage (the input's rounding amplified by x act'(x), see torch_backend._rounding_scale)
-                    // or 2 for deeper tails.
+                    // or 2 for deeper tails. The scale of output k is sum_h |W_kh| m_h (computed below only
+                    // when the bound max_h m_h sum_h |W_kh| does not already clear the pair).
                     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
                     const __m256 zero8 = _mm256_setzero_ps();
+                    __m256 mmax = zero8, m2 = zero8;
                     for (int q = 0; q < kp; q += 8) {
-                        __m256 m = _mm256_setzero_ps();
-                        for (int t = 0; t < T; ++t) {
-                            if (t == mid) continue;
-                            m = _mm256_max_ps(m, _mm256_and_ps(_mm256_loadu_ps(x + t * kp + q), absmask));
-                        }
-                        __m256 a0 = _mm256_and_ps(_mm256_loadu_ps(xm + q), absmask);
-                        m = pre_centred ? _mm256_add_ps(m, a0) : _mm256_max_ps(m, a0);
                         __m256 vzi = _mm256_loadu_ps(zi + q), vzj = _mm256_loadu_ps(zj + q);
+                        __m256 m;
+                        if (pre_centred) {
+                            // SiLU chain, one stage: max_t |a_t - a_0| over the sampled path is at most its
+                            // max over the segment, at its far end or at SiLU's minimum (x = -1.2785,
+                            // silu = -0.2785) when the segment crosses it; no pass over the T rows.
+                            __m256 a0 = _mm256_loadu_ps(p.sz + i * kp0 + q), aj = _mm256_loadu_ps(p.sz + j * kp0 + q);
+                            const __m256 xstar = _mm256_set1_ps(-1.2784645f);
+                            __m256 cross = _mm256_and_ps(_mm256_cmp_ps(_mm256_min_ps(vzi, vzj), xstar, _CMP_LT_OQ),
+                                                         _mm256_cmp_ps(xstar, _mm256_max_ps(vzi, vzj), _CMP_LT_OQ));
+                            __m256 dmin = _mm256_and_ps(_mm256_sub_ps(_mm256_set1_ps(-0.2784646f), a0), absmask);
+                            __m256 dev = _mm256_max_ps(_mm256_and_ps(_mm256_sub_ps(aj, a0), absmask),
+                                                       _mm256_and_ps(dmin, cross));
+                            m = _mm256_add_ps(dev, _mm256_and_ps(a0, absmask));
+                        } else {
+                            m = _mm256_setzero_ps();
+                            for (int t = 0; t < T; ++t) {
+                                if (t == mid) continue;
+                                m = _mm256_max_ps(m, _mm256_and_ps(_mm256_loadu_ps(x + t * kp + q), absmask));
+                            }
+                            m = _mm256_max_ps(m, _mm256_and_ps(_mm256_loadu_ps(xm + q), absmask));
+                        }
+                        __m256 mv;
                         if (S == 1 && silu1) {
                             // SiLU: |x silu'(x)| <= 1.1 |x| <= 2.2 |a| for x >= 0; for x < 0 it is at most
-                            // g(x) = |x sigmoid(x)| (1 + |x|), unimodal with its peak (0.72) at x = -1.85, so
-                            // its max over the path's negative part is g at the point of [lo, min(hi, 0)]
-                            // nearest -1.85 (one SiLU per unit instead of one per element).
+                            // g(x) = |silu(x)| (1 + |x|), unimodal with its peak (0.72) at x = -1.85, so its max
+                            // over the path's negative part is g at the point xn of [lo, min(hi, 0)] nearest
+                            // -1.85: an end of the path (silu(z) precomputed in sz) or -1.85 itself, no exp.
                             __m256 lo = _mm256_min_ps(vzi, vzj), hi = _mm256_min_ps(_mm256_max_ps(vzi, vzj), zero8);
                             __m256 xn = _mm256_min_ps(_mm256_max_ps(_mm256_set1_ps(-1.85f), lo), hi);
-                            __m256 ax = _mm256_and_ps(xn, absmask);
-                            __m256 g = _mm256_mul_ps(_mm256_and_ps(_mm256_mul_ps(xn, sigmoid256(xn)), absmask),
-                                                     _mm256_add_ps(_mm256_set1_ps(1.0f), ax));
+                            __m256 sx;  // |silu(xn)|
+                            if (p.sz != nullptr) {
+                                __m256 si = _mm256_loadu_ps(p.sz + i * kp0 + q), sj = _mm256_loadu_ps(p.sz + j * kp0 + q);
+                                __m256 i_lo = _mm256_cmp_ps(vzi, vzj, _CMP_LE_OQ);
+                                __m256 s_lo = _mm256_blendv_ps(sj, si, i_lo), s_hi = _mm256_blendv_ps(si, sj, i_lo);
+                                sx = _mm256_blendv_ps(_mm256_set1_ps(-0.25136486f), s_lo,
+                                                      _mm256_cmp_ps(xn, lo, _CMP_EQ_OQ));   // xn = lo
+                                sx = _mm256_blendv_ps(sx, s_hi, _mm256_and_ps(_mm256_cmp_ps(xn, hi, _CMP_EQ_OQ),
+                                                                              _mm256_cmp_ps(xn, lo, _CMP_NEQ_OQ)));  // xn = hi < -1.85
+                                sx = _mm256_and_ps(sx, absmask);
+                            } else {
+                                sx = _mm256_and_ps(_mm256_mul_ps(xn, sigmoid256(xn)), absmask);
+                            }
+                            __m256 g = _mm256_mul_ps(sx, _mm256_add_ps(_mm256_set1_ps(1.0f), _mm256_and_ps(xn, absmask)));
                             g = _mm256_and_ps(g, _mm256_cmp_ps(lo, zero8, _CMP_LT_OQ));
-                            _mm256_storeu_ps(&mvec[q], _mm256_fmadd_ps(m, _mm256_set1_ps(2.2f), g));
+                            mv = _mm256_fmadd_ps(m, _mm256_set1_ps(2.2f), g);
                         } else {
                             __m256 f = _mm256_set1_ps(2.0f);
                             if (S == 1)
                                 f = _mm256_add_ps(_mm256_set1_ps(1.0f), _mm256_max_ps(_mm256_and_ps(vzi, absmask),
                                                                                     _mm256_and_ps(vzj, absmask)));
-                            _mm256_storeu_ps(&mvec[q], _mm256_mul_ps(m, f));
+                            mv = _mm256_mul_ps(m, f);
                         }
+                        _mm256_storeu_ps(&mvec[q], mv);
+                        mmax = _mm256_max_ps(mmax, mv);
+                        m2 = _mm256_fmadd_ps(mv, mv, m2);
                     }
-                    gemm(mvec.data(), 1, kp, p.kin[s], p.np[s], p.wabs, zero_bias.data(), scvec.data());
+                    alignas(32) float lanes[8], l2[8];
+                    _mm256_store_ps(lanes, mmax);
+                    _mm256_store_ps(l2, m2);
+                    mmax_s = *std::max_element(lanes, lanes + 8);
+                    m2_s = ((l2[0] + l2[1]) + (l2[2] + l2[3])) + ((l2[4] + l2[5]) + (l2[6] + l2[7]));
                     for (int t = 0; t < T && !pre_centred; ++t) {
                         if (t == mid) continue;
                         for (int q = 0; q < kp; q += 8)
@@ -483,8 +567,25 @@ void run_rows(const Problem& p, std::atomic<int64_t>* next_row) {
             }
             apply_acts(x, (int64_t)T * p.np[S - 1], p.act_code + p.act_off[S], p.act_slope + p.act_off[S],
                        p.act_off[S + 1] - p.act_off[S]);
-            float v = r2_mean(x, T, p.np[S - 1], p.out_dim, p.lam_c, p.ll, tol, mid, scvec.data(), p.eps,
-                              p.flag_tau);
+            r2_stats_all(x, T, p.np[S - 1], p.out_dim, p.lam_c, p.ll, mid, st.data(), rr.data(), am.data());
+            float v;
+            if (centred) {
+                // First with the bound scale_k <= min(max_h m_h sum_h |W_kh|, |m|_2 |W_k|_2) (wnorm: both norms of
+                // the rows of W; Cauchy-Schwarz; 1e-4 covers the rounding of both sides): a larger scale only raises the estimate and fires the constant rule more, so a pair it
+                // clears (no constant output, estimate <= flag_tau) has the same L_ij with the exact scale.
+                double esum;
+                bool any_const;
+                const double sum = r2_finish(st.data(), rr.data(), p.wnorm, mmax_s * 1.0001f, p.wnorm + wn2_off,
+                                             std::sqrt(m2_s) * 1.0001f, p.out_dim, tol, p.eps, esum, any_const);
+                if (!any_const && (p.flag_tau <= 0.0f || esum / p.out_dim <= p.flag_tau)) {
+                    v = (float)(sum / p.out_dim);
+                } else {
+                    gemv_rows1(mvec.data(), p.kp[S - 1], p.kin[S - 1], p.np[S - 1], p.wabs, scvec.data());
+                    v = r2_value(st.data(), rr.data(), scvec.data(), 1.0f, p.out_dim, tol, p.eps, p.flag_tau);
+                }
+            } else {
+                v = r2_value(st.data(), rr.data(), am.data(), 1.0f, p.out_dim, tol, p.eps, p.flag_tau);
+            }
             p.L[i * p.n + j] = v;  // lower triangle mirrored after the join (no false sharing)
         }
     }
@@ -700,12 +801,12 @@ extern "C" int gm_connectivity_mlp(
     int64_t n, int T, int n_stages, const int* kp, const int* kin, const int* np, const float* const* wpack,
     const float* const* bias, const int* act_off, const int* act_code, const float* act_slope, int out_dim,
     const float* z, const float* lam, const float* lam_c, float ll, float eps, float const_rtol, float* L,
-    int n_threads, const float* wabs, float flag_tau) {
+    int n_threads, const float* wabs, const float* wnorm, float flag_tau) {
     // Returns 0 on success, 2 when memory ran out, 3 on any other C++ exception (never throws across the C ABI).
     std::atomic<int> error{0};
     try {
         Problem p{n, T, n_stages, kp, kin, np, wpack, bias, act_off, act_code, act_slope, out_dim,
-                  z, lam, lam_c, ll, eps, const_rtol, L, nullptr, nullptr, nullptr, wabs, flag_tau, &error};
+                  z, lam, lam_c, ll, eps, const_rtol, L, nullptr, nullptr, nullptr, wabs, wnorm, flag_tau, &error};
         std::vector<float> ez, sz;
         std::vector<uint8_t> ez_ok;
         if (T <= CHAIN_TMAX && act_off[1] - act_off[0] == 1 && act_code[act_off[0]] == ACT_SILU) {

@@ -102,7 +102,7 @@ def _build() -> ctypes.CDLL:
         raise RuntimeError("the CPU lacks AVX2/FMA")
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     lib.gm_connectivity_mlp.restype = ctypes.c_int
-    lib.gm_connectivity_mlp.argtypes = [i64, i32, i32, p, p, p, p, p, p, p, p, i32, p, p, p, f32, f32, f32, p, i32, p, f32]
+    lib.gm_connectivity_mlp.argtypes = [i64, i32, i32, p, p, p, p, p, p, p, p, i32, p, p, p, f32, f32, f32, p, i32, p, p, f32]
     f64 = ctypes.c_double
     lib.gm_pairs_f64.restype = ctypes.c_int
     lib.gm_pairs_f64.argtypes = [i64, p, p, i32, i32, p, p, p, p, p, p, p, p, p, p, f64, f64, f64, p, i32]
@@ -243,6 +243,11 @@ def connectivity_cpu(z: torch.Tensor, spec: MLPTail, n_lambda: int, num_threads:
     out = torch.empty(n, n, dtype=torch.float32)
     last = spec.stages[-1][1]
     wabs = _pack(last.weight.detach().abs(), kps[-1], nps[-1])
+    # sum_h |W_kh| and |W_k|_2 (each padded to np + 8): the kernel's cheap bounds on the rounding scale
+    wnorm = torch.zeros(2, nps[-1] + 8, dtype=torch.float32)
+    w64 = last.weight.detach().double()
+    wnorm[0, : last.out_features] = w64.abs().sum(dim=1).float()
+    wnorm[1, : last.out_features] = w64.square().sum(dim=1).sqrt().float()
 
     def ints(v: list[int]) -> ctypes.Array:
         return (ctypes.c_int * max(1, len(v)))(*v)
@@ -257,7 +262,7 @@ def connectivity_cpu(z: torch.Tensor, spec: MLPTail, n_lambda: int, num_threads:
         n, n_lambda, len(packs), addr(c_kp), addr(c_kin), addr(c_np), addr(ptrs), addr(bptrs), addr(c_off),
         addr(c_codes), addr(c_slopes), spec.stages[-1][1].out_features, zp.data_ptr(), lam32.data_ptr(),
         lam_c.data_ptr(), ll, torch.finfo(torch.float32).eps, CONST_RTOL, out.data_ptr(), max(1, int(threads)),
-        wabs.data_ptr(), FLAG_KAPPA if flag else 0.0,
+        wabs.data_ptr(), wnorm.data_ptr(), FLAG_KAPPA if flag else 0.0,
     )
     if rc == 2:
         raise MemoryError(f"fused CPU kernel ran out of memory (N={n}, widths {kins + [spec.stages[-1][1].out_features]})")
