@@ -662,16 +662,59 @@ inline bool smooth64(int code) {
     return code == ACT_SILU || code == ACT_SIGMOID || code == ACT_TANH || code == ACT_GELU || code == ACT_GELU_TANH;
 }
 
-// y[T, N] = (bias or 0) + x[T, K] @ wt[K, N]
+// y[R rows, 4 NV columns from o] = (bias or 0) + x[R, K] @ wt[K, o:o + 4 NV] (rows of x: stride K, of wt and y:
+// stride N); the last vector of a row is masked to `mask` when the row ends inside it. Accumulators in registers.
+template <int R, int NV>
+inline void micro64(const double* x, int K, int N, const double* wt, const double* bias, double* y, int o,
+                    __m256i mask) {
+    __m256d acc[R][NV];
+    for (int v = 0; v < NV; ++v) {
+        __m256d b = bias ? (v == NV - 1 ? _mm256_maskload_pd(bias + o + 4 * v, mask) : _mm256_loadu_pd(bias + o + 4 * v))
+                         : _mm256_setzero_pd();
+        for (int r = 0; r < R; ++r) acc[r][v] = b;
+    }
+    for (int k = 0; k < K; ++k) {
+        __m256d b[NV];
+        const double* w = wt + (int64_t)k * N + o;
+        for (int v = 0; v < NV; ++v) b[v] = v == NV - 1 ? _mm256_maskload_pd(w + 4 * v, mask) : _mm256_loadu_pd(w + 4 * v);
+        for (int r = 0; r < R; ++r) {
+            __m256d a = _mm256_broadcast_sd(x + (int64_t)r * K + k);
+            for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_pd(a, b[v], acc[r][v]);
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int v = 0; v < NV; ++v) {
+            double* dst = y + (int64_t)r * N + o + 4 * v;
+            if (v == NV - 1) _mm256_maskstore_pd(dst, mask, acc[r][v]);
+            else _mm256_storeu_pd(dst, acc[r][v]);
+        }
+}
+
+template <int NV>
+inline void micro64_rows(int R, const double* x, int K, int N, const double* wt, const double* bias, double* y, int o,
+                         __m256i mask) {
+    switch (R) {
+        case 4: micro64<4, NV>(x, K, N, wt, bias, y, o, mask); break;
+        case 3: micro64<3, NV>(x, K, N, wt, bias, y, o, mask); break;
+        case 2: micro64<2, NV>(x, K, N, wt, bias, y, o, mask); break;
+        case 1: micro64<1, NV>(x, K, N, wt, bias, y, o, mask); break;
+        default: break;
+    }
+}
+
+// y[T, N] = (bias or 0) + x[T, K] @ wt[K, N] in float64 (AVX2: 4 rows x 8 columns of accumulators)
 void gemm64(const double* x, int T, int K, int N, const double* wt, const double* bias, double* y) {
-    for (int t = 0; t < T; ++t) {
-        double* yr = y + (int64_t)t * N;
-        for (int o = 0; o < N; ++o) yr[o] = bias ? bias[o] : 0.0;
-        const double* xr = x + (int64_t)t * K;
-        for (int k = 0; k < K; ++k) {
-            const double a = xr[k];
-            const double* w = wt + (int64_t)k * N;
-            for (int o = 0; o < N; ++o) yr[o] += a * w[o];
+    const __m256i all = _mm256_set1_epi64x(-1);
+    for (int t0 = 0; t0 < T; t0 += 4) {
+        const int R = std::min(4, T - t0);
+        const double* xr = x + (int64_t)t0 * K;
+        double* yr = y + (int64_t)t0 * N;
+        int o = 0;
+        for (; o + 8 <= N; o += 8) micro64_rows<2>(R, xr, K, N, wt, bias, yr, o, all);
+        for (; o < N; o += 4) {
+            const int rem = std::min(4, N - o);
+            const __m256i mask = _mm256_setr_epi64x(-1, rem > 1 ? -1 : 0, rem > 2 ? -1 : 0, rem > 3 ? -1 : 0);
+            micro64_rows<1>(R, xr, K, N, wt, bias, yr, o, mask);
         }
     }
 }
@@ -872,4 +915,10 @@ extern "C" int gm_pairs_f64(
     } catch (...) {
         return 3;
     }
+}
+
+extern "C" int gm_affine_f64(int64_t n, int K, int N, const double* x, const double* wt, const double* bias, double* y) {
+    // y[n, N] = x[n, K] @ wt[K, N] + bias in float64, one thread (the absorb of core's fp64 recompute).
+    gemm64(x, (int)n, K, N, wt, bias, y);
+    return 0;
 }

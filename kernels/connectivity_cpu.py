@@ -25,6 +25,7 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from grokfast_metrics._policy import CONST_RTOL, FLAG_KAPPA, check_fits, check_n_lambda, lambdas
@@ -106,6 +107,8 @@ def _build() -> ctypes.CDLL:
     f64 = ctypes.c_double
     lib.gm_pairs_f64.restype = ctypes.c_int
     lib.gm_pairs_f64.argtypes = [i64, p, p, i32, i32, p, p, p, p, p, p, p, p, p, p, f64, f64, f64, p, i32]
+    lib.gm_affine_f64.restype = ctypes.c_int
+    lib.gm_affine_f64.argtypes = [i64, i32, i32, p, p, p, p]
     _state["path"] = str(lib_path)
     return lib
 
@@ -310,42 +313,71 @@ def pairs_f64(h: torch.Tensor, spec: MLPTail, i: torch.Tensor, j: torch.Tensor, 
         raise ValueError(f"fp64 pair kernel cannot run this tail: {reason}")
     lib = _library()
     n_lambda = check_n_lambda(n_lambda)
-    z = spec.absorb(h.to(torch.float64)).contiguous()
-    pi = i.to(device="cpu", dtype=torch.int64).contiguous()
-    pj = j.to(device="cpu", dtype=torch.int64).contiguous()
-    n_pairs = int(pi.numel())
-    out = torch.empty(n_pairs, dtype=torch.float64)
+    # NumPy and C++ only from here: a torch op over more than 32768 elements is an OpenMP region, and on a
+    # loaded 2-core box each one waited a scheduler tick (4-24 ms for the fp64 absorb of N=961 alone).
+    pij = np.concatenate([np.asarray(i.detach().cpu().numpy(), dtype=np.int64).reshape(-1),
+                          np.asarray(j.detach().cpu().numpy(), dtype=np.int64).reshape(-1)])
+    n_pairs = pij.size // 2
+    out = np.empty(n_pairs, dtype=np.float64)
     if n_pairs == 0:
-        return out
-    wts = [lin.weight.detach().to(torch.float64).t().contiguous() for _, lin in spec.stages]
-    bs = [None if lin.bias is None else lin.bias.detach().to(torch.float64).contiguous() for _, lin in spec.stages]
+        return torch.from_numpy(out)
+    rows, inv = np.unique(pij, return_inverse=True)  # absorb only the rows that occur
+    hd = h.detach()
+    hn = hd.numpy() if hd.dtype in (torch.float32, torch.float64) else hd.to(torch.float64).numpy()
+    z = np.ascontiguousarray(hn[rows], dtype=np.float64)
+    for lin in spec.pre:
+        z = _affine_f64(lib, z, lin)
+    pi, pj = np.ascontiguousarray(inv[:n_pairs], dtype=np.int64), np.ascontiguousarray(inv[n_pairs:], dtype=np.int64)
+    wts = [_f64(lin.weight).T.copy() for _, lin in spec.stages]
+    bs = [None if lin.bias is None else _f64(lin.bias) for _, lin in spec.stages]
     act_lists = [acts for acts, _ in spec.stages] + [list(spec.final)]
     codes, slopes, offs = [], [], [0]
     for acts in act_lists:
         codes += [a.code for a in acts]
         slopes += [float(a.slope) for a in acts]
         offs.append(len(codes))
-    lam, lam_c = lambdas(n_lambda, torch.float64)
+    lam = np.arange(n_lambda, dtype=np.float64) / (n_lambda - 1)  # = _policy.lambdas in float64
+    lam_c = lam - 0.5
     ll = float((lam_c**2).sum())
 
     def ints(v: list[int]) -> ctypes.Array:
         return (ctypes.c_int * max(1, len(v)))(*v)
 
+    def ptr(a: np.ndarray) -> int:
+        return a.ctypes.data
+
     c_kin = ints([lin.in_features for _, lin in spec.stages])
     c_nout = ints([lin.out_features for _, lin in spec.stages])
     c_off, c_codes = ints(offs), ints(codes)
     c_slopes = (ctypes.c_double * max(1, len(slopes)))(*slopes)
-    wptrs = (ctypes.c_void_p * len(wts))(*[w.data_ptr() for w in wts])
-    bptrs = (ctypes.c_void_p * len(bs))(*[None if b is None else b.data_ptr() for b in bs])
+    wptrs = (ctypes.c_void_p * len(wts))(*[ptr(w) for w in wts])
+    bptrs = (ctypes.c_void_p * len(bs))(*[None if b is None else ptr(b) for b in bs])
     threads = num_threads if num_threads is not None else torch.get_num_threads()
     addr = ctypes.addressof
     rc = lib.gm_pairs_f64(
-        n_pairs, pi.data_ptr(), pj.data_ptr(), n_lambda, len(wts), addr(c_kin), addr(c_nout), addr(wptrs),
-        addr(bptrs), addr(c_off), addr(c_codes), addr(c_slopes), z.data_ptr(), lam.data_ptr(), lam_c.data_ptr(),
-        ll, torch.finfo(torch.float64).eps, CONST_RTOL, out.data_ptr(), max(1, int(threads)),
+        n_pairs, ptr(pi), ptr(pj), n_lambda, len(wts), addr(c_kin), addr(c_nout), addr(wptrs),
+        addr(bptrs), addr(c_off), addr(c_codes), addr(c_slopes), ptr(z), ptr(lam), ptr(lam_c),
+        ll, float(np.finfo(np.float64).eps), CONST_RTOL, ptr(out), max(1, int(threads)),
     )
     if rc == 2:
         raise MemoryError(f"fp64 pair kernel ran out of memory ({n_pairs} pairs)")
     if rc != 0:
         raise RuntimeError(f"fp64 pair kernel failed with code {rc}")
-    return out
+    return torch.from_numpy(out)
+
+
+def _f64(t: torch.Tensor) -> np.ndarray:
+    """A contiguous float64 NumPy copy of a (small) parameter."""
+    return np.ascontiguousarray(t.detach().to(device="cpu", dtype=torch.float64).numpy())
+
+
+def _affine_f64(lib: ctypes.CDLL, x: np.ndarray, lin: torch.nn.Linear) -> np.ndarray:
+    """``x W^T + b`` in float64 through the kernel's fp64 GEMM (one thread, no OpenMP region)."""
+    wt = _f64(lin.weight).T.copy()
+    b = None if lin.bias is None else _f64(lin.bias)
+    y = np.empty((x.shape[0], wt.shape[1]), dtype=np.float64)
+    rc = lib.gm_affine_f64(x.shape[0], wt.shape[0], wt.shape[1], x.ctypes.data, wt.ctypes.data,
+                           None if b is None else b.ctypes.data, y.ctypes.data)
+    if rc != 0:
+        raise RuntimeError(f"fp64 affine map failed with code {rc}")
+    return y
