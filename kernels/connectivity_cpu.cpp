@@ -658,6 +658,34 @@ inline double offset_free64(int code, double x, double ref) {
     return std::tanh(x);
 }
 
+// exp(x) in float64 (AVX2), x clamped to [-708, 709]: 2^n exp(r), n = round(x / ln2), r = x - n ln2 with ln2
+// split in two (Cephes C1 + C2; n C1 is exact), |r| <= ln2 / 2; exp(r) by its Taylor series to degree 13
+// (truncation < 1e-17 relative), so about 1 ulp like std::exp; 2^n built in the exponent bits.
+inline __m256d exp256d(__m256d x) {
+    x = _mm256_max_pd(_mm256_min_pd(x, _mm256_set1_pd(709.0)), _mm256_set1_pd(-708.0));
+    const __m256d n = _mm256_round_pd(_mm256_mul_pd(x, _mm256_set1_pd(1.4426950408889634)),
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256d r = _mm256_fnmadd_pd(n, _mm256_set1_pd(6.93145751953125e-1), x);
+    r = _mm256_fnmadd_pd(n, _mm256_set1_pd(1.42860682030941723212e-6), r);
+    static constexpr double inv_fact[14] = {1.0, 1.0, 1.0 / 2, 1.0 / 6, 1.0 / 24, 1.0 / 120, 1.0 / 720, 1.0 / 5040,
+                                            1.0 / 40320, 1.0 / 362880, 1.0 / 3628800, 1.0 / 39916800,
+                                            1.0 / 479001600, 1.0 / 6227020800.0};
+    __m256d p = _mm256_set1_pd(inv_fact[13]);
+    for (int k = 12; k >= 0; --k) p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(inv_fact[k]));
+    const __m256i e = _mm256_slli_epi64(
+        _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_cvtpd_epi32(n)), _mm256_set1_epi64x(1023)), 52);
+    return _mm256_mul_pd(p, _mm256_castsi256_pd(e));
+}
+
+// x sigmoid(x) through e^{-|x|} (sigmoid64, 4 lanes)
+inline __m256d silu256d(__m256d x) {
+    const __m256d one = _mm256_set1_pd(1.0);
+    const __m256d ax = _mm256_andnot_pd(_mm256_set1_pd(-0.0), x);
+    const __m256d e = exp256d(_mm256_sub_pd(_mm256_setzero_pd(), ax));
+    const __m256d num = _mm256_blendv_pd(e, one, _mm256_cmp_pd(x, _mm256_setzero_pd(), _CMP_GE_OQ));
+    return _mm256_mul_pd(x, _mm256_div_pd(num, _mm256_add_pd(one, e)));
+}
+
 inline bool smooth64(int code) {
     return code == ACT_SILU || code == ACT_SIGMOID || code == ACT_TANH || code == ACT_GELU || code == ACT_GELU_TANH;
 }
@@ -768,8 +796,20 @@ void pairs64_block(const Pairs64& p, int64_t p0, int64_t p1, std::vector<double>
                     for (int64_t e = 0; e < (int64_t)T * K; ++e) x[e] = act64(x[e], codes[a], slopes[a]);
                 double* a = av.data();
                 for (int h = 0; h < K; ++h) mv[h] = 0.0;
+                const bool silu_last = last == ACT_SILU;  // the common case, 4 lanes at a time
+                const __m256d one = _mm256_set1_pd(1.0), absm = _mm256_set1_pd(-0.0);
                 for (int t = 0; t < T; ++t)
                     for (int h = 0; h < K; ++h) {
+                        if (silu_last && h + 4 <= K) {
+                            const __m256d xv = _mm256_loadu_pd(x + t * K + h);
+                            const __m256d v = silu256d(xv);
+                            _mm256_storeu_pd(a + t * K + h, v);
+                            const __m256d w = _mm256_mul_pd(_mm256_andnot_pd(absm, v),
+                                                            _mm256_add_pd(one, _mm256_andnot_pd(absm, xv)));
+                            _mm256_storeu_pd(&mv[h], _mm256_max_pd(_mm256_loadu_pd(&mv[h]), w));
+                            h += 3;
+                            continue;
+                        }
                         const double xv = x[t * K + h];
                         double v = xv, g = 0.0;
                         if (sat) v = offset_free64(last, xv, x[h]);
@@ -778,12 +818,13 @@ void pairs64_block(const Pairs64& p, int64_t p0, int64_t p1, std::vector<double>
                         a[t * K + h] = v;
                         mv[h] = std::max(mv[h], std::fabs(v) * (1.0 + g));
                     }
-                for (int h = 0; h < K; ++h) {  // a - mean_t a
-                    double m = 0.0;
-                    for (int t = 0; t < T; ++t) m += a[t * K + h];
-                    m /= T;
-                    for (int t = 0; t < T; ++t) a[t * K + h] -= m;
-                }
+                double* mean = sc.data();  // a - mean_t a (row by row: the same sums, vectorised over h)
+                for (int h = 0; h < K; ++h) mean[h] = 0.0;
+                for (int t = 0; t < T; ++t)
+                    for (int h = 0; h < K; ++h) mean[h] += a[t * K + h];
+                for (int h = 0; h < K; ++h) mean[h] /= T;
+                for (int t = 0; t < T; ++t)
+                    for (int h = 0; h < K; ++h) a[t * K + h] -= mean[h];
                 gemm64(a, T, K, N, p.wt[s], nullptr, y);
                 for (int o = 0; o < N; ++o) sc[o] = 0.0;
                 for (int h = 0; h < K; ++h)
