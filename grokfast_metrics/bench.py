@@ -116,6 +116,8 @@ class BenchRow:
     check_n: int | None = None
     max_abs_diff: float | None = None
     measured_pairs: int | None = None
+    #: share of the pairs an fp32 backend flagged as ill-conditioned and recomputed in fp64 (core.last_run_info)
+    fraction_recomputed: float | None = None
     status: str = "ok"
     note: str = ""
 
@@ -719,6 +721,7 @@ def run_benchmarks(cfg: BenchConfig, device: torch.device) -> list[BenchRow]:
                 timing = time_fn(functools.partial(backend_fn(b), h, tail, T), device, cfg.repeats,
                                  budget_s=cfg.max_row_seconds)
                 fill_speed(r, timing, roof)
+                r.fraction_recomputed = _fraction_recomputed(b)
                 r.speedup_vs_reference = ref_t / r.time_median_s
                 r.speedup_vs_naive = nv_t / r.time_median_s if nv_t else None
                 if resolved[b] == "torch":
@@ -852,15 +855,25 @@ def paired_roof_rows(cfg: BenchConfig, device: torch.device, backends: Sequence[
     for b in backends:
         fn = functools.partial(backend_fn(b), h, tail, T)
         ratios, secs, roofs = paired_roof(fn, flop, device, max(cfg.repeats, 5), cfg.roof_size)
+        recomputed = _fraction_recomputed(b)
         q = np.percentile(ratios, [25, 50, 75])
         r = new_row(kind="roof_paired", backend=_label(b, h, tail), N=n, H=H, O=O, T=T, depth=1, dtype="float32",
                     repeats=len(ratios), time_median_s=float(np.median(secs)), time_min_s=min(secs), time_max_s=max(secs),
-                    frac_roof=float(q[1]),
+                    frac_roof=float(q[1]), fraction_recomputed=recomputed,
                     note=f"roof and backend timed alternately {len(ratios)}x; per-repetition ratio IQR {q[0]:.3f}-{q[2]:.3f}, "
-                         f"min-max {min(ratios):.3f}-{max(ratios):.3f}; roof {min(roofs):.0f}-{max(roofs):.0f} GFLOP/s")
+                         f"min-max {min(ratios):.3f}-{max(ratios):.3f}; roof {min(roofs):.0f}-{max(roofs):.0f} GFLOP/s"
+                         + ("" if recomputed is None else f"; {100 * recomputed:.2f}% of pairs recomputed in fp64"))
         out.append(r)
-        _log(f"paired roof ({b}, N={n}): median ratio {q[1]:.3f} (IQR {q[0]:.3f}-{q[2]:.3f})", cfg.progress)
+        _log(f"paired roof ({b}, N={n}): median ratio {q[1]:.3f} (IQR {q[0]:.3f}-{q[2]:.3f})"
+             + ("" if recomputed is None else f", {100 * recomputed:.2f}% of pairs recomputed in fp64"), cfg.progress)
     return out
+
+
+def _fraction_recomputed(b: str) -> float | None:
+    """Share of pairs the last call of library backend ``b`` recomputed in fp64 (``None`` for baselines)."""
+    if b in EXTRA_BACKENDS:
+        return None
+    return core.last_run_info().get("fraction_recomputed")
 
 
 def _label(b: str, h: torch.Tensor, tail: nn.Module) -> str:
