@@ -28,12 +28,24 @@ import torch.nn.functional as F
 from torch import nn
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_SQRT_HALF = math.sqrt(0.5)
 
 
-def _np_erf(x: np.ndarray) -> np.ndarray:
-    from scipy.special import erf
+def _np_erfc(x: np.ndarray) -> np.ndarray:
+    from scipy.special import erfc
 
-    return erf(x)
+    return erfc(x)
+
+
+def _np_sigmoid(x: np.ndarray) -> np.ndarray:
+    """``1 / (1 + e^-x)`` without overflow: ``e^x / (1 + e^x)`` for ``x < 0`` (relative accuracy everywhere)."""
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+# Stable formulas (issue 10): GELU as 0.5 x erfc(-x/sqrt 2) (the erf form cancels for very negative x),
+# sigmoid and SiLU through e^{-|x|} (no overflow, relative accuracy for both signs), GELU-tanh as
+# x sigmoid(2u) (0.5 x (1 + tanh u) cancels for negative u).
 
 
 @dataclass(frozen=True)
@@ -65,20 +77,49 @@ def _inplace(method: str) -> Callable[[torch.Tensor, float, bool], torch.Tensor]
 ACTIVATIONS: dict[str, ActivationKind] = {k.name: k for k in (
     ActivationKind("identity", 0, nn.Identity, lambda x, s, inplace: x, lambda x, s: x),
     ActivationKind("silu", 1, nn.SiLU, lambda x, s, inplace: F.silu(x, inplace=inplace),
-                   lambda x, s: x / (1.0 + np.exp(-x))),
+                   lambda x, s: x * _np_sigmoid(x)),
     ActivationKind("relu", 2, nn.ReLU, lambda x, s, inplace: F.relu(x, inplace=inplace),
                    lambda x, s: np.maximum(x, 0.0)),
-    ActivationKind("gelu", 3, nn.GELU, lambda x, s, inplace: F.gelu(x),
-                   lambda x, s: 0.5 * x * (1.0 + _np_erf(x / math.sqrt(2.0))),
+    ActivationKind("gelu", 3, nn.GELU, lambda x, s, inplace: 0.5 * x * torch.special.erfc(x * -_SQRT_HALF),
+                   lambda x, s: 0.5 * x * _np_erfc(-x * _SQRT_HALF),
                    matches=lambda m: m.approximate != "tanh"),
-    ActivationKind("gelu_tanh", 4, nn.GELU, lambda x, s, inplace: F.gelu(x, approximate="tanh"),
-                   lambda x, s: 0.5 * x * (1.0 + np.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x**3))),
+    ActivationKind("gelu_tanh", 4, nn.GELU,
+                   lambda x, s, inplace: x * torch.sigmoid(2.0 * _SQRT_2_OVER_PI * (x + 0.044715 * x**3)),
+                   lambda x, s: x * _np_sigmoid(2.0 * _SQRT_2_OVER_PI * (x + 0.044715 * x**3)),
                    matches=lambda m: m.approximate == "tanh"),
     ActivationKind("tanh", 5, nn.Tanh, _inplace("tanh"), lambda x, s: np.tanh(x)),
-    ActivationKind("sigmoid", 6, nn.Sigmoid, _inplace("sigmoid"), lambda x, s: 1.0 / (1.0 + np.exp(-x))),
+    ActivationKind("sigmoid", 6, nn.Sigmoid, _inplace("sigmoid"), lambda x, s: _np_sigmoid(x)),
     ActivationKind("leaky_relu", 7, nn.LeakyReLU, lambda x, s, inplace: F.leaky_relu(x, s, inplace=inplace),
                    lambda x, s: np.where(x >= 0.0, x, s * x)),
 )}
+#: activations bounded by a constant they saturate to (sigmoid -> 0 / 1, tanh -> -1 / +1)
+SATURATING = ("sigmoid", "tanh")
+
+
+def torch_offset_free(name: str, x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``act(x) - c`` for a saturating activation, ``c`` the constant ``act`` saturates to on ``ref``'s side.
+
+    ``ref`` broadcasts against ``x`` and must be constant along the path (e.g. ``x`` at ``t = 0``), so
+    ``c`` is constant along it and centring over ``t`` removes it exactly. ``sigmoid(x) - 1 = -sigmoid(-x)``
+    and ``tanh(x) -+ 1 = -+2 sigmoid(-+2x)`` keep full relative accuracy on saturated units, where
+    ``act(x)`` itself is ``1 - tiny`` and its variation is lost below one ulp.
+    """
+    if name == "sigmoid":
+        return torch.where(ref > 0, -torch.sigmoid(-x), torch.sigmoid(x))
+    if name == "tanh":
+        return torch.where(ref > 0, -2.0 * torch.sigmoid(-2.0 * x), torch.where(ref < 0, 2.0 * torch.sigmoid(2.0 * x), torch.tanh(x)))
+    raise ValueError(name)
+
+
+def numpy_offset_free(name: str, x: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """NumPy twin of :func:`torch_offset_free` (float64)."""
+    if name == "sigmoid":
+        return np.where(ref > 0, -_np_sigmoid(-x), _np_sigmoid(x))
+    if name == "tanh":
+        return np.where(ref > 0, -2.0 * _np_sigmoid(-2.0 * x), np.where(ref < 0, 2.0 * _np_sigmoid(2.0 * x), np.tanh(x)))
+    raise ValueError(name)
+
+
 #: activation name -> kernel code (what both fused kernels are compiled with).
 ACT_CODES: dict[str, int] = {k.name: k.code for k in ACTIVATIONS.values()}
 
@@ -237,3 +278,40 @@ def numpy_layers(tail: nn.Module) -> list[Callable[[np.ndarray], np.ndarray]]:
             )
         out.append(act.numpy)
     return out
+
+
+@dataclass
+class NumpyTail:
+    """The tail split for the centred evaluation of every backend (float64 NumPy, nothing absorbed).
+
+    ``body`` runs literally; when ``last`` is set (the tail ends in a Linear with no activation after it)
+    the output is taken centred over ``t`` as ``(a - mean_t a) W^T`` (r2 is shift invariant: the bias and
+    any offset shared along the path never enter). ``sat`` names the saturating activation just before
+    ``last`` (sigmoid/tanh) whose output is taken offset free (:func:`numpy_offset_free`); then ``body``
+    stops at its input. ``final`` is the literal remainder when the tail ends in an activation.
+    """
+
+    body: list[Callable[[np.ndarray], np.ndarray]]
+    last: tuple[np.ndarray, np.ndarray | None] | None
+    sat: str | None
+    final: list[Callable[[np.ndarray], np.ndarray]]
+
+
+def numpy_tail(tail: nn.Module) -> NumpyTail:
+    """Split :func:`numpy_layers` for the centred evaluation (see :class:`NumpyTail`)."""
+    layers = _flatten(tail) or [tail]
+    fns = numpy_layers(tail)
+    last_lin = max((k for k, m in enumerate(layers) if type(m) is nn.Linear), default=None)
+    trailing = [] if last_lin is None else [m for m in layers[last_lin + 1:] if not activation_of(m).is_identity]
+    if last_lin is None or trailing:
+        return NumpyTail(fns, None, None, [])
+    lin = layers[last_lin]
+    W = lin.weight.detach().cpu().double().numpy()
+    b = None if lin.bias is None else lin.bias.detach().cpu().double().numpy()
+    body = fns[:last_lin]
+    prev = [k for k in range(last_lin) if not (type(layers[k]) is not nn.Linear and activation_of(layers[k]).is_identity)]
+    sat = None
+    if prev and type(layers[prev[-1]]) is not nn.Linear and activation_of(layers[prev[-1]]).name in SATURATING:
+        sat = activation_of(layers[prev[-1]]).name
+        body = [f for k, f in enumerate(fns[:last_lin]) if k != prev[-1]]  # identities after it are no-ops
+    return NumpyTail(body, (W, b), sat, [])

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
 from . import torch_backend
-from ._policy import check_n_lambda
+from ._policy import FLAGGED, check_n_lambda
 from ._runtime import eval_mode, triton_available, triton_interpreting
 from ._tail import MLPTail, parse_tail
 
@@ -62,6 +63,11 @@ def _check_h(h) -> None:
         raise ValueError(f"h needs at least 2 samples (rows) to form a pair; got N={h.shape[0]}")
     if h.shape[1] < 1:
         raise ValueError("h has zero features (D=0)")
+    if h.device.type == "cpu" and h.dtype in (torch.float32, torch.float64) and h.numel():
+        # one single-threaded NumPy pass: torch's isfinite/all are OpenMP regions, 30-40 ms on a loaded 2-core box
+        hn = h.detach().resolve_conj().resolve_neg().numpy()
+        if np.isfinite(hn).all():
+            return
     bad = ~torch.isfinite(h).all(dim=1)
     if bool(bad.any()):
         rows = bad.nonzero().flatten().tolist()
@@ -204,16 +210,17 @@ def _run_cpu(h, tail, spec, n_lambda, chunk_bytes):
         return torch.ones(h.shape[0], h.shape[0], dtype=h.dtype, device=h.device)
     from .kernels.connectivity_cpu import connectivity_cpu
 
-    return connectivity_cpu(spec.absorb(h).contiguous(), spec, n_lambda)
+    return connectivity_cpu(spec.absorb(h).contiguous(), spec, n_lambda, flag=True)
 
 
 def _run_torch(h, tail, spec, n_lambda, chunk_bytes):
+    flag = h.dtype == torch.float32
     if spec is not None:
-        return torch_backend.connectivity_mlp(h, spec, n_lambda, chunk_bytes)
-    run_dtype = _param_dtype(tail, h.dtype)
+        return torch_backend.connectivity_mlp(h, spec, n_lambda, chunk_bytes, flag=flag)
+    run_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32  # never below fp32 (bf16 models)
     with eval_mode(tail):
         try:
-            return torch_backend.connectivity_generic(h, tail, n_lambda, run_dtype, h.dtype, chunk_bytes)
+            return torch_backend.connectivity_generic(h, tail, n_lambda, run_dtype, h.dtype, chunk_bytes, flag=flag)
         except RuntimeError as e:
             raise ValueError(f"tail failed on a batch of interpolated h (D={h.shape[1]}): {e}") from e
 
@@ -226,6 +233,57 @@ def _run_reference(h, tail, spec, n_lambda, chunk_bytes):
 
 #: resolved backend name -> ``(h in its compute dtype, tail, spec, n_lambda, chunk_bytes) -> L``
 _DISPATCH = {"triton": _run_triton, "cpu": _run_cpu, "torch": _run_torch, "reference": _run_reference}
+
+
+#: what the last :func:`connectivity` call did (for benchmarks and logs): see :func:`last_run_info`
+_LAST_RUN: dict = {}
+
+
+def last_run_info() -> dict:
+    """``{"backend", "pairs", "recomputed", "fraction_recomputed"}`` of the last :func:`connectivity` call
+    in this process: how many pairs the fp32 backend flagged as ill-conditioned and recomputed in fp64."""
+    return dict(_LAST_RUN)
+
+
+def _recompute_flagged(L: torch.Tensor, h: torch.Tensor, tail: nn.Module, spec: MLPTail | None, n_lambda: int,
+                       chunk_bytes: int | None, groups: torch.Tensor | None) -> int:
+    """Recompute in fp64 every pair an fp32 backend wrote as ``FLAGGED``; returns how many.
+
+    MLP tails on the CPU go through the C++ fp64 pair kernel (one call for all pairs; the same algebra as
+    the torch path), everything else through the torch path in fp64.
+    """
+    n = L.shape[0]
+    if L.device.type == "cpu":  # one single-threaded pass (0.2 ms at N=961; torch's eq + nonzero: 0.5-25 ms under load)
+        flat = torch.from_numpy(np.flatnonzero(L.numpy().reshape(-1) == FLAGGED))
+    else:
+        flat = (L.reshape(-1) == FLAGGED).nonzero().squeeze(1)
+    if flat.numel() == 0:
+        return 0
+    i, j = flat // n, flat % n
+    upper = i < j
+    i, j = i[upper], j[upper]
+    count = int(i.numel())
+    if groups is not None:  # identical rows are set to 1 by the caller: nothing to recompute
+        keep = groups[i] != groups[j]
+        i, j = i[keep], j[keep]
+    if i.numel():
+        v = None
+        if spec is not None and h.device.type == "cpu":
+            from .kernels import connectivity_cpu as kcpu
+
+            if kcpu.pairs_f64_unsupported(spec, h.device) is None:
+                v = kcpu.pairs_f64(h, spec, i, j, n_lambda)
+        if v is None:
+            h64 = h.to(torch.float64)
+            if spec is not None:
+                v = torch_backend.mlp_pairs(h64, spec, i, j, n_lambda, chunk_bytes)
+            else:
+                with eval_mode(tail):
+                    v = torch_backend.generic_pairs(h64, tail, i, j, n_lambda, chunk_bytes)
+        v = v.to(L.dtype)
+        L[i, j] = v
+        L[j, i] = v
+    return count
 
 
 def _identical_rows(h: torch.Tensor) -> torch.Tensor | None:
@@ -272,13 +330,21 @@ def connectivity(
     if spec is not None and spec.in_features is not None and spec.in_features != h.shape[1]:
         raise ValueError(f"h has {h.shape[1]} features but the tail's first Linear expects {spec.in_features}")
     dtype = _compute_dtype(h, tail)
-    run = _DISPATCH[_choose(backend, h, dtype, spec)]
+    name = _choose(backend, h, dtype, spec)
+    run = _DISPATCH[name]
     with torch.no_grad(), torch.autocast(h.device.type, enabled=False):  # autocast must not lower the precision
         _check_outputs(h, tail)
         L = run(h.to(dtype), tail, spec, n_lambda, chunk_bytes)
         groups = _identical_rows(h)
+        recomputed = 0
+        if name != "reference" and dtype == torch.float32:  # SPEC §1 (c): flagged pairs are recomputed in fp64
+            recomputed = _recompute_flagged(L, h, tail, spec, n_lambda, chunk_bytes, groups)
         if groups is not None:  # SPEC §1: identical representations are perfectly connected
             L[groups[:, None] == groups[None, :]] = 1.0
+    n = h.shape[0]
+    _LAST_RUN.clear()
+    _LAST_RUN.update(backend=name, pairs=n * (n - 1) // 2, recomputed=recomputed,
+                     fraction_recomputed=recomputed / max(1, n * (n - 1) // 2))
     return L
 
 

@@ -4,8 +4,15 @@ For every pair ``i < j`` it builds the ``T`` interpolation points ``h_i + lam_t 
 space of ``h``, runs the *whole* tail layer by layer in float64 NumPy from the module's weights
 (no absorption of the first Linear), takes the squared Pearson correlation of every output
 dimension with ``lam`` and averages them. The activations' float64 formulas come from the one
-activation table (``_tail.ACTIVATIONS``). This file is the yardstick the fast paths are checked
-against; it is not edited to match them.
+activation table (``_tail.ACTIVATIONS``; stable forms: GELU through ``erfc``, sigmoid/SiLU through
+``e^{-|x|}``). This file is the fast yardstick the fused paths are checked against
+(``grokfast_metrics.exact`` is the arbitrary-precision one); it is not edited to match them.
+
+Two exact rewritings keep it accurate on ill-conditioned paths (SPEC §1 accuracy contract): when the
+tail ends in a Linear, its output is taken centred over ``t`` *before* that Linear,
+``yc = (a - mean_t a) W^T`` (r2 is shift invariant, so the bias and a logit offset shared along the path
+never enter), and a saturating activation (sigmoid/tanh) just before it is taken offset free
+(``sigmoid(x) - 1 = -sigmoid(-x)``; see ``_tail.numpy_offset_free``).
 """
 from __future__ import annotations
 
@@ -13,21 +20,46 @@ import numpy as np
 from torch import nn
 
 from ._policy import CONST_RTOL
-from ._tail import numpy_layers
+from ._tail import numpy_offset_free, numpy_tail
 
 
-def pair_r2(y: np.ndarray, lam: np.ndarray) -> np.ndarray:
-    """r2 of every column of ``y`` (``(T, O)``) with ``lam`` (``(T,)``), float64, SPEC §1 policies."""
+def pair_r2(y: np.ndarray, lam: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
+    """r2 of every column of ``y`` (``(T, O)``) with ``lam`` (``(T,)``), float64, SPEC §1 policies.
+
+    ``scale`` (``(O,)``): the rounding scale of each column (constant-path rule
+    ``std_t(y_k) <= CONST_RTOL * eps * scale_k``); default ``max_t |y_k|``.
+    """
     eps = np.finfo(np.float64).eps
+    if scale is None:
+        scale = np.max(np.abs(y), axis=0)
     out = np.empty(y.shape[1])
     for k in range(y.shape[1]):
         yk = y[:, k]
-        if np.std(yk) <= CONST_RTOL * eps * np.max(np.abs(yk)):
+        if np.std(yk) <= CONST_RTOL * eps * scale[k]:
             out[k] = 1.0  # constant along the path: a degenerate linear map
             continue
         cov = np.mean((yk - yk.mean()) * (lam - lam.mean()))
         out[k] = cov**2 / (np.var(yk) * np.var(lam))
     return out
+
+
+def path_r2(x: np.ndarray, tail, lam: np.ndarray) -> np.ndarray:
+    """``r2_k`` of the path ``x`` (``(T, D)`` points in ``h``'s space) through a :class:`~._tail.NumpyTail`."""
+    for f in tail.body:
+        x = f(x)
+    if tail.last is None:
+        for f in tail.final:
+            x = f(x)
+        return pair_r2(x, lam)
+    W, _ = tail.last
+    if tail.sat is not None:  # x is the saturating activation's input
+        a = numpy_offset_free(tail.sat, x, x[:1])
+        amax = np.abs(a).max(axis=0) * (1.0 + np.abs(x).max(axis=0))  # x's rounding, amplified by act'(x)
+    else:
+        a = x
+        amax = np.abs(a).max(axis=0)
+    yc = (a - a.mean(axis=0)) @ W.T                  # centred before the last Linear: no bias, no offset
+    return pair_r2(yc, lam, np.abs(W) @ amax)
 
 
 def connectivity(h, tail: nn.Module, n_lambda: int = 21) -> np.ndarray:
@@ -44,19 +76,18 @@ def connectivity(h, tail: nn.Module, n_lambda: int = 21) -> np.ndarray:
     if hasattr(h, "detach"):
         h = h.detach().cpu().double().numpy()
     h = np.asarray(h, dtype=np.float64)
-    layers = numpy_layers(tail)
+    nt = numpy_tail(tail)
     lam = np.linspace(0.0, 1.0, n_lambda)
     n = h.shape[0]
     L = np.eye(n)
-    for i in range(n):
-        for j in range(i + 1, n):
-            if np.array_equal(h[i], h[j]):
-                L[i, j] = L[j, i] = 1.0  # identical representations
-                continue
-            y = h[i] + lam[:, None] * (h[j] - h[i])      # (T, D)
-            for f in layers:
-                y = f(y)
-            L[i, j] = L[j, i] = pair_r2(y, lam).mean()
+    with np.errstate(over="ignore", under="ignore"):
+        for i in range(n):
+            for j in range(i + 1, n):
+                if np.array_equal(h[i], h[j]):
+                    L[i, j] = L[j, i] = 1.0  # identical representations
+                    continue
+                x = h[i] + lam[:, None] * (h[j] - h[i])      # (T, D)
+                L[i, j] = L[j, i] = path_r2(x, nt, lam).mean()
     return L
 
 

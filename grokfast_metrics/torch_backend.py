@@ -1,14 +1,21 @@
 """Torch backend: the linear connectivity matrix, vectorised over pairs in bounded chunks.
 
-Two paths share one reduction (:func:`r2_from_paths`):
+Two paths share one reduction (:func:`r2_from_centred`):
 
 * :func:`connectivity_mlp` for MLP tails (``_tail.MLPTail``): the leading Linear is absorbed
   (``z = W h + b`` once per sample, interpolation on ``z``), only the upper triangle is computed,
-  and a chunk of ``P`` pairs materialises ``P * T * H`` activations, never ``N^2 * T * H``.
+  and a chunk of ``P`` pairs materialises ``P * T * H`` activations, never ``N^2 * T * H``. When the
+  tail ends in a Linear, its output is taken centred over ``t`` *before* that Linear,
+  ``yc = (a - mean_t a) W^T`` (SPEC §1 accuracy contract: the bias and a shared logit offset never
+  enter), and a saturating activation just before it is taken offset free.
 * :func:`connectivity_generic` for any other module: the interpolation points of a chunk of pairs
-  are run through the module in one batched forward.
+  are run through the module in one batched forward (in fp32 at least, through
+  ``torch.func.functional_call`` with converted copies of the parameters: the module is never touched).
 
-Both run on whatever device ``h`` lives on (CPU or CUDA) in fp32 or fp64.
+Both run on whatever device ``h`` lives on (CPU or CUDA) in fp32 or fp64. With ``flag=True`` (what
+``core`` asks for in fp32) a pair the fp32 computation cannot resolve to the accuracy contract is
+written as :data:`~._policy.FLAGGED` and ``core`` recomputes it in fp64 (:func:`mlp_pairs`,
+:func:`generic_pairs`).
 """
 from __future__ import annotations
 
@@ -17,31 +24,77 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from ._policy import CONST_RTOL, lambdas
-from ._tail import MLPTail
+from ._policy import CONST_RTOL, FLAG_KAPPA, FLAGGED, check_fits, lambdas
+from ._tail import SATURATING, MLPTail, torch_offset_free
 
 
-def r2_from_paths(y: torch.Tensor, lam_c: torch.Tensor, eps: float) -> torch.Tensor:
-    """Mean over output dimensions of the squared Pearson correlation of each path with lambda.
+#: smooth activations whose input rounding is amplified by ``x act'(x)`` (see :func:`_rounding_scale`)
+_SMOOTH = ("silu", "sigmoid", "tanh", "gelu", "gelu_tanh")
+
+
+def _rounding_scale(a: torch.Tensor, x: torch.Tensor | None, act: str) -> torch.Tensor:
+    """``(P, H)`` bound on the rounding of the last Linear's inputs ``a = act(x)`` (``(P, T, H)``), in units of eps.
+
+    ``a`` carries its own rounding (``|a|``) plus that of its input ``x`` (absorbed ``z`` and the
+    interpolation: ``~eps |x|``) amplified by ``act'``: ``|x act'(x)| <= |a| |x|`` for SiLU, sigmoid,
+    tanh (offset free) and GELU-tanh, ``<= |a| x^2`` for GELU at negative ``x``.
+    """
+    if x is None:
+        return a.abs().amax(dim=1)
+    ax = x.abs()
+    g = torch.where(x < 0, ax * ax, ax) if act == "gelu" else ax
+    return (a.abs() * (1.0 + g)).amax(dim=1)
+
+
+def r2_from_centred(yc: torch.Tensor, scale: torch.Tensor, lam_c: torch.Tensor, eps: float,
+                    flag: bool = False) -> torch.Tensor:
+    """Mean over outputs of r2 of centred paths, constant-path rule and (optionally) the fp32 flag.
 
     Args:
-        y: ``(P, T, O)`` outputs along ``P`` interpolation paths.
-        lam_c: ``(T,)`` centred lambdas (``lam - mean(lam)``).
-        eps: machine epsilon of the dtype ``y`` was computed in (constant-path rule).
+        yc: ``(P, T, O)`` outputs centred over ``t`` (``sum_t yc = 0`` up to rounding).
+        scale: ``(P, O)`` rounding scale of each output: its error is about ``eps * scale``.
+        lam_c: ``(T,)`` centred lambdas.
+        eps: machine epsilon of the computation.
+        flag: write :data:`FLAGGED` for a pair whose estimated error (:func:`pair_error_estimate` of
+            ``eps * scale``) exceeds :data:`FLAG_KAPPA` (this includes the constant rule firing on a nonzero scale).
 
     Returns:
-        ``(P,)`` values of ``L_ij``.
+        ``(P,)`` values of ``L_ij`` (or :data:`FLAGGED`).
     """
-    T = y.shape[1]
-    amax = torch.maximum(y.amax(dim=1), -y.amin(dim=1))         # [P, O]  max_t |y|
-    yc = y - y.mean(dim=1, keepdim=True)                       # [P, T, O]
+    T = yc.shape[1]
+    yc = yc - yc.mean(dim=1, keepdim=True)                      # second pass: exact centring of rounding
     cov = torch.matmul(lam_c, yc)                              # [P, O]
-    ss = yc.square_().sum(dim=1)                               # [P, O]  T * var(y)
+    ss = yc.square().sum(dim=1)                                # [P, O]  T * var(y)
     ll = torch.dot(lam_c, lam_c)                               # T * var(lam)
     r2 = (cov * cov / (ss * ll)).clamp_(0.0, 1.0)
-    const = (ss / T).sqrt() <= CONST_RTOL * eps * amax
+    std = (ss / T).sqrt()
+    const = std <= CONST_RTOL * eps * scale
     r2 = torch.where(const, torch.ones_like(r2), r2)
-    return r2.mean(dim=1)
+    out = r2.mean(dim=1)
+    if flag:
+        bad = pair_error_estimate(eps * scale, std, r2) > FLAG_KAPPA
+        out = torch.where(bad, torch.full_like(out, FLAGGED), out)
+    return out
+
+
+def pair_error_estimate(err: torch.Tensor, std: torch.Tensor, r2: torch.Tensor) -> torch.Tensor:
+    """``(P,)`` estimate of the error of ``L_ij`` from the rounding ``err`` and spread ``std`` of each output.
+
+    ``kappa_k = err_k / std_k`` is the relative perturbation of the centred path; it moves
+    ``r2_k`` by about ``2 sqrt(r2_k (1 - r2_k)) kappa_k + kappa_k^2`` (first order in the residual of the
+    linear fit, second order in the perturbation; ``r2 (1 - r2)`` floored at ``kappa``), at most 1.
+    ``std == 0 < err`` gives 1.
+    """
+    kappa = torch.where(err > 0, err / std, torch.zeros_like(std))
+    # r2 (1 - r2) floored at kappa: the computed r2 is itself off by ~kappa (a near-linear path can read r2 = 1)
+    est = 2.0 * kappa * torch.maximum(r2 * (1.0 - r2), kappa).sqrt() + kappa * kappa
+    return est.nan_to_num_(nan=1.0).clamp_(max=1.0).mean(dim=1)
+
+
+def r2_from_paths(y: torch.Tensor, lam_c: torch.Tensor, eps: float, flag: bool = False) -> torch.Tensor:
+    """:func:`r2_from_centred` of uncentred outputs ``(P, T, O)`` with scale ``max_t |y|``."""
+    amax = torch.maximum(y.amax(dim=1), -y.amin(dim=1))         # [P, O]  max_t |y|
+    return r2_from_centred(y - y.mean(dim=1, keepdim=True), amax, lam_c, eps, flag)
 
 
 def triu_pair_chunks(n: int, chunk: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -56,84 +109,177 @@ def triu_pair_chunks(n: int, chunk: int, device: torch.device) -> Iterator[tuple
         yield i, p - offsets[i] + i + 1
 
 
-def _finish(L_upper_vals: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], n: int, like: torch.Tensor) -> torch.Tensor:
-    L = torch.empty(n, n, dtype=like.dtype, device=like.device)
-    for i, j, v in L_upper_vals:
-        L[i, j] = v
-        L[j, i] = v
-    L.diagonal().fill_(1.0)
-    return L
+def default_chunk_bytes(device: torch.device) -> int:
+    return (256 << 20) if device.type == "cuda" else (4 << 20)
 
 
 def chunk_pairs(width: int, n_lambda: int, elem_bytes: int, device: torch.device, chunk_bytes: int | None) -> int:
     """Pairs per chunk so that one ``(P, T, width)`` activation block takes about ``chunk_bytes``."""
     if chunk_bytes is None:
-        chunk_bytes = (256 << 20) if device.type == "cuda" else (4 << 20)
+        chunk_bytes = default_chunk_bytes(device)
     return max(1, chunk_bytes // max(1, n_lambda * width * elem_bytes))
 
 
-def connectivity_mlp(h: torch.Tensor, spec: MLPTail, n_lambda: int, chunk_bytes: int | None = None) -> torch.Tensor:
+def _new_L(n: int, dtype: torch.dtype, device: torch.device, chunk_bytes: int | None, width: int,
+           n_lambda: int) -> torch.Tensor:
+    """The ``(N, N)`` output, allocated once (after checking that it and a few chunks fit)."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    chunk = chunk_bytes if chunk_bytes is not None else default_chunk_bytes(device)
+    # a chunk holds a few [P, T, width] blocks plus O(P) index/statistics tensors
+    check_fits(n * n * elem, 4 * min(chunk, n * n // 2 * n_lambda * width * elem) + 64 * n, device)
+    L = torch.empty(n, n, dtype=dtype, device=device)
+    L.diagonal().fill_(1.0)
+    return L
+
+
+def _prepare(spec: MLPTail, dtype: torch.dtype):
+    return [
+        (acts, lin.weight.to(dtype).t(), None if lin.bias is None else lin.bias.to(dtype))
+        for acts, lin in spec.stages
+    ]
+
+
+def _pairs_values(z: torch.Tensor, spec: MLPTail, stages, i: torch.Tensor, j: torch.Tensor, n_lambda: int,
+                  flag: bool) -> torch.Tensor:
+    """``L_ij`` of the pairs ``(i[p], j[p])`` from the absorbed ``z`` (``(P,)`` in ``z``'s dtype)."""
+    dtype, dev = z.dtype, z.device
+    lam, lam_c = lambdas(n_lambda, dtype, dev)
+    eps = torch.finfo(dtype).eps
+    zi = z[i]
+    x = torch.addcmul(zi.unsqueeze(1), lam.view(1, -1, 1), (z[j] - zi).unsqueeze(1))  # [P, T, H0]
+    centred = not spec.final
+    last = len(stages) - 1
+    for s, (acts, wt, b) in enumerate(stages):
+        if s == last and centred:
+            last_act = acts[-1].name if acts else "identity"
+            smooth = last_act in _SMOOTH
+            for a in acts[:-1] if smooth else acts:
+                x = a.torch(x, inplace=True)
+            if last_act in SATURATING:  # offset free: the constant the unit saturates to never enters
+                a = torch_offset_free(last_act, x, x[:, :1])
+            elif smooth:
+                a = acts[-1].torch(x, inplace=False)
+            else:
+                a = x
+            amax = _rounding_scale(a, x if smooth else None, last_act)             # [P, H]
+            yc = torch.matmul(a - a.mean(dim=1, keepdim=True), wt)                # [P, T, O], no bias
+            return r2_from_centred(yc, torch.matmul(amax, wt.abs()), lam_c, eps, flag)
+        for a in acts:
+            x = a.torch(x, inplace=True)
+        x = torch.matmul(x, wt) if b is None else torch.addmm(b, x.flatten(0, 1), wt).view(x.shape[0], n_lambda, -1)
+    for a in spec.final:
+        x = a.torch(x, inplace=True)
+    return r2_from_paths(x, lam_c, eps, flag)
+
+
+@torch.no_grad()
+def connectivity_mlp(h: torch.Tensor, spec: MLPTail, n_lambda: int, chunk_bytes: int | None = None,
+                     flag: bool = False) -> torch.Tensor:
     """Connectivity matrix ``(N, N)`` of an MLP tail with chunked stock torch ops, in ``h``'s dtype.
+
+    Peak extra memory: ``L`` (``N^2``) plus one chunk of activations (``chunk_bytes``, a few times).
 
     Args:
         h: ``(N, D)`` representations (fp32 or fp64, any device).
         spec: normalised MLP tail.
         n_lambda: interpolation points per pair.
         chunk_bytes: size of one chunk of activations.
+        flag: write :data:`~._policy.FLAGGED` for pairs fp32 cannot resolve (``core`` recomputes them).
+
+    Raises:
+        MemoryError: ``L`` and a chunk cannot fit in the device's memory (checked before allocating).
     """
     dtype, dev = h.dtype, h.device
     n = h.shape[0]
     if spec.is_affine:  # affine tail: every path is a straight line, r2 = 1 exactly
         return torch.ones(n, n, dtype=dtype, device=dev)
+    stages = _prepare(spec, dtype)
     z = spec.absorb(h)
-    stages = [
-        (acts, lin.weight.to(dtype).t(), None if lin.bias is None else lin.bias.to(dtype))
-        for acts, lin in spec.stages
-    ]
-    lam, lam_c = lambdas(n_lambda, dtype, dev)
-    eps = torch.finfo(dtype).eps
     width = max([z.shape[1]] + [w.shape[1] for _, w, _ in stages])
+    L = _new_L(n, dtype, dev, chunk_bytes, width, n_lambda)
     chunk = chunk_pairs(width, n_lambda, h.element_size(), dev, chunk_bytes)
-    out = []
     for i, j in triu_pair_chunks(n, chunk, dev):
-        zi = z[i]
-        x = torch.addcmul(zi.unsqueeze(1), lam.view(1, -1, 1), (z[j] - zi).unsqueeze(1))  # [P, T, H0]
-        for acts, wt, b in stages:
-            for a in acts:
-                x = a.torch(x, inplace=True)
-            x = torch.matmul(x, wt) if b is None else torch.addmm(b, x.flatten(0, 1), wt).view(x.shape[0], n_lambda, -1)
-        for a in spec.final:
-            x = a.torch(x, inplace=True)
-        out.append((i, j, r2_from_paths(x, lam_c, eps)))
-    return _finish(out, n, h)
+        v = _pairs_values(z, spec, stages, i, j, n_lambda, flag)
+        L[i, j] = v
+        L[j, i] = v
+    return L
 
 
+@torch.no_grad()
+def mlp_pairs(h: torch.Tensor, spec: MLPTail, i: torch.Tensor, j: torch.Tensor, n_lambda: int,
+              chunk_bytes: int | None = None) -> torch.Tensor:
+    """``L_ij`` of the listed pairs only, in ``h``'s dtype (the fp64 recompute of flagged pairs)."""
+    stages = _prepare(spec, h.dtype)
+    z = spec.absorb(h)
+    width = max([z.shape[1]] + [w.shape[1] for _, w, _ in stages])
+    chunk = chunk_pairs(width, n_lambda, h.element_size(), h.device, chunk_bytes)
+    return torch.cat([_pairs_values(z, spec, stages, i[c:c + chunk], j[c:c + chunk], n_lambda, False)
+                      for c in range(0, i.numel(), chunk)])
+
+
+def _widest(tail: nn.Module, d: int) -> int:
+    """Widest layer of an arbitrary module, estimated from its parameters' shapes (at least ``d``)."""
+    return max([d] + [int(s) for p in tail.parameters() for s in p.shape])
+
+
+def _generic_values(h: torch.Tensor, tail: nn.Module, params: dict, i: torch.Tensor, j: torch.Tensor,
+                    n_lambda: int, flag: bool) -> torch.Tensor:
+    run_dtype = h.dtype
+    lam, lam_c = lambdas(n_lambda, run_dtype, h.device)
+    hi = h[i]
+    x = torch.addcmul(hi.unsqueeze(1), lam.view(1, -1, 1), (h[j] - hi).unsqueeze(1))  # [P, T, D]
+    y = torch.func.functional_call(tail, params, (x.flatten(0, 1),))
+    if not isinstance(y, torch.Tensor) or y.dim() != 2 or y.shape[0] != x.shape[0] * n_lambda or not y.is_floating_point():
+        shape = f"{tuple(y.shape)} {y.dtype}" if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ValueError(
+            f"tail must map a (B, {h.shape[1]}) batch to (B, O) floating-point logits; for B={x.shape[0] * n_lambda} "
+            f"it returned {shape}"
+        )
+    y = y.to(run_dtype).view(x.shape[0], n_lambda, -1)
+    return r2_from_paths(y, lam_c, torch.finfo(run_dtype).eps, flag)
+
+
+def generic_params(tail: nn.Module, dtype: torch.dtype) -> dict:
+    """Copies of the tail's floating parameters and buffers in ``dtype`` (the module is never mutated)."""
+    out = {}
+    for name, t in list(tail.named_parameters()) + list(tail.named_buffers()):
+        out[name] = t.detach().to(dtype) if t.is_floating_point() else t
+    return out
+
+
+@torch.no_grad()
 def connectivity_generic(
     h: torch.Tensor, tail: nn.Module, n_lambda: int, run_dtype: torch.dtype, out_dtype: torch.dtype,
-    chunk_bytes: int | None = None,
+    chunk_bytes: int | None = None, flag: bool = False,
 ) -> torch.Tensor:
     """Connectivity matrix ``(N, N)`` of any module: batched forward of the interpolation points.
 
-    The tail runs in ``run_dtype`` (its parameters' dtype); its outputs are reduced in ``out_dtype``
-    with the constant-path rule using the epsilon of ``run_dtype``.
+    The tail runs in ``run_dtype`` (never below fp32: a bf16/fp16 module runs on fp32 copies of its
+    parameters and buffers through ``torch.func.functional_call``); r2 is reduced in that dtype with
+    the constant-path rule, and returned in ``out_dtype``. Chunks are sized by the widest layer of the
+    module (estimated from its parameters), not by ``D``.
     """
     dev = h.device
     n = h.shape[0]
+    if run_dtype not in (torch.float32, torch.float64):
+        run_dtype = torch.float32
     hr = h.to(run_dtype)
-    lam, _ = lambdas(n_lambda, run_dtype, dev)
-    _, lam_c = lambdas(n_lambda, out_dtype, dev)
-    eps = torch.finfo(run_dtype).eps
-    chunk = chunk_pairs(h.shape[1], n_lambda, 4 * h.element_size(), dev, chunk_bytes)
-    out = []
+    params = generic_params(tail, run_dtype)
+    width = _widest(tail, h.shape[1])
+    L = _new_L(n, out_dtype, dev, chunk_bytes, 4 * width, n_lambda)
+    chunk = chunk_pairs(4 * width, n_lambda, hr.element_size(), dev, chunk_bytes)
     for i, j in triu_pair_chunks(n, chunk, dev):
-        hi = hr[i]
-        x = torch.addcmul(hi.unsqueeze(1), lam.view(1, -1, 1), (hr[j] - hi).unsqueeze(1))  # [P, T, D]
-        y = tail(x.flatten(0, 1))
-        if not isinstance(y, torch.Tensor) or y.dim() != 2 or y.shape[0] != x.shape[0] * n_lambda or not y.is_floating_point():
-            shape = f"{tuple(y.shape)} {y.dtype}" if isinstance(y, torch.Tensor) else type(y).__name__
-            raise ValueError(
-                f"tail must map a (B, {h.shape[1]}) batch to (B, O) floating-point logits; for B={x.shape[0] * n_lambda} "
-                f"it returned {shape}"
-            )
-        out.append((i, j, r2_from_paths(y.to(out_dtype).view(x.shape[0], n_lambda, -1), lam_c, eps)))
-    return _finish(out, n, h.to(out_dtype))
+        v = _generic_values(hr, tail, params, i, j, n_lambda, flag).to(out_dtype)
+        L[i, j] = v
+        L[j, i] = v
+    return L
+
+
+@torch.no_grad()
+def generic_pairs(h: torch.Tensor, tail: nn.Module, i: torch.Tensor, j: torch.Tensor, n_lambda: int,
+                  chunk_bytes: int | None = None) -> torch.Tensor:
+    """``L_ij`` of the listed pairs through any module, in ``h``'s dtype (parameters converted to it)."""
+    params = generic_params(tail, h.dtype)
+    chunk = chunk_pairs(4 * _widest(tail, h.shape[1]), n_lambda, h.element_size(), h.device, chunk_bytes)
+    return torch.cat([_generic_values(h, tail, params, i[c:c + chunk], j[c:c + chunk], n_lambda, False)
+                      for c in range(0, i.numel(), chunk)])

@@ -12,6 +12,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <new>
 #include <thread>
 #include <vector>
 
@@ -53,6 +54,10 @@ struct Problem {
     const float* ez;    // [n, kp[0]] exp(-z) (SiLU chain path) or nullptr
     const float* sz;    // [n, kp[0]] silu(z) (SiLU chain path) or nullptr
     const uint8_t* ez_ok;  // [n] max |z_i| <= CHAIN_ZMAX: the chain path cannot overflow
+    const float* wabs;  // packed |W_S^T| of the last stage (rounding scale of the centred outputs)
+    const float* wnorm; // [2 (np[S-1] + 8)] sum_h |W_S[k, h]|, then |W_S[k, :]|_2 (zero padded): cheap bounds on it
+    float flag_tau;     // > 0: write FLAGGED (-1) for a pair whose estimated error exceeds it
+    std::atomic<int>* error;  // set by a worker that failed (bad_alloc ...): 1
 };
 
 //: SiLU chain path (see silu_chain): used when T <= CHAIN_TMAX and both |z| <= CHAIN_ZMAX.
@@ -233,29 +238,48 @@ void gemm(const float* A, int T, int kp, int K, int np, const float* wpack, cons
     }
 }
 
-// Sum over G column blocks (8 outputs each, starting at column c0) of r2_k, constant-path rule
-// (SPEC §1): r2_k = cov_k^2 / (ss_k ll), clamped to [0, 1]; 1 when sqrt(ss_k / T) <= tol max_t |y_tk|.
-// With mid >= 0, row mid of y holds y_mid - bias and every other row t holds y_t - y_mid (see run_rows).
+// out[np] = m[:K] @ |W|^T for one row m: the packed panels of gemm, with the K loop split four ways so that
+// 4 x 2 accumulators hide the FMA latency (a one-row gemm waits ~4 cycles per k).
+void gemv_rows1(const float* m, int kp, int K, int np, const float* wpack, float* out) {
+    const float* B = wpack;
+    for (int c = 0; c < np; c += 16) {
+        const int nv = np - c >= 16 ? 2 : 1, w = 8 * nv;
+        __m256 acc[4][2];
+        for (int u = 0; u < 4; ++u) acc[u][0] = acc[u][1] = _mm256_setzero_ps();
+        int k = 0;
+        for (; k + 4 <= K; k += 4)
+            for (int u = 0; u < 4; ++u) {
+                __m256 a = _mm256_broadcast_ss(m + k + u);
+                for (int v = 0; v < nv; ++v)
+                    acc[u][v] = _mm256_fmadd_ps(a, _mm256_loadu_ps(B + (int64_t)(k + u) * w + 8 * v), acc[u][v]);
+            }
+        for (; k < K; ++k) {
+            __m256 a = _mm256_broadcast_ss(m + k);
+            for (int v = 0; v < nv; ++v) acc[0][v] = _mm256_fmadd_ps(a, _mm256_loadu_ps(B + (int64_t)k * w + 8 * v), acc[0][v]);
+        }
+        for (int v = 0; v < nv; ++v)
+            _mm256_storeu_ps(out + c + 8 * v, _mm256_add_ps(_mm256_add_ps(acc[0][v], acc[1][v]),
+                                                          _mm256_add_ps(acc[2][v], acc[3][v])));
+        B += (int64_t)kp * w;
+    }
+}
+
+// Statistics of G column blocks (8 outputs each, starting at column c0) of y[T, ld]: std_t(y_k) and
+// r2_k = cov_k^2 / (ss_k ll) clamped to [0, 1] (NaN -> 0), stored to st[k], rr[k]; with mid < 0 also
+// am[k] = max_t |y_tk| (the rounding scale of uncentred outputs). With mid >= 0 (centred last projection)
+// row mid of y is 0 and every other row t holds y_t - y_mid (the bias never enters).
 template <int G>
-inline __m256 r2_blocks(const float* y, int T, int ld, int c0, int O, const float* lam_c, float ll, float tol,
-                        int mid, const float* bias) {
+inline void r2_stats(const float* y, int T, int ld, int c0, const float* lam_c, float ll, int mid, float* st,
+                     float* rr, float* am) {
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     __m256 s[G], amax[G], ss[G], cov[G];
-    __m256 ym[G];  // offset added back for the constant-path rule's max_t |y_t|
-    for (int g = 0; g < G; ++g) {
-        s[g] = amax[g] = ss[g] = cov[g] = ym[g] = _mm256_setzero_ps();
-        if (mid >= 0)
-            ym[g] = _mm256_add_ps(_mm256_loadu_ps(y + mid * ld + c0 + 8 * g), _mm256_loadu_ps(bias + c0 + 8 * g));
-    }
+    for (int g = 0; g < G; ++g) s[g] = amax[g] = ss[g] = cov[g] = _mm256_setzero_ps();
     for (int t = 0; t < T; ++t) {
-        if (t == mid) {
-            for (int g = 0; g < G; ++g) amax[g] = _mm256_max_ps(amax[g], _mm256_and_ps(ym[g], absmask));
-            continue;
-        }
+        if (t == mid) continue;
         for (int g = 0; g < G; ++g) {
             __m256 v = _mm256_loadu_ps(y + t * ld + c0 + 8 * g);
             s[g] = _mm256_add_ps(s[g], v);
-            amax[g] = _mm256_max_ps(amax[g], _mm256_and_ps(_mm256_add_ps(v, ym[g]), absmask));
+            if (mid < 0) amax[g] = _mm256_max_ps(amax[g], _mm256_and_ps(v, absmask));
         }
     }
     const __m256 tv = _mm256_set1_ps((float)T);
@@ -270,33 +294,71 @@ inline __m256 r2_blocks(const float* y, int T, int ld, int c0, int O, const floa
             cov[g] = _mm256_fmadd_ps(c, l, cov[g]);
         }
     }
-    __m256 total = _mm256_setzero_ps();
-    const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
     for (int g = 0; g < G; ++g) {
-        __m256 std_t = _mm256_sqrt_ps(_mm256_div_ps(ss[g], tv));
-        __m256 is_const = _mm256_cmp_ps(std_t, _mm256_mul_ps(_mm256_set1_ps(tol), amax[g]), _CMP_LE_OQ);
         __m256 r2 = _mm256_div_ps(_mm256_mul_ps(cov[g], cov[g]), _mm256_mul_ps(ss[g], _mm256_set1_ps(ll)));
-        r2 = _mm256_min_ps(_mm256_max_ps(r2, _mm256_setzero_ps()), _mm256_set1_ps(1.0f));  // NaN -> 0
-        r2 = _mm256_blendv_ps(r2, _mm256_set1_ps(1.0f), is_const);
-        __m256 valid = _mm256_cmp_ps(_mm256_add_ps(lane, _mm256_set1_ps((float)(c0 + 8 * g))),
-                                     _mm256_set1_ps((float)O), _CMP_LT_OQ);
-        total = _mm256_add_ps(total, _mm256_and_ps(r2, valid));
+        _mm256_storeu_ps(rr + c0 + 8 * g, _mm256_min_ps(_mm256_max_ps(r2, zero), one));  // NaN -> 0
+        _mm256_storeu_ps(st + c0 + 8 * g, _mm256_sqrt_ps(_mm256_div_ps(ss[g], tv)));
+        if (mid < 0) _mm256_storeu_ps(am + c0 + 8 * g, amax[g]);
     }
-    return total;
 }
 
-// L_ij = mean over the first O columns of y[T, ld] of r2_k (ld a multiple of 8).
-float r2_mean(const float* y, int T, int ld, int O, const float* lam_c, float ll, float tol, int mid,
-              const float* bias) {
-    __m256 total = _mm256_setzero_ps();
-    int c = 0;
-    for (; c + 32 <= ld && c < O; c += 32)
-        total = _mm256_add_ps(total, r2_blocks<4>(y, T, ld, c, O, lam_c, ll, tol, mid, bias));
-    for (; c < O; c += 8) total = _mm256_add_ps(total, r2_blocks<1>(y, T, ld, c, O, lam_c, ll, tol, mid, bias));
-    alignas(32) float lanes[8];
+// Sum over the first O outputs of r2_k with the constant-path rule (SPEC §1): 1 when std_k <= tol scale_k,
+// scale_k = f sc[k] (or min(f sc[k], f2 sc2[k]) when sc2 is given) the rounding scale of output k (centred:
+// sum_h |W_kh| m_h, or a bound on it; otherwise max_t |y_tk|). est: sum of min(1, 2 sqrt(r2 (1 - r2)) kappa + kappa^2), kappa = eps scale / std;
+// any_const: the rule fired on some output. A larger scale gives a larger est and fires the rule more.
+inline double r2_finish(const float* st, const float* rr, const float* sc, float f, const float* sc2, float f2,
+                        int O, float tol, float eps, double& est_sum, bool& any_const) {
+    const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps(), vf = _mm256_set1_ps(f), vf2 = _mm256_set1_ps(f2);
+    __m256 total = zero, est = zero, cmask = zero;
+    for (int c = 0; c < O; c += 8) {
+        __m256 std_t = _mm256_loadu_ps(st + c), r2 = _mm256_loadu_ps(rr + c);
+        __m256 scale = _mm256_mul_ps(vf, _mm256_loadu_ps(sc + c));
+        if (sc2 != nullptr) scale = _mm256_min_ps(scale, _mm256_mul_ps(vf2, _mm256_loadu_ps(sc2 + c)));
+        __m256 valid = _mm256_cmp_ps(_mm256_add_ps(lane, _mm256_set1_ps((float)c)), _mm256_set1_ps((float)O), _CMP_LT_OQ);
+        __m256 is_const = _mm256_and_ps(_mm256_cmp_ps(std_t, _mm256_mul_ps(_mm256_set1_ps(tol), scale), _CMP_LE_OQ), valid);
+        // error estimate (before the constant rule): kappa = eps scale / std; std == 0 < scale -> inf -> 1
+        __m256 kap = _mm256_div_ps(_mm256_mul_ps(_mm256_set1_ps(eps), scale), std_t);
+        kap = _mm256_and_ps(kap, _mm256_cmp_ps(scale, zero, _CMP_GT_OQ));  // scale 0: exact, 0
+        // r2 (1 - r2) floored at kappa: the computed r2 is itself off by ~kappa
+        __m256 q = _mm256_sqrt_ps(_mm256_max_ps(_mm256_mul_ps(r2, _mm256_sub_ps(one, r2)), kap));
+        __m256 e = _mm256_fmadd_ps(kap, kap, _mm256_mul_ps(_mm256_add_ps(kap, kap), q));
+        e = _mm256_min_ps(e, one);  // NaN (0/0 handled above) -> 1 via min's second operand
+        est = _mm256_add_ps(est, _mm256_and_ps(e, valid));
+        cmask = _mm256_or_ps(cmask, is_const);
+        r2 = _mm256_blendv_ps(r2, one, is_const);
+        total = _mm256_add_ps(total, _mm256_and_ps(r2, valid));
+    }
+    alignas(32) float lanes[8], elanes[8];
     _mm256_store_ps(lanes, total);
-    double sum = 0.0;
-    for (float v : lanes) sum += v;
+    _mm256_store_ps(elanes, est);
+    double sum = 0.0, esum = 0.0;
+    for (int k = 0; k < 8; ++k) {
+        sum += lanes[k];
+        esum += elanes[k];
+    }
+    est_sum = esum;
+    any_const = _mm256_movemask_ps(cmask) != 0;
+    return sum;
+}
+
+// Column statistics of y[T, ld] for the first O outputs (ld a multiple of 8) into st / rr / am.
+void r2_stats_all(const float* y, int T, int ld, int O, const float* lam_c, float ll, int mid, float* st, float* rr,
+                  float* am) {
+    int c = 0;
+    for (; c + 32 <= ld && c < O; c += 32) r2_stats<4>(y, T, ld, c, lam_c, ll, mid, st, rr, am);
+    for (; c < O; c += 8) r2_stats<1>(y, T, ld, c, lam_c, ll, mid, st, rr, am);
+}
+
+// L_ij from the statistics: mean r2 with the constant rule; FLAGGED (-1) when flag_tau > 0 and the mean error
+// estimate exceeds it (a NaN estimate too).
+inline float r2_value(const float* st, const float* rr, const float* sc, float f, int O, float tol, float eps,
+                      float flag_tau) {
+    double esum;
+    bool any_const;
+    const double sum = r2_finish(st, rr, sc, f, nullptr, 0.0f, O, tol, eps, esum, any_const);
+    if (flag_tau > 0.0f && !(esum / O <= flag_tau)) return -1.0f;
     return (float)(sum / O);
 }
 
@@ -367,11 +429,16 @@ void run_rows(const Problem& p, std::atomic<int64_t>* next_row) {
     for (int s = 0; s < S; ++s) width = std::max(width, p.np[s]);
     std::vector<float> buf_a((size_t)T * width + 8), buf_b((size_t)T * width + 8), d(kp0);
     std::vector<float> zero_bias(width, 0.0f), scratch(2 * (size_t)kp0);
+    std::vector<float> mvec(width + 8, 0.0f), scvec(width + 8, 0.0f);
+    std::vector<float> st(width + 8, 0.0f), rr(width + 8, 0.0f), am(width + 8, 0.0f);  // per-output statistics
+    float mmax_s = 0.0f, m2_s = 0.0f;  // max_h m_h and sum_h m_h^2 of the last pair (centred path)
+    const int wn2_off = p.np[S - 1] + 8;  // wnorm holds sum_h |W_kh| then sqrt(sum_h W_kh^2)
     // Offset-free last projection (no trailing activation): rows t != mid of its input become
     // a_t - a_mid and the bias is left out, so y_t - y_mid comes out of the GEMM without the
     // cancellation of a large common offset (fp32 accuracy when std_t(y) << |y|).
     const bool centred = p.act_off[S + 1] == p.act_off[S];
     const int mid = centred ? 0 : -1;  // reference row
+    const bool silu1 = p.act_off[1] - p.act_off[0] == 1 && p.act_code[p.act_off[0]] == ACT_SILU;
     const float tol = p.const_rtol * p.eps;
     for (;;) {
         int64_t i = next_row->fetch_add(1);
@@ -415,6 +482,77 @@ void run_rows(const Problem& p, std::atomic<int64_t>* next_row) {
                 if (s == S - 1 && centred) {
                     const int kp = p.kp[s];
                     const float* xm = x + mid * kp;
+                    // m_h: rounding scale of input h of the last Linear, max_t |a_th| (|a_0| + max |a_t - a_0|
+                    // when the rows already hold differences), times (1 + max(|z_i|, |z_j|)) for a single
+                    // stage (the input's rounding amplified by x act'(x), see torch_backend._rounding_scale)
+                    // or 2 for deeper tails. The scale of output k is sum_h |W_kh| m_h (computed below only
+                    // when the bound max_h m_h sum_h |W_kh| does not already clear the pair).
+                    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+                    const __m256 zero8 = _mm256_setzero_ps();
+                    __m256 mmax = zero8, m2 = zero8;
+                    for (int q = 0; q < kp; q += 8) {
+                        __m256 vzi = _mm256_loadu_ps(zi + q), vzj = _mm256_loadu_ps(zj + q);
+                        __m256 m;
+                        if (pre_centred) {
+                            // SiLU chain, one stage: max_t |a_t - a_0| over the sampled path is at most its
+                            // max over the segment, at its far end or at SiLU's minimum (x = -1.2785,
+                            // silu = -0.2785) when the segment crosses it; no pass over the T rows.
+                            __m256 a0 = _mm256_loadu_ps(p.sz + i * kp0 + q), aj = _mm256_loadu_ps(p.sz + j * kp0 + q);
+                            const __m256 xstar = _mm256_set1_ps(-1.2784645f);
+                            __m256 cross = _mm256_and_ps(_mm256_cmp_ps(_mm256_min_ps(vzi, vzj), xstar, _CMP_LT_OQ),
+                                                         _mm256_cmp_ps(xstar, _mm256_max_ps(vzi, vzj), _CMP_LT_OQ));
+                            __m256 dmin = _mm256_and_ps(_mm256_sub_ps(_mm256_set1_ps(-0.2784646f), a0), absmask);
+                            __m256 dev = _mm256_max_ps(_mm256_and_ps(_mm256_sub_ps(aj, a0), absmask),
+                                                       _mm256_and_ps(dmin, cross));
+                            m = _mm256_add_ps(dev, _mm256_and_ps(a0, absmask));
+                        } else {
+                            m = _mm256_setzero_ps();
+                            for (int t = 0; t < T; ++t) {
+                                if (t == mid) continue;
+                                m = _mm256_max_ps(m, _mm256_and_ps(_mm256_loadu_ps(x + t * kp + q), absmask));
+                            }
+                            m = _mm256_max_ps(m, _mm256_and_ps(_mm256_loadu_ps(xm + q), absmask));
+                        }
+                        __m256 mv;
+                        if (S == 1 && silu1) {
+                            // SiLU: |x silu'(x)| <= 1.1 |x| <= 2.2 |a| for x >= 0; for x < 0 it is at most
+                            // g(x) = |silu(x)| (1 + |x|), unimodal with its peak (0.72) at x = -1.85, so its max
+                            // over the path's negative part is g at the point xn of [lo, min(hi, 0)] nearest
+                            // -1.85: an end of the path (silu(z) precomputed in sz) or -1.85 itself, no exp.
+                            __m256 lo = _mm256_min_ps(vzi, vzj), hi = _mm256_min_ps(_mm256_max_ps(vzi, vzj), zero8);
+                            __m256 xn = _mm256_min_ps(_mm256_max_ps(_mm256_set1_ps(-1.85f), lo), hi);
+                            __m256 sx;  // |silu(xn)|
+                            if (p.sz != nullptr) {
+                                __m256 si = _mm256_loadu_ps(p.sz + i * kp0 + q), sj = _mm256_loadu_ps(p.sz + j * kp0 + q);
+                                __m256 i_lo = _mm256_cmp_ps(vzi, vzj, _CMP_LE_OQ);
+                                __m256 s_lo = _mm256_blendv_ps(sj, si, i_lo), s_hi = _mm256_blendv_ps(si, sj, i_lo);
+                                sx = _mm256_blendv_ps(_mm256_set1_ps(-0.25136486f), s_lo,
+                                                      _mm256_cmp_ps(xn, lo, _CMP_EQ_OQ));   // xn = lo
+                                sx = _mm256_blendv_ps(sx, s_hi, _mm256_and_ps(_mm256_cmp_ps(xn, hi, _CMP_EQ_OQ),
+                                                                              _mm256_cmp_ps(xn, lo, _CMP_NEQ_OQ)));  // xn = hi < -1.85
+                                sx = _mm256_and_ps(sx, absmask);
+                            } else {
+                                sx = _mm256_and_ps(_mm256_mul_ps(xn, sigmoid256(xn)), absmask);
+                            }
+                            __m256 g = _mm256_mul_ps(sx, _mm256_add_ps(_mm256_set1_ps(1.0f), _mm256_and_ps(xn, absmask)));
+                            g = _mm256_and_ps(g, _mm256_cmp_ps(lo, zero8, _CMP_LT_OQ));
+                            mv = _mm256_fmadd_ps(m, _mm256_set1_ps(2.2f), g);
+                        } else {
+                            __m256 f = _mm256_set1_ps(2.0f);
+                            if (S == 1)
+                                f = _mm256_add_ps(_mm256_set1_ps(1.0f), _mm256_max_ps(_mm256_and_ps(vzi, absmask),
+                                                                                    _mm256_and_ps(vzj, absmask)));
+                            mv = _mm256_mul_ps(m, f);
+                        }
+                        _mm256_storeu_ps(&mvec[q], mv);
+                        mmax = _mm256_max_ps(mmax, mv);
+                        m2 = _mm256_fmadd_ps(mv, mv, m2);
+                    }
+                    alignas(32) float lanes[8], l2[8];
+                    _mm256_store_ps(lanes, mmax);
+                    _mm256_store_ps(l2, m2);
+                    mmax_s = *std::max_element(lanes, lanes + 8);
+                    m2_s = ((l2[0] + l2[1]) + (l2[2] + l2[3])) + ((l2[4] + l2[5]) + (l2[6] + l2[7]));
                     for (int t = 0; t < T && !pre_centred; ++t) {
                         if (t == mid) continue;
                         for (int q = 0; q < kp; q += 8)
@@ -429,9 +567,313 @@ void run_rows(const Problem& p, std::atomic<int64_t>* next_row) {
             }
             apply_acts(x, (int64_t)T * p.np[S - 1], p.act_code + p.act_off[S], p.act_slope + p.act_off[S],
                        p.act_off[S + 1] - p.act_off[S]);
-            float v = r2_mean(x, T, p.np[S - 1], p.out_dim, p.lam_c, p.ll, tol, mid, p.bias[S - 1]);
+            r2_stats_all(x, T, p.np[S - 1], p.out_dim, p.lam_c, p.ll, mid, st.data(), rr.data(), am.data());
+            float v;
+            if (centred) {
+                // First with the bound scale_k <= min(max_h m_h sum_h |W_kh|, |m|_2 |W_k|_2) (wnorm: both norms of
+                // the rows of W; Cauchy-Schwarz; 1e-4 covers the rounding of both sides): a larger scale only raises the estimate and fires the constant rule more, so a pair it
+                // clears (no constant output, estimate <= flag_tau) has the same L_ij with the exact scale.
+                double esum;
+                bool any_const;
+                const double sum = r2_finish(st.data(), rr.data(), p.wnorm, mmax_s * 1.0001f, p.wnorm + wn2_off,
+                                             std::sqrt(m2_s) * 1.0001f, p.out_dim, tol, p.eps, esum, any_const);
+                if (!any_const && (p.flag_tau <= 0.0f || esum / p.out_dim <= p.flag_tau)) {
+                    v = (float)(sum / p.out_dim);
+                } else {
+                    gemv_rows1(mvec.data(), p.kp[S - 1], p.kin[S - 1], p.np[S - 1], p.wabs, scvec.data());
+                    v = r2_value(st.data(), rr.data(), scvec.data(), 1.0f, p.out_dim, tol, p.eps, p.flag_tau);
+                }
+            } else {
+                v = r2_value(st.data(), rr.data(), am.data(), 1.0f, p.out_dim, tol, p.eps, p.flag_tau);
+            }
             p.L[i * p.n + j] = v;  // lower triangle mirrored after the join (no false sharing)
         }
+    }
+}
+
+// A worker never lets an exception escape a std::thread (that is std::terminate, i.e. SIGABRT): it
+// records the failure and stops taking rows; the others stop at their next row.
+void run_rows_safe(const Problem& p, std::atomic<int64_t>* next_row) {
+    try {
+        run_rows(p, next_row);
+    } catch (...) {
+        p.error->store(1);
+        next_row->store(p.n);  // no more rows for anyone
+    }
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// fp64 recompute of a list of pairs (core recomputes the pairs the fp32 kernel flagged). The same
+// algebra as torch_backend._pairs_values in float64, one pair at a time, pairs shared between threads
+// in small blocks: one call, no per-op dispatch (the torch path cost ~140 us/pair on a loaded 2-core box).
+
+struct Pairs64 {
+    int64_t n_pairs;
+    const int64_t* pi;
+    const int64_t* pj;
+    int T;
+    int n_stages;
+    const int* kin;             // [S] input width of stage s
+    const int* nout;            // [S] output width of stage s
+    const double* const* wt;    // [S] W_s^T, row-major [kin, nout]
+    const double* const* bias;  // [S] [nout] or nullptr
+    const int* act_off;         // as in Problem
+    const int* act_code;
+    const double* act_slope;    // leaky_relu slopes in float64 (0.01 is not a float32 number)
+    int width;                  // max(kin[0], nout[s])
+    const double* z;            // [n, kin[0]] absorbed, in float64
+    const double* lam;          // [T]
+    const double* lam_c;        // [T]
+    double ll;                  // sum lam_c^2
+    double eps;                 // float64 epsilon (constant-path rule)
+    double const_rtol;
+    double* out;                // [n_pairs]
+};
+
+inline double sigmoid64(double x) {  // through e^{-|x|}: no overflow, relative accuracy for both signs
+    if (x >= 0.0) return 1.0 / (1.0 + std::exp(-x));
+    const double e = std::exp(x);
+    return e / (1.0 + e);
+}
+
+inline double act64(double x, int code, double slope) {
+    switch (code) {
+        case ACT_SILU: return x * sigmoid64(x);
+        case ACT_RELU: return x > 0.0 ? x : 0.0;
+        case ACT_SIGMOID: return sigmoid64(x);
+        case ACT_TANH: return std::tanh(x);
+        case ACT_LEAKY_RELU: return x >= 0.0 ? x : slope * x;
+        case ACT_GELU_TANH: return x * sigmoid64(2.0 * 0.7978845608028654 * (x + 0.044715 * x * x * x));
+        case ACT_GELU: return 0.5 * x * std::erfc(-x * 0.7071067811865476);
+        default: return x;
+    }
+}
+
+// act(x) - c, c the constant a saturating activation reaches on ref's side (_tail.torch_offset_free)
+inline double offset_free64(int code, double x, double ref) {
+    if (code == ACT_SIGMOID) return ref > 0.0 ? -sigmoid64(-x) : sigmoid64(x);
+    if (ref > 0.0) return -2.0 * sigmoid64(-2.0 * x);  // tanh
+    if (ref < 0.0) return 2.0 * sigmoid64(2.0 * x);
+    return std::tanh(x);
+}
+
+// exp(x) in float64 (AVX2), x clamped to [-708, 709]: 2^n exp(r), n = round(x / ln2), r = x - n ln2 with ln2
+// split in two (Cephes C1 + C2; n C1 is exact), |r| <= ln2 / 2; exp(r) by its Taylor series to degree 13
+// (truncation < 1e-17 relative), so about 1 ulp like std::exp; 2^n built in the exponent bits.
+inline __m256d exp256d(__m256d x) {
+    x = _mm256_max_pd(_mm256_min_pd(x, _mm256_set1_pd(709.0)), _mm256_set1_pd(-708.0));
+    const __m256d n = _mm256_round_pd(_mm256_mul_pd(x, _mm256_set1_pd(1.4426950408889634)),
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256d r = _mm256_fnmadd_pd(n, _mm256_set1_pd(6.93145751953125e-1), x);
+    r = _mm256_fnmadd_pd(n, _mm256_set1_pd(1.42860682030941723212e-6), r);
+    static constexpr double inv_fact[14] = {1.0, 1.0, 1.0 / 2, 1.0 / 6, 1.0 / 24, 1.0 / 120, 1.0 / 720, 1.0 / 5040,
+                                            1.0 / 40320, 1.0 / 362880, 1.0 / 3628800, 1.0 / 39916800,
+                                            1.0 / 479001600, 1.0 / 6227020800.0};
+    __m256d p = _mm256_set1_pd(inv_fact[13]);
+    for (int k = 12; k >= 0; --k) p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(inv_fact[k]));
+    const __m256i e = _mm256_slli_epi64(
+        _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_cvtpd_epi32(n)), _mm256_set1_epi64x(1023)), 52);
+    return _mm256_mul_pd(p, _mm256_castsi256_pd(e));
+}
+
+// x sigmoid(x) through e^{-|x|} (sigmoid64, 4 lanes)
+inline __m256d silu256d(__m256d x) {
+    const __m256d one = _mm256_set1_pd(1.0);
+    const __m256d ax = _mm256_andnot_pd(_mm256_set1_pd(-0.0), x);
+    const __m256d e = exp256d(_mm256_sub_pd(_mm256_setzero_pd(), ax));
+    const __m256d num = _mm256_blendv_pd(e, one, _mm256_cmp_pd(x, _mm256_setzero_pd(), _CMP_GE_OQ));
+    return _mm256_mul_pd(x, _mm256_div_pd(num, _mm256_add_pd(one, e)));
+}
+
+inline bool smooth64(int code) {
+    return code == ACT_SILU || code == ACT_SIGMOID || code == ACT_TANH || code == ACT_GELU || code == ACT_GELU_TANH;
+}
+
+// y[R rows, 4 NV columns from o] = (bias or 0) + x[R, K] @ wt[K, o:o + 4 NV] (rows of x: stride K, of wt and y:
+// stride N); the last vector of a row is masked to `mask` when the row ends inside it. Accumulators in registers.
+template <int R, int NV>
+inline void micro64(const double* x, int K, int N, const double* wt, const double* bias, double* y, int o,
+                    __m256i mask) {
+    __m256d acc[R][NV];
+    for (int v = 0; v < NV; ++v) {
+        __m256d b = bias ? (v == NV - 1 ? _mm256_maskload_pd(bias + o + 4 * v, mask) : _mm256_loadu_pd(bias + o + 4 * v))
+                         : _mm256_setzero_pd();
+        for (int r = 0; r < R; ++r) acc[r][v] = b;
+    }
+    for (int k = 0; k < K; ++k) {
+        __m256d b[NV];
+        const double* w = wt + (int64_t)k * N + o;
+        for (int v = 0; v < NV; ++v) b[v] = v == NV - 1 ? _mm256_maskload_pd(w + 4 * v, mask) : _mm256_loadu_pd(w + 4 * v);
+        for (int r = 0; r < R; ++r) {
+            __m256d a = _mm256_broadcast_sd(x + (int64_t)r * K + k);
+            for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_pd(a, b[v], acc[r][v]);
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int v = 0; v < NV; ++v) {
+            double* dst = y + (int64_t)r * N + o + 4 * v;
+            if (v == NV - 1) _mm256_maskstore_pd(dst, mask, acc[r][v]);
+            else _mm256_storeu_pd(dst, acc[r][v]);
+        }
+}
+
+template <int NV>
+inline void micro64_rows(int R, const double* x, int K, int N, const double* wt, const double* bias, double* y, int o,
+                         __m256i mask) {
+    switch (R) {
+        case 4: micro64<4, NV>(x, K, N, wt, bias, y, o, mask); break;
+        case 3: micro64<3, NV>(x, K, N, wt, bias, y, o, mask); break;
+        case 2: micro64<2, NV>(x, K, N, wt, bias, y, o, mask); break;
+        case 1: micro64<1, NV>(x, K, N, wt, bias, y, o, mask); break;
+        default: break;
+    }
+}
+
+// y[T, N] = (bias or 0) + x[T, K] @ wt[K, N] in float64 (AVX2: 4 rows x 8 columns of accumulators)
+void gemm64(const double* x, int T, int K, int N, const double* wt, const double* bias, double* y) {
+    const __m256i all = _mm256_set1_epi64x(-1);
+    for (int t0 = 0; t0 < T; t0 += 4) {
+        const int R = std::min(4, T - t0);
+        const double* xr = x + (int64_t)t0 * K;
+        double* yr = y + (int64_t)t0 * N;
+        int o = 0;
+        for (; o + 8 <= N; o += 8) micro64_rows<2>(R, xr, K, N, wt, bias, yr, o, all);
+        for (; o < N; o += 4) {
+            const int rem = std::min(4, N - o);
+            const __m256i mask = _mm256_setr_epi64x(-1, rem > 1 ? -1 : 0, rem > 2 ? -1 : 0, rem > 3 ? -1 : 0);
+            micro64_rows<1>(R, xr, K, N, wt, bias, yr, o, mask);
+        }
+    }
+}
+
+// mean over outputs of r2 of paths yc[T, O] (centred again here), constant-path rule on scale[O]
+double r2_mean64(double* yc, int T, int O, const double* scale, const double* lam_c, double ll, double tol) {
+    double total = 0.0;
+    for (int k = 0; k < O; ++k) {
+        double s = 0.0;
+        for (int t = 0; t < T; ++t) s += yc[t * O + k];
+        const double mean = s / T;
+        double ss = 0.0, cov = 0.0;
+        for (int t = 0; t < T; ++t) {
+            const double c = yc[t * O + k] - mean;
+            ss += c * c;
+            cov += c * lam_c[t];
+        }
+        double r2 = cov * cov / (ss * ll);
+        r2 = r2 > 1.0 ? 1.0 : (r2 >= 0.0 ? r2 : 0.0);
+        if (std::sqrt(ss / T) <= tol * scale[k]) r2 = 1.0;
+        total += r2;
+    }
+    return total / O;
+}
+
+void pairs64_block(const Pairs64& p, int64_t p0, int64_t p1, std::vector<double>& xa, std::vector<double>& xb,
+                   std::vector<double>& av, std::vector<double>& mv, std::vector<double>& sc) {
+    const int T = p.T, S = p.n_stages, k0 = p.kin[0];
+    const bool centred = p.act_off[S + 1] == p.act_off[S];
+    const double tol = p.const_rtol * p.eps;
+    for (int64_t q = p0; q < p1; ++q) {
+        const double* zi = p.z + p.pi[q] * k0;
+        const double* zj = p.z + p.pj[q] * k0;
+        double* x = xa.data();
+        double* y = xb.data();
+        for (int t = 0; t < T; ++t)
+            for (int h = 0; h < k0; ++h) x[t * k0 + h] = zi[h] + p.lam[t] * (zj[h] - zi[h]);
+        int width = k0;
+        double value = 0.0;
+        bool done = false;
+        for (int s = 0; s < S && !done; ++s) {
+            const int* codes = p.act_code + p.act_off[s];
+            const double* slopes = p.act_slope + p.act_off[s];
+            const int na = p.act_off[s + 1] - p.act_off[s];
+            const int K = p.kin[s], N = p.nout[s];
+            if (s == S - 1 && centred) {
+                const int last = na > 0 ? codes[na - 1] : ACT_IDENTITY;
+                const bool smooth = smooth64(last);
+                const bool sat = last == ACT_SIGMOID || last == ACT_TANH;
+                for (int a = 0; a < (smooth ? na - 1 : na); ++a)
+                    for (int64_t e = 0; e < (int64_t)T * K; ++e) x[e] = act64(x[e], codes[a], slopes[a]);
+                double* a = av.data();
+                for (int h = 0; h < K; ++h) mv[h] = 0.0;
+                const bool silu_last = last == ACT_SILU;  // the common case, 4 lanes at a time
+                const __m256d one = _mm256_set1_pd(1.0), absm = _mm256_set1_pd(-0.0);
+                for (int t = 0; t < T; ++t)
+                    for (int h = 0; h < K; ++h) {
+                        if (silu_last && h + 4 <= K) {
+                            const __m256d xv = _mm256_loadu_pd(x + t * K + h);
+                            const __m256d v = silu256d(xv);
+                            _mm256_storeu_pd(a + t * K + h, v);
+                            const __m256d w = _mm256_mul_pd(_mm256_andnot_pd(absm, v),
+                                                            _mm256_add_pd(one, _mm256_andnot_pd(absm, xv)));
+                            _mm256_storeu_pd(&mv[h], _mm256_max_pd(_mm256_loadu_pd(&mv[h]), w));
+                            h += 3;
+                            continue;
+                        }
+                        const double xv = x[t * K + h];
+                        double v = xv, g = 0.0;
+                        if (sat) v = offset_free64(last, xv, x[h]);
+                        else if (smooth) v = act64(xv, last, slopes[na - 1]);
+                        if (smooth) g = (last == ACT_GELU && xv < 0.0) ? xv * xv : std::fabs(xv);
+                        a[t * K + h] = v;
+                        mv[h] = std::max(mv[h], std::fabs(v) * (1.0 + g));
+                    }
+                double* mean = sc.data();  // a - mean_t a (row by row: the same sums, vectorised over h)
+                for (int h = 0; h < K; ++h) mean[h] = 0.0;
+                for (int t = 0; t < T; ++t)
+                    for (int h = 0; h < K; ++h) mean[h] += a[t * K + h];
+                for (int h = 0; h < K; ++h) mean[h] /= T;
+                for (int t = 0; t < T; ++t)
+                    for (int h = 0; h < K; ++h) a[t * K + h] -= mean[h];
+                gemm64(a, T, K, N, p.wt[s], nullptr, y);
+                for (int o = 0; o < N; ++o) sc[o] = 0.0;
+                for (int h = 0; h < K; ++h)
+                    for (int o = 0; o < N; ++o) sc[o] += mv[h] * std::fabs(p.wt[s][(int64_t)h * N + o]);
+                value = r2_mean64(y, T, N, sc.data(), p.lam_c, p.ll, tol);
+                done = true;
+                break;
+            }
+            for (int a = 0; a < na; ++a)
+                for (int64_t e = 0; e < (int64_t)T * K; ++e) x[e] = act64(x[e], codes[a], slopes[a]);
+            gemm64(x, T, K, N, p.wt[s], p.bias[s], y);
+            std::swap(x, y);
+            width = N;
+        }
+        if (!done) {  // trailing activations: r2 of the literal paths, scale max_t |y|
+            const int* codes = p.act_code + p.act_off[S];
+            const double* slopes = p.act_slope + p.act_off[S];
+            const int na = p.act_off[S + 1] - p.act_off[S];
+            for (int a = 0; a < na; ++a)
+                for (int64_t e = 0; e < (int64_t)T * width; ++e) x[e] = act64(x[e], codes[a], slopes[a]);
+            for (int o = 0; o < width; ++o) {
+                double m = 0.0, s = 0.0;
+                for (int t = 0; t < T; ++t) {
+                    m = std::max(m, std::fabs(x[t * width + o]));
+                    s += x[t * width + o];
+                }
+                sc[o] = m;
+                s /= T;
+                for (int t = 0; t < T; ++t) x[t * width + o] -= s;
+            }
+            value = r2_mean64(x, T, width, sc.data(), p.lam_c, p.ll, tol);
+        }
+        p.out[q] = value;
+    }
+}
+
+void pairs64_worker(const Pairs64& p, std::atomic<int64_t>* next, std::atomic<int>* error) {
+    try {
+        std::vector<double> xa((size_t)p.T * p.width), xb((size_t)p.T * p.width), av((size_t)p.T * p.width);
+        std::vector<double> mv(p.width), sc(p.width);
+        constexpr int64_t BLOCK = 8;
+        for (;;) {
+            const int64_t p0 = next->fetch_add(BLOCK);
+            if (p0 >= p.n_pairs) break;
+            pairs64_block(p, p0, std::min(p.n_pairs, p0 + BLOCK), xa, xb, av, mv, sc);
+        }
+    } catch (...) {
+        error->store(1);
+        next->store(p.n_pairs);
     }
 }
 
@@ -443,34 +885,81 @@ extern "C" int gm_connectivity_mlp(
     int64_t n, int T, int n_stages, const int* kp, const int* kin, const int* np, const float* const* wpack,
     const float* const* bias, const int* act_off, const int* act_code, const float* act_slope, int out_dim,
     const float* z, const float* lam, const float* lam_c, float ll, float eps, float const_rtol, float* L,
-    int n_threads) {
-    Problem p{n, T, n_stages, kp, kin, np, wpack, bias, act_off, act_code, act_slope, out_dim,
-              z, lam, lam_c, ll, eps, const_rtol, L, nullptr, nullptr, nullptr};
-    std::vector<float> ez, sz;
-    std::vector<uint8_t> ez_ok;
-    if (T <= CHAIN_TMAX && act_off[1] - act_off[0] == 1 && act_code[act_off[0]] == ACT_SILU) {
-        ez.resize((size_t)n * kp[0]);
-        sz.resize((size_t)n * kp[0]);
-        ez_ok.resize((size_t)n);
-        precompute_exp(z, n, kp[0], ez.data(), sz.data(), ez_ok.data());
-        p.ez = ez.data();
-        p.sz = sz.data();
-        p.ez_ok = ez_ok.data();
-    }
-    for (int64_t i = 0; i < n; ++i) L[i * n + i] = 1.0f;
-    std::atomic<int64_t> next_row{0};
-    n_threads = (int)std::max<int64_t>(1, std::min<int64_t>(n_threads, n - 1));
-    std::vector<std::thread> pool;
-    for (int w = 1; w < n_threads; ++w) {
-        try {
-            pool.emplace_back(run_rows, std::cref(p), &next_row);
-        } catch (...) {  // no more threads: the ones running share the rows
-            break;
+    int n_threads, const float* wabs, const float* wnorm, float flag_tau) {
+    // Returns 0 on success, 2 when memory ran out, 3 on any other C++ exception (never throws across the C ABI).
+    std::atomic<int> error{0};
+    try {
+        Problem p{n, T, n_stages, kp, kin, np, wpack, bias, act_off, act_code, act_slope, out_dim,
+                  z, lam, lam_c, ll, eps, const_rtol, L, nullptr, nullptr, nullptr, wabs, wnorm, flag_tau, &error};
+        std::vector<float> ez, sz;
+        std::vector<uint8_t> ez_ok;
+        if (T <= CHAIN_TMAX && act_off[1] - act_off[0] == 1 && act_code[act_off[0]] == ACT_SILU) {
+            ez.resize((size_t)n * kp[0]);
+            sz.resize((size_t)n * kp[0]);
+            ez_ok.resize((size_t)n);
+            precompute_exp(z, n, kp[0], ez.data(), sz.data(), ez_ok.data());
+            p.ez = ez.data();
+            p.sz = sz.data();
+            p.ez_ok = ez_ok.data();
         }
+        for (int64_t i = 0; i < n; ++i) L[i * n + i] = 1.0f;
+        std::atomic<int64_t> next_row{0};
+        n_threads = (int)std::max<int64_t>(1, std::min<int64_t>(n_threads, n - 1));
+        std::vector<std::thread> pool;
+        for (int w = 1; w < n_threads; ++w) {
+            try {
+                pool.emplace_back(run_rows_safe, std::cref(p), &next_row);
+            } catch (...) {  // no more threads: the ones running share the rows
+                break;
+            }
+        }
+        run_rows_safe(p, &next_row);
+        for (auto& th : pool) th.join();
+        if (error.load()) return 2;
+        for (int64_t i = 0; i < n; ++i)
+            for (int64_t j = i + 1; j < n; ++j) L[j * n + i] = L[i * n + j];
+        return 0;
+    } catch (const std::bad_alloc&) {
+        return 2;
+    } catch (...) {
+        return 3;
     }
-    run_rows(p, &next_row);
-    for (auto& th : pool) th.join();
-    for (int64_t i = 0; i < n; ++i)
-        for (int64_t j = i + 1; j < n; ++j) L[j * n + i] = L[i * n + j];
+}
+
+extern "C" int gm_pairs_f64(
+    int64_t n_pairs, const int64_t* pi, const int64_t* pj, int T, int n_stages, const int* kin, const int* nout,
+    const double* const* wt, const double* const* bias, const int* act_off, const int* act_code,
+    const double* act_slope, const double* z, const double* lam, const double* lam_c, double ll, double eps,
+    double const_rtol, double* out, int n_threads) {
+    // L_ij in float64 of the listed pairs; 0 on success, 2 out of memory, 3 any other failure.
+    std::atomic<int> error{0};
+    try {
+        int width = kin[0];
+        for (int s = 0; s < n_stages; ++s) width = std::max(width, std::max(kin[s], nout[s]));
+        Pairs64 p{n_pairs, pi, pj, T, n_stages, kin, nout, wt, bias, act_off, act_code, act_slope, width,
+                  z, lam, lam_c, ll, eps, const_rtol, out};
+        std::atomic<int64_t> next{0};
+        n_threads = (int)std::max<int64_t>(1, std::min<int64_t>(n_threads, (n_pairs + 7) / 8));
+        std::vector<std::thread> pool;
+        for (int w = 1; w < n_threads; ++w) {
+            try {
+                pool.emplace_back(pairs64_worker, std::cref(p), &next, &error);
+            } catch (...) {
+                break;
+            }
+        }
+        pairs64_worker(p, &next, &error);
+        for (auto& th : pool) th.join();
+        return error.load() ? 2 : 0;
+    } catch (const std::bad_alloc&) {
+        return 2;
+    } catch (...) {
+        return 3;
+    }
+}
+
+extern "C" int gm_affine_f64(int64_t n, int K, int N, const double* x, const double* wt, const double* bias, double* y) {
+    // y[n, N] = x[n, K] @ wt[K, N] + bias in float64, one thread (the absorb of core's fp64 recompute).
+    gemm64(x, (int)n, K, N, wt, bias, y);
     return 0;
 }

@@ -25,9 +25,10 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from grokfast_metrics._policy import CONST_RTOL, check_n_lambda, lambdas
+from grokfast_metrics._policy import CONST_RTOL, FLAG_KAPPA, check_fits, check_n_lambda, lambdas
 from grokfast_metrics._tail import ACT_CODES, MLPTail
 
 _SOURCE = Path(__file__).with_name("connectivity_cpu.cpp")
@@ -102,7 +103,12 @@ def _build() -> ctypes.CDLL:
         raise RuntimeError("the CPU lacks AVX2/FMA")
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     lib.gm_connectivity_mlp.restype = ctypes.c_int
-    lib.gm_connectivity_mlp.argtypes = [i64, i32, i32, p, p, p, p, p, p, p, p, i32, p, p, p, f32, f32, f32, p, i32]
+    lib.gm_connectivity_mlp.argtypes = [i64, i32, i32, p, p, p, p, p, p, p, p, i32, p, p, p, f32, f32, f32, p, i32, p, p, f32]
+    f64 = ctypes.c_double
+    lib.gm_pairs_f64.restype = ctypes.c_int
+    lib.gm_pairs_f64.argtypes = [i64, p, p, i32, i32, p, p, p, p, p, p, p, p, p, p, f64, f64, f64, p, i32]
+    lib.gm_affine_f64.restype = ctypes.c_int
+    lib.gm_affine_f64.argtypes = [i64, i32, i32, p, p, p, p]
     _state["path"] = str(lib_path)
     return lib
 
@@ -178,7 +184,8 @@ def _pack(weight: torch.Tensor, kp: int, np_: int) -> torch.Tensor:
     return torch.cat([wt[:, c : c + 16].contiguous().flatten() for c in range(0, np_, 16)])
 
 
-def connectivity_cpu(z: torch.Tensor, spec: MLPTail, n_lambda: int, num_threads: int | None = None) -> torch.Tensor:
+def connectivity_cpu(z: torch.Tensor, spec: MLPTail, n_lambda: int, num_threads: int | None = None,
+                     flag: bool = False) -> torch.Tensor:
     """Connectivity matrix of an MLP tail from the absorbed representations, fused on the CPU.
 
     Args:
@@ -186,12 +193,16 @@ def connectivity_cpu(z: torch.Tensor, spec: MLPTail, n_lambda: int, num_threads:
         spec: normalised MLP tail with at least one stage.
         n_lambda: interpolation points ``T`` per pair (>= 3).
         num_threads: worker threads (default ``torch.get_num_threads()``).
+        flag: write ``_policy.FLAGGED`` for pairs whose estimated fp32 error exceeds ``_policy.FLAG_KAPPA``
+            (``core`` recomputes them in fp64). The estimate is that of the torch path with a coarser
+            rounding scale per hidden unit (``max_t |a| (1 + max(|z_i|, |z_j|))``).
 
     Returns:
         ``(N, N)`` float32 matrix ``L``: symmetric, unit diagonal, entries in ``[0, 1]``.
 
     Raises:
         ValueError: unsupported input (see :func:`unsupported_reason`), bad ``z`` shape or ``n_lambda < 3``.
+        MemoryError: ``L`` cannot fit, or the kernel ran out of memory (reported by the C++ code, never an abort).
         TypeError: ``n_lambda`` is not an int.
     """
     reason = unsupported_reason(spec, z.device, z.dtype)
@@ -231,7 +242,15 @@ def connectivity_cpu(z: torch.Tensor, spec: MLPTail, n_lambda: int, num_threads:
         offs.append(len(codes))
     lam32, lam_c = lambdas(n_lambda, torch.float32)
     ll = float((lam_c.double() ** 2).sum())
+    check_fits(4 * n * n, 4 * (n + 8) * kps[0] * 3, "cpu")
     out = torch.empty(n, n, dtype=torch.float32)
+    last = spec.stages[-1][1]
+    wabs = _pack(last.weight.detach().abs(), kps[-1], nps[-1])
+    # sum_h |W_kh| and |W_k|_2 (each padded to np + 8): the kernel's cheap bounds on the rounding scale
+    wnorm = torch.zeros(2, nps[-1] + 8, dtype=torch.float32)
+    w64 = last.weight.detach().double()
+    wnorm[0, : last.out_features] = w64.abs().sum(dim=1).float()
+    wnorm[1, : last.out_features] = w64.square().sum(dim=1).sqrt().float()
 
     def ints(v: list[int]) -> ctypes.Array:
         return (ctypes.c_int * max(1, len(v)))(*v)
@@ -246,7 +265,119 @@ def connectivity_cpu(z: torch.Tensor, spec: MLPTail, n_lambda: int, num_threads:
         n, n_lambda, len(packs), addr(c_kp), addr(c_kin), addr(c_np), addr(ptrs), addr(bptrs), addr(c_off),
         addr(c_codes), addr(c_slopes), spec.stages[-1][1].out_features, zp.data_ptr(), lam32.data_ptr(),
         lam_c.data_ptr(), ll, torch.finfo(torch.float32).eps, CONST_RTOL, out.data_ptr(), max(1, int(threads)),
+        wabs.data_ptr(), wnorm.data_ptr(), FLAG_KAPPA if flag else 0.0,
     )
-    if rc != 0:  # pragma: no cover - the kernel has no failure path today
+    if rc == 2:
+        raise MemoryError(f"fused CPU kernel ran out of memory (N={n}, widths {kins + [spec.stages[-1][1].out_features]})")
+    if rc != 0:
         raise RuntimeError(f"fused CPU kernel failed with code {rc}")
     return out
+
+
+def pairs_f64_unsupported(spec: MLPTail, device: torch.device) -> str | None:
+    """Why :func:`pairs_f64` cannot recompute pairs of ``spec`` on ``device`` (``None`` when it can)."""
+    if torch.device(device).type != "cpu":
+        return f"the tail is on {device}, not the CPU"
+    if not spec.stages:
+        return "the tail has no Linear after its first activation"
+    if os.environ.get(_ENV_SWITCH, "1") in ("0", "false", "False"):
+        return f"disabled by {_ENV_SWITCH}=0"
+    if _library() is None:
+        return f"kernel unavailable: {_state['error']}"
+    return None
+
+
+def pairs_f64(h: torch.Tensor, spec: MLPTail, i: torch.Tensor, j: torch.Tensor, n_lambda: int,
+              num_threads: int | None = None) -> torch.Tensor:
+    """``L_ij`` of the pairs ``(i[p], j[p])`` in float64, in one C++ call (``core``'s recompute of flagged pairs).
+
+    The algebra of ``torch_backend._pairs_values`` in float64 (centred last projection, offset-free
+    saturating activation before it, constant-path rule on the same rounding scale), one pair per
+    thread at a time: no per-op dispatch, no chunk of activations held in memory.
+
+    Args:
+        h: ``(N, D)`` representations on the CPU (any float dtype; computed in float64).
+        spec: normalised MLP tail with at least one stage (weights of any float dtype, on the CPU).
+        i, j: ``(P,)`` integer indices of the pairs.
+        n_lambda: interpolation points per pair.
+
+    Returns:
+        ``(P,)`` float64 values.
+
+    Raises:
+        ValueError: unsupported (see :func:`pairs_f64_unsupported`).
+        MemoryError: the kernel ran out of memory.
+    """
+    reason = pairs_f64_unsupported(spec, h.device)
+    if reason is not None:
+        raise ValueError(f"fp64 pair kernel cannot run this tail: {reason}")
+    lib = _library()
+    n_lambda = check_n_lambda(n_lambda)
+    # NumPy and C++ only from here: a torch op over more than 32768 elements is an OpenMP region, and on a
+    # loaded 2-core box each one waited a scheduler tick (4-24 ms for the fp64 absorb of N=961 alone).
+    pij = np.concatenate([np.asarray(i.detach().cpu().numpy(), dtype=np.int64).reshape(-1),
+                          np.asarray(j.detach().cpu().numpy(), dtype=np.int64).reshape(-1)])
+    n_pairs = pij.size // 2
+    out = np.empty(n_pairs, dtype=np.float64)
+    if n_pairs == 0:
+        return torch.from_numpy(out)
+    rows, inv = np.unique(pij, return_inverse=True)  # absorb only the rows that occur
+    hd = h.detach()
+    hn = hd.numpy() if hd.dtype in (torch.float32, torch.float64) else hd.to(torch.float64).numpy()
+    z = np.ascontiguousarray(hn[rows], dtype=np.float64)
+    for lin in spec.pre:
+        z = _affine_f64(lib, z, lin)
+    pi, pj = np.ascontiguousarray(inv[:n_pairs], dtype=np.int64), np.ascontiguousarray(inv[n_pairs:], dtype=np.int64)
+    wts = [_f64(lin.weight).T.copy() for _, lin in spec.stages]
+    bs = [None if lin.bias is None else _f64(lin.bias) for _, lin in spec.stages]
+    act_lists = [acts for acts, _ in spec.stages] + [list(spec.final)]
+    codes, slopes, offs = [], [], [0]
+    for acts in act_lists:
+        codes += [a.code for a in acts]
+        slopes += [float(a.slope) for a in acts]
+        offs.append(len(codes))
+    lam = np.arange(n_lambda, dtype=np.float64) / (n_lambda - 1)  # = _policy.lambdas in float64
+    lam_c = lam - 0.5
+    ll = float((lam_c**2).sum())
+
+    def ints(v: list[int]) -> ctypes.Array:
+        return (ctypes.c_int * max(1, len(v)))(*v)
+
+    def ptr(a: np.ndarray) -> int:
+        return a.ctypes.data
+
+    c_kin = ints([lin.in_features for _, lin in spec.stages])
+    c_nout = ints([lin.out_features for _, lin in spec.stages])
+    c_off, c_codes = ints(offs), ints(codes)
+    c_slopes = (ctypes.c_double * max(1, len(slopes)))(*slopes)
+    wptrs = (ctypes.c_void_p * len(wts))(*[ptr(w) for w in wts])
+    bptrs = (ctypes.c_void_p * len(bs))(*[None if b is None else ptr(b) for b in bs])
+    threads = num_threads if num_threads is not None else torch.get_num_threads()
+    addr = ctypes.addressof
+    rc = lib.gm_pairs_f64(
+        n_pairs, ptr(pi), ptr(pj), n_lambda, len(wts), addr(c_kin), addr(c_nout), addr(wptrs),
+        addr(bptrs), addr(c_off), addr(c_codes), addr(c_slopes), ptr(z), ptr(lam), ptr(lam_c),
+        ll, float(np.finfo(np.float64).eps), CONST_RTOL, ptr(out), max(1, int(threads)),
+    )
+    if rc == 2:
+        raise MemoryError(f"fp64 pair kernel ran out of memory ({n_pairs} pairs)")
+    if rc != 0:
+        raise RuntimeError(f"fp64 pair kernel failed with code {rc}")
+    return torch.from_numpy(out)
+
+
+def _f64(t: torch.Tensor) -> np.ndarray:
+    """A contiguous float64 NumPy copy of a (small) parameter."""
+    return np.ascontiguousarray(t.detach().to(device="cpu", dtype=torch.float64).numpy())
+
+
+def _affine_f64(lib: ctypes.CDLL, x: np.ndarray, lin: torch.nn.Linear) -> np.ndarray:
+    """``x W^T + b`` in float64 through the kernel's fp64 GEMM (one thread, no OpenMP region)."""
+    wt = _f64(lin.weight).T.copy()
+    b = None if lin.bias is None else _f64(lin.bias)
+    y = np.empty((x.shape[0], wt.shape[1]), dtype=np.float64)
+    rc = lib.gm_affine_f64(x.shape[0], wt.shape[0], wt.shape[1], x.ctypes.data, wt.ctypes.data,
+                           None if b is None else b.ctypes.data, y.ctypes.data)
+    if rc != 0:
+        raise RuntimeError(f"fp64 affine map failed with code {rc}")
+    return y

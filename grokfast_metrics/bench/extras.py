@@ -9,7 +9,7 @@ import torch
 from .. import core
 from ..tasks import ADD_MODULUS, make_task
 from .baselines import backend_fn, backend_label, paired_roof
-from .harness import BenchRow, n_pairs, refuse, time_fn, useful_flops_per_pair
+from .harness import BenchRow, fraction_recomputed, n_pairs, refuse, time_fn, useful_flops_per_pair
 from .sweep import DEFAULT_SHAPE, BenchConfig, NewRow, SweepState, e2e_shape, log
 from .workloads import TRAIN_FRACTION, make_inputs, make_tail, train_overhead
 
@@ -44,14 +44,16 @@ def paired_roof_rows(cfg: BenchConfig, device: torch.device, backends: list[str]
     for b in backends:
         fn = functools.partial(backend_fn(b), h, tail, T)
         ratios, secs, roofs = paired_roof(fn, flop, device, max(cfg.repeats, 5), cfg.roof_size)
+        recomputed = fraction_recomputed(b)
+        share = "" if recomputed is None else f"; {100 * recomputed:.2f}% of pairs recomputed in fp64"
         q = np.percentile(ratios, [25, 50, 75])
         out.append(new_row(
             kind="roof_paired", backend=backend_label(b, h, tail), N=n, H=H, O=cfg.out, T=T, depth=depth,
             dtype="float32", repeats=len(ratios), time_median_s=float(np.median(secs)), time_min_s=min(secs),
-            time_max_s=max(secs), frac_roof=float(q[1]),
+            time_max_s=max(secs), frac_roof=float(q[1]), fraction_recomputed=recomputed,
             note=f"roof and backend timed alternately {len(ratios)}x; per-repetition ratio IQR {q[0]:.3f}-{q[2]:.3f}, "
-                 f"min-max {min(ratios):.3f}-{max(ratios):.3f}; roof {min(roofs):.0f}-{max(roofs):.0f} GFLOP/s"))
-        log(f"paired roof ({b}, N={n}): median ratio {q[1]:.3f} (IQR {q[0]:.3f}-{q[2]:.3f})", cfg.progress)
+                 f"min-max {min(ratios):.3f}-{max(ratios):.3f}; roof {min(roofs):.0f}-{max(roofs):.0f} GFLOP/s{share}"))
+        log(f"paired roof ({b}, N={n}): median ratio {q[1]:.3f} (IQR {q[0]:.3f}-{q[2]:.3f}){share}", cfg.progress)
     return out
 
 

@@ -80,6 +80,8 @@ class BenchRow:
     check_n: int | None = None
     max_abs_diff: float | None = None
     measured_pairs: int | None = None
+    #: share of the pairs an fp32 backend flagged as ill-conditioned and recomputed in fp64 (core.last_run_info)
+    fraction_recomputed: float | None = None
     status: str = "ok"
     note: str = ""
 
@@ -311,3 +313,12 @@ def refuse(row: BenchRow, why: str) -> BenchRow:
     for name in SPEED_FIELDS:
         setattr(row, name, None)
     return row
+
+
+def fraction_recomputed(backend: str) -> float | None:
+    """Share of pairs the last call of library backend ``backend`` recomputed in fp64 (``None`` for baselines)."""
+    if backend == "naive":
+        return None
+    from .. import core
+
+    return core.last_run_info().get("fraction_recomputed")

@@ -19,7 +19,19 @@ from torch import nn
 
 from .. import core
 from .baselines import backend_fn, backend_that_runs, matmul_roof, naive_seconds_per_pair, reference_timed
-from .harness import BenchRow, Timing, check_agreement, estimate_seconds, fill_speed, fit_exponent, machine_info, n_pairs, refuse, time_fn
+from .harness import (
+    BenchRow,
+    Timing,
+    check_agreement,
+    estimate_seconds,
+    fill_speed,
+    fit_exponent,
+    fraction_recomputed,
+    machine_info,
+    n_pairs,
+    refuse,
+    time_fn,
+)
 from .workloads import make_inputs, make_tail
 
 FULL_N = (64, 256, 961, 2048, 4096)
@@ -288,6 +300,7 @@ def backend_row(cfg: BenchConfig, device: torch.device, s: ShapeRun, b: str, N: 
         r.status = why
         return r, None
     timing = time_fn(s.compute(b, N), device, cfg.repeats, budget_s=cfg.max_row_seconds)
+    r.fraction_recomputed = fraction_recomputed(b)
     return fill_speed(r, timing, roof), timing
 
 
