@@ -17,50 +17,42 @@ says is due), then the optimizer step, then :func:`write_row`. LMN is tracked th
 detached representations through ``grokfast_metrics.lmn``, which never touches parameters, modes or
 RNG; the probe subset is drawn from its own ``torch.Generator``. A run with tracking and one without
 give bit-identical losses.
+
+The numerical-collapse detector is :mod:`grokfast_metrics.collapse`, checkpoints and resume checks are
+:mod:`grokfast_metrics.checkpoint`, timers / progress bar / signals are :mod:`grokfast_metrics._trainctl`;
+their public names are importable from here.
 """
 from __future__ import annotations
 
 import math
-import os
 import platform
-import signal
 import sys
-import threading
 import time
 import warnings
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from ._runtime import synchronize
 from ._tail import parse_tail
+from ._trainctl import Timer, _Progress, _Signals
+from .checkpoint import CHECKPOINT, load_checkpoint, prepare_resume, restore_checkpoint, save_checkpoint
+from .collapse import Collapse, NumericalCollapseWarning
 from .complexity import compression_complexity, spectral_entropies, spectral_entropy_penalty, weight_matrices, weight_norms
 from .config import SNAPSHOT_DEFAULT, TrainConfig, parse_probe
 from .core import LMNResult, lmn
 from .grokfast import make_filter
 from .model import GrokMLP, layer_target, representations, scale_init, segment_of
-from .runlog import (
-    MetricsLog,
-    RunDirError,
-    RunLogError,
-    collapse_message,
-    drop_snapshots_after,
-    prepare_run_dir,
-    read_metrics,
-    save_connectivity,
-    summarize,
-    write_json,
-)
+from .runlog import MetricsLog, RunDirError, RunLogError, collapse_message, prepare_run_dir, save_connectivity, summarize, write_json
 from .schedule import Due, Schedule
 from .tasks import Task, make_task
 from .tracker import Tracker
 
-__all__ = ["BASE_COLUMNS", "SNAPSHOT_DEFAULT", "NumericalCollapseWarning", "RunDirError", "RunLogError", "RunResult",
-           "TrainConfig", "parse_probe", "probe_indices", "resume", "track_lmn", "train"]
+__all__ = ["BASE_COLUMNS", "CHECKPOINT", "SNAPSHOT_DEFAULT", "Collapse", "NumericalCollapseWarning", "RunDirError", "RunLogError",
+           "RunResult", "Timer", "TrainConfig", "load_checkpoint", "parse_probe", "probe_indices", "resume", "save_checkpoint",
+           "track_lmn", "train"]
 
 #: columns always present in the logs; ``lmn_<layer>`` columns follow
 BASE_COLUMNS = ("step", "train_loss", "train_acc", "test_loss", "test_acc", "l2", "lmn", "time_s", "train_p1_frac")
@@ -146,30 +138,6 @@ def layer_tracker(model: GrokMLP, x_probe: torch.Tensor, cfg: TrainConfig, sched
     return Tracker(model, schedule, lambda: track_lmn(model, x_probe, layers, cfg.n_lambda, cfg.lmn_backend))
 
 
-class Timer:
-    """Seconds spent per section of the loop, accumulated: ``with timer("lmn"): ...``.
-
-    Args:
-        device: the device whose queued work a ``sync=True`` section waits for.
-        sections: section names (``totals`` starts at 0 for each).
-    """
-
-    def __init__(self, device: torch.device, sections: tuple[str, ...] = ("train", "lmn", "complexity", "log")):
-        self.device = device
-        self.totals = dict.fromkeys(sections, 0.0)
-
-    @contextmanager
-    def __call__(self, section: str, sync: bool = False):
-        """Add the time the block takes to ``totals[section]`` (after a device sync if ``sync``)."""
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            if sync:
-                synchronize(self.device)
-            self.totals[section] += time.perf_counter() - t0
-
-
 @dataclass
 class Phases:
     """First steps with train accuracy 100% (memorization), test accuracy 100% (generalization, the paper's
@@ -194,62 +162,11 @@ class Phases:
         return tuple(events)
 
 
-@dataclass
-class Collapse:
-    """Numerical-collapse detector, fed every step.
-
-    The collapse event is the first step at which either (a) the fraction of training samples whose
-    correct-class probability is exactly 1 in the training dtype reaches ``fraction`` (their loss is
-    exactly 0 and their gradient through the correct logit vanishes: "softmax collapse"), or (b) the
-    train loss exceeds ``spike`` times its lowest value so far (a loss spike of orders of magnitude).
-
-    Attributes:
-        fraction_step, spike_step: first step of each criterion (``None``: not reached).
-        detail: the values at those steps.
-    """
-
-    fraction: float
-    spike: float
-    min_loss: float = math.inf
-    fraction_step: int | None = None
-    spike_step: int | None = None
-    detail: dict = field(default_factory=dict)
-
-    def observe(self, step: int, train_loss: float, p1_fraction: float) -> bool:
-        """Record ``step``; returns True when the collapse event happens at this step."""
-        before = self.step
-        if self.fraction_step is None and p1_fraction >= self.fraction:
-            self.fraction_step = step
-            self.detail["at_fraction_step"] = {"train_loss": train_loss, "train_p1_frac": p1_fraction}
-        if self.spike_step is None and 0.0 < self.min_loss and train_loss > self.spike * self.min_loss:
-            self.spike_step = step
-            self.detail["at_spike_step"] = {"train_loss": train_loss, "min_train_loss_before": self.min_loss,
-                                            "train_p1_frac": p1_fraction}
-        if train_loss < self.min_loss:
-            self.min_loss = train_loss
-        return before is None and self.step is not None
-
-    @property
-    def step(self) -> int | None:
-        """The collapse step: the first step of either criterion (``None``: no collapse)."""
-        hits = [s for s in (self.fraction_step, self.spike_step) if s is not None]
-        return min(hits) if hits else None
-
-    def summary(self) -> dict | None:
-        """``summary.json``'s ``numerical_collapse`` entry (``None`` when no collapse)."""
-        if self.step is None:
-            return None
-        return {"step": self.step, "p1_fraction_step": self.fraction_step, "loss_spike_step": self.spike_step,
-                "p1_fraction_threshold": self.fraction, "loss_spike_factor": self.spike, **self.detail}
-
-
 # ------------------------------------------------------------------------------------------
 # one run
 
 #: exit codes of a run that stopped early (``RunResult.exit_code``; 0: completed)
 EXIT_SIGINT, EXIT_SIGTERM, EXIT_NONFINITE = 130, 143, 3
-#: the checkpoint file in the run directory (the latest one; replaced atomically)
-CHECKPOINT = "checkpoint.pt"
 #: dtype names of ``--dtype``
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -419,72 +336,6 @@ def write_row(run: Run, row: dict, metrics: dict, now: float) -> None:
     run.log.write({**row, **metrics, "time_s": round(now - run.start, 4)})
 
 
-class _Progress:
-    """tqdm bar on stderr with a loss / accuracy / LMN postfix refreshed at most every 0.5 s."""
-
-    def __init__(self, cfg: TrainConfig, initial: int = 0):
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(total=cfg.steps, initial=initial, desc=f"{cfg.task}", unit="step", dynamic_ncols=True,
-                        mininterval=0.5)
-        self.last_postfix = 0.0
-
-    def update(self, metrics: dict, lmn_value: float | None, final: bool, now: float) -> None:
-        """Advance one step (not past the last) and refresh the postfix if due."""
-        if not final:
-            self.bar.update(1)
-        if now - self.last_postfix > 0.5 or final:
-            self.last_postfix = now
-            m, lm = metrics, "-" if lmn_value is None else f"{lmn_value:.2f}"
-            self.bar.set_postfix_str(f"loss {m['train_loss']:.3g}/{m['test_loss']:.3g} acc {m['train_acc']:.3f}/"
-                                     f"{m['test_acc']:.3f} LMN {lm}", refresh=False)
-
-    def close(self) -> None:
-        """Close the bar."""
-        self.bar.close()
-
-
-class _Signals:
-    """SIGINT and SIGTERM stop training the same way (as ``KeyboardInterrupt``); while the run's summary is
-    written (:meth:`deferred`) they are only recorded, so a second Ctrl-C cannot lose it.
-
-    Installed only in the main thread (elsewhere, signals are not ours to handle); restored on exit.
-    """
-
-    def __init__(self):
-        self.received: list[str] = []
-        self._defer = False
-        self._old: dict[int, object] = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        self._old.clear()
-
-    def _handle(self, signum, frame):
-        name = signal.Signals(signum).name
-        self.received.append(name)
-        if self._defer:
-            print(f"{name} received: still writing the run's summary and plot", file=sys.stderr, flush=True)
-            return
-        raise KeyboardInterrupt(name)
-
-    @contextmanager
-    def deferred(self):
-        """Signals arriving inside the block are recorded, not raised."""
-        self._defer = True
-        try:
-            yield
-        finally:
-            self._defer = False
-
-
 def _loop(run: Run, progress: _Progress | None, signals: _Signals) -> _Stop | None:
     """Steps ``first_step`` to ``cfg.steps``; returns why it stopped early (``None``: it completed).
 
@@ -528,71 +379,6 @@ def _loop(run: Run, progress: _Progress | None, signals: _Signals) -> _Stop | No
         name = signals.received[0] if signals.received else "SIGINT"
         return _Stop(f"interrupted ({name})", EXIT_SIGTERM if name == "SIGTERM" else EXIT_SIGINT)
     return None
-
-
-# ------------------------------------------------------------------------------------------
-# checkpoints
-
-
-def save_checkpoint(run: Run, step: int) -> Path:
-    """Write ``checkpoint.pt``: everything needed to continue after ``step`` bit-identically.
-
-    Model, optimizer, Grokfast filter, RNG states, tracker history, phases, collapse detector, timers
-    and the number of logged rows (the log is flushed first; rows after ``step`` are dropped on resume).
-    A step whose row is not due has none; the resumed run does not write one either.
-    """
-    run.log.flush()
-    state = {
-        "step": step,
-        "config": asdict(run.cfg),
-        "model": run.model.state_dict(),
-        "optimizer": run.opt.state_dict(),
-        "grad_filter": None if run.grad_filter is None else run.grad_filter.state_dict(),
-        "rng": {"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-        "tracker": run.tracker.state_dict(),
-        "phases": asdict(run.phases),
-        "collapse": asdict(run.collapse) if run.collapse is not None else None,
-        "timer": dict(run.timer.totals),
-        "elapsed_s": time.perf_counter() - run.start,
-        "rows": len(run.log.rows),
-    }
-    path = run.run_dir / CHECKPOINT
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    return path
-
-
-def load_checkpoint(run_dir: str | Path) -> dict:
-    """The checkpoint of ``run_dir``.
-
-    Raises:
-        FileNotFoundError: no checkpoint (the run was not started with ``checkpoint_every``).
-    """
-    path = Path(run_dir) / CHECKPOINT
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: nothing to resume (train with --checkpoint-every K to write "
-                                "checkpoints)")
-    return torch.load(path, weights_only=False, map_location="cpu")
-
-
-def _restore(run: Run, state: dict) -> None:
-    """Load a checkpoint's state into a freshly set-up ``run``."""
-    run.model.load_state_dict(state["model"])
-    run.opt.load_state_dict(state["optimizer"])
-    if run.grad_filter is not None and state["grad_filter"] is not None:
-        run.grad_filter.load_state_dict(state["grad_filter"], device=torch.device(run.cfg.device))
-    torch.set_rng_state(state["rng"]["torch"])
-    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    run.tracker.load_state_dict(state["tracker"])
-    run.phases = Phases(**state["phases"])
-    if state["collapse"] is not None:
-        run.collapse = Collapse(**state["collapse"])
-    run.timer.totals.update(state["timer"])
-    run.start = time.perf_counter() - state["elapsed_s"]
-    run.first_step = state["step"] + 1
 
 
 # ------------------------------------------------------------------------------------------
@@ -642,21 +428,7 @@ def resume(run_dir: str | Path, *, steps: int | None = None, progress: bool = Tr
         ValueError: ``steps`` not after the checkpoint.
     """
     run_dir = Path(run_dir)
-    state = load_checkpoint(run_dir)
-    cfg = TrainConfig(**state["config"])
-    if steps is not None:
-        if steps <= state["step"]:
-            raise ValueError(f"steps must be > {state['step']} (the checkpoint's step) to resume; got {steps}")
-        cfg.steps = steps
-    cfg.validate()
-    rows = read_metrics(run_dir)
-    rows = [r for r in rows if r["step"] <= state["step"]]
-    if len(rows) != state["rows"]:
-        raise RunLogError(f"{run_dir / 'metrics.jsonl'} has {len(rows)} rows up to step {state['step']}, the checkpoint "
-                          f"expects {state['rows']}; the run directory was modified")
-    drop_snapshots_after(run_dir, state["step"])
-    for name in ("summary.json",):
-        (run_dir / name).unlink(missing_ok=True)
+    cfg, state, rows = prepare_resume(run_dir, steps)
     return _execute(cfg, run_dir, (state, rows), progress, plot)
 
 
@@ -670,7 +442,7 @@ def _execute(cfg: TrainConfig, run_dir: Path, resumed: tuple[dict, list[dict]] |
         with _Signals() as signals:
             run = setup(cfg, run_dir, resume_rows=None if resumed is None else resumed[1])
             if resumed is not None:
-                _restore(run, resumed[0])
+                restore_checkpoint(run, resumed[0])
             bar = _Progress(cfg, run.first_step) if progress else None
             try:
                 stop = _loop(run, bar, signals)
@@ -706,7 +478,3 @@ def _finish(run: Run, stop: _Stop | None, plot: bool, signals: _Signals) -> RunR
         warnings.warn(collapse_message(summary), NumericalCollapseWarning, stacklevel=4)  # at train()'s caller
     return RunResult(run.run_dir, summary, rows, interrupted, 0 if stop is None else stop.exit_code,
                      None if stop is None else stop.reason)
-
-
-class NumericalCollapseWarning(UserWarning):
-    """The run's training hit a numerical collapse (see :class:`Collapse`)."""

@@ -1,0 +1,261 @@
+"""The tails :class:`~grokfast_metrics.plan.Plan` builds for ``lmn_at``, and how affine they are.
+
+A **chain** tail (:func:`_chain_tail`) is the modules after ``at`` in (nested) plain ``nn.Sequential``
+chains; a **split** tail (:class:`_SplitTail`) is the ``torch.fx`` sub-graph after ``at``
+(:func:`_trace_split`); a **hook** tail (:class:`_HookTail`) re-runs the whole model with ``at``'s
+output replaced. :func:`_graph_kind` and :func:`_selector_affine` tell, from the graph alone, whether
+the tail is affine (then LMN is 1 at every step).
+"""
+from __future__ import annotations
+
+import operator
+import warnings
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._hooks import OutputSelector, _run_replaced, _select, _select_to, _take
+from ._tail import is_plain_sequential
+
+if TYPE_CHECKING:
+    from .plan import Plan
+
+
+# --------------------------------------------------------------------------------------------
+# tails
+
+
+class _HookTail(nn.Module):
+    """``(B, D)`` interpolated activations -> ``(B, O)`` by re-running the model with ``at`` replaced.
+
+    The probe input of sample 0 is repeated ``B`` times (the cut check guarantees the outputs depend
+    on the input only through the activation). With ``to``, the forward stops at ``to``'s output.
+    """
+
+    def __init__(self, plan: Plan):
+        super().__init__()
+        self.model = plan.model                  # registered: its parameters decide dtype/device checks
+        self._modules_at = [plan.module, plan.to_module]   # a list: not registered twice
+        for k, x in enumerate(_take(plan.args, torch.zeros(1, dtype=torch.long), plan.input_batch_dim)):
+            self.register_buffer(f"_arg{k}", x, persistent=False)   # buffers: .double() converts float probes
+        self._n_args = len(plan.args)
+        self._act_shape = tuple(plan.act_shape)
+        self._output = plan.output
+        self._batch_dim = plan.batch_dim
+        self._input_batch_dim = plan.input_batch_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B = x.shape[0]
+        act = x.reshape(B, *self._act_shape).movedim(0, self._batch_dim).contiguous()
+        args0 = tuple(getattr(self, f"_arg{k}") for k in range(self._n_args))
+        args = _take(args0, torch.zeros(B, dtype=torch.long), self._input_batch_dim)  # sample 0, B times
+        at_mod, to_mod = self._modules_at
+        out = _run_replaced(self.model, at_mod, args, act, to_mod)
+        if to_mod is not None:
+            return _select_to(out, self._output, B, self._batch_dim)
+        return _select(out, self._output, B)
+
+
+class _SplitTail(nn.Module):
+    """``(B, D)`` interpolated activations -> ``(B, O)`` through the traced sub-graph after ``at`` only."""
+
+    def __init__(self, graph_module: nn.Module, plan: Plan):
+        super().__init__()
+        self.graph = graph_module
+        self._act_shape = tuple(plan.act_shape)
+        self._output = plan.output
+        self._batch_dim = plan.batch_dim
+        self._to = plan.to is not None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B = x.shape[0]
+        out = self.graph(x.reshape(B, *self._act_shape).movedim(0, self._batch_dim))
+        if self._to:
+            return _select_to(out, self._output, B, self._batch_dim)
+        return _select(out, self._output, B)
+
+
+def _chain_tail(model: nn.Module, at: str, to: str | None) -> nn.Sequential | None:
+    """The modules after ``at`` (up to and including ``to``) when both sit in (nested) plain Sequential chains."""
+    if not is_plain_sequential(model):
+        return None
+    leaves: list[nn.Module] = []
+    ends: dict[str, int] = {}
+
+    def walk(container: nn.Module, prefix: str) -> None:
+        for name, child in container.named_children():
+            q = prefix + name
+            if is_plain_sequential(child) and len(child):
+                walk(child, q + ".")
+            else:
+                leaves.append(child)
+            ends[q] = len(leaves)
+
+    walk(model, "")
+    if at not in ends or (to is not None and to not in ends):
+        return None
+    stop = len(leaves) if to is None else ends[to]
+    if stop <= ends[at]:
+        raise ValueError(f"to={to!r} must come after at={at!r} in the model")
+    return nn.Sequential(*leaves[ends[at]:stop])
+
+
+def _trace_split(model: nn.Module, at: str, to: str | None) -> nn.Module | None:
+    """A ``torch.fx`` GraphModule computing the output (or ``to``'s) from ``at``'s output alone, or None.
+
+    Every module that does not contain ``at``/``to`` is a leaf; None when the model does not trace,
+    ``at``/``to`` are not called exactly once in the graph, or the output needs anything of the input
+    other than through ``at`` (e.g. a skip connection, an input-dependent mask).
+    """
+    graph = _trace_through(model, at, to)
+    if graph is None:
+        return None
+    nodes = list(graph.nodes)
+    a = [n for n in nodes if n.op == "call_module" and n.target == at]
+    if len(a) != 1:
+        return None
+    a = a[0]
+    if to is None:
+        out_nodes = [n for n in nodes if n.op == "output"]
+        if len(out_nodes) != 1:
+            return None
+        result = out_nodes[0].args[0]
+    else:
+        b = [n for n in nodes if n.op == "call_module" and n.target == to]
+        if len(b) != 1:
+            return None
+        result = b[0]
+    needed = _needed_nodes(result, a)
+    if a not in needed:
+        return None
+    # nodes the output needs that depend on the input other than through `at`: not a split
+    dep_in = _input_dependent(nodes, a)
+    if any(n in dep_in for n in needed):
+        return None
+    return _sub_graph_module(model, nodes, needed, a, result)
+
+
+def _trace_through(model: nn.Module, at: str, to: str | None):
+    """The ``torch.fx`` graph of ``model`` with every module not containing ``at``/``to`` a leaf; None if it does not trace."""
+    import torch.fx as fx
+
+    through = set()
+    for name in (at, to):
+        if name is not None:
+            parts = name.split(".")
+            through.update(".".join(parts[:k]) for k in range(1, len(parts)))
+
+    class _Tracer(fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return qualname not in through
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _Tracer().trace(model)
+    except Exception:  # any failure to trace means: use the hook path
+        return None
+
+
+def _needed_nodes(result, a) -> set:
+    """The nodes ``result`` depends on, walking back no further than ``a``."""
+    import torch.fx as fx
+
+    needed: set = set()
+    stack = []
+    fx.node.map_arg(result, lambda n: stack.append(n))
+    while stack:
+        n = stack.pop()
+        if n in needed:
+            continue
+        needed.add(n)
+        if n is not a:
+            stack.extend(n.all_input_nodes)
+    return needed
+
+
+def _input_dependent(nodes: list, a) -> set:
+    """The nodes that depend on a placeholder (the input) other than through ``a``."""
+    dep_in: set = set()
+    for n in nodes:
+        if n is a:
+            continue
+        if n.op == "placeholder" or any(m in dep_in for m in n.all_input_nodes):
+            dep_in.add(n)
+    return dep_in
+
+
+def _sub_graph_module(model: nn.Module, nodes: list, needed: set, a, result) -> nn.Module | None:
+    """The GraphModule of the ``needed`` nodes, with ``a``'s output its input ``h``; None if it cannot be built."""
+    import torch.fx as fx
+
+    g2 = fx.Graph()
+    env = {a: g2.placeholder("h")}
+    for n in nodes:
+        if n in needed and n is not a:
+            env[n] = g2.node_copy(n, lambda m: env[m])
+    g2.output(fx.node.map_arg(result, lambda m: env[m]))
+    try:
+        return fx.GraphModule(model, g2)
+    except Exception:  # e.g. a target GraphModule cannot copy: use the hook path
+        return None
+
+
+# structural affinity of a traced tail: const < affine < nonlinear
+_CONST, _AFFINE, _NONLINEAR = 0, 1, 2
+_LINEAR_MODULES = (nn.Linear, nn.Identity, nn.Dropout, nn.Flatten, nn.Unflatten)
+_LINEAR_FUNCS = {operator.add, operator.sub, operator.neg, operator.pos, operator.getitem, torch.add, torch.sub,
+                 torch.cat, torch.stack, torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze,
+                 torch.unsqueeze, torch.movedim, F.dropout, getattr}
+_LINEAR_METHODS = {"reshape", "view", "permute", "transpose", "flatten", "unflatten", "contiguous", "squeeze",
+                   "unsqueeze", "expand", "expand_as", "movedim", "add", "sub", "neg", "clone", "float", "double",
+                   "to", "size"}
+_SCALE = {operator.mul, operator.matmul, torch.mul, torch.matmul, "mul", "matmul", F.linear}
+_DIV = {operator.truediv, torch.div, "div"}
+
+
+def _graph_kind(gm) -> int:
+    """``_CONST``/``_AFFINE``/``_NONLINEAR``: how the traced graph's output depends on its input."""
+    kind: dict = {}
+    mods = dict(gm.named_modules())
+    out = _NONLINEAR
+    for n in gm.graph.nodes:
+        args = [kind.get(m, _CONST) for m in n.all_input_nodes]
+        top = max(args, default=_CONST)
+        if n.op == "placeholder":
+            k = _AFFINE
+        elif n.op == "get_attr" or top == _CONST:
+            k = _CONST
+        elif n.op == "output":
+            out = top
+            continue
+        elif n.op == "call_module":
+            k = top if isinstance(mods.get(n.target), _LINEAR_MODULES) else _NONLINEAR
+        else:
+            t = n.target
+            if t in _LINEAR_FUNCS or t in _LINEAR_METHODS:
+                k = top
+            elif t in _SCALE:
+                k = top if sum(a != _CONST for a in args) <= 1 else _NONLINEAR
+            elif t in _DIV:
+                k = top if len(args) < 2 or args[1] == _CONST else _NONLINEAR
+            else:
+                k = _NONLINEAR
+        kind[n] = k
+    return out
+
+
+def _selector_affine(output: OutputSelector) -> bool:
+    """Whether the output selector is structurally affine (None, an index, or a traceable affine callable)."""
+    if output is None or isinstance(output, int):
+        return True
+    import torch.fx as fx
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _graph_kind(fx.symbolic_trace(output)) <= _AFFINE
+    except Exception:  # an untraceable selector: unknown, the numeric check decides
+        return False

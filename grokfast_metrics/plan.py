@@ -1,0 +1,293 @@
+"""The plan of ``lmn_at``: everything decided once per model, probe set, ``at``/``to`` and layout.
+
+:class:`Plan` checks the arguments, runs the probe once, picks the tail (chain, ``torch.fx`` split or
+hooks, from :mod:`grokfast_metrics._split`), runs the cut check and computes LMN on the model's
+current weights; :class:`~grokfast_metrics.LMNTracker` builds one and reuses it. The affine-tail
+warning (:class:`AffineTailWarning`, :func:`emit_affine_warning`) is emitted from here.
+:mod:`grokfast_metrics.dropin` re-exports every public name.
+"""
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from ._hooks import (
+    OutputSelector,
+    _as_args,
+    _capture,
+    _check_act_layout,
+    _check_devices,
+    _find_module,
+    _layout_hint,
+    _n_samples,
+    _plain_name,
+    _run_replaced,
+    _select,
+    _select_to,
+    _Stop,
+    _take,
+    suspend_user_hooks,
+    unwrap_compiled,
+)
+from ._policy import check_n_lambda
+from ._runtime import eval_mode
+from ._split import _AFFINE, _chain_tail, _graph_kind, _HookTail, _selector_affine, _SplitTail, _trace_split
+from ._tail import parse_tail
+from .core import LMNResult, _check_h, _compute_dtype, _identical_rows, _param_dtype, lmn, lmn_from_connectivity
+
+__all__ = ["CUT_CHECK_SAMPLES", "PATHS", "AffineTailWarning", "Plan", "emit_affine_warning"]
+
+#: samples used by the cut check (pairs ``(i, i+1 mod k)`` among the first ``k`` samples).
+CUT_CHECK_SAMPLES = 8
+
+#: what ``path=`` accepts: ``"auto"`` (chain, else split, else hooks), or one of them explicitly
+PATHS = ("auto", "chain", "split", "hooks")
+
+
+class AffineTailWarning(UserWarning):
+    """The map from ``at`` to the output is affine, so LMN is 1 at every step (choose another layer)."""
+
+
+def emit_affine_warning(at: str, to: str | None, how: str, stacklevel: int = 4) -> None:
+    """Emit the :class:`AffineTailWarning` for ``at`` (-> ``to``), saying ``how`` it was detected."""
+    target = f"module {to!r}" if to else "the output"
+    warnings.warn(
+        f"LMN at {at!r} is 1 at every step: the map from {at!r} to {target} is affine ({how}), so every "
+        "interpolation path is a straight line. Measure at a layer with a nonlinearity after it: the residual "
+        "stream before the last nonlinearity (e.g. the last block's input, or 'blocks.<k>.hook_resid_mid' before "
+        "the last MLP in TransformerLens), or the first hidden layer's output of an MLP.",
+        AffineTailWarning, stacklevel=stacklevel)
+
+
+# --------------------------------------------------------------------------------------------
+# cut check
+
+
+def _cut_error(run_mixed, y, idx_src, idx_dst) -> float:
+    """Max |model(input i, activation j) - model(input j)| over the pairs, relative to max |logits|."""
+    y_mix = run_mixed(idx_src, idx_dst)
+    ref = y.index_select(0, idx_dst)
+    scale = float(ref.abs().max()) or 1.0
+    return float((y_mix.to(ref.dtype) - ref).abs().max()) / scale
+
+
+def _cut_rtol(dtype: torch.dtype) -> float:
+    # batched GEMMs of different batch sizes differ by rounding only (~1e-6 relative in fp32);
+    # a bypassing skip connection changes the logits by as much as two samples differ (~1e-1).
+    # fp16/bf16 logits get a few ulps of their own precision.
+    eps = torch.finfo(dtype).eps
+    return 1e-9 if eps < 1e-10 else max(1e-4, 4 * eps)
+
+
+def _pairs(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    k = min(n, CUT_CHECK_SAMPLES)
+    dst = torch.arange(k, device=device)
+    return torch.roll(dst, 1), dst                 # input of sample i-1, activation of sample i
+
+
+# --------------------------------------------------------------------------------------------
+# the plan: everything decided once per (model, inputs, at, to, layout)
+
+
+class Plan:
+    """What ``lmn_at`` runs for one model, probe set, ``at``/``to`` and layout; built once, run many times.
+
+    :class:`~grokfast_metrics.LMNTracker` builds one at construction (every check of the arguments
+    happens there) and reuses it at every computation.
+
+    Attributes:
+        path: ``"chain"``, ``"split"`` or ``"hooks"`` (``"split"`` may fall back to ``"hooks"`` after a run).
+    """
+
+    def __init__(self, model: nn.Module, inputs, at: str, to: str | None = None, output: OutputSelector = None,
+                 batch_dim: int = 0, input_batch_dim: int | None = None, path: str = "auto",
+                 user_hooks: bool = False):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
+        for name, v in (("batch_dim", batch_dim), ("input_batch_dim", input_batch_dim)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                raise ValueError(f"{name} must be a non-negative int (0 batch-first, 1 sequence-first); got {v!r}")
+        if path not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}; got {path!r}")
+        self.model = unwrap_compiled(model)
+        self.at = _plain_name(at) if isinstance(at, str) else at
+        self.to = _plain_name(to) if isinstance(to, str) else to
+        self.module = _find_module(self.model, self.at)
+        self.to_module = None if self.to is None else _find_module(self.model, self.to, "to")
+        if self.to is not None and self.to == self.at:
+            raise ValueError(f"to={to!r} is at itself; `to` must be a module after `at`")
+        self.output = output
+        self.batch_dim = batch_dim
+        self.input_batch_dim = batch_dim if input_batch_dim is None else input_batch_dim
+        self.args = _as_args(inputs)
+        self.n = _n_samples(self.args, self.input_batch_dim)
+        if self.n < 2:
+            raise ValueError(f"inputs hold {self.n} sample(s) along input_batch_dim={self.input_batch_dim}; "
+                             "LMN needs at least 2")
+        _check_devices(self.model, self.args)
+        self.requested = path
+        self.user_hooks = bool(user_hooks)
+        self.path: str | None = None
+        self.tail: nn.Module | None = None
+        self.act_shape: tuple[int, ...] | None = None
+        self.checked = False
+        self.affine: bool | None = None   # structurally affine (None: unknown until L is seen)
+        self.affine_warned = False
+
+    @contextmanager
+    def running(self):
+        """Context of every computation: no grad, eval mode (restored), RNG forked, user hooks suspended."""
+        with torch.no_grad(), eval_mode(self.model), suspend_user_hooks(self.model, self.user_hooks):
+            yield
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(selected outputs (N, O), activation at at)`` of the probe; builds the tail on the first call."""
+        out, act, self._raw_is_tensor = _capture(self.model, self.module, self.at, self.args, self.to_module, self.to)
+        _check_act_layout(act, self.at, self.n, self.batch_dim, self.input_batch_dim, self.args)
+        if self.to is not None:
+            y = _select_to(out, self.output, self.n, self.batch_dim)
+        else:
+            y = _select(out, self.output, self.n, _layout_hint(self.args, self.input_batch_dim, _rows(out, self.output)))
+        if self.path is None:
+            self._build(act)
+        return y, act
+
+    def _build(self, act: torch.Tensor) -> None:
+        self.act_shape = tuple(act.movedim(self.batch_dim, 0).shape[1:])
+        req = self.requested
+        if req in ("auto", "chain") and self.output is None and self.batch_dim == 0 and act.dim() == 2:
+            tail = _chain_tail(self.model, self.at, self.to)
+            if tail is not None:
+                self.path, self.tail = "chain", (tail if len(tail) else nn.Identity())
+                spec = parse_tail(self.tail)
+                self.affine = bool(spec is not None and spec.is_affine) or isinstance(self.tail, nn.Identity)
+                return
+        if req == "chain":
+            raise ValueError(f"path='chain' needs at={self.at!r} in plain nn.Sequential chains, output=None, "
+                             "batch_dim=0 and a 2-D activation")
+        if req in ("auto", "split") and self._raw_is_tensor:
+            gm = _trace_split(self.model, self.at, self.to)
+            if gm is not None:
+                self.path, self.tail = "split", _SplitTail(gm, self)
+                self.affine = _graph_kind(gm) <= _AFFINE and (self.to is not None or _selector_affine(self.output))
+                if not self.affine:
+                    self.affine = None
+                return
+        if req == "split":
+            raise ValueError(f"path='split' cannot run: torch.fx does not split the model at {self.at!r} (it does "
+                             "not trace, or the output needs the input other than through it); use path='hooks'")
+        self.path, self.tail = "hooks", _HookTail(self)
+
+    def enforce_cut(self, act: torch.Tensor, y: torch.Tensor) -> float:
+        """The cut check (see :func:`check_cut`); raises ``ValueError`` naming an enclosing cut."""
+        src, dst = _pairs(y.shape[0], y.device)
+        err = _cut_error(lambda s, d: self._mixed(self.module, act, s, d), y, src, dst)
+        tol = _cut_rtol(y.dtype)
+        if err > tol:
+            raise ValueError(self._not_a_cut_message(err, tol))
+        self.checked = True
+        return err
+
+    def _mixed(self, module, act, src, dst) -> torch.Tensor:
+        moved = act.index_select(self.batch_dim, dst)
+        out = _run_replaced(self.model, module, _take(self.args, src, self.input_batch_dim), moved, self.to_module)
+        if self.to is not None:
+            return _select_to(out, self.output, len(src), self.batch_dim)
+        return _select(out, self.output, len(src))
+
+    def _not_a_cut_message(self, err: float, tol: float) -> str:
+        suggestion = None
+        parts = self.at.split(".")
+        modules = dict(self.model.named_modules())
+        for k in range(len(parts) - 1, 0, -1):
+            parent = ".".join(parts[:k])
+            try:
+                out, act, _ = _capture(self.model, modules[parent], parent, self.args, self.to_module, self.to)
+                y = (_select_to(out, self.output, self.n, self.batch_dim) if self.to is not None
+                     else _select(out, self.output, self.n))
+                if act.dim() <= self.batch_dim or act.shape[self.batch_dim] != self.n:
+                    continue
+                src, dst = _pairs(self.n, y.device)
+                if _cut_error(lambda s, d, m=modules[parent], a=act: self._mixed(m, a, s, d), y, src, dst) <= _cut_rtol(y.dtype):
+                    suggestion = parent
+                    break
+            except (ValueError, _Stop):
+                continue
+        hint = (f" Use an enclosing module that is a cut, e.g. at={suggestion!r}." if suggestion
+                else " Use the output of a whole block (e.g. a full residual block) instead of a sub-layer.")
+        target = f"module {self.to!r}'s output (to=)" if self.to else "logits"
+        return (f"module {self.at!r} is not a cut of the model: feeding sample i's input with sample j's activation "
+                f"at {self.at!r} does not reproduce sample j's {target} (relative error {err:.2e} > {tol:.0e}), so "
+                f"part of the output bypasses it (e.g. a skip connection around it).{hint}")
+
+    def compute(self, n_lambda: int = 21, backend: str = "auto", *, check: bool = True,
+                chunk_bytes: int | None = None, warn_affine: bool = True) -> LMNResult:
+        """One LMN computation on the model's current weights (see :func:`lmn_at`)."""
+        n_lambda = check_n_lambda(n_lambda)
+        with self.running(), torch.autocast(_device_type(self.args), enabled=False):
+            y, act = self.forward()
+            h = act.movedim(self.batch_dim, 0).reshape(self.n, -1)
+            if self.path == "chain":
+                res = lmn(h, self.tail, n_lambda, backend, chunk_bytes=chunk_bytes)
+            else:
+                if check and not self.checked:
+                    self.enforce_cut(act, y)
+                res = self._generic(h, y, n_lambda, backend, chunk_bytes)
+        if warn_affine and not self.affine_warned:
+            if self.affine:
+                self.affine_warned = True
+                emit_affine_warning(self.at, self.to, "structurally: only affine layers follow it")
+            elif _all_ones(res.connectivity):
+                self.affine_warned = True
+                emit_affine_warning(self.at, self.to, "every entry of L is 1 to rounding")
+        return res
+
+    def _generic(self, h, y, n_lambda, backend, chunk_bytes) -> LMNResult:
+        from . import generic
+        from .core import _check_tail, resolve_backend
+
+        _check_h(h)
+        _check_tail(self.tail, h)
+        name = resolve_backend(h, self.tail, backend)      # "triton"/"cpu" refuse a non-MLP tail here
+        out_dtype = _compute_dtype(h, self.tail)
+        run_dtype = _param_dtype(self.tail, h.dtype)
+        y_end = generic.end_outputs(self.tail, h, run_dtype, out_dtype)
+        if self.path == "split" and not _agrees(y_end, y):
+            # the traced graph does not reproduce the model (e.g. an in-place op it lost): hooks from now on
+            self.path, self.tail, self.affine = "hooks", _HookTail(self), None
+            y_end = generic.end_outputs(self.tail, h, run_dtype, out_dtype)
+        if name == "reference":
+            L = torch.from_numpy(generic.reference_connectivity(h, self.tail, n_lambda)).to(h.device, out_dtype)
+        else:
+            L = generic.connectivity_tail(h, self.tail, n_lambda, run_dtype, out_dtype, chunk_bytes, y_end=y_end)
+        groups = _identical_rows(h)
+        if groups is not None:  # SPEC §1: identical representations are perfectly connected
+            L[groups[:, None] == groups[None, :]] = 1.0
+        return lmn_from_connectivity(L)
+
+
+def _rows(out, output) -> int:
+    try:
+        y = out if output is None else (out[output] if isinstance(output, int) else output(out))
+        return int(y.shape[0])
+    except Exception:
+        return -1
+
+
+def _device_type(args) -> str:
+    return args[0].device.type
+
+
+def _agrees(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.shape != b.shape:
+        return False
+    scale = float(b.abs().max()) or 1.0
+    return float((a.to(b.dtype) - b).abs().max()) / scale <= _cut_rtol(b.dtype)
+
+
+def _all_ones(L: torch.Tensor) -> bool:
+    """Every entry of ``L`` is 1 to rounding (64 eps of its dtype)."""
+    return bool(((1.0 - L).abs() <= 64 * torch.finfo(L.dtype).eps).all())
