@@ -102,7 +102,7 @@ def _check_outputs(h: torch.Tensor, tail: nn.Module) -> None:
     """
     with eval_mode(tail):
         try:
-            y = tail(h.to(_param_dtype(tail, h.dtype)))
+            y = tail(h.to(_param_dtype(tail, h.dtype), copy=True))  # a copy: the tail may work in place
         except RuntimeError as e:
             raise ValueError(f"tail failed on h (N={h.shape[0]}, D={h.shape[1]}): {e}") from e
     if not isinstance(y, torch.Tensor) or y.dim() != 2 or y.shape[0] != h.shape[0]:
@@ -217,15 +217,17 @@ def _run_torch(h, tail, spec, n_lambda, chunk_bytes):
     flag = h.dtype == torch.float32
     if spec is not None:
         return torch_backend.connectivity_mlp(h, spec, n_lambda, chunk_bytes, flag=flag)
-    run_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32  # never below fp32 (bf16 models)
-    with eval_mode(tail):
-        try:
-            return torch_backend.connectivity_generic(h, tail, n_lambda, run_dtype, h.dtype, chunk_bytes, flag=flag)
-        except RuntimeError as e:
-            raise ValueError(f"tail failed on a batch of interpolated h (D={h.shape[1]}): {e}") from e
+    from . import generic
+
+    with eval_mode(tail):  # any other module: the generic path, in fp32 at least (bf16 models too)
+        return generic.connectivity_tail(h, tail, n_lambda, h.dtype, h.dtype, chunk_bytes, flag=flag)
 
 
 def _run_reference(h, tail, spec, n_lambda, chunk_bytes):
+    if spec is None:  # any other module: the paper-literal float64 loop through the module itself
+        from .generic import reference_connectivity
+
+        return torch.from_numpy(reference_connectivity(h, tail, n_lambda)).to(device=h.device, dtype=h.dtype)
     from . import reference
 
     return torch.from_numpy(reference.connectivity(h, tail, n_lambda)).to(device=h.device, dtype=h.dtype)
@@ -278,8 +280,10 @@ def _recompute_flagged(L: torch.Tensor, h: torch.Tensor, tail: nn.Module, spec: 
             if spec is not None:
                 v = torch_backend.mlp_pairs(h64, spec, i, j, n_lambda, chunk_bytes)
             else:
+                from . import generic
+
                 with eval_mode(tail):
-                    v = torch_backend.generic_pairs(h64, tail, i, j, n_lambda, chunk_bytes)
+                    v = generic.pairs_connectivity(h64, tail, i, j, n_lambda, chunk_bytes)
         v = v.to(L.dtype)
         L[i, j] = v
         L[j, i] = v

@@ -3,7 +3,8 @@
 Both take ``h`` (``(N, D)``) and a ``tail`` module mapping a ``(B, D)`` batch to ``(B, O)`` logits
 (``lmn_at``'s split or hook tails, or any user module):
 
-* :func:`connectivity_tail` runs the tail once on the ``N`` samples (the ``t = 0`` and ``t = 1``
+* :func:`connectivity_tail` (what ``core`` runs for any tail that is not an MLP, with ``backend="torch"``
+  or ``"auto"``) runs the tail once on the ``N`` samples (the ``t = 0`` and ``t = 1``
   ends of every path are the samples themselves) and on the ``T - 2`` interior points of each pair
   only, in batches of up to ``chunk_bytes`` of interpolated input (cache-sized on the CPU, as large
   as free memory allows on CUDA: see :func:`default_chunk_bytes`), reusing the shared r² reduction
@@ -11,9 +12,8 @@ Both take ``h`` (``(N, D)``) and a ``tail`` module mapping a ``(B, D)`` batch to
 * :func:`reference_connectivity` is the yardstick: for every pair ``i < j`` it runs the ``T``
   points ``h_i + lam_t (h_j - h_i)`` through a float64 copy of the module itself, one pair at a
   time, and reduces with the NumPy reference's :func:`grokfast_metrics.reference.pair_r2`. Slow on
-  purpose; ``lmn_at(..., backend="reference")`` runs it for split and hook tails. (``gm.lmn`` /
-  ``gm.connectivity`` with ``backend="reference"`` still run only MLP tails: dispatching other modules
-  here is a three-line change in ``core._run_reference``, left to the owner of ``core``.)
+  purpose; ``backend="reference"`` runs it for every tail that is not an MLP (``gm.lmn``,
+  ``gm.connectivity`` and ``lmn_at``'s split and hook tails alike).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from torch import nn
 from ._policy import lambdas
 from ._runtime import eval_mode
 from .core import NonFiniteOutputError
-from .torch_backend import r2_from_paths, triu_pair_chunks
+from .torch_backend import new_L, r2_from_paths, triu_pair_chunks
 
 #: default batch of interpolated tail input per forward: CPU (bytes), CUDA (cap; also <= 1/8 of free memory)
 CHUNK_BYTES_CPU = 1 << 20
@@ -46,7 +46,7 @@ def default_chunk_bytes(device: torch.device) -> int:
     return CHUNK_BYTES_CPU
 
 
-def run_tail(tail: nn.Module, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+def run_tail(tail, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """``tail(x)`` checked to be ``(B, O)`` real floating-point logits, cast to ``out_dtype``."""
     try:
         y = tail(x)
@@ -59,8 +59,9 @@ def run_tail(tail: nn.Module, x: torch.Tensor, out_dtype: torch.dtype) -> torch.
     return y.to(out_dtype)
 
 
-def end_outputs(tail: nn.Module, h: torch.Tensor, run_dtype: torch.dtype, out_dtype: torch.dtype) -> torch.Tensor:
-    """The tail on the samples themselves (``(N, O)``); ``NonFiniteOutputError`` when not finite."""
+def end_outputs(tail, h: torch.Tensor, run_dtype: torch.dtype, out_dtype: torch.dtype) -> torch.Tensor:
+    """The tail (a module or a callable) on the samples themselves (``(N, O)``); ``NonFiniteOutputError`` when
+    not finite."""
     y = run_tail(tail, h.to(run_dtype, copy=True), out_dtype)     # a copy: the tail may work in place
     bad = ~torch.isfinite(y).all(dim=1)
     if bool(bad.any()):
@@ -71,44 +72,96 @@ def end_outputs(tail: nn.Module, h: torch.Tensor, run_dtype: torch.dtype, out_dt
     return y
 
 
+def tail_params(tail: nn.Module, dtype: torch.dtype) -> dict:
+    """Copies of the tail's floating parameters and buffers in ``dtype`` (the module is never mutated)."""
+    out = {}
+    for name, t in list(tail.named_parameters()) + list(tail.named_buffers()):
+        out[name] = t.detach().to(dtype) if t.is_floating_point() else t
+    return out
+
+
+def widest(tail: nn.Module, d: int) -> int:
+    """Widest layer of an arbitrary module, estimated from its parameters' shapes (at least ``d``)."""
+    return max([d] + [int(s) for p in tail.parameters() for s in p.shape])
+
+
+def _batch_rows(tail: nn.Module, h: torch.Tensor, chunk_bytes: int | None) -> int:
+    """Rows of interpolated input per forward: ``chunk_bytes`` of activations of the tail's widest layer."""
+    budget = default_chunk_bytes(h.device) if chunk_bytes is None else int(chunk_bytes)
+    return max(1, budget // max(1, widest(tail, h.shape[1]) * h.element_size()))
+
+
+def _call(tail: nn.Module, params: dict | None, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    if params is None:
+        return run_tail(tail, x, out_dtype)
+    return run_tail(lambda b: torch.func.functional_call(tail, params, (b,)), x, out_dtype)
+
+
 def connectivity_tail(h: torch.Tensor, tail: nn.Module, n_lambda: int, run_dtype: torch.dtype,
                       out_dtype: torch.dtype, chunk_bytes: int | None = None,
-                      y_end: torch.Tensor | None = None) -> torch.Tensor:
+                      y_end: torch.Tensor | None = None, flag: bool = False) -> torch.Tensor:
     """``(N, N)`` connectivity of any tail, the ends of every path computed once.
 
     Args:
         h: ``(N, D)`` representations.
-        tail: ``(B, D) -> (B, O)`` module, run as it is (the caller sets eval mode and no-grad).
+        tail: ``(B, D) -> (B, O)`` module (the caller sets eval mode and no-grad). It runs in
+            ``run_dtype``, never below fp32: a bf16/fp16 module runs on fp32 copies of its parameters and
+            buffers through ``torch.func.functional_call`` (the module itself is never touched).
         n_lambda: points per path (``>= 3``).
-        run_dtype: dtype the tail runs in (its parameters'); ``out_dtype``: dtype of the reduction and of ``L``.
-        chunk_bytes: bytes of interpolated input per forward (default :func:`default_chunk_bytes`).
+        run_dtype: dtype the tail runs in; ``out_dtype``: dtype of ``L``.
+        chunk_bytes: bytes of activations of the tail's widest layer per forward (default
+            :func:`default_chunk_bytes`): peak extra memory ``O(N^2 + chunk)`` whatever ``D``.
         y_end: ``tail(h)`` if the caller has it already (``(N, O)`` in ``out_dtype``).
+        flag: write :data:`~._policy.FLAGGED` for a pair whose fp32 result cannot meet the accuracy
+            contract (``core`` recomputes it in fp64).
 
     Returns:
         ``L`` in ``out_dtype`` on ``h``'s device (identical rows are *not* set to 1 here).
     """
     dev, n = h.device, h.shape[0]
+    run_dtype = torch.float64 if run_dtype == torch.float64 else torch.float32
+    params = None if all(p.dtype == run_dtype for p in tail.parameters() if p.is_floating_point()) \
+        else tail_params(tail, run_dtype)
     hr = h.to(run_dtype)
     if y_end is None:
-        y_end = end_outputs(tail, hr, run_dtype, out_dtype)
-    lam, _ = lambdas(n_lambda, run_dtype, dev)
-    _, lam_c = lambdas(n_lambda, out_dtype, dev)
+        y_end = end_outputs(lambda b: _call(tail, params, b, run_dtype), hr, run_dtype, run_dtype)
+    y_end = y_end.to(run_dtype)
+    lam, lam_c = lambdas(n_lambda, run_dtype, dev)
     inner = lam[1:-1].view(1, -1, 1)
     eps = torch.finfo(run_dtype).eps
-    budget = default_chunk_bytes(dev) if chunk_bytes is None else int(chunk_bytes)
-    rows = max(1, budget // max(1, h.shape[1] * hr.element_size()))
-    chunk = max(1, rows // (n_lambda - 2))
-    L = torch.empty(n, n, dtype=out_dtype, device=dev)
+    chunk = max(1, _batch_rows(tail, hr, chunk_bytes) // (n_lambda - 2))
+    L = new_L(n, out_dtype, dev, chunk * n_lambda * widest(tail, h.shape[1]) * hr.element_size())
     for i, j in triu_pair_chunks(n, chunk, dev):
-        hi = hr[i]
-        x = torch.addcmul(hi.unsqueeze(1), inner, (hr[j] - hi).unsqueeze(1))          # [P, T-2, D]
-        y_in = run_tail(tail, x.flatten(0, 1), out_dtype).view(x.shape[0], n_lambda - 2, -1)
-        y = torch.cat([y_end[i].unsqueeze(1), y_in, y_end[j].unsqueeze(1)], dim=1)    # [P, T, O]
-        v = r2_from_paths(y, lam_c, eps)
-        L[i, j] = v
-        L[j, i] = v
-    L.diagonal().fill_(1.0)
+        v = _path_r2(hr, tail, params, i, j, inner, y_end, lam_c, eps, flag)
+        L[i, j] = v.to(out_dtype)
+        L[j, i] = v.to(out_dtype)
     return L
+
+
+def _path_r2(hr, tail, params, i, j, inner, y_end, lam_c, eps, flag) -> torch.Tensor:
+    """``L_ij`` of the pairs ``(i, j)``: the interior points through the tail, the ends from ``y_end``."""
+    hi = hr[i]
+    x = torch.addcmul(hi.unsqueeze(1), inner, (hr[j] - hi).unsqueeze(1))                   # [P, T-2, D]
+    y_in = _call(tail, params, x.flatten(0, 1), hr.dtype).view(x.shape[0], inner.shape[1], -1)
+    y = torch.cat([y_end[i].unsqueeze(1), y_in, y_end[j].unsqueeze(1)], dim=1)             # [P, T, O]
+    return r2_from_paths(y, lam_c, eps, flag)
+
+
+@torch.no_grad()
+def pairs_connectivity(h: torch.Tensor, tail: nn.Module, i: torch.Tensor, j: torch.Tensor, n_lambda: int,
+                       chunk_bytes: int | None = None) -> torch.Tensor:
+    """``L_ij`` of the listed pairs through any module, in ``h``'s dtype (parameters converted to it).
+
+    ``core`` recomputes the pairs an fp32 pass flagged with it, in fp64.
+    """
+    params = tail_params(tail, h.dtype)
+    y_end = end_outputs(lambda b: _call(tail, params, b, h.dtype), h, h.dtype, h.dtype)
+    lam, lam_c = lambdas(n_lambda, h.dtype, h.device)
+    inner = lam[1:-1].view(1, -1, 1)
+    chunk = max(1, _batch_rows(tail, h, chunk_bytes) // (n_lambda - 2))
+    eps = torch.finfo(h.dtype).eps
+    return torch.cat([_path_r2(h, tail, params, i[c:c + chunk], j[c:c + chunk], inner, y_end, lam_c, eps, False)
+                      for c in range(0, i.numel(), chunk)])
 
 
 def reference_connectivity(h: torch.Tensor, tail: nn.Module, n_lambda: int = 21) -> np.ndarray:

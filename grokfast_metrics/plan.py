@@ -36,7 +36,7 @@ from ._policy import check_n_lambda
 from ._runtime import eval_mode
 from ._split import _AFFINE, _chain_tail, _graph_kind, _HookTail, _selector_affine, _SplitTail, _trace_split
 from ._tail import parse_tail
-from .core import LMNResult, _check_h, _compute_dtype, _identical_rows, _param_dtype, lmn, lmn_from_connectivity
+from .core import LMNResult, _param_dtype, lmn
 
 __all__ = ["CUT_CHECK_SAMPLES", "PATHS", "AffineTailWarning", "Plan", "emit_affine_warning"]
 
@@ -246,27 +246,15 @@ class Plan:
         return res
 
     def _generic(self, h, y, n_lambda, backend, chunk_bytes) -> LMNResult:
+        """LMN through the split or hook tail, by ``gm.lmn`` (core chooses the backend and runs the generic path)."""
         from . import generic
-        from .core import _check_tail, resolve_backend
 
-        _check_h(h)
-        _check_tail(self.tail, h)
-        name = resolve_backend(h, self.tail, backend)      # "triton"/"cpu" refuse a non-MLP tail here
-        out_dtype = _compute_dtype(h, self.tail)
-        run_dtype = _param_dtype(self.tail, h.dtype)
-        y_end = generic.end_outputs(self.tail, h, run_dtype, out_dtype)
-        if self.path == "split" and not _agrees(y_end, y):
-            # the traced graph does not reproduce the model (e.g. an in-place op it lost): hooks from now on
-            self.path, self.tail, self.affine = "hooks", _HookTail(self), None
-            y_end = generic.end_outputs(self.tail, h, run_dtype, out_dtype)
-        if name == "reference":
-            L = torch.from_numpy(generic.reference_connectivity(h, self.tail, n_lambda)).to(h.device, out_dtype)
-        else:
-            L = generic.connectivity_tail(h, self.tail, n_lambda, run_dtype, out_dtype, chunk_bytes, y_end=y_end)
-        groups = _identical_rows(h)
-        if groups is not None:  # SPEC §1: identical representations are perfectly connected
-            L[groups[:, None] == groups[None, :]] = 1.0
-        return lmn_from_connectivity(L)
+        if self.path == "split":
+            y_end = generic.end_outputs(self.tail, h, _param_dtype(self.tail, h.dtype), y.dtype)
+            if not _agrees(y_end, y):
+                # the traced graph does not reproduce the model (e.g. an in-place op it lost): hooks from now on
+                self.path, self.tail, self.affine = "hooks", _HookTail(self), None
+        return lmn(h, self.tail, n_lambda, backend, chunk_bytes=chunk_bytes)
 
 
 def _rows(out, output) -> int:

@@ -109,9 +109,9 @@ class MetricsLog:
 
     def _write(self, row: dict) -> None:
         full = {c: row.get(c) for c in self.columns}
-        self.rows.append(full)
         self._jsonl.write(json.dumps(full) + "\n")
         self._csv.writerow({c: ("" if v is None else v) for c, v in full.items()})
+        self.rows.append(full)  # last: a signal between these lines never leaves rows ahead of the files
 
     def flush(self) -> None:
         """Flush both files."""

@@ -8,25 +8,22 @@ Two paths share one reduction (:func:`r2_from_centred`):
   tail ends in a Linear, its output is taken centred over ``t`` *before* that Linear,
   ``yc = (a - mean_t a) W^T`` (SPEC §1 accuracy contract: the bias and a shared logit offset never
   enter), and a saturating activation just before it is taken offset free.
-* :func:`connectivity_generic` for any other module: the interpolation points of a chunk of pairs
-  are run through the module in one batched forward (in fp32 at least, through
-  ``torch.func.functional_call`` with converted copies of the parameters: the module is never touched).
+* any other module takes the generic path of :mod:`grokfast_metrics.generic`, which shares this
+  module's reduction (:func:`r2_from_paths`), pair chunks and allocation (:func:`new_L`).
 
 Both run on whatever device ``h`` lives on (CPU or CUDA) in fp32 or fp64. With ``flag=True`` (what
 ``core`` asks for in fp32) a pair the fp32 computation cannot resolve to the accuracy contract is
 written as :data:`~._policy.FLAGGED` and ``core`` recomputes it in fp64 (:func:`mlp_pairs`,
-:func:`generic_pairs`).
+:func:`grokfast_metrics.generic.pairs_connectivity`).
 """
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 import torch
-from torch import nn
 
 from ._policy import CONST_RTOL, FLAG_KAPPA, FLAGGED, check_fits, lambdas
 from ._tail import SATURATING, MLPTail, torch_offset_free
-
 
 #: smooth activations whose input rounding is amplified by ``x act'(x)`` (see :func:`_rounding_scale`)
 _SMOOTH = ("silu", "sigmoid", "tanh", "gelu", "gelu_tanh")
@@ -120,16 +117,20 @@ def chunk_pairs(width: int, n_lambda: int, elem_bytes: int, device: torch.device
     return max(1, chunk_bytes // max(1, n_lambda * width * elem_bytes))
 
 
-def _new_L(n: int, dtype: torch.dtype, device: torch.device, chunk_bytes: int | None, width: int,
-           n_lambda: int) -> torch.Tensor:
-    """The ``(N, N)`` output, allocated once (after checking that it and a few chunks fit)."""
+def new_L(n: int, dtype: torch.dtype, device: torch.device, work_bytes: int) -> torch.Tensor:
+    """The ``(N, N)`` output with a unit diagonal, allocated once, after checking that it and ``work_bytes`` of
+    working memory fit (``MemoryError`` otherwise, before anything is allocated)."""
     elem = torch.empty((), dtype=dtype).element_size()
-    chunk = chunk_bytes if chunk_bytes is not None else default_chunk_bytes(device)
-    # a chunk holds a few [P, T, width] blocks plus O(P) index/statistics tensors
-    check_fits(n * n * elem, 4 * min(chunk, n * n // 2 * n_lambda * width * elem) + 64 * n, device)
+    check_fits(n * n * elem, int(work_bytes) + 64 * n, device)
     L = torch.empty(n, n, dtype=dtype, device=device)
     L.diagonal().fill_(1.0)
     return L
+
+
+def _chunk_work(n: int, n_lambda: int, width: int, elem: int, chunk_bytes: int | None, device: torch.device) -> int:
+    """Working bytes of one chunk: a few ``[P, T, width]`` blocks (never more than all pairs need)."""
+    chunk = chunk_bytes if chunk_bytes is not None else default_chunk_bytes(device)
+    return 4 * min(chunk, n * n // 2 * n_lambda * width * elem)
 
 
 def _prepare(spec: MLPTail, dtype: torch.dtype):
@@ -196,7 +197,7 @@ def connectivity_mlp(h: torch.Tensor, spec: MLPTail, n_lambda: int, chunk_bytes:
     stages = _prepare(spec, dtype)
     z = spec.absorb(h)
     width = max([z.shape[1]] + [w.shape[1] for _, w, _ in stages])
-    L = _new_L(n, dtype, dev, chunk_bytes, width, n_lambda)
+    L = new_L(n, dtype, dev, _chunk_work(n, n_lambda, width, h.element_size(), chunk_bytes, dev))
     chunk = chunk_pairs(width, n_lambda, h.element_size(), dev, chunk_bytes)
     for i, j in triu_pair_chunks(n, chunk, dev):
         v = _pairs_values(z, spec, stages, i, j, n_lambda, flag)
@@ -214,72 +215,4 @@ def mlp_pairs(h: torch.Tensor, spec: MLPTail, i: torch.Tensor, j: torch.Tensor, 
     width = max([z.shape[1]] + [w.shape[1] for _, w, _ in stages])
     chunk = chunk_pairs(width, n_lambda, h.element_size(), h.device, chunk_bytes)
     return torch.cat([_pairs_values(z, spec, stages, i[c:c + chunk], j[c:c + chunk], n_lambda, False)
-                      for c in range(0, i.numel(), chunk)])
-
-
-def _widest(tail: nn.Module, d: int) -> int:
-    """Widest layer of an arbitrary module, estimated from its parameters' shapes (at least ``d``)."""
-    return max([d] + [int(s) for p in tail.parameters() for s in p.shape])
-
-
-def _generic_values(h: torch.Tensor, tail: nn.Module, params: dict, i: torch.Tensor, j: torch.Tensor,
-                    n_lambda: int, flag: bool) -> torch.Tensor:
-    run_dtype = h.dtype
-    lam, lam_c = lambdas(n_lambda, run_dtype, h.device)
-    hi = h[i]
-    x = torch.addcmul(hi.unsqueeze(1), lam.view(1, -1, 1), (h[j] - hi).unsqueeze(1))  # [P, T, D]
-    y = torch.func.functional_call(tail, params, (x.flatten(0, 1),))
-    if not isinstance(y, torch.Tensor) or y.dim() != 2 or y.shape[0] != x.shape[0] * n_lambda or not y.is_floating_point():
-        shape = f"{tuple(y.shape)} {y.dtype}" if isinstance(y, torch.Tensor) else type(y).__name__
-        raise ValueError(
-            f"tail must map a (B, {h.shape[1]}) batch to (B, O) floating-point logits; for B={x.shape[0] * n_lambda} "
-            f"it returned {shape}"
-        )
-    y = y.to(run_dtype).view(x.shape[0], n_lambda, -1)
-    return r2_from_paths(y, lam_c, torch.finfo(run_dtype).eps, flag)
-
-
-def generic_params(tail: nn.Module, dtype: torch.dtype) -> dict:
-    """Copies of the tail's floating parameters and buffers in ``dtype`` (the module is never mutated)."""
-    out = {}
-    for name, t in list(tail.named_parameters()) + list(tail.named_buffers()):
-        out[name] = t.detach().to(dtype) if t.is_floating_point() else t
-    return out
-
-
-@torch.no_grad()
-def connectivity_generic(
-    h: torch.Tensor, tail: nn.Module, n_lambda: int, run_dtype: torch.dtype, out_dtype: torch.dtype,
-    chunk_bytes: int | None = None, flag: bool = False,
-) -> torch.Tensor:
-    """Connectivity matrix ``(N, N)`` of any module: batched forward of the interpolation points.
-
-    The tail runs in ``run_dtype`` (never below fp32: a bf16/fp16 module runs on fp32 copies of its
-    parameters and buffers through ``torch.func.functional_call``); r2 is reduced in that dtype with
-    the constant-path rule, and returned in ``out_dtype``. Chunks are sized by the widest layer of the
-    module (estimated from its parameters), not by ``D``.
-    """
-    dev = h.device
-    n = h.shape[0]
-    if run_dtype not in (torch.float32, torch.float64):
-        run_dtype = torch.float32
-    hr = h.to(run_dtype)
-    params = generic_params(tail, run_dtype)
-    width = _widest(tail, h.shape[1])
-    L = _new_L(n, out_dtype, dev, chunk_bytes, 4 * width, n_lambda)
-    chunk = chunk_pairs(4 * width, n_lambda, hr.element_size(), dev, chunk_bytes)
-    for i, j in triu_pair_chunks(n, chunk, dev):
-        v = _generic_values(hr, tail, params, i, j, n_lambda, flag).to(out_dtype)
-        L[i, j] = v
-        L[j, i] = v
-    return L
-
-
-@torch.no_grad()
-def generic_pairs(h: torch.Tensor, tail: nn.Module, i: torch.Tensor, j: torch.Tensor, n_lambda: int,
-                  chunk_bytes: int | None = None) -> torch.Tensor:
-    """``L_ij`` of the listed pairs through any module, in ``h``'s dtype (parameters converted to it)."""
-    params = generic_params(tail, h.dtype)
-    chunk = chunk_pairs(4 * _widest(tail, h.shape[1]), n_lambda, h.element_size(), h.device, chunk_bytes)
-    return torch.cat([_generic_values(h, tail, params, i[c:c + chunk], j[c:c + chunk], n_lambda, False)
                       for c in range(0, i.numel(), chunk)])

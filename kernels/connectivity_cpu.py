@@ -156,15 +156,21 @@ def unsupported_reason(spec: MLPTail, device: torch.device, dtype: torch.dtype) 
     ``None`` when it can (the library is then built and loaded). Every activation of the
     activation table is implemented, so only the device, the dtype and the structure matter.
     """
-    if torch.device(device).type != "cpu":
-        return f"h is on {device}, not the CPU"
     if dtype != torch.float32:
         return f"only float32 is fused on the CPU (got {dtype})"
-    if not spec.stages:
-        return "the tail has no Linear after its first activation"
     for _, lin in spec.stages:
         if lin.weight.dtype != torch.float32 or lin.weight.device.type != "cpu":
             return "tail weights must be float32 on the CPU"
+    return _shared_reason(spec, device)
+
+
+def _shared_reason(spec: MLPTail, device: torch.device) -> str | None:
+    """What both entry points (the fp32 kernel and the fp64 pair recompute) need: the CPU, a Linear after the
+    first activation, the switch on, the library built."""
+    if torch.device(device).type != "cpu":
+        return f"h is on {device}, not the CPU"
+    if not spec.stages:
+        return "the tail has no Linear after its first activation"
     if os.environ.get(_ENV_SWITCH, "1") in ("0", "false", "False"):
         return f"disabled by {_ENV_SWITCH}=0"
     if _library() is None:
@@ -268,7 +274,7 @@ def connectivity_cpu(z: torch.Tensor, spec: MLPTail, n_lambda: int, num_threads:
         wabs.data_ptr(), wnorm.data_ptr(), FLAG_KAPPA if flag else 0.0,
     )
     if rc == 2:
-        raise MemoryError(f"fused CPU kernel ran out of memory (N={n}, widths {kins + [spec.stages[-1][1].out_features]})")
+        raise MemoryError(f"fused CPU kernel ran out of memory (N={n}, widths {[*kins, spec.stages[-1][1].out_features]})")
     if rc != 0:
         raise RuntimeError(f"fused CPU kernel failed with code {rc}")
     return out
@@ -276,15 +282,7 @@ def connectivity_cpu(z: torch.Tensor, spec: MLPTail, n_lambda: int, num_threads:
 
 def pairs_f64_unsupported(spec: MLPTail, device: torch.device) -> str | None:
     """Why :func:`pairs_f64` cannot recompute pairs of ``spec`` on ``device`` (``None`` when it can)."""
-    if torch.device(device).type != "cpu":
-        return f"the tail is on {device}, not the CPU"
-    if not spec.stages:
-        return "the tail has no Linear after its first activation"
-    if os.environ.get(_ENV_SWITCH, "1") in ("0", "false", "False"):
-        return f"disabled by {_ENV_SWITCH}=0"
-    if _library() is None:
-        return f"kernel unavailable: {_state['error']}"
-    return None
+    return _shared_reason(spec, device)
 
 
 def pairs_f64(h: torch.Tensor, spec: MLPTail, i: torch.Tensor, j: torch.Tensor, n_lambda: int,

@@ -15,8 +15,8 @@ from helpers import ACTS, mlp_tail
 from torch import nn
 
 import grokfast_metrics as gm
-from grokfast_metrics._policy import FLAGGED
 from grokfast_metrics import reference, torch_backend
+from grokfast_metrics._policy import FLAGGED
 from grokfast_metrics._tail import parse_tail
 
 ATOL = 1e-5  # fp32 vs float64 reference (SPEC §4)

@@ -11,7 +11,7 @@ from helpers import Wrapped, mlp_tail
 from torch import nn
 
 import grokfast_metrics as gm
-from grokfast_metrics import reference, torch_backend
+from grokfast_metrics import generic, reference, torch_backend
 from grokfast_metrics.dropin import check_cut
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -86,14 +86,14 @@ def test_sequential_equals_manual_split_fast_path(k, dtype, atol, monkeypatch):
     model = _seq_model(dtype)
     x = torch.randn(13, 5, generator=torch.Generator().manual_seed(k), dtype=dtype)
     calls = {"mlp": 0, "generic": 0}
-    for name in calls:
-        orig = getattr(torch_backend, f"connectivity_{name}")
+    for name, module, attr in (("mlp", torch_backend, "connectivity_mlp"), ("generic", generic, "connectivity_tail")):
+        orig = getattr(module, attr)
 
         def spy(*a, _orig=orig, _name=name, **kw):
             calls[_name] += 1
             return _orig(*a, **kw)
 
-        monkeypatch.setattr(torch_backend, f"connectivity_{name}", spy)
+        monkeypatch.setattr(module, attr, spy)
     res = gm.lmn_at(model, x, at=str(k), backend="torch")
     assert calls == {"mlp": 1, "generic": 0}            # fused MLP path, no model re-runs
     with torch.no_grad():
@@ -109,7 +109,7 @@ def test_nested_sequential_takes_fast_path(monkeypatch):
     flat = _seq_model()
     model = nn.Sequential(nn.Sequential(flat[0], flat[1]), nn.Sequential(flat[2], flat[3]), flat[4])
     x = torch.randn(10, 5, generator=torch.Generator().manual_seed(4))
-    monkeypatch.setattr(torch_backend, "connectivity_generic", None)    # any generic call would fail
+    monkeypatch.setattr(generic, "connectivity_tail", None)             # any generic call would fail
     for at, k in [("0.0", 0), ("0", 1), ("1.0", 2)]:
         res = gm.lmn_at(model, x, at=at)
         torch.testing.assert_close(res.connectivity, gm.lmn_at(flat, x, at=str(k)).connectivity, rtol=0, atol=0)
