@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from . import torch_backend
-from ._policy import FLAGGED, check_n_lambda
+from ._policy import FLAGGED, check_fits, check_n_lambda
 from ._runtime import eval_mode, triton_available, triton_interpreting
 from ._tail import MLPTail, parse_tail
 
@@ -338,6 +338,8 @@ def connectivity(
     run = _DISPATCH[name]
     with torch.no_grad(), torch.autocast(h.device.type, enabled=False):  # autocast must not lower the precision
         _check_outputs(h, tail)
+        n = h.shape[0]  # refuse before allocating an L that cannot fit (every backend allocates one)
+        check_fits(n * n * torch.empty((), dtype=dtype).element_size(), 0, h.device)
         L = run(h.to(dtype), tail, spec, n_lambda, chunk_bytes)
         groups = _identical_rows(h)
         recomputed = 0
