@@ -178,6 +178,17 @@ def _shared_reason(spec: MLPTail, device: torch.device) -> str | None:
     return None
 
 
+def _act_arrays(spec: MLPTail) -> tuple[list[int], list[float], list[int]]:
+    """The kernel's activation arrays: codes and slopes stage by stage (then the final ones), and the offsets
+    of each stage's run (``act_code[act_off[s] : act_off[s + 1]]``)."""
+    codes, slopes, offs = [], [], [0]
+    for acts in [acts for acts, _ in spec.stages] + [list(spec.final)]:
+        codes += [a.code for a in acts]
+        slopes += [float(a.slope) for a in acts]
+        offs.append(len(codes))
+    return codes, slopes, offs
+
+
 def _pad8(n: int) -> int:
     return (n + 7) // 8 * 8
 
@@ -240,12 +251,7 @@ def connectivity_cpu(z: torch.Tensor, spec: MLPTail, n_lambda: int, num_threads:
         width = lin.out_features
     zp = torch.zeros(n, kps[0], dtype=torch.float32)
     zp[:, :h0] = z
-    act_lists = [acts for acts, _ in spec.stages] + [list(spec.final)]
-    codes, slopes, offs = [], [], [0]
-    for acts in act_lists:
-        codes += [a.code for a in acts]
-        slopes += [float(a.slope) for a in acts]
-        offs.append(len(codes))
+    codes, slopes, offs = _act_arrays(spec)
     lam32, lam_c = lambdas(n_lambda, torch.float32)
     ll = float((lam_c.double() ** 2).sum())
     check_fits(4 * n * n, 4 * (n + 8) * kps[0] * 3, "cpu")
@@ -328,12 +334,7 @@ def pairs_f64(h: torch.Tensor, spec: MLPTail, i: torch.Tensor, j: torch.Tensor, 
     pi, pj = np.ascontiguousarray(inv[:n_pairs], dtype=np.int64), np.ascontiguousarray(inv[n_pairs:], dtype=np.int64)
     wts = [_f64(lin.weight).T.copy() for _, lin in spec.stages]
     bs = [None if lin.bias is None else _f64(lin.bias) for _, lin in spec.stages]
-    act_lists = [acts for acts, _ in spec.stages] + [list(spec.final)]
-    codes, slopes, offs = [], [], [0]
-    for acts in act_lists:
-        codes += [a.code for a in acts]
-        slopes += [float(a.slope) for a in acts]
-        offs.append(len(codes))
+    codes, slopes, offs = _act_arrays(spec)
     lam = np.arange(n_lambda, dtype=np.float64) / (n_lambda - 1)  # = _policy.lambdas in float64
     lam_c = lam - 0.5
     ll = float((lam_c**2).sum())
