@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._policy import CONST_RTOL
+from .._policy import CONST_RTOL, FLAG_KAPPA, FLAGGED
 from .._tail import ACT_CODES, IDENTITY, MLPTail
 
 #: Remaining Linears (after the absorbed ones) the kernel supports.
@@ -131,6 +131,7 @@ def _connectivity_fwd_kernel(
     ACT1: tl.constexpr, SLOPE1: tl.constexpr, ACT2: tl.constexpr, SLOPE2: tl.constexpr,
     ACT3: tl.constexpr, SLOPE3: tl.constexpr, ACT4: tl.constexpr, SLOPE4: tl.constexpr,
     ACT_F: tl.constexpr, SLOPE_F: tl.constexpr, CONST_TOL: tl.constexpr, PREC: tl.constexpr,
+    EPS: tl.constexpr, FLAG: tl.constexpr, FLAG_KAPPA: tl.constexpr, FLAGGED: tl.constexpr,
 ):
     """``L[i, j] = L[j, i] = mean_k r2_k`` for row ``i`` and ``BLOCK_J`` columns ``j > i``.
 
@@ -198,10 +199,27 @@ def _connectivity_fwd_kernel(
         b_ymax = tl.max(tl.where(m_t3, tl.abs(b_y3), 0.0), axis=1)                     # [BLOCK_J, PO]
         b_den = tl.where(b_ss > 0.0, b_ss * b_ll, 1.0)
         b_r2 = tl.minimum(tl.maximum(b_cov * b_cov / b_den, 0.0), 1.0)
-        b_const = tl.sqrt(b_ss / T) <= CONST_TOL * b_ymax
+        b_scale = b_ymax                                                               # rounding scale, units of eps
+        b_std = tl.sqrt(b_ss / T)
+        b_const = b_std <= CONST_TOL * b_scale
         b_r2 = tl.where(b_const, 1.0, b_r2)
         m_o = tl.arange(0, PO) < O
         b_l = tl.sum(tl.where(m_o[None, :], b_r2, 0.0), axis=1) / O                    # [BLOCK_J]
+        if FLAG:  # torch_backend.pair_error_estimate: kappa = eps scale / std, mean_k min(1, ...) > FLAG_KAPPA
+            b_err = EPS * b_scale
+            b_kap = tl.where(b_err > 0.0, b_err / b_std, 0.0)                          # std == 0 < err: inf
+            b_est = 2.0 * b_kap * tl.sqrt(tl.maximum(b_r2 * (1.0 - b_r2), b_kap)) + b_kap * b_kap
+            b_est = tl.where(b_est < 1.0, b_est, 1.0)                                  # inf and nan -> 1
+            b_e = tl.sum(tl.where(m_o[None, :], b_est, 0.0), axis=1) / O               # [BLOCK_J]
+            b_l = tl.where(b_e > FLAG_KAPPA, FLAGGED, b_l)
+            # an exactly constant path (z_j == z_i: duplicate samples) is exact, r2 = 1, never flagged
+            b_dn = tl.zeros([BLOCK_J], dtype=DT)
+            for k0 in range(0, K0, BLOCK_K):
+                o_k = k0 + tl.arange(0, BLOCK_K)
+                b_zi = tl.load(z_ptr + i.to(tl.int64) * K0 + o_k)
+                b_zj = tl.load(z_ptr + o_j.to(tl.int64)[:, None] * K0 + o_k[None, :], mask=m_j[:, None], other=0.0)
+                b_dn = tl.maximum(b_dn, tl.max(tl.abs(b_zj - b_zi[None, :]), axis=1))
+            b_l = tl.where(b_dn == 0.0, 1.0, b_l)
 
         o_j64 = o_j.to(tl.int64)
         i64 = i.to(tl.int64)
@@ -339,6 +357,10 @@ def launch_config(
     const["SLOPE_F"] = float(fin.slope) if fin is not None else 0.0
     const["CONST_TOL"] = CONST_RTOL * torch.finfo(dtype).eps
     const["PREC"] = prec
+    const["EPS"] = torch.finfo(dtype).eps
+    const["FLAG"] = not fp64  # fp32: unresolvable pairs are written FLAGGED, core recomputes them in fp64
+    const["FLAG_KAPPA"] = FLAG_KAPPA
+    const["FLAGGED"] = FLAGGED
     ptr = "*fp64" if fp64 else "*fp32"
     signature = {name: ptr for name in POINTER_ARGS}
     signature["N"] = "i32"
