@@ -157,7 +157,9 @@ def _amp(ax, ACT: tl.constexpr):
     (``torch_backend._rounding_scale``: ``|x|`` for smooth units, ``x^2`` for GELU at negative ``x``, 0 otherwise)."""
     if ACT == _GELU:
         f = (1.0 + ax) * (1.0 + ax)
-    elif (ACT == _SILU) or (ACT == _SIGMOID) or (ACT == _TANH) or (ACT == _GELU_TANH):
+    elif ACT == _TANH:  # |x d/dx log(2 sigmoid(-+2x))| = 2 |x| sigmoid(+-2x) <= 2 |x| (offset free)
+        f = 1.0 + 2.0 * ax
+    elif (ACT == _SILU) or (ACT == _SIGMOID) or (ACT == _GELU_TANH):
         f = 1.0 + ax
     else:
         f = ax * 0.0 + 1.0
