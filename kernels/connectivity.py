@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._policy import CONST_RTOL
+from .._policy import CONST_RTOL, FLAG_KAPPA, FLAGGED
 from .._tail import ACT_CODES, IDENTITY, MLPTail
 
 #: Remaining Linears (after the absorbed ones) the kernel supports.
@@ -67,14 +67,49 @@ def _tanh(x):
 
 
 @triton.jit
+def _gelu_erfc(x):
+    """``erfc(-x / sqrt 2)`` with relative accuracy for both signs (``_tail.ACTIVATIONS``' GELU, no libdevice).
+
+    ``x >= 0``: ``1 + erf(x / sqrt 2)`` (no cancellation). ``x < 0``, ``u = -x / sqrt 2 > 0``: fp32 uses the
+    Chebyshev fit of Numerical Recipes' ``erfcc`` (relative error < 1.2e-7 for every ``u >= 0``); fp64 uses
+    ``1 - erf(u)`` below ``u = 2.5`` (relative error <= eps / erfc(2.5) = 3e-13) and the continued fraction
+    ``erfc(u) = e^{-u^2} / sqrt(pi) / (u + (1/2) / (u + 1 / (u + (3/2) / ...)))`` at 40 terms above
+    (relative error < 1e-15 for ``u >= 2.5``, checked against scipy).
+    """
+    u = -x * 0.7071067811865476
+    ua = tl.maximum(u, 0.0)
+    pos = 1.0 + tl.erf(-u)
+    if x.dtype == tl.float64:
+        uc = tl.maximum(ua, 2.5)
+        f = uc
+        for k in range(40):
+            f = uc + ((40 - k) * 0.5) / f
+        neg = tl.where(ua < 2.5, 1.0 - tl.erf(ua), tl.exp(-uc * uc) * 0.5641895835477563 / f)
+    else:
+        t = 1.0 / (1.0 + 0.5 * ua)
+        p = 0.17087277
+        p = p * t - 0.82215223
+        p = p * t + 1.48851587
+        p = p * t - 1.13520398
+        p = p * t + 0.27886807
+        p = p * t - 0.18628806
+        p = p * t + 0.09678418
+        p = p * t + 0.37409196
+        p = p * t + 1.00002368
+        p = p * t - 1.26551223
+        neg = t * tl.exp(p - ua * ua)
+    return tl.where(u <= 0.0, pos, neg)
+
+
+@triton.jit
 def _act(x, ACT: tl.constexpr, SLOPE: tl.constexpr):
     """Elementwise activation ``ACT`` (a code of ``_tail.ACT_CODES``; identity: unchanged) of a block."""
     if ACT == _SILU:
         x = x / (1.0 + tl.exp(-x))
     elif ACT == _RELU:
         x = tl.maximum(x, 0.0)
-    elif ACT == _GELU:  # erf form
-        x = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+    elif ACT == _GELU:  # 0.5 x erfc(-x / sqrt 2): the erf form cancels for very negative x
+        x = 0.5 * x * _gelu_erfc(x)
     elif ACT == _GELU_TANH:  # 0.5 x (1 + tanh u) == x * sigmoid(2u), no cancellation
         u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
         x = x / (1.0 + tl.exp(-2.0 * u))
@@ -87,29 +122,125 @@ def _act(x, ACT: tl.constexpr, SLOPE: tl.constexpr):
     return x
 
 
+# SiLU, GELU and GELU-tanh have one minimum (x*, act(x*)): |act| on a segment is at most its value at the
+# ends, or |act(x*)| when the segment reaches x* (rounded outwards).
+_XSTAR_SILU = tl.constexpr(-1.2784645)
+_MIN_SILU = tl.constexpr(0.27846455)
+_XSTAR_GELU = tl.constexpr(-0.7517916)
+_MIN_GELU = tl.constexpr(0.17004)
+
+
+@triton.jit
+def _act_offset_free(x, ref, ACT: tl.constexpr, SLOPE: tl.constexpr):
+    """``act(x)``, minus the constant a saturating unit tends to on ``ref``'s side (``_tail.torch_offset_free``).
+
+    ``ref`` (broadcast against ``x``) is constant along a path, so the offset it removes is too and centring
+    cancels it exactly: ``sigmoid(x) - 1 = -sigmoid(-x)``, ``tanh(x) -+ 1 = -+2 sigmoid(-+2x)``.
+    """
+    if ACT == _SIGMOID:
+        e = tl.exp(-tl.abs(x))
+        r = 1.0 / (1.0 + e)
+        a = tl.where(ref > 0.0, -tl.where(x >= 0.0, e * r, r), tl.where(x >= 0.0, r, e * r))
+    elif ACT == _TANH:
+        e = tl.exp(-2.0 * tl.abs(x))
+        r = 2.0 / (1.0 + e)
+        a = tl.where(ref > 0.0, -tl.where(x >= 0.0, e * r, r),
+                     tl.where(ref < 0.0, tl.where(x >= 0.0, r, e * r), _tanh(x)))
+    else:
+        a = _act(x, ACT, SLOPE)
+    return a
+
+
+@triton.jit
+def _amp(ax, ACT: tl.constexpr):
+    """``1 + g``: how much the rounding of the input ``x`` (``|x| = ax``) grows through ``act`` relative to ``|act|``
+    (``torch_backend._rounding_scale``: ``|x|`` for smooth units, ``x^2`` for GELU at negative ``x``, 0 otherwise)."""
+    if ACT == _GELU:
+        f = (1.0 + ax) * (1.0 + ax)
+    elif ACT == _TANH:  # |x d/dx log(2 sigmoid(-+2x))| = 2 |x| sigmoid(+-2x) <= 2 |x| (offset free)
+        f = 1.0 + 2.0 * ax
+    elif (ACT == _SILU) or (ACT == _SIGMOID) or (ACT == _GELU_TANH):
+        f = 1.0 + ax
+    else:
+        f = ax * 0.0 + 1.0
+    return f
+
+
+@triton.jit
+def _centred_input(x3, ACT: tl.constexpr, SLOPE: tl.constexpr, T: tl.constexpr, col0, H_LAST: tl.constexpr):
+    """Input of the last Linear from its pre-activation ``x3`` ``[BLOCK_J, T_PAD, W]`` (columns ``col0..``).
+
+    Returns ``a - mean_t a`` (padded ``t`` zeroed; sigmoid/tanh offset free relative to ``x`` at ``t = 0``)
+    and, per pair, ``max_h m_h`` and ``sum_h m_h^2`` of ``m_h = max_t |a_th| (1 + g_th)`` over the real columns.
+    """
+    BJ: tl.constexpr = x3.shape[0]
+    TP: tl.constexpr = x3.shape[1]
+    W: tl.constexpr = x3.shape[2]
+    o_t = tl.arange(0, TP)
+    m_t3 = (o_t < T)[None, :, None]
+    x0 = tl.sum(tl.where(o_t[None, :, None] == 0, x3, 0.0), axis=1)                   # [BJ, W]
+    a3 = _act_offset_free(x3, x0[:, None, :], ACT, SLOPE)
+    m3 = tl.where(m_t3, tl.abs(a3) * _amp(tl.abs(x3), ACT), 0.0)
+    m_h = tl.where((col0 + tl.arange(0, W) < H_LAST)[None, :], tl.max(m3, axis=1), 0.0)  # [BJ, W]
+    b_mean = tl.sum(tl.where(m_t3, a3, 0.0), axis=1) / T
+    ac3 = tl.where(m_t3, a3 - b_mean[:, None, :], 0.0)
+    return ac3, tl.max(m_h, axis=1), tl.sum(m_h * m_h, axis=1)
+
+
 @triton.jit
 def _first_linear(
     z_ptr, w1_ptr, c1_ptr, i, o_j, m_j, b_lam, n0,
     K0: tl.constexpr, P1: tl.constexpr, BN: tl.constexpr, T_PAD: tl.constexpr, BLOCK_J: tl.constexpr,
     BLOCK_K: tl.constexpr, ACT1: tl.constexpr, SLOPE1: tl.constexpr, PREC: tl.constexpr,
+    LAST: tl.constexpr = False, H_LAST: tl.constexpr = 0,
 ):
-    """``W1 act1(z_i + lam (z_j - z_i)) + c1`` for output columns ``n0 .. n0+BN``: ``[BLOCK_J * T_PAD, BN]``."""
+    """``W1 act1(z_i + lam (z_j - z_i)) + c1`` for output columns ``n0 .. n0+BN``: ``[BLOCK_J * T_PAD, BN]``.
+
+    ``LAST`` (W1 is the tail's last Linear, no trailing activation): ``W1 (a - a_0)`` instead, no bias
+    (``a_0 = act1(z_i)``, offset free for sigmoid/tanh), and per pair ``max_h m_h``, ``sum_h m_h^2`` with
+    ``m_h = max(|a_ih|, |a_jh|, |act1(x*)| if the path reaches x*) (1 + g(max(|z_ih|, |z_jh|)))`` >= the torch
+    path's ``max_t |a_th| (1 + g_th)`` (``|x_t|`` is at most its ends; monotone units peak at an end). Otherwise
+    the two statistics are 0. Last: ``max_h |z_jh - z_ih|`` per pair (0: an exactly constant path).
+    """
     DT = z_ptr.dtype.element_ty
     o_n = n0 + tl.arange(0, BN)
     b_acc = tl.zeros([BLOCK_J * T_PAD, BN], dtype=DT)                                  # [M, BN]
+    b_mmax = tl.zeros([BLOCK_J], dtype=DT)
+    b_msq = tl.zeros([BLOCK_J], dtype=DT)
+    b_dn = tl.zeros([BLOCK_J], dtype=DT)
     for k0 in range(0, K0, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K)
         b_zi = tl.load(z_ptr + i.to(tl.int64) * K0 + o_k)                             # [BLOCK_K]
         p_zj = z_ptr + o_j.to(tl.int64)[:, None] * K0 + o_k[None, :]
         b_zj = tl.load(p_zj, mask=m_j[:, None], other=0.0)                             # [BLOCK_J, BLOCK_K]
         b_d = b_zj - b_zi[None, :]                                                     # [BLOCK_J, BLOCK_K]
+        b_dn = tl.maximum(b_dn, tl.max(tl.abs(b_d), axis=1))
         b_x = b_zi[None, None, :] + b_lam[None, :, None] * b_d[:, None, :]             # [BLOCK_J, T_PAD, BLOCK_K]
-        b_x = _act(b_x, ACT1, SLOPE1)
+        if LAST:
+            b_ai = _act_offset_free(b_zi, b_zi, ACT1, SLOPE1)                          # [BLOCK_K]  a at t = 0
+            b_x = _act_offset_free(b_x, b_zi[None, None, :], ACT1, SLOPE1) - b_ai[None, None, :]  # padded t: masked later
+            b_aj = _act_offset_free(b_zj, b_zi[None, :], ACT1, SLOPE1)                 # [BLOCK_J, BLOCK_K]
+            b_m = tl.maximum(tl.abs(b_ai)[None, :], tl.abs(b_aj))
+            b_lo = tl.minimum(b_zi[None, :], b_zj)
+            b_hi = tl.maximum(b_zi[None, :], b_zj)
+            if ACT1 == _SILU:
+                b_m = tl.where((b_lo <= _XSTAR_SILU + 0.01) & (b_hi >= _XSTAR_SILU - 0.01),
+                               tl.maximum(b_m, _MIN_SILU), b_m)
+            elif (ACT1 == _GELU) or (ACT1 == _GELU_TANH):
+                b_m = tl.where((b_lo <= _XSTAR_GELU + 0.01) & (b_hi >= _XSTAR_GELU - 0.01),
+                               tl.maximum(b_m, _MIN_GELU), b_m)
+            b_m = b_m * _amp(tl.maximum(tl.abs(b_lo), tl.abs(b_hi)), ACT1)
+            b_m = tl.where((o_k < H_LAST)[None, :], b_m, 0.0)
+            b_mmax = tl.maximum(b_mmax, tl.max(b_m, axis=1))
+            b_msq += tl.sum(b_m * b_m, axis=1)
+        else:
+            b_x = _act(b_x, ACT1, SLOPE1)
         b_x = tl.reshape(b_x, [BLOCK_J * T_PAD, BLOCK_K])                              # [M, BLOCK_K]
         b_w = tl.load(w1_ptr + o_k[:, None] * P1 + o_n[None, :])                       # [BLOCK_K, BN]
         b_acc = tl.dot(b_x, b_w, b_acc, input_precision=PREC)
-    b_acc += tl.load(c1_ptr + o_n)[None, :]
-    return b_acc
+    if not LAST:
+        b_acc += tl.load(c1_ptr + o_n)[None, :]
+    return b_acc, b_mmax, b_msq, b_dn
 
 
 @triton.jit
@@ -123,7 +254,7 @@ def _dense(b_x, w_ptr, c_ptr, K: tl.constexpr, P: tl.constexpr, PREC: tl.constex
 
 @triton.jit
 def _connectivity_fwd_kernel(
-    z_ptr, w1_ptr, c1_ptr, w2_ptr, c2_ptr, w3_ptr, c3_ptr, w4_ptr, c4_ptr, out_ptr, N,
+    z_ptr, w1_ptr, c1_ptr, w2_ptr, c2_ptr, w3_ptr, c3_ptr, w4_ptr, c4_ptr, wn_ptr, out_ptr, N,
     T: tl.constexpr, T_PAD: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N1: tl.constexpr,
     BLOCK_N2: tl.constexpr,
     K0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr, P4: tl.constexpr,
@@ -131,6 +262,8 @@ def _connectivity_fwd_kernel(
     ACT1: tl.constexpr, SLOPE1: tl.constexpr, ACT2: tl.constexpr, SLOPE2: tl.constexpr,
     ACT3: tl.constexpr, SLOPE3: tl.constexpr, ACT4: tl.constexpr, SLOPE4: tl.constexpr,
     ACT_F: tl.constexpr, SLOPE_F: tl.constexpr, CONST_TOL: tl.constexpr, PREC: tl.constexpr,
+    EPS: tl.constexpr, FLAG: tl.constexpr, FLAG_KAPPA: tl.constexpr, FLAGGED: tl.constexpr,
+    CENTRED: tl.constexpr, H_LAST: tl.constexpr,
 ):
     """``L[i, j] = L[j, i] = mean_k r2_k`` for row ``i`` and ``BLOCK_J`` columns ``j > i``.
 
@@ -138,11 +271,20 @@ def _connectivity_fwd_kernel(
     (``l = 1..DEPTH``) and ``y = act_F(x_DEPTH)`` (``T x O``), per output ``k``::
 
         yc = y_k - mean_t y_k,  r2_k = (sum_t yc lc)^2 / (sum_t yc^2 * sum_t lc^2),  lc = lam - 1/2
-        r2_k = 1                          if sqrt(mean_t yc^2) <= CONST_TOL * max_t |y_k|
+        r2_k = 1                          if sqrt(mean_t yc^2) <= CONST_TOL * scale_k
         r2_k = clamp(r2_k, 0, 1)          otherwise
 
+    ``CENTRED`` (no trailing activation, SPEC §1 accuracy contract): the last Linear maps its input centred
+    over ``t`` (depth 1: ``a_t - a_0``), without its bias, sigmoid/tanh just before it offset free, and
+    ``scale_k = min(max_h m_h |W_k|_1, |m|_2 |W_k|_2) >= sum_h |W_kh| m_h`` (``m_h``: the rounding scale of
+    ``torch_backend._rounding_scale``, depth 1 bounded from the path's ends). Otherwise ``scale_k = max_t |y_k|``.
+    ``FLAG`` (fp32): a pair whose ``torch_backend.pair_error_estimate`` of ``EPS * scale`` exceeds
+    ``FLAG_KAPPA`` is written ``FLAGGED`` (``core`` recomputes it in fp64); an exactly constant path
+    (``z_j == z_i``) is 1, never flagged.
+
     Args (pointers): ``z [N, K0]`` (zero-padded), ``w_l [K_PAD_l, P_l]`` zero-padded ``W_l^T``,
-    ``c_l [P_l]`` zero-padded biases, ``out [N, N]``. Unused layers get any pointer.
+    ``c_l [P_l]`` zero-padded biases, ``wn [2, PO]`` the last Linear's row norms ``|W_k|_1``, ``|W_k|_2``,
+    ``out [N, N]``. Unused layers get any pointer.
     """
     i = tl.program_id(0)
     jb = tl.program_id(1)
@@ -155,9 +297,14 @@ def _connectivity_fwd_kernel(
         m_t = o_t < T
         b_lam = o_t.to(DT) / (T - 1)                                                   # [T_PAD]
 
+        # CENTRED (no trailing activation): the last Linear maps its centred input, no bias (SPEC §1 (a));
+        # b_mmax, b_msq: max_h m_h and sum_h m_h^2 of its input's rounding scale m_h (torch_backend._rounding_scale)
+        b_mmax = tl.zeros([BLOCK_J], dtype=DT)
+        b_msq = tl.zeros([BLOCK_J], dtype=DT)
+        b_dn = tl.zeros([BLOCK_J], dtype=DT)                                           # max_h |z_jh - z_ih|
         if DEPTH == 1:
-            b_y = _first_linear(z_ptr, w1_ptr, c1_ptr, i, o_j, m_j, b_lam, 0, K0, P1, P1, T_PAD, BLOCK_J,
-                                BLOCK_K, ACT1, SLOPE1, PREC)                           # [M, P1]
+            b_y, b_mmax, b_msq, b_dn = _first_linear(z_ptr, w1_ptr, c1_ptr, i, o_j, m_j, b_lam, 0, K0, P1, P1, T_PAD,
+                                               BLOCK_J, BLOCK_K, ACT1, SLOPE1, PREC, CENTRED, H_LAST)  # [M, P1]
         else:
             # layer 1 -> 2 (-> 3) chained in column blocks: x1 cols [BLOCK_N1] feed x2 cols [BLOCK_N2],
             # which feed x3 [P3] when DEPTH >= 3 (layer 1 is recomputed P2 / BLOCK_N2 times).
@@ -167,24 +314,49 @@ def _connectivity_fwd_kernel(
                 o_n2 = n2 + tl.arange(0, BLOCK_N2)
                 b_x2 = tl.zeros([BLOCK_J * T_PAD, BLOCK_N2], dtype=DT)                 # [M, BLOCK_N2]
                 for n1 in range(0, P1, BLOCK_N1):
-                    b_h = _first_linear(z_ptr, w1_ptr, c1_ptr, i, o_j, m_j, b_lam, n1, K0, P1, BLOCK_N1, T_PAD,
-                                        BLOCK_J, BLOCK_K, ACT1, SLOPE1, PREC)          # [M, BLOCK_N1]
-                    b_h = _act(b_h, ACT2, SLOPE2)
+                    b_h, _m, _s, b_dn = _first_linear(z_ptr, w1_ptr, c1_ptr, i, o_j, m_j, b_lam, n1, K0, P1, BLOCK_N1,
+                                                T_PAD, BLOCK_J, BLOCK_K, ACT1, SLOPE1, PREC)  # [M, BLOCK_N1]
+                    if CENTRED and DEPTH == 2:
+                        b_h3, b_m, b_s = _centred_input(tl.reshape(b_h, [BLOCK_J, T_PAD, BLOCK_N1]), ACT2, SLOPE2, T,
+                                                        n1, H_LAST)
+                        b_h = tl.reshape(b_h3, [BLOCK_J * T_PAD, BLOCK_N1])
+                        b_mmax = tl.maximum(b_mmax, b_m)
+                        b_msq += b_s
+                    else:
+                        b_h = _act(b_h, ACT2, SLOPE2)
                     o_n1 = n1 + tl.arange(0, BLOCK_N1)
                     b_w = tl.load(w2_ptr + o_n1[:, None] * P2 + o_n2[None, :])         # [BLOCK_N1, BLOCK_N2]
                     b_x2 = tl.dot(b_h, b_w, b_x2, input_precision=PREC)
-                b_x2 += tl.load(c2_ptr + o_n2)[None, :]
+                if not (CENTRED and DEPTH == 2):
+                    b_x2 += tl.load(c2_ptr + o_n2)[None, :]
                 if DEPTH == 2:
                     b_y = b_x2                                                         # BLOCK_N2 == P2: one pass
                 else:
-                    b_x2 = _act(b_x2, ACT3, SLOPE3)
+                    if CENTRED and DEPTH == 3:
+                        b_x23, b_m, b_s = _centred_input(tl.reshape(b_x2, [BLOCK_J, T_PAD, BLOCK_N2]), ACT3, SLOPE3,
+                                                         T, n2, H_LAST)
+                        b_x2 = tl.reshape(b_x23, [BLOCK_J * T_PAD, BLOCK_N2])
+                        b_mmax = tl.maximum(b_mmax, b_m)
+                        b_msq += b_s
+                    else:
+                        b_x2 = _act(b_x2, ACT3, SLOPE3)
                     o_p3 = tl.arange(0, P3)
                     b_w = tl.load(w3_ptr + o_n2[:, None] * P3 + o_p3[None, :])         # [BLOCK_N2, P3]
                     b_y = tl.dot(b_x2, b_w, b_y, input_precision=PREC)
             if DEPTH >= 3:
-                b_y += tl.load(c3_ptr + tl.arange(0, P3))[None, :]
+                if not (CENTRED and DEPTH == 3):
+                    b_y += tl.load(c3_ptr + tl.arange(0, P3))[None, :]
             if DEPTH >= 4:
-                b_y = _dense(_act(b_y, ACT4, SLOPE4), w4_ptr, c4_ptr, P3, P4, PREC)    # [M, P4]
+                if CENTRED:
+                    b_y3, b_mmax, b_msq = _centred_input(tl.reshape(b_y, [BLOCK_J, T_PAD, P3]), ACT4, SLOPE4, T, 0,
+                                                         H_LAST)
+                    o_k4 = tl.arange(0, P3)
+                    o_n4 = tl.arange(0, P4)
+                    b_w = tl.load(w4_ptr + o_k4[:, None] * P4 + o_n4[None, :])        # [P3, P4]
+                    b_y = tl.dot(tl.reshape(b_y3, [BLOCK_J * T_PAD, P3]), b_w, input_precision=PREC,
+                                 out_dtype=DT)                                         # [M, P4], no bias
+                else:
+                    b_y = _dense(_act(b_y, ACT4, SLOPE4), w4_ptr, c4_ptr, P3, P4, PREC)  # [M, P4]
         b_y = _act(b_y, ACT_F, SLOPE_F)                                                # [M, PO]
         b_y3 = tl.reshape(b_y, [BLOCK_J, T_PAD, PO])                                   # [BLOCK_J, T_PAD, PO]
 
@@ -195,13 +367,29 @@ def _connectivity_fwd_kernel(
         b_ll = tl.sum(b_lc * b_lc, axis=0)
         b_ss = tl.sum(b_yc * b_yc, axis=1)                                             # [BLOCK_J, PO]
         b_cov = tl.sum(b_yc * b_lc[None, :, None], axis=1)                             # [BLOCK_J, PO]
-        b_ymax = tl.max(tl.where(m_t3, tl.abs(b_y3), 0.0), axis=1)                     # [BLOCK_J, PO]
         b_den = tl.where(b_ss > 0.0, b_ss * b_ll, 1.0)
         b_r2 = tl.minimum(tl.maximum(b_cov * b_cov / b_den, 0.0), 1.0)
-        b_const = tl.sqrt(b_ss / T) <= CONST_TOL * b_ymax
+        if CENTRED:  # sum_h |W_kh| m_h <= min(max_h m_h |W_k|_1, |m|_2 |W_k|_2) (Hoelder, Cauchy-Schwarz)
+            o_po = tl.arange(0, PO)
+            b_scale = tl.minimum(b_mmax[:, None] * tl.load(wn_ptr + o_po)[None, :],
+                                 tl.sqrt(b_msq)[:, None] * tl.load(wn_ptr + PO + o_po)[None, :])
+        else:  # r2_from_paths: max_t |y|
+            b_scale = tl.max(tl.where(m_t3, tl.abs(b_y3), 0.0), axis=1)                # [BLOCK_J, PO]
+        b_var = b_ss * (1.0 / T)                                                       # std_t(y)^2
+        b_tol = CONST_TOL * b_scale
+        b_const = b_var <= b_tol * b_tol                                               # std <= CONST_TOL eps scale
         b_r2 = tl.where(b_const, 1.0, b_r2)
         m_o = tl.arange(0, PO) < O
         b_l = tl.sum(tl.where(m_o[None, :], b_r2, 0.0), axis=1) / O                    # [BLOCK_J]
+        if FLAG:  # torch_backend.pair_error_estimate: kappa = eps scale / std, mean_k min(1, ...) > FLAG_KAPPA
+            b_err = EPS * b_scale
+            b_kap = tl.where(b_err > 0.0, b_err * tl.math.rsqrt(b_var), 0.0)           # err / std; std == 0 < err: inf
+            b_est = 2.0 * b_kap * tl.sqrt(tl.maximum(b_r2 * (1.0 - b_r2), b_kap)) + b_kap * b_kap
+            b_est = tl.where(b_est < 1.0, b_est, 1.0)                                  # inf and nan -> 1
+            b_e = tl.sum(tl.where(m_o[None, :], b_est, 0.0), axis=1) / O               # [BLOCK_J]
+            b_l = tl.where(b_e > FLAG_KAPPA, FLAGGED, b_l)
+            # an exactly constant path (z_j == z_i: duplicate samples) is exact, r2 = 1, never flagged
+            b_l = tl.where(b_dn == 0.0, 1.0, b_l)
 
         o_j64 = o_j.to(tl.int64)
         i64 = i.to(tl.int64)
@@ -266,7 +454,8 @@ class LaunchConfig:
         return self.constexprs["BLOCK_J"]
 
 
-POINTER_ARGS = ("z_ptr", "w1_ptr", "c1_ptr", "w2_ptr", "c2_ptr", "w3_ptr", "c3_ptr", "w4_ptr", "c4_ptr", "out_ptr")
+POINTER_ARGS = ("z_ptr", "w1_ptr", "c1_ptr", "w2_ptr", "c2_ptr", "w3_ptr", "c3_ptr", "w4_ptr", "c4_ptr", "wn_ptr",
+                "out_ptr")
 
 
 def launch_config(
@@ -339,6 +528,12 @@ def launch_config(
     const["SLOPE_F"] = float(fin.slope) if fin is not None else 0.0
     const["CONST_TOL"] = CONST_RTOL * torch.finfo(dtype).eps
     const["PREC"] = prec
+    const["EPS"] = torch.finfo(dtype).eps
+    const["FLAG"] = not fp64  # fp32: unresolvable pairs are written FLAGGED, core recomputes them in fp64
+    const["FLAG_KAPPA"] = FLAG_KAPPA
+    const["FLAGGED"] = FLAGGED
+    const["CENTRED"] = not spec.final
+    const["H_LAST"] = widths[depth - 1]
     ptr = "*fp64" if fp64 else "*fp32"
     signature = {name: ptr for name in POINTER_ARGS}
     signature["N"] = "i32"
@@ -406,6 +601,11 @@ def connectivity_triton(
     for l, (_, lin) in enumerate(spec.stages):
         packed.extend(_pack(lin.weight, lin.bias, cfg.pads[l], cfg.pads[l + 1], dtype, dev))
     packed.extend([zp] * (2 * MAX_DEPTH - len(packed)))
+    w_last = spec.stages[-1][1].weight.detach().to(dtype)                              # [O, H_LAST]
+    wn = torch.zeros(2, cfg.pads[-1], dtype=dtype, device=dev)                         # |W_k|_1, |W_k|_2
+    wn[0, : w_last.shape[0]] = w_last.abs().sum(dim=1)
+    wn[1, : w_last.shape[0]] = torch.linalg.vector_norm(w_last, dim=1)
+    packed.append(wn)
     out = torch.full((n, n), float("nan"), dtype=dtype, device=dev)
     grid = (n, triton.cdiv(n - 1, cfg.block_j))
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
