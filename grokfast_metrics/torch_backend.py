@@ -33,13 +33,14 @@ def _rounding_scale(a: torch.Tensor, x: torch.Tensor | None, act: str) -> torch.
     """``(P, H)`` bound on the rounding of the last Linear's inputs ``a = act(x)`` (``(P, T, H)``), in units of eps.
 
     ``a`` carries its own rounding (``|a|``) plus that of its input ``x`` (absorbed ``z`` and the
-    interpolation: ``~eps |x|``) amplified by ``act'``: ``|x act'(x)| <= |a| |x|`` for SiLU, sigmoid,
-    tanh (offset free) and GELU-tanh, ``<= |a| x^2`` for GELU at negative ``x``.
+    interpolation: ``~eps |x|``) amplified by ``act'``: ``|x act'(x)| <= |a| |x|`` for SiLU, sigmoid and
+    GELU-tanh, ``<= 2 |a| |x|`` for tanh taken offset free (``|x d/dx log sigmoid(-2x)| <= 2|x|``; the
+    Triton kernel uses the same factor), ``<= |a| x^2`` for GELU at negative ``x``.
     """
     if x is None:
         return a.abs().amax(dim=1)
     ax = x.abs()
-    g = torch.where(x < 0, ax * ax, ax) if act == "gelu" else ax
+    g = torch.where(x < 0, ax * ax, ax) if act == "gelu" else (2.0 * ax if act == "tanh" else ax)
     return (a.abs() * (1.0 + g)).amax(dim=1)
 
 
