@@ -173,7 +173,6 @@ def _centred_input(x3, ACT: tl.constexpr, SLOPE: tl.constexpr, T: tl.constexpr, 
     Returns ``a - mean_t a`` (padded ``t`` zeroed; sigmoid/tanh offset free relative to ``x`` at ``t = 0``)
     and, per pair, ``max_h m_h`` and ``sum_h m_h^2`` of ``m_h = max_t |a_th| (1 + g_th)`` over the real columns.
     """
-    BJ: tl.constexpr = x3.shape[0]
     TP: tl.constexpr = x3.shape[1]
     W: tl.constexpr = x3.shape[2]
     o_t = tl.arange(0, TP)
