@@ -93,30 +93,22 @@ def _check_tail(tail, h: torch.Tensor) -> None:
         raise ValueError(f"tail parameter {name!r} has NaN/Inf values")
 
 
-def _check_outputs(h: torch.Tensor, tail: nn.Module) -> None:
-    """Run the tail once on the samples themselves (the t = 0 and t = 1 ends of every path).
+def _check_outputs(h: torch.Tensor, tail: nn.Module) -> torch.Tensor:
+    """Run the tail once on the samples themselves (the t = 0 and t = 1 ends of every path), in eval mode.
+
+    Returns:
+        the outputs ``(N, O)`` in the tail's dtype (the generic path reuses them as its path ends).
 
     Raises:
-        ValueError: the tail fails on ``h``, does not return ``(N, O)`` real floating-point logits,
-            or returns NaN/Inf (a diverged model: LMN would be a plausible-looking number otherwise).
+        ValueError: the tail fails on ``h`` or does not return ``(N, O)`` real floating-point logits.
+        NonFiniteOutputError: the outputs are NaN/Inf (a diverged model: LMN would be a plausible-looking
+            number otherwise).
     """
+    from .generic import end_outputs
+
+    run_dtype = _param_dtype(tail, h.dtype)
     with eval_mode(tail):
-        try:
-            y = tail(h.to(_param_dtype(tail, h.dtype), copy=True))  # a copy: the tail may work in place
-        except RuntimeError as e:
-            raise ValueError(f"tail failed on h (N={h.shape[0]}, D={h.shape[1]}): {e}") from e
-    if not isinstance(y, torch.Tensor) or y.dim() != 2 or y.shape[0] != h.shape[0]:
-        shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-        raise ValueError(f"tail must map a (B, {h.shape[1]}) batch to (B, O) logits; for B={h.shape[0]} it returned {shape}")
-    if not y.is_floating_point():
-        raise ValueError(f"tail returns {y.dtype} values; LMN needs real floating-point logits")
-    bad = ~torch.isfinite(y).all(dim=1)
-    if bool(bad.any()):
-        rows = bad.nonzero().flatten().tolist()
-        raise NonFiniteOutputError(
-            f"the tail's outputs are NaN/Inf for {len(rows)} of the {h.shape[0]} samples (first: {rows[0]}): the "
-            "model has diverged or overflows its dtype, and LMN is undefined there"
-        )
+        return end_outputs(tail, h, run_dtype, run_dtype)
 
 
 def _param_dtype(tail: nn.Module, default: torch.dtype) -> torch.dtype:
@@ -159,7 +151,7 @@ def _unavailable(name: str, h: torch.Tensor, dtype: torch.dtype, spec: MLPTail |
         from .kernels import connectivity_cpu as kcpu
 
         return kcpu.unsupported_reason(spec, h.device, dtype)
-    return None  # torch runs everything; the reference refuses non-MLP tails itself
+    return None  # torch and the reference run any module (the generic path for non-MLP tails)
 
 
 _NOT_MLP = (
@@ -199,13 +191,13 @@ def resolve_backend(h: torch.Tensor, tail: nn.Module, backend: str = "auto") -> 
     return _choose(backend, h, _compute_dtype(h, tail), parse_tail(tail))
 
 
-def _run_triton(h, tail, spec, n_lambda, chunk_bytes):
+def _run_triton(h, tail, spec, n_lambda, chunk_bytes, y_end):
     from .kernels.connectivity import connectivity_triton
 
     return connectivity_triton(h, spec, n_lambda)
 
 
-def _run_cpu(h, tail, spec, n_lambda, chunk_bytes):
+def _run_cpu(h, tail, spec, n_lambda, chunk_bytes, y_end):
     if spec.is_affine:
         return torch.ones(h.shape[0], h.shape[0], dtype=h.dtype, device=h.device)
     from .kernels.connectivity_cpu import connectivity_cpu
@@ -213,17 +205,17 @@ def _run_cpu(h, tail, spec, n_lambda, chunk_bytes):
     return connectivity_cpu(spec.absorb(h).contiguous(), spec, n_lambda, flag=True)
 
 
-def _run_torch(h, tail, spec, n_lambda, chunk_bytes):
+def _run_torch(h, tail, spec, n_lambda, chunk_bytes, y_end):
     flag = h.dtype == torch.float32
     if spec is not None:
         return torch_backend.connectivity_mlp(h, spec, n_lambda, chunk_bytes, flag=flag)
     from . import generic
 
     with eval_mode(tail):  # any other module: the generic path, in fp32 at least (bf16 models too)
-        return generic.connectivity_tail(h, tail, n_lambda, h.dtype, h.dtype, chunk_bytes, flag=flag)
+        return generic.connectivity_tail(h, tail, n_lambda, h.dtype, h.dtype, chunk_bytes, y_end=y_end, flag=flag)
 
 
-def _run_reference(h, tail, spec, n_lambda, chunk_bytes):
+def _run_reference(h, tail, spec, n_lambda, chunk_bytes, y_end):
     if spec is None:  # any other module: the paper-literal float64 loop through the module itself
         from .generic import reference_connectivity
 
@@ -233,7 +225,8 @@ def _run_reference(h, tail, spec, n_lambda, chunk_bytes):
     return torch.from_numpy(reference.connectivity(h, tail, n_lambda)).to(device=h.device, dtype=h.dtype)
 
 
-#: resolved backend name -> ``(h in its compute dtype, tail, spec, n_lambda, chunk_bytes) -> L``
+#: resolved backend name -> ``(h in its compute dtype, tail, spec, n_lambda, chunk_bytes, y_end) -> L``
+#: (``y_end``: the tail's outputs on ``h`` from the output check; the generic path reuses them)
 _DISPATCH = {"triton": _run_triton, "cpu": _run_cpu, "torch": _run_torch, "reference": _run_reference}
 
 
@@ -314,8 +307,9 @@ def connectivity(
             tails on AVX2 machines; torch ops otherwise), ``"triton"``, ``"cpu"`` (the fused C++ kernel),
             ``"torch"`` (chunked stock torch ops on any device) or ``"reference"`` (NumPy, float64, slow).
             :func:`resolve_backend` names what ``"auto"`` picks.
-        chunk_bytes: size of one chunk of interpolated activations (default 4 MiB on CPU,
-            256 MiB on CUDA); peak extra memory is ``O(N^2 + chunk_bytes)``.
+        chunk_bytes: size of one chunk of interpolated activations (MLP tails: default 4 MiB on CPU, 256 MiB
+            on CUDA; other modules: :func:`grokfast_metrics.generic.default_chunk_bytes`); peak extra memory is
+            ``O(N^2 + chunk_bytes)``.
 
     Returns:
         ``(N, N)`` symmetric tensor on ``h``'s device, entries in [0, 1], unit diagonal; fp64 if
@@ -337,10 +331,10 @@ def connectivity(
     name = _choose(backend, h, dtype, spec)
     run = _DISPATCH[name]
     with torch.no_grad(), torch.autocast(h.device.type, enabled=False):  # autocast must not lower the precision
-        _check_outputs(h, tail)
+        y_end = _check_outputs(h, tail)
         n = h.shape[0]  # refuse before allocating an L that cannot fit (every backend allocates one)
         check_fits(n * n * torch.empty((), dtype=dtype).element_size(), 0, h.device)
-        L = run(h.to(dtype), tail, spec, n_lambda, chunk_bytes)
+        L = run(h.to(dtype), tail, spec, n_lambda, chunk_bytes, y_end)
         groups = _identical_rows(h)
         recomputed = 0
         if name != "reference" and dtype == torch.float32:  # SPEC §1 (c): flagged pairs are recomputed in fp64

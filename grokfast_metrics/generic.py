@@ -51,7 +51,7 @@ def run_tail(tail, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     try:
         y = tail(x)
     except RuntimeError as e:
-        raise ValueError(f"tail failed on a batch of interpolated h (B={x.shape[0]}, D={x.shape[1]}): {e}") from e
+        raise ValueError(f"tail failed on a batch of h or its interpolations (B={x.shape[0]}, D={x.shape[1]}): {e}") from e
     if not isinstance(y, torch.Tensor) or y.dim() != 2 or y.shape[0] != x.shape[0] or not y.is_floating_point():
         shape = f"{tuple(y.shape)} {y.dtype}" if isinstance(y, torch.Tensor) else type(y).__name__
         raise ValueError(f"tail must map a (B, {x.shape[1]}) batch to (B, O) floating-point logits; for "
@@ -111,7 +111,7 @@ def connectivity_tail(h: torch.Tensor, tail: nn.Module, n_lambda: int, run_dtype
         run_dtype: dtype the tail runs in; ``out_dtype``: dtype of ``L``.
         chunk_bytes: bytes of activations of the tail's widest layer per forward (default
             :func:`default_chunk_bytes`): peak extra memory ``O(N^2 + chunk)`` whatever ``D``.
-        y_end: ``tail(h)`` if the caller has it already (``(N, O)`` in ``out_dtype``).
+        y_end: ``tail(h)`` if the caller has it already (``(N, O)``; used when it is in the run dtype).
         flag: write :data:`~._policy.FLAGGED` for a pair whose fp32 result cannot meet the accuracy
             contract (``core`` recomputes it in fp64).
 
@@ -123,9 +123,8 @@ def connectivity_tail(h: torch.Tensor, tail: nn.Module, n_lambda: int, run_dtype
     params = None if all(p.dtype == run_dtype for p in tail.parameters() if p.is_floating_point()) \
         else tail_params(tail, run_dtype)
     hr = h.to(run_dtype)
-    if y_end is None:
+    if y_end is None or y_end.dtype != run_dtype:  # computed in another dtype (a bf16 module): recompute
         y_end = end_outputs(lambda b: _call(tail, params, b, run_dtype), hr, run_dtype, run_dtype)
-    y_end = y_end.to(run_dtype)
     lam, lam_c = lambdas(n_lambda, run_dtype, dev)
     inner = lam[1:-1].view(1, -1, 1)
     eps = torch.finfo(run_dtype).eps
