@@ -142,10 +142,12 @@ class Tracker:
         self._calls = int(state["calls"])
         self.results = None
 
+    #: the columns of a history row
+    history_keys: tuple[str, ...] = ("step", "lmn", "entropy_bits")
+
     def as_dict(self) -> dict[str, list]:
-        """History as ``{"step": [...], "lmn": [...], "entropy_bits": [...]}`` (``pandas.DataFrame(...)``-ready)."""
-        keys = ("step", "lmn", "entropy_bits")
-        return {k: [row[k] for row in self.history] for k in keys}
+        """History as ``{column: [...]}`` over :attr:`history_keys` (``pandas.DataFrame(...)``-ready)."""
+        return {k: [row[k] for row in self.history] for k in self.history_keys}
 
     def __len__(self) -> int:
         return len(self.history)
@@ -323,15 +325,14 @@ class LMNTracker(Tracker):
         self._next_due = 0
         self._last_seen = None
 
-    def as_dict(self) -> dict[str, list]:
-        """History as a mapping of lists (``pandas.DataFrame(...)``-ready); with several layers, an ``"at"`` column."""
-        keys = ("step", "at", "lmn", "entropy_bits") if self._multi else ("step", "lmn", "entropy_bits")
-        return {k: [row[k] for row in self.history] for k in keys}
+    @property
+    def history_keys(self) -> tuple[str, ...]:
+        """The columns of a history row; with several layers an ``"at"`` column too."""
+        return ("step", "at", "lmn", "entropy_bits") if self._multi else Tracker.history_keys
 
     def state_dict(self) -> dict:
         """What a checkpoint needs to resume: the history and the schedule position (not the model or probe)."""
-        return {"at": self.at, "every": self.every, "log_base": self.log_base,
-                "history": [dict(row) for row in self.history], "calls": self._calls,
+        return {**super().state_dict(), "at": self.at, "every": self.every, "log_base": self.log_base,
                 "next_due": self._next_due, "last_seen": self._last_seen}
 
     def load_state_dict(self, state: dict) -> None:
@@ -342,11 +343,9 @@ class LMNTracker(Tracker):
         if theirs != mine or state.get("every") != self.every or state.get("log_base", self.log_base) != self.log_base:
             raise ValueError(f"state is of a tracker with at={state.get('at')!r}, every={state.get('every')!r}; this one "
                              f"has at={self.at!r}, every={self.every!r}")
-        self.history = [dict(row) for row in state["history"]]
-        self._calls = int(state["calls"])
+        super().load_state_dict(state)
         self._next_due = int(state["next_due"])
         self._last_seen = None if state["last_seen"] is None else int(state["last_seen"])
-        self.results = None
 
     def __deepcopy__(self, memo):
         """A copy with its own history that watches the *same* model and probe (they are never copied)."""
