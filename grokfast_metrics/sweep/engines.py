@@ -3,22 +3,24 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import shutil
 import traceback
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
+from ..runlog import prepare_run_dir
 from .grid import Run
 
 ENGINES = ("local", "ray")
+#: where a failed run's traceback goes, in its run directory
+ERROR_FILE = "error.txt"
 RAY_MISSING = "--engine ray needs ray: pip install \"grokfast_metrics[ray]\" (or pip install ray)"
 
 
 def is_finished(run_dir: Path) -> bool:
     """True when ``run_dir`` holds a run that ran to its end (``summary.json`` not interrupted, no error)."""
     summary = Path(run_dir) / "summary.json"
-    if not summary.is_file() or (Path(run_dir) / "error.txt").exists():
+    if not summary.is_file() or (Path(run_dir) / ERROR_FILE).exists():
         return False
     try:
         return not json.loads(summary.read_text(encoding="utf-8")).get("interrupted", True)
@@ -27,7 +29,7 @@ def is_finished(run_dir: Path) -> bool:
 
 
 def run_one(config: dict, run_dir: str, plot: bool) -> dict:
-    """Train one run into ``run_dir`` (a fresh directory: an unfinished earlier attempt is removed first).
+    """Train one run into ``run_dir`` (the run files of an unfinished earlier attempt are removed first).
 
     Runs in a worker process or a Ray task, so it takes and returns plain data. An exception in the
     run is caught, written to ``run_dir/error.txt`` and returned as ``{"status": "failed", "error": ...}``.
@@ -36,13 +38,12 @@ def run_one(config: dict, run_dir: str, plot: bool) -> dict:
     from ..train import train
 
     path = Path(run_dir)
-    if path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
+    prepare_run_dir(path, overwrite=True)  # an earlier unfinished attempt's run files go, nothing else
+    (path / ERROR_FILE).unlink(missing_ok=True)
     try:
         res = train(TrainConfig(**config), path, progress=False, plot=plot)
     except Exception as e:
-        (path / "error.txt").write_text(traceback.format_exc(), encoding="utf-8")
+        (path / ERROR_FILE).write_text(traceback.format_exc(), encoding="utf-8")
         return {"status": "failed", "error": f"{type(e).__name__}: {e}"}
     return {"status": "interrupted" if res.interrupted else "done"}
 
