@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -33,10 +33,18 @@ def _host_copy(L: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
     return host, event
 
 
-def _eigen_job(host: torch.Tensor, event: torch.cuda.Event | None) -> LMNResult:
-    if event is not None:
-        event.synchronize()  # waits for the copy only, on this worker thread
-    return lmn_from_connectivity(host)
+class EigenStepError(RuntimeError):
+    """The eigen step of a submitted matrix failed (e.g. NaN entries); ``key`` says which, ``__cause__`` why."""
+
+    def __init__(self, message: str, key: Hashable):
+        super().__init__(message)
+        self.key = key
+
+
+def _eigen_job(copies: dict, events: list) -> dict[str, LMNResult]:
+    for event in events:
+        event.synchronize()  # waits for the copies only, on this worker thread
+    return {name: lmn_from_connectivity(host) for name, host in copies.items()}
 
 
 class AsyncEigen:
@@ -59,19 +67,26 @@ class AsyncEigen:
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be an int >= 1; got {workers!r}")
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grokfast-eigen")
-        self._pending: deque[tuple[Hashable, Future]] = deque()
+        self._pending: deque[tuple[Hashable, bool, Future]] = deque()
         self._lock = threading.Lock()
 
-    def submit(self, key: Hashable, L: torch.Tensor) -> None:
+    def submit(self, key: Hashable, L: torch.Tensor | Mapping[str, torch.Tensor]) -> None:
         """Queue ``L`` (e.g. keyed by its training step); returns without waiting for the device.
 
-        ``L`` must not be modified afterwards (on the host it is used as it is, not copied).
+        ``L`` is one matrix (its result is an :class:`LMNResult`) or ``{name: matrix}`` (its result is
+        ``{name: LMNResult}``, one job). It must not be modified afterwards (on the host it is used as it
+        is, not copied).
         """
-        if not isinstance(L, torch.Tensor) or L.dim() != 2:
-            raise ValueError(f"L must be a 2-D tensor; got {type(L).__name__}")
-        host, event = _host_copy(L)
+        mats = dict(L) if isinstance(L, Mapping) else {None: L}
+        for m in mats.values():
+            if not isinstance(m, torch.Tensor) or m.dim() != 2:
+                raise ValueError(f"L must be a 2-D tensor or a mapping of them; got {type(m).__name__}")
+        copies, events = {}, []
+        for name, m in mats.items():
+            copies[name], event = _host_copy(m)
+            events += [event] if event is not None else []
         with self._lock:
-            self._pending.append((key, self._pool.submit(_eigen_job, host, event)))
+            self._pending.append((key, isinstance(L, Mapping), self._pool.submit(_eigen_job, copies, events)))
 
     def pending(self) -> int:
         """How many submitted matrices have not been collected yet."""
@@ -81,8 +96,8 @@ class AsyncEigen:
         """The finished results at the head of the queue, in submission order, without waiting.
 
         Raises:
-            the exception of a failed computation (e.g. ``ValueError`` for a NaN matrix) when it is at the
-            head of the queue; results before it are returned first, by this call.
+            EigenStepError: a failed computation (its ``key``; the cause, e.g. ``ValueError`` for a NaN
+                matrix, chained) at the head of the queue; results before it are returned first, by this call.
         """
         return self._collect(block=False)
 
@@ -93,20 +108,28 @@ class AsyncEigen:
     def _collect(self, block: bool) -> list[tuple[Hashable, LMNResult]]:
         out = []
         with self._lock:
-            while self._pending and (block or self._pending[0][1].done()):
-                key, fut = self._pending[0]
+            while self._pending and (block or self._pending[0][2].done()):
+                key, many, fut = self._pending[0]
                 error = fut.exception()  # waits for this one
                 if error is not None and out:
                     break  # hand over what came before it; the next call raises
                 self._pending.popleft()
                 if error is not None:
-                    raise error
-                out.append((key, fut.result()))
+                    raise EigenStepError(f"the eigen step of {key!r} failed: {type(error).__name__}: {error}",
+                                         key) from error
+                result = fut.result()
+                out.append((key, result if many else result[None]))
         return out
 
     def close(self) -> None:
-        """Stop the workers (pending computations finish first)."""
+        """Stop the workers (pending computations finish first; collect them with :meth:`wait` before)."""
         self._pool.shutdown(wait=True)
+
+    def discard(self) -> None:
+        """Drop every pending result and stop the workers without waiting (a running computation ends unseen)."""
+        with self._lock:
+            self._pending.clear()
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def __enter__(self) -> AsyncEigen:
         return self

@@ -36,7 +36,7 @@ from ._policy import check_n_lambda
 from ._runtime import eval_mode
 from ._split import _AFFINE, _chain_tail, _graph_kind, _HookTail, _selector_affine, _SplitTail, _trace_split
 from ._tail import parse_tail
-from .core import LMNResult, _param_dtype, lmn
+from .core import LMNResult, _param_dtype, connectivity, lmn_from_connectivity
 
 __all__ = ["CUT_CHECK_SAMPLES", "PATHS", "AffineTailWarning", "Plan", "emit_affine_warning"]
 
@@ -226,27 +226,33 @@ class Plan:
     def compute(self, n_lambda: int = 21, backend: str = "auto", *, check: bool = True,
                 chunk_bytes: int | None = None, warn_affine: bool = True) -> LMNResult:
         """One LMN computation on the model's current weights (see :func:`lmn_at`)."""
+        return lmn_from_connectivity(self.connectivity(n_lambda, backend, check=check, chunk_bytes=chunk_bytes,
+                                                       warn_affine=warn_affine))
+
+    def connectivity(self, n_lambda: int = 21, backend: str = "auto", *, check: bool = True,
+                     chunk_bytes: int | None = None, warn_affine: bool = True) -> torch.Tensor:
+        """The connectivity matrix ``L`` on the model's current weights: :meth:`compute` without the eigen step."""
         n_lambda = check_n_lambda(n_lambda)
         with self.running(), torch.autocast(_device_type(self.args), enabled=False):
             y, act = self.forward()
             h = act.movedim(self.batch_dim, 0).reshape(self.n, -1)
             if self.path == "chain":
-                res = lmn(h, self.tail, n_lambda, backend, chunk_bytes=chunk_bytes)
+                L = connectivity(h, self.tail, n_lambda, backend, chunk_bytes=chunk_bytes)
             else:
                 if check and not self.checked:
                     self.enforce_cut(act, y)
-                res = self._generic(h, y, n_lambda, backend, chunk_bytes)
+                L = self._generic(h, y, n_lambda, backend, chunk_bytes)
         if warn_affine and not self.affine_warned:
             if self.affine:
                 self.affine_warned = True
                 emit_affine_warning(self.at, self.to, "structurally: only affine layers follow it")
-            elif _all_ones(res.connectivity):
+            elif _all_ones(L):
                 self.affine_warned = True
                 emit_affine_warning(self.at, self.to, "every entry of L is 1 to rounding")
-        return res
+        return L
 
-    def _generic(self, h, y, n_lambda, backend, chunk_bytes) -> LMNResult:
-        """LMN through the split or hook tail, by ``gm.lmn`` (core chooses the backend and runs the generic path)."""
+    def _generic(self, h, y, n_lambda, backend, chunk_bytes) -> torch.Tensor:
+        """L through the split or hook tail, by ``gm.connectivity`` (core chooses the backend, runs the generic path)."""
         from . import generic
 
         if self.path == "split":
@@ -254,7 +260,7 @@ class Plan:
             if not _agrees(y_end, y):
                 # the traced graph does not reproduce the model (e.g. an in-place op it lost): hooks from now on
                 self.path, self.tail, self.affine = "hooks", _HookTail(self), None
-        return lmn(h, self.tail, n_lambda, backend, chunk_bytes=chunk_bytes)
+        return connectivity(h, self.tail, n_lambda, backend, chunk_bytes=chunk_bytes)
 
 
 def _rows(out, output) -> int:

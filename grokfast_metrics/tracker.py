@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ._policy import check_n_lambda
+from .async_eigen import AsyncEigen, EigenStepError
 from .core import BACKENDS, LMNResult, NonFiniteOutputError, resolve_backend
 from .dropin import OutputSelector, Plan, emit_affine_warning
 from .schedule import LOG_BASE, Schedule, log_schedule
@@ -53,25 +54,59 @@ class Tracker:
     weights, the first entry being the one recorded in :attr:`history`. :class:`LMNTracker` measures
     with :func:`grokfast_metrics.lmn_at`; the trainer measures several layers of its MLP at once.
 
+    Asynchronous mode (``workers >= 1``): ``connectivity()`` (``{name: L}``, the expensive kernel) runs in
+    the caller's thread (on a GPU: in the training stream), and the eigen step and entropy of those
+    matrices run on ``workers`` host threads (:class:`~grokfast_metrics.async_eigen.AsyncEigen`); the rows
+    land in :attr:`history` in step order. Reading :attr:`history`, :meth:`compute` or :meth:`state_dict`
+    waits for what is pending; :meth:`ready` does not; :meth:`flush` waits; :meth:`close` (or leaving a
+    ``with`` block) flushes and stops the threads. A failed eigen step raises
+    :class:`~grokfast_metrics.async_eigen.EigenStepError` (naming its step) at the next of these calls.
+
     Args:
         model: the model being trained (its parameters are checked for NaN/Inf before each measurement).
         schedule: when LMN is due (``schedule.due(step, events).lmn``).
         measure: ``() -> {name: LMNResult}``.
+        connectivity: ``() -> {name: L}`` (the same names; required when ``workers >= 1``).
+        workers: host threads for the eigen step; 0 (default) computes it in ``update``.
 
     Attributes:
         history: list of ``{"step": int, "lmn": float, "entropy_bits": float}``, one per computation
             (NaN values, with a warning, when the model's parameters or outputs are not finite: a
             diverged run keeps training instead of crashing in the metric).
-        results: every result of the latest computation (``None`` before the first one or after NaN).
+        results: every result of the latest computation (``None`` before the first one or after NaN;
+            asynchronous: of the latest one landed).
     """
 
-    def __init__(self, model: nn.Module, schedule: Schedule, measure: Callable[[], dict[str, LMNResult]]):
+    def __init__(self, model: nn.Module, schedule: Schedule, measure: Callable[[], dict[str, LMNResult]], *,
+                 connectivity: Callable[[], dict[str, torch.Tensor]] | None = None, workers: int = 0):
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+            raise ValueError(f"workers must be an int >= 0 (0: synchronous); got {workers!r}")
+        if workers and connectivity is None:
+            raise ValueError("an asynchronous tracker (workers >= 1) needs connectivity=")
         self.model = model
         self.schedule = schedule
         self._measure = measure
+        self._connectivity = connectivity
+        self._workers = workers
+        self._eigen: AsyncEigen | None = None  # started at the first asynchronous computation
         self._calls = 0
-        self.history: list[dict] = []
+        self._history: list[dict] = []
         self.results: dict[str, LMNResult] | None = None
+
+    @property
+    def asynchronous(self) -> bool:
+        """Whether the eigen step runs on host worker threads (``workers >= 1``)."""
+        return self._workers > 0
+
+    @property
+    def history(self) -> list[dict]:
+        """The rows of every computation, in step order (asynchronous: waits for the pending ones)."""
+        self._drain(block=True)
+        return self._history
+
+    @history.setter
+    def history(self, rows: list[dict]) -> None:
+        self._history = rows
 
     def should_compute(self, step: int, events: Collection[str] = ()) -> bool:
         """Whether the schedule computes LMN at ``step`` (where ``events`` happen, e.g. ``"memorization"``)."""
@@ -81,7 +116,8 @@ class Tracker:
         """Compute LMN if the schedule says so at ``step`` (default: the number of earlier ``update`` calls).
 
         Returns:
-            the new LMN as a float when computed (NaN when the parameters diverged), else ``None``.
+            the new LMN as a float when computed (NaN when the parameters diverged), else ``None``
+            (asynchronous: ``None``; the value lands in :attr:`history`).
         """
         if step is None:
             step = self._calls
@@ -91,17 +127,77 @@ class Tracker:
             return None
         return self._measure_and_record(step)
 
-    def _measure_and_record(self, step: int) -> float:
-        """Measure now and append the history rows of ``step`` (NaN with a warning for a diverged model)."""
+    def _measure_and_record(self, step: int) -> float | None:
+        """Measure now and append the history rows of ``step`` (NaN with a warning for a diverged model);
+        asynchronous: compute L and submit it."""
         bad = diverged_parameters(self.model)
         if bad:  # a diverged run: record NaN rather than crash the training loop
             return self._record_nan(step, f"parameters {bad[:3]} have NaN/Inf")
         try:
+            if self.asynchronous:
+                return self._submit(step, self._connectivity())
             self.results = self._measure()
         except NonFiniteOutputError as e:  # finite weights, but the logits overflow: diverged all the same
             return self._record_nan(step, str(e))
-        self.history.extend(self._rows(step, self.results))
+        self._history.extend(self._rows(step, self.results))
         return float(next(iter(self.results.values())).lmn)
+
+    def _submit(self, step: int, mats: dict[str, torch.Tensor]) -> None:
+        if self._eigen is None:
+            self._eigen = AsyncEigen(self._workers)
+        self._eigen.submit(step, mats)
+
+    def _drain(self, block: bool) -> None:
+        """Move the finished eigen steps (every pending one with ``block``) into the history, in step order."""
+        while self._eigen is not None and self._eigen.pending():
+            try:
+                got = self._eigen.wait() if block else self._eigen.ready()
+            except EigenStepError as e:
+                raise EigenStepError(f"{type(self).__name__}: step {e.key}: {e}", e.key) from e.__cause__
+            for step, results in got:
+                self.results = results
+                self._history.extend(self._rows(step, results))
+            if not block:
+                return
+
+    def ready(self) -> list[dict]:
+        """The history landed so far, without waiting (synchronous: the history)."""
+        self._drain(block=False)
+        return self._history
+
+    def pending(self) -> int:
+        """How many computations have not landed in the history yet (0 when synchronous)."""
+        return 0 if self._eigen is None else self._eigen.pending()
+
+    def flush(self) -> None:
+        """Wait for every pending eigen step (their rows land in the history). Raises as :attr:`history`."""
+        self._drain(block=True)
+
+    def close(self) -> None:
+        """:meth:`flush`, then stop the worker threads (a later asynchronous computation starts new ones)."""
+        try:
+            self.flush()
+        finally:
+            if self._eigen is not None:
+                self._eigen.close()
+                self._eigen = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _discard_pending(self) -> None:
+        """Drop every pending computation (for reset and load_state_dict: the history is replaced)."""
+        if self._eigen is not None:
+            self._eigen.discard()
+            self._eigen = None
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles carry the landed history, not the worker threads."""
+        self._drain(block=True)
+        return {**self.__dict__, "_eigen": None}
 
     def _rows(self, step: int, results: dict[str, LMNResult] | None) -> list[dict]:
         """History rows of one computation: the first result's (NaN when ``results`` is None)."""
@@ -112,12 +208,13 @@ class Tracker:
 
     def _record_nan(self, step: int, why: str) -> float:
         warnings.warn(f"{type(self).__name__}: step {step}: {why}; recording LMN = NaN", stacklevel=4)
+        self._drain(block=True)  # the pending rows come first
         self.results = None
-        self.history.extend(self._rows(step, None))
+        self._history.extend(self._rows(step, None))
         return math.nan
 
     def compute(self) -> float:
-        """The latest LMN as a plain float.
+        """The latest LMN as a plain float (asynchronous: waits for the pending computations).
 
         Raises:
             RuntimeError: nothing computed yet (call ``update`` first).
@@ -127,18 +224,20 @@ class Tracker:
         return self.history[-1]["lmn"]
 
     def reset(self) -> None:
-        """Forget the history and the call counter (a cut check already done is not repeated)."""
-        self.history = []
+        """Forget the history (and pending computations) and the call counter (a cut check done is not repeated)."""
+        self._discard_pending()
+        self._history = []
         self.results = None
         self._calls = 0
 
     def state_dict(self) -> dict:
-        """The tracking state (history and call counter), for checkpoints: plain Python values."""
+        """The tracking state (history and call counter), for checkpoints: plain Python values (waits for pending)."""
         return {"history": [dict(row) for row in self.history], "calls": self._calls}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict`; the next scheduled computation continues the history."""
-        self.history = [dict(row) for row in state["history"]]
+        """Restore :meth:`state_dict` (pending computations are dropped); the next scheduled computation continues."""
+        self._discard_pending()
+        self._history = [dict(row) for row in state["history"]]
         self._calls = int(state["calls"])
         self.results = None
 
@@ -199,6 +298,14 @@ class LMNTracker(Tracker):
         log_base: base of the log schedule (default 1.3).
         check: the cut check, once at construction (the cut is structural).
         to, input_batch_dim, path, user_hooks: as in :func:`grokfast_metrics.lmn_at`.
+        asynchronous: ``True`` (one thread) or a number of host threads: ``update`` computes ``L`` (the
+            expensive kernel, in the training stream on a GPU) and hands the eigen step and entropy to
+            those threads; the rows land in :attr:`history` in step order, the same values as without it
+            (bit for bit on the CPU; on a GPU the eigen step runs in host LAPACK instead of on the device).
+            :attr:`history`, :meth:`compute`, :attr:`last_step` and :meth:`state_dict` wait for pending
+            results; :meth:`ready` does not; :meth:`flush` waits; :meth:`close` (or ``with tracker:``)
+            flushes and stops the threads. A failed eigen step raises
+            :class:`~grokfast_metrics.async_eigen.EigenStepError`, naming its step, at the next of these.
 
     Attributes:
         history: list of ``{"step", "lmn", "entropy_bits"}`` (plus ``"at"`` for several layers), one per
@@ -213,7 +320,8 @@ class LMNTracker(Tracker):
     def __init__(self, model: nn.Module, probe_inputs, at: str | Sequence[str], every: int | str = 1,
                  output: OutputSelector = None, batch_dim: int = 0, n_lambda: int = 21, backend: str = "auto",
                  log_base: float = LOG_BASE, check: bool = True, *, to: str | None = None,
-                 input_batch_dim: int | None = None, path: str = "auto", user_hooks: bool = False):
+                 input_batch_dim: int | None = None, path: str = "auto", user_hooks: bool = False,
+                 asynchronous: bool | int = False):
         if isinstance(every, str):
             if every != "log":
                 raise ValueError(f"every must be a positive int or 'log'; got {every!r}")
@@ -227,7 +335,10 @@ class LMNTracker(Tracker):
         names = [at] if isinstance(at, str) else list(at) if isinstance(at, (list, tuple)) else None
         if not names or not all(isinstance(a, str) for a in names) or len(set(names)) != len(names):
             raise ValueError(f"at must be a submodule name or a non-empty list of distinct names; got {at!r}")
-        super().__init__(model, Schedule.for_tracker(every, log_base), self._lmn_at)
+        if not isinstance(asynchronous, int) or asynchronous < 0:
+            raise ValueError(f"asynchronous must be a bool or a number of threads >= 0; got {asynchronous!r}")
+        super().__init__(model, Schedule.for_tracker(every, log_base), self._lmn_at,
+                         connectivity=self._connectivity_at, workers=int(asynchronous))
         self.probe_inputs = probe_inputs
         self.at = at
         self.to = to
@@ -261,6 +372,9 @@ class LMNTracker(Tracker):
     def _lmn_at(self) -> dict[str, LMNResult]:
         return {name: plan.compute(self.n_lambda, self.backend) for name, plan in self._plans.items()}
 
+    def _connectivity_at(self) -> dict[str, torch.Tensor]:
+        return {name: plan.connectivity(self.n_lambda, self.backend) for name, plan in self._plans.items()}
+
     @property
     def last_step(self) -> int | None:
         """The step of the latest computation (``None`` before the first)."""
@@ -276,7 +390,7 @@ class LMNTracker(Tracker):
 
         Returns:
             the new LMN (a float, or ``{name: float}`` for several layers; NaN for a diverged model)
-            when computed, else ``None``.
+            when computed, else ``None`` (always ``None`` when asynchronous: the value lands in :attr:`history`).
 
         Raises:
             TypeError: a step that is not an integer. ValueError: a negative, repeated or decreasing step.
@@ -292,7 +406,7 @@ class LMNTracker(Tracker):
             return None
         self._measure_and_record(step)
         self._next_due = _next_after(step, self.every, self.log_base)
-        return self._latest()
+        return None if self.asynchronous else self._latest()
 
     def _rows(self, step: int, results: dict[str, LMNResult] | None) -> list[dict]:
         if not self._multi:
@@ -357,85 +471,16 @@ class LMNTracker(Tracker):
         return new
 
     def __repr__(self) -> str:
-        last = f", last={self.history[-1]}" if self.history else ""
+        last = f", last={self._history[-1]}" if self._history else ""  # what has landed: repr never waits
         return f"LMNTracker(at={self.at!r}, every={self.every!r}, computed={len(self.history)}{last})"
-
-
-class _LMNMetricMethods:
-    """The methods of :class:`LMNMetric`, mixed into its ``torchmetrics.Metric`` subclass by :func:`_make_lmn_metric`."""
-
-    def __init__(self, model: nn.Module, probe_inputs, at: str | Sequence[str], every: int | str = 1, **kwargs):
-        tracker_keys = ("output", "batch_dim", "n_lambda", "backend", "log_base", "check", "to",
-                        "input_batch_dim", "path", "user_hooks")
-        tracker_kw = {k: kwargs.pop(k) for k in tracker_keys if k in kwargs}
-        super().__init__(**kwargs)
-        self._tracker = LMNTracker(model, probe_inputs, at=at, every=every, **tracker_kw)
-        k = 1 if isinstance(at, str) else len(at)
-        self.add_state("value", default=torch.full((k,), float("nan"), dtype=torch.float64), dist_reduce_fx="mean")
-        self.add_state("step", default=torch.tensor(-1, dtype=torch.long), dist_reduce_fx="max")
-
-    @property
-    def tracker(self) -> LMNTracker:
-        return self._tracker
-
-    def update(self, step: int | None = None, force: bool = False) -> None:
-        if self._tracker.update(step, force=force) is not None:
-            latest = self._tracker.compute()
-            vals = [latest] if isinstance(latest, float) else list(latest.values())
-            self.value = torch.tensor(vals, dtype=torch.float64, device=self.value.device)
-            self.step = torch.tensor(self._tracker.last_step, dtype=torch.long, device=self.step.device)
-
-    def compute(self):
-        if int(self.step) < 0:
-            raise RuntimeError("LMNMetric.compute() called before any LMN was computed; call update(step) first")
-        if isinstance(self._tracker.at, str):
-            return self.value[0]
-        return dict(zip(self._tracker.at, self.value.unbind()))
-
-    def reset(self) -> None:
-        super().reset()
-        if "_tracker" in self.__dict__:
-            self._tracker.reset()
-
-    def forward(self, step: int | None = None, force: bool = False):
-        self.update(step, force=force)
-        return self.compute()
-
-    def get_extra_state(self) -> dict:
-        return self._tracker.state_dict()
-
-    def set_extra_state(self, state: dict) -> None:
-        self._tracker.load_state_dict(state)
-
-
-def _make_lmn_metric() -> type:
-    """Define :class:`LMNMetric` on first use: importing torchmetrics (it imports matplotlib) only when asked."""
-    import torchmetrics as _tm
-
-    class LMNMetric(_LMNMetricMethods, _tm.Metric):
-        """``torchmetrics.Metric`` wrapper of :class:`LMNTracker`: ``update(step)`` / ``compute()`` -> 0-d tensor.
-
-        torchmetrics semantics: ``reset()`` clears the tracker's history too (the next ``update``
-        computes); ``clone()`` gives an independent metric that watches the *same* model (the model
-        and probe are never copied); ``compute()`` before any computation raises ``RuntimeError``;
-        ``state_dict()`` carries the tracker's history and schedule (``load_state_dict`` restores them).
-        With a list ``at``, ``compute()`` is ``{name: 0-d tensor}``. States ``value`` (latest LMN per
-        layer) and ``step`` are reduced across processes with ``mean`` / ``max`` (ranks hold the same
-        model and probe set, hence the same value). ``metric(step)`` is ``update(step)`` then ``compute()``.
-        """
-
-        full_state_update = False
-        higher_is_better = None
-        is_differentiable = False
-
-    LMNMetric.__module__, LMNMetric.__qualname__ = __name__, "LMNMetric"
-    return LMNMetric
 
 
 def __getattr__(name: str):
     """``LMNMetric`` is built on first access, when torchmetrics is installed (it is not a dependency)."""
     if name == "LMNMetric":
         try:
+            from ._metric import _make_lmn_metric
+
             cls = _make_lmn_metric()
         except ImportError as e:
             raise ImportError('LMNMetric needs torchmetrics: pip install torchmetrics (or pip install '

@@ -8,7 +8,7 @@ import torch
 from helpers import mlp_tail
 
 import grokfast_metrics as gm
-from grokfast_metrics.async_eigen import AsyncEigen
+from grokfast_metrics.async_eigen import AsyncEigen, EigenStepError
 
 
 def _L(n: int, seed: int) -> torch.Tensor:
@@ -47,9 +47,25 @@ def test_a_failed_matrix_raises_in_order_and_loses_nothing():
         eig.submit(1, torch.full((3, 3), float("nan")))
         eig.submit(2, _L(6, 2))
         assert [k for k, _ in eig.wait()] == [0]      # what came before the failure
-        with pytest.raises(ValueError, match="NaN"):
+        with pytest.raises(EigenStepError, match="of 1 failed: ValueError: L has NaN") as info:
             eig.wait()
+        assert info.value.key == 1 and isinstance(info.value.__cause__, ValueError)
         assert [k for k, _ in eig.wait()] == [2]      # and what came after it
+
+
+def test_several_matrices_in_one_job_and_discard():
+    mats = {"a": _L(12, 0), "b": _L(9, 1)}
+    gate = threading.Event()
+    with AsyncEigen() as eig:
+        eig.submit(0, mats)
+        [(key, got)] = eig.wait()
+        assert key == 0 and list(got) == ["a", "b"]
+        assert all(got[k].lmn == gm.lmn_from_connectivity(L).lmn for k, L in mats.items())
+        eig._pool.submit(gate.wait)
+        eig.submit(1, mats)
+        eig.discard()                                  # does not wait for the blocked worker
+        assert eig.pending() == 0 and eig.wait() == []
+        gate.set()
 
 
 def test_bad_arguments():

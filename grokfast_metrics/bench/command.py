@@ -97,6 +97,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="no GPU needed: compile the Triton kernel for sm_90 and sm_80, count its SASS instructions per "
              "execution unit and print a static estimate of L's time per resource (N from --n, default 961 "
              "4096; H, depth from --hidden, --depth); writes its own block of --results-md")
+    add("--async-tracking", action="store_true",
+        help="only the training-step time of the paper's MLP with LMN of --train-n inputs (default 961) every "
+             "step: no tracking vs synchronous vs asynchronous tracker (eigen step on a host thread), same run, "
+             "--repeats rounds (default 3) of 5 steps per mode; backend: the first of --backends (default auto)")
     add("--no-progress", action="store_true", help="no progress bar or per-row log")
     return parser
 
@@ -174,6 +178,8 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             return _error(f"--threads must be >= 1; got {args.threads}")
         torch.set_num_threads(args.threads)
+    if args.async_tracking:
+        return _run_async_tracking(args, device)
     try:
         rows = run_benchmarks(config_from_args(args, device), device)
     except ValueError as e:
@@ -201,6 +207,19 @@ def _run_static_gpu(args: argparse.Namespace) -> int:
     print(static_gpu.format_estimates(rows))
     if args.results_md and not args.no_csv:
         print(f"updated {static_gpu.update_results_md(rows, args.results_md)}")
+    return 0
+
+
+def _run_async_tracking(args: argparse.Namespace, device: torch.device) -> int:
+    """``--async-tracking``: print the sync vs async tracking overhead (not written to the CSV)."""
+    from .async_track import async_tracking, format_async_tracking
+
+    n = 961 if args.train_n is None else args.train_n
+    if not 2 <= n <= 961 or (args.repeats is not None and args.repeats < 1):
+        return _error(f"--async-tracking needs 2 <= --train-n <= 961 and --repeats >= 1; got {n}, {args.repeats}")
+    res = async_tracking(device, n_track=n, rounds=args.repeats or 3, backend=(args.backends or ["auto"])[0],
+                         seed=args.seed, n_lambda=args.n_lambda)
+    print(format_async_tracking(res))
     return 0
 
 
