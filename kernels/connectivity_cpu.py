@@ -3,7 +3,9 @@
 The kernel (``connectivity_cpu.cpp`` beside this file) does per pair what the Triton kernel does
 per block: interpolate on the absorbed ``z``, run the activations and the remaining Linears on a
 ``[T, H]`` tile held in L1 (register-blocked 6 x 16 GEMM micro-kernel), reduce to ``L_ij`` with
-the constant-path rule, and write only ``L``. It is plain C++ with a C ABI (no torch headers), so
+the constant-path rule, and write only ``L``. It runs in float32 (flagging the pairs fp32 cannot resolve) or in
+float64 (an fp64 model; the same GEMM micro-kernel and SiLU exp chain instantiated for double, 6 x 8, no flags);
+the float64 instantiation also recomputes the flagged pairs (:func:`pairs_f64`). It is plain C++ with a C ABI (no torch headers), so
 the first build takes seconds; the shared library is cached under the torch extensions directory
 (``TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``) keyed by a hash of the source, the
 flags and the compiler.
