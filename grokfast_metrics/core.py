@@ -303,7 +303,7 @@ def connectivity(
             elementwise activations takes the fused paths; any module works on the generic path
             (evaluated in eval mode; its mode is restored).
         n_lambda: interpolation points per pair (the paper uses 21).
-        backend: ``"auto"`` (Triton on CUDA when possible; on the CPU the fused C++ kernel for fp32 MLP
+        backend: ``"auto"`` (Triton on CUDA when possible; on the CPU the fused C++ kernel for fp32 and fp64 MLP
             tails on AVX2 machines; torch ops otherwise), ``"triton"``, ``"cpu"`` (the fused C++ kernel),
             ``"torch"`` (chunked stock torch ops on any device) or ``"reference"`` (NumPy, float64, slow).
             :func:`resolve_backend` names what ``"auto"`` picks.

@@ -132,6 +132,40 @@ inline __m256 erf256(__m256 x) {
     return _mm256_or_ps(y, _mm256_and_ps(sign, x));
 }
 
+// ---------------------------------------------------------------------------------------------
+// vector math (4 x fp64)
+
+// exp(x) in float64 (AVX2), x clamped to [-708, 709]: 2^n exp(r), n = round(x / ln2), r = x - n ln2 with ln2
+// split in two (Cephes C1 + C2; n C1 is exact), |r| <= ln2 / 2; exp(r) by its Taylor series to degree 13
+// (truncation < 1e-17 relative), so about 1 ulp like std::exp; 2^n built in the exponent bits.
+inline __m256d exp256d(__m256d x) {
+    x = _mm256_max_pd(_mm256_min_pd(x, _mm256_set1_pd(709.0)), _mm256_set1_pd(-708.0));
+    const __m256d n = _mm256_round_pd(_mm256_mul_pd(x, _mm256_set1_pd(1.4426950408889634)),
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256d r = _mm256_fnmadd_pd(n, _mm256_set1_pd(6.93145751953125e-1), x);
+    r = _mm256_fnmadd_pd(n, _mm256_set1_pd(1.42860682030941723212e-6), r);
+    static constexpr double inv_fact[14] = {1.0, 1.0, 1.0 / 2, 1.0 / 6, 1.0 / 24, 1.0 / 120, 1.0 / 720, 1.0 / 5040,
+                                            1.0 / 40320, 1.0 / 362880, 1.0 / 3628800, 1.0 / 39916800,
+                                            1.0 / 479001600, 1.0 / 6227020800.0};
+    __m256d p = _mm256_set1_pd(inv_fact[13]);
+    for (int k = 12; k >= 0; --k) p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(inv_fact[k]));
+    const __m256i e = _mm256_slli_epi64(
+        _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_cvtpd_epi32(n)), _mm256_set1_epi64x(1023)), 52);
+    return _mm256_mul_pd(p, _mm256_castsi256_pd(e));
+}
+
+// x sigmoid(x) through e^{-|x|} (sigmoid64, 4 lanes)
+inline __m256d silu256d(__m256d x) {
+    const __m256d one = _mm256_set1_pd(1.0);
+    const __m256d ax = _mm256_andnot_pd(_mm256_set1_pd(-0.0), x);
+    const __m256d e = exp256d(_mm256_sub_pd(_mm256_setzero_pd(), ax));
+    const __m256d num = _mm256_blendv_pd(e, one, _mm256_cmp_pd(x, _mm256_setzero_pd(), _CMP_GE_OQ));
+    return _mm256_mul_pd(x, _mm256_div_pd(num, _mm256_add_pd(one, e)));
+}
+
+// ---------------------------------------------------------------------------------------------
+// activations
+
 inline __m256 act256(__m256 x, int code, float slope) {
     switch (code) {
         case ACT_SILU: return _mm256_mul_ps(x, sigmoid256(x));
@@ -168,38 +202,95 @@ void apply_acts(float* x, int64_t count, const int* codes, const float* slopes, 
 }
 
 // ---------------------------------------------------------------------------------------------
-// GEMM micro-kernel: C[R, 8 NV] = bias + A[R, K] @ B[K, 8 NV]; A rows have stride lda,
-// B is a packed panel [K, 8 NV], C rows have stride ldc.
+// One SIMD vocabulary for fp32 (8 lanes) and fp64 (4 lanes): the GEMM micro-kernel and the SiLU chain
+// below are written once over it (the fp32 kernel and the fp64 kernel instantiate them).
 
-template <int R, int NV>
-inline void micro(const float* A, int lda, const float* B, int K, const float* bias, float* C, int ldc) {
+template <class Real>
+struct Simd;
+
+template <>
+struct Simd<float> {
+    using reg = __m256;
+    static constexpr int W = 8;
+    static reg load(const float* p) { return _mm256_loadu_ps(p); }
+    static void store(float* p, reg v) { _mm256_storeu_ps(p, v); }
+    static reg set1(float v) { return _mm256_set1_ps(v); }
+    static reg zero() { return _mm256_setzero_ps(); }
+    static reg bcast(const float* p) { return _mm256_broadcast_ss(p); }
+    static reg fmadd(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
+    static reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
+    static reg sub(reg a, reg b) { return _mm256_sub_ps(a, b); }
+    static reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
+    static reg div(reg a, reg b) { return _mm256_div_ps(a, b); }
+    static reg max(reg a, reg b) { return _mm256_max_ps(a, b); }
+    static reg abs(reg a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
+    static reg exp(reg x) { return exp256(x); }
+    static float hmax(reg v) {
+        alignas(32) float lanes[8];
+        _mm256_store_ps(lanes, v);
+        return *std::max_element(lanes, lanes + 8);
+    }
+};
+
+template <>
+struct Simd<double> {
+    using reg = __m256d;
+    static constexpr int W = 4;
+    static reg load(const double* p) { return _mm256_loadu_pd(p); }
+    static void store(double* p, reg v) { _mm256_storeu_pd(p, v); }
+    static reg set1(double v) { return _mm256_set1_pd(v); }
+    static reg zero() { return _mm256_setzero_pd(); }
+    static reg bcast(const double* p) { return _mm256_broadcast_sd(p); }
+    static reg fmadd(reg a, reg b, reg c) { return _mm256_fmadd_pd(a, b, c); }
+    static reg add(reg a, reg b) { return _mm256_add_pd(a, b); }
+    static reg sub(reg a, reg b) { return _mm256_sub_pd(a, b); }
+    static reg mul(reg a, reg b) { return _mm256_mul_pd(a, b); }
+    static reg div(reg a, reg b) { return _mm256_div_pd(a, b); }
+    static reg max(reg a, reg b) { return _mm256_max_pd(a, b); }
+    static reg abs(reg a) { return _mm256_andnot_pd(_mm256_set1_pd(-0.0), a); }
+    static reg exp(reg x) { return exp256d(x); }
+    static double hmax(reg v) {
+        alignas(32) double lanes[4];
+        _mm256_store_pd(lanes, v);
+        return *std::max_element(lanes, lanes + 4);
+    }
+};
+
+// ---------------------------------------------------------------------------------------------
+// GEMM micro-kernel: C[R, W NV] = bias + A[R, K] @ B[K, W NV] (W lanes of Real); A rows have stride lda,
+// B is a packed panel [K, W NV], C rows have stride ldc.
+
+template <int R, int NV, class Real>
+inline void micro(const Real* A, int lda, const Real* B, int K, const Real* bias, Real* C, int ldc) {
+    using V = Simd<Real>;
+    constexpr int W = V::W;
     // Accumulators as scalars of a fixed-size array fully unrolled (GCC keeps them in registers).
-    __m256 acc[R][NV];
+    typename V::reg acc[R][NV];
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
-        __m256 b = _mm256_loadu_ps(bias + 8 * v);
+        typename V::reg b = V::load(bias + W * v);
 #pragma GCC unroll 8
         for (int r = 0; r < R; ++r) acc[r][v] = b;
     }
     for (int k = 0; k < K; ++k) {
-        __m256 b[NV];
+        typename V::reg b[NV];
 #pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v) b[v] = _mm256_loadu_ps(B + k * 8 * NV + 8 * v);
+        for (int v = 0; v < NV; ++v) b[v] = V::load(B + k * W * NV + W * v);
 #pragma GCC unroll 8
         for (int r = 0; r < R; ++r) {
-            __m256 a = _mm256_broadcast_ss(A + r * lda + k);
+            typename V::reg a = V::bcast(A + r * lda + k);
 #pragma GCC unroll 8
-            for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(a, b[v], acc[r][v]);
+            for (int v = 0; v < NV; ++v) acc[r][v] = V::fmadd(a, b[v], acc[r][v]);
         }
     }
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v) _mm256_storeu_ps(C + r * ldc + 8 * v, acc[r][v]);
+        for (int v = 0; v < NV; ++v) V::store(C + r * ldc + W * v, acc[r][v]);
 }
 
-template <int NV>
-inline void micro_rows(int R, const float* A, int lda, const float* B, int K, const float* bias, float* C, int ldc) {
+template <int NV, class Real>
+inline void micro_rows(int R, const Real* A, int lda, const Real* B, int K, const Real* bias, Real* C, int ldc) {
     switch (R) {
         case 6: micro<6, NV>(A, lda, B, K, bias, C, ldc); break;
         case 5: micro<5, NV>(A, lda, B, K, bias, C, ldc); break;
@@ -213,27 +304,29 @@ inline void micro_rows(int R, const float* A, int lda, const float* B, int K, co
 
 // Rows split into ceil(T / 6) nearly equal blocks (T = 21: 6 + 5 + 5 + 5), so every block keeps
 // >= 8 accumulators in flight when it can (FMA latency x throughput).
-template <int NV>
-void gemm_panel(const float* A, int lda, int T, const float* B, int K, const float* bias, float* C, int ldc) {
+template <int NV, class Real>
+void gemm_panel(const Real* A, int lda, int T, const Real* B, int K, const Real* bias, Real* C, int ldc) {
     const int nb = (T + 5) / 6, base = T / nb, rem = T % nb;
     for (int b = 0, t = 0; b < nb; ++b) {
         const int R = base + (b < rem ? 1 : 0);
-        micro_rows<NV>(R, A + t * lda, lda, B, K, bias, C + t * ldc, ldc);
+        micro_rows<NV>(R, A + (int64_t)t * lda, lda, B, K, bias, C + (int64_t)t * ldc, ldc);
         t += R;
     }
 }
 
 // C[T, np] = bias + A[T, :K] @ W^T for one stage; A rows have stride kp, W^T is packed in
-// column blocks of 16 (last may be 8), each [kp, width].
-void gemm(const float* A, int T, int kp, int K, int np, const float* wpack, const float* bias, float* C) {
-    const float* B = wpack;
-    for (int c = 0; c < np; c += 16) {
-        if (np - c >= 16) {
+// column blocks of 2 W (last may be W; fp32: 16 and 8), each [kp, width].
+template <class Real>
+void gemm(const Real* A, int T, int kp, int K, int np, const Real* wpack, const Real* bias, Real* C) {
+    constexpr int W = Simd<Real>::W;
+    const Real* B = wpack;
+    for (int c = 0; c < np; c += 2 * W) {
+        if (np - c >= 2 * W) {
             gemm_panel<2>(A, kp, T, B, K, bias + c, C + c, np);
-            B += (int64_t)kp * 16;
+            B += (int64_t)kp * 2 * W;
         } else {
             gemm_panel<1>(A, kp, T, B, K, bias + c, C + c, np);
-            B += (int64_t)kp * 8;
+            B += (int64_t)kp * W;
         }
     }
 }
@@ -369,57 +462,59 @@ inline float r2_value(const float* st, const float* rr, const float* sc, float f
 // e_0 and e_{T-1} and (1 + e_f)(1 + e_b) <= (1 + e^40)^2, so nothing overflows.
 // With mid == 0, row 0 holds a_0 = silu(z_i) (szi, precomputed) and every other row a_t - a_0
 // (offset-free last GEMM); with mid < 0 the rows hold a_t. scratch: [2 kp] floats.
-void silu_chain(const float* zi, const float* d, const float* ezi, const float* ezj, const float* szi,
-                const float* lam, int T, int kp, int mid, float* scratch, float* x) {
-    const __m256 one = _mm256_set1_ps(1.0f);
-    const __m256 inv = _mm256_set1_ps(1.0f / (float)(T - 1));
-    for (int q = 0; q < kp; q += 8) {  // step factors first: independent exps pipeline well
-        __m256 qf = exp256(_mm256_mul_ps(_mm256_loadu_ps(d + q), _mm256_sub_ps(_mm256_setzero_ps(), inv)));
-        _mm256_storeu_ps(scratch + q, qf);
-        _mm256_storeu_ps(scratch + kp + q, _mm256_div_ps(one, qf));
+template <class Real>
+void silu_chain(const Real* zi, const Real* d, const Real* ezi, const Real* ezj, const Real* szi,
+                const Real* lam, int T, int kp, int mid, Real* scratch, Real* x) {
+    using V = Simd<Real>;
+    constexpr int W = V::W;
+    const typename V::reg one = V::set1(1);
+    const typename V::reg inv = V::set1(Real(1) / (Real)(T - 1));
+    for (int q = 0; q < kp; q += W) {  // step factors first: independent exps pipeline well
+        typename V::reg qf = V::exp(V::mul(V::load(d + q), V::sub(V::zero(), inv)));
+        V::store(scratch + q, qf);
+        V::store(scratch + kp + q, V::div(one, qf));
     }
-    for (int q = 0; q < kp; q += 8) {
-        __m256 vz = _mm256_loadu_ps(zi + q), vd = _mm256_loadu_ps(d + q);
-        __m256 qf = _mm256_loadu_ps(scratch + q), qb = _mm256_loadu_ps(scratch + kp + q);
-        __m256 ef = _mm256_loadu_ps(ezi + q), eb = _mm256_loadu_ps(ezj + q);
-        __m256 am = mid == 0 ? _mm256_loadu_ps(szi + q) : _mm256_setzero_ps();
+    for (int q = 0; q < kp; q += W) {
+        typename V::reg vz = V::load(zi + q), vd = V::load(d + q);
+        typename V::reg qf = V::load(scratch + q), qb = V::load(scratch + kp + q);
+        typename V::reg ef = V::load(ezi + q), eb = V::load(ezj + q);
+        typename V::reg am = mid == 0 ? V::load(szi + q) : V::zero();
         int tf = 0, tb = T - 1;
         for (; tf < tb; ++tf, --tb) {
             // one division for both chains: 1/(1+e_f) = (1+e_b) / ((1+e_f)(1+e_b)); e_f e_b = exp(-(z_i + z_j))
-            __m256 xf = _mm256_fmadd_ps(_mm256_set1_ps(lam[tf]), vd, vz);
-            __m256 xb = _mm256_fmadd_ps(_mm256_set1_ps(lam[tb]), vd, vz);
-            __m256 df = _mm256_add_ps(one, ef), db = _mm256_add_ps(one, eb);
-            __m256 inv_p = _mm256_div_ps(one, _mm256_mul_ps(df, db));
-            __m256 af = tf == mid ? am : _mm256_sub_ps(_mm256_mul_ps(_mm256_mul_ps(xf, db), inv_p), am);
-            __m256 ab = tb == mid ? am : _mm256_sub_ps(_mm256_mul_ps(_mm256_mul_ps(xb, df), inv_p), am);
-            _mm256_storeu_ps(x + tf * kp + q, af);
-            _mm256_storeu_ps(x + tb * kp + q, ab);
-            ef = _mm256_mul_ps(ef, qf);
-            eb = _mm256_mul_ps(eb, qb);
+            typename V::reg xf = V::fmadd(V::set1(lam[tf]), vd, vz);
+            typename V::reg xb = V::fmadd(V::set1(lam[tb]), vd, vz);
+            typename V::reg df = V::add(one, ef), db = V::add(one, eb);
+            typename V::reg inv_p = V::div(one, V::mul(df, db));
+            typename V::reg af = tf == mid ? am : V::sub(V::mul(V::mul(xf, db), inv_p), am);
+            typename V::reg ab = tb == mid ? am : V::sub(V::mul(V::mul(xb, df), inv_p), am);
+            V::store(x + tf * kp + q, af);
+            V::store(x + tb * kp + q, ab);
+            ef = V::mul(ef, qf);
+            eb = V::mul(eb, qb);
         }
         if (tf == tb) {
-            __m256 xf = _mm256_fmadd_ps(_mm256_set1_ps(lam[tf]), vd, vz);
-            __m256 af = _mm256_div_ps(xf, _mm256_add_ps(one, ef));
-            _mm256_storeu_ps(x + tf * kp + q, tf == mid ? am : _mm256_sub_ps(af, am));
+            typename V::reg xf = V::fmadd(V::set1(lam[tf]), vd, vz);
+            typename V::reg af = V::div(xf, V::add(one, ef));
+            V::store(x + tf * kp + q, tf == mid ? am : V::sub(af, am));
         }
     }
 }
 
 // ez = exp(-z), sz = silu(z) for [n, kp] and ok[i] = max_h |z_ih| <= CHAIN_ZMAX.
-void precompute_exp(const float* z, int64_t n, int kp, float* ez, float* sz, uint8_t* ok) {
-    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+template <class Real>
+void precompute_exp(const Real* z, int64_t n, int kp, Real* ez, Real* sz, uint8_t* ok) {
+    using V = Simd<Real>;
     for (int64_t i = 0; i < n; ++i) {
-        __m256 m = _mm256_setzero_ps();
-        for (int q = 0; q < kp; q += 8) {
-            __m256 v = _mm256_loadu_ps(z + i * kp + q);
-            m = _mm256_max_ps(m, _mm256_and_ps(v, absmask));
-            __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), v));
-            _mm256_storeu_ps(ez + i * kp + q, e);
-            _mm256_storeu_ps(sz + i * kp + q, _mm256_div_ps(v, _mm256_add_ps(_mm256_set1_ps(1.0f), e)));
+        typename V::reg m = V::zero();
+        for (int q = 0; q < kp; q += V::W) {
+            typename V::reg v = V::load(z + i * kp + q);
+            m = V::max(m, V::abs(v));
+            typename V::reg e = V::exp(V::sub(V::zero(), v));
+            V::store(ez + i * kp + q, e);
+            V::store(sz + i * kp + q, V::div(v, V::add(V::set1(1), e)));
         }
-        alignas(32) float lanes[8];
-        _mm256_store_ps(lanes, m);
-        ok[i] = *std::max_element(lanes, lanes + 8) <= CHAIN_ZMAX;
+        ok[i] = V::hmax(m) <= CHAIN_ZMAX;
     }
 }
 
@@ -604,31 +699,42 @@ void run_rows_safe(const Problem& p, std::atomic<int64_t>* next_row) {
 
 
 // ---------------------------------------------------------------------------------------------
-// fp64 recompute of a list of pairs (core recomputes the pairs the fp32 kernel flagged). The same
-// algebra as torch_backend._pairs_values in float64, one pair at a time, pairs shared between threads
-// in small blocks: one call, no per-op dispatch (the torch path cost ~140 us/pair on a loaded 2-core box).
+// fp64 kernel: the whole connectivity matrix of a float64 model (rows shared between threads as in the fp32
+// kernel) and core's recompute of a list of pairs the fp32 kernel flagged, through one per-pair function.
+// The algebra of torch_backend._pairs_values in float64: the last projection centred (rows 1..T-1 of its
+// input hold a_t - a_0, so the bias and a common offset never enter; its row 0 is 0 and the GEMM skips it),
+// stable activations (a saturating one before the last Linear taken offset free), the constant-path rule on
+// the same rounding scale. No flags: fp64 meets its own contract (docs/lmn.md). The default tail runs the
+// fp32 kernel's SiLU exp chain and its register-blocked GEMM, instantiated for double.
 
 struct Pairs64 {
-    int64_t n_pairs;
-    const int64_t* pi;
+    int64_t n_pairs;            // pair-list mode: L of the pairs (pi[q], pj[q]) into out[q]
+    const int64_t* pi;          // nullptr: matrix mode, every pair i < j of the n rows into out[n, n]
     const int64_t* pj;
+    int64_t n;                  // rows of z
     int T;
     int n_stages;
-    const int* kin;             // [S] input width of stage s
-    const int* nout;            // [S] output width of stage s
-    const double* const* wt;    // [S] W_s^T, row-major [kin, nout]
-    const double* const* bias;  // [S] [nout] or nullptr
+    const int* kp;              // [S] padded input width of stage s (multiple of 4): row stride of its input
+    const int* kin;             // [S] true input width of stage s (the GEMM's K)
+    const int* np;              // [S] padded output width of stage s (multiple of 4)
+    const double* const* wpack; // [S] packed W_s^T: column blocks of 8 (last may be 4), each [kp, w]
+    const double* const* bias;  // [S] padded bias [np] (zeros when the Linear has none)
     const int* act_off;         // as in Problem
     const int* act_code;
     const double* act_slope;    // leaky_relu slopes in float64 (0.01 is not a float32 number)
-    int width;                  // max(kin[0], nout[s])
-    const double* z;            // [n, kin[0]] absorbed, in float64
+    int out_dim;                // O (unpadded)
+    const double* z;            // [n, kp[0]] absorbed, zero padded
     const double* lam;          // [T]
     const double* lam_c;        // [T]
     double ll;                  // sum lam_c^2
     double eps;                 // float64 epsilon (constant-path rule)
     double const_rtol;
-    double* out;                // [n_pairs]
+    double* out;                // [n_pairs] or [n, n]
+    const double* wabs;         // packed |W_S^T| of the last stage
+    const double* wsum;         // [np[S-1]] sum_h |W_S[k, h]| (zero padded)
+    const double* ez;           // [n, kp[0]] exp(-z), silu(z), max |z_i| <= CHAIN_ZMAX (SiLU chain) or nullptr
+    const double* sz;
+    const uint8_t* ez_ok;
 };
 
 inline double sigmoid64(double x) {  // through e^{-|x|}: no overflow, relative accuracy for both signs
@@ -658,223 +764,269 @@ inline double offset_free64(int code, double x, double ref) {
     return std::tanh(x);
 }
 
-// exp(x) in float64 (AVX2), x clamped to [-708, 709]: 2^n exp(r), n = round(x / ln2), r = x - n ln2 with ln2
-// split in two (Cephes C1 + C2; n C1 is exact), |r| <= ln2 / 2; exp(r) by its Taylor series to degree 13
-// (truncation < 1e-17 relative), so about 1 ulp like std::exp; 2^n built in the exponent bits.
-inline __m256d exp256d(__m256d x) {
-    x = _mm256_max_pd(_mm256_min_pd(x, _mm256_set1_pd(709.0)), _mm256_set1_pd(-708.0));
-    const __m256d n = _mm256_round_pd(_mm256_mul_pd(x, _mm256_set1_pd(1.4426950408889634)),
-                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256d r = _mm256_fnmadd_pd(n, _mm256_set1_pd(6.93145751953125e-1), x);
-    r = _mm256_fnmadd_pd(n, _mm256_set1_pd(1.42860682030941723212e-6), r);
-    static constexpr double inv_fact[14] = {1.0, 1.0, 1.0 / 2, 1.0 / 6, 1.0 / 24, 1.0 / 120, 1.0 / 720, 1.0 / 5040,
-                                            1.0 / 40320, 1.0 / 362880, 1.0 / 3628800, 1.0 / 39916800,
-                                            1.0 / 479001600, 1.0 / 6227020800.0};
-    __m256d p = _mm256_set1_pd(inv_fact[13]);
-    for (int k = 12; k >= 0; --k) p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(inv_fact[k]));
-    const __m256i e = _mm256_slli_epi64(
-        _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_cvtpd_epi32(n)), _mm256_set1_epi64x(1023)), 52);
-    return _mm256_mul_pd(p, _mm256_castsi256_pd(e));
-}
-
-// x sigmoid(x) through e^{-|x|} (sigmoid64, 4 lanes)
-inline __m256d silu256d(__m256d x) {
-    const __m256d one = _mm256_set1_pd(1.0);
-    const __m256d ax = _mm256_andnot_pd(_mm256_set1_pd(-0.0), x);
-    const __m256d e = exp256d(_mm256_sub_pd(_mm256_setzero_pd(), ax));
-    const __m256d num = _mm256_blendv_pd(e, one, _mm256_cmp_pd(x, _mm256_setzero_pd(), _CMP_GE_OQ));
-    return _mm256_mul_pd(x, _mm256_div_pd(num, _mm256_add_pd(one, e)));
-}
-
 inline bool smooth64(int code) {
     return code == ACT_SILU || code == ACT_SIGMOID || code == ACT_TANH || code == ACT_GELU || code == ACT_GELU_TANH;
 }
 
-// y[R rows, 4 NV columns from o] = (bias or 0) + x[R, K] @ wt[K, o:o + 4 NV] (rows of x: stride K, of wt and y:
-// stride N); the last vector of a row is masked to `mask` when the row ends inside it. Accumulators in registers.
-template <int R, int NV>
-inline void micro64(const double* x, int K, int N, const double* wt, const double* bias, double* y, int o,
-                    __m256i mask) {
-    __m256d acc[R][NV];
-    for (int v = 0; v < NV; ++v) {
-        __m256d b = bias ? (v == NV - 1 ? _mm256_maskload_pd(bias + o + 4 * v, mask) : _mm256_loadu_pd(bias + o + 4 * v))
-                         : _mm256_setzero_pd();
-        for (int r = 0; r < R; ++r) acc[r][v] = b;
-    }
-    for (int k = 0; k < K; ++k) {
-        __m256d b[NV];
-        const double* w = wt + (int64_t)k * N + o;
-        for (int v = 0; v < NV; ++v) b[v] = v == NV - 1 ? _mm256_maskload_pd(w + 4 * v, mask) : _mm256_loadu_pd(w + 4 * v);
-        for (int r = 0; r < R; ++r) {
-            __m256d a = _mm256_broadcast_sd(x + (int64_t)r * K + k);
-            for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_pd(a, b[v], acc[r][v]);
-        }
-    }
-    for (int r = 0; r < R; ++r)
-        for (int v = 0; v < NV; ++v) {
-            double* dst = y + (int64_t)r * N + o + 4 * v;
-            if (v == NV - 1) _mm256_maskstore_pd(dst, mask, acc[r][v]);
-            else _mm256_storeu_pd(dst, acc[r][v]);
-        }
-}
-
-template <int NV>
-inline void micro64_rows(int R, const double* x, int K, int N, const double* wt, const double* bias, double* y, int o,
-                         __m256i mask) {
-    switch (R) {
-        case 4: micro64<4, NV>(x, K, N, wt, bias, y, o, mask); break;
-        case 3: micro64<3, NV>(x, K, N, wt, bias, y, o, mask); break;
-        case 2: micro64<2, NV>(x, K, N, wt, bias, y, o, mask); break;
-        case 1: micro64<1, NV>(x, K, N, wt, bias, y, o, mask); break;
-        default: break;
+// Activations in place on count doubles (SiLU and ReLU 4 lanes at a time, the others through the C library).
+void apply_acts64(double* x, int64_t count, const int* codes, const double* slopes, int n_acts) {
+    for (int a = 0; a < n_acts; ++a) {
+        const int code = codes[a];
+        if (code == ACT_IDENTITY) continue;
+        int64_t e = 0;
+        if (code == ACT_SILU || code == ACT_RELU)
+            for (; e + 4 <= count; e += 4) {
+                const __m256d v = _mm256_loadu_pd(x + e);
+                _mm256_storeu_pd(x + e, code == ACT_SILU ? silu256d(v) : _mm256_max_pd(v, _mm256_setzero_pd()));
+            }
+        for (; e < count; ++e) x[e] = act64(x[e], code, slopes[a]);
     }
 }
 
-// y[T, N] = (bias or 0) + x[T, K] @ wt[K, N] in float64 (AVX2: 4 rows x 8 columns of accumulators)
-void gemm64(const double* x, int T, int K, int N, const double* wt, const double* bias, double* y) {
-    const __m256i all = _mm256_set1_epi64x(-1);
-    for (int t0 = 0; t0 < T; t0 += 4) {
-        const int R = std::min(4, T - t0);
-        const double* xr = x + (int64_t)t0 * K;
-        double* yr = y + (int64_t)t0 * N;
-        int o = 0;
-        for (; o + 8 <= N; o += 8) micro64_rows<2>(R, xr, K, N, wt, bias, yr, o, all);
-        for (; o < N; o += 4) {
-            const int rem = std::min(4, N - o);
-            const __m256i mask = _mm256_setr_epi64x(-1, rem > 1 ? -1 : 0, rem > 2 ? -1 : 0, rem > 3 ? -1 : 0);
-            micro64_rows<1>(R, xr, K, N, wt, bias, yr, o, mask);
+struct Work64 {  // one thread's buffers
+    std::vector<double> xa, xb, d, scratch, mv, sc, st, rr, am, zero;
+    explicit Work64(const Pairs64& p) {
+        int width = p.kp[0];
+        for (int s = 0; s < p.n_stages; ++s) width = std::max(width, std::max(p.kp[s], p.np[s]));
+        xa.assign((size_t)p.T * width + 8, 0.0);
+        xb.assign((size_t)p.T * width + 8, 0.0);
+        d.assign(p.kp[0], 0.0);
+        scratch.assign(2 * (size_t)p.kp[0], 0.0);
+        for (auto* v : {&mv, &sc, &st, &rr, &am, &zero}) v->assign(width + 8, 0.0);
+    }
+};
+
+// The input of the centred last projection (stage s) from x[T, kp] (its input before its activations), into
+// a: row 0 a_0, rows t >= 1 a_t - a_0. mv[h] = max_t |a_th| (1 + g(x_th)), torch_backend._rounding_scale.
+// Returns max_h mv[h].
+double centre_last64(const Pairs64& p, int s, double* x, double* a, double* mv) {
+    const int T = p.T, K = p.kin[s], kp = p.kp[s];
+    const int* codes = p.act_code + p.act_off[s];
+    const double* slopes = p.act_slope + p.act_off[s];
+    const int na = p.act_off[s + 1] - p.act_off[s];
+    const int last = na > 0 ? codes[na - 1] : ACT_IDENTITY;
+    const bool smooth = smooth64(last), sat = last == ACT_SIGMOID || last == ACT_TANH;
+    apply_acts64(x, (int64_t)T * kp, codes, slopes, smooth ? na - 1 : na);
+    for (int h = 0; h < K; ++h) mv[h] = 0.0;
+    const bool silu_last = last == ACT_SILU;  // the common case, 4 lanes at a time
+    const __m256d one = _mm256_set1_pd(1.0), absm = _mm256_set1_pd(-0.0);
+    for (int t = 0; t < T; ++t)
+        for (int h = 0; h < K; ++h) {
+            if (silu_last && h + 4 <= K) {
+                const __m256d xv = _mm256_loadu_pd(x + t * kp + h);
+                const __m256d v = silu256d(xv);
+                _mm256_storeu_pd(a + t * kp + h, v);
+                const __m256d w = _mm256_mul_pd(_mm256_andnot_pd(absm, v), _mm256_add_pd(one, _mm256_andnot_pd(absm, xv)));
+                _mm256_storeu_pd(&mv[h], _mm256_max_pd(_mm256_loadu_pd(&mv[h]), w));
+                h += 3;
+                continue;
+            }
+            const double xv = x[t * kp + h];
+            double v = xv, g = 0.0;
+            if (sat) v = offset_free64(last, xv, x[h]);
+            else if (smooth) v = act64(xv, last, slopes[na - 1]);
+            if (smooth) g = (last == ACT_GELU && xv < 0.0) ? xv * xv : std::fabs(xv);
+            a[t * kp + h] = v;
+            mv[h] = std::max(mv[h], std::fabs(v) * (1.0 + g));
         }
+    for (int t = 1; t < T; ++t)
+        for (int h = 0; h < K; ++h) a[t * kp + h] -= a[h];
+    return *std::max_element(mv, mv + K);
+}
+
+// mv[h] = max_t |a_th| (1 + |x_th|) of the SiLU chain's rows (row 0 a_0, rows t >= 1 a_t - a_0), x_t = z_i + lam_t d.
+void chain_scale64(const Pairs64& p, const double* zi, const double* d, const double* a, double* mv) {
+    const int T = p.T, K = p.kin[0], kp = p.kp[0];
+    for (int h = 0; h < K; ++h) {
+        double m = std::fabs(a[h]) * (1.0 + std::fabs(zi[h]));
+        for (int t = 1; t < T; ++t)
+            m = std::max(m, std::fabs(a[t * kp + h] + a[h]) * (1.0 + std::fabs(zi[h] + p.lam[t] * d[h])));
+        mv[h] = m;
     }
 }
 
-// mean over outputs of r2 of paths yc[T, O] (centred again here), constant-path rule on scale[O]
-double r2_mean64(double* yc, int T, int O, const double* scale, const double* lam_c, double ll, double tol) {
-    double total = 0.0;
+// st[k] = std_t(y_k), rr[k] = r2_k clamped to [0, 1] (NaN -> 0), am[k] = max_t |y_tk| for the columns c0 .. c0 + 4 G
+// of y[T, ld].
+template <int G>
+inline void r2_stats64(const double* y, int T, int ld, int c0, const double* lam_c, double ll, double* st, double* rr,
+                       double* am) {
+    const __m256d absm = _mm256_set1_pd(-0.0);
+    __m256d s[G], mx[G], ss[G], cov[G], mean[G];
+    for (int g = 0; g < G; ++g) s[g] = mx[g] = ss[g] = cov[g] = _mm256_setzero_pd();
+    for (int t = 0; t < T; ++t)
+        for (int g = 0; g < G; ++g) {
+            const __m256d v = _mm256_loadu_pd(y + t * ld + c0 + 4 * g);
+            s[g] = _mm256_add_pd(s[g], v);
+            mx[g] = _mm256_max_pd(mx[g], _mm256_andnot_pd(absm, v));
+        }
+    const __m256d tv = _mm256_set1_pd((double)T);
+    for (int g = 0; g < G; ++g) mean[g] = _mm256_div_pd(s[g], tv);
+    for (int t = 0; t < T; ++t) {
+        const __m256d l = _mm256_set1_pd(lam_c[t]);
+        for (int g = 0; g < G; ++g) {
+            const __m256d c = _mm256_sub_pd(_mm256_loadu_pd(y + t * ld + c0 + 4 * g), mean[g]);
+            ss[g] = _mm256_fmadd_pd(c, c, ss[g]);
+            cov[g] = _mm256_fmadd_pd(c, l, cov[g]);
+        }
+    }
+    for (int g = 0; g < G; ++g) {
+        const __m256d r2 = _mm256_div_pd(_mm256_mul_pd(cov[g], cov[g]), _mm256_mul_pd(ss[g], _mm256_set1_pd(ll)));
+        _mm256_storeu_pd(rr + c0 + 4 * g, _mm256_min_pd(_mm256_max_pd(r2, _mm256_setzero_pd()), _mm256_set1_pd(1.0)));
+        _mm256_storeu_pd(st + c0 + 4 * g, _mm256_sqrt_pd(_mm256_div_pd(ss[g], tv)));
+        _mm256_storeu_pd(am + c0 + 4 * g, mx[g]);
+    }
+}
+
+void r2_stats64_all(const double* y, int T, int ld, int O, const double* lam_c, double ll, double* st, double* rr,
+                    double* am) {
+    int c = 0;
+    for (; c + 8 <= ld && c < O; c += 8) r2_stats64<2>(y, T, ld, c, lam_c, ll, st, rr, am);
+    for (; c < O; c += 4) r2_stats64<1>(y, T, ld, c, lam_c, ll, st, rr, am);
+}
+
+// Mean over the first O outputs of r2_k, 1 where std_k <= tol f sc[k] (the constant-path rule; any_const: it fired).
+double r2_mean64(const double* st, const double* rr, const double* sc, double f, int O, double tol, bool& any_const) {
+    double sum = 0.0;
+    any_const = false;
     for (int k = 0; k < O; ++k) {
-        double s = 0.0;
-        for (int t = 0; t < T; ++t) s += yc[t * O + k];
-        const double mean = s / T;
-        double ss = 0.0, cov = 0.0;
-        for (int t = 0; t < T; ++t) {
-            const double c = yc[t * O + k] - mean;
-            ss += c * c;
-            cov += c * lam_c[t];
-        }
-        double r2 = cov * cov / (ss * ll);
-        r2 = r2 > 1.0 ? 1.0 : (r2 >= 0.0 ? r2 : 0.0);
-        if (std::sqrt(ss / T) <= tol * scale[k]) r2 = 1.0;
-        total += r2;
+        const bool c = st[k] <= tol * (f * sc[k]);
+        any_const = any_const || c;
+        sum += c ? 1.0 : rr[k];
     }
-    return total / O;
+    return sum / O;
 }
 
-void pairs64_block(const Pairs64& p, int64_t p0, int64_t p1, std::vector<double>& xa, std::vector<double>& xb,
-                   std::vector<double>& av, std::vector<double>& mv, std::vector<double>& sc) {
-    const int T = p.T, S = p.n_stages, k0 = p.kin[0];
+// L_ij of rows i, j of z in float64.
+double pair_value64(const Pairs64& p, int64_t i, int64_t j, Work64& w) {
+    const int T = p.T, S = p.n_stages, kp0 = p.kp[0];
+    const double* zi = p.z + i * kp0;
+    const double* zj = p.z + j * kp0;
+    double* d = w.d.data();
+    for (int q = 0; q < kp0; q += 4)
+        _mm256_storeu_pd(d + q, _mm256_sub_pd(_mm256_loadu_pd(zj + q), _mm256_loadu_pd(zi + q)));
+    double* x = w.xa.data();
+    double* y = w.xb.data();
     const bool centred = p.act_off[S + 1] == p.act_off[S];
-    const double tol = p.const_rtol * p.eps;
-    for (int64_t q = p0; q < p1; ++q) {
-        const double* zi = p.z + p.pi[q] * k0;
-        const double* zj = p.z + p.pj[q] * k0;
-        double* x = xa.data();
-        double* y = xb.data();
-        for (int t = 0; t < T; ++t)
-            for (int h = 0; h < k0; ++h) x[t * k0 + h] = zi[h] + p.lam[t] * (zj[h] - zi[h]);
-        int width = k0;
-        double value = 0.0;
-        bool done = false;
-        for (int s = 0; s < S && !done; ++s) {
-            const int* codes = p.act_code + p.act_off[s];
-            const double* slopes = p.act_slope + p.act_off[s];
-            const int na = p.act_off[s + 1] - p.act_off[s];
-            const int K = p.kin[s], N = p.nout[s];
+    const bool chain = p.ez != nullptr && p.ez_ok[i] && p.ez_ok[j];  // one stage, SiLU, centred (see run64)
+    double mmax = 0.0;
+    if (chain) {
+        silu_chain(zi, d, p.ez + i * kp0, p.ez + j * kp0, p.sz + i * kp0, p.lam, T, kp0, 0, w.scratch.data(), x);
+        // |silu(x)| <= |x| <= M_h = max(|z_ih|, |z_jh|) on the path: mv_h <= M_h (1 + M_h), no pass over the rows
+        __m256d m = _mm256_setzero_pd();
+        const __m256d absm = _mm256_set1_pd(-0.0), one = _mm256_set1_pd(1.0);
+        for (int q = 0; q < kp0; q += 4) {
+            const __m256d mh = _mm256_max_pd(_mm256_andnot_pd(absm, _mm256_loadu_pd(zi + q)),
+                                             _mm256_andnot_pd(absm, _mm256_loadu_pd(zj + q)));
+            m = _mm256_max_pd(m, _mm256_mul_pd(mh, _mm256_add_pd(one, mh)));
+        }
+        mmax = Simd<double>::hmax(m);
+    } else {
+        for (int t = 0; t < T; ++t) {
+            const __m256d l = _mm256_set1_pd(p.lam[t]);
+            for (int q = 0; q < kp0; q += 4)
+                _mm256_storeu_pd(x + t * kp0 + q, _mm256_fmadd_pd(l, _mm256_loadu_pd(d + q), _mm256_loadu_pd(zi + q)));
+        }
+        for (int s = 0; s < S; ++s) {
             if (s == S - 1 && centred) {
-                const int last = na > 0 ? codes[na - 1] : ACT_IDENTITY;
-                const bool smooth = smooth64(last);
-                const bool sat = last == ACT_SIGMOID || last == ACT_TANH;
-                for (int a = 0; a < (smooth ? na - 1 : na); ++a)
-                    for (int64_t e = 0; e < (int64_t)T * K; ++e) x[e] = act64(x[e], codes[a], slopes[a]);
-                double* a = av.data();
-                for (int h = 0; h < K; ++h) mv[h] = 0.0;
-                const bool silu_last = last == ACT_SILU;  // the common case, 4 lanes at a time
-                const __m256d one = _mm256_set1_pd(1.0), absm = _mm256_set1_pd(-0.0);
-                for (int t = 0; t < T; ++t)
-                    for (int h = 0; h < K; ++h) {
-                        if (silu_last && h + 4 <= K) {
-                            const __m256d xv = _mm256_loadu_pd(x + t * K + h);
-                            const __m256d v = silu256d(xv);
-                            _mm256_storeu_pd(a + t * K + h, v);
-                            const __m256d w = _mm256_mul_pd(_mm256_andnot_pd(absm, v),
-                                                            _mm256_add_pd(one, _mm256_andnot_pd(absm, xv)));
-                            _mm256_storeu_pd(&mv[h], _mm256_max_pd(_mm256_loadu_pd(&mv[h]), w));
-                            h += 3;
-                            continue;
-                        }
-                        const double xv = x[t * K + h];
-                        double v = xv, g = 0.0;
-                        if (sat) v = offset_free64(last, xv, x[h]);
-                        else if (smooth) v = act64(xv, last, slopes[na - 1]);
-                        if (smooth) g = (last == ACT_GELU && xv < 0.0) ? xv * xv : std::fabs(xv);
-                        a[t * K + h] = v;
-                        mv[h] = std::max(mv[h], std::fabs(v) * (1.0 + g));
-                    }
-                double* mean = sc.data();  // a - mean_t a (row by row: the same sums, vectorised over h)
-                for (int h = 0; h < K; ++h) mean[h] = 0.0;
-                for (int t = 0; t < T; ++t)
-                    for (int h = 0; h < K; ++h) mean[h] += a[t * K + h];
-                for (int h = 0; h < K; ++h) mean[h] /= T;
-                for (int t = 0; t < T; ++t)
-                    for (int h = 0; h < K; ++h) a[t * K + h] -= mean[h];
-                gemm64(a, T, K, N, p.wt[s], nullptr, y);
-                for (int o = 0; o < N; ++o) sc[o] = 0.0;
-                for (int h = 0; h < K; ++h)
-                    for (int o = 0; o < N; ++o) sc[o] += mv[h] * std::fabs(p.wt[s][(int64_t)h * N + o]);
-                value = r2_mean64(y, T, N, sc.data(), p.lam_c, p.ll, tol);
-                done = true;
+                mmax = centre_last64(p, s, x, y, w.mv.data());
+                std::swap(x, y);
                 break;
             }
-            for (int a = 0; a < na; ++a)
-                for (int64_t e = 0; e < (int64_t)T * K; ++e) x[e] = act64(x[e], codes[a], slopes[a]);
-            gemm64(x, T, K, N, p.wt[s], p.bias[s], y);
+            apply_acts64(x, (int64_t)T * p.kp[s], p.act_code + p.act_off[s], p.act_slope + p.act_off[s],
+                         p.act_off[s + 1] - p.act_off[s]);
+            gemm(x, T, p.kp[s], p.kin[s], p.np[s], p.wpack[s], p.bias[s], y);
             std::swap(x, y);
-            width = N;
         }
-        if (!done) {  // trailing activations: r2 of the literal paths, scale max_t |y|
-            const int* codes = p.act_code + p.act_off[S];
-            const double* slopes = p.act_slope + p.act_off[S];
-            const int na = p.act_off[S + 1] - p.act_off[S];
-            for (int a = 0; a < na; ++a)
-                for (int64_t e = 0; e < (int64_t)T * width; ++e) x[e] = act64(x[e], codes[a], slopes[a]);
-            for (int o = 0; o < width; ++o) {
-                double m = 0.0, s = 0.0;
-                for (int t = 0; t < T; ++t) {
-                    m = std::max(m, std::fabs(x[t * width + o]));
-                    s += x[t * width + o];
-                }
-                sc[o] = m;
-                s /= T;
-                for (int t = 0; t < T; ++t) x[t * width + o] -= s;
-            }
-            value = r2_mean64(x, T, width, sc.data(), p.lam_c, p.ll, tol);
+    }
+    const int O = p.out_dim, ld = p.np[S - 1], kp = p.kp[S - 1];
+    const double tol = p.const_rtol * p.eps;
+    bool any_const;
+    if (!centred) {  // trailing activations: r2 of the literal paths, scale max_t |y|
+        apply_acts64(x, (int64_t)T * ld, p.act_code + p.act_off[S], p.act_slope + p.act_off[S],
+                     p.act_off[S + 1] - p.act_off[S]);
+        r2_stats64_all(x, T, ld, O, p.lam_c, p.ll, w.st.data(), w.rr.data(), w.am.data());
+        return r2_mean64(w.st.data(), w.rr.data(), w.am.data(), 1.0, O, tol, any_const);
+    }
+    for (int o = 0; o < ld; ++o) y[o] = 0.0;  // row 0: y_0 - y_0
+    gemm(x + kp, T - 1, kp, p.kin[S - 1], ld, p.wpack[S - 1], w.zero.data(), y + ld);
+    r2_stats64_all(y, T, ld, O, p.lam_c, p.ll, w.st.data(), w.rr.data(), w.am.data());
+    // First with the bound scale_k <= max_h mv_h sum_h |W_kh| (a larger scale only fires the rule more, so a pair it
+    // clears has the same L_ij with the exact scale); the exact sum_h mv_h |W_kh| only when it fires.
+    const double v = r2_mean64(w.st.data(), w.rr.data(), p.wsum, mmax * (1.0 + 1e-12), O, tol, any_const);
+    if (!any_const) return v;
+    if (chain) chain_scale64(p, zi, d, x, w.mv.data());
+    gemm(w.mv.data(), 1, kp, p.kin[S - 1], ld, p.wabs, w.zero.data(), w.sc.data());
+    return r2_mean64(w.st.data(), w.rr.data(), w.sc.data(), 1.0, O, tol, any_const);
+}
+
+// Workers never let an exception escape a std::thread: they record it and stop everyone's work.
+void rows64_worker(const Pairs64& p, std::atomic<int64_t>* next, std::atomic<int>* error) {
+    try {
+        Work64 w(p);
+        for (;;) {
+            const int64_t i = next->fetch_add(1);
+            if (i >= p.n - 1) break;
+            for (int64_t j = i + 1; j < p.n; ++j) p.out[i * p.n + j] = pair_value64(p, i, j, w);
         }
-        p.out[q] = value;
+    } catch (...) {
+        error->store(1);
+        next->store(p.n);
     }
 }
 
 void pairs64_worker(const Pairs64& p, std::atomic<int64_t>* next, std::atomic<int>* error) {
     try {
-        std::vector<double> xa((size_t)p.T * p.width), xb((size_t)p.T * p.width), av((size_t)p.T * p.width);
-        std::vector<double> mv(p.width), sc(p.width);
+        Work64 w(p);
         constexpr int64_t BLOCK = 8;
         for (;;) {
             const int64_t p0 = next->fetch_add(BLOCK);
             if (p0 >= p.n_pairs) break;
-            pairs64_block(p, p0, std::min(p.n_pairs, p0 + BLOCK), xa, xb, av, mv, sc);
+            for (int64_t q = p0; q < std::min(p.n_pairs, p0 + BLOCK); ++q) p.out[q] = pair_value64(p, p.pi[q], p.pj[q], w);
         }
     } catch (...) {
         error->store(1);
         next->store(p.n_pairs);
     }
+}
+
+// Run p on n_threads threads (matrix mode when p.pi is nullptr); 0 on success, 2 when a worker failed.
+int run64(Pairs64 p, int n_threads) {
+    const int kp0 = p.kp[0];
+    std::vector<double> ez, sz;
+    std::vector<uint8_t> ok;
+    if (p.n_stages == 1 && p.act_off[2] == p.act_off[1] && p.act_off[1] - p.act_off[0] == 1 &&
+        p.act_code[p.act_off[0]] == ACT_SILU && p.T <= CHAIN_TMAX) {
+        ez.resize((size_t)p.n * kp0);
+        sz.resize((size_t)p.n * kp0);
+        ok.resize((size_t)p.n);
+        precompute_exp(p.z, p.n, kp0, ez.data(), sz.data(), ok.data());
+        p.ez = ez.data();
+        p.sz = sz.data();
+        p.ez_ok = ok.data();
+    }
+    const bool matrix = p.pi == nullptr;
+    std::atomic<int64_t> next{0};
+    std::atomic<int> error{0};
+    const int64_t units = matrix ? p.n - 1 : (p.n_pairs + 7) / 8;
+    n_threads = (int)std::max<int64_t>(1, std::min<int64_t>(n_threads, units));
+    auto worker = matrix ? rows64_worker : pairs64_worker;
+    std::vector<std::thread> pool;
+    for (int t = 1; t < n_threads; ++t) {
+        try {
+            pool.emplace_back(worker, std::cref(p), &next, &error);
+        } catch (...) {  // no more threads: the ones running share the work
+            break;
+        }
+    }
+    worker(p, &next, &error);
+    for (auto& th : pool) th.join();
+    if (error.load()) return 2;
+    if (matrix)
+        for (int64_t i = 0; i < p.n; ++i) {
+            p.out[i * p.n + i] = 1.0;
+            for (int64_t j = i + 1; j < p.n; ++j) p.out[j * p.n + i] = p.out[i * p.n + j];
+        }
+    return 0;
 }
 
 }  // namespace
@@ -926,31 +1078,18 @@ extern "C" int gm_connectivity_mlp(
     }
 }
 
-extern "C" int gm_pairs_f64(
-    int64_t n_pairs, const int64_t* pi, const int64_t* pj, int T, int n_stages, const int* kin, const int* nout,
-    const double* const* wt, const double* const* bias, const int* act_off, const int* act_code,
-    const double* act_slope, const double* z, const double* lam, const double* lam_c, double ll, double eps,
-    double const_rtol, double* out, int n_threads) {
-    // L_ij in float64 of the listed pairs; 0 on success, 2 out of memory, 3 any other failure.
-    std::atomic<int> error{0};
+extern "C" int gm_mlp_f64(
+    int64_t n, int64_t n_pairs, const int64_t* pi, const int64_t* pj, int T, int n_stages, const int* kp,
+    const int* kin, const int* np, const double* const* wpack, const double* const* bias, const int* act_off,
+    const int* act_code, const double* act_slope, int out_dim, const double* z, const double* lam,
+    const double* lam_c, double ll, double eps, double const_rtol, double* out, int n_threads, const double* wabs,
+    const double* wsum) {
+    // float64 L of every pair of the n rows of z into out[n, n] (pi == nullptr) or of the listed pairs into
+    // out[n_pairs]; 0 on success, 2 out of memory, 3 any other failure (never throws across the C ABI).
     try {
-        int width = kin[0];
-        for (int s = 0; s < n_stages; ++s) width = std::max(width, std::max(kin[s], nout[s]));
-        Pairs64 p{n_pairs, pi, pj, T, n_stages, kin, nout, wt, bias, act_off, act_code, act_slope, width,
-                  z, lam, lam_c, ll, eps, const_rtol, out};
-        std::atomic<int64_t> next{0};
-        n_threads = (int)std::max<int64_t>(1, std::min<int64_t>(n_threads, (n_pairs + 7) / 8));
-        std::vector<std::thread> pool;
-        for (int w = 1; w < n_threads; ++w) {
-            try {
-                pool.emplace_back(pairs64_worker, std::cref(p), &next, &error);
-            } catch (...) {
-                break;
-            }
-        }
-        pairs64_worker(p, &next, &error);
-        for (auto& th : pool) th.join();
-        return error.load() ? 2 : 0;
+        Pairs64 p{n_pairs, pi, pj, n, T, n_stages, kp, kin, np, wpack, bias, act_off, act_code, act_slope, out_dim,
+                  z, lam, lam_c, ll, eps, const_rtol, out, wabs, wsum, nullptr, nullptr, nullptr};
+        return run64(p, n_threads);
     } catch (const std::bad_alloc&) {
         return 2;
     } catch (...) {
@@ -958,8 +1097,10 @@ extern "C" int gm_pairs_f64(
     }
 }
 
-extern "C" int gm_affine_f64(int64_t n, int K, int N, const double* x, const double* wt, const double* bias, double* y) {
-    // y[n, N] = x[n, K] @ wt[K, N] + bias in float64, one thread (the absorb of core's fp64 recompute).
-    gemm64(x, (int)n, K, N, wt, bias, y);
+extern "C" int gm_affine_f64(int64_t n, int K, int np, const double* x, const double* wpack, const double* bias,
+                             double* y) {
+    // y[n, np] = x[n, K] @ W^T + bias in float64 (W^T packed as for gm_mlp_f64 with kp = K, bias padded to np),
+    // one thread (the absorb of core's fp64 recompute).
+    gemm(x, (int)n, K, K, np, wpack, bias, y);
     return 0;
 }

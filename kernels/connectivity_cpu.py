@@ -3,7 +3,9 @@
 The kernel (``connectivity_cpu.cpp`` beside this file) does per pair what the Triton kernel does
 per block: interpolate on the absorbed ``z``, run the activations and the remaining Linears on a
 ``[T, H]`` tile held in L1 (register-blocked 6 x 16 GEMM micro-kernel), reduce to ``L_ij`` with
-the constant-path rule, and write only ``L``. It is plain C++ with a C ABI (no torch headers), so
+the constant-path rule, and write only ``L``. It runs in float32 (flagging the pairs fp32 cannot resolve) or in
+float64 (an fp64 model; the same GEMM micro-kernel and SiLU exp chain instantiated for double, 6 x 8, no flags);
+the float64 instantiation also recomputes the flagged pairs (:func:`pairs_f64`). It is plain C++ with a C ABI (no torch headers), so
 the first build takes seconds; the shared library is cached under the torch extensions directory
 (``TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``) keyed by a hash of the source, the
 flags and the compiler.
@@ -105,8 +107,8 @@ def _build() -> ctypes.CDLL:
     lib.gm_connectivity_mlp.restype = ctypes.c_int
     lib.gm_connectivity_mlp.argtypes = [i64, i32, i32, p, p, p, p, p, p, p, p, i32, p, p, p, f32, f32, f32, p, i32, p, p, f32]
     f64 = ctypes.c_double
-    lib.gm_pairs_f64.restype = ctypes.c_int
-    lib.gm_pairs_f64.argtypes = [i64, p, p, i32, i32, p, p, p, p, p, p, p, p, p, p, f64, f64, f64, p, i32]
+    lib.gm_mlp_f64.restype = ctypes.c_int
+    lib.gm_mlp_f64.argtypes = [i64, i64, p, p, i32, i32, p, p, p, p, p, p, p, p, i32, p, p, p, f64, f64, f64, p, i32, p, p]
     lib.gm_affine_f64.restype = ctypes.c_int
     lib.gm_affine_f64.argtypes = [i64, i32, i32, p, p, p, p]
     _state["path"] = str(lib_path)
@@ -155,18 +157,21 @@ def unsupported_reason(spec: MLPTail, device: torch.device, dtype: torch.dtype) 
 
     ``None`` when it can (the library is then built and loaded). Every activation of the
     activation table is implemented, so only the device, the dtype and the structure matter.
+    float32 needs float32 weights; float64 takes weights of any float dtype (computed in float64).
     """
-    if dtype != torch.float32:
-        return f"only float32 is fused on the CPU (got {dtype})"
+    if dtype not in (torch.float32, torch.float64):
+        return f"only float32 and float64 are fused on the CPU (got {dtype})"
     for _, lin in spec.stages:
-        if lin.weight.dtype != torch.float32 or lin.weight.device.type != "cpu":
-            return "tail weights must be float32 on the CPU"
+        if lin.weight.device.type != "cpu":
+            return "tail weights must be on the CPU"
+        if dtype == torch.float32 and lin.weight.dtype != torch.float32:
+            return "tail weights must be float32 for the float32 kernel"
     return _shared_reason(spec, device)
 
 
 def _shared_reason(spec: MLPTail, device: torch.device) -> str | None:
-    """What both entry points (the fp32 kernel and the fp64 pair recompute) need: the CPU, a Linear after the
-    first activation, the switch on, the library built."""
+    """What every entry point (the fp32 and fp64 kernels, the fp64 pair recompute) needs: the CPU, a Linear
+    after the first activation, the switch on, the library built."""
     if torch.device(device).type != "cpu":
         return f"h is on {device}, not the CPU"
     if not spec.stages:
@@ -189,16 +194,71 @@ def _act_arrays(spec: MLPTail) -> tuple[list[int], list[float], list[int]]:
     return codes, slopes, offs
 
 
-def _pad8(n: int) -> int:
-    return (n + 7) // 8 * 8
+def _lanes(dtype: torch.dtype) -> int:
+    """SIMD lanes of the kernel's vectors (AVX2): 8 floats, 4 doubles; widths are padded to a multiple of it."""
+    return 8 if dtype == torch.float32 else 4
 
 
-def _pack(weight: torch.Tensor, kp: int, np_: int) -> torch.Tensor:
-    """``W^T`` zero-padded to ``(kp, np_)`` and laid out as column panels of 16 (last may be 8)."""
+def _pad(n: int, dtype: torch.dtype) -> int:
+    lanes = _lanes(dtype)
+    return (n + lanes - 1) // lanes * lanes
+
+
+def _pack(weight: torch.Tensor, kp: int, np_: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``W^T`` zero-padded to ``(kp, np_)`` and laid out as column panels of two vectors (fp32: 16, fp64: 8; the
+    last may be one vector), the GEMM micro-kernel's ``B``."""
     out_f, in_f = weight.shape
-    wt = torch.zeros(kp, np_, dtype=torch.float32)
-    wt[:in_f, :out_f] = weight.detach().to(torch.float32).t()
-    return torch.cat([wt[:, c : c + 16].contiguous().flatten() for c in range(0, np_, 16)])
+    wt = torch.zeros(kp, np_, dtype=dtype)
+    wt[:in_f, :out_f] = weight.detach().to(device="cpu", dtype=dtype).t()
+    w = 2 * _lanes(dtype)
+    return torch.cat([wt[:, c : c + w].contiguous().flatten() for c in range(0, np_, w)])
+
+
+class _Packed:
+    """The stages of ``spec`` as the kernel reads them in ``dtype``: padded widths, packed weights, padded biases,
+    the packed ``|W|`` of the last stage and ``wnorm`` (``sum_h |W_kh|``, then ``|W_k|_2``, each padded to np + 8),
+    and the C arrays of all of them (kept alive with this object)."""
+
+    def __init__(self, spec: MLPTail, dtype: torch.dtype):
+        self.kps, self.kins, self.nps, self.packs, self.biases = [], [], [], [], []
+        for _, lin in spec.stages:
+            kp, np_ = _pad(lin.in_features, dtype), _pad(lin.out_features, dtype)
+            self.kps.append(kp)
+            self.kins.append(lin.in_features)
+            self.nps.append(np_)
+            self.packs.append(_pack(lin.weight, kp, np_, dtype))
+            b = torch.zeros(np_, dtype=dtype)
+            if lin.bias is not None:
+                b[: lin.out_features] = lin.bias.detach().to(device="cpu", dtype=dtype)
+            self.biases.append(b)
+        last = spec.stages[-1][1]
+        self.out_dim = last.out_features
+        self.wabs = _pack(last.weight.detach().abs(), self.kps[-1], self.nps[-1], dtype)
+        self.wnorm = torch.zeros(2, self.nps[-1] + 8, dtype=dtype)
+        w64 = last.weight.detach().to(device="cpu", dtype=torch.float64)
+        self.wnorm[0, : last.out_features] = w64.abs().sum(dim=1).to(dtype)
+        self.wnorm[1, : last.out_features] = w64.square().sum(dim=1).sqrt().to(dtype)
+        codes, slopes, offs = _act_arrays(spec)
+        self.c_kp, self.c_kin, self.c_np = _ints(self.kps), _ints(self.kins), _ints(self.nps)
+        self.c_off, self.c_codes = _ints(offs), _ints(codes)
+        ctype = ctypes.c_float if dtype == torch.float32 else ctypes.c_double
+        self.c_slopes = (ctype * max(1, len(slopes)))(*slopes)
+        self.c_packs = (ctypes.c_void_p * len(self.packs))(*[t.data_ptr() for t in self.packs])
+        self.c_biases = (ctypes.c_void_p * len(self.biases))(*[t.data_ptr() for t in self.biases])
+
+    def head(self) -> list:
+        """The arguments every kernel entry point takes after ``T``: stages, widths, weights, activations, O."""
+        addr = ctypes.addressof
+        return [len(self.packs), addr(self.c_kp), addr(self.c_kin), addr(self.c_np), addr(self.c_packs),
+                addr(self.c_biases), addr(self.c_off), addr(self.c_codes), addr(self.c_slopes), self.out_dim]
+
+
+def _ints(v: list[int]) -> ctypes.Array:
+    return (ctypes.c_int * max(1, len(v)))(*v)
+
+
+def _threads(num_threads: int | None) -> int:
+    return max(1, int(num_threads if num_threads is not None else torch.get_num_threads()))
 
 
 def connectivity_cpu(z: torch.Tensor, spec: MLPTail, n_lambda: int, num_threads: int | None = None,
@@ -206,16 +266,16 @@ def connectivity_cpu(z: torch.Tensor, spec: MLPTail, n_lambda: int, num_threads:
     """Connectivity matrix of an MLP tail from the absorbed representations, fused on the CPU.
 
     Args:
-        z: ``(N, H0)`` float32 CPU tensor, ``h`` through ``spec.pre`` (``spec.absorb(h)``).
+        z: ``(N, H0)`` float32 or float64 CPU tensor, ``h`` through ``spec.pre`` (``spec.absorb(h)``).
         spec: normalised MLP tail with at least one stage.
         n_lambda: interpolation points ``T`` per pair (>= 3).
         num_threads: worker threads (default ``torch.get_num_threads()``).
-        flag: write ``_policy.FLAGGED`` for pairs whose estimated fp32 error exceeds ``_policy.FLAG_KAPPA``
-            (``core`` recomputes them in fp64). The estimate is that of the torch path with a coarser
-            rounding scale per hidden unit (``max_t |a| (1 + max(|z_i|, |z_j|))``).
+        flag: float32 only: write ``_policy.FLAGGED`` for pairs whose estimated fp32 error exceeds
+            ``_policy.FLAG_KAPPA`` (``core`` recomputes them in fp64). The estimate is that of the torch path with a
+            coarser rounding scale per hidden unit (``max_t |a| (1 + max(|z_i|, |z_j|))``). float64 never flags.
 
     Returns:
-        ``(N, N)`` float32 matrix ``L``: symmetric, unit diagonal, entries in ``[0, 1]``.
+        ``(N, N)`` matrix ``L`` in ``z``'s dtype: symmetric, unit diagonal, entries in ``[0, 1]``.
 
     Raises:
         ValueError: unsupported input (see :func:`unsupported_reason`), bad ``z`` shape or ``n_lambda < 3``.
@@ -233,54 +293,28 @@ def connectivity_cpu(z: torch.Tensor, spec: MLPTail, n_lambda: int, num_threads:
     n_lambda = check_n_lambda(n_lambda)
     if z.shape[0] < 2:
         raise ValueError(f"z needs at least 2 rows (samples); got {z.shape[0]}")
-    n, h0 = z.shape
-    kps, kins, nps, packs, biases = [], [], [], [], []
-    width = h0
+    width = z.shape[1]
     for _, lin in spec.stages:
         if lin.in_features != width:
             raise ValueError(f"tail stage expects {lin.in_features} features but receives {width}")
-        kp, np_ = _pad8(lin.in_features), _pad8(lin.out_features)
-        kps.append(kp)
-        kins.append(lin.in_features)
-        nps.append(np_)
-        packs.append(_pack(lin.weight, kp, np_))
-        b = torch.zeros(np_, dtype=torch.float32)
-        if lin.bias is not None:
-            b[: lin.out_features] = lin.bias.detach().to(torch.float32)
-        biases.append(b)
         width = lin.out_features
-    zp = torch.zeros(n, kps[0], dtype=torch.float32)
+    if z.dtype == torch.float64:
+        return torch.from_numpy(_run_f64(lib, z.detach().numpy(), spec, None, None, n_lambda, num_threads))
+    n, h0 = z.shape
+    pk = _Packed(spec, torch.float32)
+    zp = torch.zeros(n, pk.kps[0], dtype=torch.float32)
     zp[:, :h0] = z
-    codes, slopes, offs = _act_arrays(spec)
     lam32, lam_c = lambdas(n_lambda, torch.float32)
     ll = float((lam_c.double() ** 2).sum())
-    check_fits(4 * n * n, 4 * (n + 8) * kps[0] * 3, "cpu")
+    check_fits(4 * n * n, 4 * (n + 8) * pk.kps[0] * 3, "cpu")
     out = torch.empty(n, n, dtype=torch.float32)
-    last = spec.stages[-1][1]
-    wabs = _pack(last.weight.detach().abs(), kps[-1], nps[-1])
-    # sum_h |W_kh| and |W_k|_2 (each padded to np + 8): the kernel's cheap bounds on the rounding scale
-    wnorm = torch.zeros(2, nps[-1] + 8, dtype=torch.float32)
-    w64 = last.weight.detach().double()
-    wnorm[0, : last.out_features] = w64.abs().sum(dim=1).float()
-    wnorm[1, : last.out_features] = w64.square().sum(dim=1).sqrt().float()
-
-    def ints(v: list[int]) -> ctypes.Array:
-        return (ctypes.c_int * max(1, len(v)))(*v)
-
-    ptrs = (ctypes.c_void_p * len(packs))(*[t.data_ptr() for t in packs])
-    bptrs = (ctypes.c_void_p * len(biases))(*[t.data_ptr() for t in biases])
-    c_kp, c_kin, c_np, c_off, c_codes = ints(kps), ints(kins), ints(nps), ints(offs), ints(codes)
-    c_slopes = (ctypes.c_float * max(1, len(slopes)))(*slopes)
-    threads = num_threads if num_threads is not None else torch.get_num_threads()
-    addr = ctypes.addressof
     rc = lib.gm_connectivity_mlp(
-        n, n_lambda, len(packs), addr(c_kp), addr(c_kin), addr(c_np), addr(ptrs), addr(bptrs), addr(c_off),
-        addr(c_codes), addr(c_slopes), spec.stages[-1][1].out_features, zp.data_ptr(), lam32.data_ptr(),
-        lam_c.data_ptr(), ll, torch.finfo(torch.float32).eps, CONST_RTOL, out.data_ptr(), max(1, int(threads)),
-        wabs.data_ptr(), wnorm.data_ptr(), FLAG_KAPPA if flag else 0.0,
+        n, n_lambda, *pk.head(), zp.data_ptr(), lam32.data_ptr(), lam_c.data_ptr(), ll,
+        torch.finfo(torch.float32).eps, CONST_RTOL, out.data_ptr(), _threads(num_threads), pk.wabs.data_ptr(),
+        pk.wnorm.data_ptr(), FLAG_KAPPA if flag else 0.0,
     )
     if rc == 2:
-        raise MemoryError(f"fused CPU kernel ran out of memory (N={n}, widths {[*kins, spec.stages[-1][1].out_features]})")
+        raise MemoryError(f"fused CPU kernel ran out of memory (N={n}, widths {[*pk.kins, pk.out_dim]})")
     if rc != 0:
         raise RuntimeError(f"fused CPU kernel failed with code {rc}")
     return out
@@ -295,9 +329,9 @@ def pairs_f64(h: torch.Tensor, spec: MLPTail, i: torch.Tensor, j: torch.Tensor, 
               num_threads: int | None = None) -> torch.Tensor:
     """``L_ij`` of the pairs ``(i[p], j[p])`` in float64, in one C++ call (``core``'s recompute of flagged pairs).
 
-    The algebra of ``torch_backend._pairs_values`` in float64 (centred last projection, offset-free
-    saturating activation before it, constant-path rule on the same rounding scale), one pair per
-    thread at a time: no per-op dispatch, no chunk of activations held in memory.
+    The float64 kernel of :func:`connectivity_cpu` (the algebra of ``torch_backend._pairs_values`` in float64:
+    centred last projection, offset-free saturating activation before it, constant-path rule on the same
+    rounding scale) on the listed pairs only: no per-op dispatch, no chunk of activations held in memory.
 
     Args:
         h: ``(N, D)`` representations on the CPU (any float dtype; computed in float64).
@@ -322,9 +356,8 @@ def pairs_f64(h: torch.Tensor, spec: MLPTail, i: torch.Tensor, j: torch.Tensor, 
     pij = np.concatenate([np.asarray(i.detach().cpu().numpy(), dtype=np.int64).reshape(-1),
                           np.asarray(j.detach().cpu().numpy(), dtype=np.int64).reshape(-1)])
     n_pairs = pij.size // 2
-    out = np.empty(n_pairs, dtype=np.float64)
     if n_pairs == 0:
-        return torch.from_numpy(out)
+        return torch.from_numpy(np.empty(0, dtype=np.float64))
     rows, inv = np.unique(pij, return_inverse=True)  # absorb only the rows that occur
     hd = h.detach()
     hn = hd.numpy() if hd.dtype in (torch.float32, torch.float64) else hd.to(torch.float64).numpy()
@@ -332,51 +365,50 @@ def pairs_f64(h: torch.Tensor, spec: MLPTail, i: torch.Tensor, j: torch.Tensor, 
     for lin in spec.pre:
         z = _affine_f64(lib, z, lin)
     pi, pj = np.ascontiguousarray(inv[:n_pairs], dtype=np.int64), np.ascontiguousarray(inv[n_pairs:], dtype=np.int64)
-    wts = [_f64(lin.weight).T.copy() for _, lin in spec.stages]
-    bs = [None if lin.bias is None else _f64(lin.bias) for _, lin in spec.stages]
-    codes, slopes, offs = _act_arrays(spec)
+    return torch.from_numpy(_run_f64(lib, z, spec, pi, pj, n_lambda, num_threads))
+
+
+def _run_f64(lib: ctypes.CDLL, z: np.ndarray, spec: MLPTail, pi: np.ndarray | None, pj: np.ndarray | None,
+             n_lambda: int, num_threads: int | None) -> np.ndarray:
+    """The float64 kernel on the rows of ``z`` (``(n, H0)``, absorbed): ``L`` ``(n, n)`` when ``pi`` is ``None``,
+    else the ``(P,)`` values of the pairs ``(pi[p], pj[p])``."""
+    pk = _Packed(spec, torch.float64)
+    n = z.shape[0]
+    zp = np.zeros((n, pk.kps[0]), dtype=np.float64)
+    zp[:, : z.shape[1]] = z
     lam = np.arange(n_lambda, dtype=np.float64) / (n_lambda - 1)  # = _policy.lambdas in float64
     lam_c = lam - 0.5
     ll = float((lam_c**2).sum())
-
-    def ints(v: list[int]) -> ctypes.Array:
-        return (ctypes.c_int * max(1, len(v)))(*v)
-
-    def ptr(a: np.ndarray) -> int:
-        return a.ctypes.data
-
-    c_kin = ints([lin.in_features for _, lin in spec.stages])
-    c_nout = ints([lin.out_features for _, lin in spec.stages])
-    c_off, c_codes = ints(offs), ints(codes)
-    c_slopes = (ctypes.c_double * max(1, len(slopes)))(*slopes)
-    wptrs = (ctypes.c_void_p * len(wts))(*[ptr(w) for w in wts])
-    bptrs = (ctypes.c_void_p * len(bs))(*[None if b is None else ptr(b) for b in bs])
-    threads = num_threads if num_threads is not None else torch.get_num_threads()
-    addr = ctypes.addressof
-    rc = lib.gm_pairs_f64(
-        n_pairs, ptr(pi), ptr(pj), n_lambda, len(wts), addr(c_kin), addr(c_nout), addr(wptrs),
-        addr(bptrs), addr(c_off), addr(c_codes), addr(c_slopes), ptr(z), ptr(lam), ptr(lam_c),
-        ll, float(np.finfo(np.float64).eps), CONST_RTOL, ptr(out), max(1, int(threads)),
+    if pi is None:
+        check_fits(8 * n * n, 8 * (n + 8) * pk.kps[0] * 3, "cpu")
+        out = np.empty((n, n), dtype=np.float64)
+        n_pairs, p_i, p_j = 0, None, None
+    else:
+        out = np.empty(pi.size, dtype=np.float64)
+        n_pairs, p_i, p_j = pi.size, pi.ctypes.data, pj.ctypes.data
+    rc = lib.gm_mlp_f64(
+        n, n_pairs, p_i, p_j, n_lambda, *pk.head(), zp.ctypes.data, lam.ctypes.data, lam_c.ctypes.data, ll,
+        float(np.finfo(np.float64).eps), CONST_RTOL, out.ctypes.data, _threads(num_threads), pk.wabs.data_ptr(),
+        pk.wnorm.data_ptr(),
     )
     if rc == 2:
-        raise MemoryError(f"fp64 pair kernel ran out of memory ({n_pairs} pairs)")
+        raise MemoryError(f"fp64 CPU kernel ran out of memory (N={n}, widths {[*pk.kins, pk.out_dim]})")
     if rc != 0:
-        raise RuntimeError(f"fp64 pair kernel failed with code {rc}")
-    return torch.from_numpy(out)
-
-
-def _f64(t: torch.Tensor) -> np.ndarray:
-    """A contiguous float64 NumPy copy of a (small) parameter."""
-    return np.ascontiguousarray(t.detach().to(device="cpu", dtype=torch.float64).numpy())
+        raise RuntimeError(f"fp64 CPU kernel failed with code {rc}")
+    return out
 
 
 def _affine_f64(lib: ctypes.CDLL, x: np.ndarray, lin: torch.nn.Linear) -> np.ndarray:
-    """``x W^T + b`` in float64 through the kernel's fp64 GEMM (one thread, no OpenMP region)."""
-    wt = _f64(lin.weight).T.copy()
-    b = None if lin.bias is None else _f64(lin.bias)
-    y = np.empty((x.shape[0], wt.shape[1]), dtype=np.float64)
-    rc = lib.gm_affine_f64(x.shape[0], wt.shape[0], wt.shape[1], x.ctypes.data, wt.ctypes.data,
-                           None if b is None else b.ctypes.data, y.ctypes.data)
+    """``x W^T + b`` in float64 through the kernel's GEMM (one thread, no OpenMP region)."""
+    k, n_out = lin.in_features, lin.out_features
+    np_ = _pad(n_out, torch.float64)
+    wpack = _pack(lin.weight, k, np_, torch.float64)
+    b = torch.zeros(np_, dtype=torch.float64)
+    if lin.bias is not None:
+        b[:n_out] = lin.bias.detach().to(device="cpu", dtype=torch.float64)
+    x = np.ascontiguousarray(x, dtype=np.float64)
+    y = np.empty((x.shape[0], np_), dtype=np.float64)
+    rc = lib.gm_affine_f64(x.shape[0], k, np_, x.ctypes.data, wpack.data_ptr(), b.data_ptr(), y.ctypes.data)
     if rc != 0:
         raise RuntimeError(f"fp64 affine map failed with code {rc}")
-    return y
+    return np.ascontiguousarray(y[:, :n_out])

@@ -338,13 +338,31 @@ def test_paired_roof_ratio_formula():
 
 def test_paired_roof_row_in_sweep():
     cfg = bench.BenchConfig(**{**TINY.__dict__, "ns": (5, 961), "hiddens": (100,), "depths": (1,), "out": 31,
-                               "n_lambda": 21, "backends": ("auto",), "max_row_seconds": 0.0, "repeats": 1})
+                               "n_lambda": 21, "backends": ("auto",), "max_row_seconds": 0.0, "repeats": 1,
+                               "fp64_roof": False})
     rows = bench.run_benchmarks(cfg, CPU)
     paired = _rows("roof_paired", rows)
     assert len(paired) == 1 and paired[0].N == 961 and paired[0].repeats == 5 and 0 < paired[0].frac_roof
     assert 0.0 <= paired[0].fraction_recomputed <= 0.05  # the issue's Done-when: reported; observed 0.0031 (fp32 CPU)
     assert "timed alternately" in bench.format_table(rows)
     assert "recomputed in fp64" in bench.format_table(rows)
+
+
+@pytest.mark.skipif(not cpu_kernel.available(), reason="fused CPU kernel unavailable")
+def test_fp64_roof_row(monkeypatch):
+    """The fp64 kernel's row (at a small N here): checked against the reference, fraction of an fp64 roof, speed-up
+    over the torch-op fp64 path; refused (no speed) when it disagrees."""
+    from grokfast_metrics.bench import extras
+
+    monkeypatch.setattr(extras, "PAIRED_N", 24)
+    cfg = bench.BenchConfig(**{**TINY.__dict__, "out": 31, "n_lambda": 21, "repeats": 1, "roof_size": 64, "n_ref": 6})
+    (row,) = extras.fp64_roof_rows(cfg, CPU, bench.sweep.row_maker(CPU))
+    assert row.status == "ok" and row.dtype == "float64" and row.backend == "auto->cpu" and row.N == 24
+    assert row.frac_roof > 0 and row.speedup_vs_torch > 0 and row.max_abs_diff <= 1e-10  # observed ~4e-16
+    assert "fp64 roof" in bench.format_table([row]) and "torch-op fp64 path" in row.note
+    monkeypatch.setattr(extras.core, "connectivity", lambda h, tail, T, backend="auto": torch.zeros(h.shape[0], h.shape[0]))
+    (bad,) = extras.fp64_roof_rows(cfg, CPU, bench.sweep.row_maker(CPU))
+    assert bad.status.startswith("REFUSED") and bad.frac_roof is None
 
 
 def test_addition_training_is_the_paper_mlp_on_addition():

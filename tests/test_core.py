@@ -13,6 +13,7 @@ from torch import nn
 
 import grokfast_metrics as gm
 from grokfast_metrics import reference
+from grokfast_metrics._tail import parse_tail
 from grokfast_metrics.torch_backend import triu_pair_chunks
 
 TOL = [(torch.float32, 1e-5), (torch.float64, 1e-10)]
@@ -351,7 +352,8 @@ def test_resolve_backend_names_what_runs(monkeypatch):
     assert gm.core.resolve_backend(h, tail, "torch") == "torch"
     assert gm.core.resolve_backend(h, Wrapped(tail), "auto") == "torch"  # generic path: torch ops
     assert gm.core.resolve_backend(h, tail, "reference") == "reference"
-    assert gm.core.resolve_backend(h.double(), tail, "auto") == "torch"  # fp64: torch ops
+    fp64 = "cpu" if gm.core._unavailable("cpu", h, torch.float64, parse_tail(tail)) is None else "torch"
+    assert gm.core.resolve_backend(h.double(), tail, "auto") == fp64  # fp64: the fused CPU kernel where it runs
     monkeypatch.setenv("GROKFAST_METRICS_CPU_KERNEL", "0")
     assert gm.core.resolve_backend(h, tail, "auto") == "torch"
 

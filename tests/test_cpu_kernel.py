@@ -170,13 +170,9 @@ def test_unsupported_inputs_fall_back_to_torch_ops() -> None:
         gm.connectivity(h, tail, backend="cpu")
     with pytest.raises(ValueError, match="cannot run this tail"):
         kc.connectivity_cpu(h, spec, 21)
-    tail64 = make_tail(4, [10, 3], "silu").double()  # fp64 runs on torch ops, fp64 tolerance
-    assert "float32" in kc.unsupported_reason(parse_tail(tail64), h.device, torch.float64)
-    with pytest.raises(ValueError, match="only float32"):
-        gm.connectivity(h.double(), tail64, backend="cpu")
-    L64 = gm.connectivity(h.double(), tail64)
-    assert L64.dtype == torch.float64
-    assert np.abs(L64.numpy() - reference.connectivity(h.double(), tail64, 21)).max() <= 1e-10
+    tail64 = make_tail(4, [10, 3], "silu").double()
+    assert "float32 and float64" in kc.unsupported_reason(parse_tail(tail64), h.device, torch.float16)
+    assert "float32 kernel" in kc.unsupported_reason(parse_tail(tail64), h.device, torch.float32)
 
 
 def test_env_switch_disables_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -264,3 +260,76 @@ def test_fp64_pair_kernel_on_the_regimes() -> None:
         got = kc.pairs_f64(h, spec, i, j, 21)
         want = torch_backend.mlp_pairs(h.double(), spec, i, j, 21)
         assert float((got - want).abs().max()) <= 1e-10, name  # observed worst 2.7e-12 (both fp64 roundings)
+
+
+# ------------------------------------------------------------------------------------------------
+# the float64 kernel (fp64 models: no flags, the fp64 contract; issue 12 item 10)
+
+ATOL64 = 5e-13  # fp64 kernel vs the float64 NumPy reference: observed worst 7.4e-14 (sigmoid, depth 3, trailing)
+
+
+def fused64(h: torch.Tensor, tail: nn.Module, n_lambda: int = 21, num_threads: int | None = None) -> torch.Tensor:
+    return fused(h.double(), tail.double(), n_lambda, num_threads)
+
+
+@needs_kernel
+@pytest.mark.parametrize("act", FUSED_ACTS)
+@pytest.mark.parametrize("n, d, widths, bias, trailing", [
+    (2, 5, [100, 31], True, False), (9, 5, [13, 3], True, False), (17, 7, [9, 7, 4], False, False),
+    (10, 6, [9, 7, 5, 3], True, True), (11, 3, [31, 1], False, True)])
+def test_fp64_kernel_matches_reference(act: str, n: int, d: int, widths: list[int], bias: bool,
+                                       trailing: bool) -> None:
+    """Depth 1-3, every activation, with and without bias and a trailing activation, odd N and widths."""
+    tail = make_tail(d, widths, act, bias=bias, trailing=trailing).double()
+    h = torch.randn(n, d, generator=torch.Generator().manual_seed(n + len(act)), dtype=torch.float64)
+    L = fused64(h, tail)
+    assert L.dtype == torch.float64 and torch.equal(L, L.T) and torch.all(L.diagonal() == 1.0)
+    assert float(np.abs(L.numpy() - reference.connectivity(h, tail, 21)).max()) <= ATOL64
+
+
+@needs_kernel
+@pytest.mark.parametrize("n_lambda", [3, 4, 21, 50])
+def test_fp64_chain_and_direct_paths(n_lambda: int) -> None:
+    """Rows with |z| > 40 and T > CHAIN_TMAX take the direct SiLU, the others the exp chain; both agree."""
+    h = torch.randn(12, 4, generator=torch.Generator().manual_seed(n_lambda), dtype=torch.float64)
+    h[:3] *= 60.0
+    tail = make_tail(4, [20, 3], "silu").double()
+    err = np.abs(fused64(h, tail, n_lambda).numpy() - reference.connectivity(h, tail, n_lambda)).max()
+    assert err <= ATOL64  # observed <= 1.1e-15
+
+
+@needs_kernel
+def test_fp64_constant_paths_and_regimes() -> None:
+    """Dead ReLU units give L = 1 exactly; every regime of the correctness issue in fp64 against the exact value."""
+    from regimes import REGIMES, regime
+
+    from grokfast_metrics import exact
+
+    tail = make_tail(3, [8, 2], "relu").double()
+    with torch.no_grad():
+        tail[0].weight.copy_(torch.eye(8, 3))
+        tail[0].bias.fill_(-10.0)
+    assert torch.all(fused64(torch.rand(5, 3), tail) == 1.0)
+    worst = 0.0
+    for name in REGIMES:
+        h, tail = regime(name, n=6, dtype=torch.float64)
+        worst = max(worst, float(np.abs(gm.connectivity(h, tail).numpy() - exact.connectivity(h, tail)).max()))
+        assert gm.core.last_run_info()["backend"] == "cpu", name
+    assert worst <= 1e-13  # observed worst 3.6e-15 (near:1e-3); the fp64 contract is 1e-10
+
+
+@needs_kernel
+def test_fp64_model_takes_the_kernel() -> None:
+    """``gm.connectivity`` of an fp64 model (or fp32 h through an fp64 tail) on the CPU runs the fp64 kernel:
+    resolve_backend and last_run_info say so, threads agree bit for bit, nothing is flagged."""
+    h = torch.randn(40, 100, generator=torch.Generator().manual_seed(8))
+    tail = nn.Sequential(nn.Linear(100, 100), nn.SiLU(), nn.Linear(100, 31)).double()
+    L1 = fused64(h, tail, num_threads=1)
+    assert torch.equal(fused64(h, tail, num_threads=2), L1)
+    assert gm.core.resolve_backend(h.double(), tail) == "cpu" and gm.core.resolve_backend(h, tail) == "cpu"
+    for x in (h.double(), h):
+        L = gm.connectivity(x, tail)
+        assert L.dtype == torch.float64 and torch.equal(L, L1)
+        assert gm.core.last_run_info()["backend"] == "cpu" and gm.core.last_run_info()["recomputed"] == 0
+    assert torch.equal(gm.connectivity(h.double(), tail, backend="cpu"), L1)
+    assert float(np.abs(L1.numpy() - reference.connectivity(h.double(), tail, 21)).max()) <= ATOL64  # observed 2.6e-15

@@ -4,7 +4,8 @@
   subset; its cost per pair does not depend on ``N``, so it is extrapolated per pair;
 * ``naive``: :func:`naive_connectivity`, the torch code a user would write without this library,
   also timed on a subset and extrapolated per pair;
-* ``roof``: the GFLOP/s of one large square fp32 matmul (:func:`matmul_roof`, :func:`paired_roof`).
+* ``roof``: the GFLOP/s of one large square fp32 matmul (:func:`matmul_roof`, :func:`paired_roof`; fp64 for the
+  fp64 kernel's row).
 """
 from __future__ import annotations
 
@@ -107,21 +108,23 @@ def reference_timed(h: torch.Tensor, tail: nn.Module, n_lambda: int = 21) -> tup
     return L, (time.perf_counter() - t0) / n_pairs(n)
 
 
-def square_matmul(device: torch.device, size: int | None = None) -> tuple[Callable[[], torch.Tensor], int]:
-    """A warmed-up ``(size, size) @ (size, size)`` fp32 matmul into a preallocated output: the roof's workload.
+def square_matmul(device: torch.device, size: int | None = None,
+                  dtype: torch.dtype = torch.float32) -> tuple[Callable[[], torch.Tensor], int]:
+    """A warmed-up ``(size, size) @ (size, size)`` matmul into a preallocated output: the roof's workload.
 
     Args:
         device: where to run it.
         size: matrix side; default 2048 on CPU, 8192 on CUDA.
+        dtype: the matrices' dtype (fp32 by default; fp64 for the roof of the fp64 kernel).
 
     Returns:
         ``(mm, size)``: ``mm()`` runs the matmul once.
     """
     size = size or (8192 if device.type == "cuda" else 2048)
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(size, size, generator=gen).to(device)
-    b = torch.randn(size, size, generator=gen).to(device)
-    out = torch.empty(size, size, device=device)
+    a = torch.randn(size, size, generator=gen, dtype=dtype).to(device)
+    b = torch.randn(size, size, generator=gen, dtype=dtype).to(device)
+    out = torch.empty(size, size, device=device, dtype=dtype)
     mm = functools.partial(torch.mm, a, b, out=out)
     mm()  # warm-up
     return mm, size
@@ -145,8 +148,9 @@ def matmul_roof(device: torch.device, size: int | None = None, repeats: int = 5)
 
 
 def paired_roof(fn: Callable[[], object], flop: float, device: torch.device, repeats: int,
-                size: int | None = None) -> tuple[list[float], list[float], list[float]]:
-    """Fraction of the matmul roof with the roof and ``fn`` timed alternately, one ratio per repetition.
+                size: int | None = None, dtype: torch.dtype = torch.float32) -> tuple[list[float], list[float], list[float]]:
+    """Fraction of the matmul roof (a ``dtype`` matmul) with the roof and ``fn`` timed alternately, one ratio per
+    repetition.
 
     On a shared VM the machine's speed drifts by tens of percent between seconds, so a roof timed once at the
     start of a run and a backend timed minutes later can disagree by that much; timing them back to back
@@ -155,7 +159,7 @@ def paired_roof(fn: Callable[[], object], flop: float, device: torch.device, rep
     Returns:
         ``(ratios, fn_seconds, roof_gflops)`` per repetition.
     """
-    mm, size = square_matmul(device, size)
+    mm, size = square_matmul(device, size, dtype)
     fn()  # warm-up
     ratios, secs, roofs = [], [], []
     for _ in range(repeats):

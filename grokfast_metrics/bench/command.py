@@ -90,6 +90,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--no-e2e", action="store_true", help="skip the end-to-end L/eigen/entropy split")
     add("--no-paired-roof", action="store_true",
         help="skip the N=961 fraction of the roof timed alternately with the matmul (robust to machine drift)")
+    add("--no-fp64-roof", action="store_true",
+        help="skip the fp64 row: the fused CPU kernel on an fp64 model at N=961 against an fp64 matmul timed "
+             "alternately, and its speed-up over the torch-op fp64 path")
     add("--roof-size", type=int, default=None, help="side of the roof matmul (default 2048 CPU, 8192 CUDA)")
     add("--threads", type=int, default=None, help="torch.set_num_threads for the run (default: torch's)")
     add("--seed", type=int, default=0)
@@ -135,7 +138,8 @@ def config_from_args(args: argparse.Namespace, device: torch.device) -> BenchCon
         n_naive=args.n_naive or (64 if args.quick else 128),
         max_n_other=None if (gpu or args.all_n) else 961,
         max_row_seconds=args.max_row_seconds or (30.0 if gpu else 60.0), roof_size=args.roof_size,
-        lmn_parts=not args.no_e2e, paired_roof=not args.no_paired_roof, train_n=train_n or None, seed=args.seed,
+        lmn_parts=not args.no_e2e, paired_roof=not args.no_paired_roof,
+        fp64_roof=not args.no_fp64_roof, train_n=train_n or None, seed=args.seed,
         progress=not args.no_progress,
     )
 

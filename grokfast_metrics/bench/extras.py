@@ -1,4 +1,5 @@
-"""The rows after the sweep: fraction of the roof timed alternately, the end-to-end split, the training overhead."""
+"""The rows after the sweep: fraction of the roof timed alternately (fp32, and the fp64 kernel against an fp64
+roof), the end-to-end split, the training overhead."""
 from __future__ import annotations
 
 import functools
@@ -8,8 +9,17 @@ import torch
 
 from .. import core
 from ..tasks import ADD_MODULUS, make_task
-from .baselines import backend_fn, backend_label, paired_roof
-from .harness import BenchRow, fraction_recomputed, n_pairs, refuse, time_fn, useful_flops_per_pair
+from .baselines import backend_fn, backend_label, backend_that_runs, paired_roof, reference_timed
+from .harness import (
+    ATOL,
+    BenchRow,
+    check_agreement,
+    fraction_recomputed,
+    n_pairs,
+    refuse,
+    time_fn,
+    useful_flops_per_pair,
+)
 from .sweep import DEFAULT_SHAPE, BenchConfig, NewRow, SweepState, e2e_shape, log
 from .workloads import TRAIN_FRACTION, make_inputs, make_tail, train_overhead
 
@@ -27,6 +37,8 @@ def extra_rows(cfg: BenchConfig, device: torch.device, state: SweepState, new_ro
     H, depth = DEFAULT_SHAPE
     if cfg.paired_roof and PAIRED_N in cfg.ns and H in cfg.hiddens and depth in cfg.depths:
         rows += paired_roof_rows(cfg, device, [b for b in state.timed if b not in state.refused], new_row)
+        if cfg.fp64_roof and device.type == "cpu":
+            rows += fp64_roof_rows(cfg, device, new_row)
     if cfg.lmn_parts:
         rows += lmn_parts_rows(cfg, device, state.e2e_L, state.e2e_skip, new_row)
     if cfg.train_n:
@@ -42,19 +54,57 @@ def paired_roof_rows(cfg: BenchConfig, device: torch.device, backends: list[str]
     h = make_inputs(n, H, cfg.seed + 1, device)
     flop = useful_flops_per_pair(T, H, cfg.out, depth) * n_pairs(n)
     for b in backends:
-        fn = functools.partial(backend_fn(b), h, tail, T)
-        ratios, secs, roofs = paired_roof(fn, flop, device, max(cfg.repeats, 5), cfg.roof_size)
-        recomputed = fraction_recomputed(b)
-        share = "" if recomputed is None else f"; {100 * recomputed:.2f}% of pairs recomputed in fp64"
-        q = np.percentile(ratios, [25, 50, 75])
-        out.append(new_row(
-            kind="roof_paired", backend=backend_label(b, h, tail), N=n, H=H, O=cfg.out, T=T, depth=depth,
-            dtype="float32", repeats=len(ratios), time_median_s=float(np.median(secs)), time_min_s=min(secs),
-            time_max_s=max(secs), frac_roof=float(q[1]), fraction_recomputed=recomputed,
-            note=f"roof and backend timed alternately {len(ratios)}x; per-repetition ratio IQR {q[0]:.3f}-{q[2]:.3f}, "
-                 f"min-max {min(ratios):.3f}-{max(ratios):.3f}; roof {min(roofs):.0f}-{max(roofs):.0f} GFLOP/s{share}"))
-        log(f"paired roof ({b}, N={n}): median ratio {q[1]:.3f} (IQR {q[0]:.3f}-{q[2]:.3f}){share}", cfg.progress)
+        row = _paired_row(cfg, device, new_row, functools.partial(backend_fn(b), h, tail, T), flop,
+                          dict(backend=backend_label(b, h, tail), N=n, H=H, O=cfg.out, T=T, depth=depth,
+                               dtype="float32"), torch.float32)
+        row.fraction_recomputed = fraction_recomputed(b)  # of the backend's last call, the last one timed
+        if row.fraction_recomputed is not None:
+            row.note += f"; {100 * row.fraction_recomputed:.2f}% of pairs recomputed in fp64"
+        out.append(row)
     return out
+
+
+def _paired_row(cfg: BenchConfig, device: torch.device, new_row: NewRow, fn, flop: float, shape: dict,
+                dtype: torch.dtype) -> BenchRow:
+    """A ``roof_paired`` row: ``fn`` and a ``dtype`` matmul timed alternately (``fn`` runs last)."""
+    ratios, secs, roofs = paired_roof(fn, flop, device, max(cfg.repeats, 5), cfg.roof_size, dtype)
+    q = np.percentile(ratios, [25, 50, 75])
+    log(f"paired roof ({shape['backend']}, {shape['dtype']}, N={shape['N']}): median ratio {q[1]:.3f} "
+        f"(IQR {q[0]:.3f}-{q[2]:.3f})", cfg.progress)
+    return new_row(
+        kind="roof_paired", **shape, repeats=len(ratios), time_median_s=float(np.median(secs)), time_min_s=min(secs),
+        time_max_s=max(secs), frac_roof=float(q[1]),
+        note=f"roof ({shape['dtype']} matmul) and backend timed alternately {len(ratios)}x; per-repetition ratio IQR "
+             f"{q[0]:.3f}-{q[2]:.3f}, min-max {min(ratios):.3f}-{max(ratios):.3f}; roof {min(roofs):.0f}-{max(roofs):.0f} GFLOP/s")
+
+
+def fp64_roof_rows(cfg: BenchConfig, device: torch.device, new_row: NewRow) -> list[BenchRow]:
+    """The fused CPU kernel on an fp64 model (``auto``) at the key shape (N=961, default tail): its fraction of
+    the fp64 matmul roof, timed alternately, and its speed-up over the torch-op fp64 path (``backend="torch"``) at
+    the same N in the same run. Checked against the NumPy reference (fp64 tolerance) before any timing."""
+    (H, depth), n, T = DEFAULT_SHAPE, PAIRED_N, cfg.n_lambda
+    tail = make_tail(H, cfg.out, depth, cfg.seed, device).double()
+    h = make_inputs(n, H, cfg.seed + 1, device).double()
+    shape = dict(backend=backend_label("auto", h, tail), N=n, H=H, O=cfg.out, T=T, depth=depth, dtype="float64")
+    if backend_that_runs("auto", h[:2], tail) != "cpu":
+        return [new_row(kind="roof_paired", **shape, status="SKIPPED: the fused CPU kernel does not run fp64 here")]
+    L_ref, _ = reference_timed(h[: cfg.n_ref], tail, T)
+    diff, why = check_agreement(lambda: core.connectivity(h[: cfg.n_ref], tail, T), L_ref, ATOL[torch.float64])
+    if why is not None:
+        return [refuse(new_row(kind="roof_paired", **shape, check_n=cfg.n_ref, max_abs_diff=diff), why)]
+    flop = useful_flops_per_pair(T, H, cfg.out, depth) * n_pairs(n)
+    kernel = functools.partial(core.connectivity, h, tail, T)
+    row = _paired_row(cfg, device, new_row, kernel, flop, shape, torch.float64)
+    ops = functools.partial(core.connectivity, h, tail, T, "torch")
+    # the torch-op path timed alternately with the kernel too (one ratio per repetition: drift cancels)
+    times = [(time_fn(ops, device, 1).min, time_fn(kernel, device, 1).min) for _ in range(max(2, cfg.repeats // 2))]
+    t_ops = float(np.median([a for a, _ in times]))
+    row.check_n, row.max_abs_diff = cfg.n_ref, diff
+    row.speedup_vs_torch = float(np.median([a / b for a, b in times]))
+    row.note += (f"; torch-op fp64 path (backend='torch') {t_ops:.3g} s median, timed alternately with the kernel "
+                 f"{len(times)}x: speed-up {row.speedup_vs_torch:.1f}x")
+    log(f"fp64 kernel N={n}: {row.time_median_s:.3g} s, torch ops {t_ops:.3g} s", cfg.progress)
+    return [row]
 
 
 def lmn_parts_rows(cfg: BenchConfig, device: torch.device, e2e_L: dict[int, tuple[BenchRow, torch.Tensor]],

@@ -109,7 +109,8 @@ def _figure_line(r: dict) -> str:
     if r["kind"] == "roof":
         return f"| matmul roof GFLOP/s | {r['backend']} | {_f(r['gflops'], '.4g')} | {r['note']} |"
     if r["kind"] == "roof_paired":
-        return (f"| fraction of the roof, timed alternately (N={r['N']}, H={r['H']}) | {r['backend']} | "
+        roof = "the fp64 roof" if r["dtype"] == "float64" else "the roof"
+        return (f"| fraction of {roof}, timed alternately (N={r['N']}, H={r['H']}) | {r['backend']} | "
                 f"{_f(r['frac_roof'], '.3f')} | {r['note']} |")
     if r["kind"] == "scaling":
         return (f"| exponent of L time vs N (H={r['H']}, depth={r['depth']}) | {r['backend']} | "

@@ -66,6 +66,7 @@ class BenchConfig:
     roof_size: int | None = None
     lmn_parts: bool = True
     paired_roof: bool = True
+    fp64_roof: bool = True
     train_n: int | None = 961
     seed: int = 0
     progress: bool = True
