@@ -154,7 +154,7 @@ def _act_offset_free(x, ref, ACT: tl.constexpr, SLOPE: tl.constexpr):
 @triton.jit
 def _amp(ax, ACT: tl.constexpr):
     """``1 + g``: how much the rounding of the input ``x`` (``|x| = ax``) grows through ``act`` relative to ``|act|``
-    (``torch_backend._rounding_scale``: ``|x|`` for smooth units, ``x^2`` for GELU at negative ``x``, 0 otherwise)."""
+    (``torch_backend._through``: ``|x|`` for smooth units, ``x^2`` for GELU at negative ``x``, 0 otherwise)."""
     if ACT == _GELU:
         f = (1.0 + ax) * (1.0 + ax)
     elif ACT == _TANH:  # |x d/dx log(2 sigmoid(-+2x))| = 2 |x| sigmoid(+-2x) <= 2 |x| (offset free)
@@ -167,23 +167,50 @@ def _amp(ax, ACT: tl.constexpr):
 
 
 @triton.jit
-def _centred_input(x3, ACT: tl.constexpr, SLOPE: tl.constexpr, T: tl.constexpr, col0, H_LAST: tl.constexpr):
+def _slope_bound(x, a, ACT: tl.constexpr, SLOPE: tl.constexpr):
+    """Bound on ``|act'(x)|`` from ``x`` and ``a = act(x)`` (``torch_backend._slope_bound``)."""
+    if ACT == _RELU:
+        d = tl.where(x > 0.0, 1.0, 0.0)
+    elif ACT == _LEAKY_RELU:
+        d = tl.where(x >= 0.0, 1.0, tl.abs(x * 0.0 + SLOPE))
+    elif ACT == _SIGMOID:
+        d = tl.minimum(tl.exp(-tl.abs(x)), 0.25)
+    elif ACT == _TANH:
+        d = tl.minimum(4.0 * tl.exp(-2.0 * tl.abs(x)), 1.0)
+    elif ACT == _SILU:
+        d = tl.where(x > -1.0, 1.2, tl.abs(a))
+    elif ACT == _GELU:
+        d = tl.where(x > -1.0, 1.2, tl.abs(a) * (2.0 - x))
+    elif ACT == _GELU_TANH:
+        d = tl.where(x > -1.0, 1.2, tl.abs(a) * (2.6 + 0.22 * x * x))
+    else:
+        d = x * 0.0 + 1.0
+    return d
+
+
+@triton.jit
+def _centred_input(x3, ACT: tl.constexpr, SLOPE: tl.constexpr, T: tl.constexpr, col0, H_LAST: tl.constexpr,
+                   CENTRE: tl.constexpr = True):
     """Input of the last Linear from its pre-activation ``x3`` ``[BLOCK_J, T_PAD, W]`` (columns ``col0..``).
 
-    Returns ``a - mean_t a`` (padded ``t`` zeroed; sigmoid/tanh offset free relative to ``x`` at ``t = 0``)
-    and, per pair, ``max_h m_h`` and ``sum_h m_h^2`` of ``m_h = max_t |a_th| (1 + g_th)`` over the real columns.
+    Returns ``a - mean_t a`` (padded ``t`` zeroed; sigmoid/tanh offset free relative to ``x`` at ``t = 0``;
+    ``CENTRE=False``: plain ``a``, for a last Linear followed by an activation) and, per pair, ``max_h m_h`` and ``sum_h m_h^2`` of ``m_h = max_t |a_th| (1 + g_th)`` over the real columns.
     """
     TP: tl.constexpr = x3.shape[1]
     W: tl.constexpr = x3.shape[2]
     o_t = tl.arange(0, TP)
     m_t3 = (o_t < T)[None, :, None]
-    x0 = tl.sum(tl.where(o_t[None, :, None] == 0, x3, 0.0), axis=1)                   # [BJ, W]
-    a3 = _act_offset_free(x3, x0[:, None, :], ACT, SLOPE)
+    if CENTRE:
+        x0 = tl.sum(tl.where(o_t[None, :, None] == 0, x3, 0.0), axis=1)               # [BJ, W]
+        a3 = _act_offset_free(x3, x0[:, None, :], ACT, SLOPE)
+    else:
+        a3 = _act(x3, ACT, SLOPE)
     m3 = tl.where(m_t3, tl.abs(a3) * _amp(tl.abs(x3), ACT), 0.0)
     m_h = tl.where((col0 + tl.arange(0, W) < H_LAST)[None, :], tl.max(m3, axis=1), 0.0)  # [BJ, W]
-    b_mean = tl.sum(tl.where(m_t3, a3, 0.0), axis=1) / T
-    ac3 = tl.where(m_t3, a3 - b_mean[:, None, :], 0.0)
-    return ac3, tl.max(m_h, axis=1), tl.sum(m_h * m_h, axis=1)
+    if CENTRE:
+        b_mean = tl.sum(tl.where(m_t3, a3, 0.0), axis=1) / T
+        a3 = tl.where(m_t3, a3 - b_mean[:, None, :], 0.0)
+    return a3, tl.max(m_h, axis=1), tl.sum(m_h * m_h, axis=1)
 
 
 @triton.jit
@@ -191,15 +218,15 @@ def _first_linear(
     z_ptr, w1_ptr, c1_ptr, i, o_j, m_j, b_lam, n0,
     K0: tl.constexpr, P1: tl.constexpr, BN: tl.constexpr, T_PAD: tl.constexpr, BLOCK_J: tl.constexpr,
     BLOCK_K: tl.constexpr, ACT1: tl.constexpr, SLOPE1: tl.constexpr, PREC: tl.constexpr,
-    LAST: tl.constexpr = False, H_LAST: tl.constexpr = 0,
+    LAST: tl.constexpr = False, H_LAST: tl.constexpr = 0, STATS: tl.constexpr = False,
 ):
     """``W1 act1(z_i + lam (z_j - z_i)) + c1`` for output columns ``n0 .. n0+BN``: ``[BLOCK_J * T_PAD, BN]``.
 
     ``LAST`` (W1 is the tail's last Linear, no trailing activation): ``W1 (a - a_0)`` instead, no bias
     (``a_0 = act1(z_i)``, offset free for sigmoid/tanh), and per pair ``max_h m_h``, ``sum_h m_h^2`` with
     ``m_h = max(|a_ih|, |a_jh|, |act1(x*)| if the path reaches x*) (1 + g(max(|z_ih|, |z_jh|)))`` >= the torch
-    path's ``max_t |a_th| (1 + g_th)`` (``|x_t|`` is at most its ends; monotone units peak at an end). Otherwise
-    the two statistics are 0. Last: ``max_h |z_jh - z_ih|`` per pair (0: an exactly constant path).
+    path's ``max_t |a_th| (1 + g_th)`` (``|x_t|`` is at most its ends; monotone units peak at an end). ``STATS``
+    (W1 is the last Linear, an activation follows): the same statistics of the plain ``a``. Otherwise they are 0. Last: ``max_h |z_jh - z_ih|`` per pair (0: an exactly constant path).
     """
     DT = z_ptr.dtype.element_ty
     o_n = n0 + tl.arange(0, BN)
@@ -219,6 +246,11 @@ def _first_linear(
             b_ai = _act_offset_free(b_zi, b_zi, ACT1, SLOPE1)                          # [BLOCK_K]  a at t = 0
             b_x = _act_offset_free(b_x, b_zi[None, None, :], ACT1, SLOPE1) - b_ai[None, None, :]  # padded t: masked later
             b_aj = _act_offset_free(b_zj, b_zi[None, :], ACT1, SLOPE1)                 # [BLOCK_J, BLOCK_K]
+        else:
+            b_x = _act(b_x, ACT1, SLOPE1)
+            b_ai = _act(b_zi, ACT1, SLOPE1)
+            b_aj = _act(b_zj, ACT1, SLOPE1)
+        if LAST or STATS:
             b_m = tl.maximum(tl.abs(b_ai)[None, :], tl.abs(b_aj))
             b_lo = tl.minimum(b_zi[None, :], b_zj)
             b_hi = tl.maximum(b_zi[None, :], b_zj)
@@ -232,8 +264,6 @@ def _first_linear(
             b_m = tl.where((o_k < H_LAST)[None, :], b_m, 0.0)
             b_mmax = tl.maximum(b_mmax, tl.max(b_m, axis=1))
             b_msq += tl.sum(b_m * b_m, axis=1)
-        else:
-            b_x = _act(b_x, ACT1, SLOPE1)
         b_x = tl.reshape(b_x, [BLOCK_J * T_PAD, BLOCK_K])                              # [M, BLOCK_K]
         b_w = tl.load(w1_ptr + o_k[:, None] * P1 + o_n[None, :])                       # [BLOCK_K, BN]
         b_acc = tl.dot(b_x, b_w, b_acc, input_precision=PREC)
@@ -276,7 +306,9 @@ def _connectivity_fwd_kernel(
     ``CENTRED`` (no trailing activation, SPEC §1 accuracy contract): the last Linear maps its input centred
     over ``t`` (depth 1: ``a_t - a_0``), without its bias, sigmoid/tanh just before it offset free, and
     ``scale_k = min(max_h m_h |W_k|_1, |m|_2 |W_k|_2) >= sum_h |W_kh| m_h`` (``m_h``: the rounding scale of
-    ``torch_backend._rounding_scale``, depth 1 bounded from the path's ends). Otherwise ``scale_k = max_t |y_k|``.
+    ``torch_backend._through``, depth 1 bounded from the path's ends). Otherwise (an activation follows
+    the last Linear) ``scale_k = max_t |y_k| + max_t |act_F'(x_k)| (min(max_h m_h |W_k|_1, |m|_2 |W_k|_2) + |c_k|)``
+    with ``m_h`` the same bound on the plain input (in fp32, for the flag; fp64: ``max_t |y_k|``).
     ``FLAG`` (fp32): a pair whose ``torch_backend.pair_error_estimate`` of ``EPS * scale`` exceeds
     ``FLAG_KAPPA`` is written ``FLAGGED`` (``core`` recomputes it in fp64); an exactly constant path
     (``z_j == z_i``) is 1, never flagged.
@@ -297,13 +329,15 @@ def _connectivity_fwd_kernel(
         b_lam = o_t.to(DT) / (T - 1)                                                   # [T_PAD]
 
         # CENTRED (no trailing activation): the last Linear maps its centred input, no bias (SPEC §1 (a));
-        # b_mmax, b_msq: max_h m_h and sum_h m_h^2 of its input's rounding scale m_h (torch_backend._rounding_scale)
+        # b_mmax, b_msq: max_h m_h and sum_h m_h^2 of its input's rounding scale m_h (torch_backend._through)
         b_mmax = tl.zeros([BLOCK_J], dtype=DT)
         b_msq = tl.zeros([BLOCK_J], dtype=DT)
         b_dn = tl.zeros([BLOCK_J], dtype=DT)                                           # max_h |z_jh - z_ih|
+        # TRAIL (fp32, a trailing activation): the same statistics of the last Linear's plain input, for the flag
+        TRAIL: tl.constexpr = FLAG and not CENTRED
         if DEPTH == 1:
             b_y, b_mmax, b_msq, b_dn = _first_linear(z_ptr, w1_ptr, c1_ptr, i, o_j, m_j, b_lam, 0, K0, P1, P1, T_PAD,
-                                               BLOCK_J, BLOCK_K, ACT1, SLOPE1, PREC, CENTRED, H_LAST)  # [M, P1]
+                                               BLOCK_J, BLOCK_K, ACT1, SLOPE1, PREC, CENTRED, H_LAST, TRAIL)  # [M, P1]
         else:
             # layer 1 -> 2 (-> 3) chained in column blocks: x1 cols [BLOCK_N1] feed x2 cols [BLOCK_N2],
             # which feed x3 [P3] when DEPTH >= 3 (layer 1 is recomputed P2 / BLOCK_N2 times).
@@ -315,9 +349,9 @@ def _connectivity_fwd_kernel(
                 for n1 in range(0, P1, BLOCK_N1):
                     b_h, _m, _s, b_dn = _first_linear(z_ptr, w1_ptr, c1_ptr, i, o_j, m_j, b_lam, n1, K0, P1, BLOCK_N1,
                                                 T_PAD, BLOCK_J, BLOCK_K, ACT1, SLOPE1, PREC)  # [M, BLOCK_N1]
-                    if CENTRED and DEPTH == 2:
+                    if (CENTRED or TRAIL) and DEPTH == 2:
                         b_h3, b_m, b_s = _centred_input(tl.reshape(b_h, [BLOCK_J, T_PAD, BLOCK_N1]), ACT2, SLOPE2, T,
-                                                        n1, H_LAST)
+                                                        n1, H_LAST, CENTRED)
                         b_h = tl.reshape(b_h3, [BLOCK_J * T_PAD, BLOCK_N1])
                         b_mmax = tl.maximum(b_mmax, b_m)
                         b_msq += b_s
@@ -331,9 +365,9 @@ def _connectivity_fwd_kernel(
                 if DEPTH == 2:
                     b_y = b_x2                                                         # BLOCK_N2 == P2: one pass
                 else:
-                    if CENTRED and DEPTH == 3:
+                    if (CENTRED or TRAIL) and DEPTH == 3:
                         b_x23, b_m, b_s = _centred_input(tl.reshape(b_x2, [BLOCK_J, T_PAD, BLOCK_N2]), ACT3, SLOPE3,
-                                                         T, n2, H_LAST)
+                                                         T, n2, H_LAST, CENTRED)
                         b_x2 = tl.reshape(b_x23, [BLOCK_J * T_PAD, BLOCK_N2])
                         b_mmax = tl.maximum(b_mmax, b_m)
                         b_msq += b_s
@@ -354,8 +388,13 @@ def _connectivity_fwd_kernel(
                     b_w = tl.load(w4_ptr + o_k4[:, None] * P4 + o_n4[None, :])        # [P3, P4]
                     b_y = tl.dot(tl.reshape(b_y3, [BLOCK_J * T_PAD, P3]), b_w, input_precision=PREC,
                                  out_dtype=DT)                                         # [M, P4], no bias
+                elif TRAIL:
+                    b_y3, b_mmax, b_msq = _centred_input(tl.reshape(b_y, [BLOCK_J, T_PAD, P3]), ACT4, SLOPE4, T, 0,
+                                                         H_LAST, False)
+                    b_y = _dense(tl.reshape(b_y3, [BLOCK_J * T_PAD, P3]), w4_ptr, c4_ptr, P3, P4, PREC)  # [M, P4]
                 else:
                     b_y = _dense(_act(b_y, ACT4, SLOPE4), w4_ptr, c4_ptr, P3, P4, PREC)  # [M, P4]
+        b_xs3 = tl.reshape(b_y, [BLOCK_J, T_PAD, PO])                                  # pre-activation (TRAIL)
         b_y = _act(b_y, ACT_F, SLOPE_F)                                                # [M, PO]
         b_y3 = tl.reshape(b_y, [BLOCK_J, T_PAD, PO])                                   # [BLOCK_J, T_PAD, PO]
 
@@ -372,8 +411,24 @@ def _connectivity_fwd_kernel(
             o_po = tl.arange(0, PO)
             b_scale = tl.minimum(b_mmax[:, None] * tl.load(wn_ptr + o_po)[None, :],
                                  tl.sqrt(b_msq)[:, None] * tl.load(wn_ptr + PO + o_po)[None, :])
-        else:  # r2_from_paths: max_t |y|
+        else:  # max_t |y| (its own rounding)
             b_scale = tl.max(tl.where(m_t3, tl.abs(b_y3), 0.0), axis=1)                # [BLOCK_J, PO]
+            if TRAIL:  # + max_t |act_F'(x)| (sum_h |W_kh| m_h + |c_k|): the last Linear's rounding passed through act_F
+                o_po = tl.arange(0, PO)
+                b_d = tl.max(tl.where(m_t3, _slope_bound(b_xs3, b_y3, ACT_F, SLOPE_F), 0.0), axis=1)
+                if DEPTH == 1:
+                    b_c = tl.load(c1_ptr + o_po)
+                elif DEPTH == 2:
+                    b_c = tl.load(c2_ptr + o_po)
+                elif DEPTH == 3:
+                    b_c = tl.load(c3_ptr + o_po)
+                else:
+                    b_c = tl.load(c4_ptr + o_po)
+                b_r = tl.minimum(b_mmax[:, None] * tl.load(wn_ptr + o_po)[None, :],
+                                 tl.sqrt(b_msq)[:, None] * tl.load(wn_ptr + PO + o_po)[None, :])
+                if DEPTH >= 2:  # the inner Linears' rounding of its input, as the C++ kernel's factor 2 for deeper tails
+                    b_r = 2.0 * b_r
+                b_scale += b_d * (b_r + tl.abs(b_c)[None, :])
         b_var = b_ss * (1.0 / T)                                                       # std_t(y)^2
         b_tol = CONST_TOL * b_scale
         b_const = b_var <= b_tol * b_tol                                               # std <= CONST_TOL eps scale

@@ -518,6 +518,58 @@ void precompute_exp(const Real* z, int64_t n, int kp, Real* ez, Real* sz, uint8_
     }
 }
 
+// Tails ending in an activation (no centring possible): the flag's rounding scale must carry the inner
+// layers' rounding through the trailing activations (torch_backend._through / _slope_bound).
+// Bound on |act'(x)| from x and a = act(x).
+inline float slope_bound(int code, float slope, float x, float a) {
+    switch (code) {
+        case ACT_IDENTITY: return 1.0f;
+        case ACT_RELU: return x > 0.0f ? 1.0f : 0.0f;
+        case ACT_LEAKY_RELU: return x >= 0.0f ? 1.0f : std::fabs(slope);
+        case ACT_SIGMOID: return std::min(0.25f, std::exp(-std::fabs(x)));
+        case ACT_TANH: return std::min(1.0f, 4.0f * std::exp(-2.0f * std::fabs(x)));
+        default: {  // SiLU, GELU, GELU-tanh: 1.2 above -1, a relative share of |a| in the flat negative tail
+            if (x > -1.0f) return 1.2f;
+            const float f = code == ACT_SILU ? 1.0f : (code == ACT_GELU ? 2.0f - x : 2.6f + 0.22f * x * x);
+            return std::fabs(a) * f;
+        }
+    }
+}
+
+// r[k] = sum_h |W_kh| m_h + |b_k| for the last Linear (wabs: packed |W^T|, bias padded), with
+// m_h = max_t |x_th| f_h its input's rounding scale (f_h as the centred path's m_h: 1 + max(|z_ih|, |z_jh|)
+// for one stage, else 2). m: scratch [kp].
+void trailing_pre_scale(const float* x, int T, int kp, int K, int np, const float* zi, const float* zj, bool one_stage,
+                        const float* wabs, const float* bias, float* m, float* r) {
+    for (int h = 0; h < kp; ++h) {
+        float mh = 0.0f;
+        for (int t = 0; t < T; ++t) mh = std::max(mh, std::fabs(x[(int64_t)t * kp + h]));
+        m[h] = mh * (one_stage ? 1.0f + std::max(std::fabs(zi[h]), std::fabs(zj[h])) : 2.0f);
+    }
+    gemv_rows1(m, kp, K, np, wabs, r);
+    for (int k = 0; k < np; ++k) r[k] += std::fabs(bias[k]);
+}
+
+// Applies the n trailing activations to x [T, ld] (ping-ponging with y; returns the buffer holding the result)
+// and carries the rounding scale r[k] of the first O columns through each: r = max_t |act'(x)| r + max_t |a|.
+float* trailing_acts(float* x, float* y, int T, int ld, int O, const int* codes, const float* slopes, int n, float* r) {
+    for (int c = 0; c < n; ++c) {
+        std::copy(x, x + (int64_t)T * ld, y);
+        apply_acts(y, (int64_t)T * ld, codes + c, slopes + c, 1);
+        for (int k = 0; k < O; ++k) {
+            float d = 0.0f, own = 0.0f;
+            for (int t = 0; t < T; ++t) {
+                const float xv = x[(int64_t)t * ld + k], av = y[(int64_t)t * ld + k];
+                d = std::max(d, slope_bound(codes[c], slopes[c], xv, av));
+                own = std::max(own, std::fabs(av));
+            }
+            r[k] = d * r[k] + own;
+        }
+        std::swap(x, y);
+    }
+    return x;
+}
+
 void run_rows(const Problem& p, std::atomic<int64_t>* next_row) {
     const int T = p.T, S = p.n_stages, kp0 = p.kp[0];
     int width = kp0;
@@ -579,7 +631,7 @@ void run_rows(const Problem& p, std::atomic<int64_t>* next_row) {
                     const float* xm = x + mid * kp;
                     // m_h: rounding scale of input h of the last Linear, max_t |a_th| (|a_0| + max |a_t - a_0|
                     // when the rows already hold differences), times (1 + max(|z_i|, |z_j|)) for a single
-                    // stage (the input's rounding amplified by x act'(x), see torch_backend._rounding_scale)
+                    // stage (the input's rounding amplified by x act'(x), see torch_backend._through)
                     // or 2 for deeper tails. The scale of output k is sum_h |W_kh| m_h (computed below only
                     // when the bound max_h m_h sum_h |W_kh| does not already clear the pair).
                     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
@@ -656,12 +708,16 @@ void run_rows(const Problem& p, std::atomic<int64_t>* next_row) {
                     }
                     gemm(x, T, kp, p.kin[s], p.np[s], p.wpack[s], zero_bias.data(), y);
                 } else {
+                    if (s == S - 1)  // trailing activations: the last Linear's output rounding scale into scvec
+                        trailing_pre_scale(x, T, p.kp[s], p.kin[s], p.np[s], zi, zj, S == 1, p.wabs, p.bias[s],
+                                           mvec.data(), scvec.data());
                     gemm(x, T, p.kp[s], p.kin[s], p.np[s], p.wpack[s], p.bias[s], y);
                 }
                 std::swap(x, y);
             }
-            apply_acts(x, (int64_t)T * p.np[S - 1], p.act_code + p.act_off[S], p.act_slope + p.act_off[S],
-                       p.act_off[S + 1] - p.act_off[S]);
+            if (!centred)
+                x = trailing_acts(x, y, T, p.np[S - 1], p.out_dim, p.act_code + p.act_off[S], p.act_slope + p.act_off[S],
+                                  p.act_off[S + 1] - p.act_off[S], scvec.data());
             r2_stats_all(x, T, p.np[S - 1], p.out_dim, p.lam_c, p.ll, mid, st.data(), rr.data(), am.data());
             float v;
             if (centred) {
@@ -678,8 +734,8 @@ void run_rows(const Problem& p, std::atomic<int64_t>* next_row) {
                     gemv_rows1(mvec.data(), p.kp[S - 1], p.kin[S - 1], p.np[S - 1], p.wabs, scvec.data());
                     v = r2_value(st.data(), rr.data(), scvec.data(), 1.0f, p.out_dim, tol, p.eps, p.flag_tau);
                 }
-            } else {
-                v = r2_value(st.data(), rr.data(), am.data(), 1.0f, p.out_dim, tol, p.eps, p.flag_tau);
+            } else {  // trailing activations: the scale carried through them (trailing_acts)
+                v = r2_value(st.data(), rr.data(), scvec.data(), 1.0f, p.out_dim, tol, p.eps, p.flag_tau);
             }
             p.L[i * p.n + j] = v;  // lower triangle mirrored after the join (no false sharing)
         }
