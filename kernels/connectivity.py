@@ -20,6 +20,7 @@ only the pair dimension needs masks. Every ``tl.dot`` accumulates in the compute
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -187,6 +188,57 @@ def _centred_input(x3, ACT: tl.constexpr, SLOPE: tl.constexpr, T: tl.constexpr, 
 
 
 @triton.jit
+def _end_bounds(b_zi, b_zj, b_ai, o_k, ACT: tl.constexpr, SLOPE: tl.constexpr, H_LAST: tl.constexpr):
+    """Depth 1: ``m_h = max(|a_ih|, |a_jh|, |act(x*)| if the path reaches x*) (1 + g(max(|z_ih|, |z_jh|)))`` per pair
+    and column (``b_zi [K]``, ``b_zj [P, K]``, ``b_ai = act(z_i)`` offset free; columns ``o_k >= H_LAST`` give 0),
+    ``>=`` the torch path's ``max_t |a_th| (1 + g_th)`` (``|x_t|`` is at most its ends; monotone units peak at an end)."""
+    b_aj = _act_offset_free(b_zj, b_zi[None, :], ACT, SLOPE)                           # [P, K]
+    b_m = tl.maximum(tl.abs(b_ai)[None, :], tl.abs(b_aj))
+    b_lo = tl.minimum(b_zi[None, :], b_zj)
+    b_hi = tl.maximum(b_zi[None, :], b_zj)
+    if ACT == _SILU:
+        b_m = tl.where((b_lo <= _XSTAR_SILU + 0.01) & (b_hi >= _XSTAR_SILU - 0.01), tl.maximum(b_m, _MIN_SILU), b_m)
+    elif (ACT == _GELU) or (ACT == _GELU_TANH):
+        b_m = tl.where((b_lo <= _XSTAR_GELU + 0.01) & (b_hi >= _XSTAR_GELU - 0.01), tl.maximum(b_m, _MIN_GELU), b_m)
+    b_m = b_m * _amp(tl.maximum(tl.abs(b_lo), tl.abs(b_hi)), ACT)
+    return tl.where((o_k < H_LAST)[None, :], b_m, 0.0)
+
+
+@triton.jit
+def _pair_l(b_ss, b_cov, b_ll, b_scale, b_dn, T: tl.constexpr, O: tl.constexpr, CONST_TOL: tl.constexpr,
+            EPS: tl.constexpr, FLAG: tl.constexpr, FLAG_KAPPA: tl.constexpr, FLAGGED: tl.constexpr):
+    """``L`` per pair from ``sum_t yc^2``, ``sum_t yc lc`` (``[P, PO]``), ``sum_t lc^2`` and the rounding scale per
+    output: clamped ``r2``, the constant-path rule, the mean over the ``O`` real outputs and (``FLAG``) ``FLAGGED``
+    where the error estimate exceeds ``FLAG_KAPPA`` (``b_dn == 0``: an exactly constant path, 1)."""
+    b_den = tl.where(b_ss > 0.0, b_ss * b_ll, 1.0)
+    b_r2 = tl.minimum(tl.maximum(b_cov * b_cov / b_den, 0.0), 1.0)
+    b_var = b_ss * (1.0 / T)                                                           # std_t(y)^2
+    b_tol = CONST_TOL * b_scale
+    b_const = b_var <= b_tol * b_tol                                                   # std <= CONST_TOL eps scale
+    b_r2 = tl.where(b_const, 1.0, b_r2)
+    m_o = tl.arange(0, b_ss.shape[1]) < O
+    b_l = tl.sum(tl.where(m_o[None, :], b_r2, 0.0), axis=1) / O                        # [P]
+    if FLAG:  # torch_backend.pair_error_estimate: kappa = eps scale / std, mean_k min(1, ...) > FLAG_KAPPA
+        b_err = EPS * b_scale
+        b_kap = tl.where(b_err > 0.0, b_err * tl.math.rsqrt(b_var), 0.0)               # err / std; std == 0 < err: inf
+        b_est = 2.0 * b_kap * tl.sqrt(tl.maximum(b_r2 * (1.0 - b_r2), b_kap)) + b_kap * b_kap
+        b_est = tl.where(b_est < 1.0, b_est, 1.0)                                      # inf and nan -> 1
+        b_e = tl.sum(tl.where(m_o[None, :], b_est, 0.0), axis=1) / O                   # [P]
+        b_l = tl.where(b_e > FLAG_KAPPA, FLAGGED, b_l)
+        # an exactly constant path (z_j == z_i: duplicate samples) is exact, r2 = 1, never flagged
+        b_l = tl.where(b_dn == 0.0, 1.0, b_l)
+    return b_l
+
+
+@triton.jit
+def _centred_scale(b_mmax, b_msq, wn_ptr, PO: tl.constexpr):
+    """``min(max_h m_h |W_k|_1, |m|_2 |W_k|_2) >= sum_h |W_kh| m_h`` (Hoelder, Cauchy-Schwarz): ``[P, PO]``."""
+    o_po = tl.arange(0, PO)
+    return tl.minimum(b_mmax[:, None] * tl.load(wn_ptr + o_po)[None, :],
+                      tl.sqrt(b_msq)[:, None] * tl.load(wn_ptr + PO + o_po)[None, :])
+
+
+@triton.jit
 def _first_linear(
     z_ptr, w1_ptr, c1_ptr, i, o_j, m_j, b_lam, n0,
     K0: tl.constexpr, P1: tl.constexpr, BN: tl.constexpr, T_PAD: tl.constexpr, BLOCK_J: tl.constexpr,
@@ -218,18 +270,7 @@ def _first_linear(
         if LAST:
             b_ai = _act_offset_free(b_zi, b_zi, ACT1, SLOPE1)                          # [BLOCK_K]  a at t = 0
             b_x = _act_offset_free(b_x, b_zi[None, None, :], ACT1, SLOPE1) - b_ai[None, None, :]  # padded t: masked later
-            b_aj = _act_offset_free(b_zj, b_zi[None, :], ACT1, SLOPE1)                 # [BLOCK_J, BLOCK_K]
-            b_m = tl.maximum(tl.abs(b_ai)[None, :], tl.abs(b_aj))
-            b_lo = tl.minimum(b_zi[None, :], b_zj)
-            b_hi = tl.maximum(b_zi[None, :], b_zj)
-            if ACT1 == _SILU:
-                b_m = tl.where((b_lo <= _XSTAR_SILU + 0.01) & (b_hi >= _XSTAR_SILU - 0.01),
-                               tl.maximum(b_m, _MIN_SILU), b_m)
-            elif (ACT1 == _GELU) or (ACT1 == _GELU_TANH):
-                b_m = tl.where((b_lo <= _XSTAR_GELU + 0.01) & (b_hi >= _XSTAR_GELU - 0.01),
-                               tl.maximum(b_m, _MIN_GELU), b_m)
-            b_m = b_m * _amp(tl.maximum(tl.abs(b_lo), tl.abs(b_hi)), ACT1)
-            b_m = tl.where((o_k < H_LAST)[None, :], b_m, 0.0)
+            b_m = _end_bounds(b_zi, b_zj, b_ai, o_k, ACT1, SLOPE1, H_LAST)                  # [BLOCK_J, BLOCK_K]
             b_mmax = tl.maximum(b_mmax, tl.max(b_m, axis=1))
             b_msq += tl.sum(b_m * b_m, axis=1)
         else:
@@ -366,29 +407,11 @@ def _connectivity_fwd_kernel(
         b_ll = tl.sum(b_lc * b_lc, axis=0)
         b_ss = tl.sum(b_yc * b_yc, axis=1)                                             # [BLOCK_J, PO]
         b_cov = tl.sum(b_yc * b_lc[None, :, None], axis=1)                             # [BLOCK_J, PO]
-        b_den = tl.where(b_ss > 0.0, b_ss * b_ll, 1.0)
-        b_r2 = tl.minimum(tl.maximum(b_cov * b_cov / b_den, 0.0), 1.0)
-        if CENTRED:  # sum_h |W_kh| m_h <= min(max_h m_h |W_k|_1, |m|_2 |W_k|_2) (Hoelder, Cauchy-Schwarz)
-            o_po = tl.arange(0, PO)
-            b_scale = tl.minimum(b_mmax[:, None] * tl.load(wn_ptr + o_po)[None, :],
-                                 tl.sqrt(b_msq)[:, None] * tl.load(wn_ptr + PO + o_po)[None, :])
+        if CENTRED:
+            b_scale = _centred_scale(b_mmax, b_msq, wn_ptr, PO)
         else:  # r2_from_paths: max_t |y|
             b_scale = tl.max(tl.where(m_t3, tl.abs(b_y3), 0.0), axis=1)                # [BLOCK_J, PO]
-        b_var = b_ss * (1.0 / T)                                                       # std_t(y)^2
-        b_tol = CONST_TOL * b_scale
-        b_const = b_var <= b_tol * b_tol                                               # std <= CONST_TOL eps scale
-        b_r2 = tl.where(b_const, 1.0, b_r2)
-        m_o = tl.arange(0, PO) < O
-        b_l = tl.sum(tl.where(m_o[None, :], b_r2, 0.0), axis=1) / O                    # [BLOCK_J]
-        if FLAG:  # torch_backend.pair_error_estimate: kappa = eps scale / std, mean_k min(1, ...) > FLAG_KAPPA
-            b_err = EPS * b_scale
-            b_kap = tl.where(b_err > 0.0, b_err * tl.math.rsqrt(b_var), 0.0)           # err / std; std == 0 < err: inf
-            b_est = 2.0 * b_kap * tl.sqrt(tl.maximum(b_r2 * (1.0 - b_r2), b_kap)) + b_kap * b_kap
-            b_est = tl.where(b_est < 1.0, b_est, 1.0)                                  # inf and nan -> 1
-            b_e = tl.sum(tl.where(m_o[None, :], b_est, 0.0), axis=1) / O               # [BLOCK_J]
-            b_l = tl.where(b_e > FLAG_KAPPA, FLAGGED, b_l)
-            # an exactly constant path (z_j == z_i: duplicate samples) is exact, r2 = 1, never flagged
-            b_l = tl.where(b_dn == 0.0, 1.0, b_l)
+        b_l = _pair_l(b_ss, b_cov, b_ll, b_scale, b_dn, T, O, CONST_TOL, EPS, FLAG, FLAG_KAPPA, FLAGGED)
 
         o_j64 = o_j.to(tl.int64)
         i64 = i.to(tl.int64)
@@ -552,7 +575,7 @@ def _pack(w: torch.Tensor, b: torch.Tensor | None, k_pad: int, n_pad: int, dtype
 
 def connectivity_triton(
     h: torch.Tensor, spec: MLPTail, n_lambda: int, *, input_precision: str | None = None,
-    config: LaunchConfig | None = None,
+    config: LaunchConfig | None = None, variant: str | None = None,
 ) -> torch.Tensor:
     """Connectivity matrix ``L`` of an MLP tail with one fused Triton launch.
 
@@ -571,6 +594,8 @@ def connectivity_triton(
         config: launch configuration to use instead of :func:`launch_config`'s pick (tests run the
             GPU tiling under the interpreter this way); must come from ``launch_config`` for this
             ``spec``, dtype and ``n_lambda``.
+        variant: ``"v1"`` (this module's kernel) or ``"v2"`` (:mod:`kernels.connectivity_v2`, which runs the
+            tails it supports and leaves the rest to v1); ``None``: :func:`kernel_variant`.
 
     Returns:
         ``(N, N)`` tensor, ``h``'s dtype and device.
@@ -590,6 +615,11 @@ def connectivity_triton(
             "connectivity_triton on CPU tensors runs only under the Triton interpreter: set TRITON_INTERPRET=1 "
             "before triton is first imported in this process"
         )
+    if config is None and kernel_variant(variant) == "v2":
+        from . import connectivity_v2 as v2
+
+        if v2.supported(spec, n_lambda):
+            return v2.connectivity_v2(h, spec, n_lambda, input_precision=input_precision)
     cfg = config or launch_config(spec, dtype, n_lambda, interpret=interpret, input_precision=input_precision, n=n)
     if cfg.constexprs["T"] != n_lambda or cfg.widths[0] != spec.stages[0][1].in_features:
         raise ValueError("config does not match this tail / n_lambda; build it with launch_config")
@@ -613,6 +643,19 @@ def connectivity_triton(
         )
     out.diagonal().fill_(1.0)
     return out
+
+
+#: Kernel variants (``connectivity_triton(variant=...)``, env ``GM_TRITON_KERNEL``) and the default.
+VARIANTS = ("v1", "v2")
+DEFAULT_VARIANT = "v2"
+
+
+def kernel_variant(variant: str | None = None) -> str:
+    """``variant``, else ``$GM_TRITON_KERNEL``, else :data:`DEFAULT_VARIANT`; checked against :data:`VARIANTS`."""
+    v = variant or os.environ.get("GM_TRITON_KERNEL") or DEFAULT_VARIANT
+    if v not in VARIANTS:
+        raise ValueError(f"Triton kernel variant must be one of {VARIANTS}; got {v!r}")
+    return v
 
 
 def kernel_is_interpreted() -> bool:
