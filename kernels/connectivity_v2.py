@@ -1,0 +1,309 @@
+"""Triton kernel v2 for depth-1 centred MLP tails (``Linear -> act -> Linear``, the default tail), issue 13.
+
+Same mathematics, flags and accuracy contract as v1 (:mod:`kernels.connectivity`, whose jit helpers it
+imports); what changes is how the work is laid out:
+
+- **dense rows**: a tile packs ``BP`` pairs ``(i, j0 .. j0+BP-1)`` x ``T`` points into ``M`` MMA rows
+  (``T = 21``: 6 pairs = 126 of 128 rows, against v1's ``T`` padded to 32), and ``H`` is padded only to
+  ``BLOCK_K = 8`` (the tf32 MMA ``K`` granularity), not to a power of two;
+- **persistent, triangular**: a 1-D list of the tiles of the upper triangle (built on the host), walked
+  by a grid of at most ``programs`` programs (no program exits at once, unlike v1's square grid);
+- **tf32x3 by hand**: ``W`` is split into tf32 ``hi + lo`` once on the host; the activations are split in
+  the kernel (round to nearest with two integer ops) and ``a W = a_hi W_hi + a_hi W_lo + a_lo W_hi``;
+- **fast SiLU** (fp32): ``x * rcp(1 + ex2(-x log2 e))`` with ``ex2.approx.ftz`` / ``rcp.approx.ftz`` (inline
+  PTX). The interpreter cannot run PTX: it evaluates the same formula with exact operations and inflates
+  each approximate result by ``APPROX_REL`` with a sign that varies with the input bits (``FAST_ACT = 2``),
+  so the tests hold the formula to the contract with the approximation's error budget;
+- **reductions over t by MMA**: per-pair sums are a ``[2 BPP, M] @ [M, PO]`` product with an exact 0/1 and
+  integer (``2t - (T-1)``) selection matrix (``sum_t y`` for the mean, ``sum_t lc yc``, ``sum_t yc^2``), the
+  mean is broadcast back with ``tl.gather``: only ``yc = y - mean`` and ``yc^2`` are elementwise.
+
+Anything else (depth >= 2, a trailing activation, ``T > 128``) runs v1: :func:`supported`.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from .._tail import MLPTail
+from .connectivity import (
+    _SILU,
+    _act_offset_free,
+    _centred_scale,
+    _end_bounds,
+    _pair_l,
+    launch_config as _v1_launch_config,
+)
+
+#: Relative error the interpreter's emulation gives each approximate ``ex2`` / ``rcp`` (conservative: the
+#: PTX ISA gives about 2 ulp for ``ex2.approx.ftz.f32`` and 1 ulp for ``rcp.approx.ftz.f32``).
+APPROX_REL = 2.0 ** -22
+#: Largest ``T`` v2 packs (one tile holds at least one pair of ``T`` rows, ``M <= 128``).
+MAX_T = 128
+BLOCK_K = 8
+
+
+@triton.jit
+def _tf32_rna(x):
+    """``x`` rounded to tf32 (10-bit mantissa), to nearest, ties away: what ``cvt.rna.tf32.f32`` gives."""
+    b = x.to(tl.uint32, bitcast=True)
+    return ((b + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _approx(y, x, REL: tl.constexpr):
+    """Interpreter stand-in for an approximate op: ``y (1 +- REL)``, the sign from a bit of ``x``."""
+    s = ((x.to(tl.uint32, bitcast=True) >> 7) & 1).to(tl.float32) * 2.0 - 1.0
+    return y * (1.0 + s * REL)
+
+
+@triton.jit
+def _silu_fast(x, FAST_ACT: tl.constexpr, REL: tl.constexpr):
+    """``x / (1 + e^-x)`` as ``x * rcp(1 + ex2(-x log2 e))`` (1: PTX approx ftz; 2: interpreter emulation)."""
+    u = x * -1.4426950408889634
+    if FAST_ACT == 1:
+        e = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [u], dtype=tl.float32, is_pure=True,
+                                      pack=1)
+        r = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [1.0 + e], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+    else:
+        e = _approx(tl.exp2(u), u, REL)
+        d = 1.0 + e
+        r = _approx(1.0 / d, d, REL)
+    return x * r
+
+
+@triton.jit
+def _act_v2(x, ref, ACT: tl.constexpr, SLOPE: tl.constexpr, FAST_ACT: tl.constexpr, REL: tl.constexpr):
+    """v1's offset-free activation, or the fast SiLU (``FAST_ACT`` 1 or 2)."""
+    if (FAST_ACT != 0) and (ACT == _SILU):
+        a = _silu_fast(x, FAST_ACT, REL)
+    else:
+        a = _act_offset_free(x, ref, ACT, SLOPE)
+    return a
+
+
+@triton.jit
+def _mma(a, w_hi, w_lo, acc, HILO: tl.constexpr, PREC: tl.constexpr):
+    """``acc + a @ w``: three tf32 products of split operands (``HILO``, ``w`` split on the host), else one dot."""
+    if HILO:
+        a_hi = _tf32_rna(a)
+        a_lo = _tf32_rna(a - a_hi)
+        acc = tl.dot(a_hi, w_lo, acc, input_precision="tf32")
+        acc = tl.dot(a_lo, w_hi, acc, input_precision="tf32")
+        acc = tl.dot(a_hi, w_hi, acc, input_precision="tf32")
+    else:
+        acc = tl.dot(a, w_hi, acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def _row_sums(sel, y, HILO: tl.constexpr, PREC: tl.constexpr):
+    """``sel @ y`` (``sel`` exact in tf32: 0/1 and small integers), ``y`` split in two tf32 halves when ``HILO``."""
+    if HILO:
+        y_hi = _tf32_rna(y)
+        y_lo = _tf32_rna(y - y_hi)
+        s = tl.dot(sel, y_lo, input_precision="tf32")
+        s = tl.dot(sel, y_hi, s, input_precision="tf32")
+    else:
+        s = tl.dot(sel, y, input_precision=PREC, out_dtype=y.dtype)
+    return s
+
+
+@triton.jit
+def _tile_stats(y, r_p, sel, T: tl.constexpr, BPP: tl.constexpr, HILO: tl.constexpr, PREC: tl.constexpr):
+    """Per pair ``sum_t yc^2`` and ``sum_t lc yc`` (``[BPP, PO]``, ``lc = 2t - (T-1)``) of the tile's ``y [M, PO]``.
+
+    ``sel [2 BPP, M]``: rows ``p`` select pair ``p``'s rows (1), rows ``BPP + p`` weight them by ``lc``.
+    """
+    PO: tl.constexpr = y.shape[1]
+    s1 = tl.reshape(_row_sums(sel, y, HILO, PREC), [2, BPP, PO])
+    mean = tl.sum(tl.where(tl.arange(0, 2)[:, None, None] == 0, s1, 0.0), axis=0) / T       # [BPP, PO]
+    idx = tl.broadcast_to(tl.minimum(r_p, BPP - 1)[:, None], [y.shape[0], PO])
+    yc = y - tl.gather(mean, idx, 0)                                                    # [M, PO]
+    s2 = tl.reshape(_row_sums(sel, yc, HILO, PREC), [2, BPP, PO])
+    cov = tl.sum(tl.where(tl.arange(0, 2)[:, None, None] == 1, s2, 0.0), axis=0)
+    s3 = tl.reshape(_row_sums(sel, yc * yc, HILO, PREC), [2, BPP, PO])
+    ss = tl.sum(tl.where(tl.arange(0, 2)[:, None, None] == 0, s3, 0.0), axis=0)
+    return ss, cov
+
+
+@triton.jit
+def _connectivity_v2_kernel(
+    z_ptr, tiles_ptr, w_ptr, wlo_ptr, wn_ptr, out_ptr, N, n_tiles,
+    T: tl.constexpr, M: tl.constexpr, BP: tl.constexpr, BPP: tl.constexpr, BLOCK_K: tl.constexpr,
+    K0: tl.constexpr, PO: tl.constexpr, O: tl.constexpr, ACT: tl.constexpr, SLOPE: tl.constexpr,
+    FAST_ACT: tl.constexpr, REL: tl.constexpr, HILO: tl.constexpr, PREC: tl.constexpr, LL: tl.constexpr,
+    CONST_TOL: tl.constexpr, EPS: tl.constexpr, FLAG: tl.constexpr, FLAG_KAPPA: tl.constexpr,
+    FLAGGED: tl.constexpr, H_LAST: tl.constexpr,
+):
+    """``L[i, j] = L[j, i]`` for the pairs of tiles ``pid, pid + programs, ...`` of ``tiles [n_tiles, 2] = (i, j0)``.
+
+    A tile's row ``r`` is pair ``p = r // T`` (``j = j0 + p``), point ``t = r % T``; rows of ``p >= BP`` or
+    ``j >= N`` are computed on zeros and left out of every sum. Per pair the statistics are v1's depth-1
+    centred ones: ``y = (a - a_0) W^T`` (no bias), ``yc = y - mean_t y``, ``r2 = (sum lc yc)^2 / (sum yc^2 sum lc^2)``,
+    the scale ``m_h`` from the path's ends and the flag (``_pair_l``). ``w``/``wlo``: ``W^T`` ``[K0, PO]`` (its
+    tf32 hi and lo parts when ``HILO``; else ``wlo`` is unused), ``wn [2, PO]`` the row norms of ``W``.
+    """
+    DT = z_ptr.dtype.element_ty
+    o_r = tl.arange(0, M)
+    r_p = o_r // T
+    r_lam = (o_r % T).to(DT) / (T - 1)                                                 # [M]
+    o_p = tl.arange(0, BPP)
+    o_s = tl.arange(0, 2 * BPP)                                                        # selection rows
+    s_p = o_s % BPP
+    same = (r_p[None, :] == s_p[:, None]) & (r_p < BP)[None, :]                        # [2 BPP, M]
+    lc = (2 * (o_r % T) - (T - 1)).to(DT)
+    sel = tl.where(same, tl.where((o_s < BPP)[:, None], 1.0, lc[None, :]), 0.0).to(DT)
+    o_po = tl.arange(0, PO)
+    for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+        i = tl.load(tiles_ptr + 2 * tile)
+        j0 = tl.load(tiles_ptr + 2 * tile + 1)
+        r_j = j0 + r_p
+        r_m = (r_p < BP) & (r_j < N)
+        p_j = j0 + o_p
+        p_m = (o_p < BP) & (p_j < N)
+        acc = tl.zeros([M, PO], dtype=DT)
+        b_mmax = tl.zeros([BPP], dtype=DT)
+        b_msq = tl.zeros([BPP], dtype=DT)
+        b_dn = tl.zeros([BPP], dtype=DT)
+        for k0 in range(0, K0, BLOCK_K):
+            o_k = k0 + tl.arange(0, BLOCK_K)
+            b_zi = tl.load(z_ptr + i.to(tl.int64) * K0 + o_k)                          # [BK]
+            b_zj = tl.load(z_ptr + r_j.to(tl.int64)[:, None] * K0 + o_k[None, :], mask=r_m[:, None], other=0.0)
+            b_x = b_zi[None, :] + r_lam[:, None] * (b_zj - b_zi[None, :])              # [M, BK]
+            b_ai = _act_v2(b_zi, b_zi, ACT, SLOPE, FAST_ACT, REL)                      # a at t = 0
+            b_a = _act_v2(b_x, b_zi[None, :], ACT, SLOPE, FAST_ACT, REL) - b_ai[None, :]
+            b_w = tl.load(w_ptr + o_k[:, None] * PO + o_po[None, :])                   # [BK, PO]
+            b_wlo = b_w
+            if HILO:
+                b_wlo = tl.load(wlo_ptr + o_k[:, None] * PO + o_po[None, :])
+            acc = _mma(b_a, b_w, b_wlo, acc, HILO, PREC)
+            # per pair: the rounding scale from the path's ends (v1's), and max_h |z_j - z_i|
+            p_zj = tl.load(z_ptr + p_j.to(tl.int64)[:, None] * K0 + o_k[None, :], mask=p_m[:, None], other=0.0)
+            b_m = _end_bounds(b_zi, p_zj, b_ai, o_k, ACT, SLOPE, H_LAST)               # [BPP, BK]
+            b_mmax = tl.maximum(b_mmax, tl.max(b_m, axis=1))
+            b_msq += tl.sum(b_m * b_m, axis=1)
+            b_dn = tl.maximum(b_dn, tl.max(tl.abs(p_zj - b_zi[None, :]), axis=1))
+        b_ss, b_cov = _tile_stats(acc, r_p, sel, T, BPP, HILO, PREC)
+        b_scale = _centred_scale(b_mmax, b_msq, wn_ptr, PO)
+        b_l = _pair_l(b_ss, b_cov, LL, b_scale, b_dn, T, O, CONST_TOL, EPS, FLAG, FLAG_KAPPA, FLAGGED)
+        p64 = p_j.to(tl.int64)
+        i64 = i.to(tl.int64)
+        tl.store(out_ptr + i64 * N + p64, b_l.to(out_ptr.dtype.element_ty), mask=p_m)
+        tl.store(out_ptr + p64 * N + i64, b_l.to(out_ptr.dtype.element_ty), mask=p_m)
+
+
+# --------------------------------------------------------------------------------------------
+# host side
+
+
+def supported(spec: MLPTail, n_lambda: int) -> bool:
+    """Whether v2 runs ``spec``: a non-affine depth-1 tail without a trailing activation, ``T <= MAX_T``."""
+    from .connectivity import unsupported_reason
+
+    return (not spec.is_affine and unsupported_reason(spec) is None and len(spec.stages) == 1 and not spec.final
+            and n_lambda <= MAX_T)
+
+
+def launch_config(spec: MLPTail, dtype: torch.dtype, n_lambda: int, *, interpret: bool,
+                  input_precision: str | None = None, n: int | None = None):
+    """v2's :class:`kernels.connectivity.LaunchConfig` (v1's checks, activation codes and flag constants).
+
+    ``M`` rows hold ``BP = min(8, M // T)`` pairs (``T = 21``: 128 rows, 6 pairs); ``H`` is padded to
+    ``BLOCK_K = 8`` (the interpreter takes it in one chunk: fewer Python-level steps). ``n`` is unused
+    (the signature of v1's).
+    """
+    if not supported(spec, n_lambda):
+        raise ValueError("v2 runs depth-1 tails without a trailing activation and n_lambda <= 128; use v1")
+    from .connectivity import LaunchConfig
+
+    v1 = _v1_launch_config(spec, dtype, n_lambda, interpret=False, input_precision=input_precision)
+    c1 = v1.constexprs
+    fp64 = dtype == torch.float64
+    po = c1["PO"]
+    cap = 4096 if fp64 else 8192
+    m = max(triton.next_power_of_2(n_lambda), min(128, triton.next_power_of_2(8 * n_lambda), cap // po), 16)
+    bp = min(8, m // n_lambda)
+    h = v1.widths[0]
+    block_k = max(BLOCK_K, triton.next_power_of_2(h)) if interpret else BLOCK_K
+    k0 = triton.cdiv(h, block_k) * block_k
+    prec = c1["PREC"]
+    fast = 0 if fp64 else (2 if interpret else 1)
+    const = {
+        "T": n_lambda, "M": m, "BP": bp, "BPP": triton.next_power_of_2(bp), "BLOCK_K": block_k, "K0": k0, "PO": po,
+        "O": c1["O"], "ACT": c1["ACT1"], "SLOPE": c1["SLOPE1"], "FAST_ACT": fast, "REL": APPROX_REL,
+        "HILO": (not fp64) and prec != "ieee", "PREC": prec, "LL": (n_lambda - 1) * n_lambda * (n_lambda + 1) / 3.0,
+        **{k: c1[k] for k in ("CONST_TOL", "EPS", "FLAG", "FLAG_KAPPA", "FLAGGED", "H_LAST")},
+    }
+    ptr = "*fp64" if fp64 else "*fp32"
+    signature = {name: ptr for name in POINTER_ARGS}
+    signature["tiles_ptr"] = "*i32"
+    signature.update({"N": "i32", "n_tiles": "i32"})
+    signature.update({name: "constexpr" for name in const})
+    warps = 4 if m * po <= 4096 else 8
+    return LaunchConfig(const, signature, v1.widths, (k0, po), warps, 2)
+
+
+POINTER_ARGS = ("z_ptr", "tiles_ptr", "w_ptr", "wlo_ptr", "wn_ptr", "out_ptr")
+
+
+def pair_tiles(n: int, bp: int, device=None) -> torch.Tensor:
+    """``[n_tiles, 2]`` int32 ``(i, j0)``: the upper triangle's pairs ``(i, j0 .. j0+bp-1)``, row by row."""
+    i = torch.arange(n - 1)
+    per_row = (n - 1 - i + bp - 1) // bp
+    rows = torch.repeat_interleave(i, per_row)
+    first = torch.cumsum(per_row, 0) - per_row
+    j0 = rows + 1 + (torch.arange(len(rows)) - torch.repeat_interleave(first, per_row)) * bp
+    return torch.stack([rows, j0], 1).to(torch.int32).contiguous().to(device)
+
+
+def tf32_split(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(hi, lo)``: ``w`` rounded to tf32 (nearest, ties away, as ``_tf32_rna``) and the rest, also rounded."""
+    def rna(x):
+        b = x.contiguous().view(torch.int32)
+        return ((b + 0x1000) & -0x2000).view(torch.float32)
+    hi = rna(w)
+    return hi, rna(w - hi)
+
+
+def default_programs(n_tiles: int, device: torch.device) -> int:
+    """Persistent grid size: 8 programs per SM (the HW scheduler balances the tail), at most one per tile."""
+    if device.type != "cuda":
+        return n_tiles
+    return max(1, min(n_tiles, 8 * torch.cuda.get_device_properties(device).multi_processor_count))
+
+
+def connectivity_v2(h: torch.Tensor, spec: MLPTail, n_lambda: int, *, input_precision: str | None = None,
+                    config=None, programs: int | None = None) -> torch.Tensor:
+    """``L`` with the v2 kernel (same contract as :func:`kernels.connectivity.connectivity_triton`, for the tails
+    :func:`supported` accepts). ``programs``: persistent grid size (default :func:`default_programs`)."""
+    n = h.shape[0]
+    dtype, dev = h.dtype, h.device
+    from .connectivity import kernel_is_interpreted
+
+    cfg = config or launch_config(spec, dtype, n_lambda, interpret=kernel_is_interpreted(),
+                                  input_precision=input_precision)
+    c = cfg.constexprs
+    z = spec.absorb(h)
+    zp = torch.zeros(n, c["K0"], dtype=dtype, device=dev)
+    zp[:, : z.shape[1]] = z
+    lin = spec.stages[0][1]
+    w = torch.zeros(c["K0"], c["PO"], dtype=dtype, device=dev)
+    w[: lin.in_features, : lin.out_features] = lin.weight.detach().t().to(dtype)
+    w, w_lo = tf32_split(w) if c["HILO"] else (w, w)
+    w_last = lin.weight.detach().to(dtype)
+    wn = torch.zeros(2, c["PO"], dtype=dtype, device=dev)                               # |W_k|_1, |W_k|_2
+    wn[0, : w_last.shape[0]] = w_last.abs().sum(dim=1)
+    wn[1, : w_last.shape[0]] = torch.linalg.vector_norm(w_last, dim=1)
+    tiles = pair_tiles(n, c["BP"], dev)
+    grid = (programs or default_programs(tiles.shape[0], dev),)
+    out = torch.full((n, n), float("nan"), dtype=dtype, device=dev)
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        _connectivity_v2_kernel[grid](zp, tiles, w, w_lo, wn, out, n, tiles.shape[0], **c, num_warps=cfg.num_warps,
+                                      num_stages=cfg.num_stages)
+    out.diagonal().fill_(1.0)
+    return out
