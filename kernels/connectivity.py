@@ -188,11 +188,11 @@ def _centred_input(x3, ACT: tl.constexpr, SLOPE: tl.constexpr, T: tl.constexpr, 
 
 
 @triton.jit
-def _end_bounds(b_zi, b_zj, b_ai, o_k, ACT: tl.constexpr, SLOPE: tl.constexpr, H_LAST: tl.constexpr):
+def _end_bounds(b_zi, b_zj, b_ai, b_aj, o_k, ACT: tl.constexpr, H_LAST: tl.constexpr):
     """Depth 1: ``m_h = max(|a_ih|, |a_jh|, |act(x*)| if the path reaches x*) (1 + g(max(|z_ih|, |z_jh|)))`` per pair
-    and column (``b_zi [K]``, ``b_zj [P, K]``, ``b_ai = act(z_i)`` offset free; columns ``o_k >= H_LAST`` give 0),
+    and column (``b_zi [K]``, ``b_zj [P, K]``, ``b_ai``, ``b_aj``: ``act`` at both, offset free relative to ``z_i``;
+    columns ``o_k >= H_LAST`` give 0),
     ``>=`` the torch path's ``max_t |a_th| (1 + g_th)`` (``|x_t|`` is at most its ends; monotone units peak at an end)."""
-    b_aj = _act_offset_free(b_zj, b_zi[None, :], ACT, SLOPE)                           # [P, K]
     b_m = tl.maximum(tl.abs(b_ai)[None, :], tl.abs(b_aj))
     b_lo = tl.minimum(b_zi[None, :], b_zj)
     b_hi = tl.maximum(b_zi[None, :], b_zj)
@@ -270,7 +270,8 @@ def _first_linear(
         if LAST:
             b_ai = _act_offset_free(b_zi, b_zi, ACT1, SLOPE1)                          # [BLOCK_K]  a at t = 0
             b_x = _act_offset_free(b_x, b_zi[None, None, :], ACT1, SLOPE1) - b_ai[None, None, :]  # padded t: masked later
-            b_m = _end_bounds(b_zi, b_zj, b_ai, o_k, ACT1, SLOPE1, H_LAST)                  # [BLOCK_J, BLOCK_K]
+            b_aj = _act_offset_free(b_zj, b_zi[None, :], ACT1, SLOPE1)                 # [BLOCK_J, BLOCK_K]
+            b_m = _end_bounds(b_zi, b_zj, b_ai, b_aj, o_k, ACT1, H_LAST)
             b_mmax = tl.maximum(b_mmax, tl.max(b_m, axis=1))
             b_msq += tl.sum(b_m * b_m, axis=1)
         else:

@@ -44,6 +44,8 @@ APPROX_REL = 2.0 ** -22
 #: Largest ``T`` v2 packs (one tile holds at least one pair of ``T`` rows, ``M <= 128``).
 MAX_T = 128
 BLOCK_K = 8
+#: One program per tile (False) or a persistent grid walking the tiles (True): kept where the static estimate is lower.
+PERSIST = True
 
 
 @triton.jit
@@ -103,9 +105,9 @@ def _mma(a, w_hi, w_lo, acc, HILO: tl.constexpr, PREC: tl.constexpr):
 @triton.jit
 def _row_sums(sel, y, HILO: tl.constexpr, PREC: tl.constexpr):
     """``sel @ y`` (``sel`` exact in tf32: 0/1 and small integers), ``y`` split in two tf32 halves when ``HILO``."""
-    if HILO:
+    if HILO:  # sel exact: y_hi + y_lo, y_lo truncated to tf32 by the MMA (2^-21 |y| at most)
         y_hi = _tf32_rna(y)
-        y_lo = _tf32_rna(y - y_hi)
+        y_lo = y - y_hi
         s = tl.dot(sel, y_lo, input_precision="tf32")
         s = tl.dot(sel, y_hi, s, input_precision="tf32")
     else:
@@ -117,18 +119,107 @@ def _row_sums(sel, y, HILO: tl.constexpr, PREC: tl.constexpr):
 def _tile_stats(y, r_p, sel, T: tl.constexpr, BPP: tl.constexpr, HILO: tl.constexpr, PREC: tl.constexpr):
     """Per pair ``sum_t yc^2`` and ``sum_t lc yc`` (``[BPP, PO]``, ``lc = 2t - (T-1)``) of the tile's ``y [M, PO]``.
 
-    ``sel [2 BPP, M]``: rows ``p`` select pair ``p``'s rows (1), rows ``BPP + p`` weight them by ``lc``.
+    ``sel [2 BPP, M]``: rows ``p`` select pair ``p``'s rows (1), rows ``BPP + p`` weight them by ``lc``. ``y`` is
+    shifted by ``c ~ mean_t y``, the same for every row of a pair (one plain product each way: ``c`` need not be
+    exact), then ``sum_t (y - c)`` corrects ``sum_t (y - c)^2`` exactly: ``sum_t yc^2 = sum_t (y - c)^2 - (sum_t (y - c))^2
+    / T``; ``sum_t lc = 0``.
     """
     PO: tl.constexpr = y.shape[1]
-    s1 = tl.reshape(_row_sums(sel, y, HILO, PREC), [2, BPP, PO])
-    mean = tl.sum(tl.where(tl.arange(0, 2)[:, None, None] == 0, s1, 0.0), axis=0) / T       # [BPP, PO]
-    idx = tl.broadcast_to(tl.minimum(r_p, BPP - 1)[:, None], [y.shape[0], PO])
-    yc = y - tl.gather(mean, idx, 0)                                                    # [M, PO]
+    o_s = tl.arange(0, 2 * BPP)
+    back = tl.where((r_p[:, None] == o_s[None, :]) & (o_s < BPP)[None, :], 1.0 / T, 0.0).to(y.dtype)  # [M, 2 BPP]
+    if HILO:
+        c = tl.dot(back, tl.dot(sel, y, input_precision="tf32"), input_precision="tf32")          # [M, PO]
+    else:
+        c = tl.dot(back, tl.dot(sel, y, input_precision=PREC, out_dtype=y.dtype), input_precision=PREC,
+                   out_dtype=y.dtype)
+    yc = y - c
     s2 = tl.reshape(_row_sums(sel, yc, HILO, PREC), [2, BPP, PO])
-    cov = tl.sum(tl.where(tl.arange(0, 2)[:, None, None] == 1, s2, 0.0), axis=0)
+    s2a, s2b = tl.split(tl.permute(s2, (1, 2, 0)))                                      # sum yc, sum lc yc
     s3 = tl.reshape(_row_sums(sel, yc * yc, HILO, PREC), [2, BPP, PO])
-    ss = tl.sum(tl.where(tl.arange(0, 2)[:, None, None] == 0, s3, 0.0), axis=0)
-    return ss, cov
+    s3a, _s3b = tl.split(tl.permute(s3, (1, 2, 0)))
+    return s3a - s2a * s2a / T, s2b
+
+
+@triton.jit
+def _pair_bounds(z_ptr, i, j0, N, K0: tl.constexpr, BP: tl.constexpr, BPP: tl.constexpr, BLOCK_KE: tl.constexpr,
+                 ACT: tl.constexpr, SLOPE: tl.constexpr, FAST_ACT: tl.constexpr, REL: tl.constexpr,
+                 H_LAST: tl.constexpr):
+    """Per pair of the tile: ``max_h m_h``, ``sum_h m_h^2`` of v1's depth-1 rounding scale (``_end_bounds``, exact
+    activation) and ``max_h |z_jh - z_ih|``, from the path's ends only: ``[BPP, BLOCK_KE]`` chunks of ``z``."""
+    DT = z_ptr.dtype.element_ty
+    o_p = tl.arange(0, BPP)
+    p_j = j0 + o_p
+    p_m = (o_p < BP) & (p_j < N)
+    b_mmax = tl.zeros([BPP], dtype=DT)
+    b_msq = tl.zeros([BPP], dtype=DT)
+    b_dn = tl.zeros([BPP], dtype=DT)
+    for k0 in range(0, K0, BLOCK_KE):
+        o_k = k0 + tl.arange(0, BLOCK_KE)
+        b_zi = tl.load(z_ptr + i.to(tl.int64) * K0 + o_k, mask=o_k < K0, other=0.0)   # [BKE]
+        b_zj = tl.load(z_ptr + p_j.to(tl.int64)[:, None] * K0 + o_k[None, :], mask=p_m[:, None] & (o_k < K0)[None, :],
+                       other=0.0)                                                      # [BPP, BKE]
+        b_ai = _act_v2(b_zi, b_zi, ACT, SLOPE, FAST_ACT, REL)
+        b_m = _end_bounds(b_zi, b_zj, b_ai, _act_v2(b_zj, b_zi[None, :], ACT, SLOPE, FAST_ACT, REL), o_k, ACT, H_LAST)
+        b_mmax = tl.maximum(b_mmax, tl.max(b_m, axis=1))
+        b_msq += tl.sum(b_m * b_m, axis=1)
+        b_dn = tl.maximum(b_dn, tl.max(tl.abs(b_zj - b_zi[None, :]), axis=1))
+    return b_mmax, b_msq, b_dn
+
+
+@triton.jit
+def _selection(r_p, T: tl.constexpr, BP: tl.constexpr, BPP: tl.constexpr, DT: tl.constexpr):
+    """``[2 BPP, M]``: rows ``p`` select pair ``p``'s rows (1), rows ``BPP + p`` weight them by ``lc = 2t - (T-1)``."""
+    M: tl.constexpr = r_p.shape[0]
+    o_r = tl.arange(0, M)
+    o_s = tl.arange(0, 2 * BPP)
+    same = (r_p[None, :] == (o_s % BPP)[:, None]) & (r_p < BP)[None, :]                # [2 BPP, M]
+    lc = (2 * (o_r % T) - (T - 1)).to(DT)
+    return tl.where(same, tl.where((o_s < BPP)[:, None], 1.0, lc[None, :]), 0.0).to(DT)
+
+
+@triton.jit
+def _tile(
+    tile, z_ptr, tiles_ptr, w_ptr, wlo_ptr, wn_ptr, out_ptr, N,
+    T: tl.constexpr, M: tl.constexpr, BP: tl.constexpr, BPP: tl.constexpr, BLOCK_K: tl.constexpr,
+    K0: tl.constexpr, PO: tl.constexpr, O: tl.constexpr, ACT: tl.constexpr, SLOPE: tl.constexpr,
+    FAST_ACT: tl.constexpr, REL: tl.constexpr, HILO: tl.constexpr, PREC: tl.constexpr, LL: tl.constexpr,
+    CONST_TOL: tl.constexpr, EPS: tl.constexpr, FLAG: tl.constexpr, FLAG_KAPPA: tl.constexpr,
+    FLAGGED: tl.constexpr, H_LAST: tl.constexpr, BLOCK_KE: tl.constexpr,
+):
+    """One tile (see :func:`_connectivity_v2_kernel`)."""
+    DT = z_ptr.dtype.element_ty
+    o_r = tl.arange(0, M)
+    r_p = o_r // T
+    r_lam = (o_r % T).to(DT) / (T - 1)                                                 # [M]
+    o_po = tl.arange(0, PO)
+    o_kb = tl.arange(0, BLOCK_K)
+    i = tl.load(tiles_ptr + 2 * tile)
+    j0 = tl.load(tiles_ptr + 2 * tile + 1)
+    r_j = j0 + r_p
+    r_m = (r_p < BP) & (r_j < N)
+    p_zi = z_ptr + i.to(tl.int64) * K0 + o_kb                                         # [BK] pointers
+    p_zj = z_ptr + r_j.to(tl.int64)[:, None] * K0 + o_kb[None, :]                     # [M, BK] pointers
+    acc = tl.zeros([M, PO], dtype=DT)
+    for k0 in range(0, K0, BLOCK_K):
+        b_zi = tl.load(p_zi + k0)                                                      # [BK]
+        b_zj = tl.load(p_zj + k0, mask=r_m[:, None], other=0.0)                        # [M, BK]
+        b_x = b_zi[None, :] + r_lam[:, None] * (b_zj - b_zi[None, :])                  # [M, BK]
+        b_a = _act_v2(b_x, b_zi[None, :], ACT, SLOPE, FAST_ACT, REL)                   # [M, BK]
+        b_w = tl.load(w_ptr + (k0 + o_kb)[:, None] * PO + o_po[None, :])               # [BK, PO]
+        b_wlo = b_w
+        if HILO:
+            b_wlo = tl.load(wlo_ptr + (k0 + o_kb)[:, None] * PO + o_po[None, :])
+        acc = _mma(b_a, b_w, b_wlo, acc, HILO, PREC)
+    b_mmax, b_msq, b_dn = _pair_bounds(z_ptr, i, j0, N, K0, BP, BPP, BLOCK_KE, ACT, SLOPE, FAST_ACT, REL, H_LAST)
+    b_ss, b_cov = _tile_stats(acc, r_p, _selection(r_p, T, BP, BPP, DT), T, BPP, HILO, PREC)
+    b_scale = _centred_scale(b_mmax, b_msq, wn_ptr, PO)
+    b_l = _pair_l(b_ss, b_cov, LL, b_scale, b_dn, T, O, CONST_TOL, EPS, FLAG, FLAG_KAPPA, FLAGGED)
+    p_j = j0 + tl.arange(0, BPP)
+    p_m = (tl.arange(0, BPP) < BP) & (p_j < N)
+    p64 = p_j.to(tl.int64)
+    i64 = i.to(tl.int64)
+    tl.store(out_ptr + i64 * N + p64, b_l.to(out_ptr.dtype.element_ty), mask=p_m)
+    tl.store(out_ptr + p64 * N + i64, b_l.to(out_ptr.dtype.element_ty), mask=p_m)
 
 
 @triton.jit
@@ -138,63 +229,26 @@ def _connectivity_v2_kernel(
     K0: tl.constexpr, PO: tl.constexpr, O: tl.constexpr, ACT: tl.constexpr, SLOPE: tl.constexpr,
     FAST_ACT: tl.constexpr, REL: tl.constexpr, HILO: tl.constexpr, PREC: tl.constexpr, LL: tl.constexpr,
     CONST_TOL: tl.constexpr, EPS: tl.constexpr, FLAG: tl.constexpr, FLAG_KAPPA: tl.constexpr,
-    FLAGGED: tl.constexpr, H_LAST: tl.constexpr,
+    FLAGGED: tl.constexpr, H_LAST: tl.constexpr, BLOCK_KE: tl.constexpr, PERSIST: tl.constexpr,
 ):
-    """``L[i, j] = L[j, i]`` for the pairs of tiles ``pid, pid + programs, ...`` of ``tiles [n_tiles, 2] = (i, j0)``.
+    """``L[i, j] = L[j, i]`` for the pairs of the tiles ``tiles [n_tiles, 2] = (i, j0)``: tile ``pid`` (``PERSIST``:
+    tiles ``pid, pid + programs, ...``).
 
     A tile's row ``r`` is pair ``p = r // T`` (``j = j0 + p``), point ``t = r % T``; rows of ``p >= BP`` or
     ``j >= N`` are computed on zeros and left out of every sum. Per pair the statistics are v1's depth-1
-    centred ones: ``y = (a - a_0) W^T`` (no bias), ``yc = y - mean_t y``, ``r2 = (sum lc yc)^2 / (sum yc^2 sum lc^2)``,
-    the scale ``m_h`` from the path's ends and the flag (``_pair_l``). ``w``/``wlo``: ``W^T`` ``[K0, PO]`` (its
-    tf32 hi and lo parts when ``HILO``; else ``wlo`` is unused), ``wn [2, PO]`` the row norms of ``W``.
+    centred ones: ``y = a W^T`` (no bias; ``a = act(z_i + lam_t (z_j - z_i))``), ``yc = y - mean_t y``,
+    ``r2 = (sum lc yc)^2 / (sum yc^2 sum lc^2)``, the scale ``m_h`` from the path's ends and the flag (``_pair_l``).
+    ``w``/``wlo``: ``W^T`` ``[K0, PO]`` (its tf32 hi and lo parts when ``HILO``; else ``wlo`` is unused), ``wn [2, PO]``
+    the row norms of ``W``.
     """
-    DT = z_ptr.dtype.element_ty
-    o_r = tl.arange(0, M)
-    r_p = o_r // T
-    r_lam = (o_r % T).to(DT) / (T - 1)                                                 # [M]
-    o_p = tl.arange(0, BPP)
-    o_s = tl.arange(0, 2 * BPP)                                                        # selection rows
-    s_p = o_s % BPP
-    same = (r_p[None, :] == s_p[:, None]) & (r_p < BP)[None, :]                        # [2 BPP, M]
-    lc = (2 * (o_r % T) - (T - 1)).to(DT)
-    sel = tl.where(same, tl.where((o_s < BPP)[:, None], 1.0, lc[None, :]), 0.0).to(DT)
-    o_po = tl.arange(0, PO)
-    for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
-        i = tl.load(tiles_ptr + 2 * tile)
-        j0 = tl.load(tiles_ptr + 2 * tile + 1)
-        r_j = j0 + r_p
-        r_m = (r_p < BP) & (r_j < N)
-        p_j = j0 + o_p
-        p_m = (o_p < BP) & (p_j < N)
-        acc = tl.zeros([M, PO], dtype=DT)
-        b_mmax = tl.zeros([BPP], dtype=DT)
-        b_msq = tl.zeros([BPP], dtype=DT)
-        b_dn = tl.zeros([BPP], dtype=DT)
-        for k0 in range(0, K0, BLOCK_K):
-            o_k = k0 + tl.arange(0, BLOCK_K)
-            b_zi = tl.load(z_ptr + i.to(tl.int64) * K0 + o_k)                          # [BK]
-            b_zj = tl.load(z_ptr + r_j.to(tl.int64)[:, None] * K0 + o_k[None, :], mask=r_m[:, None], other=0.0)
-            b_x = b_zi[None, :] + r_lam[:, None] * (b_zj - b_zi[None, :])              # [M, BK]
-            b_ai = _act_v2(b_zi, b_zi, ACT, SLOPE, FAST_ACT, REL)                      # a at t = 0
-            b_a = _act_v2(b_x, b_zi[None, :], ACT, SLOPE, FAST_ACT, REL) - b_ai[None, :]
-            b_w = tl.load(w_ptr + o_k[:, None] * PO + o_po[None, :])                   # [BK, PO]
-            b_wlo = b_w
-            if HILO:
-                b_wlo = tl.load(wlo_ptr + o_k[:, None] * PO + o_po[None, :])
-            acc = _mma(b_a, b_w, b_wlo, acc, HILO, PREC)
-            # per pair: the rounding scale from the path's ends (v1's), and max_h |z_j - z_i|
-            p_zj = tl.load(z_ptr + p_j.to(tl.int64)[:, None] * K0 + o_k[None, :], mask=p_m[:, None], other=0.0)
-            b_m = _end_bounds(b_zi, p_zj, b_ai, o_k, ACT, SLOPE, H_LAST)               # [BPP, BK]
-            b_mmax = tl.maximum(b_mmax, tl.max(b_m, axis=1))
-            b_msq += tl.sum(b_m * b_m, axis=1)
-            b_dn = tl.maximum(b_dn, tl.max(tl.abs(p_zj - b_zi[None, :]), axis=1))
-        b_ss, b_cov = _tile_stats(acc, r_p, sel, T, BPP, HILO, PREC)
-        b_scale = _centred_scale(b_mmax, b_msq, wn_ptr, PO)
-        b_l = _pair_l(b_ss, b_cov, LL, b_scale, b_dn, T, O, CONST_TOL, EPS, FLAG, FLAG_KAPPA, FLAGGED)
-        p64 = p_j.to(tl.int64)
-        i64 = i.to(tl.int64)
-        tl.store(out_ptr + i64 * N + p64, b_l.to(out_ptr.dtype.element_ty), mask=p_m)
-        tl.store(out_ptr + p64 * N + i64, b_l.to(out_ptr.dtype.element_ty), mask=p_m)
+    if PERSIST:
+        for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+            _tile(tile, z_ptr, tiles_ptr, w_ptr, wlo_ptr, wn_ptr, out_ptr, N, T, M, BP, BPP, BLOCK_K, K0, PO, O, ACT,
+                  SLOPE, FAST_ACT, REL, HILO, PREC, LL, CONST_TOL, EPS, FLAG, FLAG_KAPPA, FLAGGED, H_LAST, BLOCK_KE)
+    else:
+        _tile(tl.program_id(0), z_ptr, tiles_ptr, w_ptr, wlo_ptr, wn_ptr, out_ptr, N, T, M, BP, BPP, BLOCK_K, K0, PO,
+              O, ACT, SLOPE, FAST_ACT, REL, HILO, PREC, LL, CONST_TOL, EPS, FLAG, FLAG_KAPPA, FLAGGED, H_LAST,
+              BLOCK_KE)
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,7 +290,7 @@ def launch_config(spec: MLPTail, dtype: torch.dtype, n_lambda: int, *, interpret
     const = {
         "T": n_lambda, "M": m, "BP": bp, "BPP": triton.next_power_of_2(bp), "BLOCK_K": block_k, "K0": k0, "PO": po,
         "O": c1["O"], "ACT": c1["ACT1"], "SLOPE": c1["SLOPE1"], "FAST_ACT": fast, "REL": APPROX_REL,
-        "HILO": (not fp64) and prec != "ieee", "PREC": prec, "LL": (n_lambda - 1) * n_lambda * (n_lambda + 1) / 3.0,
+        "BLOCK_KE": min(128, triton.next_power_of_2(k0)), "PERSIST": PERSIST, "HILO": (not fp64) and prec != "ieee", "PREC": prec, "LL": (n_lambda - 1) * n_lambda * (n_lambda + 1) / 3.0,
         **{k: c1[k] for k in ("CONST_TOL", "EPS", "FLAG", "FLAG_KAPPA", "FLAGGED", "H_LAST")},
     }
     ptr = "*fp64" if fp64 else "*fp32"
@@ -244,8 +298,8 @@ def launch_config(spec: MLPTail, dtype: torch.dtype, n_lambda: int, *, interpret
     signature["tiles_ptr"] = "*i32"
     signature.update({"N": "i32", "n_tiles": "i32"})
     signature.update({name: "constexpr" for name in const})
-    warps = 4 if m * po <= 4096 else 8
-    return LaunchConfig(const, signature, v1.widths, (k0, po), warps, 2)
+    warps = 4
+    return LaunchConfig(const, signature, v1.widths, (k0, po), warps, 1)
 
 
 POINTER_ARGS = ("z_ptr", "tiles_ptr", "w_ptr", "wlo_ptr", "wn_ptr", "out_ptr")
@@ -300,7 +354,7 @@ def connectivity_v2(h: torch.Tensor, spec: MLPTail, n_lambda: int, *, input_prec
     wn[0, : w_last.shape[0]] = w_last.abs().sum(dim=1)
     wn[1, : w_last.shape[0]] = torch.linalg.vector_norm(w_last, dim=1)
     tiles = pair_tiles(n, c["BP"], dev)
-    grid = (programs or default_programs(tiles.shape[0], dev),)
+    grid = (programs or (default_programs(tiles.shape[0], dev) if c["PERSIST"] else tiles.shape[0]),)
     out = torch.full((n, n), float("nan"), dtype=dtype, device=dev)
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
         _connectivity_v2_kernel[grid](zp, tiles, w, w_lo, wn, out, n, tiles.shape[0], **c, num_warps=cfg.num_warps,
