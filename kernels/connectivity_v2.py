@@ -49,10 +49,17 @@ PERSIST = True
 
 
 @triton.jit
-def _tf32_rna(x):
-    """``x`` rounded to tf32 (10-bit mantissa), to nearest, ties away: what ``cvt.rna.tf32.f32`` gives."""
-    b = x.to(tl.uint32, bitcast=True)
-    return ((b + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+def _tf32(x):
+    """``x`` truncated to tf32 (10-bit mantissa): what a tf32 tensor-core product reads of an fp32 operand."""
+    return (x.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _hw(x, INTERP: tl.constexpr):
+    """The operand a tf32 MMA sees: the interpreter multiplies in fp32, so it truncates explicitly."""
+    if INTERP:
+        x = _tf32(x)
+    return x
 
 
 @triton.jit
@@ -63,10 +70,10 @@ def _approx(y, x, REL: tl.constexpr):
 
 
 @triton.jit
-def _silu_fast(x, FAST_ACT: tl.constexpr, REL: tl.constexpr):
-    """``x / (1 + e^-x)`` as ``x * rcp(1 + ex2(-x log2 e))`` (1: PTX approx ftz; 2: interpreter emulation)."""
+def _silu_fast(x, INTERP: tl.constexpr, REL: tl.constexpr):
+    """``x / (1 + e^-x)`` as ``x * rcp(1 + ex2(-x log2 e))``: PTX approx ftz, or the interpreter's emulation."""
     u = x * -1.4426950408889634
-    if FAST_ACT == 1:
+    if not INTERP:
         e = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [u], dtype=tl.float32, is_pure=True,
                                       pack=1)
         r = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [1.0 + e], dtype=tl.float32,
@@ -79,21 +86,23 @@ def _silu_fast(x, FAST_ACT: tl.constexpr, REL: tl.constexpr):
 
 
 @triton.jit
-def _act_v2(x, ref, ACT: tl.constexpr, SLOPE: tl.constexpr, FAST_ACT: tl.constexpr, REL: tl.constexpr):
-    """v1's offset-free activation, or the fast SiLU (``FAST_ACT`` 1 or 2)."""
-    if (FAST_ACT != 0) and (ACT == _SILU):
-        a = _silu_fast(x, FAST_ACT, REL)
+def _act_v2(x, ref, ACT: tl.constexpr, SLOPE: tl.constexpr, FAST_ACT: tl.constexpr, REL: tl.constexpr,
+            INTERP: tl.constexpr):
+    """v1's offset-free activation, or (``FAST_ACT``, fp32) the fast SiLU."""
+    if FAST_ACT and (ACT == _SILU):
+        a = _silu_fast(x, INTERP, REL)
     else:
         a = _act_offset_free(x, ref, ACT, SLOPE)
     return a
 
 
 @triton.jit
-def _mma(a, w_hi, w_lo, acc, HILO: tl.constexpr, PREC: tl.constexpr):
-    """``acc + a @ w``: three tf32 products of split operands (``HILO``, ``w`` split on the host), else one dot."""
+def _mma(a, w_hi, w_lo, acc, HILO: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr):
+    """``acc + a @ w``: ``HILO``: three tf32 products ``a_hi w_hi + a_hi w_lo + a_lo w_hi`` (``w`` split on the host,
+    ``a_hi`` truncated as Triton's tf32x3 does, ``a_lo = a - a_hi`` truncated by the MMA), else one dot."""
     if HILO:
-        a_hi = _tf32_rna(a)
-        a_lo = _tf32_rna(a - a_hi)
+        a_hi = _tf32(a)
+        a_lo = _hw(a - a_hi, INTERP)
         acc = tl.dot(a_hi, w_lo, acc, input_precision="tf32")
         acc = tl.dot(a_lo, w_hi, acc, input_precision="tf32")
         acc = tl.dot(a_hi, w_hi, acc, input_precision="tf32")
@@ -103,12 +112,12 @@ def _mma(a, w_hi, w_lo, acc, HILO: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def _row_sums(sel, y, HILO: tl.constexpr, PREC: tl.constexpr):
-    """``sel @ y`` (``sel`` exact in tf32: 0/1 and small integers), ``y`` split in two tf32 halves when ``HILO``."""
-    if HILO:  # sel exact: y_hi + y_lo, y_lo truncated to tf32 by the MMA (2^-21 |y| at most)
-        y_hi = _tf32_rna(y)
-        y_lo = y - y_hi
-        s = tl.dot(sel, y_lo, input_precision="tf32")
+def _row_sums(sel, y, HILO: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr):
+    """``sel @ y`` (``sel`` exact in tf32: 0/1 and small integers), ``y`` split in two tf32 halves when ``HILO``
+    (``y_lo`` truncated by the MMA: ``2^-20 |y|`` at most)."""
+    if HILO:
+        y_hi = _tf32(y)
+        s = tl.dot(sel, _hw(y - y_hi, INTERP), input_precision="tf32")
         s = tl.dot(sel, y_hi, s, input_precision="tf32")
     else:
         s = tl.dot(sel, y, input_precision=PREC, out_dtype=y.dtype)
@@ -116,7 +125,8 @@ def _row_sums(sel, y, HILO: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def _tile_stats(y, r_p, sel, T: tl.constexpr, BPP: tl.constexpr, HILO: tl.constexpr, PREC: tl.constexpr):
+def _tile_stats(y, r_p, sel, T: tl.constexpr, BPP: tl.constexpr, HILO: tl.constexpr, PREC: tl.constexpr,
+                INTERP: tl.constexpr):
     """Per pair ``sum_t yc^2`` and ``sum_t lc yc`` (``[BPP, PO]``, ``lc = 2t - (T-1)``) of the tile's ``y [M, PO]``.
 
     ``sel [2 BPP, M]``: rows ``p`` select pair ``p``'s rows (1), rows ``BPP + p`` weight them by ``lc``. ``y`` is
@@ -128,22 +138,23 @@ def _tile_stats(y, r_p, sel, T: tl.constexpr, BPP: tl.constexpr, HILO: tl.conste
     o_s = tl.arange(0, 2 * BPP)
     back = tl.where((r_p[:, None] == o_s[None, :]) & (o_s < BPP)[None, :], 1.0 / T, 0.0).to(y.dtype)  # [M, 2 BPP]
     if HILO:
-        c = tl.dot(back, tl.dot(sel, y, input_precision="tf32"), input_precision="tf32")          # [M, PO]
+        s1 = tl.dot(sel, _hw(y, INTERP), input_precision="tf32")
+        c = tl.dot(_hw(back, INTERP), _hw(s1, INTERP), input_precision="tf32")                   # [M, PO]
     else:
         c = tl.dot(back, tl.dot(sel, y, input_precision=PREC, out_dtype=y.dtype), input_precision=PREC,
                    out_dtype=y.dtype)
     yc = y - c
-    s2 = tl.reshape(_row_sums(sel, yc, HILO, PREC), [2, BPP, PO])
+    s2 = tl.reshape(_row_sums(sel, yc, HILO, PREC, INTERP), [2, BPP, PO])
     s2a, s2b = tl.split(tl.permute(s2, (1, 2, 0)))                                      # sum yc, sum lc yc
-    s3 = tl.reshape(_row_sums(sel, yc * yc, HILO, PREC), [2, BPP, PO])
+    s3 = tl.reshape(_row_sums(sel, yc * yc, HILO, PREC, INTERP), [2, BPP, PO])
     s3a, _s3b = tl.split(tl.permute(s3, (1, 2, 0)))
     return s3a - s2a * s2a / T, s2b
 
 
 @triton.jit
-def _pair_bounds(z_ptr, i, j0, N, K0: tl.constexpr, BP: tl.constexpr, BPP: tl.constexpr, BLOCK_KE: tl.constexpr,
+def _pair_bounds(z_ptr, a0_ptr, i, j0, N, K0: tl.constexpr, BP: tl.constexpr, BPP: tl.constexpr, BLOCK_KE: tl.constexpr,
                  ACT: tl.constexpr, SLOPE: tl.constexpr, FAST_ACT: tl.constexpr, REL: tl.constexpr,
-                 H_LAST: tl.constexpr):
+                 INTERP: tl.constexpr, H_LAST: tl.constexpr):
     """Per pair of the tile: ``max_h m_h``, ``sum_h m_h^2`` of v1's depth-1 rounding scale (``_end_bounds``, exact
     activation) and ``max_h |z_jh - z_ih|``, from the path's ends only: ``[BPP, BLOCK_KE]`` chunks of ``z``."""
     DT = z_ptr.dtype.element_ty
@@ -158,12 +169,22 @@ def _pair_bounds(z_ptr, i, j0, N, K0: tl.constexpr, BP: tl.constexpr, BPP: tl.co
         b_zi = tl.load(z_ptr + i.to(tl.int64) * K0 + o_k, mask=o_k < K0, other=0.0)   # [BKE]
         b_zj = tl.load(z_ptr + p_j.to(tl.int64)[:, None] * K0 + o_k[None, :], mask=p_m[:, None] & (o_k < K0)[None, :],
                        other=0.0)                                                      # [BPP, BKE]
-        b_ai = _act_v2(b_zi, b_zi, ACT, SLOPE, FAST_ACT, REL)
-        b_m = _end_bounds(b_zi, b_zj, b_ai, _act_v2(b_zj, b_zi[None, :], ACT, SLOPE, FAST_ACT, REL), o_k, ACT, H_LAST)
+        b_ai = tl.load(a0_ptr + i.to(tl.int64) * K0 + o_k, mask=o_k < K0, other=0.0)
+        b_aj = _act_v2(b_zj, b_zi[None, :], ACT, SLOPE, FAST_ACT, REL, INTERP)
+        b_m = _end_bounds(b_zi, b_zj, b_ai, b_aj, o_k, ACT, H_LAST)
         b_mmax = tl.maximum(b_mmax, tl.max(b_m, axis=1))
         b_msq += tl.sum(b_m * b_m, axis=1)
         b_dn = tl.maximum(b_dn, tl.max(tl.abs(b_zj - b_zi[None, :]), axis=1))
     return b_mmax, b_msq, b_dn
+
+
+@triton.jit
+def _act0_kernel(z_ptr, a0_ptr, n, ACT: tl.constexpr, SLOPE: tl.constexpr, FAST_ACT: tl.constexpr, REL: tl.constexpr,
+                 INTERP: tl.constexpr, BLOCK: tl.constexpr):
+    """``a0 = act(z)`` (offset free relative to ``z`` itself) for ``n`` elements: the path's start, once per sample."""
+    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    z = tl.load(z_ptr + o, mask=o < n, other=0.0)
+    tl.store(a0_ptr + o, _act_v2(z, z, ACT, SLOPE, FAST_ACT, REL, INTERP), mask=o < n)
 
 
 @triton.jit
@@ -179,10 +200,10 @@ def _selection(r_p, T: tl.constexpr, BP: tl.constexpr, BPP: tl.constexpr, DT: tl
 
 @triton.jit
 def _tile(
-    tile, z_ptr, tiles_ptr, w_ptr, wlo_ptr, wn_ptr, out_ptr, N,
+    tile, z_ptr, a0_ptr, tiles_ptr, w_ptr, wlo_ptr, wn_ptr, out_ptr, N,
     T: tl.constexpr, M: tl.constexpr, BP: tl.constexpr, BPP: tl.constexpr, BLOCK_K: tl.constexpr,
     K0: tl.constexpr, PO: tl.constexpr, O: tl.constexpr, ACT: tl.constexpr, SLOPE: tl.constexpr,
-    FAST_ACT: tl.constexpr, REL: tl.constexpr, HILO: tl.constexpr, PREC: tl.constexpr, LL: tl.constexpr,
+    FAST_ACT: tl.constexpr, REL: tl.constexpr, INTERP: tl.constexpr, HILO: tl.constexpr, PREC: tl.constexpr, LL: tl.constexpr,
     CONST_TOL: tl.constexpr, EPS: tl.constexpr, FLAG: tl.constexpr, FLAG_KAPPA: tl.constexpr,
     FLAGGED: tl.constexpr, H_LAST: tl.constexpr, BLOCK_KE: tl.constexpr,
 ):
@@ -198,20 +219,23 @@ def _tile(
     r_j = j0 + r_p
     r_m = (r_p < BP) & (r_j < N)
     p_zi = z_ptr + i.to(tl.int64) * K0 + o_kb                                         # [BK] pointers
+    p_a0 = a0_ptr + i.to(tl.int64) * K0 + o_kb
     p_zj = z_ptr + r_j.to(tl.int64)[:, None] * K0 + o_kb[None, :]                     # [M, BK] pointers
     acc = tl.zeros([M, PO], dtype=DT)
     for k0 in range(0, K0, BLOCK_K):
         b_zi = tl.load(p_zi + k0)                                                      # [BK]
         b_zj = tl.load(p_zj + k0, mask=r_m[:, None], other=0.0)                        # [M, BK]
         b_x = b_zi[None, :] + r_lam[:, None] * (b_zj - b_zi[None, :])                  # [M, BK]
-        b_a = _act_v2(b_x, b_zi[None, :], ACT, SLOPE, FAST_ACT, REL)                   # [M, BK]
+        b_a0 = tl.load(p_a0 + k0)                                                      # a at t = 0: [BK]
+        b_a = _act_v2(b_x, b_zi[None, :], ACT, SLOPE, FAST_ACT, REL, INTERP) - b_a0[None, :]  # [M, BK]
         b_w = tl.load(w_ptr + (k0 + o_kb)[:, None] * PO + o_po[None, :])               # [BK, PO]
         b_wlo = b_w
         if HILO:
             b_wlo = tl.load(wlo_ptr + (k0 + o_kb)[:, None] * PO + o_po[None, :])
-        acc = _mma(b_a, b_w, b_wlo, acc, HILO, PREC)
-    b_mmax, b_msq, b_dn = _pair_bounds(z_ptr, i, j0, N, K0, BP, BPP, BLOCK_KE, ACT, SLOPE, FAST_ACT, REL, H_LAST)
-    b_ss, b_cov = _tile_stats(acc, r_p, _selection(r_p, T, BP, BPP, DT), T, BPP, HILO, PREC)
+        acc = _mma(b_a, b_w, b_wlo, acc, HILO, PREC, INTERP)
+    b_mmax, b_msq, b_dn = _pair_bounds(z_ptr, a0_ptr, i, j0, N, K0, BP, BPP, BLOCK_KE, ACT, SLOPE, FAST_ACT, REL, INTERP,
+                                       H_LAST)
+    b_ss, b_cov = _tile_stats(acc, r_p, _selection(r_p, T, BP, BPP, DT), T, BPP, HILO, PREC, INTERP)
     b_scale = _centred_scale(b_mmax, b_msq, wn_ptr, PO)
     b_l = _pair_l(b_ss, b_cov, LL, b_scale, b_dn, T, O, CONST_TOL, EPS, FLAG, FLAG_KAPPA, FLAGGED)
     p_j = j0 + tl.arange(0, BPP)
@@ -224,10 +248,10 @@ def _tile(
 
 @triton.jit
 def _connectivity_v2_kernel(
-    z_ptr, tiles_ptr, w_ptr, wlo_ptr, wn_ptr, out_ptr, N, n_tiles,
+    z_ptr, a0_ptr, tiles_ptr, w_ptr, wlo_ptr, wn_ptr, out_ptr, N, n_tiles,
     T: tl.constexpr, M: tl.constexpr, BP: tl.constexpr, BPP: tl.constexpr, BLOCK_K: tl.constexpr,
     K0: tl.constexpr, PO: tl.constexpr, O: tl.constexpr, ACT: tl.constexpr, SLOPE: tl.constexpr,
-    FAST_ACT: tl.constexpr, REL: tl.constexpr, HILO: tl.constexpr, PREC: tl.constexpr, LL: tl.constexpr,
+    FAST_ACT: tl.constexpr, REL: tl.constexpr, INTERP: tl.constexpr, HILO: tl.constexpr, PREC: tl.constexpr, LL: tl.constexpr,
     CONST_TOL: tl.constexpr, EPS: tl.constexpr, FLAG: tl.constexpr, FLAG_KAPPA: tl.constexpr,
     FLAGGED: tl.constexpr, H_LAST: tl.constexpr, BLOCK_KE: tl.constexpr, PERSIST: tl.constexpr,
 ):
@@ -243,11 +267,11 @@ def _connectivity_v2_kernel(
     """
     if PERSIST:
         for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
-            _tile(tile, z_ptr, tiles_ptr, w_ptr, wlo_ptr, wn_ptr, out_ptr, N, T, M, BP, BPP, BLOCK_K, K0, PO, O, ACT,
-                  SLOPE, FAST_ACT, REL, HILO, PREC, LL, CONST_TOL, EPS, FLAG, FLAG_KAPPA, FLAGGED, H_LAST, BLOCK_KE)
+            _tile(tile, z_ptr, a0_ptr, tiles_ptr, w_ptr, wlo_ptr, wn_ptr, out_ptr, N, T, M, BP, BPP, BLOCK_K, K0, PO, O, ACT,
+                  SLOPE, FAST_ACT, REL, INTERP, HILO, PREC, LL, CONST_TOL, EPS, FLAG, FLAG_KAPPA, FLAGGED, H_LAST, BLOCK_KE)
     else:
-        _tile(tl.program_id(0), z_ptr, tiles_ptr, w_ptr, wlo_ptr, wn_ptr, out_ptr, N, T, M, BP, BPP, BLOCK_K, K0, PO,
-              O, ACT, SLOPE, FAST_ACT, REL, HILO, PREC, LL, CONST_TOL, EPS, FLAG, FLAG_KAPPA, FLAGGED, H_LAST,
+        _tile(tl.program_id(0), z_ptr, a0_ptr, tiles_ptr, w_ptr, wlo_ptr, wn_ptr, out_ptr, N, T, M, BP, BPP, BLOCK_K, K0, PO,
+              O, ACT, SLOPE, FAST_ACT, REL, INTERP, HILO, PREC, LL, CONST_TOL, EPS, FLAG, FLAG_KAPPA, FLAGGED, H_LAST,
               BLOCK_KE)
 
 
@@ -268,8 +292,8 @@ def launch_config(spec: MLPTail, dtype: torch.dtype, n_lambda: int, *, interpret
     """v2's :class:`kernels.connectivity.LaunchConfig` (v1's checks, activation codes and flag constants).
 
     ``M`` rows hold ``BP = min(8, M // T)`` pairs (``T = 21``: 128 rows, 6 pairs); ``H`` is padded to
-    ``BLOCK_K = 8`` (the interpreter takes it in one chunk: fewer Python-level steps). ``n`` is unused
-    (the signature of v1's).
+    ``BLOCK_K = 8``. The interpreter takes bigger tiles (up to 48 pairs, ``min(48, n - 1)``) and ``H`` in one
+    chunk: fewer Python-level steps.
     """
     if not supported(spec, n_lambda):
         raise ValueError("v2 runs depth-1 tails without a trailing activation and n_lambda <= 128; use v1")
@@ -280,16 +304,20 @@ def launch_config(spec: MLPTail, dtype: torch.dtype, n_lambda: int, *, interpret
     fp64 = dtype == torch.float64
     po = c1["PO"]
     cap = 4096 if fp64 else 8192
-    m = max(triton.next_power_of_2(n_lambda), min(128, triton.next_power_of_2(8 * n_lambda), cap // po), 16)
-    bp = min(8, m // n_lambda)
+    if interpret:  # big tiles: few Python-level programs
+        m = triton.next_power_of_2(n_lambda * min(48, max(1, (n or 49) - 1)))
+        bp = m // n_lambda
+    else:
+        m = max(triton.next_power_of_2(n_lambda), min(128, triton.next_power_of_2(8 * n_lambda), cap // po), 16)
+        bp = min(8, m // n_lambda)
     h = v1.widths[0]
     block_k = max(BLOCK_K, triton.next_power_of_2(h)) if interpret else BLOCK_K
     k0 = triton.cdiv(h, block_k) * block_k
     prec = c1["PREC"]
-    fast = 0 if fp64 else (2 if interpret else 1)
     const = {
         "T": n_lambda, "M": m, "BP": bp, "BPP": triton.next_power_of_2(bp), "BLOCK_K": block_k, "K0": k0, "PO": po,
-        "O": c1["O"], "ACT": c1["ACT1"], "SLOPE": c1["SLOPE1"], "FAST_ACT": fast, "REL": APPROX_REL,
+        "O": c1["O"], "ACT": c1["ACT1"], "SLOPE": c1["SLOPE1"], "FAST_ACT": not fp64, "REL": APPROX_REL,
+        "INTERP": interpret,
         "BLOCK_KE": min(128, triton.next_power_of_2(k0)), "PERSIST": PERSIST, "HILO": (not fp64) and prec != "ieee", "PREC": prec, "LL": (n_lambda - 1) * n_lambda * (n_lambda + 1) / 3.0,
         **{k: c1[k] for k in ("CONST_TOL", "EPS", "FLAG", "FLAG_KAPPA", "FLAGGED", "H_LAST")},
     }
@@ -302,7 +330,7 @@ def launch_config(spec: MLPTail, dtype: torch.dtype, n_lambda: int, *, interpret
     return LaunchConfig(const, signature, v1.widths, (k0, po), warps, 1)
 
 
-POINTER_ARGS = ("z_ptr", "tiles_ptr", "w_ptr", "wlo_ptr", "wn_ptr", "out_ptr")
+POINTER_ARGS = ("z_ptr", "a0_ptr", "tiles_ptr", "w_ptr", "wlo_ptr", "wn_ptr", "out_ptr")
 
 
 def pair_tiles(n: int, bp: int, device=None) -> torch.Tensor:
@@ -340,7 +368,7 @@ def connectivity_v2(h: torch.Tensor, spec: MLPTail, n_lambda: int, *, input_prec
     from .connectivity import kernel_is_interpreted
 
     cfg = config or launch_config(spec, dtype, n_lambda, interpret=kernel_is_interpreted(),
-                                  input_precision=input_precision)
+                                  input_precision=input_precision, n=n)
     c = cfg.constexprs
     z = spec.absorb(h)
     zp = torch.zeros(n, c["K0"], dtype=dtype, device=dev)
@@ -353,11 +381,14 @@ def connectivity_v2(h: torch.Tensor, spec: MLPTail, n_lambda: int, *, input_prec
     wn = torch.zeros(2, c["PO"], dtype=dtype, device=dev)                               # |W_k|_1, |W_k|_2
     wn[0, : w_last.shape[0]] = w_last.abs().sum(dim=1)
     wn[1, : w_last.shape[0]] = torch.linalg.vector_norm(w_last, dim=1)
+    a0 = torch.empty_like(zp)
+    act0 = {k: c[k] for k in ("ACT", "SLOPE", "FAST_ACT", "REL", "INTERP")}
     tiles = pair_tiles(n, c["BP"], dev)
     grid = (programs or (default_programs(tiles.shape[0], dev) if c["PERSIST"] else tiles.shape[0]),)
     out = torch.full((n, n), float("nan"), dtype=dtype, device=dev)
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
-        _connectivity_v2_kernel[grid](zp, tiles, w, w_lo, wn, out, n, tiles.shape[0], **c, num_warps=cfg.num_warps,
+        _act0_kernel[(triton.cdiv(zp.numel(), 1024),)](zp, a0, zp.numel(), **act0, BLOCK=1024)
+        _connectivity_v2_kernel[grid](zp, a0, tiles, w, w_lo, wn, out, n, tiles.shape[0], **c, num_warps=cfg.num_warps,
                                       num_stages=cfg.num_stages)
     out.diagonal().fill_(1.0)
     return out
