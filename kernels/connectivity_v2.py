@@ -1,22 +1,28 @@
 """Triton kernel v2 for depth-1 centred MLP tails (``Linear -> act -> Linear``, the default tail), issue 13.
 
 Same mathematics, flags and accuracy contract as v1 (:mod:`kernels.connectivity`, whose jit helpers it
-imports); what changes is how the work is laid out:
+imports); what changes is how the work is laid out (each change kept because the static estimate of
+``bench --static-gpu`` went down, see ``benchmarks/RESULTS.md``):
 
 - **dense rows**: a tile packs ``BP`` pairs ``(i, j0 .. j0+BP-1)`` x ``T`` points into ``M`` MMA rows
-  (``T = 21``: 6 pairs = 126 of 128 rows, against v1's ``T`` padded to 32), and ``H`` is padded only to
-  ``BLOCK_K = 8`` (the tf32 MMA ``K`` granularity), not to a power of two;
-- **persistent, triangular**: a 1-D list of the tiles of the upper triangle (built on the host), walked
-  by a grid of at most ``programs`` programs (no program exits at once, unlike v1's square grid);
-- **tf32x3 by hand**: ``W`` is split into tf32 ``hi + lo`` once on the host; the activations are split in
-  the kernel (round to nearest with two integer ops) and ``a W = a_hi W_hi + a_hi W_lo + a_lo W_hi``;
+  (``T = 21``: 6 pairs = 126 of 128 rows, against v1's ``T`` padded to 32), and ``H`` is padded only to a
+  multiple of ``BLOCK_K = 16`` (112 for 100), not to a power of two (chunks of 8, the tf32 MMA ``K``
+  granularity, pad less, 104, but their per-chunk overhead made the static estimate 4% higher);
+- **persistent, triangular**: a 1-D list of the tiles of the upper triangle (built on the host), walked by
+  a grid of at most 8 programs per SM (no program exits at once, unlike v1's square grid);
+- **tf32x3 by hand**: ``W`` is split into tf32 ``hi + lo`` once on the host (rounded to nearest); the
+  activations are split in the kernel as Triton's tf32x3 does (``hi`` truncated, ``lo = a - hi`` truncated by
+  the MMA) and ``a W = a_hi W_hi + a_hi W_lo + a_lo W_hi``. The interpreter multiplies in fp32, so it
+  truncates the MMA operands explicitly (``INTERP``): the tests see the GPU's tf32 arithmetic;
 - **fast SiLU** (fp32): ``x * rcp(1 + ex2(-x log2 e))`` with ``ex2.approx.ftz`` / ``rcp.approx.ftz`` (inline
-  PTX). The interpreter cannot run PTX: it evaluates the same formula with exact operations and inflates
-  each approximate result by ``APPROX_REL`` with a sign that varies with the input bits (``FAST_ACT = 2``),
-  so the tests hold the formula to the contract with the approximation's error budget;
-- **reductions over t by MMA**: per-pair sums are a ``[2 BPP, M] @ [M, PO]`` product with an exact 0/1 and
-  integer (``2t - (T-1)``) selection matrix (``sum_t y`` for the mean, ``sum_t lc yc``, ``sum_t yc^2``), the
-  mean is broadcast back with ``tl.gather``: only ``yc = y - mean`` and ``yc^2`` are elementwise.
+  PTX). The interpreter cannot run PTX: it evaluates the same formula with exact operations and perturbs each
+  approximate result by ``APPROX_REL`` with a sign taken from the input's bits, so the tests hold the formula
+  to the contract with the approximation's error budget;
+- **the start of the path once per sample**: ``a0 = act(z)`` comes from a small pre-pass (``_act0_kernel``)
+  and anchors every row (``a - a0``, as v1's ``a_t - a_0``);
+- **sums over t by MMA**: per-pair sums are ``[2 BPP, M] @ [M, PO]`` products with an exact 0/1 and integer
+  (``2t - (T-1)``) selection matrix; a shift ``c ~ mean_t y`` is broadcast back with one exact 0/1 product and
+  corrected for exactly (``_tile_stats``): only ``y - c`` and its square are elementwise.
 
 Anything else (depth >= 2, a trailing activation, ``T > 128``) runs v1: :func:`supported`.
 """
@@ -43,7 +49,7 @@ from .connectivity import (
 APPROX_REL = 2.0 ** -22
 #: Largest ``T`` v2 packs (one tile holds at least one pair of ``T`` rows, ``M <= 128``).
 MAX_T = 128
-BLOCK_K = 8
+BLOCK_K = 16
 #: One program per tile (False) or a persistent grid walking the tiles (True): kept where the static estimate is lower.
 PERSIST = True
 
@@ -292,7 +298,7 @@ def launch_config(spec: MLPTail, dtype: torch.dtype, n_lambda: int, *, interpret
     """v2's :class:`kernels.connectivity.LaunchConfig` (v1's checks, activation codes and flag constants).
 
     ``M`` rows hold ``BP = min(8, M // T)`` pairs (``T = 21``: 128 rows, 6 pairs); ``H`` is padded to
-    ``BLOCK_K = 8``. The interpreter takes bigger tiles (up to 48 pairs, ``min(48, n - 1)``) and ``H`` in one
+    ``BLOCK_K``. The interpreter takes bigger tiles (up to 48 pairs, ``min(48, n - 1)``) and ``H`` in one
     chunk: fewer Python-level steps.
     """
     if not supported(spec, n_lambda):
