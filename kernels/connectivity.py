@@ -528,11 +528,11 @@ def launch_config(
         chunk = 64 if not fp64 else 32
         block_k = 32 if not fp64 else 16
         block_n1 = p[0] if depth == 1 else min(p[0], chunk)
-        block_n2 = p[1] if depth == 2 else (min(p[1], 2 * chunk) if depth >= 3 else 16)
+        block_n2 = p[1] if depth == 2 else (min(p[1], chunk) if depth >= 3 else 16)
         full = max(p[-1], p[2] if depth >= 3 else 0, block_n1, block_n2)
         rows = max(32, min(128, cap // full))
         block_j = max(1, rows // t_pad)
-        num_warps = 4 if block_j * t_pad * full <= 4096 else 8
+        num_warps = 4 if block_j * t_pad * full <= 4096 and not fp64 else 8
     k0 = triton.cdiv(widths[0], block_k) * block_k
     pads = (k0, *tuple(p))
     acts = [next((a for a in stage if not a.is_identity), None) for stage, _ in spec.stages]

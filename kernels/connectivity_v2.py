@@ -308,23 +308,26 @@ def launch_config(spec: MLPTail, dtype: torch.dtype, n_lambda: int, *, interpret
     v1 = _v1_launch_config(spec, dtype, n_lambda, interpret=False, input_precision=input_precision)
     c1 = v1.constexprs
     fp64 = dtype == torch.float64
+    prec = c1["PREC"]
+    hilo = (not fp64) and prec != "ieee"
     po = c1["PO"]
     cap = 4096 if fp64 else 8192
     if interpret:  # big tiles: few Python-level programs
         m = triton.next_power_of_2(n_lambda * min(48, max(1, (n or 49) - 1)))
         bp = m // n_lambda
-    else:
-        m = max(triton.next_power_of_2(n_lambda), min(128, triton.next_power_of_2(8 * n_lambda), cap // po), 16)
+    else:  # fp64 and fp32 "ieee" (no tf32 split, FMA-heavy): 64-row tiles keep them in registers
+        rows = 128 if hilo else 64
+        m = max(triton.next_power_of_2(n_lambda), min(rows, triton.next_power_of_2(8 * n_lambda), cap // po), 16)
         bp = min(8, m // n_lambda)
     h = v1.widths[0]
-    block_k = max(BLOCK_K, triton.next_power_of_2(h)) if interpret else BLOCK_K
+    block_k = max(BLOCK_K, triton.next_power_of_2(h)) if interpret else (BLOCK_K if hilo else 8)
     k0 = triton.cdiv(h, block_k) * block_k
-    prec = c1["PREC"]
     const = {
         "T": n_lambda, "M": m, "BP": bp, "BPP": triton.next_power_of_2(bp), "BLOCK_K": block_k, "K0": k0, "PO": po,
         "O": c1["O"], "ACT": c1["ACT1"], "SLOPE": c1["SLOPE1"], "FAST_ACT": not fp64, "REL": APPROX_REL,
         "INTERP": interpret,
-        "BLOCK_KE": min(128, triton.next_power_of_2(k0)), "PERSIST": PERSIST, "HILO": (not fp64) and prec != "ieee", "PREC": prec, "LL": (n_lambda - 1) * n_lambda * (n_lambda + 1) / 3.0,
+        "BLOCK_KE": min(128, triton.next_power_of_2(k0)), "PERSIST": PERSIST, "HILO": hilo, "PREC": prec,
+        "LL": (n_lambda - 1) * n_lambda * (n_lambda + 1) / 3.0,
         **{k: c1[k] for k in ("CONST_TOL", "EPS", "FLAG", "FLAG_KAPPA", "FLAGGED", "H_LAST")},
     }
     ptr = "*fp64" if fp64 else "*fp32"
