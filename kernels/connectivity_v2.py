@@ -41,6 +41,8 @@ from .connectivity import (
     _centred_scale,
     _end_bounds,
     _pair_l,
+)
+from .connectivity import (
     launch_config as _v1_launch_config,
 )
 
@@ -50,8 +52,6 @@ APPROX_REL = 2.0 ** -22
 #: Largest ``T`` v2 packs (one tile holds at least one pair of ``T`` rows, ``M <= 128``).
 MAX_T = 128
 BLOCK_K = 16
-#: One program per tile (False) or a persistent grid walking the tiles (True): kept where the static estimate is lower.
-PERSIST = True
 
 
 @triton.jit
@@ -205,64 +205,15 @@ def _selection(r_p, T: tl.constexpr, BP: tl.constexpr, BPP: tl.constexpr, DT: tl
 
 
 @triton.jit
-def _tile(
-    tile, z_ptr, a0_ptr, tiles_ptr, w_ptr, wlo_ptr, wn_ptr, out_ptr, N,
-    T: tl.constexpr, M: tl.constexpr, BP: tl.constexpr, BPP: tl.constexpr, BLOCK_K: tl.constexpr,
-    K0: tl.constexpr, PO: tl.constexpr, O: tl.constexpr, ACT: tl.constexpr, SLOPE: tl.constexpr,
-    FAST_ACT: tl.constexpr, REL: tl.constexpr, INTERP: tl.constexpr, HILO: tl.constexpr, PREC: tl.constexpr, LL: tl.constexpr,
-    CONST_TOL: tl.constexpr, EPS: tl.constexpr, FLAG: tl.constexpr, FLAG_KAPPA: tl.constexpr,
-    FLAGGED: tl.constexpr, H_LAST: tl.constexpr, BLOCK_KE: tl.constexpr,
-):
-    """One tile (see :func:`_connectivity_v2_kernel`)."""
-    DT = z_ptr.dtype.element_ty
-    o_r = tl.arange(0, M)
-    r_p = o_r // T
-    r_lam = (o_r % T).to(DT) / (T - 1)                                                 # [M]
-    o_po = tl.arange(0, PO)
-    o_kb = tl.arange(0, BLOCK_K)
-    i = tl.load(tiles_ptr + 2 * tile)
-    j0 = tl.load(tiles_ptr + 2 * tile + 1)
-    r_j = j0 + r_p
-    r_m = (r_p < BP) & (r_j < N)
-    p_zi = z_ptr + i.to(tl.int64) * K0 + o_kb                                         # [BK] pointers
-    p_a0 = a0_ptr + i.to(tl.int64) * K0 + o_kb
-    p_zj = z_ptr + r_j.to(tl.int64)[:, None] * K0 + o_kb[None, :]                     # [M, BK] pointers
-    acc = tl.zeros([M, PO], dtype=DT)
-    for k0 in range(0, K0, BLOCK_K):
-        b_zi = tl.load(p_zi + k0)                                                      # [BK]
-        b_zj = tl.load(p_zj + k0, mask=r_m[:, None], other=0.0)                        # [M, BK]
-        b_x = b_zi[None, :] + r_lam[:, None] * (b_zj - b_zi[None, :])                  # [M, BK]
-        b_a0 = tl.load(p_a0 + k0)                                                      # a at t = 0: [BK]
-        b_a = _act_v2(b_x, b_zi[None, :], ACT, SLOPE, FAST_ACT, REL, INTERP) - b_a0[None, :]  # [M, BK]
-        b_w = tl.load(w_ptr + (k0 + o_kb)[:, None] * PO + o_po[None, :])               # [BK, PO]
-        b_wlo = b_w
-        if HILO:
-            b_wlo = tl.load(wlo_ptr + (k0 + o_kb)[:, None] * PO + o_po[None, :])
-        acc = _mma(b_a, b_w, b_wlo, acc, HILO, PREC, INTERP)
-    b_mmax, b_msq, b_dn = _pair_bounds(z_ptr, a0_ptr, i, j0, N, K0, BP, BPP, BLOCK_KE, ACT, SLOPE, FAST_ACT, REL, INTERP,
-                                       H_LAST)
-    b_ss, b_cov = _tile_stats(acc, r_p, _selection(r_p, T, BP, BPP, DT), T, BPP, HILO, PREC, INTERP)
-    b_scale = _centred_scale(b_mmax, b_msq, wn_ptr, PO)
-    b_l = _pair_l(b_ss, b_cov, LL, b_scale, b_dn, T, O, CONST_TOL, EPS, FLAG, FLAG_KAPPA, FLAGGED)
-    p_j = j0 + tl.arange(0, BPP)
-    p_m = (tl.arange(0, BPP) < BP) & (p_j < N)
-    p64 = p_j.to(tl.int64)
-    i64 = i.to(tl.int64)
-    tl.store(out_ptr + i64 * N + p64, b_l.to(out_ptr.dtype.element_ty), mask=p_m)
-    tl.store(out_ptr + p64 * N + i64, b_l.to(out_ptr.dtype.element_ty), mask=p_m)
-
-
-@triton.jit
 def _connectivity_v2_kernel(
     z_ptr, a0_ptr, tiles_ptr, w_ptr, wlo_ptr, wn_ptr, out_ptr, N, n_tiles,
     T: tl.constexpr, M: tl.constexpr, BP: tl.constexpr, BPP: tl.constexpr, BLOCK_K: tl.constexpr,
     K0: tl.constexpr, PO: tl.constexpr, O: tl.constexpr, ACT: tl.constexpr, SLOPE: tl.constexpr,
-    FAST_ACT: tl.constexpr, REL: tl.constexpr, INTERP: tl.constexpr, HILO: tl.constexpr, PREC: tl.constexpr, LL: tl.constexpr,
-    CONST_TOL: tl.constexpr, EPS: tl.constexpr, FLAG: tl.constexpr, FLAG_KAPPA: tl.constexpr,
-    FLAGGED: tl.constexpr, H_LAST: tl.constexpr, BLOCK_KE: tl.constexpr, PERSIST: tl.constexpr,
+    FAST_ACT: tl.constexpr, REL: tl.constexpr, INTERP: tl.constexpr, HILO: tl.constexpr, PREC: tl.constexpr,
+    LL: tl.constexpr, CONST_TOL: tl.constexpr, EPS: tl.constexpr, FLAG: tl.constexpr, FLAG_KAPPA: tl.constexpr,
+    FLAGGED: tl.constexpr, H_LAST: tl.constexpr, BLOCK_KE: tl.constexpr,
 ):
-    """``L[i, j] = L[j, i]`` for the pairs of the tiles ``tiles [n_tiles, 2] = (i, j0)``: tile ``pid`` (``PERSIST``:
-    tiles ``pid, pid + programs, ...``).
+    """``L[i, j] = L[j, i]`` for the pairs of the tiles ``pid, pid + programs, ...`` of ``tiles [n_tiles, 2] = (i, j0)``.
 
     A tile's row ``r`` is pair ``p = r // T`` (``j = j0 + p``), point ``t = r % T``; rows of ``p >= BP`` or
     ``j >= N`` are computed on zeros and left out of every sum. Per pair the statistics are v1's depth-1
@@ -271,14 +222,43 @@ def _connectivity_v2_kernel(
     ``w``/``wlo``: ``W^T`` ``[K0, PO]`` (its tf32 hi and lo parts when ``HILO``; else ``wlo`` is unused), ``wn [2, PO]``
     the row norms of ``W``.
     """
-    if PERSIST:
-        for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
-            _tile(tile, z_ptr, a0_ptr, tiles_ptr, w_ptr, wlo_ptr, wn_ptr, out_ptr, N, T, M, BP, BPP, BLOCK_K, K0, PO, O, ACT,
-                  SLOPE, FAST_ACT, REL, INTERP, HILO, PREC, LL, CONST_TOL, EPS, FLAG, FLAG_KAPPA, FLAGGED, H_LAST, BLOCK_KE)
-    else:
-        _tile(tl.program_id(0), z_ptr, a0_ptr, tiles_ptr, w_ptr, wlo_ptr, wn_ptr, out_ptr, N, T, M, BP, BPP, BLOCK_K, K0, PO,
-              O, ACT, SLOPE, FAST_ACT, REL, INTERP, HILO, PREC, LL, CONST_TOL, EPS, FLAG, FLAG_KAPPA, FLAGGED, H_LAST,
-              BLOCK_KE)
+    DT = z_ptr.dtype.element_ty
+    o_r = tl.arange(0, M)
+    r_p = o_r // T
+    r_lam = (o_r % T).to(DT) / (T - 1)                                                 # [M]
+    o_po = tl.arange(0, PO)
+    o_kb = tl.arange(0, BLOCK_K)
+    for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+        i = tl.load(tiles_ptr + 2 * tile)
+        j0 = tl.load(tiles_ptr + 2 * tile + 1)
+        r_j = j0 + r_p
+        r_m = (r_p < BP) & (r_j < N)
+        p_zi = z_ptr + i.to(tl.int64) * K0 + o_kb                                         # [BK] pointers
+        p_a0 = a0_ptr + i.to(tl.int64) * K0 + o_kb
+        p_zj = z_ptr + r_j.to(tl.int64)[:, None] * K0 + o_kb[None, :]                     # [M, BK] pointers
+        acc = tl.zeros([M, PO], dtype=DT)
+        for k0 in range(0, K0, BLOCK_K):
+            b_zi = tl.load(p_zi + k0)                                                      # [BK]
+            b_zj = tl.load(p_zj + k0, mask=r_m[:, None], other=0.0)                        # [M, BK]
+            b_x = b_zi[None, :] + r_lam[:, None] * (b_zj - b_zi[None, :])                  # [M, BK]
+            b_a0 = tl.load(p_a0 + k0)                                                      # a at t = 0: [BK]
+            b_a = _act_v2(b_x, b_zi[None, :], ACT, SLOPE, FAST_ACT, REL, INTERP) - b_a0[None, :]  # [M, BK]
+            b_w = tl.load(w_ptr + (k0 + o_kb)[:, None] * PO + o_po[None, :])               # [BK, PO]
+            b_wlo = b_w
+            if HILO:
+                b_wlo = tl.load(wlo_ptr + (k0 + o_kb)[:, None] * PO + o_po[None, :])
+            acc = _mma(b_a, b_w, b_wlo, acc, HILO, PREC, INTERP)
+        b_mmax, b_msq, b_dn = _pair_bounds(z_ptr, a0_ptr, i, j0, N, K0, BP, BPP, BLOCK_KE, ACT, SLOPE, FAST_ACT, REL,
+                                           INTERP, H_LAST)
+        b_ss, b_cov = _tile_stats(acc, r_p, _selection(r_p, T, BP, BPP, DT), T, BPP, HILO, PREC, INTERP)
+        b_scale = _centred_scale(b_mmax, b_msq, wn_ptr, PO)
+        b_l = _pair_l(b_ss, b_cov, LL, b_scale, b_dn, T, O, CONST_TOL, EPS, FLAG, FLAG_KAPPA, FLAGGED)
+        p_j = j0 + tl.arange(0, BPP)
+        p_m = (tl.arange(0, BPP) < BP) & (p_j < N)
+        p64 = p_j.to(tl.int64)
+        i64 = i.to(tl.int64)
+        tl.store(out_ptr + i64 * N + p64, b_l.to(out_ptr.dtype.element_ty), mask=p_m)
+        tl.store(out_ptr + p64 * N + i64, b_l.to(out_ptr.dtype.element_ty), mask=p_m)
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,7 +306,7 @@ def launch_config(spec: MLPTail, dtype: torch.dtype, n_lambda: int, *, interpret
         "T": n_lambda, "M": m, "BP": bp, "BPP": triton.next_power_of_2(bp), "BLOCK_K": block_k, "K0": k0, "PO": po,
         "O": c1["O"], "ACT": c1["ACT1"], "SLOPE": c1["SLOPE1"], "FAST_ACT": not fp64, "REL": APPROX_REL,
         "INTERP": interpret,
-        "BLOCK_KE": min(128, triton.next_power_of_2(k0)), "PERSIST": PERSIST, "HILO": hilo, "PREC": prec,
+        "BLOCK_KE": min(128, triton.next_power_of_2(k0)), "HILO": hilo, "PREC": prec,
         "LL": (n_lambda - 1) * n_lambda * (n_lambda + 1) / 3.0,
         **{k: c1[k] for k in ("CONST_TOL", "EPS", "FLAG", "FLAG_KAPPA", "FLAGGED", "H_LAST")},
     }
@@ -393,7 +373,7 @@ def connectivity_v2(h: torch.Tensor, spec: MLPTail, n_lambda: int, *, input_prec
     a0 = torch.empty_like(zp)
     act0 = {k: c[k] for k in ("ACT", "SLOPE", "FAST_ACT", "REL", "INTERP")}
     tiles = pair_tiles(n, c["BP"], dev)
-    grid = (programs or (default_programs(tiles.shape[0], dev) if c["PERSIST"] else tiles.shape[0]),)
+    grid = (programs or default_programs(tiles.shape[0], dev),)
     out = torch.full((n, n), float("nan"), dtype=dtype, device=dev)
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
         _act0_kernel[(triton.cdiv(zp.numel(), 1024),)](zp, a0, zp.numel(), **act0, BLOCK=1024)

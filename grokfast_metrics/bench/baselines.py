@@ -20,7 +20,6 @@ from torch import nn
 from .. import core, reference
 from .harness import Timing, n_pairs, time_fn
 
-
 #: Benchmark-only names: ``backend="triton"`` with one Triton kernel variant (``GM_TRITON_KERNEL``), so one
 #: run times both kernels (v2 runs the tails it supports, v1 the rest: see ``kernels.connectivity_v2``).
 TRITON_VARIANTS = {"triton-v1": "v1", "triton-v2": "v2"}

@@ -249,7 +249,7 @@ def schedule(cfg, variant: str, n: int, gpu: GPU) -> tuple[list, int, int, float
         return loop_trips(cfg), active, grid, _expected_mma_fma(cfg)
     c = cfg.constexprs
     tiles = v2_tiles(n, c["BP"])
-    programs = min(tiles, 8 * gpu.sms) if c["PERSIST"] else tiles
+    programs = min(tiles, 8 * gpu.sms)
     per = tiles / programs
     passes, sum_passes = (3, 2) if c["HILO"] else (1, 1)
     per_tile = c["M"] * c["K0"] * c["PO"] * passes + (2 + 2 * sum_passes) * 2 * c["BPP"] * c["M"] * c["PO"]
@@ -305,7 +305,8 @@ def estimate(n: int, hidden: int, out: int, depth: int, arch: int, n_lambda: int
         "programs_active": active, "programs_grid": grid, "static_instructions": len(sass.instructions),
         "loop_trips": loop_trip, "loops_verified": verified,
         "per_program_warp_instructions": {k: round(v) for k, v in sorted(pipes.items())},
-        "mma_fma_per_program": mma_fma, "mma_fma_expected": round(expected_fma, 3), "ms": {k: round(v, 4) for k, v in sorted(per_pipe_ms.items())},
+        "mma_fma_per_program": mma_fma, "mma_fma_expected": round(expected_fma, 3),
+        "ms": {k: round(v, 4) for k, v in sorted(per_pipe_ms.items())},
         "issue_ms": round(issue_ms, 4), "total_ms": round(max(max(per_pipe_ms.values()), issue_ms), 4),
         "floors_ms": floors,
     }
@@ -386,7 +387,8 @@ def format_estimates(rows: list[dict]) -> str:
     for r in rows:
         m = r["ms"]
         lines.append(
-            f"| {r['gpu']}{'' if r['loops_verified'] else ' *'} | {r.get('variant', 'v1')} | {r['n']} | {r['registers']} | {r['spill_bytes']} | {r['ctas_per_sm']} | "
+            f"| {r['gpu']}{'' if r['loops_verified'] else ' *'} | {r.get('variant', 'v1')} | {r['n']} | {r['registers']} | "
+            f"{r['spill_bytes']} | {r['ctas_per_sm']} | "
             f"{m.get('tensor', 0):.3f} | {m.get('mufu', 0):.3f} | {m.get('fp32', 0):.3f} | {m.get('int', 0):.3f} | "
             f"{m.get('shfl', 0):.3f} | {m.get('shared', 0):.3f} | {r['issue_ms']:.3f} | **{r['total_ms']:.3f}** | "
             f"{r['floors_ms']['tensor']:.3f} / {r['floors_ms']['activation_unit']:.3f} |"
