@@ -149,6 +149,19 @@ def test_compiles_for_gpu(name, cc, variant, cuda_compiler):
         assert ".tf32" not in ptx, "input_precision='ieee' must not use TF32"
 
 
+@here
+@pytest.mark.parametrize("cc", [90, 80])
+def test_v2_prepass_compiles_with_fast_silu(cc, cuda_compiler):
+    """v2's ``a0 = act(z)`` pre-pass with the inline-PTX SiLU (``ex2.approx.ftz``, ``rcp.approx.ftz``)."""
+    const = {"ACT": kc.ACT_CODES["silu"], "SLOPE": 0.0, "FAST_ACT": True, "REL": kc2.APPROX_REL, "INTERP": False,
+             "BLOCK": 1024}
+    sig = {"z_ptr": "*fp32", "a0_ptr": "*fp32", "n": "i32", **{k: "constexpr" for k in const}}
+    k = triton.compile(ASTSource(fn=kc2._act0_kernel, signature=sig, constexprs=const),
+                       target=GPUTarget("cuda", cc, 32), options={"num_warps": 4})
+    ptx = k.asm["ptx"]
+    assert "ex2.approx.ftz.f32" in ptx and "rcp.approx.ftz.f32" in ptx and "div.rn" not in ptx
+
+
 def test_configs_cover_the_brief():
     acts = {a.name for tail, _, _ in CONFIGS.values() for stage, _ in parse_tail(tail).stages for a in stage}
     acts |= {a.name for tail, _, _ in CONFIGS.values() for a in parse_tail(tail).final}
