@@ -20,6 +20,7 @@ only the pair dimension needs masks. Every ``tl.dot`` accumulates in the compute
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -214,6 +215,57 @@ def _centred_input(x3, ACT: tl.constexpr, SLOPE: tl.constexpr, T: tl.constexpr, 
 
 
 @triton.jit
+def _end_bounds(b_zi, b_zj, b_ai, b_aj, o_k, ACT: tl.constexpr, H_LAST: tl.constexpr):
+    """Depth 1: ``m_h = max(|a_ih|, |a_jh|, |act(x*)| if the path reaches x*) (1 + g(max(|z_ih|, |z_jh|)))`` per pair
+    and column (``b_zi [K]``, ``b_zj [P, K]``, ``b_ai``, ``b_aj``: ``act`` at both, offset free relative to ``z_i``;
+    columns ``o_k >= H_LAST`` give 0),
+    ``>=`` the torch path's ``max_t |a_th| (1 + g_th)`` (``|x_t|`` is at most its ends; monotone units peak at an end)."""
+    b_m = tl.maximum(tl.abs(b_ai)[None, :], tl.abs(b_aj))
+    b_lo = tl.minimum(b_zi[None, :], b_zj)
+    b_hi = tl.maximum(b_zi[None, :], b_zj)
+    if ACT == _SILU:
+        b_m = tl.where((b_lo <= _XSTAR_SILU + 0.01) & (b_hi >= _XSTAR_SILU - 0.01), tl.maximum(b_m, _MIN_SILU), b_m)
+    elif (ACT == _GELU) or (ACT == _GELU_TANH):
+        b_m = tl.where((b_lo <= _XSTAR_GELU + 0.01) & (b_hi >= _XSTAR_GELU - 0.01), tl.maximum(b_m, _MIN_GELU), b_m)
+    b_m = b_m * _amp(tl.maximum(tl.abs(b_lo), tl.abs(b_hi)), ACT)
+    return tl.where((o_k < H_LAST)[None, :], b_m, 0.0)
+
+
+@triton.jit
+def _pair_l(b_ss, b_cov, b_ll, b_scale, b_dn, T: tl.constexpr, O: tl.constexpr, CONST_TOL: tl.constexpr,
+            EPS: tl.constexpr, FLAG: tl.constexpr, FLAG_KAPPA: tl.constexpr, FLAGGED: tl.constexpr):
+    """``L`` per pair from ``sum_t yc^2``, ``sum_t yc lc`` (``[P, PO]``), ``sum_t lc^2`` and the rounding scale per
+    output: clamped ``r2``, the constant-path rule, the mean over the ``O`` real outputs and (``FLAG``) ``FLAGGED``
+    where the error estimate exceeds ``FLAG_KAPPA`` (``b_dn == 0``: an exactly constant path, 1)."""
+    b_den = tl.where(b_ss > 0.0, b_ss * b_ll, 1.0)
+    b_r2 = tl.minimum(tl.maximum(b_cov * b_cov / b_den, 0.0), 1.0)
+    b_var = b_ss * (1.0 / T)                                                           # std_t(y)^2
+    b_tol = CONST_TOL * b_scale
+    b_const = b_var <= b_tol * b_tol                                                   # std <= CONST_TOL eps scale
+    b_r2 = tl.where(b_const, 1.0, b_r2)
+    m_o = tl.arange(0, b_ss.shape[1]) < O
+    b_l = tl.sum(tl.where(m_o[None, :], b_r2, 0.0), axis=1) / O                        # [P]
+    if FLAG:  # torch_backend.pair_error_estimate: kappa = eps scale / std, mean_k min(1, ...) > FLAG_KAPPA
+        b_err = EPS * b_scale
+        b_kap = tl.where(b_err > 0.0, b_err * tl.math.rsqrt(b_var), 0.0)               # err / std; std == 0 < err: inf
+        b_est = 2.0 * b_kap * tl.sqrt(tl.maximum(b_r2 * (1.0 - b_r2), b_kap)) + b_kap * b_kap
+        b_est = tl.where(b_est < 1.0, b_est, 1.0)                                      # inf and nan -> 1
+        b_e = tl.sum(tl.where(m_o[None, :], b_est, 0.0), axis=1) / O                   # [P]
+        b_l = tl.where(b_e > FLAG_KAPPA, FLAGGED, b_l)
+        # an exactly constant path (z_j == z_i: duplicate samples) is exact, r2 = 1, never flagged
+        b_l = tl.where(b_dn == 0.0, 1.0, b_l)
+    return b_l
+
+
+@triton.jit
+def _centred_scale(b_mmax, b_msq, wn_ptr, PO: tl.constexpr):
+    """``min(max_h m_h |W_k|_1, |m|_2 |W_k|_2) >= sum_h |W_kh| m_h`` (Hoelder, Cauchy-Schwarz): ``[P, PO]``."""
+    o_po = tl.arange(0, PO)
+    return tl.minimum(b_mmax[:, None] * tl.load(wn_ptr + o_po)[None, :],
+                      tl.sqrt(b_msq)[:, None] * tl.load(wn_ptr + PO + o_po)[None, :])
+
+
+@triton.jit
 def _first_linear(
     z_ptr, w1_ptr, c1_ptr, i, o_j, m_j, b_lam, n0,
     K0: tl.constexpr, P1: tl.constexpr, BN: tl.constexpr, T_PAD: tl.constexpr, BLOCK_J: tl.constexpr,
@@ -251,17 +303,7 @@ def _first_linear(
             b_ai = _act(b_zi, ACT1, SLOPE1)
             b_aj = _act(b_zj, ACT1, SLOPE1)
         if LAST or STATS:
-            b_m = tl.maximum(tl.abs(b_ai)[None, :], tl.abs(b_aj))
-            b_lo = tl.minimum(b_zi[None, :], b_zj)
-            b_hi = tl.maximum(b_zi[None, :], b_zj)
-            if ACT1 == _SILU:
-                b_m = tl.where((b_lo <= _XSTAR_SILU + 0.01) & (b_hi >= _XSTAR_SILU - 0.01),
-                               tl.maximum(b_m, _MIN_SILU), b_m)
-            elif (ACT1 == _GELU) or (ACT1 == _GELU_TANH):
-                b_m = tl.where((b_lo <= _XSTAR_GELU + 0.01) & (b_hi >= _XSTAR_GELU - 0.01),
-                               tl.maximum(b_m, _MIN_GELU), b_m)
-            b_m = b_m * _amp(tl.maximum(tl.abs(b_lo), tl.abs(b_hi)), ACT1)
-            b_m = tl.where((o_k < H_LAST)[None, :], b_m, 0.0)
+            b_m = _end_bounds(b_zi, b_zj, b_ai, b_aj, o_k, ACT1, H_LAST)
             b_mmax = tl.maximum(b_mmax, tl.max(b_m, axis=1))
             b_msq += tl.sum(b_m * b_m, axis=1)
         b_x = tl.reshape(b_x, [BLOCK_J * T_PAD, BLOCK_K])                              # [M, BLOCK_K]
@@ -405,12 +447,8 @@ def _connectivity_fwd_kernel(
         b_ll = tl.sum(b_lc * b_lc, axis=0)
         b_ss = tl.sum(b_yc * b_yc, axis=1)                                             # [BLOCK_J, PO]
         b_cov = tl.sum(b_yc * b_lc[None, :, None], axis=1)                             # [BLOCK_J, PO]
-        b_den = tl.where(b_ss > 0.0, b_ss * b_ll, 1.0)
-        b_r2 = tl.minimum(tl.maximum(b_cov * b_cov / b_den, 0.0), 1.0)
-        if CENTRED:  # sum_h |W_kh| m_h <= min(max_h m_h |W_k|_1, |m|_2 |W_k|_2) (Hoelder, Cauchy-Schwarz)
-            o_po = tl.arange(0, PO)
-            b_scale = tl.minimum(b_mmax[:, None] * tl.load(wn_ptr + o_po)[None, :],
-                                 tl.sqrt(b_msq)[:, None] * tl.load(wn_ptr + PO + o_po)[None, :])
+        if CENTRED:
+            b_scale = _centred_scale(b_mmax, b_msq, wn_ptr, PO)
         else:  # max_t |y| (its own rounding)
             b_scale = tl.max(tl.where(m_t3, tl.abs(b_y3), 0.0), axis=1)                # [BLOCK_J, PO]
             if TRAIL:  # + max_t |act_F'(x)| (sum_h |W_kh| m_h + |c_k|): the last Linear's rounding passed through act_F
@@ -424,26 +462,11 @@ def _connectivity_fwd_kernel(
                     b_c = tl.load(c3_ptr + o_po)
                 else:
                     b_c = tl.load(c4_ptr + o_po)
-                b_r = tl.minimum(b_mmax[:, None] * tl.load(wn_ptr + o_po)[None, :],
-                                 tl.sqrt(b_msq)[:, None] * tl.load(wn_ptr + PO + o_po)[None, :])
+                b_r = _centred_scale(b_mmax, b_msq, wn_ptr, PO)
                 if DEPTH >= 2:  # the inner Linears' rounding of its input, as the C++ kernel's factor 2 for deeper tails
                     b_r = 2.0 * b_r
                 b_scale += b_d * (b_r + tl.abs(b_c)[None, :])
-        b_var = b_ss * (1.0 / T)                                                       # std_t(y)^2
-        b_tol = CONST_TOL * b_scale
-        b_const = b_var <= b_tol * b_tol                                               # std <= CONST_TOL eps scale
-        b_r2 = tl.where(b_const, 1.0, b_r2)
-        m_o = tl.arange(0, PO) < O
-        b_l = tl.sum(tl.where(m_o[None, :], b_r2, 0.0), axis=1) / O                    # [BLOCK_J]
-        if FLAG:  # torch_backend.pair_error_estimate: kappa = eps scale / std, mean_k min(1, ...) > FLAG_KAPPA
-            b_err = EPS * b_scale
-            b_kap = tl.where(b_err > 0.0, b_err * tl.math.rsqrt(b_var), 0.0)           # err / std; std == 0 < err: inf
-            b_est = 2.0 * b_kap * tl.sqrt(tl.maximum(b_r2 * (1.0 - b_r2), b_kap)) + b_kap * b_kap
-            b_est = tl.where(b_est < 1.0, b_est, 1.0)                                  # inf and nan -> 1
-            b_e = tl.sum(tl.where(m_o[None, :], b_est, 0.0), axis=1) / O               # [BLOCK_J]
-            b_l = tl.where(b_e > FLAG_KAPPA, FLAGGED, b_l)
-            # an exactly constant path (z_j == z_i: duplicate samples) is exact, r2 = 1, never flagged
-            b_l = tl.where(b_dn == 0.0, 1.0, b_l)
+        b_l = _pair_l(b_ss, b_cov, b_ll, b_scale, b_dn, T, O, CONST_TOL, EPS, FLAG, FLAG_KAPPA, FLAGGED)
 
         o_j64 = o_j.to(tl.int64)
         i64 = i.to(tl.int64)
@@ -559,11 +582,11 @@ def launch_config(
         chunk = 64 if not fp64 else 32
         block_k = 32 if not fp64 else 16
         block_n1 = p[0] if depth == 1 else min(p[0], chunk)
-        block_n2 = p[1] if depth == 2 else (min(p[1], 2 * chunk) if depth >= 3 else 16)
+        block_n2 = p[1] if depth == 2 else (min(p[1], chunk) if depth >= 3 else 16)
         full = max(p[-1], p[2] if depth >= 3 else 0, block_n1, block_n2)
         rows = max(32, min(128, cap // full))
         block_j = max(1, rows // t_pad)
-        num_warps = 4 if block_j * t_pad * full <= 4096 else 8
+        num_warps = 4 if block_j * t_pad * full <= 4096 and not fp64 else 8
     k0 = triton.cdiv(widths[0], block_k) * block_k
     pads = (k0, *tuple(p))
     acts = [next((a for a in stage if not a.is_identity), None) for stage, _ in spec.stages]
@@ -607,7 +630,7 @@ def _pack(w: torch.Tensor, b: torch.Tensor | None, k_pad: int, n_pad: int, dtype
 
 def connectivity_triton(
     h: torch.Tensor, spec: MLPTail, n_lambda: int, *, input_precision: str | None = None,
-    config: LaunchConfig | None = None,
+    config: LaunchConfig | None = None, variant: str | None = None,
 ) -> torch.Tensor:
     """Connectivity matrix ``L`` of an MLP tail with one fused Triton launch.
 
@@ -626,6 +649,8 @@ def connectivity_triton(
         config: launch configuration to use instead of :func:`launch_config`'s pick (tests run the
             GPU tiling under the interpreter this way); must come from ``launch_config`` for this
             ``spec``, dtype and ``n_lambda``.
+        variant: ``"v1"`` (this module's kernel) or ``"v2"`` (:mod:`kernels.connectivity_v2`, which runs the
+            tails it supports and leaves the rest to v1); ``None``: :func:`kernel_variant`.
 
     Returns:
         ``(N, N)`` tensor, ``h``'s dtype and device.
@@ -645,6 +670,11 @@ def connectivity_triton(
             "connectivity_triton on CPU tensors runs only under the Triton interpreter: set TRITON_INTERPRET=1 "
             "before triton is first imported in this process"
         )
+    if config is None and kernel_variant(variant) == "v2":
+        from . import connectivity_v2 as v2
+
+        if v2.supported(spec, n_lambda):
+            return v2.connectivity_v2(h, spec, n_lambda, input_precision=input_precision)
     cfg = config or launch_config(spec, dtype, n_lambda, interpret=interpret, input_precision=input_precision, n=n)
     if cfg.constexprs["T"] != n_lambda or cfg.widths[0] != spec.stages[0][1].in_features:
         raise ValueError("config does not match this tail / n_lambda; build it with launch_config")
@@ -668,6 +698,19 @@ def connectivity_triton(
         )
     out.diagonal().fill_(1.0)
     return out
+
+
+#: Kernel variants (``connectivity_triton(variant=...)``, env ``GM_TRITON_KERNEL``) and the default.
+VARIANTS = ("v1", "v2")
+DEFAULT_VARIANT = "v2"
+
+
+def kernel_variant(variant: str | None = None) -> str:
+    """``variant``, else ``$GM_TRITON_KERNEL``, else :data:`DEFAULT_VARIANT`; checked against :data:`VARIANTS`."""
+    v = variant or os.environ.get("GM_TRITON_KERNEL") or DEFAULT_VARIANT
+    if v not in VARIANTS:
+        raise ValueError(f"Triton kernel variant must be one of {VARIANTS}; got {v!r}")
+    return v
 
 
 def kernel_is_interpreted() -> bool:

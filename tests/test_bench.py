@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import os
 import subprocess
 import sys
 import time
@@ -222,6 +223,20 @@ def test_sweep_refuses_backend_that_raises():
     rows = bench.run_benchmarks(cfg, CPU)  # triton on CPU tensors without the interpreter raises
     r = _rows("connectivity", rows, backend="triton")[0]
     assert r.status.startswith("REFUSED: backend raised") and r.time_median_s is None
+
+
+def test_triton_variants_are_bench_backends(monkeypatch):
+    """``triton-v1`` / ``triton-v2`` time ``backend="triton"`` with one kernel variant each (both on CUDA by default)."""
+    from grokfast_metrics.bench import baselines, sweep
+
+    assert sweep.check_backends(["triton-v1", "triton-v2"]) == ["triton-v1", "triton-v2"]
+    assert sweep.default_backends(torch.device("cuda")) == ["torch", "triton-v1", "triton-v2", "auto"]
+    seen = []
+    monkeypatch.setattr(baselines.core, "connectivity",
+                        lambda h, tail, n_lambda, backend: seen.append((backend, os.environ.get("GM_TRITON_KERNEL"))))
+    monkeypatch.setenv("GM_TRITON_KERNEL", "v2")
+    baselines.backend_fn("triton-v1")(None, None, 21)
+    assert seen == [("triton", "v1")] and os.environ["GM_TRITON_KERNEL"] == "v2"   # restored
 
 
 def test_sweep_rejects_unknown_backend():

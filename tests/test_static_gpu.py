@@ -48,25 +48,49 @@ def test_active_programs_and_occupancy():
     assert sg.occupancy(h100, regs=32, smem=100 * 1024, threads=128) == 2
 
 
+def test_v2_tile_count_matches_the_host_list():
+    from grokfast_metrics.kernels import connectivity_v2 as kc2
+
+    for n, bp in [(2, 6), (17, 6), (50, 4)]:
+        assert sg.v2_tiles(n, bp) == kc2.pair_tiles(n, bp).shape[0]
+    assert sg.variants_for(100, 31, 1) == ["v1", "v2"] and sg.variants_for(100, 31, 2) == ["v1"]
+
+
 @pytest.fixture(scope="module")
 def default_estimate():
     if kc.kernel_is_interpreted():
         pytest.skip("TRITON_INTERPRET is set: the kernel cannot be compiled in this process")
     try:
-        return {arch: sg.estimate(961, 100, 31, 1, arch) for arch in (90, 80)}
+        return {(arch, v): sg.estimate(961, 100, 31, 1, arch, variant=v) for arch in (90, 80) for v in ("v1", "v2")}
     except Exception as e:  # no cuobjdump / this triton cannot target CUDA here
         pytest.skip(f"static estimate unavailable here: {e!r}")
 
 
 @pytest.mark.parametrize("arch", [90, 80])
 def test_default_shape_estimate_is_self_consistent(default_estimate, arch):
-    r = default_estimate[arch]
+    r = default_estimate[arch, "v1"]
     assert r["loops_verified"], "the SASS loops do not reproduce the kernel's MMA work"
     assert r["mma_fma_per_program"] == r["mma_fma_expected"] == 128 * 128 * 32 * 3   # M x K0 x P1 x tf32x3
     assert r["spill_bytes"] == 0 and r["registers"] <= 255 and r["ctas_per_sm"] >= 1
     assert r["programs_active"] == sum(-(-(960 - i) // r["config"]["BLOCK_J"]) for i in range(960))
     assert r["total_ms"] == max(r["issue_ms"], *r["ms"].values())
     assert r["per_program_warp_instructions"]["mufu"] > 0 and r["ms"]["tensor"] >= r["floors_ms"]["tensor"]
+
+
+@pytest.mark.parametrize("arch", [90, 80])
+def test_v2_estimate_is_self_consistent(default_estimate, arch):
+    """v2: 128-row tiles of 6 pairs, K0 = 112 in chunks of 16, a persistent grid of 8 programs per SM."""
+    r = default_estimate[arch, "v2"]
+    c = r["config"]
+    assert (c["M"], c["BP"], c["K0"], c["BLOCK_K"], c["PO"]) == (128, 6, 112, 16, 32)
+    tiles = sg.v2_tiles(961, 6)
+    assert r["programs_active"] == r["programs_grid"] == min(tiles, 8 * sg.GPUS[arch].sms)
+    per_tile = 128 * 112 * 32 * 3 + 6 * 16 * 128 * 32          # tf32x3 main product; the sums over t (6 tf32 passes)
+    assert r["loops_verified"], "the SASS loops do not reproduce the kernel's MMA work"
+    assert r["mma_fma_per_program"] == pytest.approx(per_tile * tiles / r["programs_active"], rel=1e-9)
+    assert r["loop_trips"][0] == 7
+    assert r["spill_bytes"] == 0 and r["registers"] <= 255 and r["ctas_per_sm"] >= 1
+    assert r["total_ms"] == max(r["issue_ms"], *r["ms"].values()) and r["ms"]["tensor"] >= r["floors_ms"]["tensor"]
 
 
 def test_results_md_block_is_labelled_and_separate(default_estimate, tmp_path):
@@ -76,3 +100,4 @@ def test_results_md_block_is_labelled_and_separate(default_estimate, tmp_path):
     sg.update_results_md(list(default_estimate.values()), md)   # rewritten in place, not appended twice
     text = md.read_text()
     assert text.count(sg.MD_BEGIN) == 1 and "measured text" in text and "static estimate" in text
+    assert "| v1 |" in text and "| v2 |" in text

@@ -22,6 +22,7 @@ tl = pytest.importorskip("triton.language")
 import itertools
 
 from grokfast_metrics.kernels import connectivity as kc
+from grokfast_metrics.kernels import connectivity_v2 as kc2
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -90,13 +91,13 @@ def cuda_compiler():
         pytest.skip(f"the installed triton {triton.__version__} cannot compile for CUDA on this machine: {e!r}")
 
 
-def _compile(name: str, cc: int):
+def _compile(name: str, cc: int, variant: str = "v1"):
     tail, dtype, prec = CONFIGS[name]
     spec = parse_tail(tail)
-    cfg = kc.launch_config(spec, dtype, 21, interpret=False, input_precision=prec)
-    fn = kc._connectivity_fwd_kernel
+    mod, fn = (kc, kc._connectivity_fwd_kernel) if variant == "v1" else (kc2, kc2._connectivity_v2_kernel)
+    cfg = mod.launch_config(spec, dtype, 21, interpret=False, input_precision=prec)
     # the JIT marks 16-byte aligned pointers (every fresh torch allocation) as divisible by 16
-    attrs = {(fn.arg_names.index(p),): [["tt.divisibility", 16]] for p in kc.POINTER_ARGS}
+    attrs = {(fn.arg_names.index(p),): [["tt.divisibility", 16]] for p in mod.POINTER_ARGS}
     src = ASTSource(fn=fn, signature=cfg.signature, constexprs=cfg.constexprs, attrs=attrs)
     options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     return cfg, triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
@@ -105,16 +106,40 @@ def _compile(name: str, cc: int):
 #: sm_80 builds of fp64 tails take 10-20 s each in ptxas; by default sm_80 gets a subset that still
 #: covers fp32 and fp64 MMA, depths 1-3 and the widest tiles. GFM_COMPILE_ALL=1 builds every pair.
 SM80_DEFAULT = ("default_h100_o31", "h512_d1_relu", "h512_d2_silu", "h512_d3_silu", "h100_d3_final_tanh", "fp64_h512_d3")
-TARGETS = [(name, 90) for name in CONFIGS] + [
-    (name, 80) for name in CONFIGS if os.environ.get("GFM_COMPILE_ALL") == "1" or name in SM80_DEFAULT
+V2_SM80_DEFAULT = ("default_h100_o31", "fp64_h512_d1_gelu")
+_ALL = os.environ.get("GFM_COMPILE_ALL") == "1"
+TARGETS = [(name, 90, "v1") for name in CONFIGS] + [
+    (name, 80, "v1") for name in CONFIGS if _ALL or name in SM80_DEFAULT
+] + [  # v2 (kernels.connectivity_v2) for every tail it runs
+    (name, cc, "v2") for name in CONFIGS for cc in (90, 80)
+    if kc2.supported(parse_tail(CONFIGS[name][0]), 21) and (cc == 90 or _ALL or name in V2_SM80_DEFAULT)
 ]
 
 
+#: v1 shapes that still spill (observed with triton 3.9: 248 / 464 / 464 bytes); every other target has none.
+V1_SPILLS = {("fp64_h512_d1_gelu", 90, "v1"), ("h100_d3_final_tanh", 80, "v1"), ("h512_d3_silu", 80, "v1")}
+
+
+def _spill_bytes(k) -> int | None:
+    """Local memory (spills) of a cubin from ``cuobjdump --dump-resource-usage``; ``None`` without cuobjdump."""
+    from grokfast_metrics.bench import static_gpu
+
+    try:
+        _sass, res = static_gpu.sass_of(k)
+    except (RuntimeError, OSError):
+        return None
+    return res.get("LOCAL", 0) + res.get("STACK", 0)
+
+
 @here
-@pytest.mark.parametrize("name, cc", TARGETS, ids=[f"{n}-sm{c}" for n, c in TARGETS])
-def test_compiles_for_gpu(name, cc, cuda_compiler):
-    cfg, k = _compile(name, cc)
+@pytest.mark.parametrize("name, cc, variant", TARGETS, ids=[f"{n}-sm{c}-{v}" for n, c, v in TARGETS])
+def test_compiles_for_gpu(name, cc, variant, cuda_compiler):
+    cfg, k = _compile(name, cc, variant)
     assert k.asm.get("cubin"), "no cubin produced"
+    spills = _spill_bytes(k)
+    if (name, cc, variant) in V1_SPILLS and spills:
+        pytest.xfail(f"v1 spills {spills} bytes here (issue 13: v1's tiling of this shape is still to fix)")
+    assert spills in (0, None), f"{spills} bytes of spills on sm_{cc} ({variant})"
     ptx = k.asm["ptx"]
     assert f".target sm_{cc}" in ptx
     assert k.metadata.shared <= SMEM_LIMIT[cc], f"{k.metadata.shared} B shared memory > {SMEM_LIMIT[cc]} on sm_{cc}"
@@ -122,6 +147,19 @@ def test_compiles_for_gpu(name, cc, cuda_compiler):
         assert ".tf32" in ptx, "fp32 dots should run on TF32 tensor cores (tf32x3)"
     if cfg.constexprs["PREC"] == "ieee" and "fp64" not in name:
         assert ".tf32" not in ptx, "input_precision='ieee' must not use TF32"
+
+
+@here
+@pytest.mark.parametrize("cc", [90, 80])
+def test_v2_prepass_compiles_with_fast_silu(cc, cuda_compiler):
+    """v2's ``a0 = act(z)`` pre-pass with the inline-PTX SiLU (``ex2.approx.ftz``, ``rcp.approx.ftz``)."""
+    const = {"ACT": kc.ACT_CODES["silu"], "SLOPE": 0.0, "FAST_ACT": True, "REL": kc2.APPROX_REL, "INTERP": False,
+             "BLOCK": 1024}
+    sig = {"z_ptr": "*fp32", "a0_ptr": "*fp32", "n": "i32", **{k: "constexpr" for k in const}}
+    k = triton.compile(ASTSource(fn=kc2._act0_kernel, signature=sig, constexprs=const),
+                       target=GPUTarget("cuda", cc, 32), options={"num_warps": 4})
+    ptx = k.asm["ptx"]
+    assert "ex2.approx.ftz.f32" in ptx and "rcp.approx.ftz.f32" in ptx and "div.rn" not in ptx
 
 
 def test_configs_cover_the_brief():

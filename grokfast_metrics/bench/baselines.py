@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import time
 from collections.abc import Callable
 
@@ -20,20 +21,40 @@ from torch import nn
 from .. import core, reference
 from .harness import Timing, n_pairs, time_fn
 
+#: Benchmark-only names: ``backend="triton"`` with one Triton kernel variant (``GM_TRITON_KERNEL``), so one
+#: run times both kernels (v2 runs the tails it supports, v1 the rest: see ``kernels.connectivity_v2``).
+TRITON_VARIANTS = {"triton-v1": "v1", "triton-v2": "v2"}
+
 
 def backend_fn(backend: str) -> Callable[[torch.Tensor, nn.Module, int], torch.Tensor]:
-    """``(h, tail, n_lambda) -> L`` for a library backend name (``core.BACKENDS``) or ``"naive"`` (the baseline)."""
+    """``(h, tail, n_lambda) -> L`` for a library backend name (``core.BACKENDS``), a :data:`TRITON_VARIANTS`
+    name or ``"naive"`` (the baseline)."""
     if backend == "naive":
         return naive_connectivity
+    if backend in TRITON_VARIANTS:
+        return functools.partial(_triton_variant, variant=TRITON_VARIANTS[backend])
     return functools.partial(core.connectivity, backend=backend)
+
+
+def _triton_variant(h: torch.Tensor, tail: nn.Module, n_lambda: int = 21, *, variant: str) -> torch.Tensor:
+    old = os.environ.get("GM_TRITON_KERNEL")
+    os.environ["GM_TRITON_KERNEL"] = variant
+    try:
+        return core.connectivity(h, tail, n_lambda, backend="triton")
+    finally:
+        if old is None:
+            del os.environ["GM_TRITON_KERNEL"]
+        else:
+            os.environ["GM_TRITON_KERNEL"] = old
 
 
 def backend_that_runs(backend: str, h: torch.Tensor, tail: nn.Module) -> str:
     """What ``backend`` runs here (``core.resolve_backend``); the name itself if it cannot run."""
     try:
-        return core.resolve_backend(h, tail, backend)
+        resolved = core.resolve_backend(h, tail, "triton" if backend in TRITON_VARIANTS else backend)
     except Exception:
         return backend
+    return backend if backend in TRITON_VARIANTS and resolved == "triton" else resolved
 
 
 def backend_label(backend: str, h: torch.Tensor, tail: nn.Module) -> str:

@@ -66,8 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--depth", type=int, nargs="+", default=None,
         help=f"nonlinear stages after the absorbed first Linear (default {list(FULL_DEPTH)})")
     add("--backends", nargs="+", default=None,
-        help="backends to time: torch (stock torch ops), cpu (the fused C++ kernel), triton, auto (the fused C++ "
-             "kernel on CPU, Triton on CUDA) (default: torch auto on CPU, torch triton auto on CUDA; "
+        help="backends to time: torch (stock torch ops), cpu (the fused C++ kernel), triton, triton-v1, triton-v2 "
+             "(triton with one kernel variant), auto (the fused C++ kernel on CPU, Triton on CUDA) (default: torch "
+             "auto on CPU, torch triton-v1 triton-v2 auto on CUDA; "
              "an auto that resolves to a listed backend is timed once)")
     add("--out", type=int, default=31, help="output logits O (default 31: addition mod 31)")
     add("--n-lambda", type=int, default=21, help="interpolation points T (default 21)")
@@ -97,7 +98,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--threads", type=int, default=None, help="torch.set_num_threads for the run (default: torch's)")
     add("--seed", type=int, default=0)
     add("--static-gpu", action="store_true",
-        help="no GPU needed: compile the Triton kernel for sm_90 and sm_80, count its SASS instructions per "
+        help="no GPU needed: compile the Triton kernels (v1 and v2 where v2 runs the shape) for sm_90 and sm_80, "
+             "count their SASS instructions per "
              "execution unit and print a static estimate of L's time per resource (N from --n, default 961 "
              "4096; H, depth from --hidden, --depth); writes its own block of --results-md")
     add("--async-tracking", action="store_true",
@@ -202,9 +204,9 @@ def _run_static_gpu(args: argparse.Namespace) -> int:
     from . import static_gpu
 
     try:
-        rows = [static_gpu.estimate(n, h, args.out, d, arch, args.n_lambda)
+        rows = [static_gpu.estimate(n, h, args.out, d, arch, args.n_lambda, variant=v)
                 for arch in (90, 80) for h in (args.hidden or [100]) for d in (args.depth or [1])
-                for n in (args.n or [961, 4096])]
+                for v in static_gpu.variants_for(h, args.out, d, args.n_lambda) for n in (args.n or [961, 4096])]
     except (RuntimeError, ValueError) as e:
         return _error(f"static GPU estimate unavailable: {e}")
     print("static estimate (not a measurement): SASS instructions x programs / per-SM throughput, perfect overlap")

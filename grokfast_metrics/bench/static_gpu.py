@@ -1,13 +1,14 @@
-"""A static cost model of the Triton kernel on NVIDIA GPUs, with no GPU: ``grokfast-metrics bench --static-gpu``.
+"""A static cost model of the Triton kernels on NVIDIA GPUs, with no GPU: ``grokfast-metrics bench --static-gpu``.
 
-The kernel is compiled for sm_90 (H100) and sm_80 (A100) with the exact launch configuration
-:func:`grokfast_metrics.kernels.connectivity.launch_config` picks for a shape. The cubin's SASS
-(``cuobjdump -sass``, shipped with triton) is parsed into instructions; the loops are found from
-their backward branches and given the trip counts of the kernel's own loops (the ``K`` loop of the
-first remaining Linear, inside the layer-1 and layer-2 column-block loops), so every instruction is
-counted as often as a program issues it. Multiplied by the number of programs that do work (the
-others exit after a handful of instructions), each execution pipe's busy time follows from its
-throughput, and the issue slots give the issue-bound time.
+Each kernel variant (v1 ``kernels.connectivity``, v2 ``kernels.connectivity_v2``) is compiled for sm_90 (H100)
+and sm_80 (A100) with the exact launch configuration its ``launch_config`` picks for a shape (pointers marked
+16-byte aligned, as the JIT does). The cubin's SASS (``cuobjdump -sass``, shipped with triton) is parsed into
+instructions; the loops are found from their backward branches and given the trip counts of the kernel's own
+loops (:func:`schedule`: v1's ``K`` loop inside the layer-1 and layer-2 column-block loops; v2's ``K`` loop inside
+its persistent tile loop, ``n_tiles / programs`` trips on average), so every instruction is counted as often as a
+program issues it. Multiplied by the number of programs that do work (v1's others exit after a handful of
+instructions; v2 has none idle), each execution pipe's busy time follows from its throughput, and the issue
+slots give the issue-bound time. v2's per-sample pre-pass ``a0 = act(z)`` (``N x H`` elements) is not counted.
 
 Every number here is a **static estimate**: it assumes perfect overlap between pipes, no memory
 stalls and full occupancy of every SM, so it is a lower bound of what the kernel can do, not a
@@ -16,6 +17,7 @@ measurement. It is checked against a measured timing whenever a GPU is lent (``R
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import re
 import shutil
@@ -111,16 +113,33 @@ def _tool(name: str) -> str:
     return found
 
 
-def compile_kernel(spec, dtype: torch.dtype, n_lambda: int, arch: int, input_precision: str | None = None):
+def kernel_module(variant: str):
+    """The module of a kernel variant (``"v1"``: ``kernels.connectivity``, ``"v2"``: ``kernels.connectivity_v2``)."""
+    from ..kernels import connectivity as kc
+    from ..kernels import connectivity_v2 as kc2
+
+    return {"v1": kc, "v2": kc2}[variant]
+
+
+def kernel_fn(variant: str):
+    """The jit function of a kernel variant."""
+    m = kernel_module(variant)
+    return m._connectivity_fwd_kernel if variant == "v1" else m._connectivity_v2_kernel
+
+
+def compile_kernel(spec, dtype: torch.dtype, n_lambda: int, arch: int, input_precision: str | None = None,
+                   variant: str = "v1"):
     """``(compiled kernel, LaunchConfig)`` for ``spec`` on ``sm_<arch>``, as the launcher would pick on a GPU."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from ..kernels import connectivity as kc
-
-    cfg = kc.launch_config(spec, dtype, n_lambda, interpret=False, input_precision=input_precision)
-    src = ASTSource(fn=kc._connectivity_fwd_kernel, signature=cfg.signature, constexprs=cfg.constexprs)
+    cfg = kernel_module(variant).launch_config(spec, dtype, n_lambda, interpret=False,
+                                               input_precision=input_precision)
+    fn = kernel_fn(variant)
+    # the JIT marks 16-byte aligned pointers (every fresh torch allocation) as divisible by 16
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, t in cfg.signature.items() if t.startswith("*")}
+    src = ASTSource(fn=fn, signature=cfg.signature, constexprs=cfg.constexprs, attrs=attrs)
     opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts), cfg
 
@@ -194,7 +213,7 @@ def map_loops(sass: Sass, trips: list[int], warps: int, expected_fma: int) -> tu
     """
     options = sorted(set(trips) | {1})
     for assignment in itertools.product(options, repeat=len(sass.loops)):
-        if dynamic_counts(sass, list(assignment), warps)[1] == expected_fma:
+        if math.isclose(dynamic_counts(sass, list(assignment), warps)[1], expected_fma, rel_tol=1e-9):
             return list(assignment), True
     return (trips + [1] * len(sass.loops))[: len(sass.loops)], False
 
@@ -208,14 +227,38 @@ def occupancy(gpu: GPU, regs: int, smem: int, threads: int) -> int:
 
 
 def active_programs(n: int, block_j: int) -> tuple[int, int]:
-    """``(programs that compute, grid size)`` of the ``(N, cdiv(N - 1, BLOCK_J))`` grid."""
+    """``(programs that compute, grid size)`` of v1's ``(N, cdiv(N - 1, BLOCK_J))`` grid."""
     grid = n * -(-(n - 1) // block_j)
     active = sum(-(-(n - 1 - i) // block_j) for i in range(n - 1))
     return active, grid
 
 
+def v2_tiles(n: int, bp: int) -> int:
+    """Tiles of v2's triangular list (``kernels.connectivity_v2.pair_tiles``): ``cdiv(N - 1 - i, BP)`` per row ``i``."""
+    return sum(-(-(n - 1 - i) // bp) for i in range(n - 1))
+
+
+def schedule(cfg, variant: str, n: int, gpu: GPU) -> tuple[list, int, int, float]:
+    """``(kernel loop trips innermost first, programs that compute, grid size, MMA multiply-adds per program)``.
+
+    v1: :func:`loop_trips`, :func:`active_programs`. v2: the ``K`` loop, then the persistent tile loop with
+    ``n_tiles / programs`` trips on average (``programs = min(n_tiles, 8 SMs)``, as ``default_programs``).
+    """
+    if variant == "v1":
+        active, grid = active_programs(n, cfg.block_j)
+        return loop_trips(cfg), active, grid, _expected_mma_fma(cfg)
+    c = cfg.constexprs
+    tiles = v2_tiles(n, c["BP"])
+    programs = min(tiles, 8 * gpu.sms)
+    per = tiles / programs
+    passes, sum_passes = (3, 2) if c["HILO"] else (1, 1)
+    per_tile = c["M"] * c["K0"] * c["PO"] * passes + (2 + 2 * sum_passes) * 2 * c["BPP"] * c["M"] * c["PO"]
+    trips = [t for t in (c["K0"] // c["BLOCK_K"], per) if t > 1]
+    return trips, programs, programs, per * per_tile
+
+
 def estimate(n: int, hidden: int, out: int, depth: int, arch: int, n_lambda: int = 21,
-             dtype: torch.dtype = torch.float32, input_precision: str | None = None) -> dict:
+             dtype: torch.dtype = torch.float32, input_precision: str | None = None, variant: str = "v1") -> dict:
     """Static estimate of the kernel's time for ``N`` samples and the benchmark tail (see module docstring).
 
     Returns:
@@ -226,14 +269,13 @@ def estimate(n: int, hidden: int, out: int, depth: int, arch: int, n_lambda: int
     gpu = GPUS[arch]
     tail = make_tail(hidden, out, depth)
     spec = parse_tail(tail)
-    compiled, cfg = compile_kernel(spec, dtype, n_lambda, arch, input_precision)
+    compiled, cfg = compile_kernel(spec, dtype, n_lambda, arch, input_precision, variant)
     text, res = sass_of(compiled)
     sass = parse_sass(text)
-    expected_fma = _expected_mma_fma(cfg)
-    loop_trip, verified = map_loops(sass, loop_trips(cfg), cfg.num_warps, expected_fma)
+    trips, active, grid, expected_fma = schedule(cfg, variant, n, gpu)
+    loop_trip, verified = map_loops(sass, trips, cfg.num_warps, expected_fma)
     pipes, mma_fma = dynamic_counts(sass, loop_trip, cfg.num_warps)
     threads = 32 * cfg.num_warps
-    active, grid = active_programs(n, cfg.block_j)
     exit_instr = _instructions_before_exit(sass)
     warps = cfg.num_warps
     clock = gpu.clock_ghz * 1e9
@@ -253,8 +295,9 @@ def estimate(n: int, hidden: int, out: int, depth: int, arch: int, n_lambda: int
     issue_ms = 1e3 * issued / (gpu.issue_per_clock * gpu.sms * clock)
     floors = _floors(gpu, n, hidden, out, depth, n_lambda, dtype, input_precision)
     return {
-        "gpu": gpu.name, "arch": arch, "n": n, "hidden": hidden, "out": out, "depth": depth,
-        "config": {k: cfg.constexprs[k] for k in ("BLOCK_J", "T_PAD", "BLOCK_K", "BLOCK_N1", "BLOCK_N2", "K0", "P1")},
+        "gpu": gpu.name, "arch": arch, "n": n, "hidden": hidden, "out": out, "depth": depth, "variant": variant,
+        "config": {k: v for k, v in cfg.constexprs.items()
+                   if k in ("BLOCK_J", "T_PAD", "BLOCK_K", "BLOCK_N1", "BLOCK_N2", "K0", "P1", "M", "BP", "PO", "FAST_ACT")},
         "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "precision": cfg.constexprs["PREC"],
         "registers": res.get("REG"), "spill_bytes": res.get("LOCAL", 0) + res.get("STACK", 0),
         "shared_bytes": compiled.metadata.shared, "ctas_per_sm": occupancy(gpu, res.get("REG", 0),
@@ -262,7 +305,8 @@ def estimate(n: int, hidden: int, out: int, depth: int, arch: int, n_lambda: int
         "programs_active": active, "programs_grid": grid, "static_instructions": len(sass.instructions),
         "loop_trips": loop_trip, "loops_verified": verified,
         "per_program_warp_instructions": {k: round(v) for k, v in sorted(pipes.items())},
-        "mma_fma_per_program": mma_fma, "mma_fma_expected": expected_fma, "ms": {k: round(v, 4) for k, v in sorted(per_pipe_ms.items())},
+        "mma_fma_per_program": mma_fma, "mma_fma_expected": round(expected_fma, 3),
+        "ms": {k: round(v, 4) for k, v in sorted(per_pipe_ms.items())},
         "issue_ms": round(issue_ms, 4), "total_ms": round(max(max(per_pipe_ms.values()), issue_ms), 4),
         "floors_ms": floors,
     }
@@ -307,9 +351,17 @@ def _floors(gpu: GPU, n: int, hidden: int, out: int, depth: int, n_lambda: int, 
     }
 
 
+def variants_for(hidden: int, out: int, depth: int, n_lambda: int = 21) -> list[str]:
+    """The kernel variants that run this benchmark shape: v1 always, v2 where it supports the tail."""
+    from ..kernels import connectivity_v2 as kc2
+
+    return ["v1", "v2"] if kc2.supported(parse_tail(make_tail(hidden, out, depth)), n_lambda) else ["v1"]
+
+
 def estimate_rows(ns=(961, 4096), hidden: int = 100, out: int = 31, depth: int = 1, archs=(90, 80)) -> list[dict]:
-    """:func:`estimate` for every ``N`` and architecture (the default benchmark shape)."""
-    return [estimate(n, hidden, out, depth, arch) for arch in archs for n in ns]
+    """:func:`estimate` for every ``N``, architecture and kernel variant (the default benchmark shape)."""
+    return [estimate(n, hidden, out, depth, arch, variant=v) for arch in archs
+            for v in variants_for(hidden, out, depth) for n in ns]
 
 
 MD_BEGIN = "<!-- static-gpu:begin (generated by grokfast-metrics bench --static-gpu; static estimates, not measurements) -->"
@@ -329,13 +381,14 @@ def update_results_md(rows: list[dict], md_path) -> object:
 
 def format_estimates(rows: list[dict]) -> str:
     """A Markdown table of static estimates, every number labelled as such."""
-    head = ("| GPU (static estimate) | N | regs | spills | CTAs/SM | tensor ms | MUFU ms | FP32 ms | INT ms | "
+    head = ("| GPU (static estimate) | kernel | N | regs | spills | CTAs/SM | tensor ms | MUFU ms | FP32 ms | INT ms | "
             "shuffle ms | shared ms | issue ms | **estimate ms** | floors: tensor / MUFU ms |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         m = r["ms"]
         lines.append(
-            f"| {r['gpu']}{'' if r['loops_verified'] else ' *'} | {r['n']} | {r['registers']} | {r['spill_bytes']} | {r['ctas_per_sm']} | "
+            f"| {r['gpu']}{'' if r['loops_verified'] else ' *'} | {r.get('variant', 'v1')} | {r['n']} | {r['registers']} | "
+            f"{r['spill_bytes']} | {r['ctas_per_sm']} | "
             f"{m.get('tensor', 0):.3f} | {m.get('mufu', 0):.3f} | {m.get('fp32', 0):.3f} | {m.get('int', 0):.3f} | "
             f"{m.get('shfl', 0):.3f} | {m.get('shared', 0):.3f} | {r['issue_ms']:.3f} | **{r['total_ms']:.3f}** | "
             f"{r['floors_ms']['tensor']:.3f} / {r['floors_ms']['activation_unit']:.3f} |"

@@ -18,7 +18,14 @@ import torch
 from torch import nn
 
 from .. import core
-from .baselines import backend_fn, backend_that_runs, matmul_roof, naive_seconds_per_pair, reference_timed
+from .baselines import (
+    TRITON_VARIANTS,
+    backend_fn,
+    backend_that_runs,
+    matmul_roof,
+    naive_seconds_per_pair,
+    reference_timed,
+)
 from .harness import (
     BenchRow,
     Timing,
@@ -73,11 +80,12 @@ class BenchConfig:
 
 
 def default_backends(device: torch.device) -> list[str]:
-    """``["torch", "auto"]`` on CPU (``auto`` = the fused C++ kernel there); ``["torch", "triton", "auto"]`` on CUDA.
+    """``["torch", "auto"]`` on CPU (``auto`` = the fused C++ kernel there); on CUDA ``torch``, both Triton kernel
+    variants (``triton-v1``, ``triton-v2``: ``baselines.TRITON_VARIANTS``) and ``auto``.
 
     An ``auto`` that resolves to another listed backend is timed once.
     """
-    return ["torch", "triton", "auto"] if device.type == "cuda" else ["torch", "auto"]
+    return ["torch", *TRITON_VARIANTS, "auto"] if device.type == "cuda" else ["torch", "auto"]
 
 
 def check_backends(names: Sequence[str]) -> list[str]:
@@ -87,7 +95,7 @@ def check_backends(names: Sequence[str]) -> list[str]:
         ValueError: an unknown backend name.
     """
     backends = list(dict.fromkeys(names))
-    allowed = [x for x in core.BACKENDS if x != "reference"]
+    allowed = [x for x in core.BACKENDS if x != "reference"] + list(TRITON_VARIANTS)
     for b in backends:
         if b not in allowed:
             raise ValueError(f"--backends takes names from {allowed}; got {b!r}")
