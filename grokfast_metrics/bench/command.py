@@ -98,6 +98,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
              "execution unit and print a static estimate of L's time per resource (N from --n, default 961 "
              "4096; H, depth from --hidden, --depth); writes its own block of --results-md")
     add("--no-progress", action="store_true", help="no progress bar or per-row log")
+    add("--sweep-throughput", action="store_true",
+        help="instead of the LMN rows: runs per hour of a 16-run sweep grid (add, LMN every 100 steps on 128 inputs; "
+             "--quick: 4 runs) trained sequentially, with sweep --engine local and with sweep --batched, in this run")
+    add("--sweep-steps", type=int, default=None, help="steps per run of --sweep-throughput (default 2000, --quick 200)")
+    add("--sweep-workers", type=int, default=2, help="processes of the two sweep modes of --sweep-throughput (default 2)")
     return parser
 
 
@@ -170,6 +175,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.static_gpu:
         return _run_static_gpu(args)
+    if args.sweep_throughput:
+        return _run_sweep_throughput(args, device)
     if args.threads is not None:
         if args.threads < 1:
             return _error(f"--threads must be >= 1; got {args.threads}")
@@ -201,6 +208,19 @@ def _run_static_gpu(args: argparse.Namespace) -> int:
     print(static_gpu.format_estimates(rows))
     if args.results_md and not args.no_csv:
         print(f"updated {static_gpu.update_results_md(rows, args.results_md)}")
+    return 0
+
+
+def _run_sweep_throughput(args: argparse.Namespace, device: torch.device) -> int:
+    """``--sweep-throughput``: print the markdown table of :func:`.sweep_throughput.sweep_throughput`."""
+    from .sweep_throughput import format_table, sweep_throughput
+
+    steps = args.sweep_steps or (200 if args.quick else 2000)
+    if steps < 1 or args.sweep_workers < 1:
+        return _error("--sweep-steps and --sweep-workers must be >= 1")
+    rows = sweep_throughput(steps, args.sweep_workers, args.quick, device,
+                            log=(lambda m: None) if args.no_progress else (lambda m: print(m, file=sys.stderr)))
+    print(format_table(rows))
     return 0
 
 
