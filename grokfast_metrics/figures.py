@@ -1,5 +1,8 @@
 """The LMN paper's figures, drawn with matplotlib (``grokfast-metrics plot RUN``): the one plotting module.
 
+``grokfast-metrics plot SWEEP_DIR`` on a sweep directory rewrites the sweep's outputs instead
+(:func:`grokfast_metrics.sweep.command.replot`; the sweep's figures are :mod:`grokfast_metrics.sweep.figures`).
+
 * ``fig2_curves.png``: accuracy, loss, LMN and L2 vs step (Figure 2; :func:`plot_curves`, which the
   trainer also uses for ``curves.png``).
 * ``fig3_layers.png``: LMN at every tracked layer vs step (Figure 3 / Appendix A).
