@@ -11,13 +11,15 @@ LMN steps included), compression complexity off and no plots. The same runs are 
 - ``batched-1``: ``sweep --batched --workers 1``: all runs in one stack in one process (the stacking gain alone,
   beside ``sequential``'s one process).
 
-Each mode is timed wall-clock from the first run's start to the last run's end, in a fresh directory. The rows
-also give the share of the time spent on LMN (the trainer's own timers) and, for the two sweep modes, how many
+Each mode is timed wall-clock from the first run's start to the last run's end, in a fresh directory, and by the CPU
+seconds it used (this process and its finished worker processes, ``getrusage``): on a machine shared with other jobs
+the wall time depends on the load, CPU seconds per run much less. The rows also give the share of the time spent on LMN (the trainer's own timers) and, for the two sweep modes, how many
 runs reach the same memorization and generalization steps as the sequential ones.
 """
 from __future__ import annotations
 
 import json
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -41,10 +43,16 @@ def plan(out: Path, steps: int, quick: bool, device: torch.device) -> list[Run]:
     return plan_runs(base, axes, [0], out)
 
 
-def _time_mode(mode: str, runs: list[Run], workers: int) -> float:
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of its waited-for children."""
+    return sum(r.ru_utime + r.ru_stime for r in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))
+
+
+def _time_mode(mode: str, runs: list[Run], workers: int) -> tuple[float, float]:
+    """Wall and CPU seconds of training ``runs`` in ``mode``."""
     from ..train import train
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_seconds()
     if mode == "sequential":
         for r in runs:
             train(r.config, r.run_dir, progress=False, plot=False)
@@ -54,7 +62,7 @@ def _time_mode(mode: str, runs: list[Run], workers: int) -> float:
         failed = [name for name, res in results.items() if res["status"] != "done"]
         if failed:
             raise RuntimeError(f"sweep-throughput: {mode}: runs did not finish: {failed}")
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, _cpu_seconds() - c0
 
 
 def _summaries(runs: list[Run]) -> dict[str, dict]:
@@ -84,25 +92,29 @@ def sweep_throughput(steps: int = 2000, workers: int = 2, quick: bool = False, d
         for mode in MODES:
             runs = plan(Path(tmp) / mode, steps, quick, device)
             log(f"sweep throughput: {mode}: {len(runs)} runs x {steps} steps ...")
-            wall = _time_mode(mode, runs, workers)
+            wall, cpu = _time_mode(mode, runs, workers)
             summaries = _summaries(runs)
             reference = reference or summaries
             row = {"mode": mode, "runs": len(runs), "steps": steps, "workers": MODES[mode][0] or workers,
-                   "wall_s": wall, "runs_per_hour": len(runs) / wall * 3600, "lmn_share": _lmn_share(summaries, mode),
+                   "wall_s": wall, "runs_per_hour": len(runs) / wall * 3600, "cpu_s_per_run": cpu / len(runs),
+                   "lmn_share": _lmn_share(summaries, mode),
                    "same_phase_steps": _same_phases(reference, summaries)}
             row["speedup"] = rows[0]["wall_s"] / wall if rows else 1.0
+            row["cpu_speedup"] = rows[0]["cpu_s_per_run"] / row["cpu_s_per_run"] if rows else 1.0
             rows.append(row)
             log(format_row(row))
     return rows
 
 
 def format_row(r: dict) -> str:
+    """One row of :func:`format_table`."""
     return (f"| {r['mode']} | {r['runs']} x {r['steps']} | {r['workers']} | {r['wall_s']:.1f} | {r['runs_per_hour']:.0f} | "
-            f"{r['speedup']:.2f} | {100 * r['lmn_share']:.0f}% | {r['same_phase_steps']}/{r['runs']} |")
+            f"{r['speedup']:.2f} | {r['cpu_s_per_run']:.2f} | {r['cpu_speedup']:.2f} | {100 * r['lmn_share']:.0f}% | "
+            f"{r['same_phase_steps']}/{r['runs']} |")
 
 
 def format_table(rows: list[dict]) -> str:
     """The rows as a markdown table."""
-    head = ("| mode | runs x steps | processes | wall s | runs/hour | x sequential | LMN share | same phase steps as "
-            "sequential |\n|---|---|---|---|---|---|---|---|")
+    head = ("| mode | runs x steps | processes | wall s | runs/hour | x sequential (wall) | CPU s per run | x sequential "
+            "(CPU) | LMN share | same phase steps as sequential |\n|---|---|---|---|---|---|---|---|---|---|")
     return "\n".join([head, *map(format_row, rows)])

@@ -65,6 +65,7 @@ def run_task(configs: list[dict], run_dirs: list[str], plot: bool) -> list[dict]
 
     paths = [Path(d) for d in run_dirs]
     for path in paths:
+        path.mkdir(parents=True, exist_ok=True)
         (path / ERROR_FILE).unlink(missing_ok=True)
     try:
         results = train_stack([TrainConfig(**c) for c in configs], paths, plot=plot, overwrite=True)
@@ -116,7 +117,8 @@ def run_local(tasks: list[list[Run]], workers: int, plot: bool, on_done: Callabl
 
 def run_ray(tasks: list[list[Run]], workers: int, plot: bool, on_done: Callable[[Run, dict], None],
             address: str | None = None) -> None:
-    """Each task (a run, or a stack of runs) as a Ray task (one CPU each); a local Ray with ``workers`` CPUs unless ``address`` names a cluster.
+    """Each task (a run, or a stack of runs) as a Ray task (one CPU each); a local Ray with ``workers`` CPUs unless
+    ``address`` names a cluster.
 
     On a multi-node cluster the sweep directory must be on storage every node sees.
 
