@@ -98,3 +98,9 @@ def test_batched_sweep_records_failures_resumes_and_plot_rewrites_its_outputs(tm
     assert (out / "phase.png").stat().st_size > 0 and (out / "lmn_predicts.png").stat().st_size > 0
     assert cli.main(["plot", str(out), "--out", str(tmp_path / "x")]) == 2
 
+    manifest = json.loads((out / "sweep.json").read_text())                # a sweep.json without its run list: the
+    (out / "sweep.json").write_text(json.dumps({"axes": manifest["axes"]}))  # run directories' own config.json
+    assert cli.main(["plot", str(out)]) == 0
+    assert [(r["run"], r["lmn_end"]) for r in _rows(out / "sweep.csv")] == [(r["run"], r["lmn_end"]) for r in rows
+                                                                             if r["status"] == "done"]
+
