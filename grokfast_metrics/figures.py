@@ -1,5 +1,8 @@
 """The LMN paper's figures, drawn with matplotlib (``grokfast-metrics plot RUN``): the one plotting module.
 
+``grokfast-metrics plot SWEEP_DIR`` on a sweep directory rewrites the sweep's outputs instead
+(:func:`grokfast_metrics.sweep.command.replot`; the sweep's figures are :mod:`grokfast_metrics.sweep.figures`).
+
 * ``fig2_curves.png``: accuracy, loss, LMN and L2 vs step (Figure 2; :func:`plot_curves`, which the
   trainer also uses for ``curves.png``).
 * ``fig3_layers.png``: LMN at every tracked layer vs step (Figure 3 / Appendix A).
@@ -329,11 +332,21 @@ def _s(p: Path | None) -> str | None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", help="run directory written by 'grokfast-metrics train'")
-    parser.add_argument("--out", default=None, help="where to write the figures (default: the run directory)")
+    parser.add_argument("run", help="run directory written by 'grokfast-metrics train', or a sweep directory written by "
+                                    "'grokfast-metrics sweep' (its sweep.csv, phase.png and lmn_predicts.png are rewritten)")
+    parser.add_argument("--out", default=None, help="where to write a run's figures (default: the run directory)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from .sweep.manifest import is_sweep_dir
+
+    if is_sweep_dir(args.run):
+        if args.out is not None:
+            print("grokfast-metrics plot: error: --out is for a run directory; a sweep's outputs stay in it", file=sys.stderr)
+            return 2
+        from .sweep.command import plot_sweep
+
+        return plot_sweep(args.run)
     try:
         res = make_figures(args.run, args.out)
     except (FileNotFoundError, RunLogError) as e:

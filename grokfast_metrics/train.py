@@ -287,8 +287,14 @@ def forward_backward(run: Run, step: int, final: bool) -> tuple[dict, tuple[str,
             torch.stack(torch._foreach_norm([p.detach() for p in model.parameters()])).norm(),
             (p_correct == 1).sum().to(loss.dtype),
         ]).tolist()
+    return step_metrics(run, step, stats)
+
+
+def step_metrics(run: Run, step: int, stats: list[float]) -> tuple[dict, tuple[str, ...]]:
+    """A step's metrics and phase events from its ``stats``: train loss, train correct, test loss, test correct,
+    parameter norm and the number of training samples at probability exactly 1 (phases and collapse observed)."""
     tr_loss, tr_correct, te_loss, te_correct, l2, n_p1 = stats
-    n_tr, n_te = len(d["y_tr"]), len(d["y_te"])
+    n_tr, n_te = len(run.data["y_tr"]), len(run.data["y_te"])
     tr_acc, te_acc = tr_correct / n_tr, te_correct / n_te
     events = run.phases.observe(step, tr_correct == n_tr, te_correct == n_te, te_acc)
     metrics = {"step": step, "train_loss": tr_loss, "train_acc": tr_acc, "test_loss": te_loss, "test_acc": te_acc, "l2": l2,
@@ -336,6 +342,15 @@ def write_row(run: Run, row: dict, metrics: dict, now: float) -> None:
     run.log.write({**row, **metrics, "time_s": round(now - run.start, 4)})
 
 
+def nonfinite_stop(metrics: dict) -> _Stop | None:
+    """The stop of a step whose train loss or parameter norm is not finite (``None``: both finite)."""
+    if math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["l2"]):
+        return None
+    what = "train loss" if not math.isfinite(metrics["train_loss"]) else "parameter norm"
+    value = metrics["train_loss"] if what == "train loss" else metrics["l2"]
+    return _Stop(f"non-finite {what} ({value}) at step {metrics['step']}: training diverged", EXIT_NONFINITE)
+
+
 def _loop(run: Run, progress: _Progress | None, signals: _Signals) -> _Stop | None:
     """Steps ``first_step`` to ``cfg.steps``; returns why it stopped early (``None``: it completed).
 
@@ -350,10 +365,9 @@ def _loop(run: Run, progress: _Progress | None, signals: _Signals) -> _Stop | No
             with run.timer("train"):
                 metrics, events = forward_backward(run, step, final)
             pending = metrics
-            if not (math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["l2"])):
-                what = "train loss" if not math.isfinite(metrics["train_loss"]) else "parameter norm"
-                value = metrics["train_loss"] if what == "train loss" else metrics["l2"]
-                raise _Stop(f"non-finite {what} ({value}) at step {step}: training diverged", EXIT_NONFINITE)
+            diverged = nonfinite_stop(metrics)
+            if diverged is not None:
+                raise diverged
             due = run.schedule.due(step, events)
             row = measure(run, step, due, events, metrics)
             with run.timer("train"):

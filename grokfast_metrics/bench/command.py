@@ -107,6 +107,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
              "step: no tracking vs synchronous vs asynchronous tracker (eigen step on a host thread), same run, "
              "--repeats rounds (default 3) of 5 steps per mode; backend: the first of --backends (default auto)")
     add("--no-progress", action="store_true", help="no progress bar or per-row log")
+    add("--sweep-throughput", action="store_true",
+        help="instead of the LMN rows: runs per hour of a 16-run sweep grid (add, LMN every 100 steps on 128 inputs; "
+             "--quick: 4 runs) trained sequentially, with sweep --engine local and with sweep --batched, in this run")
+    add("--sweep-steps", type=int, default=None, help="steps per run of --sweep-throughput (default 2000, --quick 200)")
+    add("--sweep-workers", type=int, default=2, help="processes of the two sweep modes of --sweep-throughput (default 2)")
     return parser
 
 
@@ -180,6 +185,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.static_gpu:
         return _run_static_gpu(args)
+    if args.sweep_throughput:
+        return _run_sweep_throughput(args, device)
     if args.threads is not None:
         if args.threads < 1:
             return _error(f"--threads must be >= 1; got {args.threads}")
@@ -226,6 +233,19 @@ def _run_async_tracking(args: argparse.Namespace, device: torch.device) -> int:
     res = async_tracking(device, n_track=n, rounds=args.repeats or 3, backend=(args.backends or ["auto"])[0],
                          seed=args.seed, n_lambda=args.n_lambda)
     print(format_async_tracking(res))
+    return 0
+
+
+def _run_sweep_throughput(args: argparse.Namespace, device: torch.device) -> int:
+    """``--sweep-throughput``: print the markdown table of :func:`.sweep_throughput.sweep_throughput`."""
+    from .sweep_throughput import format_table, sweep_throughput
+
+    steps = args.sweep_steps or (200 if args.quick else 2000)
+    if steps < 1 or args.sweep_workers < 1:
+        return _error("--sweep-steps and --sweep-workers must be >= 1")
+    rows = sweep_throughput(steps, args.sweep_workers, args.quick, device,
+                            log=(lambda m: None) if args.no_progress else (lambda m: print(m, file=sys.stderr)))
+    print(format_table(rows))
     return 0
 
 

@@ -11,6 +11,8 @@
 - :mod:`.outcomes`: one ``sweep.csv`` row per run from its summary and metrics; the outcome of a run
   (comprehension, grokking, memorization, confusion; see ``docs/sweeps.md``).
 - :mod:`.figures`: the phase diagram and the LMN-predicts-grokking scatter.
+- :mod:`.batched`: ``--batched``: runs that share an architecture and task trained as one stack of models.
+- :mod:`.manifest`: ``sweep.json`` (the planned runs), read back by ``grokfast-metrics plot SWEEP_DIR``.
 - :mod:`.command`: the ``sweep`` subcommand.
 
 A finished run (``summary.json`` not interrupted) is never re-run; a run that fails is recorded with

@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from pathlib import Path
 
+from ..runlog import RunLogError
 from .engines import ENGINES, run_sweep
-from .grid import parse_axis, plan_runs
+from .grid import Run, parse_axis, plan_runs
+from .manifest import load_sweep, run_status, write_manifest
 from .outcomes import OUTCOMES, sweep_rows, write_csv
 
 
@@ -29,6 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="runs at a time (default: the core count; each run uses one thread on the CPU)")
     g.add_argument("--ray-address", default=None, help="address of an existing Ray cluster (default: start Ray locally)")
+    g.add_argument("--batched", action="store_true",
+                   help="train the runs that share architecture, task and steps as stacks of models in one process "
+                        "each (torch.func vmap; lr, weight decay, adam eps, init scale, seed, probe and schedules may "
+                        "vary within a stack); other runs run one by one (docs/sweeps.md)")
     return parser
 
 
@@ -50,15 +55,30 @@ def _progress(total: int, quiet: bool):
     return tqdm(total=total, desc="runs", unit="run", dynamic_ncols=True)
 
 
-def write_outputs(out: Path, axes: list[str], rows: list[dict], window: int) -> dict:
-    """``sweep.csv``, ``phase.png`` and ``lmn_predicts.png`` in ``out``; returns the predictor statistics."""
+def write_outputs(out: Path, axes: list[str], runs: list[Run], results: dict[str, dict], window: int) -> tuple[list[dict], dict]:
+    """``sweep.csv``, ``phase.png``, ``lmn_predicts.png`` and ``sweep.json`` in ``out``; returns the rows and the
+    predictor statistics."""
     from .figures import plot_lmn_predicts, plot_phase
 
+    rows = sweep_rows(runs, results)
     write_csv(rows, out / "sweep.csv")
     plot_phase(rows, axes, out / "phase.png")
     stats = plot_lmn_predicts(rows, window, out / "lmn_predicts.png")
-    (out / "sweep.json").write_text(json.dumps({"axes": axes, "lmn_predicts": stats}, indent=2) + "\n", encoding="utf-8")
-    return stats
+    write_manifest(out, axes, runs, window, stats)
+    return rows, stats
+
+
+def replot(out: str | Path) -> tuple[list[dict], dict]:
+    """(Re)write the outputs of the sweep in ``out`` from the directory alone (``grokfast-metrics plot OUT``): the runs
+    from ``sweep.json``, each run's status from its directory (finished, failed, interrupted, not run).
+
+    Raises:
+        FileNotFoundError: no ``sweep.json`` in ``out``.
+        RunLogError: a damaged ``sweep.json`` or run file.
+    """
+    out = Path(out)
+    axes, runs, window = load_sweep(out)
+    return write_outputs(out, axes, runs, {r.name: run_status(r.run_dir) for r in runs}, window)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,12 +90,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"grokfast-metrics sweep: error: {e}", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
+    window = max(1, args.steps // 10)
+    write_manifest(out, [name for name, _ in axes], runs, window)
     bar = _progress(len(runs), args.no_progress)
     interrupted = False
     results: dict[str, dict] = {}
     try:
         results = run_sweep(runs, args.engine, args.workers, plot=not args.no_plot, ray_address=args.ray_address,
-                            on_done=lambda run, res: bar.update(1) if bar is not None else None)
+                            on_done=lambda run, res: bar.update(1) if bar is not None else None,
+                            batched=args.batched, notes=lambda m: print(m, file=sys.stderr))
     except KeyboardInterrupt:
         interrupted = True
     except (RuntimeError, ValueError) as e:
@@ -84,12 +107,22 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
-    rows = sweep_rows(runs, results)
-    stats = write_outputs(out, [name for name, _ in axes], rows, window=max(1, args.steps // 10))
+    rows, stats = write_outputs(out, [name for name, _ in axes], runs, results, window)
     _report(rows, out, stats)
     if interrupted:
         return 130
     return 1 if any(r["status"] == "failed" for r in rows) else 0
+
+
+def plot_sweep(out: str | Path) -> int:
+    """``grokfast-metrics plot SWEEP_DIR``: :func:`replot` and the sweep's report; 0, or 2 on a damaged directory."""
+    try:
+        rows, stats = replot(out)
+    except (FileNotFoundError, RunLogError) as e:
+        print(f"grokfast-metrics plot: error: {e}", file=sys.stderr)
+        return 2
+    _report(rows, Path(out), stats)
+    return 0
 
 
 def _report(rows: list[dict], out: Path, stats: dict) -> None:

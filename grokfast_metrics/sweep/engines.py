@@ -45,33 +45,80 @@ def run_one(config: dict, run_dir: str, plot: bool) -> dict:
     except Exception as e:
         (path / ERROR_FILE).write_text(traceback.format_exc(), encoding="utf-8")
         return {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+    return _status(res)
+
+
+def _status(res) -> dict:
     return {"status": "interrupted" if res.interrupted else "done"}
+
+
+def run_task(configs: list[dict], run_dirs: list[str], plot: bool) -> list[dict]:
+    """One task of a sweep: a single run (:func:`run_one`) or a stack of runs trained together
+    (:func:`.batched.train_stack`, ``--batched``); the result of each run, in order.
+
+    A stack that fails as a whole records its error in every run's ``error.txt``.
+    """
+    if len(configs) == 1:
+        return [run_one(configs[0], run_dirs[0], plot)]
+    from ..config import TrainConfig
+    from .batched import train_stack
+
+    paths = [Path(d) for d in run_dirs]
+    for path in paths:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / ERROR_FILE).unlink(missing_ok=True)
+    try:
+        results = train_stack([TrainConfig(**c) for c in configs], paths, plot=plot, overwrite=True)
+    except Exception as e:
+        results = [e] * len(paths)
+    out = []
+    for path, res in zip(paths, results):
+        if isinstance(res, Exception):
+            text = "".join(traceback.format_exception(res))
+            (path / ERROR_FILE).write_text(text, encoding="utf-8")
+            out.append(_failed(res))
+        else:
+            out.append(_status(res))
+    return out
 
 
 def _failed(e: BaseException) -> dict:
     return {"status": "failed", "error": f"{type(e).__name__}: {e}"}
 
 
-def run_local(runs: list[Run], workers: int, plot: bool, on_done: Callable[[Run, dict], None]) -> None:
-    """Each run in a process of a pool of ``workers`` (spawned: a clean torch per process)."""
+def _args(task: list[Run], plot: bool, resolve: bool = False) -> tuple[list[dict], list[str], bool]:
+    """:func:`run_task`'s arguments for ``task`` (plain data)."""
+    dirs = [str(Path(r.run_dir).resolve() if resolve else r.run_dir) for r in task]
+    return [r.config_dict() for r in task], dirs, plot
+
+
+def _report(task: list[Run], get: Callable[[], list[dict]], on_done: Callable[[Run, dict], None]) -> None:
+    """``on_done`` for each run of a finished task (every run failed if the task itself raised)."""
+    try:
+        results = get()
+    except Exception as e:
+        results = [_failed(e)] * len(task)
+    for run, result in zip(task, results):
+        on_done(run, result)
+
+
+def run_local(tasks: list[list[Run]], workers: int, plot: bool, on_done: Callable[[Run, dict], None]) -> None:
+    """Each task (a run, or a stack of runs) in a process of a pool of ``workers`` (spawned: a clean torch per process)."""
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        futures = {pool.submit(run_one, r.config_dict(), str(r.run_dir), plot): r for r in runs}
+        futures = {pool.submit(run_task, *_args(t, plot)): t for t in tasks}
         try:
             for fut in as_completed(futures):
-                try:
-                    result = fut.result()
-                except Exception as e:
-                    result = _failed(e)
-                on_done(futures[fut], result)
+                _report(futures[fut], fut.result, on_done)
         except KeyboardInterrupt:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
 
 
-def run_ray(runs: list[Run], workers: int, plot: bool, on_done: Callable[[Run, dict], None],
+def run_ray(tasks: list[list[Run]], workers: int, plot: bool, on_done: Callable[[Run, dict], None],
             address: str | None = None) -> None:
-    """Each run as a Ray task (one CPU each); a local Ray with ``workers`` CPUs unless ``address`` names a cluster.
+    """Each task (a run, or a stack of runs) as a Ray task (one CPU each); a local Ray with ``workers`` CPUs unless
+    ``address`` names a cluster.
 
     On a multi-node cluster the sweep directory must be on storage every node sees.
 
@@ -86,18 +133,14 @@ def run_ray(runs: list[Run], workers: int, plot: bool, on_done: Callable[[Run, d
     if started:
         ray.init(address=address, num_cpus=None if address else workers, include_dashboard=False,
                  log_to_driver=False, configure_logging=False)
-    task = ray.remote(num_cpus=1)(run_one)
-    refs = {task.remote(r.config_dict(), str(Path(r.run_dir).resolve()), plot): r for r in runs}
+    remote = ray.remote(num_cpus=1)(run_task)
+    refs = {remote.remote(*_args(t, plot, resolve=True)): t for t in tasks}
     pending = list(refs)
     try:
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             for ref in done:
-                try:
-                    result = ray.get(ref)
-                except Exception as e:
-                    result = _failed(e)
-                on_done(refs[ref], result)
+                _report(refs[ref], lambda ref=ref: ray.get(ref), on_done)
     except KeyboardInterrupt:
         for ref in pending:
             ray.cancel(ref)
@@ -108,11 +151,13 @@ def run_ray(runs: list[Run], workers: int, plot: bool, on_done: Callable[[Run, d
 
 
 def run_sweep(runs: list[Run], engine: str = "local", workers: int = 1, plot: bool = True,
-              ray_address: str | None = None, on_done: Callable[[Run, dict], None] | None = None) -> dict[str, dict]:
+              ray_address: str | None = None, on_done: Callable[[Run, dict], None] | None = None,
+              batched: bool = False, notes: Callable[[str], None] | None = None) -> dict[str, dict]:
     """Run every run that is not finished yet; returns ``{run name: {"status", ["error"]}}`` for all runs.
 
     Finished runs get ``{"status": "skipped"}`` and are not touched. ``on_done(run, result)`` is called as
-    each run ends (progress bars).
+    each run ends (progress bars). ``batched``: the runs that can share a stack are trained as stacks of
+    models, one stack per task (:func:`.batched.plan_stacks`; what it decided goes to ``notes``).
 
     Raises:
         ValueError: unknown engine or ``workers < 1``.
@@ -131,9 +176,17 @@ def run_sweep(runs: list[Run], engine: str = "local", workers: int = 1, plot: bo
         if on_done is not None:
             on_done(run, result)
 
-    if todo:
-        if engine == "local":
-            run_local(todo, min(workers, len(todo)), plot, done)
-        else:
-            run_ray(todo, workers, plot, done, ray_address)
+    if not todo:
+        return results
+    tasks = [[r] for r in todo]
+    if batched:
+        from .batched import plan_stacks
+
+        tasks, messages = plan_stacks(todo, workers)
+        for message in messages:
+            (notes or print)(message)
+    if engine == "local":
+        run_local(tasks, min(workers, len(tasks)), plot, done)
+    else:
+        run_ray(tasks, workers, plot, done, ray_address)
     return results
