@@ -43,17 +43,46 @@ def _slope_bound(act: Act, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor | N
         return torch.exp(-x.abs()).clamp_(max=0.25)
     if name == "tanh":
         return torch.exp(x.abs() * -2.0).mul_(4.0).clamp_(max=1.0)
-    ax = x.abs()
-    tail = {"silu": 1.0, "gelu": 2.0 + ax, "gelu_tanh": 2.6 + 0.22 * ax * ax}[name]
-    return torch.where(x > -1.0, torch.full_like(x, 1.2), a.abs() * tail)
+    return torch.where(x > -1.0, torch.full_like(x, 1.2), a.abs() * _gelu_tail(name, x.abs()))
 
 
-def _through(act: Act, x: torch.Tensor, a: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+def _slope_max_on_segment(act: Act, x0: torch.Tensor, x1: torch.Tensor, own: torch.Tensor) -> torch.Tensor | None:
+    """``(P, H)`` bound on ``max_t |act'(x_t)|`` when ``x`` is linear in ``t`` from ``x0`` to ``x1`` (the first layer's
+    pre-activations), from the ends and ``own = max_t |act(x_t)|`` alone: the same bounds as :func:`_slope_bound`,
+    taken at the point of the segment where each is largest (no pass over the ``T`` points)."""
+    name = act.name
+    if name == "identity":
+        return None
+    hi = torch.maximum(x0, x1)
+    if name == "relu":
+        return (hi > 0).to(x0.dtype)
+    if name == "leaky_relu":
+        return torch.where(hi >= 0, 1.0, abs(act.slope)).to(x0.dtype)
+    if name in ("sigmoid", "tanh"):  # smallest |x| on the segment: 0 where it crosses 0
+        ax = torch.where(x0 * x1 <= 0, torch.zeros_like(x0), torch.minimum(x0.abs(), x1.abs()))
+        return torch.exp(-ax).clamp_(max=0.25) if name == "sigmoid" else torch.exp(ax * -2.0).mul_(4.0).clamp_(max=1.0)
+    flat = own * _gelu_tail(name, torch.maximum(x0.abs(), x1.abs()))
+    return torch.where(hi > -1.0, flat.clamp(min=1.2), flat)
+
+
+def _gelu_tail(name: str, ax: torch.Tensor) -> torch.Tensor | float:
+    """``|act'(x)| / |act(x)|`` bound for ``x <= -1`` of SiLU (1), GELU (``2 + |x|``), GELU-tanh (``2.6 + 0.22 x^2``)."""
+    if name == "silu":
+        return 1.0
+    return 2.0 + ax if name == "gelu" else 2.6 + 0.22 * ax * ax
+
+
+def _through(act: Act, x: torch.Tensor, a: torch.Tensor, r: torch.Tensor, linear: bool = False) -> torch.Tensor:
     """``(P, H)`` rounding scale of ``a = act(x)`` (``(P, T, H)``) from that of ``x`` (``r``, in units of eps):
-    ``max_t |act'(x)| r + max_t |a|`` (its input's rounding passed on, plus its own)."""
-    d = _slope_bound(act, x, a)
+    ``max_t |act'(x)| r + max_t |a|`` (its input's rounding passed on, plus its own). ``linear``: ``x`` is linear
+    in ``t`` (the first layer), so the slope bound comes from the path's ends (:func:`_slope_max_on_segment`)."""
     own = a.abs().amax(dim=1)
-    return own + r if d is None else torch.addcmul(own, d.amax(dim=1), r)
+    if linear:
+        d = _slope_max_on_segment(act, x[:, 0], x[:, -1], own)
+    else:
+        d = _slope_bound(act, x, a)
+        d = None if d is None else d.amax(dim=1)
+    return own + r if d is None else torch.addcmul(own, d, r)
 
 
 def _linear_scale(r: torch.Tensor, wt: torch.Tensor, b: torch.Tensor | None, last: bool) -> torch.Tensor:
@@ -174,36 +203,41 @@ def _pairs_values(z: torch.Tensor, spec: MLPTail, stages, i: torch.Tensor, j: to
     eps = torch.finfo(dtype).eps
     zi = z[i]
     x = torch.addcmul(zi.unsqueeze(1), lam.view(1, -1, 1), (z[j] - zi).unsqueeze(1))  # [P, T, H0]
-    r = x.abs().amax(dim=1)                                                            # [P, H0]
+    r = torch.maximum(x[:, 0].abs(), x[:, -1].abs())                                   # [P, H0] max_t |x_0|
+    lin = True                                    # x still linear in t (the first layer's): slope bounds from its ends
     centred = not spec.final
     last = len(stages) - 1
     for s, (acts, wt, b) in enumerate(stages):
         if s == last and centred:
             last_act = acts[-1]
             for a in acts[:-1]:
-                x, r = _act_step(a, x, r)
+                x, r = _act_step(a, x, r, lin)
+                lin = lin and a.is_identity
             if last_act.name in SATURATING:  # offset free: the constant the unit saturates to never enters
                 a = torch_offset_free(last_act.name, x, x[:, :1])
-                r = _through(last_act, x, a, r)
+                r = _through(last_act, x, a, r, lin)
             else:
-                a, r = _act_step(last_act, x, r)
+                a, r = _act_step(last_act, x, r, lin)
             yc = torch.matmul(a - a.mean(dim=1, keepdim=True), wt)                # [P, T, O], no bias
             return r2_from_centred(yc, torch.matmul(r, wt.abs()), lam_c, eps, flag)
         for a in acts:
-            x, r = _act_step(a, x, r)
+            x, r = _act_step(a, x, r, lin)
+            lin = lin and a.is_identity
         x = torch.matmul(x, wt) if b is None else torch.addmm(b, x.flatten(0, 1), wt).view(x.shape[0], n_lambda, -1)
         r = _linear_scale(r, wt, b, s == last)
+        lin = False
     for a in spec.final:
-        x, r = _act_step(a, x, r)
+        x, r = _act_step(a, x, r, lin)
+        lin = lin and a.is_identity
     return r2_from_centred(x - x.mean(dim=1, keepdim=True), r, lam_c, eps, flag)
 
 
-def _act_step(act: Act, x: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(act(x), its rounding scale)`` from ``x`` and ``r`` (in place when the bound does not need ``x``)."""
+def _act_step(act: Act, x: torch.Tensor, r: torch.Tensor, linear: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(act(x), its rounding scale)`` from ``x`` and ``r`` (``linear``: ``x`` is the first layer's, linear in ``t``)."""
     if act.is_identity:
         return x, r
     a = act.torch(x, inplace=False)
-    return a, _through(act, x, a, r)
+    return a, _through(act, x, a, r, linear)
 
 
 @torch.no_grad()
