@@ -183,7 +183,9 @@ def test_kernel_flags_what_fp32_cannot_resolve(variant):
     L1 = kc.connectivity_triton(h.to(DEVICE), parse_tail(tail.to(DEVICE)), 21).cpu()
     L2 = kc.connectivity_triton(h2.to(DEVICE), parse_tail(tail2.to(DEVICE)), 21).cpu()
     assert torch.equal(L1, L2)  # the bias never enters (centred before the last Linear)
-    assert int((L1 == FLAGGED).sum()) <= 2 * 2  # observed 1 flagged pair of 28
+    # most pairs of a well-conditioned case are resolved in fp32: observed 3 flagged pairs of 28 at FLAG_KAPPA = 3e-5
+    # (1 at 5e-5); at most a quarter
+    assert int((L1 == FLAGGED).sum()) <= 2 * 7
 
 
 @here
