@@ -577,11 +577,14 @@ def launch_config(
         block_k, block_n1, block_n2, num_warps = _pad(widths[0]), p[0], p[min(1, depth - 1)], 4
     else:
         # Register budget: every [M, width] tile at most ~8K fp32 / ~4K fp64 elements (M = BLOCK_J * T_PAD);
-        # chained column blocks keep layers 1-2 narrow, the last accumulator is full width.
-        cap = 8192 if not fp64 else 4096
-        chunk = 64 if not fp64 else 32
+        # chained column blocks keep layers 1-2 narrow, the last accumulator is full width. Halved for fp64
+        # erfc-GELU (a 40-term continued fraction per element); fp32 depth >= 3 takes layer 1 in 32-column
+        # blocks. Without that they spill on sm_80 / sm_90 (tests/test_triton_compile.py checks every shape).
+        gelu = fp64 and "gelu" in {a.name for a in (*(a for stage, _ in spec.stages for a in stage), *spec.final)}
+        cap = 8192 if not fp64 else (2048 if gelu else 4096)
+        chunk = 64 if not fp64 else (16 if gelu else 32)
         block_k = 32 if not fp64 else 16
-        block_n1 = p[0] if depth == 1 else min(p[0], chunk)
+        block_n1 = p[0] if depth == 1 else min(p[0], chunk if depth == 2 else min(chunk, 32))
         block_n2 = p[1] if depth == 2 else (min(p[1], chunk) if depth >= 3 else 16)
         full = max(p[-1], p[2] if depth >= 3 else 0, block_n1, block_n2)
         rows = max(32, min(128, cap // full))
@@ -615,7 +618,7 @@ def launch_config(
     signature = {name: ptr for name in POINTER_ARGS}
     signature["N"] = "i32"
     signature.update({name: "constexpr" for name in const})
-    return LaunchConfig(const, signature, widths, pads, num_warps, 1 if wide >= 512 else 2)
+    return LaunchConfig(const, signature, widths, pads, num_warps, 1 if wide >= 512 or depth >= 3 else 2)
 
 
 def _pack(w: torch.Tensor, b: torch.Tensor | None, k_pad: int, n_pad: int, dtype, device) -> tuple:
