@@ -26,7 +26,7 @@ from grokfast_metrics.kernels import connectivity_v2 as kc2
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from grokfast_metrics._tail import parse_tail
+from grokfast_metrics._tail import ACT_CODES, parse_tail
 
 COMPILED_HERE = not kc.kernel_is_interpreted()
 here = pytest.mark.skipif(not COMPILED_HERE, reason="interpreter session; run by test_compile_subprocess")
@@ -141,7 +141,7 @@ def test_compiles_for_gpu(name, cc, variant, cuda_compiler):
 @pytest.mark.parametrize("cc", [90, 80])
 def test_v2_prepass_compiles_with_fast_silu(cc, cuda_compiler):
     """v2's ``a0 = act(z)`` pre-pass with the inline-PTX SiLU (``ex2.approx.ftz``, ``rcp.approx.ftz``)."""
-    const = {"ACT": kc.ACT_CODES["silu"], "SLOPE": 0.0, "FAST_ACT": True, "REL": kc2.APPROX_REL, "INTERP": False,
+    const = {"ACT": ACT_CODES["silu"], "SLOPE": 0.0, "FAST_ACT": True, "REL": kc2.APPROX_REL, "INTERP": False,
              "BLOCK": 1024}
     sig = {"z_ptr": "*fp32", "a0_ptr": "*fp32", "n": "i32", **{k: "constexpr" for k in const}}
     k = triton.compile(ASTSource(fn=kc2._act0_kernel, signature=sig, constexprs=const),
@@ -153,6 +153,6 @@ def test_v2_prepass_compiles_with_fast_silu(cc, cuda_compiler):
 def test_configs_cover_the_brief():
     acts = {a.name for tail, _, _ in CONFIGS.values() for stage, _ in parse_tail(tail).stages for a in stage}
     acts |= {a.name for tail, _, _ in CONFIGS.values() for a in parse_tail(tail).final}
-    assert acts >= set(kc.ACT_CODES) - {"identity"}
+    assert acts >= set(ACT_CODES) - {"identity"}
     depths = {len(parse_tail(t).stages) for t, _, _ in CONFIGS.values()}
     assert depths >= {1, 2, 3}
