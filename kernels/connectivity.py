@@ -300,7 +300,7 @@ POINTER_ARGS = ("z_ptr", "w1_ptr", "c1_ptr", "w2_ptr", "c2_ptr", "w3_ptr", "c3_p
 
 def launch_config(
     spec: MLPTail, dtype: torch.dtype, n_lambda: int, *, interpret: bool, input_precision: str | None = None,
-    n: int | None = None,
+    n: int | None = None, arch: int | None = None,
 ) -> LaunchConfig:
     """The (constexprs, signature, launch options) :func:`connectivity_triton` uses for this shape.
 
@@ -312,6 +312,8 @@ def launch_config(
         n: number of samples; only the interpreter config uses it (``BLOCK_J`` up to ``N - 1``).
         input_precision: ``tl.dot`` precision for fp32 (``"tf32x3"``, ``"ieee"``, ``"tf32"``);
             ``None`` means :data:`DEFAULT_FP32_PRECISION`. fp64 always uses ``"ieee"``.
+        arch: the GPU's compute capability ``10 * major + minor`` (80, 90); ``None``: 90. Below 90 (``mma.sync``,
+            whose operands live in registers) fp32 tails of depth >= 3 take 32-row tiles on 4 warps.
 
     Raises:
         ValueError: unsupported dtype, precision or tail.
@@ -341,18 +343,23 @@ def launch_config(
     else:
         # Register budget: every [M, width] tile at most ~8K fp32 / ~4K fp64 elements (M = BLOCK_J * T_PAD);
         # chained column blocks keep layers 1-2 narrow, the last accumulator is full width. Halved for fp64
-        # erfc-GELU (a 40-term continued fraction per element); fp32 depth >= 3 takes layer 1 in 32-column
-        # blocks. Without that they spill on sm_80 / sm_90 (tests/test_triton_compile.py checks every shape).
+        # erfc-GELU (a 40-term continued fraction per element). Without that, and the sm_80 rule below, they
+        # spill on sm_80 / sm_90 (tests/test_triton_compile.py checks every shape on both).
         gelu = fp64 and "gelu" in {a.name for a in (*(a for stage, _ in spec.stages for a in stage), *spec.final)}
         cap = 8192 if not fp64 else (2048 if gelu else 4096)
         chunk = 64 if not fp64 else (16 if gelu else 32)
         block_k = 32 if not fp64 else 16
-        block_n1 = p[0] if depth == 1 else min(p[0], chunk if depth == 2 else min(chunk, 32))
+        block_n1 = p[0] if depth == 1 else min(p[0], chunk)
         block_n2 = p[1] if depth == 2 else (min(p[1], chunk) if depth >= 3 else 16)
         full = max(p[-1], p[2] if depth >= 3 else 0, block_n1, block_n2)
         rows = max(32, min(128, cap // full))
         block_j = max(1, rows // t_pad)
         num_warps = 4 if block_j * t_pad * full <= 4096 and not fp64 else 8
+        if depth >= 3 and not fp64 and (arch or 90) < 90:
+            # sm_80, fp32, depth >= 3: 32-row tiles (rather than 32-column layer-1 blocks, which recompute act_1
+            # twice as often: static estimate 39 vs 51 ms at N=961, H=100, depth 3); depth 4 needs both
+            block_j, num_warps = max(1, 32 // t_pad), 4
+            block_n1 = min(block_n1, 32) if depth == 4 else block_n1
     k0 = triton.cdiv(widths[0], block_k) * block_k
     pads = (k0, *tuple(p))
     acts = [next((a for a in stage if not a.is_identity), None) for stage, _ in spec.stages]
@@ -381,7 +388,7 @@ def launch_config(
     signature = {name: ptr for name in POINTER_ARGS}
     signature["N"] = "i32"
     signature.update({name: "constexpr" for name in const})
-    return LaunchConfig(const, signature, widths, pads, num_warps, 1 if wide >= 512 or depth >= 3 else 2)
+    return LaunchConfig(const, signature, widths, pads, num_warps, 1 if wide >= 512 else 2)
 
 
 def _pack(w: torch.Tensor, b: torch.Tensor | None, k_pad: int, n_pad: int, dtype, device) -> tuple:
@@ -441,7 +448,9 @@ def connectivity_triton(
 
         if v2.supported(spec, n_lambda):
             return v2.connectivity_v2(h, spec, n_lambda, input_precision=input_precision)
-    cfg = config or launch_config(spec, dtype, n_lambda, interpret=interpret, input_precision=input_precision, n=n)
+    cc = torch.cuda.get_device_capability(dev) if dev.type == "cuda" else (9, 0)  # the GPU tiling depends on it
+    cfg = config or launch_config(spec, dtype, n_lambda, interpret=interpret, input_precision=input_precision, n=n,
+                                  arch=10 * cc[0] + cc[1])
     if cfg.constexprs["T"] != n_lambda or cfg.widths[0] != spec.stages[0][1].in_features:
         raise ValueError("config does not match this tail / n_lambda; build it with launch_config")
     z = spec.absorb(h)

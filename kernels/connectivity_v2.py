@@ -276,12 +276,12 @@ def supported(spec: MLPTail, n_lambda: int) -> bool:
 
 
 def launch_config(spec: MLPTail, dtype: torch.dtype, n_lambda: int, *, interpret: bool,
-                  input_precision: str | None = None, n: int | None = None):
+                  input_precision: str | None = None, n: int | None = None, arch: int | None = None):
     """v2's :class:`kernels._triton_common.LaunchConfig` (v1's checks, activation codes and flag constants).
 
     ``M`` rows hold ``BP = min(8, M // T)`` pairs (``T = 21``: 128 rows, 6 pairs); ``H`` is padded to
     ``BLOCK_K``. The interpreter takes bigger tiles (up to 48 pairs, ``min(48, n - 1)``) and ``H`` in one
-    chunk: fewer Python-level steps.
+    chunk: fewer Python-level steps. ``arch`` (as v1's) does not change v2's tiling.
     """
     if not supported(spec, n_lambda):
         raise ValueError("v2 runs depth-1 tails without a trailing activation and n_lambda <= 128; use v1")

@@ -96,7 +96,7 @@ def _compile(name: str, cc: int, variant: str = "v1"):
     tail, dtype, prec = CONFIGS[name]
     spec = parse_tail(tail)
     mod, fn = (kc, kc._connectivity_fwd_kernel) if variant == "v1" else (kc2, kc2._connectivity_v2_kernel)
-    cfg = mod.launch_config(spec, dtype, 21, interpret=False, input_precision=prec)
+    cfg = mod.launch_config(spec, dtype, 21, interpret=False, input_precision=prec, arch=cc)
     # the JIT marks 16-byte aligned pointers (every fresh torch allocation) as divisible by 16
     attrs = {(fn.arg_names.index(p),): [["tt.divisibility", 16]] for p in mod.POINTER_ARGS}
     src = ASTSource(fn=fn, signature=cfg.signature, constexprs=cfg.constexprs, attrs=attrs)
