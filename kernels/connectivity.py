@@ -21,248 +21,34 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from .._policy import CONST_RTOL, FLAG_KAPPA, FLAGGED
-from .._tail import ACT_CODES, IDENTITY, MLPTail
+from .._tail import IDENTITY, MLPTail
+from ._triton_common import (
+    LaunchConfig,
+    _act,
+    _act_offset_free,
+    _centred_input,
+    _centred_scale,
+    _end_bounds,
+    _pair_l,
+    _slope_bound,
+)
 
 #: Remaining Linears (after the absorbed ones) the kernel supports.
 MAX_DEPTH = 4
 #: Widest layer (padded to a power of two) the kernel supports.
 MAX_WIDTH = 1024
-# Activation codes of the ``ACT*`` constexprs, from the one activation table (``_tail.ACTIVATIONS``).
-_SILU = tl.constexpr(ACT_CODES["silu"])
-_RELU = tl.constexpr(ACT_CODES["relu"])
-_GELU = tl.constexpr(ACT_CODES["gelu"])
-_GELU_TANH = tl.constexpr(ACT_CODES["gelu_tanh"])
-_TANH = tl.constexpr(ACT_CODES["tanh"])
-_SIGMOID = tl.constexpr(ACT_CODES["sigmoid"])
-_LEAKY_RELU = tl.constexpr(ACT_CODES["leaky_relu"])
 #: Default ``tl.dot`` precision for fp32 (fp64 always uses ``"ieee"``), see :func:`connectivity_triton`.
 DEFAULT_FP32_PRECISION = "tf32x3"
 
 
 # --------------------------------------------------------------------------------------------
 # kernel
-
-
-@triton.jit
-def _tanh(x):
-    """tanh without cancellation near 0 (odd Taylor series for |x| < 1/8, exp form elsewhere)."""
-    a = tl.abs(x)
-    e = tl.exp(-2.0 * a)
-    big = (1.0 - e) / (1.0 + e)
-    x2 = x * x
-    # tanh x = x - x^3/3 + 2x^5/15 - 17x^7/315 + 62x^9/2835 - 1382x^11/155925 + O(x^13)
-    p = -1382.0 / 155925.0
-    p = p * x2 + 62.0 / 2835.0
-    p = p * x2 - 17.0 / 315.0
-    p = p * x2 + 2.0 / 15.0
-    p = p * x2 - 1.0 / 3.0
-    small = x + x * x2 * p
-    return tl.where(a < 0.125, small, tl.where(x < 0, -big, big))
-
-
-@triton.jit
-def _gelu_erfc(x):
-    """``erfc(-x / sqrt 2)`` with relative accuracy for both signs (``_tail.ACTIVATIONS``' GELU, no libdevice).
-
-    ``x >= 0``: ``1 + erf(x / sqrt 2)`` (no cancellation). ``x < 0``, ``u = -x / sqrt 2 > 0``: fp32 uses the
-    Chebyshev fit of Numerical Recipes' ``erfcc`` (relative error < 1.2e-7 for every ``u >= 0``); fp64 uses
-    ``1 - erf(u)`` below ``u = 2.5`` (relative error <= eps / erfc(2.5) = 3e-13) and the continued fraction
-    ``erfc(u) = e^{-u^2} / sqrt(pi) / (u + (1/2) / (u + 1 / (u + (3/2) / ...)))`` at 40 terms above
-    (relative error < 1e-15 for ``u >= 2.5``, checked against scipy).
-    """
-    u = -x * 0.7071067811865476
-    ua = tl.maximum(u, 0.0)
-    pos = 1.0 + tl.erf(-u)
-    if x.dtype == tl.float64:
-        uc = tl.maximum(ua, 2.5)
-        f = uc
-        for k in range(40):
-            f = uc + ((40 - k) * 0.5) / f
-        neg = tl.where(ua < 2.5, 1.0 - tl.erf(ua), tl.exp(-uc * uc) * 0.5641895835477563 / f)
-    else:
-        t = 1.0 / (1.0 + 0.5 * ua)
-        p = 0.17087277
-        p = p * t - 0.82215223
-        p = p * t + 1.48851587
-        p = p * t - 1.13520398
-        p = p * t + 0.27886807
-        p = p * t - 0.18628806
-        p = p * t + 0.09678418
-        p = p * t + 0.37409196
-        p = p * t + 1.00002368
-        p = p * t - 1.26551223
-        neg = t * tl.exp(p - ua * ua)
-    return tl.where(u <= 0.0, pos, neg)
-
-
-@triton.jit
-def _act(x, ACT: tl.constexpr, SLOPE: tl.constexpr):
-    """Elementwise activation ``ACT`` (a code of ``_tail.ACT_CODES``; identity: unchanged) of a block."""
-    if ACT == _SILU:
-        x = x / (1.0 + tl.exp(-x))
-    elif ACT == _RELU:
-        x = tl.maximum(x, 0.0)
-    elif ACT == _GELU:  # 0.5 x erfc(-x / sqrt 2): the erf form cancels for very negative x
-        x = 0.5 * x * _gelu_erfc(x)
-    elif ACT == _GELU_TANH:  # 0.5 x (1 + tanh u) == x * sigmoid(2u), no cancellation
-        u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-        x = x / (1.0 + tl.exp(-2.0 * u))
-    elif ACT == _TANH:
-        x = _tanh(x)
-    elif ACT == _SIGMOID:
-        x = 1.0 / (1.0 + tl.exp(-x))
-    elif ACT == _LEAKY_RELU:
-        x = tl.where(x >= 0.0, x, x * SLOPE)
-    return x
-
-
-# SiLU, GELU and GELU-tanh have one minimum (x*, act(x*)): |act| on a segment is at most its value at the
-# ends, or |act(x*)| when the segment reaches x* (rounded outwards).
-_XSTAR_SILU = tl.constexpr(-1.2784645)
-_MIN_SILU = tl.constexpr(0.27846455)
-_XSTAR_GELU = tl.constexpr(-0.7517916)
-_MIN_GELU = tl.constexpr(0.17004)
-
-
-@triton.jit
-def _act_offset_free(x, ref, ACT: tl.constexpr, SLOPE: tl.constexpr):
-    """``act(x)``, minus the constant a saturating unit tends to on ``ref``'s side (``_tail.torch_offset_free``).
-
-    ``ref`` (broadcast against ``x``) is constant along a path, so the offset it removes is too and centring
-    cancels it exactly: ``sigmoid(x) - 1 = -sigmoid(-x)``, ``tanh(x) -+ 1 = -+2 sigmoid(-+2x)``.
-    """
-    if ACT == _SIGMOID:
-        e = tl.exp(-tl.abs(x))
-        r = 1.0 / (1.0 + e)
-        a = tl.where(ref > 0.0, -tl.where(x >= 0.0, e * r, r), tl.where(x >= 0.0, r, e * r))
-    elif ACT == _TANH:
-        e = tl.exp(-2.0 * tl.abs(x))
-        r = 2.0 / (1.0 + e)
-        a = tl.where(ref > 0.0, -tl.where(x >= 0.0, e * r, r),
-                     tl.where(ref < 0.0, tl.where(x >= 0.0, r, e * r), _tanh(x)))
-    else:
-        a = _act(x, ACT, SLOPE)
-    return a
-
-
-@triton.jit
-def _amp(ax, ACT: tl.constexpr):
-    """``1 + g``: how much the rounding of the input ``x`` (``|x| = ax``) grows through ``act`` relative to ``|act|``
-    (``torch_backend._through``: ``|x|`` for smooth units, ``x^2`` for GELU at negative ``x``, 0 otherwise)."""
-    if ACT == _GELU:
-        f = (1.0 + ax) * (1.0 + ax)
-    elif ACT == _TANH:  # |x d/dx log(2 sigmoid(-+2x))| = 2 |x| sigmoid(+-2x) <= 2 |x| (offset free)
-        f = 1.0 + 2.0 * ax
-    elif (ACT == _SILU) or (ACT == _SIGMOID) or (ACT == _GELU_TANH):
-        f = 1.0 + ax
-    else:
-        f = ax * 0.0 + 1.0
-    return f
-
-
-@triton.jit
-def _slope_bound(x, a, ACT: tl.constexpr, SLOPE: tl.constexpr):
-    """Bound on ``|act'(x)|`` from ``x`` and ``a = act(x)`` (``torch_backend._slope_bound``)."""
-    if ACT == _RELU:
-        d = tl.where(x > 0.0, 1.0, 0.0)
-    elif ACT == _LEAKY_RELU:
-        d = tl.where(x >= 0.0, 1.0, tl.abs(x * 0.0 + SLOPE))
-    elif ACT == _SIGMOID:
-        d = tl.minimum(tl.exp(-tl.abs(x)), 0.25)
-    elif ACT == _TANH:
-        d = tl.minimum(4.0 * tl.exp(-2.0 * tl.abs(x)), 1.0)
-    elif ACT == _SILU:
-        d = tl.where(x > -1.0, 1.2, tl.abs(a))
-    elif ACT == _GELU:
-        d = tl.where(x > -1.0, 1.2, tl.abs(a) * (2.0 - x))
-    elif ACT == _GELU_TANH:
-        d = tl.where(x > -1.0, 1.2, tl.abs(a) * (2.6 + 0.22 * x * x))
-    else:
-        d = x * 0.0 + 1.0
-    return d
-
-
-@triton.jit
-def _centred_input(x3, ACT: tl.constexpr, SLOPE: tl.constexpr, T: tl.constexpr, col0, H_LAST: tl.constexpr,
-                   CENTRE: tl.constexpr = True):
-    """Input of the last Linear from its pre-activation ``x3`` ``[BLOCK_J, T_PAD, W]`` (columns ``col0..``).
-
-    Returns ``a - mean_t a`` (padded ``t`` zeroed; sigmoid/tanh offset free relative to ``x`` at ``t = 0``;
-    ``CENTRE=False``: plain ``a``, for a last Linear followed by an activation) and, per pair, ``max_h m_h`` and ``sum_h m_h^2`` of ``m_h = max_t |a_th| (1 + g_th)`` over the real columns.
-    """
-    TP: tl.constexpr = x3.shape[1]
-    W: tl.constexpr = x3.shape[2]
-    o_t = tl.arange(0, TP)
-    m_t3 = (o_t < T)[None, :, None]
-    if CENTRE:
-        x0 = tl.sum(tl.where(o_t[None, :, None] == 0, x3, 0.0), axis=1)               # [BJ, W]
-        a3 = _act_offset_free(x3, x0[:, None, :], ACT, SLOPE)
-    else:
-        a3 = _act(x3, ACT, SLOPE)
-    m3 = tl.where(m_t3, tl.abs(a3) * _amp(tl.abs(x3), ACT), 0.0)
-    m_h = tl.where((col0 + tl.arange(0, W) < H_LAST)[None, :], tl.max(m3, axis=1), 0.0)  # [BJ, W]
-    if CENTRE:
-        b_mean = tl.sum(tl.where(m_t3, a3, 0.0), axis=1) / T
-        a3 = tl.where(m_t3, a3 - b_mean[:, None, :], 0.0)
-    return a3, tl.max(m_h, axis=1), tl.sum(m_h * m_h, axis=1)
-
-
-@triton.jit
-def _end_bounds(b_zi, b_zj, b_ai, b_aj, o_k, ACT: tl.constexpr, H_LAST: tl.constexpr):
-    """Depth 1: ``m_h = max(|a_ih|, |a_jh|, |act(x*)| if the path reaches x*) (1 + g(max(|z_ih|, |z_jh|)))`` per pair
-    and column (``b_zi [K]``, ``b_zj [P, K]``, ``b_ai``, ``b_aj``: ``act`` at both, offset free relative to ``z_i``;
-    columns ``o_k >= H_LAST`` give 0),
-    ``>=`` the torch path's ``max_t |a_th| (1 + g_th)`` (``|x_t|`` is at most its ends; monotone units peak at an end)."""
-    b_m = tl.maximum(tl.abs(b_ai)[None, :], tl.abs(b_aj))
-    b_lo = tl.minimum(b_zi[None, :], b_zj)
-    b_hi = tl.maximum(b_zi[None, :], b_zj)
-    if ACT == _SILU:
-        b_m = tl.where((b_lo <= _XSTAR_SILU + 0.01) & (b_hi >= _XSTAR_SILU - 0.01), tl.maximum(b_m, _MIN_SILU), b_m)
-    elif (ACT == _GELU) or (ACT == _GELU_TANH):
-        b_m = tl.where((b_lo <= _XSTAR_GELU + 0.01) & (b_hi >= _XSTAR_GELU - 0.01), tl.maximum(b_m, _MIN_GELU), b_m)
-    b_m = b_m * _amp(tl.maximum(tl.abs(b_lo), tl.abs(b_hi)), ACT)
-    return tl.where((o_k < H_LAST)[None, :], b_m, 0.0)
-
-
-@triton.jit
-def _pair_l(b_ss, b_cov, b_ll, b_scale, b_dn, T: tl.constexpr, O: tl.constexpr, CONST_TOL: tl.constexpr,
-            EPS: tl.constexpr, FLAG: tl.constexpr, FLAG_KAPPA: tl.constexpr, FLAGGED: tl.constexpr):
-    """``L`` per pair from ``sum_t yc^2``, ``sum_t yc lc`` (``[P, PO]``), ``sum_t lc^2`` and the rounding scale per
-    output: clamped ``r2``, the constant-path rule, the mean over the ``O`` real outputs and (``FLAG``) ``FLAGGED``
-    where the error estimate exceeds ``FLAG_KAPPA`` (``b_dn == 0``: an exactly constant path, 1)."""
-    b_den = tl.where(b_ss > 0.0, b_ss * b_ll, 1.0)
-    b_r2 = tl.minimum(tl.maximum(b_cov * b_cov / b_den, 0.0), 1.0)
-    b_var = b_ss * (1.0 / T)                                                           # std_t(y)^2
-    b_tol = CONST_TOL * b_scale
-    b_const = b_var <= b_tol * b_tol                                                   # std <= CONST_TOL eps scale
-    b_r2 = tl.where(b_const, 1.0, b_r2)
-    m_o = tl.arange(0, b_ss.shape[1]) < O
-    b_l = tl.sum(tl.where(m_o[None, :], b_r2, 0.0), axis=1) / O                        # [P]
-    if FLAG:  # torch_backend.pair_error_estimate: kappa = eps scale / std, mean_k min(1, ...) > FLAG_KAPPA
-        b_err = EPS * b_scale
-        b_kap = tl.where(b_err > 0.0, b_err * tl.math.rsqrt(b_var), 0.0)               # err / std; std == 0 < err: inf
-        b_est = 2.0 * b_kap * tl.sqrt(tl.maximum(b_r2 * (1.0 - b_r2), b_kap)) + b_kap * b_kap
-        b_est = tl.where(b_est < 1.0, b_est, 1.0)                                      # inf and nan -> 1
-        b_e = tl.sum(tl.where(m_o[None, :], b_est, 0.0), axis=1) / O                   # [P]
-        b_l = tl.where(b_e > FLAG_KAPPA, FLAGGED, b_l)
-        # an exactly constant path (z_j == z_i: duplicate samples) is exact, r2 = 1, never flagged
-        b_l = tl.where(b_dn == 0.0, 1.0, b_l)
-    return b_l
-
-
-@triton.jit
-def _centred_scale(b_mmax, b_msq, wn_ptr, PO: tl.constexpr):
-    """``min(max_h m_h |W_k|_1, |m|_2 |W_k|_2) >= sum_h |W_kh| m_h`` (Hoelder, Cauchy-Schwarz): ``[P, PO]``."""
-    o_po = tl.arange(0, PO)
-    return tl.minimum(b_mmax[:, None] * tl.load(wn_ptr + o_po)[None, :],
-                      tl.sqrt(b_msq)[:, None] * tl.load(wn_ptr + PO + o_po)[None, :])
 
 
 @triton.jit
@@ -278,7 +64,8 @@ def _first_linear(
     (``a_0 = act1(z_i)``, offset free for sigmoid/tanh), and per pair ``max_h m_h``, ``sum_h m_h^2`` with
     ``m_h = max(|a_ih|, |a_jh|, |act1(x*)| if the path reaches x*) (1 + g(max(|z_ih|, |z_jh|)))`` >= the torch
     path's ``max_t |a_th| (1 + g_th)`` (``|x_t|`` is at most its ends; monotone units peak at an end). ``STATS``
-    (W1 is the last Linear, an activation follows): the same statistics of the plain ``a``. Otherwise they are 0. Last: ``max_h |z_jh - z_ih|`` per pair (0: an exactly constant path).
+    (W1 is the last Linear, an activation follows): the same statistics of the plain ``a``. Otherwise they are 0.
+    Last: ``max_h |z_jh - z_ih|`` per pair (0: an exactly constant path).
     """
     DT = z_ptr.dtype.element_ty
     o_n = n0 + tl.arange(0, BN)
@@ -507,37 +294,13 @@ def _pad(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-@dataclass(frozen=True)
-class LaunchConfig:
-    """Everything a launch of :func:`_connectivity_fwd_kernel` depends on besides the tensors.
-
-    Attributes:
-        constexprs: constexpr arguments by name.
-        signature: argument name -> Triton type (``"*fp32"``, ``"i32"``, ``"constexpr"``).
-        widths: real ``[H0, H1, ..., H_DEPTH]`` of the remaining layers.
-        pads: padded ``[K0, P1, ..., P_DEPTH]`` (``K0`` a multiple of ``BLOCK_K``).
-        num_warps, num_stages: launch options.
-    """
-
-    constexprs: dict
-    signature: dict
-    widths: tuple
-    pads: tuple
-    num_warps: int
-    num_stages: int
-
-    @property
-    def block_j(self) -> int:
-        return self.constexprs["BLOCK_J"]
-
-
 POINTER_ARGS = ("z_ptr", "w1_ptr", "c1_ptr", "w2_ptr", "c2_ptr", "w3_ptr", "c3_ptr", "w4_ptr", "c4_ptr", "wn_ptr",
                 "out_ptr")
 
 
 def launch_config(
     spec: MLPTail, dtype: torch.dtype, n_lambda: int, *, interpret: bool, input_precision: str | None = None,
-    n: int | None = None,
+    n: int | None = None, arch: int | None = None,
 ) -> LaunchConfig:
     """The (constexprs, signature, launch options) :func:`connectivity_triton` uses for this shape.
 
@@ -549,6 +312,8 @@ def launch_config(
         n: number of samples; only the interpreter config uses it (``BLOCK_J`` up to ``N - 1``).
         input_precision: ``tl.dot`` precision for fp32 (``"tf32x3"``, ``"ieee"``, ``"tf32"``);
             ``None`` means :data:`DEFAULT_FP32_PRECISION`. fp64 always uses ``"ieee"``.
+        arch: the GPU's compute capability ``10 * major + minor`` (80, 90); ``None``: 90. Below 90 (``mma.sync``,
+            whose operands live in registers) fp32 tails of depth >= 3 take 32-row tiles on 4 warps.
 
     Raises:
         ValueError: unsupported dtype, precision or tail.
@@ -577,9 +342,12 @@ def launch_config(
         block_k, block_n1, block_n2, num_warps = _pad(widths[0]), p[0], p[min(1, depth - 1)], 4
     else:
         # Register budget: every [M, width] tile at most ~8K fp32 / ~4K fp64 elements (M = BLOCK_J * T_PAD);
-        # chained column blocks keep layers 1-2 narrow, the last accumulator is full width.
-        cap = 8192 if not fp64 else 4096
-        chunk = 64 if not fp64 else 32
+        # chained column blocks keep layers 1-2 narrow, the last accumulator is full width. Halved for fp64
+        # erfc-GELU (a 40-term continued fraction per element). Without that, and the sm_80 rule below, they
+        # spill on sm_80 / sm_90 (tests/test_triton_compile.py checks every shape on both).
+        gelu = fp64 and "gelu" in {a.name for a in (*(a for stage, _ in spec.stages for a in stage), *spec.final)}
+        cap = 8192 if not fp64 else (2048 if gelu else 4096)
+        chunk = 64 if not fp64 else (16 if gelu else 32)
         block_k = 32 if not fp64 else 16
         block_n1 = p[0] if depth == 1 else min(p[0], chunk)
         block_n2 = p[1] if depth == 2 else (min(p[1], chunk) if depth >= 3 else 16)
@@ -587,6 +355,11 @@ def launch_config(
         rows = max(32, min(128, cap // full))
         block_j = max(1, rows // t_pad)
         num_warps = 4 if block_j * t_pad * full <= 4096 and not fp64 else 8
+        if depth >= 3 and not fp64 and (arch or 90) < 90:
+            # sm_80, fp32, depth >= 3: 32-row tiles (rather than 32-column layer-1 blocks, which recompute act_1
+            # twice as often: static estimate 39 vs 51 ms at N=961, H=100, depth 3); depth 4 needs both
+            block_j, num_warps = max(1, 32 // t_pad), 4
+            block_n1 = min(block_n1, 32) if depth == 4 else block_n1
     k0 = triton.cdiv(widths[0], block_k) * block_k
     pads = (k0, *tuple(p))
     acts = [next((a for a in stage if not a.is_identity), None) for stage, _ in spec.stages]
@@ -675,7 +448,9 @@ def connectivity_triton(
 
         if v2.supported(spec, n_lambda):
             return v2.connectivity_v2(h, spec, n_lambda, input_precision=input_precision)
-    cfg = config or launch_config(spec, dtype, n_lambda, interpret=interpret, input_precision=input_precision, n=n)
+    cc = torch.cuda.get_device_capability(dev) if dev.type == "cuda" else (9, 0)  # the GPU tiling depends on it
+    cfg = config or launch_config(spec, dtype, n_lambda, interpret=interpret, input_precision=input_precision, n=n,
+                                  arch=10 * cc[0] + cc[1])
     if cfg.constexprs["T"] != n_lambda or cfg.widths[0] != spec.stages[0][1].in_features:
         raise ValueError("config does not match this tail / n_lambda; build it with launch_config")
     z = spec.absorb(h)

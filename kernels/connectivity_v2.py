@@ -1,8 +1,8 @@
 """Triton kernel v2 for depth-1 centred MLP tails (``Linear -> act -> Linear``, the default tail), issue 13.
 
-Same mathematics, flags and accuracy contract as v1 (:mod:`kernels.connectivity`, whose jit helpers it
-imports); what changes is how the work is laid out (each change kept because the static estimate of
-``bench --static-gpu`` went down, see ``benchmarks/RESULTS.md``):
+Same mathematics, flags and accuracy contract as v1 (:mod:`kernels.connectivity`; both import their shared jit
+helpers from :mod:`kernels._triton_common`); what changes is how the work is laid out (each change kept because
+the static estimate of ``bench --static-gpu`` went down, see ``benchmarks/RESULTS.md``):
 
 - **dense rows**: a tile packs ``BP`` pairs ``(i, j0 .. j0+BP-1)`` x ``T`` points into ``M`` MMA rows
   (``T = 21``: 6 pairs = 126 of 128 rows, against v1's ``T`` padded to 32), and ``H`` is padded only to a
@@ -35,8 +35,9 @@ import triton
 import triton.language as tl
 
 from .._tail import MLPTail
-from .connectivity import (
+from ._triton_common import (
     _SILU,
+    LaunchConfig,
     _act_offset_free,
     _centred_scale,
     _end_bounds,
@@ -275,17 +276,15 @@ def supported(spec: MLPTail, n_lambda: int) -> bool:
 
 
 def launch_config(spec: MLPTail, dtype: torch.dtype, n_lambda: int, *, interpret: bool,
-                  input_precision: str | None = None, n: int | None = None):
-    """v2's :class:`kernels.connectivity.LaunchConfig` (v1's checks, activation codes and flag constants).
+                  input_precision: str | None = None, n: int | None = None, arch: int | None = None):
+    """v2's :class:`kernels._triton_common.LaunchConfig` (v1's checks, activation codes and flag constants).
 
     ``M`` rows hold ``BP = min(8, M // T)`` pairs (``T = 21``: 128 rows, 6 pairs); ``H`` is padded to
     ``BLOCK_K``. The interpreter takes bigger tiles (up to 48 pairs, ``min(48, n - 1)``) and ``H`` in one
-    chunk: fewer Python-level steps.
+    chunk: fewer Python-level steps. ``arch`` (as v1's) does not change v2's tiling.
     """
     if not supported(spec, n_lambda):
         raise ValueError("v2 runs depth-1 tails without a trailing activation and n_lambda <= 128; use v1")
-    from .connectivity import LaunchConfig
-
     v1 = _v1_launch_config(spec, dtype, n_lambda, interpret=False, input_precision=input_precision)
     c1 = v1.constexprs
     fp64 = dtype == torch.float64

@@ -2,7 +2,7 @@
 
 The interpreter accepts kernels the GPU compiler rejects (non-power-of-two blocks, small ``tl.dot``
 shapes, dtype mixes), so every configuration :func:`launch_config` would pick on a GPU is compiled
-to PTX and a cubin for sm_90 (and sm_80, see ``SM80_DEFAULT``) with exactly the constexprs/signature the launcher uses.
+to PTX and a cubin for sm_90 and sm_80 with exactly the constexprs/signature the launcher uses.
 This needs the compiled (``JITFunction``) kernel: when this session runs under ``TRITON_INTERPRET=1``
 the file reruns itself in a child pytest without it.
 """
@@ -26,7 +26,7 @@ from grokfast_metrics.kernels import connectivity_v2 as kc2
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from grokfast_metrics._tail import parse_tail
+from grokfast_metrics._tail import ACT_CODES, parse_tail
 
 COMPILED_HERE = not kc.kernel_is_interpreted()
 here = pytest.mark.skipif(not COMPILED_HERE, reason="interpreter session; run by test_compile_subprocess")
@@ -60,6 +60,7 @@ CONFIGS = {
     "fp64_default": (_mlp(64, [100, 31], [nn.SiLU()]), F64, None),
     "fp64_h512_d1_gelu": (_mlp(64, [512, 31], [nn.GELU()]), F64, None),
     "fp64_h256_d2_tanh": (_mlp(64, [256, 256, 31], [nn.Tanh(), nn.Sigmoid()]), F64, None),
+    "fp64_h100_d2_silu_gelu": (_mlp(64, [100, 100, 31], [nn.SiLU(), nn.GELU()]), F64, None),  # erfc-GELU, chained
     "fp64_h512_d3": (_mlp(64, [512, 512, 512, 31], [nn.SiLU(), nn.LeakyReLU(0.01), nn.GELU(approximate="tanh")]),
                      F64, None),
 }
@@ -95,7 +96,7 @@ def _compile(name: str, cc: int, variant: str = "v1"):
     tail, dtype, prec = CONFIGS[name]
     spec = parse_tail(tail)
     mod, fn = (kc, kc._connectivity_fwd_kernel) if variant == "v1" else (kc2, kc2._connectivity_v2_kernel)
-    cfg = mod.launch_config(spec, dtype, 21, interpret=False, input_precision=prec)
+    cfg = mod.launch_config(spec, dtype, 21, interpret=False, input_precision=prec, arch=cc)
     # the JIT marks 16-byte aligned pointers (every fresh torch allocation) as divisible by 16
     attrs = {(fn.arg_names.index(p),): [["tt.divisibility", 16]] for p in mod.POINTER_ARGS}
     src = ASTSource(fn=fn, signature=cfg.signature, constexprs=cfg.constexprs, attrs=attrs)
@@ -103,21 +104,10 @@ def _compile(name: str, cc: int, variant: str = "v1"):
     return cfg, triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
 
 
-#: sm_80 builds of fp64 tails take 10-20 s each in ptxas; by default sm_80 gets a subset that still
-#: covers fp32 and fp64 MMA, depths 1-3 and the widest tiles. GFM_COMPILE_ALL=1 builds every pair.
-SM80_DEFAULT = ("default_h100_o31", "h512_d1_relu", "h512_d2_silu", "h512_d3_silu", "h100_d3_final_tanh", "fp64_h512_d3")
-V2_SM80_DEFAULT = ("default_h100_o31", "fp64_h512_d1_gelu")
-_ALL = os.environ.get("GFM_COMPILE_ALL") == "1"
-TARGETS = [(name, 90, "v1") for name in CONFIGS] + [
-    (name, 80, "v1") for name in CONFIGS if _ALL or name in SM80_DEFAULT
-] + [  # v2 (kernels.connectivity_v2) for every tail it runs
-    (name, cc, "v2") for name in CONFIGS for cc in (90, 80)
-    if kc2.supported(parse_tail(CONFIGS[name][0]), 21) and (cc == 90 or _ALL or name in V2_SM80_DEFAULT)
+#: Every (shape, arch, variant) the launcher can pick: v1 for every tail, v2 for the tails it runs.
+TARGETS = [(name, cc, "v1") for name in CONFIGS for cc in (90, 80)] + [
+    (name, cc, "v2") for name in CONFIGS for cc in (90, 80) if kc2.supported(parse_tail(CONFIGS[name][0]), 21)
 ]
-
-
-#: v1 shapes that still spill (observed with triton 3.9: 248 / 464 / 464 bytes); every other target has none.
-V1_SPILLS = {("fp64_h512_d1_gelu", 90, "v1"), ("h100_d3_final_tanh", 80, "v1"), ("h512_d3_silu", 80, "v1")}
 
 
 def _spill_bytes(k) -> int | None:
@@ -137,8 +127,6 @@ def test_compiles_for_gpu(name, cc, variant, cuda_compiler):
     cfg, k = _compile(name, cc, variant)
     assert k.asm.get("cubin"), "no cubin produced"
     spills = _spill_bytes(k)
-    if (name, cc, variant) in V1_SPILLS and spills:
-        pytest.xfail(f"v1 spills {spills} bytes here (issue 13: v1's tiling of this shape is still to fix)")
     assert spills in (0, None), f"{spills} bytes of spills on sm_{cc} ({variant})"
     ptx = k.asm["ptx"]
     assert f".target sm_{cc}" in ptx
@@ -153,7 +141,7 @@ def test_compiles_for_gpu(name, cc, variant, cuda_compiler):
 @pytest.mark.parametrize("cc", [90, 80])
 def test_v2_prepass_compiles_with_fast_silu(cc, cuda_compiler):
     """v2's ``a0 = act(z)`` pre-pass with the inline-PTX SiLU (``ex2.approx.ftz``, ``rcp.approx.ftz``)."""
-    const = {"ACT": kc.ACT_CODES["silu"], "SLOPE": 0.0, "FAST_ACT": True, "REL": kc2.APPROX_REL, "INTERP": False,
+    const = {"ACT": ACT_CODES["silu"], "SLOPE": 0.0, "FAST_ACT": True, "REL": kc2.APPROX_REL, "INTERP": False,
              "BLOCK": 1024}
     sig = {"z_ptr": "*fp32", "a0_ptr": "*fp32", "n": "i32", **{k: "constexpr" for k in const}}
     k = triton.compile(ASTSource(fn=kc2._act0_kernel, signature=sig, constexprs=const),
@@ -165,6 +153,6 @@ def test_v2_prepass_compiles_with_fast_silu(cc, cuda_compiler):
 def test_configs_cover_the_brief():
     acts = {a.name for tail, _, _ in CONFIGS.values() for stage, _ in parse_tail(tail).stages for a in stage}
     acts |= {a.name for tail, _, _ in CONFIGS.values() for a in parse_tail(tail).final}
-    assert acts >= set(kc.ACT_CODES) - {"identity"}
+    assert acts >= set(ACT_CODES) - {"identity"}
     depths = {len(parse_tail(t).stages) for t, _, _ in CONFIGS.values()}
     assert depths >= {1, 2, 3}

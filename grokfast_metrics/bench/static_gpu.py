@@ -135,7 +135,7 @@ def compile_kernel(spec, dtype: torch.dtype, n_lambda: int, arch: int, input_pre
     from triton.compiler import ASTSource
 
     cfg = kernel_module(variant).launch_config(spec, dtype, n_lambda, interpret=False,
-                                               input_precision=input_precision)
+                                               input_precision=input_precision, arch=arch)
     fn = kernel_fn(variant)
     # the JIT marks 16-byte aligned pointers (every fresh torch allocation) as divisible by 16
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, t in cfg.signature.items() if t.startswith("*")}
