@@ -25,6 +25,7 @@ import torch
 from ._policy import CONST_RTOL, FLAG_KAPPA, FLAGGED, check_fits, lambdas
 from ._tail import SATURATING, Act, MLPTail, torch_offset_free
 
+
 def _slope_bound(act: Act, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor | None:
     """``(P, T, H)`` bound on ``|act'(x)|`` from ``x`` and ``a = act(x)`` (``None``: 1 everywhere).
 

@@ -13,7 +13,8 @@ LMN steps included), compression complexity off and no plots. The same runs are 
 
 Each mode is timed wall-clock from the first run's start to the last run's end, in a fresh directory, and by the CPU
 seconds it used (this process and its finished worker processes, ``getrusage``): on a machine shared with other jobs
-the wall time depends on the load, CPU seconds per run much less. The rows also give the share of the time spent on LMN (the trainer's own timers) and, for the two sweep modes, how many
+the wall time depends on the load, CPU seconds per run much less. The rows also give the share of the time spent
+on LMN (the trainer's own timers) and, for the two sweep modes, how many
 runs reach the same memorization and generalization steps as the sequential ones.
 """
 from __future__ import annotations

@@ -29,8 +29,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from .._trainctl import Timer, _Signals
 from ..config import TrainConfig
 from ..runlog import prepare_run_dir
-from ..train import EXIT_SIGINT, EXIT_SIGTERM, Run, RunResult, _finish, _Stop, measure, nonfinite_stop, setup, \
-    step_metrics, write_row
+from ..train import EXIT_SIGINT, EXIT_SIGTERM, Run, RunResult, _finish, _Stop, measure, nonfinite_stop, setup, step_metrics, write_row
 from .grid import Run as GridRun
 
 #: options that may differ between the runs of one stack; all others must be equal
@@ -73,7 +72,7 @@ class Stack:
         self.skeleton = copy.deepcopy(models[0]).to("meta")
         self.data = {k: torch.stack([r.data[k] for r in runs]) for k in ("x_tr", "y_tr", "x_te", "y_te")}
         first = next(iter(self.params.values()))
-        shape = lambda p: (len(runs),) + (1,) * (p.dim() - 1)  # noqa: E731 (per-model scalars broadcast over a parameter)
+        shape = lambda p: (len(runs),) + (1,) * (p.dim() - 1)
         hyper = {k: torch.tensor([float(getattr(r.cfg, k)) for r in runs], dtype=torch.float64)
                  for k in ("lr", "weight_decay", "adam_eps")}
         # the scalars torch's single-tensor AdamW forms in Python floats, here per model (rounded once to the dtype)
