@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._policy import check_fits
 from .._tail import MLPTail
 from ._triton_common import (
     _SILU,
@@ -325,7 +326,8 @@ POINTER_ARGS = ("z_ptr", "a0_ptr", "tiles_ptr", "w_ptr", "wlo_ptr", "wn_ptr", "o
 def pair_tiles(n: int, bp: int, device=None) -> torch.Tensor:
     """``[n_tiles, 2]`` int32 ``(i, j0)``: the upper triangle's pairs ``(i, j0 .. j0+bp-1)``, row by row.
 
-    8 bytes per tile of ``bp`` pairs: at ``bp = 6`` about 1/6 of ``L``'s own fp32 memory (180 MB at N = 16384)."""
+    8 bytes per tile of ``bp`` pairs: at ``bp = 6`` about 1/6 of ``L``'s own fp32 memory (180 MB at N = 16384;
+    :func:`connectivity_v2` counts it in its memory check)."""
     i = torch.arange(n - 1)
     per_row = (n - 1 - i + bp - 1) // bp
     rows = torch.repeat_interleave(i, per_row)
@@ -361,6 +363,8 @@ def connectivity_v2(h: torch.Tensor, spec: MLPTail, n_lambda: int, *, input_prec
     cfg = config or launch_config(spec, dtype, n_lambda, interpret=kernel_is_interpreted(),
                                   input_precision=input_precision, n=n)
     c = cfg.constexprs
+    elem = h.element_size()  # refuse before allocating: L, z and a0 padded to K0, the tile list (8 B per tile)
+    check_fits(n * n * elem, 2 * n * c["K0"] * elem + 8 * (n * (n - 1) // 2 // c["BP"] + n), dev)
     z = spec.absorb(h)
     zp = torch.zeros(n, c["K0"], dtype=dtype, device=dev)
     zp[:, : z.shape[1]] = z

@@ -380,3 +380,15 @@ def test_cpu_without_interpreter_raises():
     h, tail = _make("tanh", torch.float32)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         kc.connectivity_triton(h, parse_tail(tail), 21)
+
+
+@here
+def test_v2_refuses_before_allocating_its_tile_list(monkeypatch):
+    """L alone fits (core's check passes); L + v2's padded inputs and tile list do not: MemoryError, nothing run."""
+    from grokfast_metrics import _policy
+
+    h, tail = _make("default_silu", torch.float32)
+    n = h.shape[0]
+    monkeypatch.setattr(_policy, "available_bytes", lambda device: 4 * n * n + 64)
+    with pytest.raises(MemoryError, match="is free"):
+        kc2.connectivity_v2(h.to(DEVICE), parse_tail(tail.to(DEVICE)), 21)
