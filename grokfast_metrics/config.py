@@ -89,6 +89,9 @@ class TrainConfig:
         flag="--lmn-layer", action="append"))
     n_lambda: int = field(default=21, metadata=_meta("interpolation points per pair", _LMN))
     lmn_backend: str = field(default="auto", metadata=_meta("LMN backend passed to grokfast_metrics.lmn", _LMN, choices=BACKENDS))
+    lmn_async: bool = field(default=False, metadata=_meta(
+        "compute the eigen step of LMN on a host worker thread while training goes on (L itself stays in the training "
+        "thread); rows wait until their LMN lands, so the logs are the same as without it", _LMN))
     spectral_entropy_weight: float = field(default=0.0, metadata=_meta(
         "add this times the spectral entropy of every Linear weight to the loss (0 = off; train_loss in the logs stays "
         "the cross-entropy)", _CX))

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ._asyncrows import RowQueue, StepTracker, lmn_columns, track_connectivity
 from ._tail import parse_tail
 from ._trainctl import Timer, _Progress, _Signals
 from .checkpoint import CHECKPOINT, load_checkpoint, prepare_resume, restore_checkpoint, save_checkpoint
@@ -45,7 +46,7 @@ from .config import SNAPSHOT_DEFAULT, TrainConfig, parse_probe
 from .core import LMNResult, lmn
 from .grokfast import make_filter
 from .model import GrokMLP, layer_target, representations, scale_init, segment_of
-from .runlog import MetricsLog, RunDirError, RunLogError, collapse_message, prepare_run_dir, save_connectivity, summarize, write_json
+from .runlog import MetricsLog, RunDirError, RunLogError, collapse_message, prepare_run_dir, summarize, write_json
 from .schedule import Due, Schedule
 from .tasks import Task, make_task
 from .tracker import Tracker
@@ -133,9 +134,12 @@ def track_lmn(model: GrokMLP, x_probe: torch.Tensor, layers: list[str], n_lambda
 
 
 def layer_tracker(model: GrokMLP, x_probe: torch.Tensor, cfg: TrainConfig, schedule: Schedule) -> Tracker:
-    """The trainer's :class:`~grokfast_metrics.tracker.Tracker`: :func:`track_lmn` at ``cfg.lmn_layers`` on ``schedule``."""
-    layers = list(cfg.lmn_layers)
-    return Tracker(model, schedule, lambda: track_lmn(model, x_probe, layers, cfg.n_lambda, cfg.lmn_backend))
+    """The trainer's tracker: :func:`track_lmn` at ``cfg.lmn_layers`` on ``schedule`` (``cfg.lmn_async``: eigen step on a thread)."""
+    layers, args = list(cfg.lmn_layers), (cfg.n_lambda, cfg.lmn_backend)
+    if not cfg.lmn_async:
+        return Tracker(model, schedule, lambda: track_lmn(model, x_probe, layers, *args))
+    return StepTracker(model, schedule, lambda: track_lmn(model, x_probe, layers, *args),
+                       connectivity=lambda: track_connectivity(model, x_probe, layers, *args), workers=1)
 
 
 @dataclass
@@ -185,6 +189,7 @@ class Run:
     tracker: Tracker
     log: MetricsLog
     timer: Timer
+    held: RowQueue = None  # rows waiting for their LMN (cfg.lmn_async; else written at once); set by setup()
     phases: Phases = field(default_factory=Phases)
     collapse: Collapse | None = None
     start: float = field(default_factory=time.perf_counter)
@@ -237,9 +242,11 @@ def setup(cfg: TrainConfig, run_dir: Path, resume_rows: list[dict] | None = None
     norm_cols, rank_cols = weight_columns(model)
     columns = [*BASE_COLUMNS, *(f"lmn_{layer}" for layer in cfg.lmn_layers), *norm_cols, *rank_cols,
                *map(complexity_column, cfg.complexity_eps)]
-    return Run(cfg=cfg, run_dir=run_dir, model=model, opt=opt, grad_filter=grad_filter, data=data, schedule=schedule,
-               tracker=layer_tracker(model, data["x_probe"], cfg, schedule), log=MetricsLog(run_dir, columns, rows=resume_rows),
-               timer=Timer(device), collapse=Collapse(cfg.collapse_fraction, cfg.collapse_spike))
+    run = Run(cfg=cfg, run_dir=run_dir, model=model, opt=opt, grad_filter=grad_filter, data=data, schedule=schedule,
+              tracker=layer_tracker(model, data["x_probe"], cfg, schedule), log=MetricsLog(run_dir, columns, rows=resume_rows),
+              timer=Timer(device), collapse=Collapse(cfg.collapse_fraction, cfg.collapse_spike))
+    run.held = RowQueue(run.tracker, run_dir, cfg.lmn_layers, lambda row, metrics, now: write_row(run, row, metrics, now))
+    return run
 
 
 def _run_info(cfg: TrainConfig, task: Task, model: GrokMLP, n_probe: int, schedule: Schedule) -> dict:
@@ -314,11 +321,8 @@ def measure(run: Run, step: int, due: Due, events: tuple[str, ...], metrics: dic
     with run.timer("lmn", sync=due.lmn):
         if due.lmn:
             run.tracker.update(step, events)
-            results = run.tracker.results
-            row = {f"lmn_{layer}": math.nan if results is None else results[layer].lmn for layer in cfg.lmn_layers}
-            row["lmn"] = row[f"lmn_{cfg.lmn_layers[0]}"]
-            if due.snapshot and results is not None:
-                save_connectivity(run.run_dir, step, cfg.lmn_layers[0], results[cfg.lmn_layers[0]].connectivity, row["lmn"])
+            if not run.tracker.asynchronous:  # else the LMN columns are added when they land (RowQueue)
+                row = lmn_columns(run.run_dir, cfg.lmn_layers, step, run.tracker.results, due.snapshot)
     with run.timer("complexity"):  # also the norms and ranks
         if due.complexity:
             x_tr, y_tr = run.data["x_tr"], run.data["y_tr"]
@@ -358,15 +362,14 @@ def _loop(run: Run, progress: _Progress | None, signals: _Signals) -> _Stop | No
     then logged. A checkpoint is written every ``cfg.checkpoint_every`` steps (never at the last step).
     """
     cfg = run.cfg
-    pending: dict | None = None  # metrics of the latest step, until written
+    pending: dict | None = None  # metrics of the latest step (written at a stop unless its row is)
     try:
         for step in range(run.first_step, cfg.steps + 1):
             final = step == cfg.steps
             with run.timer("train"):
                 metrics, events = forward_backward(run, step, final)
             pending = metrics
-            diverged = nonfinite_stop(metrics)
-            if diverged is not None:
+            if (diverged := nonfinite_stop(metrics)) is not None:
                 raise diverged
             due = run.schedule.due(step, events)
             row = measure(run, step, due, events, metrics)
@@ -375,17 +378,18 @@ def _loop(run: Run, progress: _Progress | None, signals: _Signals) -> _Stop | No
                     optimizer_step(run)
             now = time.perf_counter()
             with run.timer("log"):
-                if row is not None:
-                    write_row(run, row, metrics, now)
-                    pending = None
+                run.held.put(step, row, metrics, now, due.lmn and run.tracker.asynchronous, due.snapshot)
                 if progress is not None:
-                    history = run.tracker.history
+                    history = run.tracker.ready()  # never waits
                     progress.update(metrics, history[-1]["lmn"] if history else None, final, now)
                 if cfg.checkpoint_every and not final and step > 0 and step % cfg.checkpoint_every == 0:
                     with signals.deferred():
+                        run.held.flush()
                         save_checkpoint(run, step)
+        run.held.flush()
     except (KeyboardInterrupt, _Stop) as e:
         with signals.deferred():
+            run.held.flush()
             if pending is not None and (not run.log.rows or run.log.rows[-1]["step"] < pending["step"]):
                 write_row(run, {}, pending, time.perf_counter())
         if isinstance(e, _Stop):
@@ -464,6 +468,7 @@ def _execute(cfg: TrainConfig, run_dir: Path, resumed: tuple[dict, list[dict]] |
                 if bar is not None:
                     bar.close()
                 run.log.close()
+                run.tracker.close()  # asynchronous: stops the eigen thread (nothing is pending by now)
             return _finish(run, stop, plot, signals)
     finally:
         torch.set_num_threads(threads_before)

@@ -199,8 +199,9 @@ def test_plot_names_the_bad_line(tmp_path, capsys):
 # checkpoints and resume
 
 
-@pytest.mark.parametrize("grokfast", ["ema", "ma"])
-def test_resume_after_interruption_is_bit_identical(tmp_path, monkeypatch, grokfast):
+@pytest.mark.parametrize(("grokfast", "lmn_async"), [("ema", False), ("ma", False), ("ema", True)])
+def test_resume_after_interruption_is_bit_identical(tmp_path, monkeypatch, grokfast, lmn_async):
+    """lmn_async: the interrupted and resumed run tracks LMN asynchronously and writes the synchronous run."""
     cfg = dict(steps=60, lmn_every=10, lr=1e-2, complexity="20", checkpoint_every=20, grokfast=grokfast, ma_window=5,
                save_connectivity=["0", "35", "memorization", "final"], **TINY)
     full = train(TrainConfig(**cfg), tmp_path / "full", progress=False, plot=False)
@@ -214,7 +215,7 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, monkeypatch, grokf
         return real(run)
 
     monkeypatch.setattr(train_mod, "optimizer_step", interrupt)
-    cut = train(TrainConfig(**cfg), tmp_path / "cut", progress=False, plot=False)
+    cut = train(TrainConfig(**cfg, lmn_async=lmn_async), tmp_path / "cut", progress=False, plot=False)
     monkeypatch.setattr(train_mod, "optimizer_step", real)
     assert cut.interrupted and cut.rows[-1]["step"] == 47
     assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["step"] <= cut.rows[-1]["step"]

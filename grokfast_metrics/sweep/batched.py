@@ -48,6 +48,8 @@ def unstackable_reason(cfg: TrainConfig) -> str | None:
         return "--spectral-entropy-weight (a per-model SVD penalty in the loss) is not stacked"
     if cfg.checkpoint_every:
         return "--checkpoint-every (checkpoints of one run) is not supported in a stack"
+    if cfg.lmn_async:
+        return "--lmn-async (one eigen thread per run) is not stacked"
     return None
 
 
