@@ -1,10 +1,25 @@
 """Small builders shared by the test files."""
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import torch
 from torch import nn
 
 from grokfast_metrics._tail import ACTIVATIONS
+
+#: the repository's examples/ folder (standalone scripts the tests import and run)
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def load_example(name: str):
+    """Import ``examples/<name>.py`` as a fresh module (not registered in ``sys.modules``)."""
+    spec = importlib.util.spec_from_file_location(f"_example_{name}", EXAMPLES / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
 
 #: activation name -> module factory, one per entry of the library's activation table
 ACTS = {

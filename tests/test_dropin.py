@@ -1,30 +1,17 @@
 """``lmn_at``: agreement with ``gm.lmn`` on a manual split, layouts, the cut check, no side effects, errors."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
-from helpers import Wrapped, mlp_tail
+from helpers import Wrapped, load_example, mlp_tail
 from torch import nn
 
 import grokfast_metrics as gm
 from grokfast_metrics import generic, reference, torch_backend
 from grokfast_metrics.dropin import check_cut
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _load_example(name: str):
-    spec = importlib.util.spec_from_file_location(f"_example_{name}", EXAMPLES / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _seq_model(dtype=torch.float32) -> nn.Sequential:
@@ -179,7 +166,7 @@ def test_tuple_output_selector_and_callable():
 
 @pytest.fixture(scope="module")
 def decoder():
-    g = _load_example("grokfast_transformer")
+    g = load_example("grokfast_transformer")
     torch.manual_seed(0)
     model = g.Decoder(dim=16, num_layers=2, num_heads=2, num_tokens=9, seq_len=5)
     data = g.modular_data(7, 7, 8)

@@ -1,32 +1,21 @@
 """Issue 12 for ``lmn_at``: affine warning, mixed layouts, ``to=``, the split tail, the generic reference, hooks, compile."""
 from __future__ import annotations
 
-import importlib.util
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import mlp_tail
+from helpers import load_example, mlp_tail
 from torch import nn
 
 import grokfast_metrics as gm
 from grokfast_metrics import dropin, generic, reference
 from grokfast_metrics.dropin import AffineTailWarning
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-def _example(name: str):
-    spec = importlib.util.spec_from_file_location(f"_example_{name}", EXAMPLES / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-G = _example("grokfast_transformer")
+G = load_example("grokfast_transformer")
 LAST = lambda out: out[-1]
 
 

@@ -1,17 +1,13 @@
 """The worked integrations in ``examples/`` run at tiny size and add exactly three marked lines."""
 from __future__ import annotations
 
-import importlib.util
 import math
 import re
-from pathlib import Path
 
 import pytest
+from helpers import EXAMPLES, load_example
 
 from grokfast_metrics.tracker import log_schedule
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,19 +24,13 @@ TINY = {
 NEEDS = {"transformer_lens_grokking": "transformer_lens", "tensorboard_logging": "tensorboard"}
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"_example_{name}", EXAMPLES / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
 
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_example_runs_tiny(name, tmp_path):
     if name in NEEDS:
         pytest.importorskip(NEEDS[name], reason=f"examples/{name}.py needs {NEEDS[name]} (the test extra installs it)")
     kwargs = {**TINY[name], **({"logdir": str(tmp_path)} if name == "tensorboard_logging" else {})}
-    out = _load(name).main(**kwargs)
+    out = load_example(name).main(**kwargs)
     steps = TINY[name]["steps"]
     assert out["step"] == log_schedule(steps - 1)
     assert len(out["loss"]) == steps and all(math.isfinite(v) for v in out["loss"])
@@ -62,7 +52,7 @@ def test_tensorboard_example_logs_what_the_tracker_computed(tmp_path):
     pytest.importorskip("tensorboard", reason="examples/tensorboard_logging.py needs tensorboard (the test extra installs it)")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    out = _load("tensorboard_logging").main(logdir=str(tmp_path), **TINY["tensorboard_logging"])
+    out = load_example("tensorboard_logging").main(logdir=str(tmp_path), **TINY["tensorboard_logging"])
     events = EventAccumulator(str(tmp_path))
     events.Reload()
     lmn = events.Scalars("lmn/hidden1")
@@ -78,7 +68,7 @@ def test_transformer_lens_resid_post_warns_affine():
     import grokfast_metrics as gm
     from grokfast_metrics.dropin import AffineTailWarning
 
-    model = _load("transformer_lens_grokking").make_model(p=7, d_model=16, n_heads=2, d_mlp=32)
+    model = load_example("transformer_lens_grokking").make_model(p=7, d_model=16, n_heads=2, d_mlp=32)
     tokens = torch.stack([torch.arange(6), torch.arange(6).flip(0), torch.full((6,), 7)], dim=1)
     with pytest.warns(AffineTailWarning, match="every entry of L is 1"):
         gm.lmn_at(model, tokens, at="blocks.0.hook_resid_post", output=lambda out: out[:, -1], n_lambda=5)

@@ -2,18 +2,16 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_example
 from torch import nn
 
 import grokfast_metrics as gm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def _model(seed: int = 0) -> nn.Module:
@@ -75,9 +73,7 @@ def test_repeated_or_decreasing_steps_are_errors():
 
 @pytest.fixture(scope="module")
 def decoder():
-    spec = importlib.util.spec_from_file_location("_ex_gf", EXAMPLES / "grokfast_transformer.py")
-    g = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(g)
+    g = load_example("grokfast_transformer")
     torch.manual_seed(0)
     model = g.Decoder(dim=8, num_layers=2, num_heads=2, num_tokens=9, seq_len=5)
     probe = g.modular_data(7, 7, 8)[:-1, :10]                    # (4, 10), sequence-first
