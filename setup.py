@@ -11,7 +11,8 @@ setup(
     package_dir={"grokfast_metrics": "grokfast_metrics", "grokfast_metrics.kernels": "kernels"},
     # the fused CPU kernel's C++ source, compiled on first use with the system compiler
     package_data={"grokfast_metrics.kernels": ["connectivity_cpu.cpp"]},
-    install_requires=["torch>=2.1", "numpy", "scipy", "tqdm", "matplotlib"],
+    # mpmath: grokfast_metrics.exact (50-digit yardstick); filelock: one sweep or run per output directory
+    install_requires=["torch>=2.1", "numpy", "scipy", "tqdm", "matplotlib", "mpmath", "filelock>=3.12"],
     extras_require={
         "triton": ["triton>=3.0"],
         # sweeps on a Ray cluster (grokfast-metrics sweep --engine ray); the local process pool needs nothing
@@ -21,7 +22,7 @@ setup(
         "tensorboard": ["tensorboard"],
         # HookedTransformer was removed in TransformerLens 4.0; 3.9 installs beside torch 2.13 without touching it
         "transformer-lens": ["transformer-lens>=2.0,<4"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.0", "ray>=2.9", "torchmetrics>=1.0",
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "ruff", "triton>=3.0", "ray>=2.9", "torchmetrics>=1.0",
                  "tensorboard", "transformer-lens>=2.0,<4"],
     },
     entry_points={"console_scripts": ["grokfast-metrics=grokfast_metrics.cli:main"]},

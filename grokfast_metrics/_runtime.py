@@ -7,7 +7,9 @@ Each decision here is made once: :func:`resolve_device` is the one parser of dev
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -65,3 +67,18 @@ def triton_available() -> bool:
 def triton_interpreting() -> bool:
     """True when ``TRITON_INTERPRET`` is set (it takes effect only if set before triton is imported)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def drop_checkout_from_path() -> None:
+    """Take this repository's root off ``sys.path`` (``python -m grokfast_metrics`` run from a checkout).
+
+    ``python -m`` puts the working directory first on ``sys.path``. In a checkout of this repository that
+    makes its top-level ``kernels/`` folder (installed as ``grokfast_metrics.kernels``) answer for
+    ``import kernels``, the name of Hugging Face's package that ``transformers`` 5 imports. Only an entry
+    that is this checkout's root is removed (recognised by ``kernels/connectivity_cpu.cpp`` beside ``setup.py``).
+    """
+    def is_checkout(entry: str) -> bool:
+        root = Path(entry or os.getcwd())
+        return (root / "setup.py").is_file() and (root / "kernels" / "connectivity_cpu.cpp").is_file()
+
+    sys.path[:] = [e for e in sys.path if not is_checkout(e)]

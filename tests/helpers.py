@@ -2,12 +2,21 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from grokfast_metrics._tail import ACTIVATIONS
+
+#: the repository's root
+ROOT = Path(__file__).resolve().parents[1]
+
+#: how the tests start a Python subprocess: never with the working directory (the repository root) on
+#: ``sys.path``, where the top-level ``kernels/`` folder would shadow installed packages of that name
+#: (Hugging Face's ``kernels``, which ``transformers`` 5 imports). ``-P`` exists from Python 3.11 on.
+PYTHON = [sys.executable, "-P"] if sys.version_info >= (3, 11) else [sys.executable]
 
 #: the repository's examples/ folder (standalone scripts the tests import and run)
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

@@ -6,13 +6,13 @@ import csv
 import math
 import os
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 import torch
 from grokfast_metrics.kernels import connectivity_cpu as cpu_kernel
+from helpers import PYTHON
 from torch import nn
 
 import grokfast_metrics as gm
@@ -405,4 +405,4 @@ def test_mlp_tail_layout_and_seed():
 
 def test_bench_does_not_import_the_trainer():
     code = "import sys, grokfast_metrics.bench; sys.exit('grokfast_metrics.train' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+    assert subprocess.run([*PYTHON, "-c", code], check=False).returncode == 0

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from grokfast_metrics.kernels import connectivity_cpu as kc
-from helpers import ACTS, mlp_tail
+from helpers import ACTS, PYTHON, mlp_tail
 from torch import nn
 
 import grokfast_metrics as gm
@@ -205,7 +205,6 @@ def test_kernel_allocation_failure_is_a_python_exception() -> None:
     """A failed allocation inside the C++ kernel (here: absurd widths through a mocked z row count) must come
     back as a Python exception, never std::terminate/SIGABRT; run in a subprocess so an abort cannot kill pytest."""
     import subprocess
-    import sys
     code = (
         "import torch, ctypes\n"
         "from grokfast_metrics.kernels import connectivity_cpu as kc\n"
@@ -224,7 +223,7 @@ def test_kernel_allocation_failure_is_a_python_exception() -> None:
         " w.data_ptr(), w.data_ptr(), 0.0)\n"
         "print('rc', rc)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+    proc = subprocess.run([*PYTHON, "-c", code], capture_output=True, text=True, timeout=300,
                           env={**__import__("os").environ, "MALLOC_ARENA_MAX": "2"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "rc 2" in proc.stdout, proc.stdout

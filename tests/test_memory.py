@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pytest
 import torch
+from helpers import PYTHON
 
 import grokfast_metrics as gm
 from grokfast_metrics import _policy
@@ -25,7 +25,7 @@ print(after - before, L.numel() * L.element_size())
 
 
 def test_peak_extra_memory_is_L_plus_a_chunk():
-    out = subprocess.run([sys.executable, "-c", _PEAK], capture_output=True, text=True, check=True,
+    out = subprocess.run([*PYTHON, "-c", _PEAK], capture_output=True, text=True, check=True,
                          timeout=600).stdout.split()
     extra, l_bytes = int(out[-2]), int(out[-1])
     # beyond L itself: worst observed 5.9 MiB (N=1000 and N=2000 alike: the chunk, not N^2); bound 32 MiB

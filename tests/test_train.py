@@ -3,10 +3,10 @@ import csv
 import json
 import math
 import subprocess
-import sys
 
 import pytest
 import torch
+from helpers import PYTHON
 
 import grokfast_metrics as gm
 from grokfast_metrics import cli
@@ -180,7 +180,7 @@ def test_cli_missing_lazy_subcommand(monkeypatch, capsys):
 
 
 def test_python_dash_m_entry_point():
-    p = subprocess.run([sys.executable, "-m", "grokfast_metrics", "train", "--steps", "-3"], capture_output=True, text=True, check=False)
+    p = subprocess.run([*PYTHON, "-m", "grokfast_metrics", "train", "--steps", "-3"], capture_output=True, text=True, check=False)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "steps" in p.stderr
 
 
@@ -271,7 +271,7 @@ def test_cli_options_map_to_fields():
 
 def test_importing_the_trainer_does_not_import_matplotlib():
     code = "import sys, grokfast_metrics.train, grokfast_metrics.cli; assert 'matplotlib' not in sys.modules"
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    p = subprocess.run([*PYTHON, "-c", code], capture_output=True, text=True, check=False)
     assert p.returncode == 0, p.stderr
 
 

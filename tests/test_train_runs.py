@@ -6,11 +6,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
+from helpers import PYTHON
 
 import grokfast_metrics as gm
 from grokfast_metrics import cli, figures, runlog
@@ -141,7 +141,7 @@ def test_nonfinite_loss_stops_cleanly(tmp_path, monkeypatch, capsys):
 
 def test_sigterm_behaves_like_sigint(tmp_path):
     out = tmp_path / "run"
-    p = subprocess.Popen([sys.executable, "-m", "grokfast_metrics", "train", "--steps", "100000", "--lmn-every", "0",
+    p = subprocess.Popen([*PYTHON, "-m", "grokfast_metrics", "train", "--steps", "100000", "--lmn-every", "0",
                           "--hidden", "8", "--device", "cpu", "--complexity", "off", "--log-every", "1", "--out", str(out),
                           "--no-progress", "--no-plot"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60

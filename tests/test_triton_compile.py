@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -23,6 +22,7 @@ import itertools
 
 from grokfast_metrics.kernels import connectivity as kc
 from grokfast_metrics.kernels import connectivity_v2 as kc2
+from helpers import PYTHON
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -70,7 +70,7 @@ CONFIGS = {
 def test_compile_subprocess():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = env.get("TRITON_DEFAULT_FP_FUSION", "1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
+    cmd = [*PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
     proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, f"GPU compile tests failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}"
     summary = proc.stdout.strip().splitlines()[-1]

@@ -12,7 +12,6 @@ import dataclasses
 import functools
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -24,6 +23,7 @@ triton = pytest.importorskip("triton")
 
 from grokfast_metrics.kernels import connectivity as kc
 from grokfast_metrics.kernels import connectivity_v2 as kc2
+from helpers import PYTHON
 
 import grokfast_metrics as gm
 from grokfast_metrics import core, exact, reference
@@ -39,7 +39,7 @@ here = pytest.mark.skipif(not RUN_HERE, reason="needs the Triton interpreter; ru
 @pytest.mark.skipif(RUN_HERE, reason="the kernel runs in this process")
 def test_interpreter_subprocess():
     env = {**os.environ, "TRITON_INTERPRET": "1", "TRITON_DEFAULT_FP_FUSION": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__]
+    cmd = [*PYTHON, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__]
     proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"interpreted kernel tests failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}"
     summary = proc.stdout.strip().splitlines()[-1]
