@@ -95,7 +95,7 @@ def _first_linear(
             b_msq += tl.sum(b_m * b_m, axis=1)
         b_x = tl.reshape(b_x, [BLOCK_J * T_PAD, BLOCK_K])                              # [M, BLOCK_K]
         b_w = tl.load(w1_ptr + o_k[:, None] * P1 + o_n[None, :])                       # [BLOCK_K, BN]
-        b_acc = tl.dot(b_x, b_w, b_acc, input_precision=PREC)
+        b_acc = tl.dot(b_x, b_w, b_acc, input_precision=PREC, out_dtype=b_acc.dtype)
     if not LAST:
         b_acc += tl.load(c1_ptr + o_n)[None, :]
     return b_acc, b_mmax, b_msq, b_dn
@@ -188,7 +188,7 @@ def _connectivity_fwd_kernel(
                         b_h = _act(b_h, ACT2, SLOPE2)
                     o_n1 = n1 + tl.arange(0, BLOCK_N1)
                     b_w = tl.load(w2_ptr + o_n1[:, None] * P2 + o_n2[None, :])         # [BLOCK_N1, BLOCK_N2]
-                    b_x2 = tl.dot(b_h, b_w, b_x2, input_precision=PREC)
+                    b_x2 = tl.dot(b_h, b_w, b_x2, input_precision=PREC, out_dtype=b_x2.dtype)
                 if not (CENTRED and DEPTH == 2):
                     b_x2 += tl.load(c2_ptr + o_n2)[None, :]
                 if DEPTH == 2:
@@ -204,7 +204,7 @@ def _connectivity_fwd_kernel(
                         b_x2 = _act(b_x2, ACT3, SLOPE3)
                     o_p3 = tl.arange(0, P3)
                     b_w = tl.load(w3_ptr + o_n2[:, None] * P3 + o_p3[None, :])         # [BLOCK_N2, P3]
-                    b_y = tl.dot(b_x2, b_w, b_y, input_precision=PREC)
+                    b_y = tl.dot(b_x2, b_w, b_y, input_precision=PREC, out_dtype=b_y.dtype)
             if DEPTH >= 3:
                 if not (CENTRED and DEPTH == 3):
                     b_y += tl.load(c3_ptr + tl.arange(0, P3))[None, :]

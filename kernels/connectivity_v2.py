@@ -116,7 +116,7 @@ def _mma(a, w_hi, w_lo, acc, HILO: tl.constexpr, PREC: tl.constexpr, INTERP: tl.
         acc = tl.dot(a_lo, w_hi, acc, input_precision="tf32")
         acc = tl.dot(a_hi, w_hi, acc, input_precision="tf32")
     else:
-        acc = tl.dot(a, w_hi, acc, input_precision=PREC)
+        acc = tl.dot(a, w_hi, acc, input_precision=PREC, out_dtype=acc.dtype)
     return acc
 
 

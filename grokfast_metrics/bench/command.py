@@ -107,6 +107,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
              "step: no tracking vs synchronous vs asynchronous tracker (eigen step on a host thread), same run, "
              "--repeats rounds (default 3) of 5 steps per mode; backend: the first of --backends (default auto)")
     add("--no-progress", action="store_true", help="no progress bar or per-row log")
+    add("--merge-gpu-day", metavar="RESULTS", default=None,
+        help="instead of measuring: append the rows of a GPU day's gpu_day.json (written by benchmarks/gpu_day.sh; "
+             "a file or its folder) to --csv and write its block of --results-md, with the device name")
+    add("--allow-dry-run", action="store_true", help="--merge-gpu-day: merge a --dry-run results file too")
     add("--sweep-throughput", action="store_true",
         help="instead of the LMN rows: runs per hour of a 16-run sweep grid (add, LMN every 100 steps on 128 inputs; "
              "--quick: 4 runs) trained sequentially, with sweep --engine local and with sweep --batched, in this run")
@@ -180,6 +184,8 @@ def run(args: argparse.Namespace) -> int:
         device = bench_device(args.device)
     except ValueError as e:
         return _error(str(e))
+    if args.merge_gpu_day:
+        return _merge_gpu_day(args)
     if device is None:
         print(f"no CUDA device available: GPU benchmarks skipped (--device {args.device})", file=sys.stderr)
         return 0
@@ -203,6 +209,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nappended {len(rows)} rows to {path}")
         if args.results_md:
             print(f"updated {update_results_md(path, args.results_md)}")
+    return 0
+
+
+def _merge_gpu_day(args: argparse.Namespace) -> int:
+    """``--merge-gpu-day``: the GPU day's rows into ``--csv``, its block into ``--results-md`` (nothing on refusal)."""
+    from .gpu_day_report import merge
+
+    try:
+        written = merge(args.merge_gpu_day, args.csv, args.results_md or None, allow_dry_run=args.allow_dry_run)
+    except ValueError as e:
+        return _error(str(e))
+    print("merged the GPU day into " + ", ".join(map(str, written)))
     return 0
 
 

@@ -1,0 +1,676 @@
+"""The GPU day: every GPU figure of the project from one command on a bare lent GPU machine, within its time.
+
+Run through ``benchmarks/gpu_day.sh OUTDIR`` (which sets up the package from the repository copy, see there), or
+``python -P -m grokfast_metrics.bench.gpu_day OUTDIR`` where the package is importable. Stages, each with its own
+time budget (:data:`BUDGETS`, seconds; a stage never starts what its budget cannot finish, so the whole run ends
+within ``--budget-s``, 450 s by default, inside the 8-minute target):
+
+1. ``cuda_tests``: the tests that skip on the CPU for want of CUDA (:data:`CUDA_TESTS`) run on the GPU; when one
+   fails the run stops there, with the failures in the results file (exit code 3);
+2. ``timing``: the 8192^2 fp32 matmul roof, then Triton v1, v2 and the torch backend at N = 961, 4096, 16384 on
+   every workload (:func:`workloads`: the default tail, and the lowered transformer tail once
+   ``workloads.transformer_tail_workload`` exists), each checked against the NumPy reference before it is timed;
+   ``gm.lmn`` end to end (L + eigen + entropy); the eigen step on the device vs host LAPACK at 1, 4 and all threads;
+3. ``static_model``: measured time / static estimate (:mod:`.static_gpu`) per Triton kernel and N;
+4. ``dense_tracking``: the trainer's dense job (addition mod 31, 20,000 steps, LMN every step on all 961 inputs) for
+   what is left of the budget, then stopped (SIGTERM) and its total extrapolated, or whole if it fits;
+5. everything goes to ``OUTDIR/gpu_day.json`` (:data:`FORMAT`), which ``grokfast-metrics bench --merge-gpu-day``
+   merges into ``results.csv`` and ``RESULTS.md`` with the device name (:mod:`.gpu_day_report`).
+
+``--dry-run`` runs the same stages on the CPU at tiny sizes (the CUDA-only parts are rows marked
+``SKIPPED: no CUDA``), so the script is known to work before a GPU is lent; the tests run it.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import json
+import math
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import core
+from .baselines import TRITON_VARIANTS, backend_fn, matmul_roof, reference_timed
+from .gpu_day_report import FORMAT, RESULTS_NAME
+from .harness import BenchRow, Timing, check_agreement, fill_speed, machine_info, n_pairs, refuse, time_fn
+from .sweep import row_maker
+from .workloads import make_inputs, make_tail
+
+#: test files whose tests skip on the CPU for want of CUDA (``tests/test_gpu_day.py`` checks the list is complete)
+CUDA_TESTS = ("tests/test_triton_kernel.py",)
+#: seconds per stage on a GPU; the dense job gets what the others leave of ``--budget-s`` (at least its own figure)
+BUDGETS = {"cuda_tests": 150.0, "timing": 150.0, "static_model": 40.0, "dense_tracking": 90.0}
+DRY_BUDGETS = {"cuda_tests": 0.0, "timing": 20.0, "static_model": 5.0, "dense_tracking": 40.0}
+TOTAL_BUDGET_S = 450.0
+#: kept back from the last stage for stopping the trainer and writing the results
+RESERVE_S = 15.0
+GPU_NS = (961, 4096, 16384)
+DRY_NS = (12, 20)
+#: N of the end-to-end and eigen rows (eigen at 16384 alone takes seconds on the host)
+GPU_E2E_NS = (961, 4096)
+DENSE_STEPS = 20_000
+#: the dry run's dense job: short enough to run whole on a loaded CPU (tracking 16 inputs, complexity off)
+DRY_DENSE_STEPS = 40
+DENSE_TARGET_S = 180.0
+SKIP_NO_CUDA = "SKIPPED: no CUDA"
+BACKENDS = ("torch", *TRITON_VARIANTS)
+
+
+def repo_root() -> Path:
+    """The repository the tests and the trainer run from (``$GPU_DAY_REPO``, else the folder above this package)."""
+    env = os.environ.get("GPU_DAY_REPO")
+    return Path(env) if env else Path(__file__).resolve().parents[2]
+
+
+# --------------------------------------------------------------------------------------------
+# workloads
+
+
+@dataclass
+class Workload:
+    """What the timing stage measures: ``make(n, device) -> (h (n, D), tail)``, and its useful FLOP per pair.
+
+    ``H``, ``O``, ``depth`` are the row fields (``H`` = width of the interpolated representation).
+    """
+
+    name: str
+    make: Callable[[int, torch.device], tuple[torch.Tensor, nn.Module]]
+    H: int
+    O: int
+    depth: int
+    flop_per_pair: int
+
+
+def default_workload(n_lambda: int = 21) -> Workload:
+    """The SPEC's default tail: ``Linear(100,100) -> SiLU -> Linear(100,31)`` (seeded), paper-like inputs."""
+    def make(n: int, device: torch.device):
+        return make_inputs(n, 100, 1, device), make_tail(100, 31, 1, 0, device)
+
+    return Workload("default", make, 100, 31, 1, 2 * n_lambda * 100 * 31)
+
+
+def workloads(n_lambda: int = 21) -> list[Workload]:
+    """The default tail, then the lowered transformer tail where ``workloads.transformer_tail_workload`` exists.
+
+    The hook: ``transformer_tail_workload(n_lambda) -> Workload`` in :mod:`.workloads` (the transformer issue's
+    lowering provides it); nothing else needs changing for the GPU day to time it on every backend and N.
+    """
+    from . import workloads as wl
+
+    out = [default_workload(n_lambda)]
+    hook = getattr(wl, "transformer_tail_workload", None)
+    if hook is not None:
+        out.append(hook(n_lambda))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# budget
+
+
+class Budget:
+    """Seconds a stage may still spend: its own share, never past the run's deadline less :data:`RESERVE_S`."""
+
+    def __init__(self, total_s: float):
+        self.start = time.monotonic()
+        self.deadline = self.start + total_s
+
+    def stage(self, seconds: float) -> float:
+        """Deadline (``time.monotonic``) of a stage allowed ``seconds``."""
+        return min(time.monotonic() + seconds, self.deadline - RESERVE_S)
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+
+def _left(deadline: float) -> float:
+    return deadline - time.monotonic()
+
+
+# --------------------------------------------------------------------------------------------
+# stage 1: the CUDA tests
+
+
+def cuda_tests(py: Sequence[str], deadline: float, dry_run: bool) -> dict:
+    """Run :data:`CUDA_TESTS` in a child pytest (at most 5 failures, ``pytest-xdist`` with 4 workers if present).
+
+    Returns:
+        ``{"status", "summary", "failures", "seconds", "command"}``; ``status`` is ``ok``, ``FAILED``, ``TIMEOUT``
+        or ``SKIPPED: no CUDA``.
+    """
+    if dry_run or not torch.cuda.is_available():
+        return {"status": SKIP_NO_CUDA, "summary": "", "failures": [], "seconds": 0.0, "command": ""}
+    root = repo_root()
+    cmd = [*py, "-m", "pytest", "-q", "-rfE", "--maxfail=5", "-p", "no:cacheprovider", "--rootdir", str(root),
+           "-c", str(root / "pytest.ini"), *(str(root / t) for t in CUDA_TESTS)]
+    try:
+        import xdist  # noqa: F401
+
+        cmd += ["-n", "4"]
+    except ImportError:
+        pass
+    t0 = time.monotonic()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(1.0, _left(deadline)),
+                              cwd=tempfile.gettempdir())
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        return {"status": "TIMEOUT", "summary": f"not finished in {time.monotonic() - t0:.0f} s",
+                "failures": [], "seconds": time.monotonic() - t0, "command": " ".join(cmd), "tail": out[-3000:]}
+    lines = proc.stdout.strip().splitlines()
+    failures = [ln for ln in lines if ln.startswith(("FAILED ", "ERROR "))]
+    status = "ok" if proc.returncode == 0 else "FAILED"
+    return {"status": status, "summary": lines[-1] if lines else proc.stderr[-500:], "failures": failures,
+            "seconds": time.monotonic() - t0, "command": " ".join(cmd),
+            **({} if status == "ok" else {"tail": (proc.stdout[-4000:] + proc.stderr[-1000:])})}
+
+
+# --------------------------------------------------------------------------------------------
+# stage 2: timing
+
+
+def backend_can_run(b: str, device: torch.device) -> str | None:
+    """Why backend ``b`` is not timed here (``SKIPPED: no CUDA`` for Triton without CUDA or the interpreter)."""
+    if b in TRITON_VARIANTS and device.type != "cuda":
+        from ..kernels import connectivity as kc
+
+        if not kc.kernel_is_interpreted():
+            return SKIP_NO_CUDA
+    return None
+
+
+def _row(new_row, w: Workload, T: int, **kw) -> BenchRow:
+    return new_row(H=w.H, O=w.O, T=T, depth=w.depth, dtype="float32", **kw)
+
+
+def _fill(row: BenchRow, timing: Timing, w: Workload, roof: float | None) -> BenchRow:
+    fill_speed(row, timing, roof)
+    row.gflop = w.flop_per_pair * row.pairs / 1e9  # the workload's own useful FLOP (not the MLP formula)
+    row.gflops = row.gflop / timing.median
+    row.frac_roof = row.gflops / roof if roof else None
+    return row
+
+
+def time_workload(w: Workload, device: torch.device, ns: Sequence[int], T: int, repeats: int, roof: float | None,
+                  deadline: float, new_row, n_ref: int) -> list[BenchRow]:
+    """``connectivity`` rows of each backend of :data:`BACKENDS` at each N of workload ``w``.
+
+    Each backend's L on the first ``n_ref`` inputs is checked against the reference first (refused rows are not
+    timed); a row whose time, predicted from the last N by pairs, would not fit the time left is skipped.
+    """
+    h_all, tail = w.make(max(ns), device)
+    n_ref = min(n_ref, max(ns))
+    L_ref, _ = reference_timed(h_all[:n_ref], tail, T)
+    rows: list[BenchRow] = []
+    todo = [(b, N) for b in BACKENDS for N in ns]
+    last: dict[str, tuple[int, float]] = {}
+    checks: dict[str, tuple[float, str | None]] = {}
+    for k, (b, N) in enumerate(todo):
+        r = _row(new_row, w, T, kind="connectivity", backend=b, N=N, check_n=n_ref,
+                 note=f"gpu day, workload {w.name}")
+        why = backend_can_run(b, device)
+        if why:
+            r.status = why
+            rows.append(r)
+            continue
+        fn = backend_fn(b)
+        if b not in checks:
+            checks[b] = check_agreement(lambda fn=fn: fn(h_all[:n_ref], tail, T), L_ref)
+            if checks[b][1] is None:
+                fn(h_all[: min(256, max(ns))], tail, T)  # warm-up: compilation, autotuning, allocator
+        r.max_abs_diff, refused = checks[b]
+        if refused:
+            rows.append(refuse(r, refused))
+            continue
+        share = _left(deadline) / max(1, len(todo) - k)  # this row's fair share of what is left
+        if b in last:
+            n0, t0 = last[b]
+            predicted = t0 * n_pairs(N) / n_pairs(n0)
+            if predicted > max(share, _left(deadline) / 2):
+                r.status = f"SKIPPED: predicted {predicted:.2f} s per call, {max(_left(deadline), 0):.0f} s left"
+                rows.append(r)
+                continue
+        if _left(deadline) <= 0:
+            r.status = "SKIPPED: timing budget spent"
+            rows.append(r)
+            continue
+        h = h_all[:N]
+        timing = time_fn(functools.partial(fn, h, tail, T), device, repeats, budget_s=share)
+        rows.append(_fill(r, timing, w, roof))
+        last[b] = (N, timing.median)
+    torch_t = {r.N: r.time_median_s for r in rows if r.backend == "torch" and r.status == "ok"}
+    for r in rows:
+        if r.status == "ok" and r.backend != "torch" and r.N in torch_t:
+            r.speedup_vs_torch = torch_t[r.N] / r.time_median_s
+    return rows
+
+
+def e2e_rows(device: torch.device, ns: Sequence[int], T: int, repeats: int, deadline: float,
+             new_row) -> list[BenchRow]:
+    """``gm.lmn`` end to end on the default tail (backend ``auto``), split into L / eigen / the rest, per N.
+
+    ``time_median_s`` is the measured ``gm.lmn`` call; ``time_L_s`` ``gm.connectivity``; ``time_eigen_s``
+    ``eigvalsh`` of L in float64 on L's device; ``time_entropy_s`` ``lmn_from_connectivity`` minus eigen (>= 0).
+    """
+    w = default_workload(T)
+    rows = []
+    core.lmn_from_connectivity(torch.eye(2, device=device))  # loads the eigensolver's library
+    for k, N in enumerate(ns):
+        r = _row(new_row, w, T, kind="lmn_e2e", backend=core.resolve_backend(*w.make(2, device), "auto"), N=N,
+                 pairs=n_pairs(N))
+        share = _left(deadline) / (len(ns) - k) / 4
+        if share <= 0:
+            r.status = "SKIPPED: timing budget spent"
+            rows.append(r)
+            continue
+        h, tail = w.make(N, device)
+        core.lmn(h, tail, T)  # warm-up
+        total = time_fn(functools.partial(core.lmn, h, tail, T), device, repeats, budget_s=share)
+        t_L = time_fn(functools.partial(core.connectivity, h, tail, T), device, repeats, budget_s=share)
+        L = t_L.result
+        t_eig = time_fn(functools.partial(_eig, L, None), device, repeats, budget_s=share)
+        t_post = time_fn(functools.partial(core.lmn_from_connectivity, L), device, repeats, budget_s=share)
+        r.repeats = len(total.times)
+        r.time_median_s, r.time_iqr_s, r.time_min_s, r.time_max_s = total.median, total.iqr, total.min, total.max
+        r.time_L_s, r.time_eigen_s = t_L.median, t_eig.median
+        r.time_entropy_s = max(t_post.median - t_eig.median, 0.0)
+        r.eigen_share = t_eig.median / total.median
+        r.note = "gpu day: total = gm.lmn measured; L = gm.connectivity; eigen = eigvalsh(float64) on L's device"
+        rows.append(r)
+    return rows
+
+
+def _eig(L: torch.Tensor, device: str | None) -> torch.Tensor:
+    """``eigvalsh`` of ``L`` in float64, on ``device`` (``None``: L's own)."""
+    return torch.linalg.eigvalsh(L.to(device=device or L.device, dtype=torch.float64))
+
+
+def eigen_rows(device: torch.device, ns: Sequence[int], T: int, repeats: int, deadline: float,
+               new_row) -> list[BenchRow]:
+    """The eigen step (``eigvalsh`` in float64) of a real L on the device vs on the host (LAPACK) at 1, 4, all threads.
+
+    Host rows include the device-to-host copy of L. ``kind="eigen"``; ``threads`` says how many host threads.
+    """
+    w = default_workload(T)
+    host_threads = sorted({1, min(4, os.cpu_count() or 1), os.cpu_count() or 1})
+    before = torch.get_num_threads()
+    rows = []
+    try:
+        for k, N in enumerate(ns):
+            h, tail = w.make(N, device)
+            L = core.connectivity(h, tail, T)
+            where = ([("device", None)] if device.type == "cuda" else []) + [("host", t) for t in host_threads]
+            for j, (place, threads) in enumerate(where):
+                label = f"eigvalsh-{device.type}" if place == "device" else f"eigvalsh-host-lapack-{threads}t"
+                r = _row(new_row, w, T, kind="eigen", backend=label, N=N)
+                r.threads = threads
+                share = _left(deadline) / ((len(ns) - k) * len(where) - j)
+                if share <= 0:
+                    r.status = "SKIPPED: timing budget spent"
+                    rows.append(r)
+                    continue
+                if threads is not None:
+                    torch.set_num_threads(threads)
+                fn = functools.partial(_eig, L, None if place == "device" else "cpu")
+                fn()  # warm-up
+                t = time_fn(fn, device, repeats, budget_s=share)
+                r.repeats = len(t.times)
+                r.time_median_s, r.time_iqr_s, r.time_min_s, r.time_max_s = t.median, t.iqr, t.min, t.max
+                r.note = ("eigvalsh(float64) of a real L on the device" if place == "device" else
+                          f"eigvalsh(float64) on the host, {threads} LAPACK threads, device-to-host copy included")
+                rows.append(r)
+    finally:
+        torch.set_num_threads(before)
+    return rows
+
+
+def timing_stage(device: torch.device, dry_run: bool, deadline: float, new_row, T: int = 21) -> list[BenchRow]:
+    """The roof, every workload's connectivity rows, the end-to-end and eigen rows (stage 2)."""
+    ns = DRY_NS if dry_run else GPU_NS
+    e2e_ns = DRY_NS if dry_run else GPU_E2E_NS
+    repeats = 2 if dry_run else 5
+    roof, t, size = matmul_roof(device, 256 if dry_run else 8192, repeats=3 if dry_run else 5)
+    note = f"({size},{size}) @ ({size},{size}) fp32"
+    if device.type == "cuda":
+        note += f", allow_tf32={torch.backends.cuda.matmul.allow_tf32}"
+    rows = [new_row(kind="roof", backend="torch.mm", N=size, dtype="float32", repeats=len(t.times),
+                    time_median_s=t.median, time_iqr_s=t.iqr, time_min_s=t.min, time_max_s=t.max,
+                    gflop=2 * size**3 / 1e9, gflops=roof, frac_roof=1.0, note=note)]
+    conn_deadline = time.monotonic() + 0.6 * _left(deadline)
+    for w in workloads(T):
+        rows += time_workload(w, device, ns, T, repeats, roof, conn_deadline, new_row, n_ref=8 if dry_run else 24)
+    rows += e2e_rows(device, e2e_ns, T, repeats, time.monotonic() + 0.5 * _left(deadline), new_row)
+    rows += eigen_rows(device, e2e_ns, T, repeats, deadline, new_row)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# stage 3: the static model's error
+
+
+def static_model_stage(rows: Sequence[BenchRow], device: torch.device, deadline: float,
+                       estimate: Callable[..., dict] | None = None) -> list[dict]:
+    """Measured time / static estimate for every timed Triton row of the default workload.
+
+    ``estimate`` defaults to :func:`.static_gpu.estimate` for the device's architecture (sm_90 or sm_80 models;
+    other GPUs: one row saying there is no model). Without CUDA: one ``SKIPPED: no CUDA`` row.
+    """
+    if device.type != "cuda" and estimate is None:
+        return [{"status": SKIP_NO_CUDA}]
+    from . import static_gpu
+
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        arch = 10 * major + minor
+    else:
+        arch = 90
+    if arch not in static_gpu.GPUS:
+        return [{"status": f"SKIPPED: no static model of sm_{arch} (models: {sorted(static_gpu.GPUS)})"}]
+    estimate = estimate or static_gpu.estimate
+    out = []
+    for r in rows:
+        if r.kind != "connectivity" or r.backend not in TRITON_VARIANTS or "workload default" not in r.note:
+            continue
+        d = {"kernel": TRITON_VARIANTS[r.backend], "N": r.N, "arch": arch, "measured_ms": None, "estimate_ms": None,
+             "ratio": None}
+        if r.status != "ok":
+            d["status"] = f"not measured ({r.status})"
+        elif _left(deadline) <= 0:
+            d["status"] = "SKIPPED: static-model budget spent"
+        else:
+            try:
+                e = estimate(r.N, r.H, r.O, r.depth, arch, r.T, variant=d["kernel"])
+            except Exception as exc:
+                d["status"] = f"estimate failed: {type(exc).__name__}: {str(exc)[:160]}"
+            else:
+                d.update(measured_ms=1e3 * r.time_median_s, estimate_ms=e["total_ms"], gpu_model=e["gpu"],
+                         ratio=1e3 * r.time_median_s / e["total_ms"], status="ok")
+        out.append(d)
+    return out or [{"status": "no Triton row was timed"}]
+
+
+# --------------------------------------------------------------------------------------------
+# stage 4: the dense-tracking job
+
+
+def _read_rows(path: Path) -> list[dict]:
+    rows = []
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line cut by the stop
+    return rows
+
+
+def complexity_steps(steps: int) -> list[int]:
+    """Steps the trainer's default ``--complexity log`` computes the complexity at: 0, powers of two, the last."""
+    out = {0, steps}
+    p = 1
+    while p < steps:
+        out.add(p)
+        p *= 2
+    return sorted(out)
+
+
+def extrapolate(rows: list[dict], steps: int) -> dict:
+    """Total seconds of a ``steps``-step run from the rows (``step``, ``time_s``) of its first steps.
+
+    ``time at the last row + remaining steps x median seconds per step over the second half of the rows +
+    remaining complexity evaluations x their mean extra cost`` (extra = the step's time above the median, over the
+    complexity steps seen in the second half, else all seen).
+    """
+    pts = [(r["step"], r["time_s"]) for r in rows if r.get("time_s") is not None]
+    if len(pts) < 3:
+        raise ValueError(f"too few logged steps to extrapolate ({len(pts)})")
+    dts = [(s1, (t1 - t0) / (s1 - s0)) for (s0, t0), (s1, t1) in itertools.pairwise(pts) if s1 > s0]
+    half = dts[len(dts) // 2:]
+    per_step = statistics.median(d for _, d in half)
+    cx = set(complexity_steps(steps))
+    extras = [d - per_step for s, d in dts if s in cx and s > 1]
+    extra = max(0.0, statistics.mean(extras[-3:])) if extras else 0.0
+    last_step, last_t = pts[-1]
+    remaining_cx = sum(1 for s in cx if s > last_step)
+    total = last_t + (steps - last_step) * per_step + remaining_cx * extra
+    return {"steps_done": last_step, "time_at_last_step_s": last_t, "median_step_s": per_step,
+            "complexity_extra_s": extra, "complexity_evals_remaining": remaining_cx, "total_s": total}
+
+
+def dense_tracking_stage(py: Sequence[str], device: torch.device, dry_run: bool, deadline: float,
+                         steps: int = DENSE_STEPS) -> dict:
+    """Run ``grokfast-metrics train --task add`` with LMN every step on all inputs until done or ``deadline``.
+
+    On CUDA the trainer's defaults are the dense job (``--lmn-every 1``, ``--probe all``, a row per step); the dry run
+    tracks 16 inputs on the CPU. A run stopped at the deadline (SIGTERM, which the trainer handles: it writes its
+    rows and summary) is extrapolated to ``steps`` (:func:`extrapolate`).
+    """
+    args = ["--task", "add", "--steps", str(steps), "--no-progress", "--no-plot", "--overwrite"]
+    if dry_run or device.type != "cuda":
+        args += ["--device", "cpu", "--lmn-every", "1", "--probe", "16", "--log-every", "1", "--complexity", "off"]
+    else:
+        args += ["--device", str(device), "--lmn-every", "1", "--probe", "all", "--log-every", "1"]
+    with tempfile.TemporaryDirectory(prefix="gpu_day_dense_") as d:
+        run_dir = Path(d) / "run"
+        cmd = [*py, "-m", "grokfast_metrics", "train", *args, "--out", str(run_dir)]
+        t0 = time.monotonic()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                cwd=tempfile.gettempdir())
+        stopped = False
+        try:
+            out, _ = proc.communicate(timeout=max(1.0, _left(deadline)))
+        except subprocess.TimeoutExpired:
+            stopped = True
+            proc.send_signal(signal.SIGTERM)
+            try:
+                out, _ = proc.communicate(timeout=RESERVE_S - 5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, _ = proc.communicate()
+        wall = time.monotonic() - t0
+        rows = _read_rows(run_dir / "metrics.jsonl")
+        summary_path = run_dir / "summary.json"
+        summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.exists() else {}
+    res = {"command": " ".join(cmd[len(py):]), "steps_planned": steps, "process_wall_s": wall, "stopped": stopped,
+           "returncode": proc.returncode, "target_s": DENSE_TARGET_S, "timings_s": summary.get("timings_s"),
+           "n_probe": 16 if (dry_run or device.type != "cuda") else 961}
+    if not rows:
+        res.update(status=f"FAILED: no step logged (exit {proc.returncode})", output_tail=(out or "")[-2000:])
+        return res
+    done = rows[-1]["step"]
+    trainer_total = (summary.get("timings_s") or {}).get("total")
+    startup = wall - trainer_total if trainer_total is not None else None  # imports, set-up, stop, summary
+    res.update(steps_done=done, startup_s=startup)
+    if not stopped and done == steps:
+        total = (summary.get("timings_s") or {}).get("total", rows[-1]["time_s"])
+        res.update(status="ok: ran whole", total_s=total, extrapolated=False)
+    else:
+        try:
+            ex = extrapolate(rows, steps)
+        except ValueError as e:
+            res.update(status=f"FAILED: {e}", output_tail=(out or "")[-2000:])
+            return res
+        res.update(status="ok: extrapolated", total_s=ex["total_s"], extrapolated=True, extrapolation=ex)
+    res["meets_target"] = bool(res["total_s"] <= DENSE_TARGET_S) if not dry_run else None
+    return res
+
+
+# --------------------------------------------------------------------------------------------
+# the run
+
+
+def write_results(outdir: Path, results: dict) -> Path:
+    """Write ``results`` to ``outdir/gpu_day.json`` (through a temporary file: never half written)."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    path = outdir / RESULTS_NAME
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=1, default=_jsonable) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def _jsonable(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return str(x)
+
+
+def _stage(results: dict, name: str, budget: float, t0: float, status: str, **extra) -> None:
+    results["stages"].append({"name": name, "budget_s": round(budget, 1), "spent_s": round(time.monotonic() - t0, 2),
+                              "status": status, **extra})
+
+
+def run(outdir: Path, dry_run: bool = False, total_s: float = TOTAL_BUDGET_S, skip_tests: bool = False,
+        dense_steps: int = DENSE_STEPS) -> int:
+    """All stages; returns 0 (done), 3 (the CUDA tests failed: stopped after them)."""
+    budget = Budget(total_s)
+    py = [sys.executable, "-P"]
+    device = torch.device("cuda" if torch.cuda.is_available() and not dry_run else "cpu")
+    budgets = DRY_BUDGETS if dry_run else BUDGETS
+    new_row = row_maker(device)
+    probe = new_row()
+    info = machine_info(device)
+    results: dict = {
+        "format": FORMAT, "dry_run": dry_run, "run_id": probe.run_id, "started": probe.timestamp,
+        "device_name": info["gpu"] or f"no CUDA ({info['cpu']})", "machine": info,
+        "cuda_capability": list(torch.cuda.get_device_capability(device)) if device.type == "cuda" else None,
+        "budget_s": total_s, "budgets_s": budgets, "stages": [], "cuda_tests": None, "rows": [],
+        "static_model": [], "dense_tracking": None,
+    }
+    log = _logger()
+    log(f"gpu day{' (dry run)' if dry_run else ''}: {results['device_name']}, budget {total_s:.0f} s -> {outdir}")
+
+    t0 = time.monotonic()
+    if skip_tests:
+        results["cuda_tests"] = {"status": "SKIPPED: --skip-tests"}
+    else:
+        results["cuda_tests"] = cuda_tests(py, budget.stage(budgets["cuda_tests"]), dry_run)
+    ct = results["cuda_tests"]
+    _stage(results, "cuda_tests", budgets["cuda_tests"], t0, ct["status"], summary=ct.get("summary", ""))
+    log(f"[1 cuda_tests] {ct['status']} {ct.get('summary', '')}")
+    if ct["status"] in ("FAILED", "TIMEOUT"):
+        for f in ct.get("failures", []):
+            log(f"    {f}")
+        for name in ("timing", "static_model", "dense_tracking"):
+            _stage(results, name, budgets[name], time.monotonic(), f"not run: the CUDA tests {ct['status']}")
+        return _finish(outdir, results, log, 3)
+
+    t0 = time.monotonic()
+    try:
+        rows = timing_stage(device, dry_run, budget.stage(budgets["timing"]), new_row)
+        status = "ok"
+    except Exception as e:  # the results file still says what happened
+        rows, status = [], f"FAILED: {type(e).__name__}: {str(e)[:300]}"
+    results["rows"] = [asdict(r) for r in rows]
+    _stage(results, "timing", budgets["timing"], t0, status, rows=len(rows))
+    log(f"[2 timing] {status}: {len(rows)} rows")
+    for r in rows:
+        if r.kind in ("roof", "connectivity", "lmn_e2e", "eigen"):
+            ms = "-" if r.time_median_s is None else f"{1e3 * r.time_median_s:.3f} ms"
+            log(f"    {r.kind:12} {r.backend:28} N={r.N}: {ms} {'' if r.status == 'ok' else r.status}")
+
+    t0 = time.monotonic()
+    try:
+        results["static_model"] = static_model_stage(rows, device, budget.stage(budgets["static_model"]))
+        status = results["static_model"][0]["status"] if len(results["static_model"]) == 1 else "ok"
+    except Exception as e:
+        status = f"FAILED: {type(e).__name__}: {str(e)[:300]}"
+    _stage(results, "static_model", budgets["static_model"], t0, status)
+    log(f"[3 static_model] {status}")
+    for d in results["static_model"]:
+        if d.get("ratio"):
+            log(f"    {d['kernel']} N={d['N']}: measured {d['measured_ms']:.3f} ms / estimate {d['estimate_ms']:.3f} ms"
+                f" = {d['ratio']:.2f}")
+
+    t0 = time.monotonic()
+    # on a GPU the dense job takes what the other stages left; the dry run keeps to its own few seconds
+    dense_budget = budgets["dense_tracking"] if dry_run else max(budgets["dense_tracking"], budget.left() - RESERVE_S)
+    try:
+        dense = dense_tracking_stage(py, device, dry_run, budget.stage(dense_budget), dense_steps)
+    except Exception as e:
+        dense = {"status": f"FAILED: {type(e).__name__}: {str(e)[:300]}"}
+    results["dense_tracking"] = dense
+    _stage(results, "dense_tracking", dense_budget, t0, dense["status"])
+    results["rows"] += [asdict(r) for r in summary_rows(results, new_row)]
+    log(f"[4 dense_tracking] {dense['status']}: {dense.get('steps_done')} of {dense_steps} steps, total "
+        f"{dense.get('total_s', float('nan')):.1f} s (target {DENSE_TARGET_S:.0f} s)")
+    return _finish(outdir, results, log, 0)
+
+
+def summary_rows(results: dict, new_row) -> list[BenchRow]:
+    """``static_model`` and ``dense_tracking`` rows for ``results.csv`` (the results file holds their details)."""
+    out = []
+    for d in results["static_model"]:
+        if "kernel" not in d:
+            continue
+        r = new_row(kind="static_model", backend=f"triton-{d['kernel']}", N=d["N"], H=100, O=31, T=21, depth=1,
+                    dtype="float32", status=d["status"])
+        if d["ratio"] is not None:
+            r.time_median_s = d["measured_ms"] / 1e3
+            r.note = (f"measured {d['measured_ms']:.4g} ms / static estimate {d['estimate_ms']:.4g} ms "
+                      f"({d['gpu_model']}) = {d['ratio']:.3g}")
+        out.append(r)
+    d = results["dense_tracking"] or {}
+    r = new_row(kind="dense_tracking", backend="auto", N=d.get("n_probe"), H=100, O=31, T=21, depth=1,
+                dtype="float32", status=d.get("status", "not run"))
+    if "total_s" in d:
+        r.time_median_s = d["total_s"]
+        r.note = (f"{d.get('steps_done')} of {d.get('steps_planned')} steps run"
+                  + (", total extrapolated" if d.get("extrapolated") else "") + f"; target {DENSE_TARGET_S:g} s")
+    out.append(r)
+    return out
+
+
+def _finish(outdir: Path, results: dict, log, code: int) -> int:
+    results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    results["wall_s"] = round(sum(s["spent_s"] for s in results["stages"]), 2)
+    results["exit_code"] = code
+    path = write_results(outdir, results)
+    log(f"[5 results] {path} ({results['wall_s']:.0f} s in the stages)"
+        + ("; STOPPED: the CUDA tests did not pass, nothing was timed" if code == 3 else ""))
+    return code
+
+
+def _logger():
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    return log
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -P -m grokfast_metrics.bench.gpu_day OUTDIR [--dry-run] [--budget-s S] [--skip-tests]``."""
+    p = argparse.ArgumentParser(prog="gpu_day", description=__doc__.split("\n\n")[0])
+    p.add_argument("outdir", help=f"folder for {RESULTS_NAME} (created)")
+    p.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU; CUDA-only stages say 'SKIPPED: no CUDA'")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help=f"seconds for all stages (default {TOTAL_BUDGET_S:g}; dry run {sum(DRY_BUDGETS.values()) + RESERVE_S:g})")
+    p.add_argument("--skip-tests", action="store_true", help="skip stage 1 (the CUDA tests)")
+    p.add_argument("--dense-steps", type=int, default=None,
+                   help=f"steps of the dense job (default {DENSE_STEPS}; dry run {DRY_DENSE_STEPS})")
+    args = p.parse_args(argv)
+    total = args.budget_s or (sum(DRY_BUDGETS.values()) + RESERVE_S if args.dry_run else TOTAL_BUDGET_S)
+    dense_steps = args.dense_steps or (DRY_DENSE_STEPS if args.dry_run else DENSE_STEPS)
+    if total < RESERVE_S + 5 or dense_steps < 2:
+        print(f"gpu_day: error: --budget-s must be >= {RESERVE_S + 5:g} and --dense-steps >= 2", file=sys.stderr)
+        return 2
+    if not args.dry_run and not torch.cuda.is_available():
+        print("gpu_day: error: no CUDA device here; use --dry-run to check the script on the CPU", file=sys.stderr)
+        return 2
+    return run(Path(args.outdir), args.dry_run, total, args.skip_tests, dense_steps)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
