@@ -32,8 +32,6 @@ done
 ln -s "$REPO/kernels" "$SHIM/grokfast_metrics/kernels"
 export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}" GPU_DAY_REPO="$REPO" PYTHONUNBUFFERED=1
 cd "$SHIM"
-"$PY" -P -c 'import grokfast_metrics.kernels.connectivity, torch, sys; print("python", sys.version.split()[0], "torch",
-torch.__version__, "cuda", torch.cuda.is_available(), "package from", grokfast_metrics.__file__)'
 set +e
 "$PY" -P -m grokfast_metrics.bench.gpu_day "$OUTDIR" "$@"
 rc=$?

@@ -29,6 +29,7 @@ Anything else (depth >= 2, a trailing activation, ``T > 128``) runs v1: :func:`s
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import triton
@@ -276,6 +277,20 @@ def supported(spec: MLPTail, n_lambda: int) -> bool:
             and n_lambda <= MAX_T)
 
 
+@functools.cache
+def min_dot_k(fp64: bool) -> int:
+    """``K`` chunk of the fp64 and fp32 "ieee" tiles: 8, or the smallest ``tl.dot`` ``K`` the installed Triton compiles
+    for NVIDIA if larger (triton 3.9: 8 fp32 / 4 fp64; triton 3.6, the lent GPU machines' version: 16 for both)."""
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.backends.nvidia.compiler import min_dot_size
+
+        ty = tl.float64 if fp64 else tl.float32
+        return max(8, int(min_dot_size(GPUTarget("cuda", 90, 32))(ty, ty)[2]))
+    except Exception:  # another Triton layout: the bound every version accepts
+        return BLOCK_K
+
+
 def launch_config(spec: MLPTail, dtype: torch.dtype, n_lambda: int, *, interpret: bool,
                   input_precision: str | None = None, n: int | None = None, arch: int | None = None):
     """v2's :class:`kernels._triton_common.LaunchConfig` (v1's checks, activation codes and flag constants).
@@ -301,7 +316,7 @@ def launch_config(spec: MLPTail, dtype: torch.dtype, n_lambda: int, *, interpret
         m = max(triton.next_power_of_2(n_lambda), min(rows, triton.next_power_of_2(8 * n_lambda), cap // po), 16)
         bp = min(8, m // n_lambda)
     h = v1.widths[0]
-    block_k = max(BLOCK_K, triton.next_power_of_2(h)) if interpret else (BLOCK_K if hilo else 8)
+    block_k = max(BLOCK_K, triton.next_power_of_2(h)) if interpret else (BLOCK_K if hilo else min_dot_k(fp64))
     k0 = triton.cdiv(h, block_k) * block_k
     const = {
         "T": n_lambda, "M": m, "BP": bp, "BPP": triton.next_power_of_2(bp), "BLOCK_K": block_k, "K0": k0, "PO": po,

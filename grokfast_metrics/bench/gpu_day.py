@@ -550,7 +550,9 @@ def run(outdir: Path, dry_run: bool = False, total_s: float = TOTAL_BUDGET_S, sk
         "static_model": [], "dense_tracking": None,
     }
     log = _logger()
-    log(f"gpu day{' (dry run)' if dry_run else ''}: {results['device_name']}, budget {total_s:.0f} s -> {outdir}")
+    log(f"gpu day{' (dry run)' if dry_run else ''}: {results['device_name']}, budget {total_s:.0f} s -> {outdir}\n"
+        f"    python {sys.version.split()[0]}, torch {torch.__version__}, triton {info['triton_version'] or '-'}, "
+        f"package from {Path(__file__).parents[1]}, tests from {repo_root()}")
 
     t0 = time.monotonic()
     if skip_tests:
