@@ -280,7 +280,8 @@ def supported(spec: MLPTail, n_lambda: int) -> bool:
 @functools.cache
 def min_dot_k(fp64: bool) -> int:
     """``K`` chunk of the fp64 and fp32 "ieee" tiles: 8, or the smallest ``tl.dot`` ``K`` the installed Triton compiles
-    for NVIDIA if larger (triton 3.9: 8 fp32 / 4 fp64; triton 3.6, the lent GPU machines' version: 16 for both)."""
+    for NVIDIA if larger (triton 3.9: 8 fp32 / 4 fp64; triton 3.6, the lent GPU machines' version: 16 for both).
+    The padded pair count ``BPP`` keeps ``2 BPP`` (another dot's ``K``) at least this large too."""
     try:
         from triton.backends.compiler import GPUTarget
         from triton.backends.nvidia.compiler import min_dot_size
@@ -318,8 +319,10 @@ def launch_config(spec: MLPTail, dtype: torch.dtype, n_lambda: int, *, interpret
     h = v1.widths[0]
     block_k = max(BLOCK_K, triton.next_power_of_2(h)) if interpret else (BLOCK_K if hilo else min_dot_k(fp64))
     k0 = triton.cdiv(h, block_k) * block_k
+    # pairs padded to a power of two; 2 BPP is the K of the per-pair sums' broadcast back (``_tile_stats``)
+    bpp = triton.next_power_of_2(bp) if interpret else max(triton.next_power_of_2(bp), min_dot_k(fp64) // 2)
     const = {
-        "T": n_lambda, "M": m, "BP": bp, "BPP": triton.next_power_of_2(bp), "BLOCK_K": block_k, "K0": k0, "PO": po,
+        "T": n_lambda, "M": m, "BP": bp, "BPP": bpp, "BLOCK_K": block_k, "K0": k0, "PO": po,
         "O": c1["O"], "ACT": c1["ACT1"], "SLOPE": c1["SLOPE1"], "FAST_ACT": not fp64, "REL": APPROX_REL,
         "INTERP": interpret,
         "BLOCK_KE": min(128, triton.next_power_of_2(k0)), "HILO": hilo, "PREC": prec,
@@ -331,7 +334,8 @@ def launch_config(spec: MLPTail, dtype: torch.dtype, n_lambda: int, *, interpret
     signature["tiles_ptr"] = "*i32"
     signature.update({"N": "i32", "n_tiles": "i32"})
     signature.update({name: "constexpr" for name in const})
-    warps = 4
+    # the fp64 / "ieee" tiles with a 16-wide K chunk (triton 3.6) spill at 4 warps: 8 halve each thread's share
+    warps = 8 if not (interpret or hilo) and block_k > 8 else 4
     return LaunchConfig(const, signature, v1.widths, (k0, po), warps, 1)
 
 

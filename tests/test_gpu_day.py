@@ -41,12 +41,14 @@ def dry_run(tmp_path_factory) -> tuple[Path, dict, float]:
 
 
 def test_dry_run_results_file(dry_run):
-    path, res, seconds = dry_run
+    _path, res, seconds = dry_run
     print(f"dry run took {seconds:.1f} s")
     assert res["format"] == gpu_day_report.FORMAT and res["dry_run"] is True and res["exit_code"] == 0
     assert [s["name"] for s in res["stages"]] == STAGES
     assert all(s["spent_s"] <= s["budget_s"] + 30 for s in res["stages"][1:]), res["stages"]
-    assert res["cuda_tests"]["status"] == gpu_day.SKIP_NO_CUDA
+    # the CUDA tests' command collects them here (unless a loaded machine runs out of the stage's time first)
+    ct = res["cuda_tests"]
+    assert ct["status"] == gpu_day.SKIP_NO_CUDA and re.search(r"collect only: (\d+ tests collected|not finished)", ct["summary"])
     assert res["static_model"] == [{"status": gpu_day.SKIP_NO_CUDA}]
     rows = res["rows"]
     kinds = {r["kind"] for r in rows}
@@ -65,8 +67,9 @@ def test_dry_run_results_file(dry_run):
     eig = [r for r in rows if r["kind"] == "eigen"]
     assert eig and all(r["backend"].startswith("eigvalsh-host-lapack-") and r["threads"] >= 1 for r in eig)
     dense = res["dense_tracking"]
-    assert dense["status"].startswith("ok"), dense
-    assert dense["steps_done"] == gpu_day.DRY_DENSE_STEPS and dense["total_s"] > 0
+    # whole, or (a loaded machine) stopped at its budget and extrapolated from the steps it logged
+    assert dense["status"] in ("ok: ran whole", "ok: extrapolated"), dense
+    assert dense["total_s"] > 0 and (dense["extrapolated"] or dense["steps_done"] == gpu_day.DRY_DENSE_STEPS)
 
 
 def _bench(*args: str) -> int:
@@ -141,7 +144,7 @@ def test_static_model_ratio_per_kernel_and_n():
 
     def fake_estimate(n, h, o, depth, arch, t, variant):
         calls.append((n, h, o, depth, arch, t, variant))
-        return {"total_ms": 0.5, "gpu": "H100 SXM (sm_90)"}
+        return {"total_ms": 0.5, "gpu": "H100 SXM (sm_90)", "loops_verified": True}
 
     out = gpu_day.static_model_stage(rows, torch.device("cpu"), time.monotonic() + 60, estimate=fake_estimate)
     assert calls == [(961, 100, 31, 1, 90, 21, "v1")]

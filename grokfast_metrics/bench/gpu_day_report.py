@@ -133,10 +133,12 @@ def format_gpu_day(res: dict) -> str:
         lines += ["", "| kernel | N | model | measured ms | estimate ms | measured / estimate | status |",
                   "|---|---:|---|---:|---:|---:|---|"]
         for d in sm:
-            lines.append(f"| {d['kernel']} | {d['N']} | {d.get('gpu_model', '-')} | "
+            lines.append(f"| {d['kernel']} | {d['N']} | {d.get('gpu_model', '-')}{'' if d.get('loops_verified', True) else ' *'} | "
                          f"{'-' if d['measured_ms'] is None else format(d['measured_ms'], '.4g')} | "
                          f"{'-' if d['estimate_ms'] is None else format(d['estimate_ms'], '.4g')} | "
                          f"{'-' if d['ratio'] is None else format(d['ratio'], '.3g')} | {_status(d)} |")
+        if not all(d.get("loops_verified", True) for d in sm):
+            lines.append("\n\\* the estimate's loop trip counts could not be checked against the kernel's MMA work.")
     else:
         lines[-1] += " " + ("; ".join(_status(d) for d in res["static_model"]) or "-")
     lines += ["", _dense_line(res.get("dense_tracking") or {})]
