@@ -45,7 +45,17 @@ from torch import nn
 from .. import core
 from .baselines import TRITON_VARIANTS, backend_fn, matmul_roof, reference_timed
 from .gpu_day_report import FORMAT, RESULTS_NAME
-from .harness import BenchRow, Timing, check_agreement, fill_speed, machine_info, n_pairs, refuse, time_fn
+from .harness import (
+    BenchRow,
+    Timing,
+    check_agreement,
+    fill_speed,
+    fraction_recomputed,
+    machine_info,
+    n_pairs,
+    refuse,
+    time_fn,
+)
 from .sweep import row_maker
 from .workloads import make_inputs, make_tail
 
@@ -270,6 +280,7 @@ def time_workload(w: Workload, device: torch.device, ns: Sequence[int], T: int, 
             continue
         h = h_all[:N]
         timing = time_fn(functools.partial(fn, h, tail, T), device, repeats, budget_s=share)
+        r.fraction_recomputed = fraction_recomputed(b)
         rows.append(_fill(r, timing, w, roof))
         last[b] = (N, timing.median)
     torch_t = {r.N: r.time_median_s for r in rows if r.backend == "torch" and r.status == "ok"}
