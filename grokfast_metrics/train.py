@@ -454,6 +454,8 @@ def resume(run_dir: str | Path, *, steps: int | None = None, progress: bool = Tr
         ValueError: ``steps`` not after the checkpoint.
     """
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir} is not a directory: nothing to resume")
     with locked(run_dir, RUN_LOCK, "run", RunDirError):
         cfg, state, rows = prepare_resume(run_dir, steps)
         try:

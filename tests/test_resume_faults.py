@@ -136,3 +136,9 @@ def test_a_run_directory_has_one_writer(tmp_path, capsys):
         assert "another run is writing to" in _one_error_line(capsys)
         assert not (out / "config.json").exists()
     assert cli.main(["train", *TINY, "--steps", "5", "--out", str(out)]) == 0
+
+
+def test_resume_of_a_missing_directory_creates_nothing(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        train_mod.resume(tmp_path / "nothing", progress=False, plot=False)
+    assert not (tmp_path / "nothing").exists()

@@ -130,15 +130,16 @@ def test_kill_9_of_a_worker_fails_only_its_run(tmp_path):
     assert "killed by SIGKILL" in (long_dir / "error.txt").read_text()
 
 
-def test_sigterm_to_the_sweep_stops_its_runs_and_keeps_the_finished_ones(tmp_path):
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_to_the_sweep_stops_its_runs_and_reports_the_finished_ones_done(tmp_path, sig, code):
     proc, out = _start(tmp_path, "--workers", "2", "--grid", f"steps=20,{LONG}")
     done_dir, long_dir = out / "steps=20_seed=0", out / f"steps={LONG}_seed=0"
     _wait_for("one run to finish and the other to run",
               lambda: (done_dir / "summary.json").is_file() and (long_dir / "metrics.jsonl").is_file(), proc=proc)
-    os.kill(proc.pid, signal.SIGTERM)                         # the parent only: it stops its workers' runs itself
+    os.kill(proc.pid, sig)                                    # the parent only: it stops its workers' runs itself
     rc = _finish(proc)
     rows = _rows(out)
-    assert rc == 143, proc.stdout.read()
+    assert rc == code, proc.stdout.read()
     assert rows["steps=20_seed=0"]["status"] == "done"      # finished: not "not run"
     assert rows[f"steps={LONG}_seed=0"]["status"] == "interrupted"
     assert _summary(long_dir)["interrupted"] and _summary(long_dir)["steps_done"] < LONG
@@ -155,16 +156,3 @@ def test_ctrl_c_to_the_process_group_starts_no_queued_run(tmp_path):
     assert rows[first.name]["status"] == "interrupted" and _summary(first)["interrupted"]
     assert rows[queued.name]["status"] == "not run"
     assert not (queued / "config.json").exists() and not (queued / "metrics.jsonl").exists()
-
-
-@pytest.mark.parametrize("sig", [signal.SIGINT])
-def test_sigint_to_the_sweep_alone_reports_finished_runs_as_done(tmp_path, sig):
-    proc, out = _start(tmp_path, "--workers", "2", "--grid", f"steps=20,{LONG}")
-    done_dir, long_dir = out / "steps=20_seed=0", out / f"steps={LONG}_seed=0"
-    _wait_for("one run to finish and the other to run",
-              lambda: (done_dir / "summary.json").is_file() and (long_dir / "metrics.jsonl").is_file(), proc=proc)
-    os.kill(proc.pid, sig)
-    rc = _finish(proc)
-    rows = _rows(out)
-    assert rc == 130, proc.stdout.read()
-    assert rows["steps=20_seed=0"]["status"] == "done" and rows[f"steps={LONG}_seed=0"]["status"] == "interrupted"
