@@ -89,7 +89,7 @@ _KEYS = ("step", "config", "model", "optimizer", "grad_filter", "rng", "tracker"
          "elapsed_s", "rows")
 
 
-def _one_line(e: BaseException, limit: int = 300) -> str:
+def _one_line(e: BaseException, limit: int = 160) -> str:
     text = " ".join(f"{type(e).__name__}: {e}".split())
     return text if len(text) <= limit else text[:limit] + " ..."
 

@@ -7,6 +7,7 @@ import signal
 import sys
 import threading
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -175,12 +176,16 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"grokfast-metrics sweep: error: {e}", file=sys.stderr)
         return 2
-    try:
-        with locked(out, SWEEP_LOCK, "sweep"):
-            return _run_locked(args, axes, out, runs)
-    except DirLockedError as e:
-        print(f"grokfast-metrics sweep: error: {e}", file=sys.stderr)
-        return 2
+    with ExitStack() as held:
+        try:
+            held.enter_context(locked(out, SWEEP_LOCK, "sweep"))
+        except DirLockedError as e:
+            print(f"grokfast-metrics sweep: error: {e}", file=sys.stderr)
+            return 2
+        except OSError as e:
+            print(f"grokfast-metrics sweep: error: cannot write to {out}: {e.strerror or e}", file=sys.stderr)
+            return 2
+        return _run_locked(args, axes, out, runs)
 
 
 def _run_locked(args: argparse.Namespace, axes: list, out: Path, runs: list[Run]) -> int:
