@@ -19,6 +19,8 @@ from filelock import FileLock
 from helpers import PYTHON
 
 from grokfast_metrics import cli
+from grokfast_metrics.config import TrainConfig
+from grokfast_metrics.sweep import engines, plan_runs
 
 #: a tiny model, no LMN, no complexity, no plots: a run is its training loop only
 TINY = ["--task", "add", "--device", "cpu", "--hidden", "8", "--embed-dim", "4", "--lmn-every", "0", "--complexity", "off",
@@ -108,6 +110,22 @@ def test_a_finished_sweep_rerun_with_other_options_is_refused_unless_overwrite(t
     assert json.loads((out / "sweep.json").read_text())["runs"][0]["config"]["steps"] == 5
     assert cli.main([*base, "--steps", "5"]) == 0             # the same options again: skipped, untouched
     assert _rows(out)["weight_decay=0.1_seed=0"]["status"] == "skipped"
+
+
+def test_a_task_that_raised_fails_its_unfinished_runs_with_an_error_txt(tmp_path):
+    """What a Ray task whose worker died reports: the runs that finished are done, the others failed with error.txt."""
+    runs = plan_runs(TrainConfig(steps=5), [("weight_decay", [0.1, 0.2])], [0], tmp_path)
+    runs[0].run_dir.mkdir()
+    (runs[0].run_dir / "summary.json").write_text(json.dumps({"interrupted": False}))
+
+    def died():
+        raise RuntimeError("The worker died unexpectedly while executing this task")
+
+    seen = {}
+    engines._report(runs, died, lambda run, result: seen.__setitem__(run.name, result))
+    assert seen[runs[0].name] == {"status": "done"}
+    assert seen[runs[1].name]["status"] == "failed" and "worker died" in seen[runs[1].name]["error"]
+    assert "worker died" in (runs[1].run_dir / "error.txt").read_text()
 
 
 # ------------------------------------------------------------------------------------------

@@ -162,8 +162,15 @@ def _report(task: list[Run], get: Callable[[], list[dict]], on_done: Callable[[R
         results = get()
     except KeyboardInterrupt:  # raised in the worker by a second signal: the run was stopped (its directory tells)
         results = [{"status": "interrupted"}] * len(task)
-    except Exception as e:
-        results = [_failed(e)] * len(task)
+    except Exception as e:  # the task itself failed (a Ray worker that died, a result that did not come back)
+        results = []
+        for run in task:
+            if is_finished(run.run_dir):  # it finished before: its directory says so
+                results.append({"status": "done"})
+                continue
+            Path(run.run_dir).mkdir(parents=True, exist_ok=True)
+            (Path(run.run_dir) / ERROR_FILE).write_text("".join(traceback.format_exception(e)), encoding="utf-8")
+            results.append(_failed(e))
     for run, result in zip(task, results):
         on_done(run, result)
 
