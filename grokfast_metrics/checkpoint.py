@@ -2,8 +2,9 @@
 
 :func:`save_checkpoint` writes ``checkpoint.pt`` into the run directory every ``checkpoint_every`` steps
 (the state of every piece of a :class:`~grokfast_metrics.train.Run`); :func:`prepare_resume` reads it
-back with the run's configuration and logged rows, and :func:`restore_checkpoint` loads it into a freshly
-set-up run. :func:`grokfast_metrics.train.resume` is the entry point.
+back with the run's configuration and logged rows and checks all of it (a damaged file, a state that does
+not fit the run) before anything in the run directory changes; :func:`roll_back` then drops what follows
+the checkpoint and :func:`restore_checkpoint` loads it into a freshly set-up run. :func:`grokfast_metrics.train.resume` is the entry point.
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from .runlog import RunLogError, drop_snapshots_after, read_metrics
 if TYPE_CHECKING:
     from .train import Run
 
-__all__ = ["CHECKPOINT", "load_checkpoint", "prepare_resume", "restore_checkpoint", "save_checkpoint"]
+__all__ = ["CHECKPOINT", "check_restorable", "load_checkpoint", "prepare_resume", "restore_checkpoint", "roll_back",
+           "save_checkpoint"]
 
 #: the checkpoint file in the run directory (the latest one; replaced atomically)
 CHECKPOINT = "checkpoint.pt"
@@ -64,41 +66,117 @@ def load_checkpoint(run_dir: str | Path) -> dict:
 
     Raises:
         FileNotFoundError: no checkpoint (the run was not started with ``checkpoint_every``).
+        RunLogError: the file is not a readable checkpoint (truncated, empty, not torch's format, keys missing).
     """
     path = Path(run_dir) / CHECKPOINT
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: nothing to resume (train with --checkpoint-every K to write "
                                 "checkpoints)")
-    return torch.load(path, weights_only=False, map_location="cpu")
+    try:
+        state = torch.load(path, weights_only=False, map_location="cpu")
+    except Exception as e:  # truncated, empty, random bytes: torch and pickle raise many kinds
+        raise RunLogError(f"{path} is damaged ({path.stat().st_size} bytes; {_one_line(e)}): it cannot be resumed; "
+                          "the run directory is left as it is") from None
+    missing = [k for k in _KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise RunLogError(f"{path} is not a checkpoint of this trainer (missing {', '.join(missing)}): it cannot be "
+                          "resumed; the run directory is left as it is")
+    return state
+
+
+#: what :func:`save_checkpoint` writes
+_KEYS = ("step", "config", "model", "optimizer", "grad_filter", "rng", "tracker", "phases", "collapse", "timer",
+         "elapsed_s", "rows")
+
+
+def _one_line(e: BaseException, limit: int = 160) -> str:
+    text = " ".join(f"{type(e).__name__}: {e}".split())
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def check_restorable(cfg: TrainConfig, state: dict, path: Path) -> None:
+    """Restore ``state`` into a scratch copy of the run (model, optimizer, filter, RNG, tracker, phases, collapse,
+    timers) on the CPU, so that nothing is touched when it cannot be restored.
+
+    Raises:
+        RunLogError: a piece does not fit this run's configuration (e.g. a model tensor of the wrong shape).
+    """
+    from .grokfast import make_filter
+    from .schedule import Schedule
+    from .tasks import make_task
+    from .tracker import Tracker
+    from .train import Phases, build_model
+
+    try:
+        if not isinstance(state["step"], int) or not isinstance(state["rows"], int) or state["step"] < 0:
+            raise ValueError(f"step {state['step']!r} / rows {state['rows']!r} are not counts")
+        model = build_model(make_task(cfg.task, cfg.train_fraction, cfg.seed), cfg, torch.device("cpu"))
+        model.load_state_dict(state["model"])
+        shapes = {name: p.shape for name, p in model.named_parameters()}
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+        opt.load_state_dict(state["optimizer"])
+        for p in model.parameters():
+            for key, value in opt.state.get(p, {}).items():
+                if key != "step" and isinstance(value, torch.Tensor) and value.shape != p.shape:
+                    raise ValueError(f"optimizer state {key} has shape {tuple(value.shape)}, its parameter {tuple(p.shape)}")
+        grad_filter = make_filter(cfg.grokfast, ema_alpha=cfg.ema_alpha, ema_lamb=cfg.ema_lamb, ma_window=cfg.ma_window,
+                                  ma_lamb=cfg.ma_lamb)
+        if grad_filter is not None and state["grad_filter"] is not None:
+            grad_filter.load_state_dict(state["grad_filter"], device=torch.device("cpu"))
+            for name, value in grad_filter.state.items():
+                for t in (value if not isinstance(value, torch.Tensor) else [value]):
+                    if name not in shapes or t.shape != shapes[name]:
+                        raise ValueError(f"Grokfast filter state {name!r} does not match the model's parameters")
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(state["rng"]["torch"])
+        Tracker(model, Schedule.for_tracker(1), dict).load_state_dict(state["tracker"])
+        dataclasses.replace(Phases(), **state["phases"])
+        if state["collapse"] is not None:
+            Collapse(**state["collapse"])
+        if not all(isinstance(v, (int, float)) for v in dict(state["timer"]).values()) or not isinstance(
+                state["elapsed_s"], (int, float)):
+            raise ValueError("timers are not numbers")
+    except Exception as e:
+        raise RunLogError(f"{path} cannot be restored into this run ({_one_line(e)}); the run directory is left as "
+                          "it is") from None
 
 
 def prepare_resume(run_dir: Path, steps: int | None) -> tuple[TrainConfig, dict, list[dict]]:
-    """The configuration, checkpoint and logged rows to resume ``run_dir`` with; the run directory is rolled back.
+    """The configuration, checkpoint and logged rows to resume ``run_dir`` with, all checked; nothing is changed.
 
-    The configuration is the run's own; ``steps`` may extend it. Rows and connectivity snapshots after
-    the checkpoint are dropped (``summary.json`` too).
+    The configuration is the run's own; ``steps`` may extend it. The checkpoint is restored into a scratch
+    copy of the run first (:func:`check_restorable`); :func:`roll_back` then drops what follows it.
 
     Raises:
         FileNotFoundError: no checkpoint in ``run_dir``.
-        RunLogError: ``metrics.jsonl`` is damaged before the checkpoint.
+        RunLogError: a damaged checkpoint, one that does not fit the run, or ``metrics.jsonl`` damaged before the
+            checkpoint.
         ValueError: ``steps`` not after the checkpoint.
     """
     state = load_checkpoint(run_dir)
-    cfg = TrainConfig(**state["config"])
+    path = Path(run_dir) / CHECKPOINT
+    try:
+        cfg = TrainConfig(**state["config"])
+    except TypeError as e:
+        raise RunLogError(f"{path} holds no configuration of this trainer ({_one_line(e)})") from None
     if steps is not None:
-        if steps <= state["step"]:
+        if not isinstance(state["step"], int) or steps <= state["step"]:
             raise ValueError(f"steps must be > {state['step']} (the checkpoint's step) to resume; got {steps}")
         cfg.steps = steps
     cfg.validate()
+    check_restorable(cfg, state, path)
     rows = read_metrics(run_dir)
     rows = [r for r in rows if r["step"] <= state["step"]]
     if len(rows) != state["rows"]:
         raise RunLogError(f"{run_dir / 'metrics.jsonl'} has {len(rows)} rows up to step {state['step']}, the checkpoint "
                           f"expects {state['rows']}; the run directory was modified")
-    drop_snapshots_after(run_dir, state["step"])
-    for name in ("summary.json",):
-        (run_dir / name).unlink(missing_ok=True)
     return cfg, state, rows
+
+
+def roll_back(run_dir: Path, step: int) -> None:
+    """Drop what follows the checkpoint at ``step``: later connectivity snapshots and ``summary.json``."""
+    drop_snapshots_after(run_dir, step)
+    (Path(run_dir) / "summary.json").unlink(missing_ok=True)
 
 
 def restore_checkpoint(run: Run, state: dict) -> None:

@@ -134,9 +134,29 @@ def _layers(chosen: list[str]) -> list[str]:
     return out
 
 
+def given_options(args: argparse.Namespace) -> set[str]:
+    """The destinations of the options given on the command line (not left at their defaults), for the subcommand
+    ``args`` was parsed by (``args._parser`` and ``args._argv``, set by :func:`main`); empty when unknown."""
+    parser, argv = getattr(args, "_parser", None), getattr(args, "_argv", None)
+    if parser is None or argv is None:
+        return set()
+    rest = argv[argv.index(args.command) + 1:] if args.command in argv else argv
+    saved = {}
+    for action in parser._actions:
+        saved[action] = action.default
+        action.default = argparse.SUPPRESS
+    try:
+        ns, _ = argparse.ArgumentParser.parse_known_args(parser, rest, argparse.Namespace())
+    finally:
+        for action, default in saved.items():
+            action.default = default
+    return {k for k in vars(ns) if not k.startswith("_")}
+
+
 def _resume_steps(args: argparse.Namespace, cfg) -> int | None:
-    """``--steps`` for a resumed run; refuses any other option that differs from the run's own config."""
-    from dataclasses import asdict
+    """``--steps`` for a resumed run (given: the run is extended or shortened to it); refuses any other option given
+    whose value differs from the run's recorded config (``config.json``), whether or not it equals the default."""
+    from dataclasses import fields
 
     from .config import TrainConfig
     from .runlog import RunLogError, read_json
@@ -144,16 +164,28 @@ def _resume_steps(args: argparse.Namespace, cfg) -> int | None:
     run_dir = Path(args.resume)
     if args.out is not None and Path(args.out).resolve() != run_dir.resolve():
         raise UsageError(f"{PROG} train: error: --resume {run_dir} continues that directory; do not give another --out")
+    if args.overwrite:
+        raise UsageError(f"{PROG} train: error: --resume continues the run in {run_dir}; --overwrite would replace it "
+                         "(give one of them)")
     try:
         stored = read_json(run_dir / "config.json")["config"]
-    except (FileNotFoundError, RunLogError, KeyError) as e:
+        recorded = TrainConfig(**stored)
+    except (FileNotFoundError, RunLogError, KeyError, TypeError) as e:
         raise UsageError(f"{PROG} train: error: cannot resume {str(run_dir)!r}: {e}") from None
-    default, given = asdict(TrainConfig()), asdict(cfg)
-    for name, value in given.items():
-        if name != "steps" and value != default[name] and str(value) != str(stored.get(name)):
-            raise UsageError(f"{PROG} train: error: --{name.replace('_', '-')} {value} differs from the resumed run's "
-                             f"config ({stored.get(name)}); a resumed run keeps its configuration (only --steps may change)")
-    return cfg.steps if cfg.steps != default["steps"] else None
+    given = given_options(args)
+    for f in fields(TrainConfig):
+        if f.name == "steps" or f.name not in given:
+            continue
+        value, was = getattr(cfg, f.name), stored.get(f.name)
+        try:  # compared as the run resolved it (device auto -> cpu, probe "8" -> 8)
+            mine = getattr(TrainConfig(**{**vars(recorded), f.name: value}).resolved(), f.name)
+        except (TypeError, ValueError):
+            mine = value
+        if str(mine) != str(was):
+            flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+            raise UsageError(f"{PROG} train: error: {flag} {value} differs from the resumed run's config ({was}); a "
+                             "resumed run keeps its configuration (only --steps may change)")
+    return cfg.steps if "steps" in given else None
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -231,7 +263,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                        description="Full-batch AdamW on an algorithmic task with LMN tracked; writes metrics.jsonl, "
                                    "metrics.csv, config.json, summary.json and curves.png into the run directory.")
     _add_train_arguments(p)
-    p.set_defaults(_run=_run_train)
+    p.set_defaults(_run=_run_train, _parser=p)
     selected = _selected_command(argv or [])
     for name, (module, help_) in LAZY.items():
         p = sub.add_parser(name, help=help_, description=help_)
@@ -269,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"{PROG} {args.command}: error: not available: {reason}")
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args._argv = argv
         return int(args._run(args))
     except UsageError as e:
         print(str(e).splitlines()[0] if str(e) else f"{PROG}: error", file=sys.stderr)

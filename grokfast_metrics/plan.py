@@ -96,7 +96,9 @@ class Plan:
     """What ``lmn_at`` runs for one model, probe set, ``at``/``to`` and layout; built once, run many times.
 
     :class:`~grokfast_metrics.LMNTracker` builds one at construction (every check of the arguments
-    happens there) and reuses it at every computation.
+    happens there) and reuses it at every computation. A model whose modules change afterwards (``m[2] =
+    nn.Linear(...)``, a module added or removed) is noticed at the next computation, which finds ``at`` and ``to``
+    again and rebuilds the tail (and its cut check): the plan always measures the model as it is.
 
     Attributes:
         path: ``"chain"``, ``"split"`` or ``"hooks"`` (``"split"`` may fall back to ``"hooks"`` after a run).
@@ -115,8 +117,7 @@ class Plan:
         self.model = unwrap_compiled(model)
         self.at = _plain_name(at) if isinstance(at, str) else at
         self.to = _plain_name(to) if isinstance(to, str) else to
-        self.module = _find_module(self.model, self.at)
-        self.to_module = None if self.to is None else _find_module(self.model, self.to, "to")
+        self._find_modules()
         if self.to is not None and self.to == self.at:
             raise ValueError(f"to={to!r} is at itself; `to` must be a module after `at`")
         self.output = output
@@ -137,6 +138,20 @@ class Plan:
         self.affine: bool | None = None   # structurally affine (None: unknown until L is seen)
         self.affine_warned = False
 
+    def _find_modules(self) -> None:
+        """``at`` and ``to`` in the model, and the model's modules as they are now (to notice a change)."""
+        self.module = _find_module(self.model, self.at)
+        self.to_module = None if self.to is None else _find_module(self.model, self.to, "to")
+        self._structure = tuple(self.model.named_modules())
+
+    def _rebuild_if_changed(self) -> None:
+        """A module of the model was replaced, added or removed since the plan was built: build it again."""
+        now = tuple(self.model.named_modules())
+        if len(now) == len(self._structure) and all(a[0] == b[0] and a[1] is b[1] for a, b in zip(now, self._structure)):
+            return
+        self._find_modules()
+        self.path, self.tail, self.act_shape, self.checked, self.affine, self.affine_warned = None, None, None, False, None, False
+
     @contextmanager
     def running(self):
         """Context of every computation: no grad, eval mode (restored), RNG forked, user hooks suspended."""
@@ -144,7 +159,9 @@ class Plan:
             yield
 
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(selected outputs (N, O), activation at at)`` of the probe; builds the tail on the first call."""
+        """``(selected outputs (N, O), activation at at)`` of the probe; builds the tail on the first call (and again
+        after the model's modules changed)."""
+        self._rebuild_if_changed()
         out, act, self._raw_is_tensor = _capture(self.model, self.module, self.at, self.args, self.to_module, self.to)
         _check_act_layout(act, self.at, self.n, self.batch_dim, self.input_batch_dim, self.args)
         if self.to is not None:

@@ -37,16 +37,17 @@ import torch
 import torch.nn.functional as F
 
 from ._asyncrows import RowQueue, StepTracker, lmn_columns, track_connectivity
+from ._dirlock import RUN_LOCK, locked
 from ._tail import parse_tail
 from ._trainctl import Timer, _Progress, _Signals
-from .checkpoint import CHECKPOINT, load_checkpoint, prepare_resume, restore_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT, load_checkpoint, prepare_resume, restore_checkpoint, roll_back, save_checkpoint
 from .collapse import Collapse, NumericalCollapseWarning
 from .complexity import compression_complexity, spectral_entropies, spectral_entropy_penalty, weight_matrices, weight_norms
 from .config import SNAPSHOT_DEFAULT, TrainConfig, parse_probe
 from .core import LMNResult, lmn
 from .grokfast import make_filter
 from .model import GrokMLP, layer_target, representations, scale_init, segment_of
-from .runlog import MetricsLog, RunDirError, RunLogError, collapse_message, prepare_run_dir, summarize, write_json
+from .runlog import MetricsLog, RunDirError, RunLogError, collapse_message, prepare_run_dir, read_json, summarize, write_json
 from .schedule import Due, Schedule
 from .tasks import Task, make_task
 from .tracker import Tracker
@@ -219,10 +220,11 @@ class _Stop(Exception):
         self.reason, self.exit_code = reason, exit_code
 
 
-def setup(cfg: TrainConfig, run_dir: Path, resume_rows: list[dict] | None = None) -> Run:
+def setup(cfg: TrainConfig, run_dir: Path, resume_rows: list[dict] | None = None, info: dict | None = None) -> Run:
     """Task, model, optimizer, filter, schedule, tracker and log of a resolved ``cfg``; writes ``config.json``.
 
     ``resume_rows``: the rows already logged by the run being resumed (the log is rewritten with them, then appended to).
+    ``info``: entries that replace or join ``config.json``'s own (a resume keeps the original ``argv``, adds ``resumes``).
     """
     device = torch.device(cfg.device)
     task = make_task(cfg.task, cfg.train_fraction, cfg.seed)
@@ -234,7 +236,7 @@ def setup(cfg: TrainConfig, run_dir: Path, resume_rows: list[dict] | None = None
     tr, te = task.train_idx.to(device), task.test_idx.to(device)
     data = {"x_tr": x[tr], "y_tr": y[tr], "x_te": x[te], "y_te": y[te], "x_probe": x[probe_idx.to(device)]}
     schedule = Schedule.from_config(cfg)
-    write_json(run_dir / "config.json", _run_info(cfg, task, model, len(probe_idx), schedule))
+    write_json(run_dir / "config.json", {**_run_info(cfg, task, model, len(probe_idx), schedule), **(info or {})})
     for layer in cfg.lmn_layers:
         if parse_tail(segment_of(model, layer)).is_affine:
             warnings.warn(f"LMN at {layer}: the map from there to {layer_target(layer)} is affine, so its LMN is 1 at "
@@ -424,33 +426,48 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, progress: bool = True, plot:
 
     Raises:
         ValueError: invalid configuration or probe.
-        RunDirError: ``run_dir`` holds a run and ``overwrite`` is False.
+        RunDirError: ``run_dir`` holds a run and ``overwrite`` is False, or another process is writing to it
+            (``train`` and ``resume`` hold ``run_dir/.run.lock`` while they run).
         OSError: ``run_dir`` cannot be created or written.
     """
     cfg.validate()
     cfg = cfg.resolved()
     run_dir = Path(run_dir)
-    prepare_run_dir(run_dir, overwrite=overwrite)
-    return _execute(cfg, run_dir, None, progress, plot)
+    with locked(run_dir, RUN_LOCK, "run", RunDirError):
+        prepare_run_dir(run_dir, overwrite=overwrite)
+        return _execute(cfg, run_dir, None, progress, plot)
 
 
 def resume(run_dir: str | Path, *, steps: int | None = None, progress: bool = True, plot: bool = True) -> RunResult:
     """Continue the run in ``run_dir`` from its checkpoint; the result is bit-identical to an uninterrupted run.
 
-    The configuration is the run's own (``config.json``); ``steps`` may extend it. Rows and connectivity
-    snapshots after the checkpoint are dropped and recomputed.
+    The configuration is the run's own (``config.json``); ``steps`` may extend it. Everything is checked before
+    the run directory changes (the checkpoint is restored into a scratch copy of the run first); then rows and
+    connectivity snapshots after the checkpoint are dropped and recomputed. ``config.json`` keeps the original
+    command line (``argv``) and lists each resume's (``resumes``: argv, checkpoint step, steps).
 
     Raises:
         FileNotFoundError: no checkpoint in ``run_dir``.
-        RunLogError: ``metrics.jsonl`` is damaged before the checkpoint.
+        RunLogError: a damaged checkpoint (truncated, empty, not a checkpoint), one that does not fit the run (a
+            tensor of another shape), or ``metrics.jsonl`` damaged before the checkpoint; nothing was changed.
+        RunDirError: another process is writing to ``run_dir``.
         ValueError: ``steps`` not after the checkpoint.
     """
     run_dir = Path(run_dir)
-    cfg, state, rows = prepare_resume(run_dir, steps)
-    return _execute(cfg, run_dir, (state, rows), progress, plot)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir} is not a directory: nothing to resume")
+    with locked(run_dir, RUN_LOCK, "run", RunDirError):
+        cfg, state, rows = prepare_resume(run_dir, steps)
+        try:
+            before = read_json(run_dir / "config.json")
+        except (OSError, RunLogError):
+            before = {}
+        info = {"argv": before.get("argv"),
+                "resumes": [*(before.get("resumes") or []), {"argv": sys.argv, "from_step": state["step"], "steps": cfg.steps}]}
+        return _execute(cfg, run_dir, (state, rows, info), progress, plot)
 
 
-def _execute(cfg: TrainConfig, run_dir: Path, resumed: tuple[dict, list[dict]] | None, progress: bool,
+def _execute(cfg: TrainConfig, run_dir: Path, resumed: tuple[dict, list[dict], dict] | None, progress: bool,
              plot: bool) -> RunResult:
     run_dir.mkdir(parents=True, exist_ok=True)
     threads_before = torch.get_num_threads()
@@ -458,9 +475,11 @@ def _execute(cfg: TrainConfig, run_dir: Path, resumed: tuple[dict, list[dict]] |
         torch.set_num_threads(cfg.threads)
     try:
         with _Signals() as signals:
-            run = setup(cfg, run_dir, resume_rows=None if resumed is None else resumed[1])
+            run = setup(cfg, run_dir, resume_rows=None if resumed is None else resumed[1],
+                        info=None if resumed is None else resumed[2])
             if resumed is not None:
                 restore_checkpoint(run, resumed[0])
+                roll_back(run_dir, resumed[0]["step"])
             bar = _Progress(cfg, run.first_step) if progress else None
             try:
                 stop = _loop(run, bar, signals)

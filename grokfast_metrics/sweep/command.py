@@ -3,12 +3,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import time
+from contextlib import ExitStack
+from dataclasses import asdict, fields
 from pathlib import Path
 
-from ..runlog import RunLogError
-from .engines import ENGINES, run_sweep
+from .._dirlock import SWEEP_LOCK, DirLockedError, locked
+from ..config import TrainConfig
+from ..runlog import RunLogError, read_json
+from .engines import ENGINES, is_finished, run_sweep
 from .grid import Run, parse_axis, plan_runs
 from .manifest import load_sweep, run_status, write_manifest
 from .outcomes import OUTCOMES, sweep_rows, write_csv
@@ -81,36 +87,141 @@ def replot(out: str | Path) -> tuple[list[dict], dict]:
     return write_outputs(out, axes, runs, {r.name: run_status(r.run_dir) for r in runs}, window)
 
 
+#: train options that mean nothing to a sweep: each run's seed comes from --seeds, a sweep resumes by running again
+_NOT_SWEEP_OPTIONS = {"resume": "a sweep resumes by running the same command again (finished runs are skipped)",
+                      "seed": "each run's seed comes from --seeds (0 .. SEEDS-1)"}
+
+
+def _inapplicable(args: argparse.Namespace) -> str | None:
+    """The first option given that a sweep cannot honour, as an error message (``None``: none)."""
+    from ..cli import given_options
+
+    given = given_options(args)
+    for name, why in _NOT_SWEEP_OPTIONS.items():
+        if name in given or (name == "resume" and args.resume is not None):
+            return f"--{name} does not apply to a sweep: {why}"
+    if args.ray_address is not None and args.engine != "ray":
+        return "--ray-address needs --engine ray"
+    return None
+
+
+def recorded_elsewise(runs: list[Run]) -> list[tuple[Run, str]]:
+    """The finished runs whose directory holds a run trained with other options than the sweep plans, each with the
+    first difference in words (``steps 300 (this sweep: 500)``)."""
+    defaults = asdict(TrainConfig())
+    out = []
+    for run in runs:
+        if not is_finished(run.run_dir):
+            continue
+        try:
+            stored = read_json(Path(run.run_dir) / "config.json")["config"]
+        except (OSError, RunLogError, KeyError, TypeError) as e:
+            out.append((run, f"its config.json cannot be read ({e})"))
+            continue
+        planned = asdict(run.config.resolved())
+        for f in fields(TrainConfig):
+            was = stored.get(f.name, defaults[f.name])
+            if str(planned[f.name]) != str(was):
+                out.append((run, f"{f.name} {was} (this sweep: {planned[f.name]})"))
+                break
+    return out
+
+
+class _Stop:
+    """SIGINT and SIGTERM in the sweep's process: the first, while ``armed`` (the runs are going), raises
+    ``KeyboardInterrupt`` (the sweep stops its runs and writes its outputs); any other is only recorded, so it cannot
+    cut the outputs short. Main thread only."""
+
+    def __init__(self):
+        self.received: list[str] = []
+        self.armed = True
+        self._old: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def _handle(self, signum, frame):
+        self.received.append(signal.Signals(signum).name)
+        if len(self.received) == 1 and self.armed:
+            raise KeyboardInterrupt(self.received[0])
+        print(f"{self.received[-1]} received: the sweep is stopping its runs and writing its outputs", file=sys.stderr,
+              flush=True)
+
+
+def _truthful(run: Run, result: dict | None) -> dict:
+    """A run's status as its directory shows it (done, interrupted, not run), unless this sweep skipped it or saw it
+    fail: what a worker reported can be overtaken (a signal after it ended, a worker killed after the run finished)."""
+    if result is not None and result.get("status") in ("skipped", "failed"):
+        return result
+    return run_status(run.run_dir)
+
+
 def run(args: argparse.Namespace) -> int:
-    """Run the sweep; write its outputs (also after Ctrl-C). Exit 0 all done, 1 some runs failed, 2 bad options, 130."""
+    """Run the sweep; write its outputs (also after Ctrl-C / SIGTERM). Exit 0 all done, 1 some runs failed, 2 bad
+    options (or another sweep writing to ``--out``, or finished runs there trained with other options, without
+    ``--overwrite``), 130 / 143 interrupted by SIGINT / SIGTERM."""
     parser = getattr(args, "_parser", None) or add_arguments(argparse.ArgumentParser())
+    problem = _inapplicable(args)
     try:
+        if problem is not None:
+            raise ValueError(problem)
         axes, out, runs = _plan(args, parser)
     except ValueError as e:
         print(f"grokfast-metrics sweep: error: {e}", file=sys.stderr)
         return 2
-    out.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as held:
+        try:
+            held.enter_context(locked(out, SWEEP_LOCK, "sweep"))
+        except DirLockedError as e:
+            print(f"grokfast-metrics sweep: error: {e}", file=sys.stderr)
+            return 2
+        except OSError as e:
+            print(f"grokfast-metrics sweep: error: cannot write to {out}: {e.strerror or e}", file=sys.stderr)
+            return 2
+        return _run_locked(args, axes, out, runs)
+
+
+def _run_locked(args: argparse.Namespace, axes: list, out: Path, runs: list[Run]) -> int:
+    differ = recorded_elsewise(runs)
+    if differ and not args.overwrite:
+        run, what = differ[0]
+        print(f"grokfast-metrics sweep: error: {len(differ)} finished run(s) in {out} were trained with other options "
+              f"({run.name}: {what}); pass --overwrite to re-run them with this sweep's options, or choose another --out",
+              file=sys.stderr)
+        return 2
     window = max(1, args.steps // 10)
     write_manifest(out, [name for name, _ in axes], runs, window)
     bar = _progress(len(runs), args.no_progress)
     interrupted = False
     results: dict[str, dict] = {}
-    try:
-        results = run_sweep(runs, args.engine, args.workers, plot=not args.no_plot, ray_address=args.ray_address,
-                            on_done=lambda run, res: bar.update(1) if bar is not None else None,
-                            batched=args.batched, notes=lambda m: print(m, file=sys.stderr))
-    except KeyboardInterrupt:
-        interrupted = True
-    except (RuntimeError, ValueError) as e:
-        print(f"grokfast-metrics sweep: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if bar is not None:
-            bar.close()
-    rows, stats = write_outputs(out, [name for name, _ in axes], runs, results, window)
-    _report(rows, out, stats)
+    with _Stop() as stop:
+        try:
+            run_sweep(runs, args.engine, args.workers, plot=not args.no_plot, ray_address=args.ray_address,
+                      on_done=lambda run, res: bar.update(1) if bar is not None else None,
+                      batched=args.batched, notes=lambda m: print(m, file=sys.stderr),
+                      rerun={run.name for run, _ in differ}, results=results)
+        except KeyboardInterrupt:
+            interrupted = True
+        except (RuntimeError, ValueError) as e:
+            print(f"grokfast-metrics sweep: error: {e}", file=sys.stderr)
+            return 2
+        finally:
+            stop.armed = False
+            if bar is not None:
+                bar.close()
+        interrupted = interrupted or bool(stop.received)
+        final = {run.name: _truthful(run, results.get(run.name)) for run in runs}
+        rows, stats = write_outputs(out, [name for name, _ in axes], runs, final, window)
+        _report(rows, out, stats)
     if interrupted:
-        return 130
+        return 143 if stop.received[:1] == ["SIGTERM"] else 130
     return 1 if any(r["status"] == "failed" for r in rows) else 0
 
 
