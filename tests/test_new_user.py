@@ -3,6 +3,7 @@ and the docs' backend policy against the code."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -10,6 +11,7 @@ import subprocess
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from grokfast_metrics.kernels import connectivity_cpu as kc
@@ -219,9 +221,10 @@ def _policy_case(case: str):
     h = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
     cases = {
         "CPU, fp32 MLP tail, kernel built": (h, mlp, {}),
-        "CPU, fp64 MLP tail, kernel built": (h.double(), mlp.double(), {}),
+        "CPU, fp64 MLP tail, kernel built": (h.double(), mlp_tail([4, 6, 3], "silu", seed=2).double(), {}),
         "CPU, MLP tail, no C++ compiler (or a failed build)": (h, mlp, {"CXX": "/nonexistent"}),
         "CPU, MLP tail, `GROKFAST_METRICS_CPU_KERNEL=0`": (h, mlp, {"GROKFAST_METRICS_CPU_KERNEL": "0"}),
+        "CPU without AVX2/FMA, MLP tail": (h, mlp, {"no_avx2": True}),
         "any device, affine tail (only Linears)": (h, nn.Sequential(nn.Linear(4, 3)), {}),
         "any device, other module (not an MLP `nn.Sequential`)": (h, nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6),
                                                                                  nn.Linear(6, 3)), {}),
@@ -234,7 +237,7 @@ def _policy_case(case: str):
 def test_docs_auto_policy_table_matches_resolve_backend(monkeypatch, tmp_path):
     """Every row of docs/lmn.md's ``auto`` table is what ``core.backend_info`` resolves (CUDA rows need a GPU)."""
     rows = _policy_table()
-    assert len(rows) == 8
+    assert len(rows) == 9
     for case, ran in rows:
         h, tail, env = _policy_case(case)
         if h is None:
@@ -245,7 +248,10 @@ def test_docs_auto_policy_table_matches_resolve_backend(monkeypatch, tmp_path):
             m.setattr(kc, "_state", {"lib": None, "tried": False, "error": None, "build_seconds": None, "path": None})
             m.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
             for k, v in env.items():
-                m.setenv(k, v)
+                if k == "no_avx2":
+                    m.setattr(kc, "_cpu_has_avx2_fma", lambda: False)
+                else:
+                    m.setenv(k, v)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", kc.CPUKernelUnavailableWarning)
                 info = core.backend_info(h, tail)
@@ -260,3 +266,56 @@ def test_docs_do_not_repeat_the_fixed_contradictions():
     # one run, one set of numbers: the default run's generalization step and Pearson r, as the README quotes them
     assert "7,273" in readme and "7,273" in training_md and "141-7,437" not in training_md
     assert "r 0.989" in readme and "0.988" not in training_md
+
+
+def _quoted_numbers():
+    spec = importlib.util.spec_from_file_location("quoted_numbers", ROOT / "docs" / "quoted_numbers.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_quoted_numbers_script_reads_a_real_run(tmp_path):
+    """The script behind docs/numbers_add_default.json, on a short real run: each number from the run's own files."""
+    res = train(TrainConfig(**{**TINY, "hidden": 64, "steps": 80, "lr": 1e-2, "lmn_every": 5}), tmp_path / "run",
+                progress=False, plot=False)
+    q, s = _quoted_numbers().quoted(tmp_path / "run"), res.summary
+    assert s["memorization_step"] is not None  # observed: step 58 (the phase below is not empty)
+    assert q["memorization_step"] == f"{s['memorization_step']:,}"
+    assert q["lmn_init"] == f"{s['lmn_init']['lmn']:.2f}" and q["lmn_final"] == f"{s['lmn_final']['lmn']:.2f}"
+    assert q["lmn_peak"] == f"{max(r['lmn'] for r in res.rows if r.get('lmn') is not None):.2f}"
+    phase = [r for r in res.rows if r.get("lmn") is not None and r["step"] >= s["memorization_step"]
+             and (s["generalization_step"] is None or r["step"] <= s["generalization_step"])]
+    assert q["generalizing_phase_points"] == len(phase) >= 3
+    r = np.corrcoef([p["lmn"] for p in phase], [p["test_loss"] for p in phase])[0, 1]
+    assert q["pearson_lmn_test_loss"] == f"{r:.3f}"
+
+
+def test_docs_quote_the_recorded_numbers_of_the_default_run():
+    """README.md and docs/training.md quote the default run as recorded in docs/numbers_add_default.json (the
+    script's output on a 20,000-step run, not repeated here: see the JSON's ``source``)."""
+    n = json.loads((ROOT / "docs" / "numbers_add_default.json").read_text())["numbers"]
+    readme, training = (" ".join((ROOT / p).read_text().split()) for p in ("README.md", "docs/training.md"))
+    lo, hi = n["lmn_10k_20k"].split("-")
+    for phrase in (
+        f"memorizes at step {n['memorization_step']} and generalizes (test accuracy 100%, the paper's definition) at "
+        f"step {n['generalization_step']};",
+        f"Test accuracy first reaches 99% at step {n['generalization_step_99']}.",
+        f"LMN rises from {n['lmn_init']} at initialization to a peak of {n['lmn_peak']} (step {n['lmn_peak_step']})",
+        f"falls to {n['lmn_at_generalization']} by generalization and stays between {lo} and {hi} from step 10,000 to 20,000",
+        f"(Pearson r {n['pearson_lmn_test_loss']}; the L2 norm {n['pearson_l2_test_loss']})",
+    ):
+        assert phrase in readme, phrase
+    for phrase in (
+        f"memorization at step {n['memorization_step']}, generalization (test accuracy 100%) at step "
+        f"**{n['generalization_step']}**",
+        f"test accuracy ≥ 99% at step {n['generalization_step_99']}.",
+        f"{n['lmn_init']} at init, {n['lmn_at_memorization']} at memorization, a peak of {n['lmn_peak']} at step "
+        f"{n['lmn_peak_step']}, {n['lmn_at_generalization']} at generalization, {n['lmn_10k_20k']} from step 10,000 to "
+        f"20,000, {n['lmn_final']} at the end",
+        f"(Pearson r {n['pearson_lmn_test_loss']}; L2: {n['pearson_l2_test_loss']})",
+        f"(steps {n['memorization_step']}-{n['generalization_step']}, {n['generalizing_phase_points']} logged LMN points)",
+        f"**{n['pearson_lmn_test_loss']} for LMN and {n['pearson_l2_test_loss']} for L2**",
+        f"at step 20,000 99.8% (LMN {n['lmn_final']};",
+    ):
+        assert phrase in training, phrase
