@@ -154,7 +154,9 @@ def _library() -> ctypes.CDLL | None:
                 _state["lib"] = _build()
             except (RuntimeError, OSError, subprocess.SubprocessError) as e:
                 _state["error"] = str(e)
-                warnings.warn(unavailable_message(), CPUKernelUnavailableWarning, stacklevel=3)
+                # one line wherever it is shown: no library file and source line under it (lineno 0 has no source)
+                warnings.warn_explicit(unavailable_message(), CPUKernelUnavailableWarning, "grokfast_metrics", 0,
+                                       module="grokfast_metrics")
         _state["tried"] = True
     return _state["lib"]
 

@@ -317,5 +317,6 @@ def test_docs_quote_the_recorded_numbers_of_the_default_run():
         f"(steps {n['memorization_step']}-{n['generalization_step']}, {n['generalizing_phase_points']} logged LMN points)",
         f"**{n['pearson_lmn_test_loss']} for LMN and {n['pearson_l2_test_loss']} for L2**",
         f"at step 20,000 99.8% (LMN {n['lmn_final']};",
+        f"separate tables at {n['generalization_step_99']} (100% at {n['generalization_step']}; the paper: 7,600)",
     ):
         assert phrase in training, phrase
