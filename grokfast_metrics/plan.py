@@ -52,8 +52,9 @@ class AffineTailWarning(UserWarning):
 
 
 def _has_attention(model: nn.Module) -> bool:
-    """Whether ``model`` looks like a transformer: a module whose class name says attention."""
-    return any("attention" in type(m).__name__.lower() for m in model.modules())
+    """Whether ``model`` looks like a transformer or another residual network rather than an MLP: a module whose
+    class name says attention, normalization or block (``MultiheadAttention``, ``LayerNorm``, ``TransformerBlock``)."""
+    return any(w in type(m).__name__.lower() for m in model.modules() for w in ("attention", "norm", "block"))
 
 
 def emit_affine_warning(at: str, to: str | None, how: str, stacklevel: int = 4, model: nn.Module | None = None) -> None:
