@@ -259,6 +259,8 @@ def lmn_backend_info(model: GrokMLP, x_probe: torch.Tensor, cfg: TrainConfig) ->
     the first one stands for all. The fallback is warned once per process (by the kernel module)."""
     from .kernels import connectivity_cpu as kcpu
 
+    if not cfg.lmn_layers:
+        return None
     (h, tail), = representations(model, x_probe[:2], [cfg.lmn_layers[0]]).values()
     info = backend_info(h, tail, cfg.lmn_backend, cfg.n_lambda)
     info["warning"] = kcpu.unavailable_message() if info["fallback"] and h.device.type == "cpu" else None
