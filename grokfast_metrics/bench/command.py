@@ -176,6 +176,7 @@ def output_paths(args: argparse.Namespace, cwd: Path | None = None) -> tuple[Pat
     else:
         base, why = (cwd or Path.cwd()) / "bench-results", "not in a source checkout; --out-dir to choose"
     csv_path = Path(args.csv) if args.csv else base / DEFAULT_CSV
+    why = "--csv" if args.csv else why
     md = args.results_md if args.results_md is not None else str(base / DEFAULT_MD)
     return csv_path, (Path(md) if md else None), why
 
