@@ -1,4 +1,4 @@
-"""Command line: ``grokfast-metrics {train,bench,plot,sweep} ...`` (also ``python -m grokfast_metrics``).
+"""Command line: ``grokfast-metrics {train,bench,plot,sweep,build-kernel} ...`` (also ``python -m grokfast_metrics``).
 
 ``train`` is implemented here (see :mod:`grokfast_metrics.train`); its options are generated from the
 fields of :class:`~grokfast_metrics.config.TrainConfig` (help, choices and defaults in one place).
@@ -40,16 +40,29 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: error: {message}")
 
 
-def _add_train_arguments(p: argparse.ArgumentParser) -> None:
-    """One option per :class:`~grokfast_metrics.config.TrainConfig` field (from its metadata), then the run options."""
+def _add_train_arguments(p: argparse.ArgumentParser, sweep: bool = False) -> None:
+    """One option per :class:`~grokfast_metrics.config.TrainConfig` field (from its metadata), then the run options.
+
+    ``sweep``: the options as ``sweep`` has them (each run's settings; ``--out`` is the sweep directory, no
+    ``--overwrite`` / ``--resume``, whose text is about one run); ``sweep`` adds its own options after these.
+    """
     from .config import GROUPS, TrainConfig
 
     groups = {name: p.add_argument_group(name) for name in GROUPS}
     hints = get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
-        groups[f.metadata["group"]].add_argument(f.metadata.get("flag", "--" + f.name.replace("_", "-")),
-                                                 **_argument(f, hints[f.name]))
+        kw = _argument(f, hints[f.name])
+        if sweep and f.metadata.get("sweep_help"):
+            kw["help"] = f.metadata["sweep_help"] + kw["help"][len(f.metadata["help"]):]
+        groups[f.metadata["group"]].add_argument(f.metadata.get("flag", "--" + f.name.replace("_", "-")), **kw)
     g = groups["output"]
+    if sweep:
+        g.add_argument("--out", default=None, help="sweep directory (default runs/sweep-<task>-<time>): one run directory "
+                       "per grid point and seed, plus sweep.csv, sweep.json, phase.png, lmn_predicts.png; a run already "
+                       "finished there is kept, not re-run")
+        g.add_argument("--no-progress", action="store_true", help="no progress bar")
+        g.add_argument("--no-plot", action="store_true", help="do not write each run's curves.png")
+        return
     g.add_argument("--out", default=None, help="run directory (default runs/<task>-s<seed>-<time>); one that already "
                    "holds a run is refused unless --overwrite or --resume")
     g.add_argument("--overwrite", action="store_true", help="replace the run in --out (its run files are removed first)")
@@ -240,6 +253,36 @@ def _report(res, out: Path, no_plot: bool) -> int:
     return res.exit_code
 
 
+def _run_build_kernel(args: argparse.Namespace) -> int:
+    """``build-kernel``: compile the fused CPU kernel into its cache now; exit 0 built or cached, 1 unavailable."""
+    from .kernels import connectivity_cpu as kcpu
+
+    info = kcpu.build(force=True)
+    if info["error"] is not None:
+        print(f"{PROG} build-kernel: {kcpu.unavailable_message()}", file=sys.stderr)
+        return 1
+    how = "cached" if info["build_seconds"] is None else f"built in {info['build_seconds']:.1f} s"
+    print(f"fused CPU kernel {how}: {info['path']}")
+    return 0
+
+
+def _one_line_kernel_warning() -> None:
+    """Show the fused-kernel fallback warning as one line (cause and cost), not a source location in library code."""
+    from .kernels.connectivity_cpu import CPUKernelUnavailableWarning
+
+    plain = warnings.formatwarning
+    if getattr(plain, "one_line_kernel_warning", False):
+        return
+
+    def fmt(message, category, filename, lineno, line=None):
+        if issubclass(category, CPUKernelUnavailableWarning):
+            return f"{PROG}: warning: {message}\n"
+        return plain(message, category, filename, lineno, line)
+
+    fmt.one_line_kernel_warning = True
+    warnings.formatwarning = fmt
+
+
 def _selected_command(argv: list[str]) -> str | None:
     """First non-option token (the subcommand), if any."""
     for a in argv:
@@ -257,13 +300,19 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
     parser = _Parser(prog=PROG, description="Fast linear mapping number (LMN) for tracking grokking at every step.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{train,bench,plot,sweep}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{train,bench,plot,sweep,build-kernel}", parser_class=_Parser)
     sub.required = True
     p = sub.add_parser("train", help="train on add/s4/xor with LMN tracked (the main job)",
                        description="Full-batch AdamW on an algorithmic task with LMN tracked; writes metrics.jsonl, "
                                    "metrics.csv, config.json, summary.json and curves.png into the run directory.")
     _add_train_arguments(p)
     p.set_defaults(_run=_run_train, _parser=p)
+    p = sub.add_parser("build-kernel", help="compile the fused CPU kernel now (else it is built on first use)",
+                       description="Compile the fused C++ CPU kernel into its cache (TORCH_EXTENSIONS_DIR, else torch's "
+                                   "default build root) so that the first LMN does not wait for it; with CXX set, that "
+                                   "compiler. Exit 1, with the reason, where it cannot be built: LMN then runs on torch "
+                                   "ops, about 10-20x slower.")
+    p.set_defaults(_run=_run_build_kernel)
     selected = _selected_command(argv or [])
     for name, (module, help_) in LAZY.items():
         p = sub.add_parser(name, help=help_, description=help_)
@@ -294,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        _one_line_kernel_warning()
         parser = build_parser(argv)
         args, extra = parser.parse_known_args(argv)
         reason = getattr(args, "_unavailable", None)

@@ -30,7 +30,8 @@ GROUPS = ("task and model", "optimization", "LMN tracking", "other complexity me
 
 
 def _meta(help: str, group: str, **extra) -> dict:
-    """A field's CLI metadata: ``help``, ``group`` and optional ``choices``, ``flag``, ``sep``, ``action``."""
+    """A field's CLI metadata: ``help``, ``group`` and optional ``choices``, ``flag``, ``sep``, ``action``, ``sweep_help``
+    (the help ``sweep`` shows where ``help`` speaks of one run's ``--resume`` / ``--overwrite``)."""
     return {"help": help, "group": group, **extra}
 
 
@@ -103,7 +104,9 @@ class TrainConfig:
         "steps at which to save L of the first tracked layer for Figure 4: comma-separated integers and/or memorization, "
         "generalization, final; '' = none", _CX, sep=","))
     checkpoint_every: int = field(default=0, metadata=_meta(
-        "write checkpoint.pt (model, optimizer, filter, RNG, tracker state) every k steps, for --resume; 0 = never", _OUT))
+        "write checkpoint.pt (model, optimizer, filter, RNG, tracker state) every k steps, for --resume; 0 = never", _OUT,
+        sweep_help="write checkpoint.pt in each run directory every k steps (train --resume <run dir> continues one); "
+                   "0 = never"))
     log_every: int | None = field(default=None, metadata=_meta(
         "log a row every k steps; LMN, complexity and key steps always (default: 1 on CUDA, 10 on CPU)", _OUT))
     threads: int | None = field(default=None, metadata=_meta(

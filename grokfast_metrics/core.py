@@ -191,6 +191,52 @@ def resolve_backend(h: torch.Tensor, tail: nn.Module, backend: str = "auto") -> 
     return _choose(backend, h, _compute_dtype(h, tail), parse_tail(tail))
 
 
+def _kernel_of(name: str, dtype: torch.dtype, spec: MLPTail | None, n_lambda: int) -> str | None:
+    """The kernel variant backend ``name`` runs: ``"fp32"``/``"fp64"`` (the C++ kernel's instantiation), ``"v1"``/``"v2"``
+    (the Triton kernel), ``"generic"`` (torch ops on a non-MLP module), ``"mlp"`` (torch ops on an MLP tail); ``None``
+    when no kernel runs (an affine tail gives ``L = 1``)."""
+    if spec is not None and spec.is_affine and name in ("cpu", "triton"):
+        return None
+    if name == "cpu":
+        return "fp64" if dtype == torch.float64 else "fp32"
+    if name == "triton":
+        from .kernels import connectivity as kc
+
+        variant = kc.kernel_variant()
+        if variant == "v2":
+            from .kernels import connectivity_v2 as kv2
+
+            variant = "v2" if kv2.supported(spec, n_lambda) else "v1"
+        return variant
+    if name == "torch":
+        return "mlp" if spec is not None else "generic"
+    return None
+
+
+def backend_info(h: torch.Tensor, tail: nn.Module, backend: str = "auto", n_lambda: int = 21) -> dict:
+    """What :func:`connectivity` runs for these arguments, and why not the fast path, for run logs and benchmarks.
+
+    Returns:
+        ``{"requested", "backend", "kernel", "dtype", "fallback"}``: ``backend`` as :func:`resolve_backend` names it,
+        ``kernel`` the variant (see below), ``dtype`` the compute dtype and ``fallback`` why ``"auto"`` did not take
+        the fused kernel of ``h``'s device (the C++ kernel on the CPU, Triton on CUDA) for an MLP tail (``None``
+        when it did, or when the tail is not an MLP, or the backend was named explicitly). ``kernel``: ``"fp32"`` /
+        ``"fp64"`` (the C++ kernel's instantiation), ``"v1"`` / ``"v2"`` (the Triton kernel), ``"mlp"`` /
+        ``"generic"`` (torch ops on an MLP tail / any other module), ``None`` (no kernel: an affine tail, or the
+        reference).
+
+    Raises:
+        ValueError: the same backend errors as :func:`connectivity`.
+    """
+    dtype, spec = _compute_dtype(h, tail), parse_tail(tail)
+    name = _choose(backend, h, dtype, spec)
+    fallback = None
+    if backend == "auto" and name == "torch" and spec is not None and not spec.is_affine:
+        fallback = _unavailable("triton" if h.is_cuda else "cpu", h, dtype, spec)
+    return {"requested": backend, "backend": name, "kernel": _kernel_of(name, dtype, spec, n_lambda),
+            "dtype": str(dtype).replace("torch.", ""), "fallback": fallback}
+
+
 def _run_triton(h, tail, spec, n_lambda, chunk_bytes, y_end):
     from .kernels.connectivity import connectivity_triton
 
@@ -235,8 +281,9 @@ _LAST_RUN: dict = {}
 
 
 def last_run_info() -> dict:
-    """``{"backend", "pairs", "recomputed", "fraction_recomputed"}`` of the last :func:`connectivity` call
-    in this process: how many pairs the fp32 backend flagged as ill-conditioned and recomputed in fp64."""
+    """``{"backend", "kernel", "pairs", "recomputed", "fraction_recomputed"}`` of the last :func:`connectivity` call
+    in this process: the backend and kernel variant that ran (see :func:`backend_info`) and how many pairs the fp32
+    backend flagged as ill-conditioned and recomputed in fp64."""
     return dict(_LAST_RUN)
 
 
@@ -343,7 +390,7 @@ def connectivity(
             L[groups[:, None] == groups[None, :]] = 1.0
     n = h.shape[0]
     _LAST_RUN.clear()
-    _LAST_RUN.update(backend=name, pairs=n * (n - 1) // 2, recomputed=recomputed,
+    _LAST_RUN.update(backend=name, kernel=_kernel_of(name, dtype, spec, n_lambda), pairs=n * (n - 1) // 2, recomputed=recomputed,
                      fraction_recomputed=recomputed / max(1, n * (n - 1) // 2))
     return L
 

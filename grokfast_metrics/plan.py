@@ -51,14 +51,28 @@ class AffineTailWarning(UserWarning):
     """The map from ``at`` to the output is affine, so LMN is 1 at every step (choose another layer)."""
 
 
-def emit_affine_warning(at: str, to: str | None, how: str, stacklevel: int = 4) -> None:
-    """Emit the :class:`AffineTailWarning` for ``at`` (-> ``to``), saying ``how`` it was detected."""
+def _has_attention(model: nn.Module) -> bool:
+    """Whether ``model`` looks like a transformer or another residual network rather than an MLP: a module whose
+    class name says attention, normalization or block (``MultiheadAttention``, ``LayerNorm``, ``TransformerBlock``)."""
+    return any(w in type(m).__name__.lower() for m in model.modules() for w in ("attention", "norm", "block"))
+
+
+def emit_affine_warning(at: str, to: str | None, how: str, stacklevel: int = 4, model: nn.Module | None = None) -> None:
+    """Emit the :class:`AffineTailWarning` for ``at`` (-> ``to``), saying ``how`` it was detected.
+
+    The advice fits ``model``: a model with attention gets the residual-stream advice, any other (an MLP) the
+    hidden-layer advice; without ``model``, both.
+    """
     target = f"module {to!r}" if to else "the output"
+    mlp = "the output of a hidden layer's activation that has another Linear and activation after it (the paper's " \
+          "choice: the first hidden layer's post-activation)"
+    transformer = "the residual stream before the last nonlinearity (e.g. the last block's input, or " \
+                  "'blocks.<k>.hook_resid_mid' before the last MLP in TransformerLens)"
+    advice = (mlp if model is not None and not _has_attention(model) else
+              transformer if model is not None else f"{transformer}, or in an MLP {mlp}")
     warnings.warn(
         f"LMN at {at!r} is 1 at every step: the map from {at!r} to {target} is affine ({how}), so every "
-        "interpolation path is a straight line. Measure at a layer with a nonlinearity after it: the residual "
-        "stream before the last nonlinearity (e.g. the last block's input, or 'blocks.<k>.hook_resid_mid' before "
-        "the last MLP in TransformerLens), or the first hidden layer's output of an MLP.",
+        f"interpolation path is a straight line. Measure at a layer with a nonlinearity after it: {advice}.",
         AffineTailWarning, stacklevel=stacklevel)
 
 
@@ -262,10 +276,10 @@ class Plan:
         if warn_affine and not self.affine_warned:
             if self.affine:
                 self.affine_warned = True
-                emit_affine_warning(self.at, self.to, "structurally: only affine layers follow it")
+                emit_affine_warning(self.at, self.to, "structurally: only affine layers follow it", model=self.model)
             elif _all_ones(L):
                 self.affine_warned = True
-                emit_affine_warning(self.at, self.to, "every entry of L is 1 to rounding")
+                emit_affine_warning(self.at, self.to, "every entry of L is 1 to rounding", model=self.model)
         return L
 
     def _generic(self, h, y, n_lambda, backend, chunk_bytes) -> torch.Tensor:

@@ -367,7 +367,8 @@ class LMNTracker(Tracker):
         plan.checked = plan.checked or not check
         if plan.affine:
             plan.affine_warned = True
-            emit_affine_warning(plan.at, plan.to, "structurally: only affine layers follow it", stacklevel=4)
+            emit_affine_warning(plan.at, plan.to, "structurally: only affine layers follow it", stacklevel=4,
+                                model=plan.model)
 
     def _lmn_at(self) -> dict[str, LMNResult]:
         return {name: plan.compute(self.n_lambda, self.backend) for name, plan in self._plans.items()}

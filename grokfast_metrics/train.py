@@ -44,7 +44,7 @@ from .checkpoint import CHECKPOINT, load_checkpoint, prepare_resume, restore_che
 from .collapse import Collapse, NumericalCollapseWarning
 from .complexity import compression_complexity, spectral_entropies, spectral_entropy_penalty, weight_matrices, weight_norms
 from .config import SNAPSHOT_DEFAULT, TrainConfig, parse_probe
-from .core import LMNResult, lmn
+from .core import LMNResult, backend_info, lmn
 from .grokfast import make_filter
 from .model import GrokMLP, layer_target, representations, scale_init, segment_of
 from .runlog import MetricsLog, RunDirError, RunLogError, collapse_message, prepare_run_dir, read_json, summarize, write_json
@@ -195,6 +195,7 @@ class Run:
     collapse: Collapse | None = None
     start: float = field(default_factory=time.perf_counter)
     first_step: int = 0
+    backend: dict | None = None  # lmn_backend_info: written to config.json and summary.json
 
 
 @dataclass
@@ -236,7 +237,9 @@ def setup(cfg: TrainConfig, run_dir: Path, resume_rows: list[dict] | None = None
     tr, te = task.train_idx.to(device), task.test_idx.to(device)
     data = {"x_tr": x[tr], "y_tr": y[tr], "x_te": x[te], "y_te": y[te], "x_probe": x[probe_idx.to(device)]}
     schedule = Schedule.from_config(cfg)
-    write_json(run_dir / "config.json", {**_run_info(cfg, task, model, len(probe_idx), schedule), **(info or {})})
+    backend = lmn_backend_info(model, data["x_probe"], cfg)
+    write_json(run_dir / "config.json", {**_run_info(cfg, task, model, len(probe_idx), schedule), "lmn_backend": backend,
+                                         **(info or {})})
     for layer in cfg.lmn_layers:
         if parse_tail(segment_of(model, layer)).is_affine:
             warnings.warn(f"LMN at {layer}: the map from there to {layer_target(layer)} is affine, so its LMN is 1 at "
@@ -246,9 +249,25 @@ def setup(cfg: TrainConfig, run_dir: Path, resume_rows: list[dict] | None = None
                *map(complexity_column, cfg.complexity_eps)]
     run = Run(cfg=cfg, run_dir=run_dir, model=model, opt=opt, grad_filter=grad_filter, data=data, schedule=schedule,
               tracker=layer_tracker(model, data["x_probe"], cfg, schedule), log=MetricsLog(run_dir, columns, rows=resume_rows),
-              timer=Timer(device), collapse=Collapse(cfg.collapse_fraction, cfg.collapse_spike))
+              timer=Timer(device), collapse=Collapse(cfg.collapse_fraction, cfg.collapse_spike), backend=backend)
     run.held = RowQueue(run.tracker, run_dir, cfg.lmn_layers, lambda row, metrics, now: write_row(run, row, metrics, now))
     return run
+
+
+def lmn_backend_info(model: GrokMLP, x_probe: torch.Tensor, cfg: TrainConfig) -> dict:
+    """What computes LMN in this run (``config.json`` and ``summary.json``'s ``lmn_backend``): the first tracked layer's
+    :func:`grokfast_metrics.core.backend_info` (``requested``, ``backend``, ``kernel``, ``dtype``, ``fallback``), plus
+    ``warning``: the one-line cause-and-cost message when ``"auto"`` fell back to torch ops because the fused CPU kernel
+    could not be built (no compiler, a failed build), else ``None``. Every tracked layer has the same tail type, so
+    the first one stands for all. The fallback is warned once per process (by the kernel module)."""
+    from .kernels import connectivity_cpu as kcpu
+
+    if not cfg.lmn_layers:
+        return None
+    (h, tail), = representations(model, x_probe[:2], [cfg.lmn_layers[0]]).values()
+    info = backend_info(h, tail, cfg.lmn_backend, cfg.n_lambda)
+    info["warning"] = kcpu.unavailable_message() if info["fallback"] and h.device.type == "cpu" else None
+    return info
 
 
 def _run_info(cfg: TrainConfig, task: Task, model: GrokMLP, n_probe: int, schedule: Schedule) -> dict:
@@ -503,6 +522,7 @@ def _finish(run: Run, stop: _Stop | None, plot: bool, signals: _Signals) -> RunR
     with signals.deferred():
         summary = summarize(rows, run.cfg, asdict(run.phases), run.collapse.summary() if run.collapse else None, timings,
                             interrupted, steps_done, None if stop is None else stop.reason)
+        summary["lmn_backend"] = run.backend
         write_json(run.run_dir / "summary.json", summary)
     if plot and rows:
         try:

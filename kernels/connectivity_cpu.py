@@ -7,12 +7,16 @@ the constant-path rule, and write only ``L``. It runs in float32 (flagging the p
 float64 (an fp64 model; the same GEMM micro-kernel and SiLU exp chain instantiated for double, 6 x 8, no flags);
 the float64 instantiation also recomputes the flagged pairs (:func:`pairs_f64`). It is plain C++ with a C ABI (no torch headers), so
 the first build takes seconds; the shared library is cached under the torch extensions directory
-(``TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``) keyed by a hash of the source, the
-flags and the compiler.
+(``$TORCH_EXTENSIONS_DIR/grokfast_metrics_cpu``, else torch's default build root, e.g.
+``~/.cache/torch_extensions/<python-torch tag>/grokfast_metrics_cpu``) keyed by a hash of the source, the flags and
+the compiler. ``grokfast-metrics build-kernel`` (:func:`build`) compiles it ahead of the first use; ``CXX`` names the
+compiler (``g++``, ``c++``, ``clang++`` are tried when it is unset; a ``CXX`` that names no executable is an error, not
+a reason to pick another compiler).
 
-When the CPU lacks AVX2/FMA, no C++ compiler is found, the build fails (warned once), the tail
-is not supported (see :func:`unsupported_reason`) or ``GROKFAST_METRICS_CPU_KERNEL=0`` is set,
-:func:`available` / :func:`unsupported_reason` say so and the caller uses torch ops instead.
+When the CPU lacks AVX2/FMA, no C++ compiler is found, the build fails, the tail is not supported (see
+:func:`unsupported_reason`) or ``GROKFAST_METRICS_CPU_KERNEL=0`` is set, :func:`available` /
+:func:`unsupported_reason` say so and the caller uses torch ops instead. A missing compiler or a failed build is
+warned once (:class:`CPUKernelUnavailableWarning`, one line naming the cause and the cost: LMN 10-20x slower).
 """
 from __future__ import annotations
 
@@ -56,24 +60,43 @@ def _cpu_has_avx2_fma() -> bool:
     return "avx2" in flags and "fma" in flags
 
 
+#: what a machine without the kernel pays (measured: docs/lmn.md, "Backends"); in the one-line warning
+SLOWDOWN = "LMN runs on torch ops instead, about 10-20x slower"
+
+
+class CPUKernelUnavailableWarning(RuntimeWarning):
+    """The fused C++ CPU kernel could not be built or loaded (no compiler, a failed build); torch ops run instead."""
+
+
 def _cache_dir() -> Path:
-    from torch.utils.cpp_extension import get_default_build_root
+    """Where the compiled library is cached: ``$TORCH_EXTENSIONS_DIR/grokfast_metrics_cpu`` when set (as torch's own
+    extensions do), else under torch's default build root."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if not root:
+        from torch.utils.cpp_extension import get_default_build_root
 
-    return Path(get_default_build_root()) / "grokfast_metrics_cpu"
+        root = get_default_build_root()
+    return Path(root).expanduser() / "grokfast_metrics_cpu"
 
 
-def _compiler() -> str | None:
-    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
-        if name and shutil.which(name):
+def _compiler() -> str:
+    """The C++ compiler: ``$CXX`` when set (it must be an executable: never silently replaced), else the first of
+    g++, c++, clang++ on ``PATH``. Raises ``RuntimeError`` saying which is missing."""
+    cxx = os.environ.get("CXX")
+    if cxx:
+        found = shutil.which(cxx)
+        if found is None:
+            raise RuntimeError(f"CXX={cxx!r} is not an executable C++ compiler (fix or unset CXX)")
+        return found
+    for name in ("g++", "c++", "clang++"):
+        if shutil.which(name):
             return shutil.which(name)
-    return None
+    raise RuntimeError("no C++ compiler found (install g++ or clang++, or set CXX)")
 
 
 def _build() -> ctypes.CDLL:
     """Compile (or reuse the cached) shared library and load it. Raises ``RuntimeError`` on failure."""
     cxx = _compiler()
-    if cxx is None:
-        raise RuntimeError("no C++ compiler found (set CXX or install g++)")
     src = _SOURCE.read_bytes()
     try:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30, check=False).stdout
@@ -131,13 +154,34 @@ def _library() -> ctypes.CDLL | None:
                 _state["lib"] = _build()
             except (RuntimeError, OSError, subprocess.SubprocessError) as e:
                 _state["error"] = str(e)
-                warnings.warn(
-                    f"grokfast_metrics: fused CPU kernel unavailable, using torch ops instead ({e})",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
+                # one line wherever it is shown: no library file and source line under it (lineno 0 has no source)
+                warnings.warn_explicit(unavailable_message(), CPUKernelUnavailableWarning, "grokfast_metrics", 0,
+                                       module="grokfast_metrics")
         _state["tried"] = True
     return _state["lib"]
+
+
+def unavailable_message() -> str | None:
+    """One line: why the kernel is unavailable and what that costs (``None`` when it built or was never tried)."""
+    if _state["error"] is None:
+        return None
+    cause = _state["error"].strip().splitlines()[0]
+    return f"grokfast_metrics: fused CPU kernel unavailable ({cause}); {SLOWDOWN}"
+
+
+def build(force: bool = False) -> dict:
+    """Build (or find in the cache) and load the kernel now, e.g. after installing; :func:`build_info` of the result.
+
+    ``force``: forget an earlier failed attempt in this process and try again (a compiler installed since).
+    ``error`` is set (and nothing raised) when it cannot be built; no warning is emitted.
+    """
+    with _lock:
+        if force or not _state["tried"]:
+            _state.update(lib=None, tried=False, error=None, build_seconds=None, path=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CPUKernelUnavailableWarning)
+        _library()
+    return build_info()
 
 
 def available() -> bool:
@@ -148,8 +192,9 @@ def available() -> bool:
 
 
 def build_info() -> dict:
-    """``{"path", "build_seconds", "error"}`` of the kernel library (``build_seconds`` is ``None`` when cached)."""
-    return {k: _state[k] for k in ("path", "build_seconds", "error")}
+    """``{"path", "build_seconds", "error", "cache_dir"}`` of the kernel library (``build_seconds`` is ``None`` when it
+    came from the cache or was not built in this process)."""
+    return {**{k: _state[k] for k in ("path", "build_seconds", "error")}, "cache_dir": str(_cache_dir())}
 
 
 def unsupported_reason(spec: MLPTail, device: torch.device, dtype: torch.dtype) -> str | None:

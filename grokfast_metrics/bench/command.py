@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -76,10 +77,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--quick", action="store_true",
         help="smoke run: N 64 256, H 100, depth 1 2, 2 repeats, small baselines and training overhead")
     add("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
-    add("--csv", default=str(DEFAULT_CSV), help=f"CSV to append rows to (default {DEFAULT_CSV})")
+    add("--out-dir", default=None,
+        help="directory of the results (results.csv, RESULTS.md and its plots); default: the checkout's benchmarks/ "
+             "when run from inside this package's source checkout, else ./bench-results")
+    add("--csv", default=None, help=f"CSV to append rows to (default --out-dir/{DEFAULT_CSV})")
     add("--no-csv", action="store_true", help="do not append to the CSV (nor update --results-md)")
-    add("--results-md", default=str(DEFAULT_MD),
-        help=f"markdown file whose generated section is refreshed from the CSV (default {DEFAULT_MD}; '' to skip)")
+    add("--results-md", default=None,
+        help=f"markdown file whose generated section is refreshed from the CSV (default --out-dir/{DEFAULT_MD}; '' to skip)")
     add("--max-row-seconds", type=float, default=None,
         help="skip a row whose call is predicted (small-N probe) to take longer (default 60 CPU, 30 CUDA)")
     add("--n-ref", type=int, default=24, help="samples for the reference check/baseline (default 24)")
@@ -155,6 +159,32 @@ def config_from_args(args: argparse.Namespace, device: torch.device) -> BenchCon
     )
 
 
+def checkout_benchmarks(cwd: Path | None = None) -> Path | None:
+    """The ``benchmarks/`` folder of the source checkout this package runs from, when ``cwd`` (default: the current
+    directory) is inside that checkout; ``None`` otherwise (an installed package, or run from elsewhere)."""
+    root = Path(__file__).resolve().parents[2]
+    bench = root / "benchmarks"
+    if not ((root / "setup.py").is_file() and (bench / "RESULTS.md").is_file()):
+        return None
+    here = (cwd or Path.cwd()).resolve()
+    return bench if here == root or root in here.parents else None
+
+
+def output_paths(args: argparse.Namespace, cwd: Path | None = None) -> tuple[Path, Path | None, str]:
+    """``(csv, results_md or None, why there)`` of ``args``: ``--csv`` / ``--results-md`` when given, else in
+    ``--out-dir``, else in the checkout's ``benchmarks/`` (:func:`checkout_benchmarks`), else ``./bench-results``."""
+    if args.out_dir is not None:
+        base, why = Path(args.out_dir), "--out-dir"
+    elif (bench := checkout_benchmarks(cwd)) is not None:
+        base, why = bench, "run from the source checkout"
+    else:
+        base, why = (cwd or Path.cwd()) / "bench-results", "not in a source checkout; --out-dir to choose"
+    csv_path = Path(args.csv) if args.csv else base / DEFAULT_CSV
+    why = "--csv" if args.csv else why
+    md = args.results_md if args.results_md is not None else str(base / DEFAULT_MD)
+    return csv_path, (Path(md) if md else None), why
+
+
 def bench_device(name: str) -> torch.device | None:
     """``"auto"`` -> cuda if available else cpu; ``"cuda"`` without CUDA -> ``None`` (caller skips).
 
@@ -205,10 +235,14 @@ def run(args: argparse.Namespace) -> int:
         return _error(str(e))
     print(format_table(rows))
     if not args.no_csv:
-        path = append_csv(rows, args.csv)
-        print(f"\nappended {len(rows)} rows to {path}")
-        if args.results_md:
-            print(f"updated {update_results_md(path, args.results_md)}")
+        csv_path, md, why = output_paths(args)
+        try:
+            path = append_csv(rows, csv_path)
+        except ValueError as e:
+            return _error(str(e))
+        print(f"\nappended {len(rows)} rows to {path.resolve()} ({why})")
+        if md is not None:
+            print(f"updated {update_results_md(path, md).resolve()}")
     return 0
 
 
@@ -236,8 +270,9 @@ def _run_static_gpu(args: argparse.Namespace) -> int:
         return _error(f"static GPU estimate unavailable: {e}")
     print("static estimate (not a measurement): SASS instructions x programs / per-SM throughput, perfect overlap")
     print(static_gpu.format_estimates(rows))
-    if args.results_md and not args.no_csv:
-        print(f"updated {static_gpu.update_results_md(rows, args.results_md)}")
+    _, md, why = output_paths(args)
+    if md is not None and not args.no_csv:
+        print(f"updated {static_gpu.update_results_md(rows, md).resolve()} ({why})")
     return 0
 
 

@@ -84,6 +84,9 @@ class BenchRow:
     fraction_recomputed: float | None = None
     status: str = "ok"
     note: str = ""
+    #: what ran, as ``<backend>/<kernel variant>`` of the library call timed (``core.last_run_info``): ``cpu/fp32``,
+    #: ``cpu/fp64``, ``triton/v1``, ``triton/v2``, ``torch/mlp``, ``torch/generic``; empty for baselines and the roof
+    kernel: str = ""
 
 
 FIELDS: tuple[str, ...] = tuple(f.name for f in fields(BenchRow))
@@ -313,6 +316,18 @@ def refuse(row: BenchRow, why: str) -> BenchRow:
     for name in SPEED_FIELDS:
         setattr(row, name, None)
     return row
+
+
+def ran_kernel(backend: str) -> str:
+    """``<backend>/<kernel>`` of the last library call (``core.last_run_info``); ``""`` for a baseline (``naive``)."""
+    if backend == "naive":
+        return ""
+    from .. import core
+
+    info = core.last_run_info()
+    if not info:
+        return ""
+    return f"{info['backend']}/{info['kernel']}" if info.get("kernel") else str(info["backend"])
 
 
 def fraction_recomputed(backend: str) -> float | None:

@@ -36,6 +36,7 @@ from .harness import (
     fraction_recomputed,
     machine_info,
     n_pairs,
+    ran_kernel,
     refuse,
     time_fn,
 )
@@ -309,7 +310,7 @@ def backend_row(cfg: BenchConfig, device: torch.device, s: ShapeRun, b: str, N: 
         r.status = why
         return r, None
     timing = time_fn(s.compute(b, N), device, cfg.repeats, budget_s=cfg.max_row_seconds)
-    r.fraction_recomputed = fraction_recomputed(b)
+    r.fraction_recomputed, r.kernel = fraction_recomputed(b), ran_kernel(b)
     return fill_speed(r, timing, roof), timing
 
 

@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The ``train`` options (each run's settings; a grid axis overrides one) and the sweep's own options."""
     from ..cli import _add_train_arguments
 
-    _add_train_arguments(parser)
+    _add_train_arguments(parser, sweep=True)
     g = parser.add_argument_group("sweep")
     g.add_argument("--grid", nargs="+", default=[], metavar="NAME=V1,V2",
                    help="grid axes: any train option and its values, e.g. init_scale=0.5,1,2 weight_decay=0,0.2 "
