@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import itertools
 import json
 import math
@@ -185,12 +186,8 @@ def cuda_tests(py: Sequence[str], deadline: float, dry_run: bool) -> dict:
         return {"status": SKIP_NO_CUDA if ok else "FAILED", "summary": f"collect only: {last}",
                 "failures": [] if ok else [ln for ln in lines if ln.startswith("ERROR")], "seconds": time.monotonic() - t0,
                 "command": " ".join(cmd), **({} if ok else {"tail": proc.stdout[-3000:] + proc.stderr[-1000:]})}
-    try:
-        import xdist  # noqa: F401
-
+    if importlib.util.find_spec("xdist") is not None:  # pytest-xdist: optional, not a dependency
         cmd += ["-n", "4"]
-    except ImportError:
-        pass
     t0 = time.monotonic()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(1.0, _left(deadline)),
