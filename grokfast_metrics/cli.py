@@ -186,7 +186,8 @@ def _run_train(args: argparse.Namespace) -> int:
             probe_indices(make_task(cfg.task, cfg.train_fraction, cfg.seed, cfg.p), parse_probe(cfg.probe), cfg.probe_seed)
     except ValueError as e:
         raise UsageError(f"{PROG} train: error: {e}") from None
-    out = Path(args.out) if args.out else Path("runs") / f"{args.task}-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = args.task if cfg.model == "mlp" else f"{cfg.model}-{args.task}"
+    out = Path(args.out) if args.out else Path("runs") / f"{name}-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
     _check_out_dir(out)
     try:
         with warnings.catch_warnings():  # _report prints the collapse warning itself

@@ -183,6 +183,17 @@ def test_row_lmn_is_lmn_at_of_the_trained_model(tmp_path, monkeypatch):
     assert again.lmn == res.rows[-1]["lmn"]  # deterministic: the same computation on the same weights
 
 
+def test_both_readings_tracked(tmp_path):
+    """``--lmn-layer all`` for the transformer: the stream before the MLP and before attention (its tail has attention)."""
+    argv = ["train", "--model", "transformer", "--lmn-layer", "all"]
+    layers = cli._train_config(cli.build_parser(argv).parse_args(argv)).lmn_layers
+    assert layers == [TRANSFORMER_LAYER, "blocks.0.hook_resid_pre"]
+    res = train(TrainConfig(steps=2, lmn_every=2, lmn_early=False, lmn_layers=layers, **TINY), tmp_path / "run",
+                progress=False, plot=False)
+    first = res.rows[0]
+    assert all(1.0 < first[f"lmn_{layer}"] < 12 for layer in layers) and first["lmn"] == first[f"lmn_{TRANSFORMER_LAYER}"]
+
+
 def test_cli_transformer_run(tmp_path, capsys):
     out = tmp_path / "run"
     rc = cli.main(["train", "--model", "transformer", "--p", "7", "--d-model", "8", "--d-mlp", "16", "--n-heads", "2",
