@@ -234,3 +234,18 @@ def test_resume_transformer_is_bit_identical(tmp_path, monkeypatch):
 
 
 train, resume = train_mod.train, train_mod.resume
+
+
+@pytest.mark.parametrize(("model", "window"), [("mlp", 2000), ("transformer", 250)])
+def test_sweep_without_steps_takes_the_models_steps(tmp_path, monkeypatch, capsys, model, window):
+    """``steps`` is per model (None until filled): the sweep's window comes from its runs, not from ``--steps``."""
+    from grokfast_metrics.sweep import command
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(command, "run_sweep", interrupted)
+    out = tmp_path / "sweep"
+    assert cli.main(["sweep", "--model", model, "--grid", "init_scale=1", "--device", "cpu", "--out", str(out), "--no-progress",
+                     "--no-plot"]) == 130
+    assert json.loads((out / "sweep.json").read_text())["window"] == window

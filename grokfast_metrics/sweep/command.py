@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"grokfast-metrics sweep: error: {e}", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
-    window = max(1, args.steps // 10)
+    window = max(1, (runs[0].config.steps if runs else 10) // 10)  # the runs' steps (per model when not given)
     write_manifest(out, [name for name, _ in axes], runs, window)
     bar = _progress(len(runs), args.no_progress)
     interrupted = False
