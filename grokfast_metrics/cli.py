@@ -117,7 +117,8 @@ def _train_config(args: argparse.Namespace):
     for f in fields(TrainConfig):
         if f.metadata.get("action") is not None and values[f.name] is None:
             values[f.name] = _default(f)
-    values["lmn_layers"] = _layers(values["lmn_layers"])
+    if values["lmn_layers"] is not None:
+        values["lmn_layers"] = _layers(values["lmn_layers"], values["model"])
     return TrainConfig(**values)
 
 
@@ -132,14 +133,16 @@ def _check_out_dir(out: Path) -> None:
         raise UsageError(f"{PROG} train: error: cannot write to output directory {str(out)!r}: {e.strerror or e}") from None
 
 
-def _layers(chosen: list[str]) -> list[str]:
+def _layers(chosen: list[str], model: str = "mlp") -> list[str]:
     """Expand ``all`` to every layer (default layer first) and ``fig3`` to Fig. 3's readings; ``A:logits`` is ``A``;
-    keeps the order and drops repeats."""
+    keeps the order and drops repeats. For the transformer ``all`` is its readings (``fig3`` is the mlp's)."""
     from .model import DEFAULT_LAYER, FIG3_READINGS, LAYERS, canonical_spec
+    from .transformer import TRANSFORMER_LAYERS
 
+    every = list(TRANSFORMER_LAYERS) if model == "transformer" else [DEFAULT_LAYER, *LAYERS]
     out: list[str] = []
     for layer in chosen:
-        expanded = [DEFAULT_LAYER, *LAYERS] if layer == "all" else list(FIG3_READINGS) if layer == "fig3" else [layer]
+        expanded = every if layer == "all" else list(FIG3_READINGS) if layer == "fig3" else [layer]
         for name in expanded:
             name = canonical_spec(name)
             if name not in out:
@@ -215,7 +218,7 @@ def _run_train(args: argparse.Namespace) -> int:
         except (FileNotFoundError, RunLogError, ValueError) as e:
             raise UsageError(f"{PROG} train: error: cannot resume {args.resume!r}: {e}") from None
         return _report(res, Path(args.resume), args.no_plot)
-    for name in ("embed_dim", "hidden", "ma_window"):
+    for name in ("embed_dim", "hidden", "ma_window", "d_model", "d_mlp", "n_heads"):
         if getattr(args, name) < 1:
             raise UsageError(f"{PROG} train: error: --{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
     try:
@@ -225,10 +228,11 @@ def _run_train(args: argparse.Namespace) -> int:
         from .train import probe_indices
 
         if cfg.probe is not None:
-            probe_indices(make_task(cfg.task, cfg.train_fraction, cfg.seed), parse_probe(cfg.probe), cfg.probe_seed)
+            probe_indices(make_task(cfg.task, cfg.train_fraction, cfg.seed, cfg.p), parse_probe(cfg.probe), cfg.probe_seed)
     except ValueError as e:
         raise UsageError(f"{PROG} train: error: {e}") from None
-    out = Path(args.out) if args.out else Path("runs") / f"{args.task}-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = args.task if cfg.model == "mlp" else f"{cfg.model}-{args.task}"
+    out = Path(args.out) if args.out else Path("runs") / f"{name}-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
     _check_out_dir(out)
     try:
         with warnings.catch_warnings():  # _report prints the collapse warning itself

@@ -15,7 +15,8 @@ from .core import BACKENDS
 from .grokfast import FILTERS, make_filter
 from .model import DEFAULT_LAYER, EMBEDDINGS, LAYERS, check_layer_spec
 from .schedule import SNAPSHOT_EVENTS, complexity_steps
-from .tasks import TASKS
+from .tasks import ADD_MODULUS, TASKS
+from .transformer import TRANSFORMER_LAYER, TRANSFORMER_LAYERS
 
 #: default ``save_connectivity``: init, the two phase boundaries and the end
 SNAPSHOT_DEFAULT = ("0", "memorization", "generalization", "final")
@@ -25,6 +26,16 @@ DTYPES = ("float32", "float64")
 COLLAPSE_FRACTION = 0.1
 #: default factor of a train-loss spike over the lowest train loss so far that counts as a numerical collapse
 COLLAPSE_SPIKE = 1e3
+#: the trained networks (``--model``): the paper's MLP (the default) and a Nanda-style one-layer transformer
+MODELS = ("mlp", "transformer")
+#: the defaults of the fields left ``None``, per model. The transformer's grok on a 2-core CPU in minutes
+#: (``--p 113 --d-model 128 --d-mlp 512 --train-fraction 0.3 --lr 1e-3`` is Nanda's setup, for a GPU)
+MODEL_DEFAULTS = {
+    "mlp": {"steps": 20_000, "lr": 1e-3, "weight_decay": 0.2, "train_fraction": 0.8, "p": ADD_MODULUS,
+            "lmn_layers": [DEFAULT_LAYER]},
+    "transformer": {"steps": 2_500, "lr": 3e-3, "weight_decay": 1.0, "train_fraction": 0.5, "p": ADD_MODULUS,
+                    "lmn_layers": [TRANSFORMER_LAYER]},
+}
 #: option groups of ``grokfast-metrics train``, in help order
 GROUPS = ("task and model", "optimization", "LMN tracking", "other complexity measures", "output")
 
@@ -46,21 +57,33 @@ class TrainConfig:
     the default). Step ``s`` is the model after ``s`` optimizer updates.
     """
 
-    task: str = field(default="add", metadata=_meta("add: (a+b) mod 31; s4: composition in S4; xor: 5-bit XOR", _MODEL,
+    task: str = field(default="add", metadata=_meta("add: (a+b) mod p (--p); s4: composition in S4; xor: 5-bit XOR", _MODEL,
                                                     choices=TASKS))
-    steps: int = field(default=20_000, metadata=_meta("full-batch AdamW steps", _OPT))
-    lr: float = field(default=1e-3, metadata=_meta("learning rate", _OPT))
-    weight_decay: float = field(default=0.2, metadata=_meta("AdamW weight decay", _OPT))
+    model: str = field(default="mlp", metadata=_meta(
+        "mlp: the paper's 3-layer SiLU MLP; transformer: a Nanda-style one-layer transformer (token + positional "
+        "embedding, attention, ReLU MLP, unembedding, no LayerNorm; input 'a b =', logits at the last position). "
+        "Fields marked 'per model' take that model's default", _MODEL, choices=MODELS))
+    p: int | None = field(default=None, metadata=_meta(
+        "modulus of the add task (default 31; Nanda's transformer setup: 113)", _MODEL))
+    steps: int | None = field(default=None, metadata=_meta(
+        "full-batch AdamW steps (per model: 20000 for the mlp, 2500 for the transformer)", _OPT))
+    lr: float | None = field(default=None, metadata=_meta("learning rate (per model: 1e-3 for the mlp, 3e-3 for the transformer)", _OPT))
+    weight_decay: float | None = field(default=None, metadata=_meta(
+        "AdamW weight decay (per model: 0.2 for the mlp, 1 for the transformer)", _OPT))
     adam_eps: float = field(default=1e-6, metadata=_meta(
         "AdamW epsilon. 1e-6 (not torch's 1e-8) keeps float32 runs clear of the late softmax collapse, which "
         "stops S4 short of generalizing; the paper does not state its eps", _OPT))
-    train_fraction: float = field(default=0.8, metadata=_meta("fraction of all inputs used for training, in (0, 1)", _MODEL))
+    train_fraction: float | None = field(default=None, metadata=_meta(
+        "fraction of all inputs used for training, in (0, 1) (per model: 0.8 for the mlp, 0.5 for the transformer)", _MODEL))
     seed: int = field(default=0, metadata=_meta("seed of the split and the initialization", _MODEL))
     init_scale: float = field(default=1.0, metadata=_meta("Omnigrok alpha: multiply initial parameters by it", _MODEL))
-    embed_dim: int = field(default=32, metadata=_meta("embedding width per operand", _MODEL))
-    hidden: int = field(default=100, metadata=_meta("hidden width", _MODEL))
+    embed_dim: int = field(default=32, metadata=_meta("mlp: embedding width per operand", _MODEL))
+    hidden: int = field(default=100, metadata=_meta("mlp: hidden width", _MODEL))
     embedding: str = field(default="separate", metadata=_meta(
-        "one table per operand (the paper's setup) or one table shared by both operands", _MODEL, choices=EMBEDDINGS))
+        "mlp: one table per operand (the paper's setup) or one table shared by both operands", _MODEL, choices=EMBEDDINGS))
+    d_model: int = field(default=32, metadata=_meta("transformer: residual stream width (Nanda: 128)", _MODEL))
+    d_mlp: int = field(default=128, metadata=_meta("transformer: MLP hidden width (Nanda: 512)", _MODEL))
+    n_heads: int = field(default=4, metadata=_meta("transformer: attention heads (d_model must be a multiple)", _MODEL))
     dtype: str = field(default="float32", metadata=_meta(
         "training precision of the parameters and activations (LMN is computed on the model as it is)", _OPT,
         choices=DTYPES))
@@ -81,12 +104,14 @@ class TrainConfig:
         "skip the extra log-spaced LMN steps floor(1.5 ** k) (1, 2, 3, 5, ...) below --lmn-every (about 11 at every=100; "
         "they resolve the memorization phase on a log axis)", _LMN, flag="--no-lmn-early"))
     probe: str | int | None = field(default=None, metadata=_meta(
-        "LMN samples: all, train, test or a seeded subset size n (default: all on CUDA, 256 on CPU)", _LMN))
+        "LMN samples: all, train, test or a seeded subset size n (default: all on CUDA; on CPU 256 for the mlp, 128 for the "
+        "transformer)", _LMN))
     probe_seed: int = field(default=0, metadata=_meta("seed of the probe subset (its own generator)", _LMN))
-    lmn_layers: list[str] = field(default_factory=lambda: [DEFAULT_LAYER], metadata=_meta(
+    lmn_layers: list[str] | None = field(default=None, metadata=_meta(
         f"reading to track: a layer ({', '.join(LAYERS)}) to the logits, or FROM:TO for the segment between two layers "
         "(TO may be 'logits'); repeat for several, the first is the 'lmn' column; 'all' = every layer to the logits, "
-        "'fig3' = the paper's three layers to the logits and to the next layer", _LMN,
+        f"'fig3' = the paper's three layers to the logits and to the next layer. Transformer: {' or '.join(TRANSFORMER_LAYERS)} "
+        f"('all' = both). Per model: {DEFAULT_LAYER} for the mlp, {TRANSFORMER_LAYER} for the transformer", _LMN,
         flag="--lmn-layer", action="append"))
     n_lambda: int = field(default=21, metadata=_meta("interpolation points per pair", _LMN))
     lmn_backend: str = field(default="auto", metadata=_meta("LMN backend passed to grokfast_metrics.lmn", _LMN, choices=BACKENDS))
@@ -113,6 +138,12 @@ class TrainConfig:
         "torch CPU threads during the run, restored afterwards (default: 1 on CPU, where 2 threads measured 6-20x slower "
         "on the tiny model; unchanged on CUDA)", _OUT))
 
+    def __post_init__(self) -> None:
+        """Fill the fields left ``None`` that have a per-model default (:data:`MODEL_DEFAULTS`; ``p`` for ``add`` only)."""
+        for name, value in MODEL_DEFAULTS.get(self.model, {}).items():
+            if getattr(self, name) is None and (name != "p" or self.task == "add"):
+                setattr(self, name, list(value) if isinstance(value, list) else value)
+
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad field."""
         self._validate_training()
@@ -122,6 +153,19 @@ class TrainConfig:
     def _validate_training(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
+        if self.model not in MODELS:
+            raise ValueError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
+        if self.p is not None and self.task != "add":
+            raise ValueError(f"p is the modulus of the add task; the {self.task} task has none (leave it unset)")
+        if self.p is not None and (not isinstance(self.p, int) or self.p < 2):
+            raise ValueError(f"p must be an integer >= 2; got {self.p}")
+        for name in ("d_model", "d_mlp", "n_heads"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an integer >= 1; got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})")
+        if self.model == "transformer" and self.spectral_entropy_weight > 0:
+            raise ValueError("spectral entropy weight: the transformer has no nn.Linear layers to penalize (use --model mlp)")
         if not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"steps must be an integer >= 1; got {self.steps}")
         if not 0.0 < self.train_fraction < 1.0:
@@ -154,7 +198,12 @@ class TrainConfig:
         if not self.lmn_layers:
             raise ValueError("lmn_layers is empty; give at least one layer")
         for layer in self.lmn_layers:
-            check_layer_spec(layer)
+            if self.model == "transformer":
+                if layer not in TRANSFORMER_LAYERS:
+                    raise ValueError(f"LMN layer {layer!r} is not a reading of the transformer; choose from "
+                                     f"{', '.join(TRANSFORMER_LAYERS)}")
+            else:
+                check_layer_spec(layer)
         if len(set(self.lmn_layers)) != len(self.lmn_layers):
             raise ValueError(f"lmn_layers has duplicates: {self.lmn_layers}")
         try:
@@ -170,6 +219,8 @@ class TrainConfig:
         if self.lmn_backend not in BACKENDS:
             raise ValueError(f"LMN backend must be one of {', '.join(BACKENDS)}; got {self.lmn_backend!r}")
         parse_probe(self.probe if self.probe is not None else "all")
+        if self.model == "transformer" and self.lmn_async:
+            raise ValueError("lmn_async is not supported with the transformer (its LMN runs through lmn_at); leave it off")
 
     def resolved(self) -> TrainConfig:
         """A copy with device-dependent defaults filled in (after :meth:`validate`)."""
@@ -180,7 +231,7 @@ class TrainConfig:
         if out.lmn_every is None:
             out.lmn_every = 1 if cuda else 100
         if out.probe is None:
-            out.probe = "all" if cuda else 256
+            out.probe = "all" if cuda else 128 if self.model == "transformer" else 256
         out.probe = parse_probe(out.probe)
         if out.log_every is None:
             out.log_every = 1 if cuda else 10

@@ -6,7 +6,7 @@ dataset is *all* ``n_tokens ** 2`` ordered pairs, labelled by the index of ``c``
 =========  ==========================================  ========  =======
 name       operation                                    inputs    classes
 =========  ==========================================  ========  =======
-``add``    ``(a + b) mod 31``                           961       31
+``add``    ``(a + b) mod p`` (p = 31 by default)        961       31
 ``s4``     composition in the permutation group S4      576       24
 ``xor``    5-bit bitwise XOR ``a ^ b``                  1024      32
 =========  ==========================================  ========  =======
@@ -63,9 +63,13 @@ def compose(p: tuple[int, ...], q: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(p[q[i]] for i in range(len(q)))
 
 
-def _table(name: str) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+def _table(name: str, p: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    if p is not None and name != "add":
+        raise ValueError(f"p is the modulus of the add task; the {name} task has none")
     if name == "add":
-        n = ADD_MODULUS
+        n = ADD_MODULUS if p is None else int(p)
+        if n < 2:
+            raise ValueError(f"the modulus p must be >= 2; got {p}")
         a, b = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
         x = torch.stack([a.flatten(), b.flatten()], dim=1)
         return x, (x[:, 0] + x[:, 1]) % n, n, n
@@ -111,20 +115,21 @@ def split_indices(n: int, train_fraction: float, seed: int) -> tuple[torch.Tenso
     return perm[:n_train].sort().values, perm[n_train:].sort().values
 
 
-def make_task(name: str, train_fraction: float = 0.8, seed: int = 0) -> Task:
+def make_task(name: str, train_fraction: float = 0.8, seed: int = 0, p: int | None = None) -> Task:
     """Build a task with all its inputs and a seeded ``train_fraction`` split.
 
     Args:
         name: ``"add"``, ``"s4"`` or ``"xor"``.
         train_fraction: fraction of all inputs used for training (paper: 0.8).
         seed: seed of the split.
+        p: modulus of ``add`` (default :data:`ADD_MODULUS`, 31: ``p ** 2`` inputs and ``p`` classes).
 
     Returns:
         :class:`Task`.
 
     Raises:
-        ValueError: unknown task name or ``train_fraction`` outside (0, 1).
+        ValueError: unknown task name, ``train_fraction`` outside (0, 1), ``p`` for a task other than ``add`` or below 2.
     """
-    x, y, n_tokens, n_classes = _table(name)
+    x, y, n_tokens, n_classes = _table(name, p)
     train_idx, test_idx = split_indices(x.shape[0], train_fraction, seed)
     return Task(name, x, y, n_tokens, n_classes, train_idx, test_idx)

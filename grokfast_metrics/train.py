@@ -51,6 +51,7 @@ from .runlog import MetricsLog, RunDirError, RunLogError, collapse_message, prep
 from .schedule import Due, Schedule
 from .tasks import Task, make_task
 from .tracker import Tracker
+from .transformer import GrokTransformer, track_transformer_lmn
 
 __all__ = ["BASE_COLUMNS", "CHECKPOINT", "SNAPSHOT_DEFAULT", "Collapse", "NumericalCollapseWarning", "RunDirError", "RunLogError",
            "RunResult", "Timer", "TrainConfig", "load_checkpoint", "parse_probe", "probe_indices", "resume", "save_checkpoint",
@@ -106,11 +107,15 @@ def probe_indices(task: Task, probe: str | int, seed: int) -> torch.Tensor:
     return torch.randperm(task.n_inputs, generator=gen)[:n].sort().values
 
 
-def build_model(task: Task, cfg: TrainConfig, device: torch.device) -> GrokMLP:
-    """The paper's MLP for ``task``, seeded by ``cfg.seed`` (global RNG state is restored afterwards)."""
+def build_model(task: Task, cfg: TrainConfig, device: torch.device) -> GrokMLP | GrokTransformer:
+    """The network of ``cfg.model`` (the paper's MLP or the one-layer transformer) for ``task``, seeded by
+    ``cfg.seed`` (global RNG state is restored afterwards)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        model = GrokMLP(task.n_tokens, task.n_classes, cfg.embed_dim, cfg.hidden, cfg.embedding)
+        if cfg.model == "transformer":
+            model = GrokTransformer(task.n_tokens, task.n_classes, cfg.d_model, cfg.d_mlp, cfg.n_heads)
+        else:
+            model = GrokMLP(task.n_tokens, task.n_classes, cfg.embed_dim, cfg.hidden, cfg.embedding)
     scale_init(model, cfg.init_scale)
     return model.to(device=device, dtype=TORCH_DTYPES[cfg.dtype])
 
@@ -120,7 +125,9 @@ def track_lmn(model: GrokMLP, x_probe: torch.Tensor, layers: list[str], n_lambda
     """LMN of the probe inputs at each of ``layers`` (no grad, RNG and modes untouched).
 
     The same computation as :func:`grokfast_metrics.lmn_at` on a plain ``nn.Sequential``: the
-    representation at the layer and the model's own modules after it as the tail.
+    representation at the layer and the model's own modules after it as the tail. For the transformer
+    it is :func:`grokfast_metrics.lmn_at` at each layer
+    (:func:`~grokfast_metrics.transformer.track_transformer_lmn`).
 
     Args:
         model: the network.
@@ -130,6 +137,8 @@ def track_lmn(model: GrokMLP, x_probe: torch.Tensor, layers: list[str], n_lambda
     Returns:
         ``{layer: LMNResult}`` (``.lmn``, ``.connectivity``, ...), in the order of ``layers``.
     """
+    if isinstance(model, GrokTransformer):
+        return track_transformer_lmn(model, x_probe, layers, n_lambda, backend)()
     reps = representations(model, x_probe, layers)
     return {layer: lmn(h, tail, n_lambda, backend) for layer, (h, tail) in reps.items()}
 
@@ -137,6 +146,8 @@ def track_lmn(model: GrokMLP, x_probe: torch.Tensor, layers: list[str], n_lambda
 def layer_tracker(model: GrokMLP, x_probe: torch.Tensor, cfg: TrainConfig, schedule: Schedule) -> Tracker:
     """The trainer's tracker: :func:`track_lmn` at ``cfg.lmn_layers`` on ``schedule`` (``cfg.lmn_async``: eigen step on a thread)."""
     layers, args = list(cfg.lmn_layers), (cfg.n_lambda, cfg.lmn_backend)
+    if isinstance(model, GrokTransformer):  # through lmn_at (cut checked here, once); lmn_async is refused by validate
+        return Tracker(model, schedule, track_transformer_lmn(model, x_probe, layers, *args))
     if not cfg.lmn_async:
         return Tracker(model, schedule, lambda: track_lmn(model, x_probe, layers, *args))
     return StepTracker(model, schedule, lambda: track_lmn(model, x_probe, layers, *args),
@@ -228,7 +239,7 @@ def setup(cfg: TrainConfig, run_dir: Path, resume_rows: list[dict] | None = None
     ``info``: entries that replace or join ``config.json``'s own (a resume keeps the original ``argv``, adds ``resumes``).
     """
     device = torch.device(cfg.device)
-    task = make_task(cfg.task, cfg.train_fraction, cfg.seed)
+    task = make_task(cfg.task, cfg.train_fraction, cfg.seed, cfg.p)
     probe_idx = probe_indices(task, cfg.probe, cfg.probe_seed)
     model = build_model(task, cfg, device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
@@ -240,7 +251,7 @@ def setup(cfg: TrainConfig, run_dir: Path, resume_rows: list[dict] | None = None
     backend = lmn_backend_info(model, data["x_probe"], cfg)
     write_json(run_dir / "config.json", {**_run_info(cfg, task, model, len(probe_idx), schedule), "lmn_backend": backend,
                                          **(info or {})})
-    for layer in cfg.lmn_layers:
+    for layer in cfg.lmn_layers if cfg.model == "mlp" else ():  # the transformer's readings are not affine
         if parse_tail(segment_of(model, layer)).is_affine:
             warnings.warn(f"LMN at {layer}: the map from there to {layer_target(layer)} is affine, so its LMN is 1 at "
                           "every step (see docs/lmn.md, 'Which layer')", stacklevel=2)
@@ -264,6 +275,12 @@ def lmn_backend_info(model: GrokMLP, x_probe: torch.Tensor, cfg: TrainConfig) ->
 
     if not cfg.lmn_layers:
         return None
+    if isinstance(model, GrokTransformer):  # measured through lmn_at: what its plan ran on two probe inputs
+        from .core import last_run_info
+        from .dropin import lmn_at
+
+        lmn_at(model, x_probe[:2], at=cfg.lmn_layers[0], n_lambda=cfg.n_lambda, backend=cfg.lmn_backend)
+        return {"requested": cfg.lmn_backend, "fallback": None, **last_run_info(), "warning": None}
     (h, tail), = representations(model, x_probe[:2], [cfg.lmn_layers[0]]).values()
     info = backend_info(h, tail, cfg.lmn_backend, cfg.n_lambda)
     info["warning"] = kcpu.unavailable_message() if info["fallback"] and h.device.type == "cpu" else None

@@ -44,6 +44,8 @@ BETAS = (0.9, 0.999)
 
 def unstackable_reason(cfg: TrainConfig) -> str | None:
     """Why a run cannot be trained in a stack (``None``: it can)."""
+    if cfg.model != "mlp":
+        return f"--model {cfg.model} is not stacked (only the mlp is)"
     if cfg.spectral_entropy_weight > 0:
         return "--spectral-entropy-weight (a per-model SVD penalty in the loss) is not stacked"
     if cfg.checkpoint_every:

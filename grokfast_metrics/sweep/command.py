@@ -196,7 +196,7 @@ def _run_locked(args: argparse.Namespace, axes: list, out: Path, runs: list[Run]
               f"({run.name}: {what}); pass --overwrite to re-run them with this sweep's options, or choose another --out",
               file=sys.stderr)
         return 2
-    window = max(1, args.steps // 10)
+    window = max(1, (runs[0].config.steps if runs else 10) // 10)  # the runs' steps (per model when not given)
     write_manifest(out, [name for name, _ in axes], runs, window)
     bar = _progress(len(runs), args.no_progress)
     interrupted = False
