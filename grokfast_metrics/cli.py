@@ -62,6 +62,9 @@ def _add_train_arguments(p: argparse.ArgumentParser, sweep: bool = False) -> Non
                        "finished there is kept, not re-run")
         g.add_argument("--no-progress", action="store_true", help="no progress bar")
         g.add_argument("--no-plot", action="store_true", help="do not write each run's curves.png")
+        g.add_argument("--overwrite", action="store_true", help="re-run the finished runs in --out that were trained "
+                       "with other options than this sweep's (without it such a sweep is refused)")
+        g.add_argument("--resume", default=None, help=argparse.SUPPRESS)  # refused with its reason (sweep.command)
         return
     g.add_argument("--out", default=None, help="run directory (default runs/<task>-s<seed>-<time>); one that already "
                    "holds a run is refused unless --overwrite or --resume")

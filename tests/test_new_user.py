@@ -177,9 +177,11 @@ def test_sweep_help_has_no_train_only_options(capsys):
     with pytest.raises(SystemExit):
         cli.main(["sweep", "--help"])
     text = capsys.readouterr().out
-    assert "--overwrite" not in text and "[--resume" not in text and "--resume DIR" not in text
-    assert "refused unless" not in text and "sweep directory" in text
+    # sweep's own --overwrite (re-run runs trained with other options) is described as such; --resume is hidden
+    assert "replace the run in --out" not in text and "[--resume" not in text and "--resume DIR" not in text
+    assert "refused unless --overwrite or --resume" not in text and "sweep directory" in text
     assert cli.main(["sweep", "--resume", "x"]) == 2  # not silently ignored
+    assert "--resume does not apply to a sweep" in capsys.readouterr().err
 
 
 def test_affine_advice_fits_an_mlp_and_a_transformer():

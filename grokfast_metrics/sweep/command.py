@@ -98,7 +98,7 @@ def _inapplicable(args: argparse.Namespace) -> str | None:
 
     given = given_options(args)
     for name, why in _NOT_SWEEP_OPTIONS.items():
-        if name in given or (name == "resume" and args.resume is not None):
+        if name in given or (name == "resume" and getattr(args, "resume", None) is not None):
             return f"--{name} does not apply to a sweep: {why}"
     if args.ray_address is not None and args.engine != "ray":
         return "--ray-address needs --engine ray"
