@@ -5,7 +5,8 @@ weights, evaluated at the stored ``h``. This module evaluates it with ``mpmath``
 digits (default 50): every weight and every entry of ``h`` is converted exactly (a binary float is a
 rational number), the whole tail runs from ``h`` layer by layer (nothing absorbed, no centring
 tricks: the precision makes them unnecessary), and ``r2_k`` is the squared Pearson correlation with
-``lam_t = t/(T-1)``. A path output whose variation is exactly zero counts as constant (``r2 = 1``).
+``lam_t = t/(T-1)``. A path output whose variation is below :data:`TINY` (1e-300: no float64 number resolves it)
+counts as constant (``r2 = 1``).
 
 It costs about ``N^2/2 * T * (sum of layer sizes)`` multiprecision operations: keep ``N`` and the
 widths small (``N <= 12``, widths <= ~30). Tests use it to arbitrate between backends.
@@ -72,6 +73,10 @@ def _forward(layers, x):
 
 #: most digits :func:`pair_r2` raises its precision to when a path's variation is lost under its offset
 MAX_DPS = 2000
+#: an output whose exact spread over the path (``std_t``) is below this counts as constant (``r2 = 1``): it is below
+#: the smallest normal float64 number (2.2e-308), so no floating-point backend can resolve it (e.g. a tanh unit at
+#: ``x ~ 1e3`` varies by ``e^-2000``). SPEC §1's constant-path rule in the yardstick.
+TINY = 1e-300
 
 
 def pair_r2(h, tail: nn.Module, i: int, j: int, n_lambda: int = 21, dps: int = 50) -> np.ndarray:
@@ -111,9 +116,9 @@ def _pair_r2(h, tail: nn.Module, i: int, j: int, n_lambda: int, dps: int) -> tup
             yc = [v - mean for v in col]
             ss = mpmath.fsum(v * v for v in yc)
             big = max(abs(v) for v in col)
-            if ss <= (tiny * big) ** 2 * T:
+            if ss <= (tiny * big) ** 2 * T:  # the variation may be lost in this precision (exactly 0 included)
                 unresolved = True
-            if ss == 0:
+            if ss <= T * mpmath.mpf(TINY) ** 2:
                 out.append(1.0)
                 continue
             cov = mpmath.fsum(a * b for a, b in zip(yc, lc))

@@ -40,8 +40,8 @@ def _slope_bound(act: Act, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor | N
         return (x > 0).to(x.dtype)
     if name == "leaky_relu":
         return torch.where(x >= 0, 1.0, abs(act.slope)).to(x.dtype)
-    if name == "sigmoid":
-        return torch.exp(-x.abs()).clamp_(max=0.25)
+    if name == "sigmoid":  # at the T points themselves: a steep unit crossing 0 between two of them has a step
+        return torch.exp(-x.abs()).clamp_(max=0.25)  # there, resolved exactly (issue 24: the segment's max flagged it)
     if name == "tanh":
         return torch.exp(x.abs() * -2.0).mul_(4.0).clamp_(max=1.0)
     return torch.where(x > -1.0, torch.full_like(x, 1.2), (a.abs() * _gelu_tail(name, x.abs())).clamp_(max=1.2))
@@ -82,7 +82,7 @@ def _through(act: Act, x: torch.Tensor, a: torch.Tensor, r: torch.Tensor, linear
     own = a.abs().amax(dim=1)
     if act.name in SMOOTH:  # below the smallest normal number an exp-based unit has no relative accuracy left
         own = own + torch.finfo(x.dtype).tiny / torch.finfo(x.dtype).eps
-    if linear:
+    if linear and act.name not in SATURATING:
         d = _slope_max_on_segment(act, x[:, 0], x[:, -1], own)
     else:
         d = _slope_bound(act, x, a)

@@ -967,9 +967,15 @@ double centre_last64(const Pairs64& p, int s, double* x, double* a, double* mv) 
             double v = xv, g = 0.0;
             if (sat) v = offset_free64(last, xv, x[h]);
             else if (smooth) v = act64(xv, last, slopes[na - 1]);
-            if (smooth) g = rounding_gain64(last, xv, sat);
+            double r = std::fabs(v);
+            if (sat) {  // |v| + |x act'(x)|: offset free, v is the full step on the far side, where act' ~ 0
+                const double k = last == ACT_SIGMOID ? 1.0 : 2.0;
+                r += std::fabs(xv) * k * sigmoid64(k * xv) * sigmoid64(-k * xv);
+            } else if (smooth) {
+                r *= 1.0 + rounding_gain64(last, xv, sat);
+            }
             a[t * kp + h] = v;
-            mv[h] = std::max(mv[h], std::fabs(v) * (1.0 + g) + (smooth ? kFloor64 * (1.0 + std::fabs(xv)) : 0.0));
+            mv[h] = std::max(mv[h], r + (smooth ? kFloor64 * (1.0 + std::fabs(xv)) : 0.0));
         }
     for (int t = 1; t < T; ++t)
         for (int h = 0; h < K; ++h) a[t * kp + h] -= a[h];
