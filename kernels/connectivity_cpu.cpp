@@ -612,10 +612,17 @@ inline __m256 first_stage_scale(__m256 m, __m256 zi, __m256 zj, int code, float 
     bool smooth = true;
     switch (code) {
         case ACT_RELU:
-            s = _mm256_and_ps(one, _mm256_cmp_ps(_mm256_max_ps(zi, zj), zero, _CMP_GT_OQ));
-            smooth = false;
-            break;
-        case ACT_LEAKY_RELU: s = _mm256_set1_ps(std::max(1.0f, std::fabs(slope))); smooth = false; break;
+        case ACT_LEAKY_RELU: {
+            // piecewise linear: a unit that keeps its sign along the path is exactly linear there (a_t - a_0 =
+            // lam_t d up to the rounding of x_t, eps |x_t| <= eps m / min(1, |slope|)), and a dead ReLU is exactly 0;
+            // only a unit crossing its kink takes x's absolute rounding eps (|z_i| + |d|) through the kink.
+            const __m256 cross = _mm256_cmp_ps(_mm256_mul_ps(zi, zj), zero, _CMP_LT_OQ);
+            const float k = code == ACT_RELU ? 1.0f : std::max(1.0f, std::fabs(slope));
+            s = _mm256_and_ps(_mm256_set1_ps(k), cross);
+            const __m256 span = _mm256_add_ps(_mm256_and_ps(zi, absmask), _mm256_and_ps(_mm256_sub_ps(zj, zi), absmask));
+            const float own = code == ACT_RELU ? 2.0f : 2.0f / std::min(1.0f, std::max(std::fabs(slope), 1e-30f));
+            return _mm256_fmadd_ps(m, _mm256_set1_ps(own), _mm256_mul_ps(s, span));
+        }
         case ACT_IDENTITY: s = one; smooth = false; break;
         case ACT_SIGMOID: G = nl; s = _mm256_set1_ps(0.25f); break;
         case ACT_TANH: G = nl; s = one; break;

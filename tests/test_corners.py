@@ -241,5 +241,7 @@ def test_fuzz_corners(dtype):
                 continue  # the forward overflowed: a clear error is the contract there
             key = f"{kind}/{act}"
             worst[key] = max(worst.get(key, 0.0), *e.values())
+            if (k + 1) % 250 == 0:
+                print(k + 1, "draws:", max(worst.values()), flush=True)
     print({k: f"{v:.2g}" for k, v in sorted(worst.items())})
     assert max(worst.values()) <= TOL[dtype], worst
