@@ -155,10 +155,15 @@ def pair_error_estimate(err: torch.Tensor, std: torch.Tensor, r2: torch.Tensor) 
     return est.nan_to_num_(nan=1.0).clamp_(max=1.0).mean(dim=1)
 
 
-def r2_from_paths(y: torch.Tensor, lam_c: torch.Tensor, eps: float, flag: bool = False) -> torch.Tensor:
-    """:func:`r2_from_centred` of uncentred outputs ``(P, T, O)`` with scale ``max_t |y|``."""
+def r2_from_paths(y: torch.Tensor, lam_c: torch.Tensor, eps: float, flag: bool = False,
+                  in_ratio: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`r2_from_centred` of uncentred outputs ``(P, T, O)`` with scale ``max_t |y|`` (plus, with ``in_ratio``
+    ``(P,)``, ``std_t(y) * in_ratio``: the input's rounding relative to the path, for the flag and the constant rule)."""
     amax = torch.maximum(y.amax(dim=1), -y.amin(dim=1))         # [P, O]  max_t |y|
-    return r2_from_centred(y - y.mean(dim=1, keepdim=True), amax, lam_c, eps, flag)
+    yc = y - y.mean(dim=1, keepdim=True)
+    if in_ratio is not None:
+        amax = amax + yc.abs().amax(dim=1) * in_ratio.unsqueeze(1)  # max_t |yc| >= std_t(y): no overflowing square
+    return r2_from_centred(yc, amax, lam_c, eps, flag)
 
 
 def triu_pair_chunks(n: int, chunk: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
