@@ -213,8 +213,11 @@ def _end_bounds(b_zi, b_zj, b_ai, b_aj, o_k, ACT: tl.constexpr, H_LAST: tl.const
     elif (ACT == _GELU) or (ACT == _GELU_TANH):
         b_m = tl.where((b_lo <= _XSTAR_GELU + 0.01) & (b_hi >= _XSTAR_GELU - 0.01), tl.maximum(b_m, _MIN_GELU), b_m)
     if (ACT == _SILU) or (ACT == _GELU) or (ACT == _GELU_TANH):
-        # positive part: |a| <= b_m there, 1 + g = 2.2; negative part: |a| (1 + g) <= _NEG_PEAK (homogeneous, issue 24)
-        b_m = 2.2 * b_m + tl.where(b_lo < 0.0, _NEG_PEAK, 0.0)
+        # positive part: |a| <= b_m there, 1 + g = 2.2; negative part: |a| (1 + g) <= min(_NEG_PEAK, b_m (1 + g(lo)))
+        # (b_m = max |a| on the path, g grows with |x|): homogeneous (issue 24), and tight for deeply negative paths
+        b_pos = tl.where(b_hi > 0.0, 2.2 * b_m, 0.0)
+        b_neg = tl.where(b_lo < 0.0, tl.minimum(b_m * _amp(b_lo, ACT), _NEG_PEAK), 0.0)
+        b_m = tl.maximum(b_pos, b_neg)
     else:
         b_m = b_m * _amp(tl.maximum(tl.abs(b_lo), tl.abs(b_hi)), ACT)
     return tl.where((o_k < H_LAST)[None, :], b_m, 0.0)
