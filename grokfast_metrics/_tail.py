@@ -94,6 +94,8 @@ ACTIVATIONS: dict[str, ActivationKind] = {k.name: k for k in (
 )}
 #: activations bounded by a constant they saturate to (sigmoid -> 0 / 1, tanh -> -1 / +1)
 SATURATING = ("sigmoid", "tanh")
+#: activations computed through exp/erfc (relative accuracy only down to the dtype's smallest normal number)
+SMOOTH = ("silu", "gelu", "gelu_tanh", "tanh", "sigmoid")
 
 
 def torch_offset_free(name: str, x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:

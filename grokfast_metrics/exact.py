@@ -5,7 +5,8 @@ weights, evaluated at the stored ``h``. This module evaluates it with ``mpmath``
 digits (default 50): every weight and every entry of ``h`` is converted exactly (a binary float is a
 rational number), the whole tail runs from ``h`` layer by layer (nothing absorbed, no centring
 tricks: the precision makes them unnecessary), and ``r2_k`` is the squared Pearson correlation with
-``lam_t = t/(T-1)``. A path output whose variation is exactly zero counts as constant (``r2 = 1``).
+``lam_t = t/(T-1)``. A path output whose variation is below :data:`TINY` (1e-300: no float64 number resolves it)
+counts as constant (``r2 = 1``).
 
 It costs about ``N^2/2 * T * (sum of layer sizes)`` multiprecision operations: keep ``N`` and the
 widths small (``N <= 12``, widths <= ~30). Tests use it to arbitrate between backends.
@@ -33,7 +34,7 @@ def _mp_act(name: str, slope: float):
         "silu": lambda x: x / (1 + mp.exp(-x)),
         "relu": lambda x: x if x > 0 else mp.zero,
         "gelu": lambda x: x * mp.erfc(-x / s2) / 2,
-        "gelu_tanh": lambda x: x * (1 + mp.tanh(k * (x + c * x**3))) / 2,
+        "gelu_tanh": lambda x: x / (1 + mp.exp(-2 * k * (x + c * x**3))),  # = x (1 + tanh u) / 2, no cancellation
         "tanh": lambda x: mp.tanh(x),
         "sigmoid": lambda x: 1 / (1 + mp.exp(-x)),
         "leaky_relu": lambda x: x if x >= 0 else mp.mpf(slope) * x,
@@ -70,13 +71,36 @@ def _forward(layers, x):
     return x
 
 
+#: most digits :func:`pair_r2` raises its precision to when a path's variation is lost under its offset
+MAX_DPS = 2000
+#: an output whose exact spread over the path (``std_t``) is below this counts as constant (``r2 = 1``): it is below
+#: the smallest normal float64 number (2.2e-308), so no floating-point backend can resolve it (e.g. a tanh unit at
+#: ``x ~ 1e3`` varies by ``e^-2000``). SPEC §1's constant-path rule in the yardstick.
+TINY = 1e-300
+
+
 def pair_r2(h, tail: nn.Module, i: int, j: int, n_lambda: int = 21, dps: int = 50) -> np.ndarray:
-    """Exact ``r2_k`` (``(O,)`` float64, rounded from ``dps`` digits) of the path from ``h[i]`` to ``h[j]``."""
+    """Exact ``r2_k`` (``(O,)`` float64, rounded from ``dps`` digits) of the path from ``h[i]`` to ``h[j]``.
+
+    Adaptive: an output whose spread over the path is below ``10^-(dps - 20)`` of its magnitude (a deeply saturated
+    unit under a bias: its variation would be lost in the working precision, issue 24) is recomputed with 4x the
+    digits, up to :data:`MAX_DPS`; an output still constant there counts as constant.
+    """
+    while True:
+        out, unresolved = _pair_r2(h, tail, i, j, n_lambda, dps)
+        if not unresolved or dps >= MAX_DPS:
+            return out
+        dps = min(MAX_DPS, 4 * dps)
+
+
+def _pair_r2(h, tail: nn.Module, i: int, j: int, n_lambda: int, dps: int) -> tuple[np.ndarray, bool]:
     if mpmath is None:  # pragma: no cover
         raise ImportError("grokfast_metrics.exact needs mpmath (pip install mpmath)")
     if hasattr(h, "detach"):
         h = h.detach().cpu().double().numpy()
+    unresolved = False
     with mpmath.workdps(dps):
+        tiny = mpmath.mpf(10) ** (20 - dps)
         layers = _layers(tail)
         hi = [mpmath.mpf(float(v)) for v in h[i]]
         hj = [mpmath.mpf(float(v)) for v in h[j]]
@@ -91,12 +115,15 @@ def pair_r2(h, tail: nn.Module, i: int, j: int, n_lambda: int = 21, dps: int = 5
             mean = mpmath.fsum(col) / T
             yc = [v - mean for v in col]
             ss = mpmath.fsum(v * v for v in yc)
-            if ss == 0:
+            big = max(abs(v) for v in col)
+            if ss <= (tiny * big) ** 2 * T:  # the variation may be lost in this precision (exactly 0 included)
+                unresolved = True
+            if ss <= T * mpmath.mpf(TINY) ** 2:
                 out.append(1.0)
                 continue
             cov = mpmath.fsum(a * b for a, b in zip(yc, lc))
             out.append(float(cov * cov / (ss * ll)))
-    return np.asarray(out)
+    return np.asarray(out), unresolved
 
 
 def connectivity(h, tail: nn.Module, n_lambda: int = 21, dps: int = 50, pairs=None) -> np.ndarray:

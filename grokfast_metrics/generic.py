@@ -28,6 +28,9 @@ from ._runtime import eval_mode
 from .core import NonFiniteOutputError
 from .torch_backend import new_L, r2_from_paths, triu_pair_chunks
 
+#: the generic path's input-rounding gain (see ``_path_r2``): its flag treats each output's error as at least
+#: ``eps * IN_GAIN * |x| / |h_j - h_i|`` of its spread
+IN_GAIN = 16.0
 #: default batch of interpolated tail input per forward: CPU (bytes), CUDA (cap; also <= 1/8 of free memory)
 CHUNK_BYTES_CPU = 1 << 20
 CHUNK_BYTES_CUDA = 1 << 30
@@ -143,7 +146,15 @@ def _path_r2(hr, tail, params, i, j, inner, y_end, lam_c, eps, flag) -> torch.Te
     x = torch.addcmul(hi.unsqueeze(1), inner, (hr[j] - hi).unsqueeze(1))                   # [P, T-2, D]
     y_in = _call(tail, params, x.flatten(0, 1), hr.dtype).view(x.shape[0], inner.shape[1], -1)
     y = torch.cat([y_end[i].unsqueeze(1), y_in, y_end[j].unsqueeze(1)], dim=1)             # [P, T, O]
-    return r2_from_paths(y, lam_c, eps, flag)
+    if not flag:
+        return r2_from_paths(y, lam_c, eps, flag)
+    # The module cannot be centred or seen into: its input's rounding (eps |x|, and every inner Linear's eps |W||x|)
+    # moves the path by about eps |x| / |h_j - h_i| of its own variation, however small max_t |y| is (an offset on h
+    # cancelled inside the module: 1.4e-5 unflagged on a LeakyReLU tail at h offset 100, issue 24). Added to the flag's
+    # rounding scale as std_t(y) * IN_GAIN * max(|h_i|, |h_j|) / |h_j - h_i|.
+    hj = hr[j]
+    ratio = torch.maximum(hi.norm(dim=1), hj.norm(dim=1)) / (hj - hi).norm(dim=1)                # [P]
+    return r2_from_paths(y, lam_c, eps, flag, in_ratio=IN_GAIN * ratio)
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ import numpy as np
 from torch import nn
 
 from ._policy import CONST_RTOL
-from ._tail import numpy_offset_free, numpy_tail
+from ._tail import _np_sigmoid, numpy_offset_free, numpy_tail
 
 
 def pair_r2(y: np.ndarray, lam: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
@@ -32,6 +32,11 @@ def pair_r2(y: np.ndarray, lam: np.ndarray, scale: np.ndarray | None = None) -> 
     eps = np.finfo(np.float64).eps
     if scale is None:
         scale = np.max(np.abs(y), axis=0)
+    # r2 and std / scale are invariant under scaling an output: divide each by the power of two above max_t |y - mean|
+    # (exact) so that its squares never overflow or underflow, whatever the scale of the weights or h (issue 24)
+    _, e = np.frexp(np.max(np.abs(y - y.mean(axis=0)), axis=0))
+    e = np.clip(e, -1021, 1021)
+    y, scale = np.ldexp(y, -e), np.ldexp(scale, -e)
     out = np.empty(y.shape[1])
     for k in range(y.shape[1]):
         yk = y[:, k]
@@ -54,7 +59,10 @@ def path_r2(x: np.ndarray, tail, lam: np.ndarray) -> np.ndarray:
     W, _ = tail.last
     if tail.sat is not None:  # x is the saturating activation's input
         a = numpy_offset_free(tail.sat, x, x[:1])
-        amax = np.abs(a).max(axis=0) * (1.0 + np.abs(x).max(axis=0))  # x's rounding, amplified by act'(x)
+        k = 1.0 if tail.sat == "sigmoid" else 2.0       # |act'(x)| = k sigmoid(kx) sigmoid(-kx)
+        slope = k * _np_sigmoid(k * x) * _np_sigmoid(-k * x)
+        amax = (np.abs(a) + np.abs(x) * slope).max(axis=0)  # its own rounding plus x's, amplified by act'(x) (pointwise:
+        # max_t |a| * max_t |x| grew like the scale of h squared and fired the constant rule, issue 24)
     else:
         a = x
         amax = np.abs(a).max(axis=0)

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 import torch
 
 from ._policy import CONST_RTOL, FLAG_KAPPA, FLAGGED, check_fits, lambdas
-from ._tail import SATURATING, Act, MLPTail, torch_offset_free
+from ._tail import SATURATING, SMOOTH, Act, MLPTail, torch_offset_free
 
 
 def _slope_bound(act: Act, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor | None:
@@ -40,11 +40,11 @@ def _slope_bound(act: Act, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor | N
         return (x > 0).to(x.dtype)
     if name == "leaky_relu":
         return torch.where(x >= 0, 1.0, abs(act.slope)).to(x.dtype)
-    if name == "sigmoid":
-        return torch.exp(-x.abs()).clamp_(max=0.25)
+    if name == "sigmoid":  # at the T points themselves: a steep unit crossing 0 between two of them has a step
+        return torch.exp(-x.abs()).clamp_(max=0.25)  # there, resolved exactly (issue 24: the segment's max flagged it)
     if name == "tanh":
         return torch.exp(x.abs() * -2.0).mul_(4.0).clamp_(max=1.0)
-    return torch.where(x > -1.0, torch.full_like(x, 1.2), a.abs() * _gelu_tail(name, x.abs()))
+    return torch.where(x > -1.0, torch.full_like(x, 1.2), (a.abs() * _gelu_tail(name, x.abs())).clamp_(max=1.2))
 
 
 def _slope_max_on_segment(act: Act, x0: torch.Tensor, x1: torch.Tensor, own: torch.Tensor) -> torch.Tensor | None:
@@ -62,8 +62,10 @@ def _slope_max_on_segment(act: Act, x0: torch.Tensor, x1: torch.Tensor, own: tor
     if name in ("sigmoid", "tanh"):  # smallest |x| on the segment: 0 where it crosses 0
         ax = torch.where(x0 * x1 <= 0, torch.zeros_like(x0), torch.minimum(x0.abs(), x1.abs()))
         return torch.exp(-ax).clamp_(max=0.25) if name == "sigmoid" else torch.exp(ax * -2.0).mul_(4.0).clamp_(max=1.0)
-    flat = own * _gelu_tail(name, torch.maximum(x0.abs(), x1.abs()))
-    return torch.where(hi > -1.0, flat.clamp(min=1.2), flat)
+    # |act'| <= 1.2 everywhere (SiLU 1.10, GELU 1.13, GELU-tanh 1.13); below -1 also <= |act| * ratio(|x|). The
+    # bound must stay homogeneous: max(own, 1.2) here (issue 24) made the scale grow like |x|^2 at large inputs.
+    flat = (own * _gelu_tail(name, torch.maximum(x0.abs(), x1.abs()))).clamp_(max=1.2)
+    return torch.where(hi > -1.0, torch.full_like(flat, 1.2), flat)
 
 
 def _gelu_tail(name: str, ax: torch.Tensor) -> torch.Tensor | float:
@@ -78,7 +80,9 @@ def _through(act: Act, x: torch.Tensor, a: torch.Tensor, r: torch.Tensor, linear
     ``max_t |act'(x)| r + max_t |a|`` (its input's rounding passed on, plus its own). ``linear``: ``x`` is linear
     in ``t`` (the first layer), so the slope bound comes from the path's ends (:func:`_slope_max_on_segment`)."""
     own = a.abs().amax(dim=1)
-    if linear:
+    if act.name in SMOOTH:  # below the smallest normal number an exp-based unit has no relative accuracy left
+        own = own + torch.finfo(x.dtype).tiny / torch.finfo(x.dtype).eps
+    if linear and act.name not in SATURATING:
         d = _slope_max_on_segment(act, x[:, 0], x[:, -1], own)
     else:
         d = _slope_bound(act, x, a)
@@ -111,6 +115,7 @@ def r2_from_centred(yc: torch.Tensor, scale: torch.Tensor, lam_c: torch.Tensor, 
     """
     T = yc.shape[1]
     yc = yc - yc.mean(dim=1, keepdim=True)                      # second pass: exact centring of rounding
+    yc, scale = scale_free(yc, scale)
     cov = torch.matmul(lam_c, yc)                              # [P, O]
     ss = yc.square().sum(dim=1)                                # [P, O]  T * var(y)
     ll = torch.dot(lam_c, lam_c)                               # T * var(lam)
@@ -123,6 +128,17 @@ def r2_from_centred(yc: torch.Tensor, scale: torch.Tensor, lam_c: torch.Tensor, 
         bad = pair_error_estimate(eps * scale, std, r2) > FLAG_KAPPA
         out = torch.where(bad, torch.full_like(out, FLAGGED), out)
     return out
+
+
+def scale_free(yc: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``yc`` (``(P, T, O)``) and ``scale`` (``(P, O)``) divided, per output, by the power of two ``2^e`` nearest above
+    ``max_t |yc|`` (exact: only exponents change), so the squares of the moments neither overflow nor underflow
+    (issue 24: unscaled, fp32 lost every output above ~1e19 and L read 0 or 1). r2, ``std / scale`` and the flag's
+    ``kappa`` are unchanged by it."""
+    _, e = torch.frexp(yc.abs().amax(dim=1))                   # [P, O]; 0 -> e = 0
+    lim = 125 if yc.dtype != torch.float64 else 1021           # 2^-e itself must be finite
+    e = e.clamp_(-lim, lim)
+    return torch.ldexp(yc, -e.unsqueeze(1)), torch.ldexp(scale, -e)
 
 
 def pair_error_estimate(err: torch.Tensor, std: torch.Tensor, r2: torch.Tensor) -> torch.Tensor:
@@ -139,10 +155,15 @@ def pair_error_estimate(err: torch.Tensor, std: torch.Tensor, r2: torch.Tensor) 
     return est.nan_to_num_(nan=1.0).clamp_(max=1.0).mean(dim=1)
 
 
-def r2_from_paths(y: torch.Tensor, lam_c: torch.Tensor, eps: float, flag: bool = False) -> torch.Tensor:
-    """:func:`r2_from_centred` of uncentred outputs ``(P, T, O)`` with scale ``max_t |y|``."""
+def r2_from_paths(y: torch.Tensor, lam_c: torch.Tensor, eps: float, flag: bool = False,
+                  in_ratio: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`r2_from_centred` of uncentred outputs ``(P, T, O)`` with scale ``max_t |y|`` (plus, with ``in_ratio``
+    ``(P,)``, ``std_t(y) * in_ratio``: the input's rounding relative to the path, for the flag and the constant rule)."""
     amax = torch.maximum(y.amax(dim=1), -y.amin(dim=1))         # [P, O]  max_t |y|
-    return r2_from_centred(y - y.mean(dim=1, keepdim=True), amax, lam_c, eps, flag)
+    yc = y - y.mean(dim=1, keepdim=True)
+    if in_ratio is not None:
+        amax = amax + yc.abs().amax(dim=1) * in_ratio.unsqueeze(1)  # max_t |yc| >= std_t(y): no overflowing square
+    return r2_from_centred(yc, amax, lam_c, eps, flag)
 
 
 def triu_pair_chunks(n: int, chunk: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

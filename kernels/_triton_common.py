@@ -128,18 +128,27 @@ def _act_offset_free(x, ref, ACT: tl.constexpr, SLOPE: tl.constexpr):
 
 
 @triton.jit
-def _amp(ax, ACT: tl.constexpr):
-    """``1 + g``: how much the rounding of the input ``x`` (``|x| = ax``) grows through ``act`` relative to ``|act|``
-    (``torch_backend._through``: ``|x|`` for smooth units, ``x^2`` for GELU at negative ``x``, 0 otherwise)."""
+def _amp(x, ACT: tl.constexpr):
+    """``1 + g``: how much the rounding of the input ``x`` grows through ``act`` relative to ``|act|``
+    (``torch_backend._through``: ``|x|`` for smooth units, ``x^2`` for GELU at negative ``x``, 0 otherwise). Homogeneous
+    (issue 24): SiLU, GELU and GELU-tanh are ~x for ``x >= 0``, where ``|x act'(x)| <= 1.2 |act(x)|``: ``1 + g = 2.2``
+    there (it was ``1 + |x|``: the scale grew like the square of the weights and fired the constant rule)."""
+    ax = tl.abs(x)
     if ACT == _GELU:
-        f = (1.0 + ax) * (1.0 + ax)
+        f = tl.where(x >= 0.0, 2.2, (1.0 + ax) * (1.0 + ax))
     elif ACT == _TANH:  # |x d/dx log(2 sigmoid(-+2x))| = 2 |x| sigmoid(+-2x) <= 2 |x| (offset free)
         f = 1.0 + 2.0 * ax
-    elif (ACT == _SILU) or (ACT == _SIGMOID) or (ACT == _GELU_TANH):
+    elif ACT == _SIGMOID:
         f = 1.0 + ax
+    elif (ACT == _SILU) or (ACT == _GELU_TANH):
+        f = tl.where(x >= 0.0, 2.2, 1.0 + ax)
     else:
         f = ax * 0.0 + 1.0
     return f
+
+
+#: max over x < 0 of |act(x)| (1 + g(x)) for SiLU (0.72 at x = -1.85), GELU (0.67), GELU-tanh (0.35), rounded up
+_NEG_PEAK = 0.8
 
 
 @triton.jit
@@ -182,7 +191,7 @@ def _centred_input(x3, ACT: tl.constexpr, SLOPE: tl.constexpr, T: tl.constexpr, 
         a3 = _act_offset_free(x3, x0[:, None, :], ACT, SLOPE)
     else:
         a3 = _act(x3, ACT, SLOPE)
-    m3 = tl.where(m_t3, tl.abs(a3) * _amp(tl.abs(x3), ACT), 0.0)
+    m3 = tl.where(m_t3, tl.abs(a3) * _amp(x3, ACT), 0.0)
     m_h = tl.where((col0 + tl.arange(0, W) < H_LAST)[None, :], tl.max(m3, axis=1), 0.0)  # [BJ, W]
     if CENTRE:
         b_mean = tl.sum(tl.where(m_t3, a3, 0.0), axis=1) / T
@@ -203,8 +212,22 @@ def _end_bounds(b_zi, b_zj, b_ai, b_aj, o_k, ACT: tl.constexpr, H_LAST: tl.const
         b_m = tl.where((b_lo <= _XSTAR_SILU + 0.01) & (b_hi >= _XSTAR_SILU - 0.01), tl.maximum(b_m, _MIN_SILU), b_m)
     elif (ACT == _GELU) or (ACT == _GELU_TANH):
         b_m = tl.where((b_lo <= _XSTAR_GELU + 0.01) & (b_hi >= _XSTAR_GELU - 0.01), tl.maximum(b_m, _MIN_GELU), b_m)
-    b_m = b_m * _amp(tl.maximum(tl.abs(b_lo), tl.abs(b_hi)), ACT)
+    if (ACT == _SILU) or (ACT == _GELU) or (ACT == _GELU_TANH):
+        # positive part: |a| <= b_m there, 1 + g = 2.2; negative part: |a| (1 + g) <= min(_NEG_PEAK, b_m (1 + g(lo)))
+        # (b_m = max |a| on the path, g grows with |x|): homogeneous (issue 24), and tight for deeply negative paths
+        b_pos = tl.where(b_hi > 0.0, 2.2 * b_m, 0.0)
+        b_neg = tl.where(b_lo < 0.0, tl.minimum(b_m * _amp(b_lo, ACT), _NEG_PEAK), 0.0)
+        b_m = tl.maximum(b_pos, b_neg)
+    else:
+        b_m = b_m * _amp(tl.maximum(tl.abs(b_lo), tl.abs(b_hi)), ACT)
     return tl.where((o_k < H_LAST)[None, :], b_m, 0.0)
+
+
+@triton.jit
+def _pow2_above(b_amax):
+    """``2^round(log2 max_t |yc|)`` per output (1 where it is 0): dividing by it is exact and keeps the squares of the
+    moments finite whatever the scale of the weights or ``h`` (issue 24: they overflowed from |y| ~ 1e19 in fp32)."""
+    return tl.where(b_amax > 0.0, tl.exp2(tl.floor(tl.log2(tl.where(b_amax > 0.0, b_amax, 1.0)))), 1.0)
 
 
 @triton.jit

@@ -36,6 +36,7 @@ from ._triton_common import (
     _centred_scale,
     _end_bounds,
     _pair_l,
+    _pow2_above,
     _slope_bound,
 )
 
@@ -230,6 +231,8 @@ def _connectivity_fwd_kernel(
         m_t3 = m_t[None, :, None]
         b_mean = tl.sum(tl.where(m_t3, b_y3, 0.0), axis=1) / T                         # [BLOCK_J, PO]
         b_yc = tl.where(m_t3, b_y3 - b_mean[:, None, :], 0.0)                          # [BLOCK_J, T_PAD, PO]
+        b_p2 = _pow2_above(tl.max(tl.abs(b_yc), axis=1))                               # [BLOCK_J, PO] scale-free moments
+        b_yc = b_yc / b_p2[:, None, :]
         b_lc = tl.where(m_t, b_lam - 0.5, 0.0)                                         # [T_PAD]
         b_ll = tl.sum(b_lc * b_lc, axis=0)
         b_ss = tl.sum(b_yc * b_yc, axis=1)                                             # [BLOCK_J, PO]
@@ -253,7 +256,7 @@ def _connectivity_fwd_kernel(
                 if DEPTH >= 2:  # the inner Linears' rounding of its input, as the C++ kernel's factor 2 for deeper tails
                     b_r = 2.0 * b_r
                 b_scale += b_d * (b_r + tl.abs(b_c)[None, :])
-        b_l = _pair_l(b_ss, b_cov, b_ll, b_scale, b_dn, T, O, CONST_TOL, EPS, FLAG, FLAG_KAPPA, FLAGGED)
+        b_l = _pair_l(b_ss, b_cov, b_ll, b_scale / b_p2, b_dn, T, O, CONST_TOL, EPS, FLAG, FLAG_KAPPA, FLAGGED)
 
         o_j64 = o_j.to(tl.int64)
         i64 = i.to(tl.int64)

@@ -132,6 +132,20 @@ inline __m256 erf256(__m256 x) {
     return _mm256_or_ps(y, _mm256_and_ps(sign, x));
 }
 
+inline __m256 erfc256(__m256 u) {
+    // Numerical Recipes erfcc (Chebyshev): erfc(|u|) = t exp(-u^2 + P(t)), t = 1 / (1 + |u| / 2), relative error
+    // < 1.2e-7 for every u >= 0 (so GELU keeps relative accuracy on its negative side); erfc(u) = 2 - erfc(-u).
+    const __m256 one = _mm256_set1_ps(1.0f);
+    __m256 z = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), u);
+    __m256 t = _mm256_div_ps(one, _mm256_fmadd_ps(_mm256_set1_ps(0.5f), z, one));
+    static const float c[10] = {-1.26551223f, 1.00002368f, 0.37409196f, 0.09678418f, -0.18628806f,
+                                0.27886807f, -1.13520398f, 1.48851587f, -0.82215223f, 0.17087277f};
+    __m256 p = _mm256_set1_ps(c[9]);
+    for (int k = 8; k >= 0; --k) p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(c[k]));
+    __m256 ans = _mm256_mul_ps(t, exp256(_mm256_fnmadd_ps(z, z, p)));
+    return _mm256_blendv_ps(ans, _mm256_sub_ps(_mm256_set1_ps(2.0f), ans), _mm256_cmp_ps(u, _mm256_setzero_ps(), _CMP_LT_OQ));
+}
+
 // ---------------------------------------------------------------------------------------------
 // vector math (4 x fp64)
 
@@ -177,16 +191,14 @@ inline __m256 act256(__m256 x, int code, float slope) {
             return _mm256_blendv_ps(x, _mm256_mul_ps(x, _mm256_set1_ps(slope)), neg);
         }
         case ACT_GELU_TANH: {
-            // 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+            // x sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3): 0.5 x (1 + tanh u) cancels for negative u (issue 24)
             __m256 x3 = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
-            __m256 u = _mm256_mul_ps(_mm256_set1_ps(0.7978845608028654f),
-                                     _mm256_fmadd_ps(_mm256_set1_ps(0.044715f), x3, x));
-            __m256 hx = _mm256_mul_ps(_mm256_set1_ps(0.5f), x);
-            return _mm256_fmadd_ps(hx, tanh256(u), hx);
+            __m256 u2 = _mm256_mul_ps(_mm256_set1_ps(1.5957691216057308f), _mm256_fmadd_ps(_mm256_set1_ps(0.044715f), x3, x));
+            return _mm256_mul_ps(x, sigmoid256(u2));
         }
-        case ACT_GELU: {  // 0.5 x (1 + erf(x / sqrt(2)))
+        case ACT_GELU: {  // 0.5 x erfc(-x / sqrt(2)): the erf form cancels for negative x (issue 24)
             __m256 hx = _mm256_mul_ps(_mm256_set1_ps(0.5f), x);
-            return _mm256_fmadd_ps(hx, erf256(_mm256_mul_ps(x, _mm256_set1_ps(0.7071067811865476f))), hx);
+            return _mm256_mul_ps(hx, erfc256(_mm256_mul_ps(x, _mm256_set1_ps(-0.7071067811865476f))));
         }
         default: return x;
     }
@@ -365,33 +377,42 @@ template <int G>
 inline void r2_stats(const float* y, int T, int ld, int c0, const float* lam_c, float ll, int mid, float* st,
                      float* rr, float* am) {
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    __m256 s[G], amax[G], ss[G], cov[G];
+    __m256 s[G], amax[G], ss[G], cov[G], p2[G], inv[G];
     for (int g = 0; g < G; ++g) s[g] = amax[g] = ss[g] = cov[g] = _mm256_setzero_ps();
     for (int t = 0; t < T; ++t) {
         if (t == mid) continue;
         for (int g = 0; g < G; ++g) {
             __m256 v = _mm256_loadu_ps(y + t * ld + c0 + 8 * g);
             s[g] = _mm256_add_ps(s[g], v);
-            if (mid < 0) amax[g] = _mm256_max_ps(amax[g], _mm256_and_ps(v, absmask));
+            amax[g] = _mm256_max_ps(amax[g], _mm256_and_ps(v, absmask));
         }
     }
     const __m256 tv = _mm256_set1_ps((float)T);
+    const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+    const __m256 expmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7f800000));
     __m256 mean[G];
-    for (int g = 0; g < G; ++g) mean[g] = _mm256_div_ps(s[g], tv);
+    for (int g = 0; g < G; ++g) {
+        mean[g] = _mm256_div_ps(s[g], tv);
+        // scale-free moments (issue 24): every value divided by 2^floor(log2 max_t |y|) (exact; 1 for 0, denormals,
+        // Inf/NaN), so |c| <= 4 and the squares never overflow (they did from |y| ~ 1e19 on: L read 0 or 1)
+        p2[g] = _mm256_and_ps(amax[g], expmask);
+        __m256 ok = _mm256_and_ps(_mm256_cmp_ps(p2[g], zero, _CMP_GT_OQ), _mm256_cmp_ps(p2[g], expmask, _CMP_LT_OQ));
+        p2[g] = _mm256_blendv_ps(one, p2[g], ok);
+        inv[g] = _mm256_div_ps(one, p2[g]);
+    }
     for (int t = 0; t < T; ++t) {
         __m256 l = _mm256_set1_ps(lam_c[t]);
         for (int g = 0; g < G; ++g) {
             __m256 v = t == mid ? _mm256_setzero_ps() : _mm256_loadu_ps(y + t * ld + c0 + 8 * g);
-            __m256 c = _mm256_sub_ps(v, mean[g]);
+            __m256 c = _mm256_mul_ps(_mm256_sub_ps(v, mean[g]), inv[g]);
             ss[g] = _mm256_fmadd_ps(c, c, ss[g]);
             cov[g] = _mm256_fmadd_ps(c, l, cov[g]);
         }
     }
-    const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
     for (int g = 0; g < G; ++g) {
         __m256 r2 = _mm256_div_ps(_mm256_mul_ps(cov[g], cov[g]), _mm256_mul_ps(ss[g], _mm256_set1_ps(ll)));
         _mm256_storeu_ps(rr + c0 + 8 * g, _mm256_min_ps(_mm256_max_ps(r2, zero), one));  // NaN -> 0
-        _mm256_storeu_ps(st + c0 + 8 * g, _mm256_sqrt_ps(_mm256_div_ps(ss[g], tv)));
+        _mm256_storeu_ps(st + c0 + 8 * g, _mm256_mul_ps(_mm256_sqrt_ps(_mm256_div_ps(ss[g], tv)), p2[g]));
         if (mid < 0) _mm256_storeu_ps(am + c0 + 8 * g, amax[g]);
     }
 }
@@ -570,6 +591,55 @@ float* trailing_acts(float* x, float* y, int T, int ld, int O, const int* codes,
     return x;
 }
 
+// Below the smallest normal float an exp-based unit keeps no relative accuracy (and exp256 clamps its argument):
+// its absolute error is up to FLT_MIN |x|, i.e. kFloor |x| in units of eps (added to the rounding scale of smooth units).
+constexpr float kFloor = 1.1754944e-38f / 1.1920929e-7f;
+
+// Rounding scale m_h (units of eps) of the input of the centred last Linear of a one-stage tail, from
+// m = max_t |a_th| and the path's ends z_i, z_j (x_t = z_i + lam_t (z_j - z_i), absolute error <= eps R, R = max |z|):
+//   m_h = m (2 + G(lo)) + s R + kFloor (1 + R) [smooth units],  lo = min(z_i, z_j, 0)
+// its own rounding (relative: 2 m; the exp/erfc argument's rounding grows it by G on the negative side: SiLU,
+// sigmoid, tanh |x|, GELU x^2, GELU-tanh 1.6 |x| + 0.072 |x|^3), plus the input's absolute rounding through the unit's
+// largest slope s on the path (SiLU/GELU 1.2; sigmoid 1/4; tanh 1; ReLU 1 if the path reaches x > 0, else 0 (a
+// dead unit is exactly 0); LeakyReLU max(1, |slope|)). Homogeneous of degree 1 in the scale of z (issue 24: the old
+// m (1 + R) grew like its square and flagged or zeroed every pair at large weights).
+inline __m256 first_stage_scale(__m256 m, __m256 zi, __m256 zj, int code, float slope) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
+    const __m256 R = _mm256_max_ps(_mm256_and_ps(zi, absmask), _mm256_and_ps(zj, absmask));
+    const __m256 nl = _mm256_max_ps(_mm256_sub_ps(zero, _mm256_min_ps(zi, zj)), zero);  // |lo|
+    __m256 G = zero, s;
+    bool smooth = true;
+    switch (code) {
+        case ACT_RELU:
+        case ACT_LEAKY_RELU: {
+            // piecewise linear: a unit that keeps its sign along the path is exactly linear there (a_t - a_0 =
+            // lam_t d up to the rounding of x_t, eps |x_t| <= eps m / min(1, |slope|)), and a dead ReLU is exactly 0.
+            // A unit crossing its kink: x_t = fma(lam_t, d~, z_i), d~ = d (1 + delta), errs by eps |x_t| per point plus
+            // lam_t d delta, which on the live side is delta (a_t - a_0) (the signal itself, harmless) plus a step
+            // delta z_i: its nonlinear part is at most eps |z_i| (z_i: the t = 0 end, the centring's reference).
+            const __m256 cross = _mm256_cmp_ps(_mm256_mul_ps(zi, zj), zero, _CMP_LT_OQ);
+            const float k = code == ACT_RELU ? 1.0f : std::max(1.0f, std::fabs(slope));
+            s = _mm256_and_ps(_mm256_set1_ps(k), cross);
+            const __m256 span = _mm256_and_ps(zi, absmask);
+            const float own = code == ACT_RELU ? 2.0f : 2.0f / std::min(1.0f, std::max(std::fabs(slope), 1e-30f));
+            return _mm256_fmadd_ps(m, _mm256_set1_ps(own), _mm256_mul_ps(s, span));
+        }
+        case ACT_IDENTITY: s = one; smooth = false; break;
+        case ACT_SIGMOID: G = nl; s = _mm256_set1_ps(0.25f); break;
+        case ACT_TANH: G = nl; s = one; break;
+        case ACT_GELU: G = _mm256_mul_ps(nl, nl); s = _mm256_set1_ps(1.2f); break;
+        case ACT_GELU_TANH:
+            G = _mm256_mul_ps(nl, _mm256_fmadd_ps(_mm256_set1_ps(0.072f), _mm256_mul_ps(nl, nl), _mm256_set1_ps(1.6f)));
+            s = _mm256_set1_ps(1.2f);
+            break;
+        default: G = nl; s = _mm256_set1_ps(1.2f); break;  // SiLU
+    }
+    __m256 mv = _mm256_fmadd_ps(m, _mm256_add_ps(_mm256_set1_ps(2.0f), G), _mm256_mul_ps(s, R));
+    if (smooth) mv = _mm256_fmadd_ps(_mm256_set1_ps(kFloor), _mm256_add_ps(one, R), mv);
+    return mv;
+}
+
 void run_rows(const Problem& p, std::atomic<int64_t>* next_row) {
     const int T = p.T, S = p.n_stages, kp0 = p.kp[0];
     int width = kp0;
@@ -578,7 +648,7 @@ void run_rows(const Problem& p, std::atomic<int64_t>* next_row) {
     std::vector<float> zero_bias(width, 0.0f), scratch(2 * (size_t)kp0);
     std::vector<float> mvec(width + 8, 0.0f), scvec(width + 8, 0.0f);
     std::vector<float> st(width + 8, 0.0f), rr(width + 8, 0.0f), am(width + 8, 0.0f);  // per-output statistics
-    float mmax_s = 0.0f, m2_s = 0.0f;  // max_h m_h and sum_h m_h^2 of the last pair (centred path)
+    float mmax_s = 0.0f, m2_s = 0.0f;  // max_h m_h and |m|_2 of the last pair (centred path)
     const int wn2_off = p.np[S - 1] + 8;  // wnorm holds sum_h |W_kh| then sqrt(sum_h W_kh^2)
     // Offset-free last projection (no trailing activation): rows t != mid of its input become
     // a_t - a_mid and the bias is left out, so y_t - y_mid comes out of the GEMM without the
@@ -587,6 +657,8 @@ void run_rows(const Problem& p, std::atomic<int64_t>* next_row) {
     const int mid = centred ? 0 : -1;  // reference row
     const bool silu1 = p.act_off[1] - p.act_off[0] == 1 && p.act_code[p.act_off[0]] == ACT_SILU;
     const float tol = p.const_rtol * p.eps;
+    const int u0_code = p.act_off[1] > p.act_off[0] ? p.act_code[p.act_off[1] - 1] : ACT_IDENTITY;
+    const float u0_slope = p.act_off[1] > p.act_off[0] ? p.act_slope[p.act_off[1] - 1] : 0.0f;
     for (;;) {
         int64_t i = next_row->fetch_add(1);
         if (i >= p.n - 1) break;
@@ -684,12 +756,12 @@ void run_rows(const Problem& p, std::atomic<int64_t>* next_row) {
                             __m256 g = _mm256_mul_ps(sx, _mm256_add_ps(_mm256_set1_ps(1.0f), _mm256_and_ps(xn, absmask)));
                             g = _mm256_and_ps(g, _mm256_cmp_ps(lo, zero8, _CMP_LT_OQ));
                             mv = _mm256_fmadd_ps(m, _mm256_set1_ps(2.2f), g);
+                            mv = _mm256_fmadd_ps(_mm256_set1_ps(kFloor), _mm256_add_ps(_mm256_set1_ps(1.0f), _mm256_max_ps(
+                                _mm256_and_ps(vzi, absmask), _mm256_and_ps(vzj, absmask))), mv);
+                        } else if (S == 1) {
+                            mv = first_stage_scale(m, vzi, vzj, u0_code, u0_slope);
                         } else {
-                            __m256 f = _mm256_set1_ps(2.0f);
-                            if (S == 1)
-                                f = _mm256_add_ps(_mm256_set1_ps(1.0f), _mm256_max_ps(_mm256_and_ps(vzi, absmask),
-                                                                                    _mm256_and_ps(vzj, absmask)));
-                            mv = _mm256_mul_ps(m, f);
+                            mv = _mm256_mul_ps(m, _mm256_set1_ps(2.0f));
                         }
                         _mm256_storeu_ps(&mvec[q], mv);
                         mmax = _mm256_max_ps(mmax, mv);
@@ -700,6 +772,9 @@ void run_rows(const Problem& p, std::atomic<int64_t>* next_row) {
                     _mm256_store_ps(l2, m2);
                     mmax_s = *std::max_element(lanes, lanes + 8);
                     m2_s = ((l2[0] + l2[1]) + (l2[2] + l2[3])) + ((l2[4] + l2[5]) + (l2[6] + l2[7]));
+                    // |m|_2 >= max_h m_h: a sum of squares below that underflowed (tiny m_h: the floor of units
+                    // below FLT_MIN, issue 24); then |m|_2 <= sqrt(K) max_h m_h
+                    m2_s = m2_s < 1e-30f ? mmax_s * std::sqrt((float)p.kin[s]) : std::max(std::sqrt(m2_s), mmax_s);
                     for (int t = 0; t < T && !pre_centred; ++t) {
                         if (t == mid) continue;
                         for (int q = 0; q < kp; q += 8)
@@ -727,7 +802,7 @@ void run_rows(const Problem& p, std::atomic<int64_t>* next_row) {
                 double esum;
                 bool any_const;
                 const double sum = r2_finish(st.data(), rr.data(), p.wnorm, mmax_s * 1.0001f, p.wnorm + wn2_off,
-                                             std::sqrt(m2_s) * 1.0001f, p.out_dim, tol, p.eps, esum, any_const);
+                                             m2_s * 1.0001f, p.out_dim, tol, p.eps, esum, any_const);
                 if (!any_const && (p.flag_tau <= 0.0f || esum / p.out_dim <= p.flag_tau)) {
                     v = (float)(sum / p.out_dim);
                 } else {
@@ -852,6 +927,23 @@ struct Work64 {  // one thread's buffers
     }
 };
 
+// Below the smallest normal double exp-based units keep no relative accuracy (exp256d clamps at -708): absolute
+// error up to DBL_MIN |x|, kFloor64 |x| in units of eps.
+constexpr double kFloor64 = 2.2250738585072014e-308 / 2.220446049250313e-16;
+
+// g(x) of the rounding scale |a| (1 + g(x)) of a smooth unit: |x act'(x)| / |a| plus the exp/erfc argument's rounding.
+// Homogeneous (issue 24): for x >= 0 a non-saturating unit is ~x and g = 1.2 (it was |x|, so the scale grew like x^2
+// and the constant rule fired on every pair at large weights); on the negative side SiLU |x|, GELU x^2, GELU-tanh
+// 1.6 |x| + 0.072 |x|^3; saturating units (taken offset free, exponentially small) |x| on both sides.
+inline double rounding_gain64(int code, double x, bool sat) {
+    const double ax = std::fabs(x);
+    if (sat) return ax;
+    if (x >= 0.0) return 1.2;
+    if (code == ACT_GELU) return x * x;
+    if (code == ACT_GELU_TANH) return ax * (1.6 + 0.072 * x * x);
+    return ax;
+}
+
 // The input of the centred last projection (stage s) from x[T, kp] (its input before its activations), into
 // a: row 0 a_0, rows t >= 1 a_t - a_0. mv[h] = max_t |a_th| (1 + g(x_th)), torch_backend._rounding_scale.
 // Returns max_h mv[h].
@@ -872,7 +964,10 @@ double centre_last64(const Pairs64& p, int s, double* x, double* a, double* mv) 
                 const __m256d xv = _mm256_loadu_pd(x + t * kp + h);
                 const __m256d v = silu256d(xv);
                 _mm256_storeu_pd(a + t * kp + h, v);
-                const __m256d w = _mm256_mul_pd(_mm256_andnot_pd(absm, v), _mm256_add_pd(one, _mm256_andnot_pd(absm, xv)));
+                const __m256d g4 = _mm256_blendv_pd(_mm256_andnot_pd(absm, xv), _mm256_set1_pd(1.2),
+                                                    _mm256_cmp_pd(xv, _mm256_setzero_pd(), _CMP_GE_OQ));
+                const __m256d w = _mm256_fmadd_pd(_mm256_andnot_pd(absm, v), _mm256_add_pd(one, g4),
+                                                  _mm256_mul_pd(_mm256_set1_pd(kFloor64), _mm256_add_pd(one, _mm256_andnot_pd(absm, xv))));
                 _mm256_storeu_pd(&mv[h], _mm256_max_pd(_mm256_loadu_pd(&mv[h]), w));
                 h += 3;
                 continue;
@@ -881,9 +976,15 @@ double centre_last64(const Pairs64& p, int s, double* x, double* a, double* mv) 
             double v = xv, g = 0.0;
             if (sat) v = offset_free64(last, xv, x[h]);
             else if (smooth) v = act64(xv, last, slopes[na - 1]);
-            if (smooth) g = (last == ACT_GELU && xv < 0.0) ? xv * xv : std::fabs(xv);
+            double r = std::fabs(v);
+            if (sat) {  // |v| + |x act'(x)|: offset free, v is the full step on the far side, where act' ~ 0
+                const double k = last == ACT_SIGMOID ? 1.0 : 2.0;
+                r += std::fabs(xv) * k * sigmoid64(k * xv) * sigmoid64(-k * xv);
+            } else if (smooth) {
+                r *= 1.0 + rounding_gain64(last, xv, sat);
+            }
             a[t * kp + h] = v;
-            mv[h] = std::max(mv[h], std::fabs(v) * (1.0 + g));
+            mv[h] = std::max(mv[h], r + (smooth ? kFloor64 * (1.0 + std::fabs(xv)) : 0.0));
         }
     for (int t = 1; t < T; ++t)
         for (int h = 0; h < K; ++h) a[t * kp + h] -= a[h];
@@ -894,9 +995,9 @@ double centre_last64(const Pairs64& p, int s, double* x, double* a, double* mv) 
 void chain_scale64(const Pairs64& p, const double* zi, const double* d, const double* a, double* mv) {
     const int T = p.T, K = p.kin[0], kp = p.kp[0];
     for (int h = 0; h < K; ++h) {
-        double m = std::fabs(a[h]) * (1.0 + std::fabs(zi[h]));
+        double m = std::fabs(a[h]) * (1.0 + rounding_gain64(ACT_SILU, zi[h], false));
         for (int t = 1; t < T; ++t)
-            m = std::max(m, std::fabs(a[t * kp + h] + a[h]) * (1.0 + std::fabs(zi[h] + p.lam[t] * d[h])));
+            m = std::max(m, std::fabs(a[t * kp + h] + a[h]) * (1.0 + rounding_gain64(ACT_SILU, zi[h] + p.lam[t] * d[h], false)));
         mv[h] = m;
     }
 }
@@ -916,19 +1017,29 @@ inline void r2_stats64(const double* y, int T, int ld, int c0, const double* lam
             mx[g] = _mm256_max_pd(mx[g], _mm256_andnot_pd(absm, v));
         }
     const __m256d tv = _mm256_set1_pd((double)T);
-    for (int g = 0; g < G; ++g) mean[g] = _mm256_div_pd(s[g], tv);
+    const __m256d one = _mm256_set1_pd(1.0), zero = _mm256_setzero_pd();
+    const __m256d expmask = _mm256_castsi256_pd(_mm256_set1_epi64x(0x7ff0000000000000LL));
+    __m256d p2[G], inv[G];
+    for (int g = 0; g < G; ++g) {
+        mean[g] = _mm256_div_pd(s[g], tv);
+        // scale-free moments (issue 24): values divided by 2^floor(log2 max_t |y|), exact, as in r2_stats
+        p2[g] = _mm256_and_pd(mx[g], expmask);
+        const __m256d ok = _mm256_and_pd(_mm256_cmp_pd(p2[g], zero, _CMP_GT_OQ), _mm256_cmp_pd(p2[g], expmask, _CMP_LT_OQ));
+        p2[g] = _mm256_blendv_pd(one, p2[g], ok);
+        inv[g] = _mm256_div_pd(one, p2[g]);
+    }
     for (int t = 0; t < T; ++t) {
         const __m256d l = _mm256_set1_pd(lam_c[t]);
         for (int g = 0; g < G; ++g) {
-            const __m256d c = _mm256_sub_pd(_mm256_loadu_pd(y + t * ld + c0 + 4 * g), mean[g]);
+            const __m256d c = _mm256_mul_pd(_mm256_sub_pd(_mm256_loadu_pd(y + t * ld + c0 + 4 * g), mean[g]), inv[g]);
             ss[g] = _mm256_fmadd_pd(c, c, ss[g]);
             cov[g] = _mm256_fmadd_pd(c, l, cov[g]);
         }
     }
     for (int g = 0; g < G; ++g) {
         const __m256d r2 = _mm256_div_pd(_mm256_mul_pd(cov[g], cov[g]), _mm256_mul_pd(ss[g], _mm256_set1_pd(ll)));
-        _mm256_storeu_pd(rr + c0 + 4 * g, _mm256_min_pd(_mm256_max_pd(r2, _mm256_setzero_pd()), _mm256_set1_pd(1.0)));
-        _mm256_storeu_pd(st + c0 + 4 * g, _mm256_sqrt_pd(_mm256_div_pd(ss[g], tv)));
+        _mm256_storeu_pd(rr + c0 + 4 * g, _mm256_min_pd(_mm256_max_pd(r2, zero), one));
+        _mm256_storeu_pd(st + c0 + 4 * g, _mm256_mul_pd(_mm256_sqrt_pd(_mm256_div_pd(ss[g], tv)), p2[g]));
         _mm256_storeu_pd(am + c0 + 4 * g, mx[g]);
     }
 }
@@ -967,13 +1078,14 @@ double pair_value64(const Pairs64& p, int64_t i, int64_t j, Work64& w) {
     double mmax = 0.0;
     if (chain) {
         silu_chain(zi, d, p.ez + i * kp0, p.ez + j * kp0, p.sz + i * kp0, p.lam, T, kp0, 0, w.scratch.data(), x);
-        // |silu(x)| <= |x| <= M_h = max(|z_ih|, |z_jh|) on the path: mv_h <= M_h (1 + M_h), no pass over the rows
+        // |silu(x)| <= |x| <= M_h = max(|z_ih|, |z_jh|) on the path: mv_h <= 2.2 M_h for x >= 0 and
+        // |silu(x)| (1 + |x|) <= 0.72 for x < 0, no pass over the rows (homogeneous; it was M_h (1 + M_h), issue 24)
         __m256d m = _mm256_setzero_pd();
-        const __m256d absm = _mm256_set1_pd(-0.0), one = _mm256_set1_pd(1.0);
+        const __m256d absm = _mm256_set1_pd(-0.0);
         for (int q = 0; q < kp0; q += 4) {
             const __m256d mh = _mm256_max_pd(_mm256_andnot_pd(absm, _mm256_loadu_pd(zi + q)),
                                              _mm256_andnot_pd(absm, _mm256_loadu_pd(zj + q)));
-            m = _mm256_max_pd(m, _mm256_mul_pd(mh, _mm256_add_pd(one, mh)));
+            m = _mm256_max_pd(m, _mm256_fmadd_pd(mh, _mm256_set1_pd(2.2), _mm256_set1_pd(0.72)));
         }
         mmax = Simd<double>::hmax(m);
     } else {

@@ -44,6 +44,7 @@ from ._triton_common import (
     _centred_scale,
     _end_bounds,
     _pair_l,
+    _pow2_above,
 )
 from .connectivity import (
     launch_config as _v1_launch_config,
@@ -137,7 +138,8 @@ def _row_sums(sel, y, HILO: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constex
 @triton.jit
 def _tile_stats(y, r_p, sel, T: tl.constexpr, BPP: tl.constexpr, HILO: tl.constexpr, PREC: tl.constexpr,
                 INTERP: tl.constexpr):
-    """Per pair ``sum_t yc^2`` and ``sum_t lc yc`` (``[BPP, PO]``, ``lc = 2t - (T-1)``) of the tile's ``y [M, PO]``.
+    """Per pair ``sum_t yc^2`` and ``sum_t lc yc`` (``[BPP, PO]``, ``lc = 2t - (T-1)``) of the tile's ``y [M, PO]``,
+    divided by ``p2^2`` and ``p2`` (the third result, ``[PO]``: the power of two nearest ``max |y - c|`` over the tile).
 
     ``sel [2 BPP, M]``: rows ``p`` select pair ``p``'s rows (1), rows ``BPP + p`` weight them by ``lc``. ``y`` is
     shifted by ``c ~ mean_t y``, the same for every row of a pair (one plain product each way: ``c`` need not be
@@ -154,11 +156,13 @@ def _tile_stats(y, r_p, sel, T: tl.constexpr, BPP: tl.constexpr, HILO: tl.conste
         c = tl.dot(back, tl.dot(sel, y, input_precision=PREC, out_dtype=y.dtype), input_precision=PREC,
                    out_dtype=y.dtype)
     yc = y - c
+    p2 = _pow2_above(tl.max(tl.abs(yc), axis=0))                                        # [PO] scale-free moments
+    yc = yc / p2[None, :]                                                               # (one scale per tile: exact)
     s2 = tl.reshape(_row_sums(sel, yc, HILO, PREC, INTERP), [2, BPP, PO])
     s2a, s2b = tl.split(tl.permute(s2, (1, 2, 0)))                                      # sum yc, sum lc yc
     s3 = tl.reshape(_row_sums(sel, yc * yc, HILO, PREC, INTERP), [2, BPP, PO])
     s3a, _s3b = tl.split(tl.permute(s3, (1, 2, 0)))
-    return s3a - s2a * s2a / T, s2b
+    return s3a - s2a * s2a / T, s2b, p2
 
 
 @triton.jit
@@ -254,8 +258,8 @@ def _connectivity_v2_kernel(
             acc = _mma(b_a, b_w, b_wlo, acc, HILO, PREC, INTERP)
         b_mmax, b_msq, b_dn = _pair_bounds(z_ptr, a0_ptr, i, j0, N, K0, BP, BPP, BLOCK_KE, ACT, SLOPE, FAST_ACT, REL,
                                            INTERP, H_LAST)
-        b_ss, b_cov = _tile_stats(acc, r_p, _selection(r_p, T, BP, BPP, DT), T, BPP, HILO, PREC, INTERP)
-        b_scale = _centred_scale(b_mmax, b_msq, wn_ptr, PO)
+        b_ss, b_cov, b_p2 = _tile_stats(acc, r_p, _selection(r_p, T, BP, BPP, DT), T, BPP, HILO, PREC, INTERP)
+        b_scale = _centred_scale(b_mmax, b_msq, wn_ptr, PO) / b_p2[None, :]
         b_l = _pair_l(b_ss, b_cov, LL, b_scale, b_dn, T, O, CONST_TOL, EPS, FLAG, FLAG_KAPPA, FLAGGED)
         p_j = j0 + tl.arange(0, BPP)
         p_m = (tl.arange(0, BPP) < BP) & (p_j < N)
