@@ -13,9 +13,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import MISSING, Field, fields
 from pathlib import Path
 from typing import get_args, get_origin, get_type_hints
@@ -181,7 +184,10 @@ def _run_train(args: argparse.Namespace) -> int:
 
         if cfg.probe is not None:
             probe_indices(make_task(cfg.task, cfg.train_fraction, cfg.seed), parse_probe(cfg.probe), cfg.probe_seed)
-    except ValueError as e:
+        from .train import preflight
+
+        preflight(cfg.resolved())  # memory and the LMN backend, before the run directory is created
+    except (ValueError, MemoryError) as e:
         raise UsageError(f"{PROG} train: error: {e}") from None
     out = Path(args.out) if args.out else Path("runs") / f"{args.task}-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
     _check_out_dir(out)
@@ -251,6 +257,29 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupted_at_start(signum, frame):
+    """SIGINT while the command starts (imports, parsing): nothing to keep, so one line and exit 130 now (a
+    ``KeyboardInterrupt`` raised inside torch's or NumPy's import surfaces as an unrelated ImportError)."""
+    print(f"{PROG}: interrupted", file=sys.stderr, flush=True)
+    os._exit(130)
+
+
+@contextmanager
+def starting():
+    """While the command starts (imports, argument parsing), Ctrl-C exits at once with one line and code 130.
+
+    Only in the main thread (elsewhere signals are not ours); the previous handler is restored on exit.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, _interrupted_at_start)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``grokfast-metrics`` console script.
 
@@ -262,13 +291,16 @@ def main(argv: list[str] | None = None) -> int:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        parser = build_parser(argv)
-        args, extra = parser.parse_known_args(argv)
-        reason = getattr(args, "_unavailable", None)
-        if reason is not None:
-            raise UsageError(f"{PROG} {args.command}: error: not available: {reason}")
-        if extra:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        with starting():
+            parser = build_parser(argv)
+            args, extra = parser.parse_known_args(argv)
+            reason = getattr(args, "_unavailable", None)
+            if reason is not None:
+                raise UsageError(f"{PROG} {args.command}: error: not available: {reason}")
+            if extra:
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            if args._run is _run_train:
+                importlib.import_module("grokfast_metrics.train")  # torch and the trainer, still under starting()
         return int(args._run(args))
     except UsageError as e:
         print(str(e).splitlines()[0] if str(e) else f"{PROG}: error", file=sys.stderr)

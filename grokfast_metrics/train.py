@@ -52,7 +52,8 @@ from .tasks import Task, make_task
 from .tracker import Tracker
 
 __all__ = ["BASE_COLUMNS", "CHECKPOINT", "SNAPSHOT_DEFAULT", "Collapse", "NumericalCollapseWarning", "RunDirError", "RunLogError",
-           "RunResult", "Timer", "TrainConfig", "load_checkpoint", "parse_probe", "probe_indices", "resume", "save_checkpoint",
+           "RunResult", "Timer", "TrainConfig", "estimate_bytes", "load_checkpoint", "parse_probe", "preflight",
+           "probe_indices", "resume", "save_checkpoint",
            "track_lmn", "train"]
 
 #: columns always present in the logs; ``lmn_<layer>`` columns follow
@@ -164,6 +165,55 @@ class Phases:
             self.generalization_99 = step
             events.append("generalization_99")
         return tuple(events)
+
+
+# ------------------------------------------------------------------------------------------
+# checks before the run directory is touched
+
+
+def n_parameters(cfg: TrainConfig, task: Task) -> int:
+    """Parameters of the model ``cfg`` builds for ``task`` (:class:`~grokfast_metrics.model.GrokMLP`), without building it."""
+    e, h, c = cfg.embed_dim, cfg.hidden, task.n_classes
+    tables = task.n_tokens * e * (1 if cfg.embedding == "shared" else 2)
+    return tables + (2 * e * h + h) + (h * h + h) + (h * c + c)
+
+
+def estimate_bytes(cfg: TrainConfig, task: Task | None = None) -> int:
+    """Memory a run of ``cfg`` needs, from the sizes alone: the weights, their gradients, AdamW's two moments and
+    the Grokfast filter's state (one gradient for EMA, ``ma_window`` for MA), the activations of the full-batch
+    forward and backward, and ``L`` of the probe."""
+    task = task if task is not None else make_task(cfg.task, cfg.train_fraction, cfg.seed)
+    elem = torch.empty((), dtype=TORCH_DTYPES[cfg.dtype]).element_size()
+    copies = 4 + {"ema": 1, "ma": cfg.ma_window}.get(cfg.grokfast, 0)
+    width = 2 * cfg.embed_dim + 4 * cfg.hidden + 2 * task.n_classes  # per sample: embeddings, hidden pre/post, logits
+    probe = task.n_inputs if not isinstance(cfg.probe, int) else min(int(cfg.probe), task.n_inputs)
+    return n_parameters(cfg, task) * elem * copies + 3 * task.n_inputs * width * elem + 8 * probe * probe
+
+
+def preflight(cfg: TrainConfig) -> None:
+    """What can be known about a resolved ``cfg`` before the run directory is touched: the run fits in memory and
+    the LMN backend runs on this device (a stand-in model of the same layers, at most 8 wide, is asked).
+
+    Raises:
+        MemoryError: the run needs more memory than the device leaves (free memory, ``ulimit -v``, the cgroup).
+        ValueError: the LMN backend cannot run here (the message says why).
+    """
+    from ._policy import available_bytes
+    from .core import resolve_backend
+
+    task = make_task(cfg.task, cfg.train_fraction, cfg.seed)
+    need, free = estimate_bytes(cfg, task), available_bytes(cfg.device)
+    if free is not None and need > free:
+        raise MemoryError(
+            f"the run needs about {need / 2**30:.1f} GiB ({n_parameters(cfg, task):,} parameters in {cfg.dtype}, with their "
+            f"gradients, AdamW moments and filter state, and the activations) but {cfg.device} has {free / 2**30:.1f} GiB "
+            "available (free memory, the address-space and cgroup limits); use a smaller --hidden / --embed-dim")
+    if not cfg.lmn_every:
+        return
+    small = TrainConfig(**{**asdict(cfg), "embed_dim": min(cfg.embed_dim, 8), "hidden": min(cfg.hidden, 8)})
+    model = build_model(task, small, torch.device(cfg.device))
+    for h, tail in representations(model, task.x[:2].to(cfg.device), list(cfg.lmn_layers)).values():
+        resolve_backend(h, tail, cfg.lmn_backend)
 
 
 # ------------------------------------------------------------------------------------------
@@ -423,12 +473,15 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, progress: bool = True, plot:
         :class:`RunResult`.
 
     Raises:
-        ValueError: invalid configuration or probe.
+        ValueError: invalid configuration or probe, or an LMN backend that cannot run here (checked before
+            ``run_dir`` is touched).
+        MemoryError: the run cannot fit in the device's memory (estimated before anything is allocated).
         RunDirError: ``run_dir`` holds a run and ``overwrite`` is False.
         OSError: ``run_dir`` cannot be created or written.
     """
     cfg.validate()
     cfg = cfg.resolved()
+    preflight(cfg)
     run_dir = Path(run_dir)
     prepare_run_dir(run_dir, overwrite=overwrite)
     return _execute(cfg, run_dir, None, progress, plot)
@@ -458,7 +511,12 @@ def _execute(cfg: TrainConfig, run_dir: Path, resumed: tuple[dict, list[dict]] |
         torch.set_num_threads(cfg.threads)
     try:
         with _Signals() as signals:
-            run = setup(cfg, run_dir, resume_rows=None if resumed is None else resumed[1])
+            try:
+                run = setup(cfg, run_dir, resume_rows=None if resumed is None else resumed[1])
+            except KeyboardInterrupt:
+                if resumed is None:  # interrupted while starting: the run files written so far go
+                    _discard_start(run_dir)
+                raise
             if resumed is not None:
                 restore_checkpoint(run, resumed[0])
             bar = _Progress(cfg, run.first_step) if progress else None
@@ -472,6 +530,15 @@ def _execute(cfg: TrainConfig, run_dir: Path, resumed: tuple[dict, list[dict]] |
             return _finish(run, stop, plot, signals)
     finally:
         torch.set_num_threads(threads_before)
+
+
+def _discard_start(run_dir: Path) -> None:
+    """Remove what a run interrupted during :func:`setup` wrote (no step ran: nothing of it is worth keeping), so the
+    next try in the same directory is not refused."""
+    import gc
+
+    gc.collect()  # the half-built run's open log files
+    prepare_run_dir(run_dir, overwrite=True)
 
 
 def _finish(run: Run, stop: _Stop | None, plot: bool, signals: _Signals) -> RunResult:
