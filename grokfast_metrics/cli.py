@@ -5,8 +5,10 @@ fields of :class:`~grokfast_metrics.config.TrainConfig` (help, choices and defau
 ``bench`` and ``plot`` live in ``grokfast_metrics.bench`` and ``grokfast_metrics.figures``; each exposes
 ``add_arguments(parser)`` and ``run(args) -> int`` and is imported only when its subcommand is used.
 
-Exit codes: 0 success, 2 bad arguments or unavailable subcommand, 3 training diverged (non-finite loss),
-130 interrupted by SIGINT, 143 stopped by SIGTERM (logs, summary and plot kept in every case).
+Exit codes: 0 success, 1 a run file could not be written (disk full, directory made read-only: one line naming
+the file and the cause; the rows and the last checkpoint written are kept whole), 2 bad arguments or unavailable
+subcommand, 3 training diverged (non-finite loss), 130 interrupted by SIGINT, 143 stopped by SIGTERM (logs, summary
+and plot kept in every case).
 """
 from __future__ import annotations
 
@@ -160,7 +162,7 @@ def _resume_steps(args: argparse.Namespace, cfg) -> int | None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from .runlog import RunDirError, RunLogError
+    from .runlog import RunDirError, RunLogError, RunWriteError
     from .train import NumericalCollapseWarning, resume, train
 
     cfg = _train_config(args)
@@ -197,6 +199,9 @@ def _run_train(args: argparse.Namespace) -> int:
             res = train(cfg, out, progress=not args.no_progress, plot=not args.no_plot, overwrite=args.overwrite)
     except RunDirError as e:
         raise UsageError(f"{PROG} train: error: {e}") from None
+    except RunWriteError as e:  # before the first step (config.json, the log files): one line, exit 1
+        print(f"{PROG} train: error: {e} (errno {e.errno})", file=sys.stderr)
+        return 1
     return _report(res, out, args.no_plot)
 
 

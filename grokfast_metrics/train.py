@@ -46,7 +46,7 @@ from .config import SNAPSHOT_DEFAULT, TrainConfig, parse_probe
 from .core import LMNResult, lmn
 from .grokfast import make_filter
 from .model import GrokMLP, layer_target, representations, scale_init, segment_of
-from .runlog import MetricsLog, RunDirError, RunLogError, collapse_message, prepare_run_dir, summarize, write_json
+from .runlog import MetricsLog, RunDirError, RunLogError, RunWriteError, collapse_message, prepare_run_dir, summarize, write_json
 from .schedule import Due, Schedule
 from .tasks import Task, make_task
 from .tracker import Tracker
@@ -221,6 +221,8 @@ def preflight(cfg: TrainConfig) -> None:
 
 #: exit codes of a run that stopped early (``RunResult.exit_code``; 0: completed)
 EXIT_SIGINT, EXIT_SIGTERM, EXIT_NONFINITE = 130, 143, 3
+#: exit code of a run that stopped because a run file could not be written (disk full, directory made read-only)
+EXIT_WRITE = 1
 #: dtype names of ``--dtype``
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -244,6 +246,7 @@ class Run:
     collapse: Collapse | None = None
     start: float = field(default_factory=time.perf_counter)
     first_step: int = 0
+    checkpoint_step: int | None = None  # the step of the last checkpoint written by this process
 
 
 @dataclass
@@ -436,12 +439,21 @@ def _loop(run: Run, progress: _Progress | None, signals: _Signals) -> _Stop | No
                     with signals.deferred():
                         run.held.flush()
                         save_checkpoint(run, step)
+                        run.checkpoint_step = step
         run.held.flush()
+    except RunWriteError as e:  # nothing more can be written: the log keeps its whole rows, the checkpoint its last
+        kept = f"the rows up to step {run.log.rows[-1]['step']} are intact" if run.log.rows else "no row was written"
+        if run.checkpoint_step is not None:
+            kept += f", and the checkpoint of step {run.checkpoint_step}"
+        return _Stop(f"{e} (errno {e.errno}); {kept}", EXIT_WRITE)
     except (KeyboardInterrupt, _Stop) as e:
-        with signals.deferred():
-            run.held.flush()
-            if pending is not None and (not run.log.rows or run.log.rows[-1]["step"] < pending["step"]):
-                write_row(run, {}, pending, time.perf_counter())
+        try:
+            with signals.deferred():
+                run.held.flush()
+                if pending is not None and (not run.log.rows or run.log.rows[-1]["step"] < pending["step"]):
+                    write_row(run, {}, pending, time.perf_counter())
+        except RunWriteError as w:
+            return _Stop(f"{e}; then {w} (errno {w.errno})", EXIT_WRITE)
         if isinstance(e, _Stop):
             return e
         name = signals.received[0] if signals.received else "SIGINT"
@@ -525,7 +537,10 @@ def _execute(cfg: TrainConfig, run_dir: Path, resumed: tuple[dict, list[dict]] |
             finally:
                 if bar is not None:
                     bar.close()
-                run.log.close()
+                try:
+                    run.log.close()
+                except RunWriteError as e:
+                    stop = _Stop(f"{e} (errno {e.errno})", EXIT_WRITE)
                 run.tracker.close()  # asynchronous: stops the eigen thread (nothing is pending by now)
             return _finish(run, stop, plot, signals)
     finally:
@@ -551,7 +566,12 @@ def _finish(run: Run, stop: _Stop | None, plot: bool, signals: _Signals) -> RunR
     with signals.deferred():
         summary = summarize(rows, run.cfg, asdict(run.phases), run.collapse.summary() if run.collapse else None, timings,
                             interrupted, steps_done, None if stop is None else stop.reason)
-        write_json(run.run_dir / "summary.json", summary)
+        try:
+            write_json(run.run_dir / "summary.json", summary)
+        except RunWriteError as e:  # atomic: no summary.json rather than a partial one
+            stop = _Stop(stop.reason if stop is not None and stop.exit_code == EXIT_WRITE else f"{e} (errno {e.errno})",
+                         EXIT_WRITE)
+            plot = False
     if plot and rows:
         try:
             from .figures import plot_curves
@@ -559,6 +579,8 @@ def _finish(run: Run, stop: _Stop | None, plot: bool, signals: _Signals) -> RunR
             plot_curves(rows, run.run_dir / "curves.png", summary=summary, layers=list(run.cfg.lmn_layers))
         except KeyboardInterrupt:
             print("interrupted again: curves.png not written (summary.json is)", file=sys.stderr)
+        except OSError as e:
+            stop = _Stop(f"curves.png not written: {RunWriteError.of(run.run_dir / 'curves.png', e)}", EXIT_WRITE)
     collapse = summary.get("numerical_collapse")
     if collapse is not None:
         warnings.warn(collapse_message(summary), NumericalCollapseWarning, stacklevel=4)  # at train()'s caller

@@ -5,9 +5,10 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
-from ..runlog import RunLogError
+from ..runlog import RunLogError, RunWriteError
 from .engines import ENGINES, run_sweep
 from .grid import Run, parse_axis, plan_runs
 from .manifest import load_sweep, run_status, write_manifest
@@ -89,9 +90,13 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"grokfast-metrics sweep: error: {e}", file=sys.stderr)
         return 2
-    out.mkdir(parents=True, exist_ok=True)
     window = max(1, args.steps // 10)
-    write_manifest(out, [name for name, _ in axes], runs, window)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_manifest(out, [name for name, _ in axes], runs, window)
+    except OSError as e:
+        print(f"grokfast-metrics sweep: error: {RunWriteError.of(out, e)}", file=sys.stderr)
+        return 2
     bar = _progress(len(runs), args.no_progress)
     interrupted = False
     results: dict[str, dict] = {}
@@ -107,7 +112,11 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
-    rows, stats = write_outputs(out, [name for name, _ in axes], runs, results, window)
+    try:
+        rows, stats = write_outputs(out, [name for name, _ in axes], runs, results, window)
+    except OSError as e:  # disk full: the outputs are written atomically, so the previous ones stay whole
+        print(f"grokfast-metrics sweep: error: {RunWriteError.of(out, e)}", file=sys.stderr)
+        return 1
     _report(rows, out, stats)
     if interrupted:
         return 130
@@ -117,16 +126,21 @@ def run(args: argparse.Namespace) -> int:
 def plot_sweep(out: str | Path) -> int:
     """``grokfast-metrics plot SWEEP_DIR``: :func:`replot` and the sweep's report; 0, or 2 on a damaged directory."""
     try:
-        rows, stats = replot(out)
-    except (FileNotFoundError, RunLogError) as e:
-        print(f"grokfast-metrics plot: error: {e}", file=sys.stderr)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rows, stats = replot(out)
+    except (FileNotFoundError, RunLogError, OSError) as e:
+        why = e if not isinstance(e, OSError) or isinstance(e, FileNotFoundError) else RunWriteError.of(out, e)
+        print(f"grokfast-metrics plot: error: {why}", file=sys.stderr)
         return 2
+    for w in caught:  # one line each: a run left out for a damaged file
+        print(f"grokfast-metrics plot: warning: {w.message}", file=sys.stderr)
     _report(rows, Path(out), stats)
     return 0
 
 
 def _report(rows: list[dict], out: Path, stats: dict) -> None:
-    status = {s: sum(r["status"] == s for r in rows) for s in ("done", "skipped", "failed", "interrupted", "not run")}
+    status = {s: sum(r["status"] == s for r in rows) for s in ("done", "skipped", "failed", "interrupted", "damaged", "not run")}
     outcome = {o: sum(r.get("outcome") == o for r in rows) for o in OUTCOMES}
     print(f"{len(rows)} runs: " + ", ".join(f"{n} {s}" for s, n in status.items() if n))
     print("outcomes: " + ", ".join(f"{n} {o}" for o, n in outcome.items() if n))
