@@ -105,10 +105,9 @@ def test_directory_made_read_only_mid_run(tmp_path, monkeypatch, capsys):
 
 
 def test_a_failed_checkpoint_leaves_the_previous_one_whole(tmp_path, monkeypatch):
+    from grokfast_metrics import train as train_mod
     from grokfast_metrics.config import TrainConfig
     from grokfast_metrics.train import train
-
-    from grokfast_metrics import train as train_mod
 
     real = train_mod.save_checkpoint
 
@@ -151,14 +150,14 @@ def test_atomic_writes_leave_the_old_file(tmp_path, monkeypatch, what):
     if what == "json":
         path = tmp_path / "summary.json"
         runlog.write_json(path, {"a": 1})
-        write = lambda: runlog.write_json(path, {"a": list(range(1000))})  # noqa: E731
+        write = lambda: runlog.write_json(path, {"a": list(range(1000))})
     elif what == "snapshot":
         path = runlog.save_connectivity(tmp_path, 3, "hidden1_post", torch.eye(4), 1.0)
-        write = lambda: runlog.save_connectivity(tmp_path, 3, "hidden1_post", torch.eye(40), 2.0)  # noqa: E731
+        write = lambda: runlog.save_connectivity(tmp_path, 3, "hidden1_post", torch.eye(40), 2.0)
     else:
         path = tmp_path / "sweep.csv"
         write_csv([{"run": "a", "status": "done"}], path)
-        write = lambda: write_csv([{"run": f"r{k}", "status": "done"} for k in range(500)], path)  # noqa: E731
+        write = lambda: write_csv([{"run": f"r{k}", "status": "done"} for k in range(500)], path)
     before = path.read_bytes()
     monkeypatch.setattr(runlog, "_write_fd", Full(10))
     with pytest.raises(runlog.RunWriteError, match="No space left on device") as e:
