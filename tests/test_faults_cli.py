@@ -140,3 +140,16 @@ def test_summary_of_a_good_run_is_json(tmp_path):
     out = tmp_path / "run"
     assert cli.main(["train", *TINY, "--out", str(out)]) == 0
     assert json.loads((out / "summary.json").read_text())["steps_done"] == 3
+
+
+def test_sweep_with_an_unreachable_ray_address_fails_naming_it(tmp_path):
+    """``--ray-address 127.0.0.1:1`` (nothing listens there): one line naming the address, not a wait of minutes."""
+    pytest.importorskip("ray")
+    argv = ["sweep", *TINY, "--grid", "lr=0.001", "--engine", "ray", "--ray-address", "127.0.0.1:1",
+            "--out", str(tmp_path / "sweep")]
+    try:
+        p = subprocess.run([*PYTHON, "-m", "grokfast_metrics", *argv], capture_output=True, text=True, timeout=120,
+                           cwd=tmp_path)
+    except subprocess.TimeoutExpired:
+        pytest.fail("no answer in 120 s")
+    assert p.returncode == 2 and "127.0.0.1:1" in p.stderr and p.stderr.strip().count("\n") == 0, p.stderr[-3000:]
