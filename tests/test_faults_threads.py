@@ -65,7 +65,7 @@ def _run(fn, errors: list):
     def target():
         try:
             fn()
-        except BaseException as e:  # noqa: BLE001 - the test reports whatever a thread raised
+        except BaseException as e:
             errors.append(e)
     return threading.Thread(target=target)
 
