@@ -279,3 +279,15 @@ def test_sweep_outputs_into_a_full_disk(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "No space left on device" in err and "sweep.csv" in err, err
     assert (out / "sweep.csv").read_bytes() == before  # not emptied
+
+
+def test_a_sweep_run_that_cannot_write_is_failed_not_done(tmp_path, monkeypatch):
+    from dataclasses import asdict
+
+    from grokfast_metrics.config import TrainConfig
+    from grokfast_metrics.sweep.engines import run_one
+
+    cfg = TrainConfig(steps=20, device="cpu", hidden=8, embed_dim=4, probe=8, complexity="off", lmn_every=5, log_every=1)
+    monkeypatch.setattr(runlog, "_write_fd", Full(2000))
+    res = run_one(asdict(cfg), str(tmp_path / "run"), plot=False)
+    assert res["status"] == "failed" and "No space left on device" in res["error"], res

@@ -1,6 +1,7 @@
 """Where the runs of a sweep execute: a local process pool or Ray tasks. Neither is a scheduler of ours."""
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import traceback
@@ -43,12 +44,15 @@ def run_one(config: dict, run_dir: str, plot: bool) -> dict:
     try:
         res = train(TrainConfig(**config), path, progress=False, plot=plot)
     except Exception as e:
-        (path / ERROR_FILE).write_text(traceback.format_exc(), encoding="utf-8")
+        with contextlib.suppress(OSError):  # a full disk may not take error.txt either; the result still says why
+            (path / ERROR_FILE).write_text(traceback.format_exc(), encoding="utf-8")
         return {"status": "failed", "error": f"{type(e).__name__}: {e}"}
     return _status(res)
 
 
 def _status(res) -> dict:
+    if res.exit_code == 1:  # train.EXIT_WRITE: a run file could not be written (disk full): not a finished run
+        return {"status": "failed", "error": res.stop_reason}
     return {"status": "interrupted" if res.interrupted else "done"}
 
 
