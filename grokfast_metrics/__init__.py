@@ -5,12 +5,27 @@
 >>> res = gm.lmn(torch.randn(32, 8), tail)
 >>> res.lmn >= 1.0
 True
+
+The public names (and the submodules, ``gm.core``) are imported on first use: ``import grokfast_metrics``
+alone does not import torch, so the ``grokfast-metrics`` command answers Ctrl-C during its start-up
+with one line (its ``main`` handles it) instead of a traceback from inside torch's import.
 """
-from .core import BACKENDS, LMNResult, connectivity, lmn, lmn_from_connectivity
-from .dropin import lmn_at
-from .tracker import LMNTracker
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
+
+#: public name -> the module that defines it
+_EXPORTS = {
+    "BACKENDS": "core",
+    "LMNResult": "core",
+    "connectivity": "core",
+    "lmn": "core",
+    "lmn_from_connectivity": "core",
+    "lmn_at": "dropin",
+    "LMNTracker": "tracker",
+}
 
 __all__ = [
     "BACKENDS",
@@ -22,3 +37,22 @@ __all__ = [
     "lmn_at",
     "lmn_from_connectivity",
 ]
+
+
+def __getattr__(name: str):
+    """The public names and the submodules (``gm.core``, ``gm.dropin``, ...), imported on first access."""
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    if not name.startswith("__"):
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -1,10 +1,11 @@
 """``python -m grokfast_metrics ...``: same as the ``grokfast-metrics`` console script."""
 import sys
 
-from ._runtime import drop_checkout_from_path
+from .cli import main, starting  # the standard library only: Ctrl-C is handled from here on
 
-drop_checkout_from_path()
+with starting():  # importing torch: Ctrl-C is one line and exit 130
+    from ._runtime import drop_checkout_from_path
 
-from .cli import main  # noqa: E402
+    drop_checkout_from_path()
 
 sys.exit(main())

@@ -9,7 +9,8 @@ layout checks whose errors name the axis that holds the samples.
 from __future__ import annotations
 
 import difflib
-from collections import OrderedDict
+import threading
+import weakref
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["OutputSelector", "suspend_user_hooks", "unwrap_compiled"]
+__all__ = ["OutputSelector", "model_lock", "suspend_user_hooks", "unwrap_compiled"]
 
 #: what ``output`` may be: ``None`` (the model returns ``(B, O)``), a tuple index, or a callable.
 OutputSelector = int | Callable[[Any], torch.Tensor] | None
@@ -179,44 +180,83 @@ def _weight_hook_types() -> tuple[type, ...]:
     return tuple(found)
 
 
-_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
+#: per thread: how deep it is inside :func:`suspend_user_hooks` (the user's hooks skip only that thread's calls)
+_SUSPENDED = threading.local()
+#: one lock per model: ``lmn_at`` computations on one model run one at a time (see :func:`model_lock`)
+_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model: nn.Module) -> threading.RLock:
+    """The lock that serializes ``lmn_at`` computations on ``model`` (several threads, several trackers): its hooks,
+    mode switches and hook suspension never interleave. A thread that only runs ``model``'s forward never takes it."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = threading.RLock()
+        return lock
+
+
+class _SkipInSuspendingThread:
+    """A user's hook, wrapped while ``lmn_at`` runs: it does not fire in the thread computing LMN and fires as
+    usual in every other thread (a training thread's own hooks keep working)."""
+
+    def __init__(self, hook):
+        self.hook = hook
+
+    def __call__(self, *args, **kwargs):
+        if getattr(_SUSPENDED, "depth", 0):
+            return None
+        return self.hook(*args, **kwargs)
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks")
 
 
 @contextmanager
 def suspend_user_hooks(model: nn.Module, keep: bool = False):
-    """Suspend the forward (pre-)hooks registered on ``model``'s modules; restored on exit.
+    """Suspend the forward (pre-)hooks registered on ``model``'s modules for the calling thread; restored on exit.
 
-    Weight-computing pre-hooks (``weight_norm``, ``spectral_norm``, pruning) stay. ``keep=True``: no-op.
-    Hooks ``lmn_at`` registers inside the block go to fresh dicts and leave with them.
+    Each hook is wrapped in place (the dicts keep their keys, so a handle still removes it) so that it does not
+    fire in this thread and still fires in any other thread running the model meanwhile. Weight-computing
+    pre-hooks (``weight_norm``, ``spectral_norm``, pruning) are not wrapped. ``keep=True``: no-op.
     """
     if keep:
         yield
         return
     weight_hooks = _weight_hook_types()
-    saved = []
+    wrapped = []
     for m in model.modules():
-        if not (m._forward_hooks or m._forward_pre_hooks):
-            continue
-        state = {name: getattr(m, name) for name in _HOOK_DICTS if hasattr(m, name)}
-        saved.append((m, state))
-        kept = OrderedDict((k, h) for k, h in m._forward_pre_hooks.items() if isinstance(h, weight_hooks))
-        for name in state:
-            setattr(m, name, OrderedDict() if name != "_forward_pre_hooks" else kept)
-        if hasattr(m, "_forward_pre_hooks_with_kwargs"):
-            m._forward_pre_hooks_with_kwargs = OrderedDict(
-                (k, v) for k, v in state["_forward_pre_hooks_with_kwargs"].items() if k in kept)
+        for name in _HOOK_DICTS:
+            hooks = getattr(m, name, None)
+            if not hooks:
+                continue
+            for key, h in list(hooks.items()):
+                if isinstance(h, _SkipInSuspendingThread) or (name == "_forward_pre_hooks" and isinstance(h, weight_hooks)):
+                    continue
+                w = _SkipInSuspendingThread(h)
+                hooks[key] = w  # same key: no resize, safe beside a forward iterating the dict in another thread
+                wrapped.append((hooks, key, w))
+    _SUSPENDED.depth = getattr(_SUSPENDED, "depth", 0) + 1
     try:
         yield
     finally:
-        for m, state in saved:
-            for name, d in state.items():
-                setattr(m, name, d)
+        _SUSPENDED.depth -= 1
+        for hooks, key, w in wrapped:
+            if hooks.get(key) is w:  # a hook removed meanwhile stays removed
+                hooks[key] = w.hook
 
 
 @contextmanager
 def _hook(module: nn.Module, fn):
-    handle = module.register_forward_hook(fn)
+    """``fn`` as a forward hook of ``module`` that acts only on this thread's calls (another thread running the
+    model meanwhile is not captured, replaced or stopped)."""
+    me = threading.get_ident()
+
+    def this_thread_only(m, inp, out):
+        return fn(m, inp, out) if threading.get_ident() == me else None
+
+    handle = module.register_forward_hook(this_thread_only)
     try:
         yield
     finally:

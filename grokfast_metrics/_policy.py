@@ -54,20 +54,87 @@ def lambdas(n_lambda: int, dtype: torch.dtype, device: torch.device | str = "cpu
     return lam.to(dtype), (lam - 0.5).to(dtype)
 
 
+def _meminfo_available() -> int | None:
+    """``MemAvailable`` of ``/proc/meminfo`` in bytes (``None`` where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _address_space_left() -> int | None:
+    """What ``RLIMIT_AS`` (``ulimit -v``) leaves this process: the limit minus its mapped size (``None``: no limit)."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft == resource.RLIM_INFINITY or soft < 0:
+            return None
+        with open("/proc/self/status") as f:
+            mapped = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+        return max(0, soft - mapped)
+    except (ImportError, OSError, ValueError, StopIteration):
+        return None
+
+
+def _cgroup_roots() -> list:
+    """This process's memory cgroup directories (v2 ``0::/path``, v1 ``memory:/path``), innermost first."""
+    from pathlib import Path
+
+    roots = []
+    try:
+        with open("/proc/self/cgroup") as f:
+            for line in f:
+                _, controllers, path = line.rstrip("\n").split(":", 2)
+                base = Path("/sys/fs/cgroup") if controllers == "" else Path("/sys/fs/cgroup/memory") \
+                    if "memory" in controllers.split(",") else None
+                if base is not None:
+                    roots += [base / path.lstrip("/"), base]
+    except (OSError, ValueError):
+        return []
+    return roots
+
+
+def _cgroup_left(roots: list | None = None) -> int | None:
+    """What the memory cgroup leaves: ``memory.max - memory.current`` (v2) or ``memory.limit_in_bytes -
+    memory.usage_in_bytes`` (v1), the smallest over ``roots`` (``None``: no limit found)."""
+    from pathlib import Path
+
+    left = None
+    for root in _cgroup_roots() if roots is None else roots:
+        for limit_name, usage_name in (("memory.max", "memory.current"), ("memory.limit_in_bytes", "memory.usage_in_bytes")):
+            try:
+                limit = (Path(root) / limit_name).read_text().strip()
+                if limit == "max" or int(limit) >= 1 << 60:  # v1 writes "no limit" as a huge number
+                    continue
+                usage = int((Path(root) / usage_name).read_text().strip())
+            except (OSError, ValueError):
+                continue
+            room = max(0, int(limit) - usage)
+            left = room if left is None else min(left, room)
+    return left
+
+
 def available_bytes(device: torch.device | str) -> int | None:
-    """Free memory on ``device`` in bytes (CUDA: ``mem_get_info``; CPU: ``MemAvailable``), ``None`` if unknown."""
+    """Free memory on ``device`` in bytes, ``None`` if unknown.
+
+    CUDA: ``mem_get_info``. CPU: the smallest of ``MemAvailable``, what the address-space limit
+    (``RLIMIT_AS``, ``ulimit -v``) leaves the process and what its memory cgroup (``memory.max``) leaves.
+    """
     device = torch.device(device)
     try:
         if device.type == "cuda":
             return int(torch.cuda.mem_get_info(device)[0])
-        if device.type == "cpu":
-            with open("/proc/meminfo") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-    except (OSError, RuntimeError, ValueError):
+    except (RuntimeError, ValueError):
         return None
-    return None
+    if device.type != "cpu":
+        return None
+    known = [v for v in (_meminfo_available(), _address_space_left(), _cgroup_left()) if v is not None]
+    return min(known) if known else None
 
 
 def check_fits(out_bytes: int, work_bytes: int, device: torch.device | str) -> None:
@@ -78,6 +145,7 @@ def check_fits(out_bytes: int, work_bytes: int, device: torch.device | str) -> N
     if free is not None and need > free:
         raise MemoryError(
             f"connectivity needs about {need / 2**20:.0f} MiB on {torch.device(device)} (L: {out_bytes / 2**20:.0f} MiB, "
-            f"working chunk: {work_bytes / 2**20:.0f} MiB) but only {free / 2**20:.0f} MiB is free; use fewer samples "
+            f"working chunk: {work_bytes / 2**20:.0f} MiB) but only {free / 2**20:.0f} MiB is free (free memory, the "
+            "process's address-space limit and its cgroup's memory limit, whichever is smallest); use fewer samples "
             "(a fixed random subset) or a smaller chunk_bytes"
         )

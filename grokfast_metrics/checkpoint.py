@@ -9,7 +9,6 @@ the checkpoint and :func:`restore_checkpoint` loads it into a freshly set-up run
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 
 from .collapse import Collapse
 from .config import TrainConfig
-from .runlog import RunLogError, drop_snapshots_after, read_metrics
+from .runlog import RunLogError, drop_snapshots_after, read_metrics, torch_bytes, write_atomic
 
 if TYPE_CHECKING:
     from .train import Run
@@ -37,6 +36,9 @@ def save_checkpoint(run: Run, step: int) -> Path:
     Model, optimizer, Grokfast filter, RNG states, tracker history, phases, collapse detector, timers
     and the number of logged rows (the log is flushed first; rows after ``step`` are dropped on resume).
     A step whose row is not due has none; the resumed run does not write one either.
+
+    Raises:
+        RunWriteError: the checkpoint could not be written (the previous one, if any, is left whole).
     """
     run.log.flush()
     state = {
@@ -55,10 +57,8 @@ def save_checkpoint(run: Run, step: int) -> Path:
         "rows": len(run.log.rows),
     }
     path = run.run_dir / CHECKPOINT
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    return path
+    # serialized in memory, then temp file + fsync + os.replace: a full disk leaves the previous checkpoint whole
+    return write_atomic(path, torch_bytes(state), tmp=path.with_suffix(".tmp"))
 
 
 def load_checkpoint(run_dir: str | Path) -> dict:

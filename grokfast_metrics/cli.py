@@ -5,17 +5,22 @@ fields of :class:`~grokfast_metrics.config.TrainConfig` (help, choices and defau
 ``bench`` and ``plot`` live in ``grokfast_metrics.bench`` and ``grokfast_metrics.figures``; each exposes
 ``add_arguments(parser)`` and ``run(args) -> int`` and is imported only when its subcommand is used.
 
-Exit codes: 0 success, 2 bad arguments or unavailable subcommand, 3 training diverged (non-finite loss),
-130 interrupted by SIGINT, 143 stopped by SIGTERM (logs, summary and plot kept in every case).
+Exit codes: 0 success, 1 a run file could not be written (disk full, directory made read-only: one line naming
+the file and the cause; the rows and the last checkpoint written are kept whole), 2 bad arguments or unavailable
+subcommand, 3 training diverged (non-finite loss), 130 interrupted by SIGINT, 143 stopped by SIGTERM (logs, summary
+and plot kept in every case).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import MISSING, Field, fields
 from pathlib import Path
 from typing import get_args, get_origin, get_type_hints
@@ -208,7 +213,7 @@ def _resume_steps(args: argparse.Namespace, cfg) -> int | None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from .runlog import RunDirError, RunLogError
+    from .runlog import RunDirError, RunLogError, RunWriteError
     from .train import NumericalCollapseWarning, resume, train
 
     cfg = _train_config(args)
@@ -232,7 +237,10 @@ def _run_train(args: argparse.Namespace) -> int:
 
         if cfg.probe is not None:
             probe_indices(make_task(cfg.task, cfg.train_fraction, cfg.seed, cfg.p), parse_probe(cfg.probe), cfg.probe_seed)
-    except ValueError as e:
+        from .train import preflight
+
+        preflight(cfg.resolved())  # memory and the LMN backend, before the run directory is created
+    except (ValueError, MemoryError) as e:
         raise UsageError(f"{PROG} train: error: {e}") from None
     name = args.task if cfg.model == "mlp" else f"{cfg.model}-{args.task}"
     out = Path(args.out) if args.out else Path("runs") / f"{name}-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -243,6 +251,9 @@ def _run_train(args: argparse.Namespace) -> int:
             res = train(cfg, out, progress=not args.no_progress, plot=not args.no_plot, overwrite=args.overwrite)
     except RunDirError as e:
         raise UsageError(f"{PROG} train: error: {e}") from None
+    except RunWriteError as e:  # before the first step (config.json, the log files): one line, exit 1
+        print(f"{PROG} train: error: {e} (errno {e.errno})", file=sys.stderr)
+        return 1
     return _report(res, out, args.no_plot)
 
 
@@ -339,6 +350,29 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupted_at_start(signum, frame):
+    """SIGINT while the command starts (imports, parsing): nothing to keep, so one line and exit 130 now (a
+    ``KeyboardInterrupt`` raised inside torch's or NumPy's import surfaces as an unrelated ImportError)."""
+    print(f"{PROG}: interrupted", file=sys.stderr, flush=True)
+    os._exit(130)
+
+
+@contextmanager
+def starting():
+    """While the command starts (imports, argument parsing), Ctrl-C exits at once with one line and code 130.
+
+    Only in the main thread (elsewhere signals are not ours); the previous handler is restored on exit.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, _interrupted_at_start)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``grokfast-metrics`` console script.
 
@@ -351,14 +385,17 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         _one_line_kernel_warning()
-        parser = build_parser(argv)
-        args, extra = parser.parse_known_args(argv)
-        reason = getattr(args, "_unavailable", None)
-        if reason is not None:
-            raise UsageError(f"{PROG} {args.command}: error: not available: {reason}")
-        if extra:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        args._argv = argv
+        with starting():
+            parser = build_parser(argv)
+            args, extra = parser.parse_known_args(argv)
+            reason = getattr(args, "_unavailable", None)
+            if reason is not None:
+                raise UsageError(f"{PROG} {args.command}: error: not available: {reason}")
+            if extra:
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            if args._run is _run_train:
+                importlib.import_module("grokfast_metrics.train")  # torch and the trainer, still under starting()
+            args._argv = argv
         return int(args._run(args))
     except UsageError as e:
         print(str(e).splitlines()[0] if str(e) else f"{PROG}: error", file=sys.stderr)

@@ -7,7 +7,7 @@ from the registries of tasks, filters, embeddings, layers and LMN backends, ``fl
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from ._policy import check_n_lambda
 from ._runtime import resolve_device
@@ -36,6 +36,8 @@ MODEL_DEFAULTS = {
     "transformer": {"steps": 2_500, "lr": 3e-3, "weight_decay": 1.0, "train_fraction": 0.5, "p": ADD_MODULUS,
                     "lmn_layers": [TRANSFORMER_LAYER]},
 }
+#: the seeds torch accepts (``torch.manual_seed``)
+SEED_RANGE = (-(2**63), 2**64 - 1)
 #: option groups of ``grokfast-metrics train``, in help order
 GROUPS = ("task and model", "optimization", "LMN tracking", "other complexity measures", "output")
 
@@ -148,9 +150,23 @@ class TrainConfig:
         """Raise ``ValueError`` naming the first bad field."""
         self._validate_training()
         self._validate_tracking()
-        resolve_device(self.device)
+        if resolve_device(self.device).type not in ("cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
+
+    def _validate_numbers(self) -> None:
+        """Every float field finite (``collapse_spike`` may be ``inf``: no spike rule); seeds in torch's range."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value) and not (f.name == "collapse_spike" and value > 0):
+                raise ValueError(f"{f.name.replace('_', ' ')} must be a finite number; got {value}")
+        for name in ("seed", "probe_seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
+                raise ValueError(f"{name.replace('_', ' ')} must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}] "
+                                 f"(torch's seed range); got {value}")
 
     def _validate_training(self) -> None:
+        self._validate_numbers()
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
         if self.model not in MODELS:

@@ -407,7 +407,7 @@ def lmn_from_connectivity(L: torch.Tensor) -> LMNResult:
 
     Raises:
         TypeError: ``L`` is not a real floating-point tensor (complex, bool and integer matrices are refused).
-        ValueError: ``L`` is not square, is empty, is not symmetric, has NaN/Inf, or is all zeros.
+        ValueError: ``L`` is not square, is empty, is on the meta device, is not symmetric, has NaN/Inf, or is all zeros.
     """
     if not isinstance(L, torch.Tensor):
         raise TypeError(f"L must be a torch.Tensor; got {type(L).__name__}")
@@ -415,6 +415,8 @@ def lmn_from_connectivity(L: torch.Tensor) -> LMNResult:
         raise ValueError(f"L must be a non-empty square matrix; got shape {tuple(L.shape)}")
     if not L.is_floating_point():
         raise TypeError(f"L must be a real floating-point matrix; got {L.dtype}")
+    if L.device.type == "meta":
+        raise ValueError("L is on the meta device, which holds no values; pass a matrix on the CPU or a GPU")
     if not bool(torch.isfinite(L).all()):
         raise ValueError("L has NaN/Inf entries")
     asym = float((L - L.T).abs().max())

@@ -18,9 +18,11 @@ matplotlib; importing this module selects matplotlib's Agg backend.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -30,7 +32,22 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from .runlog import RunLogError, load_connectivity, read_json, read_metrics
+from .runlog import RunLogError, RunWriteError, load_connectivity, read_json, read_metrics, write_atomic
+
+
+def save_figure(fig, path: str | Path, dpi: int) -> Path:
+    """``fig`` as a PNG at ``path``, written atomically (a full disk leaves no partial image); the figure is closed.
+
+    Raises:
+        RunWriteError: the file could not be written (names it and the cause).
+    """
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, dpi=dpi, format="png")
+    finally:
+        plt.close(fig)
+    return write_atomic(Path(path), buf.getvalue())
+
 
 _PHASES = (("memorizing", "#fde2e2"), ("generalizing", "#fff4cc"), ("finalizing", "#e3f4e1"))
 
@@ -119,8 +136,7 @@ def plot_curves(rows: list[dict], path: str | Path, *, summary: dict | None = No
     fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=8, frameon=False)
     fig.suptitle(_curves_title(summary) if title is None else title)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, 110)
     return path
 
 
@@ -208,8 +224,7 @@ def plot_layers(rows: list[dict], path: str | Path, summary: dict | None = None)
         ax.set(xscale="log", xlabel="step", ylabel="LMN", title=f"LMN: {title}")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, 120)
     return Path(path)
 
 
@@ -243,8 +258,7 @@ def plot_connectivity(snaps: list[dict], path: str | Path) -> Path | None:
         axes[1, c].set(xscale="log", xlabel="index", ylabel="normalised |eigenvalue|" if c == 0 else None, ylim=(1e-8, 1.5))
     fig.colorbar(im, ax=axes[0, :].tolist(), shrink=0.8, label="L_ij")
     fig.suptitle(f"connectivity matrix L ({snaps[0]['layer']})\nsamples ordered by spectral clustering", fontsize=10)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, 110)
     return Path(path)
 
 
@@ -286,8 +300,7 @@ def plot_scatter(rows: list[dict], summary: dict | None, path: str | Path) -> di
     fig.suptitle("test loss vs complexity over the generalizing phase (memorization to generalization)", fontsize=10)
     if phase:
         fig.colorbar(sc, ax=axes.tolist(), label="step")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, 120)
     out["path"] = str(path)
     return out
 
@@ -298,25 +311,33 @@ def make_figures(run_dir: str | Path, out_dir: str | Path | None = None) -> dict
     if not (run_dir / "metrics.jsonl").is_file():
         raise FileNotFoundError(f"{run_dir} has no metrics.jsonl; is it a run directory written by 'grokfast-metrics train'?")
     out = Path(out_dir) if out_dir else run_dir
-    out.mkdir(parents=True, exist_ok=True)
     rows = read_metrics(run_dir)
     if not rows:
         raise RunLogError(f"{run_dir / 'metrics.jsonl'}: no rows")
     summary_path = run_dir / "summary.json"
-    summary = read_json(summary_path) if summary_path.is_file() else {}
+    try:
+        summary = read_json(summary_path) if summary_path.is_file() else {}
+    except RunLogError as e:  # the figures need only the rows: drawn without the phase marks
+        warnings.warn(f"{e}; the figures are drawn without it", stacklevel=2)
+        summary = {}
     layers = [c[len("lmn_"):] for c in _layer_columns(rows)] or None
+    snaps = load_connectivity(run_dir, skip_damaged=True)  # a damaged snapshot is skipped with a warning naming it
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunWriteError.of(out, e) from None
     res = {
         "fig2": str(plot_curves(rows, out / "fig2_curves.png", summary=summary, layers=layers)),
         "fig3": _s(plot_layers(rows, out / "fig3_layers.png", summary)),
-        "fig4": _s(plot_connectivity(load_connectivity(run_dir, _first_layer(run_dir, summary)), out / "fig4_connectivity.png")),
+        "fig4": _s(plot_connectivity([s for s in snaps if s["layer"] == _first_layer(snaps, summary)],
+                                     out / "fig4_connectivity.png")),
         "scatter": plot_scatter(rows, summary, out / "scatter_test_loss.png"),
     }
-    (out / "figures.json").write_text(json.dumps(res, indent=2))
+    write_atomic(out / "figures.json", json.dumps(res, indent=2).encode("utf-8"))
     return res
 
 
-def _first_layer(run_dir: Path, summary: dict) -> str | None:
-    snaps = load_connectivity(run_dir)
+def _first_layer(snaps: list[dict], summary: dict) -> str | None:
     if not snaps:
         return None
     layer = summary.get("lmn_layer")
@@ -348,10 +369,14 @@ def run(args: argparse.Namespace) -> int:
 
         return plot_sweep(args.run)
     try:
-        res = make_figures(args.run, args.out)
-    except (FileNotFoundError, RunLogError) as e:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = make_figures(args.run, args.out)
+    except (FileNotFoundError, RunLogError, RunWriteError) as e:
         print(f"grokfast-metrics plot: error: {e}", file=sys.stderr)
         return 2
+    for w in caught:  # one line each: a skipped snapshot, a damaged summary
+        print(f"grokfast-metrics plot: warning: {w.message}", file=sys.stderr)
     for key in ("fig2", "fig3", "fig4"):
         print(f"{key}: {res[key] or 'skipped (nothing logged for it)'}")
     sc = res["scatter"]

@@ -29,6 +29,7 @@ from ._hooks import (
     _select_to,
     _Stop,
     _take,
+    model_lock,
     suspend_user_hooks,
     unwrap_compiled,
 )
@@ -168,8 +169,9 @@ class Plan:
 
     @contextmanager
     def running(self):
-        """Context of every computation: no grad, eval mode (restored), RNG forked, user hooks suspended."""
-        with torch.no_grad(), eval_mode(self.model), suspend_user_hooks(self.model, self.user_hooks):
+        """Context of every computation: no grad, eval mode (restored), RNG forked, user hooks suspended (in this
+        thread), one computation on the model at a time (:func:`~grokfast_metrics._hooks.model_lock`)."""
+        with model_lock(self.model), torch.no_grad(), eval_mode(self.model), suspend_user_hooks(self.model, self.user_hooks):
             yield
 
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,8 +8,11 @@
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
+import os
 import time
 import warnings
 from pathlib import Path
@@ -32,6 +35,64 @@ class RunDirError(ValueError):
 
 class RunLogError(ValueError):
     """A run file is damaged; the message names the file and the line."""
+
+
+class RunWriteError(OSError):
+    """A run file could not be written (disk full, directory made read-only): ``str()`` is one line naming the
+    file and the cause; ``errno`` is the system's. Nothing half-written is left looking whole: files are replaced
+    atomically, and ``metrics.jsonl`` / ``metrics.csv`` keep whole rows only."""
+
+    def __init__(self, path: str | Path, cause: OSError):
+        super().__init__(cause.errno, cause.strerror or str(cause))
+        self.path = str(path)
+        self.cause = cause
+
+    def __str__(self) -> str:
+        return f"cannot write {self.path}: {self.strerror or self.cause}"
+
+    @classmethod
+    def of(cls, path: str | Path, e: OSError) -> RunWriteError:
+        """``e`` as a :class:`RunWriteError` naming ``path`` (one already naming its file is kept)."""
+        return e if isinstance(e, RunWriteError) else cls(path, e)
+
+
+def _write_fd(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to ``fd`` (the one place run files' bytes are written; tests make it fail)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def write_atomic(path: str | Path, data: bytes, tmp: str | Path | None = None) -> Path:
+    """Write ``data`` to ``path`` atomically: a temporary file beside it (``tmp``, default ``.<name>.tmp``), fsync,
+    then ``os.replace``. On failure the temporary file is removed and ``path`` is left as it was.
+
+    Raises:
+        RunWriteError: the file could not be written (names ``path`` and the cause).
+    """
+    path = Path(path)
+    tmp = Path(tmp) if tmp is not None else path.with_name(f".{path.name}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _write_fd(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise RunWriteError.of(path, e) from None
+    return path
+
+
+def torch_bytes(obj) -> bytes:
+    """``torch.save(obj)`` into memory (written by :func:`write_atomic`: torch's own file writer reports a full disk
+    as ``unexpected pos ...`` and leaves a partial file)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
 
 
 def existing_run_files(run_dir: str | Path) -> list[str]:
@@ -78,26 +139,52 @@ def drop_snapshots_after(run_dir: str | Path, step: int) -> None:
 
 
 class MetricsLog:
-    """Append-only ``metrics.jsonl`` + ``metrics.csv`` with periodic flushing.
+    """Append-only ``metrics.jsonl`` + ``metrics.csv`` with periodic flushing; whole rows only on disk.
+
+    Rows are encoded in memory and written at :meth:`flush` (every ``flush_s`` and on :meth:`close`). A write
+    that fails (disk full, directory made read-only) truncates both files back to the rows of the last good
+    flush, keeps :attr:`rows` equal to them and raises :class:`RunWriteError`; the log then takes no more rows.
 
     Args:
         run_dir: directory to write into (created by the caller).
         columns: CSV header.
         flush_s: flush at most this often (and always on :meth:`close`).
+        rows: rows already logged (a resumed run): written again exactly as they were.
+
+    Raises:
+        RunWriteError: the files cannot be created or written.
     """
 
     def __init__(self, run_dir: Path, columns: list[str], flush_s: float = 1.0, rows: list[dict] | None = None):
         self.columns = columns
         self.flush_s = flush_s
-        self._jsonl = open(run_dir / "metrics.jsonl", "w", encoding="utf-8")
-        self._csv_file = open(run_dir / "metrics.csv", "w", encoding="utf-8", newline="")
-        self._csv = csv.DictWriter(self._csv_file, fieldnames=columns, extrasaction="raise")
-        self._csv.writeheader()
+        self.paths = (Path(run_dir) / "metrics.jsonl", Path(run_dir) / "metrics.csv")
+        self._fds: list[int] = []
+        for path in self.paths:
+            try:
+                self._fds.append(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
+            except OSError as e:
+                self._close_fds()
+                raise RunWriteError.of(path, e) from None
+        self._pending: tuple[list[bytes], list[bytes]] = ([], [self._csv_line(columns)])
+        self._sizes = [0, 0]  # bytes of whole rows on disk
+        self._on_disk = 0  # rows on disk
+        self.failed: RunWriteError | None = None
         self._last_flush = time.perf_counter()
         self.rows: list[dict] = []
-        for row in rows or ():  # a resumed run: its rows so far, written again exactly as they were
+        for row in rows or ():
             self._write(row)
         self.flush()
+
+    @staticmethod
+    def _csv_line(values) -> bytes:
+        buf = io.StringIO()
+        csv.writer(buf).writerow(values)
+        return buf.getvalue().encode("utf-8")
+
+    @property
+    def closed(self) -> bool:
+        return not self._fds
 
     def write(self, row: dict) -> None:
         """Write one row (keys must be a subset of ``columns``; missing ones are null)."""
@@ -108,22 +195,63 @@ class MetricsLog:
             self._last_flush = now
 
     def _write(self, row: dict) -> None:
+        if self.failed is not None:
+            raise self.failed
+        unknown = [k for k in row if k not in self.columns]
+        if unknown:
+            raise ValueError(f"row has columns not in the log: {unknown}")
         full = {c: row.get(c) for c in self.columns}
-        self._jsonl.write(json.dumps(full) + "\n")
-        self._csv.writerow({c: ("" if v is None else v) for c, v in full.items()})
+        jsonl = (json.dumps(full) + "\n").encode("utf-8")
+        line = self._csv_line(["" if v is None else v for v in full.values()])
+        self._pending[0].append(jsonl)
+        self._pending[1].append(line)
         self.rows.append(full)  # last: a signal between these lines never leaves rows ahead of the files
 
     def flush(self) -> None:
-        """Flush both files."""
-        self._jsonl.flush()
-        self._csv_file.flush()
+        """Write the pending rows to both files; on failure both are truncated back to whole rows.
+
+        Raises:
+            RunWriteError: a file could not be written (also on every later call).
+        """
+        if self.failed is not None:
+            raise self.failed
+        if self.closed or not (self._pending[0] or self._pending[1]):
+            return
+        n_rows = len(self._pending[0])
+        data = [b"".join(p) for p in self._pending]
+        for k, (fd, path) in enumerate(zip(self._fds, self.paths)):
+            try:
+                _write_fd(fd, data[k])
+            except OSError as e:
+                for j in range(len(self._fds)):  # back to the last whole rows, in both files
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(self._fds[j], self._sizes[j])
+                        os.lseek(self._fds[j], self._sizes[j], os.SEEK_SET)
+                del self.rows[self._on_disk:]
+                self._pending[0].clear()
+                self._pending[1].clear()
+                self.failed = RunWriteError.of(path, e)
+                raise self.failed from None
+        self._sizes = [size + len(d) for size, d in zip(self._sizes, data)]
+        self._on_disk += n_rows
+        self._pending[0].clear()
+        self._pending[1].clear()
+
+    def _close_fds(self) -> None:
+        for fd in self._fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds = []
 
     def close(self) -> None:
-        """Flush and close both files (a second call does nothing)."""
-        if not self._jsonl.closed:
-            self.flush()
-            self._jsonl.close()
-            self._csv_file.close()
+        """Flush and close both files (a second call does nothing; the files are closed even if the flush fails)."""
+        if self.closed:
+            return
+        try:
+            if self.failed is None:
+                self.flush()
+        finally:
+            self._close_fds()
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -138,8 +266,15 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     """
     path = Path(run_dir) / "metrics.jsonl"
     rows: list[dict] = []
-    with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_start, line_no = data.rfind(b"\n", 0, e.start) + 1, data.count(b"\n", 0, e.start) + 1
+        raise RunLogError(f"{path}, line {line_no}: not UTF-8 text (byte 0x{data[e.start]:02x} "
+                          f"at column {e.start - line_start + 1}); the file is damaged") from None
+    parts = text.replace("\r\n", "\n").split("\n")
+    lines = [p + "\n" for p in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
     for i, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -170,14 +305,20 @@ def read_json(path: str | Path) -> dict:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise RunLogError(f"{path}, line {e.lineno}: not valid JSON ({e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise RunLogError(f"{path}: not UTF-8 text (byte {e.start}); the file is damaged") from None
     if not isinstance(obj, dict):
         raise RunLogError(f"{path}: not a JSON object")
     return obj
 
 
 def write_json(path: Path, obj) -> None:
-    """Write ``obj`` as indented JSON with a final newline."""
-    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    """Write ``obj`` as indented JSON with a final newline, atomically (:func:`write_atomic`).
+
+    Raises:
+        RunWriteError: the file could not be written (``path`` is left as it was).
+    """
+    write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode("utf-8"))
 
 
 # ------------------------------------------------------------------------------------------
@@ -310,14 +451,46 @@ def format_summary(summary: dict) -> str:
 def save_connectivity(run_dir: str | Path, step: int, layer: str, L: torch.Tensor, lmn: float) -> Path:
     """Save ``L`` (``(N, N)``) of ``layer`` at ``step`` under ``run_dir/connectivity/``."""
     d = Path(run_dir) / SNAPSHOT_DIR
-    d.mkdir(parents=True, exist_ok=True)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunWriteError.of(d, e) from None
     path = d / f"step_{step:07d}_{layer.replace(':', '-to-')}.pt"
-    torch.save({"step": int(step), "layer": layer, "lmn": float(lmn), "L": L.detach().to("cpu", torch.float32)}, path)
-    return path
+    data = torch_bytes({"step": int(step), "layer": layer, "lmn": float(lmn), "L": L.detach().to("cpu", torch.float32)})
+    return write_atomic(path, data)
 
 
-def load_connectivity(run_dir: str | Path, layer: str | None = None) -> list[dict]:
-    """Saved snapshots (dicts with ``step``, ``layer``, ``lmn``, ``L``), sorted by step; optionally one layer."""
+def load_snapshot(path: str | Path) -> dict:
+    """One connectivity snapshot (``step``, ``layer``, ``lmn``, ``L``).
+
+    Raises:
+        RunLogError: not a snapshot (truncated, empty, random bytes, other contents): names the file.
+    """
+    path = Path(path)
+    try:
+        snap = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:  # torch.load raises what its readers raise: RuntimeError, EOFError, UnpicklingError, ...
+        raise RunLogError(f"{path}: not a connectivity snapshot ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                          ) from None
+    if not (isinstance(snap, dict) and isinstance(snap.get("L"), torch.Tensor) and snap["L"].dim() == 2
+            and isinstance(snap.get("step"), int) and isinstance(snap.get("layer"), str)):
+        raise RunLogError(f"{path}: not a connectivity snapshot (a dict with step, layer, lmn and a 2-D L)")
+    return snap
+
+
+def load_connectivity(run_dir: str | Path, layer: str | None = None, *, skip_damaged: bool = False) -> list[dict]:
+    """Saved snapshots (dicts with ``step``, ``layer``, ``lmn``, ``L``), sorted by step; optionally one layer.
+
+    Raises:
+        RunLogError: a damaged snapshot (names it); with ``skip_damaged`` it is skipped with a warning instead.
+    """
     d = Path(run_dir) / SNAPSHOT_DIR
-    snaps = [torch.load(p, weights_only=True) for p in sorted(d.glob("step_*.pt"))] if d.is_dir() else []
+    snaps = []
+    for p in sorted(d.glob("step_*.pt")) if d.is_dir() else []:
+        try:
+            snaps.append(load_snapshot(p))
+        except RunLogError as e:
+            if not skip_damaged:
+                raise
+            warnings.warn(f"{e}; skipped", stacklevel=2)
     return sorted((s for s in snaps if layer is None or s["layer"] == layer), key=lambda s: s["step"])

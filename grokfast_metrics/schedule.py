@@ -46,8 +46,8 @@ def log_steps(base: float, limit: int, *, below: bool = False) -> list[int]:
     Raises:
         ValueError: ``base <= 1``.
     """
-    if not base > 1.0:
-        raise ValueError(f"log schedule base must be > 1; got {base}")
+    if not (base > 1.0 and math.isfinite(base)):
+        raise ValueError(f"log schedule base must be > 1 and finite; got {base}")
     out, k = set(), 0
     while (s := math.floor(base**k)) < limit or (s == limit and not below):
         out.add(s)

@@ -234,8 +234,28 @@ class Tracker:
         """The tracking state (history and call counter), for checkpoints: plain Python values (waits for pending)."""
         return {"history": [dict(row) for row in self.history], "calls": self._calls}
 
+    #: the keys :meth:`state_dict` writes and :meth:`load_state_dict` needs
+    state_keys: tuple[str, ...] = ("history", "calls")
+
+    def _check_state(self, state) -> None:
+        """ValueError naming what is missing from ``state`` (before anything is changed)."""
+        if not isinstance(state, dict):
+            raise ValueError(f"{type(self).__name__}.load_state_dict: not a state_dict (a dict from state_dict()); got "
+                             f"{type(state).__name__}")
+        missing = [k for k in self.state_keys if k not in state]
+        if missing:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: the state has no {', '.join(map(repr, missing))}; "
+                             "pass what state_dict() returned")
+        if not isinstance(state["history"], list) or not all(isinstance(r, dict) for r in state["history"]):
+            raise ValueError(f"{type(self).__name__}.load_state_dict: state['history'] must be a list of dicts")
+
     def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict` (pending computations are dropped); the next scheduled computation continues."""
+        """Restore :meth:`state_dict` (pending computations are dropped); the next scheduled computation continues.
+
+        Raises:
+            ValueError: ``state`` is not a state_dict (a key missing, a history that is not a list of rows).
+        """
+        self._check_state(state)
         self._discard_pending()
         self._history = [dict(row) for row in state["history"]]
         self._calls = int(state["calls"])
@@ -262,6 +282,10 @@ def _next_after(step: int, every: int | str, log_base: float) -> int:
     return s
 
 
+#: the largest step a tracker accepts (an int64, as a step counter tensor holds)
+MAX_STEP = 2**63 - 1
+
+
 def _as_step(step) -> int:
     """``step`` as a non-negative int: ints, NumPy integers and 0-d integer tensors; anything else is a TypeError."""
     if isinstance(step, torch.Tensor):
@@ -273,6 +297,8 @@ def _as_step(step) -> int:
     step = int(step)
     if step < 0:
         raise ValueError(f"step must be >= 0; got {step}")
+    if step > MAX_STEP:
+        raise ValueError(f"step must be <= 2**63 - 1 (a training step); got a {step.bit_length()}-bit integer")
     return step
 
 
@@ -325,8 +351,8 @@ class LMNTracker(Tracker):
         if isinstance(every, str):
             if every != "log":
                 raise ValueError(f"every must be a positive int or 'log'; got {every!r}")
-            if not log_base > 1.0:
-                raise ValueError(f"log_base must be > 1; got {log_base}")
+            if not (isinstance(log_base, numbers.Real) and log_base > 1.0 and math.isfinite(log_base)):
+                raise ValueError(f"log_base must be > 1 and finite; got {log_base!r}")
         elif isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive int or 'log'; got {every!r}")
         if backend not in BACKENDS:
@@ -351,6 +377,7 @@ class LMNTracker(Tracker):
         self._multi = not isinstance(at, str)
         self._next_due = 0
         self._last_seen: int | None = None
+        self._submitted: int | None = None  # the step of the latest asynchronous computation
         self._plans = {name: Plan(model, probe_inputs, name, to, output, batch_dim, input_batch_dim, path, user_hooks)
                        for name in names}
         for plan in self._plans.values():
@@ -387,17 +414,25 @@ class LMNTracker(Tracker):
         Args:
             step: the training step (an int; default: the number of earlier ``update`` calls). A
                 scheduled step that no ``update`` hit exactly is computed at the first ``update`` after it.
-            force: compute now, whatever the schedule.
+            force: compute now, whatever the schedule. ``update(s, force=True)`` right after ``update(s)``
+                (e.g. the last step, forced after the loop) returns step ``s``'s value, computed once.
 
         Returns:
             the new LMN (a float, or ``{name: float}`` for several layers; NaN for a diverged model)
             when computed, else ``None`` (always ``None`` when asynchronous: the value lands in :attr:`history`).
 
         Raises:
-            TypeError: a step that is not an integer. ValueError: a negative, repeated or decreasing step.
+            TypeError: a step that is not an integer. ValueError: a negative, repeated (unless forced) or
+            decreasing step, or one above 2**63 - 1.
         """
         step = self._calls if step is None else step
         step = _as_step(step)
+        if force and step == self._last_seen:  # forcing the step just updated (e.g. the last one, after the loop)
+            if self._history_step() == step:
+                return None if self.asynchronous else self._latest()
+            self._measure_and_record(step)
+            self._next_due = _next_after(step, self.every, self.log_base)
+            return None if self.asynchronous else self._latest()
         if self._last_seen is not None and step <= self._last_seen:
             raise ValueError(f"update(step={step}) after update(step={self._last_seen}): steps must increase (call "
                              "update once per training step; reset() starts over)")
@@ -408,6 +443,16 @@ class LMNTracker(Tracker):
         self._measure_and_record(step)
         self._next_due = _next_after(step, self.every, self.log_base)
         return None if self.asynchronous else self._latest()
+
+    def _history_step(self) -> int | None:
+        """The step of the latest computation, landed or pending (``None`` before the first)."""
+        if self._eigen is not None and self._eigen.pending():
+            return self._submitted
+        return self._history[-1]["step"] if self._history else None
+
+    def _submit(self, step: int, mats: dict[str, torch.Tensor]) -> None:
+        self._submitted = step
+        super()._submit(step, mats)
 
     def _rows(self, step: int, results: dict[str, LMNResult] | None) -> list[dict]:
         if not self._multi:
@@ -440,6 +485,8 @@ class LMNTracker(Tracker):
         self._next_due = 0
         self._last_seen = None
 
+    state_keys = ("history", "calls", "next_due", "last_seen")
+
     @property
     def history_keys(self) -> tuple[str, ...]:
         """The columns of a history row; with several layers an ``"at"`` column too."""
@@ -451,7 +498,8 @@ class LMNTracker(Tracker):
                 "next_due": self._next_due, "last_seen": self._last_seen}
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume from :meth:`state_dict` (same ``at`` and ``every``; ValueError otherwise)."""
+        """Resume from :meth:`state_dict` (same ``at`` and ``every``; ValueError otherwise, or for a key missing)."""
+        self._check_state(state)
         mine = self.at if isinstance(self.at, str) else list(self.at)
         theirs = state.get("at")
         theirs = theirs if isinstance(theirs, str) else list(theirs or [])

@@ -47,14 +47,15 @@ from .config import SNAPSHOT_DEFAULT, TrainConfig, parse_probe
 from .core import LMNResult, backend_info, lmn
 from .grokfast import make_filter
 from .model import GrokMLP, layer_target, representations, scale_init, segment_of
-from .runlog import MetricsLog, RunDirError, RunLogError, collapse_message, prepare_run_dir, read_json, summarize, write_json
+from .runlog import MetricsLog, RunDirError, RunLogError, RunWriteError, collapse_message, prepare_run_dir, read_json, summarize, write_json
 from .schedule import Due, Schedule
 from .tasks import Task, make_task
 from .tracker import Tracker
 from .transformer import GrokTransformer, track_transformer_lmn
 
 __all__ = ["BASE_COLUMNS", "CHECKPOINT", "SNAPSHOT_DEFAULT", "Collapse", "NumericalCollapseWarning", "RunDirError", "RunLogError",
-           "RunResult", "Timer", "TrainConfig", "load_checkpoint", "parse_probe", "probe_indices", "resume", "save_checkpoint",
+           "RunResult", "Timer", "TrainConfig", "estimate_bytes", "load_checkpoint", "parse_probe", "preflight",
+           "probe_indices", "resume", "save_checkpoint",
            "track_lmn", "train"]
 
 #: columns always present in the logs; ``lmn_<layer>`` columns follow
@@ -179,10 +180,61 @@ class Phases:
 
 
 # ------------------------------------------------------------------------------------------
+# checks before the run directory is touched
+
+
+def n_parameters(cfg: TrainConfig, task: Task) -> int:
+    """Parameters of the model ``cfg`` builds for ``task`` (:class:`~grokfast_metrics.model.GrokMLP`), without building it."""
+    e, h, c = cfg.embed_dim, cfg.hidden, task.n_classes
+    tables = task.n_tokens * e * (1 if cfg.embedding == "shared" else 2)
+    return tables + (2 * e * h + h) + (h * h + h) + (h * c + c)
+
+
+def estimate_bytes(cfg: TrainConfig, task: Task | None = None) -> int:
+    """Memory a run of ``cfg`` needs, from the sizes alone: the weights, their gradients, AdamW's two moments and
+    the Grokfast filter's state (one gradient for EMA, ``ma_window`` for MA), the activations of the full-batch
+    forward and backward, and ``L`` of the probe."""
+    task = task if task is not None else make_task(cfg.task, cfg.train_fraction, cfg.seed)
+    elem = torch.empty((), dtype=TORCH_DTYPES[cfg.dtype]).element_size()
+    copies = 4 + {"ema": 1, "ma": cfg.ma_window}.get(cfg.grokfast, 0)
+    width = 2 * cfg.embed_dim + 4 * cfg.hidden + 2 * task.n_classes  # per sample: embeddings, hidden pre/post, logits
+    probe = task.n_inputs if not isinstance(cfg.probe, int) else min(int(cfg.probe), task.n_inputs)
+    return n_parameters(cfg, task) * elem * copies + 3 * task.n_inputs * width * elem + 8 * probe * probe
+
+
+def preflight(cfg: TrainConfig) -> None:
+    """What can be known about a resolved ``cfg`` before the run directory is touched: the run fits in memory and
+    the LMN backend runs on this device (a stand-in model of the same layers, at most 8 wide, is asked).
+
+    Raises:
+        MemoryError: the run needs more memory than the device leaves (free memory, ``ulimit -v``, the cgroup).
+        ValueError: the LMN backend cannot run here (the message says why).
+    """
+    from ._policy import available_bytes
+    from .core import resolve_backend
+
+    task = make_task(cfg.task, cfg.train_fraction, cfg.seed)
+    need, free = estimate_bytes(cfg, task), available_bytes(cfg.device)
+    if free is not None and need > free:
+        raise MemoryError(
+            f"the run needs about {need / 2**30:.1f} GiB ({n_parameters(cfg, task):,} parameters in {cfg.dtype}, with their "
+            f"gradients, AdamW moments and filter state, and the activations) but {cfg.device} has {free / 2**30:.1f} GiB "
+            "available (free memory, the address-space and cgroup limits); use a smaller --hidden / --embed-dim")
+    if not cfg.lmn_every:
+        return
+    small = TrainConfig(**{**asdict(cfg), "embed_dim": min(cfg.embed_dim, 8), "hidden": min(cfg.hidden, 8)})
+    model = build_model(task, small, torch.device(cfg.device))
+    for h, tail in representations(model, task.x[:2].to(cfg.device), list(cfg.lmn_layers)).values():
+        resolve_backend(h, tail, cfg.lmn_backend)
+
+
+# ------------------------------------------------------------------------------------------
 # one run
 
 #: exit codes of a run that stopped early (``RunResult.exit_code``; 0: completed)
 EXIT_SIGINT, EXIT_SIGTERM, EXIT_NONFINITE = 130, 143, 3
+#: exit code of a run that stopped because a run file could not be written (disk full, directory made read-only)
+EXIT_WRITE = 1
 #: dtype names of ``--dtype``
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -207,6 +259,7 @@ class Run:
     start: float = field(default_factory=time.perf_counter)
     first_step: int = 0
     backend: dict | None = None  # lmn_backend_info: written to config.json and summary.json
+    checkpoint_step: int | None = None  # the step of the last checkpoint written by this process
 
 
 @dataclass
@@ -424,12 +477,21 @@ def _loop(run: Run, progress: _Progress | None, signals: _Signals) -> _Stop | No
                     with signals.deferred():
                         run.held.flush()
                         save_checkpoint(run, step)
+                        run.checkpoint_step = step
         run.held.flush()
+    except RunWriteError as e:  # nothing more can be written: the log keeps its whole rows, the checkpoint its last
+        kept = f"the rows up to step {run.log.rows[-1]['step']} are intact" if run.log.rows else "no row was written"
+        if run.checkpoint_step is not None:
+            kept += f", and the checkpoint of step {run.checkpoint_step}"
+        return _Stop(f"{e} (errno {e.errno}); {kept}", EXIT_WRITE)
     except (KeyboardInterrupt, _Stop) as e:
-        with signals.deferred():
-            run.held.flush()
-            if pending is not None and (not run.log.rows or run.log.rows[-1]["step"] < pending["step"]):
-                write_row(run, {}, pending, time.perf_counter())
+        try:
+            with signals.deferred():
+                run.held.flush()
+                if pending is not None and (not run.log.rows or run.log.rows[-1]["step"] < pending["step"]):
+                    write_row(run, {}, pending, time.perf_counter())
+        except RunWriteError as w:
+            return _Stop(f"{e}; then {w} (errno {w.errno})", EXIT_WRITE)
         if isinstance(e, _Stop):
             return e
         name = signals.received[0] if signals.received else "SIGINT"
@@ -461,13 +523,16 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, progress: bool = True, plot:
         :class:`RunResult`.
 
     Raises:
-        ValueError: invalid configuration or probe.
+        ValueError: invalid configuration or probe, or an LMN backend that cannot run here (checked before
+            ``run_dir`` is touched).
+        MemoryError: the run cannot fit in the device's memory (estimated before anything is allocated).
         RunDirError: ``run_dir`` holds a run and ``overwrite`` is False, or another process is writing to it
             (``train`` and ``resume`` hold ``run_dir/.run.lock`` while they run).
         OSError: ``run_dir`` cannot be created or written.
     """
     cfg.validate()
     cfg = cfg.resolved()
+    preflight(cfg)
     run_dir = Path(run_dir)
     with locked(run_dir, RUN_LOCK, "run", RunDirError):
         prepare_run_dir(run_dir, overwrite=overwrite)
@@ -511,8 +576,13 @@ def _execute(cfg: TrainConfig, run_dir: Path, resumed: tuple[dict, list[dict], d
         torch.set_num_threads(cfg.threads)
     try:
         with _Signals() as signals:
-            run = setup(cfg, run_dir, resume_rows=None if resumed is None else resumed[1],
-                        info=None if resumed is None else resumed[2])
+            try:
+                run = setup(cfg, run_dir, resume_rows=None if resumed is None else resumed[1],
+                            info=None if resumed is None else resumed[2])
+            except KeyboardInterrupt:
+                if resumed is None:  # interrupted while starting: the run files written so far go
+                    _discard_start(run_dir)
+                raise
             if resumed is not None:
                 restore_checkpoint(run, resumed[0])
                 roll_back(run_dir, resumed[0]["step"])
@@ -522,11 +592,23 @@ def _execute(cfg: TrainConfig, run_dir: Path, resumed: tuple[dict, list[dict], d
             finally:
                 if bar is not None:
                     bar.close()
-                run.log.close()
+                try:
+                    run.log.close()
+                except RunWriteError as e:
+                    stop = _Stop(f"{e} (errno {e.errno})", EXIT_WRITE)
                 run.tracker.close()  # asynchronous: stops the eigen thread (nothing is pending by now)
             return _finish(run, stop, plot, signals)
     finally:
         torch.set_num_threads(threads_before)
+
+
+def _discard_start(run_dir: Path) -> None:
+    """Remove what a run interrupted during :func:`setup` wrote (no step ran: nothing of it is worth keeping), so the
+    next try in the same directory is not refused."""
+    import gc
+
+    gc.collect()  # the half-built run's open log files
+    prepare_run_dir(run_dir, overwrite=True)
 
 
 def _finish(run: Run, stop: _Stop | None, plot: bool, signals: _Signals) -> RunResult:
@@ -540,7 +622,12 @@ def _finish(run: Run, stop: _Stop | None, plot: bool, signals: _Signals) -> RunR
         summary = summarize(rows, run.cfg, asdict(run.phases), run.collapse.summary() if run.collapse else None, timings,
                             interrupted, steps_done, None if stop is None else stop.reason)
         summary["lmn_backend"] = run.backend
-        write_json(run.run_dir / "summary.json", summary)
+        try:
+            write_json(run.run_dir / "summary.json", summary)
+        except RunWriteError as e:  # atomic: no summary.json rather than a partial one
+            stop = _Stop(stop.reason if stop is not None and stop.exit_code == EXIT_WRITE else f"{e} (errno {e.errno})",
+                         EXIT_WRITE)
+            plot = False
     if plot and rows:
         try:
             from .figures import plot_curves
@@ -548,6 +635,8 @@ def _finish(run: Run, stop: _Stop | None, plot: bool, signals: _Signals) -> RunR
             plot_curves(rows, run.run_dir / "curves.png", summary=summary, layers=list(run.cfg.lmn_layers))
         except KeyboardInterrupt:
             print("interrupted again: curves.png not written (summary.json is)", file=sys.stderr)
+        except OSError as e:
+            stop = _Stop(f"curves.png not written: {RunWriteError.of(run.run_dir / 'curves.png', e)}", EXIT_WRITE)
     collapse = summary.get("numerical_collapse")
     if collapse is not None:
         warnings.warn(collapse_message(summary), NumericalCollapseWarning, stacklevel=4)  # at train()'s caller

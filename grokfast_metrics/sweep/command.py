@@ -7,13 +7,14 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from contextlib import ExitStack
 from dataclasses import asdict, fields
 from pathlib import Path
 
 from .._dirlock import SWEEP_LOCK, DirLockedError, locked
 from ..config import TrainConfig
-from ..runlog import RunLogError, read_json
+from ..runlog import RunLogError, RunWriteError, read_json
 from .engines import ENGINES, is_finished, run_sweep
 from .grid import Run, parse_axis, plan_runs
 from .manifest import load_sweep, run_status, write_manifest
@@ -197,7 +198,11 @@ def _run_locked(args: argparse.Namespace, axes: list, out: Path, runs: list[Run]
               file=sys.stderr)
         return 2
     window = max(1, (runs[0].config.steps if runs else 10) // 10)  # the runs' steps (per model when not given)
-    write_manifest(out, [name for name, _ in axes], runs, window)
+    try:
+        write_manifest(out, [name for name, _ in axes], runs, window)
+    except OSError as e:
+        print(f"grokfast-metrics sweep: error: {RunWriteError.of(out, e)}", file=sys.stderr)
+        return 2
     bar = _progress(len(runs), args.no_progress)
     interrupted = False
     results: dict[str, dict] = {}
@@ -218,7 +223,11 @@ def _run_locked(args: argparse.Namespace, axes: list, out: Path, runs: list[Run]
                 bar.close()
         interrupted = interrupted or bool(stop.received)
         final = {run.name: _truthful(run, results.get(run.name)) for run in runs}
-        rows, stats = write_outputs(out, [name for name, _ in axes], runs, final, window)
+        try:
+            rows, stats = write_outputs(out, [name for name, _ in axes], runs, final, window)
+        except OSError as e:  # disk full: the outputs are written atomically, so the previous ones stay whole
+            print(f"grokfast-metrics sweep: error: {RunWriteError.of(out, e)}", file=sys.stderr)
+            return 1
         _report(rows, out, stats)
     if interrupted:
         return 143 if stop.received[:1] == ["SIGTERM"] else 130
@@ -228,16 +237,21 @@ def _run_locked(args: argparse.Namespace, axes: list, out: Path, runs: list[Run]
 def plot_sweep(out: str | Path) -> int:
     """``grokfast-metrics plot SWEEP_DIR``: :func:`replot` and the sweep's report; 0, or 2 on a damaged directory."""
     try:
-        rows, stats = replot(out)
-    except (FileNotFoundError, RunLogError) as e:
-        print(f"grokfast-metrics plot: error: {e}", file=sys.stderr)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rows, stats = replot(out)
+    except (FileNotFoundError, RunLogError, OSError) as e:
+        why = e if not isinstance(e, OSError) or isinstance(e, FileNotFoundError) else RunWriteError.of(out, e)
+        print(f"grokfast-metrics plot: error: {why}", file=sys.stderr)
         return 2
+    for w in caught:  # one line each: a run left out for a damaged file
+        print(f"grokfast-metrics plot: warning: {w.message}", file=sys.stderr)
     _report(rows, Path(out), stats)
     return 0
 
 
 def _report(rows: list[dict], out: Path, stats: dict) -> None:
-    status = {s: sum(r["status"] == s for r in rows) for s in ("done", "skipped", "failed", "interrupted", "not run")}
+    status = {s: sum(r["status"] == s for r in rows) for s in ("done", "skipped", "failed", "interrupted", "damaged", "not run")}
     outcome = {o: sum(r.get("outcome") == o for r in rows) for o in OUTCOMES}
     print(f"{len(rows)} runs: " + ", ".join(f"{n} {s}" for s, n in status.items() if n))
     print("outcomes: " + ", ".join(f"{n} {o}" for o, n in outcome.items() if n))

@@ -1,6 +1,7 @@
 """Where the runs of a sweep execute: a local process pool or Ray tasks. Neither is a scheduler of ours."""
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -83,7 +84,8 @@ def run_one(config: dict, run_dir: str, plot: bool) -> dict:
         _STOPPED = True
         return {"status": "interrupted"}
     except Exception as e:
-        (path / ERROR_FILE).write_text(traceback.format_exc(), encoding="utf-8")
+        with contextlib.suppress(OSError):  # a full disk may not take error.txt either; the result still says why
+            (path / ERROR_FILE).write_text(traceback.format_exc(), encoding="utf-8")
         return {"status": "failed", "error": f"{type(e).__name__}: {e}"}
     finally:
         _IN_RUN = False
@@ -94,6 +96,8 @@ def _status(res) -> dict:
     global _STOPPED
     if res.interrupted:  # train() took the signal: this worker starts nothing more
         _STOPPED = True
+    if res.exit_code == 1:  # train.EXIT_WRITE: a run file could not be written (disk full): not a finished run
+        return {"status": "failed", "error": res.stop_reason}
     return {"status": "interrupted" if res.interrupted else "done"}
 
 
@@ -274,6 +278,32 @@ def _death_cause(mark: Path | None, procs: dict) -> str:
     return f"WorkerDied: {what} running this run ended abruptly"
 
 
+#: seconds to wait for a Ray cluster's address to accept a connection
+RAY_CONNECT_TIMEOUT_S = 10.0
+
+
+def check_ray_address(address: str, timeout: float = RAY_CONNECT_TIMEOUT_S) -> None:
+    """Refuse an address no Ray cluster listens on, in seconds (``ray.init`` retries one for minutes).
+
+    ``host:port`` and ``ray://host:port`` are probed with a TCP connection; ``auto`` / ``local`` are left to Ray.
+
+    Raises:
+        RuntimeError: nothing accepts a connection at the address (the message names it).
+    """
+    import socket
+
+    target = address[len("ray://"):] if address.startswith("ray://") else address
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto", "local" or a form Ray resolves itself
+    try:
+        with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout):
+            pass
+    except OSError as e:
+        raise RuntimeError(f"cannot reach a Ray cluster at --ray-address {address}: {e.strerror or e} (is `ray start "
+                           "--head` running there?)") from None
+
+
 def run_ray(tasks: list[list[Run]], workers: int, plot: bool, on_done: Callable[[Run, dict], None],
             address: str | None = None) -> None:
     """Each task (a run, or a stack of runs) as a Ray task (one CPU each); a local Ray with ``workers`` CPUs unless
@@ -282,13 +312,15 @@ def run_ray(tasks: list[list[Run]], workers: int, plot: bool, on_done: Callable[
     On a multi-node cluster the sweep directory must be on storage every node sees.
 
     Raises:
-        RuntimeError: ray is not installed (the message says how to install it).
+        RuntimeError: ray is not installed (the message says how to install it), or nothing answers at ``address``.
     """
     try:
         import ray
     except ImportError:
         raise RuntimeError(RAY_MISSING) from None
     started = not ray.is_initialized()
+    if started and address:
+        check_ray_address(address)
     if started:
         ray.init(address=address, num_cpus=None if address else workers, include_dashboard=False,
                  log_to_driver=False, configure_logging=False)

@@ -21,6 +21,13 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: str | Path) -> None:
+    """Write the figure atomically (a full disk leaves no partial image); raises ``RunWriteError``."""
+    from ..figures import save_figure
+
+    save_figure(fig, path, 120)
+
+
 def _cells(rows: list[dict], x_axis: str, y_axis: str | None) -> dict[tuple, list[dict]]:
     cells: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -65,8 +72,7 @@ def plot_phase(rows: list[dict], axes: list[str], path: str | Path) -> Path | No
     ax.legend(handles, OUTCOMES, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     ax.set_title("outcome per cell (majority over seeds); number: mean generalization delay (steps)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
     return Path(path)
 
 
@@ -122,7 +128,6 @@ def plot_lmn_predicts(rows: list[dict], window: int, path: str | Path) -> dict:
     ax.set_title(f"n={stats['n']} runs; Pearson {_signed(stats['pearson'])}, Spearman {_signed(stats['spearman'])}",
                  fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
     stats["path"] = str(path)
     return stats

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from ..config import TrainConfig
-from ..runlog import RunLogError, read_json
+from ..runlog import RunLogError, read_json, write_atomic
 from .engines import ERROR_FILE, is_finished
 from .grid import Run
 
@@ -29,9 +29,7 @@ def write_manifest(out: Path, axes: list[str], runs: list[Run], window: int, lmn
     manifest = {"axes": axes, "window": window, "lmn_predicts": lmn_predicts,
                 "runs": [{"run": r.name, "values": dict(r.values), "seed": r.seed, "config": r.config_dict()}
                          for r in runs]}
-    path = Path(out) / MANIFEST
-    path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    return path
+    return write_atomic(Path(out) / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
 
 
 def load_sweep(out: str | Path) -> tuple[list[str], list[Run], int]:

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import csv
-import json
+import io
+import warnings
 from pathlib import Path
 
-from ..runlog import lmn_at_step, read_metrics
+from ..runlog import RunLogError, lmn_at_step, read_json, read_metrics, write_atomic
 from .grid import Run
 
 #: outcomes in the Omnigrok phase-diagram sense, in the order the phase diagram colours them
@@ -53,8 +54,12 @@ def run_row(run: Run, result: dict) -> dict:
     path = Path(run.run_dir) / "summary.json"
     if not path.is_file():
         return row
-    s = json.loads(path.read_text(encoding="utf-8"))
-    rows = read_metrics(run.run_dir) if (Path(run.run_dir) / "metrics.jsonl").is_file() else []
+    try:
+        s = read_json(path)
+        rows = read_metrics(run.run_dir) if (Path(run.run_dir) / "metrics.jsonl").is_file() else []
+    except (RunLogError, OSError) as e:  # one damaged run does not stop the sweep's outputs: it is named and left out
+        warnings.warn(f"run {run.name} left out: {e}", stacklevel=2)
+        return {**row, "status": "damaged", "error": str(e)}
     mem, gen = s.get("memorization_step"), s.get("generalization_step")
     peak, end = s.get("lmn_peak"), s.get("lmn_final")
     collapsed, collapse_step = _collapse(s)
@@ -80,17 +85,20 @@ def sweep_rows(runs: list[Run], results: dict[str, dict]) -> list[dict]:
 
 
 def write_csv(rows: list[dict], path: str | Path) -> Path:
-    """Write ``rows`` to ``path`` with the union of their columns (grid axes first)."""
+    """Write ``rows`` to ``path`` with the union of their columns (grid axes first), atomically.
+
+    Raises:
+        RunWriteError: ``path`` could not be written (it is left as it was).
+    """
     columns: list[str] = []
     for row in rows:
         columns += [c for c in row if c not in columns]
-    path = Path(path)
-    with path.open("w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=columns)
-        w.writeheader()
-        for row in rows:
-            w.writerow({c: "" if row.get(c) is None else row.get(c) for c in columns})
-    return path
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=columns)
+    w.writeheader()
+    for row in rows:
+        w.writerow({c: "" if row.get(c) is None else row.get(c) for c in columns})
+    return write_atomic(Path(path), buf.getvalue().encode("utf-8"))  # a full disk leaves the old sweep.csv whole
 
 
 def lmn_drop_feature(run_dir: str | Path, memorization_step: int | None, window: int) -> tuple[float, int] | None:
