@@ -102,42 +102,50 @@ def _chain_tail(model: nn.Module, at: str, to: str | None) -> nn.Sequential | No
     return nn.Sequential(*leaves[ends[at]:stop])
 
 
-def _trace_split(model: nn.Module, at: str, to: str | None) -> nn.Module | None:
+def _trace_split(model: nn.Module, at: str, to: str | None, explain: bool = False):
     """A ``torch.fx`` GraphModule computing the output (or ``to``'s) from ``at``'s output alone, or None.
 
     Every module that does not contain ``at``/``to`` is a leaf; None when the model does not trace,
     ``at``/``to`` are not called exactly once in the graph, or the output needs anything of the input
     other than through ``at`` (e.g. a skip connection, an input-dependent mask).
+    With ``explain``: ``(GraphModule or None, why)``, ``why`` one clause saying what failed.
     """
-    graph = _trace_through(model, at, to)
+    gm, why = _trace_split_why(model, at, to)
+    return (gm, why) if explain else gm
+
+
+def _trace_split_why(model: nn.Module, at: str, to: str | None):
+    graph, err = _trace_through(model, at, to, explain=True)
     if graph is None:
-        return None
+        return None, f"torch.fx cannot trace the model ({err})"
     nodes = list(graph.nodes)
     a = [n for n in nodes if n.op == "call_module" and n.target == at]
     if len(a) != 1:
-        return None
+        return None, f"{at!r} is called {len(a)} times in the traced graph"
     a = a[0]
     if to is None:
         out_nodes = [n for n in nodes if n.op == "output"]
         if len(out_nodes) != 1:
-            return None
+            return None, "the traced graph has several outputs"
         result = out_nodes[0].args[0]
     else:
         b = [n for n in nodes if n.op == "call_module" and n.target == to]
         if len(b) != 1:
-            return None
+            return None, f"{to!r} (to=) is called {len(b)} times in the traced graph"
         result = b[0]
     needed = _needed_nodes(result, a)
     if a not in needed:
-        return None
+        return None, f"the output does not depend on {at!r} in the traced graph"
     # nodes the output needs that depend on the input other than through `at`: not a split
     dep_in = _input_dependent(nodes, a)
-    if any(n in dep_in for n in needed):
-        return None
-    return _sub_graph_module(model, nodes, needed, a, result)
+    bad = [n for n in needed if n in dep_in]
+    if bad:
+        return None, f"the output needs the input other than through {at!r} (e.g. node {bad[0].name!r})"
+    gm = _sub_graph_module(model, nodes, needed, a, result)
+    return gm, ("" if gm is not None else "the traced tail cannot be rebuilt as a GraphModule")
 
 
-def _trace_through(model: nn.Module, at: str, to: str | None):
+def _trace_through(model: nn.Module, at: str, to: str | None, explain: bool = False):
     """The ``torch.fx`` graph of ``model`` with every module not containing ``at``/``to`` a leaf; None if it does not trace."""
     import torch.fx as fx
 
@@ -154,9 +162,11 @@ def _trace_through(model: nn.Module, at: str, to: str | None):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return _Tracer().trace(model)
-    except Exception:  # any failure to trace means: use the hook path
-        return None
+            g = _Tracer().trace(model)
+    except Exception as e:  # any failure to trace means: use the hook path
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return (None, f"{type(e).__name__}: {msg[:200]}") if explain else None
+    return (g, "") if explain else g
 
 
 def _needed_nodes(result, a) -> set:
