@@ -174,9 +174,9 @@ class Plan:
             raise ValueError(f"path='chain' needs at={self.at!r} in plain nn.Sequential chains, output=None, "
                              "batch_dim=0 and a 2-D activation")
         why_not = _why_not_chain(self, act) if req == "auto" else "path='split' requested"
-        why = f"{self.at!r} returns a tuple"
-        if req in ("auto", "split") and self._raw_is_tensor:
-            gm, why = _trace_split(self.model, self.at, self.to, explain=True)
+        if req in ("auto", "split"):
+            gm, why = _trace_split(self.model, self.at, self.to, explain=True, args=self.args,
+                                   input_batch_dim=self.input_batch_dim, tuple_at=not self._raw_is_tensor)
             if gm is not None:
                 self.path, self.tail = "split", _SplitTail(gm, self)
                 self.reason = (f"{why_not}; torch.fx traces the model and the layers after {self.at!r} depend on the "

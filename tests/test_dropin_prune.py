@@ -35,3 +35,14 @@ def test_forced_split_says_why_it_cannot_run():
     model, probe, at, kw = _build("mamay")
     with pytest.raises(ValueError, match="einops"):
         dropin.lmn_at(model, probe, at, path="split", **kw)
+
+
+def test_openai_grok_tuple_blocks_split_instead_of_hooks():
+    """openai/grok's forward branches on ``save_activations``/``pos`` and slices a mask buffer by the sequence
+    length; its blocks return tuples. All of it traces now: the layers before ``at`` never re-run."""
+    model, probe, at, kw = _build("grok")
+    plan = Plan(model, probe, at, **kw)
+    L = plan.connectivity()
+    assert plan.path == "split", plan.reason
+    ref = dropin.lmn_at(model, probe, at, backend="reference", **kw).connectivity.double()
+    assert float((L.double() - ref).abs().max()) < 1e-5     # observed 1.4e-06
