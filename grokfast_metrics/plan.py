@@ -140,6 +140,9 @@ class Plan:
         self.checked = False
         self.affine: bool | None = None   # structurally affine (None: unknown until L is seen)
         self.affine_warned = False
+        self.prune = True          # position pruning of a split tail (False: run every position, as before)
+        self.pruned = False        # whether the split tail runs pruned
+        self.full_tail: nn.Module | None = None   # the split tail at every position (the reference runs it)
 
     @contextmanager
     def running(self):
@@ -181,6 +184,7 @@ class Plan:
                 self.path, self.tail = "split", _SplitTail(gm, self)
                 self.reason = (f"{why_not}; torch.fx traces the model and the layers after {self.at!r} depend on the "
                                "input only through it: the traced tail runs alone")
+                self._prune(gm, act)
                 self.affine = _graph_kind(gm) <= _AFFINE and (self.to is not None or _selector_affine(self.output))
                 if not self.affine:
                     self.affine = None
@@ -191,6 +195,18 @@ class Plan:
         self.path, self.tail = "hooks", _HookTail(self)
         self.reason = (f"{why_not}; no fx split: {why}: the whole model re-runs with {self.at!r}'s output replaced"
                        if req == "auto" else "path='hooks' requested")
+
+    def _prune(self, gm, act: torch.Tensor) -> None:
+        """Position pruning of the split tail (:mod:`grokfast_metrics._prune`): only what the selected logits need."""
+        from ._prune import prune_positions
+
+        self.full_tail = self.tail
+        if self.to is not None or self.user_hooks or not self.prune:
+            return
+        pruned = prune_positions(gm, act, self.output)
+        if pruned is not None:
+            self.tail, self.pruned = _SplitTail(pruned, self), True
+            self.reason += "; pruned to the positions the selected logits depend on"
 
     def enforce_cut(self, act: torch.Tensor, y: torch.Tensor) -> float:
         """The cut check (see :func:`check_cut`); raises ``ValueError`` naming an enclosing cut."""
@@ -267,6 +283,15 @@ class Plan:
         """L through the split or hook tail, by ``gm.connectivity`` (core chooses the backend, runs the generic path)."""
         from . import generic
 
+        if self.path == "split" and self.pruned and backend == "reference":
+            # the yardstick runs every position: it checks the pruning too
+            return connectivity(h, self.full_tail, n_lambda, backend, chunk_bytes=chunk_bytes)
+        if self.path == "split" and self.pruned:
+            y_end = generic.end_outputs(self.tail, h, _param_dtype(self.tail, h.dtype), y.dtype)
+            if not _agrees(y_end, y):   # the pruned graph does not reproduce the model: every position from now on
+                self.tail, self.pruned = self.full_tail, False
+                self.reason = self.reason.replace("; pruned to the positions the selected logits depend on",
+                                                  "; the pruned tail disagreed with the model: every position runs")
         if self.path == "split":
             y_end = generic.end_outputs(self.tail, h, _param_dtype(self.tail, h.dtype), y.dtype)
             if not _agrees(y_end, y):

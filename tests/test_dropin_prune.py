@@ -3,6 +3,7 @@ fx could not trace, and the defects found on the way. Models: ``tests/models.py`
 from __future__ import annotations
 
 import pytest
+import torch
 from models import BUILDERS
 
 from grokfast_metrics import dropin
@@ -46,3 +47,62 @@ def test_openai_grok_tuple_blocks_split_instead_of_hooks():
     assert plan.path == "split", plan.reason
     ref = dropin.lmn_at(model, probe, at, backend="reference", **kw).connectivity.double()
     assert float((L.double() - ref).abs().max()) < 1e-5     # observed 1.4e-06
+
+
+# --------------------------------------------------------------------------------------------
+# item 1: position pruning
+
+
+@pytest.mark.parametrize("name", ["nanda", "grokfast", "grok", "mamay", "omnigrok"])
+def test_every_model_agrees_with_the_float64_reference(name):
+    """L of the path each model takes (pruned where possible) vs ``backend="reference"``, which runs the tail at
+    every position in float64, one pair at a time."""
+    model, probe, at, kw = _build(name, n=10)
+    plan = Plan(model, probe, at, **kw)
+    L = plan.connectivity()
+    assert plan.pruned == (name in ("nanda", "grokfast", "grok")), plan.reason
+    ref = dropin.lmn_at(model, probe, at, backend="reference", **kw).connectivity.double()
+    assert float((L.double() - ref).abs().max()) < 1e-5      # observed worst 3.0e-06 (mamay, hooks)
+
+
+@pytest.mark.parametrize("name,module", [("grokfast", "head"), ("grok", "linear"),
+                                         ("grokfast", "layers.1.mlp.0"), ("grok", "decoder.blocks.1.ffn.ffn.0")])
+def test_pruned_tail_runs_the_layers_after_attention_at_one_position(name, module):
+    model, probe, at, kw = _build(name)
+    plan = Plan(model, probe, at, **kw)
+    with plan.running():
+        _, act = plan.forward()
+    seen = []
+    mod = dict(model.named_modules())[module]
+    handle = mod.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape)))
+    try:
+        with torch.no_grad():
+            plan.tail(act.movedim(plan.batch_dim, 0).reshape(act.shape[plan.batch_dim], -1))
+    finally:
+        handle.remove()
+    seq_axis = 0 if kw.get("batch_dim", 0) == 1 else 1
+    assert len(seen) == 1 and seen[0][seq_axis] == 1, seen
+
+
+class _FlatHead(torch.nn.Module):
+    """A head reading every position (``flatten``): nothing can be pruned."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(7, 8)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
+        self.head = torch.nn.Linear(3 * 8, 7)
+
+    def forward(self, tok):
+        return self.head(self.mlp(self.emb(tok)).flatten(1))
+
+
+def test_no_pruning_where_every_position_reaches_the_logits():
+    model = _FlatHead()
+    probe = torch.randint(7, (6, 3), generator=torch.Generator().manual_seed(0))
+    plan = Plan(model, probe, "emb")
+    L = plan.connectivity()
+    assert plan.path == "split" and not plan.pruned
+    ref = dropin.lmn_at(model, probe, "emb", backend="reference").connectivity.double()
+    assert float((L.double() - ref).abs().max()) < 1e-5      # observed 4.8e-07
