@@ -161,6 +161,31 @@ def _trace_split_why(model: nn.Module, at: str, to: str | None, args, input_batc
     return gm, ("" if gm is not None else "the traced tail cannot be rebuilt as a GraphModule")
 
 
+def _container_split(model: nn.Module, at: str, args: tuple, tuple_at: bool):
+    """The split of the innermost module containing ``at`` whose output *is* the model's output (the model
+    returns it as it is), when the model itself does not trace (danielmamay's einops ``rearrange`` before the
+    blocks): the tail is traced alone, inside that module. ``(GraphModule, its name)`` or ``(None, None)``."""
+    from ._hooks import _call_model
+
+    parts = at.split(".")
+    names = [".".join(parts[:k]) for k in range(len(parts) - 1, 0, -1)]
+    modules = dict(model.named_modules())
+    outs: dict = {}
+    handles = [modules[c].register_forward_hook(lambda m, i, o, c=c: outs.setdefault(c, o)) for c in names]
+    try:
+        out = _call_model(model, args)
+    finally:
+        for h in handles:
+            h.remove()
+    for c in names:
+        if outs.get(c) is not out:
+            continue
+        gm, _ = _trace_split_why(modules[c], at[len(c) + 1:], None, None, 0, tuple_at)
+        if gm is not None:
+            return gm, c
+    return None, None
+
+
 def _trace_through(model: nn.Module, at: str, to: str | None, explain: bool = False, n_args: int | None = None):
     """The ``torch.fx`` graph of ``model`` with every module not containing ``at``/``to`` a leaf; None if it does not trace."""
     import torch.fx as fx

@@ -34,7 +34,7 @@ from ._hooks import (
 )
 from ._policy import check_n_lambda
 from ._runtime import eval_mode
-from ._split import _AFFINE, _chain_tail, _graph_kind, _HookTail, _selector_affine, _SplitTail, _trace_split
+from ._split import _AFFINE, _chain_tail, _container_split, _graph_kind, _HookTail, _selector_affine, _SplitTail, _trace_split
 from ._tail import parse_tail
 from .core import LMNResult, _param_dtype, connectivity, lmn_from_connectivity
 
@@ -189,6 +189,16 @@ class Plan:
                 if not self.affine:
                     self.affine = None
                 return
+            if why.startswith("torch.fx cannot trace") and self.to is None:
+                gm, inner = _container_split(self.model, self.at, self.args, not self._raw_is_tensor)
+                if gm is not None:
+                    self.path, self.tail = "split", _SplitTail(gm, self)
+                    self.reason = (f"{why_not}; torch.fx cannot trace the model ({why.split('(', 1)[-1].rstrip(')')}), "
+                                   f"but the model returns {inner!r}'s output as it is and {inner!r} traces: the "
+                                   f"layers after {self.at!r} inside it run alone")
+                    self._prune(gm, act)
+                    self.affine = (_graph_kind(gm) <= _AFFINE and _selector_affine(self.output)) or None
+                    return
         if req == "split":
             raise ValueError(f"path='split' cannot run: torch.fx does not split the model at {self.at!r} ({why}); "
                              "use path='hooks'")
