@@ -273,21 +273,53 @@ class Plan:
         with self.running(), torch.autocast(_device_type(self.args), enabled=False):
             y, act = self.forward()
             h = act.movedim(self.batch_dim, 0).reshape(self.n, -1)
-            if self.path == "chain":
+            if self.path != "chain" and check and not self.checked:
+                self.enforce_cut(act, y)
+            if self.affine and backend != "reference":
+                # only affine layers follow: every path is a straight line and L is exactly 1 (nothing to compute)
+                L = _ones_if_finite(h, y)
+            elif self.path == "chain":
                 L = connectivity(h, self.tail, n_lambda, backend, chunk_bytes=chunk_bytes)
             else:
-                if check and not self.checked:
-                    self.enforce_cut(act, y)
                 L = self._generic(h, y, n_lambda, backend, chunk_bytes)
+            numerically_affine = not self.affine and not self.affine_warned and warn_affine and self._affine_probe(h, L)
         _report_path(self)
         if warn_affine and not self.affine_warned:
             if self.affine:
                 self.affine_warned = True
-                emit_affine_warning(self.at, self.to, "structurally: only affine layers follow it")
-            elif _all_ones(L):
+                emit_affine_warning(self.at, self.to, "structurally: only affine layers follow it; L = 1 exactly, "
+                                                      "not computed")
+            elif numerically_affine:
                 self.affine_warned = True
-                emit_affine_warning(self.at, self.to, "every entry of L is 1 to rounding")
+                emit_affine_warning(self.at, self.to, "L is 1 to rounding, and in float64 the tail maps every "
+                                                      "probed path to a straight line")
         return L
+
+    def _affine_probe(self, h: torch.Tensor, L: torch.Tensor) -> bool:
+        """Whether ``L`` near 1 comes from an affine tail: its float64 copy maps the points of the pairs farthest
+        from 1 onto the chord between the ends (to 1e-9 of the outputs' size; a LayerNorm or an activation
+        bends it far more). fp32 rounding alone moves ``L`` off 1 by far more than 64 eps when some logits barely
+        change between the samples, so a threshold on ``L`` itself cannot tell."""
+        dev = (1.0 - L.double()).abs()
+        if not bool(torch.isfinite(dev).all()) or float(dev.max()) > (1e-3 if L.dtype != torch.float64 else 1e-6):
+            return False
+        import copy
+
+        n = h.shape[0]
+        dev.fill_diagonal_(-1.0)
+        h64 = h.detach().double()
+        tail64 = copy.deepcopy(self.tail).double()
+        lam = torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64, device=h.device).view(-1, 1)
+        for flat in dev.flatten().topk(min(8, n * (n - 1))).indices.tolist():
+            i, j = divmod(flat, n)
+            if i >= j or torch.equal(h64[i], h64[j]):
+                continue
+            ends = tail64(h64[[i, j]])
+            mid = tail64(h64[i] + lam * (h64[j] - h64[i]))
+            chord = ends[0] + lam * (ends[1] - ends[0])
+            if float((mid - chord).abs().max()) > 1e-9 * max(float(ends.abs().max()), 1e-300):
+                return False
+        return True
 
     def _generic(self, h, y, n_lambda, backend, chunk_bytes) -> torch.Tensor:
         """L through the split or hook tail, by ``gm.connectivity`` (core chooses the backend, runs the generic path)."""
@@ -349,6 +381,12 @@ def _agrees(a: torch.Tensor, b: torch.Tensor) -> bool:
     return float((a.to(b.dtype) - b).abs().max()) / scale <= _cut_rtol(b.dtype)
 
 
-def _all_ones(L: torch.Tensor) -> bool:
-    """Every entry of ``L`` is 1 to rounding (64 eps of its dtype)."""
-    return bool(((1.0 - L).abs() <= 64 * torch.finfo(L.dtype).eps).all())
+def _ones_if_finite(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``L = 1`` for an affine tail, in the dtype ``connectivity`` would return; NaN/Inf logits raise as there."""
+    from .core import NonFiniteOutputError
+
+    if not bool(torch.isfinite(y).all()):
+        raise NonFiniteOutputError("the model's outputs on the probe are NaN/Inf: the model has diverged or overflows "
+                                   "its dtype, and LMN is undefined there")
+    dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
+    return torch.ones(h.shape[0], h.shape[0], dtype=dtype, device=h.device)
