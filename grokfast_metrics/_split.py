@@ -98,6 +98,12 @@ def _chain_tail(model: nn.Module, at: str, to: str | None) -> nn.Sequential | No
         return None
     stop = len(leaves) if to is None else ends[to]
     if stop <= ends[at]:
+        if to is None:
+            first = next((n for n, k in ends.items() if 0 < k < len(leaves) and "." not in n
+                          and not isinstance(leaves[k - 1], (nn.Linear, nn.Flatten, nn.Dropout))), None)
+            eg = f", e.g. at={first!r} (the first hidden activation)" if first is not None else ""
+            raise ValueError(f"at={at!r} is the model's last layer: its output is the model's output, so no layer "
+                             f"is left after it and LMN would be 1. Measure at an earlier layer{eg}")
         raise ValueError(f"to={to!r} must come after at={at!r} in the model")
     return nn.Sequential(*leaves[ends[at]:stop])
 

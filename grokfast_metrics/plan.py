@@ -157,7 +157,9 @@ class Plan:
         if self.to is not None:
             y = _select_to(out, self.output, self.n, self.batch_dim)
         else:
-            y = _select(out, self.output, self.n, _layout_hint(self.args, self.input_batch_dim, _rows(out, self.output)))
+            rows = _rows(out, self.output)
+            y = _select(out, self.output, self.n, _samples_hint(act, self.at, self.batch_dim, rows)
+                        or _layout_hint(self.args, self.input_batch_dim, rows))
         if self.path is None:
             self._build(act)
         return y, act
@@ -185,7 +187,7 @@ class Plan:
                 self.reason = (f"{why_not}; torch.fx traces the model and the layers after {self.at!r} depend on the "
                                "input only through it: the traced tail runs alone")
                 self._prune(gm, act)
-                self.affine = _graph_kind(gm) <= _AFFINE and (self.to is not None or _selector_affine(self.output))
+                self.affine = _tail_kind(gm) <= _AFFINE and (self.to is not None or _selector_affine(self.output))
                 if not self.affine:
                     self.affine = None
                 return
@@ -197,7 +199,7 @@ class Plan:
                                    f"but the model returns {inner!r}'s output as it is and {inner!r} traces: the "
                                    f"layers after {self.at!r} inside it run alone")
                     self._prune(gm, act)
-                    self.affine = (_graph_kind(gm) <= _AFFINE and _selector_affine(self.output)) or None
+                    self.affine = (_tail_kind(gm) <= _AFFINE and _selector_affine(self.output)) or None
                     return
         if req == "split":
             raise ValueError(f"path='split' cannot run: torch.fx does not split the model at {self.at!r} ({why}); "
@@ -235,26 +237,60 @@ class Plan:
             return _select_to(out, self.output, len(src), self.batch_dim)
         return _select(out, self.output, len(src))
 
+    def _is_cut(self, name: str, modules: dict) -> bool:
+        """Whether module ``name`` passes the cut check (False when it cannot be checked)."""
+        try:
+            out, act, _ = _capture(self.model, modules[name], name, self.args, self.to_module, self.to)
+            y = (_select_to(out, self.output, self.n, self.batch_dim) if self.to is not None
+                 else _select(out, self.output, self.n))
+            if act.dim() <= self.batch_dim or act.shape[self.batch_dim] != self.n:
+                return False
+            src, dst = _pairs(self.n, y.device)
+            return _cut_error(lambda s, d, m=modules[name], a=act: self._mixed(m, a, s, d), y, src, dst) <= _cut_rtol(y.dtype)
+        except (ValueError, _Stop):
+            return False
+
+    def _affine_after(self, name: str) -> bool:
+        """Whether only affine layers follow module ``name`` (known structurally from its fx split)."""
+        gm = _trace_split(self.model, name, self.to, args=self.args, input_batch_dim=self.input_batch_dim)
+        return gm is not None and _tail_kind(gm) <= _AFFINE and (self.to is not None or _selector_affine(self.output))
+
+    def _earlier_modules(self, modules: dict) -> list[str]:
+        """Modules that finish before ``at`` in the forward, nearest first (ancestors of ``at`` excluded)."""
+        order: list[str] = []
+        handles = [m.register_forward_hook(lambda _m, _i, _o, n=n: order.append(n)) for n, m in modules.items() if n]
+        try:
+            _capture(self.model, self.module, self.at, self.args)
+        except ValueError:
+            return []
+        finally:
+            for h in handles:
+                h.remove()
+        if self.at not in order:
+            return []
+        before = order[:order.index(self.at)]
+        return [n for n in reversed(before) if not self.at.startswith(n + ".")]
+
     def _not_a_cut_message(self, err: float, tol: float) -> str:
-        suggestion = None
         parts = self.at.split(".")
         modules = dict(self.model.named_modules())
-        for k in range(len(parts) - 1, 0, -1):
-            parent = ".".join(parts[:k])
-            try:
-                out, act, _ = _capture(self.model, modules[parent], parent, self.args, self.to_module, self.to)
-                y = (_select_to(out, self.output, self.n, self.batch_dim) if self.to is not None
-                     else _select(out, self.output, self.n))
-                if act.dim() <= self.batch_dim or act.shape[self.batch_dim] != self.n:
-                    continue
-                src, dst = _pairs(self.n, y.device)
-                if _cut_error(lambda s, d, m=modules[parent], a=act: self._mixed(m, a, s, d), y, src, dst) <= _cut_rtol(y.dtype):
-                    suggestion = parent
-                    break
-            except (ValueError, _Stop):
-                continue
-        hint = (f" Use an enclosing module that is a cut, e.g. at={suggestion!r}." if suggestion
-                else " Use the output of a whole block (e.g. a full residual block) instead of a sub-layer.")
+        enclosing = next((p for p in (".".join(parts[:k]) for k in range(len(parts) - 1, 0, -1))
+                          if self._is_cut(p, modules)), None)
+        suggestion, note = enclosing, ""
+        if enclosing is not None and self._affine_after(enclosing):
+            # e.g. TransformerLens' blocks.0.mlp.hook_post: 'blocks.0' is a cut, but only the unembedding follows it
+            earlier = next((n for n in self._earlier_modules(modules)[:24]
+                            if self._is_cut(n, modules) and not self._affine_after(n)), None)
+            if earlier is not None:
+                suggestion = earlier
+                note = (f" ({enclosing!r} is a cut too, but only affine layers follow it, so its LMN is 1; "
+                        f"{earlier!r} is the nearest earlier module that is a cut with a nonlinearity after it)")
+        if suggestion is None:
+            hint = " Use the output of a whole block (e.g. a full residual block) instead of a sub-layer."
+        elif suggestion == enclosing:
+            hint = f" Use an enclosing module that is a cut, e.g. at={suggestion!r}."
+        else:
+            hint = f" Use a module that is a cut, e.g. at={suggestion!r}{note}."
         target = f"module {self.to!r}'s output (to=)" if self.to else "logits"
         return (f"module {self.at!r} is not a cut of the model: feeding sample i's input with sample j's activation "
                 f"at {self.at!r} does not reproduce sample j's {target} (relative error {err:.2e} > {tol:.0e}), so "
@@ -360,6 +396,29 @@ def _why_not_chain(plan: Plan, act: torch.Tensor) -> str:
     if act.dim() != 2:
         return f"not a chain: {plan.at!r} outputs a {act.dim()}-D activation"
     return f"not a chain: {plan.at!r} is not in plain nn.Sequential chains"
+
+
+def _tail_kind(gm) -> int:
+    """How affine a split tail is, seen through the user's modules (TransformerLens' ``Unembed``: ``x @ W_U``)."""
+    from ._prune import _deep_trace
+
+    kind = _graph_kind(gm)
+    if kind > _AFFINE:
+        deep = _deep_trace(gm)
+        if deep is not None:
+            kind = _graph_kind(deep)
+    return kind
+
+
+def _samples_hint(act: torch.Tensor, at: str, batch_dim: int, rows: int) -> str:
+    """Where the selected logits have ``rows`` samples and the activation at ``at`` has them along another axis
+    than ``batch_dim``: pass ``batch_dim`` (the inputs follow it unless ``input_batch_dim`` says otherwise)."""
+    axes = [d for d in range(act.dim()) if act.shape[d] == rows and d != batch_dim]
+    if rows < 0 or not axes:
+        return ""
+    return (f" The activation at {at!r} ({tuple(act.shape)}) has {rows} along axis {axes[0]}: if the samples are "
+            f"there, pass batch_dim={axes[0]} (e.g. a sequence-first model fed (seq, batch) tokens; "
+            "input_batch_dim defaults to batch_dim).")
 
 
 def _rows(out, output) -> int:

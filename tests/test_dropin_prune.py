@@ -154,3 +154,25 @@ def test_structurally_affine_tail_returns_exactly_one_without_computing(monkeypa
     with pytest.warns(dropin.AffineTailWarning, match="not computed"):
         r = dropin.lmn_at(model, probe, "ln_f", **kw)
     assert r.lmn == 1.0 and bool((r.connectivity == 1).all())
+
+
+@pytest.mark.parametrize("at", ["blocks.0.mlp.hook_post", "blocks.0.mlp.hook_pre"])
+def test_not_a_cut_suggests_a_cut_with_a_nonlinearity_after_it(at):
+    """Nanda's MLP hook points are not cuts; 'blocks.0' is, but only the unembedding follows it (LMN = 1)."""
+    model, probe, _, kw = _build("nanda")
+    with pytest.raises(ValueError, match=r"e\.g\. at='blocks\.0\.hook_resid_mid'"):
+        dropin.lmn_at(model, probe, at, **kw)
+
+
+def test_last_layer_of_a_sequential_says_so_not_to_none():
+    model, probe, _, _ = _build("omnigrok")
+    with pytest.raises(ValueError, match=r"at='5' is the model's last layer.*e\.g\. at='2'") as e:
+        dropin.lmn_at(model, probe, "5")
+    assert "to=None" not in str(e.value)
+
+
+def test_sequence_first_without_batch_dim_is_told_batch_dim_not_input_batch_dim():
+    model, probe, at, kw = _build("grokfast")
+    with pytest.raises(ValueError, match="pass batch_dim=1") as e:
+        dropin.lmn_at(model, probe, at, output=kw["output"])
+    assert "input_batch_dim=1" not in str(e.value)
