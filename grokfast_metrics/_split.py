@@ -349,7 +349,9 @@ def _graph_kind(gm) -> int:
 
 def _selector_affine(output: OutputSelector) -> bool:
     """Whether the output selector is structurally affine (None, an index, or a traceable affine callable)."""
-    if output is None or isinstance(output, int):
+    from ._hooks import LastPosition
+
+    if output is None or isinstance(output, (int, LastPosition)):
         return True
     import torch.fx as fx
 

@@ -17,6 +17,7 @@ from torch import nn
 from ._hooks import (
     OutputSelector,
     _as_args,
+    _as_selector,
     _capture,
     _check_act_layout,
     _check_devices,
@@ -122,7 +123,7 @@ class Plan:
         self.to_module = None if self.to is None else _find_module(self.model, self.to, "to")
         if self.to is not None and self.to == self.at:
             raise ValueError(f"to={to!r} is at itself; `to` must be a module after `at`")
-        self.output = output
+        self.output = _as_selector(output, batch_dim)
         self.batch_dim = batch_dim
         self.input_batch_dim = batch_dim if input_batch_dim is None else input_batch_dim
         self.args = _as_args(inputs)

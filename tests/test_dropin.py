@@ -304,7 +304,9 @@ def test_output_not_2d():
     with pytest.raises(ValueError, match="selects a tuple element"):
         gm.lmn_at(Seq3(), x, at="lin", output=1)
     with pytest.raises(TypeError, match="output must be"):
-        gm.lmn_at(Seq3(), x, at="lin", output="last")
+        gm.lmn_at(Seq3(), x, at="lin", output=2.5)
+    with pytest.raises(ValueError, match="the only named selector is 'last'"):     # "last" is a selector (issue 20)
+        gm.lmn_at(Seq3(), x, at="lin", output="first")
 
 
 def test_inputs_on_other_device():

@@ -176,3 +176,49 @@ def test_sequence_first_without_batch_dim_is_told_batch_dim_not_input_batch_dim(
     with pytest.raises(ValueError, match="pass batch_dim=1") as e:
         dropin.lmn_at(model, probe, at, output=kw["output"])
     assert "input_batch_dim=1" not in str(e.value)
+
+
+class _LightningLike(torch.nn.Module):
+    """A LightningModule-style model: the tracker is built in ``__init__`` and stored on the module; the trainer
+    casts the model (``precision=64``) after ``__init__``."""
+
+    def __init__(self, lazy):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16), torch.nn.Tanh(),
+                                       torch.nn.Linear(16, 4))
+        probe = torch.randn(8, 6, generator=torch.Generator().manual_seed(0))
+        import grokfast_metrics as gm
+        self.tracker = gm.LMNTracker(self.net, probe, at="1", every=1, lazy=lazy)
+
+
+def test_lazy_tracker_checks_at_the_first_update_after_the_trainer_casts_the_model():
+    module = _LightningLike(lazy=True).double()          # what the trainer does after __init__
+    assert module.tracker._plans is None                 # nothing ran at construction
+    v = module.tracker.update(0)
+    assert v > 1.0 and module.tracker._plans["1"].args[0].dtype == torch.float64
+    eager = _LightningLike(lazy=False).double()          # the eager tracker checked a float32 model
+    with pytest.raises((RuntimeError, ValueError), match=r"[Dd]ouble|dtype|float"):
+        eager.tracker.update(0)
+
+
+def test_lazy_tracker_raises_its_errors_at_the_first_update():
+    import grokfast_metrics as gm
+    model, probe, _, _ = _build("omnigrok")
+    tracker = gm.LMNTracker(model, probe, at="no_such_layer", lazy=True)
+    with pytest.raises(ValueError, match="no submodule named 'no_such_layer'"):
+        tracker.update(0)
+
+
+@pytest.mark.parametrize("name", ["nanda", "grok", "mamay"])   # (grokfast's class lives in an example: not importable)
+def test_output_last_is_picklable_and_selects_the_last_position(name, tmp_path):
+    import grokfast_metrics as gm
+    model, probe, at, kw = _build(name)
+    lam = dropin.lmn_at(model, probe, at, **kw)
+    kw["output"] = "last"
+    assert dropin.lmn_at(model, probe, at, **kw).lmn == pytest.approx(lam.lmn, rel=1e-6)
+    model.tracker = gm.LMNTracker(model, probe, at, **kw)
+    model.tracker.update(0)
+    torch.save(model, tmp_path / "model.pt")              # a lambda output= made this fail
+    back = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert back.tracker.compute() == model.tracker.compute()
