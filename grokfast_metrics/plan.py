@@ -103,7 +103,7 @@ class Plan:
         path: ``"chain"``, ``"split"`` or ``"hooks"`` (``"split"`` may fall back to ``"hooks"`` after a run);
             ``None`` until the first forward of the probe.
         reason: one line saying why that path runs (e.g. why the fx split was not possible), also reported by
-            :func:`grokfast_metrics.last_run_info` after each computation (``"path"``, ``"path_reason"``).
+            :func:`grokfast_metrics.core.last_run_info` after each computation (``"path"``, ``"path_reason"``).
     """
 
     def __init__(self, model: nn.Module, inputs, at: str, to: str | None = None, output: OutputSelector = None,
