@@ -144,6 +144,8 @@ class Plan:
         self.prune = True          # position pruning of a split tail (False: run every position, as before)
         self.pruned = False        # whether the split tail runs pruned
         self.full_tail: nn.Module | None = None   # the split tail at every position (the reference runs it)
+        self.sliced_tail: nn.Module | None = None  # the pruned tail taking h at its one needed position only
+        self.sliced: tuple[int, int] | None = None  # (axis, position) of that slice of at's output
 
     @contextmanager
     def running(self):
@@ -220,6 +222,14 @@ class Plan:
         if pruned is not None:
             self.tail, self.pruned = _SplitTail(pruned, self), True
             self.reason += "; pruned to the positions the selected logits depend on"
+            sliced = _read_at_one_position(pruned)
+            if sliced is not None:
+                gm_s, (k, p) = sliced
+                self.sliced, self.sliced_tail = (k, p), _SplitTail(gm_s, self)
+                shape = list(act.shape)
+                shape[k] = 1
+                self.sliced_tail._act_shape = tuple(torch.Size(shape)[:self.batch_dim] + torch.Size(shape)[self.batch_dim + 1:])
+                self.reason += f" (h itself only at position {p} of axis {k}: only that position is interpolated)"
 
     def enforce_cut(self, act: torch.Tensor, y: torch.Tensor) -> float:
         """The cut check (see :func:`check_cut`); raises ``ValueError`` naming an enclosing cut."""
@@ -318,7 +328,7 @@ class Plan:
             elif self.path == "chain":
                 L = connectivity(h, self.tail, n_lambda, backend, chunk_bytes=chunk_bytes)
             else:
-                L = self._generic(h, y, n_lambda, backend, chunk_bytes)
+                L = self._generic(h, act, y, n_lambda, backend, chunk_bytes)
             numerically_affine = not self.affine and not self.affine_warned and warn_affine and self._affine_probe(h, L)
         _report_path(self)
         if warn_affine and not self.affine_warned:
@@ -358,7 +368,7 @@ class Plan:
                 return False
         return True
 
-    def _generic(self, h, y, n_lambda, backend, chunk_bytes) -> torch.Tensor:
+    def _generic(self, h, act, y, n_lambda, backend, chunk_bytes) -> torch.Tensor:
         """L through the split or hook tail, by ``gm.connectivity`` (core chooses the backend, runs the generic path)."""
         from . import generic
 
@@ -366,11 +376,17 @@ class Plan:
             # the yardstick runs every position: it checks the pruning too
             return connectivity(h, self.full_tail, n_lambda, backend, chunk_bytes=chunk_bytes)
         if self.path == "split" and self.pruned:
-            y_end = generic.end_outputs(self.tail, h, _param_dtype(self.tail, h.dtype), y.dtype)
-            if not _agrees(y_end, y):   # the pruned graph does not reproduce the model: every position from now on
-                self.tail, self.pruned = self.full_tail, False
-                self.reason = self.reason.replace("; pruned to the positions the selected logits depend on",
-                                                  "; the pruned tail disagreed with the model: every position runs")
+            h_run, tail = h, self.tail
+            if self.sliced_tail is not None:   # the tail reads h at one position only: interpolate that position
+                k, p = self.sliced
+                h_run, tail = act.narrow(k, p, 1).movedim(self.batch_dim, 0).reshape(self.n, -1), self.sliced_tail
+            y_end = generic.end_outputs(tail, h_run, _param_dtype(tail, h_run.dtype), y.dtype)
+            if _agrees(y_end, y):
+                return connectivity(h_run, tail, n_lambda, backend, chunk_bytes=chunk_bytes)
+            # the pruned graph does not reproduce the model: every position from now on
+            self.tail, self.pruned, self.sliced_tail = self.full_tail, False, None
+            self.reason = self.reason.replace("; pruned to the positions the selected logits depend on",
+                                              "; the pruned tail disagreed with the model: every position runs")
         if self.path == "split":
             y_end = generic.end_outputs(self.tail, h, _param_dtype(self.tail, h.dtype), y.dtype)
             if not _agrees(y_end, y):
@@ -379,6 +395,30 @@ class Plan:
                 self.reason = ("the traced tail's outputs differed from the model's on the probe (e.g. an op "
                                "torch.fx lost): the whole model re-runs with at's output replaced")
         return connectivity(h, self.tail, n_lambda, backend, chunk_bytes=chunk_bytes)
+
+
+def _read_at_one_position(gm):
+    """When the pruned tail reads its input ``h`` only through ``h.narrow(k, p, 1)`` (one ``(k, p)``): a copy
+    taking that slice as its input, and ``(k, p)``; else None."""
+    import copy
+
+    g = copy.deepcopy(gm.graph)
+    ph = next(n for n in g.nodes if n.op == "placeholder")
+    users = list(ph.users)
+    keys = {tuple(u.args[1:]) if u.op == "call_method" and u.target == "narrow" and not u.kwargs else None
+            for u in users}
+    if len(keys) != 1 or None in keys or len(next(iter(keys))) != 3 or next(iter(keys))[2] != 1:
+        return None
+    k, p, _ = next(iter(keys))
+    for u in users:
+        u.replace_all_uses_with(ph)
+        g.erase_node(u)
+    import torch.fx as fx
+
+    try:
+        return fx.GraphModule(gm, g), (k, p)
+    except Exception:
+        return None
 
 
 def _report_path(plan: Plan) -> None:

@@ -222,3 +222,14 @@ def test_output_last_is_picklable_and_selects_the_last_position(name, tmp_path):
     torch.save(model, tmp_path / "model.pt")              # a lambda output= made this fail
     back = torch.load(tmp_path / "model.pt", weights_only=False)
     assert back.tracker.compute() == model.tracker.compute()
+
+
+def test_nanda_tail_interpolates_only_the_last_position():
+    """After the MLP hook point nothing mixes positions: h itself is needed at the last position only, so only
+    that slice of h is interpolated (a third of the rows' width) and L still matches the full reference."""
+    model, probe, at, kw = _build("nanda")
+    plan = Plan(model, probe, at, **kw)
+    L = plan.connectivity()
+    assert plan.sliced == (1, 2), plan.reason
+    ref = dropin.lmn_at(model, probe, at, backend="reference", **kw).connectivity.double()
+    assert float((L.double() - ref).abs().max()) < 1e-5      # observed 1.3e-06
