@@ -233,3 +233,20 @@ def test_nanda_tail_interpolates_only_the_last_position():
     assert plan.sliced == (1, 2), plan.reason
     ref = dropin.lmn_at(model, probe, at, backend="reference", **kw).connectivity.double()
     assert float((L.double() - ref).abs().max()) < 1e-5      # observed 1.3e-06
+
+
+@pytest.mark.parametrize("name", ["grokfast", "nanda"])
+def test_pruned_tails_in_ill_conditioned_regimes_match_the_reference(name):
+    """Grokfast-style: logits offset by 1e3 after ln_f (every pair's fp32 r² cancels: flagged, recomputed in fp64);
+    Nanda-style: the unembedding scaled by 1e-3 after the MLP's skip term."""
+    model, probe, at, kw = _build(name, n=16)
+    with torch.no_grad():
+        if name == "grokfast":
+            model.head.bias = torch.nn.Parameter(torch.full((model.head.out_features,), 1e3))
+        else:
+            model.unembed.W_U.mul_(1e-3)
+    plan = Plan(model, probe, at, **kw)
+    L = plan.connectivity()
+    assert plan.pruned
+    ref = dropin.lmn_at(model, probe, at, backend="reference", **kw).connectivity.double()
+    assert float((L.double() - ref).abs().max()) < 1e-5      # observed 0 (grokfast, all pairs fp64), 1.6e-06 (nanda)
