@@ -292,7 +292,8 @@ def _as_step(step) -> int:
 class LMNTracker(Tracker):
     """Linear mapping number of ``probe_inputs`` at the output of ``model.<at>``, on a schedule.
 
-    Every argument is checked at construction (one forward of the probe and the cut check), so a
+    Every argument is checked at construction (one forward of the probe and the cut check; with ``lazy=True``
+    at the first computation instead), so a
     misspelled ``at``, a probe in the wrong layout or dtype, or a non-cut fails here, not at the
     first ``update``.
 
