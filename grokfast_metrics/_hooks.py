@@ -18,10 +18,47 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["OutputSelector", "model_lock", "suspend_user_hooks", "unwrap_compiled"]
+__all__ = ["LastPosition", "OutputSelector", "model_lock", "suspend_user_hooks", "unwrap_compiled"]
 
-#: what ``output`` may be: ``None`` (the model returns ``(B, O)``), a tuple index, or a callable.
-OutputSelector = int | Callable[[Any], torch.Tensor] | None
+#: what ``output`` may be: ``None`` (the model returns ``(B, O)``), a tuple index, ``"last"``, or a callable.
+OutputSelector = int | str | Callable[[Any], torch.Tensor] | None
+
+
+class LastPosition:
+    """``output="last"``: the logits at the last sequence position, a picklable selector (a lambda stored in a
+    tracker on the model makes ``torch.save(model)`` fail).
+
+    Reads the model's output, its first element for a tuple/list (openai/grok returns ``(logits, ...)``), its
+    ``.logits`` for an object that has them (Hugging Face), and takes the last index along the sequence axis:
+    ``out[:, -1]`` when the samples come first (``batch_dim=0``), ``out[-1]`` for sequence-first models
+    (``batch_dim=1``).
+    """
+
+    def __init__(self, batch_dim: int = 0):
+        self.batch_dim = batch_dim
+
+    def __call__(self, out) -> torch.Tensor:
+        if isinstance(out, (tuple, list)) and out:
+            out = out[0]
+        elif not isinstance(out, torch.Tensor) and isinstance(getattr(out, "logits", None), torch.Tensor):
+            out = out.logits
+        if not isinstance(out, torch.Tensor) or out.dim() < 2:
+            raise ValueError(f"output='last' needs a (batch, seq, ...) or (seq, batch, ...) tensor; got "
+                             f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
+        return out[-1] if self.batch_dim == 1 else out[:, -1]
+
+    def __repr__(self) -> str:
+        return f"LastPosition(batch_dim={self.batch_dim})"
+
+
+def _as_selector(output, batch_dim: int):
+    """``output`` as given, ``"last"`` as a :class:`LastPosition`; other strings are a ``ValueError``."""
+    if isinstance(output, str):
+        if output != "last":
+            raise ValueError(f"output={output!r}: the only named selector is 'last' (the last sequence position); "
+                             "else pass None, a tuple index or a callable")
+        return LastPosition(batch_dim)
+    return output
 
 
 # --------------------------------------------------------------------------------------------
@@ -115,7 +152,7 @@ def _select(out, output: OutputSelector, n: int, layout: str = "") -> torch.Tens
     elif callable(output):
         y = output(out)
     else:
-        raise TypeError(f"output must be None, an int (tuple index) or a callable (out) -> (B, O); got {output!r}")
+        raise TypeError(f"output must be None, an int (tuple index), 'last' or a callable (out) -> (B, O); got {output!r}")
     if not isinstance(y, torch.Tensor):
         raise ValueError(
             f"the model's output{'' if output is None else ' after the output selector'} is a "

@@ -283,7 +283,9 @@ _LAST_RUN: dict = {}
 def last_run_info() -> dict:
     """``{"backend", "kernel", "pairs", "recomputed", "fraction_recomputed"}`` of the last :func:`connectivity` call
     in this process: the backend and kernel variant that ran (see :func:`backend_info`) and how many pairs the fp32
-    backend flagged as ill-conditioned and recomputed in fp64."""
+    backend flagged as ill-conditioned and recomputed in fp64. After ``lmn_at`` (or a tracker) also ``"path"``
+    (``"chain"``, ``"split"``, ``"hooks"``) and ``"path_reason"`` (why that path ran:
+    :attr:`grokfast_metrics.dropin.Plan.reason`)."""
     return dict(_LAST_RUN)
 
 

@@ -35,11 +35,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from ._hooks import OutputSelector, suspend_user_hooks, unwrap_compiled
+from ._hooks import LastPosition, OutputSelector, suspend_user_hooks, unwrap_compiled
 from .core import LMNResult
 from .plan import CUT_CHECK_SAMPLES, PATHS, AffineTailWarning, Plan, emit_affine_warning
 
-__all__ = ["CUT_CHECK_SAMPLES", "PATHS", "AffineTailWarning", "OutputSelector", "Plan", "check_cut", "emit_affine_warning",
+__all__ = ["CUT_CHECK_SAMPLES", "PATHS", "AffineTailWarning", "LastPosition", "OutputSelector", "Plan", "check_cut", "emit_affine_warning",
            "lmn_at", "suspend_user_hooks", "unwrap_compiled"]
 
 
@@ -88,8 +88,9 @@ def lmn_at(model: nn.Module, inputs, at: str = "blocks.0", to: str | None = None
         to: name of the submodule whose output ends the measured sub-network (default: the model's
             output). An MLP segment of a plain ``nn.Sequential`` takes the fused kernels.
         output: how to get ``(N, O)`` from the model's output (or ``to``'s): ``None`` (it already is;
-            ``to``'s output is flattened per sample), an int (tuple element) or a callable, e.g.
-            ``lambda out: out[-1]`` for the last position of a sequence-first model.
+            ``to``'s output is flattened per sample), an int (tuple element), ``"last"`` (the last sequence
+            position: ``out[:, -1]``, or ``out[-1]`` with ``batch_dim=1``; a tuple's first element; picklable,
+            :class:`~grokfast_metrics._hooks.LastPosition`) or a callable, e.g. ``lambda out: out[-1]``.
         batch_dim: the samples' axis in ``at``'s (and ``to``'s) output: 1 for sequence-first blocks
             ``(seq, batch, d)``.
         input_batch_dim: the samples' axis in ``inputs`` (default ``batch_dim``): e.g. 0 for a model

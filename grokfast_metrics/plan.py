@@ -17,6 +17,7 @@ from torch import nn
 from ._hooks import (
     OutputSelector,
     _as_args,
+    _as_selector,
     _capture,
     _check_act_layout,
     _check_devices,
@@ -35,7 +36,7 @@ from ._hooks import (
 )
 from ._policy import check_n_lambda
 from ._runtime import eval_mode
-from ._split import _AFFINE, _chain_tail, _graph_kind, _HookTail, _selector_affine, _SplitTail, _trace_split
+from ._split import _AFFINE, _chain_tail, _container_split, _graph_kind, _HookTail, _selector_affine, _SplitTail, _trace_split
 from ._tail import parse_tail
 from .core import LMNResult, _param_dtype, connectivity, lmn_from_connectivity
 
@@ -43,6 +44,11 @@ __all__ = ["CUT_CHECK_SAMPLES", "PATHS", "AffineTailWarning", "Plan", "emit_affi
 
 #: samples used by the cut check (pairs ``(i, i+1 mod k)`` among the first ``k`` samples).
 CUT_CHECK_SAMPLES = 8
+
+#: default batch of interpolated input for a pruned tail on the CPU (bytes): 4 MiB. Measured on the loaded 2-core
+#: CPU, one thread, N=32, issue-sized models, min of 3 (us/pair at 1/2/4/8 MiB): Grokfast-style 1931/1659/1392/1821,
+#: Nanda-style 791/732/610/617, openai/grok-style 1703/1602/1695/1861 (the unpruned tails' 1 MiB stays).
+PRUNED_CHUNK_BYTES_CPU = 4 << 20
 
 #: what ``path=`` accepts: ``"auto"`` (chain, else split, else hooks), or one of them explicitly
 PATHS = ("auto", "chain", "split", "hooks")
@@ -116,7 +122,10 @@ class Plan:
     again and rebuilds the tail (and its cut check): the plan always measures the model as it is.
 
     Attributes:
-        path: ``"chain"``, ``"split"`` or ``"hooks"`` (``"split"`` may fall back to ``"hooks"`` after a run).
+        path: ``"chain"``, ``"split"`` or ``"hooks"`` (``"split"`` may fall back to ``"hooks"`` after a run);
+            ``None`` until the first forward of the probe.
+        reason: one line saying why that path runs (e.g. why the fx split was not possible), also reported by
+            :func:`grokfast_metrics.core.last_run_info` after each computation (``"path"``, ``"path_reason"``).
     """
 
     def __init__(self, model: nn.Module, inputs, at: str, to: str | None = None, output: OutputSelector = None,
@@ -135,7 +144,7 @@ class Plan:
         self._find_modules()
         if self.to is not None and self.to == self.at:
             raise ValueError(f"to={to!r} is at itself; `to` must be a module after `at`")
-        self.output = output
+        self.output = _as_selector(output, batch_dim)
         self.batch_dim = batch_dim
         self.input_batch_dim = batch_dim if input_batch_dim is None else input_batch_dim
         self.args = _as_args(inputs)
@@ -147,11 +156,17 @@ class Plan:
         self.requested = path
         self.user_hooks = bool(user_hooks)
         self.path: str | None = None
+        self.reason: str = "not built yet (the plan runs the probe at its first computation)"
         self.tail: nn.Module | None = None
         self.act_shape: tuple[int, ...] | None = None
         self.checked = False
         self.affine: bool | None = None   # structurally affine (None: unknown until L is seen)
         self.affine_warned = False
+        self.prune = True          # position pruning of a split tail (False: run every position, as before)
+        self.pruned = False        # whether the split tail runs pruned
+        self.full_tail: nn.Module | None = None   # the split tail at every position (the reference runs it)
+        self.sliced_tail: nn.Module | None = None  # the pruned tail taking h at its one needed position only
+        self.sliced: tuple[int, int] | None = None  # (axis, position) of that slice of at's output
 
     def _find_modules(self) -> None:
         """``at`` and ``to`` in the model, and the model's modules as they are now (to notice a change)."""
@@ -183,7 +198,9 @@ class Plan:
         if self.to is not None:
             y = _select_to(out, self.output, self.n, self.batch_dim)
         else:
-            y = _select(out, self.output, self.n, _layout_hint(self.args, self.input_batch_dim, _rows(out, self.output)))
+            rows = _rows(out, self.output)
+            y = _select(out, self.output, self.n, _samples_hint(act, self.at, self.batch_dim, rows)
+                        or _layout_hint(self.args, self.input_batch_dim, rows))
         if self.path is None:
             self._build(act)
         return y, act
@@ -195,24 +212,62 @@ class Plan:
             tail = _chain_tail(self.model, self.at, self.to)
             if tail is not None:
                 self.path, self.tail = "chain", (tail if len(tail) else nn.Identity())
+                self.reason = f"at={self.at!r} sits in plain nn.Sequential chains: the modules after it are the tail"
                 spec = parse_tail(self.tail)
                 self.affine = bool(spec is not None and spec.is_affine) or isinstance(self.tail, nn.Identity)
                 return
         if req == "chain":
             raise ValueError(f"path='chain' needs at={self.at!r} in plain nn.Sequential chains, output=None, "
                              "batch_dim=0 and a 2-D activation")
-        if req in ("auto", "split") and self._raw_is_tensor:
-            gm = _trace_split(self.model, self.at, self.to)
+        why_not = _why_not_chain(self, act) if req == "auto" else "path='split' requested"
+        if req in ("auto", "split"):
+            gm, why = _trace_split(self.model, self.at, self.to, explain=True, args=self.args,
+                                   input_batch_dim=self.input_batch_dim, tuple_at=not self._raw_is_tensor)
             if gm is not None:
                 self.path, self.tail = "split", _SplitTail(gm, self)
-                self.affine = _graph_kind(gm) <= _AFFINE and (self.to is not None or _selector_affine(self.output))
+                self.reason = (f"{why_not}; torch.fx traces the model and the layers after {self.at!r} depend on the "
+                               "input only through it: the traced tail runs alone")
+                self._prune(gm, act)
+                self.affine = _tail_kind(gm) <= _AFFINE and (self.to is not None or _selector_affine(self.output))
                 if not self.affine:
                     self.affine = None
                 return
+            if why.startswith("torch.fx cannot trace") and self.to is None:
+                gm, inner = _container_split(self.model, self.at, self.args, not self._raw_is_tensor)
+                if gm is not None:
+                    self.path, self.tail = "split", _SplitTail(gm, self)
+                    self.reason = (f"{why_not}; torch.fx cannot trace the model ({why.split('(', 1)[-1].rstrip(')')}), "
+                                   f"but the model returns {inner!r}'s output as it is and {inner!r} traces: the "
+                                   f"layers after {self.at!r} inside it run alone")
+                    self._prune(gm, act)
+                    self.affine = (_tail_kind(gm) <= _AFFINE and _selector_affine(self.output)) or None
+                    return
         if req == "split":
-            raise ValueError(f"path='split' cannot run: torch.fx does not split the model at {self.at!r} (it does "
-                             "not trace, or the output needs the input other than through it); use path='hooks'")
+            raise ValueError(f"path='split' cannot run: torch.fx does not split the model at {self.at!r} ({why}); "
+                             "use path='hooks'")
         self.path, self.tail = "hooks", _HookTail(self)
+        self.reason = (f"{why_not}; no fx split: {why}: the whole model re-runs with {self.at!r}'s output replaced"
+                       if req == "auto" else "path='hooks' requested")
+
+    def _prune(self, gm, act: torch.Tensor) -> None:
+        """Position pruning of the split tail (:mod:`grokfast_metrics._prune`): only what the selected logits need."""
+        from ._prune import prune_positions
+
+        self.full_tail = self.tail
+        if self.to is not None or self.user_hooks or not self.prune:
+            return
+        pruned = prune_positions(gm, act, self.output)
+        if pruned is not None:
+            self.tail, self.pruned = _SplitTail(pruned, self), True
+            self.reason += "; pruned to the positions the selected logits depend on"
+            sliced = _read_at_one_position(pruned)
+            if sliced is not None:
+                gm_s, (k, p) = sliced
+                self.sliced, self.sliced_tail = (k, p), _SplitTail(gm_s, self)
+                shape = list(act.shape)
+                shape[k] = 1
+                self.sliced_tail._act_shape = tuple(torch.Size(shape)[:self.batch_dim] + torch.Size(shape)[self.batch_dim + 1:])
+                self.reason += f" (h itself only at position {p} of axis {k}: only that position is interpolated)"
 
     def enforce_cut(self, act: torch.Tensor, y: torch.Tensor) -> float:
         """The cut check (see :func:`check_cut`); raises ``ValueError`` naming an enclosing cut."""
@@ -231,26 +286,60 @@ class Plan:
             return _select_to(out, self.output, len(src), self.batch_dim)
         return _select(out, self.output, len(src))
 
+    def _is_cut(self, name: str, modules: dict) -> bool:
+        """Whether module ``name`` passes the cut check (False when it cannot be checked)."""
+        try:
+            out, act, _ = _capture(self.model, modules[name], name, self.args, self.to_module, self.to)
+            y = (_select_to(out, self.output, self.n, self.batch_dim) if self.to is not None
+                 else _select(out, self.output, self.n))
+            if act.dim() <= self.batch_dim or act.shape[self.batch_dim] != self.n:
+                return False
+            src, dst = _pairs(self.n, y.device)
+            return _cut_error(lambda s, d, m=modules[name], a=act: self._mixed(m, a, s, d), y, src, dst) <= _cut_rtol(y.dtype)
+        except (ValueError, _Stop):
+            return False
+
+    def _affine_after(self, name: str) -> bool:
+        """Whether only affine layers follow module ``name`` (known structurally from its fx split)."""
+        gm = _trace_split(self.model, name, self.to, args=self.args, input_batch_dim=self.input_batch_dim)
+        return gm is not None and _tail_kind(gm) <= _AFFINE and (self.to is not None or _selector_affine(self.output))
+
+    def _earlier_modules(self, modules: dict) -> list[str]:
+        """Modules that finish before ``at`` in the forward, nearest first (ancestors of ``at`` excluded)."""
+        order: list[str] = []
+        handles = [m.register_forward_hook(lambda _m, _i, _o, n=n: order.append(n)) for n, m in modules.items() if n]
+        try:
+            _capture(self.model, self.module, self.at, self.args)
+        except ValueError:
+            return []
+        finally:
+            for h in handles:
+                h.remove()
+        if self.at not in order:
+            return []
+        before = order[:order.index(self.at)]
+        return [n for n in reversed(before) if not self.at.startswith(n + ".")]
+
     def _not_a_cut_message(self, err: float, tol: float) -> str:
-        suggestion = None
         parts = self.at.split(".")
         modules = dict(self.model.named_modules())
-        for k in range(len(parts) - 1, 0, -1):
-            parent = ".".join(parts[:k])
-            try:
-                out, act, _ = _capture(self.model, modules[parent], parent, self.args, self.to_module, self.to)
-                y = (_select_to(out, self.output, self.n, self.batch_dim) if self.to is not None
-                     else _select(out, self.output, self.n))
-                if act.dim() <= self.batch_dim or act.shape[self.batch_dim] != self.n:
-                    continue
-                src, dst = _pairs(self.n, y.device)
-                if _cut_error(lambda s, d, m=modules[parent], a=act: self._mixed(m, a, s, d), y, src, dst) <= _cut_rtol(y.dtype):
-                    suggestion = parent
-                    break
-            except (ValueError, _Stop):
-                continue
-        hint = (f" Use an enclosing module that is a cut, e.g. at={suggestion!r}." if suggestion
-                else " Use the output of a whole block (e.g. a full residual block) instead of a sub-layer.")
+        enclosing = next((p for p in (".".join(parts[:k]) for k in range(len(parts) - 1, 0, -1))
+                          if self._is_cut(p, modules)), None)
+        suggestion, note = enclosing, ""
+        if enclosing is not None and self._affine_after(enclosing):
+            # e.g. TransformerLens' blocks.0.mlp.hook_post: 'blocks.0' is a cut, but only the unembedding follows it
+            earlier = next((n for n in self._earlier_modules(modules)[:24]
+                            if self._is_cut(n, modules) and not self._affine_after(n)), None)
+            if earlier is not None:
+                suggestion = earlier
+                note = (f" ({enclosing!r} is a cut too, but only affine layers follow it, so its LMN is 1; "
+                        f"{earlier!r} is the nearest earlier module that is a cut with a nonlinearity after it)")
+        if suggestion is None:
+            hint = " Use the output of a whole block (e.g. a full residual block) instead of a sub-layer."
+        elif suggestion == enclosing:
+            hint = f" Use an enclosing module that is a cut, e.g. at={suggestion!r}."
+        else:
+            hint = f" Use a module that is a cut, e.g. at={suggestion!r}{note}."
         target = f"module {self.to!r}'s output (to=)" if self.to else "logits"
         return (f"module {self.at!r} is not a cut of the model: feeding sample i's input with sample j's activation "
                 f"at {self.at!r} does not reproduce sample j's {target} (relative error {err:.2e} > {tol:.0e}), so "
@@ -269,31 +358,148 @@ class Plan:
         with self.running(), torch.autocast(_device_type(self.args), enabled=False):
             y, act = self.forward()
             h = act.movedim(self.batch_dim, 0).reshape(self.n, -1)
-            if self.path == "chain":
+            if self.path != "chain" and check and not self.checked:
+                self.enforce_cut(act, y)
+            if self.affine and backend != "reference":
+                # only affine layers follow: every path is a straight line and L is exactly 1 (nothing to compute)
+                L = _ones_if_finite(h, y)
+            elif self.path == "chain":
                 L = connectivity(h, self.tail, n_lambda, backend, chunk_bytes=chunk_bytes)
             else:
-                if check and not self.checked:
-                    self.enforce_cut(act, y)
-                L = self._generic(h, y, n_lambda, backend, chunk_bytes)
+                L = self._generic(h, act, y, n_lambda, backend, chunk_bytes)
+            numerically_affine = not self.affine and not self.affine_warned and warn_affine and self._affine_probe(h, L)
+        _report_path(self)
         if warn_affine and not self.affine_warned:
             if self.affine:
                 self.affine_warned = True
-                emit_affine_warning(self.at, self.to, "structurally: only affine layers follow it", model=self.model)
-            elif _all_ones(L):
+                emit_affine_warning(self.at, self.to, "structurally: only affine layers follow it; L = 1 exactly, "
+                                                      "not computed", model=self.model)
+            elif numerically_affine:
                 self.affine_warned = True
-                emit_affine_warning(self.at, self.to, "every entry of L is 1 to rounding", model=self.model)
+                emit_affine_warning(self.at, self.to, "L is 1 to rounding, and in float64 the tail maps every "
+                                                      "probed path to a straight line", model=self.model)
         return L
 
-    def _generic(self, h, y, n_lambda, backend, chunk_bytes) -> torch.Tensor:
+    def _affine_probe(self, h: torch.Tensor, L: torch.Tensor) -> bool:
+        """Whether ``L`` near 1 comes from an affine tail: its float64 copy maps the points of the pairs farthest
+        from 1 onto the chord between the ends (to 1e-9 of the outputs' size; a LayerNorm or an activation
+        bends it far more). fp32 rounding alone moves ``L`` off 1 by far more than 64 eps when some logits barely
+        change between the samples, so a threshold on ``L`` itself cannot tell."""
+        dev = (1.0 - L.double()).abs()
+        if not bool(torch.isfinite(dev).all()) or float(dev.max()) > (1e-3 if L.dtype != torch.float64 else 1e-6):
+            return False
+        import copy
+
+        n = h.shape[0]
+        dev.fill_diagonal_(-1.0)
+        h64 = h.detach().double()
+        tail64 = copy.deepcopy(self.tail).double()
+        lam = torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64, device=h.device).view(-1, 1)
+        for flat in dev.flatten().topk(min(8, n * (n - 1))).indices.tolist():
+            i, j = divmod(flat, n)
+            if i >= j or torch.equal(h64[i], h64[j]):
+                continue
+            ends = tail64(h64[[i, j]])
+            mid = tail64(h64[i] + lam * (h64[j] - h64[i]))
+            chord = ends[0] + lam * (ends[1] - ends[0])
+            if float((mid - chord).abs().max()) > 1e-9 * max(float(ends.abs().max()), 1e-300):
+                return False
+        return True
+
+    def _generic(self, h, act, y, n_lambda, backend, chunk_bytes) -> torch.Tensor:
         """L through the split or hook tail, by ``gm.connectivity`` (core chooses the backend, runs the generic path)."""
         from . import generic
 
+        if self.path == "split" and self.pruned and backend == "reference":
+            # the yardstick runs every position: it checks the pruning too
+            return connectivity(h, self.full_tail, n_lambda, backend, chunk_bytes=chunk_bytes)
+        if self.path == "split" and self.pruned:
+            h_run, tail = h, self.tail
+            if self.sliced_tail is not None:   # the tail reads h at one position only: interpolate that position
+                k, p = self.sliced
+                h_run, tail = act.narrow(k, p, 1).movedim(self.batch_dim, 0).reshape(self.n, -1), self.sliced_tail
+            y_end = generic.end_outputs(tail, h_run, _param_dtype(tail, h_run.dtype), y.dtype)
+            if _agrees(y_end, y):
+                if chunk_bytes is None and h_run.device.type == "cpu":
+                    chunk_bytes = PRUNED_CHUNK_BYTES_CPU
+                return connectivity(h_run, tail, n_lambda, backend, chunk_bytes=chunk_bytes)
+            # the pruned graph does not reproduce the model: every position from now on
+            self.tail, self.pruned, self.sliced_tail = self.full_tail, False, None
+            self.reason = self.reason.replace("; pruned to the positions the selected logits depend on",
+                                              "; the pruned tail disagreed with the model: every position runs")
         if self.path == "split":
             y_end = generic.end_outputs(self.tail, h, _param_dtype(self.tail, h.dtype), y.dtype)
             if not _agrees(y_end, y):
                 # the traced graph does not reproduce the model (e.g. an in-place op it lost): hooks from now on
                 self.path, self.tail, self.affine = "hooks", _HookTail(self), None
+                self.reason = ("the traced tail's outputs differed from the model's on the probe (e.g. an op "
+                               "torch.fx lost): the whole model re-runs with at's output replaced")
         return connectivity(h, self.tail, n_lambda, backend, chunk_bytes=chunk_bytes)
+
+
+def _read_at_one_position(gm):
+    """When the pruned tail reads its input ``h`` only through ``h.narrow(k, p, 1)`` (one ``(k, p)``): a copy
+    taking that slice as its input, and ``(k, p)``; else None."""
+    import copy
+
+    g = copy.deepcopy(gm.graph)
+    ph = next(n for n in g.nodes if n.op == "placeholder")
+    users = list(ph.users)
+    keys = {tuple(u.args[1:]) if u.op == "call_method" and u.target == "narrow" and not u.kwargs else None
+            for u in users}
+    if len(keys) != 1 or None in keys or len(next(iter(keys))) != 3 or next(iter(keys))[2] != 1:
+        return None
+    k, p, _ = next(iter(keys))
+    for u in users:
+        u.replace_all_uses_with(ph)
+        g.erase_node(u)
+    import torch.fx as fx
+
+    try:
+        return fx.GraphModule(gm, g), (k, p)
+    except Exception:
+        return None
+
+
+def _report_path(plan: Plan) -> None:
+    """Add the plan's path and its reason to :func:`grokfast_metrics.last_run_info`."""
+    from . import core
+
+    core._LAST_RUN.update(path=plan.path, path_reason=plan.reason)
+
+
+def _why_not_chain(plan: Plan, act: torch.Tensor) -> str:
+    """Why the chain path does not apply (one clause)."""
+    if plan.output is not None:
+        return "not a chain: output= selects the logits"
+    if plan.batch_dim != 0:
+        return "not a chain: batch_dim != 0"
+    if act.dim() != 2:
+        return f"not a chain: {plan.at!r} outputs a {act.dim()}-D activation"
+    return f"not a chain: {plan.at!r} is not in plain nn.Sequential chains"
+
+
+def _tail_kind(gm) -> int:
+    """How affine a split tail is, seen through the user's modules (TransformerLens' ``Unembed``: ``x @ W_U``)."""
+    from ._prune import _deep_trace
+
+    kind = _graph_kind(gm)
+    if kind > _AFFINE:
+        deep = _deep_trace(gm)
+        if deep is not None:
+            kind = _graph_kind(deep)
+    return kind
+
+
+def _samples_hint(act: torch.Tensor, at: str, batch_dim: int, rows: int) -> str:
+    """Where the selected logits have ``rows`` samples and the activation at ``at`` has them along another axis
+    than ``batch_dim``: pass ``batch_dim`` (the inputs follow it unless ``input_batch_dim`` says otherwise)."""
+    axes = [d for d in range(act.dim()) if act.shape[d] == rows and d != batch_dim]
+    if rows < 0 or not axes:
+        return ""
+    return (f" The activation at {at!r} ({tuple(act.shape)}) has {rows} along axis {axes[0]}: if the samples are "
+            f"there, pass batch_dim={axes[0]} (e.g. a sequence-first model fed (seq, batch) tokens; "
+            "input_batch_dim defaults to batch_dim).")
 
 
 def _rows(out, output) -> int:
@@ -315,6 +521,12 @@ def _agrees(a: torch.Tensor, b: torch.Tensor) -> bool:
     return float((a.to(b.dtype) - b).abs().max()) / scale <= _cut_rtol(b.dtype)
 
 
-def _all_ones(L: torch.Tensor) -> bool:
-    """Every entry of ``L`` is 1 to rounding (64 eps of its dtype)."""
-    return bool(((1.0 - L).abs() <= 64 * torch.finfo(L.dtype).eps).all())
+def _ones_if_finite(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``L = 1`` for an affine tail, in the dtype ``connectivity`` would return; NaN/Inf logits raise as there."""
+    from .core import NonFiniteOutputError
+
+    if not bool(torch.isfinite(y).all()):
+        raise NonFiniteOutputError("the model's outputs on the probe are NaN/Inf: the model has diverged or overflows "
+                                   "its dtype, and LMN is undefined there")
+    dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
+    return torch.ones(h.shape[0], h.shape[0], dtype=dtype, device=h.device)

@@ -272,6 +272,19 @@ class Tracker:
         return len(self.history)
 
 
+def _follow_model(probe, model: nn.Module):
+    """``probe`` on the model's device, floating tensors in the model's floating dtype (integer ids unchanged)."""
+    ref = next((p for p in list(model.parameters()) + list(model.buffers()) if p.is_floating_point()), None)
+    if ref is None:
+        return probe
+
+    def move(x):
+        return x.to(ref.device, ref.dtype) if x.is_floating_point() else x.to(ref.device)
+
+    return move(probe) if isinstance(probe, torch.Tensor) else type(probe)(move(x) for x in probe) \
+        if isinstance(probe, (tuple, list)) else probe
+
+
 def _next_after(step: int, every: int | str, log_base: float) -> int:
     """The first scheduled step after ``step``: the next multiple of ``every``, or the next ``floor(log_base ** k)``."""
     if every != "log":
@@ -305,7 +318,8 @@ def _as_step(step) -> int:
 class LMNTracker(Tracker):
     """Linear mapping number of ``probe_inputs`` at the output of ``model.<at>``, on a schedule.
 
-    Every argument is checked at construction (one forward of the probe and the cut check), so a
+    Every argument is checked at construction (one forward of the probe and the cut check; with ``lazy=True``
+    at the first computation instead), so a
     misspelled ``at``, a probe in the wrong layout or dtype, or a non-cut fails here, not at the
     first ``update``.
 
@@ -324,6 +338,10 @@ class LMNTracker(Tracker):
         log_base: base of the log schedule (default 1.3).
         check: the cut check, once at construction (the cut is structural).
         to, input_batch_dim, path, user_hooks: as in :func:`grokfast_metrics.lmn_at`.
+        lazy: ``True``: nothing runs at construction; the first computation moves the probe to the model's device
+            (floating probes to its floating dtype), then runs every check. For a tracker built in a Lightning
+            module's ``__init__`` (the trainer moves and casts the model afterwards). Errors surface at the first
+            ``update`` that computes.
         asynchronous: ``True`` (one thread) or a number of host threads: ``update`` computes ``L`` (the
             expensive kernel, in the training stream on a GPU) and hands the eigen step and entropy to
             those threads; the rows land in :attr:`history` in step order, the same values as without it
@@ -347,7 +365,7 @@ class LMNTracker(Tracker):
                  output: OutputSelector = None, batch_dim: int = 0, n_lambda: int = 21, backend: str = "auto",
                  log_base: float = LOG_BASE, check: bool = True, *, to: str | None = None,
                  input_batch_dim: int | None = None, path: str = "auto", user_hooks: bool = False,
-                 asynchronous: bool | int = False):
+                 asynchronous: bool | int = False, lazy: bool = False):
         if isinstance(every, str):
             if every != "log":
                 raise ValueError(f"every must be a positive int or 'log'; got {every!r}")
@@ -378,10 +396,26 @@ class LMNTracker(Tracker):
         self._next_due = 0
         self._last_seen: int | None = None
         self._submitted: int | None = None  # the step of the latest asynchronous computation
-        self._plans = {name: Plan(model, probe_inputs, name, to, output, batch_dim, input_batch_dim, path, user_hooks)
-                       for name in names}
-        for plan in self._plans.values():
-            self._validate(plan, check)
+        self._names = names
+        self._plan_args = (to, output, batch_dim, input_batch_dim, path, user_hooks, check)
+        self.lazy = bool(lazy)
+        self._plans: dict[str, Plan] | None = None
+        if not self.lazy:
+            self._build_plans()
+
+    def _build_plans(self) -> dict[str, Plan]:
+        """The plans (and every check) now; a lazy tracker does it at its first computation, after moving the probe
+        to the model's device and its floating tensors to the model's floating dtype (Lightning moves and casts
+        the model after ``__init__``)."""
+        if self._plans is None:
+            to, output, batch_dim, input_batch_dim, path, user_hooks, check = self._plan_args
+            probe = _follow_model(self.probe_inputs, self.model) if self.lazy else self.probe_inputs
+            plans = {name: Plan(self.model, probe, name, to, output, batch_dim, input_batch_dim, path, user_hooks)
+                     for name in self._names}
+            for plan in plans.values():
+                self._validate(plan, check)
+            self._plans = plans
+        return self._plans
 
     def _validate(self, plan: Plan, check: bool) -> None:
         """Fail fast: one forward of the probe, the cut check, the backend, the structural affine warning."""
@@ -398,10 +432,10 @@ class LMNTracker(Tracker):
                                 model=plan.model)
 
     def _lmn_at(self) -> dict[str, LMNResult]:
-        return {name: plan.compute(self.n_lambda, self.backend) for name, plan in self._plans.items()}
+        return {name: plan.compute(self.n_lambda, self.backend) for name, plan in self._build_plans().items()}
 
     def _connectivity_at(self) -> dict[str, torch.Tensor]:
-        return {name: plan.connectivity(self.n_lambda, self.backend) for name, plan in self._plans.items()}
+        return {name: plan.connectivity(self.n_lambda, self.backend) for name, plan in self._build_plans().items()}
 
     @property
     def last_step(self) -> int | None:
@@ -458,7 +492,7 @@ class LMNTracker(Tracker):
         if not self._multi:
             return super()._rows(step, results)
         if results is None:
-            return [{"step": step, "at": a, "lmn": math.nan, "entropy_bits": math.nan} for a in self._plans]
+            return [{"step": step, "at": a, "lmn": math.nan, "entropy_bits": math.nan} for a in self._names]
         return [{"step": step, "at": a, "lmn": float(r.lmn), "entropy_bits": float(r.entropy_bits)}
                 for a, r in results.items()]
 
@@ -516,7 +550,7 @@ class LMNTracker(Tracker):
         memo[id(self)] = new
         new.history = copy.deepcopy(self.history, memo)
         new.results = copy.deepcopy(self.results, memo)
-        new._plans = dict(self._plans)
+        new._plans = None if self._plans is None else dict(self._plans)
         return new
 
     def __repr__(self) -> str:

@@ -82,7 +82,7 @@ def test_affine_tail_warns_structurally_and_numerically():
     model, tok = OneLayer(), torch.randint(7, (6, 3), generator=torch.Generator().manual_seed(0))
     with pytest.warns(AffineTailWarning, match=r"'blocks\.0'.*affine \(structurally.*hook_resid_mid"):
         assert gm.lmn_at(model, tok, at="blocks.0", n_lambda=5).lmn == pytest.approx(1.0, abs=1e-6)
-    with pytest.warns(AffineTailWarning, match="every entry of L is 1"):
+    with pytest.warns(AffineTailWarning, match="L is 1 to rounding"):
         gm.lmn_at(model, tok, at="blocks.0", n_lambda=5, path="hooks")
     with pytest.warns(AffineTailWarning, match="structurally"):
         gm.LMNTracker(model, tok, at="blocks.0", n_lambda=5)

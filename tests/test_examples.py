@@ -70,5 +70,5 @@ def test_transformer_lens_resid_post_warns_affine():
 
     model = load_example("transformer_lens_grokking").make_model(p=7, d_model=16, n_heads=2, d_mlp=32)
     tokens = torch.stack([torch.arange(6), torch.arange(6).flip(0), torch.full((6,), 7)], dim=1)
-    with pytest.warns(AffineTailWarning, match="every entry of L is 1"):
+    with pytest.warns(AffineTailWarning, match="L is 1 to rounding"):
         gm.lmn_at(model, tokens, at="blocks.0.hook_resid_post", output=lambda out: out[:, -1], n_lambda=5)

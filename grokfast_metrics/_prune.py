@@ -1,0 +1,394 @@
+"""Position pruning of a split tail: run only what the selected logits depend on (issue 20 item 1).
+
+A transformer tail computes logits at every sequence position, and ``output=`` reads one (the last).
+:func:`prune_positions` re-traces the fx tail through the user's modules (down to ``torch.nn`` leaves),
+finds by a backward pass over the graph which nodes are needed at one position only, and rebuilds the
+graph so that those nodes run on that position alone (a size-1 slice along the sequence axis: the rank and
+every other axis are unchanged). Attention after the cut keeps its keys and values at every position and
+runs its queries (and mask rows) at the selected one only.
+
+The analysis is conservative: an op it does not know to act position by position along the axis (a
+reshape, an unknown module, ``tril``) needs its inputs whole, and what feeds it runs in full, as before.
+Where nothing can be pruned the tail is returned unchanged (``None``). The plan checks the pruned tail's
+outputs on the samples against the model's own at every computation and falls back to the whole tail.
+"""
+from __future__ import annotations
+
+import builtins
+import operator
+import warnings
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FULL = "full"
+
+# ops acting elementwise (after broadcasting): any axis is position-wise
+_ELEMENTWISE_FUNCS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pos,
+                      torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.relu, torch.tanh, torch.sigmoid,
+                      torch.exp, torch.sqrt, torch.rsqrt, torch.abs, torch.where, torch.eq, torch.ne, operator.eq,
+                      operator.ne, operator.pow, torch.pow, torch.erf,
+                      F.relu, F.gelu, F.silu, F.tanh, F.sigmoid, F.softplus, F.leaky_relu, F.elu, F.mish, F.dropout}
+_ELEMENTWISE_METHODS = {"add", "sub", "mul", "div", "neg", "relu", "tanh", "sigmoid", "exp", "sqrt", "rsqrt", "abs",
+                        "float", "double", "to", "contiguous", "clone", "pow", "eq", "ne", "masked_fill",
+                        "masked_fill_", "add_", "mul_", "sub_", "div_", "relu_", "type_as", "detach"}
+_ELEMENTWISE_MODULES = (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.Softplus, nn.Mish,
+                        nn.Identity, nn.Dropout, nn.ReLU6, nn.Hardtanh, nn.GLU)
+
+
+def _is_leaf(m: nn.Module) -> bool:
+    return type(m).__module__.startswith("torch.nn") and not isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
+
+
+def _traced_len(x):
+    """``len`` while tracing the tail: recorded on a Proxy (a block's ``len(x)``, Grokfast's mask), else ``len``."""
+    import torch.fx as fx
+
+    if isinstance(x, fx.Proxy):
+        return x.size(0)        # recorded as a method call: the graph re-traces (unpickling) without patching len
+    return builtins.len(x)
+
+
+@contextmanager
+def _len_recorded(gm: nn.Module):
+    """While tracing, ``len`` in the modules defining the tail's user modules records a node instead of failing."""
+    patched = []
+    for m in gm.modules():
+        g = getattr(type(m).forward, "__globals__", None)
+        if g is not None and not _is_leaf(m) and "len" not in g and all(g is not p for p in patched):
+            g["len"] = _traced_len
+            patched.append(g)
+    try:
+        yield
+    finally:
+        for g in patched:
+            g.pop("len", None)
+
+
+def _deep_trace(gm: nn.Module):
+    """The tail's graph traced through every user module (``torch.nn`` modules are leaves); None if it fails."""
+    import torch.fx as fx
+
+    class _Deep(fx.Tracer):
+        proxy_buffer_attributes = True
+
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return _is_leaf(m)
+
+    try:
+        with warnings.catch_warnings(), _len_recorded(gm):
+            warnings.simplefilter("ignore")
+            graph = _Deep().trace(gm)
+            return fx.GraphModule(gm, graph)
+    except Exception:  # the tail's modules do not trace: no pruning
+        return None
+
+
+def _shape(n):
+    meta = n.meta.get("tensor_meta") if hasattr(n, "meta") else None
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _selector_demand(out_example, output) -> tuple | None:
+    """``(element path, axis, position)``: the one position the selector reads along one axis of one tensor of the
+    tail's output; None when it reads several (or cannot be probed)."""
+    leaves: list = []
+
+    def build(x, path):
+        if isinstance(x, torch.Tensor):
+            t = torch.randn(x.shape, dtype=torch.float64).requires_grad_(True)
+            leaves.append((path, t))
+            return t
+        if isinstance(x, (tuple, list)):
+            return type(x)(build(v, (*path, k)) for k, v in enumerate(x))
+        return x
+
+    try:
+        fake = build(out_example, ())
+        with torch.enable_grad():
+            y = _apply(fake, output)
+            y.sum().backward()
+    except Exception:  # a selector that cannot run on a float64 stand-in: no pruning
+        return None
+    read = [(p, t) for p, t in leaves if t.grad is not None and bool((t.grad != 0).any())]
+    if len(read) != 1:
+        return None
+    path, t = read[0]
+    nz = t.grad != 0
+    for axis in range(t.dim()):
+        if t.shape[axis] < 2:
+            continue
+        used = nz.movedim(axis, 0).reshape(t.shape[axis], -1).any(dim=1).nonzero().flatten()
+        if used.numel() == 1:
+            return path, axis, int(used[0])
+    return None
+
+
+def _apply(out, output):
+    if output is None:
+        return out
+    if isinstance(output, int):
+        return out[output]
+    return output(out)
+
+
+class _Analysis:
+    """Backward demand analysis: which nodes run at one position only, and what each edge expects."""
+
+    def __init__(self, gm, force_full: set):
+        self.gm = gm
+        self.mods = dict(gm.named_modules())
+        self.force_full = force_full
+        self.demand: dict = {}          # node -> FULL or (axis, pos)
+        self.expect: dict = {}          # (user, input node) -> FULL, ("narrow", axis, pos) or ("expand", axis, pos)
+        self.mha_query: dict = {}       # attention node -> (axis, pos) of a query that is also its keys/values
+
+    def place(self, user, node, how):
+        if not hasattr(node, "op"):
+            return
+        self.expect[(user, node)] = how
+        d = FULL if how == FULL else (how[1], how[2])
+        old = self.demand.get(node)
+        self.demand[node] = d if old is None or old == d else FULL
+
+    def pruned(self, n) -> bool:
+        d = self.demand.get(n, FULL)
+        return d != FULL and n not in self.force_full and self.rule(n, d) is not None
+
+    def rule(self, n, d):
+        """For ``n`` computed at position ``d = (axis, pos)`` only: ``{input node: expectation}``, or None when ``n``
+        cannot run that way."""
+        axis, pos = d
+        if n.op == "call_module" and isinstance(self.mods.get(n.target), nn.MultiheadAttention):
+            return self._mha(n, axis, pos)
+        shape = _shape(n)
+        if n.op in ("placeholder", "get_attr", "output") or shape is None:
+            return None
+        nd = len(shape)
+        ins = n.all_input_nodes
+
+        def aligned(m):
+            s = _shape(m)
+            if s is None:
+                return FULL
+            k = axis - (nd - len(s))
+            if k < 0 or s[k] == 1:
+                return FULL
+            return ("narrow", k, pos) if s[k] == shape[axis] else None
+
+        def elementwise():
+            out = {}
+            for m in ins:
+                e = aligned(m)
+                if e is None:
+                    return None
+                out[m] = e
+            return out
+
+        if n.op == "call_module":
+            mod = self.mods.get(n.target)
+            if isinstance(mod, _ELEMENTWISE_MODULES):
+                return elementwise()
+            if isinstance(mod, nn.Linear) and axis != nd - 1:
+                return elementwise()
+            if isinstance(mod, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))) \
+                    and axis < nd - len(mod.normalized_shape):
+                return elementwise()
+            if isinstance(mod, nn.Softmax) and mod.dim is not None and mod.dim % nd != axis:
+                return elementwise()
+            return None
+        t = n.target
+        if n.op == "call_function" and t is operator.getitem and _shape(n.args[0]) is None:
+            # an element of a leaf module's tuple (nn.MultiheadAttention's output): handled at the module
+            src = n.args[0]
+            if n.args[1] == 0 and src.op == "call_module" and isinstance(self.mods.get(src.target), nn.MultiheadAttention):
+                return {src: ("narrow", axis, pos)}
+            return None
+        if (n.op == "call_function" and t in _ELEMENTWISE_FUNCS) or (n.op == "call_method" and t in _ELEMENTWISE_METHODS):
+            return elementwise()
+        if n.op == "call_function" and t in (F.linear,) and axis != nd - 1:
+            return elementwise()
+        if (n.op == "call_function" and t in (F.softmax, torch.softmax, F.log_softmax)) or \
+                (n.op == "call_method" and t in ("softmax", "log_softmax")):
+            dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else None)
+            return elementwise() if isinstance(dim, int) and dim % nd != axis else None
+        if (n.op == "call_function" and t is F.layer_norm):
+            ns = n.args[1] if len(n.args) > 1 else n.kwargs.get("normalized_shape")
+            return elementwise() if ns is not None and axis < nd - len(ns) else None
+        if (n.op == "call_function" and t in (torch.transpose,)) or (n.op == "call_method" and t == "transpose"):
+            d0, d1 = (a % nd for a in n.args[1:3])
+            k = d1 if axis == d0 else d0 if axis == d1 else axis
+            return {n.args[0]: ("narrow", k, pos)}
+        if (n.op == "call_function" and t in (torch.matmul, operator.matmul)) or (n.op == "call_method" and t == "matmul"):
+            a, b = n.args[0], n.args[1]
+            sa, sb = _shape(a), _shape(b)
+            if a is b or sa is None or sb is None or len(sa) < 2 or len(sb) < 2:
+                return None
+            if axis == nd - 2:
+                return {a: ("narrow", len(sa) - 2, pos), b: FULL}
+            if axis == nd - 1:
+                return {a: FULL, b: ("narrow", len(sb) - 1, pos)}
+            ea, eb = aligned(a), aligned(b)
+            return None if ea is None or eb is None else {a: ea, b: eb}
+        if n.op == "call_function" and t is torch.cat:
+            dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
+            if dim % nd == axis or not isinstance(n.args[0], (list, tuple)):
+                return None
+            return elementwise()
+        if n.op == "call_function" and t is torch.einsum and isinstance(n.args[0], str):
+            if len(set(a for a in n.args[1:] if hasattr(a, "op"))) != len([a for a in n.args[1:] if hasattr(a, "op")]):
+                return None
+            eq = n.args[0].replace(" ", "")
+            if "..." in eq or "->" not in eq:
+                return None
+            lhs, rhs = eq.split("->")
+            letter = rhs[axis]
+            out = {}
+            for sub, m in zip(lhs.split(","), n.args[1:]):
+                if not hasattr(m, "op"):
+                    continue
+                out[m] = ("narrow", sub.index(letter), pos) if letter in sub else FULL
+            return out
+        return None
+
+    def _mha(self, n, axis, pos):
+        """``nn.MultiheadAttention`` at one query position: the query (and the mask's rows) narrowed, keys and values
+        whole. A query that is also the keys or values is narrowed in :func:`_rebuild` (``self.mha_query``)."""
+        mod = self.mods[n.target]
+        names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask")
+        args = {k: v for k, v in zip(names, n.args)}
+        args.update(n.kwargs)
+        q, k, v, mask = args.get("query"), args.get("key"), args.get("value"), args.get("attn_mask")
+        sq = _shape(q) if hasattr(q, "op") else None
+        if sq is None or len(sq) != 3 or axis != (1 if mod.batch_first else 0) or args.get("is_causal", False):
+            return None
+        out = {m: FULL for m in n.all_input_nodes}
+        if q is k or q is v:
+            if not n.args or n.args[0] is not q:
+                return None
+            self.mha_query[n] = (axis, pos)
+        else:
+            out[q] = ("narrow", axis, pos)
+        if hasattr(mask, "op"):
+            sm = _shape(mask)
+            if sm is None or len(sm) not in (2, 3) or mask in (q, k, v):
+                return None
+            out[mask] = ("narrow", len(sm) - 2, pos)
+        return out
+
+    def selection(self, n):
+        """A getitem reading one position of its input along one axis: ``(input, axis, pos)``, else None."""
+        if not (n.op == "call_function" and n.target is operator.getitem):
+            return None
+        src, idx = n.args
+        s = _shape(src)
+        if s is None:
+            return None
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        if any(i is Ellipsis or i is None or hasattr(i, "op") for i in idx):
+            return None
+        for k, i in enumerate(idx):
+            if isinstance(i, int) and k < len(s) and s[k] > 1:
+                return src, k, i % s[k]
+        return None
+
+    def run(self, out_node, out_demand):
+        nodes = list(self.gm.graph.nodes)
+        self.out_demand = out_demand
+        for n in reversed(nodes):
+            if n.op == "output":
+                path, axis, pos = out_demand
+                target = n.args[0]
+                for k in path:
+                    target = target[k]
+                for m in n.all_input_nodes:
+                    self.place(n, m, ("expand", axis, pos) if m is target else FULL)
+                continue
+            if n not in self.demand and n.op == "call_method" and n.target.endswith("_") and n.args \
+                    and self.demand.get(n.args[0]) is not None:
+                self.demand[n] = self.demand[n.args[0]]     # an in-place op on a needed tensor runs where it does
+            if n not in self.demand:
+                continue
+            d = self.demand[n]
+            r = self.rule(n, d) if d != FULL and n not in self.force_full else None
+            if r is not None:
+                for m in n.all_input_nodes:
+                    self.place(n, m, r.get(m, FULL))
+                continue
+            sel = self.selection(n)
+            for m in n.all_input_nodes:
+                self.place(n, m, ("expand", sel[1], sel[2]) if sel is not None and m is sel[0] else FULL)
+
+
+def prune_positions(gm: nn.Module, act_model_layout: torch.Tensor, output) -> nn.Module | None:
+    """A GraphModule computing the same selected logits as ``gm`` at only the needed positions, or None.
+
+    ``act_model_layout``: the activation at ``at`` as the model produced it (the tail's input); ``output``:
+    the user's selector, applied to what ``gm`` returns.
+    """
+    import torch.fx as fx
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    deep = _deep_trace(gm)
+    if deep is None:
+        return None
+    try:
+        with torch.no_grad():
+            example = ShapeProp(deep).propagate(act_model_layout.clone())
+    except Exception:
+        return None
+    demand = _selector_demand(example, output)
+    if demand is None:
+        return None
+    out_node = next(n for n in deep.graph.nodes if n.op == "output")
+    force_full: set = set()
+    for _ in range(8):
+        an = _Analysis(deep, force_full)
+        an.run(out_node, demand)
+        bad = {n for n in deep.graph.nodes if an.pruned(n) and n.op == "call_method" and n.target.endswith("_")
+               and not an.pruned(n.args[0])}
+        if not bad:
+            break
+        force_full |= bad
+    else:
+        return None
+    if not any(an.pruned(n) for n in deep.graph.nodes):
+        return None
+    return _rebuild(deep, an, fx)
+
+
+def _rebuild(deep, an: _Analysis, fx) -> nn.Module | None:
+    g = fx.Graph()
+    env: dict = {}
+    for n in deep.graph.nodes:
+        def arg(m, user=n):
+            v = env[m]
+            how = an.expect.get((user, m), FULL)
+            if how == FULL:
+                return v
+            kind, axis, pos = how
+            if kind == "narrow" and not an.pruned(m):
+                return g.call_method("narrow", (v, axis, pos, 1))
+            if kind == "expand" and an.pruned(m):
+                sizes = [-1] * len(_shape(m))
+                sizes[axis] = _shape(m)[axis]
+                return g.call_method("expand", (v, *sizes))
+            return v
+
+        new = g.node_copy(n, arg)
+        if n in an.mha_query and an.pruned(n):        # the query, also the keys/values: narrowed here alone
+            axis, pos = an.mha_query[n]
+            q = g.call_method("narrow", (new.args[0], axis, pos, 1))
+            new.prepend(q)
+            new.args = (q, *new.args[1:])
+        if an.pruned(n) and n.op == "call_module" and isinstance(an.mods.get(n.target), nn.MultiheadAttention):
+            users_weights = [u for u in n.users if not (u.target is operator.getitem and u.args[1] == 0)]
+            if not any(u in an.demand for u in users_weights):
+                new.kwargs = {**new.kwargs, "need_weights": False}
+        env[n] = new
+    try:
+        return fx.GraphModule(deep, g)
+    except Exception:
+        return None
