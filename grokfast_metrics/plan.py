@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from . import core
 from ._hooks import (
     OutputSelector,
     _as_args,
@@ -100,6 +101,10 @@ class Plan:
 
     Attributes:
         path: ``"chain"``, ``"split"`` or ``"hooks"`` (``"split"`` may fall back to ``"hooks"`` after a run).
+        lowering: for a split tail, :class:`~grokfast_metrics._lower.Lowering`: the tail lowered to the fused
+            kernels' MLP spec (``lowering.tail``) and what it computes, or ``None`` and why it was not lowered.
+        ran: what the last computation ran and why (path, lowered or not, backend), e.g. ``"split, lowered (cpu):
+            position 2 of 3 -> Linear(128, 512) absorbed -> relu -> ..."``.
     """
 
     def __init__(self, model: nn.Module, inputs, at: str, to: str | None = None, output: OutputSelector = None,
@@ -136,6 +141,9 @@ class Plan:
         self.checked = False
         self.affine: bool | None = None   # structurally affine (None: unknown until L is seen)
         self.affine_warned = False
+        self.lowering = None              # _lower.Lowering of a split tail (set by _build)
+        self.lowered_checked = False      # the lowered tail reproduced the model's outputs on the probe
+        self.ran = ""
 
     @contextmanager
     def running(self):
@@ -172,6 +180,10 @@ class Plan:
             gm = _trace_split(self.model, self.at, self.to)
             if gm is not None:
                 self.path, self.tail = "split", _SplitTail(gm, self)
+                from ._lower import Lowering, lower
+
+                self.lowering = (lower(gm, self.act_shape, self.output, _param_dtype(self.model, act.dtype), self.batch_dim)
+                                 if self.to is None else Lowering(None, "to= sub-networks are not lowered"))
                 self.affine = _graph_kind(gm) <= _AFFINE and (self.to is not None or _selector_affine(self.output))
                 if not self.affine:
                     self.affine = None
@@ -238,6 +250,7 @@ class Plan:
             h = act.movedim(self.batch_dim, 0).reshape(self.n, -1)
             if self.path == "chain":
                 L = connectivity(h, self.tail, n_lambda, backend, chunk_bytes=chunk_bytes)
+                self.ran = f"chain ({core.last_run_info().get('backend')})"
             else:
                 if check and not self.checked:
                     self.enforce_cut(act, y)
@@ -260,7 +273,21 @@ class Plan:
             if not _agrees(y_end, y):
                 # the traced graph does not reproduce the model (e.g. an in-place op it lost): hooks from now on
                 self.path, self.tail, self.affine = "hooks", _HookTail(self), None
-        return connectivity(h, self.tail, n_lambda, backend, chunk_bytes=chunk_bytes)
+        low = self.lowering if self.path == "split" else None
+        if low is not None and low.tail is not None and backend not in ("reference", "triton"):
+            if not self.lowered_checked:  # the lowered tail must reproduce the model's own outputs, once
+                y_low = generic.end_outputs(low.tail, h, _param_dtype(low.tail, h.dtype), y.dtype)
+                if not _agrees(y_low, y):
+                    low.tail, low.reason = None, f"the lowered tail did not reproduce the model's outputs ({low.reason})"
+                self.lowered_checked = True
+            if low.tail is not None:
+                L = connectivity(h, low.tail, n_lambda, backend, chunk_bytes=chunk_bytes)
+                self.ran = f"split, lowered ({core.last_run_info().get('backend')}): {low.reason}"
+                return L
+        L = connectivity(h, self.tail, n_lambda, backend, chunk_bytes=chunk_bytes)
+        why = "" if low is None else (f"; not lowered: {low.reason}" if low.tail is None else f"; backend={backend!r}")
+        self.ran = f"{self.path}, generic ({core.last_run_info().get('backend')}){why}"
+        return L
 
 
 def _rows(out, output) -> int:

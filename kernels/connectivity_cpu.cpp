@@ -3,6 +3,7 @@
 // For every pair i < j:  x_0[t] = z_i + lam_t (z_j - z_i)               # [T, H0]
 //                        x_l   = act_l(x_{l-1}) @ W_l^T + b_l            # [T, H_l], l = 1..S
 //                        y     = final_act(x_S)                          # [T, O]
+//                        y    += lam_t (u_j - u_i)   (optional skip term, u = W_skip h per sample, float64)
 //                        L_ij  = mean_k r2(y[:, k], lam)   (constant-path rule: r2 = 1)
 // Only L (N x N) is written. Plain C ABI (loaded with ctypes): no torch headers, so it builds in
 // seconds. The math is compiled for AVX2 + FMA; gm_cpu_supported() is compiled without them.
@@ -58,6 +59,7 @@ struct Problem {
     const float* wnorm; // [2 (np[S-1] + 8)] sum_h |W_S[k, h]|, then |W_S[k, :]|_2 (zero padded): cheap bounds on it
     float flag_tau;     // > 0: write FLAGGED (-1) for a pair whose estimated error exceeds it
     std::atomic<int>* error;  // set by a worker that failed (bad_alloc ...): 1
+    const double* U;    // [n, out_dim] skip term u_i (lowered tails, centred only) or nullptr
 };
 
 //: SiLU chain path (see silu_chain): used when T <= CHAIN_TMAX and both |z| <= CHAIN_ZMAX.
@@ -401,7 +403,7 @@ inline void r2_stats(const float* y, int T, int ld, int c0, const float* lam_c, 
 // sum_h |W_kh| m_h, or a bound on it; otherwise max_t |y_tk|). est: sum of min(1, 2 sqrt(r2 (1 - r2)) kappa + kappa^2), kappa = eps scale / std;
 // any_const: the rule fired on some output. A larger scale gives a larger est and fires the rule more.
 inline double r2_finish(const float* st, const float* rr, const float* sc, float f, const float* sc2, float f2,
-                        int O, float tol, float eps, double& est_sum, bool& any_const) {
+                        int O, float tol, float eps, double& est_sum, bool& any_const, const float* sadd = nullptr) {
     const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
     const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps(), vf = _mm256_set1_ps(f), vf2 = _mm256_set1_ps(f2);
     __m256 total = zero, est = zero, cmask = zero;
@@ -409,6 +411,7 @@ inline double r2_finish(const float* st, const float* rr, const float* sc, float
         __m256 std_t = _mm256_loadu_ps(st + c), r2 = _mm256_loadu_ps(rr + c);
         __m256 scale = _mm256_mul_ps(vf, _mm256_loadu_ps(sc + c));
         if (sc2 != nullptr) scale = _mm256_min_ps(scale, _mm256_mul_ps(vf2, _mm256_loadu_ps(sc2 + c)));
+        if (sadd != nullptr) scale = _mm256_add_ps(scale, _mm256_loadu_ps(sadd + c));  // skip term: |u_j - u_i|
         __m256 valid = _mm256_cmp_ps(_mm256_add_ps(lane, _mm256_set1_ps((float)c)), _mm256_set1_ps((float)O), _CMP_LT_OQ);
         __m256 is_const = _mm256_and_ps(_mm256_cmp_ps(std_t, _mm256_mul_ps(_mm256_set1_ps(tol), scale), _CMP_LE_OQ), valid);
         // error estimate (before the constant rule): kappa = eps scale / std; std == 0 < scale -> inf -> 1
@@ -578,6 +581,7 @@ void run_rows(const Problem& p, std::atomic<int64_t>* next_row) {
     std::vector<float> zero_bias(width, 0.0f), scratch(2 * (size_t)kp0);
     std::vector<float> mvec(width + 8, 0.0f), scvec(width + 8, 0.0f);
     std::vector<float> st(width + 8, 0.0f), rr(width + 8, 0.0f), am(width + 8, 0.0f);  // per-output statistics
+    std::vector<float> du(width + 8, 0.0f), adu(width + 8, 0.0f);  // skip term u_j - u_i and |u_j - u_i|
     float mmax_s = 0.0f, m2_s = 0.0f;  // max_h m_h and sum_h m_h^2 of the last pair (centred path)
     const int wn2_off = p.np[S - 1] + 8;  // wnorm holds sum_h |W_kh| then sqrt(sum_h W_kh^2)
     // Offset-free last projection (no trailing activation): rows t != mid of its input become
@@ -707,6 +711,20 @@ void run_rows(const Problem& p, std::atomic<int64_t>* next_row) {
                                              _mm256_sub_ps(_mm256_loadu_ps(x + t * kp + q), _mm256_loadu_ps(xm + q)));
                     }
                     gemm(x, T, kp, p.kin[s], p.np[s], p.wpack[s], zero_bias.data(), y);
+                    if (p.U != nullptr) {
+                        // skip term, exact and linear in lam: row t (centred on row 0) gains lam_t (u_j - u_i); the
+                        // difference is taken in float64 (no cancellation of a large common u), rounded once.
+                        const int O = p.out_dim, ldy = p.np[s];
+                        for (int k = 0; k < O; ++k) {
+                            du[k] = (float)(p.U[j * O + k] - p.U[i * O + k]);
+                            adu[k] = std::fabs(du[k]);
+                        }
+                        for (int t = 0; t < T; ++t) {
+                            if (t == mid) continue;
+                            const float l = p.lam[t];
+                            for (int k = 0; k < O; ++k) y[(int64_t)t * ldy + k] += l * du[k];
+                        }
+                    }
                 } else {
                     if (s == S - 1)  // trailing activations: the last Linear's output rounding scale into scvec
                         trailing_pre_scale(x, T, p.kp[s], p.kin[s], p.np[s], zi, zj, S == 1, p.wabs, p.bias[s],
@@ -726,12 +744,15 @@ void run_rows(const Problem& p, std::atomic<int64_t>* next_row) {
                 // clears (no constant output, estimate <= flag_tau) has the same L_ij with the exact scale.
                 double esum;
                 bool any_const;
+                const float* sadd = p.U != nullptr ? adu.data() : nullptr;  // the skip term's rounding scale
                 const double sum = r2_finish(st.data(), rr.data(), p.wnorm, mmax_s * 1.0001f, p.wnorm + wn2_off,
-                                             std::sqrt(m2_s) * 1.0001f, p.out_dim, tol, p.eps, esum, any_const);
+                                             std::sqrt(m2_s) * 1.0001f, p.out_dim, tol, p.eps, esum, any_const, sadd);
                 if (!any_const && (p.flag_tau <= 0.0f || esum / p.out_dim <= p.flag_tau)) {
                     v = (float)(sum / p.out_dim);
                 } else {
                     gemv_rows1(mvec.data(), p.kp[S - 1], p.kin[S - 1], p.np[S - 1], p.wabs, scvec.data());
+                    if (sadd != nullptr)
+                        for (int k = 0; k < p.out_dim; ++k) scvec[k] += adu[k];
                     v = r2_value(st.data(), rr.data(), scvec.data(), 1.0f, p.out_dim, tol, p.eps, p.flag_tau);
                 }
             } else {  // trailing activations: the scale carried through them (trailing_acts)
@@ -791,6 +812,7 @@ struct Pairs64 {
     const double* ez;           // [n, kp[0]] exp(-z), silu(z), max |z_i| <= CHAIN_ZMAX (SiLU chain) or nullptr
     const double* sz;
     const uint8_t* ez_ok;
+    const double* U;            // [n, out_dim] skip term u_i (centred tails only) or nullptr
 };
 
 inline double sigmoid64(double x) {  // through e^{-|x|}: no overflow, relative accuracy for both signs
@@ -840,7 +862,7 @@ void apply_acts64(double* x, int64_t count, const int* codes, const double* slop
 }
 
 struct Work64 {  // one thread's buffers
-    std::vector<double> xa, xb, d, scratch, mv, sc, st, rr, am, zero;
+    std::vector<double> xa, xb, d, scratch, mv, sc, st, rr, am, zero, adu;
     explicit Work64(const Pairs64& p) {
         int width = p.kp[0];
         for (int s = 0; s < p.n_stages; ++s) width = std::max(width, std::max(p.kp[s], p.np[s]));
@@ -848,7 +870,7 @@ struct Work64 {  // one thread's buffers
         xb.assign((size_t)p.T * width + 8, 0.0);
         d.assign(p.kp[0], 0.0);
         scratch.assign(2 * (size_t)p.kp[0], 0.0);
-        for (auto* v : {&mv, &sc, &st, &rr, &am, &zero}) v->assign(width + 8, 0.0);
+        for (auto* v : {&mv, &sc, &st, &rr, &am, &zero, &adu}) v->assign(width + 8, 0.0);
     }
 };
 
@@ -941,11 +963,12 @@ void r2_stats64_all(const double* y, int T, int ld, int O, const double* lam_c, 
 }
 
 // Mean over the first O outputs of r2_k, 1 where std_k <= tol f sc[k] (the constant-path rule; any_const: it fired).
-double r2_mean64(const double* st, const double* rr, const double* sc, double f, int O, double tol, bool& any_const) {
+double r2_mean64(const double* st, const double* rr, const double* sc, double f, int O, double tol, bool& any_const,
+                 const double* sadd = nullptr) {
     double sum = 0.0;
     any_const = false;
     for (int k = 0; k < O; ++k) {
-        const bool c = st[k] <= tol * (f * sc[k]);
+        const bool c = st[k] <= tol * (f * sc[k] + (sadd != nullptr ? sadd[k] : 0.0));
         any_const = any_const || c;
         sum += c ? 1.0 : rr[k];
     }
@@ -1005,14 +1028,23 @@ double pair_value64(const Pairs64& p, int64_t i, int64_t j, Work64& w) {
     }
     for (int o = 0; o < ld; ++o) y[o] = 0.0;  // row 0: y_0 - y_0
     gemm(x + kp, T - 1, kp, p.kin[S - 1], ld, p.wpack[S - 1], w.zero.data(), y + ld);
+    double* adu = nullptr;
+    if (p.U != nullptr) {  // skip term: row t gains lam_t (u_j - u_i); its rounding scale |u_j - u_i|
+        adu = w.adu.data();
+        for (int k = 0; k < O; ++k) {
+            const double dk = p.U[j * O + k] - p.U[i * O + k];
+            adu[k] = std::fabs(dk);
+            for (int t = 1; t < T; ++t) y[(int64_t)t * ld + k] += p.lam[t] * dk;
+        }
+    }
     r2_stats64_all(y, T, ld, O, p.lam_c, p.ll, w.st.data(), w.rr.data(), w.am.data());
     // First with the bound scale_k <= max_h mv_h sum_h |W_kh| (a larger scale only fires the rule more, so a pair it
     // clears has the same L_ij with the exact scale); the exact sum_h mv_h |W_kh| only when it fires.
-    const double v = r2_mean64(w.st.data(), w.rr.data(), p.wsum, mmax * (1.0 + 1e-12), O, tol, any_const);
+    const double v = r2_mean64(w.st.data(), w.rr.data(), p.wsum, mmax * (1.0 + 1e-12), O, tol, any_const, adu);
     if (!any_const) return v;
     if (chain) chain_scale64(p, zi, d, x, w.mv.data());
     gemm(w.mv.data(), 1, kp, p.kin[S - 1], ld, p.wabs, w.zero.data(), w.sc.data());
-    return r2_mean64(w.st.data(), w.rr.data(), w.sc.data(), 1.0, O, tol, any_const);
+    return r2_mean64(w.st.data(), w.rr.data(), w.sc.data(), 1.0, O, tol, any_const, adu);
 }
 
 // Workers never let an exception escape a std::thread: they record it and stop everyone's work.
@@ -1093,12 +1125,12 @@ extern "C" int gm_connectivity_mlp(
     int64_t n, int T, int n_stages, const int* kp, const int* kin, const int* np, const float* const* wpack,
     const float* const* bias, const int* act_off, const int* act_code, const float* act_slope, int out_dim,
     const float* z, const float* lam, const float* lam_c, float ll, float eps, float const_rtol, float* L,
-    int n_threads, const float* wabs, const float* wnorm, float flag_tau) {
+    int n_threads, const float* wabs, const float* wnorm, float flag_tau, const double* U) {
     // Returns 0 on success, 2 when memory ran out, 3 on any other C++ exception (never throws across the C ABI).
     std::atomic<int> error{0};
     try {
         Problem p{n, T, n_stages, kp, kin, np, wpack, bias, act_off, act_code, act_slope, out_dim,
-                  z, lam, lam_c, ll, eps, const_rtol, L, nullptr, nullptr, nullptr, wabs, wnorm, flag_tau, &error};
+                  z, lam, lam_c, ll, eps, const_rtol, L, nullptr, nullptr, nullptr, wabs, wnorm, flag_tau, &error, U};
         std::vector<float> ez, sz;
         std::vector<uint8_t> ez_ok;
         if (T <= CHAIN_TMAX && act_off[1] - act_off[0] == 1 && act_code[act_off[0]] == ACT_SILU) {
@@ -1139,12 +1171,12 @@ extern "C" int gm_mlp_f64(
     const int* kin, const int* np, const double* const* wpack, const double* const* bias, const int* act_off,
     const int* act_code, const double* act_slope, int out_dim, const double* z, const double* lam,
     const double* lam_c, double ll, double eps, double const_rtol, double* out, int n_threads, const double* wabs,
-    const double* wsum) {
+    const double* wsum, const double* U) {
     // float64 L of every pair of the n rows of z into out[n, n] (pi == nullptr) or of the listed pairs into
     // out[n_pairs]; 0 on success, 2 out of memory, 3 any other failure (never throws across the C ABI).
     try {
         Pairs64 p{n_pairs, pi, pj, n, T, n_stages, kp, kin, np, wpack, bias, act_off, act_code, act_slope, out_dim,
-                  z, lam, lam_c, ll, eps, const_rtol, out, wabs, wsum, nullptr, nullptr, nullptr};
+                  z, lam, lam_c, ll, eps, const_rtol, out, wabs, wsum, nullptr, nullptr, nullptr, U};
         return run64(p, n_threads);
     } catch (const std::bad_alloc&) {
         return 2;
