@@ -416,12 +416,10 @@ class LoweredTail(nn.Module):
 
 
 def _linear(W: torch.Tensor, b: torch.Tensor | None, dtype: torch.dtype) -> nn.Linear:
-    lin = nn.Linear(W.shape[1], W.shape[0], bias=b is not None, dtype=dtype)
-    with torch.no_grad():
-        lin.weight.copy_(W.to(dtype))
-        if b is not None:
-            lin.bias.copy_(b.to(dtype))
-    lin.requires_grad_(False)
+    lin = torch.nn.utils.skip_init(nn.Linear, W.shape[1], W.shape[0], bias=b is not None, dtype=dtype)
+    lin.weight = nn.Parameter(W.to(dtype).contiguous(), requires_grad=False)
+    if b is not None:
+        lin.bias = nn.Parameter(b.to(dtype).contiguous(), requires_grad=False)
     return lin
 
 

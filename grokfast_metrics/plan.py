@@ -142,7 +142,7 @@ class Plan:
         self.affine: bool | None = None   # structurally affine (None: unknown until L is seen)
         self.affine_warned = False
         self.lowering = None              # _lower.Lowering of a split tail (set by _build)
-        self.lowered_checked = False      # the lowered tail reproduced the model's outputs on the probe
+        self._lowered_at = None           # parameter versions the lowered tail's folded weights were taken at
         self.ran = ""
 
     @contextmanager
@@ -180,10 +180,7 @@ class Plan:
             gm = _trace_split(self.model, self.at, self.to)
             if gm is not None:
                 self.path, self.tail = "split", _SplitTail(gm, self)
-                from ._lower import Lowering, lower
-
-                self.lowering = (lower(gm, self.act_shape, self.output, _param_dtype(self.model, act.dtype), self.batch_dim)
-                                 if self.to is None else Lowering(None, "to= sub-networks are not lowered"))
+                self._lower()
                 self.affine = _graph_kind(gm) <= _AFFINE and (self.to is not None or _selector_affine(self.output))
                 if not self.affine:
                     self.affine = None
@@ -192,6 +189,22 @@ class Plan:
             raise ValueError(f"path='split' cannot run: torch.fx does not split the model at {self.at!r} (it does "
                              "not trace, or the output needs the input other than through it); use path='hooks'")
         self.path, self.tail = "hooks", _HookTail(self)
+
+    def _lower(self):
+        """Lower the split tail (:mod:`grokfast_metrics._lower`) unless its parameters are unchanged since the last time."""
+        from ._lower import Lowering, lower
+
+        graph = self.tail.graph
+        key = tuple((id(t), t._version) for t in [*graph.parameters(), *graph.buffers()])
+        if self.lowering is not None and key == self._lowered_at:
+            return self.lowering
+        if self.to is not None:
+            self.lowering = Lowering(None, "to= sub-networks are not lowered")
+        else:
+            dtype = _param_dtype(self.model, torch.float32)
+            self.lowering = lower(graph, self.act_shape, self.output, dtype, self.batch_dim)
+        self._lowered_at = key
+        return self.lowering
 
     def enforce_cut(self, act: torch.Tensor, y: torch.Tensor) -> float:
         """The cut check (see :func:`check_cut`); raises ``ValueError`` naming an enclosing cut."""
@@ -275,11 +288,11 @@ class Plan:
                 self.path, self.tail, self.affine = "hooks", _HookTail(self), None
         low = self.lowering if self.path == "split" else None
         if low is not None and low.tail is not None and backend not in ("reference", "triton"):
-            if not self.lowered_checked:  # the lowered tail must reproduce the model's own outputs, once
-                y_low = generic.end_outputs(low.tail, h, _param_dtype(low.tail, h.dtype), y.dtype)
-                if not _agrees(y_low, y):
-                    low.tail, low.reason = None, f"the lowered tail did not reproduce the model's outputs ({low.reason})"
-                self.lowered_checked = True
+            low = self._lower()  # the folded weights follow the model's (re-folded when a parameter changed)
+            # the lowered tail must reproduce the model's own outputs (checked on every computation: one forward)
+            y_low = generic.end_outputs(low.tail, h, _param_dtype(low.tail, h.dtype), y.dtype)
+            if not _agrees(y_low, y):
+                low.tail, low.reason = None, f"the lowered tail did not reproduce the model's outputs ({low.reason})"
             if low.tail is not None:
                 L = connectivity(h, low.tail, n_lambda, backend, chunk_bytes=chunk_bytes)
                 self.ran = f"split, lowered ({core.last_run_info().get('backend')}): {low.reason}"

@@ -13,6 +13,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <new>
 #include <thread>
 #include <vector>
@@ -573,6 +574,189 @@ float* trailing_acts(float* x, float* y, int T, int ld, int O, const int* codes,
     return x;
 }
 
+// ---------------------------------------------------------------------------------------------
+// One ReLU stage, centred (a lowered transformer MLP, or a depth-1 ReLU tail): ReLU is linear on each side of 0 and
+// the path x_t = z_i + lam_t d is a segment, so a hidden unit with both ends <= 0 is 0 along the whole path, one with
+// both ends > 0 is exactly z_i + lam_t d (its centred contribution lam_t W_k d_h enters like the skip term), and only
+// the units whose ends differ in sign ("crossing") need the [T, K] GEMM. Exact; the rounding scale m_h, the flags
+// and the constant rule are those of the general centred path (m_h = max(relu(z_i), relu(z_j)) (1 + max |z|):
+// max_t relu(x_t) is at an end of the segment).
+
+// C[T, np] = A[T, :K] @ W^T[idx[0..K), :] (no bias): the GEMM of gemm() over the rows idx of the packed W^T.
+template <int R, int NV>
+inline void micro_idx(const float* A, int lda, const float* B, const int* idx, int K, float* C, int ldc) {
+    constexpr int W = 8;
+    __m256 acc[R][NV];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_ps();
+    for (int k = 0; k < K; ++k) {
+        const float* b_row = B + (int64_t)idx[k] * W * NV;
+        __m256 b[NV];
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) b[v] = _mm256_loadu_ps(b_row + W * v);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+            __m256 a = _mm256_broadcast_ss(A + r * lda + k);
+#pragma GCC unroll 8
+            for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(a, b[v], acc[r][v]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) _mm256_storeu_ps(C + r * ldc + W * v, acc[r][v]);
+}
+
+template <int NV>
+void gemm_idx_panel(const float* A, int lda, int T, const float* B, const int* idx, int K, float* C, int ldc) {
+    const int nb = (T + 5) / 6, base = T / nb, rem = T % nb;
+    for (int b = 0, t = 0; b < nb; ++b) {
+        const int R = base + (b < rem ? 1 : 0);
+        const float* a = A + (int64_t)t * lda;
+        float* c = C + (int64_t)t * ldc;
+        switch (R) {
+            case 6: micro_idx<6, NV>(a, lda, B, idx, K, c, ldc); break;
+            case 5: micro_idx<5, NV>(a, lda, B, idx, K, c, ldc); break;
+            case 4: micro_idx<4, NV>(a, lda, B, idx, K, c, ldc); break;
+            case 3: micro_idx<3, NV>(a, lda, B, idx, K, c, ldc); break;
+            case 2: micro_idx<2, NV>(a, lda, B, idx, K, c, ldc); break;
+            default: micro_idx<1, NV>(a, lda, B, idx, K, c, ldc); break;
+        }
+        t += R;
+    }
+}
+
+void gemm_idx(const float* A, int lda, int T, int kp, const int* idx, int K, int np, const float* wpack, float* C) {
+    const float* B = wpack;
+    for (int c = 0; c < np; c += 16) {
+        if (np - c >= 16) {
+            gemm_idx_panel<2>(A, lda, T, B, idx, K, C + c, np);
+            B += (int64_t)kp * 16;
+        } else {
+            gemm_idx_panel<1>(A, lda, T, B, idx, K, C + c, np);
+            B += (int64_t)kp * 8;
+        }
+    }
+}
+
+// out[np] = sum_k v[k] W^T[idx[k], :] (the linear units' slope W d), four accumulators per column vector.
+void gemv_idx(const float* v, const int* idx, int K, int kp, int np, const float* wpack, float* out) {
+    const float* B = wpack;
+    for (int c = 0; c < np; c += 16) {
+        const int nv = np - c >= 16 ? 2 : 1, w = 8 * nv;
+        __m256 acc[4][2];
+        for (int u = 0; u < 4; ++u) acc[u][0] = acc[u][1] = _mm256_setzero_ps();
+        int k = 0;
+        for (; k + 4 <= K; k += 4)
+            for (int u = 0; u < 4; ++u) {
+                const __m256 a = _mm256_broadcast_ss(v + k + u);
+                const float* row = B + (int64_t)idx[k + u] * w;
+                for (int q = 0; q < nv; ++q) acc[u][q] = _mm256_fmadd_ps(a, _mm256_loadu_ps(row + 8 * q), acc[u][q]);
+            }
+        for (; k < K; ++k) {
+            const __m256 a = _mm256_broadcast_ss(v + k);
+            const float* row = B + (int64_t)idx[k] * w;
+            for (int q = 0; q < nv; ++q) acc[0][q] = _mm256_fmadd_ps(a, _mm256_loadu_ps(row + 8 * q), acc[0][q]);
+        }
+        for (int q = 0; q < nv; ++q)
+            _mm256_storeu_ps(out + c + 8 * q, _mm256_add_ps(_mm256_add_ps(acc[0][q], acc[1][q]),
+                                                            _mm256_add_ps(acc[2][q], acc[3][q])));
+        B += (int64_t)kp * w;
+    }
+}
+
+struct ReluWork {  // one thread's buffers of relu_pair
+    std::vector<float> a, y, dl, lin, mvec, scvec, st, rr, am, du, adu;
+    std::vector<int> cross, linear;
+    ReluWork(int T, int kp, int np) : a((size_t)T * kp + 8), y((size_t)T * np + 8), dl(kp + 8), lin(np + 8),
+        mvec(kp + 8, 0.0f), scvec(np + 8, 0.0f), st(np + 8, 0.0f), rr(np + 8, 0.0f), am(np + 8, 0.0f),
+        du(np + 8, 0.0f), adu(np + 8, 0.0f), cross(kp), linear(kp) {}
+};
+
+// L_ij of one pair through act = ReLU, one stage, centred (see above).
+float relu_pair(const Problem& p, int64_t i, int64_t j, ReluWork& w) {
+    const int T = p.T, kp = p.kp[0], K = p.kin[0], np = p.np[0], O = p.out_dim;
+    const float* zi = p.z + i * kp;
+    const float* zj = p.z + j * kp;
+    const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 mmax = zero, m2 = zero;
+    int nc = 0, nl = 0;
+    for (int q = 0; q < kp; q += 8) {
+        const __m256 a = _mm256_loadu_ps(zi + q), b = _mm256_loadu_ps(zj + q);
+        // rounding scale of unit h: max_t relu(x_t) (1 + max(|z_i|, |z_j|)); padding units are 0
+        const __m256 mv = _mm256_mul_ps(_mm256_max_ps(_mm256_max_ps(a, b), zero),
+                                        _mm256_add_ps(one, _mm256_max_ps(_mm256_and_ps(a, absmask), _mm256_and_ps(b, absmask))));
+        _mm256_storeu_ps(&w.mvec[q], mv);
+        mmax = _mm256_max_ps(mmax, mv);
+        m2 = _mm256_fmadd_ps(mv, mv, m2);
+        const int pa = _mm256_movemask_ps(_mm256_cmp_ps(a, zero, _CMP_GT_OQ));
+        const int pb = _mm256_movemask_ps(_mm256_cmp_ps(b, zero, _CMP_GT_OQ));
+        int both = pa & pb, cr = pa ^ pb;
+        while (both) {
+            const int l = __builtin_ctz(both);
+            both &= both - 1;
+            if (q + l < K) w.linear[nl++] = q + l;
+        }
+        while (cr) {
+            const int l = __builtin_ctz(cr);
+            cr &= cr - 1;
+            if (q + l < K) w.cross[nc++] = q + l;
+        }
+    }
+    alignas(32) float lanes[8], l2[8];
+    _mm256_store_ps(lanes, mmax);
+    _mm256_store_ps(l2, m2);
+    const float mmax_s = *std::max_element(lanes, lanes + 8);
+    const float m2_s = ((l2[0] + l2[1]) + (l2[2] + l2[3])) + ((l2[4] + l2[5]) + (l2[6] + l2[7]));
+    // slope of the path through the linear units (and the skip term): lin_k = sum_{h linear} W_kh d_h + u_j - u_i
+    for (int k = 0; k < nl; ++k) w.dl[k] = zj[w.linear[k]] - zi[w.linear[k]];
+    gemv_idx(w.dl.data(), w.linear.data(), nl, kp, np, p.wpack[0], w.lin.data());
+    const float* sadd = nullptr;
+    if (p.U != nullptr) {
+        for (int k = 0; k < O; ++k) {
+            w.du[k] = (float)(p.U[j * O + k] - p.U[i * O + k]);
+            w.adu[k] = std::fabs(w.du[k]);
+            w.lin[k] += w.du[k];
+        }
+        sadd = w.adu.data();
+    }
+    // crossing units: rows t >= 1 hold relu(x_t) - relu(z_i) (row 0, the reference, is not read by r2_stats)
+    const int lda = (nc + 7) / 8 * 8;
+    float* a = w.a.data();
+    for (int c = 0; c < nc; ++c) {
+        const int h = w.cross[c];
+        const float z0 = zi[h], dh = zj[h] - zi[h], a0 = std::max(z0, 0.0f);
+        a[c] = 0.0f;
+        for (int t = 1; t < T; ++t) a[(int64_t)t * lda + c] = std::max(std::fma(p.lam[t], dh, z0), 0.0f) - a0;
+    }
+    float* y = w.y.data();
+    if (nc > 0) {
+        gemm_idx(a, lda, T, kp, w.cross.data(), nc, np, p.wpack[0], y);
+    } else {
+        std::fill(y, y + (int64_t)T * np, 0.0f);
+    }
+    for (int t = 1; t < T; ++t) {
+        const __m256 l = _mm256_set1_ps(p.lam[t]);
+        for (int k = 0; k < np; k += 8)
+            _mm256_storeu_ps(y + (int64_t)t * np + k,
+                             _mm256_fmadd_ps(l, _mm256_loadu_ps(&w.lin[k]), _mm256_loadu_ps(y + (int64_t)t * np + k)));
+    }
+    r2_stats_all(y, T, np, O, p.lam_c, p.ll, 0, w.st.data(), w.rr.data(), w.am.data());
+    const float tol = p.const_rtol * p.eps;
+    double esum;
+    bool any_const;
+    const double sum = r2_finish(w.st.data(), w.rr.data(), p.wnorm, mmax_s * 1.0001f, p.wnorm + np + 8,
+                                 std::sqrt(m2_s) * 1.0001f, O, tol, p.eps, esum, any_const, sadd);
+    if (!any_const && (p.flag_tau <= 0.0f || esum / O <= p.flag_tau)) return (float)(sum / O);
+    gemv_rows1(w.mvec.data(), kp, K, np, p.wabs, w.scvec.data());
+    if (sadd != nullptr)
+        for (int k = 0; k < O; ++k) w.scvec[k] += sadd[k];
+    return r2_value(w.st.data(), w.rr.data(), w.scvec.data(), 1.0f, O, tol, p.eps, p.flag_tau);
+}
+
 void run_rows(const Problem& p, std::atomic<int64_t>* next_row) {
     const int T = p.T, S = p.n_stages, kp0 = p.kp[0];
     int width = kp0;
@@ -591,10 +775,17 @@ void run_rows(const Problem& p, std::atomic<int64_t>* next_row) {
     const int mid = centred ? 0 : -1;  // reference row
     const bool silu1 = p.act_off[1] - p.act_off[0] == 1 && p.act_code[p.act_off[0]] == ACT_SILU;
     const float tol = p.const_rtol * p.eps;
+    // one ReLU stage, centred: only the units crossing 0 go through the GEMM (relu_pair)
+    const bool relu1 = S == 1 && centred && p.act_off[1] - p.act_off[0] == 1 && p.act_code[p.act_off[0]] == ACT_RELU;
+    std::unique_ptr<ReluWork> rw(relu1 ? new ReluWork(T, kp0, p.np[0]) : nullptr);
     for (;;) {
         int64_t i = next_row->fetch_add(1);
         if (i >= p.n - 1) break;
         const float* zi = p.z + i * kp0;
+        if (relu1) {
+            for (int64_t j = i + 1; j < p.n; ++j) p.L[i * p.n + j] = relu_pair(p, i, j, *rw);
+            continue;
+        }
         for (int64_t j = i + 1; j < p.n; ++j) {
             const float* zj = p.z + j * kp0;
             for (int q = 0; q < kp0; q += 8)
