@@ -102,42 +102,66 @@ def _chain_tail(model: nn.Module, at: str, to: str | None) -> nn.Sequential | No
     return nn.Sequential(*leaves[ends[at]:stop])
 
 
-def _trace_split(model: nn.Module, at: str, to: str | None) -> nn.Module | None:
+def _trace_split(model: nn.Module, at: str, to: str | None, explain: bool = False, args: tuple | None = None,
+                 input_batch_dim: int = 0, tuple_at: bool = False):
     """A ``torch.fx`` GraphModule computing the output (or ``to``'s) from ``at``'s output alone, or None.
 
     Every module that does not contain ``at``/``to`` is a leaf; None when the model does not trace,
     ``at``/``to`` are not called exactly once in the graph, or the output needs anything of the input
     other than through ``at`` (e.g. a skip connection, an input-dependent mask).
+    With ``explain``: ``(GraphModule or None, why)``, ``why`` one clause saying what failed.
+
+    With the probe ``args`` (positional, samples along ``input_batch_dim``): the forward's other arguments
+    are traced at their defaults (openai/grok's ``save_activations=False``, ``pos=None``: control flow on
+    them traces), and sizes read from the inputs along axes other than the samples' (a mask sliced to the
+    sequence length) are constants of the tail. ``tuple_at``: ``at`` returns a tuple and ``h`` is its first
+    element; the tail may use no other element.
     """
-    graph = _trace_through(model, at, to)
+    gm, why = _trace_split_why(model, at, to, args, input_batch_dim, tuple_at)
+    return (gm, why) if explain else gm
+
+
+def _trace_split_why(model: nn.Module, at: str, to: str | None, args, input_batch_dim, tuple_at):
+    graph, err = _trace_through(model, at, to, explain=True, n_args=None if args is None else len(args))
     if graph is None:
-        return None
+        return None, f"torch.fx cannot trace the model ({err})"
     nodes = list(graph.nodes)
     a = [n for n in nodes if n.op == "call_module" and n.target == at]
     if len(a) != 1:
-        return None
+        return None, f"{at!r} is called {len(a)} times in the traced graph"
     a = a[0]
     if to is None:
         out_nodes = [n for n in nodes if n.op == "output"]
         if len(out_nodes) != 1:
-            return None
+            return None, "the traced graph has several outputs"
         result = out_nodes[0].args[0]
     else:
         b = [n for n in nodes if n.op == "call_module" and n.target == to]
         if len(b) != 1:
-            return None
+            return None, f"{to!r} (to=) is called {len(b)} times in the traced graph"
         result = b[0]
-    needed = _needed_nodes(result, a)
+    consts = {} if args is None else _shape_constants(nodes, args, input_batch_dim)
+    needed = _needed_nodes(result, a, consts)
     if a not in needed:
-        return None
+        return None, f"the output does not depend on {at!r} in the traced graph"
+    h_node = a
+    if tuple_at:
+        users = [n for n in needed if a in n.all_input_nodes]
+        firsts = [n for n in users if n.op == "call_function" and n.target is operator.getitem and n.args[1] == 0]
+        if len(users) != len(firsts) or len(firsts) != 1:
+            return None, f"the output needs more of {at!r}'s tuple than its first element"
+        h_node = firsts[0]
+        needed.discard(a)
     # nodes the output needs that depend on the input other than through `at`: not a split
-    dep_in = _input_dependent(nodes, a)
-    if any(n in dep_in for n in needed):
-        return None
-    return _sub_graph_module(model, nodes, needed, a, result)
+    dep_in = _input_dependent(nodes, h_node, consts)
+    bad = [n for n in needed if n in dep_in]
+    if bad:
+        return None, f"the output needs the input other than through {at!r} (e.g. node {bad[0].name!r})"
+    gm = _sub_graph_module(model, nodes, needed, h_node, result, consts)
+    return gm, ("" if gm is not None else "the traced tail cannot be rebuilt as a GraphModule")
 
 
-def _trace_through(model: nn.Module, at: str, to: str | None):
+def _trace_through(model: nn.Module, at: str, to: str | None, explain: bool = False, n_args: int | None = None):
     """The ``torch.fx`` graph of ``model`` with every module not containing ``at``/``to`` a leaf; None if it does not trace."""
     import torch.fx as fx
 
@@ -148,19 +172,63 @@ def _trace_through(model: nn.Module, at: str, to: str | None):
             through.update(".".join(parts[:k]) for k in range(1, len(parts)))
 
     class _Tracer(fx.Tracer):
+        proxy_buffer_attributes = True   # a buffer sliced by a traced size (openai/grok's mask) traces
+
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
             return qualname not in through
 
+    concrete = None
+    if n_args is not None:   # the forward's arguments the probe does not pass: traced at their defaults
+        import inspect
+
+        try:
+            params = list(inspect.signature(model.forward).parameters.values())[n_args:]
+        except (TypeError, ValueError):
+            params = []
+        concrete = {p.name: p.default for p in params
+                    if p.default is not inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD} or None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return _Tracer().trace(model)
-    except Exception:  # any failure to trace means: use the hook path
-        return None
+            g = _Tracer().trace(model, concrete_args=concrete)
+    except Exception as e:  # any failure to trace means: use the hook path
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return (None, f"{type(e).__name__}: {msg[:200]}") if explain else None
+    return (g, "") if explain else g
 
 
-def _needed_nodes(result, a) -> set:
-    """The nodes ``result`` depends on, walking back no further than ``a``."""
+_SAME_SHAPE_METHODS = {"to", "contiguous", "long", "int", "cpu", "cuda", "clone", "detach"}
+
+
+def _shape_constants(nodes: list, args: tuple, input_batch_dim: int) -> dict:
+    """Nodes reading a size of a probe input along an axis other than the samples' (``x.shape[-1]``,
+    ``x.size(1)``, ``len(x)`` of a batch-second input) and their values: the same for every batch of the tail."""
+    phs = [n for n in nodes if n.op == "placeholder"]
+    values = {ph: x for ph, x in zip(phs, args)}
+    consts: dict = {}
+
+    def axis_ok(x, k) -> bool:
+        return isinstance(k, int) and -x.dim() <= k < x.dim() and k % x.dim() != input_batch_dim
+
+    shapes = {}
+    for n in nodes:
+        src = n.args[0] if n.args else None
+        if n.op == "call_method" and n.target in _SAME_SHAPE_METHODS and src in values:
+            values[n] = values[src]           # x.to(device): the same sizes
+        elif n.op == "call_function" and n.target is getattr and src in values and n.args[1] == "shape":
+            shapes[n] = values[src]
+        elif n.op == "call_function" and n.target is operator.getitem and src in shapes and axis_ok(shapes[src], n.args[1]):
+            consts[n] = int(shapes[src].shape[n.args[1]])
+        elif n.op == "call_method" and n.target == "size" and src in values and len(n.args) == 2 \
+                and axis_ok(values[src], n.args[1]):
+            consts[n] = int(values[src].shape[n.args[1]])
+        elif n.op == "call_function" and n.target is len and src in values and axis_ok(values[src], 0):
+            consts[n] = int(values[src].shape[0])
+    return consts
+
+
+def _needed_nodes(result, a, stop=()) -> set:
+    """The nodes ``result`` depends on, walking back no further than ``a`` (and the constants in ``stop``)."""
     import torch.fx as fx
 
     needed: set = set()
@@ -171,30 +239,31 @@ def _needed_nodes(result, a) -> set:
         if n in needed:
             continue
         needed.add(n)
-        if n is not a:
+        if n is not a and n not in stop:
             stack.extend(n.all_input_nodes)
     return needed
 
 
-def _input_dependent(nodes: list, a) -> set:
-    """The nodes that depend on a placeholder (the input) other than through ``a``."""
+def _input_dependent(nodes: list, a, consts=()) -> set:
+    """The nodes that depend on a placeholder (the input) other than through ``a`` (or the shape ``consts``)."""
     dep_in: set = set()
     for n in nodes:
-        if n is a:
+        if n is a or n in consts:
             continue
         if n.op == "placeholder" or any(m in dep_in for m in n.all_input_nodes):
             dep_in.add(n)
     return dep_in
 
 
-def _sub_graph_module(model: nn.Module, nodes: list, needed: set, a, result) -> nn.Module | None:
-    """The GraphModule of the ``needed`` nodes, with ``a``'s output its input ``h``; None if it cannot be built."""
+def _sub_graph_module(model: nn.Module, nodes: list, needed: set, a, result, consts=None) -> nn.Module | None:
+    """The GraphModule of the ``needed`` nodes, with ``a``'s output its input ``h`` and the ``consts`` nodes
+    replaced by their values; None if it cannot be built."""
     import torch.fx as fx
 
     g2 = fx.Graph()
-    env = {a: g2.placeholder("h")}
+    env = {a: g2.placeholder("h"), **(consts or {})}
     for n in nodes:
-        if n in needed and n is not a:
+        if n in needed and n not in env:
             env[n] = g2.node_copy(n, lambda m: env[m])
     g2.output(fx.node.map_arg(result, lambda m: env[m]))
     try:

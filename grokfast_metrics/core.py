@@ -240,7 +240,10 @@ _LAST_RUN: dict = {}
 
 def last_run_info() -> dict:
     """``{"backend", "pairs", "recomputed", "fraction_recomputed"}`` of the last :func:`connectivity` call
-    in this process: how many pairs the fp32 backend flagged as ill-conditioned and recomputed in fp64."""
+    in this process: how many pairs the fp32 backend flagged as ill-conditioned and recomputed in fp64.
+    After ``lmn_at`` (or a tracker) also ``"path"`` (``"chain"``, ``"split"``, ``"hooks"``) and
+    ``"path_reason"`` (why that path ran: :attr:`grokfast_metrics.dropin.Plan.reason`) and ``"ran"`` (whether the
+    tail was lowered to the fused kernel, and what it computes or why not: :attr:`grokfast_metrics.dropin.Plan.ran`)."""
     return dict(_LAST_RUN)
 
 

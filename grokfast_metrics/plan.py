@@ -100,7 +100,10 @@ class Plan:
     happens there) and reuses it at every computation.
 
     Attributes:
-        path: ``"chain"``, ``"split"`` or ``"hooks"`` (``"split"`` may fall back to ``"hooks"`` after a run).
+        path: ``"chain"``, ``"split"`` or ``"hooks"`` (``"split"`` may fall back to ``"hooks"`` after a run);
+            ``None`` until the first forward of the probe.
+        reason: one line saying why that path runs (e.g. why the fx split was not possible), also reported by
+            :func:`grokfast_metrics.last_run_info` after each computation (``"path"``, ``"path_reason"``).
         lowering: for a split tail, :class:`~grokfast_metrics._lower.Lowering`: the tail lowered to the fused
             kernels' MLP spec (``lowering.tail``) and what it computes, or ``None`` and why it was not lowered.
         ran: what the last computation ran and why (path, lowered or not, backend), e.g. ``"split, lowered (cpu):
@@ -136,6 +139,7 @@ class Plan:
         self.requested = path
         self.user_hooks = bool(user_hooks)
         self.path: str | None = None
+        self.reason: str = "not built yet (the plan runs the probe at its first computation)"
         self.tail: nn.Module | None = None
         self.act_shape: tuple[int, ...] | None = None
         self.checked = False
@@ -170,25 +174,32 @@ class Plan:
             tail = _chain_tail(self.model, self.at, self.to)
             if tail is not None:
                 self.path, self.tail = "chain", (tail if len(tail) else nn.Identity())
+                self.reason = f"at={self.at!r} sits in plain nn.Sequential chains: the modules after it are the tail"
                 spec = parse_tail(self.tail)
                 self.affine = bool(spec is not None and spec.is_affine) or isinstance(self.tail, nn.Identity)
                 return
         if req == "chain":
             raise ValueError(f"path='chain' needs at={self.at!r} in plain nn.Sequential chains, output=None, "
                              "batch_dim=0 and a 2-D activation")
-        if req in ("auto", "split") and self._raw_is_tensor:
-            gm = _trace_split(self.model, self.at, self.to)
+        why_not = _why_not_chain(self, act) if req == "auto" else "path='split' requested"
+        if req in ("auto", "split"):
+            gm, why = _trace_split(self.model, self.at, self.to, explain=True, args=self.args,
+                                   input_batch_dim=self.input_batch_dim, tuple_at=not self._raw_is_tensor)
             if gm is not None:
                 self.path, self.tail = "split", _SplitTail(gm, self)
+                self.reason = (f"{why_not}; torch.fx traces the model and the layers after {self.at!r} depend on the "
+                               "input only through it: the traced tail runs alone")
                 self._lower()
                 self.affine = _graph_kind(gm) <= _AFFINE and (self.to is not None or _selector_affine(self.output))
                 if not self.affine:
                     self.affine = None
                 return
         if req == "split":
-            raise ValueError(f"path='split' cannot run: torch.fx does not split the model at {self.at!r} (it does "
-                             "not trace, or the output needs the input other than through it); use path='hooks'")
+            raise ValueError(f"path='split' cannot run: torch.fx does not split the model at {self.at!r} ({why}); "
+                             "use path='hooks'")
         self.path, self.tail = "hooks", _HookTail(self)
+        self.reason = (f"{why_not}; no fx split: {why}: the whole model re-runs with {self.at!r}'s output replaced"
+                       if req == "auto" else "path='hooks' requested")
 
     def _lower(self):
         """Lower the split tail (:mod:`grokfast_metrics._lower`) unless its parameters are unchanged since the last time."""
@@ -268,6 +279,7 @@ class Plan:
                 if check and not self.checked:
                     self.enforce_cut(act, y)
                 L = self._generic(h, y, n_lambda, backend, chunk_bytes)
+        _report_path(self)
         if warn_affine and not self.affine_warned:
             if self.affine:
                 self.affine_warned = True
@@ -286,6 +298,8 @@ class Plan:
             if not _agrees(y_end, y):
                 # the traced graph does not reproduce the model (e.g. an in-place op it lost): hooks from now on
                 self.path, self.tail, self.affine = "hooks", _HookTail(self), None
+                self.reason = ("the traced tail's outputs differed from the model's on the probe (e.g. an op "
+                               "torch.fx lost): the whole model re-runs with at's output replaced")
         low = self.lowering if self.path == "split" else None
         if low is not None and low.tail is not None and backend not in ("reference", "triton"):
             low = self._lower()  # the folded weights follow the model's (re-folded when a parameter changed)
@@ -301,6 +315,24 @@ class Plan:
         why = "" if low is None else (f"; not lowered: {low.reason}" if low.tail is None else f"; backend={backend!r}")
         self.ran = f"{self.path}, generic ({core.last_run_info().get('backend')}){why}"
         return L
+
+
+def _report_path(plan: Plan) -> None:
+    """Add the plan's path and its reason to :func:`grokfast_metrics.last_run_info`."""
+    from . import core
+
+    core._LAST_RUN.update(path=plan.path, path_reason=plan.reason, ran=plan.ran)
+
+
+def _why_not_chain(plan: Plan, act: torch.Tensor) -> str:
+    """Why the chain path does not apply (one clause)."""
+    if plan.output is not None:
+        return "not a chain: output= selects the logits"
+    if plan.batch_dim != 0:
+        return "not a chain: batch_dim != 0"
+    if act.dim() != 2:
+        return f"not a chain: {plan.at!r} outputs a {act.dim()}-D activation"
+    return f"not a chain: {plan.at!r} is not in plain nn.Sequential chains"
 
 
 def _rows(out, output) -> int:
