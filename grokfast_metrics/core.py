@@ -206,7 +206,10 @@ def _run_cpu(h, tail, spec, n_lambda, chunk_bytes, y_end):
         return torch.ones(h.shape[0], h.shape[0], dtype=h.dtype, device=h.device)
     from .kernels.connectivity_cpu import connectivity_cpu
 
-    return connectivity_cpu(spec.absorb(h).contiguous(), spec, n_lambda, flag=True, u=spec.skip_values(h))
+    # a lowered tail absorbs in float64 (its exact twin), rounded once: z = W_in x + b where x carries a large component
+    # W_in cancels (a residual stream's offset the MLP does not read) keeps fp32 accuracy relative to |z|, not |x|
+    z = spec.absorb(h) if spec.exact is None else spec.exact.absorb(h.to(torch.float64)).to(h.dtype)
+    return connectivity_cpu(z.contiguous(), spec, n_lambda, flag=True, u=spec.skip_values(h))
 
 
 def _run_torch(h, tail, spec, n_lambda, chunk_bytes, y_end):
