@@ -303,6 +303,8 @@ class Plan:
         low = self.lowering if self.path == "split" else None
         if low is not None and low.tail is not None and backend not in ("reference", "triton"):
             low = self._lower()  # the folded weights follow the model's (re-folded when a parameter changed)
+            if low.tail is not None:
+                low.tail.to(h.device)  # folded on the CPU in float64; runs where h is (off the CPU: the generic path)
             # the lowered tail must reproduce the model's own outputs (checked on every computation: one forward)
             y_low = generic.end_outputs(low.tail, h, _param_dtype(low.tail, h.dtype), y.dtype)
             if not _agrees(y_low, y):
