@@ -274,3 +274,21 @@ def test_every_test_model_says_whether_it_lowered(name):
         assert ("lowered" in plan.ran) and plan.lowering.reason in plan.ran
     if name == "nanda" and kcpu.available():
         assert plan.ran.startswith("split, lowered (cpu)")
+
+
+@needs_kernel
+def test_bench_dropin_rows_before_and_after():
+    """``bench --dropin`` on tiny sizes: every model gets both timings, the lowered ones a roof fraction."""
+    from grokfast_metrics.bench import dropin as bench_dropin
+
+    rows = bench_dropin.dropin_rows(n=6, n_before=4, n_small=4, n_lambda=5, log=lambda m: None, roof_size=64,
+                                    dense_pairs=10)
+    assert {r["model"].split(" ")[0] for r in rows} == set(BUILDERS)
+    for r in rows:
+        assert r["after_us"] > 0 and r["before_us"] > 0 and r["before_n"] == 4
+        assert ("frac_roof" in r) == r["ran"].startswith("split, lowered")
+        assert r["before_ran"].split(" ")[0].strip(",") in ("split", "hooks", "chain") and "lowered (" not in r["before_ran"]
+    lowered = [r for r in rows if "frac_roof" in r]
+    assert len(lowered) == 2 and all(0 < r["crossing"] < 1 and r["dense_us"] > 0 for r in lowered)
+    table = bench_dropin.format_rows(rows)
+    assert table.count("\n") == len(rows) + 1 and "d_mlp 512" in table

@@ -113,8 +113,13 @@ def _dense_us_per_pair(plan, n_pairs_max: int, n_lambda: int) -> float | None:
     return (time.perf_counter() - t) / (n * (n - 1) // 2) * 1e6
 
 
-def dropin_rows(n: int = 961, n_before: int = 48, n_small: int = 32, n_lambda: int = 21, log=print) -> list[dict]:
-    """Measure every model (see the module docstring); returns one dict per model."""
+def dropin_rows(n: int = 961, n_before: int = 48, n_small: int = 32, n_lambda: int = 21, log=print,
+                roof_size: int = 2048, dense_pairs: int = 40000) -> list[dict]:
+    """Measure every model (see the module docstring); returns one dict per model.
+
+    ``n``: samples of the Nanda-style tail of the targets; ``n_before``: at most this many for the generic path
+    ("before"); ``n_small``: samples of the test-size models; ``roof_size``: side of the roof matmul;
+    ``dense_pairs``: at most this many pairs for the dense kernel."""
     models = _models()
     cases = [("nanda (d_model 128, d_mlp 512, p 113)", models.nanda, NANDA_FULL, n)]
     cases += [(name, b, {}, n_small) for name, b in sorted(models.BUILDERS.items())]
@@ -122,9 +127,9 @@ def dropin_rows(n: int = 961, n_before: int = 48, n_small: int = 32, n_lambda: i
     for name, builder, extra, n_after in cases:
         log(f"{name}: N={n_after} ...")
         plan = _plan(*_subset(builder, n_after, **extra), lowered=True)
-        roof0 = _roof_gflops()
+        roof0 = _roof_gflops(roof_size)
         t_after, c_after = _time_plan(plan, n_lambda)
-        roof1 = _roof_gflops()
+        roof1 = _roof_gflops(roof_size)
         ran = plan.ran
         pairs = n_after * (n_after - 1) // 2
         row = dict(model=name, n=n_after, path=plan.path, ran=ran, after_s=t_after, after_us=t_after / pairs * 1e6,
@@ -139,7 +144,7 @@ def dropin_rows(n: int = 961, n_before: int = 48, n_small: int = 32, n_lambda: i
             with plan.running():
                 h = plan.forward()[1].reshape(plan.n, -1)
             row.update(crossing=_crossing(low.lowered_spec, h))
-            dense = _dense_us_per_pair(plan, 40000, n_lambda)
+            dense = _dense_us_per_pair(plan, dense_pairs, n_lambda)
             if dense is not None:
                 row.update(dense_us=dense, dense_frac_roof=flop / (dense * 1e-6) / 1e9 / row["roof_gflops"])
         nb = min(n_before, n_after)
