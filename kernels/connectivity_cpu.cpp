@@ -686,7 +686,9 @@ float relu_pair(const Problem& p, int64_t i, int64_t j, ReluWork& w) {
     int nc = 0, nl = 0;
     for (int q = 0; q < kp; q += 8) {
         const __m256 a = _mm256_loadu_ps(zi + q), b = _mm256_loadu_ps(zj + q);
-        // rounding scale of unit h: max_t relu(x_t) (1 + max(|z_i|, |z_j|)); padding units are 0
+        // rounding scale of unit h: the general centred path's m_h for one ReLU stage, max_t relu(x_t) (1 + max(|z_i|,
+        // |z_j|)) (max_t relu(x_t) is at an end of the segment); padding units are 0. Keep it equal to the general
+        // path's first-stage scale whenever that changes (the flags and the constant rule must not depend on the path).
         const __m256 mv = _mm256_mul_ps(_mm256_max_ps(_mm256_max_ps(a, b), zero),
                                         _mm256_add_ps(one, _mm256_max_ps(_mm256_and_ps(a, absmask), _mm256_and_ps(b, absmask))));
         _mm256_storeu_ps(&w.mvec[q], mv);
