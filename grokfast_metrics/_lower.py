@@ -490,3 +490,5 @@ def lower(graph_module: nn.Module, act_shape: tuple[int, ...], output=None, dtyp
         return Lowering(tail, tail.describe)
     except NotLowerable as e:
         return Lowering(None, str(e))
+    except Exception as e:  # a graph the interpreter does not expect must never break lmn_at: the generic path runs
+        return Lowering(None, f"lowering failed ({type(e).__name__}: {e})")

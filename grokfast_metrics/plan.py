@@ -306,8 +306,12 @@ class Plan:
             if low.tail is not None:
                 low.tail.to(h.device)  # folded on the CPU in float64; runs where h is (off the CPU: the generic path)
             # the lowered tail must reproduce the model's own outputs (checked on every computation: one forward)
-            y_low = generic.end_outputs(low.tail, h, _param_dtype(low.tail, h.dtype), y.dtype)
-            if not _agrees(y_low, y):
+            try:
+                y_low = generic.end_outputs(low.tail, h, _param_dtype(low.tail, h.dtype), y.dtype)
+                agrees = _agrees(y_low, y)
+            except Exception as e:  # e.g. non-finite outputs: the split tail decides, as before
+                agrees, low.reason = False, f"{low.reason}; it failed on the probe: {type(e).__name__}: {e}"
+            if not agrees:
                 low.tail, low.reason = None, f"the lowered tail did not reproduce the model's outputs ({low.reason})"
             if low.tail is not None:
                 L = connectivity(h, low.tail, n_lambda, backend, chunk_bytes=chunk_bytes)

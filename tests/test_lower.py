@@ -292,3 +292,19 @@ def test_bench_dropin_rows_before_and_after():
     assert len(lowered) == 2 and all(0 < r["crossing"] < 1 and r["dense_us"] > 0 for r in lowered)
     table = bench_dropin.format_rows(rows)
     assert table.count("\n") == len(rows) + 1 and "d_mlp 512" in table
+
+
+def test_a_lowering_failure_never_breaks_lmn_at(monkeypatch):
+    """An op the interpreter does not expect (here: any function raising) leaves the generic path, with the reason."""
+    model, probe, kw = nanda(n=8)
+
+    def boom(self, f, a, kw):
+        raise KeyError("unexpected")
+
+    monkeypatch.setattr(_lower._Interp, "function", boom)
+    plan = _plan(model, probe, kw)
+    L = plan.connectivity(n_lambda=5).double().numpy()
+    assert plan.lowering.tail is None and "lowering failed (KeyError" in plan.lowering.reason
+    assert "generic" in plan.ran and "lowering failed" in plan.ran
+    # observed worst 2.4e-7
+    np.testing.assert_allclose(L, _ref(plan, 5), rtol=0, atol=1e-5)
