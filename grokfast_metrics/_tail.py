@@ -176,12 +176,32 @@ class MLPTail:
         stages: ``(acts, linear)`` pairs applied after interpolation.
         final: activations applied after the last Linear (usually empty).
         in_features: width of ``h`` the tail expects (that of its first Linear), ``None`` if it has none.
+        select: ``(lo, hi)``: the tail reads only the columns ``h[:, lo:hi]`` (a lowered transformer tail reading one
+            position); ``None``: all of ``h``.
+        skip: ``(O, hi - lo)`` float64 matrix of a skip term ``u = W_skip h[:, lo:hi]`` added to the output (a lowered
+            residual connection; it enters each pair as ``lam (u_j - u_i)``, exact); ``None``: no skip.
+        exact: the float64 twin of this spec (folded weights never rounded to float32) used by the fp64 recompute,
+            or ``None`` (the weights themselves are exact).
     """
 
     pre: list[nn.Linear] = field(default_factory=list)
     stages: list[tuple[list[Act], nn.Linear]] = field(default_factory=list)
     final: list[Act] = field(default_factory=list)
     in_features: int | None = None
+    select: tuple[int, int] | None = None
+    skip: torch.Tensor | None = None
+    exact: MLPTail | None = None
+
+    def selected(self, h: torch.Tensor) -> torch.Tensor:
+        """The columns of ``h`` the tail reads (``h`` itself unless :attr:`select` is set)."""
+        return h if self.select is None else h[:, self.select[0]:self.select[1]]
+
+    def skip_values(self, h: torch.Tensor) -> torch.Tensor | None:
+        """``u = W_skip h_sel`` in float64 on the CPU, ``(N, O)`` (``None`` without a skip term)."""
+        if self.skip is None:
+            return None
+        x = self.selected(h.detach()).to(device="cpu", dtype=torch.float64)
+        return (x @ self.skip.to(torch.float64).t()).contiguous()
 
     @property
     def activations(self) -> list[Act]:
@@ -207,7 +227,7 @@ class MLPTail:
         Interpolating ``h`` and then applying an affine map equals interpolating ``z``, so every fused
         path interpolates ``z`` and saves the first Linear per interpolation point.
         """
-        z = h
+        z = self.selected(h)
         for lin in self.pre:
             z = F.linear(z, lin.weight.to(h.dtype), None if lin.bias is None else lin.bias.to(h.dtype))
         return z
@@ -235,6 +255,9 @@ def parse_tail(tail: nn.Module) -> MLPTail | None:
     activations of :data:`ACTIVATIONS` qualify. Subclasses of ``nn.Sequential`` with their own
     ``forward`` do not.
     """
+    lowered = getattr(tail, "lowered_spec", None)  # a tail lowered from a traced graph (grokfast_metrics._lower)
+    if isinstance(lowered, MLPTail):
+        return lowered
     layers = _flatten(tail)
     if not layers:
         return None

@@ -135,6 +135,8 @@ def _unavailable(name: str, h: torch.Tensor, dtype: torch.dtype, spec: MLPTail |
     if name == "triton":
         if spec is None:
             return _NOT_MLP
+        if spec.skip is not None:
+            return "a lowered tail with a skip term runs fused on the CPU only (the Triton kernels have no skip term)"
         if not triton_available():
             return "it needs the triton package (pip install triton)"
         from .kernels import connectivity as kc
@@ -171,6 +173,8 @@ def _choose(backend: str, h: torch.Tensor, dtype: torch.dtype, spec: MLPTail | N
         return backend
     if spec is None or spec.is_affine:  # the generic path; or L = 1 with no kernel at all
         return "torch"
+    if spec.skip is not None and _unavailable("cpu", h, dtype, spec) is not None:
+        return "torch"  # a lowered tail the C++ kernel cannot run: the generic path through the module
     if h.is_cuda and _unavailable("triton", h, dtype, spec) is None:
         return "triton"
     if not h.is_cuda and _unavailable("cpu", h, dtype, spec) is None:
@@ -248,12 +252,15 @@ def _run_cpu(h, tail, spec, n_lambda, chunk_bytes, y_end):
         return torch.ones(h.shape[0], h.shape[0], dtype=h.dtype, device=h.device)
     from .kernels.connectivity_cpu import connectivity_cpu
 
-    return connectivity_cpu(spec.absorb(h).contiguous(), spec, n_lambda, flag=True)
+    # a lowered tail absorbs in float64 (its exact twin), rounded once: z = W_in x + b where x carries a large component
+    # W_in cancels (a residual stream's offset the MLP does not read) keeps fp32 accuracy relative to |z|, not |x|
+    z = spec.absorb(h) if spec.exact is None else spec.exact.absorb(h.to(torch.float64)).to(h.dtype)
+    return connectivity_cpu(z.contiguous(), spec, n_lambda, flag=True, u=spec.skip_values(h))
 
 
 def _run_torch(h, tail, spec, n_lambda, chunk_bytes, y_end):
     flag = h.dtype == torch.float32
-    if spec is not None:
+    if spec is not None and spec.skip is None:
         return torch_backend.connectivity_mlp(h, spec, n_lambda, chunk_bytes, flag=flag)
     from . import generic
 
@@ -262,7 +269,7 @@ def _run_torch(h, tail, spec, n_lambda, chunk_bytes, y_end):
 
 
 def _run_reference(h, tail, spec, n_lambda, chunk_bytes, y_end):
-    if spec is None:  # any other module: the paper-literal float64 loop through the module itself
+    if spec is None or spec.skip is not None:  # any other module: the paper-literal float64 loop through the module
         from .generic import reference_connectivity
 
         return torch.from_numpy(reference_connectivity(h, tail, n_lambda)).to(device=h.device, dtype=h.dtype)
@@ -284,8 +291,9 @@ def last_run_info() -> dict:
     """``{"backend", "kernel", "pairs", "recomputed", "fraction_recomputed"}`` of the last :func:`connectivity` call
     in this process: the backend and kernel variant that ran (see :func:`backend_info`) and how many pairs the fp32
     backend flagged as ill-conditioned and recomputed in fp64. After ``lmn_at`` (or a tracker) also ``"path"``
-    (``"chain"``, ``"split"``, ``"hooks"``) and ``"path_reason"`` (why that path ran:
-    :attr:`grokfast_metrics.dropin.Plan.reason`)."""
+    (``"chain"``, ``"split"``, ``"hooks"``), ``"path_reason"`` (why that path ran:
+    :attr:`grokfast_metrics.dropin.Plan.reason`) and ``"ran"`` (whether the tail was lowered to the fused kernel, and
+    what it computes or why not: :attr:`grokfast_metrics.dropin.Plan.ran`)."""
     return dict(_LAST_RUN)
 
 
@@ -319,7 +327,7 @@ def _recompute_flagged(L: torch.Tensor, h: torch.Tensor, tail: nn.Module, spec: 
                 v = kcpu.pairs_f64(h, spec, i, j, n_lambda)
         if v is None:
             h64 = h.to(torch.float64)
-            if spec is not None:
+            if spec is not None and spec.skip is None:
                 v = torch_backend.mlp_pairs(h64, spec, i, j, n_lambda, chunk_bytes)
             else:
                 from . import generic

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from . import core
 from ._hooks import (
     OutputSelector,
     _as_args,
@@ -126,6 +127,10 @@ class Plan:
             ``None`` until the first forward of the probe.
         reason: one line saying why that path runs (e.g. why the fx split was not possible), also reported by
             :func:`grokfast_metrics.core.last_run_info` after each computation (``"path"``, ``"path_reason"``).
+        lowering: for a split tail, :class:`~grokfast_metrics._lower.Lowering`: the tail lowered to the fused
+            kernels' MLP spec (``lowering.tail``) and what it computes, or ``None`` and why it was not lowered.
+        ran: what the last computation ran and why (path, lowered or not, backend), e.g. ``"split, lowered (cpu):
+            position 2 of 3 -> Linear(128, 512) absorbed -> relu -> ..."``.
     """
 
     def __init__(self, model: nn.Module, inputs, at: str, to: str | None = None, output: OutputSelector = None,
@@ -167,6 +172,9 @@ class Plan:
         self.full_tail: nn.Module | None = None   # the split tail at every position (the reference runs it)
         self.sliced_tail: nn.Module | None = None  # the pruned tail taking h at its one needed position only
         self.sliced: tuple[int, int] | None = None  # (axis, position) of that slice of at's output
+        self.lowering = None              # _lower.Lowering of a split tail (set by _build)
+        self._lowered_at = None           # parameter versions the lowered tail's folded weights were taken at
+        self.ran = ""
 
     def _find_modules(self) -> None:
         """``at`` and ``to`` in the model, and the model's modules as they are now (to notice a change)."""
@@ -181,6 +189,8 @@ class Plan:
             return
         self._find_modules()
         self.path, self.tail, self.act_shape, self.checked, self.affine, self.affine_warned = None, None, None, False, None, False
+        self.pruned, self.full_tail, self.sliced_tail, self.sliced = False, None, None, None
+        self.lowering, self._lowered_at, self.ran = None, None, ""
 
     @contextmanager
     def running(self):
@@ -227,6 +237,7 @@ class Plan:
                 self.path, self.tail = "split", _SplitTail(gm, self)
                 self.reason = (f"{why_not}; torch.fx traces the model and the layers after {self.at!r} depend on the "
                                "input only through it: the traced tail runs alone")
+                self._lower()  # from the whole split tail, before pruning replaces self.tail
                 self._prune(gm, act)
                 self.affine = _tail_kind(gm) <= _AFFINE and (self.to is not None or _selector_affine(self.output))
                 if not self.affine:
@@ -268,6 +279,22 @@ class Plan:
                 shape[k] = 1
                 self.sliced_tail._act_shape = tuple(torch.Size(shape)[:self.batch_dim] + torch.Size(shape)[self.batch_dim + 1:])
                 self.reason += f" (h itself only at position {p} of axis {k}: only that position is interpolated)"
+
+    def _lower(self):
+        """Lower the split tail (:mod:`grokfast_metrics._lower`) unless its parameters are unchanged since the last time."""
+        from ._lower import Lowering, lower
+
+        graph = (self.full_tail if self.full_tail is not None else self.tail).graph  # never the pruned tail
+        key = tuple((id(t), t._version) for t in [*graph.parameters(), *graph.buffers()])
+        if self.lowering is not None and key == self._lowered_at:
+            return self.lowering
+        if self.to is not None:
+            self.lowering = Lowering(None, "to= sub-networks are not lowered")
+        else:
+            dtype = _param_dtype(self.model, torch.float32)
+            self.lowering = lower(graph, self.act_shape, self.output, dtype, self.batch_dim)
+        self._lowered_at = key
+        return self.lowering
 
     def enforce_cut(self, act: torch.Tensor, y: torch.Tensor) -> float:
         """The cut check (see :func:`check_cut`); raises ``ValueError`` naming an enclosing cut."""
@@ -365,6 +392,7 @@ class Plan:
                 L = _ones_if_finite(h, y)
             elif self.path == "chain":
                 L = connectivity(h, self.tail, n_lambda, backend, chunk_bytes=chunk_bytes)
+                self.ran = f"chain ({core.last_run_info().get('backend')})"
             else:
                 L = self._generic(h, act, y, n_lambda, backend, chunk_bytes)
             numerically_affine = not self.affine and not self.affine_warned and warn_affine and self._affine_probe(h, L)
@@ -434,7 +462,27 @@ class Plan:
                 self.path, self.tail, self.affine = "hooks", _HookTail(self), None
                 self.reason = ("the traced tail's outputs differed from the model's on the probe (e.g. an op "
                                "torch.fx lost): the whole model re-runs with at's output replaced")
-        return connectivity(h, self.tail, n_lambda, backend, chunk_bytes=chunk_bytes)
+        low = self.lowering if self.path == "split" else None
+        if low is not None and low.tail is not None and backend not in ("reference", "triton"):
+            low = self._lower()  # the folded weights follow the model's (re-folded when a parameter changed)
+            if low.tail is not None:
+                low.tail.to(h.device)  # folded on the CPU in float64; runs where h is (off the CPU: the generic path)
+            # the lowered tail must reproduce the model's own outputs (checked on every computation: one forward)
+            try:
+                y_low = generic.end_outputs(low.tail, h, _param_dtype(low.tail, h.dtype), y.dtype)
+                agrees = _agrees(y_low, y)
+            except Exception as e:  # e.g. non-finite outputs: the split tail decides, as before
+                agrees, low.reason = False, f"{low.reason}; it failed on the probe: {type(e).__name__}: {e}"
+            if not agrees:
+                low.tail, low.reason = None, f"the lowered tail did not reproduce the model's outputs ({low.reason})"
+            if low.tail is not None:
+                L = connectivity(h, low.tail, n_lambda, backend, chunk_bytes=chunk_bytes)
+                self.ran = f"split, lowered ({core.last_run_info().get('backend')}): {low.reason}"
+                return L
+        L = connectivity(h, self.tail, n_lambda, backend, chunk_bytes=chunk_bytes)
+        why = "" if low is None else (f"; not lowered: {low.reason}" if low.tail is None else f"; backend={backend!r}")
+        self.ran = f"{self.path}, generic ({core.last_run_info().get('backend')}){why}"
+        return L
 
 
 def _read_at_one_position(gm):
@@ -465,7 +513,7 @@ def _report_path(plan: Plan) -> None:
     """Add the plan's path and its reason to :func:`grokfast_metrics.last_run_info`."""
     from . import core
 
-    core._LAST_RUN.update(path=plan.path, path_reason=plan.reason)
+    core._LAST_RUN.update(path=plan.path, path_reason=plan.reason, ran=plan.ran)
 
 
 def _why_not_chain(plan: Plan, act: torch.Tensor) -> str:

@@ -3,6 +3,7 @@
 // For every pair i < j:  x_0[t] = z_i + lam_t (z_j - z_i)               # [T, H0]
 //                        x_l   = act_l(x_{l-1}) @ W_l^T + b_l            # [T, H_l], l = 1..S
 //                        y     = final_act(x_S)                          # [T, O]
+//                        y    += lam_t (u_j - u_i)   (optional skip term, u = W_skip h per sample, float64)
 //                        L_ij  = mean_k r2(y[:, k], lam)   (constant-path rule: r2 = 1)
 // Only L (N x N) is written. Plain C ABI (loaded with ctypes): no torch headers, so it builds in
 // seconds. The math is compiled for AVX2 + FMA; gm_cpu_supported() is compiled without them.
@@ -12,6 +13,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <new>
 #include <thread>
 #include <vector>
@@ -58,6 +60,7 @@ struct Problem {
     const float* wnorm; // [2 (np[S-1] + 8)] sum_h |W_S[k, h]|, then |W_S[k, :]|_2 (zero padded): cheap bounds on it
     float flag_tau;     // > 0: write FLAGGED (-1) for a pair whose estimated error exceeds it
     std::atomic<int>* error;  // set by a worker that failed (bad_alloc ...): 1
+    const double* U;    // [n, out_dim] skip term u_i (lowered tails, centred only) or nullptr
 };
 
 //: SiLU chain path (see silu_chain): used when T <= CHAIN_TMAX and both |z| <= CHAIN_ZMAX.
@@ -422,7 +425,7 @@ inline void r2_stats(const float* y, int T, int ld, int c0, const float* lam_c, 
 // sum_h |W_kh| m_h, or a bound on it; otherwise max_t |y_tk|). est: sum of min(1, 2 sqrt(r2 (1 - r2)) kappa + kappa^2), kappa = eps scale / std;
 // any_const: the rule fired on some output. A larger scale gives a larger est and fires the rule more.
 inline double r2_finish(const float* st, const float* rr, const float* sc, float f, const float* sc2, float f2,
-                        int O, float tol, float eps, double& est_sum, bool& any_const) {
+                        int O, float tol, float eps, double& est_sum, bool& any_const, const float* sadd = nullptr) {
     const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
     const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps(), vf = _mm256_set1_ps(f), vf2 = _mm256_set1_ps(f2);
     __m256 total = zero, est = zero, cmask = zero;
@@ -430,6 +433,7 @@ inline double r2_finish(const float* st, const float* rr, const float* sc, float
         __m256 std_t = _mm256_loadu_ps(st + c), r2 = _mm256_loadu_ps(rr + c);
         __m256 scale = _mm256_mul_ps(vf, _mm256_loadu_ps(sc + c));
         if (sc2 != nullptr) scale = _mm256_min_ps(scale, _mm256_mul_ps(vf2, _mm256_loadu_ps(sc2 + c)));
+        if (sadd != nullptr) scale = _mm256_add_ps(scale, _mm256_loadu_ps(sadd + c));  // skip term: |u_j - u_i|
         __m256 valid = _mm256_cmp_ps(_mm256_add_ps(lane, _mm256_set1_ps((float)c)), _mm256_set1_ps((float)O), _CMP_LT_OQ);
         __m256 is_const = _mm256_and_ps(_mm256_cmp_ps(std_t, _mm256_mul_ps(_mm256_set1_ps(tol), scale), _CMP_LE_OQ), valid);
         // error estimate (before the constant rule): kappa = eps scale / std; std == 0 < scale -> inf -> 1
@@ -638,6 +642,189 @@ inline __m256 first_stage_scale(__m256 m, __m256 zi, __m256 zj, int code, float 
     __m256 mv = _mm256_fmadd_ps(m, _mm256_add_ps(_mm256_set1_ps(2.0f), G), _mm256_mul_ps(s, R));
     if (smooth) mv = _mm256_fmadd_ps(_mm256_set1_ps(kFloor), _mm256_add_ps(one, R), mv);
     return mv;
+
+// ---------------------------------------------------------------------------------------------
+// One ReLU stage, centred (a lowered transformer MLP, or a depth-1 ReLU tail): ReLU is linear on each side of 0 and
+// the path x_t = z_i + lam_t d is a segment, so a hidden unit with both ends <= 0 is 0 along the whole path, one with
+// both ends > 0 is exactly z_i + lam_t d (its centred contribution lam_t W_k d_h enters like the skip term), and only
+// the units whose ends differ in sign ("crossing") need the [T, K] GEMM. Exact; the rounding scale m_h, the flags
+// and the constant rule are those of the general centred path (m_h = max(relu(z_i), relu(z_j)) (1 + max |z|):
+// max_t relu(x_t) is at an end of the segment).
+
+// C[T, np] = A[T, :K] @ W^T[idx[0..K), :] (no bias): the GEMM of gemm() over the rows idx of the packed W^T.
+template <int R, int NV>
+inline void micro_idx(const float* A, int lda, const float* B, const int* idx, int K, float* C, int ldc) {
+    constexpr int W = 8;
+    __m256 acc[R][NV];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_ps();
+    for (int k = 0; k < K; ++k) {
+        const float* b_row = B + (int64_t)idx[k] * W * NV;
+        __m256 b[NV];
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) b[v] = _mm256_loadu_ps(b_row + W * v);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+            __m256 a = _mm256_broadcast_ss(A + r * lda + k);
+#pragma GCC unroll 8
+            for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(a, b[v], acc[r][v]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) _mm256_storeu_ps(C + r * ldc + W * v, acc[r][v]);
+}
+
+template <int NV>
+void gemm_idx_panel(const float* A, int lda, int T, const float* B, const int* idx, int K, float* C, int ldc) {
+    const int nb = (T + 5) / 6, base = T / nb, rem = T % nb;
+    for (int b = 0, t = 0; b < nb; ++b) {
+        const int R = base + (b < rem ? 1 : 0);
+        const float* a = A + (int64_t)t * lda;
+        float* c = C + (int64_t)t * ldc;
+        switch (R) {
+            case 6: micro_idx<6, NV>(a, lda, B, idx, K, c, ldc); break;
+            case 5: micro_idx<5, NV>(a, lda, B, idx, K, c, ldc); break;
+            case 4: micro_idx<4, NV>(a, lda, B, idx, K, c, ldc); break;
+            case 3: micro_idx<3, NV>(a, lda, B, idx, K, c, ldc); break;
+            case 2: micro_idx<2, NV>(a, lda, B, idx, K, c, ldc); break;
+            default: micro_idx<1, NV>(a, lda, B, idx, K, c, ldc); break;
+        }
+        t += R;
+    }
+}
+
+void gemm_idx(const float* A, int lda, int T, int kp, const int* idx, int K, int np, const float* wpack, float* C) {
+    const float* B = wpack;
+    for (int c = 0; c < np; c += 16) {
+        if (np - c >= 16) {
+            gemm_idx_panel<2>(A, lda, T, B, idx, K, C + c, np);
+            B += (int64_t)kp * 16;
+        } else {
+            gemm_idx_panel<1>(A, lda, T, B, idx, K, C + c, np);
+            B += (int64_t)kp * 8;
+        }
+    }
+}
+
+// out[np] = sum_k v[k] W^T[idx[k], :] (the linear units' slope W d), four accumulators per column vector.
+void gemv_idx(const float* v, const int* idx, int K, int kp, int np, const float* wpack, float* out) {
+    const float* B = wpack;
+    for (int c = 0; c < np; c += 16) {
+        const int nv = np - c >= 16 ? 2 : 1, w = 8 * nv;
+        __m256 acc[4][2];
+        for (int u = 0; u < 4; ++u) acc[u][0] = acc[u][1] = _mm256_setzero_ps();
+        int k = 0;
+        for (; k + 4 <= K; k += 4)
+            for (int u = 0; u < 4; ++u) {
+                const __m256 a = _mm256_broadcast_ss(v + k + u);
+                const float* row = B + (int64_t)idx[k + u] * w;
+                for (int q = 0; q < nv; ++q) acc[u][q] = _mm256_fmadd_ps(a, _mm256_loadu_ps(row + 8 * q), acc[u][q]);
+            }
+        for (; k < K; ++k) {
+            const __m256 a = _mm256_broadcast_ss(v + k);
+            const float* row = B + (int64_t)idx[k] * w;
+            for (int q = 0; q < nv; ++q) acc[0][q] = _mm256_fmadd_ps(a, _mm256_loadu_ps(row + 8 * q), acc[0][q]);
+        }
+        for (int q = 0; q < nv; ++q)
+            _mm256_storeu_ps(out + c + 8 * q, _mm256_add_ps(_mm256_add_ps(acc[0][q], acc[1][q]),
+                                                            _mm256_add_ps(acc[2][q], acc[3][q])));
+        B += (int64_t)kp * w;
+    }
+}
+
+struct ReluWork {  // one thread's buffers of relu_pair
+    std::vector<float> a, y, dl, lin, mvec, scvec, st, rr, am, du, adu;
+    std::vector<int> cross, linear;
+    ReluWork(int T, int kp, int np) : a((size_t)T * kp + 8), y((size_t)T * np + 8), dl(kp + 8), lin(np + 8),
+        mvec(kp + 8, 0.0f), scvec(np + 8, 0.0f), st(np + 8, 0.0f), rr(np + 8, 0.0f), am(np + 8, 0.0f),
+        du(np + 8, 0.0f), adu(np + 8, 0.0f), cross(kp), linear(kp) {}
+};
+
+// L_ij of one pair through act = ReLU, one stage, centred (see above).
+float relu_pair(const Problem& p, int64_t i, int64_t j, ReluWork& w) {
+    const int T = p.T, kp = p.kp[0], K = p.kin[0], np = p.np[0], O = p.out_dim;
+    const float* zi = p.z + i * kp;
+    const float* zj = p.z + j * kp;
+    const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 mmax = zero, m2 = zero;
+    int nc = 0, nl = 0;
+    for (int q = 0; q < kp; q += 8) {
+        const __m256 a = _mm256_loadu_ps(zi + q), b = _mm256_loadu_ps(zj + q);
+        // rounding scale of unit h: the general centred path's first-stage scale for ReLU (first_stage_scale, with
+        // m = max_t relu(x_t), at an end of the segment); padding units are 0. The flags and the constant rule must not
+        // depend on the path.
+        const __m256 mv = first_stage_scale(_mm256_max_ps(_mm256_max_ps(a, b), zero), a, b, ACT_RELU, 0.0f);
+        _mm256_storeu_ps(&w.mvec[q], mv);
+        mmax = _mm256_max_ps(mmax, mv);
+        m2 = _mm256_fmadd_ps(mv, mv, m2);
+        const int pa = _mm256_movemask_ps(_mm256_cmp_ps(a, zero, _CMP_GT_OQ));
+        const int pb = _mm256_movemask_ps(_mm256_cmp_ps(b, zero, _CMP_GT_OQ));
+        int both = pa & pb, cr = pa ^ pb;
+        while (both) {
+            const int l = __builtin_ctz(both);
+            both &= both - 1;
+            if (q + l < K) w.linear[nl++] = q + l;
+        }
+        while (cr) {
+            const int l = __builtin_ctz(cr);
+            cr &= cr - 1;
+            if (q + l < K) w.cross[nc++] = q + l;
+        }
+    }
+    alignas(32) float lanes[8], l2[8];
+    _mm256_store_ps(lanes, mmax);
+    _mm256_store_ps(l2, m2);
+    const float mmax_s = *std::max_element(lanes, lanes + 8);
+    const float m2_s = ((l2[0] + l2[1]) + (l2[2] + l2[3])) + ((l2[4] + l2[5]) + (l2[6] + l2[7]));
+    // slope of the path through the linear units (and the skip term): lin_k = sum_{h linear} W_kh d_h + u_j - u_i
+    for (int k = 0; k < nl; ++k) w.dl[k] = zj[w.linear[k]] - zi[w.linear[k]];
+    gemv_idx(w.dl.data(), w.linear.data(), nl, kp, np, p.wpack[0], w.lin.data());
+    const float* sadd = nullptr;
+    if (p.U != nullptr) {
+        for (int k = 0; k < O; ++k) {
+            w.du[k] = (float)(p.U[j * O + k] - p.U[i * O + k]);
+            w.adu[k] = std::fabs(w.du[k]);
+            w.lin[k] += w.du[k];
+        }
+        sadd = w.adu.data();
+    }
+    // crossing units: rows t >= 1 hold relu(x_t) - relu(z_i) (row 0, the reference, is not read by r2_stats)
+    const int lda = (nc + 7) / 8 * 8;
+    float* a = w.a.data();
+    for (int c = 0; c < nc; ++c) {
+        const int h = w.cross[c];
+        const float z0 = zi[h], dh = zj[h] - zi[h], a0 = std::max(z0, 0.0f);
+        a[c] = 0.0f;
+        for (int t = 1; t < T; ++t) a[(int64_t)t * lda + c] = std::max(std::fma(p.lam[t], dh, z0), 0.0f) - a0;
+    }
+    float* y = w.y.data();
+    if (nc > 0) {
+        gemm_idx(a, lda, T, kp, w.cross.data(), nc, np, p.wpack[0], y);
+    } else {
+        std::fill(y, y + (int64_t)T * np, 0.0f);
+    }
+    for (int t = 1; t < T; ++t) {
+        const __m256 l = _mm256_set1_ps(p.lam[t]);
+        for (int k = 0; k < np; k += 8)
+            _mm256_storeu_ps(y + (int64_t)t * np + k,
+                             _mm256_fmadd_ps(l, _mm256_loadu_ps(&w.lin[k]), _mm256_loadu_ps(y + (int64_t)t * np + k)));
+    }
+    r2_stats_all(y, T, np, O, p.lam_c, p.ll, 0, w.st.data(), w.rr.data(), w.am.data());
+    const float tol = p.const_rtol * p.eps;
+    double esum;
+    bool any_const;
+    const double sum = r2_finish(w.st.data(), w.rr.data(), p.wnorm, mmax_s * 1.0001f, p.wnorm + np + 8,
+                                 std::sqrt(m2_s) * 1.0001f, O, tol, p.eps, esum, any_const, sadd);
+    if (!any_const && (p.flag_tau <= 0.0f || esum / O <= p.flag_tau)) return (float)(sum / O);
+    gemv_rows1(w.mvec.data(), kp, K, np, p.wabs, w.scvec.data());
+    if (sadd != nullptr)
+        for (int k = 0; k < O; ++k) w.scvec[k] += sadd[k];
+    return r2_value(w.st.data(), w.rr.data(), w.scvec.data(), 1.0f, O, tol, p.eps, p.flag_tau);
 }
 
 void run_rows(const Problem& p, std::atomic<int64_t>* next_row) {
@@ -648,6 +835,7 @@ void run_rows(const Problem& p, std::atomic<int64_t>* next_row) {
     std::vector<float> zero_bias(width, 0.0f), scratch(2 * (size_t)kp0);
     std::vector<float> mvec(width + 8, 0.0f), scvec(width + 8, 0.0f);
     std::vector<float> st(width + 8, 0.0f), rr(width + 8, 0.0f), am(width + 8, 0.0f);  // per-output statistics
+    std::vector<float> du(width + 8, 0.0f), adu(width + 8, 0.0f);  // skip term u_j - u_i and |u_j - u_i|
     float mmax_s = 0.0f, m2_s = 0.0f;  // max_h m_h and |m|_2 of the last pair (centred path)
     const int wn2_off = p.np[S - 1] + 8;  // wnorm holds sum_h |W_kh| then sqrt(sum_h W_kh^2)
     // Offset-free last projection (no trailing activation): rows t != mid of its input become
@@ -659,10 +847,17 @@ void run_rows(const Problem& p, std::atomic<int64_t>* next_row) {
     const float tol = p.const_rtol * p.eps;
     const int u0_code = p.act_off[1] > p.act_off[0] ? p.act_code[p.act_off[1] - 1] : ACT_IDENTITY;
     const float u0_slope = p.act_off[1] > p.act_off[0] ? p.act_slope[p.act_off[1] - 1] : 0.0f;
+    // one ReLU stage, centred: only the units crossing 0 go through the GEMM (relu_pair)
+    const bool relu1 = S == 1 && centred && p.act_off[1] - p.act_off[0] == 1 && p.act_code[p.act_off[0]] == ACT_RELU;
+    std::unique_ptr<ReluWork> rw(relu1 ? new ReluWork(T, kp0, p.np[0]) : nullptr);
     for (;;) {
         int64_t i = next_row->fetch_add(1);
         if (i >= p.n - 1) break;
         const float* zi = p.z + i * kp0;
+        if (relu1) {
+            for (int64_t j = i + 1; j < p.n; ++j) p.L[i * p.n + j] = relu_pair(p, i, j, *rw);
+            continue;
+        }
         for (int64_t j = i + 1; j < p.n; ++j) {
             const float* zj = p.z + j * kp0;
             for (int q = 0; q < kp0; q += 8)
@@ -782,6 +977,20 @@ void run_rows(const Problem& p, std::atomic<int64_t>* next_row) {
                                              _mm256_sub_ps(_mm256_loadu_ps(x + t * kp + q), _mm256_loadu_ps(xm + q)));
                     }
                     gemm(x, T, kp, p.kin[s], p.np[s], p.wpack[s], zero_bias.data(), y);
+                    if (p.U != nullptr) {
+                        // skip term, exact and linear in lam: row t (centred on row 0) gains lam_t (u_j - u_i); the
+                        // difference is taken in float64 (no cancellation of a large common u), rounded once.
+                        const int O = p.out_dim, ldy = p.np[s];
+                        for (int k = 0; k < O; ++k) {
+                            du[k] = (float)(p.U[j * O + k] - p.U[i * O + k]);
+                            adu[k] = std::fabs(du[k]);
+                        }
+                        for (int t = 0; t < T; ++t) {
+                            if (t == mid) continue;
+                            const float l = p.lam[t];
+                            for (int k = 0; k < O; ++k) y[(int64_t)t * ldy + k] += l * du[k];
+                        }
+                    }
                 } else {
                     if (s == S - 1)  // trailing activations: the last Linear's output rounding scale into scvec
                         trailing_pre_scale(x, T, p.kp[s], p.kin[s], p.np[s], zi, zj, S == 1, p.wabs, p.bias[s],
@@ -801,12 +1010,15 @@ void run_rows(const Problem& p, std::atomic<int64_t>* next_row) {
                 // clears (no constant output, estimate <= flag_tau) has the same L_ij with the exact scale.
                 double esum;
                 bool any_const;
+                const float* sadd = p.U != nullptr ? adu.data() : nullptr;  // the skip term's rounding scale
                 const double sum = r2_finish(st.data(), rr.data(), p.wnorm, mmax_s * 1.0001f, p.wnorm + wn2_off,
-                                             m2_s * 1.0001f, p.out_dim, tol, p.eps, esum, any_const);
+                                             m2_s * 1.0001f, p.out_dim, tol, p.eps, esum, any_const, sadd);
                 if (!any_const && (p.flag_tau <= 0.0f || esum / p.out_dim <= p.flag_tau)) {
                     v = (float)(sum / p.out_dim);
                 } else {
                     gemv_rows1(mvec.data(), p.kp[S - 1], p.kin[S - 1], p.np[S - 1], p.wabs, scvec.data());
+                    if (sadd != nullptr)
+                        for (int k = 0; k < p.out_dim; ++k) scvec[k] += adu[k];
                     v = r2_value(st.data(), rr.data(), scvec.data(), 1.0f, p.out_dim, tol, p.eps, p.flag_tau);
                 }
             } else {  // trailing activations: the scale carried through them (trailing_acts)
@@ -866,6 +1078,7 @@ struct Pairs64 {
     const double* ez;           // [n, kp[0]] exp(-z), silu(z), max |z_i| <= CHAIN_ZMAX (SiLU chain) or nullptr
     const double* sz;
     const uint8_t* ez_ok;
+    const double* U;            // [n, out_dim] skip term u_i (centred tails only) or nullptr
 };
 
 inline double sigmoid64(double x) {  // through e^{-|x|}: no overflow, relative accuracy for both signs
@@ -915,7 +1128,7 @@ void apply_acts64(double* x, int64_t count, const int* codes, const double* slop
 }
 
 struct Work64 {  // one thread's buffers
-    std::vector<double> xa, xb, d, scratch, mv, sc, st, rr, am, zero;
+    std::vector<double> xa, xb, d, scratch, mv, sc, st, rr, am, zero, adu;
     explicit Work64(const Pairs64& p) {
         int width = p.kp[0];
         for (int s = 0; s < p.n_stages; ++s) width = std::max(width, std::max(p.kp[s], p.np[s]));
@@ -923,7 +1136,7 @@ struct Work64 {  // one thread's buffers
         xb.assign((size_t)p.T * width + 8, 0.0);
         d.assign(p.kp[0], 0.0);
         scratch.assign(2 * (size_t)p.kp[0], 0.0);
-        for (auto* v : {&mv, &sc, &st, &rr, &am, &zero}) v->assign(width + 8, 0.0);
+        for (auto* v : {&mv, &sc, &st, &rr, &am, &zero, &adu}) v->assign(width + 8, 0.0);
     }
 };
 
@@ -1052,11 +1265,12 @@ void r2_stats64_all(const double* y, int T, int ld, int O, const double* lam_c, 
 }
 
 // Mean over the first O outputs of r2_k, 1 where std_k <= tol f sc[k] (the constant-path rule; any_const: it fired).
-double r2_mean64(const double* st, const double* rr, const double* sc, double f, int O, double tol, bool& any_const) {
+double r2_mean64(const double* st, const double* rr, const double* sc, double f, int O, double tol, bool& any_const,
+                 const double* sadd = nullptr) {
     double sum = 0.0;
     any_const = false;
     for (int k = 0; k < O; ++k) {
-        const bool c = st[k] <= tol * (f * sc[k]);
+        const bool c = st[k] <= tol * (f * sc[k] + (sadd != nullptr ? sadd[k] : 0.0));
         any_const = any_const || c;
         sum += c ? 1.0 : rr[k];
     }
@@ -1117,14 +1331,23 @@ double pair_value64(const Pairs64& p, int64_t i, int64_t j, Work64& w) {
     }
     for (int o = 0; o < ld; ++o) y[o] = 0.0;  // row 0: y_0 - y_0
     gemm(x + kp, T - 1, kp, p.kin[S - 1], ld, p.wpack[S - 1], w.zero.data(), y + ld);
+    double* adu = nullptr;
+    if (p.U != nullptr) {  // skip term: row t gains lam_t (u_j - u_i); its rounding scale |u_j - u_i|
+        adu = w.adu.data();
+        for (int k = 0; k < O; ++k) {
+            const double dk = p.U[j * O + k] - p.U[i * O + k];
+            adu[k] = std::fabs(dk);
+            for (int t = 1; t < T; ++t) y[(int64_t)t * ld + k] += p.lam[t] * dk;
+        }
+    }
     r2_stats64_all(y, T, ld, O, p.lam_c, p.ll, w.st.data(), w.rr.data(), w.am.data());
     // First with the bound scale_k <= max_h mv_h sum_h |W_kh| (a larger scale only fires the rule more, so a pair it
     // clears has the same L_ij with the exact scale); the exact sum_h mv_h |W_kh| only when it fires.
-    const double v = r2_mean64(w.st.data(), w.rr.data(), p.wsum, mmax * (1.0 + 1e-12), O, tol, any_const);
+    const double v = r2_mean64(w.st.data(), w.rr.data(), p.wsum, mmax * (1.0 + 1e-12), O, tol, any_const, adu);
     if (!any_const) return v;
     if (chain) chain_scale64(p, zi, d, x, w.mv.data());
     gemm(w.mv.data(), 1, kp, p.kin[S - 1], ld, p.wabs, w.zero.data(), w.sc.data());
-    return r2_mean64(w.st.data(), w.rr.data(), w.sc.data(), 1.0, O, tol, any_const);
+    return r2_mean64(w.st.data(), w.rr.data(), w.sc.data(), 1.0, O, tol, any_const, adu);
 }
 
 // Workers never let an exception escape a std::thread: they record it and stop everyone's work.
@@ -1205,12 +1428,12 @@ extern "C" int gm_connectivity_mlp(
     int64_t n, int T, int n_stages, const int* kp, const int* kin, const int* np, const float* const* wpack,
     const float* const* bias, const int* act_off, const int* act_code, const float* act_slope, int out_dim,
     const float* z, const float* lam, const float* lam_c, float ll, float eps, float const_rtol, float* L,
-    int n_threads, const float* wabs, const float* wnorm, float flag_tau) {
+    int n_threads, const float* wabs, const float* wnorm, float flag_tau, const double* U) {
     // Returns 0 on success, 2 when memory ran out, 3 on any other C++ exception (never throws across the C ABI).
     std::atomic<int> error{0};
     try {
         Problem p{n, T, n_stages, kp, kin, np, wpack, bias, act_off, act_code, act_slope, out_dim,
-                  z, lam, lam_c, ll, eps, const_rtol, L, nullptr, nullptr, nullptr, wabs, wnorm, flag_tau, &error};
+                  z, lam, lam_c, ll, eps, const_rtol, L, nullptr, nullptr, nullptr, wabs, wnorm, flag_tau, &error, U};
         std::vector<float> ez, sz;
         std::vector<uint8_t> ez_ok;
         if (T <= CHAIN_TMAX && act_off[1] - act_off[0] == 1 && act_code[act_off[0]] == ACT_SILU) {
@@ -1251,12 +1474,12 @@ extern "C" int gm_mlp_f64(
     const int* kin, const int* np, const double* const* wpack, const double* const* bias, const int* act_off,
     const int* act_code, const double* act_slope, int out_dim, const double* z, const double* lam,
     const double* lam_c, double ll, double eps, double const_rtol, double* out, int n_threads, const double* wabs,
-    const double* wsum) {
+    const double* wsum, const double* U) {
     // float64 L of every pair of the n rows of z into out[n, n] (pi == nullptr) or of the listed pairs into
     // out[n_pairs]; 0 on success, 2 out of memory, 3 any other failure (never throws across the C ABI).
     try {
         Pairs64 p{n_pairs, pi, pj, n, T, n_stages, kp, kin, np, wpack, bias, act_off, act_code, act_slope, out_dim,
-                  z, lam, lam_c, ll, eps, const_rtol, out, wabs, wsum, nullptr, nullptr, nullptr};
+                  z, lam, lam_c, ll, eps, const_rtol, out, wabs, wsum, nullptr, nullptr, nullptr, U};
         return run64(p, n_threads);
     } catch (const std::bad_alloc&) {
         return 2;

@@ -128,10 +128,10 @@ def _build() -> ctypes.CDLL:
         raise RuntimeError("the CPU lacks AVX2/FMA")
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     lib.gm_connectivity_mlp.restype = ctypes.c_int
-    lib.gm_connectivity_mlp.argtypes = [i64, i32, i32, p, p, p, p, p, p, p, p, i32, p, p, p, f32, f32, f32, p, i32, p, p, f32]
+    lib.gm_connectivity_mlp.argtypes = [i64, i32, i32, p, p, p, p, p, p, p, p, i32, p, p, p, f32, f32, f32, p, i32, p, p, f32, p]
     f64 = ctypes.c_double
     lib.gm_mlp_f64.restype = ctypes.c_int
-    lib.gm_mlp_f64.argtypes = [i64, i64, p, p, i32, i32, p, p, p, p, p, p, p, p, i32, p, p, p, f64, f64, f64, p, i32, p, p]
+    lib.gm_mlp_f64.argtypes = [i64, i64, p, p, i32, i32, p, p, p, p, p, p, p, p, i32, p, p, p, f64, f64, f64, p, i32, p, p, p]
     lib.gm_affine_f64.restype = ctypes.c_int
     lib.gm_affine_f64.argtypes = [i64, i32, i32, p, p, p, p]
     _state["path"] = str(lib_path)
@@ -214,6 +214,13 @@ def unsupported_reason(spec: MLPTail, device: torch.device, dtype: torch.dtype) 
     return _shared_reason(spec, device)
 
 
+def _skip_reason(spec: MLPTail) -> str | None:
+    """A skip term (lowered tails) needs the centred last projection: a tail ending in a Linear."""
+    if spec.skip is not None and spec.final:
+        return "a skip term needs a tail that ends in a Linear (no trailing activation)"
+    return None
+
+
 def _shared_reason(spec: MLPTail, device: torch.device) -> str | None:
     """What every entry point (the fp32 and fp64 kernels, the fp64 pair recompute) needs: the CPU, a Linear
     after the first activation, the switch on, the library built."""
@@ -221,6 +228,8 @@ def _shared_reason(spec: MLPTail, device: torch.device) -> str | None:
         return f"h is on {device}, not the CPU"
     if not spec.stages:
         return "the tail has no Linear after its first activation"
+    if _skip_reason(spec) is not None:
+        return _skip_reason(spec)
     if os.environ.get(_ENV_SWITCH, "1") in ("0", "false", "False"):
         return f"disabled by {_ENV_SWITCH}=0"
     if _library() is None:
@@ -307,7 +316,7 @@ def _threads(num_threads: int | None) -> int:
 
 
 def connectivity_cpu(z: torch.Tensor, spec: MLPTail, n_lambda: int, num_threads: int | None = None,
-                     flag: bool = False) -> torch.Tensor:
+                     flag: bool = False, u: torch.Tensor | None = None) -> torch.Tensor:
     """Connectivity matrix of an MLP tail from the absorbed representations, fused on the CPU.
 
     Args:
@@ -318,6 +327,8 @@ def connectivity_cpu(z: torch.Tensor, spec: MLPTail, n_lambda: int, num_threads:
         flag: float32 only: write ``_policy.FLAGGED`` for pairs whose estimated fp32 error exceeds
             ``_policy.FLAG_KAPPA`` (``core`` recomputes them in fp64). The estimate is that of the torch path with a
             coarser rounding scale per hidden unit (``max_t |a| (1 + max(|z_i|, |z_j|))``). float64 never flags.
+        u: ``(N, O)`` skip term ``u = W_skip h`` (float64; ``spec.skip_values(h)``), required when ``spec.skip`` is
+            set: each pair's output gains ``lam (u_j - u_i)``, the difference taken in float64.
 
     Returns:
         ``(N, N)`` matrix ``L`` in ``z``'s dtype: symmetric, unit diagonal, entries in ``[0, 1]``.
@@ -343,8 +354,9 @@ def connectivity_cpu(z: torch.Tensor, spec: MLPTail, n_lambda: int, num_threads:
         if lin.in_features != width:
             raise ValueError(f"tail stage expects {lin.in_features} features but receives {width}")
         width = lin.out_features
+    u64 = _skip_array(spec, u, z.shape[0])
     if z.dtype == torch.float64:
-        return torch.from_numpy(_run_f64(lib, z.detach().numpy(), spec, None, None, n_lambda, num_threads))
+        return torch.from_numpy(_run_f64(lib, z.detach().numpy(), spec, None, None, n_lambda, num_threads, u64))
     n, h0 = z.shape
     pk = _Packed(spec, torch.float32)
     zp = torch.zeros(n, pk.kps[0], dtype=torch.float32)
@@ -356,13 +368,25 @@ def connectivity_cpu(z: torch.Tensor, spec: MLPTail, n_lambda: int, num_threads:
     rc = lib.gm_connectivity_mlp(
         n, n_lambda, *pk.head(), zp.data_ptr(), lam32.data_ptr(), lam_c.data_ptr(), ll,
         torch.finfo(torch.float32).eps, CONST_RTOL, out.data_ptr(), _threads(num_threads), pk.wabs.data_ptr(),
-        pk.wnorm.data_ptr(), FLAG_KAPPA if flag else 0.0,
+        pk.wnorm.data_ptr(), FLAG_KAPPA if flag else 0.0, None if u64 is None else u64.ctypes.data,
     )
     if rc == 2:
         raise MemoryError(f"fused CPU kernel ran out of memory (N={n}, widths {[*pk.kins, pk.out_dim]})")
     if rc != 0:
         raise RuntimeError(f"fused CPU kernel failed with code {rc}")
     return out
+
+
+def _skip_array(spec: MLPTail, u: torch.Tensor | np.ndarray | None, n: int) -> np.ndarray | None:
+    """``u`` as the kernel reads it: a C-contiguous float64 ``(n, O)`` array, or ``None`` without a skip term."""
+    if spec.skip is None:
+        return None
+    if u is None:
+        raise ValueError("this tail has a skip term: pass u = spec.skip_values(h)")
+    arr = np.ascontiguousarray(u.detach().cpu().numpy() if isinstance(u, torch.Tensor) else u, dtype=np.float64)
+    if arr.shape != (n, spec.stages[-1][1].out_features):
+        raise ValueError(f"u must be (N, O) = ({n}, {spec.stages[-1][1].out_features}); got {arr.shape}")
+    return arr
 
 
 def pairs_f64_unsupported(spec: MLPTail, device: torch.device) -> str | None:
@@ -404,17 +428,21 @@ def pairs_f64(h: torch.Tensor, spec: MLPTail, i: torch.Tensor, j: torch.Tensor, 
     if n_pairs == 0:
         return torch.from_numpy(np.empty(0, dtype=np.float64))
     rows, inv = np.unique(pij, return_inverse=True)  # absorb only the rows that occur
+    spec = spec.exact or spec  # a lowered tail's float64 twin (its folded weights never rounded to float32)
     hd = h.detach()
     hn = hd.numpy() if hd.dtype in (torch.float32, torch.float64) else hd.to(torch.float64).numpy()
+    if spec.select is not None:
+        hn = hn[:, spec.select[0]:spec.select[1]]
     z = np.ascontiguousarray(hn[rows], dtype=np.float64)
+    u = None if spec.skip is None else z @ spec.skip.to(torch.float64).numpy().T  # before absorbing: W_skip h_sel
     for lin in spec.pre:
         z = _affine_f64(lib, z, lin)
     pi, pj = np.ascontiguousarray(inv[:n_pairs], dtype=np.int64), np.ascontiguousarray(inv[n_pairs:], dtype=np.int64)
-    return torch.from_numpy(_run_f64(lib, z, spec, pi, pj, n_lambda, num_threads))
+    return torch.from_numpy(_run_f64(lib, z, spec, pi, pj, n_lambda, num_threads, _skip_array(spec, u, z.shape[0])))
 
 
 def _run_f64(lib: ctypes.CDLL, z: np.ndarray, spec: MLPTail, pi: np.ndarray | None, pj: np.ndarray | None,
-             n_lambda: int, num_threads: int | None) -> np.ndarray:
+             n_lambda: int, num_threads: int | None, u: np.ndarray | None = None) -> np.ndarray:
     """The float64 kernel on the rows of ``z`` (``(n, H0)``, absorbed): ``L`` ``(n, n)`` when ``pi`` is ``None``,
     else the ``(P,)`` values of the pairs ``(pi[p], pj[p])``."""
     pk = _Packed(spec, torch.float64)
@@ -434,7 +462,7 @@ def _run_f64(lib: ctypes.CDLL, z: np.ndarray, spec: MLPTail, pi: np.ndarray | No
     rc = lib.gm_mlp_f64(
         n, n_pairs, p_i, p_j, n_lambda, *pk.head(), zp.ctypes.data, lam.ctypes.data, lam_c.ctypes.data, ll,
         float(np.finfo(np.float64).eps), CONST_RTOL, out.ctypes.data, _threads(num_threads), pk.wabs.data_ptr(),
-        pk.wnorm.data_ptr(),
+        pk.wnorm.data_ptr(), None if u is None else u.ctypes.data,
     )
     if rc == 2:
         raise MemoryError(f"fp64 CPU kernel ran out of memory (N={n}, widths {[*pk.kins, pk.out_dim]})")

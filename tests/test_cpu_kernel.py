@@ -220,7 +220,7 @@ def test_kernel_allocation_failure_is_a_python_exception() -> None:
         "rc = lib.gm_connectivity_mlp(n, T, 1, ctypes.addressof(kp), ctypes.addressof(kin), ctypes.addressof(np_),"
         " ctypes.addressof(wp), ctypes.addressof(bp), ctypes.addressof(off), ctypes.addressof(codes),"
         " ctypes.addressof(sl), 1, z.data_ptr(), lam.data_ptr(), lc.data_ptr(), 1.0, 1e-7, 16.0, out.data_ptr(), 2,"
-        " w.data_ptr(), w.data_ptr(), 0.0)\n"
+        " w.data_ptr(), w.data_ptr(), 0.0, None)\n"
         "print('rc', rc)\n"
     )
     proc = subprocess.run([*PYTHON, "-c", code], capture_output=True, text=True, timeout=300,

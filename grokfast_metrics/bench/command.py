@@ -118,6 +118,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--sweep-throughput", action="store_true",
         help="instead of the LMN rows: runs per hour of a 16-run sweep grid (add, LMN every 100 steps on 128 inputs; "
              "--quick: 4 runs) trained sequentially, with sweep --engine local and with sweep --batched, in this run")
+    add("--dropin", action="store_true",
+        help="only lmn_at on the test models shaped like the public grokking codebases (tests/models.py): each timed "
+             "before/after (the tail lowered into the fused kernel vs the generic path) in this run, µs per pair and "
+             "the fraction of the matmul roof for lowered tails; N from --n (default 961 for the Nanda-style tail)")
     add("--sweep-steps", type=int, default=None, help="steps per run of --sweep-throughput (default 2000, --quick 200)")
     add("--sweep-workers", type=int, default=2, help="processes of the two sweep modes of --sweep-throughput (default 2)")
     return parser
@@ -229,6 +233,10 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.async_tracking:
         return _run_async_tracking(args, device)
+    if args.dropin:
+        from .dropin import run_dropin
+
+        return run_dropin(n=(args.n or [961])[0], n_lambda=args.n_lambda, quiet=args.no_progress)
     try:
         rows = run_benchmarks(config_from_args(args, device), device)
     except ValueError as e:
