@@ -148,7 +148,7 @@ def _amp(x, ACT: tl.constexpr):
 
 
 #: max over x < 0 of |act(x)| (1 + g(x)) for SiLU (0.72 at x = -1.85), GELU (0.67), GELU-tanh (0.35), rounded up
-_NEG_PEAK = 0.8
+_NEG_PEAK = tl.constexpr(0.8)
 
 
 @triton.jit
