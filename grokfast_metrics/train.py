@@ -213,7 +213,7 @@ def preflight(cfg: TrainConfig) -> None:
     from ._policy import available_bytes
     from .core import resolve_backend
 
-    task = make_task(cfg.task, cfg.train_fraction, cfg.seed)
+    task = make_task(cfg.task, cfg.train_fraction, cfg.seed, cfg.p)
     need, free = estimate_bytes(cfg, task), available_bytes(cfg.device)
     if free is not None and need > free:
         raise MemoryError(
@@ -221,6 +221,10 @@ def preflight(cfg: TrainConfig) -> None:
             f"gradients, AdamW moments and filter state, and the activations) but {cfg.device} has {free / 2**30:.1f} GiB "
             "available (free memory, the address-space and cgroup limits); use a smaller --hidden / --embed-dim")
     if not cfg.lmn_every:
+        return
+    if cfg.model == "transformer":  # measured through lmn_at: its cut check and one LMN on two inputs
+        model = build_model(task, cfg, torch.device(cfg.device))
+        track_transformer_lmn(model, task.x[:2].to(cfg.device), list(cfg.lmn_layers), cfg.n_lambda, cfg.lmn_backend)()
         return
     small = TrainConfig(**{**asdict(cfg), "embed_dim": min(cfg.embed_dim, 8), "hidden": min(cfg.hidden, 8)})
     model = build_model(task, small, torch.device(cfg.device))

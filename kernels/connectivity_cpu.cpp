@@ -642,14 +642,15 @@ inline __m256 first_stage_scale(__m256 m, __m256 zi, __m256 zj, int code, float 
     __m256 mv = _mm256_fmadd_ps(m, _mm256_add_ps(_mm256_set1_ps(2.0f), G), _mm256_mul_ps(s, R));
     if (smooth) mv = _mm256_fmadd_ps(_mm256_set1_ps(kFloor), _mm256_add_ps(one, R), mv);
     return mv;
+}
 
 // ---------------------------------------------------------------------------------------------
 // One ReLU stage, centred (a lowered transformer MLP, or a depth-1 ReLU tail): ReLU is linear on each side of 0 and
 // the path x_t = z_i + lam_t d is a segment, so a hidden unit with both ends <= 0 is 0 along the whole path, one with
 // both ends > 0 is exactly z_i + lam_t d (its centred contribution lam_t W_k d_h enters like the skip term), and only
 // the units whose ends differ in sign ("crossing") need the [T, K] GEMM. Exact; the rounding scale m_h, the flags
-// and the constant rule are those of the general centred path (m_h = max(relu(z_i), relu(z_j)) (1 + max |z|):
-// max_t relu(x_t) is at an end of the segment).
+// and the constant rule are those of the general centred path (first_stage_scale for ReLU, with m = max_t relu(x_t),
+// which is at an end of the segment).
 
 // C[T, np] = A[T, :K] @ W^T[idx[0..K), :] (no bias): the GEMM of gemm() over the rows idx of the packed W^T.
 template <int R, int NV>
