@@ -110,7 +110,7 @@ def check_restorable(cfg: TrainConfig, state: dict, path: Path) -> None:
     try:
         if not isinstance(state["step"], int) or not isinstance(state["rows"], int) or state["step"] < 0:
             raise ValueError(f"step {state['step']!r} / rows {state['rows']!r} are not counts")
-        model = build_model(make_task(cfg.task, cfg.train_fraction, cfg.seed), cfg, torch.device("cpu"))
+        model = build_model(make_task(cfg.task, cfg.train_fraction, cfg.seed, cfg.p), cfg, torch.device("cpu"))
         model.load_state_dict(state["model"])
         shapes = {name: p.shape for name, p in model.named_parameters()}
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)

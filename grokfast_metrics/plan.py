@@ -250,6 +250,7 @@ class Plan:
                     self.reason = (f"{why_not}; torch.fx cannot trace the model ({why.split('(', 1)[-1].rstrip(')')}), "
                                    f"but the model returns {inner!r}'s output as it is and {inner!r} traces: the "
                                    f"layers after {self.at!r} inside it run alone")
+                    self._lower()
                     self._prune(gm, act)
                     self.affine = (_tail_kind(gm) <= _AFFINE and _selector_affine(self.output)) or None
                     return
@@ -440,28 +441,9 @@ class Plan:
 
         if self.path == "split" and self.pruned and backend == "reference":
             # the yardstick runs every position: it checks the pruning too
-            return connectivity(h, self.full_tail, n_lambda, backend, chunk_bytes=chunk_bytes)
-        if self.path == "split" and self.pruned:
-            h_run, tail = h, self.tail
-            if self.sliced_tail is not None:   # the tail reads h at one position only: interpolate that position
-                k, p = self.sliced
-                h_run, tail = act.narrow(k, p, 1).movedim(self.batch_dim, 0).reshape(self.n, -1), self.sliced_tail
-            y_end = generic.end_outputs(tail, h_run, _param_dtype(tail, h_run.dtype), y.dtype)
-            if _agrees(y_end, y):
-                if chunk_bytes is None and h_run.device.type == "cpu":
-                    chunk_bytes = PRUNED_CHUNK_BYTES_CPU
-                return connectivity(h_run, tail, n_lambda, backend, chunk_bytes=chunk_bytes)
-            # the pruned graph does not reproduce the model: every position from now on
-            self.tail, self.pruned, self.sliced_tail = self.full_tail, False, None
-            self.reason = self.reason.replace("; pruned to the positions the selected logits depend on",
-                                              "; the pruned tail disagreed with the model: every position runs")
-        if self.path == "split":
-            y_end = generic.end_outputs(self.tail, h, _param_dtype(self.tail, h.dtype), y.dtype)
-            if not _agrees(y_end, y):
-                # the traced graph does not reproduce the model (e.g. an in-place op it lost): hooks from now on
-                self.path, self.tail, self.affine = "hooks", _HookTail(self), None
-                self.reason = ("the traced tail's outputs differed from the model's on the probe (e.g. an op "
-                               "torch.fx lost): the whole model re-runs with at's output replaced")
+            L = connectivity(h, self.full_tail, n_lambda, backend, chunk_bytes=chunk_bytes)
+            self.ran = f"split, generic ({core.last_run_info().get('backend')}); backend={backend!r} (every position)"
+            return L
         low = self.lowering if self.path == "split" else None
         if low is not None and low.tail is not None and backend not in ("reference", "triton"):
             low = self._lower()  # the folded weights follow the model's (re-folded when a parameter changed)
@@ -479,6 +461,30 @@ class Plan:
                 L = connectivity(h, low.tail, n_lambda, backend, chunk_bytes=chunk_bytes)
                 self.ran = f"split, lowered ({core.last_run_info().get('backend')}): {low.reason}"
                 return L
+        if self.path == "split" and self.pruned:
+            h_run, tail = h, self.tail
+            if self.sliced_tail is not None:   # the tail reads h at one position only: interpolate that position
+                k, p = self.sliced
+                h_run, tail = act.narrow(k, p, 1).movedim(self.batch_dim, 0).reshape(self.n, -1), self.sliced_tail
+            y_end = generic.end_outputs(tail, h_run, _param_dtype(tail, h_run.dtype), y.dtype)
+            if _agrees(y_end, y):
+                if chunk_bytes is None and h_run.device.type == "cpu":
+                    chunk_bytes = PRUNED_CHUNK_BYTES_CPU
+                L = connectivity(h_run, tail, n_lambda, backend, chunk_bytes=chunk_bytes)
+                why = "" if low is None else (f"; not lowered: {low.reason}" if low.tail is None else f"; backend={backend!r}")
+                self.ran = f"split, pruned, generic ({core.last_run_info().get('backend')}){why}"
+                return L
+            # the pruned graph does not reproduce the model: every position from now on
+            self.tail, self.pruned, self.sliced_tail = self.full_tail, False, None
+            self.reason = self.reason.replace("; pruned to the positions the selected logits depend on",
+                                              "; the pruned tail disagreed with the model: every position runs")
+        if self.path == "split":
+            y_end = generic.end_outputs(self.tail, h, _param_dtype(self.tail, h.dtype), y.dtype)
+            if not _agrees(y_end, y):
+                # the traced graph does not reproduce the model (e.g. an in-place op it lost): hooks from now on
+                self.path, self.tail, self.affine = "hooks", _HookTail(self), None
+                self.reason = ("the traced tail's outputs differed from the model's on the probe (e.g. an op "
+                               "torch.fx lost): the whole model re-runs with at's output replaced")
         L = connectivity(h, self.tail, n_lambda, backend, chunk_bytes=chunk_bytes)
         why = "" if low is None else (f"; not lowered: {low.reason}" if low.tail is None else f"; backend={backend!r}")
         self.ran = f"{self.path}, generic ({core.last_run_info().get('backend')}){why}"

@@ -184,7 +184,11 @@ class Phases:
 
 
 def n_parameters(cfg: TrainConfig, task: Task) -> int:
-    """Parameters of the model ``cfg`` builds for ``task`` (:class:`~grokfast_metrics.model.GrokMLP`), without building it."""
+    """Parameters of the model ``cfg`` builds for ``task`` (:class:`~grokfast_metrics.model.GrokMLP`, or an upper
+    bound for :class:`~grokfast_metrics.transformer.GrokTransformer`), without building it."""
+    if cfg.model == "transformer":  # embeddings (tokens and '=', 3 positions), Q K V O, the MLP, the unembedding
+        d, m, c = cfg.d_model, cfg.d_mlp, task.n_classes
+        return (task.n_tokens + 1 + 3) * d + 4 * d * d + 2 * d * m + m + d + d * c
     e, h, c = cfg.embed_dim, cfg.hidden, task.n_classes
     tables = task.n_tokens * e * (1 if cfg.embedding == "shared" else 2)
     return tables + (2 * e * h + h) + (h * h + h) + (h * c + c)
@@ -194,10 +198,12 @@ def estimate_bytes(cfg: TrainConfig, task: Task | None = None) -> int:
     """Memory a run of ``cfg`` needs, from the sizes alone: the weights, their gradients, AdamW's two moments and
     the Grokfast filter's state (one gradient for EMA, ``ma_window`` for MA), the activations of the full-batch
     forward and backward, and ``L`` of the probe."""
-    task = task if task is not None else make_task(cfg.task, cfg.train_fraction, cfg.seed)
+    task = task if task is not None else make_task(cfg.task, cfg.train_fraction, cfg.seed, cfg.p)
     elem = torch.empty((), dtype=TORCH_DTYPES[cfg.dtype]).element_size()
     copies = 4 + {"ema": 1, "ma": cfg.ma_window}.get(cfg.grokfast, 0)
     width = 2 * cfg.embed_dim + 4 * cfg.hidden + 2 * task.n_classes  # per sample: embeddings, hidden pre/post, logits
+    if cfg.model == "transformer":  # per sample, 3 positions: residual streams, Q K V, MLP pre/post, scores, logits
+        width = 3 * (6 * cfg.d_model + 2 * cfg.d_mlp + 3 * cfg.n_heads) + 2 * task.n_classes
     probe = task.n_inputs if not isinstance(cfg.probe, int) else min(int(cfg.probe), task.n_inputs)
     return n_parameters(cfg, task) * elem * copies + 3 * task.n_inputs * width * elem + 8 * probe * probe
 

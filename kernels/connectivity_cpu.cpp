@@ -626,7 +626,8 @@ inline __m256 first_stage_scale(__m256 m, __m256 zi, __m256 zj, int code, float 
             const float k = code == ACT_RELU ? 1.0f : std::max(1.0f, std::fabs(slope));
             s = _mm256_and_ps(_mm256_set1_ps(k), cross);
             const __m256 span = _mm256_and_ps(zi, absmask);
-            const float own = code == ACT_RELU ? 2.0f : 2.0f / std::min(1.0f, std::max(std::fabs(slope), 1e-30f));
+            // LeakyReLU(0) is ReLU: the same bound (the division below would make it infinite)
+            const float own = code == ACT_RELU || slope == 0.0f ? 2.0f : 2.0f / std::min(1.0f, std::fabs(slope));
             return _mm256_fmadd_ps(m, _mm256_set1_ps(own), _mm256_mul_ps(s, span));
         }
         case ACT_IDENTITY: s = one; smooth = false; break;
