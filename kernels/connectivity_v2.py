@@ -302,7 +302,10 @@ def launch_config(spec: MLPTail, dtype: torch.dtype, n_lambda: int, *, interpret
 
     ``M`` rows hold ``BP = min(8, M // T)`` pairs (``T = 21``: 128 rows, 6 pairs); ``H`` is padded to
     ``BLOCK_K``. The interpreter takes bigger tiles (up to 48 pairs, ``min(48, n - 1)``) and ``H`` in one
-    chunk: fewer Python-level steps. ``arch`` (as v1's) does not change v2's tiling.
+    chunk: fewer Python-level steps. ``arch`` (as v1's; ``None``: 90): on sm_80 the tf32x3 tiles read the path's
+    ends (``_pair_bounds``) in ``[BPP, 64]`` chunks, and the fp32 "ieee" tiles run on 8 warps on both archs: since
+    the moments became scale-free (``_pow2_above``) they spilled otherwise (8 warps do not help the tf32x3 tile:
+    it still spills on sm_80, and the ``[2 BPP, M]`` sums' MMAs would be repeated by the extra warps).
     """
     if not supported(spec, n_lambda):
         raise ValueError("v2 runs depth-1 tails without a trailing activation and n_lambda <= 128; use v1")
@@ -323,13 +326,14 @@ def launch_config(spec: MLPTail, dtype: torch.dtype, n_lambda: int, *, interpret
     h = v1.widths[0]
     block_k = max(BLOCK_K, triton.next_power_of_2(h)) if interpret else (BLOCK_K if hilo else min_dot_k(fp64))
     k0 = triton.cdiv(h, block_k) * block_k
+    sm80_hilo = hilo and not interpret and (arch or 90) < 90
     # pairs padded to a power of two; 2 BPP is the K of the per-pair sums' broadcast back (``_tile_stats``)
     bpp = triton.next_power_of_2(bp) if interpret else max(triton.next_power_of_2(bp), min_dot_k(fp64) // 2)
     const = {
         "T": n_lambda, "M": m, "BP": bp, "BPP": bpp, "BLOCK_K": block_k, "K0": k0, "PO": po,
         "O": c1["O"], "ACT": c1["ACT1"], "SLOPE": c1["SLOPE1"], "FAST_ACT": not fp64, "REL": APPROX_REL,
         "INTERP": interpret,
-        "BLOCK_KE": min(128, triton.next_power_of_2(k0)), "HILO": hilo, "PREC": prec,
+        "BLOCK_KE": min(64 if sm80_hilo else 128, triton.next_power_of_2(k0)), "HILO": hilo, "PREC": prec,
         "LL": (n_lambda - 1) * n_lambda * (n_lambda + 1) / 3.0,
         **{k: c1[k] for k in ("CONST_TOL", "EPS", "FLAG", "FLAG_KAPPA", "FLAGGED", "H_LAST")},
     }
@@ -338,8 +342,10 @@ def launch_config(spec: MLPTail, dtype: torch.dtype, n_lambda: int, *, interpret
     signature["tiles_ptr"] = "*i32"
     signature.update({"N": "i32", "n_tiles": "i32"})
     signature.update({name: "constexpr" for name in const})
-    # the fp64 / "ieee" tiles with a 16-wide K chunk (triton 3.6) spill at 4 warps: 8 halve each thread's share
-    warps = 8 if not (interpret or hilo) and block_k > 8 else 4
+    # the fp64 / "ieee" tiles with a 16-wide K chunk (triton 3.6) spill at 4 warps: 8 halve each thread's share;
+    # so do the fp32 "ieee" tiles with an 8-wide one (triton 3.9) since the scale-free moments
+    # (tests/test_triton_compile.py: 8 bytes of spills on sm_80, 32 on sm_90, on 4 warps)
+    warps = 8 if (not (interpret or hilo) and (block_k > 8 or not fp64)) else 4
     return LaunchConfig(const, signature, v1.widths, (k0, po), warps, 1)
 
 

@@ -203,7 +203,8 @@ def dynamic_counts(sass: Sass, loop_trip: list[int], warps: int) -> tuple[dict[s
     return pipes, fma
 
 
-def map_loops(sass: Sass, trips: list[int], warps: int, expected_fma: int) -> tuple[list[int], bool]:
+def map_loops(sass: Sass, trips: list[int], warps: int, expected_fma: int,
+              one_each: bool = False) -> tuple[list[int], bool]:
     """Trip counts for the SASS loops, and whether the MMA work they imply equals the kernel's ``expected_fma``.
 
     The compiler may unroll a short loop or add loops of its own, so the kernel's loops (``trips``) are
@@ -212,7 +213,10 @@ def map_loops(sass: Sass, trips: list[int], warps: int, expected_fma: int) -> tu
     does, the loops are taken by nesting (innermost first) and the estimate is marked unverified.
     """
     options = sorted(set(trips) | {1})
-    for assignment in itertools.product(options, repeat=len(sass.loops)):
+    # ``one_each`` (v2): first the assignments that give each kernel loop one SASS loop (a loop without MMAs,
+    # such as v2's ``_pair_bounds`` one, matches any trip count), then any
+    exact = [list(p) for p in itertools.permutations(trips)] if one_each and len(trips) == len(sass.loops) else []
+    for assignment in [*exact, *itertools.product(options, repeat=len(sass.loops))]:
         if math.isclose(dynamic_counts(sass, list(assignment), warps)[1], expected_fma, rel_tol=1e-9):
             return list(assignment), True
     return (trips + [1] * len(sass.loops))[: len(sass.loops)], False
@@ -241,7 +245,8 @@ def v2_tiles(n: int, bp: int) -> int:
 def schedule(cfg, variant: str, n: int, gpu: GPU) -> tuple[list, int, int, float]:
     """``(kernel loop trips innermost first, programs that compute, grid size, MMA multiply-adds per program)``.
 
-    v1: :func:`loop_trips`, :func:`active_programs`. v2: the ``K`` loop, then the persistent tile loop with
+    v1: :func:`loop_trips`, :func:`active_programs`. v2: the ``K`` loop, the ``_pair_bounds`` loop over ``K0`` in
+    ``BLOCK_KE`` chunks (when more than one), then the persistent tile loop with
     ``n_tiles / programs`` trips on average (``programs = min(n_tiles, 8 SMs)``, as ``default_programs``).
     """
     if variant == "v1":
@@ -253,7 +258,7 @@ def schedule(cfg, variant: str, n: int, gpu: GPU) -> tuple[list, int, int, float
     per = tiles / programs
     passes, sum_passes = (3, 2) if c["HILO"] else (1, 1)
     per_tile = c["M"] * c["K0"] * c["PO"] * passes + (2 + 2 * sum_passes) * 2 * c["BPP"] * c["M"] * c["PO"]
-    trips = [t for t in (c["K0"] // c["BLOCK_K"], per) if t > 1]
+    trips = [t for t in (c["K0"] // c["BLOCK_K"], -(-c["K0"] // c["BLOCK_KE"]), per) if t > 1]
     return trips, programs, programs, per * per_tile
 
 
@@ -273,7 +278,7 @@ def estimate(n: int, hidden: int, out: int, depth: int, arch: int, n_lambda: int
     text, res = sass_of(compiled)
     sass = parse_sass(text)
     trips, active, grid, expected_fma = schedule(cfg, variant, n, gpu)
-    loop_trip, verified = map_loops(sass, trips, cfg.num_warps, expected_fma)
+    loop_trip, verified = map_loops(sass, trips, cfg.num_warps, expected_fma, one_each=variant == "v2")
     pipes, mma_fma = dynamic_counts(sass, loop_trip, cfg.num_warps)
     threads = 32 * cfg.num_warps
     exit_instr = _instructions_before_exit(sass)
