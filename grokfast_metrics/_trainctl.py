@@ -69,16 +69,15 @@ class _Progress:
         self.bar.close()
 
 
-class _Signals:
-    """SIGINT and SIGTERM stop training the same way (as ``KeyboardInterrupt``); while the run's summary is
-    written (:meth:`deferred`) they are only recorded, so a second Ctrl-C cannot lose it.
+class SignalCatcher:
+    """SIGINT and SIGTERM handled by ``self._handle`` inside the ``with`` block (names recorded in ``received``).
 
-    Installed only in the main thread (elsewhere, signals are not ours to handle); restored on exit.
+    Installed only in the main thread (elsewhere, signals are not ours to handle); the old handlers restored on exit.
+    The trainer's :class:`_Signals` and the sweep's stop (``sweep.command._Stop``) say what a signal does.
     """
 
     def __init__(self):
         self.received: list[str] = []
-        self._defer = False
         self._old: dict[int, object] = {}
 
     def __enter__(self):
@@ -91,6 +90,19 @@ class _Signals:
         for sig, old in self._old.items():
             signal.signal(sig, old)
         self._old.clear()
+
+    def _handle(self, signum, frame):
+        raise NotImplementedError
+
+
+class _Signals(SignalCatcher):
+    """SIGINT and SIGTERM stop training the same way (as ``KeyboardInterrupt``); while the run's summary is
+    written (:meth:`deferred`) they are only recorded, so a second Ctrl-C cannot lose it.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._defer = False
 
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name

@@ -5,7 +5,6 @@ import argparse
 import os
 import signal
 import sys
-import threading
 import time
 import warnings
 from contextlib import ExitStack
@@ -13,6 +12,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 from .._dirlock import SWEEP_LOCK, DirLockedError, locked
+from .._trainctl import SignalCatcher
 from ..config import TrainConfig
 from ..runlog import RunLogError, RunWriteError, read_json
 from .engines import ENGINES, is_finished, run_sweep
@@ -128,25 +128,14 @@ def recorded_elsewise(runs: list[Run]) -> list[tuple[Run, str]]:
     return out
 
 
-class _Stop:
+class _Stop(SignalCatcher):
     """SIGINT and SIGTERM in the sweep's process: the first, while ``armed`` (the runs are going), raises
     ``KeyboardInterrupt`` (the sweep stops its runs and writes its outputs); any other is only recorded, so it cannot
     cut the outputs short. Main thread only."""
 
     def __init__(self):
-        self.received: list[str] = []
+        super().__init__()
         self.armed = True
-        self._old: dict = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
     def _handle(self, signum, frame):
         self.received.append(signal.Signals(signum).name)
