@@ -7,11 +7,13 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["grokfast_metrics", "grokfast_metrics.bench", "grokfast_metrics.kernels", "grokfast_metrics.sweep"],
+    packages=["grokfast_metrics", "grokfast_metrics.foundation", "grokfast_metrics.kernels", "grokfast_metrics.compute",
+              "grokfast_metrics.dropin", "grokfast_metrics.tracking", "grokfast_metrics.experiment", "grokfast_metrics.figures",
+              "grokfast_metrics.sweep", "grokfast_metrics.bench", "grokfast_metrics.cli"],
     package_dir={"grokfast_metrics": "grokfast_metrics", "grokfast_metrics.kernels": "kernels"},
     # the fused CPU kernel's C++ source, compiled on first use with the system compiler
-    package_data={"grokfast_metrics.kernels": ["connectivity_cpu.cpp"]},
-    # mpmath: grokfast_metrics.exact (50-digit yardstick); filelock: one sweep or run per output directory
+    package_data={"grokfast_metrics.kernels": ["cpu_fused.cpp"]},
+    # mpmath: grokfast_metrics.compute.exact (50-digit yardstick); filelock: one sweep or run per output directory
     install_requires=["torch>=2.1", "numpy", "scipy", "tqdm", "matplotlib", "mpmath", "filelock>=3.12"],
     extras_require={
         "triton": ["triton>=3.0"],
@@ -25,5 +27,5 @@ setup(
         "test": ["pytest", "pytest-benchmark", "hypothesis", "ruff", "triton>=3.0", "ray>=2.9", "torchmetrics>=1.0",
                  "tensorboard", "transformer-lens>=2.0,<4"],
     },
-    entry_points={"console_scripts": ["grokfast-metrics=grokfast_metrics.cli:main"]},
+    entry_points={"console_scripts": ["grokfast-metrics=grokfast_metrics.cli.main:main"]},
 )

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from grokfast_metrics import bench
-from grokfast_metrics._runtime import synchronize
+from grokfast_metrics.foundation.runtime import synchronize
 
 N_REF = 24
 LARGE = os.environ.get("GFM_BENCH_LARGE", "0") not in ("", "0")

@@ -27,9 +27,9 @@ BEFORE = {"nanda": "split", "grokfast": "split", "mamay": "hooks", "grok": "hook
 
 
 def time_plan(model, probe, at, *, prune: bool = True, path: str = "auto", repeats: int = 2, **kw) -> dict:
-    """Best of ``repeats`` seconds for one ``L`` through a :class:`~grokfast_metrics.dropin.Plan` (built and
+    """Best of ``repeats`` seconds for one ``L`` through a :class:`~grokfast_metrics.dropin.plan.Plan` (built and
     warmed first), and µs per pair. Returns ``{"path", "pruned", "reason", "seconds", "us_per_pair", "L"}``."""
-    from grokfast_metrics.dropin import Plan
+    from grokfast_metrics.dropin.plan import Plan
 
     plan = Plan(model, probe, at, path=path, **kw)
     plan.prune = prune

@@ -13,7 +13,8 @@ import pytest
 import torch
 from _gfm_bench import LARGE, check_or_refuse, median_s, needs_cuda, timed
 
-from grokfast_metrics import bench, reference
+from grokfast_metrics import bench
+from grokfast_metrics.compute import reference
 
 H, O, T = 100, 31, 21
 N_CPU = (64, 256) + ((961,) if LARGE else ())

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 import grokfast_metrics as gm
-from grokfast_metrics import dropin
+from grokfast_metrics.dropin.plan import Plan
 
 ROOT = Path(__file__).resolve().parents[1]
 ATS = ("layers.0", "layers.1")                  # first and last block
@@ -48,7 +48,7 @@ def run(model, probe, at: str, how: str) -> gm.LMNResult:
     """One LMN computation by ``how`` in ``("hooks_v1", "hooks", "auto")``."""
     if how != "hooks_v1":
         return gm.lmn_at(model, probe, at=at, output=LAST, batch_dim=1, path=how)
-    plan = dropin.Plan(model, probe, at, None, LAST, 1, path="hooks")
+    plan = Plan(model, probe, at, None, LAST, 1, path="hooks")
     with plan.running():
         y, act = plan.forward()
         plan.enforce_cut(act, y)

@@ -14,7 +14,7 @@ from _gfm_bench import LARGE, check_or_refuse, needs_cuda, timed
 
 import grokfast_metrics as gm
 from grokfast_metrics import bench
-from grokfast_metrics._runtime import synchronize
+from grokfast_metrics.foundation.runtime import synchronize
 
 H, O, T = 100, 31, 21
 DEVS = [("cpu", n) for n in (64, 256) + ((961,) if LARGE else ())] + [

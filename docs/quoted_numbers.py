@@ -17,8 +17,8 @@ import json
 import sys
 from pathlib import Path
 
-from grokfast_metrics.figures import generalizing_phase, pearson
-from grokfast_metrics.runlog import read_json, read_metrics
+from grokfast_metrics.experiment.runlog import read_json, read_metrics
+from grokfast_metrics.figures.run import generalizing_phase, pearson
 
 
 def _int(v: int | None) -> str | None:

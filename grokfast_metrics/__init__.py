@@ -6,25 +6,27 @@
 >>> res.lmn >= 1.0
 True
 
-The public names (and the submodules, ``gm.core``) are imported on first use: ``import grokfast_metrics``
-alone does not import torch, so the ``grokfast-metrics`` command answers Ctrl-C during its start-up
+The public names (and the layer packages, ``gm.compute``, ``gm.dropin``, ...) are imported on first use:
+``import grokfast_metrics`` alone does not import torch, so the ``grokfast-metrics`` command answers Ctrl-C during its start-up
 with one line (its ``main`` handles it) instead of a traceback from inside torch's import.
 """
 from __future__ import annotations
 
 import importlib
 
+from . import _moved  # noqa: F401  (installs the finder of the module paths from before the layer packages)
+
 __version__ = "0.1.0"
 
 #: public name -> the module that defines it
 _EXPORTS = {
-    "BACKENDS": "core",
-    "LMNResult": "core",
-    "connectivity": "core",
-    "lmn": "core",
-    "lmn_from_connectivity": "core",
-    "lmn_at": "dropin",
-    "LMNTracker": "tracker",
+    "BACKENDS": "compute.core",
+    "LMNResult": "compute.core",
+    "connectivity": "compute.core",
+    "lmn": "compute.core",
+    "lmn_from_connectivity": "compute.core",
+    "lmn_at": "dropin.measure",
+    "LMNTracker": "tracking.tracker",
 }
 
 __all__ = [
@@ -40,7 +42,11 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    """The public names and the submodules (``gm.core``, ``gm.dropin``, ...), imported on first access."""
+    """The public names and the subpackages (``gm.compute``, ``gm.dropin``, ...), imported on first access.
+
+    A module path from before the layer packages (``gm.core``, ``gm.tracker``, ...) still imports, with a
+    ``DeprecationWarning`` naming its new place (:mod:`grokfast_metrics._moved`).
+    """
     if name in _EXPORTS:
         value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
         globals()[name] = value

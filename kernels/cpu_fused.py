@@ -34,10 +34,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from grokfast_metrics._policy import CONST_RTOL, FLAG_KAPPA, check_fits, check_n_lambda, lambdas
-from grokfast_metrics._tail import ACT_CODES, MLPTail
+from grokfast_metrics.foundation.policy import CONST_RTOL, FLAG_KAPPA, check_fits, check_n_lambda, lambdas
+from grokfast_metrics.foundation.tail import ACT_CODES, MLPTail
 
-_SOURCE = Path(__file__).with_name("connectivity_cpu.cpp")
+_SOURCE = Path(__file__).with_name("cpu_fused.cpp")
 #: compiler flags; the activation codes of the C++ ``ActCode`` enum come from ``_tail.ACT_CODES``
 _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fno-math-errno"] + [
     f"-DGM_ACT_{name.upper()}={code}" for name, code in ACT_CODES.items()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import triton
 import triton.language as tl
 
-from .._tail import ACT_CODES
+from ..foundation.tail import ACT_CODES
 
 # Activation codes of the ``ACT*`` constexprs, from the one activation table (``_tail.ACTIVATIONS``).
 _SILU = tl.constexpr(ACT_CODES["silu"])

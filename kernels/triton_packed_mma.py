@@ -35,20 +35,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .._policy import check_fits
-from .._tail import MLPTail
-from ._triton_common import (
-    _SILU,
-    LaunchConfig,
-    _act_offset_free,
-    _centred_scale,
-    _end_bounds,
-    _pair_l,
-    _pow2_above,
-)
-from .connectivity import (
-    launch_config as _v1_launch_config,
-)
+from ..foundation.policy import check_fits
+from ..foundation.tail import MLPTail
+from .triton_common import _SILU, LaunchConfig, _act_offset_free, _centred_scale, _end_bounds, _pair_l, _pow2_above
+from .triton_rowblock import launch_config as _v1_launch_config
 
 #: Relative error the interpreter's emulation gives each approximate ``ex2`` / ``rcp``: an assumed budget of 2-4 fp32
 #: ulp (the PTX ISA's stated bounds for ``ex2.approx.ftz.f32`` / ``rcp.approx.ftz.f32`` are of that order); not
@@ -275,7 +265,7 @@ def _connectivity_v2_kernel(
 
 def supported(spec: MLPTail, n_lambda: int) -> bool:
     """Whether v2 runs ``spec``: a non-affine depth-1 tail without a trailing activation, ``T <= MAX_T``."""
-    from .connectivity import unsupported_reason
+    from .triton_rowblock import unsupported_reason
 
     return (not spec.is_affine and unsupported_reason(spec) is None and len(spec.stages) == 1 and not spec.final
             and n_lambda <= MAX_T)
@@ -389,7 +379,7 @@ def connectivity_v2(h: torch.Tensor, spec: MLPTail, n_lambda: int, *, input_prec
     :func:`supported` accepts). ``programs``: persistent grid size (default :func:`default_programs`)."""
     n = h.shape[0]
     dtype, dev = h.dtype, h.device
-    from .connectivity import kernel_is_interpreted
+    from .triton_rowblock import kernel_is_interpreted
 
     cfg = config or launch_config(spec, dtype, n_lambda, interpret=kernel_is_interpreted(),
                                   input_precision=input_precision, n=n)

@@ -26,9 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .._policy import CONST_RTOL, FLAG_KAPPA, FLAGGED
-from .._tail import IDENTITY, MLPTail
-from ._triton_common import (
+from ..foundation.policy import CONST_RTOL, FLAG_KAPPA, FLAGGED
+from ..foundation.tail import IDENTITY, MLPTail
+from .triton_common import (
     LaunchConfig,
     _act,
     _act_offset_free,
@@ -447,7 +447,7 @@ def connectivity_triton(
             "before triton is first imported in this process"
         )
     if config is None and kernel_variant(variant) == "v2":
-        from . import connectivity_v2 as v2
+        from . import triton_packed_mma as v2
 
         if v2.supported(spec, n_lambda):
             return v2.connectivity_v2(h, spec, n_lambda, input_precision=input_precision)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from grokfast_metrics._tail import ACTIVATIONS
+from grokfast_metrics.foundation.tail import ACTIVATIONS
 
 #: the repository's root
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ import torch
 from helpers import mlp_tail
 
 import grokfast_metrics as gm
-from grokfast_metrics.async_eigen import AsyncEigen, EigenStepError
+from grokfast_metrics.tracking.async_eigen import AsyncEigen, EigenStepError
 
 
 def _L(n: int, seed: int) -> torch.Tensor:

@@ -11,13 +11,14 @@ import time
 import numpy as np
 import pytest
 import torch
-from grokfast_metrics.kernels import connectivity_cpu as cpu_kernel
+from grokfast_metrics.kernels import cpu_fused as cpu_kernel
 from helpers import PYTHON
 from torch import nn
 
 import grokfast_metrics as gm
-from grokfast_metrics import bench, reference
-from grokfast_metrics.model import GrokMLP
+from grokfast_metrics import bench
+from grokfast_metrics.compute import reference
+from grokfast_metrics.experiment.model import GrokMLP
 
 TINY = bench.BenchConfig(ns=(5, 9), hiddens=(6,), depths=(1, 2), out=3, n_lambda=5, repeats=1, n_ref=5, n_naive=9,
                          max_row_seconds=60.0, roof_size=32, lmn_parts=True, train_n=None, progress=False)
@@ -404,5 +405,5 @@ def test_mlp_tail_layout_and_seed():
 
 
 def test_bench_does_not_import_the_trainer():
-    code = "import sys, grokfast_metrics.bench; sys.exit('grokfast_metrics.train' in sys.modules)"
+    code = "import sys, grokfast_metrics.bench; sys.exit('grokfast_metrics.experiment.trainer' in sys.modules)"
     assert subprocess.run([*PYTHON, "-c", code], check=False).returncode == 0

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from grokfast_metrics import complexity as cx
+from grokfast_metrics.experiment import complexity as cx
 
 
 def _mlp(seed=0):

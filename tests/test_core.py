@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import grokfast_metrics as gm
-from grokfast_metrics import reference
-from grokfast_metrics._tail import parse_tail
-from grokfast_metrics.torch_backend import triu_pair_chunks
+from grokfast_metrics.compute import reference
+from grokfast_metrics.compute.torch_paths import triu_pair_chunks
+from grokfast_metrics.foundation.tail import parse_tail
 
 TOL = [(torch.float32, 1e-5), (torch.float64, 1e-10)]
 

@@ -19,7 +19,7 @@ from helpers import Wrapped
 from torch import nn
 
 import grokfast_metrics as gm
-from grokfast_metrics import core, exact, reference
+from grokfast_metrics.compute import core, exact, reference
 
 ACTS = {"silu": nn.SiLU, "gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "tanh": nn.Tanh,
         "sigmoid": nn.Sigmoid, "leaky_relu": nn.LeakyReLU, "relu": nn.ReLU}
@@ -168,9 +168,9 @@ def test_leaky_relu_h_offset_generic(seed, width, deep, offset):
 
 def test_diverging_run_logs_the_exact_contract_value():
     """Row 4: ``train --lr 1e6``: step 1 logged LMN = the probe size; now the reference's value (or NaN)."""
-    from grokfast_metrics import train
-    from grokfast_metrics.config import TrainConfig
-    from grokfast_metrics.model import representations
+    from grokfast_metrics.experiment import trainer as train
+    from grokfast_metrics.experiment.config import TrainConfig
+    from grokfast_metrics.experiment.model import representations
 
     cfg = TrainConfig(lr=1e6, steps=1, probe="24", lmn_every=1, hidden=20, embed_dim=8).resolved()
     import tempfile

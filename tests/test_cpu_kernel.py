@@ -10,14 +10,15 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from grokfast_metrics.kernels import connectivity_cpu as kc
+from grokfast_metrics.kernels import cpu_fused as kc
 from helpers import ACTS, PYTHON, mlp_tail
 from torch import nn
 
 import grokfast_metrics as gm
-from grokfast_metrics import reference, torch_backend
-from grokfast_metrics._policy import FLAGGED
-from grokfast_metrics._tail import parse_tail
+from grokfast_metrics.compute import reference
+from grokfast_metrics.compute import torch_paths as torch_backend
+from grokfast_metrics.foundation.policy import FLAGGED
+from grokfast_metrics.foundation.tail import parse_tail
 
 ATOL = 1e-5  # fp32 vs float64 reference (SPEC §4)
 #: Direct kernel output with its flag on (FLAGGED pairs skipped: core recomputes them in fp64). The contract (1e-5)
@@ -149,7 +150,7 @@ def test_duplicate_rows_through_public_api() -> None:
 
 def test_kernel_is_compiled_with_the_activation_table() -> None:
     """The C++ ActCode enum takes its values from ``_tail.ACT_CODES`` (one -D flag per activation)."""
-    from grokfast_metrics._tail import ACT_CODES
+    from grokfast_metrics.foundation.tail import ACT_CODES
 
     assert {f"-DGM_ACT_{n.upper()}={c}" for n, c in ACT_CODES.items()} <= set(kc._FLAGS)
     assert len(set(ACT_CODES.values())) == len(ACT_CODES)
@@ -299,7 +300,7 @@ def test_fp64_constant_paths_and_regimes() -> None:
     """Dead ReLU units give L = 1 exactly; every regime of the correctness issue in fp64 against the exact value."""
     from regimes import REGIMES, regime
 
-    from grokfast_metrics import exact
+    from grokfast_metrics.compute import exact
 
     tail = make_tail(3, [8, 2], "relu").double()
     with torch.no_grad():

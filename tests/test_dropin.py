@@ -8,8 +8,9 @@ from helpers import Wrapped, load_example, mlp_tail
 from torch import nn
 
 import grokfast_metrics as gm
-from grokfast_metrics import generic, reference, torch_backend
-from grokfast_metrics.dropin import check_cut
+from grokfast_metrics.compute import generic, reference
+from grokfast_metrics.compute import torch_paths as torch_backend
+from grokfast_metrics.dropin.measure import check_cut
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -69,7 +70,7 @@ class Residual(nn.Module):
 
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
 @pytest.mark.parametrize("k", [0, 1, 3])
-@pytest.mark.filterwarnings("ignore::grokfast_metrics.dropin.AffineTailWarning")  # k = 3: the affine last layer
+@pytest.mark.filterwarnings("ignore::grokfast_metrics.dropin.plan.AffineTailWarning")  # k = 3: the affine last layer
 def test_sequential_equals_manual_split_fast_path(k, dtype, atol, monkeypatch):
     model = _seq_model(dtype)
     x = torch.randn(13, 5, generator=torch.Generator().manual_seed(k), dtype=dtype)
@@ -213,7 +214,7 @@ def test_cut_check_rejects_residual_branch_in_mlp():
 # no side effects
 
 
-@pytest.mark.filterwarnings("ignore::grokfast_metrics.dropin.AffineTailWarning")  # at="3": the affine last layer
+@pytest.mark.filterwarnings("ignore::grokfast_metrics.dropin.plan.AffineTailWarning")  # at="3": the affine last layer
 def test_never_perturbs_the_model_or_rng():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 16), nn.Dropout(0.5), nn.BatchNorm1d(16), nn.SiLU(), nn.Linear(16, 3))

@@ -6,9 +6,9 @@ import pytest
 import torch
 from models import BUILDERS
 
-from grokfast_metrics import dropin
-from grokfast_metrics.core import last_run_info
-from grokfast_metrics.dropin import Plan
+from grokfast_metrics.compute.core import last_run_info
+from grokfast_metrics.dropin import measure as dropin
+from grokfast_metrics.dropin.plan import AffineTailWarning, Plan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -131,7 +131,7 @@ def test_affine_tail_on_the_hooks_path_warns_in_fp32_at_n64():
     """openai/grok's last block is followed by the unembedding only. In fp32 at N=64 (d_model 128, p=97), rounding
     moves L off 1 by 4.9e-05, far above the old threshold (64 eps = 7.6e-06): it went unwarned."""
     model, probe, _, kw = _build("grok", n=64, d_model=128, p=97)
-    with pytest.warns(dropin.AffineTailWarning, match="float64"):
+    with pytest.warns(AffineTailWarning, match="float64"):
         plan = Plan(model, probe, "decoder.blocks.1", path="hooks", **kw)
         L = plan.connectivity()
     assert float((1 - L).abs().max()) > 64 * torch.finfo(torch.float32).eps   # the old threshold missed it
@@ -142,16 +142,16 @@ def test_nonlinear_tail_near_one_does_not_warn():
     model, probe, _, kw = _build("mamay", n=16)
     import warnings
     with warnings.catch_warnings():
-        warnings.simplefilter("error", dropin.AffineTailWarning)
+        warnings.simplefilter("error", AffineTailWarning)
         L = Plan(model, probe, "layers.1", **kw).connectivity()
     assert float((1 - L).abs().max()) > 0
 
 
 def test_structurally_affine_tail_returns_exactly_one_without_computing(monkeypatch):
     model, probe, _, kw = _build("grokfast")
-    from grokfast_metrics import plan as plan_mod
+    from grokfast_metrics.dropin import plan as plan_mod
     monkeypatch.setattr(plan_mod, "connectivity", lambda *a, **k: pytest.fail("computed an affine tail"))
-    with pytest.warns(dropin.AffineTailWarning, match="not computed"):
+    with pytest.warns(AffineTailWarning, match="not computed"):
         r = dropin.lmn_at(model, probe, "ln_f", **kw)
     assert r.lmn == 1.0 and bool((r.connectivity == 1).all())
 

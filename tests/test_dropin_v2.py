@@ -10,8 +10,8 @@ from helpers import load_example, mlp_tail
 from torch import nn
 
 import grokfast_metrics as gm
-from grokfast_metrics import dropin, generic, reference
-from grokfast_metrics.dropin import AffineTailWarning
+from grokfast_metrics.compute import generic, reference
+from grokfast_metrics.dropin.plan import AffineTailWarning, Plan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -132,7 +132,7 @@ def test_to_on_an_mlp_segment_keeps_the_fused_path(monkeypatch):
     L_ref = reference.connectivity(h, model[2:5], 21)
     # observed worst 6.1e-7: 16x margin
     np.testing.assert_allclose(res.connectivity.double().numpy(), L_ref, rtol=0, atol=1e-5)
-    plan = dropin.Plan(model, x, "1", "4")
+    plan = Plan(model, x, "1", "4")
     with plan.running():
         plan.forward()
     assert plan.path == "chain" and gm.core.resolve_backend(h, plan.tail) in ("cpu", "torch", "triton")
@@ -213,7 +213,7 @@ def test_split_tail_skips_the_prefix_and_computes_ends_once(decoder, monkeypatch
 
 def test_split_falls_back_to_hooks_when_it_does_not_trace(decoder):
     model, probe = decoder
-    plan = dropin.Plan(model, probe, "layers.0.mlp", None, LAST, 1, path="auto")   # Block.forward uses len(x)
+    plan = Plan(model, probe, "layers.0.mlp", None, LAST, 1, path="auto")   # Block.forward uses len(x)
     with plan.running():
         plan.forward()
     assert plan.path == "hooks"

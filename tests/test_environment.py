@@ -8,7 +8,7 @@ import sys
 
 from helpers import ROOT
 
-from grokfast_metrics._runtime import drop_checkout_from_path
+from grokfast_metrics.foundation.runtime import drop_checkout_from_path
 
 
 def _is_root(entry: str) -> bool:

@@ -7,7 +7,7 @@ import re
 import pytest
 from helpers import EXAMPLES, load_example
 
-from grokfast_metrics.tracker import log_schedule
+from grokfast_metrics.tracking.tracker import log_schedule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -66,7 +66,7 @@ def test_transformer_lens_resid_post_warns_affine():
     import torch
 
     import grokfast_metrics as gm
-    from grokfast_metrics.dropin import AffineTailWarning
+    from grokfast_metrics.dropin.plan import AffineTailWarning
 
     model = load_example("transformer_lens_grokking").make_model(p=7, d_model=16, n_heads=2, d_mlp=32)
     tokens = torch.stack([torch.arange(6), torch.arange(6).flip(0), torch.full((6,), 7)], dim=1)

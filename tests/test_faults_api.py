@@ -10,8 +10,8 @@ from helpers import PYTHON
 from torch import nn
 
 import grokfast_metrics as gm
-from grokfast_metrics import _policy
-from grokfast_metrics.schedule import log_steps
+from grokfast_metrics.foundation import policy as _policy
+from grokfast_metrics.tracking.schedule import log_steps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

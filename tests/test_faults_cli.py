@@ -10,7 +10,7 @@ import time
 import pytest
 from helpers import PYTHON
 
-from grokfast_metrics import cli
+from grokfast_metrics.cli import main as cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -63,16 +63,17 @@ def test_a_model_that_cannot_fit_is_refused_up_front(tmp_path, capsys, args):
 
 
 def test_memory_estimate_counts_the_training_state():
-    from grokfast_metrics.config import TrainConfig
-    from grokfast_metrics.tasks import make_task
-    from grokfast_metrics.train import estimate_bytes, n_parameters
+    from grokfast_metrics.experiment.config import TrainConfig
+    from grokfast_metrics.experiment.tasks import make_task
+    from grokfast_metrics.experiment.trainer import estimate_bytes, n_parameters
 
     task = make_task("add")
     small = estimate_bytes(TrainConfig(hidden=100, embed_dim=32))
     ma = estimate_bytes(TrainConfig(hidden=100, embed_dim=32, grokfast="ma", ma_window=100))
     f64 = estimate_bytes(TrainConfig(hidden=100, embed_dim=32, dtype="float64"))
     n = n_parameters(TrainConfig(hidden=100, embed_dim=32), task)
-    model = __import__("grokfast_metrics.model", fromlist=["GrokMLP"]).GrokMLP(task.n_tokens, task.n_classes, 32, 100, "separate")
+    model = __import__("grokfast_metrics.experiment.model", fromlist=["GrokMLP"]).GrokMLP(
+        task.n_tokens, task.n_classes, 32, 100, "separate")
     assert n == sum(p.numel() for p in model.parameters())
     assert 4 * n * 4 < small < 64 << 20  # the paper's model: 17k parameters, a few MB with the activations
     assert ma - small == 100 * n * 4  # the MA filter keeps ma_window gradients
@@ -97,7 +98,7 @@ sys.exit(c.main(['train', '--steps', '3', '--device', 'cpu', '--out', sys.argv[2
 """
 
 
-@pytest.mark.parametrize("module", ["torch", "numpy", "grokfast_metrics.train"])
+@pytest.mark.parametrize("module", ["torch", "numpy", "grokfast_metrics.experiment.trainer"])
 def test_ctrl_c_during_start_up_is_one_line_and_130(tmp_path, module):
     """SIGINT while the command starts (importing torch, NumPy, the trainer): one line, exit 130, no run left."""
     out = tmp_path / "run"
@@ -108,7 +109,7 @@ def test_ctrl_c_during_start_up_is_one_line_and_130(tmp_path, module):
 
 
 def test_ctrl_c_while_the_run_is_set_up_removes_what_it_wrote(tmp_path, monkeypatch, capsys):
-    from grokfast_metrics import train as train_mod
+    from grokfast_metrics.experiment import trainer as train_mod
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt

@@ -14,7 +14,8 @@ import warnings
 import pytest
 import torch
 
-from grokfast_metrics import cli, runlog
+from grokfast_metrics.cli import main as cli
+from grokfast_metrics.experiment import runlog
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -49,7 +50,7 @@ def _rows(run):
 
 def _fill_after_checkpoint(monkeypatch, after_step: int):
     """The disk fills right after the checkpoint of ``after_step`` is written."""
-    from grokfast_metrics import train as train_mod
+    from grokfast_metrics.experiment import trainer as train_mod
 
     real = train_mod.save_checkpoint
 
@@ -85,7 +86,7 @@ def test_disk_full_mid_run_is_one_line_with_rows_and_checkpoint_whole(tmp_path, 
 def test_directory_made_read_only_mid_run(tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
     _fill_after_checkpoint(monkeypatch, 10)
-    from grokfast_metrics import train as train_mod
+    from grokfast_metrics.experiment import trainer as train_mod
 
     real = train_mod.save_checkpoint
 
@@ -105,9 +106,9 @@ def test_directory_made_read_only_mid_run(tmp_path, monkeypatch, capsys):
 
 
 def test_a_failed_checkpoint_leaves_the_previous_one_whole(tmp_path, monkeypatch):
-    from grokfast_metrics import train as train_mod
-    from grokfast_metrics.config import TrainConfig
-    from grokfast_metrics.train import train
+    from grokfast_metrics.experiment import trainer as train_mod
+    from grokfast_metrics.experiment.config import TrainConfig
+    from grokfast_metrics.experiment.trainer import train
 
     real = train_mod.save_checkpoint
 
@@ -284,7 +285,7 @@ def test_sweep_outputs_into_a_full_disk(tmp_path, monkeypatch, capsys):
 def test_a_sweep_run_that_cannot_write_is_failed_not_done(tmp_path, monkeypatch):
     from dataclasses import asdict
 
-    from grokfast_metrics.config import TrainConfig
+    from grokfast_metrics.experiment.config import TrainConfig
     from grokfast_metrics.sweep.engines import run_one
 
     cfg = TrainConfig(steps=20, device="cpu", hidden=8, embed_dim=4, probe=8, complexity="off", lmn_every=5, log_every=1)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from grokfast_metrics import figures, runlog
+from grokfast_metrics.experiment import runlog
+from grokfast_metrics.figures import run as figures
 
 
 def test_spectral_order_recovers_blocks():

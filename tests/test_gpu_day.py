@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from grokfast_metrics import cli
 from grokfast_metrics.bench import gpu_day, gpu_day_report
 from grokfast_metrics.bench.harness import ATOL, BenchRow
 from grokfast_metrics.bench.report import read_csv
+from grokfast_metrics.cli import main as cli
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["cuda_tests", "timing", "static_model", "dense_tracking"]

@@ -12,9 +12,9 @@ from torch import nn
 
 pytest.importorskip("triton")
 
-from grokfast_metrics.kernels import connectivity_v2 as kc2
+from grokfast_metrics.kernels import triton_packed_mma as kc2
 
-from grokfast_metrics._tail import parse_tail
+from grokfast_metrics.foundation.tail import parse_tail
 
 SPEC = parse_tail(nn.Sequential(nn.Linear(64, 100), nn.SiLU(), nn.Linear(100, 31)))
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from grokfast_metrics.grokfast import EMAFilter, MAFilter, make_filter
+from grokfast_metrics.experiment.grokfast import EMAFilter, MAFilter, make_filter
 
 
 def _grads(steps=12, shape=(3, 4), seed=0):

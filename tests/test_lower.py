@@ -10,13 +10,14 @@ import copy
 import numpy as np
 import pytest
 import torch
-from grokfast_metrics.kernels import connectivity_cpu as kcpu
+from grokfast_metrics.kernels import cpu_fused as kcpu
 from models import BUILDERS, nanda
 from torch import nn
 
 import grokfast_metrics as gm
-from grokfast_metrics import _lower, core, generic
-from grokfast_metrics.dropin import Plan
+from grokfast_metrics.compute import core, generic
+from grokfast_metrics.dropin import lower as _lower
+from grokfast_metrics.dropin.plan import Plan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,7 +8,7 @@ import torch
 from helpers import PYTHON
 
 import grokfast_metrics as gm
-from grokfast_metrics import _policy
+from grokfast_metrics.foundation import policy as _policy
 
 #: N=2000, a small tail, 1 MiB chunks: L is 16 MB in fp32. The torch path used to keep the index and value
 #: tensors of every pair until the end (about 40 MB more here, growing like N^2); now only L and a chunk.

@@ -14,16 +14,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from grokfast_metrics.kernels import connectivity_cpu as kc
+from grokfast_metrics.kernels import cpu_fused as kc
 from helpers import PYTHON, mlp_tail
 from torch import nn
 
 import grokfast_metrics as gm
-from grokfast_metrics import bench, cli, core
+from grokfast_metrics import bench
 from grokfast_metrics.bench import command as bench_command
 from grokfast_metrics.bench import extras
 from grokfast_metrics.bench.harness import FIELDS, BenchRow, Timing
-from grokfast_metrics.train import TrainConfig, train
+from grokfast_metrics.cli import main as cli
+from grokfast_metrics.compute import core
+from grokfast_metrics.experiment.trainer import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"task": "add", "device": "cpu", "hidden": 16, "embed_dim": 8, "log_every": 1, "probe": 12, "threads": 1,
@@ -187,7 +189,7 @@ def test_sweep_help_has_no_train_only_options(capsys):
 def test_affine_advice_fits_an_mlp_and_a_transformer():
     mlp = nn.Sequential(nn.Linear(4, 8), nn.SiLU(), nn.Linear(8, 8), nn.SiLU(), nn.Linear(8, 3))
     x = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
-    with pytest.warns(gm.dropin.AffineTailWarning) as rec:
+    with pytest.warns(gm.dropin.plan.AffineTailWarning) as rec:
         gm.lmn_at(mlp, x, at="3", n_lambda=5)
     msg = str(rec[0].message)
     assert "hidden layer" in msg and "hook_resid_mid" not in msg and "residual" not in msg
@@ -201,7 +203,7 @@ def test_affine_advice_fits_an_mlp_and_a_transformer():
         def forward(self, t):
             return self.out(t + self.attn(t, t, t, need_weights=False)[0])[:, -1]
 
-    with pytest.warns(gm.dropin.AffineTailWarning) as rec:
+    with pytest.warns(gm.dropin.plan.AffineTailWarning) as rec:
         gm.lmn_at(Block(), torch.randn(5, 2, 4), at="attn", n_lambda=5, check=False)
     assert "hook_resid_mid" in str(rec[0].message)
 

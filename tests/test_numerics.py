@@ -19,7 +19,7 @@ from helpers import Wrapped, mlp_tail
 from regimes import REGIMES, regime
 
 import grokfast_metrics as gm
-from grokfast_metrics import core, exact, reference
+from grokfast_metrics.compute import core, exact, reference
 
 GELU_EXACT = 0.8223960050741883  # mpmath at 50 and 80 digits agree to all printed digits
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from filelock import FileLock
 
-from grokfast_metrics import cli
-from grokfast_metrics import train as train_mod
-from grokfast_metrics.runlog import read_json
+from grokfast_metrics.cli import main as cli
+from grokfast_metrics.experiment import trainer as train_mod
+from grokfast_metrics.experiment.runlog import read_json
 
 TINY = ["--task", "add", "--device", "cpu", "--hidden", "8", "--embed-dim", "4", "--probe", "8", "--complexity", "off",
         "--lmn-every", "10", "--log-every", "5", "--no-progress", "--no-plot"]

@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from grokfast_metrics.config import TrainConfig
-from grokfast_metrics.schedule import Schedule, Steps, complexity_steps, log_schedule, log_steps
+from grokfast_metrics.experiment.config import TrainConfig
+from grokfast_metrics.tracking.schedule import Schedule, Steps, complexity_steps, log_schedule, log_steps
 
 
 def _old_early(every: int, base: float = 1.5) -> set[int]:

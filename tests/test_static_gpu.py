@@ -10,7 +10,7 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-from grokfast_metrics.kernels import connectivity as kc
+from grokfast_metrics.kernels import triton_rowblock as kc
 
 from grokfast_metrics.bench import static_gpu as sg
 
@@ -49,7 +49,7 @@ def test_active_programs_and_occupancy():
 
 
 def test_v2_tile_count_matches_the_host_list():
-    from grokfast_metrics.kernels import connectivity_v2 as kc2
+    from grokfast_metrics.kernels import triton_packed_mma as kc2
 
     for n, bp in [(2, 6), (17, 6), (50, 4)]:
         assert sg.v2_tiles(n, bp) == kc2.pair_tiles(n, bp).shape[0]

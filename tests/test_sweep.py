@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from grokfast_metrics import cli
-from grokfast_metrics.config import TrainConfig
+from grokfast_metrics.cli import main as cli
+from grokfast_metrics.experiment.config import TrainConfig
 from grokfast_metrics.sweep import classify, engines, parse_axis, plan_runs
 
 #: a few steps, LMN on a small probe, no compression complexity: seconds per run

@@ -7,12 +7,12 @@ import json
 
 import pytest
 
-from grokfast_metrics import cli
-from grokfast_metrics.config import TrainConfig
-from grokfast_metrics.runlog import read_json, read_metrics
+from grokfast_metrics.cli import main as cli
+from grokfast_metrics.experiment.config import TrainConfig
+from grokfast_metrics.experiment.runlog import read_json, read_metrics
+from grokfast_metrics.experiment.trainer import train
 from grokfast_metrics.sweep import plan_runs
 from grokfast_metrics.sweep.batched import plan_stacks, stack_key, train_stack
-from grokfast_metrics.train import train
 
 #: a few steps on a small probe: about a second per run
 BASE = {"task": "add", "steps": 30, "lmn_every": 10, "probe": 24, "complexity": "off", "save_connectivity": ["final"],

@@ -18,8 +18,8 @@ import pytest
 from filelock import FileLock
 from helpers import PYTHON
 
-from grokfast_metrics import cli
-from grokfast_metrics.config import TrainConfig
+from grokfast_metrics.cli import main as cli
+from grokfast_metrics.experiment.config import TrainConfig
 from grokfast_metrics.sweep import engines, plan_runs
 
 #: a tiny model, no LMN, no complexity, no plots: a run is its training loop only

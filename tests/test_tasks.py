@@ -4,7 +4,7 @@ import itertools
 import pytest
 import torch
 
-from grokfast_metrics.tasks import TASKS, compose, make_task, s4_elements, split_indices
+from grokfast_metrics.experiment.tasks import TASKS, compose, make_task, s4_elements, split_indices
 
 
 @pytest.mark.parametrize("name, n_inputs, n_classes, n_train", [("add", 961, 31, 769), ("s4", 576, 24, 461), ("xor", 1024, 32, 819)])

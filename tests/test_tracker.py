@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import grokfast_metrics as gm
-from grokfast_metrics.tracker import log_schedule
+from grokfast_metrics.tracking.tracker import log_schedule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -149,7 +149,7 @@ def test_overflowing_outputs_record_nan():
 
 def test_torchmetrics_adapter():
     pytest.importorskip("torchmetrics")
-    from grokfast_metrics.tracker import LMNMetric
+    from grokfast_metrics.tracking.tracker import LMNMetric
 
     model, x = _model(), torch.randn(10, 6)
     m = LMNMetric(model, x, at="3", every=2, n_lambda=7)

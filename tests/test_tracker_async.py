@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import grokfast_metrics as gm
-from grokfast_metrics.async_eigen import EigenStepError
+from grokfast_metrics.tracking.async_eigen import EigenStepError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

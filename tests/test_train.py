@@ -9,17 +9,11 @@ import torch
 from helpers import PYTHON
 
 import grokfast_metrics as gm
-from grokfast_metrics import cli
-from grokfast_metrics import train as train_mod
-from grokfast_metrics.model import (
-    LAYERS,
-    GrokMLP,
-    representation,
-    representations,
-    scale_init,
-)
-from grokfast_metrics.tasks import make_task
-from grokfast_metrics.train import TrainConfig, probe_indices, train
+from grokfast_metrics.cli import main as cli
+from grokfast_metrics.experiment import trainer as train_mod
+from grokfast_metrics.experiment.model import LAYERS, GrokMLP, representation, representations, scale_init
+from grokfast_metrics.experiment.tasks import make_task
+from grokfast_metrics.experiment.trainer import TrainConfig, probe_indices, train
 
 TINY = {"task": "add", "device": "cpu", "hidden": 16, "embed_dim": 8, "log_every": 1, "probe": 12, "threads": 1}
 
@@ -276,7 +270,7 @@ def test_importing_the_trainer_does_not_import_matplotlib():
 
 
 def test_trainer_tracker_records_nan_when_parameters_diverge(model_and_x):
-    from grokfast_metrics.schedule import Schedule
+    from grokfast_metrics.tracking.schedule import Schedule
 
     model, x = model_and_x
     tracker = train_mod.layer_tracker(model, x, TrainConfig(lmn_layers=["hidden1_post", "embeddings"], n_lambda=5),

@@ -10,13 +10,16 @@ import threading
 import pytest
 import torch
 
-from grokfast_metrics import _asyncrows, async_eigen, cli, runlog
-from grokfast_metrics import train as train_mod
-from grokfast_metrics.model import GrokMLP
-from grokfast_metrics.schedule import Schedule
+from grokfast_metrics.cli import main as cli
+from grokfast_metrics.experiment import asyncrows as _asyncrows
+from grokfast_metrics.experiment import runlog
+from grokfast_metrics.experiment import trainer as train_mod
+from grokfast_metrics.experiment.model import GrokMLP
+from grokfast_metrics.experiment.tasks import make_task
+from grokfast_metrics.experiment.trainer import TrainConfig, train
 from grokfast_metrics.sweep.batched import unstackable_reason
-from grokfast_metrics.tasks import make_task
-from grokfast_metrics.train import TrainConfig, train
+from grokfast_metrics.tracking import async_eigen
+from grokfast_metrics.tracking.schedule import Schedule
 
 TINY = {"task": "add", "device": "cpu", "hidden": 16, "embed_dim": 8, "log_every": 1, "probe": 12, "threads": 1}
 #: LMN at steps 0, 3, 6, ... and the early steps, two layers, snapshots at fixed steps, a phase and the end

@@ -13,13 +13,15 @@ import torch
 from helpers import PYTHON
 
 import grokfast_metrics as gm
-from grokfast_metrics import cli, figures, runlog
-from grokfast_metrics import train as train_mod
-from grokfast_metrics.model import FIG3_READINGS, GrokMLP, representations
-from grokfast_metrics.schedule import Schedule
-from grokfast_metrics.tasks import make_task
-from grokfast_metrics.tracker import Tracker
-from grokfast_metrics.train import Collapse, TrainConfig, resume, train
+from grokfast_metrics.cli import main as cli
+from grokfast_metrics.experiment import runlog
+from grokfast_metrics.experiment import trainer as train_mod
+from grokfast_metrics.experiment.model import FIG3_READINGS, GrokMLP, representations
+from grokfast_metrics.experiment.tasks import make_task
+from grokfast_metrics.experiment.trainer import Collapse, TrainConfig, resume, train
+from grokfast_metrics.figures import run as figures
+from grokfast_metrics.tracking.schedule import Schedule
+from grokfast_metrics.tracking.tracker import Tracker
 
 TINY = {"task": "add", "device": "cpu", "hidden": 16, "embed_dim": 8, "log_every": 1, "probe": 12, "threads": 1}
 

@@ -11,12 +11,12 @@ import torch
 from torch import nn
 
 import grokfast_metrics as gm
-from grokfast_metrics import cli
-from grokfast_metrics import train as train_mod
-from grokfast_metrics.config import MODEL_DEFAULTS, TrainConfig
-from grokfast_metrics.core import last_run_info
-from grokfast_metrics.dropin import lmn_at
-from grokfast_metrics.transformer import TRANSFORMER_LAYER, GrokTransformer
+from grokfast_metrics.cli import main as cli
+from grokfast_metrics.compute.core import last_run_info
+from grokfast_metrics.dropin.measure import lmn_at
+from grokfast_metrics.experiment import trainer as train_mod
+from grokfast_metrics.experiment.config import MODEL_DEFAULTS, TrainConfig
+from grokfast_metrics.experiment.transformer import TRANSFORMER_LAYER, GrokTransformer
 
 # tiny models: one intra-op thread (two measured ~2000x slower per einsum on the loaded 2-core CPU)
 pytestmark = pytest.mark.usefixtures("one_thread")

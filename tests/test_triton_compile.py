@@ -20,13 +20,13 @@ tl = pytest.importorskip("triton.language")
 
 import itertools
 
-from grokfast_metrics.kernels import connectivity as kc
-from grokfast_metrics.kernels import connectivity_v2 as kc2
+from grokfast_metrics.kernels import triton_packed_mma as kc2
+from grokfast_metrics.kernels import triton_rowblock as kc
 from helpers import PYTHON
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from grokfast_metrics._tail import ACT_CODES, parse_tail
+from grokfast_metrics.foundation.tail import ACT_CODES, parse_tail
 
 COMPILED_HERE = not kc.kernel_is_interpreted()
 here = pytest.mark.skipif(not COMPILED_HERE, reason="interpreter session; run by test_compile_subprocess")

@@ -21,14 +21,14 @@ from torch import nn
 
 triton = pytest.importorskip("triton")
 
-from grokfast_metrics.kernels import connectivity as kc
-from grokfast_metrics.kernels import connectivity_v2 as kc2
+from grokfast_metrics.kernels import triton_packed_mma as kc2
+from grokfast_metrics.kernels import triton_rowblock as kc
 from helpers import PYTHON
 
 import grokfast_metrics as gm
-from grokfast_metrics import core, exact, reference
-from grokfast_metrics._policy import FLAGGED
-from grokfast_metrics._tail import parse_tail
+from grokfast_metrics.compute import core, exact, reference
+from grokfast_metrics.foundation.policy import FLAGGED
+from grokfast_metrics.foundation.tail import parse_tail
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [(torch.float32, 1e-5), (torch.float64, 1e-10)]
@@ -386,7 +386,7 @@ def test_cpu_without_interpreter_raises():
 @here
 def test_v2_refuses_before_allocating_its_tile_list(monkeypatch):
     """L alone fits (core's check passes); L + v2's padded inputs and tile list do not: MemoryError, nothing run."""
-    from grokfast_metrics import _policy
+    from grokfast_metrics.foundation import policy as _policy
 
     h, tail = _make("default_silu", torch.float32)
     n = h.shape[0]

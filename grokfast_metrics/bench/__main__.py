@@ -1,7 +1,7 @@
 """``python -m grokfast_metrics.bench [options]``: same as ``grokfast-metrics bench``."""
 import sys
 
-from .._runtime import drop_checkout_from_path
+from ..foundation.runtime import drop_checkout_from_path
 
 drop_checkout_from_path()
 

@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import _runtime, core
-from ..model import representation
-from ..schedule import Schedule
-from ..tracker import Tracker
+from ..compute import core
+from ..experiment.model import representation
+from ..foundation import runtime as _runtime
+from ..tracking.schedule import Schedule
+from ..tracking.tracker import Tracker
 from .workloads import TRACKED_LAYER, TrainingWorkload, addition_training
 
 #: the compared modes, in the order each round runs them

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import core, reference
+from ..compute import core, reference
 from .harness import Timing, n_pairs, time_fn
 
 #: Benchmark-only names: ``backend="triton"`` with one Triton kernel variant (``GM_TRITON_KERNEL``), so one

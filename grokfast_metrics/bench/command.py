@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .. import _runtime
-from .._policy import check_n_lambda
+from ..foundation import runtime as _runtime
+from ..foundation.policy import check_n_lambda
 from .extras import extra_rows
 from .harness import BenchRow
 from .report import DEFAULT_CSV, DEFAULT_MD, append_csv, format_table, update_results_md

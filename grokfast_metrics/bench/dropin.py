@@ -57,8 +57,8 @@ def _roof_gflops(size: int = 2048, repeats: int = 3) -> tuple[float, float]:
 
 
 def _plan(model, probe, kw, lowered: bool):
-    from .._lower import Lowering
-    from ..dropin import Plan
+    from ..dropin.lower import Lowering
+    from ..dropin.plan import Plan
 
     kw = dict(kw)
     plan = Plan(model, probe, kw.pop("at"), **kw)
@@ -94,8 +94,8 @@ def _dense_us_per_pair(plan, n_pairs_max: int, n_lambda: int) -> float | None:
     """µs per pair of the lowered kernel with every hidden unit through the GEMM (LeakyReLU(0) = ReLU)."""
     import copy
 
-    from .._tail import Act
-    from ..kernels.connectivity_cpu import connectivity_cpu
+    from ..foundation.tail import Act
+    from ..kernels.cpu_fused import connectivity_cpu
 
     spec = plan.lowering.tail.lowered_spec
     acts = spec.stages[0][0]

@@ -7,8 +7,8 @@ import functools
 import numpy as np
 import torch
 
-from .. import core
-from ..tasks import ADD_MODULUS, make_task
+from ..compute import core
+from ..experiment.tasks import ADD_MODULUS, make_task
 from .baselines import backend_fn, backend_label, backend_that_runs, paired_roof, reference_timed
 from .harness import (
     ATOL,

@@ -45,20 +45,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import core
+from ..compute import core
 from .baselines import TRITON_VARIANTS, backend_fn, matmul_roof, reference_timed
 from .gpu_day_report import FORMAT, RESULTS_NAME
-from .harness import (
-    BenchRow,
-    Timing,
-    check_agreement,
-    fill_speed,
-    fraction_recomputed,
-    machine_info,
-    n_pairs,
-    refuse,
-    time_fn,
-)
+from .harness import BenchRow, Timing, check_agreement, fill_speed, fraction_recomputed, machine_info, n_pairs, refuse, time_fn
 from .sweep import row_maker
 from .workloads import make_inputs, make_tail
 
@@ -216,7 +206,7 @@ def cuda_tests(py: Sequence[str], deadline: float, dry_run: bool) -> dict:
 def backend_can_run(b: str, device: torch.device) -> str | None:
     """Why backend ``b`` is not timed here (``SKIPPED: no CUDA`` for Triton without CUDA or the interpreter)."""
     if b in TRITON_VARIANTS and device.type != "cuda":
-        from ..kernels import connectivity as kc
+        from ..kernels import triton_rowblock as kc
 
         if not kc.kernel_is_interpreted():
             return SKIP_NO_CUDA

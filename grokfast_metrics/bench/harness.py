@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from .._runtime import synchronize
+from ..foundation.runtime import synchronize
 
 #: fp32 agreement tolerance with the NumPy reference (SPEC §4).
 ATOL = {torch.float32: 1e-5, torch.float64: 1e-10}
@@ -322,7 +322,7 @@ def ran_kernel(backend: str) -> str:
     """``<backend>/<kernel>`` of the last library call (``core.last_run_info``); ``""`` for a baseline (``naive``)."""
     if backend == "naive":
         return ""
-    from .. import core
+    from ..compute import core
 
     info = core.last_run_info()
     if not info:
@@ -334,6 +334,6 @@ def fraction_recomputed(backend: str) -> float | None:
     """Share of pairs the last call of library backend ``backend`` recomputed in fp64 (``None`` for baselines)."""
     if backend == "naive":
         return None
-    from .. import core
+    from ..compute import core
 
     return core.last_run_info().get("fraction_recomputed")

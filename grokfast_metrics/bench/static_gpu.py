@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .._tail import parse_tail
+from ..foundation.tail import parse_tail
 from .harness import n_pairs
 from .workloads import make_tail
 
@@ -115,8 +115,8 @@ def _tool(name: str) -> str:
 
 def kernel_module(variant: str):
     """The module of a kernel variant (``"v1"``: ``kernels.connectivity``, ``"v2"``: ``kernels.connectivity_v2``)."""
-    from ..kernels import connectivity as kc
-    from ..kernels import connectivity_v2 as kc2
+    from ..kernels import triton_packed_mma as kc2
+    from ..kernels import triton_rowblock as kc
 
     return {"v1": kc, "v2": kc2}[variant]
 
@@ -358,7 +358,7 @@ def _floors(gpu: GPU, n: int, hidden: int, out: int, depth: int, n_lambda: int, 
 
 def variants_for(hidden: int, out: int, depth: int, n_lambda: int = 21) -> list[str]:
     """The kernel variants that run this benchmark shape: v1 always, v2 where it supports the tail."""
-    from ..kernels import connectivity_v2 as kc2
+    from ..kernels import triton_packed_mma as kc2
 
     return ["v1", "v2"] if kc2.supported(parse_tail(make_tail(hidden, out, depth)), n_lambda) else ["v1"]
 

@@ -17,15 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .. import core
-from .baselines import (
-    TRITON_VARIANTS,
-    backend_fn,
-    backend_that_runs,
-    matmul_roof,
-    naive_seconds_per_pair,
-    reference_timed,
-)
+from ..compute import core
+from .baselines import TRITON_VARIANTS, backend_fn, backend_that_runs, matmul_roof, naive_seconds_per_pair, reference_timed
 from .harness import (
     BenchRow,
     Timing,

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import TrainConfig
+from ..experiment.config import TrainConfig
 from ..sweep.engines import run_sweep
 from ..sweep.grid import Run, plan_runs
 
@@ -51,7 +51,7 @@ def _cpu_seconds() -> float:
 
 def _time_mode(mode: str, runs: list[Run], workers: int) -> tuple[float, float]:
     """Wall and CPU seconds of training ``runs`` in ``mode``."""
-    from ..train import train
+    from ..experiment.trainer import train
 
     t0, c0 = time.perf_counter(), _cpu_seconds()
     if mode == "sequential":

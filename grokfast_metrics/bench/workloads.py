@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import core
-from ..model import GrokMLP, representation
-from ..tasks import make_task
+from ..compute import core
+from ..experiment.model import GrokMLP, representation
+from ..experiment.tasks import make_task
 from .harness import Timing, time_fn
 
 #: training fraction of the overhead benchmark (480 of the 961 addition inputs)

@@ -28,9 +28,9 @@ from typing import get_args, get_origin, get_type_hints
 PROG = "grokfast-metrics"
 #: lazily loaded subcommands: name -> (module, help)
 LAZY = {
-    "bench": ("grokfast_metrics.bench", "benchmark the LMN backends"),
-    "plot": ("grokfast_metrics.figures", "plot figures from run directories"),
-    "sweep": ("grokfast_metrics.sweep", "train a grid of runs (local process pool or Ray) and draw the phase diagram"),
+    "bench": ("grokfast_metrics.bench.command", "benchmark the LMN backends"),
+    "plot": ("grokfast_metrics.figures.run", "plot figures from run directories"),
+    "sweep": ("grokfast_metrics.sweep.command", "train a grid of runs (local process pool or Ray) and draw the phase diagram"),
 }
 
 
@@ -51,7 +51,7 @@ def _add_train_arguments(p: argparse.ArgumentParser, sweep: bool = False) -> Non
     ``sweep``: the options as ``sweep`` has them (each run's settings; ``--out`` is the sweep directory, no
     ``--overwrite`` / ``--resume``, whose text is about one run); ``sweep`` adds its own options after these.
     """
-    from .config import GROUPS, TrainConfig
+    from ..experiment.config import GROUPS, TrainConfig
 
     groups = {name: p.add_argument_group(name) for name in GROUPS}
     hints = get_type_hints(TrainConfig)
@@ -119,7 +119,7 @@ def _default_help(default, sep: str) -> str:
 
 def _train_config(args: argparse.Namespace):
     """The :class:`~grokfast_metrics.config.TrainConfig` of parsed ``train`` arguments (``all`` layers expanded)."""
-    from .config import TrainConfig
+    from ..experiment.config import TrainConfig
 
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
     for f in fields(TrainConfig):
@@ -144,8 +144,8 @@ def _check_out_dir(out: Path) -> None:
 def _layers(chosen: list[str], model: str = "mlp") -> list[str]:
     """Expand ``all`` to every layer (default layer first) and ``fig3`` to Fig. 3's readings; ``A:logits`` is ``A``;
     keeps the order and drops repeats. For the transformer ``all`` is its readings (``fig3`` is the mlp's)."""
-    from .model import DEFAULT_LAYER, FIG3_READINGS, LAYERS, canonical_spec
-    from .transformer import TRANSFORMER_LAYERS
+    from ..experiment.model import DEFAULT_LAYER, FIG3_READINGS, LAYERS, canonical_spec
+    from ..experiment.transformer import TRANSFORMER_LAYERS
 
     every = list(TRANSFORMER_LAYERS) if model == "transformer" else [DEFAULT_LAYER, *LAYERS]
     out: list[str] = []
@@ -182,8 +182,8 @@ def _resume_steps(args: argparse.Namespace, cfg) -> int | None:
     whose value differs from the run's recorded config (``config.json``), whether or not it equals the default."""
     from dataclasses import fields
 
-    from .config import TrainConfig
-    from .runlog import RunLogError, read_json
+    from ..experiment.config import TrainConfig
+    from ..experiment.runlog import RunLogError, read_json
 
     run_dir = Path(args.resume)
     if args.out is not None and Path(args.out).resolve() != run_dir.resolve():
@@ -213,8 +213,8 @@ def _resume_steps(args: argparse.Namespace, cfg) -> int | None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from .runlog import RunDirError, RunLogError, RunWriteError
-    from .train import NumericalCollapseWarning, resume, train
+    from ..experiment.runlog import RunDirError, RunLogError, RunWriteError
+    from ..experiment.trainer import NumericalCollapseWarning, resume, train
 
     cfg = _train_config(args)
     if args.resume is not None:
@@ -231,13 +231,13 @@ def _run_train(args: argparse.Namespace) -> int:
             raise UsageError(f"{PROG} train: error: --{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
     try:
         cfg.validate()
-        from .config import parse_probe
-        from .tasks import make_task
-        from .train import probe_indices
+        from ..experiment.config import parse_probe
+        from ..experiment.tasks import make_task
+        from ..experiment.trainer import probe_indices
 
         if cfg.probe is not None:
             probe_indices(make_task(cfg.task, cfg.train_fraction, cfg.seed, cfg.p), parse_probe(cfg.probe), cfg.probe_seed)
-        from .train import preflight
+        from ..experiment.trainer import preflight
 
         preflight(cfg.resolved())  # memory and the LMN backend, before the run directory is created
     except (ValueError, MemoryError) as e:
@@ -259,7 +259,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 def _report(res, out: Path, no_plot: bool) -> int:
     """Print the summary (and why the run stopped); the run's exit code."""
-    from .runlog import collapse_message, format_summary
+    from ..experiment.runlog import collapse_message, format_summary
 
     print(format_summary(res.summary))
     print(f"logs: {out / 'metrics.jsonl'}, {out / 'metrics.csv'}; summary: {out / 'summary.json'}"
@@ -273,7 +273,7 @@ def _report(res, out: Path, no_plot: bool) -> int:
 
 def _run_build_kernel(args: argparse.Namespace) -> int:
     """``build-kernel``: compile the fused CPU kernel into its cache now; exit 0 built or cached, 1 unavailable."""
-    from .kernels import connectivity_cpu as kcpu
+    from ..kernels import cpu_fused as kcpu
 
     info = kcpu.build(force=True)
     if info["error"] is not None:
@@ -286,7 +286,7 @@ def _run_build_kernel(args: argparse.Namespace) -> int:
 
 def _one_line_kernel_warning() -> None:
     """Show the fused-kernel fallback warning as one line (cause and cost), not a source location in library code."""
-    from .kernels.connectivity_cpu import CPUKernelUnavailableWarning
+    from ..kernels.cpu_fused import CPUKernelUnavailableWarning
 
     plain = warnings.formatwarning
     if getattr(plain, "one_line_kernel_warning", False):
@@ -314,7 +314,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
     A lazy subcommand whose module cannot be imported is kept with a ``_unavailable`` reason.
     """
-    from . import __version__
+    from .. import __version__
 
     parser = _Parser(prog=PROG, description="Fast linear mapping number (LMN) for tracking grokking at every step.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -394,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
             if extra:
                 parser.error(f"unrecognized arguments: {' '.join(extra)}")
             if args._run is _run_train:
-                importlib.import_module("grokfast_metrics.train")  # torch and the trainer, still under starting()
+                importlib.import_module("grokfast_metrics.experiment.trainer")  # torch and the trainer, still under starting()
             args._argv = argv
         return int(args._run(args))
     except UsageError as e:

@@ -13,10 +13,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import torch_backend
-from ._policy import FLAGGED, check_fits, check_n_lambda
-from ._runtime import eval_mode, triton_available, triton_interpreting
-from ._tail import MLPTail, parse_tail
+from ..foundation.policy import FLAGGED, check_fits, check_n_lambda
+from ..foundation.runtime import eval_mode, triton_available, triton_interpreting
+from ..foundation.tail import MLPTail, parse_tail
+from . import torch_paths as torch_backend
 
 #: what ``backend=`` accepts; every name but ``"auto"`` is also what :func:`resolve_backend` can return
 BACKENDS = ("auto", "triton", "cpu", "torch", "reference")
@@ -139,7 +139,7 @@ def _unavailable(name: str, h: torch.Tensor, dtype: torch.dtype, spec: MLPTail |
             return "a lowered tail with a skip term runs fused on the CPU only (the Triton kernels have no skip term)"
         if not triton_available():
             return "it needs the triton package (pip install triton)"
-        from .kernels import connectivity as kc
+        from ..kernels import triton_rowblock as kc
 
         if not h.is_cuda and not (triton_interpreting() and kc.kernel_is_interpreted()):
             return ("CPU tensors run only under the Triton interpreter (set TRITON_INTERPRET=1 before Python "
@@ -150,7 +150,7 @@ def _unavailable(name: str, h: torch.Tensor, dtype: torch.dtype, spec: MLPTail |
             return _NOT_MLP
         if spec.is_affine:
             return None  # L = 1 without a kernel
-        from .kernels import connectivity_cpu as kcpu
+        from ..kernels import cpu_fused as kcpu
 
         return kcpu.unsupported_reason(spec, h.device, dtype)
     return None  # torch and the reference run any module (the generic path for non-MLP tails)
@@ -204,11 +204,11 @@ def _kernel_of(name: str, dtype: torch.dtype, spec: MLPTail | None, n_lambda: in
     if name == "cpu":
         return "fp64" if dtype == torch.float64 else "fp32"
     if name == "triton":
-        from .kernels import connectivity as kc
+        from ..kernels import triton_rowblock as kc
 
         variant = kc.kernel_variant()
         if variant == "v2":
-            from .kernels import connectivity_v2 as kv2
+            from ..kernels import triton_packed_mma as kv2
 
             variant = "v2" if kv2.supported(spec, n_lambda) else "v1"
         return variant
@@ -242,7 +242,7 @@ def backend_info(h: torch.Tensor, tail: nn.Module, backend: str = "auto", n_lamb
 
 
 def _run_triton(h, tail, spec, n_lambda, chunk_bytes, y_end):
-    from .kernels.connectivity import connectivity_triton
+    from ..kernels.triton_rowblock import connectivity_triton
 
     return connectivity_triton(h, spec, n_lambda)
 
@@ -250,7 +250,7 @@ def _run_triton(h, tail, spec, n_lambda, chunk_bytes, y_end):
 def _run_cpu(h, tail, spec, n_lambda, chunk_bytes, y_end):
     if spec.is_affine:
         return torch.ones(h.shape[0], h.shape[0], dtype=h.dtype, device=h.device)
-    from .kernels.connectivity_cpu import connectivity_cpu
+    from ..kernels.cpu_fused import connectivity_cpu
 
     # a lowered tail absorbs in float64 (its exact twin), rounded once: z = W_in x + b where x carries a large component
     # W_in cancels (a residual stream's offset the MLP does not read) keeps fp32 accuracy relative to |z|, not |x|
@@ -321,7 +321,7 @@ def _recompute_flagged(L: torch.Tensor, h: torch.Tensor, tail: nn.Module, spec: 
     if i.numel():
         v = None
         if spec is not None and h.device.type == "cpu":
-            from .kernels import connectivity_cpu as kcpu
+            from ..kernels import cpu_fused as kcpu
 
             if kcpu.pairs_f64_unsupported(spec, h.device) is None:
                 v = kcpu.pairs_f64(h, spec, i, j, n_lambda)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from torch import nn
 
-from ._tail import _flatten, activation_of
+from ..foundation.tail import _flatten, activation_of
 
 try:  # pragma: no cover - import guard
     import mpmath

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._policy import lambdas
-from ._runtime import eval_mode
+from ..foundation.policy import lambdas
+from ..foundation.runtime import eval_mode
 from .core import NonFiniteOutputError
-from .torch_backend import new_L, r2_from_paths, triu_pair_chunks
+from .torch_paths import new_L, r2_from_paths, triu_pair_chunks
 
 #: the generic path's input-rounding gain (see ``_path_r2``): its flag treats each output's error as at least
 #: ``eps * IN_GAIN * |x| / |h_j - h_i|`` of its spread

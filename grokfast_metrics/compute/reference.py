@@ -19,8 +19,8 @@ from __future__ import annotations
 import numpy as np
 from torch import nn
 
-from ._policy import CONST_RTOL
-from ._tail import _np_sigmoid, numpy_offset_free, numpy_tail
+from ..foundation.policy import CONST_RTOL
+from ..foundation.tail import _np_sigmoid, numpy_offset_free, numpy_tail
 
 
 def pair_r2(y: np.ndarray, lam: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:

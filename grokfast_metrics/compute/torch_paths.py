@@ -22,8 +22,8 @@ from collections.abc import Iterator
 
 import torch
 
-from ._policy import CONST_RTOL, FLAG_KAPPA, FLAGGED, check_fits, lambdas
-from ._tail import SATURATING, SMOOTH, Act, MLPTail, torch_offset_free
+from ..foundation.policy import CONST_RTOL, FLAG_KAPPA, FLAGGED, check_fits, lambdas
+from ..foundation.tail import SATURATING, SMOOTH, Act, MLPTail, torch_offset_free
 
 
 def _slope_bound(act: Act, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor | None:

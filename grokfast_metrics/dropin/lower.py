@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._tail import IDENTITY, Act, MLPTail, activation_of
+from ..foundation.tail import IDENTITY, Act, MLPTail, activation_of
 
 
 class NotLowerable(Exception):

@@ -27,20 +27,19 @@ While ``lmn_at`` runs, the forward hooks and forward pre-hooks the user register
 modules are suspended (``user_hooks=True`` keeps them firing); the pre-hooks that compute weights
 (``weight_norm``, ``spectral_norm``, pruning) always run.
 
-The pieces: :mod:`grokfast_metrics.plan` (:class:`Plan`, the cut check, the affine-tail warning),
-:mod:`grokfast_metrics._split` (the chain, split and hook tails) and :mod:`grokfast_metrics._hooks`
-(inputs, names, outputs, hooks, layouts). Every public name is importable from here.
+The pieces: :mod:`grokfast_metrics.dropin.plan` (:class:`Plan`, the cut check, the affine-tail warning),
+:mod:`grokfast_metrics.dropin.split` (the chain, split and hook tails) and :mod:`grokfast_metrics.dropin.hooks`
+(inputs, names, outputs, hooks, layouts).
 """
 from __future__ import annotations
 
 from torch import nn
 
-from ._hooks import LastPosition, OutputSelector, suspend_user_hooks, unwrap_compiled
-from .core import LMNResult
-from .plan import CUT_CHECK_SAMPLES, PATHS, AffineTailWarning, Plan, emit_affine_warning
+from ..compute.core import LMNResult
+from .hooks import OutputSelector
+from .plan import Plan
 
-__all__ = ["CUT_CHECK_SAMPLES", "PATHS", "AffineTailWarning", "LastPosition", "OutputSelector", "Plan", "check_cut", "emit_affine_warning",
-           "lmn_at", "suspend_user_hooks", "unwrap_compiled"]
+__all__ = ["check_cut", "lmn_at"]
 
 
 def check_cut(model: nn.Module, inputs, at: str, output: OutputSelector = None, batch_dim: int = 0,

@@ -14,8 +14,12 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from . import core
-from ._hooks import (
+from ..compute import core
+from ..compute.core import LMNResult, _param_dtype, connectivity, lmn_from_connectivity
+from ..foundation.policy import check_n_lambda
+from ..foundation.runtime import eval_mode
+from ..foundation.tail import parse_tail
+from .hooks import (
     OutputSelector,
     _as_args,
     _as_selector,
@@ -35,11 +39,7 @@ from ._hooks import (
     suspend_user_hooks,
     unwrap_compiled,
 )
-from ._policy import check_n_lambda
-from ._runtime import eval_mode
-from ._split import _AFFINE, _chain_tail, _container_split, _graph_kind, _HookTail, _selector_affine, _SplitTail, _trace_split
-from ._tail import parse_tail
-from .core import LMNResult, _param_dtype, connectivity, lmn_from_connectivity
+from .split import _AFFINE, _chain_tail, _container_split, _graph_kind, _HookTail, _selector_affine, _SplitTail, _trace_split
 
 __all__ = ["CUT_CHECK_SAMPLES", "PATHS", "AffineTailWarning", "Plan", "emit_affine_warning"]
 
@@ -263,7 +263,7 @@ class Plan:
 
     def _prune(self, gm, act: torch.Tensor) -> None:
         """Position pruning of the split tail (:mod:`grokfast_metrics._prune`): only what the selected logits need."""
-        from ._prune import prune_positions
+        from .prune import prune_positions
 
         self.full_tail = self.tail
         if self.to is not None or self.user_hooks or not self.prune:
@@ -283,7 +283,7 @@ class Plan:
 
     def _lower(self):
         """Lower the split tail (:mod:`grokfast_metrics._lower`) unless its parameters are unchanged since the last time."""
-        from ._lower import Lowering, lower
+        from .lower import Lowering, lower
 
         graph = (self.full_tail if self.full_tail is not None else self.tail).graph  # never the pruned tail
         key = tuple((id(t), t._version) for t in [*graph.parameters(), *graph.buffers()])
@@ -437,7 +437,7 @@ class Plan:
 
     def _generic(self, h, act, y, n_lambda, backend, chunk_bytes) -> torch.Tensor:
         """L through the split or hook tail, by ``gm.connectivity`` (core chooses the backend, runs the generic path)."""
-        from . import generic
+        from ..compute import generic
 
         if self.path == "split" and self.pruned and backend == "reference":
             # the yardstick runs every position: it checks the pruning too
@@ -517,7 +517,7 @@ def _read_at_one_position(gm):
 
 def _report_path(plan: Plan) -> None:
     """Add the plan's path and its reason to :func:`grokfast_metrics.last_run_info`."""
-    from . import core
+    from ..compute import core
 
     core._LAST_RUN.update(path=plan.path, path_reason=plan.reason, ran=plan.ran)
 
@@ -535,7 +535,7 @@ def _why_not_chain(plan: Plan, act: torch.Tensor) -> str:
 
 def _tail_kind(gm) -> int:
     """How affine a split tail is, seen through the user's modules (TransformerLens' ``Unembed``: ``x @ W_U``)."""
-    from ._prune import _deep_trace
+    from .prune import _deep_trace
 
     kind = _graph_kind(gm)
     if kind > _AFFINE:
@@ -577,7 +577,7 @@ def _agrees(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _ones_if_finite(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``L = 1`` for an affine tail, in the dtype ``connectivity`` would return; NaN/Inf logits raise as there."""
-    from .core import NonFiniteOutputError
+    from ..compute.core import NonFiniteOutputError
 
     if not bool(torch.isfinite(y).all()):
         raise NonFiniteOutputError("the model's outputs on the probe are NaN/Inf: the model has diverged or overflows "

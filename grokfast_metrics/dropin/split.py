@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._hooks import OutputSelector, _run_replaced, _select, _select_to, _take
-from ._tail import is_plain_sequential
+from ..foundation.tail import is_plain_sequential
+from .hooks import OutputSelector, _run_replaced, _select, _select_to, _take
 
 if TYPE_CHECKING:
     from .plan import Plan
@@ -171,7 +171,7 @@ def _container_split(model: nn.Module, at: str, args: tuple, tuple_at: bool):
     """The split of the innermost module containing ``at`` whose output *is* the model's output (the model
     returns it as it is), when the model itself does not trace (danielmamay's einops ``rearrange`` before the
     blocks): the tail is traced alone, inside that module. ``(GraphModule, its name)`` or ``(None, None)``."""
-    from ._hooks import _call_model
+    from .hooks import _call_model
 
     parts = at.split(".")
     names = [".".join(parts[:k]) for k in range(len(parts) - 1, 0, -1)]
@@ -349,7 +349,7 @@ def _graph_kind(gm) -> int:
 
 def _selector_affine(output: OutputSelector) -> bool:
     """Whether the output selector is structurally affine (None, an index, or a traceable affine callable)."""
-    from ._hooks import LastPosition
+    from .hooks import LastPosition
 
     if output is None or isinstance(output, (int, LastPosition)):
         return True

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from .core import LMNResult, connectivity
+from ..compute.core import LMNResult, connectivity
+from ..tracking.tracker import Tracker
 from .model import GrokMLP, representations
 from .runlog import save_connectivity
-from .tracker import Tracker
 
 __all__ = ["RowQueue", "StepTracker", "lmn_columns", "track_connectivity"]
 

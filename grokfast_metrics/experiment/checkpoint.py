@@ -21,7 +21,7 @@ from .config import TrainConfig
 from .runlog import RunLogError, drop_snapshots_after, read_metrics, torch_bytes, write_atomic
 
 if TYPE_CHECKING:
-    from .train import Run
+    from .trainer import Run
 
 __all__ = ["CHECKPOINT", "check_restorable", "load_checkpoint", "prepare_resume", "restore_checkpoint", "roll_back",
            "save_checkpoint"]
@@ -101,11 +101,11 @@ def check_restorable(cfg: TrainConfig, state: dict, path: Path) -> None:
     Raises:
         RunLogError: a piece does not fit this run's configuration (e.g. a model tensor of the wrong shape).
     """
+    from ..tracking.schedule import Schedule
+    from ..tracking.tracker import Tracker
     from .grokfast import make_filter
-    from .schedule import Schedule
     from .tasks import make_task
-    from .tracker import Tracker
-    from .train import Phases, build_model
+    from .trainer import Phases, build_model
 
     try:
         if not isinstance(state["step"], int) or not isinstance(state["rows"], int) or state["step"] < 0:

@@ -9,12 +9,12 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields
 
-from ._policy import check_n_lambda
-from ._runtime import resolve_device
-from .core import BACKENDS
+from ..compute.core import BACKENDS
+from ..foundation.policy import check_n_lambda
+from ..foundation.runtime import resolve_device
+from ..tracking.schedule import SNAPSHOT_EVENTS, complexity_steps
 from .grokfast import FILTERS, make_filter
 from .model import DEFAULT_LAYER, EMBEDDINGS, LAYERS, check_layer_spec
-from .schedule import SNAPSHOT_EVENTS, complexity_steps
 from .tasks import ADD_MODULUS, TASKS
 from .transformer import TRANSFORMER_LAYER, TRANSFORMER_LAYERS
 

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 import torch
 
-from ._runtime import synchronize
+from ..foundation.runtime import synchronize
 from .config import TrainConfig
 
 __all__ = ["Timer"]

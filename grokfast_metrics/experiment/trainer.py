@@ -36,21 +36,21 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ._asyncrows import RowQueue, StepTracker, lmn_columns, track_connectivity
-from ._dirlock import RUN_LOCK, locked
-from ._tail import parse_tail
-from ._trainctl import Timer, _Progress, _Signals
+from ..compute.core import LMNResult, backend_info, lmn
+from ..foundation.dirlock import RUN_LOCK, locked
+from ..foundation.tail import parse_tail
+from ..tracking.schedule import Due, Schedule
+from ..tracking.tracker import Tracker
+from .asyncrows import RowQueue, StepTracker, lmn_columns, track_connectivity
 from .checkpoint import CHECKPOINT, load_checkpoint, prepare_resume, restore_checkpoint, roll_back, save_checkpoint
 from .collapse import Collapse, NumericalCollapseWarning
 from .complexity import compression_complexity, spectral_entropies, spectral_entropy_penalty, weight_matrices, weight_norms
 from .config import SNAPSHOT_DEFAULT, TrainConfig, parse_probe
-from .core import LMNResult, backend_info, lmn
 from .grokfast import make_filter
 from .model import GrokMLP, layer_target, representations, scale_init, segment_of
 from .runlog import MetricsLog, RunDirError, RunLogError, RunWriteError, collapse_message, prepare_run_dir, read_json, summarize, write_json
-from .schedule import Due, Schedule
 from .tasks import Task, make_task
-from .tracker import Tracker
+from .trainctl import Timer, _Progress, _Signals
 from .transformer import GrokTransformer, track_transformer_lmn
 
 __all__ = ["BASE_COLUMNS", "CHECKPOINT", "SNAPSHOT_DEFAULT", "Collapse", "NumericalCollapseWarning", "RunDirError", "RunLogError",
@@ -216,8 +216,8 @@ def preflight(cfg: TrainConfig) -> None:
         MemoryError: the run needs more memory than the device leaves (free memory, ``ulimit -v``, the cgroup).
         ValueError: the LMN backend cannot run here (the message says why).
     """
-    from ._policy import available_bytes
-    from .core import resolve_backend
+    from ..compute.core import resolve_backend
+    from ..foundation.policy import available_bytes
 
     task = make_task(cfg.task, cfg.train_fraction, cfg.seed, cfg.p)
     need, free = estimate_bytes(cfg, task), available_bytes(cfg.device)
@@ -334,13 +334,13 @@ def lmn_backend_info(model: GrokMLP, x_probe: torch.Tensor, cfg: TrainConfig) ->
     ``warning``: the one-line cause-and-cost message when ``"auto"`` fell back to torch ops because the fused CPU kernel
     could not be built (no compiler, a failed build), else ``None``. Every tracked layer has the same tail type, so
     the first one stands for all. The fallback is warned once per process (by the kernel module)."""
-    from .kernels import connectivity_cpu as kcpu
+    from ..kernels import cpu_fused as kcpu
 
     if not cfg.lmn_layers:
         return None
     if isinstance(model, GrokTransformer):  # measured through lmn_at: what its plan ran on two probe inputs
-        from .core import last_run_info
-        from .dropin import lmn_at
+        from ..compute.core import last_run_info
+        from ..dropin.measure import lmn_at
 
         lmn_at(model, x_probe[:2], at=cfg.lmn_layers[0], n_lambda=cfg.n_lambda, backend=cfg.lmn_backend)
         return {"requested": cfg.lmn_backend, "fallback": None, **last_run_info(), "warning": None}
@@ -640,7 +640,7 @@ def _finish(run: Run, stop: _Stop | None, plot: bool, signals: _Signals) -> RunR
             plot = False
     if plot and rows:
         try:
-            from .figures import plot_curves
+            from ..figures.run import plot_curves
 
             plot_curves(rows, run.run_dir / "curves.png", summary=summary, layers=list(run.cfg.lmn_layers))
         except KeyboardInterrupt:

@@ -182,7 +182,7 @@ def track_transformer_lmn(model: GrokTransformer, x_probe: torch.Tensor, layers:
     Raises:
         ValueError: a layer that is not a cut of ``model`` (see :func:`grokfast_metrics.check_cut`).
     """
-    from .dropin import check_cut, lmn_at
+    from ..dropin.measure import check_cut, lmn_at
 
     layers = list(layers)
     for layer in layers:

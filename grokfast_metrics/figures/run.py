@@ -32,7 +32,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from .runlog import RunLogError, RunWriteError, load_connectivity, read_json, read_metrics, write_atomic
+from ..experiment.runlog import RunLogError, RunWriteError, load_connectivity, read_json, read_metrics, write_atomic
 
 
 def save_figure(fig, path: str | Path, dpi: int) -> Path:
@@ -359,13 +359,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .sweep.manifest import is_sweep_dir
+    from ..sweep.manifest import is_sweep_dir
 
     if is_sweep_dir(args.run):
         if args.out is not None:
             print("grokfast-metrics plot: error: --out is for a run directory; a sweep's outputs stay in it", file=sys.stderr)
             return 2
-        from .sweep.command import plot_sweep
+        from ..sweep.command import plot_sweep
 
         return plot_sweep(args.run)
     try:

@@ -75,10 +75,10 @@ def drop_checkout_from_path() -> None:
     ``python -m`` puts the working directory first on ``sys.path``. In a checkout of this repository that
     makes its top-level ``kernels/`` folder (installed as ``grokfast_metrics.kernels``) answer for
     ``import kernels``, the name of Hugging Face's package that ``transformers`` 5 imports. Only an entry
-    that is this checkout's root is removed (recognised by ``kernels/connectivity_cpu.cpp`` beside ``setup.py``).
+    that is this checkout's root is removed (recognised by ``kernels/cpu_fused.cpp`` beside ``setup.py``).
     """
     def is_checkout(entry: str) -> bool:
         root = Path(entry or os.getcwd())
-        return (root / "setup.py").is_file() and (root / "kernels" / "connectivity_cpu.cpp").is_file()
+        return (root / "setup.py").is_file() and (root / "kernels" / "cpu_fused.cpp").is_file()
 
     sys.path[:] = [e for e in sys.path if not is_checkout(e)]

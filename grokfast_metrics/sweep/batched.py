@@ -26,10 +26,22 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
 
-from .._trainctl import Timer, _Signals
-from ..config import TrainConfig
-from ..runlog import prepare_run_dir
-from ..train import EXIT_SIGINT, EXIT_SIGTERM, Run, RunResult, _finish, _Stop, measure, nonfinite_stop, setup, step_metrics, write_row
+from ..experiment.config import TrainConfig
+from ..experiment.runlog import prepare_run_dir
+from ..experiment.trainctl import Timer, _Signals
+from ..experiment.trainer import (
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+    Run,
+    RunResult,
+    _finish,
+    _Stop,
+    measure,
+    nonfinite_stop,
+    setup,
+    step_metrics,
+    write_row,
+)
 from .grid import Run as GridRun
 
 #: options that may differ between the runs of one stack; all others must be equal

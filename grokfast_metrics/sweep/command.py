@@ -11,10 +11,10 @@ from contextlib import ExitStack
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from .._dirlock import SWEEP_LOCK, DirLockedError, locked
-from .._trainctl import SignalCatcher
-from ..config import TrainConfig
-from ..runlog import RunLogError, RunWriteError, read_json
+from ..experiment.config import TrainConfig
+from ..experiment.runlog import RunLogError, RunWriteError, read_json
+from ..experiment.trainctl import SignalCatcher
+from ..foundation.dirlock import SWEEP_LOCK, DirLockedError, locked
 from .engines import ENGINES, is_finished, run_sweep
 from .grid import Run, parse_axis, plan_runs
 from .manifest import load_sweep, run_status, write_manifest
@@ -23,7 +23,7 @@ from .outcomes import OUTCOMES, sweep_rows, write_csv
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The ``train`` options (each run's settings; a grid axis overrides one) and the sweep's own options."""
-    from ..cli import _add_train_arguments
+    from ..cli.main import _add_train_arguments
 
     _add_train_arguments(parser, sweep=True)
     g = parser.add_argument_group("sweep")
@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser):
-    from ..cli import _train_config
+    from ..cli.main import _train_config
 
     if args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1; got {args.seeds}")
@@ -95,7 +95,7 @@ _NOT_SWEEP_OPTIONS = {"resume": "a sweep resumes by running the same command aga
 
 def _inapplicable(args: argparse.Namespace) -> str | None:
     """The first option given that a sweep cannot honour, as an error message (``None``: none)."""
-    from ..cli import given_options
+    from ..cli.main import given_options
 
     given = given_options(args)
     for name, why in _NOT_SWEEP_OPTIONS.items():

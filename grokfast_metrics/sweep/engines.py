@@ -12,7 +12,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
-from ..runlog import prepare_run_dir
+from ..experiment.runlog import prepare_run_dir
 from .grid import Run
 
 ENGINES = ("local", "ray")
@@ -67,8 +67,8 @@ def run_one(config: dict, run_dir: str, plot: bool) -> dict:
     Runs in a worker process or a Ray task, so it takes and returns plain data. An exception in the
     run is caught, written to ``run_dir/error.txt`` and returned as ``{"status": "failed", "error": ...}``.
     """
-    from ..config import TrainConfig
-    from ..train import train
+    from ..experiment.config import TrainConfig
+    from ..experiment.trainer import train
 
     global _IN_RUN, _STOPPED
     path = Path(run_dir)
@@ -125,7 +125,7 @@ def _run_task(configs: list[dict], run_dirs: list[str], plot: bool) -> list[dict
     global _STOPPED
     if len(configs) == 1:
         return [run_one(configs[0], run_dirs[0], plot)]
-    from ..config import TrainConfig
+    from ..experiment.config import TrainConfig
     from .batched import train_stack
 
     paths = [Path(d) for d in run_dirs]

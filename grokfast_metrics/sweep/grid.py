@@ -6,7 +6,7 @@ import itertools
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from ..config import TrainConfig
+from ..experiment.config import TrainConfig
 
 #: fields that cannot be grid axes: the seed has ``--seeds``; lists have no single value per run
 _NOT_AXES = {"seed", "lmn_layers", "complexity_eps", "save_connectivity"}

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..config import TrainConfig
-from ..runlog import RunLogError, read_json, write_atomic
+from ..experiment.config import TrainConfig
+from ..experiment.runlog import RunLogError, read_json, write_atomic
 from .engines import ERROR_FILE, is_finished
 from .grid import Run
 

@@ -6,7 +6,7 @@ import io
 import warnings
 from pathlib import Path
 
-from ..runlog import RunLogError, lmn_at_step, read_json, read_metrics, write_atomic
+from ..experiment.runlog import RunLogError, lmn_at_step, read_json, read_metrics, write_atomic
 from .grid import Run
 
 #: outcomes in the Omnigrok phase-diagram sense, in the order the phase diagram colours them

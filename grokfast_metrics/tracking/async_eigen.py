@@ -18,7 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from .core import LMNResult, lmn_from_connectivity
+from ..compute.core import LMNResult, lmn_from_connectivity
 
 
 def _host_copy(L: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:

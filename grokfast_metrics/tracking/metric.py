@@ -1,6 +1,6 @@
 """``LMNMetric``: a ``torchmetrics.Metric`` wrapping :class:`~grokfast_metrics.tracker.LMNTracker`.
 
-Defined on first use (``grokfast_metrics.tracker.LMNMetric``), only when torchmetrics is installed: importing
+Defined on first use (``grokfast_metrics.tracking.metric.LMNMetric``), only when torchmetrics is installed: importing
 torchmetrics imports matplotlib, and it is not a dependency.
 """
 from __future__ import annotations
@@ -80,5 +80,18 @@ def _make_lmn_metric() -> type:
         higher_is_better = None
         is_differentiable = False
 
-    LMNMetric.__module__, LMNMetric.__qualname__ = "grokfast_metrics.tracker", "LMNMetric"
+    LMNMetric.__module__, LMNMetric.__qualname__ = __name__, "LMNMetric"
     return LMNMetric
+
+
+def __getattr__(name: str):
+    """``LMNMetric`` is built on first access, when torchmetrics is installed (it is not a dependency)."""
+    if name == "LMNMetric":
+        try:
+            cls = _make_lmn_metric()
+        except ImportError as e:
+            raise ImportError('LMNMetric needs torchmetrics: pip install torchmetrics (or pip install '
+                              '"grokfast_metrics[torchmetrics]")') from e
+        globals()["LMNMetric"] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .config import TrainConfig
+    from ..experiment.config import TrainConfig
 
 #: base of ``LMNTracker(every="log")``: steps 0 and floor(LOG_BASE ** k), k = 0, 1, 2, ...
 LOG_BASE = 1.3

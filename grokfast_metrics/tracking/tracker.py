@@ -29,10 +29,11 @@ from collections.abc import Callable, Collection, Sequence
 import torch
 from torch import nn
 
-from ._policy import check_n_lambda
+from ..compute.core import BACKENDS, LMNResult, NonFiniteOutputError, resolve_backend
+from ..dropin.hooks import OutputSelector
+from ..dropin.plan import Plan, emit_affine_warning
+from ..foundation.policy import check_n_lambda
 from .async_eigen import AsyncEigen, EigenStepError
-from .core import BACKENDS, LMNResult, NonFiniteOutputError, resolve_backend
-from .dropin import OutputSelector, Plan, emit_affine_warning
 from .schedule import LOG_BASE, Schedule, log_schedule
 
 __all__ = ["LOG_BASE", "LMNTracker", "Tracker", "diverged_parameters", "log_schedule"]
@@ -557,17 +558,3 @@ class LMNTracker(Tracker):
         last = f", last={self._history[-1]}" if self._history else ""  # what has landed: repr never waits
         return f"LMNTracker(at={self.at!r}, every={self.every!r}, computed={len(self.history)}{last})"
 
-
-def __getattr__(name: str):
-    """``LMNMetric`` is built on first access, when torchmetrics is installed (it is not a dependency)."""
-    if name == "LMNMetric":
-        try:
-            from ._metric import _make_lmn_metric
-
-            cls = _make_lmn_metric()
-        except ImportError as e:
-            raise ImportError('LMNMetric needs torchmetrics: pip install torchmetrics (or pip install '
-                              '"grokfast_metrics[torchmetrics]")') from e
-        globals()["LMNMetric"] = cls
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,1 @@
+"""Figures of finished runs (``run``: ``grokfast-metrics plot RUN_DIR``)."""
