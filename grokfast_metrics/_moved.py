@@ -25,8 +25,8 @@ MOVED: dict[str, tuple[str, ...]] = {
     "complexity": ("experiment.complexity",),
     "config": ("experiment.config",),
     "runlog": ("experiment.runlog",),
-    "train": ("experiment.trainer", "experiment.config", "experiment.collapse", "experiment.checkpoint",
-              "experiment.runlog", "experiment.trainctl"),
+    "train": ("experiment.trainer", "experiment.run", "experiment.preflight", "experiment.config", "experiment.collapse",
+              "experiment.checkpoint", "experiment.runlog", "experiment.trainctl"),
 }
 _PACKAGE = __name__.rpartition(".")[0]
 

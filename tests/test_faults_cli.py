@@ -64,8 +64,8 @@ def test_a_model_that_cannot_fit_is_refused_up_front(tmp_path, capsys, args):
 
 def test_memory_estimate_counts_the_training_state():
     from grokfast_metrics.experiment.config import TrainConfig
+    from grokfast_metrics.experiment.preflight import estimate_bytes, n_parameters
     from grokfast_metrics.experiment.tasks import make_task
-    from grokfast_metrics.experiment.trainer import estimate_bytes, n_parameters
 
     task = make_task("add")
     small = estimate_bytes(TrainConfig(hidden=100, embed_dim=32))

@@ -25,7 +25,8 @@ from grokfast_metrics.bench import extras
 from grokfast_metrics.bench.harness import FIELDS, BenchRow, Timing
 from grokfast_metrics.cli import main as cli
 from grokfast_metrics.compute import core
-from grokfast_metrics.experiment.trainer import TrainConfig, train
+from grokfast_metrics.experiment.config import TrainConfig
+from grokfast_metrics.experiment.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"task": "add", "device": "cpu", "hidden": 16, "embed_dim": 8, "log_every": 1, "probe": 12, "threads": 1,

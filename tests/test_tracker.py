@@ -149,7 +149,7 @@ def test_overflowing_outputs_record_nan():
 
 def test_torchmetrics_adapter():
     pytest.importorskip("torchmetrics")
-    from grokfast_metrics.tracking.tracker import LMNMetric
+    from grokfast_metrics.tracking.metric import LMNMetric
 
     model, x = _model(), torch.randn(10, 6)
     m = LMNMetric(model, x, at="3", every=2, n_lambda=7)

@@ -150,7 +150,7 @@ def test_state_dict_round_trip_and_copies_share_the_model():
 
 def test_torchmetrics_semantics():
     pytest.importorskip("torchmetrics")
-    from grokfast_metrics.tracking.tracker import LMNMetric
+    from grokfast_metrics.tracking.metric import LMNMetric
 
     model, x = _model(), _x()
     m = LMNMetric(model, x, at="1", every=2, n_lambda=5)

@@ -11,9 +11,11 @@ from helpers import PYTHON
 import grokfast_metrics as gm
 from grokfast_metrics.cli import main as cli
 from grokfast_metrics.experiment import trainer as train_mod
+from grokfast_metrics.experiment.config import TrainConfig
 from grokfast_metrics.experiment.model import LAYERS, GrokMLP, representation, representations, scale_init
+from grokfast_metrics.experiment.run import probe_indices
 from grokfast_metrics.experiment.tasks import make_task
-from grokfast_metrics.experiment.trainer import TrainConfig, probe_indices, train
+from grokfast_metrics.experiment.trainer import train
 
 TINY = {"task": "add", "device": "cpu", "hidden": 16, "embed_dim": 8, "log_every": 1, "probe": 12, "threads": 1}
 

@@ -14,9 +14,10 @@ from grokfast_metrics.cli import main as cli
 from grokfast_metrics.experiment import asyncrows as _asyncrows
 from grokfast_metrics.experiment import runlog
 from grokfast_metrics.experiment import trainer as train_mod
+from grokfast_metrics.experiment.config import TrainConfig
 from grokfast_metrics.experiment.model import GrokMLP
 from grokfast_metrics.experiment.tasks import make_task
-from grokfast_metrics.experiment.trainer import TrainConfig, train
+from grokfast_metrics.experiment.trainer import train
 from grokfast_metrics.sweep.batched import unstackable_reason
 from grokfast_metrics.tracking import async_eigen
 from grokfast_metrics.tracking.schedule import Schedule

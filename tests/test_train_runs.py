@@ -16,9 +16,11 @@ import grokfast_metrics as gm
 from grokfast_metrics.cli import main as cli
 from grokfast_metrics.experiment import runlog
 from grokfast_metrics.experiment import trainer as train_mod
+from grokfast_metrics.experiment.collapse import Collapse
+from grokfast_metrics.experiment.config import TrainConfig
 from grokfast_metrics.experiment.model import FIG3_READINGS, GrokMLP, representations
 from grokfast_metrics.experiment.tasks import make_task
-from grokfast_metrics.experiment.trainer import Collapse, TrainConfig, resume, train
+from grokfast_metrics.experiment.trainer import resume, train
 from grokfast_metrics.figures import run as figures
 from grokfast_metrics.tracking.schedule import Schedule
 from grokfast_metrics.tracking.tracker import Tracker

@@ -213,8 +213,9 @@ def _resume_steps(args: argparse.Namespace, cfg) -> int | None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from ..experiment.collapse import NumericalCollapseWarning
     from ..experiment.runlog import RunDirError, RunLogError, RunWriteError
-    from ..experiment.trainer import NumericalCollapseWarning, resume, train
+    from ..experiment.trainer import resume, train
 
     cfg = _train_config(args)
     if args.resume is not None:
@@ -232,12 +233,12 @@ def _run_train(args: argparse.Namespace) -> int:
     try:
         cfg.validate()
         from ..experiment.config import parse_probe
+        from ..experiment.run import probe_indices
         from ..experiment.tasks import make_task
-        from ..experiment.trainer import probe_indices
 
         if cfg.probe is not None:
             probe_indices(make_task(cfg.task, cfg.train_fraction, cfg.seed, cfg.p), parse_probe(cfg.probe), cfg.probe_seed)
-        from ..experiment.trainer import preflight
+        from ..experiment.preflight import preflight
 
         preflight(cfg.resolved())  # memory and the LMN backend, before the run directory is created
     except (ValueError, MemoryError) as e:

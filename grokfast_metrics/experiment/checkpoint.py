@@ -12,16 +12,13 @@ import dataclasses
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from .collapse import Collapse
 from .config import TrainConfig
+from .run import Phases, Run, build_model
 from .runlog import RunLogError, drop_snapshots_after, read_metrics, torch_bytes, write_atomic
-
-if TYPE_CHECKING:
-    from .trainer import Run
 
 __all__ = ["CHECKPOINT", "check_restorable", "load_checkpoint", "prepare_resume", "restore_checkpoint", "roll_back",
            "save_checkpoint"]
@@ -105,7 +102,6 @@ def check_restorable(cfg: TrainConfig, state: dict, path: Path) -> None:
     from ..tracking.tracker import Tracker
     from .grokfast import make_filter
     from .tasks import make_task
-    from .trainer import Phases, build_model
 
     try:
         if not isinstance(state["step"], int) or not isinstance(state["rows"], int) or state["step"] < 0:

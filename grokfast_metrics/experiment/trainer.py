@@ -18,9 +18,9 @@ detached representations through ``grokfast_metrics.lmn``, which never touches p
 RNG; the probe subset is drawn from its own ``torch.Generator``. A run with tracking and one without
 give bit-identical losses.
 
-The numerical-collapse detector is :mod:`grokfast_metrics.collapse`, checkpoints and resume checks are
-:mod:`grokfast_metrics.checkpoint`, timers / progress bar / signals are :mod:`grokfast_metrics._trainctl`;
-their public names are importable from here.
+The numerical-collapse detector is :mod:`.collapse`, checkpoints and resume checks are :mod:`.checkpoint`,
+timers / progress bar / signals are :mod:`.trainctl`, the run's state and model :mod:`.run`, the checks before
+the run directory is touched :mod:`.preflight`.
 """
 from __future__ import annotations
 
@@ -29,8 +29,7 @@ import platform
 import sys
 import time
 import warnings
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -42,26 +41,23 @@ from ..foundation.tail import parse_tail
 from ..tracking.schedule import Due, Schedule
 from ..tracking.tracker import Tracker
 from .asyncrows import RowQueue, StepTracker, lmn_columns, track_connectivity
-from .checkpoint import CHECKPOINT, load_checkpoint, prepare_resume, restore_checkpoint, roll_back, save_checkpoint
+from .checkpoint import prepare_resume, restore_checkpoint, roll_back, save_checkpoint
 from .collapse import Collapse, NumericalCollapseWarning
 from .complexity import compression_complexity, spectral_entropies, spectral_entropy_penalty, weight_matrices, weight_norms
-from .config import SNAPSHOT_DEFAULT, TrainConfig, parse_probe
+from .config import TrainConfig
 from .grokfast import make_filter
-from .model import GrokMLP, layer_target, representations, scale_init, segment_of
+from .model import GrokMLP, layer_target, representations, segment_of
+from .preflight import preflight
+from .run import Run, RunResult, build_model, probe_indices
 from .runlog import MetricsLog, RunDirError, RunLogError, RunWriteError, collapse_message, prepare_run_dir, read_json, summarize, write_json
 from .tasks import Task, make_task
 from .trainctl import Timer, _Progress, _Signals
 from .transformer import GrokTransformer, track_transformer_lmn
 
-__all__ = ["BASE_COLUMNS", "CHECKPOINT", "SNAPSHOT_DEFAULT", "Collapse", "NumericalCollapseWarning", "RunDirError", "RunLogError",
-           "RunResult", "Timer", "TrainConfig", "estimate_bytes", "load_checkpoint", "parse_probe", "preflight",
-           "probe_indices", "resume", "save_checkpoint",
-           "track_lmn", "train"]
+__all__ = ["BASE_COLUMNS", "resume", "track_lmn", "train"]
 
 #: columns always present in the logs; ``lmn_<layer>`` columns follow
 BASE_COLUMNS = ("step", "train_loss", "train_acc", "test_loss", "test_acc", "l2", "lmn", "time_s", "train_p1_frac")
-#: test accuracy of ``generalization_99`` (the paper's generalization step is the first at test accuracy 100%)
-GENERALIZED_ACC = 0.99
 #: the trainer's compression-complexity grid (7 bin sizes x 4 rank fractions, ~1.6 s per evaluation on the
 #: paper's model on one CPU core); ``grokfast_metrics.complexity`` has the finer default grid
 COMPLEXITY_BINS = tuple(2.0**-k for k in range(12, -1, -2))
@@ -87,38 +83,6 @@ def weight_measures(model: torch.nn.Module, ranks: bool) -> dict[str, float]:
     if ranks:
         row.update({f"erank_{name}": v["effective_rank"] for name, v in spectral_entropies(model).items()})
     return row
-
-
-def probe_indices(task: Task, probe: str | int, seed: int) -> torch.Tensor:
-    """Sorted indices of the probe inputs; a size-n subset of all inputs is drawn with its own generator.
-
-    Raises:
-        ValueError: subset size larger than the task.
-    """
-    if probe == "all":
-        return torch.arange(task.n_inputs)
-    if probe == "train":
-        return task.train_idx.clone()
-    if probe == "test":
-        return task.test_idx.clone()
-    n = int(probe)
-    if n > task.n_inputs:
-        raise ValueError(f"probe subset of {n} is larger than the task ({task.n_inputs} inputs); use --probe all")
-    gen = torch.Generator().manual_seed(int(seed))
-    return torch.randperm(task.n_inputs, generator=gen)[:n].sort().values
-
-
-def build_model(task: Task, cfg: TrainConfig, device: torch.device) -> GrokMLP | GrokTransformer:
-    """The network of ``cfg.model`` (the paper's MLP or the one-layer transformer) for ``task``, seeded by
-    ``cfg.seed`` (global RNG state is restored afterwards)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        if cfg.model == "transformer":
-            model = GrokTransformer(task.n_tokens, task.n_classes, cfg.d_model, cfg.d_mlp, cfg.n_heads)
-        else:
-            model = GrokMLP(task.n_tokens, task.n_classes, cfg.embed_dim, cfg.hidden, cfg.embedding)
-    scale_init(model, cfg.init_scale)
-    return model.to(device=device, dtype=TORCH_DTYPES[cfg.dtype])
 
 
 def track_lmn(model: GrokMLP, x_probe: torch.Tensor, layers: list[str], n_lambda: int = 21,
@@ -155,87 +119,8 @@ def layer_tracker(model: GrokMLP, x_probe: torch.Tensor, cfg: TrainConfig, sched
                        connectivity=lambda: track_connectivity(model, x_probe, layers, *args), workers=1)
 
 
-@dataclass
-class Phases:
-    """First steps with train accuracy 100% (memorization), test accuracy 100% (generalization, the paper's
-    definition) and test accuracy >= 99% (``generalization_99``)."""
-
-    memorization: int | None = None
-    generalization: int | None = None
-    generalization_99: int | None = None
-
-    def observe(self, step: int, all_train_correct: bool, all_test_correct: bool, test_acc: float) -> tuple[str, ...]:
-        """Record ``step``'s accuracies; returns the phase events first reached at this step."""
-        events = []
-        if self.memorization is None and all_train_correct:
-            self.memorization = step
-            events.append("memorization")
-        if self.generalization is None and all_test_correct:
-            self.generalization = step
-            events.append("generalization")
-        if self.generalization_99 is None and test_acc >= GENERALIZED_ACC:
-            self.generalization_99 = step
-            events.append("generalization_99")
-        return tuple(events)
-
-
 # ------------------------------------------------------------------------------------------
 # checks before the run directory is touched
-
-
-def n_parameters(cfg: TrainConfig, task: Task) -> int:
-    """Parameters of the model ``cfg`` builds for ``task`` (:class:`~grokfast_metrics.model.GrokMLP`, or an upper
-    bound for :class:`~grokfast_metrics.transformer.GrokTransformer`), without building it."""
-    if cfg.model == "transformer":  # embeddings (tokens and '=', 3 positions), Q K V O, the MLP, the unembedding
-        d, m, c = cfg.d_model, cfg.d_mlp, task.n_classes
-        return (task.n_tokens + 1 + 3) * d + 4 * d * d + 2 * d * m + m + d + d * c
-    e, h, c = cfg.embed_dim, cfg.hidden, task.n_classes
-    tables = task.n_tokens * e * (1 if cfg.embedding == "shared" else 2)
-    return tables + (2 * e * h + h) + (h * h + h) + (h * c + c)
-
-
-def estimate_bytes(cfg: TrainConfig, task: Task | None = None) -> int:
-    """Memory a run of ``cfg`` needs, from the sizes alone: the weights, their gradients, AdamW's two moments and
-    the Grokfast filter's state (one gradient for EMA, ``ma_window`` for MA), the activations of the full-batch
-    forward and backward, and ``L`` of the probe."""
-    task = task if task is not None else make_task(cfg.task, cfg.train_fraction, cfg.seed, cfg.p)
-    elem = torch.empty((), dtype=TORCH_DTYPES[cfg.dtype]).element_size()
-    copies = 4 + {"ema": 1, "ma": cfg.ma_window}.get(cfg.grokfast, 0)
-    width = 2 * cfg.embed_dim + 4 * cfg.hidden + 2 * task.n_classes  # per sample: embeddings, hidden pre/post, logits
-    if cfg.model == "transformer":  # per sample, 3 positions: residual streams, Q K V, MLP pre/post, scores, logits
-        width = 3 * (6 * cfg.d_model + 2 * cfg.d_mlp + 3 * cfg.n_heads) + 2 * task.n_classes
-    probe = task.n_inputs if not isinstance(cfg.probe, int) else min(int(cfg.probe), task.n_inputs)
-    return n_parameters(cfg, task) * elem * copies + 3 * task.n_inputs * width * elem + 8 * probe * probe
-
-
-def preflight(cfg: TrainConfig) -> None:
-    """What can be known about a resolved ``cfg`` before the run directory is touched: the run fits in memory and
-    the LMN backend runs on this device (a stand-in model of the same layers, at most 8 wide, is asked).
-
-    Raises:
-        MemoryError: the run needs more memory than the device leaves (free memory, ``ulimit -v``, the cgroup).
-        ValueError: the LMN backend cannot run here (the message says why).
-    """
-    from ..compute.core import resolve_backend
-    from ..foundation.policy import available_bytes
-
-    task = make_task(cfg.task, cfg.train_fraction, cfg.seed, cfg.p)
-    need, free = estimate_bytes(cfg, task), available_bytes(cfg.device)
-    if free is not None and need > free:
-        raise MemoryError(
-            f"the run needs about {need / 2**30:.1f} GiB ({n_parameters(cfg, task):,} parameters in {cfg.dtype}, with their "
-            f"gradients, AdamW moments and filter state, and the activations) but {cfg.device} has {free / 2**30:.1f} GiB "
-            "available (free memory, the address-space and cgroup limits); use a smaller --hidden / --embed-dim")
-    if not cfg.lmn_every:
-        return
-    if cfg.model == "transformer":  # measured through lmn_at: its cut check and one LMN on two inputs
-        model = build_model(task, cfg, torch.device(cfg.device))
-        track_transformer_lmn(model, task.x[:2].to(cfg.device), list(cfg.lmn_layers), cfg.n_lambda, cfg.lmn_backend)()
-        return
-    small = TrainConfig(**{**asdict(cfg), "embed_dim": min(cfg.embed_dim, 8), "hidden": min(cfg.hidden, 8)})
-    model = build_model(task, small, torch.device(cfg.device))
-    for h, tail in representations(model, task.x[:2].to(cfg.device), list(cfg.lmn_layers)).values():
-        resolve_backend(h, tail, cfg.lmn_backend)
 
 
 # ------------------------------------------------------------------------------------------
@@ -245,46 +130,6 @@ def preflight(cfg: TrainConfig) -> None:
 EXIT_SIGINT, EXIT_SIGTERM, EXIT_NONFINITE = 130, 143, 3
 #: exit code of a run that stopped because a run file could not be written (disk full, directory made read-only)
 EXIT_WRITE = 1
-#: dtype names of ``--dtype``
-TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-@dataclass
-class Run:
-    """Everything one training job holds while it runs (built by :func:`setup`)."""
-
-    cfg: TrainConfig
-    run_dir: Path
-    model: GrokMLP
-    opt: torch.optim.Optimizer
-    grad_filter: Callable[[torch.nn.Module], None] | None
-    data: dict[str, torch.Tensor]
-    schedule: Schedule
-    tracker: Tracker
-    log: MetricsLog
-    timer: Timer
-    held: RowQueue = None  # rows waiting for their LMN (cfg.lmn_async; else written at once); set by setup()
-    phases: Phases = field(default_factory=Phases)
-    collapse: Collapse | None = None
-    start: float = field(default_factory=time.perf_counter)
-    first_step: int = 0
-    backend: dict | None = None  # lmn_backend_info: written to config.json and summary.json
-    checkpoint_step: int | None = None  # the step of the last checkpoint written by this process
-
-
-@dataclass
-class RunResult:
-    """What :func:`train` returns. ``summary`` is also written to ``summary.json``.
-
-    ``exit_code``: 0 completed, 130 SIGINT, 143 SIGTERM, 3 non-finite loss; ``stop_reason`` says why in words.
-    """
-
-    run_dir: Path
-    summary: dict
-    rows: list[dict]
-    interrupted: bool
-    exit_code: int = 0
-    stop_reason: str | None = None
 
 
 class _Stop(Exception):

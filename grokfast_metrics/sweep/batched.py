@@ -27,13 +27,12 @@ import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
 
 from ..experiment.config import TrainConfig
+from ..experiment.run import Run, RunResult
 from ..experiment.runlog import prepare_run_dir
 from ..experiment.trainctl import Timer, _Signals
 from ..experiment.trainer import (
     EXIT_SIGINT,
     EXIT_SIGTERM,
-    Run,
-    RunResult,
     _finish,
     _Stop,
     measure,
