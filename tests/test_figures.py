@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from grokfast_metrics.cli import plot as plot_command
 from grokfast_metrics.experiment import runlog
 from grokfast_metrics.figures import run as figures
 
@@ -65,6 +66,6 @@ def test_make_figures_renders_everything(tmp_path):
 
 def test_plot_cli_bad_run_dir(tmp_path, capsys):
     parser = argparse.ArgumentParser()
-    figures.add_arguments(parser)
-    assert figures.run(parser.parse_args([str(tmp_path / "nope")])) == 2
+    plot_command.add_arguments(parser)
+    assert plot_command.run(parser.parse_args([str(tmp_path / "nope")])) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err

@@ -14,14 +14,13 @@ from helpers import PYTHON
 
 import grokfast_metrics as gm
 from grokfast_metrics.cli import main as cli
-from grokfast_metrics.experiment import runlog
+from grokfast_metrics.experiment import curves, runlog
 from grokfast_metrics.experiment import trainer as train_mod
 from grokfast_metrics.experiment.collapse import Collapse
 from grokfast_metrics.experiment.config import TrainConfig
 from grokfast_metrics.experiment.model import FIG3_READINGS, GrokMLP, representations
 from grokfast_metrics.experiment.tasks import make_task
 from grokfast_metrics.experiment.trainer import resume, train
-from grokfast_metrics.figures import run as figures
 from grokfast_metrics.tracking.schedule import Schedule
 from grokfast_metrics.tracking.tracker import Tracker
 
@@ -174,7 +173,7 @@ def test_second_interrupt_still_writes_summary(tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(train_mod, "track_lmn", interrupt_once)
-    monkeypatch.setattr(figures, "plot_curves", interrupt_plot)
+    monkeypatch.setattr(curves, "plot_curves", interrupt_plot)
     res = train(TrainConfig(steps=30, lmn_every=5, complexity="off", **TINY), tmp_path, progress=False, plot=True)
     assert res.exit_code == 130 and res.interrupted
     assert json.loads((tmp_path / "summary.json").read_text())["interrupted"]

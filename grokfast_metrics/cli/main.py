@@ -29,7 +29,7 @@ PROG = "grokfast-metrics"
 #: lazily loaded subcommands: name -> (module, help)
 LAZY = {
     "bench": ("grokfast_metrics.bench.command", "benchmark the LMN backends"),
-    "plot": ("grokfast_metrics.figures.run", "plot figures from run directories"),
+    "plot": ("grokfast_metrics.cli.plot", "plot figures from run directories"),
     "sweep": ("grokfast_metrics.sweep.command", "train a grid of runs (local process pool or Ray) and draw the phase diagram"),
 }
 

@@ -485,7 +485,7 @@ def _finish(run: Run, stop: _Stop | None, plot: bool, signals: _Signals) -> RunR
             plot = False
     if plot and rows:
         try:
-            from ..figures.run import plot_curves
+            from .curves import plot_curves  # matplotlib, only to draw
 
             plot_curves(rows, run.run_dir / "curves.png", summary=summary, layers=list(run.cfg.lmn_layers))
         except KeyboardInterrupt:

@@ -1,10 +1,10 @@
-"""The LMN paper's figures, drawn with matplotlib (``grokfast-metrics plot RUN``): the one plotting module.
+"""The LMN paper's figures, drawn with matplotlib (``grokfast-metrics plot RUN``).
 
 ``grokfast-metrics plot SWEEP_DIR`` on a sweep directory rewrites the sweep's outputs instead
 (:func:`grokfast_metrics.sweep.command.replot`; the sweep's figures are :mod:`grokfast_metrics.sweep.figures`).
 
-* ``fig2_curves.png``: accuracy, loss, LMN and L2 vs step (Figure 2; :func:`plot_curves`, which the
-  trainer also uses for ``curves.png``).
+* ``fig2_curves.png``: accuracy, loss, LMN and L2 vs step (Figure 2;
+  :func:`~grokfast_metrics.experiment.curves.plot_curves`, which the trainer also uses for ``curves.png``).
 * ``fig3_layers.png``: LMN at every tracked layer vs step (Figure 3 / Appendix A).
 * ``fig4_connectivity.png``: the saved connectivity matrices ``L`` at chosen steps, samples reordered by
   spectral clustering, beside their eigenvalue spectra (Figure 4).
@@ -17,11 +17,8 @@ matplotlib; importing this module selects matplotlib's Agg backend.
 """
 from __future__ import annotations
 
-import argparse
-import io
 import json
 import math
-import sys
 import warnings
 from pathlib import Path
 
@@ -32,25 +29,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from ..experiment.curves import plot_curves, save_figure
 from ..experiment.runlog import RunLogError, RunWriteError, load_connectivity, read_json, read_metrics, write_atomic
-
-
-def save_figure(fig, path: str | Path, dpi: int) -> Path:
-    """``fig`` as a PNG at ``path``, written atomically (a full disk leaves no partial image); the figure is closed.
-
-    Raises:
-        RunWriteError: the file could not be written (names it and the cause).
-    """
-    buf = io.BytesIO()
-    try:
-        fig.savefig(buf, dpi=dpi, format="png")
-    finally:
-        plt.close(fig)
-    return write_atomic(Path(path), buf.getvalue())
-
-
-_PHASES = (("memorizing", "#fde2e2"), ("generalizing", "#fff4cc"), ("finalizing", "#e3f4e1"))
-
 
 # ------------------------------------------------------------------------------------------
 # connectivity: spectral reordering
@@ -86,109 +66,6 @@ def spectral_order(L: torch.Tensor | np.ndarray, k: int | None = None, seed: int
 
 # ------------------------------------------------------------------------------------------
 # Figure 2: training curves
-
-
-def _xy(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
-    pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-    return [p[0] for p in pts], [p[1] for p in pts]
-
-
-def plot_curves(rows: list[dict], path: str | Path, *, summary: dict | None = None, layers: list[str] | None = None,
-                title: str | None = None) -> Path:
-    """Write a 1x4 figure: accuracy, loss, LMN, L2 norm vs step (symlog x: linear in [0, 1], log above).
-
-    The memorization and generalization steps are marked and the three phases shaded.
-
-    Args:
-        rows: logged rows (``step``, ``train_acc``, ``test_acc``, ``train_loss``, ``test_loss``,
-            ``l2``, ``lmn`` / ``lmn_<layer>``), e.g. from :func:`grokfast_metrics.runlog.read_metrics`.
-        path: PNG path to write.
-        summary: optional run summary (memorization / generalization steps are marked).
-        layers: tracked layers (one LMN line each); default: the ``lmn`` column only.
-        title: figure title (default from the summary).
-
-    Returns:
-        ``path`` as a ``Path``.
-    """
-    path = Path(path)
-    summary = summary or {}
-    mem, gen = summary.get("memorization_step"), summary.get("generalization_step")
-    collapse = (summary.get("numerical_collapse") or {}).get("step")
-    last = max((r["step"] for r in rows), default=1)
-    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
-    for ax in axes:
-        _phase_axis(ax, last, mem, gen)
-        if collapse is not None:
-            ax.axvline(collapse, color="crimson", ls=":", lw=1.6)
-    _train_test_panel(axes[0], rows, "acc", "accuracy", legend="upper left")
-    axes[0].set_ylim(-0.02, 1.02)
-    _train_test_panel(axes[1], rows, "loss", "cross-entropy loss", legend="lower left")
-    axes[1].set_yscale("log")
-    _lmn_panel(axes[2], rows, summary, layers)
-    axes[3].plot(*_xy(rows, "l2"), color="C4")
-    axes[3].set_ylabel("L2 norm of parameters")
-
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c, alpha=0.6) for _, c in _PHASES]
-    names = [n for n, _ in _PHASES]
-    if collapse is not None:
-        handles.append(plt.Line2D([], [], color="crimson", ls=":", lw=1.6))
-        names.append(f"numerical collapse (step {collapse})")
-    fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=8, frameon=False)
-    fig.suptitle(_curves_title(summary) if title is None else title)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    save_figure(fig, path, 110)
-    return path
-
-
-def _phase_axis(ax, last: int, mem: int | None, gen: int | None) -> None:
-    """Symlog step axis with the phases shaded and the memorization / generalization steps marked."""
-    ax.set_xscale("symlog", linthresh=1.0, linscale=0.5)
-    ax.set_xlim(0, max(last, 1) * 1.05)
-    ax.set_xlabel("step")
-    ax.grid(True, which="major", alpha=0.3)
-    bounds = [0, mem if mem is not None else last, gen if gen is not None else last, last]
-    for (_name, color), lo, hi in zip(_PHASES, bounds[:-1], bounds[1:]):
-        if hi > lo:
-            ax.axvspan(lo, hi, color=color, alpha=0.6, lw=0)
-    for s in (mem, gen):
-        if s is not None:
-            ax.axvline(s, color="0.3", ls="--", lw=0.8)
-
-
-def _train_test_panel(ax, rows: list[dict], what: str, ylabel: str, legend: str) -> None:
-    ax.plot(*_xy(rows, f"train_{what}"), label="train", color="C0")
-    ax.plot(*_xy(rows, f"test_{what}"), label="test", color="C3")
-    ax.set_ylabel(ylabel)
-    ax.legend(loc=legend, fontsize=8)
-
-
-def _lmn_panel(ax, rows: list[dict], summary: dict, layers: list[str] | None) -> None:
-    keys = [f"lmn_{layer}" for layer in layers] if layers else ["lmn"]
-    for i, key in enumerate(keys):
-        xs, ys = _xy(rows, key)
-        if xs:
-            ax.plot(xs, ys, marker="." if len(xs) <= 120 else None, ms=4, color=f"C{2 + i}",
-                    label=key[4:] if len(keys) > 1 else None)
-    if len(keys) > 1:
-        ax.legend(fontsize=8)
-    where = summary.get("lmn_layer", keys[0][4:] if layers else "tracked layer")
-    probe = summary.get("lmn_probe")
-    ax.set_ylabel(f"LMN ({where}" + (f", probe {probe})" if probe is not None else ")"))
-
-
-def _curves_title(summary: dict) -> str:
-    title = summary.get("task", "")
-    mem, gen = summary.get("memorization_step"), summary.get("generalization_step")
-    if mem is not None or gen is not None:
-        title += f"   memorization step {mem}, generalization step {gen}"
-    collapse = summary.get("numerical_collapse")
-    if collapse is not None:
-        title += f"   numerical collapse at step {collapse['step']}"
-    if summary.get("stop_reason"):
-        title += f"   ({summary['stop_reason']})"
-    elif summary.get("interrupted"):
-        title += "   (interrupted)"
-    return title
 
 
 # ------------------------------------------------------------------------------------------
@@ -352,35 +229,3 @@ def _s(p: Path | None) -> str | None:
 # CLI (grokfast-metrics plot RUN)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", help="run directory written by 'grokfast-metrics train', or a sweep directory written by "
-                                    "'grokfast-metrics sweep' (its sweep.csv, phase.png and lmn_predicts.png are rewritten)")
-    parser.add_argument("--out", default=None, help="where to write a run's figures (default: the run directory)")
-
-
-def run(args: argparse.Namespace) -> int:
-    from ..sweep.manifest import is_sweep_dir
-
-    if is_sweep_dir(args.run):
-        if args.out is not None:
-            print("grokfast-metrics plot: error: --out is for a run directory; a sweep's outputs stay in it", file=sys.stderr)
-            return 2
-        from ..sweep.command import plot_sweep
-
-        return plot_sweep(args.run)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            res = make_figures(args.run, args.out)
-    except (FileNotFoundError, RunLogError, RunWriteError) as e:
-        print(f"grokfast-metrics plot: error: {e}", file=sys.stderr)
-        return 2
-    for w in caught:  # one line each: a skipped snapshot, a damaged summary
-        print(f"grokfast-metrics plot: warning: {w.message}", file=sys.stderr)
-    for key in ("fig2", "fig3", "fig4"):
-        print(f"{key}: {res[key] or 'skipped (nothing logged for it)'}")
-    sc = res["scatter"]
-    fmt = lambda v: "n/a" if v is None else f"{v:+.3f}"
-    print(f"generalizing phase: {sc['phase_points']} points; Pearson r with test loss: "
-          f"LMN {fmt(sc['pearson_lmn_test_loss'])}, L2 {fmt(sc['pearson_l2_test_loss'])}  ({sc['path']})")
-    return 0

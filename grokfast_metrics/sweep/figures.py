@@ -23,7 +23,7 @@ def _pyplot():
 
 def _save(fig, path: str | Path) -> None:
     """Write the figure atomically (a full disk leaves no partial image); raises ``RunWriteError``."""
-    from ..figures.run import save_figure
+    from ..experiment.curves import save_figure
 
     save_figure(fig, path, 120)
 
