@@ -15,8 +15,7 @@ from __future__ import annotations
 import importlib
 
 from . import _moved  # noqa: F401  (installs the finder of the module paths from before the layer packages)
-
-__version__ = "0.1.0"
+from .foundation.version import __version__
 
 #: public name -> the module that defines it
 _EXPORTS = {

@@ -83,7 +83,7 @@ def test_memory_estimate_counts_the_training_state():
 
 _SIGINT_IN_IMPORT = """
 import os, signal, sys
-import grokfast_metrics.cli as c
+import grokfast_metrics.cli.main as c
 print('torch' in sys.modules, flush=True)
 
 class Finder:  # Ctrl-C arrives while torch is being imported (the slow part of the start-up)

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from grokfast_metrics.cli import main as cli
+from grokfast_metrics.experiment import options
 from grokfast_metrics.experiment.config import TrainConfig
 from grokfast_metrics.sweep import classify, engines, parse_axis, plan_runs
 
@@ -21,7 +22,7 @@ FAST = ["--task", "add", "--steps", "40", "--lmn-every", "20", "--probe", "24", 
 
 def _train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser()
-    cli._add_train_arguments(p)
+    options.add_train_arguments(p)
     return p
 
 

@@ -10,6 +10,7 @@ from helpers import PYTHON
 
 import grokfast_metrics as gm
 from grokfast_metrics.cli import main as cli
+from grokfast_metrics.experiment import options
 from grokfast_metrics.experiment import trainer as train_mod
 from grokfast_metrics.experiment.config import TrainConfig
 from grokfast_metrics.experiment.model import LAYERS, GrokMLP, representation, representations, scale_init
@@ -249,7 +250,7 @@ def test_issue6_bad_arguments(tmp_path, capsys, args, match):
 def _parse_train(argv):
     args, extra = cli.build_parser(["train", *argv]).parse_known_args(["train", *argv])
     assert not extra
-    return cli._train_config(args)
+    return options.train_config(args)
 
 
 def test_cli_defaults_are_the_dataclass_defaults():

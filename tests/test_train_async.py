@@ -12,7 +12,7 @@ import torch
 
 from grokfast_metrics.cli import main as cli
 from grokfast_metrics.experiment import asyncrows as _asyncrows
-from grokfast_metrics.experiment import runlog
+from grokfast_metrics.experiment import options, runlog
 from grokfast_metrics.experiment import trainer as train_mod
 from grokfast_metrics.experiment.config import TrainConfig
 from grokfast_metrics.experiment.model import GrokMLP
@@ -108,7 +108,7 @@ def test_rows_wait_in_step_order_for_their_lmn(monkeypatch):
 
 def test_option_cli_and_sweep():
     args, _ = cli.build_parser(["train", "--lmn-async"]).parse_known_args(["train", "--lmn-async"])
-    assert cli._train_config(args).lmn_async and not TrainConfig().lmn_async
+    assert options.train_config(args).lmn_async and not TrainConfig().lmn_async
     assert "--lmn-async" in unstackable_reason(TrainConfig(lmn_async=True))
 
 

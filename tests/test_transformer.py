@@ -14,6 +14,7 @@ import grokfast_metrics as gm
 from grokfast_metrics.cli import main as cli
 from grokfast_metrics.compute.core import last_run_info
 from grokfast_metrics.dropin.measure import lmn_at
+from grokfast_metrics.experiment import options
 from grokfast_metrics.experiment import trainer as train_mod
 from grokfast_metrics.experiment.config import MODEL_DEFAULTS, TrainConfig
 from grokfast_metrics.experiment.transformer import TRANSFORMER_LAYER, GrokTransformer
@@ -179,7 +180,7 @@ def test_row_lmn_is_lmn_at_of_the_trained_model(tmp_path, monkeypatch):
 def test_both_readings_tracked(tmp_path):
     """``--lmn-layer all`` for the transformer: the stream before the MLP and before attention (its tail has attention)."""
     argv = ["train", "--model", "transformer", "--lmn-layer", "all"]
-    layers = cli._train_config(cli.build_parser(argv).parse_args(argv)).lmn_layers
+    layers = options.train_config(cli.build_parser(argv).parse_args(argv)).lmn_layers
     assert layers == [TRANSFORMER_LAYER, "blocks.0.hook_resid_pre"]
     res = train(TrainConfig(steps=2, lmn_every=2, lmn_early=False, lmn_layers=layers, **TINY), tmp_path / "run",
                 progress=False, plot=False)

@@ -12,6 +12,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 from ..experiment.config import TrainConfig
+from ..experiment.options import add_train_arguments, given_options, train_config
 from ..experiment.runlog import RunLogError, RunWriteError, read_json
 from ..experiment.trainctl import SignalCatcher
 from ..foundation.dirlock import SWEEP_LOCK, DirLockedError, locked
@@ -23,9 +24,7 @@ from .outcomes import OUTCOMES, sweep_rows, write_csv
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The ``train`` options (each run's settings; a grid axis overrides one) and the sweep's own options."""
-    from ..cli.main import _add_train_arguments
-
-    _add_train_arguments(parser, sweep=True)
+    add_train_arguments(parser, sweep=True)
     g = parser.add_argument_group("sweep")
     g.add_argument("--grid", nargs="+", default=[], metavar="NAME=V1,V2",
                    help="grid axes: any train option and its values, e.g. init_scale=0.5,1,2 weight_decay=0,0.2 "
@@ -45,13 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser):
-    from ..cli.main import _train_config
-
     if args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1; got {args.seeds}")
     axes = [parse_axis(spec, parser) for spec in args.grid]
     out = Path(args.out) if args.out else Path("runs") / f"sweep-{args.task}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return axes, out, plan_runs(_train_config(args), axes, list(range(args.seeds)), out)
+    return axes, out, plan_runs(train_config(args), axes, list(range(args.seeds)), out)
 
 
 def _progress(total: int, quiet: bool):
@@ -95,8 +92,6 @@ _NOT_SWEEP_OPTIONS = {"resume": "a sweep resumes by running the same command aga
 
 def _inapplicable(args: argparse.Namespace) -> str | None:
     """The first option given that a sweep cannot honour, as an error message (``None``: none)."""
-    from ..cli.main import given_options
-
     given = given_options(args)
     for name, why in _NOT_SWEEP_OPTIONS.items():
         if name in given or (name == "resume" and getattr(args, "resume", None) is not None):
