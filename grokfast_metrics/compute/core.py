@@ -39,13 +39,6 @@ class LMNResult:
     connectivity: torch.Tensor
 
 
-class NonFiniteOutputError(ValueError):
-    """The tail's outputs are NaN/Inf: a diverged model, for which LMN is undefined.
-
-    A ``ValueError``; :class:`~grokfast_metrics.tracker.LMNTracker` records NaN (with a warning) instead.
-    """
-
-
 # --------------------------------------------------------------------------------------------
 # validation
 

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..foundation.errors import NonFiniteOutputError
 from ..foundation.policy import lambdas
 from ..foundation.runtime import eval_mode
-from .core import NonFiniteOutputError
 from .torch_paths import new_L, r2_from_paths, triu_pair_chunks
 
 #: the generic path's input-rounding gain (see ``_path_r2``): its flag treats each output's error as at least

@@ -577,7 +577,7 @@ def _agrees(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _ones_if_finite(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``L = 1`` for an affine tail, in the dtype ``connectivity`` would return; NaN/Inf logits raise as there."""
-    from ..compute.core import NonFiniteOutputError
+    from ..foundation.errors import NonFiniteOutputError
 
     if not bool(torch.isfinite(y).all()):
         raise NonFiniteOutputError("the model's outputs on the probe are NaN/Inf: the model has diverged or overflows "

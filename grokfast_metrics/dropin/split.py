@@ -1,4 +1,4 @@
-"""The tails :class:`~grokfast_metrics.plan.Plan` builds for ``lmn_at``, and how affine they are.
+"""The tails :class:`~grokfast_metrics.dropin.plan.Plan` builds for ``lmn_at``, and how affine they are.
 
 A **chain** tail (:func:`_chain_tail`) is the modules after ``at`` in (nested) plain ``nn.Sequential``
 chains; a **split** tail (:class:`_SplitTail`) is the ``torch.fx`` sub-graph after ``at``
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import operator
 import warnings
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +19,19 @@ from torch import nn
 from ..foundation.tail import is_plain_sequential
 from .hooks import OutputSelector, _run_replaced, _select, _select_to, _take
 
-if TYPE_CHECKING:
-    from .plan import Plan
+
+class PlanView(Protocol):
+    """What a tail reads of the :class:`~grokfast_metrics.dropin.plan.Plan` that builds it."""
+
+    model: nn.Module
+    module: nn.Module
+    to_module: nn.Module | None
+    to: str | None
+    args: tuple
+    act_shape: tuple[int, ...]
+    output: OutputSelector
+    batch_dim: int
+    input_batch_dim: int
 
 
 # --------------------------------------------------------------------------------------------
@@ -34,7 +45,7 @@ class _HookTail(nn.Module):
     on the input only through the activation). With ``to``, the forward stops at ``to``'s output.
     """
 
-    def __init__(self, plan: Plan):
+    def __init__(self, plan: PlanView):
         super().__init__()
         self.model = plan.model                  # registered: its parameters decide dtype/device checks
         self._modules_at = [plan.module, plan.to_module]   # a list: not registered twice
@@ -61,7 +72,7 @@ class _HookTail(nn.Module):
 class _SplitTail(nn.Module):
     """``(B, D)`` interpolated activations -> ``(B, O)`` through the traced sub-graph after ``at`` only."""
 
-    def __init__(self, graph_module: nn.Module, plan: Plan):
+    def __init__(self, graph_module: nn.Module, plan: PlanView):
         super().__init__()
         self.graph = graph_module
         self._act_shape = tuple(plan.act_shape)

@@ -17,10 +17,19 @@ from __future__ import annotations
 import math
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from ..experiment.config import TrainConfig
+
+class ScheduleConfig(Protocol):
+    """The fields of a resolved training configuration that the trainer's schedule reads
+    (:class:`~grokfast_metrics.experiment.config.TrainConfig` has them)."""
+
+    steps: int
+    lmn_every: int
+    lmn_early: bool
+    log_every: int
+    complexity: str
+    save_connectivity: list[str]
 
 #: base of ``LMNTracker(every="log")``: steps 0 and floor(LOG_BASE ** k), k = 0, 1, 2, ...
 LOG_BASE = 1.3
@@ -161,8 +170,8 @@ class Schedule:
         return cls(lmn=Steps(every=every))
 
     @classmethod
-    def from_config(cls, cfg: TrainConfig) -> Schedule:
-        """The trainer's schedule of a resolved :class:`~grokfast_metrics.config.TrainConfig`.
+    def from_config(cls, cfg: ScheduleConfig) -> Schedule:
+        """The trainer's schedule of a resolved :class:`~grokfast_metrics.experiment.config.TrainConfig`.
 
         LMN: every ``lmn_every`` steps, the early steps ``floor(1.5 ** k) < lmn_every`` (``lmn_early``), the
         phase events and the last step. Complexity: ``complexity_steps(cfg.complexity)`` and the last step.

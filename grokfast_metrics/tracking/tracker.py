@@ -29,9 +29,10 @@ from collections.abc import Callable, Collection, Sequence
 import torch
 from torch import nn
 
-from ..compute.core import BACKENDS, LMNResult, NonFiniteOutputError, resolve_backend
+from ..compute.core import BACKENDS, LMNResult, resolve_backend
 from ..dropin.hooks import OutputSelector
 from ..dropin.plan import Plan, emit_affine_warning
+from ..foundation.errors import NonFiniteOutputError
 from ..foundation.policy import check_n_lambda
 from .async_eigen import AsyncEigen, EigenStepError
 from .schedule import LOG_BASE, Schedule, log_schedule
