@@ -1,6 +1,6 @@
 """Fused CPU kernel for the connectivity matrix of an MLP tail (AVX2 + FMA, C++ via ctypes).
 
-The kernel (``connectivity_cpu.cpp`` beside this file) does per pair what the Triton kernel does
+The kernel (``cpu_fused.cpp`` beside this file) does per pair what the Triton kernel does
 per block: interpolate on the absorbed ``z``, run the activations and the remaining Linears on a
 ``[T, H]`` tile held in L1 (register-blocked 6 x 16 GEMM micro-kernel), reduce to ``L_ij`` with
 the constant-path rule, and write only ``L``. It runs in float32 (flagging the pairs fp32 cannot resolve) or in
@@ -184,9 +184,14 @@ def build(force: bool = False) -> dict:
     return build_info()
 
 
+def switched_off() -> bool:
+    """True when ``$GROKFAST_METRICS_CPU_KERNEL`` is ``0`` / ``false`` (the one place it is read)."""
+    return os.environ.get(_ENV_SWITCH, "1") in ("0", "false", "False")
+
+
 def available() -> bool:
     """True when the fused CPU kernel can run here (builds it on first call)."""
-    if os.environ.get(_ENV_SWITCH, "1") in ("0", "false", "False"):
+    if switched_off():
         return False
     return _library() is not None
 
@@ -230,7 +235,7 @@ def _shared_reason(spec: MLPTail, device: torch.device) -> str | None:
         return "the tail has no Linear after its first activation"
     if _skip_reason(spec) is not None:
         return _skip_reason(spec)
-    if os.environ.get(_ENV_SWITCH, "1") in ("0", "false", "False"):
+    if switched_off():
         return f"disabled by {_ENV_SWITCH}=0"
     if _library() is None:
         return f"kernel unavailable: {_state['error']}"

@@ -4,7 +4,7 @@ Activations (``_act``, the offset-free ``_act_offset_free`` for centred paths, t
 libdevice), the rounding-scale bounds (``_amp``, ``_slope_bound``, depth 1 ``_end_bounds``, ``_centred_scale``),
 the centred input of the last Linear (``_centred_input``) and the per-pair ``r2`` / constant-path rule / flag
 (``_pair_l``). The activation codes come from the one table ``_tail.ACT_CODES``. Used by
-:mod:`kernels.connectivity` (v1) and :mod:`kernels.connectivity_v2` (v2).
+:mod:`.triton_rowblock` (v1) and :mod:`.triton_packed_mma` (v2).
 """
 from __future__ import annotations
 

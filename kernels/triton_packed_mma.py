@@ -1,7 +1,7 @@
 """Triton kernel v2 for depth-1 centred MLP tails (``Linear -> act -> Linear``, the default tail), issue 13.
 
-Same mathematics, flags and accuracy contract as v1 (:mod:`kernels.connectivity`; both import their shared jit
-helpers from :mod:`kernels._triton_common`); what changes is how the work is laid out (each change kept because
+Same mathematics, flags and accuracy contract as v1 (:mod:`.triton_rowblock`; both import their shared jit
+helpers from :mod:`.triton_common`; :mod:`.triton` chooses between them); what changes is how the work is laid out (each change kept because
 the static estimate of ``bench --static-gpu`` went down, see ``benchmarks/RESULTS.md``):
 
 - **dense rows**: a tile packs ``BP`` pairs ``(i, j0 .. j0+BP-1)`` x ``T`` points into ``M`` MMA rows
@@ -38,6 +38,7 @@ import triton.language as tl
 from ..foundation.policy import check_fits
 from ..foundation.tail import MLPTail
 from .triton_common import _SILU, LaunchConfig, _act_offset_free, _centred_scale, _end_bounds, _pair_l, _pow2_above
+from .triton_rowblock import kernel_is_interpreted, unsupported_reason
 from .triton_rowblock import launch_config as _v1_launch_config
 
 #: Relative error the interpreter's emulation gives each approximate ``ex2`` / ``rcp``: an assumed budget of 2-4 fp32
@@ -265,8 +266,6 @@ def _connectivity_v2_kernel(
 
 def supported(spec: MLPTail, n_lambda: int) -> bool:
     """Whether v2 runs ``spec``: a non-affine depth-1 tail without a trailing activation, ``T <= MAX_T``."""
-    from .triton_rowblock import unsupported_reason
-
     return (not spec.is_affine and unsupported_reason(spec) is None and len(spec.stages) == 1 and not spec.final
             and n_lambda <= MAX_T)
 
@@ -288,7 +287,7 @@ def min_dot_k(fp64: bool) -> int:
 
 def launch_config(spec: MLPTail, dtype: torch.dtype, n_lambda: int, *, interpret: bool,
                   input_precision: str | None = None, n: int | None = None, arch: int | None = None):
-    """v2's :class:`kernels._triton_common.LaunchConfig` (v1's checks, activation codes and flag constants).
+    """v2's :class:`kernels.triton_common.LaunchConfig` (v1's checks, activation codes and flag constants).
 
     ``M`` rows hold ``BP = min(8, M // T)`` pairs (``T = 21``: 128 rows, 6 pairs); ``H`` is padded to
     ``BLOCK_K``. The interpreter takes bigger tiles (up to 48 pairs, ``min(48, n - 1)``) and ``H`` in one
@@ -348,7 +347,7 @@ def pair_tiles(n: int, bp: int, device=None) -> torch.Tensor:
     """``[n_tiles, 2]`` int32 ``(i, j0)``: the upper triangle's pairs ``(i, j0 .. j0+bp-1)``, row by row.
 
     8 bytes per tile of ``bp`` pairs: at ``bp = 6`` about 1/6 of ``L``'s own fp32 memory (180 MB at N = 16384;
-    :func:`connectivity_v2` counts it in its memory check)."""
+    :func:`connectivity_packed_mma` counts it in its memory check)."""
     i = torch.arange(n - 1)
     per_row = (n - 1 - i + bp - 1) // bp
     rows = torch.repeat_interleave(i, per_row)
@@ -373,20 +372,18 @@ def default_programs(n_tiles: int, device: torch.device) -> int:
     return max(1, min(n_tiles, 8 * torch.cuda.get_device_properties(device).multi_processor_count))
 
 
-def connectivity_v2(h: torch.Tensor, spec: MLPTail, n_lambda: int, *, input_precision: str | None = None,
-                    config=None, programs: int | None = None) -> torch.Tensor:
-    """``L`` with the v2 kernel (same contract as :func:`kernels.connectivity.connectivity_triton`, for the tails
-    :func:`supported` accepts). ``programs``: persistent grid size (default :func:`default_programs`)."""
-    n = h.shape[0]
-    dtype, dev = h.dtype, h.device
-    from .triton_rowblock import kernel_is_interpreted
-
+def connectivity_packed_mma(z: torch.Tensor, spec: MLPTail, n_lambda: int, *, input_precision: str | None = None,
+                            config=None, programs: int | None = None) -> torch.Tensor:
+    """``L`` from ``z = spec.absorb(h)`` with the v2 kernel (same contract as
+    :func:`.triton_rowblock.connectivity_rowblock`, for the tails :func:`supported` accepts). ``programs``:
+    persistent grid size (default :func:`default_programs`)."""
+    n = z.shape[0]
+    dtype, dev = z.dtype, z.device
     cfg = config or launch_config(spec, dtype, n_lambda, interpret=kernel_is_interpreted(),
                                   input_precision=input_precision, n=n)
     c = cfg.constexprs
-    elem = h.element_size()  # refuse before allocating: L, z and a0 padded to K0, the tile list (8 B per tile)
+    elem = z.element_size()  # refuse before allocating: L, z and a0 padded to K0, the tile list (8 B per tile)
     check_fits(n * n * elem, 2 * n * c["K0"] * elem + 8 * (n * (n - 1) // 2 // c["BP"] + n), dev)
-    z = spec.absorb(h)
     zp = torch.zeros(n, c["K0"], dtype=dtype, device=dev)
     zp[:, : z.shape[1]] = z
     lin = spec.stages[0][1]

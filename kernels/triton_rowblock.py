@@ -1,7 +1,8 @@
-"""Fused Triton kernel for the linear connectivity matrix of an MLP tail (SPEC §1-2).
+"""Fused Triton kernel v1 ("row block") for the linear connectivity matrix of an MLP tail (SPEC §1-2); which of
+the two Triton kernels runs is decided in :mod:`.triton`.
 
 One launch computes every ``L_ij`` (``i < j``) of a normalised MLP tail
-(``grokfast_metrics._tail.MLPTail``) from ``z = spec.absorb(h)`` (``N x H0``): the ``T x H0``
+(``grokfast_metrics.foundation.tail.MLPTail``) from ``z = spec.absorb(h)`` (``N x H0``): the ``T x H0``
 interpolated activations of a pair are formed in registers, run through the remaining Linears
 with ``tl.dot``, centred over ``t`` and reduced to ``r2`` per output and then to ``L_ij``.
 Only ``L`` (``N x N``) is written to memory.
@@ -20,7 +21,6 @@ only the pair dimension needs masks. Every ``tl.dot`` accumulates in the compute
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 import triton
@@ -44,7 +44,7 @@ from .triton_common import (
 MAX_DEPTH = 4
 #: Widest layer (padded to a power of two) the kernel supports.
 MAX_WIDTH = 1024
-#: Default ``tl.dot`` precision for fp32 (fp64 always uses ``"ieee"``), see :func:`connectivity_triton`.
+#: Default ``tl.dot`` precision for fp32 (fp64 always uses ``"ieee"``), see :func:`connectivity_rowblock`.
 DEFAULT_FP32_PRECISION = "tf32x3"
 
 
@@ -269,7 +269,7 @@ def _connectivity_fwd_kernel(
 
 
 def unsupported_reason(spec: MLPTail) -> str | None:
-    """Why :func:`connectivity_triton` cannot run ``spec``, or ``None`` if it can.
+    """Why :func:`connectivity_rowblock` cannot run ``spec``, or ``None`` if it can.
 
     Affine tails are always supported (they need no kernel: ``L = 1``).
     """
@@ -305,7 +305,7 @@ def launch_config(
     spec: MLPTail, dtype: torch.dtype, n_lambda: int, *, interpret: bool, input_precision: str | None = None,
     n: int | None = None, arch: int | None = None,
 ) -> LaunchConfig:
-    """The (constexprs, signature, launch options) :func:`connectivity_triton` uses for this shape.
+    """The (constexprs, signature, launch options) :func:`connectivity_rowblock` uses for this shape.
 
     Args:
         spec: a non-affine MLP tail that :func:`unsupported_reason` accepts.
@@ -404,19 +404,31 @@ def _pack(w: torch.Tensor, b: torch.Tensor | None, k_pad: int, n_pad: int, dtype
     return wt, c
 
 
-def connectivity_triton(
-    h: torch.Tensor, spec: MLPTail, n_lambda: int, *, input_precision: str | None = None,
-    config: LaunchConfig | None = None, variant: str | None = None,
-) -> torch.Tensor:
-    """Connectivity matrix ``L`` of an MLP tail with one fused Triton launch.
+def check_can_run(z: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless ``z`` is 2-D and on CUDA, or on the CPU under the Triton interpreter."""
+    if z.dim() != 2:
+        raise ValueError(f"z must be 2-D (N, H0); got shape {tuple(z.shape)}")
+    if z.device.type != "cuda" and not kernel_is_interpreted():
+        raise ValueError(
+            "connectivity_triton on CPU tensors runs only under the Triton interpreter: set TRITON_INTERPRET=1 "
+            "before triton is first imported in this process"
+        )
 
-    ``z = spec.absorb(h)`` is computed with torch; the kernel computes every ``L_ij``, ``i < j``
+
+def connectivity_rowblock(
+    z: torch.Tensor, spec: MLPTail, n_lambda: int, *, input_precision: str | None = None,
+    config: LaunchConfig | None = None,
+) -> torch.Tensor:
+    """Connectivity matrix ``L`` of an MLP tail with one fused Triton launch (the v1 kernel).
+
+    ``z = spec.absorb(h)`` is computed by the caller with torch; the kernel computes every ``L_ij``, ``i < j``
     (see :func:`_connectivity_fwd_kernel`) and writes both triangles; the diagonal is set to 1 here.
-    Identical rows of ``h`` are handled by the caller (``grokfast_metrics.core``).
+    Identical rows of ``h`` are handled by the caller (``grokfast_metrics.compute.core``).
 
     Args:
-        h: ``(N, D)`` in the compute dtype (fp32 or fp64), on CUDA, or on the CPU under ``TRITON_INTERPRET=1``.
-        spec: normalised MLP tail (``grokfast_metrics._tail.parse_tail``).
+        z: ``(N, H0)`` absorbed representations (``spec.absorb(h)``) in the compute dtype (fp32 or fp64), on CUDA,
+            or on the CPU under ``TRITON_INTERPRET=1``.
+        spec: normalised MLP tail (``grokfast_metrics.foundation.tail.parse_tail``).
         n_lambda: interpolation points ``T >= 3``.
         input_precision: fp32 ``tl.dot`` precision. Default ``"tf32x3"``: three TF32 tensor-core
             products (split hi/lo operands) reach about fp32 accuracy at tensor-core speed, whereas plain
@@ -425,38 +437,26 @@ def connectivity_triton(
         config: launch configuration to use instead of :func:`launch_config`'s pick (tests run the
             GPU tiling under the interpreter this way); must come from ``launch_config`` for this
             ``spec``, dtype and ``n_lambda``.
-        variant: ``"v1"`` (this module's kernel) or ``"v2"`` (:mod:`kernels.connectivity_v2`, which runs the
-            tails it supports and leaves the rest to v1); ``None``: :func:`kernel_variant`.
 
     Returns:
-        ``(N, N)`` tensor, ``h``'s dtype and device.
+        ``(N, N)`` tensor, ``z``'s dtype and device.
 
     Raises:
         ValueError: unsupported tail/dtype, or a CPU tensor without the Triton interpreter.
     """
-    if h.dim() != 2:
-        raise ValueError(f"h must be 2-D (N, D); got shape {tuple(h.shape)}")
-    n = h.shape[0]
-    dtype, dev = h.dtype, h.device
+    if z.dim() != 2:
+        raise ValueError(f"z must be 2-D (N, H0); got shape {tuple(z.shape)}")
+    n = z.shape[0]
+    dtype, dev = z.dtype, z.device
     if spec.is_affine:
         return torch.ones(n, n, dtype=dtype, device=dev)
+    check_can_run(z)
     interpret = kernel_is_interpreted()
-    if dev.type != "cuda" and not interpret:
-        raise ValueError(
-            "connectivity_triton on CPU tensors runs only under the Triton interpreter: set TRITON_INTERPRET=1 "
-            "before triton is first imported in this process"
-        )
-    if config is None and kernel_variant(variant) == "v2":
-        from . import triton_packed_mma as v2
-
-        if v2.supported(spec, n_lambda):
-            return v2.connectivity_v2(h, spec, n_lambda, input_precision=input_precision)
     cc = torch.cuda.get_device_capability(dev) if dev.type == "cuda" else (9, 0)  # the GPU tiling depends on it
     cfg = config or launch_config(spec, dtype, n_lambda, interpret=interpret, input_precision=input_precision, n=n,
                                   arch=10 * cc[0] + cc[1])
     if cfg.constexprs["T"] != n_lambda or cfg.widths[0] != spec.stages[0][1].in_features:
         raise ValueError("config does not match this tail / n_lambda; build it with launch_config")
-    z = spec.absorb(h)
     zp = torch.zeros(n, cfg.pads[0], dtype=dtype, device=dev)
     zp[:, : z.shape[1]] = z
     packed = []
@@ -476,19 +476,6 @@ def connectivity_triton(
         )
     out.diagonal().fill_(1.0)
     return out
-
-
-#: Kernel variants (``connectivity_triton(variant=...)``, env ``GM_TRITON_KERNEL``) and the default.
-VARIANTS = ("v1", "v2")
-DEFAULT_VARIANT = "v2"
-
-
-def kernel_variant(variant: str | None = None) -> str:
-    """``variant``, else ``$GM_TRITON_KERNEL``, else :data:`DEFAULT_VARIANT`; checked against :data:`VARIANTS`."""
-    v = variant or os.environ.get("GM_TRITON_KERNEL") or DEFAULT_VARIANT
-    if v not in VARIANTS:
-        raise ValueError(f"Triton kernel variant must be one of {VARIANTS}; got {v!r}")
-    return v
 
 
 def kernel_is_interpreted() -> bool:

@@ -1,4 +1,4 @@
-"""Fused CPU kernel (``grokfast_metrics.kernels.connectivity_cpu``) against the NumPy reference.
+"""Fused CPU kernel (``grokfast_metrics.kernels.cpu_fused``) against the NumPy reference.
 
 The kernel is built on first use (a few seconds); tests that need it skip when it cannot run here
 (no AVX2/FMA, no compiler), the fallback tests run everywhere.

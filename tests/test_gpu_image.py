@@ -1,7 +1,7 @@
 """v2's launch configuration under the GPU image's Triton (3.6), whose smallest ``tl.dot`` ``K`` is 16 at every width.
 
 CI compiles every kernel with triton 3.6 too (``.ci/run``'s second virtual environment); this checks, with the
-installed Triton, that the tiles follow :func:`kernels.connectivity_v2.min_dot_k` and that nothing changes where the
+installed Triton, that the tiles follow :func:`kernels.triton_packed_mma.min_dot_k` and that nothing changes where the
 installed Triton allows ``K = 8`` (triton 3.9).
 """
 from __future__ import annotations

@@ -21,6 +21,7 @@ from torch import nn
 
 triton = pytest.importorskip("triton")
 
+from grokfast_metrics.kernels import triton as kt
 from grokfast_metrics.kernels import triton_packed_mma as kc2
 from grokfast_metrics.kernels import triton_rowblock as kc
 from helpers import PYTHON
@@ -81,7 +82,17 @@ CASES = {
 }
 
 
-@pytest.fixture(params=kc.VARIANTS)
+def _triton_L(h, spec, n_lambda, **kw):
+    """``L`` through the variant choice of ``kernels.triton``, from ``z = spec.absorb(h)`` (every launcher's input)."""
+    return kt.connectivity_triton(spec.absorb(h), spec, n_lambda, **kw)
+
+
+def _v2_L(h, spec, n_lambda, **kw):
+    """``L`` from the v2 kernel itself."""
+    return kc2.connectivity_packed_mma(spec.absorb(h), spec, n_lambda, **kw)
+
+
+@pytest.fixture(params=kt.VARIANTS)
 def variant(request, monkeypatch):
     """Every kernel variant (``GM_TRITON_KERNEL``): v2 where it runs the tail, v1 always."""
     monkeypatch.setenv("GM_TRITON_KERNEL", request.param)
@@ -176,12 +187,12 @@ def test_regimes_within_contract_or_recomputed(name, dtype, atol, variant):
 def test_kernel_flags_what_fp32_cannot_resolve(variant):
     """Straight from the kernel: every pair of near:1e-5 is FLAGGED, a shared logit offset of 1e5 changes nothing."""
     h, tail = regime("near:1e-5", n=8)
-    L = kc.connectivity_triton(h.to(DEVICE), parse_tail(tail.to(DEVICE)), 21).cpu()
+    L = _triton_L(h.to(DEVICE), parse_tail(tail.to(DEVICE)), 21).cpu()
     assert bool((L[~torch.eye(8, dtype=torch.bool)] == FLAGGED).all())
     h, tail = regime("well", n=8)
     h2, tail2 = regime("offset:1e5", n=8)
-    L1 = kc.connectivity_triton(h.to(DEVICE), parse_tail(tail.to(DEVICE)), 21).cpu()
-    L2 = kc.connectivity_triton(h2.to(DEVICE), parse_tail(tail2.to(DEVICE)), 21).cpu()
+    L1 = _triton_L(h.to(DEVICE), parse_tail(tail.to(DEVICE)), 21).cpu()
+    L2 = _triton_L(h2.to(DEVICE), parse_tail(tail2.to(DEVICE)), 21).cpu()
     assert torch.equal(L1, L2)  # the bias never enters (centred before the last Linear)
     # most pairs of a well-conditioned case are resolved in fp32: observed 3 flagged pairs of 28 at FLAG_KAPPA = 3e-5
     # (1 at 5e-5); at most a quarter
@@ -229,7 +240,7 @@ def test_duplicate_rows_give_one(dtype, name, variant):
     h[5] = h[2]
     h[9] = h[2]
     h[11] = h[0]
-    L = kc.connectivity_triton(h.to(DEVICE), parse_tail(tail.to(DEVICE)), 21).cpu()
+    L = _triton_L(h.to(DEVICE), parse_tail(tail.to(DEVICE)), 21).cpu()
     for i, j in [(2, 5), (2, 9), (5, 9), (0, 11)]:
         assert L[i, j].item() == 1.0 and L[j, i].item() == 1.0
     assert (L.diagonal() == 1).all()
@@ -278,7 +289,7 @@ def test_gpu_tiling_matches_reference(name, n, factory, dtype, arch):
         assert c["BLOCK_K"] < c["K0"], "K loop"
         assert c["DEPTH"] == 1 or c["BLOCK_N1"] < c["P1"], "layer-1 column blocks"
         assert c["DEPTH"] < 3 or c["BLOCK_N2"] < c["P2"], "layer-2 column blocks"
-    L = kc.connectivity_triton(h.to(DEVICE), parse_tail(tail.to(DEVICE)), 21, config=cfg).cpu()
+    L = _triton_L(h.to(DEVICE), parse_tail(tail.to(DEVICE)), 21, config=cfg).cpu()
     assert bool(torch.isfinite(L).all())
     err = _direct_err(L, _ref(h, tail))
     # observed: fp32 <= 3.6e-7 (default_n17; 3.3e-7 h100_depth3_fp32_final_sm80), fp64 <= 1.4e-15 (h150_depth3_fp64)
@@ -302,7 +313,7 @@ def test_v2_gpu_tiling_matches_reference(dtype, n):
     want = (128, 6, 16, 112) if dtype == torch.float32 else (64, 3, k, -(-100 // k) * k)
     assert (c["M"], c["BP"], c["BLOCK_K"], c["K0"]) == want
     assert kc2.pair_tiles(n, c["BP"]).shape[0] > 3                       # every program walks several tiles
-    L = kc2.connectivity_v2(h, spec, 21, config=cfg, programs=3)
+    L = _v2_L(h, spec, 21, config=cfg, programs=3)
     assert bool(torch.isfinite(L).all()) and torch.equal(L, L.T)
     err = _direct_err(L, _ref(h, tail))
     assert err <= (1e-5 if dtype == torch.float32 else 1e-10), f"{err:.3g}"
@@ -325,13 +336,13 @@ def test_tf32_split_is_exact_and_tf32():
 
 
 def test_variant_switch(monkeypatch):
-    assert kc.kernel_variant("v1") == "v1"
+    assert kt.kernel_variant("v1") == "v1"
     monkeypatch.setenv("GM_TRITON_KERNEL", "v1")
-    assert kc.kernel_variant() == "v1"
+    assert kt.kernel_variant() == "v1"
     monkeypatch.delenv("GM_TRITON_KERNEL")
-    assert kc.kernel_variant() == kc.DEFAULT_VARIANT
+    assert kt.kernel_variant() == kt.DEFAULT_VARIANT
     with pytest.raises(ValueError, match="variant"):
-        kc.kernel_variant("v3")
+        kt.kernel_variant("v3")
     deep = parse_tail(CASES["depth3_mixed"][2]())
     assert not kc2.supported(deep, 21) and kc2.supported(parse_tail(CASES["tanh"][2]()), 21)
     assert not kc2.supported(parse_tail(CASES["depth2_identity_trailing"][2]()), 21)
@@ -341,17 +352,17 @@ def test_variant_switch(monkeypatch):
 def test_ieee_precision_and_bad_precision(variant):
     h, tail = _make("leaky", torch.float32)
     spec = parse_tail(tail.to(DEVICE))
-    L = kc.connectivity_triton(h.to(DEVICE), spec, 21, input_precision="ieee").cpu()
+    L = _triton_L(h.to(DEVICE), spec, 21, input_precision="ieee").cpu()
     assert _direct_err(L, _ref(h, tail)) <= 1e-5
     with pytest.raises(ValueError, match="input_precision"):
-        kc.connectivity_triton(h.to(DEVICE), spec, 21, input_precision="bf16")
+        _triton_L(h.to(DEVICE), spec, 21, input_precision="bf16")
 
 
 def test_affine_tail_needs_no_kernel():
     tail = _seq(nn.Linear(4, 6), nn.Identity(), nn.Linear(6, 3))
     spec = parse_tail(tail)
     assert kc.unsupported_reason(spec) is None
-    L = kc.connectivity_triton(torch.randn(5, 4), spec, 21)
+    L = _triton_L(torch.randn(5, 4), spec, 21)
     assert torch.equal(L, torch.ones(5, 5))
 
 
@@ -380,7 +391,7 @@ def test_supported_tails_have_no_reason():
 def test_cpu_without_interpreter_raises():
     h, tail = _make("tanh", torch.float32)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
-        kc.connectivity_triton(h, parse_tail(tail), 21)
+        _triton_L(h, parse_tail(tail), 21)
 
 
 @here
@@ -392,7 +403,7 @@ def test_v2_refuses_before_allocating_its_tile_list(monkeypatch):
     n = h.shape[0]
     monkeypatch.setattr(_policy, "available_bytes", lambda device: 4 * n * n + 64)
     with pytest.raises(MemoryError, match="is free"):
-        kc2.connectivity_v2(h.to(DEVICE), parse_tail(tail.to(DEVICE)), 21)
+        _v2_L(h.to(DEVICE), parse_tail(tail.to(DEVICE)), 21)
 
 
 @here

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import functools
-import os
 import time
 from collections.abc import Callable
 
@@ -21,8 +20,8 @@ from torch import nn
 from ..compute import core, reference
 from .harness import Timing, n_pairs, time_fn
 
-#: Benchmark-only names: ``backend="triton"`` with one Triton kernel variant (``GM_TRITON_KERNEL``), so one
-#: run times both kernels (v2 runs the tails it supports, v1 the rest: see ``kernels.connectivity_v2``).
+#: Benchmark-only names: ``backend="triton"`` with one Triton kernel variant (``kernels.triton.use_variant``), so one
+#: run times both kernels (v2 runs the tails it supports, v1 the rest: see ``kernels.triton``).
 TRITON_VARIANTS = {"triton-v1": "v1", "triton-v2": "v2"}
 
 
@@ -37,15 +36,10 @@ def backend_fn(backend: str) -> Callable[[torch.Tensor, nn.Module, int], torch.T
 
 
 def _triton_variant(h: torch.Tensor, tail: nn.Module, n_lambda: int = 21, *, variant: str) -> torch.Tensor:
-    old = os.environ.get("GM_TRITON_KERNEL")
-    os.environ["GM_TRITON_KERNEL"] = variant
-    try:
+    from ..kernels.triton import use_variant  # triton: only where a Triton variant is timed
+
+    with use_variant(variant):
         return core.connectivity(h, tail, n_lambda, backend="triton")
-    finally:
-        if old is None:
-            del os.environ["GM_TRITON_KERNEL"]
-        else:
-            os.environ["GM_TRITON_KERNEL"] = old
 
 
 def backend_that_runs(backend: str, h: torch.Tensor, tail: nn.Module) -> str:

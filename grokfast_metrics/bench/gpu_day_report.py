@@ -146,7 +146,7 @@ def format_gpu_day(res: dict) -> str:
 
 
 def _target_lines(rows: list[dict]) -> list[str]:
-    """The fastest Triton kernel per N (what ``DEFAULT_VARIANT`` should be) and L / end to end at N=961 vs the targets."""
+    """The fastest Triton kernel per N (what ``kernels.triton.DEFAULT_VARIANT`` should be) and L / end to end at N=961 vs the targets."""
     out = []
     by_n: dict[int, list[dict]] = {}
     for r in rows:

@@ -1,6 +1,6 @@
 """A static cost model of the Triton kernels on NVIDIA GPUs, with no GPU: ``grokfast-metrics bench --static-gpu``.
 
-Each kernel variant (v1 ``kernels.connectivity``, v2 ``kernels.connectivity_v2``) is compiled for sm_90 (H100)
+Each kernel variant (v1 ``kernels.triton_rowblock``, v2 ``kernels.triton_packed_mma``) is compiled for sm_90 (H100)
 and sm_80 (A100) with the exact launch configuration its ``launch_config`` picks for a shape (pointers marked
 16-byte aligned, as the JIT does). The cubin's SASS (``cuobjdump -sass``, shipped with triton) is parsed into
 instructions; the loops are found from their backward branches and given the trip counts of the kernel's own
@@ -114,7 +114,7 @@ def _tool(name: str) -> str:
 
 
 def kernel_module(variant: str):
-    """The module of a kernel variant (``"v1"``: ``kernels.connectivity``, ``"v2"``: ``kernels.connectivity_v2``)."""
+    """The module of a kernel variant (``"v1"``: ``kernels.triton_rowblock``, ``"v2"``: ``kernels.triton_packed_mma``)."""
     from ..kernels import triton_packed_mma as kc2
     from ..kernels import triton_rowblock as kc
 
@@ -238,7 +238,7 @@ def active_programs(n: int, block_j: int) -> tuple[int, int]:
 
 
 def v2_tiles(n: int, bp: int) -> int:
-    """Tiles of v2's triangular list (``kernels.connectivity_v2.pair_tiles``): ``cdiv(N - 1 - i, BP)`` per row ``i``."""
+    """Tiles of v2's triangular list (``kernels.triton_packed_mma.pair_tiles``): ``cdiv(N - 1 - i, BP)`` per row ``i``."""
     return sum(-(-(n - 1 - i) // bp) for i in range(n - 1))
 
 

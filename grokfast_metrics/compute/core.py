@@ -2,7 +2,7 @@
 
 This module validates input, picks the one backend that runs (``_choose``; ``"auto"`` resolves to a
 single name) and calls it from one table (``_DISPATCH``). The math lives in ``torch_backend``
-(torch), ``grokfast_metrics.kernels.connectivity`` (Triton), ``grokfast_metrics.kernels.connectivity_cpu``
+(torch), ``grokfast_metrics.kernels.triton`` (Triton), ``grokfast_metrics.kernels.cpu_fused``
 (the fused C++ CPU kernel) and ``reference`` (NumPy).
 """
 from __future__ import annotations
@@ -197,14 +197,9 @@ def _kernel_of(name: str, dtype: torch.dtype, spec: MLPTail | None, n_lambda: in
     if name == "cpu":
         return "fp64" if dtype == torch.float64 else "fp32"
     if name == "triton":
-        from ..kernels import triton_rowblock as kc
+        from ..kernels.triton import variant_for
 
-        variant = kc.kernel_variant()
-        if variant == "v2":
-            from ..kernels import triton_packed_mma as kv2
-
-            variant = "v2" if kv2.supported(spec, n_lambda) else "v1"
-        return variant
+        return variant_for(spec, n_lambda)
     if name == "torch":
         return "mlp" if spec is not None else "generic"
     return None
@@ -235,9 +230,9 @@ def backend_info(h: torch.Tensor, tail: nn.Module, backend: str = "auto", n_lamb
 
 
 def _run_triton(h, tail, spec, n_lambda, chunk_bytes, y_end):
-    from ..kernels.triton_rowblock import connectivity_triton
+    from ..kernels.triton import connectivity_triton
 
-    return connectivity_triton(h, spec, n_lambda)
+    return connectivity_triton(spec.absorb(h), spec, n_lambda)
 
 
 def _run_cpu(h, tail, spec, n_lambda, chunk_bytes, y_end):
