@@ -7,7 +7,7 @@ to ``benchmarks/results.csv``.
 
 Baselines, all measured in the same run as the rows they are compared with:
 
-* ``reference``: the NumPy float64 reference (:mod:`grokfast_metrics.reference`) on the first
+* ``reference``: the NumPy float64 reference (:mod:`grokfast_metrics.compute.reference`) on the first
   ``n_ref`` samples, extrapolated per pair (its cost per pair does not depend on ``N``);
 * ``naive``: :func:`naive_connectivity`, the torch code a user would write without this library
   (interpolation points materialised in chunks, the whole tail module run on them, a

@@ -2,7 +2,7 @@
 
 The paper's MLP on addition mod 31, one full-batch AdamW step (:func:`.workloads.addition_training`), with
 LMN of the first hidden layer's output on ``n_track`` inputs after every step through the tracker machinery
-(:class:`grokfast_metrics.tracker.Tracker`): not tracked, synchronous (L and the eigen step in the training
+(:class:`grokfast_metrics.tracking.tracker.Tracker`): not tracked, synchronous (L and the eigen step in the training
 thread) and asynchronous (L in the training thread, the eigen step on host worker threads). The three modes
 alternate in blocks of consecutive steps within each round, so machine drift hits them alike; a block of the
 asynchronous mode ends with ``flush()``, so the eigen steps still running are counted, not hidden.

@@ -1,6 +1,6 @@
 """What computes ``L`` in a benchmark, and the baselines every backend is compared with in the same run.
 
-* ``reference``: the NumPy float64 reference (:mod:`grokfast_metrics.reference`), timed on a small
+* ``reference``: the NumPy float64 reference (:mod:`grokfast_metrics.compute.reference`), timed on a small
   subset; its cost per pair does not depend on ``N``, so it is extrapolated per pair;
 * ``naive``: :func:`naive_connectivity`, the torch code a user would write without this library,
   also timed on a subset and extrapolated per pair;

@@ -3,7 +3,7 @@
 For each model of ``tests/models.py`` (the repository checkout's; the package does not ship them) one run times
 
 * **after**: ``lmn_at``'s plan as it is now (a tail lowered into the fused C++ kernel when it lowers:
-  :mod:`grokfast_metrics._lower`), at ``N``;
+  :mod:`grokfast_metrics.dropin.lower`), at ``N``;
 * **before**: the same plan with the lowering switched off (the fx split or hook tail on the generic path, what
   ``lmn_at`` ran before issue 20), at a smaller ``N`` when the full one is too slow, scaled per pair.
 

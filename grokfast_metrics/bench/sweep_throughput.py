@@ -4,7 +4,7 @@ The grid is the README's phase diagram, ``init_scale`` x ``weight_decay`` (4 x 4
 addition mod 31 for ``steps`` steps with LMN every 100 steps on 128 probe inputs (the trainer's early log-spaced
 LMN steps included), compression complexity off and no plots. The same runs are trained
 
-- ``sequential``: one :func:`grokfast_metrics.train.train` call after the other in this process (a shell loop
+- ``sequential``: one :func:`grokfast_metrics.experiment.trainer.train` call after the other in this process (a shell loop
   around ``grokfast-metrics train`` without the process starts);
 - ``local``: ``sweep --engine local`` with ``workers`` processes;
 - ``batched``: ``sweep --batched`` with ``workers`` processes, each training one stack of models;

@@ -1,8 +1,8 @@
 """What the benchmarks run: seeded tails and inputs of the paper's shapes, and a training step.
 
 :func:`mlp_tail` / :func:`make_tail` are the library's one builder of a seeded MLP tail;
-:func:`addition_training` is the paper's MLP (:class:`grokfast_metrics.model.GrokMLP`, shared
-embedding) on addition mod 31 (:func:`grokfast_metrics.tasks.make_task`), used for the training
+:func:`addition_training` is the paper's MLP (:class:`grokfast_metrics.experiment.model.GrokMLP`, shared
+embedding) on addition mod 31 (:func:`grokfast_metrics.experiment.tasks.make_task`), used for the training
 overhead of tracking the LMN.
 """
 from __future__ import annotations

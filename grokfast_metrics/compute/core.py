@@ -280,8 +280,8 @@ def last_run_info() -> dict:
     in this process: the backend and kernel variant that ran (see :func:`backend_info`) and how many pairs the fp32
     backend flagged as ill-conditioned and recomputed in fp64. After ``lmn_at`` (or a tracker) also ``"path"``
     (``"chain"``, ``"split"``, ``"hooks"``), ``"path_reason"`` (why that path ran:
-    :attr:`grokfast_metrics.dropin.Plan.reason`) and ``"ran"`` (whether the tail was lowered to the fused kernel, and
-    what it computes or why not: :attr:`grokfast_metrics.dropin.Plan.ran`)."""
+    :attr:`grokfast_metrics.dropin.measure.Plan.reason`) and ``"ran"`` (whether the tail was lowered to the fused kernel, and
+    what it computes or why not: :attr:`grokfast_metrics.dropin.measure.Plan.ran`)."""
     return dict(_LAST_RUN)
 
 
@@ -353,7 +353,7 @@ def connectivity(
             ``"torch"`` (chunked stock torch ops on any device) or ``"reference"`` (NumPy, float64, slow).
             :func:`resolve_backend` names what ``"auto"`` picks.
         chunk_bytes: size of one chunk of interpolated activations (MLP tails: default 4 MiB on CPU, 256 MiB
-            on CUDA; other modules: :func:`grokfast_metrics.generic.default_chunk_bytes`); peak extra memory is
+            on CUDA; other modules: :func:`grokfast_metrics.compute.generic.default_chunk_bytes`); peak extra memory is
             ``O(N^2 + chunk_bytes)``.
 
     Returns:

@@ -95,7 +95,7 @@ def pair_r2(h, tail: nn.Module, i: int, j: int, n_lambda: int = 21, dps: int = 5
 
 def _pair_r2(h, tail: nn.Module, i: int, j: int, n_lambda: int, dps: int) -> tuple[np.ndarray, bool]:
     if mpmath is None:  # pragma: no cover
-        raise ImportError("grokfast_metrics.exact needs mpmath (pip install mpmath)")
+        raise ImportError("grokfast_metrics.compute.exact needs mpmath (pip install mpmath)")
     if hasattr(h, "detach"):
         h = h.detach().cpu().double().numpy()
     unresolved = False

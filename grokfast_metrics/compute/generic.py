@@ -8,10 +8,10 @@ Both take ``h`` (``(N, D)``) and a ``tail`` module mapping a ``(B, D)`` batch to
   ends of every path are the samples themselves) and on the ``T - 2`` interior points of each pair
   only, in batches of up to ``chunk_bytes`` of interpolated input (cache-sized on the CPU, as large
   as free memory allows on CUDA: see :func:`default_chunk_bytes`), reusing the shared r² reduction
-  (:func:`grokfast_metrics.torch_backend.r2_from_paths`, constant-path rule included).
+  (:func:`grokfast_metrics.compute.torch_paths.r2_from_paths`, constant-path rule included).
 * :func:`reference_connectivity` is the yardstick: for every pair ``i < j`` it runs the ``T``
   points ``h_i + lam_t (h_j - h_i)`` through a float64 copy of the module itself, one pair at a
-  time, and reduces with the NumPy reference's :func:`grokfast_metrics.reference.pair_r2`. Slow on
+  time, and reduces with the NumPy reference's :func:`grokfast_metrics.compute.reference.pair_r2`. Slow on
   purpose; ``backend="reference"`` runs it for every tail that is not an MLP (``gm.lmn``,
   ``gm.connectivity`` and ``lmn_at``'s split and hook tails alike).
 """

@@ -6,7 +6,7 @@ space of ``h``, runs the *whole* tail layer by layer in float64 NumPy from the m
 dimension with ``lam`` and averages them. The activations' float64 formulas come from the one
 activation table (``_tail.ACTIVATIONS``; stable forms: GELU through ``erfc``, sigmoid/SiLU through
 ``e^{-|x|}``). This file is the fast yardstick the fused paths are checked against
-(``grokfast_metrics.exact`` is the arbitrary-precision one); it is not edited to match them.
+(``grokfast_metrics.compute.exact`` is the arbitrary-precision one); it is not edited to match them.
 
 Two exact rewritings keep it accurate on ill-conditioned paths (SPEC §1 accuracy contract): when the
 tail ends in a Linear, its output is taken centred over ``t`` *before* that Linear,

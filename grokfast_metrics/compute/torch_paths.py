@@ -8,13 +8,13 @@ Two paths share one reduction (:func:`r2_from_centred`):
   tail ends in a Linear, its output is taken centred over ``t`` *before* that Linear,
   ``yc = (a - mean_t a) W^T`` (SPEC §1 accuracy contract: the bias and a shared logit offset never
   enter), and a saturating activation just before it is taken offset free.
-* any other module takes the generic path of :mod:`grokfast_metrics.generic`, which shares this
+* any other module takes the generic path of :mod:`grokfast_metrics.compute.generic`, which shares this
   module's reduction (:func:`r2_from_paths`), pair chunks and allocation (:func:`new_L`).
 
 Both run on whatever device ``h`` lives on (CPU or CUDA) in fp32 or fp64. With ``flag=True`` (what
 ``core`` asks for in fp32) a pair the fp32 computation cannot resolve to the accuracy contract is
 written as :data:`~._policy.FLAGGED` and ``core`` recomputes it in fp64 (:func:`mlp_pairs`,
-:func:`grokfast_metrics.generic.pairs_connectivity`).
+:func:`grokfast_metrics.compute.generic.pairs_connectivity`).
 """
 from __future__ import annotations
 

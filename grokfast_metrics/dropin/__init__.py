@@ -2,7 +2,7 @@
 the rest of the model runs (``plan``), its tails (``split``), pruning (``prune``), lowering into the fused kernels
 (``lower``) and the hooks (``hooks``).
 
-The names this module re-exported before the layer packages (``grokfast_metrics.dropin.Plan``, ...) still import,
+The names this module re-exported before the layer packages (``grokfast_metrics.dropin.measure.Plan``, ...) still import,
 with a ``DeprecationWarning`` naming the module that defines them.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What :mod:`grokfast_metrics.dropin` does to a model and its inputs: arguments, names, outputs, hooks, layouts.
+"""What :mod:`grokfast_metrics.dropin.measure` does to a model and its inputs: arguments, names, outputs, hooks, layouts.
 
 The probe inputs (:func:`_as_args`, :func:`_n_samples`, :func:`_check_devices`), submodule names
 (:func:`_find_module`, ``torch.compile`` prefixes), output selection (:func:`_select`,

@@ -5,7 +5,7 @@ A tail traced with ``torch.fx`` (``lmn_at``'s split, or a module traced here) th
     y = W_out act(W_in x_q + b_in) + W_skip x_q + c          # x_q: the representation at one position q
 
 is an MLP tail with a skip term: :func:`lower` interprets the graph symbolically and returns a
-:class:`LoweredTail` whose ``lowered_spec`` (:class:`~grokfast_metrics._tail.MLPTail` with ``select``,
+:class:`LoweredTail` whose ``lowered_spec`` (:class:`~grokfast_metrics.foundation.tail.MLPTail` with ``select``,
 ``skip`` and an exact float64 twin) the fused C++ kernel runs: ``z = W_in x + b_in`` absorbed once per
 sample, the hidden activations per interpolation point, one folded output matrix, and the skip term
 ``u = W_skip x`` computed once per sample entering each pair as ``lam (u_j - u_i)``.
@@ -14,7 +14,7 @@ What lowers (everything else returns ``None`` and the reason; the tail keeps the
 
 * ``nn.Linear``, ``F.linear``, ``x @ W``, two-operand ``torch.einsum`` contracting the feature axis with a
   parameter (``'md,bpd->bpm'``), scaling by constants, adding constants (biases, per-position constants);
-* the elementwise activations of :data:`~grokfast_metrics._tail.ACTIVATIONS` as modules, functions or methods
+* the elementwise activations of :data:`~grokfast_metrics.foundation.tail.ACTIVATIONS` as modules, functions or methods
   (one hidden layer: an activation of a value that already went through one does not lower);
 * residual adds of the input (or of any affine value of it) and of values sharing the same hidden layer;
 * position selection by indexing the position axis (``out[:, -1]``), in the graph or in the ``output=``
@@ -368,7 +368,7 @@ def _is_eye(W: torch.Tensor) -> bool:
 class LoweredTail(nn.Module):
     """``(B, D) -> (B, O)``: ``W_out act(W_in h[:, lo:hi] + b_in) + b_out + W_skip h[:, lo:hi]``.
 
-    ``lowered_spec`` is what :func:`grokfast_metrics._tail.parse_tail` returns for it (the fused CPU kernel runs
+    ``lowered_spec`` is what :func:`grokfast_metrics.foundation.tail.parse_tail` returns for it (the fused CPU kernel runs
     it; other backends run this module's forward on the generic path). ``describe`` names what it computes.
     """
 

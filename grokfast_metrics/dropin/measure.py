@@ -13,7 +13,7 @@ preference (:class:`Plan` decides once):
 * **hooks**: otherwise the model is re-run on copies of probe sample 0 with a forward hook that
   *replaces* ``at``'s output (and, with ``to=``, stops the forward at ``to``).
 
-Split and hook tails take the generic path of :mod:`grokfast_metrics.generic`: the ends of every
+Split and hook tails take the generic path of :mod:`grokfast_metrics.compute.generic`: the ends of every
 path computed once, the interior points in large batches. The split tail is checked against the
 model's own outputs on every computation and abandoned for the hook path if they disagree.
 
@@ -27,8 +27,8 @@ While ``lmn_at`` runs, the forward hooks and forward pre-hooks the user register
 modules are suspended (``user_hooks=True`` keeps them firing); the pre-hooks that compute weights
 (``weight_norm``, ``spectral_norm``, pruning) always run.
 
-The pieces: :mod:`grokfast_metrics.dropin.plan` (:class:`Plan`, the cut check, the affine-tail warning),
-:mod:`grokfast_metrics.dropin.split` (the chain, split and hook tails) and :mod:`grokfast_metrics.dropin.hooks`
+The pieces: :mod:`grokfast_metrics.dropin.measure.plan` (:class:`Plan`, the cut check, the affine-tail warning),
+:mod:`grokfast_metrics.dropin.measure.split` (the chain, split and hook tails) and :mod:`grokfast_metrics.dropin.measure.hooks`
 (inputs, names, outputs, hooks, layouts).
 """
 from __future__ import annotations
@@ -89,7 +89,7 @@ def lmn_at(model: nn.Module, inputs, at: str = "blocks.0", to: str | None = None
         output: how to get ``(N, O)`` from the model's output (or ``to``'s): ``None`` (it already is;
             ``to``'s output is flattened per sample), an int (tuple element), ``"last"`` (the last sequence
             position: ``out[:, -1]``, or ``out[-1]`` with ``batch_dim=1``; a tuple's first element; picklable,
-            :class:`~grokfast_metrics._hooks.LastPosition`) or a callable, e.g. ``lambda out: out[-1]``.
+            :class:`~grokfast_metrics.dropin.hooks.LastPosition`) or a callable, e.g. ``lambda out: out[-1]``.
         batch_dim: the samples' axis in ``at``'s (and ``to``'s) output: 1 for sequence-first blocks
             ``(seq, batch, d)``.
         input_batch_dim: the samples' axis in ``inputs`` (default ``batch_dim``): e.g. 0 for a model

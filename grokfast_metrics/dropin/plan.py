@@ -1,10 +1,10 @@
 """The plan of ``lmn_at``: everything decided once per model, probe set, ``at``/``to`` and layout.
 
 :class:`Plan` checks the arguments, runs the probe once, picks the tail (chain, ``torch.fx`` split or
-hooks, from :mod:`grokfast_metrics._split`), runs the cut check and computes LMN on the model's
+hooks, from :mod:`grokfast_metrics.dropin.split`), runs the cut check and computes LMN on the model's
 current weights; :class:`~grokfast_metrics.LMNTracker` builds one and reuses it. The affine-tail
 warning (:class:`AffineTailWarning`, :func:`emit_affine_warning`) is emitted from here.
-:mod:`grokfast_metrics.dropin` re-exports every public name.
+:mod:`grokfast_metrics.dropin.measure` re-exports every public name.
 """
 from __future__ import annotations
 
@@ -126,8 +126,8 @@ class Plan:
         path: ``"chain"``, ``"split"`` or ``"hooks"`` (``"split"`` may fall back to ``"hooks"`` after a run);
             ``None`` until the first forward of the probe.
         reason: one line saying why that path runs (e.g. why the fx split was not possible), also reported by
-            :func:`grokfast_metrics.core.last_run_info` after each computation (``"path"``, ``"path_reason"``).
-        lowering: for a split tail, :class:`~grokfast_metrics._lower.Lowering`: the tail lowered to the fused
+            :func:`grokfast_metrics.compute.core.last_run_info` after each computation (``"path"``, ``"path_reason"``).
+        lowering: for a split tail, :class:`~grokfast_metrics.dropin.lower.Lowering`: the tail lowered to the fused
             kernels' MLP spec (``lowering.tail``) and what it computes, or ``None`` and why it was not lowered.
         ran: what the last computation ran and why (path, lowered or not, backend), e.g. ``"split, lowered (cpu):
             position 2 of 3 -> Linear(128, 512) absorbed -> relu -> ..."``.
@@ -195,7 +195,7 @@ class Plan:
     @contextmanager
     def running(self):
         """Context of every computation: no grad, eval mode (restored), RNG forked, user hooks suspended (in this
-        thread), one computation on the model at a time (:func:`~grokfast_metrics._hooks.model_lock`)."""
+        thread), one computation on the model at a time (:func:`~grokfast_metrics.dropin.hooks.model_lock`)."""
         with model_lock(self.model), torch.no_grad(), eval_mode(self.model), suspend_user_hooks(self.model, self.user_hooks):
             yield
 
@@ -262,7 +262,7 @@ class Plan:
                        if req == "auto" else "path='hooks' requested")
 
     def _prune(self, gm, act: torch.Tensor) -> None:
-        """Position pruning of the split tail (:mod:`grokfast_metrics._prune`): only what the selected logits need."""
+        """Position pruning of the split tail (:mod:`grokfast_metrics.dropin.prune`): only what the selected logits need."""
         from .prune import prune_positions
 
         self.full_tail = self.tail
@@ -282,7 +282,7 @@ class Plan:
                 self.reason += f" (h itself only at position {p} of axis {k}: only that position is interpolated)"
 
     def _lower(self):
-        """Lower the split tail (:mod:`grokfast_metrics._lower`) unless its parameters are unchanged since the last time."""
+        """Lower the split tail (:mod:`grokfast_metrics.dropin.lower`) unless its parameters are unchanged since the last time."""
         from .lower import Lowering, lower
 
         graph = (self.full_tail if self.full_tail is not None else self.tail).graph  # never the pruned tail

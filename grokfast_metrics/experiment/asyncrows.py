@@ -1,6 +1,6 @@
 """The trainer's log rows when LMN is tracked asynchronously (``TrainConfig.lmn_async``).
 
-The trainer's :class:`~grokfast_metrics.tracker.Tracker` then computes ``L`` in the training thread and
+The trainer's :class:`~grokfast_metrics.tracking.tracker.Tracker` then computes ``L`` in the training thread and
 leaves the eigen step and entropy to a host worker thread. A row whose LMN has not landed yet waits in a
 :class:`RowQueue`, and every row after it waits behind it, so ``metrics.jsonl`` stays in step order; a
 row is written (with its connectivity snapshot, if one is due) as soon as everything before it is
@@ -27,7 +27,7 @@ __all__ = ["RowQueue", "StepTracker", "lmn_columns", "track_connectivity"]
 
 def track_connectivity(model: GrokMLP, x_probe: torch.Tensor, layers: list[str], n_lambda: int = 21,
                        backend: str = "auto") -> dict[str, torch.Tensor]:
-    """``L`` of the probe inputs at each of ``layers``: what :func:`grokfast_metrics.train.track_lmn` computes
+    """``L`` of the probe inputs at each of ``layers``: what :func:`grokfast_metrics.experiment.trainer.track_lmn` computes
     before the eigen step (the same representations, tails and kernel, so the LMN values are bit-identical)."""
     reps = representations(model, x_probe, layers)
     return {layer: connectivity(h, tail, n_lambda, backend) for layer, (h, tail) in reps.items()}

@@ -1,10 +1,11 @@
 """Checkpoints of a training run and what resuming from one checks (bit-identical resume).
 
 :func:`save_checkpoint` writes ``checkpoint.pt`` into the run directory every ``checkpoint_every`` steps
-(the state of every piece of a :class:`~grokfast_metrics.train.Run`); :func:`prepare_resume` reads it
+(the state of every piece of a :class:`~grokfast_metrics.experiment.trainer.Run`); :func:`prepare_resume` reads it
 back with the run's configuration and logged rows and checks all of it (a damaged file, a state that does
 not fit the run) before anything in the run directory changes; :func:`roll_back` then drops what follows
-the checkpoint and :func:`restore_checkpoint` loads it into a freshly set-up run. :func:`grokfast_metrics.train.resume` is the entry point.
+the checkpoint and :func:`restore_checkpoint` loads it into a freshly set-up run.
+:func:`grokfast_metrics.experiment.trainer.resume` is the entry point.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The trainer's numerical-collapse detector (:class:`Collapse`) and its warning.
 
-:func:`grokfast_metrics.train.forward_backward` feeds :class:`Collapse` every step; the thresholds are
-``collapse_fraction`` and ``collapse_spike`` of :class:`~grokfast_metrics.config.TrainConfig`, and the
+:func:`grokfast_metrics.experiment.trainer.forward_backward` feeds :class:`Collapse` every step; the thresholds are
+``collapse_fraction`` and ``collapse_spike`` of :class:`~grokfast_metrics.experiment.config.TrainConfig`, and the
 event goes into ``summary.json`` (``numerical_collapse``) with a :class:`NumericalCollapseWarning`.
 """
 from __future__ import annotations

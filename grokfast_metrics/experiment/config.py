@@ -2,7 +2,7 @@
 
 Each field carries its command-line help in ``metadata`` (``help``, and where it applies ``choices``
 from the registries of tasks, filters, embeddings, layers and LMN backends, ``flag``, ``group``,
-``sep``, ``action``); ``grokfast-metrics train`` generates its options from them (:mod:`grokfast_metrics.cli`).
+``sep``, ``action``); ``grokfast-metrics train`` generates its options from them (:mod:`grokfast_metrics.cli.main`).
 """
 from __future__ import annotations
 

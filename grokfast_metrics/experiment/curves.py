@@ -1,6 +1,6 @@
 """``curves.png``: the training curves the trainer draws at the end of a run (accuracy, loss, LMN and L2 vs step;
 the paper's Figure 2), and how a figure is written (:func:`save_figure`). The other figures of a run are
-:mod:`grokfast_metrics.figures.run`; importing this module selects matplotlib's Agg backend (the trainer imports
+:mod:`grokfast_metrics.figures.run.run`; importing this module selects matplotlib's Agg backend (the trainer imports
 it only to draw, after training)."""
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def plot_curves(rows: list[dict], path: str | Path, *, summary: dict | None = No
 
     Args:
         rows: logged rows (``step``, ``train_acc``, ``test_acc``, ``train_loss``, ``test_loss``,
-            ``l2``, ``lmn`` / ``lmn_<layer>``), e.g. from :func:`grokfast_metrics.runlog.read_metrics`.
+            ``l2``, ``lmn`` / ``lmn_<layer>``), e.g. from :func:`grokfast_metrics.experiment.runlog.read_metrics`.
         path: PNG path to write.
         summary: optional run summary (memorization / generalization steps are marked).
         layers: tracked layers (one LMN line each); default: the ``lmn`` column only.

@@ -13,7 +13,7 @@ from .transformer import TRANSFORMER_LAYERS
 
 
 def add_train_arguments(p: argparse.ArgumentParser, sweep: bool = False) -> None:
-    """One option per :class:`~grokfast_metrics.config.TrainConfig` field (from its metadata), then the run options.
+    """One option per :class:`~grokfast_metrics.experiment.config.TrainConfig` field (from its metadata), then the run options.
 
     ``sweep``: the options as ``sweep`` has them (each run's settings; ``--out`` is the sweep directory, no
     ``--overwrite`` / ``--resume``, whose text is about one run); ``sweep`` adds its own options after these.
@@ -83,7 +83,7 @@ def _default_help(default, sep: str) -> str:
 
 
 def train_config(args: argparse.Namespace):
-    """The :class:`~grokfast_metrics.config.TrainConfig` of parsed ``train`` arguments (``all`` layers expanded)."""
+    """The :class:`~grokfast_metrics.experiment.config.TrainConfig` of parsed ``train`` arguments (``all`` layers expanded)."""
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
     for f in fields(TrainConfig):
         if f.metadata.get("action") is not None and values[f.name] is None:
@@ -109,7 +109,7 @@ def expand_layers(chosen: list[str], model: str = "mlp") -> list[str]:
 
 def given_options(args: argparse.Namespace) -> set[str]:
     """The destinations of the options given on the command line (not left at their defaults), for the subcommand
-    ``args`` was parsed by (``args._parser`` and ``args._argv``, set by :func:`grokfast_metrics.cli.main.main`); empty when unknown."""
+    ``args`` was parsed by (``args._parser`` and ``args._argv``, set by :func:`grokfast_metrics.cli.main.main.main`); empty when unknown."""
     parser, argv = getattr(args, "_parser", None), getattr(args, "_argv", None)
     if parser is None or argv is None:
         return set()

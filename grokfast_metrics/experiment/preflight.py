@@ -15,8 +15,8 @@ from .transformer import track_transformer_lmn
 
 
 def n_parameters(cfg: TrainConfig, task: Task) -> int:
-    """Parameters of the model ``cfg`` builds for ``task`` (:class:`~grokfast_metrics.model.GrokMLP`, or an upper
-    bound for :class:`~grokfast_metrics.transformer.GrokTransformer`), without building it."""
+    """Parameters of the model ``cfg`` builds for ``task`` (:class:`~grokfast_metrics.experiment.model.GrokMLP`, or an upper
+    bound for :class:`~grokfast_metrics.experiment.transformer.GrokTransformer`), without building it."""
     if cfg.model == "transformer":  # embeddings (tokens and '=', 3 positions), Q K V O, the MLP, the unembedding
         d, m, c = cfg.d_model, cfg.d_mlp, task.n_classes
         return (task.n_tokens + 1 + 3) * d + 4 * d * d + 2 * d * m + m + d + d * c

@@ -1,4 +1,4 @@
-"""Around the training loop of :mod:`grokfast_metrics.train`: section timers, the progress bar, signals.
+"""Around the training loop of :mod:`grokfast_metrics.experiment.trainer`: section timers, the progress bar, signals.
 
 :class:`Timer` accumulates the seconds of each section of a step (``summary.json``'s timings),
 :class:`_Progress` is the tqdm bar (imported only when shown) and :class:`_Signals` turns SIGINT and

@@ -1,7 +1,7 @@
 """Full-batch training on the paper's tasks with LMN tracked densely (the project's main job).
 
-:func:`train` runs one job from a :class:`~grokfast_metrics.config.TrainConfig` and writes, in the run
-directory (files of :mod:`grokfast_metrics.runlog`):
+:func:`train` runs one job from a :class:`~grokfast_metrics.experiment.config.TrainConfig` and writes, in the run
+directory (files of :mod:`grokfast_metrics.experiment.runlog`):
 
 - ``config.json``: the resolved configuration (device, probe, sizes, versions);
 - ``metrics.jsonl`` / ``metrics.csv``: one row per logged step (:data:`BASE_COLUMNS` plus
@@ -11,9 +11,9 @@ directory (files of :mod:`grokfast_metrics.runlog`):
   imported only to draw it, after training).
 
 Step ``s`` in the logs is the model after ``s`` optimizer updates (``s = 0``: initialization). A step
-runs :func:`forward_backward`, then :func:`measure` (what the :class:`~grokfast_metrics.schedule.Schedule`
+runs :func:`forward_backward`, then :func:`measure` (what the :class:`~grokfast_metrics.tracking.schedule.Schedule`
 says is due), then the optimizer step, then :func:`write_row`. LMN is tracked through the same
-:class:`~grokfast_metrics.tracker.Tracker` machinery as ``LMNTracker``: under ``torch.no_grad()`` on
+:class:`~grokfast_metrics.tracking.tracker.Tracker` machinery as ``LMNTracker``: under ``torch.no_grad()`` on
 detached representations through ``grokfast_metrics.lmn``, which never touches parameters, modes or
 RNG; the probe subset is drawn from its own ``torch.Generator``. A run with tracking and one without
 give bit-identical losses.
@@ -59,7 +59,7 @@ __all__ = ["BASE_COLUMNS", "resume", "track_lmn", "train"]
 #: columns always present in the logs; ``lmn_<layer>`` columns follow
 BASE_COLUMNS = ("step", "train_loss", "train_acc", "test_loss", "test_acc", "l2", "lmn", "time_s", "train_p1_frac")
 #: the trainer's compression-complexity grid (7 bin sizes x 4 rank fractions, ~1.6 s per evaluation on the
-#: paper's model on one CPU core); ``grokfast_metrics.complexity`` has the finer default grid
+#: paper's model on one CPU core); ``grokfast_metrics.experiment.complexity`` has the finer default grid
 COMPLEXITY_BINS = tuple(2.0**-k for k in range(12, -1, -2))
 COMPLEXITY_RANK_FRACTIONS = (1.0, 0.9, 0.7, 0.5)
 
@@ -92,12 +92,12 @@ def track_lmn(model: GrokMLP, x_probe: torch.Tensor, layers: list[str], n_lambda
     The same computation as :func:`grokfast_metrics.lmn_at` on a plain ``nn.Sequential``: the
     representation at the layer and the model's own modules after it as the tail. For the transformer
     it is :func:`grokfast_metrics.lmn_at` at each layer
-    (:func:`~grokfast_metrics.transformer.track_transformer_lmn`).
+    (:func:`~grokfast_metrics.experiment.transformer.track_transformer_lmn`).
 
     Args:
         model: the network.
         x_probe: ``(N, 2)`` probe operands on the model's device.
-        layers: layer names from :data:`~grokfast_metrics.model.LAYERS`.
+        layers: layer names from :data:`~grokfast_metrics.experiment.model.LAYERS`.
 
     Returns:
         ``{layer: LMNResult}`` (``.lmn``, ``.connectivity``, ...), in the order of ``layers``.
@@ -175,7 +175,7 @@ def setup(cfg: TrainConfig, run_dir: Path, resume_rows: list[dict] | None = None
 
 def lmn_backend_info(model: GrokMLP, x_probe: torch.Tensor, cfg: TrainConfig) -> dict:
     """What computes LMN in this run (``config.json`` and ``summary.json``'s ``lmn_backend``): the first tracked layer's
-    :func:`grokfast_metrics.core.backend_info` (``requested``, ``backend``, ``kernel``, ``dtype``, ``fallback``), plus
+    :func:`grokfast_metrics.compute.core.backend_info` (``requested``, ``backend``, ``kernel``, ``dtype``, ``fallback``), plus
     ``warning``: the one-line cause-and-cost message when ``"auto"`` fell back to torch ops because the fused CPU kernel
     could not be built (no compiler, a failed build), else ``None``. Every tracked layer has the same tail type, so
     the first one stands for all. The fallback is warned once per process (by the kernel module)."""

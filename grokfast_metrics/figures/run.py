@@ -12,7 +12,7 @@
   Pearson correlations (the paper's claim (2): LMN is the more linear one); also written to ``figures.json``.
 
 The run directory's files (metrics, summary, connectivity snapshots written by the trainer with
-``--save-connectivity STEPS``) are read and written by :mod:`grokfast_metrics.runlog`, which needs no
+``--save-connectivity STEPS``) are read and written by :mod:`grokfast_metrics.experiment.runlog`, which needs no
 matplotlib; importing this module selects matplotlib's Agg backend.
 """
 from __future__ import annotations

@@ -255,7 +255,7 @@ def parse_tail(tail: nn.Module) -> MLPTail | None:
     activations of :data:`ACTIVATIONS` qualify. Subclasses of ``nn.Sequential`` with their own
     ``forward`` do not.
     """
-    lowered = getattr(tail, "lowered_spec", None)  # a tail lowered from a traced graph (grokfast_metrics._lower)
+    lowered = getattr(tail, "lowered_spec", None)  # a tail lowered from a traced graph (grokfast_metrics.dropin.lower)
     if isinstance(lowered, MLPTail):
         return lowered
     layers = _flatten(tail)

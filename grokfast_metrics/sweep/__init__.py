@@ -1,7 +1,7 @@
 """Sweeps: many tracked training runs over a grid, on this machine by default or on a Ray cluster.
 
 ``grokfast-metrics sweep --task add --grid init_scale=0.5,1,2,4 weight_decay=0,0.05,0.2,1 --seeds 2
---steps 5000 --out runs/phase`` trains every grid point and seed with :func:`grokfast_metrics.train.train`
+--steps 5000 --out runs/phase`` trains every grid point and seed with :func:`grokfast_metrics.experiment.trainer.train`
 (each run writes the same run directory as ``grokfast-metrics train``), then writes ``sweep.csv``,
 ``phase.png`` and ``lmn_predicts.png`` in the sweep directory.
 

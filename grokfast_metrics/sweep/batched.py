@@ -1,7 +1,8 @@
 """Batched runs (``grokfast-metrics sweep --batched``): runs that share an architecture and task, trained together
 in one process as one stack of models.
 
-Each run is set up exactly as :func:`grokfast_metrics.train.train` sets it up (:func:`~grokfast_metrics.train.setup`:
+Each run is set up exactly as :func:`grokfast_metrics.experiment.trainer.train` sets it up
+(:func:`~grokfast_metrics.experiment.trainer.setup`:
 the same seeded model, split, probe, schedule, tracker and log), then the models are stacked with
 ``torch.func.stack_module_state`` and trained with ``vmap`` over ``functional_call``: one forward/backward and
 one AdamW update for the whole stack per step, with each model's learning rate, weight decay and epsilon as
@@ -104,7 +105,7 @@ class Stack:
 
     def forward_backward(self, final: bool) -> list[list[float]]:
         """Each model's loss and gradients (not at the ``final`` step); per model the statistics that
-        :func:`grokfast_metrics.train.forward_backward` computes, in its order."""
+        :func:`grokfast_metrics.experiment.trainer.forward_backward` computes, in its order."""
         d, forward = self.data, vmap(self._logits)
         logits = forward(self.params, self.buffers, d["x_tr"])
         loss = vmap(F.cross_entropy)(logits, d["y_tr"])
@@ -199,7 +200,7 @@ def _loop(stack: Stack, runs: list[Run], signals: _Signals) -> dict[int, _Stop]:
 
 def train_stack(cfgs: list[TrainConfig], run_dirs: list[str | Path], *, plot: bool = True,
                 overwrite: bool = False) -> list[RunResult | Exception]:
-    """Train the runs of ``cfgs`` as one stack, each into its directory, as :func:`~grokfast_metrics.train.train` would.
+    """Train the runs of ``cfgs`` as one stack, each into its directory, as :func:`~grokfast_metrics.experiment.trainer.train` would.
 
     A run whose setup fails (e.g. a probe larger than the task) gets its exception in the result list and
     the others go on. ``summary.json``'s timings (and ``time_s``) are the stack's, shared by its runs.

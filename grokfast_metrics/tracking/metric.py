@@ -1,4 +1,4 @@
-"""``LMNMetric``: a ``torchmetrics.Metric`` wrapping :class:`~grokfast_metrics.tracker.LMNTracker`.
+"""``LMNMetric``: a ``torchmetrics.Metric`` wrapping :class:`~grokfast_metrics.tracking.tracker.LMNTracker`.
 
 Defined on first use (``grokfast_metrics.tracking.metric.LMNMetric``), only when torchmetrics is installed: importing
 torchmetrics imports matplotlib, and it is not a dependency.

@@ -2,7 +2,7 @@
 
 Every schedule of the library is stated here once:
 
-- :class:`~grokfast_metrics.tracker.LMNTracker`: every ``k`` steps, or ``every="log"``: step 0 and
+- :class:`~grokfast_metrics.tracking.tracker.LMNTracker`: every ``k`` steps, or ``every="log"``: step 0 and
   ``floor(1.3 ** k)`` (:data:`LOG_BASE`);
 - the trainer (:meth:`Schedule.from_config`): LMN every ``lmn_every`` steps plus the early log-spaced
   steps ``floor(1.5 ** k) < lmn_every`` (:data:`EARLY_BASE`), the compression complexity at step 0 and

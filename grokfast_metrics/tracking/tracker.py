@@ -11,8 +11,8 @@ wandb, TensorBoard or ``torch.save``. A computation never perturbs training: it 
 grad, in eval mode (restored afterwards), with the global RNG state forked, and leaves no hooks.
 
 :class:`Tracker` is the machinery behind it (schedule, history, NaN policy) with a pluggable
-measurement; the trainer (:mod:`grokfast_metrics.train`) tracks its layers through the same class.
-The schedules live in :mod:`grokfast_metrics.schedule` (``log_schedule`` and ``LOG_BASE`` are
+measurement; the trainer (:mod:`grokfast_metrics.experiment.trainer`) tracks its layers through the same class.
+The schedules live in :mod:`grokfast_metrics.tracking.schedule` (``log_schedule`` and ``LOG_BASE`` are
 re-exported here).
 
 ``LMNMetric`` (a ``torchmetrics.Metric`` wrapping a tracker) exists only when torchmetrics is
@@ -50,7 +50,7 @@ def diverged_parameters(model: nn.Module) -> list[str]:
 
 
 class Tracker:
-    """LMN on a :class:`~grokfast_metrics.schedule.Schedule`, with a history: the machinery every tracker shares.
+    """LMN on a :class:`~grokfast_metrics.tracking.schedule.Schedule`, with a history: the machinery every tracker shares.
 
     What is measured is pluggable: ``measure()`` returns ``{name: LMNResult}`` for the model's current
     weights, the first entry being the one recorded in :attr:`history`. :class:`LMNTracker` measures
@@ -58,11 +58,11 @@ class Tracker:
 
     Asynchronous mode (``workers >= 1``): ``connectivity()`` (``{name: L}``, the expensive kernel) runs in
     the caller's thread (on a GPU: in the training stream), and the eigen step and entropy of those
-    matrices run on ``workers`` host threads (:class:`~grokfast_metrics.async_eigen.AsyncEigen`); the rows
+    matrices run on ``workers`` host threads (:class:`~grokfast_metrics.tracking.async_eigen.AsyncEigen`); the rows
     land in :attr:`history` in step order. Reading :attr:`history`, :meth:`compute` or :meth:`state_dict`
     waits for what is pending; :meth:`ready` does not; :meth:`flush` waits; :meth:`close` (or leaving a
     ``with`` block) flushes and stops the threads. A failed eigen step raises
-    :class:`~grokfast_metrics.async_eigen.EigenStepError` (naming its step) at the next of these calls.
+    :class:`~grokfast_metrics.tracking.async_eigen.EigenStepError` (naming its step) at the next of these calls.
 
     Args:
         model: the model being trained (its parameters are checked for NaN/Inf before each measurement).
@@ -351,7 +351,7 @@ class LMNTracker(Tracker):
             :attr:`history`, :meth:`compute`, :attr:`last_step` and :meth:`state_dict` wait for pending
             results; :meth:`ready` does not; :meth:`flush` waits; :meth:`close` (or ``with tracker:``)
             flushes and stops the threads. A failed eigen step raises
-            :class:`~grokfast_metrics.async_eigen.EigenStepError`, naming its step, at the next of these.
+            :class:`~grokfast_metrics.tracking.async_eigen.EigenStepError`, naming its step, at the next of these.
 
     Attributes:
         history: list of ``{"step", "lmn", "entropy_bits"}`` (plus ``"at"`` for several layers), one per
