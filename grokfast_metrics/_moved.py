@@ -19,7 +19,7 @@ MOVED: dict[str, tuple[str, ...]] = {
     "core": ("compute.core",),
     "reference": ("compute.reference",),
     "exact": ("compute.exact",),
-    "tracker": ("tracking.tracker", "tracking.metric"),
+    "tracker": ("tracking.tracker", "tracking.base", "tracking.metric", "tracking.schedule"),
     "async_eigen": ("tracking.async_eigen",),
     "schedule": ("tracking.schedule",),
     "complexity": ("experiment.complexity",),

@@ -7,7 +7,7 @@ import re
 import pytest
 from helpers import EXAMPLES, load_example
 
-from grokfast_metrics.tracking.tracker import log_schedule
+from grokfast_metrics.tracking.schedule import log_schedule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

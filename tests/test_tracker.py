@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import grokfast_metrics as gm
-from grokfast_metrics.tracking.tracker import log_schedule
+from grokfast_metrics.tracking.schedule import log_schedule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

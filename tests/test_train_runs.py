@@ -21,8 +21,8 @@ from grokfast_metrics.experiment.config import TrainConfig
 from grokfast_metrics.experiment.model import FIG3_READINGS, GrokMLP, representations
 from grokfast_metrics.experiment.tasks import make_task
 from grokfast_metrics.experiment.trainer import resume, train
+from grokfast_metrics.tracking.base import Tracker
 from grokfast_metrics.tracking.schedule import Schedule
-from grokfast_metrics.tracking.tracker import Tracker
 
 TINY = {"task": "add", "device": "cpu", "hidden": 16, "embed_dim": 8, "log_every": 1, "probe": 12, "threads": 1}
 

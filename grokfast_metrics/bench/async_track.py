@@ -18,8 +18,8 @@ import torch
 from ..compute import core
 from ..experiment.model import representation
 from ..foundation import runtime as _runtime
+from ..tracking.base import Tracker
 from ..tracking.schedule import Schedule
-from ..tracking.tracker import Tracker
 from .workloads import TRACKED_LAYER, TrainingWorkload, addition_training
 
 #: the compared modes, in the order each round runs them

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..compute.core import LMNResult, connectivity
-from ..tracking.tracker import Tracker
+from ..tracking.base import Tracker
 from .model import GrokMLP, representations
 from .runlog import save_connectivity
 

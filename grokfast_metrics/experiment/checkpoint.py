@@ -99,8 +99,8 @@ def check_restorable(cfg: TrainConfig, state: dict, path: Path) -> None:
     Raises:
         RunLogError: a piece does not fit this run's configuration (e.g. a model tensor of the wrong shape).
     """
+    from ..tracking.base import Tracker
     from ..tracking.schedule import Schedule
-    from ..tracking.tracker import Tracker
     from .grokfast import make_filter
     from .tasks import make_task
 

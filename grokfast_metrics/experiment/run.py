@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
+from ..tracking.base import Tracker
 from ..tracking.schedule import Schedule
-from ..tracking.tracker import Tracker
 from .asyncrows import RowQueue
 from .collapse import Collapse
 from .config import TrainConfig

@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from ..compute.core import LMNResult, backend_info, lmn
 from ..foundation.dirlock import RUN_LOCK, locked
 from ..foundation.tail import parse_tail
+from ..tracking.base import Tracker
 from ..tracking.schedule import Due, Schedule
-from ..tracking.tracker import Tracker
 from .asyncrows import RowQueue, StepTracker, lmn_columns, track_connectivity
 from .checkpoint import prepare_resume, restore_checkpoint, roll_back, save_checkpoint
 from .collapse import Collapse, NumericalCollapseWarning
