@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from grokfast_metrics.bench import gpu_day, gpu_day_report
+from grokfast_metrics.bench import gpu_day, gpu_day_cuda_tests, gpu_day_dense, gpu_day_report
 from grokfast_metrics.bench.harness import ATOL, BenchRow
 from grokfast_metrics.bench.report import read_csv
 from grokfast_metrics.cli import main as cli
@@ -116,7 +116,7 @@ def test_cuda_test_list_is_complete():
     """Every test file that runs on CUDA when it is there (and skips or interprets without) is in the GPU day's list."""
     uses_cuda = re.compile(r'skipif\(not torch\.cuda\.is_available\(\)|"cuda" if torch\.cuda\.is_available\(\)')
     found = {f"tests/{p.name}" for p in (ROOT / "tests").glob("test_*.py") if uses_cuda.search(p.read_text(encoding="utf-8"))}
-    assert found == set(gpu_day.CUDA_TESTS)
+    assert found == set(gpu_day_cuda_tests.CUDA_TESTS)
 
 
 def test_extrapolate_steady_steps_and_remaining_complexity():
@@ -125,13 +125,13 @@ def test_extrapolate_steady_steps_and_remaining_complexity():
     for step in range(0, 101):
         t += 0.01 + (0.5 if step in (1, 2, 4, 8, 16, 32, 64) else 0.0)
         rows.append({"step": step, "time_s": t})
-    ex = gpu_day.extrapolate(rows, 20_000)
-    remaining = [s for s in gpu_day.complexity_steps(20_000) if s > 100]
+    ex = gpu_day_dense.extrapolate(rows, 20_000)
+    remaining = [s for s in gpu_day_dense.complexity_steps(20_000) if s > 100]
     assert remaining == [128, 256, 512, 1024, 2048, 4096, 8192, 16384, 20000]
     assert ex["median_step_s"] == pytest.approx(0.01) and ex["complexity_extra_s"] == pytest.approx(0.5)
     assert ex["total_s"] == pytest.approx(t + 19_900 * 0.01 + 9 * 0.5)
     with pytest.raises(ValueError, match="too few"):
-        gpu_day.extrapolate(rows[:2], 20_000)
+        gpu_day_dense.extrapolate(rows[:2], 20_000)
 
 
 def test_static_model_ratio_per_kernel_and_n():

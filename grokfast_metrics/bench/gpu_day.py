@@ -26,17 +26,10 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
-import itertools
 import json
 import math
 import os
-import re
-import signal
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -47,37 +40,20 @@ from torch import nn
 
 from ..compute import core
 from .baselines import TRITON_VARIANTS, backend_fn, matmul_roof, reference_timed
+from .gpu_day_budget import BUDGETS, DRY_BUDGETS, RESERVE_S, TOTAL_BUDGET_S, Budget, _left
+from .gpu_day_cuda_tests import SKIP_NO_CUDA, cuda_tests, repo_root
+from .gpu_day_dense import DENSE_STEPS, DENSE_TARGET_S, DRY_DENSE_STEPS, dense_tracking_stage
 from .gpu_day_report import FORMAT, RESULTS_NAME
 from .harness import BenchRow, Timing, check_agreement, fill_speed, fraction_recomputed, machine_info, n_pairs, refuse, time_fn
 from .sweep import row_maker
 from .workloads import make_inputs, make_tail
 
-#: test files whose tests skip on the CPU for want of CUDA (``tests/test_gpu_day.py`` checks the list is complete)
-CUDA_TESTS = ("tests/test_triton_kernel.py",)
-#: seconds per stage on a GPU; the dense job gets what the others leave of ``--budget-s`` (at least its own figure)
-BUDGETS = {"cuda_tests": 150.0, "timing": 150.0, "static_model": 40.0, "dense_tracking": 90.0}
-#: caps, not durations: the dry run's 40-step job normally ends in seconds; a heavily loaded CI machine gets time
-DRY_BUDGETS = {"cuda_tests": 30.0, "timing": 20.0, "static_model": 5.0, "dense_tracking": 120.0}
-TOTAL_BUDGET_S = 450.0
-#: kept back from the last stage for stopping the trainer and writing the results
-RESERVE_S = 15.0
 GPU_NS = (961, 4096, 16384)
 DRY_NS = (12, 20)
 #: N of the end-to-end and eigen rows (eigen at 16384 alone takes seconds on the host)
 GPU_E2E_NS = (961, 4096)
-DENSE_STEPS = 20_000
-#: the dry run's dense job: short enough to run whole on a loaded CPU (tracking 16 inputs, complexity off)
-DRY_DENSE_STEPS = 40
-DENSE_TARGET_S = 180.0
-SKIP_NO_CUDA = "SKIPPED: no CUDA"
 #: timed in this order (the figures that decide ``DEFAULT_VARIANT`` first, should the budget run short)
 BACKENDS = ("triton-v2", "triton-v1", "torch")
-
-
-def repo_root() -> Path:
-    """The repository the tests and the trainer run from (``$GPU_DAY_REPO``, else the folder above this package)."""
-    env = os.environ.get("GPU_DAY_REPO")
-    return Path(env) if env else Path(__file__).resolve().parents[2]
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,83 +96,6 @@ def workloads(n_lambda: int = 21) -> list[Workload]:
     if hook is not None:
         out.append(hook(n_lambda))
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# budget
-
-
-class Budget:
-    """Seconds a stage may still spend: its own share, never past the run's deadline less :data:`RESERVE_S`."""
-
-    def __init__(self, total_s: float):
-        self.start = time.monotonic()
-        self.deadline = self.start + total_s
-
-    def stage(self, seconds: float) -> float:
-        """Deadline (``time.monotonic``) of a stage allowed ``seconds``."""
-        return min(time.monotonic() + seconds, self.deadline - RESERVE_S)
-
-    def left(self) -> float:
-        return self.deadline - time.monotonic()
-
-
-def _left(deadline: float) -> float:
-    return deadline - time.monotonic()
-
-
-# --------------------------------------------------------------------------------------------
-# stage 1: the CUDA tests
-
-
-def cuda_tests(py: Sequence[str], deadline: float, dry_run: bool) -> dict:
-    """Run :data:`CUDA_TESTS` in a child pytest (at most 5 failures, ``pytest-xdist`` with 4 workers if present).
-
-    Without CUDA (the dry run) the same command only collects the tests (``--collect-only``): the imports, the shim
-    and the paths are checked, and the status is ``SKIPPED: no CUDA`` unless the collection failed (``FAILED``).
-
-    Returns:
-        ``{"status", "summary", "failures", "seconds", "command"}``; ``status`` is ``ok``, ``FAILED``, ``TIMEOUT``
-        or ``SKIPPED: no CUDA``.
-    """
-    root = repo_root()
-    cmd = [*py, "-m", "pytest", "-q", "-rfE", "--maxfail=5", "--rootdir", str(root),
-           "-c", str(root / "pytest.ini"), *(str(root / t) for t in CUDA_TESTS)]
-    if dry_run or not torch.cuda.is_available():
-        t0 = time.monotonic()
-        try:
-            proc = subprocess.run([*cmd, "--collect-only"], capture_output=True, text=True, cwd=tempfile.gettempdir(),
-                                  timeout=max(5.0, _left(deadline)), env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-        except subprocess.TimeoutExpired:
-            return {"status": SKIP_NO_CUDA, "summary": f"collect only: not finished in {time.monotonic() - t0:.0f} s",
-                    "failures": [], "seconds": time.monotonic() - t0, "command": " ".join(cmd)}
-        lines = proc.stdout.strip().splitlines()
-        last = lines[-1] if lines else proc.stderr[-300:]
-        ok = proc.returncode == 0
-        return {"status": SKIP_NO_CUDA if ok else "FAILED", "summary": f"collect only: {last}",
-                "failures": [] if ok else [ln for ln in lines if ln.startswith("ERROR")], "seconds": time.monotonic() - t0,
-                "command": " ".join(cmd), **({} if ok else {"tail": proc.stdout[-3000:] + proc.stderr[-1000:]})}
-    if importlib.util.find_spec("xdist") is not None:  # pytest-xdist: optional, not a dependency
-        cmd += ["-n", "4"]
-    t0 = time.monotonic()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(1.0, _left(deadline)),
-                              cwd=tempfile.gettempdir())
-    except subprocess.TimeoutExpired as e:
-        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-        # a failure already seen stops the day like a finished failing run; else the timing stage's own agreement
-        # checks still guard every row
-        failed = any(re.fullmatch(r"[.sxXFE]+(\s+\[\s*\d+%\])?", ln.strip()) and ("F" in ln or "E" in ln)
-                     for ln in out.splitlines())
-        return {"status": "FAILED" if failed else "TIMEOUT",
-                "summary": f"not finished in {time.monotonic() - t0:.0f} s" + ("; some tests failed" if failed else ""),
-                "failures": [], "seconds": time.monotonic() - t0, "command": " ".join(cmd), "tail": out[-3000:]}
-    lines = proc.stdout.strip().splitlines()
-    failures = [ln for ln in lines if ln.startswith(("FAILED ", "ERROR "))]
-    status = "ok" if proc.returncode == 0 else "FAILED"
-    return {"status": status, "summary": lines[-1] if lines else proc.stderr[-500:], "failures": failures,
-            "seconds": time.monotonic() - t0, "command": " ".join(cmd),
-            **({} if status == "ok" else {"tail": (proc.stdout[-4000:] + proc.stderr[-1000:])})}
 
 
 # --------------------------------------------------------------------------------------------
@@ -434,112 +333,6 @@ def static_model_stage(rows: Sequence[BenchRow], device: torch.device, deadline:
 
 
 # --------------------------------------------------------------------------------------------
-# stage 4: the dense-tracking job
-
-
-def _read_rows(path: Path) -> list[dict]:
-    rows = []
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a line cut by the stop
-    return rows
-
-
-def complexity_steps(steps: int) -> list[int]:
-    """Steps the trainer's default ``--complexity log`` computes the complexity at: 0, powers of two, the last."""
-    out = {0, steps}
-    p = 1
-    while p < steps:
-        out.add(p)
-        p *= 2
-    return sorted(out)
-
-
-def extrapolate(rows: list[dict], steps: int) -> dict:
-    """Total seconds of a ``steps``-step run from the rows (``step``, ``time_s``) of its first steps.
-
-    ``time at the last row + remaining steps x median seconds per step over the second half of the rows +
-    remaining complexity evaluations x their mean extra cost`` (extra = the step's time above the median, over the
-    complexity steps seen in the second half, else all seen).
-    """
-    pts = [(r["step"], r["time_s"]) for r in rows if r.get("time_s") is not None]
-    if len(pts) < 3:
-        raise ValueError(f"too few logged steps to extrapolate ({len(pts)})")
-    dts = [(s1, (t1 - t0) / (s1 - s0)) for (s0, t0), (s1, t1) in itertools.pairwise(pts) if s1 > s0]
-    half = dts[len(dts) // 2:]
-    per_step = statistics.median(d for _, d in half)
-    cx = set(complexity_steps(steps))
-    extras = [d - per_step for s, d in dts if s in cx and s > 1]
-    extra = max(0.0, statistics.mean(extras[-3:])) if extras else 0.0
-    last_step, last_t = pts[-1]
-    remaining_cx = sum(1 for s in cx if s > last_step)
-    total = last_t + (steps - last_step) * per_step + remaining_cx * extra
-    return {"steps_done": last_step, "time_at_last_step_s": last_t, "median_step_s": per_step,
-            "complexity_extra_s": extra, "complexity_evals_remaining": remaining_cx, "total_s": total}
-
-
-def dense_tracking_stage(py: Sequence[str], device: torch.device, dry_run: bool, deadline: float,
-                         steps: int = DENSE_STEPS) -> dict:
-    """Run ``grokfast-metrics train --task add`` with LMN every step on all inputs until done or ``deadline``.
-
-    On CUDA the trainer's defaults are the dense job (``--lmn-every 1``, ``--probe all``, a row per step); the dry run
-    tracks 16 inputs on the CPU. A run stopped at the deadline (SIGTERM, which the trainer handles: it writes its
-    rows and summary) is extrapolated to ``steps`` (:func:`extrapolate`).
-    """
-    args = ["--task", "add", "--steps", str(steps), "--no-progress", "--no-plot", "--overwrite"]
-    if dry_run or device.type != "cuda":
-        args += ["--device", "cpu", "--lmn-every", "1", "--probe", "16", "--log-every", "1", "--complexity", "off"]
-    else:
-        args += ["--device", str(device), "--lmn-every", "1", "--probe", "all", "--log-every", "1"]
-    with tempfile.TemporaryDirectory(prefix="gpu_day_dense_") as d:
-        run_dir = Path(d) / "run"
-        cmd = [*py, "-m", "grokfast_metrics", "train", *args, "--out", str(run_dir)]
-        t0 = time.monotonic()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                cwd=tempfile.gettempdir())
-        stopped = False
-        try:
-            out, _ = proc.communicate(timeout=max(1.0, _left(deadline)))
-        except subprocess.TimeoutExpired:
-            stopped = True
-            proc.send_signal(signal.SIGTERM)
-            try:
-                out, _ = proc.communicate(timeout=RESERVE_S - 5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                out, _ = proc.communicate()
-        wall = time.monotonic() - t0
-        rows = _read_rows(run_dir / "metrics.jsonl")
-        summary_path = run_dir / "summary.json"
-        summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.exists() else {}
-    res = {"command": " ".join(cmd[len(py):]), "steps_planned": steps, "process_wall_s": wall, "stopped": stopped,
-           "returncode": proc.returncode, "target_s": DENSE_TARGET_S, "timings_s": summary.get("timings_s"),
-           "n_probe": 16 if (dry_run or device.type != "cuda") else 961}
-    if not rows:
-        res.update(status=f"FAILED: no step logged (exit {proc.returncode})", output_tail=(out or "")[-2000:])
-        return res
-    done = rows[-1]["step"]
-    trainer_total = (summary.get("timings_s") or {}).get("total")
-    startup = wall - trainer_total if trainer_total is not None else None  # imports, set-up, stop, summary
-    res.update(steps_done=done, startup_s=startup)
-    if not stopped and done == steps:
-        total = (summary.get("timings_s") or {}).get("total", rows[-1]["time_s"])
-        res.update(status="ok: ran whole", total_s=total, extrapolated=False)
-    else:
-        try:
-            ex = extrapolate(rows, steps)
-        except ValueError as e:
-            res.update(status=f"FAILED: {e}", output_tail=(out or "")[-2000:])
-            return res
-        res.update(status="ok: extrapolated", total_s=ex["total_s"], extrapolated=True, extrapolation=ex)
-    res["meets_target"] = bool(res["total_s"] <= DENSE_TARGET_S) if not dry_run else None
-    return res
-
-
-# --------------------------------------------------------------------------------------------
 # the run
 
 
@@ -601,36 +394,53 @@ def run(outdir: Path, dry_run: bool = False, total_s: float = TOTAL_BUDGET_S, sk
             _stage(results, name, budgets[name], time.monotonic(), f"not run: the CUDA tests {ct['status']}")
         return _finish(outdir, results, log, 3)
 
+    rows = _timing(results, device, dry_run, budget.stage(budgets["timing"]), new_row, log)
+    _static_model(results, rows, device, budget.stage(budgets["static_model"]), log)
+    _dense_tracking(results, py, device, dry_run, budget, dense_steps, new_row, log)
+    return _finish(outdir, results, log, 0)
+
+
+def _timing(results: dict, device: torch.device, dry_run: bool, deadline: float, new_row, log) -> list[BenchRow]:
+    """Stage 2 into ``results`` (its rows), logged; returns the rows."""
     t0 = time.monotonic()
     try:
-        rows = timing_stage(device, dry_run, budget.stage(budgets["timing"]), new_row)
+        rows = timing_stage(device, dry_run, deadline, new_row)
         status = "ok"
     except Exception as e:  # the results file still says what happened
         rows, status = [], f"FAILED: {type(e).__name__}: {str(e)[:300]}"
     results["rows"] = [asdict(r) for r in rows]
-    _stage(results, "timing", budgets["timing"], t0, status, rows=len(rows))
+    _stage(results, "timing", results["budgets_s"]["timing"], t0, status, rows=len(rows))
     log(f"[2 timing] {status}: {len(rows)} rows")
     for r in rows:
         if r.kind in ("roof", "connectivity", "lmn_e2e", "eigen"):
             ms = "-" if r.time_median_s is None else f"{1e3 * r.time_median_s:.3f} ms"
             log(f"    {r.kind:12} {r.backend:28} N={r.N}: {ms} {'' if r.status == 'ok' else r.status}")
+    return rows
 
+
+def _static_model(results: dict, rows: list[BenchRow], device: torch.device, deadline: float, log) -> None:
+    """Stage 3 into ``results``, logged."""
     t0 = time.monotonic()
     try:
-        results["static_model"] = static_model_stage(rows, device, budget.stage(budgets["static_model"]))
+        results["static_model"] = static_model_stage(rows, device, deadline)
         status = results["static_model"][0]["status"] if len(results["static_model"]) == 1 else "ok"
     except Exception as e:
         status = f"FAILED: {type(e).__name__}: {str(e)[:300]}"
-    _stage(results, "static_model", budgets["static_model"], t0, status)
+    _stage(results, "static_model", results["budgets_s"]["static_model"], t0, status)
     log(f"[3 static_model] {status}")
     for d in results["static_model"]:
         if d.get("ratio"):
             log(f"    {d['kernel']} N={d['N']}: measured {d['measured_ms']:.3f} ms / estimate {d['estimate_ms']:.3f} ms"
                 f" = {d['ratio']:.2f}")
 
+
+def _dense_tracking(results: dict, py: list[str], device: torch.device, dry_run: bool, budget: Budget, dense_steps: int,
+                    new_row, log) -> None:
+    """Stage 4 into ``results`` (and the summary rows), logged."""
     t0 = time.monotonic()
     # on a GPU the dense job takes what the other stages left; the dry run keeps to its own few seconds
-    dense_budget = budgets["dense_tracking"] if dry_run else max(budgets["dense_tracking"], budget.left() - RESERVE_S)
+    own = results["budgets_s"]["dense_tracking"]
+    dense_budget = own if dry_run else max(own, budget.left() - RESERVE_S)
     try:
         dense = dense_tracking_stage(py, device, dry_run, budget.stage(dense_budget), dense_steps)
     except Exception as e:
@@ -640,7 +450,6 @@ def run(outdir: Path, dry_run: bool = False, total_s: float = TOTAL_BUDGET_S, sk
     results["rows"] += [asdict(r) for r in summary_rows(results, new_row)]
     log(f"[4 dense_tracking] {dense['status']}: {dense.get('steps_done')} of {dense_steps} steps, total "
         f"{dense.get('total_s', float('nan')):.1f} s (target {DENSE_TARGET_S:.0f} s)")
-    return _finish(outdir, results, log, 0)
 
 
 def summary_rows(results: dict, new_row) -> list[BenchRow]:
