@@ -101,6 +101,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--roof-size", type=int, default=None, help="side of the roof matmul (default 2048 CPU, 8192 CUDA)")
     add("--threads", type=int, default=None, help="torch.set_num_threads for the run (default: torch's)")
     add("--seed", type=int, default=0)
+    _add_mode_arguments(add)
+    return parser
+
+
+
+def _add_mode_arguments(add) -> None:
+    """The options that run one other measurement instead of the LMN rows (static GPU estimate, tracking overhead,
+    GPU-day merge, sweep throughput, drop-in)."""
     add("--static-gpu", action="store_true",
         help="no GPU needed: compile the Triton kernels (v1 and v2 where v2 runs the shape) for sm_90 and sm_80, "
              "count their SASS instructions per "
@@ -124,7 +132,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
              "the fraction of the matmul roof for lowered tails; N from --n (default 961 for the Nanda-style tail)")
     add("--sweep-steps", type=int, default=None, help="steps per run of --sweep-throughput (default 2000, --quick 200)")
     add("--sweep-workers", type=int, default=2, help="processes of the two sweep modes of --sweep-throughput (default 2)")
-    return parser
 
 
 def config_from_args(args: argparse.Namespace, device: torch.device) -> BenchConfig:
