@@ -17,7 +17,7 @@ from torch import nn
 
 import grokfast_metrics as gm
 from grokfast_metrics import bench
-from grokfast_metrics.compute import reference
+from grokfast_metrics.compute import core, reference
 from grokfast_metrics.experiment.model import GrokMLP
 
 TINY = bench.BenchConfig(ns=(5, 9), hiddens=(6,), depths=(1, 2), out=3, n_lambda=5, repeats=1, n_ref=5, n_naive=9,
@@ -200,7 +200,7 @@ def test_sweep_rows_ok(tiny_rows):
 
 
 def test_sweep_refuses_backend_that_disagrees(monkeypatch):
-    real = gm.core.connectivity
+    real = core.connectivity
 
     def off_by_1e3(h, tail, n_lambda=21, backend="auto", **kw):
         L = real(h, tail, n_lambda, backend, **kw)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import grokfast_metrics as gm
-from grokfast_metrics.compute import reference
+from grokfast_metrics.compute import core, reference
 from grokfast_metrics.compute.torch_paths import triu_pair_chunks
 from grokfast_metrics.foundation.tail import parse_tail
 
@@ -349,17 +349,17 @@ def test_lmn_from_connectivity_bad_input(L, exc, match):
 def test_resolve_backend_names_what_runs(monkeypatch):
     h = torch.randn(5, 4)
     tail = _tail()
-    assert gm.core.resolve_backend(h, tail, "torch") == "torch"
-    assert gm.core.resolve_backend(h, Wrapped(tail), "auto") == "torch"  # generic path: torch ops
-    assert gm.core.resolve_backend(h, tail, "reference") == "reference"
-    fp64 = "cpu" if gm.core._unavailable("cpu", h, torch.float64, parse_tail(tail)) is None else "torch"
-    assert gm.core.resolve_backend(h.double(), tail, "auto") == fp64  # fp64: the fused CPU kernel where it runs
+    assert core.resolve_backend(h, tail, "torch") == "torch"
+    assert core.resolve_backend(h, Wrapped(tail), "auto") == "torch"  # generic path: torch ops
+    assert core.resolve_backend(h, tail, "reference") == "reference"
+    fp64 = "cpu" if core._unavailable("cpu", h, torch.float64, parse_tail(tail)) is None else "torch"
+    assert core.resolve_backend(h.double(), tail, "auto") == fp64  # fp64: the fused CPU kernel where it runs
     monkeypatch.setenv("GROKFAST_METRICS_CPU_KERNEL", "0")
-    assert gm.core.resolve_backend(h, tail, "auto") == "torch"
+    assert core.resolve_backend(h, tail, "auto") == "torch"
 
 
 def test_resolve_backend_agrees_with_dispatch_for_low_precision_input():
     """bf16 h is computed in fp32, so it takes the same path as fp32 h."""
     h = torch.randn(6, 4)
     tail = _tail()
-    assert gm.core.resolve_backend(h.to(torch.bfloat16), tail, "auto") == gm.core.resolve_backend(h, tail, "auto")
+    assert core.resolve_backend(h.to(torch.bfloat16), tail, "auto") == core.resolve_backend(h, tail, "auto")

@@ -1,6 +1,6 @@
 """The accuracy contract in the corners (issue 24): scale, narrow tails, saturation, offsets, diverging runs.
 
-Each row of the issue's table is a test here, against the exact yardstick (``grokfast_metrics.exact``, mpmath,
+Each row of the issue's table is a test here, against the exact yardstick (``grokfast_metrics.compute.exact``, mpmath,
 adaptive precision) for small tails or the float64 NumPy reference (scale-free, checked against ``exact`` below)
 for the paper-sized ones. Contract: 1e-5 (fp32) / 1e-10 (fp64); every assert keeps >= 5x margin to the worst error
 observed (recorded beside it). ``pytest -m fuzz`` draws these corners at random (``GM_FUZZ_DRAWS``, default 200).

@@ -15,7 +15,7 @@ from helpers import ACTS, PYTHON, mlp_tail
 from torch import nn
 
 import grokfast_metrics as gm
-from grokfast_metrics.compute import reference
+from grokfast_metrics.compute import core, reference
 from grokfast_metrics.compute import torch_paths as torch_backend
 from grokfast_metrics.foundation.policy import FLAGGED
 from grokfast_metrics.foundation.tail import parse_tail
@@ -132,7 +132,7 @@ def test_default_tail_threads_and_dispatch() -> None:
         keep_ops = torch_backend.connectivity_mlp(h, parse_tail(tail), 21, flag=True) != FLAGGED
     assert torch.equal(gm.connectivity(h, tail, backend="torch")[keep_ops], ops[keep_ops])
     assert torch.equal(gm.connectivity(h, tail, backend="cpu")[keep], L1[keep])
-    assert gm.core.resolve_backend(h, tail) == "cpu"
+    assert core.resolve_backend(h, tail) == "cpu"
     assert float((ops - L1).abs().max()) <= 2 * ATOL
     check_vs_reference(L1, h, tail)
 
@@ -162,7 +162,7 @@ def test_unsupported_inputs_fall_back_to_torch_ops() -> None:
     tail = nn.Sequential(nn.Linear(4, 6), nn.SiLU())  # no Linear after the activation: not fused
     spec = parse_tail(tail)
     assert "no Linear" in (kc.unsupported_reason(spec, h.device, h.dtype) or "")
-    assert gm.core.resolve_backend(h, tail) == "torch"
+    assert core.resolve_backend(h, tail) == "torch"
     check_vs_reference(gm.connectivity(h, tail), h, tail)
     with pytest.raises(ValueError, match="backend='cpu' cannot run here: the tail has no Linear"):
         gm.connectivity(h, tail, backend="cpu")
@@ -179,7 +179,7 @@ def test_env_switch_disables_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     h = torch.randn(5, 4)
     assert not kc.available()
     assert "GROKFAST_METRICS_CPU_KERNEL" in kc.unsupported_reason(parse_tail(tail), h.device, h.dtype)
-    assert gm.core.resolve_backend(h, tail) == "torch"
+    assert core.resolve_backend(h, tail) == "torch"
     check_vs_reference(gm.connectivity(h, tail), h, tail)
 
 
@@ -210,7 +210,7 @@ def test_kernel_allocation_failure_is_a_python_exception() -> None:
         "import torch, ctypes\n"
         "from grokfast_metrics.kernels import connectivity_cpu as kc\n"
         "from torch import nn\n"
-        "from grokfast_metrics._tail import parse_tail\n"
+        "from grokfast_metrics.foundation.tail import parse_tail\n"
         "lib = kc._library()\n"
         "n = 3; T = 21\n"
         "kp = (ctypes.c_int * 1)(1 << 30); kin = (ctypes.c_int * 1)(8); np_ = (ctypes.c_int * 1)(8)\n"
@@ -311,7 +311,7 @@ def test_fp64_constant_paths_and_regimes() -> None:
     for name in REGIMES:
         h, tail = regime(name, n=6, dtype=torch.float64)
         worst = max(worst, float(np.abs(gm.connectivity(h, tail).numpy() - exact.connectivity(h, tail)).max()))
-        assert gm.core.last_run_info()["backend"] == "cpu", name
+        assert core.last_run_info()["backend"] == "cpu", name
     assert worst <= 1e-13  # observed worst 3.6e-15 (near:1e-3); the fp64 contract is 1e-10
 
 
@@ -323,10 +323,10 @@ def test_fp64_model_takes_the_kernel() -> None:
     tail = nn.Sequential(nn.Linear(100, 100), nn.SiLU(), nn.Linear(100, 31)).double()
     L1 = fused64(h, tail, num_threads=1)
     assert torch.equal(fused64(h, tail, num_threads=2), L1)
-    assert gm.core.resolve_backend(h.double(), tail) == "cpu" and gm.core.resolve_backend(h, tail) == "cpu"
+    assert core.resolve_backend(h.double(), tail) == "cpu" and core.resolve_backend(h, tail) == "cpu"
     for x in (h.double(), h):
         L = gm.connectivity(x, tail)
         assert L.dtype == torch.float64 and torch.equal(L, L1)
-        assert gm.core.last_run_info()["backend"] == "cpu" and gm.core.last_run_info()["recomputed"] == 0
+        assert core.last_run_info()["backend"] == "cpu" and core.last_run_info()["recomputed"] == 0
     assert torch.equal(gm.connectivity(h.double(), tail, backend="cpu"), L1)
     assert float(np.abs(L1.numpy() - reference.connectivity(h.double(), tail, 21)).max()) <= ATOL64  # observed 2.6e-15

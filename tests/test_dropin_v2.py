@@ -10,7 +10,7 @@ from helpers import load_example, mlp_tail
 from torch import nn
 
 import grokfast_metrics as gm
-from grokfast_metrics.compute import generic, reference
+from grokfast_metrics.compute import core, generic, reference
 from grokfast_metrics.dropin.plan import AffineTailWarning, Plan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -135,7 +135,7 @@ def test_to_on_an_mlp_segment_keeps_the_fused_path(monkeypatch):
     plan = Plan(model, x, "1", "4")
     with plan.running():
         plan.forward()
-    assert plan.path == "chain" and gm.core.resolve_backend(h, plan.tail) in ("cpu", "torch", "triton")
+    assert plan.path == "chain" and core.resolve_backend(h, plan.tail) in ("cpu", "torch", "triton")
     with pytest.raises(ValueError, match="must come after"):
         gm.lmn_at(model, x, at="4", to="1")
 

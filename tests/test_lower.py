@@ -1,4 +1,4 @@
-"""Issue 20 item 2: MLP-like transformer tails lowered into the fused C++ kernel (``grokfast_metrics._lower``).
+"""Issue 20 item 2: MLP-like transformer tails lowered into the fused C++ kernel (``grokfast_metrics.dropin.lower``).
 
 Every lowered value is compared with the module's own float64 reference (``backend="reference"``: the paper-literal
 loop through the traced, un-lowered tail). Models: ``tests/models.py`` (shaped like the public codebases).
@@ -18,6 +18,7 @@ import grokfast_metrics as gm
 from grokfast_metrics.compute import core, generic
 from grokfast_metrics.dropin import lower as _lower
 from grokfast_metrics.dropin.plan import Plan
+from grokfast_metrics.foundation.tail import Act
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -188,7 +189,7 @@ def test_relu_crossing_path_matches_general_path():
     z, u = spec.absorb(h).contiguous(), spec.skip_values(h)
     L_relu = kcpu.connectivity_cpu(z, spec, 21, flag=False, u=u)
     leaky = copy.copy(spec)
-    leaky.stages = [([gm._tail.Act("leaky_relu", 0.0)], spec.stages[0][1])]
+    leaky.stages = [([Act("leaky_relu", 0.0)], spec.stages[0][1])]
     L_gen = kcpu.connectivity_cpu(z, leaky, 21, flag=False, u=u)
     # observed worst 3.0e-7: 6.7x margin
     np.testing.assert_allclose(L_relu.numpy(), L_gen.numpy(), rtol=0, atol=2e-6)

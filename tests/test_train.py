@@ -267,7 +267,7 @@ def test_cli_options_map_to_fields():
 
 
 def test_importing_the_trainer_does_not_import_matplotlib():
-    code = "import sys, grokfast_metrics.train, grokfast_metrics.cli; assert 'matplotlib' not in sys.modules"
+    code = "import sys, grokfast_metrics.experiment.trainer, grokfast_metrics.cli.main; assert 'matplotlib' not in sys.modules"
     p = subprocess.run([*PYTHON, "-c", code], capture_output=True, text=True, check=False)
     assert p.returncode == 0, p.stderr
 
