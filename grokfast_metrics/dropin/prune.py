@@ -134,6 +134,60 @@ def _apply(out, output):
     return output(out)
 
 
+def _aligned(m, axis: int, pos, shape):
+    """The expectation on input ``m`` of a node of ``shape`` computed at ``(axis, pos)`` elementwise (broadcasting)."""
+    s = _shape(m)
+    if s is None:
+        return FULL
+    k = axis - (len(shape) - len(s))
+    if k < 0 or s[k] == 1:
+        return FULL
+    return ("narrow", k, pos) if s[k] == shape[axis] else None
+
+
+def _elementwise(n, axis: int, pos, shape):
+    """``{input: expectation}`` of an elementwise node ``n`` (None when an input does not line up)."""
+    out = {}
+    for m in n.all_input_nodes:
+        e = _aligned(m, axis, pos, shape)
+        if e is None:
+            return None
+        out[m] = e
+    return out
+
+
+def _matmul_rule(n, axis: int, pos, shape):
+    """The rule of ``a @ b``: a row of the output reads a row of ``a``, a column one column of ``b``."""
+    nd = len(shape)
+    a, b = n.args[0], n.args[1]
+    sa, sb = _shape(a), _shape(b)
+    if a is b or sa is None or sb is None or len(sa) < 2 or len(sb) < 2:
+        return None
+    if axis == nd - 2:
+        return {a: ("narrow", len(sa) - 2, pos), b: FULL}
+    if axis == nd - 1:
+        return {a: FULL, b: ("narrow", len(sb) - 1, pos)}
+    ea, eb = _aligned(a, axis, pos, shape), _aligned(b, axis, pos, shape)
+    return None if ea is None or eb is None else {a: ea, b: eb}
+
+
+def _einsum_rule(n, axis: int, pos):
+    """The rule of ``torch.einsum(eq, ...)``: each operand narrowed where it carries the output axis' letter."""
+    if len(set(a for a in n.args[1:] if hasattr(a, "op"))) != len([a for a in n.args[1:] if hasattr(a, "op")]):
+        return None
+    eq = n.args[0].replace(" ", "")
+    if "..." in eq or "->" not in eq:
+        return None
+    lhs, rhs = eq.split("->")
+    letter = rhs[axis]
+    out = {}
+    for sub, m in zip(lhs.split(","), n.args[1:]):
+        if not hasattr(m, "op"):
+            continue
+        out[m] = ("narrow", sub.index(letter), pos) if letter in sub else FULL
+    return out
+
+
 class _Analysis:
     """Backward demand analysis: which nodes run at one position only, and what each edge expects."""
 
@@ -166,39 +220,28 @@ class _Analysis:
         shape = _shape(n)
         if n.op in ("placeholder", "get_attr", "output") or shape is None:
             return None
-        nd = len(shape)
-        ins = n.all_input_nodes
-
-        def aligned(m):
-            s = _shape(m)
-            if s is None:
-                return FULL
-            k = axis - (nd - len(s))
-            if k < 0 or s[k] == 1:
-                return FULL
-            return ("narrow", k, pos) if s[k] == shape[axis] else None
-
-        def elementwise():
-            out = {}
-            for m in ins:
-                e = aligned(m)
-                if e is None:
-                    return None
-                out[m] = e
-            return out
-
         if n.op == "call_module":
-            mod = self.mods.get(n.target)
-            if isinstance(mod, _ELEMENTWISE_MODULES):
-                return elementwise()
-            if isinstance(mod, nn.Linear) and axis != nd - 1:
-                return elementwise()
-            if isinstance(mod, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))) \
-                    and axis < nd - len(mod.normalized_shape):
-                return elementwise()
-            if isinstance(mod, nn.Softmax) and mod.dim is not None and mod.dim % nd != axis:
-                return elementwise()
-            return None
+            return self._module_rule(n, axis, pos, shape)
+        return self._function_rule(n, axis, pos, shape)
+
+    def _module_rule(self, n, axis, pos, shape):
+        """:meth:`rule` for a leaf module (other than ``nn.MultiheadAttention``)."""
+        nd = len(shape)
+        mod = self.mods.get(n.target)
+        if isinstance(mod, _ELEMENTWISE_MODULES):
+            return _elementwise(n, axis, pos, shape)
+        if isinstance(mod, nn.Linear) and axis != nd - 1:
+            return _elementwise(n, axis, pos, shape)
+        if isinstance(mod, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))) \
+                and axis < nd - len(mod.normalized_shape):
+            return _elementwise(n, axis, pos, shape)
+        if isinstance(mod, nn.Softmax) and mod.dim is not None and mod.dim % nd != axis:
+            return _elementwise(n, axis, pos, shape)
+        return None
+
+    def _function_rule(self, n, axis, pos, shape):
+        """:meth:`rule` for a function or method call."""
+        nd = len(shape)
         t = n.target
         if n.op == "call_function" and t is operator.getitem and _shape(n.args[0]) is None:
             # an element of a leaf module's tuple (nn.MultiheadAttention's output): handled at the module
@@ -207,50 +250,29 @@ class _Analysis:
                 return {src: ("narrow", axis, pos)}
             return None
         if (n.op == "call_function" and t in _ELEMENTWISE_FUNCS) or (n.op == "call_method" and t in _ELEMENTWISE_METHODS):
-            return elementwise()
+            return _elementwise(n, axis, pos, shape)
         if n.op == "call_function" and t in (F.linear,) and axis != nd - 1:
-            return elementwise()
+            return _elementwise(n, axis, pos, shape)
         if (n.op == "call_function" and t in (F.softmax, torch.softmax, F.log_softmax)) or \
                 (n.op == "call_method" and t in ("softmax", "log_softmax")):
             dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else None)
-            return elementwise() if isinstance(dim, int) and dim % nd != axis else None
+            return _elementwise(n, axis, pos, shape) if isinstance(dim, int) and dim % nd != axis else None
         if (n.op == "call_function" and t is F.layer_norm):
             ns = n.args[1] if len(n.args) > 1 else n.kwargs.get("normalized_shape")
-            return elementwise() if ns is not None and axis < nd - len(ns) else None
+            return _elementwise(n, axis, pos, shape) if ns is not None and axis < nd - len(ns) else None
         if (n.op == "call_function" and t in (torch.transpose,)) or (n.op == "call_method" and t == "transpose"):
             d0, d1 = (a % nd for a in n.args[1:3])
             k = d1 if axis == d0 else d0 if axis == d1 else axis
             return {n.args[0]: ("narrow", k, pos)}
         if (n.op == "call_function" and t in (torch.matmul, operator.matmul)) or (n.op == "call_method" and t == "matmul"):
-            a, b = n.args[0], n.args[1]
-            sa, sb = _shape(a), _shape(b)
-            if a is b or sa is None or sb is None or len(sa) < 2 or len(sb) < 2:
-                return None
-            if axis == nd - 2:
-                return {a: ("narrow", len(sa) - 2, pos), b: FULL}
-            if axis == nd - 1:
-                return {a: FULL, b: ("narrow", len(sb) - 1, pos)}
-            ea, eb = aligned(a), aligned(b)
-            return None if ea is None or eb is None else {a: ea, b: eb}
+            return _matmul_rule(n, axis, pos, shape)
         if n.op == "call_function" and t is torch.cat:
             dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
             if dim % nd == axis or not isinstance(n.args[0], (list, tuple)):
                 return None
-            return elementwise()
+            return _elementwise(n, axis, pos, shape)
         if n.op == "call_function" and t is torch.einsum and isinstance(n.args[0], str):
-            if len(set(a for a in n.args[1:] if hasattr(a, "op"))) != len([a for a in n.args[1:] if hasattr(a, "op")]):
-                return None
-            eq = n.args[0].replace(" ", "")
-            if "..." in eq or "->" not in eq:
-                return None
-            lhs, rhs = eq.split("->")
-            letter = rhs[axis]
-            out = {}
-            for sub, m in zip(lhs.split(","), n.args[1:]):
-                if not hasattr(m, "op"):
-                    continue
-                out[m] = ("narrow", sub.index(letter), pos) if letter in sub else FULL
-            return out
+            return _einsum_rule(n, axis, pos)
         return None
 
     def _mha(self, n, axis, pos):
