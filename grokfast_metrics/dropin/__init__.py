@@ -13,7 +13,7 @@ import warnings
 #: name importable from here before the layer packages -> the module that defines it
 _MOVED = {
     "lmn_at": "measure", "check_cut": "measure",
-    "CUT_CHECK_SAMPLES": "plan", "PATHS": "plan", "AffineTailWarning": "plan", "Plan": "plan", "emit_affine_warning": "plan",
+    "CUT_CHECK_SAMPLES": "checks", "PATHS": "plan", "AffineTailWarning": "plan", "Plan": "plan", "emit_affine_warning": "plan",
     "LastPosition": "hooks", "OutputSelector": "hooks", "suspend_user_hooks": "hooks", "unwrap_compiled": "hooks",
 }
 

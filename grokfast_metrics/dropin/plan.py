@@ -19,6 +19,18 @@ from ..compute.core import LMNResult, _param_dtype, connectivity, lmn_from_conne
 from ..foundation.policy import check_n_lambda
 from ..foundation.runtime import eval_mode
 from ..foundation.tail import parse_tail
+from .checks import (
+    _agrees,
+    _cut_error,
+    _cut_rtol,
+    _device_type,
+    _ones_if_finite,
+    _pairs,
+    _read_at_one_position,
+    _rows,
+    _samples_hint,
+    _tail_kind,
+)
 from .hooks import (
     OutputSelector,
     _as_args,
@@ -39,12 +51,10 @@ from .hooks import (
     suspend_user_hooks,
     unwrap_compiled,
 )
-from .split import _AFFINE, _chain_tail, _container_split, _graph_kind, _HookTail, _selector_affine, _SplitTail, _trace_split
+from .split import _AFFINE, _chain_tail, _container_split, _HookTail, _selector_affine, _SplitTail, _trace_split
 
-__all__ = ["CUT_CHECK_SAMPLES", "PATHS", "AffineTailWarning", "Plan", "emit_affine_warning"]
+__all__ = ["PATHS", "AffineTailWarning", "Plan", "emit_affine_warning"]
 
-#: samples used by the cut check (pairs ``(i, i+1 mod k)`` among the first ``k`` samples).
-CUT_CHECK_SAMPLES = 8
 
 #: default batch of interpolated input for a pruned tail on the CPU (bytes): 4 MiB. Measured on the loaded 2-core
 #: CPU, one thread, N=32, issue-sized models, min of 3 (us/pair at 1/2/4/8 MiB): Grokfast-style 1931/1659/1392/1821,
@@ -82,32 +92,6 @@ def emit_affine_warning(at: str, to: str | None, how: str, stacklevel: int = 4, 
         f"LMN at {at!r} is 1 at every step: the map from {at!r} to {target} is affine ({how}), so every "
         f"interpolation path is a straight line. Measure at a layer with a nonlinearity after it: {advice}.",
         AffineTailWarning, stacklevel=stacklevel)
-
-
-# --------------------------------------------------------------------------------------------
-# cut check
-
-
-def _cut_error(run_mixed, y, idx_src, idx_dst) -> float:
-    """Max |model(input i, activation j) - model(input j)| over the pairs, relative to max |logits|."""
-    y_mix = run_mixed(idx_src, idx_dst)
-    ref = y.index_select(0, idx_dst)
-    scale = float(ref.abs().max()) or 1.0
-    return float((y_mix.to(ref.dtype) - ref).abs().max()) / scale
-
-
-def _cut_rtol(dtype: torch.dtype) -> float:
-    # batched GEMMs of different batch sizes differ by rounding only (~1e-6 relative in fp32);
-    # a bypassing skip connection changes the logits by as much as two samples differ (~1e-1).
-    # fp16/bf16 logits get a few ulps of their own precision.
-    eps = torch.finfo(dtype).eps
-    return 1e-9 if eps < 1e-10 else max(1e-4, 4 * eps)
-
-
-def _pairs(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    k = min(n, CUT_CHECK_SAMPLES)
-    dst = torch.arange(k, device=device)
-    return torch.roll(dst, 1), dst                 # input of sample i-1, activation of sample i
 
 
 # --------------------------------------------------------------------------------------------
@@ -491,30 +475,6 @@ class Plan:
         return L
 
 
-def _read_at_one_position(gm):
-    """When the pruned tail reads its input ``h`` only through ``h.narrow(k, p, 1)`` (one ``(k, p)``): a copy
-    taking that slice as its input, and ``(k, p)``; else None."""
-    import copy
-
-    g = copy.deepcopy(gm.graph)
-    ph = next(n for n in g.nodes if n.op == "placeholder")
-    users = list(ph.users)
-    keys = {tuple(u.args[1:]) if u.op == "call_method" and u.target == "narrow" and not u.kwargs else None
-            for u in users}
-    if len(keys) != 1 or None in keys or len(next(iter(keys))) != 3 or next(iter(keys))[2] != 1:
-        return None
-    k, p, _ = next(iter(keys))
-    for u in users:
-        u.replace_all_uses_with(ph)
-        g.erase_node(u)
-    import torch.fx as fx
-
-    try:
-        return fx.GraphModule(gm, g), (k, p)
-    except Exception:
-        return None
-
-
 def _report_path(plan: Plan) -> None:
     """Add the plan's path and its reason to :func:`grokfast_metrics.last_run_info`."""
     from ..compute import core
@@ -533,54 +493,3 @@ def _why_not_chain(plan: Plan, act: torch.Tensor) -> str:
     return f"not a chain: {plan.at!r} is not in plain nn.Sequential chains"
 
 
-def _tail_kind(gm) -> int:
-    """How affine a split tail is, seen through the user's modules (TransformerLens' ``Unembed``: ``x @ W_U``)."""
-    from .prune import _deep_trace
-
-    kind = _graph_kind(gm)
-    if kind > _AFFINE:
-        deep = _deep_trace(gm)
-        if deep is not None:
-            kind = _graph_kind(deep)
-    return kind
-
-
-def _samples_hint(act: torch.Tensor, at: str, batch_dim: int, rows: int) -> str:
-    """Where the selected logits have ``rows`` samples and the activation at ``at`` has them along another axis
-    than ``batch_dim``: pass ``batch_dim`` (the inputs follow it unless ``input_batch_dim`` says otherwise)."""
-    axes = [d for d in range(act.dim()) if act.shape[d] == rows and d != batch_dim]
-    if rows < 0 or not axes:
-        return ""
-    return (f" The activation at {at!r} ({tuple(act.shape)}) has {rows} along axis {axes[0]}: if the samples are "
-            f"there, pass batch_dim={axes[0]} (e.g. a sequence-first model fed (seq, batch) tokens; "
-            "input_batch_dim defaults to batch_dim).")
-
-
-def _rows(out, output) -> int:
-    try:
-        y = out if output is None else (out[output] if isinstance(output, int) else output(out))
-        return int(y.shape[0])
-    except Exception:
-        return -1
-
-
-def _device_type(args) -> str:
-    return args[0].device.type
-
-
-def _agrees(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.shape != b.shape:
-        return False
-    scale = float(b.abs().max()) or 1.0
-    return float((a.to(b.dtype) - b).abs().max()) / scale <= _cut_rtol(b.dtype)
-
-
-def _ones_if_finite(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``L = 1`` for an affine tail, in the dtype ``connectivity`` would return; NaN/Inf logits raise as there."""
-    from ..foundation.errors import NonFiniteOutputError
-
-    if not bool(torch.isfinite(y).all()):
-        raise NonFiniteOutputError("the model's outputs on the probe are NaN/Inf: the model has diverged or overflows "
-                                   "its dtype, and LMN is undefined there")
-    dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
-    return torch.ones(h.shape[0], h.shape[0], dtype=dtype, device=h.device)
