@@ -6,7 +6,8 @@ import os
 import pytest
 import torch
 
-from grokfast_metrics import bench
+from grokfast_metrics.bench import baselines as bench_baselines
+from grokfast_metrics.bench import harness as bench_harness
 from grokfast_metrics.foundation.runtime import synchronize
 
 N_REF = 24
@@ -27,8 +28,8 @@ def timed(fn, device: torch.device):
 def check_or_refuse(h: torch.Tensor, tail: torch.nn.Module, backend: str, n_lambda: int = 21) -> float:
     """Max abs diff of ``backend`` (or ``"naive"``) vs the NumPy reference on ``h[:N_REF]``; ``pytest.fail`` when refused."""
     sub = h[:N_REF]
-    L_ref, _ = bench.reference_timed(sub, tail, n_lambda)
-    diff, why = bench.check_agreement(lambda: bench.backend_fn(backend)(sub, tail, n_lambda), L_ref)
+    L_ref, _ = bench_baselines.reference_timed(sub, tail, n_lambda)
+    diff, why = bench_harness.check_agreement(lambda: bench_baselines.backend_fn(backend)(sub, tail, n_lambda), L_ref)
     if why:
         pytest.fail(f"{why} (backend {backend!r})")
     return diff

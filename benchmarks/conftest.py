@@ -10,12 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from grokfast_metrics import bench
+from grokfast_metrics.bench import baselines as bench_baselines
 
 
 class _Roof(dict):
     def __missing__(self, key: str) -> float:
-        self[key] = bench.matmul_roof(torch.device(key), repeats=3)[0]
+        self[key] = bench_baselines.matmul_roof(torch.device(key), repeats=3)[0]
         return self[key]
 
 

@@ -1,6 +1,6 @@
 """End-to-end LMN (L + eigen + entropy) split into its parts, and the training-step overhead of tracking it.
 
-Run: ``pytest benchmarks/ --benchmark-only``. The training rows use ``bench.addition_training`` (the
+Run: ``pytest benchmarks/ --benchmark-only``. The training rows use ``bench_workloads.addition_training`` (the
 paper's ``GrokMLP`` on addition mod 31): compare the ``plain`` and ``tracked`` medians of the same
 session for the overhead ratio. The entropy part is ``eigen_plus_entropy`` minus ``eigen``.
 """
@@ -13,7 +13,7 @@ import torch
 from _gfm_bench import LARGE, check_or_refuse, needs_cuda, timed
 
 import grokfast_metrics as gm
-from grokfast_metrics import bench
+from grokfast_metrics.bench import workloads as bench_workloads
 from grokfast_metrics.foundation.runtime import synchronize
 
 H, O, T = 100, 31, 21
@@ -25,7 +25,7 @@ DEVS = [("cpu", n) for n in (64, 256) + ((961,) if LARGE else ())] + [
 @pytest.mark.parametrize("dev, n", DEVS)
 def test_lmn_end_to_end(benchmark, dev, n):
     device = torch.device(dev)
-    tail, h = bench.make_tail(H, O, 1, device=device), bench.make_inputs(n, H, seed=1, device=device)
+    tail, h = bench_workloads.make_tail(H, O, 1, device=device), bench_workloads.make_inputs(n, H, seed=1, device=device)
     check_or_refuse(h, tail, "auto", T)
     res = benchmark.pedantic(timed(functools.partial(gm.lmn, h, tail, T), device),
                              rounds=20 if dev == "cuda" else 3, iterations=1, warmup_rounds=1)
@@ -35,7 +35,7 @@ def test_lmn_end_to_end(benchmark, dev, n):
 @pytest.mark.parametrize("dev, n", DEVS)
 def test_eigen_part(benchmark, dev, n):
     device = torch.device(dev)
-    tail, h = bench.make_tail(H, O, 1, device=device), bench.make_inputs(n, H, seed=1, device=device)
+    tail, h = bench_workloads.make_tail(H, O, 1, device=device), bench_workloads.make_inputs(n, H, seed=1, device=device)
     L = gm.connectivity(h, tail, T).to(torch.float64)
     benchmark.pedantic(timed(functools.partial(torch.linalg.eigvalsh, L), device), rounds=10, iterations=1,
                        warmup_rounds=1)
@@ -44,7 +44,7 @@ def test_eigen_part(benchmark, dev, n):
 @pytest.mark.parametrize("dev, n", DEVS)
 def test_eigen_plus_entropy_part(benchmark, dev, n):
     device = torch.device(dev)
-    tail, h = bench.make_tail(H, O, 1, device=device), bench.make_inputs(n, H, seed=1, device=device)
+    tail, h = bench_workloads.make_tail(H, O, 1, device=device), bench_workloads.make_inputs(n, H, seed=1, device=device)
     L = gm.connectivity(h, tail, T)
     benchmark.pedantic(timed(functools.partial(gm.lmn_from_connectivity, L), device), rounds=10, iterations=1,
                        warmup_rounds=1)
@@ -55,7 +55,7 @@ def test_eigen_plus_entropy_part(benchmark, dev, n):
 def test_training_step(benchmark, dev, n_track, tracked):
     """One full-batch AdamW step of the paper's MLP, with or without LMN of layer 1 on ``n_track`` inputs."""
     device = torch.device(dev)
-    work = bench.addition_training(device, n_track, seed=0)
+    work = bench_workloads.addition_training(device, n_track, seed=0)
 
     def step():
         work.step()

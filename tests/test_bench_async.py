@@ -6,12 +6,12 @@ import re
 
 import torch
 
-from grokfast_metrics import bench
+from grokfast_metrics.bench import command as bench_command
 from grokfast_metrics.bench.async_track import MODES, async_tracking
 
 
 def _parse(argv):
-    return bench.add_arguments(argparse.ArgumentParser()).parse_args(argv)
+    return bench_command.add_arguments(argparse.ArgumentParser()).parse_args(argv)
 
 
 def test_every_mode_is_timed_in_the_same_run():
@@ -23,7 +23,7 @@ def test_every_mode_is_timed_in_the_same_run():
 def test_cli_prints_the_three_modes_and_writes_no_csv(tmp_path, capsys):
     csv = tmp_path / "r.csv"
     argv = ["--async-tracking", "--train-n", "8", "--repeats", "1", "--n-lambda", "5", "--csv", str(csv)]
-    assert bench.run(_parse(argv)) == 0
+    assert bench_command.run(_parse(argv)) == 0
     text = capsys.readouterr().out
     rows = {m: re.search(rf"^\| {m} \| ([0-9.]+) \| [0-9.]+-[0-9.]+ \| ([0-9.]+) \|$", text, re.M) for m in MODES}
     assert all(rows.values()) and rows["none"].group(2) == "1.0"
@@ -31,5 +31,5 @@ def test_cli_prints_the_three_modes_and_writes_no_csv(tmp_path, capsys):
 
 
 def test_cli_bad_sizes_return_2(capsys):
-    assert bench.run(_parse(["--async-tracking", "--train-n", "1"])) == 2
+    assert bench_command.run(_parse(["--async-tracking", "--train-n", "1"])) == 2
     assert "--async-tracking needs" in capsys.readouterr().err

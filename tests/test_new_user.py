@@ -19,12 +19,14 @@ from helpers import PYTHON, mlp_tail
 from torch import nn
 
 import grokfast_metrics as gm
-from grokfast_metrics import bench
 from grokfast_metrics.bench import command as bench_command
 from grokfast_metrics.bench import extras
+from grokfast_metrics.bench import report as bench_report
+from grokfast_metrics.bench import sweep as bench_sweep
 from grokfast_metrics.bench.harness import FIELDS, BenchRow, Timing
 from grokfast_metrics.cli import main as cli
 from grokfast_metrics.compute import core
+from grokfast_metrics.dropin.plan import AffineTailWarning
 from grokfast_metrics.experiment.config import TrainConfig
 from grokfast_metrics.experiment.trainer import train
 
@@ -124,7 +126,7 @@ def test_e2e_split_parts_add_up_under_load(monkeypatch):
     is at least L + eigen (timed apart, the old split gave share 1.263 on a loaded box; here it would be 1.67)."""
     samples = iter([1.0, 0.5] * 3)  # eigen 1.0 s, then the whole lmn_from_connectivity 0.5 s, per repetition
     monkeypatch.setattr(extras, "time_fn", lambda fn, device, repeats, budget_s=None: Timing([next(samples)]))
-    cfg = bench.BenchConfig(ns=[4], hiddens=[5], depths=[1], backends=["torch"], repeats=3, lmn_parts=True,
+    cfg = bench_sweep.BenchConfig(ns=[4], hiddens=[5], depths=[1], backends=["torch"], repeats=3, lmn_parts=True,
                             progress=False)
     src = BenchRow(backend="torch", time_median_s=0.1, time_iqr_s=0.0, time_min_s=0.1, time_max_s=0.1, repeats=3,
                    kernel="torch/mlp")
@@ -156,7 +158,7 @@ def test_bench_run_outside_a_checkout_writes_bench_results_and_records_kernels(t
     out = capsys.readouterr().out
     assert f"to {tmp_path / 'bench-results' / 'results.csv'} (not in a source checkout" in out
     assert not (tmp_path / "benchmarks").exists() and (tmp_path / "bench-results" / "RESULTS.md").is_file()
-    rows = bench.read_csv(tmp_path / "bench-results" / "results.csv")
+    rows = bench_report.read_csv(tmp_path / "bench-results" / "results.csv")
     kernels = {(r["kind"], r["backend"]): r["kernel"] for r in rows}
     assert kernels[("connectivity", "torch")] == "torch/mlp" and kernels[("train_overhead", "torch")] == "torch/mlp"
     assert kernels[("connectivity", "naive")] == "" and kernels[("roof", "torch.mm")] == ""
@@ -168,8 +170,8 @@ def test_bench_run_outside_a_checkout_writes_bench_results_and_records_kernels(t
 def test_csv_of_the_previous_version_gains_the_new_column(tmp_path):
     old = tmp_path / "results.csv"
     old.write_text(",".join(FIELDS[:-1]) + "\n" + ",".join(["r0"] + [""] * (len(FIELDS) - 2)) + "\n")
-    bench.append_csv([BenchRow(run_id="r1", kernel="cpu/fp32")], old)
-    rows = bench.read_csv(old)
+    bench_report.append_csv([BenchRow(run_id="r1", kernel="cpu/fp32")], old)
+    rows = bench_report.read_csv(old)
     assert [(r["run_id"], r["kernel"]) for r in rows] == [("r0", ""), ("r1", "cpu/fp32")]
 
 
@@ -190,7 +192,7 @@ def test_sweep_help_has_no_train_only_options(capsys):
 def test_affine_advice_fits_an_mlp_and_a_transformer():
     mlp = nn.Sequential(nn.Linear(4, 8), nn.SiLU(), nn.Linear(8, 8), nn.SiLU(), nn.Linear(8, 3))
     x = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
-    with pytest.warns(gm.dropin.plan.AffineTailWarning) as rec:
+    with pytest.warns(AffineTailWarning) as rec:
         gm.lmn_at(mlp, x, at="3", n_lambda=5)
     msg = str(rec[0].message)
     assert "hidden layer" in msg and "hook_resid_mid" not in msg and "residual" not in msg
@@ -204,7 +206,7 @@ def test_affine_advice_fits_an_mlp_and_a_transformer():
         def forward(self, t):
             return self.out(t + self.attn(t, t, t, need_weights=False)[0])[:, -1]
 
-    with pytest.warns(gm.dropin.plan.AffineTailWarning) as rec:
+    with pytest.warns(AffineTailWarning) as rec:
         gm.lmn_at(Block(), torch.randn(5, 2, 4), at="attn", n_lambda=5, check=False)
     assert "hook_resid_mid" in str(rec[0].message)
 

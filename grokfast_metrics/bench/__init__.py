@@ -24,40 +24,8 @@ with the reference's ``L`` on the same samples and the same tail; a max abs diff
 ``atol`` (1e-5 for fp32), or an exception, gives the row ``status = "REFUSED: <why>"`` and no
 speed fields.
 
-Modules: :mod:`.harness` (rows, accounting, timing, refusal), :mod:`.baselines` (what computes ``L``,
-the reference / naive / roof baselines), :mod:`.workloads` (seeded tails and inputs, the training
-step), :mod:`.sweep` and :mod:`.extras` (the rows of a run), :mod:`.report` (CSV, tables, plot,
-``RESULTS.md``), :mod:`.command` (the ``bench`` subcommand).
+Modules (import from them; this package re-exports nothing): :mod:`.harness` (rows, accounting, timing,
+refusal), :mod:`.baselines` (what computes ``L``, the reference / naive / roof baselines), :mod:`.workloads`
+(seeded tails and inputs, the training step), :mod:`.sweep` and :mod:`.extras` (the rows of a run),
+:mod:`.report` (CSV, tables, plot, ``RESULTS.md``), :mod:`.command` (the ``bench`` subcommand).
 """
-from .baselines import backend_fn, matmul_roof, naive_connectivity, paired_roof, reference_timed, square_matmul
-from .command import add_arguments, main, run, run_benchmarks
-from .harness import (
-    ATOL,
-    FIELDS,
-    SPEED_FIELDS,
-    BenchRow,
-    Timing,
-    check_agreement,
-    estimate_seconds,
-    fill_speed,
-    fit_exponent,
-    max_abs_diff,
-    n_pairs,
-    refusal,
-    refuse,
-    time_fn,
-    useful_flops_per_pair,
-    useful_gflops,
-)
-from .report import MD_BEGIN, MD_END, append_csv, format_table, plot_time_vs_n, read_csv, update_results_md
-from .sweep import BenchConfig
-from .workloads import TrainingWorkload, addition_training, make_inputs, make_tail, mlp_tail, train_overhead
-
-__all__ = [
-    "ATOL", "FIELDS", "MD_BEGIN", "MD_END", "SPEED_FIELDS", "BenchConfig", "BenchRow", "Timing", "TrainingWorkload",
-    "add_arguments", "addition_training", "append_csv", "backend_fn", "check_agreement", "estimate_seconds",
-    "fill_speed", "fit_exponent", "format_table", "main", "make_inputs", "make_tail", "matmul_roof", "max_abs_diff",
-    "mlp_tail", "n_pairs", "naive_connectivity", "paired_roof", "plot_time_vs_n", "read_csv", "reference_timed",
-    "refusal", "refuse", "run", "run_benchmarks", "square_matmul", "time_fn", "train_overhead",
-    "update_results_md", "useful_flops_per_pair", "useful_gflops",
-]
