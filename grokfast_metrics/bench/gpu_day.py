@@ -62,8 +62,8 @@ from .harness import (
 from .sweep import row_maker
 from .workloads import make_inputs, make_tail
 
-#: test files whose tests skip on the CPU for want of CUDA (``tests/test_gpu_day.py`` checks the list is complete)
-CUDA_TESTS = ("tests/test_triton_kernel.py",)
+#: test files whose tests skip on the CPU for want of CUDA (``tests/bench/test_gpu_day.py`` checks the list is complete)
+CUDA_TESTS = ("tests/kernels/test_triton_kernel.py",)
 #: seconds per stage on a GPU; the dense job gets what the others leave of ``--budget-s`` (at least its own figure)
 BUDGETS = {"cuda_tests": 150.0, "timing": 150.0, "static_model": 40.0, "dense_tracking": 90.0}
 #: caps, not durations: the dry run's 40-step job normally ends in seconds; a heavily loaded CI machine gets time

@@ -156,7 +156,7 @@ def _exact(name: str) -> np.ndarray:
 @pytest.mark.parametrize("dtype, atol", DTYPES)
 @pytest.mark.parametrize("name", REGIMES)
 def test_regimes_within_contract_or_recomputed(name, dtype, atol, variant):
-    """SPEC §1 accuracy contract on the regimes of issue 10 (tests/regimes.py, N = 8) against the exact yardstick.
+    """SPEC §1 accuracy contract on the regimes of issue 10 (tests/support/regimes.py, N = 8) against the exact yardstick.
 
     Worst observed (interpreter, core's fp64 recompute included): fp32 1.9e-6 (sat_sigmoid:8, also at N = 10;
     2.2e-6 over seeds 1-6, sat_sigmoid:14; the torch path lets 8e-6 through on sat_tanh:9 seed 5, which the

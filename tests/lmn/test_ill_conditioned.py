@@ -1,6 +1,6 @@
 """Accuracy on ill-conditioned paths (issue 10, SPEC §1 accuracy contract), arbitrated by the exact yardstick.
 
-Every regime of the issue's table is built small (``tests/regimes.py``: N = 10, d = 6, H = 16, O = 5)
+Every regime of the issue's table is built small (``tests/support/regimes.py``: N = 10, d = 6, H = 16, O = 5)
 so that ``grokfast_metrics.exact`` (mpmath, 50 digits) gives the true ``L``. Each backend must be within
 1e-5 (fp32) / 1e-10 (fp64) of it, flagged pairs being recomputed in fp64. Tolerances keep >= 5x margin
 to the worst error observed on these cases (recorded beside each assertion). The long fuzz run over

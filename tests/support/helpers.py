@@ -11,7 +11,7 @@ from torch import nn
 from grokfast_metrics._tail import ACTIVATIONS
 
 #: the repository's root
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 #: how the tests start a Python subprocess: never with the working directory (the repository root) on
 #: ``sys.path``, where the top-level ``kernels/`` folder would shadow installed packages of that name
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PYTHON = [sys.executable, "-P"] if sys.version_info >= (3, 11) else [sys.executable]
 
 #: the repository's examples/ folder (standalone scripts the tests import and run)
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = ROOT / "examples"
 
 
 def load_example(name: str):
