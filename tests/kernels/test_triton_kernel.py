@@ -52,7 +52,8 @@ def _seq(*layers) -> nn.Sequential:
 
 # name -> (N, D, tail factory). Widths are not powers of two; O = 1 appears; biases on and off.
 CASES = {
-    "default_silu": (65, 8, lambda: _seq(nn.Linear(8, 100), nn.SiLU(), nn.Linear(100, 31))),
+    # N = 33: every program of v1 masks part of its 64-column block, v2 walks 11 tiles of 48 pairs (65 cost 4x the time)
+    "default_silu": (33, 8, lambda: _seq(nn.Linear(8, 100), nn.SiLU(), nn.Linear(100, 31))),
     "relu_o1": (17, 5, lambda: _seq(nn.Linear(5, 20), nn.ReLU(), nn.Linear(20, 1))),
     "gelu_erf": (17, 6, lambda: _seq(nn.Linear(6, 24), nn.GELU(), nn.Linear(24, 7))),
     "gelu_tanh_nobias": (
@@ -119,8 +120,8 @@ def test_matches_reference(name, dtype, variant):
     at FLAG_KAPPA = 3e-5: 2.7e-6 depth2_identity_trailing (ends in a Sigmoid; 4.1e-6 at 5e-5, 6e-6 before its
     flag scale carried the last Linear's rounding through the activation), 1.9e-6 depth3_mixed, 1.3e-6 depth4,
     7.9e-7 depth2_o1_nobias, <= 5.8e-7 the rest; fp64 1.6e-14. v2 (depth-1 cases; fast SiLU with its error
-    budget and the tf32 truncation emulated): fp32 1.4e-6 relu_o1, 7e-7 default_silu, <= 6e-7 the rest;
-    fp64 2.2e-15."""
+    budget and the tf32 truncation emulated): fp32 1.4e-6 relu_o1, 6.0e-7 default_silu (N = 33; 7e-7 at N = 65), <= 6e-7
+    the rest; fp64 2.2e-15."""
     _v2_runs(variant, _make(name, dtype)[1])
     L, R = _case_result(name, dtype, variant)
     atol = None  # the contract of the dtype
