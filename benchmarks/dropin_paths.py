@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))
 
 #: issue-sized models (d_model 128; Nanda d_mlp 512, p=113)
 SIZES = {"nanda": dict(p=113, d_model=128, d_mlp=512), "grokfast": dict(p=97, dim=128), "mamay": dict(p=97, dim=128),

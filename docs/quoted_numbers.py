@@ -4,7 +4,7 @@
 
 prints (or writes) them as JSON, each already formatted as the docs write it. ``docs/numbers_add_default.json``
 is this script's output on the run of the README's command (``grokfast-metrics train --task add``, seed 0,
-20,000 steps; the machine and date are in the file). ``tests/test_new_user.py`` runs this script on a short real
+20,000 steps; the machine and date are in the file). ``tests/project/test_new_user.py`` runs this script on a short real
 run (the numbers must come from the run's own files) and checks that README.md and docs/training.md quote every
 number of the JSON file as written there. A 20,000-step run is not repeated by the tests: to refresh the numbers
 after a change that moves them, rerun the command, then this script with ``--write``, then fix the docs until

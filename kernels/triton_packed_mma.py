@@ -333,7 +333,7 @@ def launch_config(spec: MLPTail, dtype: torch.dtype, n_lambda: int, *, interpret
     signature.update({name: "constexpr" for name in const})
     # the fp64 / "ieee" tiles with a 16-wide K chunk (triton 3.6) spill at 4 warps: 8 halve each thread's share;
     # so do the fp32 "ieee" tiles with an 8-wide one (triton 3.9) since the scale-free moments
-    # (tests/test_triton_compile.py: 8 bytes of spills on sm_80, 32 on sm_90, on 4 warps)
+    # (tests/kernels/test_triton_compile.py: 8 bytes of spills on sm_80, 32 on sm_90, on 4 warps)
     warps = 8 if (not (interpret or hilo) and (block_k > 8 or not fp64)) else 4
     if sm80_hilo and h >= 512 and min_dot_k(fp64) >= 16:  # triton 3.6, wide tf32x3 tile on sm_80: 8 bytes spilled on 4
         warps = 8

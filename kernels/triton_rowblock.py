@@ -347,7 +347,7 @@ def launch_config(
         # Register budget: every [M, width] tile at most ~8K fp32 / ~4K fp64 elements (M = BLOCK_J * T_PAD);
         # chained column blocks keep layers 1-2 narrow, the last accumulator is full width. Halved for fp64
         # erfc-GELU (a 40-term continued fraction per element). Without that, and the sm_80 rule below, they
-        # spill on sm_80 / sm_90 (tests/test_triton_compile.py checks every shape on both).
+        # spill on sm_80 / sm_90 (tests/kernels/test_triton_compile.py checks every shape on both).
         gelu = fp64 and "gelu" in {a.name for a in (*(a for stage, _ in spec.stages for a in stage), *spec.final)}
         cap = 8192 if not fp64 else (2048 if gelu else 4096)
         chunk = 64 if not fp64 else (16 if gelu else 32)

@@ -127,7 +127,7 @@ def _add_mode_arguments(add) -> None:
         help="instead of the LMN rows: runs per hour of a 16-run sweep grid (add, LMN every 100 steps on 128 inputs; "
              "--quick: 4 runs) trained sequentially, with sweep --engine local and with sweep --batched, in this run")
     add("--dropin", action="store_true",
-        help="only lmn_at on the test models shaped like the public grokking codebases (tests/models.py): each timed "
+        help="only lmn_at on the test models shaped like the public grokking codebases (tests/support/models.py): each timed "
              "before/after (the tail lowered into the fused kernel vs the generic path) in this run, µs per pair and "
              "the fraction of the matmul roof for lowered tails; N from --n (default 961 for the Nanda-style tail)")
     add("--sweep-steps", type=int, default=None, help="steps per run of --sweep-throughput (default 2000, --quick 200)")

@@ -1,6 +1,6 @@
 """``grokfast-metrics bench --dropin``: ``lmn_at`` on models shaped like the public grokking codebases, before/after.
 
-For each model of ``tests/models.py`` (the repository checkout's; the package does not ship them) one run times
+For each model of ``tests/support/models.py`` (the repository checkout's; the package does not ship them) one run times
 
 * **after**: ``lmn_at``'s plan as it is now (a tail lowered into the fused C++ kernel when it lowers:
   :mod:`grokfast_metrics.dropin.lower`), at ``N``;
@@ -28,18 +28,19 @@ NANDA_FULL = dict(p=113, d_model=128, d_mlp=512)
 
 
 def _models():
-    """``tests/models.py`` of the repository checkout (it imports ``tests/helpers.py`` and ``examples/``)."""
+    """``tests/support/models.py`` of the repository checkout (it imports ``tests/support/helpers.py`` and ``examples/``)."""
     root = Path(__file__).resolve().parents[2]
-    path = root / "tests" / "models.py"
+    support = root / "tests" / "support"
+    path = support / "models.py"
     if not path.exists():
-        raise FileNotFoundError(f"bench --dropin needs the repository checkout's tests/models.py (not found at {path})")
-    sys.path.insert(0, str(root / "tests"))
+        raise FileNotFoundError(f"bench --dropin needs the repository checkout's tests/support/models.py (not found at {path})")
+    sys.path.insert(0, str(support))
     try:
         spec = importlib.util.spec_from_file_location("_gm_bench_models", path)
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
     finally:
-        sys.path.remove(str(root / "tests"))
+        sys.path.remove(str(support))
     return mod
 
 

@@ -30,7 +30,7 @@ from grokfast_metrics.dropin.plan import AffineTailWarning
 from grokfast_metrics.experiment.config import TrainConfig
 from grokfast_metrics.experiment.trainer import train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = {"task": "add", "device": "cpu", "hidden": 16, "embed_dim": 8, "log_every": 1, "probe": 12, "threads": 1,
         "steps": 4, "lmn_every": 2, "complexity": "off"}
 needs_kernel = pytest.mark.skipif(not kc.available(), reason=f"fused CPU kernel unavailable: {kc.build_info()['error']}")

@@ -21,7 +21,7 @@ from grokfast_metrics.bench.harness import ATOL, BenchRow
 from grokfast_metrics.bench.report import read_csv
 from grokfast_metrics.cli import main as cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STAGES = ["cuda_tests", "timing", "static_model", "dense_tracking"]
 
 
@@ -115,7 +115,8 @@ def test_merge_refuses_bad_files_in_one_line(tmp_path, capsys, content, message)
 def test_cuda_test_list_is_complete():
     """Every test file that runs on CUDA when it is there (and skips or interprets without) is in the GPU day's list."""
     uses_cuda = re.compile(r'skipif\(not torch\.cuda\.is_available\(\)|"cuda" if torch\.cuda\.is_available\(\)')
-    found = {f"tests/{p.name}" for p in (ROOT / "tests").glob("test_*.py") if uses_cuda.search(p.read_text(encoding="utf-8"))}
+    found = {p.relative_to(ROOT).as_posix() for p in (ROOT / "tests").rglob("test_*.py")
+             if uses_cuda.search(p.read_text(encoding="utf-8"))}
     assert found == set(gpu_day_cuda_tests.CUDA_TESTS)
 
 

@@ -6,6 +6,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from contract import CONTRACT, check_against_reference
 from helpers import ACTS, Wrapped, abs_tail, mlp_tail
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -16,63 +17,56 @@ from grokfast_metrics.compute import core, reference
 from grokfast_metrics.compute.torch_paths import triu_pair_chunks
 from grokfast_metrics.foundation.tail import parse_tail
 
-TOL = [(torch.float32, 1e-5), (torch.float64, 1e-10)]
 
-
-def _compare(h, tail, atol, backend="torch", n_lambda=21, **kw):
+def _compare(h, tail, backend="torch", n_lambda=21, **kw):
+    """The torch path's ``L`` and LMN through :func:`contract.check_against_reference` (every backend's invariants)."""
     L = gm.connectivity(h, tail, n_lambda=n_lambda, backend=backend, **kw)
-    L_ref = reference.connectivity(h, tail, n_lambda)
-    assert L.dtype == (torch.float64 if h.dtype == torch.float64 else torch.float32)
-    assert L.shape == (h.shape[0], h.shape[0])
-    np.testing.assert_allclose(L.double().numpy(), L_ref, rtol=0, atol=atol)
-    v = gm.lmn_from_connectivity(L).lmn
-    v_ref = reference.lmn_from_connectivity(L_ref)[0]
-    assert abs(v - v_ref) <= 1e-5 * v_ref
+    dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
+    check_against_reference(L, h, tail, n_lambda, dtype=dtype, lmn=True)
     return L
 
 
-@pytest.mark.parametrize("dtype, atol", TOL)
+@pytest.mark.parametrize("dtype", list(CONTRACT))
 @pytest.mark.parametrize("n, widths", [(2, [5, 7, 3]), (3, [4, 37, 1]), (17, [9, 100, 31]), (40, [6, 13, 11, 5]),
                                        (23, [8, 19, 10, 7, 3])])
-def test_torch_matches_reference_shapes(n, widths, dtype, atol):
+def test_torch_matches_reference_shapes(n, widths, dtype):
     h = torch.randn(n, widths[0], generator=torch.Generator().manual_seed(n), dtype=dtype)
-    _compare(h, mlp_tail(widths, "silu", dtype=dtype, seed=n), atol)
+    _compare(h, mlp_tail(widths, "silu", dtype=dtype, seed=n))
 
 
-@pytest.mark.parametrize("dtype, atol", TOL)
+@pytest.mark.parametrize("dtype", list(CONTRACT))
 @pytest.mark.parametrize("act", sorted(ACTS))
-def test_torch_matches_reference_activations(act, dtype, atol):
+def test_torch_matches_reference_activations(act, dtype):
     h = torch.randn(19, 6, generator=torch.Generator().manual_seed(1), dtype=dtype)
-    _compare(h, mlp_tail([6, 21, 12, 4], act, dtype=dtype), atol)
+    _compare(h, mlp_tail([6, 21, 12, 4], act, dtype=dtype))
 
 
-@pytest.mark.parametrize("dtype, atol", TOL)
+@pytest.mark.parametrize("dtype", list(CONTRACT))
 @pytest.mark.parametrize("bias, final_act", [(False, None), (True, "sigmoid"), (False, "tanh")])
-def test_bias_and_trailing_activation(bias, final_act, dtype, atol):
+def test_bias_and_trailing_activation(bias, final_act, dtype):
     h = torch.randn(15, 5, generator=torch.Generator().manual_seed(2), dtype=dtype)
-    _compare(h, mlp_tail([5, 11, 3], "gelu", bias=bias, final_act=final_act, dtype=dtype), atol)
+    _compare(h, mlp_tail([5, 11, 3], "gelu", bias=bias, final_act=final_act, dtype=dtype))
 
 
-@pytest.mark.parametrize("dtype, atol", TOL)
-def test_tail_starting_with_activation(dtype, atol):
+@pytest.mark.parametrize("dtype", list(CONTRACT))
+def test_tail_starting_with_activation(dtype):
     """h = pre-activation of a layer: the tail starts with an activation, nothing is absorbed."""
     tail = nn.Sequential(nn.SiLU(), *mlp_tail([9, 14, 4], "tanh", dtype=dtype)).to(dtype)
     h = torch.randn(13, 9, generator=torch.Generator().manual_seed(3), dtype=dtype)
-    _compare(h, tail, atol)
+    _compare(h, tail)
 
 
-@pytest.mark.parametrize("dtype, atol", TOL)
-def test_generic_path_matches_reference(dtype, atol):
+@pytest.mark.parametrize("dtype", list(CONTRACT))
+def test_generic_path_matches_reference(dtype):
     inner = mlp_tail([7, 16, 5], "silu", dtype=dtype)
     h = torch.randn(21, 7, generator=torch.Generator().manual_seed(4), dtype=dtype)
-    L = gm.connectivity(h, Wrapped(inner), backend="torch")
-    np.testing.assert_allclose(L.double().numpy(), reference.connectivity(h, inner), rtol=0, atol=atol)
+    check_against_reference(gm.connectivity(h, Wrapped(inner), backend="torch"), h, inner)
 
 
 @pytest.mark.parametrize("n_lambda", [3, 8, 33])
 def test_other_n_lambda(n_lambda):
     h = torch.randn(11, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    _compare(h, mlp_tail([4, 10, 3], "relu", dtype=torch.float64), 1e-10, n_lambda=n_lambda)
+    _compare(h, mlp_tail([4, 10, 3], "relu", dtype=torch.float64), n_lambda=n_lambda)
 
 
 @pytest.mark.parametrize("chunk_bytes", [1, 3000, 10**9])
@@ -102,9 +96,7 @@ def test_reference_backend_returns_reference():
 def test_low_precision_input_computes_in_fp32():
     h = torch.randn(8, 4, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
     tail = mlp_tail([4, 8, 2])
-    L = gm.connectivity(h, tail)
-    assert L.dtype == torch.float32
-    np.testing.assert_allclose(L.numpy(), reference.connectivity(h.float(), tail), atol=1e-5)
+    check_against_reference(gm.connectivity(h, tail), h.float(), tail, dtype=torch.float32)
 
 
 # ------------------------------------------------------------------------------------------
@@ -162,7 +154,7 @@ def test_constant_output_dimension_counts_as_linear():
     with torch.no_grad():
         tail[2].weight[1] = 0.0
     h = torch.randn(10, 4, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
-    _compare(h, tail, 1e-10)
+    _compare(h, tail)
     tail1 = nn.Sequential(tail[0], tail[1], nn.Linear(9, 1).double())
     with torch.no_grad():
         tail1[2].weight.zero_()
@@ -245,7 +237,7 @@ def test_reference_runs_any_module_through_itself():
     h, tail = torch.randn(7, 4, dtype=torch.float64), nn.Sequential(nn.Linear(4, 6), nn.Softmax(dim=1)).double()
     L_ref = gm.connectivity(h, tail, backend="reference")
     L_torch = gm.connectivity(h, tail, backend="torch")
-    assert float((L_ref - L_torch).abs().max()) <= 1e-10  # worst observed 1.0e-15
+    assert float((L_ref - L_torch).abs().max()) <= CONTRACT[torch.float64]  # worst observed 1.0e-15
 
 
 @pytest.mark.parametrize("backend", ["auto", "torch", "reference"])
@@ -255,7 +247,7 @@ def test_a_tail_working_in_place_never_changes_h(backend):
     tail = nn.Sequential(nn.ReLU(inplace=True), nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
     L = gm.connectivity(h, tail, backend=backend)
     assert torch.equal(h, before)
-    assert float((L - gm.connectivity(before.clone(), tail, backend="reference")).abs().max()) <= 1e-5
+    assert float((L - gm.connectivity(before.clone(), tail, backend="reference")).abs().max()) <= CONTRACT[torch.float32]
 
 
 def test_numpy_integer_n_lambda_is_accepted():

@@ -1,4 +1,5 @@
-"""Peak memory of ``connectivity``: O(N^2 + chunk), measured in a fresh process; refusal before allocating."""
+"""Peak memory of ``connectivity``: O(N^2 + chunk), measured in a fresh process; refusal before allocating (also under
+an address-space limit, issue 22 §3)."""
 from __future__ import annotations
 
 import subprocess
@@ -38,3 +39,24 @@ def test_refuses_before_allocating_what_cannot_fit(monkeypatch, backend):
     tail = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
     with pytest.raises(MemoryError, match="only 1 MiB is free"):
         gm.connectivity(torch.randn(1000, 3), tail, backend=backend)         # L alone: 4 MB
+
+
+#: N=40000 in fp32: L alone is 6.4 GB. The address-space limit is set to what the process maps now plus 1 GiB,
+#: so the allocation cannot succeed whatever the machine's free memory is.
+_RLIMIT = """
+import resource, torch, grokfast_metrics as gm
+tail = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+gm.connectivity(torch.randn(8, 3), tail)
+vm = [int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmSize:')][0]
+resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), resource.getrlimit(resource.RLIMIT_AS)[1]))
+try:
+    gm.connectivity(torch.randn(40000, 3), tail)
+except MemoryError as e:
+    print('MemoryError:', e)
+"""
+
+
+def test_fit_check_reads_the_address_space_limit():
+    out = subprocess.run([*PYTHON, "-c", _RLIMIT], capture_output=True, text=True, timeout=300)
+    assert "MemoryError: connectivity needs about" in out.stdout, out.stdout + out.stderr[-2000:]
+    assert "limit" in out.stdout

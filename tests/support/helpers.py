@@ -11,7 +11,7 @@ from torch import nn
 from grokfast_metrics.foundation.tail import ACTIVATIONS
 
 #: the repository's root
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 #: how the tests start a Python subprocess: never with the working directory (the repository root) on
 #: ``sys.path``, where the top-level ``kernels/`` folder would shadow installed packages of that name
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PYTHON = [sys.executable, "-P"] if sys.version_info >= (3, 11) else [sys.executable]
 
 #: the repository's examples/ folder (standalone scripts the tests import and run)
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = ROOT / "examples"
 
 
 def load_example(name: str):
@@ -76,3 +76,38 @@ def abs_tail() -> nn.Sequential:
         t[0].weight.copy_(torch.tensor([[1.0], [-1.0]]))
         t[2].weight.copy_(torch.tensor([[1.0, 1.0]]))
     return t
+
+
+def rows_without_time(run_dir: Path) -> list[dict]:
+    """The rows of a run directory's ``metrics.jsonl``, every column but ``time_s``."""
+    import json
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "time_s"} for r in rows]
+
+
+def interrupted_and_resumed(cfg: dict, tmp_path: Path, monkeypatch, cut_at: int, **cut_cfg):
+    """Bit-identical resume, the shape every model's test shares: train ``cfg`` through in ``tmp_path/full``; train it
+    again in ``tmp_path/cut`` with a Ctrl-C during step ``cut_at``'s optimizer update (``cut_cfg``: options of that run
+    only), resume ``cut``, and check that its ``metrics.jsonl`` is the full run's (every column but ``time_s``).
+    Returns ``(full, cut, resumed)`` for the model's own checks."""
+    from grokfast_metrics.experiment import trainer as train_mod
+
+    full = train_mod.train(train_mod.TrainConfig(**cfg), tmp_path / "full", progress=False, plot=False)
+    calls = {"n": 0}
+    real = train_mod.optimizer_step
+
+    def interrupt(run):
+        calls["n"] += 1
+        if calls["n"] == cut_at + 1:  # the update of step cut_at (steps count from 0)
+            raise KeyboardInterrupt
+        return real(run)
+
+    monkeypatch.setattr(train_mod, "optimizer_step", interrupt)
+    cut = train_mod.train(train_mod.TrainConfig(**cfg, **cut_cfg), tmp_path / "cut", progress=False, plot=False)
+    monkeypatch.setattr(train_mod, "optimizer_step", real)
+    assert cut.interrupted and cut.rows[-1]["step"] == cut_at
+    resumed = train_mod.resume(tmp_path / "cut", progress=False, plot=False)
+    assert not resumed.interrupted and resumed.exit_code == 0
+    assert rows_without_time(tmp_path / "cut") == rows_without_time(tmp_path / "full")
+    return full, cut, resumed

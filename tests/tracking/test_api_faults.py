@@ -1,16 +1,14 @@
-"""Clean failures of the library API (issue 22 §3): memory limits, meta tensors, tracker state and schedules."""
+"""Clean failures of the library API (issue 22 §3): meta tensors, tracker state and schedules (the memory limits:
+tests/foundation/test_memory_limits.py, tests/lmn/test_memory.py)."""
 from __future__ import annotations
 
 import math
-import subprocess
 
 import pytest
 import torch
-from helpers import PYTHON
 from torch import nn
 
 import grokfast_metrics as gm
-from grokfast_metrics.foundation import policy as _policy
 from grokfast_metrics.tracking.schedule import log_steps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -24,51 +22,6 @@ def _mlp(seed: int = 0) -> nn.Sequential:
 def _tracker(**kw) -> gm.LMNTracker:
     torch.manual_seed(1)
     return gm.LMNTracker(_mlp(), torch.randn(10, 5), at="0", **kw)
-
-
-# --------------------------------------------------------------------------------------------
-# memory: the fit check reads the process and cgroup limits
-
-
-#: N=40000 in fp32: L alone is 6.4 GB. The address-space limit is set to what the process maps now plus 1 GiB,
-#: so the allocation cannot succeed whatever the machine's free memory is.
-_RLIMIT = """
-import resource, torch, grokfast_metrics as gm
-tail = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
-gm.connectivity(torch.randn(8, 3), tail)
-vm = [int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmSize:')][0]
-resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), resource.getrlimit(resource.RLIMIT_AS)[1]))
-try:
-    gm.connectivity(torch.randn(40000, 3), tail)
-except MemoryError as e:
-    print('MemoryError:', e)
-"""
-
-
-def test_fit_check_reads_the_address_space_limit():
-    out = subprocess.run([*PYTHON, "-c", _RLIMIT], capture_output=True, text=True, timeout=300)
-    assert "MemoryError: connectivity needs about" in out.stdout, out.stdout + out.stderr[-2000:]
-    assert "limit" in out.stdout
-
-
-def test_available_bytes_takes_the_smallest_limit(monkeypatch):
-    monkeypatch.setattr(_policy, "_meminfo_available", lambda: 64 << 30)
-    monkeypatch.setattr(_policy, "_address_space_left", lambda: 3 << 30)
-    monkeypatch.setattr(_policy, "_cgroup_left", lambda: 5 << 30)
-    assert _policy.available_bytes("cpu") == 3 << 30
-    monkeypatch.setattr(_policy, "_cgroup_left", lambda: 1 << 30)
-    assert _policy.available_bytes("cpu") == 1 << 30
-    monkeypatch.setattr(_policy, "_address_space_left", lambda: None)
-    monkeypatch.setattr(_policy, "_cgroup_left", lambda: None)
-    assert _policy.available_bytes("cpu") == 64 << 30
-
-
-def test_cgroup_limits_are_read(tmp_path, monkeypatch):
-    (tmp_path / "memory.max").write_text("1073741824\n")
-    (tmp_path / "memory.current").write_text("268435456\n")
-    assert _policy._cgroup_left(roots=[tmp_path]) == (1 << 30) - (1 << 28)
-    (tmp_path / "memory.max").write_text("max\n")
-    assert _policy._cgroup_left(roots=[tmp_path]) is None
 
 
 # --------------------------------------------------------------------------------------------

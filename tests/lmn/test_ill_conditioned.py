@@ -1,6 +1,6 @@
 """Accuracy on ill-conditioned paths (issue 10, SPEC §1 accuracy contract), arbitrated by the exact yardstick.
 
-Every regime of the issue's table is built small (``tests/regimes.py``: N = 10, d = 6, H = 16, O = 5)
+Every regime of the issue's table is built small (``tests/support/regimes.py``: N = 10, d = 6, H = 16, O = 5)
 so that ``grokfast_metrics.compute.exact`` (mpmath, 50 digits) gives the true ``L``. Each backend must be within
 1e-5 (fp32) / 1e-10 (fp64) of it, flagged pairs being recomputed in fp64. Tolerances keep >= 5x margin
 to the worst error observed on these cases (recorded beside each assertion). The long fuzz run over
@@ -15,6 +15,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from contract import CONTRACT, LMN_RTOL, check_backend, max_err
 from helpers import Wrapped, mlp_tail
 from regimes import REGIMES, regime
 
@@ -30,11 +31,6 @@ def _exact(name: str, seed: int = 0) -> np.ndarray:
     return exact.connectivity(h, tail)
 
 
-def _err(L, X) -> float:
-    L = L.detach().double().numpy() if isinstance(L, torch.Tensor) else L
-    return float(np.abs(L - X).max())
-
-
 def test_gelu_case_all_backends():
     """The hypothesis draw of the issue (n=20, d=1, hid=1, o=3, gelu, seed=323): outputs ~1e-15 on a bias of 0.65.
 
@@ -48,8 +44,8 @@ def test_gelu_case_all_backends():
     assert abs(X[3, 16] - GELU_EXACT) <= 1e-15
     for backend in ("torch", "reference", "auto"):
         L = gm.connectivity(h, tail, backend=backend)
-        assert abs(float(L[3, 16]) - GELU_EXACT) <= 1e-10, backend  # worst observed 4e-15
-        assert _err(L, X) <= 1e-10, backend                            # worst observed 3.6e-15
+        assert abs(float(L[3, 16]) - GELU_EXACT) <= CONTRACT[torch.float64], backend  # worst observed 4e-15
+        check_backend(L, X, dtype=torch.float64)                                  # worst observed 3.6e-15
     # not asserted: the generic path (any module) cannot centre inside the module; in fp64 it has no wider
     # dtype to recompute in, and this draw's output variation (1e-15 on 0.65) is below its resolution
 
@@ -58,9 +54,9 @@ def test_gelu_case_all_backends():
 def test_fp64_paths_match_exact(name):
     h, tail = regime(name, n=10)
     X = _exact(name)
-    assert _err(reference.connectivity(h, tail), X) <= 1e-10          # worst observed 1.9e-13 (near:1e-2)
+    assert max_err(reference.connectivity(h, tail), X) <= CONTRACT[torch.float64]  # worst observed 1.9e-13 (near:1e-2)
     t64 = copy.deepcopy(tail).double()
-    assert _err(gm.connectivity(h.double(), t64, backend="torch"), X) <= 1e-10  # worst observed 1.8e-12
+    check_backend(gm.connectivity(h.double(), t64, backend="torch"), X, dtype=torch.float64)  # worst observed 1.8e-12
 
 
 @pytest.mark.parametrize("backend", ["torch", "auto"])
@@ -68,9 +64,8 @@ def test_fp64_paths_match_exact(name):
 def test_fp32_within_contract_or_recomputed(name, backend):
     h, tail = regime(name, n=10)
     L = gm.connectivity(h, tail, backend=backend)
-    assert L.dtype == torch.float32
     # worst observed at FLAG_KAPPA = 3e-5: 2.0e-6 (torch, sat_sigmoid:8), 5.3e-7 (C++ kernel, shift:-20)
-    assert _err(L, _exact(name)) <= 1e-5
+    check_backend(L, _exact(name), dtype=torch.float32)
     info = core.last_run_info()
     assert 0 <= info["recomputed"] <= info["pairs"] == 45
 
@@ -81,7 +76,7 @@ def test_large_offset_regime_keeps_lmn():
     want = reference.lmn_from_connectivity(_exact("offset:1e5"))[0]
     for backend in ("torch", "auto"):
         got = gm.lmn(h, tail, backend=backend).lmn
-        assert abs(got - want) <= 1e-5 * want, (backend, got, want)  # worst observed 3e-7 relative
+        assert abs(got - want) <= LMN_RTOL * want, (backend, got, want)  # worst observed 3e-7 relative
 
 
 def test_recompute_fraction_is_reported_and_small_when_well_conditioned():
@@ -99,8 +94,7 @@ def test_recompute_fraction_is_reported_and_small_when_well_conditioned():
 def test_generic_path_flags_and_recomputes(name):
     h, tail = regime(name, n=10)
     L = gm.connectivity(h, Wrapped(tail), backend="torch")
-    assert L.dtype == torch.float32
-    assert _err(L, _exact(name)) <= 1e-5  # worst observed 1.2e-7
+    check_backend(L, _exact(name), dtype=torch.float32)  # worst observed 1.2e-7
 
 
 def test_bf16_model_computes_in_fp32_without_touching_it():
@@ -109,8 +103,7 @@ def test_bf16_model_computes_in_fp32_without_touching_it():
     want = gm.connectivity(h, copy.deepcopy(t16).float(), backend="torch")  # the same (rounded) weights in fp32
     before = [p.clone() for p in t16.parameters()]
     got = gm.connectivity(h, Wrapped(t16), backend="torch")
-    assert got.dtype == torch.float32
-    assert _err(got, want.double().numpy()) <= 1e-5  # worst observed 3e-7 (bf16 logits gave ~1e-2)
+    check_backend(got, want, dtype=torch.float32)  # worst observed 3e-7 (bf16 logits gave ~1e-2)
     assert all(p.dtype == torch.bfloat16 and torch.equal(p, q) for p, q in zip(t16.parameters(), before))
 
 
@@ -133,6 +126,6 @@ def test_fuzz_regimes_many_seeds(backend):
         for seed in range(seeds):
             h, tail = regime(name, n=8, seed=seed)
             X = exact.connectivity(h, tail)
-            worst[name] = max(worst.get(name, 0.0), _err(gm.connectivity(h, tail, backend=backend), X))
+            worst[name] = max(worst.get(name, 0.0), max_err(gm.connectivity(h, tail, backend=backend), X))
     print({k: f"{v:.2g}" for k, v in worst.items()})
-    assert max(worst.values()) <= 1e-5, worst
+    assert max(worst.values()) <= CONTRACT[torch.float32], worst

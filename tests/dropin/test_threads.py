@@ -61,13 +61,27 @@ def _probe(n: int = 12, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, 6, generator=torch.Generator().manual_seed(seed))
 
 
-def _run(fn, errors: list):
-    def target():
-        try:
-            fn()
-        except BaseException as e:
-            errors.append(e)
-    return threading.Thread(target=target)
+def _together(*fns, timeout: float = 60.0) -> list[threading.Thread]:
+    """Run each function in its own thread, all started before any is joined; fail on any exception they raised.
+    Returns the (finished) threads, in the order of ``fns``."""
+    errors: list[BaseException] = []
+
+    def guarded(fn):
+        def target():
+            try:
+                fn()
+            except BaseException as e:
+                errors.append(e)
+        return target
+
+    threads = [threading.Thread(target=guarded(fn)) for fn in fns]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    assert not any(t.is_alive() for t in threads), "a thread did not finish"
+    assert not errors, errors
+    return threads
 
 
 @pytest.mark.parametrize("path", ["hooks", "split"])
@@ -78,7 +92,7 @@ def test_lmn_at_beside_a_thread_running_the_forward(path):
         expected_out = model(other_x)
     fired: list[int] = []
     model.blocks[0].register_forward_hook(lambda m, i, o: fired.append(threading.get_ident()))  # the other thread's hook
-    outs, errors, got = [], [], []
+    outs, got = [], []
 
     def other():
         assert model.gate.reached.wait(30)  # the LMN thread is inside lmn_at, hooks installed
@@ -91,12 +105,7 @@ def test_lmn_at_beside_a_thread_running_the_forward(path):
         got.append(gm.lmn_at(model, probe, at="blocks.0", path=path).lmn)
 
     fired.clear()
-    threads = [_run(other, errors), _run(lmn, errors)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors, errors
+    threads = _together(other, lmn)
     assert got == [expected_lmn]  # the same value as alone
     assert len(outs) == 1 and torch.equal(outs[0], expected_out)  # the other thread's forward was not altered
     assert fired == [threads[0].ident]  # its own hook fired (once, for its forward); never for the LMN thread's
@@ -105,7 +114,7 @@ def test_lmn_at_beside_a_thread_running_the_forward(path):
 def test_lmn_at_from_two_threads_on_one_model():
     model, probe = Net(), _probe()
     expected = {at: gm.lmn_at(model, probe, at=at, path="hooks").lmn for at in ("blocks.0", "inp")}
-    errors, got = [], {}
+    got = {}
 
     def first():
         model.gate.hold = threading.get_ident()
@@ -117,12 +126,7 @@ def test_lmn_at_from_two_threads_on_one_model():
         got["inp"] = gm.lmn_at(model, probe, at="inp", path="hooks").lmn
         model.gate.passed.set()
 
-    threads = [_run(first, errors), _run(second, errors)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors, errors
+    _together(first, second)
     assert got == expected
     assert model.training  # modes restored once both are done
     assert all(not m._forward_hooks for m in model.modules())  # no hook left behind
@@ -136,7 +140,7 @@ def test_tracker_beside_a_training_thread():
     model.head.register_forward_hook(lambda m, i, o: calls.append(1))
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
     x, y = _probe(32, seed=3), torch.arange(32) % 3
-    errors, stop = [], threading.Event()
+    stop = threading.Event()
     steps = []
 
     def train():
@@ -154,11 +158,6 @@ def test_tracker_beside_a_training_thread():
         model.gate.passed.set()
 
     model.gate.reached.clear()
-    threads = [_run(train, errors), _run(track, errors)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors, errors
+    _together(train, track, timeout=120)
     assert len(calls) == len(steps)  # the training thread's hook fired at each of its forwards, and only those
     assert len(tracker.history) == 4 and all(r["lmn"] >= 1.0 for r in tracker.history)

@@ -1,7 +1,7 @@
 """Issue 20 item 2: MLP-like transformer tails lowered into the fused C++ kernel (``grokfast_metrics.dropin.lower``).
 
 Every lowered value is compared with the module's own float64 reference (``backend="reference"``: the paper-literal
-loop through the traced, un-lowered tail). Models: ``tests/models.py`` (shaped like the public codebases).
+loop through the traced, un-lowered tail). Models: ``tests/support/models.py`` (shaped like the public codebases).
 """
 from __future__ import annotations
 

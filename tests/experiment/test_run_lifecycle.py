@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from helpers import PYTHON
+from helpers import PYTHON, interrupted_and_resumed
 
 import grokfast_metrics as gm
 from grokfast_metrics.cli import main as cli
@@ -20,7 +20,7 @@ from grokfast_metrics.experiment.collapse import Collapse
 from grokfast_metrics.experiment.config import TrainConfig
 from grokfast_metrics.experiment.model import FIG3_READINGS, GrokMLP, representations
 from grokfast_metrics.experiment.tasks import make_task
-from grokfast_metrics.experiment.trainer import resume, train
+from grokfast_metrics.experiment.trainer import train
 from grokfast_metrics.tracking.base import Tracker
 from grokfast_metrics.tracking.schedule import Schedule
 
@@ -207,24 +207,9 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, monkeypatch, grokf
     """lmn_async: the interrupted and resumed run tracks LMN asynchronously and writes the synchronous run."""
     cfg = dict(steps=60, lmn_every=10, lr=1e-2, complexity="20", checkpoint_every=20, grokfast=grokfast, ma_window=5,
                save_connectivity=["0", "35", "memorization", "final"], **TINY)
-    full = train(TrainConfig(**cfg), tmp_path / "full", progress=False, plot=False)
-    calls = {"n": 0}
-    real = train_mod.optimizer_step
-
-    def interrupt(run):
-        calls["n"] += 1
-        if calls["n"] == 48:  # Ctrl-C during step 47's update, after the checkpoint at step 40
-            raise KeyboardInterrupt
-        return real(run)
-
-    monkeypatch.setattr(train_mod, "optimizer_step", interrupt)
-    cut = train(TrainConfig(**cfg, lmn_async=lmn_async), tmp_path / "cut", progress=False, plot=False)
-    monkeypatch.setattr(train_mod, "optimizer_step", real)
-    assert cut.interrupted and cut.rows[-1]["step"] == 47
-    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["step"] <= cut.rows[-1]["step"]
-    resumed = resume(tmp_path / "cut", progress=False, plot=False)
-    assert not resumed.interrupted and resumed.exit_code == 0
-    assert _without_time(_rows(tmp_path / "cut")) == _without_time(_rows(tmp_path / "full"))
+    # Ctrl-C during step 47's update, after the checkpoint at step 40
+    full, _, resumed = interrupted_and_resumed(cfg, tmp_path, monkeypatch, 47, lmn_async=lmn_async)
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["step"] == 40
     assert (tmp_path / "cut" / "metrics.csv").read_text().count("\n") == (tmp_path / "full" / "metrics.csv").read_text().count("\n")
     for key in ("memorization_step", "generalization_step", "lmn_peak", "lmn_final", "numerical_collapse"):
         assert resumed.summary[key] == full.summary[key]

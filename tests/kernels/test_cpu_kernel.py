@@ -7,24 +7,18 @@ from __future__ import annotations
 
 import warnings
 
-import numpy as np
 import pytest
 import torch
+from contract import CONTRACT, check_against_reference, check_backend
 from grokfast_metrics.kernels import cpu_fused as kc
 from helpers import ACTS, PYTHON, mlp_tail
 from torch import nn
 
 import grokfast_metrics as gm
-from grokfast_metrics.compute import core, reference
+from grokfast_metrics.compute import core
 from grokfast_metrics.compute import torch_paths as torch_backend
 from grokfast_metrics.foundation.policy import FLAGGED
 from grokfast_metrics.foundation.tail import parse_tail
-
-ATOL = 1e-5  # fp32 vs float64 reference (SPEC §4)
-#: Direct kernel output with its flag on (FLAGGED pairs skipped: core recomputes them in fp64). The contract (1e-5)
-#: holds: worst observed 1.7e-6 at FLAG_KAPPA = 3e-5 (3.5e-6 at 5e-5, SiLU, O = 3, N = 65; 7.5e-6 on the
-#: trailing-activation tails before their flag scale carried the inner rounding): a 6x margin.
-ATOL_RESOLVED = 1e-5
 
 needs_kernel = pytest.mark.skipif(
     not kc.available(), reason=f"fused CPU kernel unavailable: {kc.build_info()['error']}"
@@ -45,15 +39,10 @@ def fused(h: torch.Tensor, tail: nn.Module, n_lambda: int = 21, num_threads: int
         return kc.connectivity_cpu(spec.absorb(h), spec, n_lambda, num_threads=num_threads, flag=flag)
 
 
-def check_vs_reference(L: torch.Tensor, h: torch.Tensor, tail: nn.Module, n_lambda: int = 21) -> None:
-    ref = reference.connectivity(h, tail, n_lambda)
-    assert L.dtype == torch.float32 and L.shape == ref.shape
-    ok = (L != FLAGGED).numpy()  # pairs the kernel resolved (core recomputes the others in fp64)
-    err = np.abs(L.numpy().astype(np.float64) - ref)[ok].max()
-    assert err <= ATOL_RESOLVED, f"max |L - L_ref| = {err:.3g} over the resolved pairs"
-    assert torch.equal(L, L.T)
-    assert torch.all(L.diagonal() == 1.0)
-    assert float(L[ok].min()) >= 0.0 and float(L.max()) <= 1.0
+#: ``check_against_reference(..., direct=True)``: the kernel's own output with its flag on (FLAGGED pairs skipped: core
+#: recomputes them in fp64). The fp32 contract holds there too: worst observed 1.7e-6 at FLAG_KAPPA = 3e-5 (3.5e-6 at
+#: 5e-5, SiLU, O = 3, N = 65; 7.5e-6 on the trailing-activation tails before their flag scale carried the inner
+#: rounding): a 6x margin.
 
 
 @needs_kernel
@@ -63,7 +52,7 @@ def test_one_stage_matches_reference(n: int, widths: list[int], act: str) -> Non
     torch.manual_seed(n * 31 + len(act))
     h = torch.randn(n, 5)
     tail = make_tail(5, widths, act)
-    check_vs_reference(fused(h, tail), h, tail)
+    check_against_reference(fused(h, tail), h, tail, direct=True)
 
 
 @needs_kernel
@@ -74,7 +63,7 @@ def test_deeper_tails_bias_and_trailing(widths: list[int], act: str, bias: bool,
     torch.manual_seed(len(widths) + 7 * bias)
     h = torch.randn(11, 6)
     tail = make_tail(6, widths, act, bias=bias, trailing=trailing)
-    check_vs_reference(fused(h, tail), h, tail)
+    check_against_reference(fused(h, tail), h, tail, direct=True)
 
 
 @needs_kernel
@@ -84,7 +73,7 @@ def test_n_lambda_even_odd_and_long(n_lambda: int) -> None:
     torch.manual_seed(n_lambda)
     h = torch.randn(9, 4)
     tail = make_tail(4, [30, 6], "silu")
-    check_vs_reference(fused(h, tail, n_lambda), h, tail, n_lambda)
+    check_against_reference(fused(h, tail, n_lambda), h, tail, n_lambda, direct=True)
 
 
 @needs_kernel
@@ -97,7 +86,7 @@ def test_large_activations_take_the_direct_exp_path() -> None:
     with torch.no_grad():
         z = parse_tail(tail).absorb(h)
     assert float(z[:4].abs().max()) > 80.0 and float(z[4:].abs().max()) < 40.0
-    check_vs_reference(fused(h, tail), h, tail)
+    check_against_reference(fused(h, tail), h, tail, direct=True)
 
 
 @needs_kernel
@@ -111,7 +100,7 @@ def test_constant_paths_count_as_linear() -> None:
     h = torch.rand(5, 3)  # z in [-10, -9]: every unit is off on every path
     L = fused(h, tail)
     assert torch.all(L == 1.0)
-    check_vs_reference(L, h, tail)
+    check_against_reference(L, h, tail, direct=True)
 
 
 @needs_kernel
@@ -133,8 +122,8 @@ def test_default_tail_threads_and_dispatch() -> None:
     assert torch.equal(gm.connectivity(h, tail, backend="torch")[keep_ops], ops[keep_ops])
     assert torch.equal(gm.connectivity(h, tail, backend="cpu")[keep], L1[keep])
     assert core.resolve_backend(h, tail) == "cpu"
-    assert float((ops - L1).abs().max()) <= 2 * ATOL
-    check_vs_reference(L1, h, tail)
+    assert float((ops - L1).abs().max()) <= 2 * CONTRACT[torch.float32]
+    check_against_reference(L1, h, tail)
 
 
 @needs_kernel
@@ -145,7 +134,7 @@ def test_duplicate_rows_through_public_api() -> None:
     tail = make_tail(5, [16, 4], "silu")
     L = gm.connectivity(h, tail)
     assert float(L[1, 4]) == 1.0 and float(L[4, 1]) == 1.0
-    check_vs_reference(L, h, tail)
+    check_against_reference(L, h, tail)
 
 
 def test_kernel_is_compiled_with_the_activation_table() -> None:
@@ -163,7 +152,7 @@ def test_unsupported_inputs_fall_back_to_torch_ops() -> None:
     spec = parse_tail(tail)
     assert "no Linear" in (kc.unsupported_reason(spec, h.device, h.dtype) or "")
     assert core.resolve_backend(h, tail) == "torch"
-    check_vs_reference(gm.connectivity(h, tail), h, tail)
+    check_against_reference(gm.connectivity(h, tail), h, tail)
     with pytest.raises(ValueError, match="backend='cpu' cannot run here: the tail has no Linear"):
         gm.connectivity(h, tail, backend="cpu")
     with pytest.raises(ValueError, match="cannot run this tail"):
@@ -180,7 +169,7 @@ def test_env_switch_disables_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not kc.available()
     assert "GROKFAST_METRICS_CPU_KERNEL" in kc.unsupported_reason(parse_tail(tail), h.device, h.dtype)
     assert core.resolve_backend(h, tail) == "torch"
-    check_vs_reference(gm.connectivity(h, tail), h, tail)
+    check_against_reference(gm.connectivity(h, tail), h, tail)
 
 
 def test_build_failure_warns_once_and_falls_back(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
@@ -198,7 +187,7 @@ def test_build_failure_warns_once_and_falls_back(monkeypatch: pytest.MonkeyPatch
         assert not kc.available()
         tail = make_tail(3, [6, 2], "silu")
         h = torch.randn(4, 3)
-        check_vs_reference(gm.connectivity(h, tail), h, tail)
+        check_against_reference(gm.connectivity(h, tail), h, tail)
 
 
 @needs_kernel
@@ -279,9 +268,7 @@ def test_fp64_kernel_matches_reference(act: str, n: int, d: int, widths: list[in
     """Depth 1-3, every activation, with and without bias and a trailing activation, odd N and widths."""
     tail = make_tail(d, widths, act, bias=bias, trailing=trailing).double()
     h = torch.randn(n, d, generator=torch.Generator().manual_seed(n + len(act)), dtype=torch.float64)
-    L = fused64(h, tail)
-    assert L.dtype == torch.float64 and torch.equal(L, L.T) and torch.all(L.diagonal() == 1.0)
-    assert float(np.abs(L.numpy() - reference.connectivity(h, tail, 21)).max()) <= ATOL64
+    check_against_reference(fused64(h, tail), h, tail, atol=ATOL64, dtype=torch.float64, direct=True)
 
 
 @needs_kernel
@@ -291,8 +278,8 @@ def test_fp64_chain_and_direct_paths(n_lambda: int) -> None:
     h = torch.randn(12, 4, generator=torch.Generator().manual_seed(n_lambda), dtype=torch.float64)
     h[:3] *= 60.0
     tail = make_tail(4, [20, 3], "silu").double()
-    err = np.abs(fused64(h, tail, n_lambda).numpy() - reference.connectivity(h, tail, n_lambda)).max()
-    assert err <= ATOL64  # observed <= 1.1e-15
+    L = fused64(h, tail, n_lambda)
+    check_against_reference(L, h, tail, n_lambda, atol=ATOL64, dtype=torch.float64, direct=True)  # observed <= 1.1e-15
 
 
 @needs_kernel
@@ -310,7 +297,7 @@ def test_fp64_constant_paths_and_regimes() -> None:
     worst = 0.0
     for name in REGIMES:
         h, tail = regime(name, n=6, dtype=torch.float64)
-        worst = max(worst, float(np.abs(gm.connectivity(h, tail).numpy() - exact.connectivity(h, tail)).max()))
+        worst = max(worst, check_backend(gm.connectivity(h, tail), exact.connectivity(h, tail), dtype=torch.float64))
         assert core.last_run_info()["backend"] == "cpu", name
     assert worst <= 1e-13  # observed worst 3.6e-15 (near:1e-3); the fp64 contract is 1e-10
 
@@ -329,4 +316,4 @@ def test_fp64_model_takes_the_kernel() -> None:
         assert L.dtype == torch.float64 and torch.equal(L, L1)
         assert core.last_run_info()["backend"] == "cpu" and core.last_run_info()["recomputed"] == 0
     assert torch.equal(gm.connectivity(h.double(), tail, backend="cpu"), L1)
-    assert float(np.abs(L1.numpy() - reference.connectivity(h.double(), tail, 21)).max()) <= ATOL64  # observed 2.6e-15
+    check_against_reference(L1, h.double(), tail, atol=ATOL64, direct=True)  # observed 2.6e-15

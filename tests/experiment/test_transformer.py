@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from helpers import interrupted_and_resumed
 from torch import nn
 
 import grokfast_metrics as gm
@@ -205,25 +206,8 @@ def test_cli_transformer_run(tmp_path, capsys):
 
 def test_resume_transformer_is_bit_identical(tmp_path, monkeypatch):
     cfg = dict(steps=20, lmn_every=5, lr=1e-2, checkpoint_every=10, save_connectivity=["0", "final"], **TINY)
-    full = train(TrainConfig(**cfg), tmp_path / "full", progress=False, plot=False)
-    calls = {"n": 0}
-    real = train_mod.optimizer_step
-
-    def interrupt(run):
-        calls["n"] += 1
-        if calls["n"] == 14:  # Ctrl-C during step 13's update, after the checkpoint at step 10
-            raise KeyboardInterrupt
-        return real(run)
-
-    monkeypatch.setattr(train_mod, "optimizer_step", interrupt)
-    cut = train(TrainConfig(**cfg), tmp_path / "cut", progress=False, plot=False)
-    monkeypatch.setattr(train_mod, "optimizer_step", real)
-    assert cut.interrupted and cut.rows[-1]["step"] == 13
-    resumed = resume(tmp_path / "cut", progress=False, plot=False)
-    assert resumed.exit_code == 0
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "time_s"} for r in rows]
-    read = lambda d: [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
-    assert strip(read(tmp_path / "cut")) == strip(read(tmp_path / "full"))
+    # Ctrl-C during step 13's update, after the checkpoint at step 10
+    full, _, resumed = interrupted_and_resumed(cfg, tmp_path, monkeypatch, 13)
     assert resumed.summary["lmn_final"] == full.summary["lmn_final"]
 
 
