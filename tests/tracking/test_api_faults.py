@@ -1,5 +1,5 @@
 """Clean failures of the library API (issue 22 §3): meta tensors, tracker state and schedules (the memory limits:
-tests/foundation/test_memory_limits.py, tests/lmn/test_memory.py)."""
+tests/foundation/test_memory_limits.py, tests/compute/test_memory.py)."""
 from __future__ import annotations
 
 import math
