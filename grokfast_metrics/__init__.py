@@ -13,30 +13,34 @@ with one line (its ``main`` handles it) instead of a traceback from inside torch
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 __version__ = "0.1.0"
 
-#: public name -> the module that defines it
+#: public name -> the module that defines it (docs/api.md documents each)
 _EXPORTS = {
     "BACKENDS": "core",
     "LMNResult": "core",
+    "NonFiniteOutputError": "core",
     "connectivity": "core",
     "lmn": "core",
     "lmn_from_connectivity": "core",
+    "resolve_backend": "core",
+    "AffineTailWarning": "plan",
+    "check_cut": "dropin",
     "lmn_at": "dropin",
+    "EigenStepError": "async_eigen",
     "LMNTracker": "tracker",
+    "LMNMetric": "tracker",  # only with torchmetrics installed: otherwise an ImportError says what to install
 }
 
-__all__ = [
-    "BACKENDS",
-    "LMNResult",
-    "LMNTracker",
-    "__version__",
-    "connectivity",
-    "lmn",
-    "lmn_at",
-    "lmn_from_connectivity",
-]
+#: optional public names -> the package they need (listed in ``__all__`` only when it is installed, so that
+#: ``from grokfast_metrics import *`` works without it)
+_OPTIONAL = {"LMNMetric": "torchmetrics"}
+
+__all__ = sorted(
+    ["__version__", *(n for n in _EXPORTS if n not in _OPTIONAL or importlib.util.find_spec(_OPTIONAL[n]) is not None)]
+)
 
 
 def __getattr__(name: str):

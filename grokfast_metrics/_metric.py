@@ -16,7 +16,7 @@ from .tracker import LMNTracker
 class _LMNMetricMethods:
     """The methods of :class:`LMNMetric`, mixed into its ``torchmetrics.Metric`` subclass by :func:`_make_lmn_metric`."""
 
-    def __init__(self, model: nn.Module, probe_inputs, at: str | Sequence[str], every: int | str = 1, **kwargs):
+    def __init__(self, model: nn.Module, probe_inputs, at: str | Sequence[str], *, every: int | str = 1, **kwargs):
         tracker_keys = ("output", "batch_dim", "n_lambda", "backend", "log_base", "check", "to",
                         "input_batch_dim", "path", "user_hooks")
         tracker_kw = {k: kwargs.pop(k) for k in tracker_keys if k in kwargs}
@@ -30,7 +30,7 @@ class _LMNMetricMethods:
     def tracker(self) -> LMNTracker:
         return self._tracker
 
-    def update(self, step: int | None = None, force: bool = False) -> None:
+    def update(self, step: int | None = None, *, force: bool = False) -> None:
         if self._tracker.update(step, force=force) is not None:
             latest = self._tracker.compute()
             vals = [latest] if isinstance(latest, float) else list(latest.values())
@@ -49,7 +49,7 @@ class _LMNMetricMethods:
         if "_tracker" in self.__dict__:
             self._tracker.reset()
 
-    def forward(self, step: int | None = None, force: bool = False):
+    def forward(self, step: int | None = None, *, force: bool = False):
         self.update(step, force=force)
         return self.compute()
 

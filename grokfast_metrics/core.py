@@ -7,36 +7,18 @@ single name) and calls it from one table (``_DISPATCH``). The math lives in ``to
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from torch import nn
 
 from . import torch_backend
 from ._policy import FLAGGED, check_fits, check_n_lambda
+from ._result import LMNResult
 from ._runtime import eval_mode, triton_available, triton_interpreting
 from ._tail import MLPTail, parse_tail
 
 #: what ``backend=`` accepts; every name but ``"auto"`` is also what :func:`resolve_backend` can return
 BACKENDS = ("auto", "triton", "cpu", "torch", "reference")
-
-
-@dataclass
-class LMNResult:
-    """Result of :func:`lmn` / :func:`lmn_from_connectivity`.
-
-    Attributes:
-        lmn: linear mapping number ``2 ** entropy_bits``.
-        entropy_bits: von Neumann-style entropy ``S`` of the normalised eigenvalues, in bits.
-        eigenvalues: ``(N,)`` float64 absolute eigenvalues of ``L``, descending.
-        connectivity: ``(N, N)`` linear connectivity matrix ``L``.
-    """
-
-    lmn: float
-    entropy_bits: float
-    eigenvalues: torch.Tensor
-    connectivity: torch.Tensor
 
 
 class NonFiniteOutputError(ValueError):

@@ -1,7 +1,7 @@
 """LMN at any layer of any ``nn.Module``: :func:`lmn_at`, the cut check and the tail it builds.
 
-``lmn_at(model, inputs, at="blocks.0")`` takes the output of the submodule named ``at`` as the
-representation ``h`` (one flattened row per sample) and *the rest of the model* (or, with
+``lmn_at(model, inputs, at="blocks.0")`` (``model, inputs, at`` positional, the rest by keyword) takes the output
+of the submodule named ``at`` as the representation ``h`` (one flattened row per sample) and *the rest of the model* (or, with
 ``to=``, the sub-network up to module ``to``'s output) as the tail. The tail is one of, in order of
 preference (:class:`Plan` decides once):
 
@@ -33,9 +33,12 @@ The pieces: :mod:`grokfast_metrics.plan` (:class:`Plan`, the cut check, the affi
 """
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from ._hooks import LastPosition, OutputSelector, suspend_user_hooks, unwrap_compiled
+from ._runtime import keyword_only
 from .core import LMNResult
 from .plan import CUT_CHECK_SAMPLES, PATHS, AffineTailWarning, Plan, emit_affine_warning
 
@@ -43,8 +46,9 @@ __all__ = ["CUT_CHECK_SAMPLES", "PATHS", "AffineTailWarning", "LastPosition", "O
            "lmn_at", "suspend_user_hooks", "unwrap_compiled"]
 
 
-def check_cut(model: nn.Module, inputs, at: str, output: OutputSelector = None, batch_dim: int = 0,
-              to: str | None = None, input_batch_dim: int | None = None) -> float:
+@keyword_only("check_cut(model, inputs, at='blocks.0', to=None, output=None, batch_dim=0, input_batch_dim=None)")
+def check_cut(model: nn.Module, inputs: Any, at: str, *, to: str | None = None, output: OutputSelector = None,
+              batch_dim: int = 0, input_batch_dim: int | None = None) -> float:
     """Check that the rest of ``model`` (or the sub-network up to ``to``) depends on ``inputs`` only through ``at``.
 
     For ``k = min(N, 8)`` samples, sample ``i - 1``'s input is run with sample ``i``'s activation at
@@ -66,9 +70,10 @@ def check_cut(model: nn.Module, inputs, at: str, output: OutputSelector = None, 
         return plan.enforce_cut(act, y)
 
 
-def lmn_at(model: nn.Module, inputs, at: str = "blocks.0", to: str | None = None, output: OutputSelector = None,
-           batch_dim: int = 0, input_batch_dim: int | None = None, n_lambda: int = 21, backend: str = "auto", *,
-           check: bool = True, chunk_bytes: int | None = None, path: str = "auto", user_hooks: bool = False,
+@keyword_only("lmn_at(model, inputs, at='blocks.0', to=None, output=None, batch_dim=0, n_lambda=21, ...)")
+def lmn_at(model: nn.Module, inputs: Any, at: str, *, to: str | None = None, output: OutputSelector = None,
+           batch_dim: int = 0, input_batch_dim: int | None = None, n_lambda: int = 21, backend: str = "auto",
+           check: bool = True, path: str = "auto", user_hooks: bool = False, chunk_bytes: int | None = None,
            warn_affine: bool = True) -> LMNResult:
     """Linear mapping number at the output of the submodule ``at`` of ``model``, over the probe ``inputs``.
 
@@ -112,7 +117,8 @@ def lmn_at(model: nn.Module, inputs, at: str = "blocks.0", to: str | None = None
             once, ``at`` is not a cut (names an enclosing module that is), logits not 2-D ``(N, O)``,
             the samples not where ``batch_dim``/``input_batch_dim`` say (names the axis that has them),
             the model failing on the probe, inputs on another device than the model, fewer than 2 samples.
-        TypeError: ``model``/``inputs``/``output`` of the wrong type.
+        TypeError: ``model``/``inputs``/``output`` of the wrong type; more than ``model, inputs, at`` passed
+            positionally, or no ``at`` (it has no default): one line saying how to call it.
     """
     plan = Plan(model, inputs, at, to, output, batch_dim, input_batch_dim, path, user_hooks)
     return plan.compute(n_lambda, backend, check=check, chunk_bytes=chunk_bytes, warn_affine=warn_affine)

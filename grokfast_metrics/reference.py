@@ -17,9 +17,11 @@ never enter), and a saturating activation (sigmoid/tanh) just before it is taken
 from __future__ import annotations
 
 import numpy as np
+import torch
 from torch import nn
 
 from ._policy import CONST_RTOL
+from ._result import LMNResult
 from ._tail import _np_sigmoid, numpy_offset_free, numpy_tail
 
 
@@ -99,11 +101,12 @@ def connectivity(h, tail: nn.Module, n_lambda: int = 21) -> np.ndarray:
     return L
 
 
-def lmn_from_connectivity(L) -> tuple[float, float, np.ndarray]:
-    """``(lmn, entropy_bits, eigenvalues)`` of a connectivity matrix, float64.
+def lmn_from_connectivity(L) -> LMNResult:
+    """:class:`~grokfast_metrics.LMNResult` of a connectivity matrix in float64 NumPy (as :func:`grokfast_metrics.lmn_from_connectivity`).
 
     ``ev = |eigvalsh(L)|``; eigenvalues at or below ``N * eps * max(ev)`` are eigensolver rounding
     of exact zeros and count as 0; ``p = ev / sum(ev)``; ``S = -sum p log2 p``; ``LMN = 2**S``.
+    ``eigenvalues`` (descending) and ``connectivity`` are float64 CPU tensors.
     """
     if hasattr(L, "detach"):
         L = L.detach().cpu().double().numpy()
@@ -113,11 +116,16 @@ def lmn_from_connectivity(L) -> tuple[float, float, np.ndarray]:
     p = ev / ev.sum()
     nz = p[p > 0]
     s = float(-(nz * np.log2(nz)).sum())
-    return float(2.0**s), s, ev
+    return LMNResult(lmn=float(2.0**s), entropy_bits=s, eigenvalues=torch.from_numpy(np.sort(ev)[::-1].copy()),
+                     connectivity=torch.from_numpy(L))
 
 
-def lmn(h, tail: nn.Module, n_lambda: int = 21) -> tuple[float, float, np.ndarray, np.ndarray]:
-    """``(lmn, entropy_bits, eigenvalues, L)`` by the reference path."""
-    L = connectivity(h, tail, n_lambda)
-    value, s, ev = lmn_from_connectivity(L)
-    return value, s, ev, L
+def lmn(h, tail: nn.Module, n_lambda: int = 21) -> LMNResult:
+    """:class:`~grokfast_metrics.LMNResult` by the reference path (like :func:`grokfast_metrics.lmn`; float64 CPU tensors).
+
+    >>> import torch
+    >>> res = lmn(torch.eye(3), torch.nn.Linear(3, 2))   # an affine tail: L = 1 everywhere, LMN = 1
+    >>> res.lmn, res.connectivity.shape
+    (1.0, torch.Size([3, 3]))
+    """
+    return lmn_from_connectivity(connectivity(h, tail, n_lambda))

@@ -25,17 +25,22 @@ import math
 import numbers
 import warnings
 from collections.abc import Callable, Collection, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from ._policy import check_n_lambda
+from ._runtime import keyword_only
 from .async_eigen import AsyncEigen, EigenStepError
 from .core import BACKENDS, LMNResult, NonFiniteOutputError, resolve_backend
 from .dropin import OutputSelector, Plan, emit_affine_warning
 from .schedule import LOG_BASE, Schedule, log_schedule
 
 __all__ = ["LOG_BASE", "LMNTracker", "Tracker", "diverged_parameters", "log_schedule"]
+
+#: what ``update`` returns when it computes: LMN as a float, or ``{layer: float}`` for a tracker of several layers
+Value = float | dict[str, float]
 
 
 def diverged_parameters(model: nn.Module) -> list[str]:
@@ -112,8 +117,14 @@ class Tracker:
         """Whether the schedule computes LMN at ``step`` (where ``events`` happen, e.g. ``"memorization"``)."""
         return self.schedule.due(int(step), events).lmn
 
-    def update(self, step: int | None = None, events: Collection[str] = ()) -> float | None:
+    @keyword_only("update(step, events=(), force=False)")
+    def update(self, step: int | None = None, *, events: Collection[str] = (), force: bool = False) -> Value | None:
         """Compute LMN if the schedule says so at ``step`` (default: the number of earlier ``update`` calls).
+
+        Args:
+            step: the training step.
+            events: what happens at ``step`` (e.g. ``"memorization"``), for a schedule with event triggers.
+            force: compute now, whatever the schedule.
 
         Returns:
             the new LMN as a float when computed (NaN when the parameters diverged), else ``None``
@@ -123,7 +134,7 @@ class Tracker:
             step = self._calls
         self._calls += 1
         step = int(step)
-        if not self.should_compute(step, events):
+        if not force and not self.should_compute(step, events):
             return None
         return self._measure_and_record(step)
 
@@ -334,10 +345,10 @@ class LMNTracker(Tracker):
         every: ``int`` k (compute at the multiples of k, 0 included) or ``"log"`` (steps 0 and
             ``floor(log_base ** k)``). A scheduled step is never skipped: it is computed at the first
             ``update`` at or after it (the history records the step actually measured).
-        output, batch_dim, n_lambda, backend: as in :func:`grokfast_metrics.lmn_at`.
-        log_base: base of the log schedule (default 1.3).
+        to, output, batch_dim, input_batch_dim, n_lambda, backend, path, user_hooks: as in
+            :func:`grokfast_metrics.lmn_at` (the same order and defaults; every argument after ``at`` is keyword-only).
         check: the cut check, once at construction (the cut is structural).
-        to, input_batch_dim, path, user_hooks: as in :func:`grokfast_metrics.lmn_at`.
+        log_base: base of the log schedule (default 1.3).
         lazy: ``True``: nothing runs at construction; the first computation moves the probe to the model's device
             (floating probes to its floating dtype), then runs every check. For a tracker built in a Lightning
             module's ``__init__`` (the trainer moves and casts the model afterwards). Errors surface at the first
@@ -358,14 +369,15 @@ class LMNTracker(Tracker):
 
     Raises:
         ValueError, TypeError: bad ``every``/``log_base``/``n_lambda``/``backend``, and every error of
-            :func:`grokfast_metrics.lmn_at`, at construction.
+            :func:`grokfast_metrics.lmn_at`, at construction. TypeError: more than ``model, probe_inputs, at``
+            passed positionally, or no ``at``: one line saying how to call it.
     """
 
-    def __init__(self, model: nn.Module, probe_inputs, at: str | Sequence[str], every: int | str = 1,
-                 output: OutputSelector = None, batch_dim: int = 0, n_lambda: int = 21, backend: str = "auto",
-                 log_base: float = LOG_BASE, check: bool = True, *, to: str | None = None,
-                 input_batch_dim: int | None = None, path: str = "auto", user_hooks: bool = False,
-                 asynchronous: bool | int = False, lazy: bool = False):
+    @keyword_only("LMNTracker(model, probe_inputs, at='blocks.0', every=1, to=None, output=None, ...)")
+    def __init__(self, model: nn.Module, probe_inputs: Any, at: str | Sequence[str], *, every: int | str = 1,
+                 to: str | None = None, output: OutputSelector = None, batch_dim: int = 0, input_batch_dim: int | None = None,
+                 n_lambda: int = 21, backend: str = "auto", check: bool = True, path: str = "auto", user_hooks: bool = False,
+                 log_base: float = LOG_BASE, asynchronous: bool | int = False, lazy: bool = False):
         if isinstance(every, str):
             if every != "log":
                 raise ValueError(f"every must be a positive int or 'log'; got {every!r}")
@@ -442,12 +454,15 @@ class LMNTracker(Tracker):
         """The step of the latest computation (``None`` before the first)."""
         return self.history[-1]["step"] if self.history else None
 
-    def update(self, step: int | None = None, force: bool = False):
+    @keyword_only("update(step, force=True)")
+    def update(self, step: int | None = None, *, events: Collection[str] = (), force: bool = False) -> Value | None:
         """Compute LMN if a scheduled step is due at or before ``step`` (or ``force``); steps must increase.
 
         Args:
             step: the training step (an int; default: the number of earlier ``update`` calls). A
                 scheduled step that no ``update`` hit exactly is computed at the first ``update`` after it.
+            events: as in :meth:`Tracker.update`; an ``LMNTracker``'s schedule has no event triggers, so they
+                change nothing (the argument is there so that an ``LMNTracker`` is a ``Tracker``).
             force: compute now, whatever the schedule. ``update(s, force=True)`` right after ``update(s)``
                 (e.g. the last step, forced after the loop) returns step ``s``'s value, computed once.
 
@@ -456,8 +471,8 @@ class LMNTracker(Tracker):
             when computed, else ``None`` (always ``None`` when asynchronous: the value lands in :attr:`history`).
 
         Raises:
-            TypeError: a step that is not an integer. ValueError: a negative, repeated (unless forced) or
-            decreasing step, or one above 2**63 - 1.
+            TypeError: a step that is not an integer; ``force`` passed positionally (it is keyword-only).
+            ValueError: a negative, repeated (unless forced) or decreasing step, or one above 2**63 - 1.
         """
         step = self._calls if step is None else step
         step = _as_step(step)

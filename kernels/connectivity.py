@@ -20,13 +20,13 @@ only the pair dimension needs masks. Every ``tl.dot`` accumulates in the compute
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from .._policy import CONST_RTOL, FLAG_KAPPA, FLAGGED
+from .._runtime import env
 from .._tail import IDENTITY, MLPTail
 from ._triton_common import (
     LaunchConfig,
@@ -478,14 +478,14 @@ def connectivity_triton(
     return out
 
 
-#: Kernel variants (``connectivity_triton(variant=...)``, env ``GM_TRITON_KERNEL``) and the default.
+#: Kernel variants (``connectivity_triton(variant=...)``, env ``GROKFAST_METRICS_TRITON_KERNEL``) and the default.
 VARIANTS = ("v1", "v2")
 DEFAULT_VARIANT = "v2"
 
 
 def kernel_variant(variant: str | None = None) -> str:
-    """``variant``, else ``$GM_TRITON_KERNEL``, else :data:`DEFAULT_VARIANT`; checked against :data:`VARIANTS`."""
-    v = variant or os.environ.get("GM_TRITON_KERNEL") or DEFAULT_VARIANT
+    """``variant``, else ``$GROKFAST_METRICS_TRITON_KERNEL``, else :data:`DEFAULT_VARIANT`; checked against :data:`VARIANTS`."""
+    v = variant or env("TRITON_KERNEL") or DEFAULT_VARIANT
     if v not in VARIANTS:
         raise ValueError(f"Triton kernel variant must be one of {VARIANTS}; got {v!r}")
     return v

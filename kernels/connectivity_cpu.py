@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from grokfast_metrics._policy import CONST_RTOL, FLAG_KAPPA, check_fits, check_n_lambda, lambdas
+from grokfast_metrics._runtime import cpu_kernel_switched_off
 from grokfast_metrics._tail import ACT_CODES, MLPTail
 
 _SOURCE = Path(__file__).with_name("connectivity_cpu.cpp")
@@ -42,7 +43,7 @@ _SOURCE = Path(__file__).with_name("connectivity_cpu.cpp")
 _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fno-math-errno"] + [
     f"-DGM_ACT_{name.upper()}={code}" for name, code in ACT_CODES.items()
 ]
-_ENV_SWITCH = "GROKFAST_METRICS_CPU_KERNEL"
+_ENV_SWITCH = "GROKFAST_METRICS_CPU_KERNEL"  # read by _runtime.cpu_kernel_switched_off
 
 _lock = threading.Lock()
 _state: dict = {"lib": None, "tried": False, "error": None, "build_seconds": None, "path": None}
@@ -186,7 +187,7 @@ def build(force: bool = False) -> dict:
 
 def available() -> bool:
     """True when the fused CPU kernel can run here (builds it on first call)."""
-    if os.environ.get(_ENV_SWITCH, "1") in ("0", "false", "False"):
+    if cpu_kernel_switched_off():
         return False
     return _library() is not None
 
@@ -230,7 +231,7 @@ def _shared_reason(spec: MLPTail, device: torch.device) -> str | None:
         return "the tail has no Linear after its first activation"
     if _skip_reason(spec) is not None:
         return _skip_reason(spec)
-    if os.environ.get(_ENV_SWITCH, "1") in ("0", "false", "False"):
+    if cpu_kernel_switched_off():
         return f"disabled by {_ENV_SWITCH}=0"
     if _library() is None:
         return f"kernel unavailable: {_state['error']}"

@@ -233,10 +233,10 @@ def test_triton_variants_are_bench_backends(monkeypatch):
     assert sweep.default_backends(torch.device("cuda")) == ["torch", "triton-v1", "triton-v2", "auto"]
     seen = []
     monkeypatch.setattr(baselines.core, "connectivity",
-                        lambda h, tail, n_lambda, backend: seen.append((backend, os.environ.get("GM_TRITON_KERNEL"))))
-    monkeypatch.setenv("GM_TRITON_KERNEL", "v2")
+                        lambda h, tail, n_lambda, backend: seen.append((backend, os.environ.get("GROKFAST_METRICS_TRITON_KERNEL"))))
+    monkeypatch.setenv("GROKFAST_METRICS_TRITON_KERNEL", "v2")
     baselines.backend_fn("triton-v1")(None, None, 21)
-    assert seen == [("triton", "v1")] and os.environ["GM_TRITON_KERNEL"] == "v2"   # restored
+    assert seen == [("triton", "v1")] and os.environ["GROKFAST_METRICS_TRITON_KERNEL"] == "v2"   # restored
 
 
 def test_sweep_rejects_unknown_backend():

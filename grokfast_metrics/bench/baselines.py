@@ -19,9 +19,10 @@ import torch
 from torch import nn
 
 from .. import core, reference
+from .._runtime import ENV_PREFIX
 from .harness import Timing, n_pairs, time_fn
 
-#: Benchmark-only names: ``backend="triton"`` with one Triton kernel variant (``GM_TRITON_KERNEL``), so one
+#: Benchmark-only names: ``backend="triton"`` with one Triton kernel variant (``GROKFAST_METRICS_TRITON_KERNEL``), so one
 #: run times both kernels (v2 runs the tails it supports, v1 the rest: see ``kernels.connectivity_v2``).
 TRITON_VARIANTS = {"triton-v1": "v1", "triton-v2": "v2"}
 
@@ -37,15 +38,16 @@ def backend_fn(backend: str) -> Callable[[torch.Tensor, nn.Module, int], torch.T
 
 
 def _triton_variant(h: torch.Tensor, tail: nn.Module, n_lambda: int = 21, *, variant: str) -> torch.Tensor:
-    old = os.environ.get("GM_TRITON_KERNEL")
-    os.environ["GM_TRITON_KERNEL"] = variant
+    name = ENV_PREFIX + "TRITON_KERNEL"
+    old = os.environ.get(name)
+    os.environ[name] = variant
     try:
         return core.connectivity(h, tail, n_lambda, backend="triton")
     finally:
         if old is None:
-            del os.environ["GM_TRITON_KERNEL"]
+            del os.environ[name]
         else:
-            os.environ["GM_TRITON_KERNEL"] = old
+            os.environ[name] = old
 
 
 def backend_that_runs(backend: str, h: torch.Tensor, tail: nn.Module) -> str:

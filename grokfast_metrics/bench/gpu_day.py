@@ -85,8 +85,8 @@ BACKENDS = ("triton-v2", "triton-v1", "torch")
 
 
 def repo_root() -> Path:
-    """The repository the tests and the trainer run from (``$GPU_DAY_REPO``, else the folder above this package)."""
-    env = os.environ.get("GPU_DAY_REPO")
+    """The repository the tests and the trainer run from (``$GROKFAST_METRICS_GPU_DAY_REPO``, else the folder above this package)."""
+    env = os.environ.get("GROKFAST_METRICS_GPU_DAY_REPO")
     return Path(env) if env else Path(__file__).resolve().parents[2]
 
 
