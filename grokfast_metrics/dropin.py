@@ -63,6 +63,12 @@ def check_cut(model: nn.Module, inputs: Any, at: str, *, to: str | None = None, 
     Raises:
         ValueError: ``at`` is not a cut (the message names an enclosing module that is, if any),
             or any of the input errors of :func:`lmn_at`.
+
+    >>> import torch, grokfast_metrics as gm
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.SiLU(), torch.nn.Linear(8, 8), torch.nn.SiLU(),
+    ...                             torch.nn.Linear(8, 3))
+    >>> gm.check_cut(model, torch.randn(6, 4), "1")   # a child of a plain Sequential is a cut: exact
+    0.0
     """
     plan = Plan(model, inputs, at, to, output, batch_dim, input_batch_dim, path="hooks")
     with plan.running():
@@ -119,6 +125,19 @@ def lmn_at(model: nn.Module, inputs: Any, at: str, *, to: str | None = None, out
             the model failing on the probe, inputs on another device than the model, fewer than 2 samples.
         TypeError: ``model``/``inputs``/``output`` of the wrong type; more than ``model, inputs, at`` passed
             positionally, or no ``at`` (it has no default): one line saying how to call it.
+
+    Example (``h`` after the first SiLU, the tail ``model[2:]``; with ``to=``, the sub-network up to ``model[3]``):
+
+    >>> import torch, grokfast_metrics as gm
+    >>> _ = torch.manual_seed(0)
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.SiLU(), torch.nn.Linear(8, 8), torch.nn.SiLU(),
+    ...                             torch.nn.Linear(8, 3))
+    >>> x = torch.randn(6, 4)
+    >>> res = gm.lmn_at(model, x, "1")
+    >>> res.connectivity.shape, abs(res.lmn - gm.lmn(model[:2](x).detach(), model[2:]).lmn) < 1e-6
+    (torch.Size([6, 6]), True)
+    >>> gm.lmn_at(model, x, "1", to="3").lmn >= 1.0
+    True
     """
     plan = Plan(model, inputs, at, to, output, batch_dim, input_batch_dim, path, user_hooks)
     return plan.compute(n_lambda, backend, check=check, chunk_bytes=chunk_bytes, warn_affine=warn_affine)

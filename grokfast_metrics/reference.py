@@ -16,13 +16,15 @@ never enter), and a saturating activation (sigmoid/tanh) just before it is taken
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from torch import nn
 
 from ._policy import CONST_RTOL
 from ._result import LMNResult
-from ._tail import _np_sigmoid, numpy_offset_free, numpy_tail
+from ._tail import NumpyTail, _np_sigmoid, numpy_offset_free, numpy_tail
 
 
 def pair_r2(y: np.ndarray, lam: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
@@ -50,7 +52,7 @@ def pair_r2(y: np.ndarray, lam: np.ndarray, scale: np.ndarray | None = None) -> 
     return out
 
 
-def path_r2(x: np.ndarray, tail, lam: np.ndarray) -> np.ndarray:
+def path_r2(x: np.ndarray, tail: NumpyTail, lam: np.ndarray) -> np.ndarray:
     """``r2_k`` of the path ``x`` (``(T, D)`` points in ``h``'s space) through a :class:`~._tail.NumpyTail`."""
     for f in tail.body:
         x = f(x)
@@ -72,7 +74,7 @@ def path_r2(x: np.ndarray, tail, lam: np.ndarray) -> np.ndarray:
     return pair_r2(yc, lam, np.abs(W) @ amax)
 
 
-def connectivity(h, tail: nn.Module, n_lambda: int = 21) -> np.ndarray:
+def connectivity(h: Any, tail: nn.Module, n_lambda: int = 21) -> np.ndarray:
     """Linear connectivity matrix ``L`` (``(N, N)`` float64) by the paper's definition.
 
     Args:
@@ -101,7 +103,7 @@ def connectivity(h, tail: nn.Module, n_lambda: int = 21) -> np.ndarray:
     return L
 
 
-def lmn_from_connectivity(L) -> LMNResult:
+def lmn_from_connectivity(L: Any) -> LMNResult:
     """:class:`~grokfast_metrics.LMNResult` of a connectivity matrix in float64 NumPy (as :func:`grokfast_metrics.lmn_from_connectivity`).
 
     ``ev = |eigvalsh(L)|``; eigenvalues at or below ``N * eps * max(ev)`` are eigensolver rounding
@@ -120,7 +122,7 @@ def lmn_from_connectivity(L) -> LMNResult:
                      connectivity=torch.from_numpy(L))
 
 
-def lmn(h, tail: nn.Module, n_lambda: int = 21) -> LMNResult:
+def lmn(h: Any, tail: nn.Module, n_lambda: int = 21) -> LMNResult:
     """:class:`~grokfast_metrics.LMNResult` by the reference path (like :func:`grokfast_metrics.lmn`; float64 CPU tensors).
 
     >>> import torch

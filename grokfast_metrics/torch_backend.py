@@ -205,14 +205,18 @@ def _chunk_work(n: int, n_lambda: int, width: int, elem: int, chunk_bytes: int |
     return 4 * min(chunk, n * n // 2 * n_lambda * width * elem)
 
 
-def _prepare(spec: MLPTail, dtype: torch.dtype):
+#: the tail's stages in the compute dtype: ``(activations, W^T, bias or None)``
+Stages = list[tuple[list[Act], torch.Tensor, torch.Tensor | None]]
+
+
+def _prepare(spec: MLPTail, dtype: torch.dtype) -> Stages:
     return [
         (acts, lin.weight.to(dtype).t(), None if lin.bias is None else lin.bias.to(dtype))
         for acts, lin in spec.stages
     ]
 
 
-def _pairs_values(z: torch.Tensor, spec: MLPTail, stages, i: torch.Tensor, j: torch.Tensor, n_lambda: int,
+def _pairs_values(z: torch.Tensor, spec: MLPTail, stages: Stages, i: torch.Tensor, j: torch.Tensor, n_lambda: int,
                   flag: bool) -> torch.Tensor:
     """``L_ij`` of the pairs ``(i[p], j[p])`` from the absorbed ``z`` (``(P,)`` in ``z``'s dtype).
 
@@ -236,11 +240,11 @@ def _pairs_values(z: torch.Tensor, spec: MLPTail, stages, i: torch.Tensor, j: to
                 x, r = _act_step(a, x, r, lin)
                 lin = lin and a.is_identity
             if last_act.name in SATURATING:  # offset free: the constant the unit saturates to never enters
-                a = torch_offset_free(last_act.name, x, x[:, :1])
-                r = _through(last_act, x, a, r, lin)
+                y = torch_offset_free(last_act.name, x, x[:, :1])
+                r = _through(last_act, x, y, r, lin)
             else:
-                a, r = _act_step(last_act, x, r, lin)
-            yc = torch.matmul(a - a.mean(dim=1, keepdim=True), wt)                # [P, T, O], no bias
+                y, r = _act_step(last_act, x, r, lin)
+            yc = torch.matmul(y - y.mean(dim=1, keepdim=True), wt)                # [P, T, O], no bias
             return r2_from_centred(yc, torch.matmul(r, wt.abs()), lam_c, eps, flag)
         for a in acts:
             x, r = _act_step(a, x, r, lin)

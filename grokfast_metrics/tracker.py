@@ -371,6 +371,17 @@ class LMNTracker(Tracker):
         ValueError, TypeError: bad ``every``/``log_base``/``n_lambda``/``backend``, and every error of
             :func:`grokfast_metrics.lmn_at`, at construction. TypeError: more than ``model, probe_inputs, at``
             passed positionally, or no ``at``: one line saying how to call it.
+
+    Example (every 10 steps: computed at steps 0 and 10):
+
+    >>> import torch, grokfast_metrics as gm
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.SiLU(), torch.nn.Linear(8, 8), torch.nn.SiLU(),
+    ...                             torch.nn.Linear(8, 3))
+    >>> tracker = gm.LMNTracker(model, torch.randn(6, 4), "1", every=10, n_lambda=5)
+    >>> [step for step in range(12) if tracker.update(step) is not None]
+    [0, 10]
+    >>> [row["step"] for row in tracker.history], tracker.compute() >= 1.0
+    ([0, 10], True)
     """
 
     @keyword_only("LMNTracker(model, probe_inputs, at='blocks.0', every=1, to=None, output=None, ...)")
