@@ -41,11 +41,12 @@ def check_n_lambda(n_lambda) -> int:
     """
     if isinstance(n_lambda, bool) or not isinstance(n_lambda, numbers.Integral):
         raise TypeError(f"n_lambda must be an int; got {type(n_lambda).__name__}")
+    n_lambda = int(n_lambda)
     if n_lambda < 3:
         raise ValueError(f"n_lambda must be >= 3 (r2 of 2 points is always 1); got {n_lambda}")
     if n_lambda > MAX_N_LAMBDA:
         raise ValueError(f"n_lambda must be <= {MAX_N_LAMBDA} (the paper uses 21); got {n_lambda}")
-    return int(n_lambda)
+    return n_lambda
 
 
 def lambdas(n_lambda: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,7 +25,7 @@ import math
 import numbers
 import warnings
 from collections.abc import Callable, Collection, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -146,7 +146,9 @@ class Tracker:
             return self._record_nan(step, f"parameters {bad[:3]} have NaN/Inf")
         try:
             if self.asynchronous:
-                return self._submit(step, self._connectivity())
+                assert self._connectivity is not None  # checked in __init__
+                self._submit(step, self._connectivity())
+                return None
             self.results = self._measure()
         except NonFiniteOutputError as e:  # finite weights, but the logits overflow: diverged all the same
             return self._record_nan(step, str(e))
@@ -165,9 +167,9 @@ class Tracker:
                 got = self._eigen.wait() if block else self._eigen.ready()
             except EigenStepError as e:
                 raise EigenStepError(f"{type(self).__name__}: step {e.key}: {e}", e.key) from e.__cause__
-            for step, results in got:
-                self.results = results
-                self._history.extend(self._rows(step, results))
+            for key, results in got:  # the keys and results this tracker submitted: steps and {name: LMNResult}
+                self.results = cast("dict[str, LMNResult]", results)
+                self._history.extend(self._rows(cast(int, key), self.results))
             if not block:
                 return
 
@@ -272,8 +274,10 @@ class Tracker:
         self._calls = int(state["calls"])
         self.results = None
 
-    #: the columns of a history row
-    history_keys: tuple[str, ...] = ("step", "lmn", "entropy_bits")
+    @property
+    def history_keys(self) -> tuple[str, ...]:
+        """The columns of a history row."""
+        return ("step", "lmn", "entropy_bits")
 
     def as_dict(self) -> dict[str, list]:
         """History as ``{column: [...]}`` over :attr:`history_keys` (``pandas.DataFrame(...)``-ready)."""
@@ -298,7 +302,7 @@ def _follow_model(probe, model: nn.Module):
 
 def _next_after(step: int, every: int | str, log_base: float) -> int:
     """The first scheduled step after ``step``: the next multiple of ``every``, or the next ``floor(log_base ** k)``."""
-    if every != "log":
+    if isinstance(every, int):
         return (step // every + 1) * every
     k = 0
     while (s := math.floor(log_base**k)) <= step:
@@ -447,7 +451,7 @@ class LMNTracker(Tracker):
             if plan.path != "chain" and check:
                 plan.enforce_cut(act, y)
             h = act.movedim(plan.batch_dim, 0).reshape(plan.n, -1)
-            resolve_backend(h, plan.tail, self.backend)
+            resolve_backend(h, cast(nn.Module, plan.tail), self.backend)  # plan.forward() built the tail
         plan.checked = plan.checked or not check
         if plan.affine:
             plan.affine_warned = True
@@ -550,7 +554,7 @@ class LMNTracker(Tracker):
     @property
     def history_keys(self) -> tuple[str, ...]:
         """The columns of a history row; with several layers an ``"at"`` column too."""
-        return ("step", "at", "lmn", "entropy_bits") if self._multi else Tracker.history_keys
+        return ("step", "at", "lmn", "entropy_bits") if self._multi else super().history_keys
 
     def state_dict(self) -> dict:
         """What a checkpoint needs to resume: the history and the schedule position (not the model or probe)."""
