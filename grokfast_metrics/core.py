@@ -366,7 +366,7 @@ def _identical_rows(h: torch.Tensor) -> torch.Tensor | None:
 def connectivity(
     h: torch.Tensor, tail: nn.Module, n_lambda: int = 21, backend: str = "auto", *, chunk_bytes: int | None = None
 ) -> torch.Tensor:
-    """Linear connectivity matrix ``L`` of ``N`` representations through ``tail`` (SPEC §1).
+    """Linear connectivity matrix ``L`` of ``N`` representations through ``tail`` (docs/lmn.md, "Definition").
 
     ``L_ij`` is the mean over output dimensions of the squared Pearson correlation between
     ``tail(h_i + lam (h_j - h_i))`` and ``lam`` over ``n_lambda`` evenly spaced ``lam`` in [0, 1].
@@ -422,9 +422,9 @@ def connectivity(
         L = run(h.to(dtype), tail, spec, n_lambda, chunk_bytes, y_end)
         groups = _identical_rows(h)
         recomputed = 0
-        if name != "reference" and dtype == torch.float32:  # SPEC §1 (c): flagged pairs are recomputed in fp64
+        if name != "reference" and dtype == torch.float32:  # docs/lmn.md, "Accuracy contract" (c): flagged pairs recomputed in fp64
             recomputed = _recompute_flagged(L, h, tail, spec, n_lambda, chunk_bytes, groups)
-        if groups is not None:  # SPEC §1: identical representations are perfectly connected
+        if groups is not None:  # docs/lmn.md, "Policies for the undefined cases": identical rows give 1
             L[groups[:, None] == groups[None, :]] = 1.0
     n = h.shape[0]
     _LAST_RUN.clear()
@@ -434,7 +434,7 @@ def connectivity(
 
 
 def lmn_from_connectivity(L: torch.Tensor) -> LMNResult:
-    """Eigen-decomposition and entropy of a connectivity matrix (SPEC §1 step 4).
+    """Eigen-decomposition and entropy of a connectivity matrix (docs/lmn.md, "Definition", step 4).
 
     ``ev = |eigvalsh(L)|`` in float64 on ``L``'s device; eigenvalues at or below
     ``N * eps64 * max(ev)`` are eigensolver rounding of exact zeros and count as 0;

@@ -82,7 +82,7 @@ def _forward(layers: list[Layer], x: list[Any]) -> list[Any]:
 MAX_DPS = 2000
 #: an output whose exact spread over the path (``std_t``) is below this counts as constant (``r2 = 1``): it is below
 #: the smallest normal float64 number (2.2e-308), so no floating-point backend can resolve it (e.g. a tanh unit at
-#: ``x ~ 1e3`` varies by ``e^-2000``). SPEC §1's constant-path rule in the yardstick.
+#: ``x ~ 1e3`` varies by ``e^-2000``). The constant-path rule of docs/lmn.md, "Policies for the undefined cases", in the yardstick.
 TINY = 1e-300
 
 
@@ -90,7 +90,8 @@ def pair_r2(h: Any, tail: nn.Module, i: int, j: int, n_lambda: int = 21, dps: in
     """Exact ``r2_k`` (``(O,)`` float64, rounded from ``dps`` digits) of the path from ``h[i]`` to ``h[j]``.
 
     Adaptive: an output whose spread over the path is below ``10^-(dps - 20)`` of its magnitude (a deeply saturated
-    unit under a bias: its variation would be lost in the working precision, issue 24) is recomputed with 4x the
+    unit under a bias: its variation would be lost in the working precision; docs/lmn.md, "Accuracy in the corners") is recomputed with
+    4x the
     digits, up to :data:`MAX_DPS`; an output still constant there counts as constant.
     """
     while True:

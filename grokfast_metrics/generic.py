@@ -157,7 +157,8 @@ def _path_r2(hr: torch.Tensor, tail: nn.Module, params: dict[str, torch.Tensor] 
         return r2_from_paths(y, lam_c, eps, flag)
     # The module cannot be centred or seen into: its input's rounding (eps |x|, and every inner Linear's eps |W||x|)
     # moves the path by about eps |x| / |h_j - h_i| of its own variation, however small max_t |y| is (an offset on h
-    # cancelled inside the module: 1.4e-5 unflagged on a LeakyReLU tail at h offset 100, issue 24). Added to the flag's
+    # cancelled inside the module: 1.4e-5 unflagged on a LeakyReLU tail at h offset 100; docs/lmn.md, "Accuracy in the corners"). Added
+    # to the flag's
     # rounding scale as std_t(y) * IN_GAIN * max(|h_i|, |h_j|) / |h_j - h_i|.
     hj = hr[j]
     ratio = torch.maximum(hi.norm(dim=1), hj.norm(dim=1)) / (hj - hi).norm(dim=1)                # [P]
@@ -186,7 +187,7 @@ def reference_connectivity(h: torch.Tensor, tail: nn.Module, n_lambda: int = 21)
 
     The module is deep-copied and converted with ``.double()`` (its floating-point parameters, buffers
     and, for ``lmn_at``'s tails, the probe inputs they replay), run in eval mode without grad; every
-    path is reduced by the NumPy reference's ``pair_r2`` (SPEC §1 policies). Identical rows give 1.
+    path is reduced by the NumPy reference's ``pair_r2`` (docs/lmn.md, "Policies for the undefined cases"). Identical rows give 1.
 
     Returns:
         ``(N, N)`` float64 NumPy array.

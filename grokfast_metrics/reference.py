@@ -8,7 +8,7 @@ activation table (``_tail.ACTIVATIONS``; stable forms: GELU through ``erfc``, si
 ``e^{-|x|}``). This file is the fast yardstick the fused paths are checked against
 (``grokfast_metrics.exact`` is the arbitrary-precision one); it is not edited to match them.
 
-Two exact rewritings keep it accurate on ill-conditioned paths (SPEC §1 accuracy contract): when the
+Two exact rewritings keep it accurate on ill-conditioned paths (docs/lmn.md, "Accuracy contract"): when the
 tail ends in a Linear, its output is taken centred over ``t`` *before* that Linear,
 ``yc = (a - mean_t a) W^T`` (r2 is shift invariant, so the bias and a logit offset shared along the path
 never enter), and a saturating activation (sigmoid/tanh) just before it is taken offset free
@@ -28,7 +28,8 @@ from ._tail import NumpyTail, _np_sigmoid, numpy_offset_free, numpy_tail
 
 
 def pair_r2(y: np.ndarray, lam: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
-    """r2 of every column of ``y`` (``(T, O)``) with ``lam`` (``(T,)``), float64, SPEC §1 policies.
+    """r2 of every column of ``y`` (``(T, O)``) with ``lam`` (``(T,)``), float64, the policies of docs/lmn.md, "Policies for the
+    undefined cases".
 
     ``scale`` (``(O,)``): the rounding scale of each column (constant-path rule
     ``std_t(y_k) <= CONST_RTOL * eps * scale_k``); default ``max_t |y_k|``.
@@ -37,7 +38,8 @@ def pair_r2(y: np.ndarray, lam: np.ndarray, scale: np.ndarray | None = None) -> 
     if scale is None:
         scale = np.max(np.abs(y), axis=0)
     # r2 and std / scale are invariant under scaling an output: divide each by the power of two above max_t |y - mean|
-    # (exact) so that its squares never overflow or underflow, whatever the scale of the weights or h (issue 24)
+    # (exact) so that its squares never overflow or underflow, whatever the scale of the weights or h (docs/lmn.md, "Accuracy in the
+    # corners")
     _, e = np.frexp(np.max(np.abs(y - y.mean(axis=0)), axis=0))
     e = np.clip(e, -1021, 1021)
     y, scale = np.ldexp(y, -e), np.ldexp(scale, -e)
@@ -66,7 +68,7 @@ def path_r2(x: np.ndarray, tail: NumpyTail, lam: np.ndarray) -> np.ndarray:
         k = 1.0 if tail.sat == "sigmoid" else 2.0       # |act'(x)| = k sigmoid(kx) sigmoid(-kx)
         slope = k * _np_sigmoid(k * x) * _np_sigmoid(-k * x)
         amax = (np.abs(a) + np.abs(x) * slope).max(axis=0)  # its own rounding plus x's, amplified by act'(x) (pointwise:
-        # max_t |a| * max_t |x| grew like the scale of h squared and fired the constant rule, issue 24)
+        # max_t |a| * max_t |x| grew like the scale of h squared and fired the constant rule; docs/lmn.md, "Accuracy in the corners")
     else:
         a = x
         amax = np.abs(a).max(axis=0)
