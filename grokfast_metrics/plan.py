@@ -46,9 +46,8 @@ __all__ = ["CUT_CHECK_SAMPLES", "PATHS", "AffineTailWarning", "Plan", "emit_affi
 #: samples used by the cut check (pairs ``(i, i+1 mod k)`` among the first ``k`` samples).
 CUT_CHECK_SAMPLES = 8
 
-#: default batch of interpolated input for a pruned tail on the CPU (bytes): 4 MiB. Measured on the loaded 2-core
-#: CPU, one thread, N=32, issue-sized models, min of 3 (us/pair at 1/2/4/8 MiB): Grokfast-style 1931/1659/1392/1821,
-#: Nanda-style 791/732/610/617, openai/grok-style 1703/1602/1695/1861 (the unpruned tails' 1 MiB stays).
+#: default batch of interpolated input for a pruned tail on the CPU (bytes): 4 MiB (the unpruned tails' 1 MiB stays);
+#: the measurements behind it: benchmarks/RESULTS.md, "Pruned tails: the CPU chunk size".
 PRUNED_CHUNK_BYTES_CPU = 4 << 20
 
 #: what ``path=`` accepts: ``"auto"`` (chain, else split, else hooks), or one of them explicitly

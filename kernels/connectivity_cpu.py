@@ -61,7 +61,7 @@ def _cpu_has_avx2_fma() -> bool:
     return "avx2" in flags and "fma" in flags
 
 
-#: what a machine without the kernel pays (measured: docs/lmn.md, "Backends"); in the one-line warning
+#: what a machine without the kernel pays (measured: README, "The CPU kernel and a machine without a C++ compiler")
 SLOWDOWN = "LMN runs on torch ops instead, about 10-20x slower"
 
 

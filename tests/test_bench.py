@@ -51,7 +51,7 @@ def test_useful_flops_counts_every_linear_after_the_absorbed_one(hidden, out, de
 
 
 def test_useful_flops_default_tail_matches_spec():
-    # SPEC §2: about 60 GFLOP in total for N=961, default tail (2*T*H*O per pair)
+    # about 60 GFLOP in total (docs/targets.md) for N=961, default tail (2*T*H*O per pair)
     total = bench.useful_flops_per_pair(21, 100, 31, 1) * bench.n_pairs(961)
     assert total == 2 * 21 * 100 * 31 * 961 * 960 // 2
     assert 55e9 < total < 65e9

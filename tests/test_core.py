@@ -1,4 +1,4 @@
-"""torch backend and public API against the NumPy reference, SPEC §1 properties, input errors."""
+"""torch backend and public API against the NumPy reference, the properties of docs/lmn.md, input errors."""
 from __future__ import annotations
 
 import itertools
@@ -108,7 +108,7 @@ def test_low_precision_input_computes_in_fp32():
 
 
 # ------------------------------------------------------------------------------------------
-# SPEC §1 properties
+# the properties every implementation satisfies (docs/lmn.md)
 
 
 @pytest.mark.parametrize("tail", [nn.Linear(6, 3), nn.Sequential(nn.Linear(6, 9), nn.Identity(), nn.Linear(9, 2)),

@@ -1,4 +1,4 @@
-"""The accuracy contract in the corners (issue 24): scale, narrow tails, saturation, offsets, diverging runs.
+"""The accuracy contract in the corners (docs/lmn.md, "Accuracy in the corners"): scale, narrow tails, saturation, offsets, diverging runs.
 
 Each row of the issue's table is a test here, against the exact yardstick (``grokfast_metrics.exact``, mpmath,
 adaptive precision) for small tails or the float64 NumPy reference (scale-free, checked against ``exact`` below)
@@ -238,7 +238,7 @@ def test_sweep_activation_width_scale(act, dtype):
 def test_fuzz_corners(dtype):
     """``pytest -m fuzz``: random corners (``GROKFAST_METRICS_FUZZ_DRAWS`` draws, default 200) against exact, auto and torch.
 
-    The run of issue 24 (fp64, 300 draws; its one open draw, and why fp32 did not finish) is in docs/lmn.md.
+    The recorded fuzz run (fp64, 300 draws; its one open draw, and why fp32 did not finish) is in docs/lmn.md.
     """
     draws = int(os.environ.get("GROKFAST_METRICS_FUZZ_DRAWS", "200"))
     rng = np.random.default_rng(24 + (dtype == torch.float64))

@@ -19,7 +19,7 @@ from grokfast_metrics import reference, torch_backend
 from grokfast_metrics._policy import FLAGGED
 from grokfast_metrics._tail import parse_tail
 
-ATOL = 1e-5  # fp32 vs float64 reference (SPEC §4)
+ATOL = 1e-5  # fp32 vs float64 reference (docs/lmn.md, "Accuracy contract")
 #: Direct kernel output with its flag on (FLAGGED pairs skipped: core recomputes them in fp64). The contract (1e-5)
 #: holds: worst observed 1.7e-6 at FLAG_KAPPA = 3e-5 (3.5e-6 at 5e-5, SiLU, O = 3, N = 65; 7.5e-6 on the
 #: trailing-activation tails before their flag scale carried the inner rounding): a 6x margin.
@@ -259,7 +259,7 @@ def test_fp64_pair_kernel_on_the_regimes() -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# the float64 kernel (fp64 models: no flags, the fp64 contract; issue 12 item 10)
+# the float64 kernel (fp64 models: no flags, the fp64 contract)
 
 ATOL64 = 5e-13  # fp64 kernel vs the float64 NumPy reference: observed worst 7.4e-14 (sigmoid, depth 3, trailing)
 

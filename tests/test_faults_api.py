@@ -1,4 +1,4 @@
-"""Clean failures of the library API (issue 22 §3): memory limits, meta tensors, tracker state and schedules."""
+"""Clean failures of the library API (docs/dropin.md, "Errors"): memory limits, meta tensors, tracker state and schedules."""
 from __future__ import annotations
 
 import math

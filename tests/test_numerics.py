@@ -1,4 +1,4 @@
-"""Accuracy on ill-conditioned paths (issue 10, SPEC §1 accuracy contract), arbitrated by the exact yardstick.
+"""Accuracy on ill-conditioned paths (docs/lmn.md, "Accuracy contract"), arbitrated by the exact yardstick.
 
 Every regime of the issue's table is built small (``tests/regimes.py``: N = 10, d = 6, H = 16, O = 5)
 so that ``grokfast_metrics.exact`` (mpmath, 50 digits) gives the true ``L``. Each backend must be within

@@ -156,7 +156,7 @@ def _exact(name: str) -> np.ndarray:
 @pytest.mark.parametrize("dtype, atol", DTYPES)
 @pytest.mark.parametrize("name", REGIMES)
 def test_regimes_within_contract_or_recomputed(name, dtype, atol, variant):
-    """SPEC §1 accuracy contract on the regimes of issue 10 (tests/regimes.py, N = 8) against the exact yardstick.
+    """The accuracy contract (docs/lmn.md, "Accuracy contract") on the regimes of tests/regimes.py (, N = 8) against the exact yardstick.
 
     Worst observed (interpreter, core's fp64 recompute included): fp32 1.9e-6 (sat_sigmoid:8, also at N = 10;
     2.2e-6 over seeds 1-6, sat_sigmoid:14; the torch path lets 8e-6 through on sat_tanh:9 seed 5, which the
@@ -199,7 +199,7 @@ def test_large_offset_keeps_lmn(variant):
 
 @here
 def test_gelu_case_fp64(variant):
-    """The GELU draw of issue 10 (outputs ~1e-15 on a bias of 0.65; pre-activations near -8.5): stable erfc GELU."""
+    """The GELU draw of docs/lmn.md's accuracy contract (outputs ~1e-15 on a bias of 0.65; pre-activations near -8.5): stable erfc GELU."""
     from helpers import mlp_tail
 
     n, d, hid, o, seed = 20, 1, 1, 3, 323
@@ -399,8 +399,8 @@ def test_v2_refuses_before_allocating_its_tile_list(monkeypatch):
 @pytest.mark.parametrize("dtype, atol", DTYPES)
 @pytest.mark.parametrize("kind, value", [("scale", 1e13), ("h_scale", 1e20), ("scale", 1e-6)])
 def test_scale_free_moments(kind, value, dtype, atol, variant):
-    """Issue 24: every weight x1e13 or h x1e20 (outputs finite) gave L ~ 0 or 1 (squares of the moments overflowing,
-    a rounding scale growing like the square of the weights); now the reference's value at every scale."""
+    """docs/lmn.md, "Accuracy in the corners": every weight x1e13 or h x1e20 (outputs finite) gave L ~ 0 or 1 (squares of
+    the moments overflowing, a rounding scale growing like the square of the weights); now the reference's value at every scale."""
     torch.manual_seed(0)
     tail = nn.Sequential(nn.Linear(12, 16), nn.SiLU(), nn.Linear(16, 5)).to(dtype)
     h = torch.randn(8, 12, generator=torch.Generator().manual_seed(1), dtype=dtype)
