@@ -200,3 +200,22 @@ def test_cpu_kernel_switch_is_the_prefixed_variable(monkeypatch):
 def test_env_refuses_an_undocumented_name():
     with pytest.raises(KeyError, match=r"docs/environment\.md"):
         _runtime.env("NOPE")
+
+
+# ------------------------------------------------------------------------------------------
+# code and docs point at documents in the repository
+
+
+def test_citations_point_at_sections_that_exist():
+    """No "SPEC §N" or "issue N" (documents outside the repository); every ``docs/x.md, "Heading"`` names a heading."""
+    cited = 0
+    for path in SCANNED:  # benchmarks/RESULTS.md included
+        text = path.read_text(encoding="utf-8", errors="replace")
+        assert not re.search(r"SPEC §|\b[Ii]ssues? \d+", text), path.relative_to(ROOT)
+        for doc, heading in re.findall(r"((?:docs|benchmarks)/\w+\.md),\s+\"([^\"]+)\"", text):
+            heading = re.sub(r"\s+(?:(?:#:?|//)\s+)?", " ", heading)  # a citation wrapped over comment lines
+            headings = [h.lstrip("#").strip() for h in (ROOT / doc).read_text(encoding="utf-8").splitlines()
+                        if h.startswith("#")]
+            assert any(h.startswith(heading) for h in headings), f"{path.relative_to(ROOT)} cites {doc}, {heading!r}"
+            cited += 1
+    assert cited >= 20  # the pointers this test keeps true (63 when written)
