@@ -10,12 +10,14 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ._runtime import keyword_only
 from .tracker import LMNTracker
 
 
 class _LMNMetricMethods:
     """The methods of :class:`LMNMetric`, mixed into its ``torchmetrics.Metric`` subclass by :func:`_make_lmn_metric`."""
 
+    @keyword_only("LMNMetric(model, probe_inputs, at='blocks.0', every=1, ...)", name="LMNMetric")
     def __init__(self, model: nn.Module, probe_inputs, at: str | Sequence[str], *, every: int | str = 1, **kwargs):
         tracker_keys = ("output", "batch_dim", "n_lambda", "backend", "log_base", "check", "to",
                         "input_batch_dim", "path", "user_hooks")
@@ -30,6 +32,7 @@ class _LMNMetricMethods:
     def tracker(self) -> LMNTracker:
         return self._tracker
 
+    @keyword_only("update(step, force=True)", name="LMNMetric.update")
     def update(self, step: int | None = None, *, force: bool = False) -> None:
         if self._tracker.update(step, force=force) is not None:
             latest = self._tracker.compute()

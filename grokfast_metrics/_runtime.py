@@ -116,31 +116,32 @@ def cpu_kernel_switched_off() -> bool:
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def keyword_only(call: str) -> Callable[[F], F]:
+def keyword_only(call: str, name: str | None = None) -> Callable[[F], F]:
     """One line saying how to call the wrapped function when a call breaks its keyword-only style.
 
     The wrapped function's positional-or-keyword parameters (after ``self``) are the ones that may be passed
     positionally, the rest are keyword-only. A call with too many positional arguments, or without one of the
     required ones, raises a ``TypeError`` ending in ``call it as <call>`` (``call``: e.g.
     ``"lmn_at(model, inputs, at='blocks.0', to='head')"``), instead of Python's generic message. The signature is
-    unchanged (``inspect.signature`` follows ``__wrapped__``); a well-formed call costs one length check.
+    unchanged (``inspect.signature`` follows ``__wrapped__``); a well-formed call costs one length check. ``name``: what
+    the message calls it (default: the function's, or the class's for ``__init__``).
     """
     def wrap(fn: F) -> F:
         params = list(inspect.signature(fn).parameters.values())
         first = 1 if params and params[0].name == "self" else 0
         positional = [p for p in params[first:] if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
         required = [p.name for p in positional if p.default is inspect.Parameter.empty]
-        name = fn.__qualname__.removesuffix(".__init__")
+        label = name or fn.__qualname__.removesuffix(".__init__")
 
         @functools.wraps(fn)
         def checked(*args: Any, **kwargs: Any) -> Any:
             given = len(args) - first
             if given > len(positional):
-                raise TypeError(f"{name}() takes {', '.join(p.name for p in positional)} positionally, the rest by "
+                raise TypeError(f"{label}() takes {', '.join(p.name for p in positional)} positionally, the rest by "
                                 f"keyword ({given} positional arguments given); call it as {call}")
             missing = [p for p in required[max(given, 0):] if p not in kwargs]
             if missing:
-                raise TypeError(f"{name}() needs {', '.join(missing)} (no default); call it as {call}")
+                raise TypeError(f"{label}() needs {', '.join(missing)} (no default); call it as {call}")
             return fn(*args, **kwargs)
 
         return checked  # type: ignore[return-value]

@@ -27,6 +27,12 @@ DEFINED_IN = {
 }
 
 
+def _metric(*args, **kwargs):
+    """``gm.LMNMetric(...)`` (skips without torchmetrics)."""
+    pytest.importorskip("torchmetrics")
+    return gm.LMNMetric(*args, **kwargs)
+
+
 def _mlp() -> torch.nn.Sequential:
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.SiLU(), torch.nn.Linear(8, 8), torch.nn.SiLU(),
@@ -99,6 +105,8 @@ def test_keyword_only_after_at_same_order_and_defaults(fn):
     (lambda m, x: gm.check_cut(m, x, "1", None), "check_cut(model, inputs, at="),
     (lambda m, x: gm.LMNTracker(m, x, "1", 10), "every=1"),                       # every was positional
     (lambda m, x: gm.LMNTracker(m, x, at="1").update(0, True), "update(step, force=True)"),
+    (lambda m, x: _metric(m, x, "1", 10), "every=1"),
+    (lambda m, x: _metric(m, x, "1", every=2).update(0, True), "update(step, force=True)"),
 ])
 def test_old_call_styles_get_one_line_saying_how(call, fix):
     with pytest.raises(TypeError) as e:
