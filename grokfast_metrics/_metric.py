@@ -6,6 +6,7 @@ torchmetrics imports matplotlib, and it is not a dependency.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -14,8 +15,17 @@ from ._runtime import keyword_only
 from .tracker import LMNTracker
 
 
-class _LMNMetricMethods:
+if TYPE_CHECKING:  # the methods are mixed into a torchmetrics.Metric subclass (torchmetrics is imported only then)
+    from torchmetrics import Metric as _MetricBase
+else:
+    _MetricBase = object
+
+
+class _LMNMetricMethods(_MetricBase):
     """The methods of :class:`LMNMetric`, mixed into its ``torchmetrics.Metric`` subclass by :func:`_make_lmn_metric`."""
+
+    value: torch.Tensor  # the states add_state registers: the latest LMN per layer, and its step
+    step: torch.Tensor
 
     @keyword_only("LMNMetric(model, probe_inputs, at='blocks.0', every=1, ...)", name="LMNMetric")
     def __init__(self, model: nn.Module, probe_inputs, at: str | Sequence[str], *, every: int | str = 1, **kwargs):
