@@ -14,7 +14,6 @@ from torch import nn
 from ._runtime import keyword_only
 from .tracker import LMNTracker
 
-
 if TYPE_CHECKING:  # the methods are mixed into a torchmetrics.Metric subclass (torchmetrics is imported only then)
     from torchmetrics import Metric as _MetricBase
 else:

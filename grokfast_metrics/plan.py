@@ -55,7 +55,16 @@ PATHS = ("auto", "chain", "split", "hooks")
 
 
 class AffineTailWarning(UserWarning):
-    """The map from ``at`` to the output is affine, so LMN is 1 at every step (choose another layer)."""
+    """The map from ``at`` to the output is affine, so LMN is 1 at every step (choose another layer).
+
+    >>> import warnings, torch, grokfast_metrics as gm
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.SiLU(), torch.nn.Linear(8, 3))
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     res = gm.lmn_at(model, torch.randn(5, 4), "1")     # only a Linear after the SiLU
+    >>> res.lmn, [type(w.message).__name__ for w in caught]
+    (1.0, ['AffineTailWarning'])
+    """
 
 
 def _has_attention(model: nn.Module) -> bool:

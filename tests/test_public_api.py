@@ -227,3 +227,25 @@ def test_citations_point_at_sections_that_exist():
             assert any(h.startswith(heading) for h in headings), f"{path.relative_to(ROOT)} cites {doc}, {heading!r}"
             cited += 1
     assert cited >= 20  # the pointers this test keeps true (61 when written)
+
+
+# ------------------------------------------------------------------------------------------
+# the public API's doctests run in CI
+
+#: the public names whose docstrings carry examples (doctests)
+WITH_EXAMPLES = ["connectivity", "lmn", "lmn_from_connectivity", "resolve_backend", "NonFiniteOutputError",
+                 "AffineTailWarning", "lmn_at", "check_cut", "LMNTracker"]
+
+
+def test_ci_runs_the_public_api_doctests():
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    start = ci.index("--doctest-modules")
+    command = ci[start:ci.index("\n", ci.index("\\\n", start) + 2)]  # the command, one continuation line
+    assert ci.index("pytest -q\n") < start  # after the README's test command
+    files = set(re.findall(r"grokfast_metrics/\w+\.py", command))
+    for name in WITH_EXAMPLES:
+        obj = getattr(gm, name)
+        assert ">>> " in (obj.__doc__ or ""), f"gm.{name} has no example"
+        assert f"grokfast_metrics/{DEFINED_IN[name].__name__.rsplit('.', 1)[1]}.py" in files, name
+    assert ">>> " in (reference.lmn.__doc__ or "") and "grokfast_metrics/reference.py" in files
+    assert "grokfast_metrics/__init__.py" in files
