@@ -24,7 +24,8 @@ setup(
         "tensorboard": ["tensorboard"],
         # HookedTransformer was removed in TransformerLens 4.0; 3.9 installs beside torch 2.13 without touching it
         "transformer-lens": ["transformer-lens>=2.0,<4"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "ruff", "triton>=3.0", "ray>=2.9", "torchmetrics>=1.0",
+        # mypy: the type check of .ci/run (mypy.ini), its exact version pinned in .ci/constraints.txt
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "ruff", "mypy", "triton>=3.0", "ray>=2.9", "torchmetrics>=1.0",
                  "tensorboard", "transformer-lens>=2.0,<4"],
     },
     entry_points={"console_scripts": ["grokfast-metrics=grokfast_metrics.cli.main:main"]},

@@ -11,7 +11,7 @@ from grokfast_metrics.bench import harness as bench_harness
 from grokfast_metrics.foundation.runtime import synchronize
 
 N_REF = 24
-LARGE = os.environ.get("GFM_BENCH_LARGE", "0") not in ("", "0")
+LARGE = os.environ.get("GROKFAST_METRICS_BENCH_LARGE", "0") not in ("", "0")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 

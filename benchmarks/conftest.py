@@ -2,7 +2,7 @@
 
 Every timed test first checks its backend against the NumPy reference on the first ``N_REF`` samples
 (same tail, same run) and fails (no speed reported) when ``max |L - L_ref| > 1e-5``: the
-refuse-on-disagreement rule of ``grokfast_metrics.bench``. Set ``GFM_BENCH_LARGE=1`` to add the
+refuse-on-disagreement rule of ``grokfast_metrics.bench``. Set ``GROKFAST_METRICS_BENCH_LARGE=1`` to add the
 N=961 rows on the CPU (about a minute per round on 2 shared cores).
 """
 from __future__ import annotations

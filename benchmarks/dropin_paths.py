@@ -1,4 +1,5 @@
-"""µs per pair of ``lmn_at`` on models shaped like the public grokking codebases, before/after issue 20 items 1/3.
+"""µs per pair of ``lmn_at`` on models shaped like the public grokking codebases, before/after the pruning and the
+untraceable-model split (docs/dropin.md, "How the rest of the model is run").
 
 "before": the path each model took before (the hook path for danielmamay's and openai/grok's models, whose
 forward fx could not trace; the unpruned fx split for Nanda's and Grokfast's); "after": what ``lmn_at`` runs
@@ -22,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"
 #: issue-sized models (d_model 128; Nanda d_mlp 512, p=113)
 SIZES = {"nanda": dict(p=113, d_model=128, d_mlp=512), "grokfast": dict(p=97, dim=128), "mamay": dict(p=97, dim=128),
          "grok": dict(p=97, d_model=128), "omnigrok": dict(width=200)}
-#: the path each model took before issue 20 (None: the split, unpruned)
+#: the path each model took before the pruning and the untraceable-model split (None: the split, unpruned)
 BEFORE = {"nanda": "split", "grokfast": "split", "mamay": "hooks", "grok": "hooks", "omnigrok": "chain"}
 
 

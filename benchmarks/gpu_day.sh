@@ -30,7 +30,7 @@ for f in "$REPO"/grokfast_metrics/*; do
     case "$(basename "$f")" in __pycache__) ;; *) ln -s "$f" "$SHIM/grokfast_metrics/" ;; esac
 done
 ln -s "$REPO/kernels" "$SHIM/grokfast_metrics/kernels"
-export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}" GPU_DAY_REPO="$REPO" PYTHONUNBUFFERED=1
+export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}" GROKFAST_METRICS_GPU_DAY_REPO="$REPO" PYTHONUNBUFFERED=1
 cd "$SHIM"
 set +e
 "$PY" -P -m grokfast_metrics.bench.gpu_day "$OUTDIR" "$@"

@@ -1,6 +1,6 @@
 """Throughput of the connectivity matrix L: library backends, the naive torch and NumPy baselines, the roof.
 
-Run: ``pytest benchmarks/ --benchmark-only`` (add ``GFM_BENCH_LARGE=1`` for N=961 on the CPU).
+Run: ``pytest benchmarks/ --benchmark-only`` (add ``GROKFAST_METRICS_BENCH_LARGE=1`` for N=961 on the CPU).
 ``torch`` is chunked stock torch ops; ``auto`` on the CPU is the fused C++ kernel.
 ``extra_info`` of each row carries pairs/s, useful GFLOP/s (2*T*H*O per pair) and the fraction of
 the matmul roof; the ratios between rows are in the pytest-benchmark table (same session).

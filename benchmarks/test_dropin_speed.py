@@ -1,4 +1,5 @@
-"""Generic-path speed-up of ``lmn_at`` on a Grokfast-style transformer (issue 12, item 4), same run.
+"""Generic-path speed-up of ``lmn_at`` on a Grokfast-style transformer (docs/dropin.md, "How the rest of the model is run"),
+same run.
 
 Three ways to compute the same LMN at the output of the first and of the last block of Grokfast's
 decoder (dim 128, 2 blocks, 4 heads, p = 97, probe of N sequence-first ``[x, op, y, =]`` inputs):

@@ -4,7 +4,7 @@ Architecture of "Grokking as Compression" (Liu, Zhong & Tegmark): each operand e
 dimensions, the two embeddings concatenated, then ``Linear(64, 100) -> SiLU -> Linear(100, 100) ->
 SiLU -> Linear(100, p)`` — written as one ``nn.Sequential`` whose first layer is the embedding and
 whose input is the ``(N, 2)`` operand pairs. ``at="3"`` is the post-activation output of the first
-hidden layer (this project's default layer, SPEC §1), so the tail is ``Linear -> SiLU -> Linear``
+hidden layer (this project's default layer, docs/lmn.md "Which layer"), so the tail is ``Linear -> SiLU -> Linear``
 and LMN takes the fused fast path. The three lines marked ``# [LMN]`` are all that is added.
 
 Run: ``python examples/sequential_mlp.py --steps 5000`` (probe = all p^2 = 961 pairs)

@@ -13,31 +13,35 @@ with one line (its ``main`` handles it) instead of a traceback from inside torch
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 from . import _moved  # noqa: F401  (installs the finder of the module paths from before the layer packages)
-from .foundation.version import __version__
+from .foundation.version import __version__  # noqa: F401  (listed in __all__)
 
-#: public name -> the module that defines it
+#: public name -> the module that defines it (docs/api.md documents each)
 _EXPORTS = {
     "BACKENDS": "compute.core",
     "LMNResult": "compute.core",
+    "NonFiniteOutputError": "foundation.errors",
     "connectivity": "compute.core",
     "lmn": "compute.core",
     "lmn_from_connectivity": "compute.core",
+    "resolve_backend": "compute.core",
+    "AffineTailWarning": "dropin.plan",
+    "check_cut": "dropin.measure",
     "lmn_at": "dropin.measure",
+    "EigenStepError": "tracking.async_eigen",
     "LMNTracker": "tracking.tracker",
+    "LMNMetric": "tracking.metric",  # only with torchmetrics installed: otherwise an ImportError says what to install
 }
 
-__all__ = [
-    "BACKENDS",
-    "LMNResult",
-    "LMNTracker",
-    "__version__",
-    "connectivity",
-    "lmn",
-    "lmn_at",
-    "lmn_from_connectivity",
-]
+#: optional public names -> the package they need (listed in ``__all__`` only when it is installed, so that
+#: ``from grokfast_metrics import *`` works without it)
+_OPTIONAL = {"LMNMetric": "torchmetrics"}
+
+__all__ = sorted(
+    ["__version__", *(n for n in _EXPORTS if n not in _OPTIONAL or importlib.util.find_spec(_OPTIONAL[n]) is not None)]
+)
 
 
 def __getattr__(name: str):

@@ -1,6 +1,6 @@
 """The fused kernels, installed as ``grokfast_metrics.kernels`` (never as a top-level ``kernels``), named by strategy.
 
-- ``triton``: which Triton kernel runs (the variant chosen once, ``GM_TRITON_KERNEL``), above the two kernels:
+- ``triton``: which Triton kernel runs (the variant chosen once, ``GROKFAST_METRICS_TRITON_KERNEL``), above the two kernels:
   - ``triton_rowblock`` (v1): a program per row ``i`` and ``BLOCK_J`` columns, any supported depth;
   - ``triton_packed_mma`` (v2): pairs x ``T`` points packed into MMA rows, depth-1 tails without a final activation;
   - ``triton_common``: the jit helpers both share, and the ``LaunchConfig`` record.

@@ -1,4 +1,4 @@
-// Fused CPU kernel for the linear connectivity matrix of an MLP tail (SPEC §1-2).
+// Fused CPU kernel for the linear connectivity matrix of an MLP tail (docs/lmn.md, "How the fast paths compute it").
 //
 // For every pair i < j:  x_0[t] = z_i + lam_t (z_j - z_i)               # [T, H0]
 //                        x_l   = act_l(x_{l-1}) @ W_l^T + b_l            # [T, H_l], l = 1..S
@@ -194,12 +194,12 @@ inline __m256 act256(__m256 x, int code, float slope) {
             return _mm256_blendv_ps(x, _mm256_mul_ps(x, _mm256_set1_ps(slope)), neg);
         }
         case ACT_GELU_TANH: {
-            // x sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3): 0.5 x (1 + tanh u) cancels for negative u (issue 24)
+            // x sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3): 0.5 x (1 + tanh u) cancels for negative u (docs/lmn.md, "Accuracy in the corners")
             __m256 x3 = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
             __m256 u2 = _mm256_mul_ps(_mm256_set1_ps(1.5957691216057308f), _mm256_fmadd_ps(_mm256_set1_ps(0.044715f), x3, x));
             return _mm256_mul_ps(x, sigmoid256(u2));
         }
-        case ACT_GELU: {  // 0.5 x erfc(-x / sqrt(2)): the erf form cancels for negative x (issue 24)
+        case ACT_GELU: {  // 0.5 x erfc(-x / sqrt(2)): the erf form cancels for negative x (docs/lmn.md, "Accuracy in the corners")
             __m256 hx = _mm256_mul_ps(_mm256_set1_ps(0.5f), x);
             return _mm256_mul_ps(hx, erfc256(_mm256_mul_ps(x, _mm256_set1_ps(-0.7071067811865476f))));
         }
@@ -396,7 +396,7 @@ inline void r2_stats(const float* y, int T, int ld, int c0, const float* lam_c, 
     __m256 mean[G];
     for (int g = 0; g < G; ++g) {
         mean[g] = _mm256_div_ps(s[g], tv);
-        // scale-free moments (issue 24): every value divided by 2^floor(log2 max_t |y|) (exact; 1 for 0, denormals,
+        // scale-free moments (docs/lmn.md, "Accuracy in the corners"): every value divided by 2^floor(log2 max_t |y|) (exact; 1 for 0, denormals,
         // Inf/NaN), so |c| <= 4 and the squares never overflow (they did from |y| ~ 1e19 on: L read 0 or 1)
         p2[g] = _mm256_and_ps(amax[g], expmask);
         __m256 ok = _mm256_and_ps(_mm256_cmp_ps(p2[g], zero, _CMP_GT_OQ), _mm256_cmp_ps(p2[g], expmask, _CMP_LT_OQ));
@@ -420,7 +420,7 @@ inline void r2_stats(const float* y, int T, int ld, int c0, const float* lam_c, 
     }
 }
 
-// Sum over the first O outputs of r2_k with the constant-path rule (SPEC §1): 1 when std_k <= tol scale_k,
+// Sum over the first O outputs of r2_k with the constant-path rule (docs/lmn.md, "Policies for the undefined cases"): 1 when std_k <= tol scale_k,
 // scale_k = f sc[k] (or min(f sc[k], f2 sc2[k]) when sc2 is given) the rounding scale of output k (centred:
 // sum_h |W_kh| m_h, or a bound on it; otherwise max_t |y_tk|). est: sum of min(1, 2 sqrt(r2 (1 - r2)) kappa + kappa^2), kappa = eps scale / std;
 // any_const: the rule fired on some output. A larger scale gives a larger est and fires the rule more.
@@ -605,7 +605,7 @@ constexpr float kFloor = 1.1754944e-38f / 1.1920929e-7f;
 // its own rounding (relative: 2 m; the exp/erfc argument's rounding grows it by G on the negative side: SiLU,
 // sigmoid, tanh |x|, GELU x^2, GELU-tanh 1.6 |x| + 0.072 |x|^3), plus the input's absolute rounding through the unit's
 // largest slope s on the path (SiLU/GELU 1.2; sigmoid 1/4; tanh 1; ReLU 1 if the path reaches x > 0, else 0 (a
-// dead unit is exactly 0); LeakyReLU max(1, |slope|)). Homogeneous of degree 1 in the scale of z (issue 24: the old
+// dead unit is exactly 0); LeakyReLU max(1, |slope|)). Homogeneous of degree 1 in the scale of z (docs/lmn.md, "Accuracy in the corners": the old
 // m (1 + R) grew like its square and flagged or zeroed every pair at large weights).
 inline __m256 first_stage_scale(__m256 m, __m256 zi, __m256 zj, int code, float slope) {
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
@@ -970,7 +970,7 @@ void run_rows(const Problem& p, std::atomic<int64_t>* next_row) {
                     mmax_s = *std::max_element(lanes, lanes + 8);
                     m2_s = ((l2[0] + l2[1]) + (l2[2] + l2[3])) + ((l2[4] + l2[5]) + (l2[6] + l2[7]));
                     // |m|_2 >= max_h m_h: a sum of squares below that underflowed (tiny m_h: the floor of units
-                    // below FLT_MIN, issue 24); then |m|_2 <= sqrt(K) max_h m_h
+                    // below FLT_MIN; docs/lmn.md, "Accuracy in the corners"); then |m|_2 <= sqrt(K) max_h m_h
                     m2_s = m2_s < 1e-30f ? mmax_s * std::sqrt((float)p.kin[s]) : std::max(std::sqrt(m2_s), mmax_s);
                     for (int t = 0; t < T && !pre_centred; ++t) {
                         if (t == mid) continue;
@@ -1147,7 +1147,7 @@ struct Work64 {  // one thread's buffers
 constexpr double kFloor64 = 2.2250738585072014e-308 / 2.220446049250313e-16;
 
 // g(x) of the rounding scale |a| (1 + g(x)) of a smooth unit: |x act'(x)| / |a| plus the exp/erfc argument's rounding.
-// Homogeneous (issue 24): for x >= 0 a non-saturating unit is ~x and g = 1.2 (it was |x|, so the scale grew like x^2
+// Homogeneous (docs/lmn.md, "Accuracy in the corners"): for x >= 0 a non-saturating unit is ~x and g = 1.2 (it was |x|, so the scale grew like x^2
 // and the constant rule fired on every pair at large weights); on the negative side SiLU |x|, GELU x^2, GELU-tanh
 // 1.6 |x| + 0.072 |x|^3; saturating units (taken offset free, exponentially small) |x| on both sides.
 inline double rounding_gain64(int code, double x, bool sat) {
@@ -1237,7 +1237,7 @@ inline void r2_stats64(const double* y, int T, int ld, int c0, const double* lam
     __m256d p2[G], inv[G];
     for (int g = 0; g < G; ++g) {
         mean[g] = _mm256_div_pd(s[g], tv);
-        // scale-free moments (issue 24): values divided by 2^floor(log2 max_t |y|), exact, as in r2_stats
+        // scale-free moments (docs/lmn.md, "Accuracy in the corners"): values divided by 2^floor(log2 max_t |y|), exact, as in r2_stats
         p2[g] = _mm256_and_pd(mx[g], expmask);
         const __m256d ok = _mm256_and_pd(_mm256_cmp_pd(p2[g], zero, _CMP_GT_OQ), _mm256_cmp_pd(p2[g], expmask, _CMP_LT_OQ));
         p2[g] = _mm256_blendv_pd(one, p2[g], ok);
@@ -1295,7 +1295,7 @@ double pair_value64(const Pairs64& p, int64_t i, int64_t j, Work64& w) {
     if (chain) {
         silu_chain(zi, d, p.ez + i * kp0, p.ez + j * kp0, p.sz + i * kp0, p.lam, T, kp0, 0, w.scratch.data(), x);
         // |silu(x)| <= |x| <= M_h = max(|z_ih|, |z_jh|) on the path: mv_h <= 2.2 M_h for x >= 0 and
-        // |silu(x)| (1 + |x|) <= 0.72 for x < 0, no pass over the rows (homogeneous; it was M_h (1 + M_h), issue 24)
+        // |silu(x)| (1 + |x|) <= 0.72 for x < 0, no pass over the rows (homogeneous; it was M_h (1 + M_h); docs/lmn.md, "Accuracy in the corners")
         __m256d m = _mm256_setzero_pd();
         const __m256d absm = _mm256_set1_pd(-0.0);
         for (int q = 0; q < kp0; q += 4) {

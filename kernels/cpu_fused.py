@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from grokfast_metrics.foundation.policy import CONST_RTOL, FLAG_KAPPA, check_fits, check_n_lambda, lambdas
+from grokfast_metrics.foundation.runtime import cpu_kernel_switched_off
 from grokfast_metrics.foundation.tail import ACT_CODES, MLPTail
 
 _SOURCE = Path(__file__).with_name("cpu_fused.cpp")
@@ -42,7 +43,7 @@ _SOURCE = Path(__file__).with_name("cpu_fused.cpp")
 _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fno-math-errno"] + [
     f"-DGM_ACT_{name.upper()}={code}" for name, code in ACT_CODES.items()
 ]
-_ENV_SWITCH = "GROKFAST_METRICS_CPU_KERNEL"
+_ENV_SWITCH = "GROKFAST_METRICS_CPU_KERNEL"  # read by _runtime.cpu_kernel_switched_off
 
 _lock = threading.Lock()
 _state: dict = {"lib": None, "tried": False, "error": None, "build_seconds": None, "path": None}
@@ -60,7 +61,7 @@ def _cpu_has_avx2_fma() -> bool:
     return "avx2" in flags and "fma" in flags
 
 
-#: what a machine without the kernel pays (measured: docs/lmn.md, "Backends"); in the one-line warning
+#: what a machine without the kernel pays (measured: README, "The CPU kernel and a machine without a C++ compiler")
 SLOWDOWN = "LMN runs on torch ops instead, about 10-20x slower"
 
 
@@ -184,14 +185,10 @@ def build(force: bool = False) -> dict:
     return build_info()
 
 
-def switched_off() -> bool:
-    """True when ``$GROKFAST_METRICS_CPU_KERNEL`` is ``0`` / ``false`` (the one place it is read)."""
-    return os.environ.get(_ENV_SWITCH, "1") in ("0", "false", "False")
-
 
 def available() -> bool:
     """True when the fused CPU kernel can run here (builds it on first call)."""
-    if switched_off():
+    if cpu_kernel_switched_off():
         return False
     return _library() is not None
 
@@ -235,7 +232,7 @@ def _shared_reason(spec: MLPTail, device: torch.device) -> str | None:
         return "the tail has no Linear after its first activation"
     if _skip_reason(spec) is not None:
         return _skip_reason(spec)
-    if switched_off():
+    if cpu_kernel_switched_off():
         return f"disabled by {_ENV_SWITCH}=0"
     if _library() is None:
         return f"kernel unavailable: {_state['error']}"

@@ -6,7 +6,8 @@
   pairs x ``T`` points packed densely into MMA rows; every other tail runs v1.
 
 The variant is, in order: the ``variant`` argument, the one set by :func:`use_variant` (benchmarks time both
-kernels in one run this way), ``$GM_TRITON_KERNEL`` (read in :func:`kernel_variant` only), :data:`DEFAULT_VARIANT`.
+kernels in one run this way), ``$GROKFAST_METRICS_TRITON_KERNEL`` (read in :func:`kernel_variant` only, through
+``foundation.runtime.env``), :data:`DEFAULT_VARIANT`.
 Both launchers take the absorbed representations ``z = spec.absorb(h)``, as the fused CPU kernel does
 (:func:`grokfast_metrics.kernels.cpu_fused.connectivity_cpu`).
 """
@@ -14,29 +15,27 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import os
 from collections.abc import Iterator
 
 import torch
 
+from ..foundation.runtime import env
 from ..foundation.tail import MLPTail
 from . import triton_packed_mma as v2
 from . import triton_rowblock as v1
 from .triton_common import LaunchConfig
 
-#: Kernel variants (``variant=``, env ``GM_TRITON_KERNEL``) and the default.
+#: Kernel variants (``variant=``, env ``GROKFAST_METRICS_TRITON_KERNEL``) and the default.
 VARIANTS = ("v1", "v2")
 DEFAULT_VARIANT = "v2"
-#: the environment variable naming the variant (read by :func:`kernel_variant` only)
-ENV_VARIANT = "GM_TRITON_KERNEL"
 
 _chosen: contextvars.ContextVar[str | None] = contextvars.ContextVar("triton_variant", default=None)
 
 
 def kernel_variant(variant: str | None = None) -> str:
-    """``variant``, else :func:`use_variant`'s, else ``$GM_TRITON_KERNEL``, else :data:`DEFAULT_VARIANT`; checked
+    """``variant``, else :func:`use_variant`'s, else ``$GROKFAST_METRICS_TRITON_KERNEL``, else :data:`DEFAULT_VARIANT`; checked
     against :data:`VARIANTS`."""
-    v = variant or _chosen.get() or os.environ.get(ENV_VARIANT) or DEFAULT_VARIANT
+    v = variant or _chosen.get() or env("TRITON_KERNEL") or DEFAULT_VARIANT
     if v not in VARIANTS:
         raise ValueError(f"Triton kernel variant must be one of {VARIANTS}; got {v!r}")
     return v

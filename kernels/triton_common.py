@@ -131,7 +131,8 @@ def _act_offset_free(x, ref, ACT: tl.constexpr, SLOPE: tl.constexpr):
 def _amp(x, ACT: tl.constexpr):
     """``1 + g``: how much the rounding of the input ``x`` grows through ``act`` relative to ``|act|``
     (``torch_backend._through``: ``|x|`` for smooth units, ``x^2`` for GELU at negative ``x``, 0 otherwise). Homogeneous
-    (issue 24): SiLU, GELU and GELU-tanh are ~x for ``x >= 0``, where ``|x act'(x)| <= 1.2 |act(x)|``: ``1 + g = 2.2``
+    (docs/lmn.md, "Accuracy in the corners"): SiLU, GELU and GELU-tanh are ~x for ``x >= 0``, where ``|x act'(x)| <= 1.2 |act(x)|``:
+    ``1 + g = 2.2``
     there (it was ``1 + |x|``: the scale grew like the square of the weights and fired the constant rule)."""
     ax = tl.abs(x)
     if ACT == _GELU:
@@ -214,7 +215,8 @@ def _end_bounds(b_zi, b_zj, b_ai, b_aj, o_k, ACT: tl.constexpr, H_LAST: tl.const
         b_m = tl.where((b_lo <= _XSTAR_GELU + 0.01) & (b_hi >= _XSTAR_GELU - 0.01), tl.maximum(b_m, _MIN_GELU), b_m)
     if (ACT == _SILU) or (ACT == _GELU) or (ACT == _GELU_TANH):
         # positive part: |a| <= b_m there, 1 + g = 2.2; negative part: |a| (1 + g) <= min(_NEG_PEAK, b_m (1 + g(lo)))
-        # (b_m = max |a| on the path, g grows with |x|): homogeneous (issue 24), and tight for deeply negative paths
+        # (b_m = max |a| on the path, g grows with |x|): homogeneous (docs/lmn.md, "Accuracy in the corners"), and tight for deeply
+        # negative paths
         b_pos = tl.where(b_hi > 0.0, 2.2 * b_m, 0.0)
         b_neg = tl.where(b_lo < 0.0, tl.minimum(b_m * _amp(b_lo, ACT), _NEG_PEAK), 0.0)
         b_m = tl.maximum(b_pos, b_neg)
@@ -226,7 +228,8 @@ def _end_bounds(b_zi, b_zj, b_ai, b_aj, o_k, ACT: tl.constexpr, H_LAST: tl.const
 @triton.jit
 def _pow2_above(b_amax):
     """``2^round(log2 max_t |yc|)`` per output (1 where it is 0): dividing by it is exact and keeps the squares of the
-    moments finite whatever the scale of the weights or ``h`` (issue 24: they overflowed from |y| ~ 1e19 in fp32)."""
+    moments finite whatever the scale of the weights or ``h`` (docs/lmn.md, "Accuracy in the corners": they overflowed from |y| ~ 1e19
+    in fp32)."""
     return tl.where(b_amax > 0.0, tl.exp2(tl.floor(tl.log2(tl.where(b_amax > 0.0, b_amax, 1.0)))), 1.0)
 
 

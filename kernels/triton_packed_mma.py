@@ -1,4 +1,5 @@
-"""Triton kernel v2 for depth-1 centred MLP tails (``Linear -> act -> Linear``, the default tail), issue 13.
+"""Triton kernel v2 for depth-1 centred MLP tails (``Linear -> act -> Linear``, the default tail;
+docs/lmn.md, "How the fast paths compute it").
 
 Same mathematics, flags and accuracy contract as v1 (:mod:`.triton_rowblock`; both import their shared jit
 helpers from :mod:`.triton_common`; :mod:`.triton` chooses between them); what changes is how the work is laid out (each change kept because

@@ -1,5 +1,5 @@
-"""Fused Triton kernel v1 ("row block") for the linear connectivity matrix of an MLP tail (SPEC §1-2); which of
-the two Triton kernels runs is decided in :mod:`.triton`.
+"""Fused Triton kernel v1 ("row block") for the linear connectivity matrix of an MLP tail (docs/lmn.md, "How the fast
+paths compute it"); which of the two Triton kernels runs is decided in :mod:`.triton`.
 
 One launch computes every ``L_ij`` (``i < j``) of a normalised MLP tail
 (``grokfast_metrics.foundation.tail.MLPTail``) from ``z = spec.absorb(h)`` (``N x H0``): the ``T x H0``
@@ -133,7 +133,7 @@ def _connectivity_fwd_kernel(
         r2_k = 1                          if sqrt(mean_t yc^2) <= CONST_TOL * scale_k
         r2_k = clamp(r2_k, 0, 1)          otherwise
 
-    ``CENTRED`` (no trailing activation, SPEC §1 accuracy contract): the last Linear maps its input centred
+    ``CENTRED`` (no trailing activation, docs/lmn.md, "Accuracy contract"): the last Linear maps its input centred
     over ``t`` (depth 1: ``a_t - a_0``), without its bias, sigmoid/tanh just before it offset free, and
     ``scale_k = min(max_h m_h |W_k|_1, |m|_2 |W_k|_2) >= sum_h |W_kh| m_h`` (``m_h``: the rounding scale of
     ``torch_backend._through``, depth 1 bounded from the path's ends). Otherwise (an activation follows
@@ -158,7 +158,7 @@ def _connectivity_fwd_kernel(
         m_t = o_t < T
         b_lam = o_t.to(DT) / (T - 1)                                                   # [T_PAD]
 
-        # CENTRED (no trailing activation): the last Linear maps its centred input, no bias (SPEC §1 (a));
+        # CENTRED (no trailing activation): the last Linear maps its centred input, no bias (docs/lmn.md, "Accuracy contract" (a));
         # b_mmax, b_msq: max_h m_h and sum_h m_h^2 of its input's rounding scale m_h (torch_backend._through)
         b_mmax = tl.zeros([BLOCK_J], dtype=DT)
         b_msq = tl.zeros([BLOCK_J], dtype=DT)

@@ -17,7 +17,7 @@ Baselines, all measured in the same run as the rows they are compared with:
 
 Useful work per pair is ``2 * T * (H * O + (depth - 1) * H * H)`` FLOP: the multiply-adds of every
 Linear applied after the interpolation (the absorbed first Linear runs once per sample and is not
-counted). For the default depth-1 tail this is the SPEC's ``2 * T * H * O``.
+counted). For the default depth-1 tail this is ``2 * T * H * O`` (docs/targets.md).
 
 Refusal rule: before any timing, each backend's ``L`` on the first ``n_ref`` samples is compared
 with the reference's ``L`` on the same samples and the same tail; a max abs difference above

@@ -5,7 +5,7 @@ For each model of ``tests/support/models.py`` (the repository checkout's; the pa
 * **after**: ``lmn_at``'s plan as it is now (a tail lowered into the fused C++ kernel when it lowers:
   :mod:`grokfast_metrics.dropin.lower`), at ``N``;
 * **before**: the same plan with the lowering switched off (the fx split or hook tail on the generic path, what
-  ``lmn_at`` ran before issue 20), at a smaller ``N`` when the full one is too slow, scaled per pair.
+  ``lmn_at`` ran before the pruning and lowering of docs/dropin.md), at a smaller ``N`` when the full one is too slow, scaled per pair.
 
 For a lowered tail it also reports the fraction of the matmul roof (useful FLOP ``2 T d_hidden O`` per pair, as for
 the MLP; the roof is a large square fp32 matmul timed right before and after, the better of the two) and the same

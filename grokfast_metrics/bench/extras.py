@@ -25,7 +25,7 @@ from .harness import (
 from .sweep import DEFAULT_SHAPE, BenchConfig, NewRow, SweepState, e2e_shape, log
 from .workloads import TRAIN_FRACTION, make_inputs, make_tail, train_overhead
 
-#: N of the paired-roof rows: the SPEC §4 key shape (all 961 inputs of addition mod 31)
+#: N of the paired-roof rows: the key shape of docs/targets.md (all 961 inputs of addition mod 31)
 PAIRED_N = 961
 
 
@@ -49,7 +49,7 @@ def extra_rows(cfg: BenchConfig, device: torch.device, state: SweepState, new_ro
 
 
 def paired_roof_rows(cfg: BenchConfig, device: torch.device, backends: list[str], new_row: NewRow) -> list[BenchRow]:
-    """One ``roof_paired`` row per backend for the SPEC §4 key shape (N=961, default tail)."""
+    """One ``roof_paired`` row per backend for the key shape of docs/targets.md (N=961, default tail)."""
     out = []
     (H, depth), n, T = DEFAULT_SHAPE, PAIRED_N, cfg.n_lambda
     tail = make_tail(H, cfg.out, depth, cfg.seed, device)

@@ -76,7 +76,7 @@ class Workload:
 
 
 def default_workload(n_lambda: int = 21) -> Workload:
-    """The SPEC's default tail: ``Linear(100,100) -> SiLU -> Linear(100,31)`` (seeded), paper-like inputs."""
+    """The default tail (docs/lmn.md, "Which layer"): ``Linear(100,100) -> SiLU -> Linear(100,31)`` (seeded), paper-like inputs."""
     def make(n: int, device: torch.device):
         return make_inputs(n, 100, 1, device), make_tail(100, 31, 1, 0, device)
 

@@ -3,7 +3,7 @@
 ``grokfast-metrics bench --merge-gpu-day OUTDIR/gpu_day.json`` (:func:`merge`) appends the file's rows to the CSV
 (so the generated tables of ``RESULTS.md`` get a section for the device) and writes the GPU day's own block of
 ``RESULTS.md`` for that device (:func:`format_gpu_day`): the stages, the CUDA tests, L and end-to-end times against
-the SPEC's targets, eigen on the device vs host LAPACK, the static model's error, the dense-tracking total.
+the targets of docs/targets.md, eigen on the device vs host LAPACK, the static model's error, the dense-tracking total.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from .report import append_csv, read_csv, replace_block, update_results_md
 FORMAT = "grokfast-metrics gpu-day 1"
 RESULTS_NAME = "gpu_day.json"
 _KEYS = ("format", "dry_run", "run_id", "device_name", "stages", "cuda_tests", "rows", "static_model", "dense_tracking")
-#: SPEC §4 targets quoted beside the measured figures
+#: the targets of docs/targets.md, quoted beside the measured figures
 TARGET_L_MS, TARGET_E2E_MS, TARGET_DENSE_S = 1.0, 5.0, 180.0
 
 

@@ -19,7 +19,7 @@ import torch
 
 from ..foundation.runtime import synchronize
 
-#: fp32 agreement tolerance with the NumPy reference (SPEC §4).
+#: fp32 agreement tolerance with the NumPy reference (docs/targets.md).
 ATOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 

@@ -42,7 +42,7 @@ FULL_DEPTH = (1, 2)
 QUICK_N = (64, 256)
 QUICK_HIDDEN = (100,)
 QUICK_DEPTH = (1, 2)
-#: the SPEC's default tail: H=100, depth 1 (never capped by ``max_n_other``)
+#: the default tail (docs/lmn.md, "Which layer"): H=100, depth 1 (never capped by ``max_n_other``)
 DEFAULT_SHAPE = (100, 1)
 
 NewRow = Callable[..., BenchRow]

@@ -7,7 +7,8 @@ single name) and calls it from one table (``_DISPATCH``). The math lives in ``to
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,33 +18,20 @@ from ..foundation.policy import FLAGGED, check_fits, check_n_lambda
 from ..foundation.runtime import eval_mode, triton_available, triton_interpreting
 from ..foundation.tail import MLPTail, parse_tail
 from . import torch_paths as torch_backend
+from .result import LMNResult
 
 #: what ``backend=`` accepts; every name but ``"auto"`` is also what :func:`resolve_backend` can return
 BACKENDS = ("auto", "triton", "cpu", "torch", "reference")
 
-
-@dataclass
-class LMNResult:
-    """Result of :func:`lmn` / :func:`lmn_from_connectivity`.
-
-    Attributes:
-        lmn: linear mapping number ``2 ** entropy_bits``.
-        entropy_bits: von Neumann-style entropy ``S`` of the normalised eigenvalues, in bits.
-        eigenvalues: ``(N,)`` float64 absolute eigenvalues of ``L``, descending.
-        connectivity: ``(N, N)`` linear connectivity matrix ``L``.
-    """
-
-    lmn: float
-    entropy_bits: float
-    eigenvalues: torch.Tensor
-    connectivity: torch.Tensor
+__all__ = ["BACKENDS", "LMNResult", "backend_info", "connectivity", "last_run_info", "lmn",
+           "lmn_from_connectivity", "resolve_backend"]
 
 
 # --------------------------------------------------------------------------------------------
 # validation
 
 
-def _check_h(h) -> None:
+def _check_h(h: Any) -> None:
     if not isinstance(h, torch.Tensor):
         raise TypeError(f"h must be a torch.Tensor of shape (N, D); got {type(h).__name__}")
     if h.dim() != 2:
@@ -68,7 +56,7 @@ def _check_h(h) -> None:
         raise ValueError(f"h has NaN/Inf in {len(rows)} row(s) [{shown}]; LMN is undefined for non-finite input")
 
 
-def _check_tail(tail, h: torch.Tensor) -> None:
+def _check_tail(tail: Any, h: torch.Tensor) -> None:
     if not isinstance(tail, nn.Module):
         raise TypeError(f"tail must be an nn.Module (the network from h's layer to the logits); got {type(tail).__name__}")
     named = []
@@ -137,7 +125,8 @@ def _unavailable(name: str, h: torch.Tensor, dtype: torch.dtype, spec: MLPTail |
         if not h.is_cuda and not (triton_interpreting() and kc.kernel_is_interpreted()):
             return ("CPU tensors run only under the Triton interpreter (set TRITON_INTERPRET=1 before Python "
                     "imports triton); use backend='torch' on the CPU")
-        return kc.unsupported_reason(spec)
+        reason: str | None = kc.unsupported_reason(spec)
+        return reason
     if name == "cpu":
         if spec is None:
             return _NOT_MLP
@@ -145,7 +134,8 @@ def _unavailable(name: str, h: torch.Tensor, dtype: torch.dtype, spec: MLPTail |
             return None  # L = 1 without a kernel
         from ..kernels import cpu_fused as kcpu
 
-        return kcpu.unsupported_reason(spec, h.device, dtype)
+        cpu_reason: str | None = kcpu.unsupported_reason(spec, h.device, dtype)
+        return cpu_reason
     return None  # torch and the reference run any module (the generic path for non-MLP tails)
 
 
@@ -184,6 +174,13 @@ def resolve_backend(h: torch.Tensor, tail: nn.Module, backend: str = "auto") -> 
 
     Raises:
         ValueError: the same backend errors as :func:`connectivity`.
+
+    >>> import torch, grokfast_metrics as gm
+    >>> gm.resolve_backend(torch.randn(5, 4), torch.nn.Linear(4, 3))   # an affine tail: L = 1 on torch ops
+    'torch'
+    >>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.SiLU(), torch.nn.Linear(8, 3))
+    >>> gm.resolve_backend(torch.randn(5, 4), mlp) in ("cpu", "torch")   # "cpu": the fused C++ kernel, where it builds
+    True
     """
     return _choose(backend, h, _compute_dtype(h, tail), parse_tail(tail))
 
@@ -199,13 +196,14 @@ def _kernel_of(name: str, dtype: torch.dtype, spec: MLPTail | None, n_lambda: in
     if name == "triton":
         from ..kernels.triton import variant_for
 
-        return variant_for(spec, n_lambda)
+        variant: str = variant_for(spec, n_lambda)
+        return variant
     if name == "torch":
         return "mlp" if spec is not None else "generic"
     return None
 
 
-def backend_info(h: torch.Tensor, tail: nn.Module, backend: str = "auto", n_lambda: int = 21) -> dict:
+def backend_info(h: torch.Tensor, tail: nn.Module, backend: str = "auto", n_lambda: int = 21) -> dict[str, Any]:
     """What :func:`connectivity` runs for these arguments, and why not the fast path, for run logs and benchmarks.
 
     Returns:
@@ -229,13 +227,22 @@ def backend_info(h: torch.Tensor, tail: nn.Module, backend: str = "auto", n_lamb
             "dtype": str(dtype).replace("torch.", ""), "fallback": fallback}
 
 
-def _run_triton(h, tail, spec, n_lambda, chunk_bytes, y_end):
+#: ``(h in its compute dtype, tail, spec, n_lambda, chunk_bytes, y_end) -> L``: one backend of :data:`_DISPATCH`
+Runner = Callable[[torch.Tensor, nn.Module, "MLPTail | None", int, "int | None", torch.Tensor], torch.Tensor]
+
+
+def _run_triton(h: torch.Tensor, tail: nn.Module, spec: MLPTail | None, n_lambda: int, chunk_bytes: int | None,
+                y_end: torch.Tensor) -> torch.Tensor:
     from ..kernels.triton import connectivity_triton
 
-    return connectivity_triton(spec.absorb(h), spec, n_lambda)
+    assert spec is not None  # the dispatch runs Triton on MLP tails only
+    L: torch.Tensor = connectivity_triton(spec.absorb(h), spec, n_lambda)
+    return L
 
 
-def _run_cpu(h, tail, spec, n_lambda, chunk_bytes, y_end):
+def _run_cpu(h: torch.Tensor, tail: nn.Module, spec: MLPTail | None, n_lambda: int, chunk_bytes: int | None,
+             y_end: torch.Tensor) -> torch.Tensor:
+    assert spec is not None  # _choose picks "cpu" only for an MLP tail
     if spec.is_affine:
         return torch.ones(h.shape[0], h.shape[0], dtype=h.dtype, device=h.device)
     from ..kernels.cpu_fused import connectivity_cpu
@@ -243,10 +250,12 @@ def _run_cpu(h, tail, spec, n_lambda, chunk_bytes, y_end):
     # a lowered tail absorbs in float64 (its exact twin), rounded once: z = W_in x + b where x carries a large component
     # W_in cancels (a residual stream's offset the MLP does not read) keeps fp32 accuracy relative to |z|, not |x|
     z = spec.absorb(h) if spec.exact is None else spec.exact.absorb(h.to(torch.float64)).to(h.dtype)
-    return connectivity_cpu(z.contiguous(), spec, n_lambda, flag=True, u=spec.skip_values(h))
+    L: torch.Tensor = connectivity_cpu(z.contiguous(), spec, n_lambda, flag=True, u=spec.skip_values(h))
+    return L
 
 
-def _run_torch(h, tail, spec, n_lambda, chunk_bytes, y_end):
+def _run_torch(h: torch.Tensor, tail: nn.Module, spec: MLPTail | None, n_lambda: int, chunk_bytes: int | None,
+               y_end: torch.Tensor) -> torch.Tensor:
     flag = h.dtype == torch.float32
     if spec is not None and spec.skip is None:
         return torch_backend.connectivity_mlp(h, spec, n_lambda, chunk_bytes, flag=flag)
@@ -256,7 +265,8 @@ def _run_torch(h, tail, spec, n_lambda, chunk_bytes, y_end):
         return generic.connectivity_tail(h, tail, n_lambda, h.dtype, h.dtype, chunk_bytes, y_end=y_end, flag=flag)
 
 
-def _run_reference(h, tail, spec, n_lambda, chunk_bytes, y_end):
+def _run_reference(h: torch.Tensor, tail: nn.Module, spec: MLPTail | None, n_lambda: int, chunk_bytes: int | None,
+                   y_end: torch.Tensor) -> torch.Tensor:
     if spec is None or spec.skip is not None:  # any other module: the paper-literal float64 loop through the module
         from .generic import reference_connectivity
 
@@ -268,14 +278,14 @@ def _run_reference(h, tail, spec, n_lambda, chunk_bytes, y_end):
 
 #: resolved backend name -> ``(h in its compute dtype, tail, spec, n_lambda, chunk_bytes, y_end) -> L``
 #: (``y_end``: the tail's outputs on ``h`` from the output check; the generic path reuses them)
-_DISPATCH = {"triton": _run_triton, "cpu": _run_cpu, "torch": _run_torch, "reference": _run_reference}
+_DISPATCH: dict[str, Runner] = {"triton": _run_triton, "cpu": _run_cpu, "torch": _run_torch, "reference": _run_reference}
 
 
 #: what the last :func:`connectivity` call did (for benchmarks and logs): see :func:`last_run_info`
-_LAST_RUN: dict = {}
+_LAST_RUN: dict[str, Any] = {}
 
 
-def last_run_info() -> dict:
+def last_run_info() -> dict[str, Any]:
     """``{"backend", "kernel", "pairs", "recomputed", "fraction_recomputed"}`` of the last :func:`connectivity` call
     in this process: the backend and kernel variant that ran (see :func:`backend_info`) and how many pairs the fp32
     backend flagged as ill-conditioned and recomputed in fp64. After ``lmn_at`` (or a tracker) also ``"path"``
@@ -337,7 +347,7 @@ def _identical_rows(h: torch.Tensor) -> torch.Tensor | None:
 def connectivity(
     h: torch.Tensor, tail: nn.Module, n_lambda: int = 21, backend: str = "auto", *, chunk_bytes: int | None = None
 ) -> torch.Tensor:
-    """Linear connectivity matrix ``L`` of ``N`` representations through ``tail`` (SPEC §1).
+    """Linear connectivity matrix ``L`` of ``N`` representations through ``tail`` (docs/lmn.md, "Definition").
 
     ``L_ij`` is the mean over output dimensions of the squared Pearson correlation between
     ``tail(h_i + lam (h_j - h_i))`` and ``lam`` over ``n_lambda`` evenly spaced ``lam`` in [0, 1].
@@ -365,6 +375,17 @@ def connectivity(
         ValueError: non-finite input, ``N < 2``, shape/device mismatch, ``n_lambda`` out of range, a
             tail whose outputs on ``h`` are not finite real ``(N, O)`` logits (e.g. a diverged model),
             unknown backend, or a backend that cannot run here (see the message).
+
+    Example (symmetric, entries in [0, 1], ones on the diagonal; an affine tail gives 1 everywhere):
+
+    >>> import torch, grokfast_metrics as gm
+    >>> tail = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.SiLU(), torch.nn.Linear(8, 3))
+    >>> h = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    >>> L = gm.connectivity(h, tail)
+    >>> L.shape, bool(torch.equal(L, L.T)), bool(((0 <= L) & (L <= 1)).all()), L.diagonal().tolist()
+    (torch.Size([5, 5]), True, True, [1.0, 1.0, 1.0, 1.0, 1.0])
+    >>> gm.connectivity(h, torch.nn.Linear(4, 3)).unique().tolist()
+    [1.0]
     """
     _check_h(h)
     _check_tail(tail, h)
@@ -382,9 +403,9 @@ def connectivity(
         L = run(h.to(dtype), tail, spec, n_lambda, chunk_bytes, y_end)
         groups = _identical_rows(h)
         recomputed = 0
-        if name != "reference" and dtype == torch.float32:  # SPEC §1 (c): flagged pairs are recomputed in fp64
+        if name != "reference" and dtype == torch.float32:  # docs/lmn.md, "Accuracy contract" (c): flagged pairs recomputed in fp64
             recomputed = _recompute_flagged(L, h, tail, spec, n_lambda, chunk_bytes, groups)
-        if groups is not None:  # SPEC §1: identical representations are perfectly connected
+        if groups is not None:  # docs/lmn.md, "Policies for the undefined cases": identical rows give 1
             L[groups[:, None] == groups[None, :]] = 1.0
     n = h.shape[0]
     _LAST_RUN.clear()
@@ -394,7 +415,7 @@ def connectivity(
 
 
 def lmn_from_connectivity(L: torch.Tensor) -> LMNResult:
-    """Eigen-decomposition and entropy of a connectivity matrix (SPEC §1 step 4).
+    """Eigen-decomposition and entropy of a connectivity matrix (docs/lmn.md, "Definition", step 4).
 
     ``ev = |eigvalsh(L)|`` in float64 on ``L``'s device; eigenvalues at or below
     ``N * eps64 * max(ev)`` are eigensolver rounding of exact zeros and count as 0;
@@ -406,6 +427,13 @@ def lmn_from_connectivity(L: torch.Tensor) -> LMNResult:
     Raises:
         TypeError: ``L`` is not a real floating-point tensor (complex, bool and integer matrices are refused).
         ValueError: ``L`` is not square, is empty, is on the meta device, is not symmetric, has NaN/Inf, or is all zeros.
+
+    Example (two equal blocks of perfectly connected samples: LMN = 2):
+
+    >>> import torch, grokfast_metrics as gm
+    >>> res = gm.lmn_from_connectivity(torch.block_diag(torch.ones(2, 2), torch.ones(2, 2)))
+    >>> round(res.lmn, 12), round(res.entropy_bits, 12), res.eigenvalues.tolist()
+    (2.0, 1.0, [2.0, 2.0, 0.0, 0.0])
     """
     if not isinstance(L, torch.Tensor):
         raise TypeError(f"L must be a torch.Tensor; got {type(L).__name__}")
@@ -438,6 +466,12 @@ def lmn(
     """Linear mapping number of ``h`` through ``tail``: :func:`connectivity` then :func:`lmn_from_connectivity`.
 
     Same arguments and errors as :func:`connectivity`.
+
+    >>> import torch, grokfast_metrics as gm
+    >>> tail = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.SiLU(), torch.nn.Linear(8, 3))
+    >>> res = gm.lmn(torch.randn(6, 4), tail)                       # an LMNResult
+    >>> 1.0 <= res.lmn <= 6, res.lmn == 2 ** res.entropy_bits, res.connectivity.shape
+    (True, True, torch.Size([6, 6]))
     """
     return lmn_from_connectivity(connectivity(h, tail, n_lambda, backend, chunk_bytes=chunk_bytes))
 

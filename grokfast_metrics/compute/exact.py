@@ -13,6 +13,9 @@ widths small (``N <= 12``, widths <= ~30). Tests use it to arbitrate between bac
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from typing import Any
+
 import numpy as np
 from torch import nn
 
@@ -24,7 +27,7 @@ except ImportError:  # pragma: no cover
     mpmath = None
 
 
-def _mp_act(name: str, slope: float):
+def _mp_act(name: str, slope: float) -> Callable[[Any], Any]:
     mp = mpmath.mp
     s2 = mp.sqrt(2)
     k = mp.sqrt(2 / mp.pi)
@@ -42,11 +45,15 @@ def _mp_act(name: str, slope: float):
     return table[name]
 
 
-def _layers(tail: nn.Module):
+#: one layer of the tail in mpmath: ``("linear", W rows, bias or None)`` or ``("act", function, None)``
+Layer = tuple[str, Any, Any]
+
+
+def _layers(tail: nn.Module) -> list[Layer]:
     layers = _flatten(tail)
     if layers is None:
         raise ValueError("exact: the tail must be a plain nn.Sequential of nn.Linear and supported activations")
-    out = []
+    out: list[Layer] = []
     for m in layers:
         if type(m) is nn.Linear:
             W = m.weight.detach().cpu().double().numpy()
@@ -62,7 +69,7 @@ def _layers(tail: nn.Module):
     return out
 
 
-def _forward(layers, x):
+def _forward(layers: list[Layer], x: list[Any]) -> list[Any]:
     for kind, a, b in layers:
         if kind == "linear":
             x = [mpmath.fsum(w * v for w, v in zip(row, x)) + (b[o] if b is not None else 0) for o, row in enumerate(a)]
@@ -75,15 +82,16 @@ def _forward(layers, x):
 MAX_DPS = 2000
 #: an output whose exact spread over the path (``std_t``) is below this counts as constant (``r2 = 1``): it is below
 #: the smallest normal float64 number (2.2e-308), so no floating-point backend can resolve it (e.g. a tanh unit at
-#: ``x ~ 1e3`` varies by ``e^-2000``). SPEC §1's constant-path rule in the yardstick.
+#: ``x ~ 1e3`` varies by ``e^-2000``). The constant-path rule of docs/lmn.md, "Policies for the undefined cases", in the yardstick.
 TINY = 1e-300
 
 
-def pair_r2(h, tail: nn.Module, i: int, j: int, n_lambda: int = 21, dps: int = 50) -> np.ndarray:
+def pair_r2(h: Any, tail: nn.Module, i: int, j: int, n_lambda: int = 21, dps: int = 50) -> np.ndarray:
     """Exact ``r2_k`` (``(O,)`` float64, rounded from ``dps`` digits) of the path from ``h[i]`` to ``h[j]``.
 
     Adaptive: an output whose spread over the path is below ``10^-(dps - 20)`` of its magnitude (a deeply saturated
-    unit under a bias: its variation would be lost in the working precision, issue 24) is recomputed with 4x the
+    unit under a bias: its variation would be lost in the working precision; docs/lmn.md, "Accuracy in the corners") is recomputed with
+    4x the
     digits, up to :data:`MAX_DPS`; an output still constant there counts as constant.
     """
     while True:
@@ -93,7 +101,7 @@ def pair_r2(h, tail: nn.Module, i: int, j: int, n_lambda: int = 21, dps: int = 5
         dps = min(MAX_DPS, 4 * dps)
 
 
-def _pair_r2(h, tail: nn.Module, i: int, j: int, n_lambda: int, dps: int) -> tuple[np.ndarray, bool]:
+def _pair_r2(h: Any, tail: nn.Module, i: int, j: int, n_lambda: int, dps: int) -> tuple[np.ndarray, bool]:
     if mpmath is None:  # pragma: no cover
         raise ImportError("grokfast_metrics.compute.exact needs mpmath (pip install mpmath)")
     if hasattr(h, "detach"):
@@ -126,7 +134,8 @@ def _pair_r2(h, tail: nn.Module, i: int, j: int, n_lambda: int, dps: int) -> tup
     return np.asarray(out), unresolved
 
 
-def connectivity(h, tail: nn.Module, n_lambda: int = 21, dps: int = 50, pairs=None) -> np.ndarray:
+def connectivity(h: Any, tail: nn.Module, n_lambda: int = 21, dps: int = 50,
+                 pairs: Iterable[tuple[int, int]] | None = None) -> np.ndarray:
     """Exact ``L`` (``(N, N)`` float64). ``pairs``: only these ``(i, j)`` (others left NaN)."""
     if hasattr(h, "detach"):
         h = h.detach().cpu().double().numpy()

@@ -18,6 +18,8 @@ Both take ``h`` (``(N, D)``) and a ``tail`` module mapping a ``(B, D)`` batch to
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,7 +51,11 @@ def default_chunk_bytes(device: torch.device) -> int:
     return CHUNK_BYTES_CPU
 
 
-def run_tail(tail, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+#: a tail: a module, or any callable ``(B, D) batch -> (B, O) logits``
+Forward = Callable[[torch.Tensor], Any]
+
+
+def run_tail(tail: Forward, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """``tail(x)`` checked to be ``(B, O)`` real floating-point logits, cast to ``out_dtype``."""
     try:
         y = tail(x)
@@ -62,7 +68,7 @@ def run_tail(tail, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     return y.to(out_dtype)
 
 
-def end_outputs(tail, h: torch.Tensor, run_dtype: torch.dtype, out_dtype: torch.dtype) -> torch.Tensor:
+def end_outputs(tail: Forward, h: torch.Tensor, run_dtype: torch.dtype, out_dtype: torch.dtype) -> torch.Tensor:
     """The tail (a module or a callable) on the samples themselves (``(N, O)``); ``NonFiniteOutputError`` when
     not finite."""
     y = run_tail(tail, h.to(run_dtype, copy=True), out_dtype)     # a copy: the tail may work in place
@@ -75,7 +81,7 @@ def end_outputs(tail, h: torch.Tensor, run_dtype: torch.dtype, out_dtype: torch.
     return y
 
 
-def tail_params(tail: nn.Module, dtype: torch.dtype) -> dict:
+def tail_params(tail: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Copies of the tail's floating parameters and buffers in ``dtype`` (the module is never mutated)."""
     out = {}
     for name, t in list(tail.named_parameters()) + list(tail.named_buffers()):
@@ -94,7 +100,7 @@ def _batch_rows(tail: nn.Module, h: torch.Tensor, chunk_bytes: int | None) -> in
     return max(1, budget // max(1, widest(tail, h.shape[1]) * h.element_size()))
 
 
-def _call(tail: nn.Module, params: dict | None, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+def _call(tail: nn.Module, params: dict[str, torch.Tensor] | None, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     if params is None:
         return run_tail(tail, x, out_dtype)
     return run_tail(lambda b: torch.func.functional_call(tail, params, (b,)), x, out_dtype)
@@ -140,7 +146,8 @@ def connectivity_tail(h: torch.Tensor, tail: nn.Module, n_lambda: int, run_dtype
     return L
 
 
-def _path_r2(hr, tail, params, i, j, inner, y_end, lam_c, eps, flag) -> torch.Tensor:
+def _path_r2(hr: torch.Tensor, tail: nn.Module, params: dict[str, torch.Tensor] | None, i: torch.Tensor, j: torch.Tensor,
+             inner: torch.Tensor, y_end: torch.Tensor, lam_c: torch.Tensor, eps: float, flag: bool) -> torch.Tensor:
     """``L_ij`` of the pairs ``(i, j)``: the interior points through the tail, the ends from ``y_end``."""
     hi = hr[i]
     x = torch.addcmul(hi.unsqueeze(1), inner, (hr[j] - hi).unsqueeze(1))                   # [P, T-2, D]
@@ -150,7 +157,8 @@ def _path_r2(hr, tail, params, i, j, inner, y_end, lam_c, eps, flag) -> torch.Te
         return r2_from_paths(y, lam_c, eps, flag)
     # The module cannot be centred or seen into: its input's rounding (eps |x|, and every inner Linear's eps |W||x|)
     # moves the path by about eps |x| / |h_j - h_i| of its own variation, however small max_t |y| is (an offset on h
-    # cancelled inside the module: 1.4e-5 unflagged on a LeakyReLU tail at h offset 100, issue 24). Added to the flag's
+    # cancelled inside the module: 1.4e-5 unflagged on a LeakyReLU tail at h offset 100; docs/lmn.md, "Accuracy in the corners"). Added
+    # to the flag's
     # rounding scale as std_t(y) * IN_GAIN * max(|h_i|, |h_j|) / |h_j - h_i|.
     hj = hr[j]
     ratio = torch.maximum(hi.norm(dim=1), hj.norm(dim=1)) / (hj - hi).norm(dim=1)                # [P]
@@ -179,7 +187,7 @@ def reference_connectivity(h: torch.Tensor, tail: nn.Module, n_lambda: int = 21)
 
     The module is deep-copied and converted with ``.double()`` (its floating-point parameters, buffers
     and, for ``lmn_at``'s tails, the probe inputs they replay), run in eval mode without grad; every
-    path is reduced by the NumPy reference's ``pair_r2`` (SPEC §1 policies). Identical rows give 1.
+    path is reduced by the NumPy reference's ``pair_r2`` (docs/lmn.md, "Policies for the undefined cases"). Identical rows give 1.
 
     Returns:
         ``(N, N)`` float64 NumPy array.

@@ -8,7 +8,7 @@ activation table (``_tail.ACTIVATIONS``; stable forms: GELU through ``erfc``, si
 ``e^{-|x|}``). This file is the fast yardstick the fused paths are checked against
 (``grokfast_metrics.compute.exact`` is the arbitrary-precision one); it is not edited to match them.
 
-Two exact rewritings keep it accurate on ill-conditioned paths (SPEC §1 accuracy contract): when the
+Two exact rewritings keep it accurate on ill-conditioned paths (docs/lmn.md, "Accuracy contract"): when the
 tail ends in a Linear, its output is taken centred over ``t`` *before* that Linear,
 ``yc = (a - mean_t a) W^T`` (r2 is shift invariant, so the bias and a logit offset shared along the path
 never enter), and a saturating activation (sigmoid/tanh) just before it is taken offset free
@@ -16,15 +16,20 @@ never enter), and a saturating activation (sigmoid/tanh) just before it is taken
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+import torch
 from torch import nn
 
 from ..foundation.policy import CONST_RTOL
-from ..foundation.tail import _np_sigmoid, numpy_offset_free, numpy_tail
+from ..foundation.tail import NumpyTail, _np_sigmoid, numpy_offset_free, numpy_tail
+from .result import LMNResult
 
 
 def pair_r2(y: np.ndarray, lam: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
-    """r2 of every column of ``y`` (``(T, O)``) with ``lam`` (``(T,)``), float64, SPEC §1 policies.
+    """r2 of every column of ``y`` (``(T, O)``) with ``lam`` (``(T,)``), float64, the policies of docs/lmn.md, "Policies for the
+    undefined cases".
 
     ``scale`` (``(O,)``): the rounding scale of each column (constant-path rule
     ``std_t(y_k) <= CONST_RTOL * eps * scale_k``); default ``max_t |y_k|``.
@@ -33,7 +38,8 @@ def pair_r2(y: np.ndarray, lam: np.ndarray, scale: np.ndarray | None = None) -> 
     if scale is None:
         scale = np.max(np.abs(y), axis=0)
     # r2 and std / scale are invariant under scaling an output: divide each by the power of two above max_t |y - mean|
-    # (exact) so that its squares never overflow or underflow, whatever the scale of the weights or h (issue 24)
+    # (exact) so that its squares never overflow or underflow, whatever the scale of the weights or h (docs/lmn.md, "Accuracy in the
+    # corners")
     _, e = np.frexp(np.max(np.abs(y - y.mean(axis=0)), axis=0))
     e = np.clip(e, -1021, 1021)
     y, scale = np.ldexp(y, -e), np.ldexp(scale, -e)
@@ -48,7 +54,7 @@ def pair_r2(y: np.ndarray, lam: np.ndarray, scale: np.ndarray | None = None) -> 
     return out
 
 
-def path_r2(x: np.ndarray, tail, lam: np.ndarray) -> np.ndarray:
+def path_r2(x: np.ndarray, tail: NumpyTail, lam: np.ndarray) -> np.ndarray:
     """``r2_k`` of the path ``x`` (``(T, D)`` points in ``h``'s space) through a :class:`~._tail.NumpyTail`."""
     for f in tail.body:
         x = f(x)
@@ -62,7 +68,7 @@ def path_r2(x: np.ndarray, tail, lam: np.ndarray) -> np.ndarray:
         k = 1.0 if tail.sat == "sigmoid" else 2.0       # |act'(x)| = k sigmoid(kx) sigmoid(-kx)
         slope = k * _np_sigmoid(k * x) * _np_sigmoid(-k * x)
         amax = (np.abs(a) + np.abs(x) * slope).max(axis=0)  # its own rounding plus x's, amplified by act'(x) (pointwise:
-        # max_t |a| * max_t |x| grew like the scale of h squared and fired the constant rule, issue 24)
+        # max_t |a| * max_t |x| grew like the scale of h squared and fired the constant rule; docs/lmn.md, "Accuracy in the corners")
     else:
         a = x
         amax = np.abs(a).max(axis=0)
@@ -70,7 +76,7 @@ def path_r2(x: np.ndarray, tail, lam: np.ndarray) -> np.ndarray:
     return pair_r2(yc, lam, np.abs(W) @ amax)
 
 
-def connectivity(h, tail: nn.Module, n_lambda: int = 21) -> np.ndarray:
+def connectivity(h: Any, tail: nn.Module, n_lambda: int = 21) -> np.ndarray:
     """Linear connectivity matrix ``L`` (``(N, N)`` float64) by the paper's definition.
 
     Args:
@@ -99,11 +105,12 @@ def connectivity(h, tail: nn.Module, n_lambda: int = 21) -> np.ndarray:
     return L
 
 
-def lmn_from_connectivity(L) -> tuple[float, float, np.ndarray]:
-    """``(lmn, entropy_bits, eigenvalues)`` of a connectivity matrix, float64.
+def lmn_from_connectivity(L: Any) -> LMNResult:
+    """:class:`~grokfast_metrics.LMNResult` of a connectivity matrix in float64 NumPy (as :func:`grokfast_metrics.lmn_from_connectivity`).
 
     ``ev = |eigvalsh(L)|``; eigenvalues at or below ``N * eps * max(ev)`` are eigensolver rounding
     of exact zeros and count as 0; ``p = ev / sum(ev)``; ``S = -sum p log2 p``; ``LMN = 2**S``.
+    ``eigenvalues`` (descending) and ``connectivity`` are float64 CPU tensors.
     """
     if hasattr(L, "detach"):
         L = L.detach().cpu().double().numpy()
@@ -113,11 +120,16 @@ def lmn_from_connectivity(L) -> tuple[float, float, np.ndarray]:
     p = ev / ev.sum()
     nz = p[p > 0]
     s = float(-(nz * np.log2(nz)).sum())
-    return float(2.0**s), s, ev
+    return LMNResult(lmn=float(2.0**s), entropy_bits=s, eigenvalues=torch.from_numpy(np.sort(ev)[::-1].copy()),
+                     connectivity=torch.from_numpy(L))
 
 
-def lmn(h, tail: nn.Module, n_lambda: int = 21) -> tuple[float, float, np.ndarray, np.ndarray]:
-    """``(lmn, entropy_bits, eigenvalues, L)`` by the reference path."""
-    L = connectivity(h, tail, n_lambda)
-    value, s, ev = lmn_from_connectivity(L)
-    return value, s, ev, L
+def lmn(h: Any, tail: nn.Module, n_lambda: int = 21) -> LMNResult:
+    """:class:`~grokfast_metrics.LMNResult` by the reference path (like :func:`grokfast_metrics.lmn`; float64 CPU tensors).
+
+    >>> import torch
+    >>> res = lmn(torch.eye(3), torch.nn.Linear(3, 2))   # an affine tail: L = 1 everywhere, LMN = 1
+    >>> res.lmn, res.connectivity.shape
+    (1.0, torch.Size([3, 3]))
+    """
+    return lmn_from_connectivity(connectivity(h, tail, n_lambda))

@@ -6,7 +6,7 @@ Two paths share one reduction (:func:`r2_from_centred`):
   (``z = W h + b`` once per sample, interpolation on ``z``), only the upper triangle is computed,
   and a chunk of ``P`` pairs materialises ``P * T * H`` activations, never ``N^2 * T * H``. When the
   tail ends in a Linear, its output is taken centred over ``t`` *before* that Linear,
-  ``yc = (a - mean_t a) W^T`` (SPEC §1 accuracy contract: the bias and a shared logit offset never
+  ``yc = (a - mean_t a) W^T`` (docs/lmn.md, "Accuracy contract": the bias and a shared logit offset never
   enter), and a saturating activation just before it is taken offset free.
 * any other module takes the generic path of :mod:`grokfast_metrics.compute.generic`, which shares this
   module's reduction (:func:`r2_from_paths`), pair chunks and allocation (:func:`new_L`).
@@ -41,7 +41,7 @@ def _slope_bound(act: Act, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor | N
     if name == "leaky_relu":
         return torch.where(x >= 0, 1.0, abs(act.slope)).to(x.dtype)
     if name == "sigmoid":  # at the T points themselves: a steep unit crossing 0 between two of them has a step
-        return torch.exp(-x.abs()).clamp_(max=0.25)  # there, resolved exactly (issue 24: the segment's max flagged it)
+        return torch.exp(-x.abs()).clamp_(max=0.25)  # there, resolved exactly (the segment's max flagged it)
     if name == "tanh":
         return torch.exp(x.abs() * -2.0).mul_(4.0).clamp_(max=1.0)
     return torch.where(x > -1.0, torch.full_like(x, 1.2), (a.abs() * _gelu_tail(name, x.abs())).clamp_(max=1.2))
@@ -63,7 +63,7 @@ def _slope_max_on_segment(act: Act, x0: torch.Tensor, x1: torch.Tensor, own: tor
         ax = torch.where(x0 * x1 <= 0, torch.zeros_like(x0), torch.minimum(x0.abs(), x1.abs()))
         return torch.exp(-ax).clamp_(max=0.25) if name == "sigmoid" else torch.exp(ax * -2.0).mul_(4.0).clamp_(max=1.0)
     # |act'| <= 1.2 everywhere (SiLU 1.10, GELU 1.13, GELU-tanh 1.13); below -1 also <= |act| * ratio(|x|). The
-    # bound must stay homogeneous: max(own, 1.2) here (issue 24) made the scale grow like |x|^2 at large inputs.
+    # bound must stay homogeneous: max(own, 1.2) here made the scale grow like |x|^2 at large inputs.
     flat = (own * _gelu_tail(name, torch.maximum(x0.abs(), x1.abs()))).clamp_(max=1.2)
     return torch.where(hi > -1.0, torch.full_like(flat, 1.2), flat)
 
@@ -133,7 +133,8 @@ def r2_from_centred(yc: torch.Tensor, scale: torch.Tensor, lam_c: torch.Tensor, 
 def scale_free(yc: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``yc`` (``(P, T, O)``) and ``scale`` (``(P, O)``) divided, per output, by the power of two ``2^e`` nearest above
     ``max_t |yc|`` (exact: only exponents change), so the squares of the moments neither overflow nor underflow
-    (issue 24: unscaled, fp32 lost every output above ~1e19 and L read 0 or 1). r2, ``std / scale`` and the flag's
+    (docs/lmn.md, "Accuracy in the corners": unscaled, fp32 lost every output above ~1e19 and L read 0 or 1). r2, ``std / scale`` and
+    the flag's
     ``kappa`` are unchanged by it."""
     _, e = torch.frexp(yc.abs().amax(dim=1))                   # [P, O]; 0 -> e = 0
     lim = 125 if yc.dtype != torch.float64 else 1021           # 2^-e itself must be finite
@@ -205,14 +206,18 @@ def _chunk_work(n: int, n_lambda: int, width: int, elem: int, chunk_bytes: int |
     return 4 * min(chunk, n * n // 2 * n_lambda * width * elem)
 
 
-def _prepare(spec: MLPTail, dtype: torch.dtype):
+#: the tail's stages in the compute dtype: ``(activations, W^T, bias or None)``
+Stages = list[tuple[list[Act], torch.Tensor, torch.Tensor | None]]
+
+
+def _prepare(spec: MLPTail, dtype: torch.dtype) -> Stages:
     return [
         (acts, lin.weight.to(dtype).t(), None if lin.bias is None else lin.bias.to(dtype))
         for acts, lin in spec.stages
     ]
 
 
-def _pairs_values(z: torch.Tensor, spec: MLPTail, stages, i: torch.Tensor, j: torch.Tensor, n_lambda: int,
+def _pairs_values(z: torch.Tensor, spec: MLPTail, stages: Stages, i: torch.Tensor, j: torch.Tensor, n_lambda: int,
                   flag: bool) -> torch.Tensor:
     """``L_ij`` of the pairs ``(i[p], j[p])`` from the absorbed ``z`` (``(P,)`` in ``z``'s dtype).
 
@@ -236,11 +241,11 @@ def _pairs_values(z: torch.Tensor, spec: MLPTail, stages, i: torch.Tensor, j: to
                 x, r = _act_step(a, x, r, lin)
                 lin = lin and a.is_identity
             if last_act.name in SATURATING:  # offset free: the constant the unit saturates to never enters
-                a = torch_offset_free(last_act.name, x, x[:, :1])
-                r = _through(last_act, x, a, r, lin)
+                y = torch_offset_free(last_act.name, x, x[:, :1])
+                r = _through(last_act, x, y, r, lin)
             else:
-                a, r = _act_step(last_act, x, r, lin)
-            yc = torch.matmul(a - a.mean(dim=1, keepdim=True), wt)                # [P, T, O], no bias
+                y, r = _act_step(last_act, x, r, lin)
+            yc = torch.matmul(y - y.mean(dim=1, keepdim=True), wt)                # [P, T, O], no bias
             return r2_from_centred(yc, torch.matmul(r, wt.abs()), lam_c, eps, flag)
         for a in acts:
             x, r = _act_step(a, x, r, lin)

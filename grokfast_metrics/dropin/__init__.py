@@ -18,7 +18,7 @@ _MOVED = {
 }
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:
     if name in _MOVED:
         module = f"{__name__}.{_MOVED[name]}"
         warnings.warn(f"{__name__}.{name} is deprecated: import it from {module}", DeprecationWarning, stacklevel=2)

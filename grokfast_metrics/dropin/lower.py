@@ -1,4 +1,4 @@
-"""Lowering a traced tail to the fused kernels' MLP spec (issue 20 item 2).
+"""Lowering a traced tail to the fused kernels' MLP spec (docs/dropin.md, "Lowered split tails").
 
 A tail traced with ``torch.fx`` (``lmn_at``'s split, or a module traced here) that computes, per sample,
 

@@ -1,7 +1,7 @@
 """LMN at any layer of any ``nn.Module``: :func:`lmn_at`, the cut check and the tail it builds.
 
-``lmn_at(model, inputs, at="blocks.0")`` takes the output of the submodule named ``at`` as the
-representation ``h`` (one flattened row per sample) and *the rest of the model* (or, with
+``lmn_at(model, inputs, at="blocks.0")`` (``model, inputs, at`` positional, the rest by keyword) takes the output
+of the submodule named ``at`` as the representation ``h`` (one flattened row per sample) and *the rest of the model* (or, with
 ``to=``, the sub-network up to module ``to``'s output) as the tail. The tail is one of, in order of
 preference (:class:`Plan` decides once):
 
@@ -33,17 +33,21 @@ The pieces: :mod:`grokfast_metrics.dropin.measure.plan` (:class:`Plan`, the cut 
 """
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from ..compute.core import LMNResult
+from ..foundation.runtime import keyword_only
 from .hooks import OutputSelector
 from .plan import Plan
 
 __all__ = ["check_cut", "lmn_at"]
 
 
-def check_cut(model: nn.Module, inputs, at: str, output: OutputSelector = None, batch_dim: int = 0,
-              to: str | None = None, input_batch_dim: int | None = None) -> float:
+@keyword_only("check_cut(model, inputs, at='blocks.0', to=None, output=None, batch_dim=0, input_batch_dim=None)")
+def check_cut(model: nn.Module, inputs: Any, at: str, *, to: str | None = None, output: OutputSelector = None,
+              batch_dim: int = 0, input_batch_dim: int | None = None) -> float:
     """Check that the rest of ``model`` (or the sub-network up to ``to``) depends on ``inputs`` only through ``at``.
 
     For ``k = min(N, 8)`` samples, sample ``i - 1``'s input is run with sample ``i``'s activation at
@@ -58,6 +62,12 @@ def check_cut(model: nn.Module, inputs, at: str, output: OutputSelector = None, 
     Raises:
         ValueError: ``at`` is not a cut (the message names an enclosing module that is, if any),
             or any of the input errors of :func:`lmn_at`.
+
+    >>> import torch, grokfast_metrics as gm
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.SiLU(), torch.nn.Linear(8, 8), torch.nn.SiLU(),
+    ...                             torch.nn.Linear(8, 3))
+    >>> gm.check_cut(model, torch.randn(6, 4), "1")   # a child of a plain Sequential is a cut: exact
+    0.0
     """
     plan = Plan(model, inputs, at, to, output, batch_dim, input_batch_dim, path="hooks")
     with plan.running():
@@ -65,9 +75,10 @@ def check_cut(model: nn.Module, inputs, at: str, output: OutputSelector = None, 
         return plan.enforce_cut(act, y)
 
 
-def lmn_at(model: nn.Module, inputs, at: str = "blocks.0", to: str | None = None, output: OutputSelector = None,
-           batch_dim: int = 0, input_batch_dim: int | None = None, n_lambda: int = 21, backend: str = "auto", *,
-           check: bool = True, chunk_bytes: int | None = None, path: str = "auto", user_hooks: bool = False,
+@keyword_only("lmn_at(model, inputs, at='blocks.0', to=None, output=None, batch_dim=0, n_lambda=21, ...)")
+def lmn_at(model: nn.Module, inputs: Any, at: str, *, to: str | None = None, output: OutputSelector = None,
+           batch_dim: int = 0, input_batch_dim: int | None = None, n_lambda: int = 21, backend: str = "auto",
+           check: bool = True, path: str = "auto", user_hooks: bool = False, chunk_bytes: int | None = None,
            warn_affine: bool = True) -> LMNResult:
     """Linear mapping number at the output of the submodule ``at`` of ``model``, over the probe ``inputs``.
 
@@ -111,7 +122,21 @@ def lmn_at(model: nn.Module, inputs, at: str = "blocks.0", to: str | None = None
             once, ``at`` is not a cut (names an enclosing module that is), logits not 2-D ``(N, O)``,
             the samples not where ``batch_dim``/``input_batch_dim`` say (names the axis that has them),
             the model failing on the probe, inputs on another device than the model, fewer than 2 samples.
-        TypeError: ``model``/``inputs``/``output`` of the wrong type.
+        TypeError: ``model``/``inputs``/``output`` of the wrong type; more than ``model, inputs, at`` passed
+            positionally, or no ``at`` (it has no default): one line saying how to call it.
+
+    Example (``h`` after the first SiLU, the tail ``model[2:]``; with ``to=``, the sub-network up to ``model[3]``):
+
+    >>> import torch, grokfast_metrics as gm
+    >>> _ = torch.manual_seed(0)
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.SiLU(), torch.nn.Linear(8, 8), torch.nn.SiLU(),
+    ...                             torch.nn.Linear(8, 3))
+    >>> x = torch.randn(6, 4)
+    >>> res = gm.lmn_at(model, x, "1")
+    >>> res.connectivity.shape, abs(res.lmn - gm.lmn(model[:2](x).detach(), model[2:]).lmn) < 1e-6
+    (torch.Size([6, 6]), True)
+    >>> gm.lmn_at(model, x, "1", to="3").lmn >= 1.0
+    True
     """
     plan = Plan(model, inputs, at, to, output, batch_dim, input_batch_dim, path, user_hooks)
     return plan.compute(n_lambda, backend, check=check, chunk_bytes=chunk_bytes, warn_affine=warn_affine)

@@ -56,9 +56,8 @@ from .split import _AFFINE, _chain_tail, _container_split, _HookTail, _selector_
 __all__ = ["PATHS", "AffineTailWarning", "Plan", "emit_affine_warning"]
 
 
-#: default batch of interpolated input for a pruned tail on the CPU (bytes): 4 MiB. Measured on the loaded 2-core
-#: CPU, one thread, N=32, issue-sized models, min of 3 (us/pair at 1/2/4/8 MiB): Grokfast-style 1931/1659/1392/1821,
-#: Nanda-style 791/732/610/617, openai/grok-style 1703/1602/1695/1861 (the unpruned tails' 1 MiB stays).
+#: default batch of interpolated input for a pruned tail on the CPU (bytes): 4 MiB (the unpruned tails' 1 MiB stays);
+#: the measurements behind it: benchmarks/RESULTS.md, "Pruned tails: the CPU chunk size".
 PRUNED_CHUNK_BYTES_CPU = 4 << 20
 
 #: what ``path=`` accepts: ``"auto"`` (chain, else split, else hooks), or one of them explicitly
@@ -66,7 +65,16 @@ PATHS = ("auto", "chain", "split", "hooks")
 
 
 class AffineTailWarning(UserWarning):
-    """The map from ``at`` to the output is affine, so LMN is 1 at every step (choose another layer)."""
+    """The map from ``at`` to the output is affine, so LMN is 1 at every step (choose another layer).
+
+    >>> import warnings, torch, grokfast_metrics as gm
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.SiLU(), torch.nn.Linear(8, 3))
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     res = gm.lmn_at(model, torch.randn(5, 4), "1")     # only a Linear after the SiLU
+    >>> res.lmn, [type(w.message).__name__ for w in caught]
+    (1.0, ['AffineTailWarning'])
+    """
 
 
 def _has_attention(model: nn.Module) -> bool:

@@ -1,4 +1,5 @@
-"""Position pruning of a split tail: run only what the selected logits depend on (issue 20 item 1).
+"""Position pruning of a split tail: run only what the selected logits depend on
+(docs/dropin.md, "How the rest of the model is run", Pruning).
 
 A transformer tail computes logits at every sequence position, and ``output=`` reads one (the last).
 :func:`prune_positions` re-traces the fx tail through the user's modules (down to ``torch.nn`` leaves),

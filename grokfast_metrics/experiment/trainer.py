@@ -266,7 +266,7 @@ def measure(run: Run, step: int, due: Due, events: tuple[str, ...], metrics: dic
     cfg, row = run.cfg, {}
     with run.timer("lmn", sync=due.lmn):
         if due.lmn:
-            run.tracker.update(step, events)
+            run.tracker.update(step, events=events)
             if not run.tracker.asynchronous:  # else the LMN columns are added when they land (RowQueue)
                 row = lmn_columns(run.run_dir, cfg.lmn_layers, step, run.tracker.results, due.snapshot)
     with run.timer("complexity"):  # also the norms and ranks

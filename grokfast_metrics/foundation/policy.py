@@ -1,4 +1,4 @@
-"""The numerical policies of SPEC §1 that every backend shares, defined once.
+"""The numerical policies every backend shares, defined once (docs/lmn.md, "Policies for the undefined cases").
 
 - :data:`CONST_RTOL`: the constant-path rule. A path whose output varies by no more than
   rounding (``std_t(y) <= CONST_RTOL * eps * max_t |y|``) is a degenerate linear map: r² = 1.
@@ -15,18 +15,15 @@ import numbers
 
 import torch
 
-#: Constant-path rule (SPEC §1): ``std_t(y) <= CONST_RTOL * eps * max_t |y|`` counts as constant (r² = 1).
+#: Constant-path rule (docs/lmn.md, "Policies for the undefined cases"): ``std_t(y) <= CONST_RTOL * eps * max_t |y|`` counts as
+#: constant (r² = 1).
 CONST_RTOL = 16.0
 #: Sentinel an fp32 backend writes for a pair it cannot resolve to the accuracy contract (recomputed in fp64).
 FLAGGED = -1.0
 #: fp32 condition threshold (see docs/lmn.md, "Accuracy contract"): a pair whose estimated error
 #: ``mean_k min(1, 2 sqrt(r2_k (1 - r2_k)) kappa_k + kappa_k^2)``, ``kappa_k = eps * scale_k / std_t(yc_k)``,
-#: exceeds it is recomputed in fp64. Measured: the estimate is 2-60x above the real error on
-#: well-conditioned pairs but close to it on saturated units, so the threshold sets the worst error there.
-#: Over the 16 small regimes (seeds 0-2, N=10) the worst unflagged error is 5.1e-6 / 2.2e-6 / 1.2e-6 (torch)
-#: and 1.7e-6 / 1.2e-6 / 5.5e-7 (C++) at 5e-5 / 3e-5 / 2.5e-5, and 0.32% / 3.2% / 7.3% of the pairs of the
-#: benchmark's default N=961 case are recomputed (+0% / +7% / +17% time with the fp64 CPU kernel; 2e-5: 18%).
-#: 3e-5 keeps a 5x margin to the 1e-5 contract on the tested regimes at a 7% cost on the default case.
+#: exceeds it is recomputed in fp64. 3e-5 keeps a 5x margin to the 1e-5 contract on the tested regimes at a 7%
+#: cost on the default case: the measurements of each setting are in benchmarks/RESULTS.md, "Choosing FLAG_KAPPA".
 FLAG_KAPPA = 3e-5
 #: Most interpolation points per pair accepted (the paper uses 21; each point costs a tail forward per pair).
 MAX_N_LAMBDA = 10_000
@@ -41,11 +38,12 @@ def check_n_lambda(n_lambda) -> int:
     """
     if isinstance(n_lambda, bool) or not isinstance(n_lambda, numbers.Integral):
         raise TypeError(f"n_lambda must be an int; got {type(n_lambda).__name__}")
+    n_lambda = int(n_lambda)
     if n_lambda < 3:
         raise ValueError(f"n_lambda must be >= 3 (r2 of 2 points is always 1); got {n_lambda}")
     if n_lambda > MAX_N_LAMBDA:
         raise ValueError(f"n_lambda must be <= {MAX_N_LAMBDA} (the paper uses 21); got {n_lambda}")
-    return int(n_lambda)
+    return n_lambda
 
 
 def lambdas(n_lambda: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:

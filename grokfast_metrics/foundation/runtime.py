@@ -1,15 +1,23 @@
-"""Runtime helpers every part of the library shares: device strings, device sync, eval mode.
+"""Runtime helpers every part of the library shares: device strings, device sync, eval mode, environment, call style.
 
 Each decision here is made once: :func:`resolve_device` is the one parser of device strings
-(trainer, benchmarks, CLI), :func:`synchronize` the one device sync (timers), and
-:func:`eval_mode` the one way a computation runs a module without changing its mode or the RNG.
+(trainer, benchmarks, CLI), :func:`synchronize` the one device sync (timers),
+:func:`eval_mode` the one way a computation runs a module without changing its mode or the RNG,
+:func:`env` the one reader of the library's environment variables (all ``GROKFAST_METRICS_*``, listed in
+``docs/environment.md``) and :func:`keyword_only` the one check of the public call style (``model, inputs, at``
+positional, the rest by keyword).
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import sys
+import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -67,6 +75,78 @@ def triton_available() -> bool:
 def triton_interpreting() -> bool:
     """True when ``TRITON_INTERPRET`` is set (it takes effect only if set before triton is imported)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+#: the one prefix of the library's environment variables (docs/environment.md)
+ENV_PREFIX = "GROKFAST_METRICS_"
+#: the library's variables (name after the prefix -> what it does); docs/environment.md documents each
+ENV_VARS = {
+    "CPU_KERNEL": "0 / false / False turns the fused C++ CPU kernel off (backend='auto' then runs torch ops)",
+    "TRITON_KERNEL": "v1 or v2: the Triton kernel variant of every call (default: v2 where it applies, else v1)",
+}
+#: old names a user could have set, still read (with a DeprecationWarning) when the new one is unset
+ENV_OLD_NAMES = {"TRITON_KERNEL": "GM_TRITON_KERNEL"}
+
+
+def env(name: str) -> str | None:
+    """The value of ``$GROKFAST_METRICS_<name>`` (``None`` when unset or empty); the one place the library reads one.
+
+    An old name of :data:`ENV_OLD_NAMES` (``GM_TRITON_KERNEL``) is read when the new one is unset, with a
+    ``DeprecationWarning`` that names the new one.
+
+    Raises:
+        KeyError: ``name`` is not one of :data:`ENV_VARS` (a typo in the library, not a user error).
+    """
+    if name not in ENV_VARS:
+        raise KeyError(f"{ENV_PREFIX}{name} is not a documented variable (see docs/environment.md)")
+    value = os.environ.get(ENV_PREFIX + name)
+    if not value and name in ENV_OLD_NAMES and os.environ.get(ENV_OLD_NAMES[name]):
+        old = ENV_OLD_NAMES[name]
+        warnings.warn(f"the environment variable {old} is deprecated; set {ENV_PREFIX}{name} instead", DeprecationWarning,
+                      stacklevel=3)
+        value = os.environ[old]
+    return value or None
+
+
+def cpu_kernel_switched_off() -> bool:
+    """True when ``GROKFAST_METRICS_CPU_KERNEL`` is ``0``, ``false`` or ``False`` (the fused CPU kernel is off)."""
+    return env("CPU_KERNEL") in ("0", "false", "False")
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def keyword_only(call: str, name: str | None = None) -> Callable[[F], F]:
+    """One line saying how to call the wrapped function when a call breaks its keyword-only style.
+
+    The wrapped function's positional-or-keyword parameters (after ``self``) are the ones that may be passed
+    positionally, the rest are keyword-only. A call with too many positional arguments, or without one of the
+    required ones, raises a ``TypeError`` ending in ``call it as <call>`` (``call``: e.g.
+    ``"lmn_at(model, inputs, at='blocks.0', to='head')"``), instead of Python's generic message. The signature is
+    unchanged (``inspect.signature`` follows ``__wrapped__``); a well-formed call costs one length check. ``name``: what
+    the message calls it (default: the function's, or the class's for ``__init__``).
+    """
+    def wrap(fn: F) -> F:
+        params = list(inspect.signature(fn).parameters.values())
+        first = 1 if params and params[0].name == "self" else 0
+        positional = [p for p in params[first:] if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+        required = [p.name for p in positional if p.default is inspect.Parameter.empty]
+        label = name or fn.__qualname__.removesuffix(".__init__")
+
+        @functools.wraps(fn)
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            given = len(args) - first
+            if given > len(positional):
+                raise TypeError(f"{label}() takes {', '.join(p.name for p in positional)} positionally, the rest by "
+                                f"keyword ({given} positional arguments given); call it as {call}")
+            missing = [p for p in required[max(given, 0):] if p not in kwargs]
+            if missing:
+                raise TypeError(f"{label}() needs {', '.join(missing)} (no default); call it as {call}")
+            return fn(*args, **kwargs)
+
+        return checked  # type: ignore[return-value]
+
+    return wrap
 
 
 def drop_checkout_from_path() -> None:

@@ -43,7 +43,7 @@ def _np_sigmoid(x: np.ndarray) -> np.ndarray:
     return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
-# Stable formulas (issue 10): GELU as 0.5 x erfc(-x/sqrt 2) (the erf form cancels for very negative x),
+# Stable formulas (docs/lmn.md, "Accuracy contract"): GELU as 0.5 x erfc(-x/sqrt 2) (the erf form cancels for very negative x),
 # sigmoid and SiLU through e^{-|x|} (no overflow, relative accuracy for both signs), GELU-tanh as
 # x sigmoid(2u) (0.5 x (1 + tanh u) cancels for negative u).
 

@@ -106,7 +106,7 @@ class AsyncEigen:
         return self._collect(block=True)
 
     def _collect(self, block: bool) -> list[tuple[Hashable, LMNResult]]:
-        out = []
+        out: list[tuple[Hashable, LMNResult]] = []
         with self._lock:
             while self._pending and (block or self._pending[0][2].done()):
                 key, many, fut = self._pending[0]

@@ -6,16 +6,21 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Collection
+from typing import cast
 
 import torch
 from torch import nn
 
 from ..compute.core import LMNResult
 from ..foundation.errors import NonFiniteOutputError
+from ..foundation.runtime import keyword_only
 from .async_eigen import AsyncEigen, EigenStepError
 from .schedule import Schedule
 
-__all__ = ["Tracker", "diverged_parameters"]
+__all__ = ["Tracker", "Value", "diverged_parameters"]
+
+#: what ``update`` returns when it computes: LMN as a float, or ``{layer: float}`` for a tracker of several layers
+Value = float | dict[str, float]
 
 
 def diverged_parameters(model: nn.Module) -> list[str]:
@@ -92,8 +97,14 @@ class Tracker:
         """Whether the schedule computes LMN at ``step`` (where ``events`` happen, e.g. ``"memorization"``)."""
         return self.schedule.due(int(step), events).lmn
 
-    def update(self, step: int | None = None, events: Collection[str] = ()) -> float | None:
+    @keyword_only("update(step, events=(), force=False)")
+    def update(self, step: int | None = None, *, events: Collection[str] = (), force: bool = False) -> Value | None:
         """Compute LMN if the schedule says so at ``step`` (default: the number of earlier ``update`` calls).
+
+        Args:
+            step: the training step.
+            events: what happens at ``step`` (e.g. ``"memorization"``), for a schedule with event triggers.
+            force: compute now, whatever the schedule.
 
         Returns:
             the new LMN as a float when computed (NaN when the parameters diverged), else ``None``
@@ -103,7 +114,7 @@ class Tracker:
             step = self._calls
         self._calls += 1
         step = int(step)
-        if not self.should_compute(step, events):
+        if not force and not self.should_compute(step, events):
             return None
         return self._measure_and_record(step)
 
@@ -115,7 +126,9 @@ class Tracker:
             return self._record_nan(step, f"parameters {bad[:3]} have NaN/Inf")
         try:
             if self.asynchronous:
-                return self._submit(step, self._connectivity())
+                assert self._connectivity is not None  # checked in __init__
+                self._submit(step, self._connectivity())
+                return None
             self.results = self._measure()
         except NonFiniteOutputError as e:  # finite weights, but the logits overflow: diverged all the same
             return self._record_nan(step, str(e))
@@ -134,9 +147,9 @@ class Tracker:
                 got = self._eigen.wait() if block else self._eigen.ready()
             except EigenStepError as e:
                 raise EigenStepError(f"{type(self).__name__}: step {e.key}: {e}", e.key) from e.__cause__
-            for step, results in got:
-                self.results = results
-                self._history.extend(self._rows(step, results))
+            for key, results in got:  # the keys and results this tracker submitted: steps and {name: LMNResult}
+                self.results = cast("dict[str, LMNResult]", results)
+                self._history.extend(self._rows(cast(int, key), self.results))
             if not block:
                 return
 
@@ -241,8 +254,10 @@ class Tracker:
         self._calls = int(state["calls"])
         self.results = None
 
-    #: the columns of a history row
-    history_keys: tuple[str, ...] = ("step", "lmn", "entropy_bits")
+    @property
+    def history_keys(self) -> tuple[str, ...]:
+        """The columns of a history row."""
+        return ("step", "lmn", "entropy_bits")
 
     def as_dict(self) -> dict[str, list]:
         """History as ``{column: [...]}`` over :attr:`history_keys` (``pandas.DataFrame(...)``-ready)."""

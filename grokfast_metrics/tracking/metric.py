@@ -6,17 +6,28 @@ torchmetrics imports matplotlib, and it is not a dependency.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from ..foundation.runtime import keyword_only
 from .tracker import LMNTracker
 
+if TYPE_CHECKING:  # the methods are mixed into a torchmetrics.Metric subclass (torchmetrics is imported only then)
+    from torchmetrics import Metric as _MetricBase
+else:
+    _MetricBase = object
 
-class _LMNMetricMethods:
+
+class _LMNMetricMethods(_MetricBase):
     """The methods of :class:`LMNMetric`, mixed into its ``torchmetrics.Metric`` subclass by :func:`_make_lmn_metric`."""
 
-    def __init__(self, model: nn.Module, probe_inputs, at: str | Sequence[str], every: int | str = 1, **kwargs):
+    value: torch.Tensor  # the states add_state registers: the latest LMN per layer, and its step
+    step: torch.Tensor
+
+    @keyword_only("LMNMetric(model, probe_inputs, at='blocks.0', every=1, ...)", name="LMNMetric")
+    def __init__(self, model: nn.Module, probe_inputs, at: str | Sequence[str], *, every: int | str = 1, **kwargs):
         tracker_keys = ("output", "batch_dim", "n_lambda", "backend", "log_base", "check", "to",
                         "input_batch_dim", "path", "user_hooks")
         tracker_kw = {k: kwargs.pop(k) for k in tracker_keys if k in kwargs}
@@ -30,7 +41,8 @@ class _LMNMetricMethods:
     def tracker(self) -> LMNTracker:
         return self._tracker
 
-    def update(self, step: int | None = None, force: bool = False) -> None:
+    @keyword_only("update(step, force=True)", name="LMNMetric.update")
+    def update(self, step: int | None = None, *, force: bool = False) -> None:
         if self._tracker.update(step, force=force) is not None:
             latest = self._tracker.compute()
             vals = [latest] if isinstance(latest, float) else list(latest.values())
@@ -49,7 +61,7 @@ class _LMNMetricMethods:
         if "_tracker" in self.__dict__:
             self._tracker.reset()
 
-    def forward(self, step: int | None = None, force: bool = False):
+    def forward(self, step: int | None = None, *, force: bool = False):
         self.update(step, force=force)
         return self.compute()
 

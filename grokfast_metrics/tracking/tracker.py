@@ -21,7 +21,8 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -30,7 +31,8 @@ from ..compute.core import BACKENDS, LMNResult, resolve_backend
 from ..dropin.hooks import OutputSelector
 from ..dropin.plan import Plan, emit_affine_warning
 from ..foundation.policy import check_n_lambda
-from .base import Tracker
+from ..foundation.runtime import keyword_only
+from .base import Tracker, Value
 from .schedule import LOG_BASE, Schedule
 
 __all__ = ["LMNTracker"]
@@ -51,7 +53,7 @@ def _follow_model(probe, model: nn.Module):
 
 def _next_after(step: int, every: int | str, log_base: float) -> int:
     """The first scheduled step after ``step``: the next multiple of ``every``, or the next ``floor(log_base ** k)``."""
-    if every != "log":
+    if isinstance(every, int):
         return (step // every + 1) * every
     k = 0
     while (s := math.floor(log_base**k)) <= step:
@@ -98,10 +100,10 @@ class LMNTracker(Tracker):
         every: ``int`` k (compute at the multiples of k, 0 included) or ``"log"`` (steps 0 and
             ``floor(log_base ** k)``). A scheduled step is never skipped: it is computed at the first
             ``update`` at or after it (the history records the step actually measured).
-        output, batch_dim, n_lambda, backend: as in :func:`grokfast_metrics.lmn_at`.
-        log_base: base of the log schedule (default 1.3).
+        to, output, batch_dim, input_batch_dim, n_lambda, backend, path, user_hooks: as in
+            :func:`grokfast_metrics.lmn_at` (the same order and defaults; every argument after ``at`` is keyword-only).
         check: the cut check, once at construction (the cut is structural).
-        to, input_batch_dim, path, user_hooks: as in :func:`grokfast_metrics.lmn_at`.
+        log_base: base of the log schedule (default 1.3).
         lazy: ``True``: nothing runs at construction; the first computation moves the probe to the model's device
             (floating probes to its floating dtype), then runs every check. For a tracker built in a Lightning
             module's ``__init__`` (the trainer moves and casts the model afterwards). Errors surface at the first
@@ -122,14 +124,26 @@ class LMNTracker(Tracker):
 
     Raises:
         ValueError, TypeError: bad ``every``/``log_base``/``n_lambda``/``backend``, and every error of
-            :func:`grokfast_metrics.lmn_at`, at construction.
+            :func:`grokfast_metrics.lmn_at`, at construction. TypeError: more than ``model, probe_inputs, at``
+            passed positionally, or no ``at``: one line saying how to call it.
+
+    Example (every 10 steps: computed at steps 0 and 10):
+
+    >>> import torch, grokfast_metrics as gm
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.SiLU(), torch.nn.Linear(8, 8), torch.nn.SiLU(),
+    ...                             torch.nn.Linear(8, 3))
+    >>> tracker = gm.LMNTracker(model, torch.randn(6, 4), "1", every=10, n_lambda=5)
+    >>> [step for step in range(12) if tracker.update(step) is not None]
+    [0, 10]
+    >>> [row["step"] for row in tracker.history], tracker.compute() >= 1.0
+    ([0, 10], True)
     """
 
-    def __init__(self, model: nn.Module, probe_inputs, at: str | Sequence[str], every: int | str = 1,
-                 output: OutputSelector = None, batch_dim: int = 0, n_lambda: int = 21, backend: str = "auto",
-                 log_base: float = LOG_BASE, check: bool = True, *, to: str | None = None,
-                 input_batch_dim: int | None = None, path: str = "auto", user_hooks: bool = False,
-                 asynchronous: bool | int = False, lazy: bool = False):
+    @keyword_only("LMNTracker(model, probe_inputs, at='blocks.0', every=1, to=None, output=None, ...)")
+    def __init__(self, model: nn.Module, probe_inputs: Any, at: str | Sequence[str], *, every: int | str = 1,
+                 to: str | None = None, output: OutputSelector = None, batch_dim: int = 0, input_batch_dim: int | None = None,
+                 n_lambda: int = 21, backend: str = "auto", check: bool = True, path: str = "auto", user_hooks: bool = False,
+                 log_base: float = LOG_BASE, asynchronous: bool | int = False, lazy: bool = False):
         if isinstance(every, str):
             if every != "log":
                 raise ValueError(f"every must be a positive int or 'log'; got {every!r}")
@@ -188,7 +202,7 @@ class LMNTracker(Tracker):
             if plan.path != "chain" and check:
                 plan.enforce_cut(act, y)
             h = act.movedim(plan.batch_dim, 0).reshape(plan.n, -1)
-            resolve_backend(h, plan.tail, self.backend)
+            resolve_backend(h, cast(nn.Module, plan.tail), self.backend)  # plan.forward() built the tail
         plan.checked = plan.checked or not check
         if plan.affine:
             plan.affine_warned = True
@@ -206,12 +220,15 @@ class LMNTracker(Tracker):
         """The step of the latest computation (``None`` before the first)."""
         return self.history[-1]["step"] if self.history else None
 
-    def update(self, step: int | None = None, force: bool = False):
+    @keyword_only("update(step, force=True)")
+    def update(self, step: int | None = None, *, events: Collection[str] = (), force: bool = False) -> Value | None:
         """Compute LMN if a scheduled step is due at or before ``step`` (or ``force``); steps must increase.
 
         Args:
             step: the training step (an int; default: the number of earlier ``update`` calls). A
                 scheduled step that no ``update`` hit exactly is computed at the first ``update`` after it.
+            events: as in :meth:`Tracker.update`; an ``LMNTracker``'s schedule has no event triggers, so they
+                change nothing (the argument is there so that an ``LMNTracker`` is a ``Tracker``).
             force: compute now, whatever the schedule. ``update(s, force=True)`` right after ``update(s)``
                 (e.g. the last step, forced after the loop) returns step ``s``'s value, computed once.
 
@@ -220,8 +237,8 @@ class LMNTracker(Tracker):
             when computed, else ``None`` (always ``None`` when asynchronous: the value lands in :attr:`history`).
 
         Raises:
-            TypeError: a step that is not an integer. ValueError: a negative, repeated (unless forced) or
-            decreasing step, or one above 2**63 - 1.
+            TypeError: a step that is not an integer; ``force`` passed positionally (it is keyword-only).
+            ValueError: a negative, repeated (unless forced) or decreasing step, or one above 2**63 - 1.
         """
         step = self._calls if step is None else step
         step = _as_step(step)
@@ -288,7 +305,7 @@ class LMNTracker(Tracker):
     @property
     def history_keys(self) -> tuple[str, ...]:
         """The columns of a history row; with several layers an ``"at"`` column too."""
-        return ("step", "at", "lmn", "entropy_bits") if self._multi else Tracker.history_keys
+        return ("step", "at", "lmn", "entropy_bits") if self._multi else super().history_keys
 
     def state_dict(self) -> dict:
         """What a checkpoint needs to resume: the history and the schedule position (not the model or probe)."""

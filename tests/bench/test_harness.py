@@ -57,7 +57,7 @@ def test_useful_flops_counts_every_linear_after_the_absorbed_one(hidden, out, de
 
 
 def test_useful_flops_default_tail_matches_spec():
-    # SPEC §2: about 60 GFLOP in total for N=961, default tail (2*T*H*O per pair)
+    # about 60 GFLOP in total (docs/targets.md) for N=961, default tail (2*T*H*O per pair)
     total = bench_harness.useful_flops_per_pair(21, 100, 31, 1) * bench_harness.n_pairs(961)
     assert total == 2 * 21 * 100 * 31 * 961 * 960 // 2
     assert 55e9 < total < 65e9
@@ -243,10 +243,10 @@ def test_triton_variants_are_bench_backends(monkeypatch):
     seen = []
     monkeypatch.setattr(baselines.core, "connectivity",
                         lambda h, tail, n_lambda, backend: seen.append((backend, kernel_variant())))
-    monkeypatch.setenv("GM_TRITON_KERNEL", "v2")
+    monkeypatch.setenv("GROKFAST_METRICS_TRITON_KERNEL", "v2")
     baselines.backend_fn("triton-v1")(None, None, 21)
     # the variant is chosen by argument for the call only: the environment is never edited
-    assert seen == [("triton", "v1")] and kernel_variant() == "v2" and os.environ["GM_TRITON_KERNEL"] == "v2"
+    assert seen == [("triton", "v1")] and kernel_variant() == "v2" and os.environ["GROKFAST_METRICS_TRITON_KERNEL"] == "v2"
 
 
 def test_sweep_rejects_unknown_backend():

@@ -1,4 +1,4 @@
-"""Clean failures of ``grokfast-metrics train`` (issue 22 §3): one line on stderr, exit 2, nothing left behind."""
+"""Clean failures of ``grokfast-metrics train`` (docs/training.md): one line on stderr, exit 2, nothing left behind."""
 from __future__ import annotations
 
 import json

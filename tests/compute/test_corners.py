@@ -1,9 +1,9 @@
-"""The accuracy contract in the corners (issue 24): scale, narrow tails, saturation, offsets, diverging runs.
+"""The accuracy contract in the corners (docs/lmn.md, "Accuracy in the corners"): scale, narrow tails, saturation, offsets, diverging runs.
 
 Each row of the issue's table is a test here, against the exact yardstick (``grokfast_metrics.compute.exact``, mpmath,
 adaptive precision) for small tails or the float64 NumPy reference (scale-free, checked against ``exact`` below)
 for the paper-sized ones. Contract: 1e-5 (fp32) / 1e-10 (fp64); every assert keeps >= 5x margin to the worst error
-observed (recorded beside it). ``pytest -m fuzz`` draws these corners at random (``GM_FUZZ_DRAWS``, default 200).
+observed (recorded beside it). ``pytest -m fuzz`` draws these corners at random (``GROKFAST_METRICS_FUZZ_DRAWS``, default 200).
 """
 from __future__ import annotations
 
@@ -184,7 +184,7 @@ def test_diverging_run_logs_the_exact_contract_value():
         res = train.track_lmn(run.model, run.data["x_probe"], ["hidden1_post"])["hidden1_post"]
         h, tail = representations(run.model, run.data["x_probe"], ["hidden1_post"])["hidden1_post"]
         assert float(h.abs().max()) > 1e6  # a diverging run indeed
-        want = reference.lmn(h, tail)[0]
+        want = reference.lmn(h, tail).lmn
     assert res.lmn < 24 - 1e-3
     assert abs(res.lmn - want) <= 2e-6 * want  # worst observed 4e-8 relative (before: LMN = 24)
 
@@ -237,11 +237,11 @@ def test_sweep_activation_width_scale(act, dtype):
 @pytest.mark.fuzz
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fuzz_corners(dtype):
-    """``pytest -m fuzz``: random corners (``GM_FUZZ_DRAWS`` draws, default 200) against exact, auto and torch.
+    """``pytest -m fuzz``: random corners (``GROKFAST_METRICS_FUZZ_DRAWS`` draws, default 200) against exact, auto and torch.
 
-    The run of issue 24 (fp64, 300 draws; its one open draw, and why fp32 did not finish) is in docs/lmn.md.
+    The recorded fuzz run (fp64, 300 draws; its one open draw, and why fp32 did not finish) is in docs/lmn.md.
     """
-    draws = int(os.environ.get("GM_FUZZ_DRAWS", "200"))
+    draws = int(os.environ.get("GROKFAST_METRICS_FUZZ_DRAWS", "200"))
     rng = np.random.default_rng(24 + (dtype == torch.float64))
     worst: dict[str, float] = {}
     with warnings.catch_warnings():

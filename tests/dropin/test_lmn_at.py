@@ -85,7 +85,7 @@ def test_sequential_equals_manual_split_fast_path(k, dtype, monkeypatch):
 
         monkeypatch.setattr(module, attr, spy)
     res = gm.lmn_at(model, x, at=str(k), backend="torch")
-    if k == 3:   # only the last Linear follows: structurally affine, L = 1 exactly without computing (issue 20)
+    if k == 3:   # only the last Linear follows: structurally affine, L = 1 exactly without computing
         assert calls == {"mlp": 0, "generic": 0} and bool((res.connectivity == 1).all()) and res.lmn == 1.0
         return
     assert calls == {"mlp": 1, "generic": 0}            # fused MLP path, no model re-runs
@@ -120,7 +120,7 @@ def test_hook_path_equals_manual_split(at, split, dtype):
     check_against_reference(res.connectivity, h, tail, dtype=dtype)
     L_ref = reference.connectivity(h, tail, 21)
     # observed 5.3e-8 fp32, 7.6e-16 fp64 relative
-    assert abs(res.lmn - reference.lmn_from_connectivity(L_ref)[0]) <= CONTRACT[dtype] * res.lmn
+    assert abs(res.lmn - reference.lmn_from_connectivity(L_ref).lmn) <= CONTRACT[dtype] * res.lmn
 
 
 def test_inplace_ops_after_the_cut_do_not_corrupt_h():
@@ -305,7 +305,7 @@ def test_output_not_2d():
         gm.lmn_at(Seq3(), x, at="lin", output=1)
     with pytest.raises(TypeError, match="output must be"):
         gm.lmn_at(Seq3(), x, at="lin", output=2.5)
-    with pytest.raises(ValueError, match="the only named selector is 'last'"):     # "last" is a selector (issue 20)
+    with pytest.raises(ValueError, match="the only named selector is 'last'"):     # "last" is a selector
         gm.lmn_at(Seq3(), x, at="lin", output="first")
 
 

@@ -1,4 +1,4 @@
-"""Issue 20 item 2: MLP-like transformer tails lowered into the fused C++ kernel (``grokfast_metrics.dropin.lower``).
+"""MLP-like transformer tails (docs/dropin.md, "Lowered split tails") lowered into the fused C++ kernel (``grokfast_metrics.dropin.lower``).
 
 Every lowered value is compared with the module's own float64 reference (``backend="reference"``: the paper-literal
 loop through the traced, un-lowered tail). Models: ``tests/support/models.py`` (shaped like the public codebases).

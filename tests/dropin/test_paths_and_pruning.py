@@ -1,5 +1,6 @@
-"""Issue 20 items 1 and 3 and the drop-in defects: which path runs and why, position pruning, the split of models
-fx could not trace, and the defects found on the way. Models: ``tests/support/models.py`` (shaped like the public codebases)."""
+"""docs/dropin.md, "How the rest of the model is run", and the drop-in defects: which path runs and why, position
+pruning, the split of models fx could not trace, and the defects found on the way. Models: ``tests/support/models.py`` (shaped
+like the public codebases)."""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,4 @@
-"""Issue 22 section 2: a tracker (and its plan) measures the model as it is at each update, also after a module was
+"""A tracker (and its plan) measures the model as it is at each update, also after a module was
 replaced, added or removed (``m[2] = nn.Linear(...)`` measured the old module before)."""
 from __future__ import annotations
 

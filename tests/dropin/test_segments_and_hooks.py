@@ -1,4 +1,4 @@
-"""Issue 12 for ``lmn_at``: affine warning, mixed layouts, ``to=``, the split tail, the generic reference, hooks, compile."""
+"""``lmn_at`` (docs/dropin.md): affine warning, mixed layouts, ``to=``, the split tail, the generic reference, hooks, compile."""
 from __future__ import annotations
 
 import warnings

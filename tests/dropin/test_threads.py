@@ -1,4 +1,4 @@
-"""``lmn_at`` from two threads on one model, and beside a thread running the model's forward (issue 22 §3).
+"""``lmn_at`` from two threads on one model, and beside a thread running the model's forward (docs/dropin.md, "Threads").
 
 Deterministic overlap: a gate module at the model's input makes the LMN thread wait (at its first forward,
 inside ``lmn_at`` with its hooks installed) until the other thread has run the model once.

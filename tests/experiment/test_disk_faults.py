@@ -1,4 +1,4 @@
-"""Disk full, unwritable and damaged run files (issue 22 §3): one line, whole rows and checkpoints, no partial files.
+"""Disk full, unwritable and damaged run files (docs/training.md): one line, whole rows and checkpoints, no partial files.
 
 A full disk is simulated by making ``runlog._write_fd`` (where every run file's bytes are written) write part of
 its data and then raise ``OSError(ENOSPC)``; a read-only directory by raising ``EROFS`` (tests run as root, where

@@ -1,4 +1,4 @@
-"""Issue 22 section 2 (and section 3's corrupt checkpoint): a resume checks everything before it touches the run
+"""docs/training.md, "Run directories, stopping, checkpoints and resume": a resume checks everything before it touches the run
 directory; options given with --resume are compared with the run's recorded config (not with the defaults); config.json
 keeps the original command line and each resume's; one writer per run directory (filelock)."""
 from __future__ import annotations

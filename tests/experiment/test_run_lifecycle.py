@@ -1,4 +1,4 @@
-"""Issue 11: the paper's defaults, precision options, numerical collapse, run directories, failure paths,
+"""The paper's defaults, precision options, numerical collapse, run directories, failure paths,
 checkpoints and bit-identical resume, sub-network (segment) readings. Short runs of a tiny model only."""
 from __future__ import annotations
 

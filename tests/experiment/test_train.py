@@ -39,7 +39,7 @@ def test_tail_of_representation_gives_logits(model_and_x, layer):
 
 
 def test_layer_equivalences(model_and_x):
-    """SPEC §1: embeddings == hidden1_pre, hidden1_post == hidden2_pre, hidden2_post is affine (LMN 1)."""
+    """docs/lmn.md, "Which layer": embeddings == hidden1_pre, hidden1_post == hidden2_pre, hidden2_post is affine (LMN 1)."""
     model, x = model_and_x
     reps = representations(model, x, list(LAYERS))
     L = {k: gm.connectivity(h, t, backend="torch") for k, (h, t) in reps.items()}
@@ -182,7 +182,7 @@ def test_python_dash_m_entry_point():
 
 
 # ------------------------------------------------------------------------------------------
-# issue 6: every layer, other measures, connectivity snapshots, the plot command
+# every layer, other measures, connectivity snapshots, the plot command (docs/training.md)
 
 
 def test_all_layers_in_one_run_with_equivalences_and_affine_warning(tmp_path):
@@ -193,7 +193,7 @@ def test_all_layers_in_one_run_with_equivalences_and_affine_warning(tmp_path):
     rows = [r for r in (json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()) if r["lmn"] is not None]
     assert rows and all(r["lmn"] == r["lmn_hidden1_post"] for r in rows)  # default layer first
     for r in rows:
-        assert r["lmn_hidden1_post"] == pytest.approx(r["lmn_hidden2_pre"], rel=1e-5)  # same interpolation (SPEC §1)
+        assert r["lmn_hidden1_post"] == pytest.approx(r["lmn_hidden2_pre"], rel=1e-5)  # same interpolation (docs/lmn.md)
         assert r["lmn_embeddings"] == pytest.approx(r["lmn_hidden1_pre"], rel=1e-5)
         assert r["lmn_hidden2_post"] == 1.0
 

@@ -1,4 +1,4 @@
-"""Issue 13 item 3 in the trainer: ``TrainConfig.lmn_async`` writes the run directory of a synchronous run
+"""Asynchronous LMN in the trainer: ``TrainConfig.lmn_async`` writes the run directory of a synchronous run
 (every column but ``time_s``, the snapshots, the summary but its timings), stopped early too. An interrupted
 asynchronous run resumed from its checkpoint: ``test_resume_after_interruption_is_bit_identical``
 (tests/experiment/test_run_lifecycle.py)."""

@@ -1,4 +1,4 @@
-"""``--model transformer``: the Nanda-style one-layer transformer in the main job (issue 20 item 4).
+"""``--model transformer``: the Nanda-style one-layer transformer in the main job (docs/training.md, "A transformer").
 
 LMN at its cut (``blocks.0.hook_resid_mid``) against the float64 reference through the module itself
 and against an independent last-position tail; short runs through ``train`` and the CLI; resume."""

@@ -249,7 +249,7 @@ def test_fp64_pair_kernel_on_the_regimes() -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# the float64 kernel (fp64 models: no flags, the fp64 contract; issue 12 item 10)
+# the float64 kernel (fp64 models: no flags, the fp64 contract)
 
 ATOL64 = 5e-13  # fp64 kernel vs the float64 NumPy reference: observed worst 7.4e-14 (sigmoid, depth 3, trailing)
 

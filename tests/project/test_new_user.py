@@ -1,4 +1,4 @@
-"""What a new user hits (issue 22 §4): which backend ran, the kernel build, bench outputs, help and advice texts,
+"""What a new user hits: which backend ran, the kernel build, bench outputs, help and advice texts,
 and the docs' backend policy against the code."""
 from __future__ import annotations
 

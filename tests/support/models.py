@@ -1,4 +1,4 @@
-"""Small test models shaped like the public grokking codebases (issue 20), shared by the test files.
+"""Small test models shaped like the public grokking codebases, shared by the test files.
 
 Each builder returns ``(model, probe, kwargs)``: the model (eval-ready, seeded), a probe set of token ids
 in the layout its forward expects, and the ``lmn_at`` keyword arguments a user of that codebase passes

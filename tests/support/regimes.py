@@ -1,4 +1,5 @@
-"""The ill-conditioned regimes of issue 10, built small (shared by tests/compute/test_ill_conditioned.py and the fuzz run).
+"""The ill-conditioned regimes (docs/lmn.md, "Accuracy contract"), built small
+(shared by tests/compute/test_ill_conditioned.py and the fuzz run).
 
 Every builder returns ``(h, tail)`` in fp32 (``dtype`` to change): ``h`` ``(N, D)`` and an MLP tail.
 """

@@ -1,6 +1,6 @@
-"""Issue 22 section 2: sweeps that never lie. A worker killed with -9 fails only its own run; SIGINT / SIGTERM leave
-sweep.csv true and start no queued run; finished runs trained with other options are not passed off as this sweep's;
-options a sweep cannot honour are refused; one sweep per directory (filelock).
+"""Sweeps that never lie (docs/sweeps.md, "Resumable and fault-tolerant"). A worker killed with -9 fails only its
+own run; SIGINT / SIGTERM leave sweep.csv true and start no queued run; finished runs trained with other options are
+not passed off as this sweep's; options a sweep cannot honour are refused; one sweep per directory (filelock).
 
 The signal tests run the CLI in a subprocess of its own session and wait for states by polling files (deadlines, no
 sleeps standing in for a state)."""

@@ -1,4 +1,4 @@
-"""Issue 13 item 3: ``LMNTracker(asynchronous=...)`` gives the synchronous history, bit for bit, in step order."""
+"""``LMNTracker(asynchronous=...)`` gives the synchronous history, bit for bit, in step order."""
 from __future__ import annotations
 
 import copy

@@ -1,4 +1,4 @@
-"""Issue 12 for ``LMNTracker``: catch-up schedule, steps, fail fast, several layers, state, torchmetrics semantics."""
+"""``LMNTracker`` (docs/dropin.md): catch-up schedule, steps, fail fast, several layers, state, torchmetrics semantics."""
 from __future__ import annotations
 
 import copy
