@@ -20,7 +20,7 @@ from grokfast_metrics.dropin import measure as dropin
 from grokfast_metrics.dropin import plan
 from grokfast_metrics.foundation import errors
 from grokfast_metrics.foundation import runtime as _runtime
-from grokfast_metrics.tracking import async_eigen, tracker
+from grokfast_metrics.tracking import async_eigen, metric, tracker
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -57,7 +57,7 @@ def test_public_name_is_top_level_and_documented(name):
 
 def test_lmn_metric_is_top_level_with_torchmetrics():
     pytest.importorskip("torchmetrics")
-    assert gm.LMNMetric is tracker.LMNMetric and "LMNMetric" in gm.__all__
+    assert gm.LMNMetric is metric.LMNMetric and "LMNMetric" in gm.__all__
     assert "`gm.LMNMetric" in (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
 
 
