@@ -250,13 +250,13 @@ def _run_triton(h, tail, spec, n_lambda, chunk_bytes, y_end):
 def _run_cpu(h, tail, spec, n_lambda, chunk_bytes, y_end):
     if spec.is_affine:
         return torch.ones(h.shape[0], h.shape[0], dtype=h.dtype, device=h.device)
-    from .kernels.connectivity_cpu import connectivity_cpu
+    from .kernels.connectivity_cpu import absorb_f64, connectivity_cpu
 
     # z = W h + b in float64 (a lowered tail: its exact twin), rounded once: an h carrying a large component W cancels (a
     # residual stream's offset the MLP does not read; an offset of h that the first Linear's rows sum to 0 on) keeps fp32
     # accuracy relative to |z|, not |h|: the kernel's flag sees |z| only (absorbed in fp32, h + 1e3 read 3.6e-4 off, unflagged)
-    z = (spec.exact or spec).absorb(h.to(torch.float64)).to(h.dtype)
-    return connectivity_cpu(z.contiguous(), spec, n_lambda, flag=True, u=spec.skip_values(h))
+    z = absorb_f64(h, spec)  # (through the kernel's GEMM, no torch op)
+    return connectivity_cpu(z, spec, n_lambda, flag=True, u=spec.skip_values(h))
 
 
 def _run_torch(h, tail, spec, n_lambda, chunk_bytes, y_end):

@@ -42,7 +42,7 @@ def fused(h: torch.Tensor, tail: nn.Module, n_lambda: int = 21, num_threads: int
     spec = parse_tail(tail)
     with torch.no_grad():
         # as core does: z absorbed in float64, rounded once
-        return kc.connectivity_cpu(spec.absorb(h.double()).to(h.dtype), spec, n_lambda, num_threads=num_threads, flag=flag)
+        return kc.connectivity_cpu(kc.absorb_f64(h, spec), spec, n_lambda, num_threads=num_threads, flag=flag)
 
 
 def check_vs_reference(L: torch.Tensor, h: torch.Tensor, tail: nn.Module, n_lambda: int = 21) -> None:
