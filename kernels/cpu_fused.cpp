@@ -273,24 +273,27 @@ struct Simd<double> {
 
 // ---------------------------------------------------------------------------------------------
 // GEMM micro-kernel: C[R, W NV] = bias + A[R, K] @ B[K, W NV] (W lanes of Real); A rows have stride lda,
-// B is a packed panel [K, W NV], C rows have stride ldc.
+// B is a packed panel [K', W NV], C rows have stride ldc. IDX: row k of the product is row idx[k] of B (a subset of
+// W^T's rows, relu_pair's crossing units); bias nullptr: no bias. One template for both (the index costs nothing
+// where it is off: IDX is a compile-time constant).
 
-template <int R, int NV, class Real>
-inline void micro(const Real* A, int lda, const Real* B, int K, const Real* bias, Real* C, int ldc) {
+template <int R, int NV, bool IDX, class Real>
+inline void micro(const Real* A, int lda, const Real* B, const int* idx, int K, const Real* bias, Real* C, int ldc) {
     using V = Simd<Real>;
     constexpr int W = V::W;
     // Accumulators as scalars of a fixed-size array fully unrolled (GCC keeps them in registers).
     typename V::reg acc[R][NV];
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
-        typename V::reg b = V::load(bias + W * v);
+        typename V::reg b = bias != nullptr ? V::load(bias + W * v) : V::zero();
 #pragma GCC unroll 8
         for (int r = 0; r < R; ++r) acc[r][v] = b;
     }
     for (int k = 0; k < K; ++k) {
+        const Real* b_row = B + (int64_t)(IDX ? idx[k] : k) * W * NV;
         typename V::reg b[NV];
 #pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v) b[v] = V::load(B + k * W * NV + W * v);
+        for (int v = 0; v < NV; ++v) b[v] = V::load(b_row + W * v);
 #pragma GCC unroll 8
         for (int r = 0; r < R; ++r) {
             typename V::reg a = V::bcast(A + r * lda + k);
@@ -304,46 +307,56 @@ inline void micro(const Real* A, int lda, const Real* B, int K, const Real* bias
         for (int v = 0; v < NV; ++v) V::store(C + r * ldc + W * v, acc[r][v]);
 }
 
-template <int NV, class Real>
-inline void micro_rows(int R, const Real* A, int lda, const Real* B, int K, const Real* bias, Real* C, int ldc) {
+template <int NV, bool IDX, class Real>
+inline void micro_rows(int R, const Real* A, int lda, const Real* B, const int* idx, int K, const Real* bias, Real* C,
+                       int ldc) {
     switch (R) {
-        case 6: micro<6, NV>(A, lda, B, K, bias, C, ldc); break;
-        case 5: micro<5, NV>(A, lda, B, K, bias, C, ldc); break;
-        case 4: micro<4, NV>(A, lda, B, K, bias, C, ldc); break;
-        case 3: micro<3, NV>(A, lda, B, K, bias, C, ldc); break;
-        case 2: micro<2, NV>(A, lda, B, K, bias, C, ldc); break;
-        case 1: micro<1, NV>(A, lda, B, K, bias, C, ldc); break;
+        case 6: micro<6, NV, IDX>(A, lda, B, idx, K, bias, C, ldc); break;
+        case 5: micro<5, NV, IDX>(A, lda, B, idx, K, bias, C, ldc); break;
+        case 4: micro<4, NV, IDX>(A, lda, B, idx, K, bias, C, ldc); break;
+        case 3: micro<3, NV, IDX>(A, lda, B, idx, K, bias, C, ldc); break;
+        case 2: micro<2, NV, IDX>(A, lda, B, idx, K, bias, C, ldc); break;
+        case 1: micro<1, NV, IDX>(A, lda, B, idx, K, bias, C, ldc); break;
         default: break;
     }
 }
 
 // Rows split into ceil(T / 6) nearly equal blocks (T = 21: 6 + 5 + 5 + 5), so every block keeps
 // >= 8 accumulators in flight when it can (FMA latency x throughput).
-template <int NV, class Real>
-void gemm_panel(const Real* A, int lda, int T, const Real* B, int K, const Real* bias, Real* C, int ldc) {
+template <int NV, bool IDX, class Real>
+void gemm_panel(const Real* A, int lda, int T, const Real* B, const int* idx, int K, const Real* bias, Real* C,
+                int ldc) {
     const int nb = (T + 5) / 6, base = T / nb, rem = T % nb;
     for (int b = 0, t = 0; b < nb; ++b) {
         const int R = base + (b < rem ? 1 : 0);
-        micro_rows<NV>(R, A + (int64_t)t * lda, lda, B, K, bias, C + (int64_t)t * ldc, ldc);
+        micro_rows<NV, IDX>(R, A + (int64_t)t * lda, lda, B, idx, K, bias, C + (int64_t)t * ldc, ldc);
         t += R;
     }
 }
 
-// C[T, np] = bias + A[T, :K] @ W^T for one stage; A rows have stride kp, W^T is packed in
-// column blocks of 2 W (last may be W; fp32: 16 and 8), each [kp, width].
-template <class Real>
-void gemm(const Real* A, int T, int kp, int K, int np, const Real* wpack, const Real* bias, Real* C) {
+// C[T, np] = bias + A[T, :K] @ W^T[rows, :] (rows: 0..K-1, or idx[0..K) with IDX; bias nullptr: none); A rows have
+// stride lda, W^T (kp rows) is packed in column blocks of 2 W (last may be W; fp32: 16 and 8), each [kp, width].
+template <bool IDX, class Real>
+void gemm_cols(const Real* A, int lda, int T, int kp, const int* idx, int K, int np, const Real* wpack, const Real* bias,
+               Real* C) {
     constexpr int W = Simd<Real>::W;
     const Real* B = wpack;
     for (int c = 0; c < np; c += 2 * W) {
+        const Real* bc = bias != nullptr ? bias + c : nullptr;
         if (np - c >= 2 * W) {
-            gemm_panel<2>(A, kp, T, B, K, bias + c, C + c, np);
+            gemm_panel<2, IDX>(A, lda, T, B, idx, K, bc, C + c, np);
             B += (int64_t)kp * 2 * W;
         } else {
-            gemm_panel<1>(A, kp, T, B, K, bias + c, C + c, np);
+            gemm_panel<1, IDX>(A, lda, T, B, idx, K, bc, C + c, np);
             B += (int64_t)kp * W;
         }
     }
+}
+
+// C[T, np] = bias + A[T, :K] @ W^T for one stage; A rows have stride kp.
+template <class Real>
+void gemm(const Real* A, int T, int kp, int K, int np, const Real* wpack, const Real* bias, Real* C) {
+    gemm_cols<false>(A, kp, T, kp, (const int*)nullptr, K, np, wpack, bias, C);
 }
 
 // out[np] = m[:K] @ |W|^T for one row m: the packed panels of gemm, with the K loop split four ways so that
@@ -654,62 +667,8 @@ inline __m256 first_stage_scale(__m256 m, __m256 zi, __m256 zj, int code, float 
 // which is at an end of the segment).
 
 // C[T, np] = A[T, :K] @ W^T[idx[0..K), :] (no bias): the GEMM of gemm() over the rows idx of the packed W^T.
-template <int R, int NV>
-inline void micro_idx(const float* A, int lda, const float* B, const int* idx, int K, float* C, int ldc) {
-    constexpr int W = 8;
-    __m256 acc[R][NV];
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_ps();
-    for (int k = 0; k < K; ++k) {
-        const float* b_row = B + (int64_t)idx[k] * W * NV;
-        __m256 b[NV];
-#pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v) b[v] = _mm256_loadu_ps(b_row + W * v);
-#pragma GCC unroll 8
-        for (int r = 0; r < R; ++r) {
-            __m256 a = _mm256_broadcast_ss(A + r * lda + k);
-#pragma GCC unroll 8
-            for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(a, b[v], acc[r][v]);
-        }
-    }
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v) _mm256_storeu_ps(C + r * ldc + W * v, acc[r][v]);
-}
-
-template <int NV>
-void gemm_idx_panel(const float* A, int lda, int T, const float* B, const int* idx, int K, float* C, int ldc) {
-    const int nb = (T + 5) / 6, base = T / nb, rem = T % nb;
-    for (int b = 0, t = 0; b < nb; ++b) {
-        const int R = base + (b < rem ? 1 : 0);
-        const float* a = A + (int64_t)t * lda;
-        float* c = C + (int64_t)t * ldc;
-        switch (R) {
-            case 6: micro_idx<6, NV>(a, lda, B, idx, K, c, ldc); break;
-            case 5: micro_idx<5, NV>(a, lda, B, idx, K, c, ldc); break;
-            case 4: micro_idx<4, NV>(a, lda, B, idx, K, c, ldc); break;
-            case 3: micro_idx<3, NV>(a, lda, B, idx, K, c, ldc); break;
-            case 2: micro_idx<2, NV>(a, lda, B, idx, K, c, ldc); break;
-            default: micro_idx<1, NV>(a, lda, B, idx, K, c, ldc); break;
-        }
-        t += R;
-    }
-}
-
 void gemm_idx(const float* A, int lda, int T, int kp, const int* idx, int K, int np, const float* wpack, float* C) {
-    const float* B = wpack;
-    for (int c = 0; c < np; c += 16) {
-        if (np - c >= 16) {
-            gemm_idx_panel<2>(A, lda, T, B, idx, K, C + c, np);
-            B += (int64_t)kp * 16;
-        } else {
-            gemm_idx_panel<1>(A, lda, T, B, idx, K, C + c, np);
-            B += (int64_t)kp * 8;
-        }
-    }
+    gemm_cols<true, float>(A, lda, T, kp, idx, K, np, wpack, nullptr, C);
 }
 
 // out[np] = sum_k v[k] W^T[idx[k], :] (the linear units' slope W d), four accumulators per column vector.
@@ -795,18 +754,17 @@ float relu_pair(const Problem& p, int64_t i, int64_t j, ReluWork& w) {
         }
         sadd = w.adu.data();
     }
-    // crossing units: rows t >= 1 hold relu(x_t) - relu(z_i) (row 0, the reference, is not read by r2_stats)
+    // crossing units: rows t >= 1 hold relu(x_t) - relu(z_i); row 0, the reference, is neither computed nor read
     const int lda = (nc + 7) / 8 * 8;
     float* a = w.a.data();
     for (int c = 0; c < nc; ++c) {
         const int h = w.cross[c];
         const float z0 = zi[h], dh = zj[h] - zi[h], a0 = std::max(z0, 0.0f);
-        a[c] = 0.0f;
         for (int t = 1; t < T; ++t) a[(int64_t)t * lda + c] = std::max(std::fma(p.lam[t], dh, z0), 0.0f) - a0;
     }
     float* y = w.y.data();
     if (nc > 0) {
-        gemm_idx(a, lda, T, kp, w.cross.data(), nc, np, p.wpack[0], y);
+        gemm_idx(a + lda, lda, T - 1, kp, w.cross.data(), nc, np, p.wpack[0], y + np);
     } else {
         std::fill(y, y + (int64_t)T * np, 0.0f);
     }
@@ -910,17 +868,18 @@ void run_rows(const Problem& p, std::atomic<int64_t>* next_row) {
                         __m256 vzi = _mm256_loadu_ps(zi + q), vzj = _mm256_loadu_ps(zj + q);
                         __m256 m;
                         if (pre_centred) {
-                            // SiLU chain, one stage: max_t |a_t - a_0| over the sampled path is at most its
-                            // max over the segment, at its far end or at SiLU's minimum (x = -1.2785,
-                            // silu = -0.2785) when the segment crosses it; no pass over the T rows.
+                            // SiLU chain, one stage: m = max_t |a_t| (as the other paths compute it) without a
+                            // pass over the T rows. |silu| falls from x = -inf to SiLU's minimum (x* = -1.2785,
+                            // silu = -0.2785), rises to 0 at x = 0 and grows after it, so on the segment [z_i, z_j]
+                            // it peaks at an end, or at x* when the segment crosses it (0.2785). It was
+                            // |a_0| + max_t |a_t - a_0|, up to twice that: 3.10% of the default N=961 tail's pairs
+                            // were flagged for fp64, 0.60% now (issue 24).
                             __m256 a0 = _mm256_loadu_ps(p.sz + i * kp0 + q), aj = _mm256_loadu_ps(p.sz + j * kp0 + q);
                             const __m256 xstar = _mm256_set1_ps(-1.2784645f);
                             __m256 cross = _mm256_and_ps(_mm256_cmp_ps(_mm256_min_ps(vzi, vzj), xstar, _CMP_LT_OQ),
                                                          _mm256_cmp_ps(xstar, _mm256_max_ps(vzi, vzj), _CMP_LT_OQ));
-                            __m256 dmin = _mm256_and_ps(_mm256_sub_ps(_mm256_set1_ps(-0.2784646f), a0), absmask);
-                            __m256 dev = _mm256_max_ps(_mm256_and_ps(_mm256_sub_ps(aj, a0), absmask),
-                                                       _mm256_and_ps(dmin, cross));
-                            m = _mm256_add_ps(dev, _mm256_and_ps(a0, absmask));
+                            m = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(a0, absmask), _mm256_and_ps(aj, absmask)),
+                                              _mm256_and_ps(_mm256_set1_ps(0.2784646f), cross));
                         } else {
                             m = _mm256_setzero_ps();
                             for (int t = 0; t < T; ++t) {
@@ -978,7 +937,8 @@ void run_rows(const Problem& p, std::atomic<int64_t>* next_row) {
                             _mm256_storeu_ps(x + t * kp + q,
                                              _mm256_sub_ps(_mm256_loadu_ps(x + t * kp + q), _mm256_loadu_ps(xm + q)));
                     }
-                    gemm(x, T, kp, p.kin[s], p.np[s], p.wpack[s], zero_bias.data(), y);
+                    // row mid (= 0) of y is never read (r2_stats takes it as 0): the GEMM skips it, as the fp64 kernel does
+                    gemm(x + kp, T - 1, kp, p.kin[s], p.np[s], p.wpack[s], zero_bias.data(), y + p.np[s]);
                     if (p.U != nullptr) {
                         // skip term, exact and linear in lam: row t (centred on row 0) gains lam_t (u_j - u_i); the
                         // difference is taken in float64 (no cancellation of a large common u), rounded once.

@@ -245,12 +245,13 @@ def _run_cpu(h: torch.Tensor, tail: nn.Module, spec: MLPTail | None, n_lambda: i
     assert spec is not None  # _choose picks "cpu" only for an MLP tail
     if spec.is_affine:
         return torch.ones(h.shape[0], h.shape[0], dtype=h.dtype, device=h.device)
-    from ..kernels.cpu_fused import connectivity_cpu
+    from ..kernels.cpu_fused import absorb_f64, connectivity_cpu
 
-    # a lowered tail absorbs in float64 (its exact twin), rounded once: z = W_in x + b where x carries a large component
-    # W_in cancels (a residual stream's offset the MLP does not read) keeps fp32 accuracy relative to |z|, not |x|
-    z = spec.absorb(h) if spec.exact is None else spec.exact.absorb(h.to(torch.float64)).to(h.dtype)
-    L: torch.Tensor = connectivity_cpu(z.contiguous(), spec, n_lambda, flag=True, u=spec.skip_values(h))
+    # z = W h + b in float64 (a lowered tail: its exact twin), rounded once: an h carrying a large component W cancels (a
+    # residual stream's offset the MLP does not read; an offset of h that the first Linear's rows sum to 0 on) keeps fp32
+    # accuracy relative to |z|, not |h|: the kernel's flag sees |z| only (absorbed in fp32, h + 1e3 read 3.6e-4 off, unflagged)
+    z = absorb_f64(h, spec)  # (through the kernel's GEMM, no torch op)
+    L: torch.Tensor = connectivity_cpu(z, spec, n_lambda, flag=True, u=spec.skip_values(h))
     return L
 
 
