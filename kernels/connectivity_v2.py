@@ -47,6 +47,9 @@ from ._triton_common import (
     _pow2_above,
 )
 from .connectivity import (
+    absorbed,
+)
+from .connectivity import (
     launch_config as _v1_launch_config,
 )
 
@@ -274,11 +277,12 @@ def _connectivity_v2_kernel(
 
 
 def supported(spec: MLPTail, n_lambda: int) -> bool:
-    """Whether v2 runs ``spec``: a non-affine depth-1 tail without a trailing activation, ``T <= MAX_T``."""
+    """Whether v2 runs ``spec``: a non-affine depth-1 tail without a trailing activation, ``T <= MAX_T``, and
+    without a skip term (a lowered transformer tail's ``lam (u_j - u_i)`` runs in v1)."""
     from .connectivity import unsupported_reason
 
     return (not spec.is_affine and unsupported_reason(spec) is None and len(spec.stages) == 1 and not spec.final
-            and n_lambda <= MAX_T)
+            and n_lambda <= MAX_T and spec.skip is None)
 
 
 @functools.cache
@@ -396,7 +400,7 @@ def connectivity_v2(h: torch.Tensor, spec: MLPTail, n_lambda: int, *, input_prec
     c = cfg.constexprs
     elem = h.element_size()  # refuse before allocating: L, z and a0 padded to K0, the tile list (8 B per tile)
     check_fits(n * n * elem, 2 * n * c["K0"] * elem + 8 * (n * (n - 1) // 2 // c["BP"] + n), dev)
-    z = spec.absorb(h)
+    z = absorbed(h, spec)
     zp = torch.zeros(n, c["K0"], dtype=dtype, device=dev)
     zp[:, : z.shape[1]] = z
     lin = spec.stages[0][1]
