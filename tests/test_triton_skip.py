@@ -44,8 +44,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_interpreter_subprocess():
     env = {**os.environ, "TRITON_INTERPRET": "1", "TRITON_DEFAULT_FP_FUSION": "1"}
     cmd = [*PYTHON, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "not subprocess", __file__]
-    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=900,
-                          cwd=os.path.dirname(__file__))
+    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"interpreted kernel tests failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}"
     summary = proc.stdout.strip().splitlines()[-1]
     assert " passed" in summary and "failed" not in summary, summary
