@@ -262,3 +262,19 @@ def test_mlp_cancelling_the_skip_is_flagged_and_recomputed(monkeypatch):
     # observed: every pair recomputed in fp64 (28 of 28), worst 0
     np.testing.assert_allclose(L, _ref(plan), rtol=0, atol=1e-5)
     assert L.min() < 0.99
+
+
+@here
+@pytest.mark.parametrize("rel", [1e-3, 1e-5])
+def test_nearly_identical_representations(rel):
+    plan = _lowered_nanda(n=8)
+    h = _h(plan)
+    g = torch.Generator().manual_seed(3)
+    hn = h[:1] + rel * h.abs().max() * torch.randn(h.shape, generator=g).to(h.device)
+    low = plan.lowering.tail
+    L = core.connectivity(hn, low, backend="triton").double().cpu().numpy()
+    info = core.last_run_info()
+    assert info["backend"] == "triton"
+    L_ref = core.connectivity(hn, plan.full_tail, backend="reference").double().cpu().numpy()
+    # observed worst 6.0e-8 (1e-3: 27 of 28 pairs recomputed in fp64) / 0 (1e-5: all 28): >= 160x margin
+    np.testing.assert_allclose(L, L_ref, rtol=0, atol=1e-5)
