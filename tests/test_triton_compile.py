@@ -75,6 +75,10 @@ CONFIGS = {
     "fp64_h100_d2_silu_gelu": (_mlp(64, [100, 100, 31], [nn.SiLU(), nn.GELU()]), F64, None),  # erfc-GELU, chained
     "fp64_h512_d3": (_mlp(64, [512, 512, 512, 31], [nn.SiLU(), nn.LeakyReLU(0.01), nn.GELU(approximate="tanh")]),
                      F64, None),
+    # p = 113 logits (PO = 128): v2's wide accumulator (the lowered Nanda tail without a skip term runs v2)
+    "h512_o113_relu": (_mlp(128, [512, 113], [nn.ReLU()]), F32, None),
+    "h100_o113_ieee": (_mlp(64, [100, 113], [nn.SiLU()]), F32, "ieee"),
+    "fp64_h512_o113_relu": (_mlp(128, [512, 113], [nn.ReLU()]), F64, None),
     # lowered transformer tails with a skip term (issue 20): the Nanda tail (d_model 128, d_mlp 512, p = 113)
     "lowered_nanda_relu": (_lowered(128, 512, 113, "relu"), F32, None),
     "lowered_nanda_gelu_ieee": (_lowered(128, 512, 113, "gelu"), F32, "ieee"),

@@ -29,7 +29,7 @@ from helpers import PYTHON
 
 from grokfast_metrics import core, generic, torch_backend
 from grokfast_metrics._policy import FLAGGED
-from grokfast_metrics._tail import Act
+from grokfast_metrics._tail import Act, parse_tail
 from grokfast_metrics.dropin import Plan
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -104,10 +104,16 @@ def test_auto_picks_triton_for_a_lowered_tail_on_cuda(dtype):
         assert core.resolve_backend(_h(plan), low) == "cpu"
 
 
-def test_v2_leaves_the_skip_term_to_v1():
+def test_v2_leaves_the_skip_term_and_wide_outputs_to_v1():
+    """v2 has no skip term; and with p = 113 logits (PO = 128) its accumulator spills (tests/test_triton_compile.py), so
+    the lowered Nanda tail of the targets runs v1 even without a skip term."""
     spec = _lowered_nanda().lowering.tail.lowered_spec
     assert not kc2.supported(spec, 21)
     assert kc2.supported(dataclasses.replace(spec, skip=None), 21)
+    wide = nn.Sequential(nn.Linear(8, 100), nn.ReLU(), nn.Linear(100, 113))
+    assert core._kernel_of("triton", torch.float32, parse_tail(wide), 21) == "v1"
+    assert not kc2.supported(parse_tail(nn.Sequential(nn.Linear(8, 100), nn.ReLU(), nn.Linear(100, 65))), 21)
+    assert kc2.supported(parse_tail(nn.Sequential(nn.Linear(8, 100), nn.ReLU(), nn.Linear(100, 64))), 21)
 
 
 def test_skip_with_a_trailing_activation_is_refused():
