@@ -57,10 +57,11 @@ def variant_for(spec: MLPTail, n_lambda: int, variant: str | None = None) -> str
 
 
 def connectivity_triton(
-    z: torch.Tensor, spec: MLPTail, n_lambda: int, *, input_precision: str | None = None,
+    z: torch.Tensor, spec: MLPTail, n_lambda: int, *, u: torch.Tensor | None = None, input_precision: str | None = None,
     config: LaunchConfig | None = None, variant: str | None = None,
 ) -> torch.Tensor:
-    """Connectivity matrix ``L`` of an MLP tail from ``z = spec.absorb(h)`` with the chosen Triton kernel.
+    """Connectivity matrix ``L`` of an MLP tail from ``z = spec.absorb(h)`` (and a lowered tail's skip term
+    ``u = spec.skip_values(h)``) with the chosen Triton kernel (v2 runs no skip term: :func:`variant_for`).
 
     ``config`` (a :func:`.triton_rowblock.launch_config`) runs v1 with that tiling; see
     :func:`.triton_rowblock.connectivity_rowblock` for the arguments and errors.
@@ -68,4 +69,4 @@ def connectivity_triton(
     if config is None and variant_for(spec, n_lambda, variant) == "v2":  # v2 supports no affine tail
         v1.check_can_run(z)
         return v2.connectivity_packed_mma(z, spec, n_lambda, input_precision=input_precision)
-    return v1.connectivity_rowblock(z, spec, n_lambda, input_precision=input_precision, config=config)
+    return v1.connectivity_rowblock(z, spec, n_lambda, u=u, input_precision=input_precision, config=config)

@@ -25,7 +25,8 @@ the static estimate of ``bench --static-gpu`` went down, see ``benchmarks/RESULT
   (``2t - (T-1)``) selection matrix; a shift ``c ~ mean_t y`` is broadcast back with one exact 0/1 product and
   corrected for exactly (``_tile_stats``): only ``y - c`` and its square are elementwise.
 
-Anything else (depth >= 2, a trailing activation, ``T > 128``) runs v1: :func:`supported`.
+Anything else (depth >= 2, a trailing activation, ``T > 128``, more than 64 outputs, a lowered tail's skip term)
+runs v1: :func:`supported`.
 """
 from __future__ import annotations
 
@@ -49,6 +50,10 @@ APPROX_REL = 2.0 ** -22
 #: Largest ``T`` v2 packs (one tile holds at least one pair of ``T`` rows, ``M <= 128``).
 MAX_T = 128
 BLOCK_K = 16
+#: Most outputs v2 runs (``PO <= 64``): with ``p = 113`` logits (``PO = 128``) its ``[M, PO]`` accumulator spills on
+#: sm_90 and sm_80 (triton 3.9: 40 bytes at 4 warps, tf32x3; triton 3.6: 64-136 bytes even at 8 warps and 32-row
+#: "ieee" tiles), where v1 compiles without spills: wider tails run v1 (tests/test_triton_compile.py, ``*_o113*``).
+MAX_OUT = 64
 
 
 @triton.jit
@@ -266,9 +271,10 @@ def _connectivity_v2_kernel(
 
 
 def supported(spec: MLPTail, n_lambda: int) -> bool:
-    """Whether v2 runs ``spec``: a non-affine depth-1 tail without a trailing activation, ``T <= MAX_T``."""
+    """Whether v2 runs ``spec``: a non-affine depth-1 tail without a trailing activation, ``T <= MAX_T``, at most
+    :data:`MAX_OUT` outputs, and without a skip term (a lowered transformer tail's ``lam (u_j - u_i)`` runs in v1)."""
     return (not spec.is_affine and unsupported_reason(spec) is None and len(spec.stages) == 1 and not spec.final
-            and n_lambda <= MAX_T)
+            and n_lambda <= MAX_T and spec.skip is None and spec.stages[0][1].out_features <= MAX_OUT)
 
 
 @functools.cache

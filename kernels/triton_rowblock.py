@@ -5,7 +5,9 @@ One launch computes every ``L_ij`` (``i < j``) of a normalised MLP tail
 (``grokfast_metrics.foundation.tail.MLPTail``) from ``z = spec.absorb(h)`` (``N x H0``): the ``T x H0``
 interpolated activations of a pair are formed in registers, run through the remaining Linears
 with ``tl.dot``, centred over ``t`` and reduced to ``r2`` per output and then to ``L_ij``.
-Only ``L`` (``N x N``) is written to memory.
+Only ``L`` (``N x N``) is written to memory. A lowered transformer tail (``grokfast_metrics._lower``: one position
+of ``h`` selected, ``z = W_in h + b`` absorbed, one folded output matrix) adds its skip term ``lam (u_j - u_i)``,
+``u = W_skip h`` computed once per sample in float64, to the centred outputs (``SKIP``).
 
 Tiling. A program owns row ``i`` and ``BLOCK_J`` consecutive columns ``j = i+1+jb*BLOCK_J+...``
 (grid ``(N, cdiv(N-1, BLOCK_J))``; programs past the last column do nothing). Its ``BLOCK_J``
@@ -113,7 +115,7 @@ def _dense(b_x, w_ptr, c_ptr, K: tl.constexpr, P: tl.constexpr, PREC: tl.constex
 
 @triton.jit
 def _connectivity_fwd_kernel(
-    z_ptr, w1_ptr, c1_ptr, w2_ptr, c2_ptr, w3_ptr, c3_ptr, w4_ptr, c4_ptr, wn_ptr, out_ptr, N,
+    z_ptr, w1_ptr, c1_ptr, w2_ptr, c2_ptr, w3_ptr, c3_ptr, w4_ptr, c4_ptr, wn_ptr, u_ptr, out_ptr, N,
     T: tl.constexpr, T_PAD: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N1: tl.constexpr,
     BLOCK_N2: tl.constexpr,
     K0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr, P4: tl.constexpr,
@@ -122,7 +124,7 @@ def _connectivity_fwd_kernel(
     ACT3: tl.constexpr, SLOPE3: tl.constexpr, ACT4: tl.constexpr, SLOPE4: tl.constexpr,
     ACT_F: tl.constexpr, SLOPE_F: tl.constexpr, CONST_TOL: tl.constexpr, PREC: tl.constexpr,
     EPS: tl.constexpr, FLAG: tl.constexpr, FLAG_KAPPA: tl.constexpr, FLAGGED: tl.constexpr,
-    CENTRED: tl.constexpr, H_LAST: tl.constexpr,
+    CENTRED: tl.constexpr, H_LAST: tl.constexpr, SKIP: tl.constexpr,
 ):
     """``L[i, j] = L[j, i] = mean_k r2_k`` for row ``i`` and ``BLOCK_J`` columns ``j > i``.
 
@@ -143,9 +145,13 @@ def _connectivity_fwd_kernel(
     ``FLAG_KAPPA`` is written ``FLAGGED`` (``core`` recomputes it in fp64); an exactly constant path
     (``z_j == z_i``) is 1, never flagged.
 
+    ``SKIP`` (a lowered transformer tail, ``CENTRED`` only): ``y_t += lam_t (u_j - u_i)`` with ``u = W_skip h``
+    (``u [N, PO]`` float64, zero-padded): the difference is taken in float64 and rounded once to the compute
+    dtype, and ``|u_j - u_i|`` joins ``scale_k`` (the C++ kernel's contract, ``connectivity_cpu.cpp`` ``run_rows``).
+
     Args (pointers): ``z [N, K0]`` (zero-padded), ``w_l [K_PAD_l, P_l]`` zero-padded ``W_l^T``,
     ``c_l [P_l]`` zero-padded biases, ``wn [2, PO]`` the last Linear's row norms ``|W_k|_1``, ``|W_k|_2``,
-    ``out [N, N]``. Unused layers get any pointer.
+    ``u [N, PO]`` the skip term (``SKIP``), ``out [N, N]``. Unused layers (and ``u`` without ``SKIP``) get any pointer.
     """
     i = tl.program_id(0)
     jb = tl.program_id(1)
@@ -227,6 +233,14 @@ def _connectivity_fwd_kernel(
         b_xs3 = tl.reshape(b_y, [BLOCK_J, T_PAD, PO])                                  # pre-activation (TRAIL)
         b_y = _act(b_y, ACT_F, SLOPE_F)                                                # [M, PO]
         b_y3 = tl.reshape(b_y, [BLOCK_J, T_PAD, PO])                                   # [BLOCK_J, T_PAD, PO]
+        o_j64 = o_j.to(tl.int64)
+        i64 = i.to(tl.int64)
+        if SKIP:  # + lam_t (u_j - u_i): exact and linear in lam; the difference in float64, rounded once
+            o_pu = tl.arange(0, PO)
+            b_ui = tl.load(u_ptr + i64 * PO + o_pu)                                    # [PO] fp64
+            b_uj = tl.load(u_ptr + o_j64[:, None] * PO + o_pu[None, :], mask=m_j[:, None], other=0.0)  # [BLOCK_J, PO]
+            b_du = (b_uj - b_ui[None, :]).to(DT)                                       # [BLOCK_J, PO]
+            b_y3 += b_lam[None, :, None] * b_du[:, None, :]
 
         m_t3 = m_t[None, :, None]
         b_mean = tl.sum(tl.where(m_t3, b_y3, 0.0), axis=1) / T                         # [BLOCK_J, PO]
@@ -239,6 +253,8 @@ def _connectivity_fwd_kernel(
         b_cov = tl.sum(b_yc * b_lc[None, :, None], axis=1)                             # [BLOCK_J, PO]
         if CENTRED:
             b_scale = _centred_scale(b_mmax, b_msq, wn_ptr, PO)
+            if SKIP:  # the skip term's rounding scale |u_j - u_i|
+                b_scale += tl.abs(b_du)
         else:  # max_t |y| (its own rounding)
             b_scale = tl.max(tl.where(m_t3, tl.abs(b_y3), 0.0), axis=1)                # [BLOCK_J, PO]
             if TRAIL:  # + max_t |act_F'(x)| (sum_h |W_kh| m_h + |c_k|): the last Linear's rounding passed through act_F
@@ -258,8 +274,6 @@ def _connectivity_fwd_kernel(
                 b_scale += b_d * (b_r + tl.abs(b_c)[None, :])
         b_l = _pair_l(b_ss, b_cov, b_ll, b_scale / b_p2, b_dn, T, O, CONST_TOL, EPS, FLAG, FLAG_KAPPA, FLAGGED)
 
-        o_j64 = o_j.to(tl.int64)
-        i64 = i.to(tl.int64)
         tl.store(out_ptr + i64 * N + o_j64, b_l.to(out_ptr.dtype.element_ty), mask=m_j)
         tl.store(out_ptr + o_j64 * N + i64, b_l.to(out_ptr.dtype.element_ty), mask=m_j)
 
@@ -284,6 +298,8 @@ def unsupported_reason(spec: MLPTail) -> str | None:
             return f"stage {l} stacks {len(acts)} activations; the kernel applies one per stage"
     if len(spec.final) > 1:
         return f"{len(spec.final)} stacked activations after the last Linear; the kernel applies one"
+    if spec.skip is not None and spec.final:
+        return "a skip term needs a tail that ends in a Linear (no trailing activation)"
     widths = [spec.stages[0][1].in_features] + [lin.out_features for _, lin in spec.stages]
     if max(widths) > MAX_WIDTH:
         return f"layer width {max(widths)} exceeds the kernel's maximum {MAX_WIDTH}"
@@ -298,7 +314,7 @@ def _pad(n: int) -> int:
 
 
 POINTER_ARGS = ("z_ptr", "w1_ptr", "c1_ptr", "w2_ptr", "c2_ptr", "w3_ptr", "c3_ptr", "w4_ptr", "c4_ptr", "wn_ptr",
-                "out_ptr")
+                "u_ptr", "out_ptr")
 
 
 def launch_config(
@@ -387,8 +403,11 @@ def launch_config(
     const["FLAGGED"] = FLAGGED
     const["CENTRED"] = not spec.final
     const["H_LAST"] = widths[depth - 1]
+    const["SKIP"] = spec.skip is not None
     ptr = "*fp64" if fp64 else "*fp32"
     signature = {name: ptr for name in POINTER_ARGS}
+    if const["SKIP"]:
+        signature["u_ptr"] = "*fp64"  # the skip term u = W_skip h, always float64
     signature["N"] = "i32"
     signature.update({name: "constexpr" for name in const})
     return LaunchConfig(const, signature, widths, pads, num_warps, 1 if wide >= 512 else 2)
@@ -416,12 +435,13 @@ def check_can_run(z: torch.Tensor) -> None:
 
 
 def connectivity_rowblock(
-    z: torch.Tensor, spec: MLPTail, n_lambda: int, *, input_precision: str | None = None,
+    z: torch.Tensor, spec: MLPTail, n_lambda: int, *, u: torch.Tensor | None = None, input_precision: str | None = None,
     config: LaunchConfig | None = None,
 ) -> torch.Tensor:
     """Connectivity matrix ``L`` of an MLP tail with one fused Triton launch (the v1 kernel).
 
-    ``z = spec.absorb(h)`` is computed by the caller with torch; the kernel computes every ``L_ij``, ``i < j``
+    ``z = spec.absorb(h)`` is computed by the caller, and for a lowered tail with a skip term ``u = W_skip h`` in
+    float64 (``spec.skip_values(h)``); the kernel computes every ``L_ij``, ``i < j``
     (see :func:`_connectivity_fwd_kernel`) and writes both triangles; the diagonal is set to 1 here.
     Identical rows of ``h`` are handled by the caller (``grokfast_metrics.compute.core``).
 
@@ -430,6 +450,7 @@ def connectivity_rowblock(
             or on the CPU under ``TRITON_INTERPRET=1``.
         spec: normalised MLP tail (``grokfast_metrics.foundation.tail.parse_tail``).
         n_lambda: interpolation points ``T >= 3``.
+        u: ``(N, O)`` float64 skip term ``spec.skip_values(h)``, required when ``spec.skip`` is set (a lowered tail).
         input_precision: fp32 ``tl.dot`` precision. Default ``"tf32x3"``: three TF32 tensor-core
             products (split hi/lo operands) reach about fp32 accuracy at tensor-core speed, whereas plain
             ``"tf32"`` (10-bit mantissa, ~5e-4 relative) misses the 1e-5 target on ``L`` and ``"ieee"``
@@ -455,7 +476,8 @@ def connectivity_rowblock(
     cc = torch.cuda.get_device_capability(dev) if dev.type == "cuda" else (9, 0)  # the GPU tiling depends on it
     cfg = config or launch_config(spec, dtype, n_lambda, interpret=interpret, input_precision=input_precision, n=n,
                                   arch=10 * cc[0] + cc[1])
-    if cfg.constexprs["T"] != n_lambda or cfg.widths[0] != spec.stages[0][1].in_features:
+    if (cfg.constexprs["T"] != n_lambda or cfg.widths[0] != spec.stages[0][1].in_features
+            or cfg.constexprs["SKIP"] != (spec.skip is not None)):
         raise ValueError("config does not match this tail / n_lambda; build it with launch_config")
     zp = torch.zeros(n, cfg.pads[0], dtype=dtype, device=dev)
     zp[:, : z.shape[1]] = z
@@ -468,6 +490,13 @@ def connectivity_rowblock(
     wn[0, : w_last.shape[0]] = w_last.abs().sum(dim=1)
     wn[1, : w_last.shape[0]] = torch.linalg.vector_norm(w_last, dim=1)
     packed.append(wn)
+    up = zp
+    if spec.skip is not None:  # u = W_skip h (float64, on z's device), zero-padded to PO columns
+        if u is None or tuple(u.shape) != (n, spec.out_features):
+            raise ValueError(f"a tail with a skip term needs u = spec.skip_values(h) of shape ({n}, {spec.out_features})")
+        up = torch.zeros(n, cfg.pads[-1], dtype=torch.float64, device=dev)
+        up[:, : spec.out_features] = u.to(device=dev, dtype=torch.float64)
+    packed.append(up)
     out = torch.full((n, n), float("nan"), dtype=dtype, device=dev)
     grid = (n, triton.cdiv(n - 1, cfg.block_j))
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..compute import core, reference
+from ..compute import core, generic, reference
+from ..foundation.tail import parse_tail
 from .harness import Timing, n_pairs, time_fn
 
 #: Benchmark-only names: ``backend="triton"`` with one Triton kernel variant (``kernels.triton.use_variant``), so one
@@ -102,7 +103,8 @@ def naive_seconds_per_pair(h: torch.Tensor, tail: nn.Module, n_lambda: int, devi
 
 
 def reference_timed(h: torch.Tensor, tail: nn.Module, n_lambda: int = 21) -> tuple[np.ndarray, float]:
-    """NumPy reference ``L`` of ``h`` and its time per pair in seconds (one timed run).
+    """NumPy reference ``L`` of ``h`` and its time per pair in seconds (one timed run); any other module than an MLP
+    (a lowered transformer tail with its skip term included) through the float64 loop over the module itself.
 
     Args:
         h: ``(n, D)`` subset of the representations (``n >= 2``; keep it small, the reference is slow).
@@ -119,7 +121,11 @@ def reference_timed(h: torch.Tensor, tail: nn.Module, n_lambda: int = 21) -> tup
     if n < 2:
         raise ValueError(f"the reference subset needs >= 2 samples; got {n}")
     t0 = time.perf_counter()
-    L = reference.connectivity(h, tail, n_lambda)
+    spec = parse_tail(tail)
+    if spec is None or spec.skip is not None:  # any other module, or a lowered tail: the float64 loop through it
+        L = generic.reference_connectivity(h, tail, n_lambda)
+    else:
+        L = reference.connectivity(h, tail, n_lambda)
     return L, (time.perf_counter() - t0) / n_pairs(n)
 
 

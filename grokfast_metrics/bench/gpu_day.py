@@ -10,8 +10,9 @@ predicted not to fit it, so the whole run ends about ``--budget-s`` after it sta
    fails the run stops there, with the failures in the results file (exit code 3); when they run out of time with
    no failure seen, the run goes on (every timed row is still checked against the reference first);
 2. ``timing``: the 8192^2 fp32 matmul roof, then Triton v1, v2 and the torch backend at N = 961, 4096, 16384 on
-   every workload (:func:`workloads`: the default tail, and the lowered transformer tail once
-   ``workloads.transformer_tail_workload`` exists), each checked against the NumPy reference before it is timed;
+   every workload (:func:`workloads`: the default tail, and the lowered Nanda transformer tail of
+   ``workloads.transformer_tail_workload``, which Triton runs with its skip term in v1), each checked against the
+   NumPy reference before it is timed, each workload with an equal share of the stage's connectivity time;
    ``gm.lmn`` end to end (L + eigen + entropy); the eigen step on the device vs host LAPACK at 1, 4 and all threads;
 3. ``static_model``: measured time / static estimate (:mod:`.static_gpu`) per Triton kernel and N;
 4. ``dense_tracking``: the trainer's dense job (addition mod 31, 20,000 steps, LMN every step on all 961 inputs) for
@@ -112,6 +113,19 @@ def backend_can_run(b: str, device: torch.device) -> str | None:
     return None
 
 
+def _variant_skips(b: str, tail: nn.Module, T: int) -> str | None:
+    """``triton-v2`` on a tail v2 leaves to v1 (a lowered tail's skip term): not timed (it would time v1 again)."""
+    if b != "triton-v2":
+        return None
+    from .._tail import parse_tail
+    from ..kernels import connectivity_v2 as kv2
+
+    spec = parse_tail(tail)
+    if spec is None or not kv2.supported(spec, T):
+        return "SKIPPED: v2 leaves this tail to v1 (the triton-v1 row)"
+    return None
+
+
 def _row(new_row, w: Workload, T: int, **kw) -> BenchRow:
     return new_row(H=w.H, O=w.O, T=T, depth=w.depth, dtype="float32", **kw)
 
@@ -141,7 +155,7 @@ def time_workload(w: Workload, device: torch.device, ns: Sequence[int], T: int, 
     for k, (b, N) in enumerate(todo):
         r = _row(new_row, w, T, kind="connectivity", backend=b, N=N, check_n=n_ref,
                  note=f"gpu day, workload {w.name}")
-        why = backend_can_run(b, device)
+        why = backend_can_run(b, device) or _variant_skips(b, tail, T)
         if why:
             r.status = why
             rows.append(r)
@@ -279,8 +293,11 @@ def timing_stage(device: torch.device, dry_run: bool, deadline: float, new_row, 
                     time_median_s=t.median, time_iqr_s=t.iqr, time_min_s=t.min, time_max_s=t.max,
                     gflop=2 * size**3 / 1e9, gflops=roof, frac_roof=1.0, note=note)]
     conn_deadline = time.monotonic() + 0.6 * _left(deadline)
-    for w in workloads(T):
-        rows += time_workload(w, device, ns, T, repeats, roof, conn_deadline, new_row, n_ref=8 if dry_run else 24)
+    ws = workloads(T)
+    for k, w in enumerate(ws):  # an equal share of what is left each: the default tail cannot starve the next one
+        share = (conn_deadline - time.monotonic()) / (len(ws) - k)
+        rows += time_workload(w, device, ns, T, repeats, roof, time.monotonic() + share, new_row,
+                              n_ref=8 if dry_run else 24)
     rows += e2e_rows(device, e2e_ns, T, repeats, time.monotonic() + 0.5 * _left(deadline), new_row)
     rows += eigen_rows(device, e2e_ns, T, repeats, deadline, new_row)
     return rows

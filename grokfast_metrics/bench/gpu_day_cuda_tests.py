@@ -15,7 +15,7 @@ import torch
 from .gpu_day_budget import _left
 
 #: test files whose tests skip on the CPU for want of CUDA (``tests/test_gpu_day.py`` checks the list is complete)
-CUDA_TESTS = ("tests/kernels/test_triton_kernel.py",)
+CUDA_TESTS = ("tests/kernels/test_triton_kernel.py", "tests/kernels/test_triton_skip.py")
 
 
 SKIP_NO_CUDA = "SKIPPED: no CUDA"

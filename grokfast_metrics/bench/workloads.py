@@ -89,6 +89,61 @@ def make_inputs(n: int, hidden: int, seed: int = 0, device: torch.device | str =
     return torch.nn.functional.silu(2.0 * x).to(device)
 
 
+#: the lowered transformer tail of the GPU day (issue 20's target shape): Nanda's 1-layer transformer, p = 113
+TRANSFORMER_TAIL = dict(p=113, d_model=128, d_mlp=512)
+
+
+def transformer_residuals(n: int, p: int = 113, d_model: int = 128, d_mlp: int = 512, seed: int = 0):
+    """``(model, x, h)``: a seeded :class:`~grokfast_metrics.transformer.GrokTransformer` (``p`` tokens and classes), ``n``
+    operand pairs ``x`` ``(n, 2)`` (a seeded permutation of all ``p^2``, repeated when ``n > p^2``: repeated rows are
+    identical samples, ``L = 1``) and ``h`` ``(n, 3 d_model)``: its residual stream at the LMN cut
+    (``blocks.0.hook_resid_mid``, the three positions flattened), what ``lmn_at`` interpolates."""
+    from ..transformer import GrokTransformer
+
+    with seeded(seed), torch.no_grad():
+        model = GrokTransformer(p, p, d_model=d_model, d_mlp=d_mlp)
+        order = torch.randperm(p * p)
+    idx = order[torch.arange(n) % (p * p)]
+    x = torch.stack([idx // p, idx % p], dim=1)
+    acts: list[torch.Tensor] = []
+    hook = model.blocks[0].hook_resid_mid.register_forward_hook(lambda _m, _i, out: acts.append(out))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        hook.remove()
+    return model, x, acts[0].reshape(n, -1)
+
+
+def transformer_tail_workload(n_lambda: int = 21):
+    """The GPU day's lowered transformer tail (the hook of :func:`grokfast_metrics.bench.gpu_day.workloads`).
+
+    :func:`transformer_residuals` at :data:`TRANSFORMER_TAIL`'s sizes; the tail is what ``lmn_at``'s plan lowers the
+    model to at ``blocks.0.hook_resid_mid`` (:mod:`grokfast_metrics._lower`: the last position, ``Linear(128, 512)``
+    absorbed, ReLU, the folded ``113 x 512`` output matrix, the skip term ``lam (u_j - u_i)``): the C++ kernel runs it
+    on the CPU, Triton v1 on CUDA, ``backend="torch"`` the generic path through the lowered module. Useful FLOP per
+    pair: ``2 T d_mlp p`` (the output matrix, as for the MLP).
+    """
+    from ..plan import Plan
+    from ..transformer import TRANSFORMER_LAYER
+    from .gpu_day import Workload
+
+    sizes = TRANSFORMER_TAIL
+
+    def make(n: int, device: torch.device):
+        model, x, h = transformer_residuals(n, **sizes)
+        plan = Plan(model, x[: min(n, 16)], at=TRANSFORMER_LAYER)
+        with plan.running():
+            plan.forward()  # builds the split tail and its lowering
+        low = plan.lowering
+        if low is None or low.tail is None:
+            raise RuntimeError(f"the transformer tail did not lower: {None if low is None else low.reason}")
+        return h.to(device), low.tail.to(device)
+
+    d_mlp, p = sizes["d_mlp"], sizes["p"]
+    return Workload("transformer", make, d_mlp, p, 1, 2 * n_lambda * d_mlp * p)
+
+
 @dataclass
 class TrainingWorkload:
     """The paper's MLP on addition mod 31, one full-batch AdamW step, and the LMN it would track.

@@ -116,8 +116,6 @@ def _unavailable(name: str, h: torch.Tensor, dtype: torch.dtype, spec: MLPTail |
     if name == "triton":
         if spec is None:
             return _NOT_MLP
-        if spec.skip is not None:
-            return "a lowered tail with a skip term runs fused on the CPU only (the Triton kernels have no skip term)"
         if not triton_available():
             return "it needs the triton package (pip install triton)"
         from ..kernels import triton_rowblock as kc
@@ -156,8 +154,8 @@ def _choose(backend: str, h: torch.Tensor, dtype: torch.dtype, spec: MLPTail | N
         return backend
     if spec is None or spec.is_affine:  # the generic path; or L = 1 with no kernel at all
         return "torch"
-    if spec.skip is not None and _unavailable("cpu", h, dtype, spec) is not None:
-        return "torch"  # a lowered tail the C++ kernel cannot run: the generic path through the module
+    # an MLP tail, lowered transformer tails (a skip term) included: the fused kernel of h's device, else torch ops
+    # (for a lowered tail the generic path through the module)
     if h.is_cuda and _unavailable("triton", h, dtype, spec) is None:
         return "triton"
     if not h.is_cuda and _unavailable("cpu", h, dtype, spec) is None:
@@ -236,7 +234,10 @@ def _run_triton(h: torch.Tensor, tail: nn.Module, spec: MLPTail | None, n_lambda
     from ..kernels.triton import connectivity_triton
 
     assert spec is not None  # the dispatch runs Triton on MLP tails only
-    L: torch.Tensor = connectivity_triton(spec.absorb(h), spec, n_lambda)
+    # a lowered tail absorbs through its float64 twin, rounded once (as _run_cpu): a large component of h that W_in
+    # cancels keeps z accurate relative to |z|; its skip term u = W_skip h is float64
+    z = spec.absorb(h) if spec.exact is None else spec.exact.absorb(h.to(torch.float64)).to(h.dtype)
+    L: torch.Tensor = connectivity_triton(z, spec, n_lambda, u=spec.skip_values(h))
     return L
 
 
@@ -301,7 +302,8 @@ def _recompute_flagged(L: torch.Tensor, h: torch.Tensor, tail: nn.Module, spec: 
     """Recompute in fp64 every pair an fp32 backend wrote as ``FLAGGED``; returns how many.
 
     MLP tails on the CPU go through the C++ fp64 pair kernel (one call for all pairs; the same algebra as
-    the torch path), everything else through the torch path in fp64.
+    the torch path), other MLP tails (on CUDA; lowered transformer tails included, skip term and all) through the
+    torch MLP path in fp64, any other module through the generic path in fp64.
     """
     n = L.shape[0]
     if L.device.type == "cpu":  # one single-threaded pass (0.2 ms at N=961; torch's eq + nonzero: 0.5-25 ms under load)
@@ -326,8 +328,8 @@ def _recompute_flagged(L: torch.Tensor, h: torch.Tensor, tail: nn.Module, spec: 
                 v = kcpu.pairs_f64(h, spec, i, j, n_lambda)
         if v is None:
             h64 = h.to(torch.float64)
-            if spec is not None and spec.skip is None:
-                v = torch_backend.mlp_pairs(h64, spec, i, j, n_lambda, chunk_bytes)
+            if spec is not None:  # a lowered tail through its float64 twin (folded weights never rounded), skip term too
+                v = torch_backend.mlp_pairs(h64, spec.exact or spec, i, j, n_lambda, chunk_bytes)
             else:
                 from . import generic
 

@@ -210,22 +210,28 @@ def _chunk_work(n: int, n_lambda: int, width: int, elem: int, chunk_bytes: int |
 Stages = list[tuple[list[Act], torch.Tensor, torch.Tensor | None]]
 
 
-def _prepare(spec: MLPTail, dtype: torch.dtype) -> Stages:
+def _prepare(spec: MLPTail, dtype: torch.dtype, device: torch.device | None = None) -> Stages:
     return [
-        (acts, lin.weight.to(dtype).t(), None if lin.bias is None else lin.bias.to(dtype))
+        (acts, lin.weight.to(device=device, dtype=dtype).t(),
+         None if lin.bias is None else lin.bias.to(device=device, dtype=dtype))
         for acts, lin in spec.stages
     ]
 
 
 def _pairs_values(z: torch.Tensor, spec: MLPTail, stages: Stages, i: torch.Tensor, j: torch.Tensor, n_lambda: int,
-                  flag: bool) -> torch.Tensor:
+                  flag: bool, u: torch.Tensor | None = None) -> torch.Tensor:
     """``L_ij`` of the pairs ``(i[p], j[p])`` from the absorbed ``z`` (``(P,)`` in ``z``'s dtype).
+
+    ``u`` (``(N, O)`` float64, a lowered tail's skip term ``W_skip h``): the centred outputs gain ``lam_c (u_j - u_i)``
+    (the difference in float64, rounded once) and ``|u_j - u_i|`` joins their rounding scale, as in the fused kernels.
 
     Alongside the forward, ``r`` (``(P, width)``) bounds the rounding of every layer's values in units of eps,
     propagated layer by layer (:func:`_through`, :func:`_linear_scale`, from ``max_t |x_0|``): the scale of the
     flag and the constant rule, including the inner layers' rounding for tails ending in an activation.
     """
     dtype, dev = z.dtype, z.device
+    if u is not None and spec.final:
+        raise ValueError("a skip term needs a tail that ends in a Linear (no trailing activation)")
     lam, lam_c = lambdas(n_lambda, dtype, dev)
     eps = torch.finfo(dtype).eps
     zi = z[i]
@@ -244,9 +250,14 @@ def _pairs_values(z: torch.Tensor, spec: MLPTail, stages: Stages, i: torch.Tenso
                 y = torch_offset_free(last_act.name, x, x[:, :1])
                 r = _through(last_act, x, y, r, lin)
             else:
-                y, r = _act_step(last_act, x, r, lin)
-            yc = torch.matmul(y - y.mean(dim=1, keepdim=True), wt)                # [P, T, O], no bias
-            return r2_from_centred(yc, torch.matmul(r, wt.abs()), lam_c, eps, flag)
+                a, r = _act_step(last_act, x, r, lin)
+            yc = torch.matmul(a - a.mean(dim=1, keepdim=True), wt)                # [P, T, O], no bias
+            scale = torch.matmul(r, wt.abs())
+            if u is not None:  # skip term: exact and linear in lam
+                du = (u[j] - u[i]).to(dtype)                                       # [P, O]
+                yc = torch.addcmul(yc, lam_c.view(1, -1, 1), du.unsqueeze(1))
+                scale = scale + du.abs()
+            return r2_from_centred(yc, scale, lam_c, eps, flag)
         for a in acts:
             x, r = _act_step(a, x, r, lin)
             lin = lin and a.is_identity
@@ -288,13 +299,13 @@ def connectivity_mlp(h: torch.Tensor, spec: MLPTail, n_lambda: int, chunk_bytes:
     n = h.shape[0]
     if spec.is_affine:  # affine tail: every path is a straight line, r2 = 1 exactly
         return torch.ones(n, n, dtype=dtype, device=dev)
-    stages = _prepare(spec, dtype)
-    z = spec.absorb(h)
+    stages = _prepare(spec, dtype, dev)
+    z, u = spec.absorb(h), spec.skip_values(h)
     width = max([z.shape[1]] + [w.shape[1] for _, w, _ in stages])
     L = new_L(n, dtype, dev, _chunk_work(n, n_lambda, width, h.element_size(), chunk_bytes, dev))
     chunk = chunk_pairs(width, n_lambda, h.element_size(), dev, chunk_bytes)
     for i, j in triu_pair_chunks(n, chunk, dev):
-        v = _pairs_values(z, spec, stages, i, j, n_lambda, flag)
+        v = _pairs_values(z, spec, stages, i, j, n_lambda, flag, u)
         L[i, j] = v
         L[j, i] = v
     return L
@@ -303,10 +314,11 @@ def connectivity_mlp(h: torch.Tensor, spec: MLPTail, n_lambda: int, chunk_bytes:
 @torch.no_grad()
 def mlp_pairs(h: torch.Tensor, spec: MLPTail, i: torch.Tensor, j: torch.Tensor, n_lambda: int,
               chunk_bytes: int | None = None) -> torch.Tensor:
-    """``L_ij`` of the listed pairs only, in ``h``'s dtype (the fp64 recompute of flagged pairs)."""
-    stages = _prepare(spec, h.dtype)
-    z = spec.absorb(h)
+    """``L_ij`` of the listed pairs only, in ``h``'s dtype (the fp64 recompute of flagged pairs; a lowered tail's skip
+    term included)."""
+    stages = _prepare(spec, h.dtype, h.device)
+    z, u = spec.absorb(h), spec.skip_values(h)
     width = max([z.shape[1]] + [w.shape[1] for _, w, _ in stages])
     chunk = chunk_pairs(width, n_lambda, h.element_size(), h.device, chunk_bytes)
-    return torch.cat([_pairs_values(z, spec, stages, i[c:c + chunk], j[c:c + chunk], n_lambda, False)
+    return torch.cat([_pairs_values(z, spec, stages, i[c:c + chunk], j[c:c + chunk], n_lambda, False, u)
                       for c in range(0, i.numel(), chunk)])

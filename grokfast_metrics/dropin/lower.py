@@ -6,9 +6,9 @@ A tail traced with ``torch.fx`` (``lmn_at``'s split, or a module traced here) th
 
 is an MLP tail with a skip term: :func:`lower` interprets the graph symbolically and returns a
 :class:`LoweredTail` whose ``lowered_spec`` (:class:`~grokfast_metrics.foundation.tail.MLPTail` with ``select``,
-``skip`` and an exact float64 twin) the fused C++ kernel runs: ``z = W_in x + b_in`` absorbed once per
-sample, the hidden activations per interpolation point, one folded output matrix, and the skip term
-``u = W_skip x`` computed once per sample entering each pair as ``lam (u_j - u_i)``.
+``skip`` and an exact float64 twin) the fused kernels run (the C++ kernel on the CPU, the Triton kernel v1 on CUDA):
+``z = W_in x + b_in`` absorbed once per sample, the hidden activations per interpolation point, one folded output
+matrix, and the skip term ``u = W_skip x`` computed once per sample entering each pair as ``lam (u_j - u_i)``.
 
 What lowers (everything else returns ``None`` and the reason; the tail keeps the generic path):
 
@@ -368,8 +368,8 @@ def _is_eye(W: torch.Tensor) -> bool:
 class LoweredTail(nn.Module):
     """``(B, D) -> (B, O)``: ``W_out act(W_in h[:, lo:hi] + b_in) + b_out + W_skip h[:, lo:hi]``.
 
-    ``lowered_spec`` is what :func:`grokfast_metrics.foundation.tail.parse_tail` returns for it (the fused CPU kernel runs
-    it; other backends run this module's forward on the generic path). ``describe`` names what it computes.
+    ``lowered_spec`` is what :func:`grokfast_metrics.foundation.tail.parse_tail` returns for it (the fused CPU kernel and the
+    Triton kernel v1 run it; ``backend="torch"`` runs this module's forward on the generic path). ``describe`` names what it computes.
     """
 
     def __init__(self, sym: _Sym, in_positions: int, in_width: int, dtype: torch.dtype, describe: str):

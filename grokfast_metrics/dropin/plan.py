@@ -437,10 +437,12 @@ class Plan:
             self.ran = f"split, generic ({core.last_run_info().get('backend')}); backend={backend!r} (every position)"
             return L
         low = self.lowering if self.path == "split" else None
-        if low is not None and low.tail is not None and backend not in ("reference", "triton"):
+        if low is not None and low.tail is not None and backend != "reference":
             low = self._lower()  # the folded weights follow the model's (re-folded when a parameter changed)
             if low.tail is not None:
-                low.tail.to(h.device)  # folded on the CPU in float64; runs where h is (off the CPU: the generic path)
+                # folded on the CPU in float64; runs where h is: the C++ kernel on the CPU, the Triton kernel on CUDA
+                # (core._choose), else the generic path through the module
+                low.tail.to(h.device)
             # the lowered tail must reproduce the model's own outputs (checked on every computation: one forward)
             try:
                 y_low = generic.end_outputs(low.tail, h, _param_dtype(low.tail, h.dtype), y.dtype)

@@ -197,11 +197,11 @@ class MLPTail:
         return h if self.select is None else h[:, self.select[0]:self.select[1]]
 
     def skip_values(self, h: torch.Tensor) -> torch.Tensor | None:
-        """``u = W_skip h_sel`` in float64 on the CPU, ``(N, O)`` (``None`` without a skip term)."""
+        """``u = W_skip h_sel`` in float64 on ``h``'s device, ``(N, O)`` (``None`` without a skip term)."""
         if self.skip is None:
             return None
-        x = self.selected(h.detach()).to(device="cpu", dtype=torch.float64)
-        return (x @ self.skip.to(torch.float64).t()).contiguous()
+        x = self.selected(h.detach()).to(torch.float64)
+        return (x @ self.skip.to(device=x.device, dtype=torch.float64).t()).contiguous()
 
     @property
     def activations(self) -> list[Act]:
@@ -228,8 +228,9 @@ class MLPTail:
         path interpolates ``z`` and saves the first Linear per interpolation point.
         """
         z = self.selected(h)
-        for lin in self.pre:
-            z = F.linear(z, lin.weight.to(h.dtype), None if lin.bias is None else lin.bias.to(h.dtype))
+        for lin in self.pre:  # (a lowered tail's float64 twin keeps its weights on the CPU: moved to h's device)
+            w, b = lin.weight.to(device=h.device, dtype=h.dtype), lin.bias
+            z = F.linear(z, w, None if b is None else b.to(device=h.device, dtype=h.dtype))
         return z
 
 

@@ -53,8 +53,16 @@ def test_dry_run_results_file(dry_run):
     rows = res["rows"]
     kinds = {r["kind"] for r in rows}
     assert {"roof", "connectivity", "lmn_e2e", "eigen", "dense_tracking"} <= kinds
-    conn = {(r["backend"], r["N"]): r for r in rows if r["kind"] == "connectivity"}
+    conn = {(r["backend"], r["N"]): r for r in rows if r["kind"] == "connectivity" and "workload default" in r["note"]}
     assert set(conn) == {(b, n) for b in gpu_day.BACKENDS for n in gpu_day.DRY_NS}
+    # the lowered transformer tail (issue 20): every backend and N, the torch rows checked against the reference first
+    # (observed ~3e-7); on a loaded machine its torch rows may find the timing budget spent
+    tr = {(r["backend"], r["N"]): r for r in rows if r["kind"] == "connectivity" and "workload transformer" in r["note"]}
+    assert set(tr) == set(conn)
+    for n in gpu_day.DRY_NS:
+        assert tr[("torch", n)]["status"] in ("ok", "SKIPPED: timing budget spent"), tr[("torch", n)]
+        assert tr[("torch", n)]["max_abs_diff"] <= ATOL[torch.float32] / 5 and tr[("torch", n)]["O"] == 113
+        assert all(tr[(b, n)]["status"] == gpu_day.SKIP_NO_CUDA for b in ("triton-v1", "triton-v2"))
     for n in gpu_day.DRY_NS:
         torch_row = conn[("torch", n)]
         # checked against the reference before it was timed (observed max abs diff ~1e-7 here)

@@ -26,7 +26,7 @@ from helpers import PYTHON
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from grokfast_metrics.foundation.tail import ACT_CODES, parse_tail
+from grokfast_metrics.foundation.tail import ACT_CODES, Act, MLPTail, parse_tail
 
 COMPILED_HERE = not kc.kernel_is_interpreted()
 here = pytest.mark.skipif(not COMPILED_HERE, reason="interpreter session; run by test_compile_subprocess")
@@ -41,6 +41,18 @@ def _mlp(d: int, widths: list[int], acts: list[nn.Module], final: nn.Module | No
     for act, (a, b) in zip(acts, itertools.pairwise(widths)):
         layers += [act, nn.Linear(a, b)]
     return nn.Sequential(*layers, *([final] if final is not None else []))
+
+
+def _lowered(d_model: int, d_mlp: int, o: int, act: str, positions: int = 3) -> nn.Module:
+    """A lowered transformer tail as ``grokfast_metrics._lower`` builds it (the last of ``positions`` positions,
+    ``Linear(d_model, d_mlp)`` absorbed, ``act``, the folded ``Linear(d_mlp, o)``, a skip term ``W_skip``): the
+    kernel runs with ``SKIP``."""
+    torch.manual_seed(0)
+    m = nn.Module()
+    m.lowered_spec = MLPTail(pre=[nn.Linear(d_model, d_mlp)], stages=[([Act(act)], nn.Linear(d_mlp, o))],
+                             in_features=positions * d_model, select=((positions - 1) * d_model, positions * d_model),
+                             skip=torch.randn(o, d_model, dtype=torch.float64))
+    return m
 
 
 F32, F64 = torch.float32, torch.float64
@@ -63,6 +75,14 @@ CONFIGS = {
     "fp64_h100_d2_silu_gelu": (_mlp(64, [100, 100, 31], [nn.SiLU(), nn.GELU()]), F64, None),  # erfc-GELU, chained
     "fp64_h512_d3": (_mlp(64, [512, 512, 512, 31], [nn.SiLU(), nn.LeakyReLU(0.01), nn.GELU(approximate="tanh")]),
                      F64, None),
+    # p = 113 logits (PO = 128): v2's wide accumulator (the lowered Nanda tail without a skip term runs v2)
+    "h512_o113_relu": (_mlp(128, [512, 113], [nn.ReLU()]), F32, None),
+    "h100_o113_ieee": (_mlp(64, [100, 113], [nn.SiLU()]), F32, "ieee"),
+    "fp64_h512_o113_relu": (_mlp(128, [512, 113], [nn.ReLU()]), F64, None),
+    # lowered transformer tails with a skip term (issue 20): the Nanda tail (d_model 128, d_mlp 512, p = 113)
+    "lowered_nanda_relu": (_lowered(128, 512, 113, "relu"), F32, None),
+    "lowered_nanda_gelu_ieee": (_lowered(128, 512, 113, "gelu"), F32, "ieee"),
+    "fp64_lowered_nanda_relu": (_lowered(128, 512, 113, "relu"), F64, None),
 }
 
 
@@ -156,3 +176,5 @@ def test_configs_cover_the_brief():
     assert acts >= set(ACT_CODES) - {"identity"}
     depths = {len(parse_tail(t).stages) for t, _, _ in CONFIGS.values()}
     assert depths >= {1, 2, 3}
+    skip = {(dtype, parse_tail(t).skip is not None) for t, dtype, _ in CONFIGS.values()}
+    assert {(F32, True), (F64, True)} <= skip
