@@ -391,6 +391,7 @@ class Plan:
             if self.affine and backend != "reference":
                 # only affine layers follow: every path is a straight line and L is exactly 1 (nothing to compute)
                 L = _ones_if_finite(h, y)
+                _report_affine_shortcut(self)
             elif self.path == "chain":
                 L = connectivity(h, self.tail, n_lambda, backend, chunk_bytes=chunk_bytes)
                 self.ran = f"chain ({core.last_run_info().get('backend')})"
@@ -513,6 +514,15 @@ def _read_at_one_position(gm):
         return fx.GraphModule(gm, g), (k, p)
     except Exception:
         return None
+
+
+def _report_affine_shortcut(plan: Plan) -> None:
+    """:func:`grokfast_metrics.last_run_info` and ``plan.ran`` after the ``L = 1`` shortcut of a known-affine tail: no
+    backend ran and no pair was computed (not the previous computation's backend and counts)."""
+    n = plan.n
+    core._LAST_RUN.clear()
+    core._LAST_RUN.update(backend=None, kernel=None, pairs=n * (n - 1) // 2, recomputed=0, fraction_recomputed=0.0)
+    plan.ran = f"{plan.path}, affine: L = 1 exactly, not computed (only affine layers follow {plan.at!r})"
 
 
 def _report_path(plan: Plan) -> None:
