@@ -135,7 +135,7 @@ class Plan:
 
     def __init__(self, model: nn.Module, inputs, at: str, to: str | None = None, output: OutputSelector = None,
                  batch_dim: int = 0, input_batch_dim: int | None = None, path: str = "auto",
-                 user_hooks: bool = False):
+                 user_hooks: bool = False, *, compile: bool = False):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
         for name, v in (("batch_dim", batch_dim), ("input_batch_dim", input_batch_dim)):
@@ -160,6 +160,9 @@ class Plan:
         _check_devices(self.model, self.args)
         self.requested = path
         self.user_hooks = bool(user_hooks)
+        self.compile = bool(compile)   # a split tail on the generic path runs through torch.compile (generic.CompiledTail)
+        self._compiled: dict = {}      # (tail id, rows, dtype) -> CompiledTail
+        self.compile_info: dict | None = None   # what compile=True did in the last computation (last_run_info's "compile")
         self.path: str | None = None
         self.reason: str = "not built yet (the plan runs the probe at its first computation)"
         self.tail: nn.Module | None = None
@@ -190,7 +193,7 @@ class Plan:
         self._find_modules()
         self.path, self.tail, self.act_shape, self.checked, self.affine, self.affine_warned = None, None, None, False, None, False
         self.pruned, self.full_tail, self.sliced_tail, self.sliced = False, None, None, None
-        self.lowering, self._lowered_at, self.ran = None, None, ""
+        self.lowering, self._lowered_at, self.ran, self._compiled = None, None, "", {}
 
     @contextmanager
     def running(self):
@@ -383,6 +386,7 @@ class Plan:
                      chunk_bytes: int | None = None, warn_affine: bool = True) -> torch.Tensor:
         """The connectivity matrix ``L`` on the model's current weights: :meth:`compute` without the eigen step."""
         n_lambda = check_n_lambda(n_lambda)
+        self.compile_info = None
         with self.running(), torch.autocast(_device_type(self.args), enabled=False):
             y, act = self.forward()
             h = act.movedim(self.batch_dim, 0).reshape(self.n, -1)
@@ -397,6 +401,7 @@ class Plan:
                 self.ran = f"chain ({core.last_run_info().get('backend')})"
             else:
                 L = self._generic(h, act, y, n_lambda, backend, chunk_bytes)
+                self.ran += _compile_note(self)
             numerically_affine = not self.affine and not self.affine_warned and warn_affine and self._affine_probe(h, L)
         _report_path(self)
         if warn_affine and not self.affine_warned:
@@ -471,7 +476,7 @@ class Plan:
             if _agrees(y_end, y):
                 if chunk_bytes is None and h_run.device.type == "cpu":
                     chunk_bytes = PRUNED_CHUNK_BYTES_CPU
-                L = connectivity(h_run, tail, n_lambda, backend, chunk_bytes=chunk_bytes)
+                L = self._run_generic(h_run, tail, n_lambda, backend, chunk_bytes)
                 why = "" if low is None else (f"; not lowered: {low.reason}" if low.tail is None else f"; backend={backend!r}")
                 self.ran = f"split, pruned, generic ({core.last_run_info().get('backend')}){why}"
                 return L
@@ -486,10 +491,47 @@ class Plan:
                 self.path, self.tail, self.affine = "hooks", _HookTail(self), None
                 self.reason = ("the traced tail's outputs differed from the model's on the probe (e.g. an op "
                                "torch.fx lost): the whole model re-runs with at's output replaced")
-        L = connectivity(h, self.tail, n_lambda, backend, chunk_bytes=chunk_bytes)
+        L = self._run_generic(h, self.tail, n_lambda, backend, chunk_bytes)
         why = "" if low is None else (f"; not lowered: {low.reason}" if low.tail is None else f"; backend={backend!r}")
         self.ran = f"{self.path}, generic ({core.last_run_info().get('backend')}){why}"
         return L
+
+
+    def _run_generic(self, h, tail, n_lambda, backend, chunk_bytes) -> torch.Tensor:
+        """``connectivity`` through a split or hook tail; with ``compile=True`` a split tail runs compiled, at one batch
+        shape (:class:`~grokfast_metrics.generic.CompiledTail`, kept for the next computations)."""
+        from . import generic
+
+        if not self.compile:
+            return connectivity(h, tail, n_lambda, backend, chunk_bytes=chunk_bytes)
+        dtype = core._compute_dtype(h, tail)
+        why = ("the hook tail re-runs the whole model (split tails only)" if self.path != "split" else
+               f"backend={backend!r}" if backend not in ("auto", "torch") else
+               "the tail's parameters are not in the compute dtype" if any(
+                   p.dtype != dtype for p in tail.parameters() if p.is_floating_point()) else None)
+        if why is not None:
+            self.compile_info = {"compiled": False, "why": why}
+            return connectivity(h, tail, n_lambda, backend, chunk_bytes=chunk_bytes)
+        rows = generic.compiled_rows(tail, h.to(dtype), n_lambda, chunk_bytes)
+        key = (id(tail), rows, dtype)
+        ct = self._compiled.get(key)
+        if ct is None or ct.tail is not tail:
+            ct = self._compiled[key] = generic.CompiledTail(tail, rows, dtype)
+        L = connectivity(h, ct, n_lambda, backend, chunk_bytes=generic.chunk_bytes_for_rows(tail, h.to(dtype), rows))
+        self.compile_info = ct.info()
+        return L
+
+
+def _compile_note(plan: Plan) -> str:
+    """What ``compile=True`` did, for ``plan.ran`` (empty without it)."""
+    info = plan.compile_info
+    if not plan.compile:
+        return ""
+    if info is None:
+        return "; compile=True not used (no generic tail ran)"
+    if not info["compiled"]:
+        return f"; not compiled: {info.get('why') or info.get('failed') or 'no batch reached the compiled size'}"
+    return f"; compiled (torch.compile, {info['rows']} rows per batch, first call {info['first_call_s']:.1f} s)"
 
 
 def _read_at_one_position(gm):
@@ -529,7 +571,7 @@ def _report_path(plan: Plan) -> None:
     """Add the plan's path and its reason to :func:`grokfast_metrics.last_run_info`."""
     from . import core
 
-    core._LAST_RUN.update(path=plan.path, path_reason=plan.reason, ran=plan.ran)
+    core._LAST_RUN.update(path=plan.path, path_reason=plan.reason, ran=plan.ran, compile=plan.compile_info)
 
 
 def _why_not_chain(plan: Plan, act: torch.Tensor) -> str:
