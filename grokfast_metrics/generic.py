@@ -265,11 +265,11 @@ class CompiledTail(nn.Module):
         if self.failed is not None:
             return self.tail(piece)
         if self._fn is None:
-            object.__setattr__(self, "_fn", torch.compile(self.tail, dynamic=False))
+            object.__setattr__(self, "_fn", torch.compile(_own_code(_run_module), dynamic=False))
         graphs = counters["stats"]["unique_graphs"]
         t = time.perf_counter()
         try:
-            y = self._fn(piece)
+            y = self._fn(self.tail, piece)
         except Exception as e:
             y = self.tail(piece)      # the tail's own error is raised here, as it is; else compiling failed
             msg = (str(e).strip().splitlines() or [""])[0][:200]
@@ -283,9 +283,24 @@ class CompiledTail(nn.Module):
         return y
 
     def info(self) -> dict:
-        """``{"compiled", "first_call_s", "graphs", "rows", "failed"}`` for :func:`~grokfast_metrics.core.last_run_info`."""
-        return {"compiled": self.failed is None and self.first_call_s is not None, "first_call_s": self.first_call_s,
+        """``{"compiled", "first_call_s", "graphs", "rows", "failed"}`` for :func:`~grokfast_metrics.core.last_run_info`
+        (``compiled``: dynamo compiled a graph of the tail and it ran)."""
+        return {"compiled": self.failed is None and self.graphs > 0, "first_call_s": self.first_call_s,
                 "graphs": self.graphs, "rows": self.rows, "failed": self.failed}
+
+
+def _run_module(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return module(x)
+
+
+def _own_code(fn):
+    """A copy of the function ``fn`` with a code object of its own. Dynamo keeps its compiled graphs on the code
+    object, at most ``recompile_limit`` (8) per code object, then runs it uncompiled: compiling the tail modules of
+    many plans through one shared ``forward`` (every split tail's is ``_SplitTail.forward``) would hit that limit
+    after 8 tails in one process (measured: the 9th ran uncompiled)."""
+    import types
+
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
 def compiled_rows(tail: nn.Module, h: torch.Tensor, n_lambda: int, chunk_bytes: int | None) -> int:

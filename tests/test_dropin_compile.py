@@ -74,7 +74,7 @@ def test_compiled_tail_runs_one_batch_shape(monkeypatch):
     """Every batch reaching the compiled function has exactly ``rows`` rows: longer batches are cut, a remainder of
     at least rows/4 is padded (and the padding dropped), a smaller one runs eager; outputs equal the eager tail's."""
     compiled_calls: list[int] = []
-    monkeypatch.setattr(torch, "compile", lambda m, **k: (lambda x: compiled_calls.append(x.shape[0]) or m(x)))
+    monkeypatch.setattr(torch, "compile", lambda f, **k: (lambda m, x: compiled_calls.append(x.shape[0]) or f(m, x)))
     tail = _Recorder()
     ct = generic.CompiledTail(tail, rows=8)
     x = torch.randn(29, 3, generator=torch.Generator().manual_seed(0))
@@ -83,6 +83,7 @@ def test_compiled_tail_runs_one_batch_shape(monkeypatch):
             assert torch.equal(ct(x[:b]), tail(x[:b]))
     assert set(compiled_calls) == {8} and len(compiled_calls) == 1 + 4 + 2 + 1
     assert ct.graphs == 0 and ct.first_call_s is not None and ct.failed is None
+    assert not ct.info()["compiled"]          # nothing was compiled (torch.compile replaced): not reported as compiled
     with torch.no_grad():
         torch.func.functional_call(ct, {k: v.double() for k, v in ct.state_dict().items()}, (x[:8].double(),))
         # another dtype (the fp64 recomputation of flagged pairs, on fp64 copies of the parameters): eager
@@ -92,8 +93,8 @@ def test_compiled_tail_runs_one_batch_shape(monkeypatch):
 def test_a_compile_failure_warns_once_and_runs_the_eager_tail(monkeypatch):
     """Where inductor cannot compile (here: every compile raises), one warning line and the uncompiled tail, with the
     same values; the plan reports it (``last_run_info()["compile"]``, ``plan.ran``)."""
-    def broken(m, **k):
-        def fn(x):
+    def broken(f, **k):
+        def fn(m, x):
             raise RuntimeError("InductorError: C++ compile error\n(a long compiler log)")
         return fn
 
@@ -114,8 +115,8 @@ def test_a_compile_failure_warns_once_and_runs_the_eager_tail(monkeypatch):
 
 
 def test_the_tails_own_error_is_raised_not_reported_as_a_compile_failure(monkeypatch):
-    def broken(m, **k):
-        def fn(x):
+    def broken(f, **k):
+        def fn(m, x):
             raise RuntimeError("dynamo: something")
         return fn
 
@@ -150,11 +151,11 @@ def test_compile_is_reported_where_it_does_not_apply():
 def test_tracker_and_lmn_at_take_compile(monkeypatch):
     """``compile=`` reaches the plans of ``LMNTracker`` and ``lmn_at`` (torch.compile replaced: no real compile)."""
     calls = []
-    monkeypatch.setattr(torch, "compile", lambda m, **k: (calls.append(k) or m))
+    monkeypatch.setattr(torch, "compile", lambda f, **k: (calls.append(k) or f))
     model, probe, at, kw = _build("grokfast", n=6)
     tracker = gm.LMNTracker(model, probe, at, compile=True, **kw)
     tracker.update(0)
-    assert calls == [{"dynamic": False}] and last_run_info()["compile"]["compiled"]
+    assert calls == [{"dynamic": False}] and last_run_info()["compile"]["rows"] > 0
     dropin.lmn_at(model, probe, at, compile=True, **kw)
     assert len(calls) == 2
     gm.LMNTracker(model, probe, at, **kw).update(0)
@@ -182,3 +183,15 @@ def test_compiled_tail_in_an_ill_conditioned_regime_matches_the_reference():
     L = plan.connectivity()
     assert last_run_info()["compile"]["compiled"] and last_run_info()["recomputed"] > 0
     assert float((L.double() - _ref(model, probe, at, kw)).abs().max()) < 1e-5     # observed 0 (all pairs fp64)
+
+
+def test_each_compiled_tail_has_its_own_code_object(monkeypatch):
+    """Dynamo keeps at most 8 graphs per code object: compiled through one shared ``forward``, the 9th tail of a
+    process ran uncompiled (measured: three models at three batch sizes). Each CompiledTail compiles its own copy."""
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda f, **k: (compiled.append(f) or f))
+    with torch.no_grad():
+        for _ in range(2):
+            generic.CompiledTail(_Recorder(), rows=2)(torch.zeros(2, 3))
+    codes = {id(f.__code__) for f in compiled} | {id(generic._run_module.__code__)}
+    assert len(compiled) == 2 and len(codes) == 3
