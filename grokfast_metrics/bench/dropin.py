@@ -189,7 +189,7 @@ def dropin_rows(n: int = 961, n_before: int = 48, n_small: int = 32, n_lambda: i
         nbp = nb * (nb - 1) // 2
         row.update(before_n=nb, before_ran=before.ran, before_us=t_before / nbp * 1e6, before_cpu_us=c_before / nbp * 1e6)
         row.update(speedup=row["before_us"] / row["after_us"], speedup_cpu=row["before_cpu_us"] / row["after_cpu_us"])
-        if compiled and "lowered" not in ran and plan.path == "split":
+        if compiled and plan.path == "split" and not ran.startswith("split, lowered"):
             log(f"  compile=True at N={n_small} (the first call compiles) ...")
             row.update(_compiled_timing(builder, n_small, extra, n_lambda, repeats))
             log(f"  compiled {row['compiled_us']:.1f} us/pair vs eager {row['eager_us']:.1f} (first call "
