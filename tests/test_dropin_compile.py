@@ -195,3 +195,21 @@ def test_each_compiled_tail_has_its_own_code_object(monkeypatch):
             generic.CompiledTail(_Recorder(), rows=2)(torch.zeros(2, 3))
     codes = {id(f.__code__) for f in compiled} | {id(generic._run_module.__code__)}
     assert len(compiled) == 2 and len(codes) == 3
+
+
+def test_bench_dropin_times_the_compiled_generic_tails(monkeypatch):
+    """``bench --dropin``'s compile=True columns, on tiny sizes with torch.compile replaced (no real compile): every
+    generic tail gets them, lowered and chain tails do not."""
+    from grokfast_metrics.bench import dropin as bench_dropin
+
+    monkeypatch.setattr(torch, "compile", lambda f, **k: f)
+    rows = bench_dropin.dropin_rows(n=5, n_before=4, n_small=4, n_lambda=5, log=lambda m: None, roof_size=32,
+                                    dense_pairs=10, compiled=True, repeats=1)
+    for r in rows:
+        generic_tail = r["path"] == "split" and not r["ran"].startswith("split, lowered")
+        assert ("compiled_us" in r) == generic_tail, r["ran"]
+        if generic_tail:
+            assert r["compiled_us"] > 0 and r["eager_us"] > 0 and r["compiled_n"] == 4 and r["compiled_graphs"] == 0
+    assert sum("compiled_us" in r for r in rows) >= 3       # grokfast, mamay, grok (and nanda without the C++ kernel)
+    table = bench_dropin.format_rows(rows)
+    assert table.count("\n") == len(rows) + 1 and "not compiled: " in table   # nothing compiled: said so
