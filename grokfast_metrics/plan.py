@@ -496,7 +496,6 @@ class Plan:
         self.ran = f"{self.path}, generic ({core.last_run_info().get('backend')}){why}"
         return L
 
-
     def _run_generic(self, h, tail, n_lambda, backend, chunk_bytes) -> torch.Tensor:
         """``connectivity`` through a split or hook tail; with ``compile=True`` a split tail runs compiled, at one batch
         shape (:class:`~grokfast_metrics.generic.CompiledTail`, kept for the next computations)."""
@@ -528,7 +527,7 @@ def _compile_note(plan: Plan) -> str:
     if not plan.compile:
         return ""
     if info is None:
-        return "; compile=True not used (no generic tail ran)"
+        return "; compile=True not used (no generic torch tail ran: a lowered tail, or the reference)"
     if not info["compiled"]:
         return f"; not compiled: {info.get('why') or info.get('failed') or 'no batch reached the compiled size'}"
     return f"; compiled (torch.compile, {info['rows']} rows per batch, first call {info['first_call_s']:.1f} s)"
