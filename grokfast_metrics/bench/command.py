@@ -129,7 +129,8 @@ def _add_mode_arguments(add) -> None:
     add("--dropin", action="store_true",
         help="only lmn_at on the test models shaped like the public grokking codebases (tests/support/models.py): each timed "
              "before/after (the tail lowered into the fused kernel vs the generic path) in this run, µs per pair and "
-             "the fraction of the matmul roof for lowered tails; N from --n (default 961 for the Nanda-style tail)")
+             "the fraction of the matmul roof for lowered tails, and the tails left on the generic path with compile=True "
+             "(torch.compile) vs eager, alternately; N from --n (default 961 for the Nanda-style tail)")
     add("--sweep-steps", type=int, default=None, help="steps per run of --sweep-throughput (default 2000, --quick 200)")
     add("--sweep-workers", type=int, default=2, help="processes of the two sweep modes of --sweep-throughput (default 2)")
 

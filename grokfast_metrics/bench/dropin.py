@@ -11,6 +11,12 @@ For a lowered tail it also reports the fraction of the matmul roof (useful FLOP 
 the MLP; the roof is a large square fp32 matmul timed right before and after, the better of the two) and the same
 kernel with every hidden unit through the GEMM (``dense``: ReLU replaced by LeakyReLU(0), the same function), since
 the ReLU kernel computes only the units whose path crosses 0 (``crossing``: their share of units per pair, sampled).
+
+With ``compiled`` (``bench --dropin`` sets it), a tail that stays on the generic path (attention after the cut) is
+also timed with ``compile=True`` (:class:`~grokfast_metrics.generic.CompiledTail`): the first call (compiling
+included), then ``repeats`` computations alternating with the eager plan in the same process, the best of each
+(``compiled_us`` vs ``eager_us``); ``compiled_graphs`` counts the graphs dynamo compiled after the first call (0: no
+recompiles).
 """
 from __future__ import annotations
 
@@ -78,6 +84,35 @@ def _time_plan(plan, n_lambda: int) -> tuple[float, float]:
     return time.perf_counter() - t, time.process_time() - c
 
 
+def _compiled_timing(builder, n: int, extra: dict, n_lambda: int, repeats: int) -> dict:
+    """``compile=True`` vs the eager generic path on the same model and probe, alternately (see the module docstring)."""
+    from torch._dynamo.utils import counters
+
+    from ..dropin.plan import Plan
+
+    model, probe, kw = _subset(builder, n, **extra)
+    kw = dict(kw)
+    at = kw.pop("at")
+    eager, comp = Plan(model, probe, at, **kw), Plan(model, probe, at, **kw, compile=True)
+    t, c = time.perf_counter(), time.process_time()
+    comp.connectivity(n_lambda, warn_affine=False)
+    first, first_cpu = time.perf_counter() - t, time.process_time() - c
+    info = comp.compile_info or {}
+    graphs = counters["stats"]["unique_graphs"]
+    eager.connectivity(n_lambda, warn_affine=False)
+    best = {"eager": (float("inf"), float("inf")), "compiled": (float("inf"), float("inf"))}
+    for _ in range(repeats):
+        for key, plan in (("eager", eager), ("compiled", comp)):
+            w, cpu = _time_plan(plan, n_lambda)
+            best[key] = (min(best[key][0], w), min(best[key][1], cpu))
+    pairs = n * (n - 1) // 2
+    return dict(compiled_n=n, compiled_ok=bool(info.get("compiled")), compiled_why=info.get("why") or info.get("failed"),
+                compiled_first_s=first, compiled_first_cpu_s=first_cpu, compiled_rows=info.get("rows"),
+                compiled_graphs=counters["stats"]["unique_graphs"] - graphs,
+                eager_us=best["eager"][0] / pairs * 1e6, eager_cpu_us=best["eager"][1] / pairs * 1e6,
+                compiled_us=best["compiled"][0] / pairs * 1e6, compiled_cpu_us=best["compiled"][1] / pairs * 1e6)
+
+
 def _subset(builder, n: int, **kw):
     model, probe, args = builder(n=n, **kw)
     return model, probe, args
@@ -115,12 +150,13 @@ def _dense_us_per_pair(plan, n_pairs_max: int, n_lambda: int) -> float | None:
 
 
 def dropin_rows(n: int = 961, n_before: int = 48, n_small: int = 32, n_lambda: int = 21, log=print,
-                roof_size: int = 2048, dense_pairs: int = 40000) -> list[dict]:
+                roof_size: int = 2048, dense_pairs: int = 40000, compiled: bool = False, repeats: int = 3) -> list[dict]:
     """Measure every model (see the module docstring); returns one dict per model.
 
     ``n``: samples of the Nanda-style tail of the targets; ``n_before``: at most this many for the generic path
     ("before"); ``n_small``: samples of the test-size models; ``roof_size``: side of the roof matmul;
-    ``dense_pairs``: at most this many pairs for the dense kernel."""
+    ``dense_pairs``: at most this many pairs for the dense kernel; ``compiled``: time ``compile=True`` too (generic tails
+    only, at ``n_small``; ``repeats`` alternations)."""
     models = _models()
     cases = [("nanda (d_model 128, d_mlp 512, p 113)", models.nanda, NANDA_FULL, n)]
     cases += [(name, b, {}, n_small) for name, b in sorted(models.BUILDERS.items())]
@@ -154,6 +190,11 @@ def dropin_rows(n: int = 961, n_before: int = 48, n_small: int = 32, n_lambda: i
         nbp = nb * (nb - 1) // 2
         row.update(before_n=nb, before_ran=before.ran, before_us=t_before / nbp * 1e6, before_cpu_us=c_before / nbp * 1e6)
         row.update(speedup=row["before_us"] / row["after_us"], speedup_cpu=row["before_cpu_us"] / row["after_cpu_us"])
+        if compiled and plan.path == "split" and not ran.startswith("split, lowered"):
+            log(f"  compile=True at N={n_small} (the first call compiles) ...")
+            row.update(_compiled_timing(builder, n_small, extra, n_lambda, repeats))
+            log(f"  compiled {row['compiled_us']:.1f} us/pair vs eager {row['eager_us']:.1f} (first call "
+                f"{row['compiled_first_s']:.1f} s)")
         rows.append(row)
         log(f"  after {row['after_us']:.1f} us/pair ({ran[:60]}), before {row['before_us']:.1f} us/pair")
     return rows
@@ -163,8 +204,9 @@ def format_rows(rows: list[dict]) -> str:
     """Markdown table of :func:`dropin_rows`."""
     head = ("| model | path after (what ran) | N | L after: wall s (CPU s) | µs/pair after: wall (CPU) | "
             "µs/pair before: wall (CPU) (N; path) | speedup: wall (CPU) | useful GFLOP/s | roof GFLOP/s | "
-            "frac. roof: wall (CPU) | dense µs/pair (frac. roof) | crossing units |")
-    out = [head, "|" + "---|" * 12]
+            "frac. roof: wall (CPU) | dense µs/pair (frac. roof) | crossing units | compile=True: µs/pair wall (CPU) vs "
+            "eager, alternated (N) | compile=True: speedup wall (CPU) | compile=True: first call s (recompiles after) |")
+    out = [head, "|" + "---|" * 15]
     for r in rows:
         fr = f"{r['frac_roof']:.2f} ({r['frac_roof_cpu']:.2f})" if "frac_roof" in r else "-"
         ug = f"{r['useful_gflops']:.1f}" if "useful_gflops" in r else "-"
@@ -173,15 +215,26 @@ def format_rows(rows: list[dict]) -> str:
         out.append(f"| {r['model']} | {r['ran']} | {r['n']} | {r['after_s']:.2f} ({r['after_cpu_s']:.2f}) | "
                    f"{r['after_us']:.1f} ({r['after_cpu_us']:.1f}) | {r['before_us']:.1f} ({r['before_cpu_us']:.1f}) "
                    f"({r['before_n']}; {r['before_ran'].split(';')[0]}) | {r['speedup']:.1f}x ({r['speedup_cpu']:.1f}x) | "
-                   f"{ug} | {r['roof_gflops']:.1f} | {fr} | {dn} | {cr} |")
+                   f"{ug} | {r['roof_gflops']:.1f} | {fr} | {dn} | {cr} | {_compiled_cells(r)} |")
     return "\n".join(out)
 
 
-def run_dropin(n: int = 961, n_before: int = 48, n_small: int = 32, n_lambda: int = 21, quiet: bool = False) -> int:
+def _compiled_cells(r: dict) -> str:
+    if "compiled_us" not in r:
+        return "- | - | -"
+    if not r["compiled_ok"]:
+        return f"not compiled: {r['compiled_why']} | - | -"
+    return (f"{r['compiled_us']:.1f} ({r['compiled_cpu_us']:.1f}) vs {r['eager_us']:.1f} ({r['eager_cpu_us']:.1f}) "
+            f"({r['compiled_n']}) | {r['eager_us'] / r['compiled_us']:.2f}x ({r['eager_cpu_us'] / r['compiled_cpu_us']:.2f}x) | "
+            f"{r['compiled_first_s']:.1f} ({r['compiled_graphs']})")
+
+
+def run_dropin(n: int = 961, n_before: int = 48, n_small: int = 32, n_lambda: int = 21, quiet: bool = False,
+               compiled: bool = True) -> int:
     """``bench --dropin``: print the table (and the machine)."""
     try:
         rows = dropin_rows(n, n_before, n_small, n_lambda, log=(lambda m: None) if quiet else
-                           (lambda m: print(m, file=sys.stderr)))
+                           (lambda m: print(m, file=sys.stderr)), compiled=compiled)
     except FileNotFoundError as e:
         print(f"grokfast-metrics bench: error: {e}", file=sys.stderr)
         return 2

@@ -117,7 +117,7 @@ def _variant_skips(b: str, tail: nn.Module, T: int) -> str | None:
     """``triton-v2`` on a tail v2 leaves to v1 (a lowered tail's skip term): not timed (it would time v1 again)."""
     if b != "triton-v2":
         return None
-    from .._tail import parse_tail
+    from ..foundation.tail import parse_tail
     from ..kernels import connectivity_v2 as kv2
 
     spec = parse_tail(tail)

@@ -6,11 +6,13 @@ the section of ``RESULTS.md`` between :data:`MD_BEGIN` and :data:`MD_END` is reg
 from __future__ import annotations
 
 import csv
+import io
 import os
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+from ..experiment.runlog import write_atomic
 from .harness import FIELDS, BenchRow
 
 #: file names of the results (in the checkout's ``benchmarks/`` or the ``--out-dir`` of ``grokfast-metrics bench``)
@@ -216,9 +218,12 @@ def plot_time_vs_n(rows: Sequence[BenchRow | dict], path: str | os.PathLike, tit
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, dpi=120, format="png")
+    finally:
+        plt.close(fig)
+    return write_atomic(path, buf.getvalue())   # a failed write leaves the previous figure as it was
 
 
 # --------------------------------------------------------------------------------------------

@@ -98,7 +98,7 @@ def transformer_residuals(n: int, p: int = 113, d_model: int = 128, d_mlp: int =
     operand pairs ``x`` ``(n, 2)`` (a seeded permutation of all ``p^2``, repeated when ``n > p^2``: repeated rows are
     identical samples, ``L = 1``) and ``h`` ``(n, 3 d_model)``: its residual stream at the LMN cut
     (``blocks.0.hook_resid_mid``, the three positions flattened), what ``lmn_at`` interpolates."""
-    from ..transformer import GrokTransformer
+    from ..experiment.transformer import GrokTransformer
 
     with seeded(seed), torch.no_grad():
         model = GrokTransformer(p, p, d_model=d_model, d_mlp=d_mlp)
@@ -106,7 +106,7 @@ def transformer_residuals(n: int, p: int = 113, d_model: int = 128, d_mlp: int =
     idx = order[torch.arange(n) % (p * p)]
     x = torch.stack([idx // p, idx % p], dim=1)
     acts: list[torch.Tensor] = []
-    hook = model.blocks[0].hook_resid_mid.register_forward_hook(lambda _m, _i, out: acts.append(out))
+    hook = model.get_submodule("blocks.0.hook_resid_mid").register_forward_hook(lambda _m, _i, out: acts.append(out))
     try:
         with torch.no_grad():
             model(x)
@@ -124,8 +124,8 @@ def transformer_tail_workload(n_lambda: int = 21):
     on the CPU, Triton v1 on CUDA, ``backend="torch"`` the generic path through the lowered module. Useful FLOP per
     pair: ``2 T d_mlp p`` (the output matrix, as for the MLP).
     """
-    from ..plan import Plan
-    from ..transformer import TRANSFORMER_LAYER
+    from ..dropin.plan import Plan
+    from ..experiment.transformer import TRANSFORMER_LAYER
     from .gpu_day import Workload
 
     sizes = TRANSFORMER_TAIL

@@ -292,8 +292,11 @@ def last_run_info() -> dict[str, Any]:
     in this process: the backend and kernel variant that ran (see :func:`backend_info`) and how many pairs the fp32
     backend flagged as ill-conditioned and recomputed in fp64. After ``lmn_at`` (or a tracker) also ``"path"``
     (``"chain"``, ``"split"``, ``"hooks"``), ``"path_reason"`` (why that path ran:
-    :attr:`grokfast_metrics.dropin.measure.Plan.reason`) and ``"ran"`` (whether the tail was lowered to the fused kernel, and
-    what it computes or why not: :attr:`grokfast_metrics.dropin.measure.Plan.ran`)."""
+    :attr:`grokfast_metrics.dropin.plan.Plan.reason`), ``"ran"`` (whether the tail was lowered to the fused kernel, and
+    what it computes or why not: :attr:`grokfast_metrics.dropin.plan.Plan.ran`) and ``"compile"`` (``None`` unless
+    ``compile=True``: ``{"compiled", "first_call_s", "graphs", "rows", "failed"}`` of the compiled generic tail, or
+    ``{"compiled": False, "why"}``). After the ``L = 1`` shortcut of a tail known to be affine, ``"backend"`` and
+    ``"kernel"`` are ``None`` (nothing ran)."""
     return dict(_LAST_RUN)
 
 

@@ -210,3 +210,121 @@ def reference_connectivity(h: torch.Tensor, tail: nn.Module, n_lambda: int = 21)
                 y = tail64(x).detach().to(torch.float64).cpu().numpy()
                 L[i, j] = L[j, i] = pair_r2(y, lam).mean()
     return L
+
+
+# --------------------------------------------------------------------------------------------
+# compile=True: the generic tail through torch.compile, at one batch shape
+
+
+class CompiledTail(nn.Module):
+    """``tail`` run through ``torch.compile`` (inductor) at one fixed batch of ``rows`` rows (``lmn_at(..., compile=True)``).
+
+    A batch of exactly ``rows`` rows runs compiled; a longer one is cut into pieces of ``rows``; a piece of at least
+    ``rows / 4`` rows is padded to ``rows`` (with copies of its first row, dropped afterwards), a smaller one runs
+    eager. One shape, so dynamo compiles one graph (``dynamic=False``: the static graph ran 1.1-1.2x faster than the
+    dynamic one here) and never again while the tail and its parameters' dtype stay the same; the parameters are
+    inputs of the graph, so in-place updates (training) are seen without recompiling. Anything but the fp32 generic
+    path (the fp64 recomputation of flagged pairs, ``functional_call`` with fp64 copies, grad mode) runs the eager
+    ``tail``. Where compiling fails (no C++ compiler, an op inductor cannot lower), one warning line names the cause
+    and the eager tail runs from then on; an error of the tail itself is raised as it is.
+
+    Attributes:
+        first_call_s: wall seconds of the first compiled call (tracing, inductor's code generation and C++ compile,
+            one run), ``None`` before it.
+        graphs: graphs dynamo compiled for this tail (1 after the first call; more would mean recompiles).
+        failed: why compiling failed (the eager tail runs), else ``None``.
+    """
+
+    _fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None
+
+    def __init__(self, tail: nn.Module, rows: int, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.tail = tail
+        self.rows = max(1, int(rows))
+        self.dtype = dtype
+        self.first_call_s: float | None = None
+        self.graphs = 0
+        self.failed: str | None = None
+        object.__setattr__(self, "_fn", None)   # not a submodule: the parameters stay the tail's, once
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_fn": None}    # copies and pickles compile again at their first call
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.failed is not None or x.dtype != self.dtype or torch.is_grad_enabled() or 4 * x.shape[0] < self.rows:
+            return _run_module(self.tail, x)
+        outs = []
+        for s in range(0, x.shape[0], self.rows):
+            piece = x[s:s + self.rows]
+            k = piece.shape[0]
+            if 4 * k < self.rows:
+                outs.append(_run_module(self.tail, piece))
+                continue
+            if k < self.rows:
+                piece = torch.cat([piece, piece[:1].expand(self.rows - k, *piece.shape[1:])])
+            y = self._compiled(piece)
+            outs.append(y if k == self.rows else y[:k])
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _compiled(self, piece: torch.Tensor) -> torch.Tensor:
+        import time
+        import warnings
+
+        from torch._dynamo.utils import counters
+
+        if self.failed is not None:
+            return _run_module(self.tail, piece)
+        if self._fn is None:
+            object.__setattr__(self, "_fn", torch.compile(_own_code(_run_module), dynamic=False))
+        graphs = counters["stats"]["unique_graphs"]
+        t = time.perf_counter()
+        try:
+            y = self._fn(self.tail, piece)  # type: ignore[misc]  # set just above
+        except Exception as e:
+            y = _run_module(self.tail, piece)      # the tail's own error is raised here, as it is; else compiling failed
+            msg = (str(e).strip().splitlines() or [""])[0][:200]
+            self.failed = f"{type(e).__name__}: {msg}"
+            warnings.warn(f"compile=True: torch.compile failed on the tail ({self.failed}); it runs uncompiled",
+                          RuntimeWarning, stacklevel=2)
+            return y
+        if self.first_call_s is None:
+            self.first_call_s = time.perf_counter() - t
+        self.graphs += max(0, counters["stats"]["unique_graphs"] - graphs)
+        return y
+
+    def info(self) -> dict[str, Any]:
+        """``{"compiled", "first_call_s", "graphs", "rows", "failed"}`` for :func:`~grokfast_metrics.core.last_run_info`
+        (``compiled``: dynamo compiled a graph of the tail and it ran)."""
+        return {"compiled": self.failed is None and self.graphs > 0, "first_call_s": self.first_call_s,
+                "graphs": self.graphs, "rows": self.rows, "failed": self.failed}
+
+
+def _run_module(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    y: torch.Tensor = module(x)
+    return y
+
+
+def _own_code(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """A copy of the function ``fn`` with a code object of its own. Dynamo keeps its compiled graphs on the code
+    object, at most ``recompile_limit`` (8) per code object, then runs it uncompiled: compiling the tail modules of
+    many plans through one shared ``forward`` (every split tail's is ``_SplitTail.forward``) would hit that limit
+    after 8 tails in one process (measured: the 9th ran uncompiled)."""
+    import types
+
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
+def compiled_rows(tail: nn.Module, h: torch.Tensor, n_lambda: int, chunk_bytes: int | None) -> int:
+    """The fixed batch of a :class:`CompiledTail` for ``connectivity_tail`` on ``h``: whole pairs (``T - 2`` rows each),
+    at most ``chunk_bytes`` (as :func:`connectivity_tail` cuts them), spread evenly over the chunks the pairs need, so
+    that every chunk but the last has exactly this many rows and the last (padded) hardly fewer."""
+    per = n_lambda - 2
+    most = max(1, _batch_rows(tail, h, chunk_bytes) // per)
+    pairs = h.shape[0] * (h.shape[0] - 1) // 2
+    chunks = -(-pairs // most)
+    return -(-pairs // max(1, chunks)) * per
+
+
+def chunk_bytes_for_rows(tail: nn.Module, h: torch.Tensor, rows: int) -> int:
+    """The ``chunk_bytes`` that makes :func:`connectivity_tail` run batches of exactly ``rows`` rows."""
+    return rows * max(1, widest(tail, h.shape[1]) * h.element_size())

@@ -250,8 +250,8 @@ def _pairs_values(z: torch.Tensor, spec: MLPTail, stages: Stages, i: torch.Tenso
                 y = torch_offset_free(last_act.name, x, x[:, :1])
                 r = _through(last_act, x, y, r, lin)
             else:
-                a, r = _act_step(last_act, x, r, lin)
-            yc = torch.matmul(a - a.mean(dim=1, keepdim=True), wt)                # [P, T, O], no bias
+                y, r = _act_step(last_act, x, r, lin)
+            yc = torch.matmul(y - y.mean(dim=1, keepdim=True), wt)                # [P, T, O], no bias
             scale = torch.matmul(r, wt.abs())
             if u is not None:  # skip term: exact and linear in lam
                 du = (u[j] - u[i]).to(dtype)                                       # [P, O]

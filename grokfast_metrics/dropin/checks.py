@@ -3,6 +3,8 @@ and tolerance), a split tail's agreement with the model's outputs, how affine a 
 position, the layout hints of its error messages, and ``L = 1`` of an affine tail."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ..foundation.errors import NonFiniteOutputError
@@ -107,3 +109,14 @@ def _ones_if_finite(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
                                    "its dtype, and LMN is undefined there")
     dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
     return torch.ones(h.shape[0], h.shape[0], dtype=dtype, device=h.device)
+
+
+def why_not_chain(plan: Any, act: torch.Tensor) -> str:
+    """Why the chain path does not apply (one clause)."""
+    if plan.output is not None:
+        return "not a chain: output= selects the logits"
+    if plan.batch_dim != 0:
+        return "not a chain: batch_dim != 0"
+    if act.dim() != 2:
+        return f"not a chain: {plan.at!r} outputs a {act.dim()}-D activation"
+    return f"not a chain: {plan.at!r} is not in plain nn.Sequential chains"

@@ -79,7 +79,7 @@ def check_cut(model: nn.Module, inputs: Any, at: str, *, to: str | None = None, 
 def lmn_at(model: nn.Module, inputs: Any, at: str, *, to: str | None = None, output: OutputSelector = None,
            batch_dim: int = 0, input_batch_dim: int | None = None, n_lambda: int = 21, backend: str = "auto",
            check: bool = True, path: str = "auto", user_hooks: bool = False, chunk_bytes: int | None = None,
-           warn_affine: bool = True) -> LMNResult:
+           warn_affine: bool = True, compile: bool = False) -> LMNResult:
     """Linear mapping number at the output of the submodule ``at`` of ``model``, over the probe ``inputs``.
 
     ``h`` is ``at``'s output with each sample's activation flattened (``(N, D)``, ``D`` the product of
@@ -113,6 +113,12 @@ def lmn_at(model: nn.Module, inputs: Any, at: str, *, to: str | None = None, out
         user_hooks: keep firing the forward hooks registered on the model's modules (default: suspended
             while LMN is computed, so a logging hook on the head does not see the interpolation batches).
         warn_affine: warn (:class:`AffineTailWarning`) when the tail is affine, so LMN is 1 at every step.
+        compile: run a split tail that takes the generic path (attention after the cut: not lowered) through
+            ``torch.compile`` (inductor), at one batch shape. Opt-in: the first call compiles (tens of seconds on a
+            CPU, see docs/dropin.md) and ``last_run_info()["compile"]`` says what it cost; each ``lmn_at`` call
+            builds a new plan and compiles again (inductor's disk cache makes the later ones cheaper), so for repeated
+            measurements use :class:`~grokfast_metrics.LMNTracker` (one plan, compiled once). Where compiling
+            fails, one warning line and the uncompiled tail. Values as without it (the fp32 contract).
 
     Returns:
         :class:`LMNResult` of ``h`` through the rest of the model.
@@ -138,5 +144,5 @@ def lmn_at(model: nn.Module, inputs: Any, at: str, *, to: str | None = None, out
     >>> gm.lmn_at(model, x, "1", to="3").lmn >= 1.0
     True
     """
-    plan = Plan(model, inputs, at, to, output, batch_dim, input_batch_dim, path, user_hooks)
+    plan = Plan(model, inputs, at, to, output, batch_dim, input_batch_dim, path, user_hooks, compile=compile)
     return plan.compute(n_lambda, backend, check=check, chunk_bytes=chunk_bytes, warn_affine=warn_affine)

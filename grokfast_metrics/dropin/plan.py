@@ -30,7 +30,9 @@ from .checks import (
     _rows,
     _samples_hint,
     _tail_kind,
+    why_not_chain,
 )
+from .compiled import compile_note, report_affine_shortcut, report_path, run_generic
 from .hooks import (
     OutputSelector,
     _as_args,
@@ -127,7 +129,7 @@ class Plan:
 
     def __init__(self, model: nn.Module, inputs, at: str, to: str | None = None, output: OutputSelector = None,
                  batch_dim: int = 0, input_batch_dim: int | None = None, path: str = "auto",
-                 user_hooks: bool = False):
+                 user_hooks: bool = False, *, compile: bool = False):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
         for name, v in (("batch_dim", batch_dim), ("input_batch_dim", input_batch_dim)):
@@ -152,6 +154,9 @@ class Plan:
         _check_devices(self.model, self.args)
         self.requested = path
         self.user_hooks = bool(user_hooks)
+        self.compile = bool(compile)   # a split tail on the generic path runs through torch.compile (generic.CompiledTail)
+        self._compiled: dict = {}      # (tail id, rows, dtype) -> CompiledTail
+        self.compile_info: dict | None = None   # what compile=True did in the last computation (last_run_info's "compile")
         self.path: str | None = None
         self.reason: str = "not built yet (the plan runs the probe at its first computation)"
         self.tail: nn.Module | None = None
@@ -182,7 +187,7 @@ class Plan:
         self._find_modules()
         self.path, self.tail, self.act_shape, self.checked, self.affine, self.affine_warned = None, None, None, False, None, False
         self.pruned, self.full_tail, self.sliced_tail, self.sliced = False, None, None, None
-        self.lowering, self._lowered_at, self.ran = None, None, ""
+        self.lowering, self._lowered_at, self.ran, self._compiled = None, None, "", {}
 
     @contextmanager
     def running(self):
@@ -221,7 +226,7 @@ class Plan:
         if req == "chain":
             raise ValueError(f"path='chain' needs at={self.at!r} in plain nn.Sequential chains, output=None, "
                              "batch_dim=0 and a 2-D activation")
-        why_not = _why_not_chain(self, act) if req == "auto" else "path='split' requested"
+        why_not = why_not_chain(self, act) if req == "auto" else "path='split' requested"
         if req in ("auto", "split"):
             gm, why = _trace_split(self.model, self.at, self.to, explain=True, args=self.args,
                                    input_batch_dim=self.input_batch_dim, tuple_at=not self._raw_is_tensor)
@@ -375,6 +380,7 @@ class Plan:
                      chunk_bytes: int | None = None, warn_affine: bool = True) -> torch.Tensor:
         """The connectivity matrix ``L`` on the model's current weights: :meth:`compute` without the eigen step."""
         n_lambda = check_n_lambda(n_lambda)
+        self.compile_info = None
         with self.running(), torch.autocast(_device_type(self.args), enabled=False):
             y, act = self.forward()
             h = act.movedim(self.batch_dim, 0).reshape(self.n, -1)
@@ -383,13 +389,15 @@ class Plan:
             if self.affine and backend != "reference":
                 # only affine layers follow: every path is a straight line and L is exactly 1 (nothing to compute)
                 L = _ones_if_finite(h, y)
+                report_affine_shortcut(self)
             elif self.path == "chain":
                 L = connectivity(h, self.tail, n_lambda, backend, chunk_bytes=chunk_bytes)
                 self.ran = f"chain ({core.last_run_info().get('backend')})"
             else:
                 L = self._generic(h, act, y, n_lambda, backend, chunk_bytes)
+                self.ran += compile_note(self)
             numerically_affine = not self.affine and not self.affine_warned and warn_affine and self._affine_probe(h, L)
-        _report_path(self)
+        report_path(self)
         if warn_affine and not self.affine_warned:
             if self.affine:
                 self.affine_warned = True
@@ -464,7 +472,7 @@ class Plan:
             if _agrees(y_end, y):
                 if chunk_bytes is None and h_run.device.type == "cpu":
                     chunk_bytes = PRUNED_CHUNK_BYTES_CPU
-                L = connectivity(h_run, tail, n_lambda, backend, chunk_bytes=chunk_bytes)
+                L = run_generic(self, h_run, tail, n_lambda, backend, chunk_bytes)
                 why = "" if low is None else (f"; not lowered: {low.reason}" if low.tail is None else f"; backend={backend!r}")
                 self.ran = f"split, pruned, generic ({core.last_run_info().get('backend')}){why}"
                 return L
@@ -479,27 +487,9 @@ class Plan:
                 self.path, self.tail, self.affine = "hooks", _HookTail(self), None
                 self.reason = ("the traced tail's outputs differed from the model's on the probe (e.g. an op "
                                "torch.fx lost): the whole model re-runs with at's output replaced")
-        L = connectivity(h, self.tail, n_lambda, backend, chunk_bytes=chunk_bytes)
+        L = run_generic(self, h, self.tail, n_lambda, backend, chunk_bytes)
         why = "" if low is None else (f"; not lowered: {low.reason}" if low.tail is None else f"; backend={backend!r}")
         self.ran = f"{self.path}, generic ({core.last_run_info().get('backend')}){why}"
         return L
-
-
-def _report_path(plan: Plan) -> None:
-    """Add the plan's path and its reason to :func:`grokfast_metrics.last_run_info`."""
-    from ..compute import core
-
-    core._LAST_RUN.update(path=plan.path, path_reason=plan.reason, ran=plan.ran)
-
-
-def _why_not_chain(plan: Plan, act: torch.Tensor) -> str:
-    """Why the chain path does not apply (one clause)."""
-    if plan.output is not None:
-        return "not a chain: output= selects the logits"
-    if plan.batch_dim != 0:
-        return "not a chain: batch_dim != 0"
-    if act.dim() != 2:
-        return f"not a chain: {plan.at!r} outputs a {act.dim()}-D activation"
-    return f"not a chain: {plan.at!r} is not in plain nn.Sequential chains"
 
 

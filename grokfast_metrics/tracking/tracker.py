@@ -108,6 +108,9 @@ class LMNTracker(Tracker):
             (floating probes to its floating dtype), then runs every check. For a tracker built in a Lightning
             module's ``__init__`` (the trainer moves and casts the model afterwards). Errors surface at the first
             ``update`` that computes.
+        compile: a split tail on the generic path (attention after the cut) runs through ``torch.compile``, compiled
+            once at the first computation (its cost: ``last_run_info()["compile"]["first_call_s"]``) and reused at
+            every later one without recompiling (see :func:`grokfast_metrics.lmn_at`).
         asynchronous: ``True`` (one thread) or a number of host threads: ``update`` computes ``L`` (the
             expensive kernel, in the training stream on a GPU) and hands the eigen step and entropy to
             those threads; the rows land in :attr:`history` in step order, the same values as without it
@@ -143,7 +146,7 @@ class LMNTracker(Tracker):
     def __init__(self, model: nn.Module, probe_inputs: Any, at: str | Sequence[str], *, every: int | str = 1,
                  to: str | None = None, output: OutputSelector = None, batch_dim: int = 0, input_batch_dim: int | None = None,
                  n_lambda: int = 21, backend: str = "auto", check: bool = True, path: str = "auto", user_hooks: bool = False,
-                 log_base: float = LOG_BASE, asynchronous: bool | int = False, lazy: bool = False):
+                 log_base: float = LOG_BASE, asynchronous: bool | int = False, lazy: bool = False, compile: bool = False):
         if isinstance(every, str):
             if every != "log":
                 raise ValueError(f"every must be a positive int or 'log'; got {every!r}")
@@ -175,7 +178,7 @@ class LMNTracker(Tracker):
         self._last_seen: int | None = None
         self._submitted: int | None = None  # the step of the latest asynchronous computation
         self._names = names
-        self._plan_args = (to, output, batch_dim, input_batch_dim, path, user_hooks, check)
+        self._plan_args = (to, output, batch_dim, input_batch_dim, path, user_hooks, check, bool(compile))
         self.lazy = bool(lazy)
         self._plans: dict[str, Plan] | None = None
         if not self.lazy:
@@ -186,9 +189,11 @@ class LMNTracker(Tracker):
         to the model's device and its floating tensors to the model's floating dtype (Lightning moves and casts
         the model after ``__init__``)."""
         if self._plans is None:
-            to, output, batch_dim, input_batch_dim, path, user_hooks, check = self._plan_args
+            to, output, batch_dim, input_batch_dim, path, user_hooks, check, *more = self._plan_args
+            compile_ = bool(more and more[0])   # a tracker pickled before compile= existed has 7 plan arguments
             probe = _follow_model(self.probe_inputs, self.model) if self.lazy else self.probe_inputs
-            plans = {name: Plan(self.model, probe, name, to, output, batch_dim, input_batch_dim, path, user_hooks)
+            plans = {name: Plan(self.model, probe, name, to, output, batch_dim, input_batch_dim, path, user_hooks,
+                                compile=compile_)
                      for name in self._names}
             for plan in plans.values():
                 self._validate(plan, check)

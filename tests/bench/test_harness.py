@@ -293,6 +293,25 @@ def test_results_md_keeps_text_outside_markers(tmp_path, tiny_rows):
     assert len(pngs) == 1 and pngs[0].name in text
 
 
+def test_failed_figure_save_leaves_the_previous_figure(tmp_path, tiny_rows, monkeypatch):
+    """The time-vs-N figure is written atomically (the run log's write_atomic): a save that fails half-way (a full
+    disk) leaves the previous PNG as it was, and no temporary file. Before: savefig wrote the target in place."""
+    from matplotlib.figure import Figure
+
+    png = tmp_path / "time_vs_n.png"
+    png.write_bytes(b"previous figure")
+
+    def half_written(self, fname, *a, **k):
+        (open(fname, "wb") if isinstance(fname, (str, os.PathLike)) else fname).write(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", half_written)
+    with pytest.raises(OSError):
+        bench_report.plot_time_vs_n(tiny_rows, png)
+    assert png.read_bytes() == b"previous figure"
+    assert [p.name for p in tmp_path.iterdir()] == ["time_vs_n.png"]
+
+
 # ------------------------------------------------------------------------------ CLI and training overhead
 
 

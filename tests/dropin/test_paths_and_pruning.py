@@ -158,6 +158,21 @@ def test_structurally_affine_tail_returns_exactly_one_without_computing(monkeypa
     assert r.lmn == 1.0 and bool((r.connectivity == 1).all())
 
 
+def test_affine_shortcut_reports_itself_not_the_previous_run():
+    """After a known-affine tail's L = 1 shortcut, ``last_run_info()`` said what the *previous* computation ran (its
+    backend, kernel and pair counts: here the 12-sample Nanda run's) and the plan's ``ran`` was empty."""
+    model, probe, at, kw = _build("nanda", n=12)
+    dropin.lmn_at(model, probe, at, **kw)                      # a real computation first: 66 pairs, the fused kernel
+    assert last_run_info()["pairs"] == 66
+    model, probe, _, kw = _build("grokfast", n=7)
+    with pytest.warns(dropin.AffineTailWarning):
+        dropin.lmn_at(model, probe, "ln_f", **kw)
+    info = last_run_info()
+    assert info["backend"] is None and info["kernel"] is None, info
+    assert info["pairs"] == 21 and info["recomputed"] == 0 and info["fraction_recomputed"] == 0.0, info
+    assert "affine" in info["ran"] and "not computed" in info["ran"], info
+
+
 @pytest.mark.parametrize("at", ["blocks.0.mlp.hook_post", "blocks.0.mlp.hook_pre"])
 def test_not_a_cut_suggests_a_cut_with_a_nonlinearity_after_it(at):
     """Nanda's MLP hook points are not cuts; 'blocks.0' is, but only the unembedding follows it (LMN = 1)."""
