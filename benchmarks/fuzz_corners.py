@@ -28,6 +28,8 @@ def main() -> None:
     ap.add_argument("--audit", type=int, default=20, help="audit every n-th draw against exact (0: never)")
     ap.add_argument("--log", default=None, help="append one line per draw here")
     ap.add_argument("--json", default=None, help="write the summary here")
+    ap.add_argument("--backends", default=None, help="comma-separated, instead of every CPU backend (e.g. triton, "
+                    "under TRITON_INTERPRET=1; GM_TRITON_KERNEL picks v1 / v2)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     dtype = torch.float32 if a.dtype == "fp32" else torch.float64
@@ -43,7 +45,8 @@ def main() -> None:
         logf.write(f"{k} {key} exact_pairs={sent} " + " ".join(f"{b}={v:.2e}" for b, v in e.items()) + "\n")
         logf.flush()
 
-    stats = tc.fuzz_run(a.draws, dtype, a.seed + (dtype == torch.float64), audit_every=a.audit, log=log)
+    backends = tuple(a.backends.split(",")) if a.backends else None
+    stats = tc.fuzz_run(a.draws, dtype, a.seed + (dtype == torch.float64), audit_every=a.audit, log=log, backends_=backends)
     out = summary(stats)
     text = json.dumps(out, indent=1)
     print(text)

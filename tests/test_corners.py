@@ -262,7 +262,7 @@ FUZZ_BACKENDS = {torch.float32: ("auto", "torch", "generic"), torch.float64: ("a
 FUZZ_REPORT_ONLY = {torch.float64: ("generic",), torch.float32: ()}
 
 
-def fuzz_draw(rng: np.random.Generator, k: int, dtype, audit: bool = False) -> tuple[str, dict, int]:
+def fuzz_draw(rng: np.random.Generator, k: int, dtype, audit: bool = False, backends_=None) -> tuple[str, dict, int]:
     """One fuzz draw: ``(regime key, {backend: max abs error}, pairs sent to exact)``; ``audit``: also the cheap
     yardstick's own error against ``exact`` on every pair (key ``"yardstick"``). Raises ``NonFiniteOutputError``
     where the forward overflows (the contract there)."""
@@ -270,7 +270,7 @@ def fuzz_draw(rng: np.random.Generator, k: int, dtype, audit: bool = False) -> t
     h, tail = narrow(act, width, k, n=5, dtype=dtype, **kw)
     Y, sent = yardstick(h, tail)
     out = {}
-    for b in FUZZ_BACKENDS[dtype]:
+    for b in backends_ or FUZZ_BACKENDS[dtype]:
         if b == "generic":
             L = gm.connectivity(h, Wrapped(tail), backend="torch")
         else:
@@ -281,8 +281,9 @@ def fuzz_draw(rng: np.random.Generator, k: int, dtype, audit: bool = False) -> t
     return f"{kind}/{act}", out, sent
 
 
-def fuzz_run(draws: int, dtype, seed: int, audit_every: int = 0, log=None) -> dict:
-    """``draws`` fuzz draws; returns ``{"worst": {regime: {backend: err}}, "overflow": n, "exact_pairs": n, ...}``."""
+def fuzz_run(draws: int, dtype, seed: int, audit_every: int = 0, log=None, backends_=None) -> dict:
+    """``draws`` fuzz draws; returns ``{"worst": {regime: {backend: err}}, "overflow": n, "exact_pairs": n, ...}``
+    (``backends_``: instead of :data:`FUZZ_BACKENDS`, e.g. ``("triton",)`` under ``TRITON_INTERPRET=1``)."""
     rng = np.random.default_rng(seed)
     worst: dict[str, dict[str, float]] = {}
     stats = {"draws": draws, "overflow": 0, "exact_pairs": 0, "pairs": 0, "audited": 0}
@@ -291,7 +292,7 @@ def fuzz_run(draws: int, dtype, seed: int, audit_every: int = 0, log=None) -> di
         for k in range(draws):
             audit = audit_every > 0 and k % audit_every == 0
             try:
-                key, e, sent = fuzz_draw(rng, k, dtype, audit)
+                key, e, sent = fuzz_draw(rng, k, dtype, audit, backends_)
             except core.NonFiniteOutputError:
                 stats["overflow"] += 1  # the forward overflowed: a clear error is the contract there
                 continue
