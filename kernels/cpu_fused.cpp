@@ -653,6 +653,9 @@ inline __m256 first_stage_scale(__m256 m, __m256 zi, __m256 zj, int code, float 
             break;
         default: G = nl; s = _mm256_set1_ps(1.2f); break;  // SiLU
     }
+    // G overflows fp32 from |lo| ~ 1.8e19 (GELU x^2; GELU-tanh x^3 from ~1.6e12), where such a unit is exactly 0: m G
+    // was 0 * inf = NaN, the scale NaN and the pair neither flagged nor constant (r2 0 / 0 read 0; fuzz, issue 24)
+    G = _mm256_min_ps(G, _mm256_set1_ps(3.4028235e38f));
     __m256 mv = _mm256_fmadd_ps(m, _mm256_add_ps(_mm256_set1_ps(2.0f), G), _mm256_mul_ps(s, R));
     if (smooth) mv = _mm256_fmadd_ps(_mm256_set1_ps(kFloor), _mm256_add_ps(one, R), mv);
     return mv;
@@ -1226,15 +1229,20 @@ void r2_stats64_all(const double* y, int T, int ld, int O, const double* lam_c, 
     for (; c < O; c += 4) r2_stats64<1>(y, T, ld, c, lam_c, ll, st, rr, am);
 }
 
-// Mean over the first O outputs of r2_k, 1 where std_k <= tol f sc[k] (the constant-path rule; any_const: it fired).
+// Underflow policy (issue 24; _policy.UNDERFLOW_TINY, exact.TINY): std_k <= kUnderflowTiny sum_h |W_kh| is constant.
+constexpr double kUnderflowTiny = 1e-290;
+
+// Mean over the first O outputs of r2_k, 1 where std_k <= tol f sc[k] (the constant-path rule; any_const: it fired)
+// or std_k <= kUnderflowTiny ws[k] (ws: sum_h |W_kh| of the last Linear; nullptr: 1, a tail ending in an activation).
 double r2_mean64(const double* st, const double* rr, const double* sc, double f, int O, double tol, bool& any_const,
-                 const double* sadd = nullptr) {
+                 const double* sadd, const double* ws) {
     double sum = 0.0;
     any_const = false;
     for (int k = 0; k < O; ++k) {
         const bool c = st[k] <= tol * (f * sc[k] + (sadd != nullptr ? sadd[k] : 0.0));
         any_const = any_const || c;
-        sum += c ? 1.0 : rr[k];
+        const bool u = st[k] <= kUnderflowTiny * (ws != nullptr ? ws[k] : 1.0);
+        sum += c || u ? 1.0 : rr[k];
     }
     return sum / O;
 }
@@ -1289,7 +1297,7 @@ double pair_value64(const Pairs64& p, int64_t i, int64_t j, Work64& w) {
         apply_acts64(x, (int64_t)T * ld, p.act_code + p.act_off[S], p.act_slope + p.act_off[S],
                      p.act_off[S + 1] - p.act_off[S]);
         r2_stats64_all(x, T, ld, O, p.lam_c, p.ll, w.st.data(), w.rr.data(), w.am.data());
-        return r2_mean64(w.st.data(), w.rr.data(), w.am.data(), 1.0, O, tol, any_const);
+        return r2_mean64(w.st.data(), w.rr.data(), w.am.data(), 1.0, O, tol, any_const, nullptr, nullptr);
     }
     for (int o = 0; o < ld; ++o) y[o] = 0.0;  // row 0: y_0 - y_0
     gemm(x + kp, T - 1, kp, p.kin[S - 1], ld, p.wpack[S - 1], w.zero.data(), y + ld);
@@ -1305,11 +1313,11 @@ double pair_value64(const Pairs64& p, int64_t i, int64_t j, Work64& w) {
     r2_stats64_all(y, T, ld, O, p.lam_c, p.ll, w.st.data(), w.rr.data(), w.am.data());
     // First with the bound scale_k <= max_h mv_h sum_h |W_kh| (a larger scale only fires the rule more, so a pair it
     // clears has the same L_ij with the exact scale); the exact sum_h mv_h |W_kh| only when it fires.
-    const double v = r2_mean64(w.st.data(), w.rr.data(), p.wsum, mmax * (1.0 + 1e-12), O, tol, any_const, adu);
+    const double v = r2_mean64(w.st.data(), w.rr.data(), p.wsum, mmax * (1.0 + 1e-12), O, tol, any_const, adu, p.wsum);
     if (!any_const) return v;
     if (chain) chain_scale64(p, zi, d, x, w.mv.data());
     gemm(w.mv.data(), 1, kp, p.kin[S - 1], ld, p.wabs, w.zero.data(), w.sc.data());
-    return r2_mean64(w.st.data(), w.rr.data(), w.sc.data(), 1.0, O, tol, any_const, adu);
+    return r2_mean64(w.st.data(), w.rr.data(), w.sc.data(), 1.0, O, tol, any_const, adu, p.wsum);
 }
 
 // Workers never let an exception escape a std::thread: they record it and stop everyone's work.

@@ -192,7 +192,10 @@ def _centred_input(x3, ACT: tl.constexpr, SLOPE: tl.constexpr, T: tl.constexpr, 
         a3 = _act_offset_free(x3, x0[:, None, :], ACT, SLOPE)
     else:
         a3 = _act(x3, ACT, SLOPE)
-    m3 = tl.where(m_t3, tl.abs(a3) * _amp(x3, ACT), 0.0)
+    if (ACT == _SIGMOID) or (ACT == _TANH):  # offset free: |a| + |x act'(x)| pointwise (homogeneous, issue 24)
+        m3 = tl.where(m_t3, tl.abs(a3) + tl.abs(x3) * _slope_bound(x3, a3, ACT, SLOPE), 0.0)
+    else:
+        m3 = tl.where(m_t3, tl.abs(a3) * _amp(x3, ACT), 0.0)
     m_h = tl.where((col0 + tl.arange(0, W) < H_LAST)[None, :], tl.max(m3, axis=1), 0.0)  # [BJ, W]
     if CENTRE:
         b_mean = tl.sum(tl.where(m_t3, a3, 0.0), axis=1) / T
@@ -219,10 +222,35 @@ def _end_bounds(b_zi, b_zj, b_ai, b_aj, o_k, ACT: tl.constexpr, H_LAST: tl.const
         # negative paths
         b_pos = tl.where(b_hi > 0.0, 2.2 * b_m, 0.0)
         b_neg = tl.where(b_lo < 0.0, tl.minimum(b_m * _amp(b_lo, ACT), _NEG_PEAK), 0.0)
-        b_m = tl.maximum(b_pos, b_neg)
+        b_m = tl.maximum(b_pos, b_neg) + _floor(b_zi) * (1.0 + tl.maximum(tl.abs(b_lo), tl.abs(b_hi)))
     else:
         b_m = b_m * _amp(tl.maximum(tl.abs(b_lo), tl.abs(b_hi)), ACT)
     return tl.where((o_k < H_LAST)[None, :], b_m, 0.0)
+
+
+@triton.jit
+def _sat_bounds(b_amax, b_smax, b_zi, b_zj, o_k, H_LAST: tl.constexpr):
+    """Depth 1, sigmoid/tanh (offset free): ``m_h = max_t |a_th| + max(|z_ih|, |z_jh|) max_t |act'(x_th)|`` over the
+    ``T`` points (``b_amax``, ``b_smax``: those maxima, ``[P, K]``), the torch path's ``_through``: the unit's own
+    rounding plus its input's through its slope at the points where it is evaluated. Homogeneous (issue 24): the
+    ends' ``max |a| (1 + 2 max |z|)`` grew like the scale of the weights or ``h`` (on the far side of a step ``a`` is the
+    whole step, ``act'`` ~ 0), so fp64 fired the constant rule on a step from |z| ~ 1e15 (0.55-0.75 off) and fp32
+    flagged such pairs at any scale."""
+    b_r = tl.maximum(tl.abs(b_zi)[None, :], tl.abs(b_zj))
+    return tl.where((o_k < H_LAST)[None, :], b_amax + b_r * b_smax + _floor(b_zi) * (1.0 + b_r), 0.0)
+
+
+@triton.jit
+def _floor(x):
+    """``tiny / eps`` of ``x``'s dtype: below the smallest normal number an exp-based unit keeps no relative accuracy
+    (absolute error up to ``tiny |x|``; C++ ``kFloor``, ``torch_backend._through``). Without it a unit that underflowed
+    to 0 on the whole path (sigmoid at x ~ -1000 in fp32) made the output exactly constant, the scale 0 and the pair
+    neither flagged nor resolvable (0.86 off, issue 24): now fp32 flags it and the fp64 recompute resolves it."""
+    if x.dtype == tl.float64:
+        f = 1.0020841800044864e-292
+    else:
+        f = 9.860761315262648e-32
+    return f
 
 
 @triton.jit
@@ -235,15 +263,18 @@ def _pow2_above(b_amax):
 
 @triton.jit
 def _pair_l(b_ss, b_cov, b_ll, b_scale, b_dn, T: tl.constexpr, O: tl.constexpr, CONST_TOL: tl.constexpr,
-            EPS: tl.constexpr, FLAG: tl.constexpr, FLAG_KAPPA: tl.constexpr, FLAGGED: tl.constexpr):
+            EPS: tl.constexpr, FLAG: tl.constexpr, FLAG_KAPPA: tl.constexpr, FLAGGED: tl.constexpr, b_tiny=None):
     """``L`` per pair from ``sum_t yc^2``, ``sum_t yc lc`` (``[P, PO]``), ``sum_t lc^2`` and the rounding scale per
     output: clamped ``r2``, the constant-path rule, the mean over the ``O`` real outputs and (``FLAG``) ``FLAGGED``
-    where the error estimate exceeds ``FLAG_KAPPA`` (``b_dn == 0``: an exactly constant path, 1)."""
+    where the error estimate exceeds ``FLAG_KAPPA`` (``b_dn == 0``: an exactly constant path, 1). ``b_tiny``
+    (float64): ``UNDERFLOW_TINY sum_h |W_kh|`` in the units of the moments; a smaller std is constant (issue 24)."""
     b_den = tl.where(b_ss > 0.0, b_ss * b_ll, 1.0)
     b_r2 = tl.minimum(tl.maximum(b_cov * b_cov / b_den, 0.0), 1.0)
     b_var = b_ss * (1.0 / T)                                                           # std_t(y)^2
     b_tol = CONST_TOL * b_scale
     b_const = b_var <= b_tol * b_tol                                                   # std <= CONST_TOL eps scale
+    if b_tiny is not None:
+        b_const = b_const | (b_var <= b_tiny * b_tiny)
     b_r2 = tl.where(b_const, 1.0, b_r2)
     m_o = tl.arange(0, b_ss.shape[1]) < O
     b_l = tl.sum(tl.where(m_o[None, :], b_r2, 0.0), axis=1) / O                        # [P]
@@ -263,8 +294,10 @@ def _pair_l(b_ss, b_cov, b_ll, b_scale, b_dn, T: tl.constexpr, O: tl.constexpr, 
 def _centred_scale(b_mmax, b_msq, wn_ptr, PO: tl.constexpr):
     """``min(max_h m_h |W_k|_1, |m|_2 |W_k|_2) >= sum_h |W_kh| m_h`` (Hoelder, Cauchy-Schwarz): ``[P, PO]``."""
     o_po = tl.arange(0, PO)
-    return tl.minimum(b_mmax[:, None] * tl.load(wn_ptr + o_po)[None, :],
-                      tl.sqrt(b_msq)[:, None] * tl.load(wn_ptr + PO + o_po)[None, :])
+    # |m|_2 >= max_h m_h: a sum of squares below that underflowed (floor-sized m_h, the units' underflow floor) and the
+    # scale read 0 (as in the C++ kernel, issue 24)
+    b_m2 = tl.maximum(tl.sqrt(b_msq), b_mmax)
+    return tl.minimum(b_mmax[:, None] * tl.load(wn_ptr + o_po)[None, :], b_m2[:, None] * tl.load(wn_ptr + PO + o_po)[None, :])
 
 
 @dataclass(frozen=True)

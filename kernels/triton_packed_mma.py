@@ -39,7 +39,19 @@ import triton.language as tl
 
 from ..foundation.policy import check_fits
 from ..foundation.tail import MLPTail
-from .triton_common import _SILU, LaunchConfig, _act_offset_free, _centred_scale, _end_bounds, _pair_l, _pow2_above
+from .triton_common import (
+    _SIGMOID,
+    _SILU,
+    _TANH,
+    LaunchConfig,
+    _act_offset_free,
+    _centred_scale,
+    _end_bounds,
+    _pair_l,
+    _pow2_above,
+    _sat_bounds,
+    _slope_bound,
+)
 from .triton_rowblock import kernel_is_interpreted, unsupported_reason
 from .triton_rowblock import launch_config as _v1_launch_config
 
@@ -165,7 +177,7 @@ def _tile_stats(y, r_p, sel, T: tl.constexpr, BPP: tl.constexpr, HILO: tl.conste
 @triton.jit
 def _pair_bounds(z_ptr, a0_ptr, i, j0, N, K0: tl.constexpr, BP: tl.constexpr, BPP: tl.constexpr, BLOCK_KE: tl.constexpr,
                  ACT: tl.constexpr, SLOPE: tl.constexpr, FAST_ACT: tl.constexpr, REL: tl.constexpr,
-                 INTERP: tl.constexpr, H_LAST: tl.constexpr):
+                 INTERP: tl.constexpr, H_LAST: tl.constexpr, T: tl.constexpr = 21):
     """Per pair of the tile: ``max_h m_h``, ``sum_h m_h^2`` of v1's depth-1 rounding scale (``_end_bounds``, exact
     activation) and ``max_h |z_jh - z_ih|``, from the path's ends only: ``[BPP, BLOCK_KE]`` chunks of ``z``."""
     DT = z_ptr.dtype.element_ty
@@ -182,7 +194,16 @@ def _pair_bounds(z_ptr, a0_ptr, i, j0, N, K0: tl.constexpr, BP: tl.constexpr, BP
                        other=0.0)                                                      # [BPP, BKE]
         b_ai = tl.load(a0_ptr + i.to(tl.int64) * K0 + o_k, mask=o_k < K0, other=0.0)
         b_aj = _act_v2(b_zj, b_zi[None, :], ACT, SLOPE, FAST_ACT, REL, INTERP)
-        b_m = _end_bounds(b_zi, b_zj, b_ai, b_aj, o_k, ACT, H_LAST)
+        if (ACT == _SIGMOID) or (ACT == _TANH):  # saturating: pointwise over the T points (_sat_bounds, issue 24)
+            b_amax = tl.zeros([BPP, BLOCK_KE], dtype=DT)
+            b_smax = tl.zeros([BPP, BLOCK_KE], dtype=DT)
+            for t in tl.static_range(T):
+                b_x = b_zi[None, :] + (t / (T - 1)) * (b_zj - b_zi[None, :])
+                b_amax = tl.maximum(b_amax, tl.abs(_act_v2(b_x, b_zi[None, :], ACT, SLOPE, FAST_ACT, REL, INTERP)))
+                b_smax = tl.maximum(b_smax, _slope_bound(b_x, b_x, ACT, SLOPE))
+            b_m = _sat_bounds(b_amax, b_smax, b_zi, b_zj, o_k, H_LAST)
+        else:
+            b_m = _end_bounds(b_zi, b_zj, b_ai, b_aj, o_k, ACT, H_LAST)
         b_mmax = tl.maximum(b_mmax, tl.max(b_m, axis=1))
         b_msq += tl.sum(b_m * b_m, axis=1)
         b_dn = tl.maximum(b_dn, tl.max(tl.abs(b_zj - b_zi[None, :]), axis=1))
@@ -254,10 +275,13 @@ def _connectivity_v2_kernel(
                 b_wlo = tl.load(wlo_ptr + (k0 + o_kb)[:, None] * PO + o_po[None, :])
             acc = _mma(b_a, b_w, b_wlo, acc, HILO, PREC, INTERP)
         b_mmax, b_msq, b_dn = _pair_bounds(z_ptr, a0_ptr, i, j0, N, K0, BP, BPP, BLOCK_KE, ACT, SLOPE, FAST_ACT, REL,
-                                           INTERP, H_LAST)
+                                           INTERP, H_LAST, T)
         b_ss, b_cov, b_p2 = _tile_stats(acc, r_p, _selection(r_p, T, BP, BPP, DT), T, BPP, HILO, PREC, INTERP)
         b_scale = _centred_scale(b_mmax, b_msq, wn_ptr, PO) / b_p2[None, :]
-        b_l = _pair_l(b_ss, b_cov, LL, b_scale, b_dn, T, O, CONST_TOL, EPS, FLAG, FLAG_KAPPA, FLAGGED)
+        b_tiny = None
+        if DT == tl.float64:  # the underflow policy (_policy.UNDERFLOW_TINY): std <= 1e-290 sum_h |W_kh| is constant
+            b_tiny = 1e-290 * tl.load(wn_ptr + o_po)[None, :] / b_p2[None, :]
+        b_l = _pair_l(b_ss, b_cov, LL, b_scale, b_dn, T, O, CONST_TOL, EPS, FLAG, FLAG_KAPPA, FLAGGED, b_tiny)
         p_j = j0 + tl.arange(0, BPP)
         p_m = (tl.arange(0, BPP) < BP) & (p_j < N)
         p64 = p_j.to(tl.int64)

@@ -31,6 +31,8 @@ import triton.language as tl
 from ..foundation.policy import CONST_RTOL, FLAG_KAPPA, FLAGGED
 from ..foundation.tail import IDENTITY, MLPTail
 from .triton_common import (
+    _SIGMOID,
+    _TANH,
     LaunchConfig,
     _act,
     _act_offset_free,
@@ -39,6 +41,7 @@ from .triton_common import (
     _end_bounds,
     _pair_l,
     _pow2_above,
+    _sat_bounds,
     _slope_bound,
 )
 
@@ -84,6 +87,7 @@ def _first_linear(
         b_d = b_zj - b_zi[None, :]                                                     # [BLOCK_J, BLOCK_K]
         b_dn = tl.maximum(b_dn, tl.max(tl.abs(b_d), axis=1))
         b_x = b_zi[None, None, :] + b_lam[None, :, None] * b_d[:, None, :]             # [BLOCK_J, T_PAD, BLOCK_K]
+        b_xp = b_x                                                                     # pre-activation
         if LAST:
             b_ai = _act_offset_free(b_zi, b_zi, ACT1, SLOPE1)                          # [BLOCK_K]  a at t = 0
             b_x = _act_offset_free(b_x, b_zi[None, None, :], ACT1, SLOPE1) - b_ai[None, None, :]  # padded t: masked later
@@ -92,7 +96,15 @@ def _first_linear(
             b_x = _act(b_x, ACT1, SLOPE1)
             b_ai = _act(b_zi, ACT1, SLOPE1)
             b_aj = _act(b_zj, ACT1, SLOPE1)
-        if LAST or STATS:
+        if (LAST or STATS) and ((ACT1 == _SIGMOID) or (ACT1 == _TANH)):  # saturating: pointwise (_sat_bounds)
+            b_p = tl.abs(b_x + b_ai[None, None, :]) if LAST else tl.abs(b_x)       # |a| at the T points (LAST: offset free)
+            b_in = (b_lam <= 1.0)[None, :, None]                                   # padded t (lam > 1) left out
+            b_amax = tl.max(tl.where(b_in, b_p, 0.0), axis=1)
+            b_smax = tl.max(tl.where(b_in, _slope_bound(b_xp, b_p, ACT1, SLOPE1), 0.0), axis=1)
+            b_m = _sat_bounds(b_amax, b_smax, b_zi, b_zj, o_k, H_LAST)
+            b_mmax = tl.maximum(b_mmax, tl.max(b_m, axis=1))
+            b_msq += tl.sum(b_m * b_m, axis=1)
+        elif LAST or STATS:
             b_m = _end_bounds(b_zi, b_zj, b_ai, b_aj, o_k, ACT1, H_LAST)
             b_mmax = tl.maximum(b_mmax, tl.max(b_m, axis=1))
             b_msq += tl.sum(b_m * b_m, axis=1)
@@ -272,7 +284,14 @@ def _connectivity_fwd_kernel(
                 if DEPTH >= 2:  # the inner Linears' rounding of its input, as the C++ kernel's factor 2 for deeper tails
                     b_r = 2.0 * b_r
                 b_scale += b_d * (b_r + tl.abs(b_c)[None, :])
-        b_l = _pair_l(b_ss, b_cov, b_ll, b_scale / b_p2, b_dn, T, O, CONST_TOL, EPS, FLAG, FLAG_KAPPA, FLAGGED)
+        b_tiny = None
+        if DT == tl.float64:  # the underflow policy (_policy.UNDERFLOW_TINY; fp32 never gets there)
+            if CENTRED:
+                b_tiny = 1e-290 * tl.load(wn_ptr + tl.arange(0, PO))[None, :] / b_p2    # 1e-290 sum_h |W_kh|
+            else:
+                b_tiny = 1e-290 / b_p2
+        b_l = _pair_l(b_ss, b_cov, b_ll, b_scale / b_p2, b_dn, T, O, CONST_TOL, EPS, FLAG, FLAG_KAPPA, FLAGGED,
+                      b_tiny)
 
         tl.store(out_ptr + i64 * N + o_j64, b_l.to(out_ptr.dtype.element_ty), mask=m_j)
         tl.store(out_ptr + o_j64 * N + i64, b_l.to(out_ptr.dtype.element_ty), mask=m_j)

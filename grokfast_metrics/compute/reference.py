@@ -22,17 +22,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..foundation.policy import CONST_RTOL
+from ..foundation.policy import CONST_RTOL, UNDERFLOW_TINY
 from ..foundation.tail import NumpyTail, _np_sigmoid, numpy_offset_free, numpy_tail
 from .result import LMNResult
 
 
-def pair_r2(y: np.ndarray, lam: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
+def pair_r2(y: np.ndarray, lam: np.ndarray, scale: np.ndarray | None = None, wsum: np.ndarray | float = 1.0) -> np.ndarray:
     """r2 of every column of ``y`` (``(T, O)``) with ``lam`` (``(T,)``), float64, the policies of docs/lmn.md, "Policies for the
     undefined cases".
 
     ``scale`` (``(O,)``): the rounding scale of each column (constant-path rule
-    ``std_t(y_k) <= CONST_RTOL * eps * scale_k``); default ``max_t |y_k|``.
+    ``std_t(y_k) <= CONST_RTOL * eps * scale_k``); default ``max_t |y_k|``. ``wsum``: ``sum_h |W_kh|`` of the last
+    Linear that made ``y`` (underflow policy ``std_t(y_k) <= UNDERFLOW_TINY * wsum_k``: constant).
     """
     eps = np.finfo(np.float64).eps
     if scale is None:
@@ -43,10 +44,11 @@ def pair_r2(y: np.ndarray, lam: np.ndarray, scale: np.ndarray | None = None) -> 
     _, e = np.frexp(np.max(np.abs(y - y.mean(axis=0)), axis=0))
     e = np.clip(e, -1021, 1021)
     y, scale = np.ldexp(y, -e), np.ldexp(scale, -e)
+    tiny = np.ldexp(np.std(y, axis=0), e) <= UNDERFLOW_TINY * np.asarray(wsum, dtype=np.float64)  # absolute: scaled back
     out = np.empty(y.shape[1])
     for k in range(y.shape[1]):
         yk = y[:, k]
-        if np.std(yk) <= CONST_RTOL * eps * scale[k]:
+        if tiny[k] or np.std(yk) <= CONST_RTOL * eps * scale[k]:
             out[k] = 1.0  # constant along the path: a degenerate linear map
             continue
         cov = np.mean((yk - yk.mean()) * (lam - lam.mean()))
@@ -73,7 +75,7 @@ def path_r2(x: np.ndarray, tail: NumpyTail, lam: np.ndarray) -> np.ndarray:
         a = x
         amax = np.abs(a).max(axis=0)
     yc = (a - a.mean(axis=0)) @ W.T                  # centred before the last Linear: no bias, no offset
-    return pair_r2(yc, lam, np.abs(W) @ amax)
+    return pair_r2(yc, lam, np.abs(W) @ amax, np.abs(W).sum(axis=1))
 
 
 def connectivity(h: Any, tail: nn.Module, n_lambda: int = 21) -> np.ndarray:

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 
 import torch
 
-from ..foundation.policy import CONST_RTOL, FLAG_KAPPA, FLAGGED, check_fits, lambdas
+from ..foundation.policy import CONST_RTOL, FLAG_KAPPA, FLAGGED, UNDERFLOW_TINY, check_fits, lambdas
 from ..foundation.tail import SATURATING, SMOOTH, Act, MLPTail, torch_offset_free
 
 
@@ -99,7 +99,7 @@ def _linear_scale(r: torch.Tensor, wt: torch.Tensor, b: torch.Tensor | None, las
 
 
 def r2_from_centred(yc: torch.Tensor, scale: torch.Tensor, lam_c: torch.Tensor, eps: float,
-                    flag: bool = False) -> torch.Tensor:
+                    flag: bool = False, wsum: torch.Tensor | float = 1.0) -> torch.Tensor:
     """Mean over outputs of r2 of centred paths, constant-path rule and (optionally) the fp32 flag.
 
     Args:
@@ -109,12 +109,15 @@ def r2_from_centred(yc: torch.Tensor, scale: torch.Tensor, lam_c: torch.Tensor, 
         eps: machine epsilon of the computation.
         flag: write :data:`FLAGGED` for a pair whose estimated error (:func:`pair_error_estimate` of
             ``eps * scale``) exceeds :data:`FLAG_KAPPA` (this includes the constant rule firing on a nonzero scale).
+        wsum: ``(O,)`` ``sum_h |W_kh|`` of the last Linear (centred outputs; 1 otherwise): the underflow policy
+            ``std_t(yc_k) <= UNDERFLOW_TINY * wsum_k`` counts as constant.
 
     Returns:
         ``(P,)`` values of ``L_ij`` (or :data:`FLAGGED`).
     """
     T = yc.shape[1]
     yc = yc - yc.mean(dim=1, keepdim=True)                      # second pass: exact centring of rounding
+    _, e = torch.frexp(yc.abs().amax(dim=1))                   # the power of two scale_free divides by
     yc, scale = scale_free(yc, scale)
     cov = torch.matmul(lam_c, yc)                              # [P, O]
     ss = yc.square().sum(dim=1)                                # [P, O]  T * var(y)
@@ -122,6 +125,8 @@ def r2_from_centred(yc: torch.Tensor, scale: torch.Tensor, lam_c: torch.Tensor, 
     r2 = (cov * cov / (ss * ll)).clamp_(0.0, 1.0)
     std = (ss / T).sqrt()
     const = std <= CONST_RTOL * eps * scale
+    if yc.dtype == torch.float64:  # underflow policy (issue 24; fp32 never gets there: std 0 fires the rule above)
+        const |= torch.ldexp(std, e.clamp(-1021, 1021)) <= UNDERFLOW_TINY * wsum
     r2 = torch.where(const, torch.ones_like(r2), r2)
     out = r2.mean(dim=1)
     if flag:
@@ -257,7 +262,7 @@ def _pairs_values(z: torch.Tensor, spec: MLPTail, stages: Stages, i: torch.Tenso
                 du = (u[j] - u[i]).to(dtype)                                       # [P, O]
                 yc = torch.addcmul(yc, lam_c.view(1, -1, 1), du.unsqueeze(1))
                 scale = scale + du.abs()
-            return r2_from_centred(yc, scale, lam_c, eps, flag)
+            return r2_from_centred(yc, scale, lam_c, eps, flag, wt.abs().sum(dim=0))
         for a in acts:
             x, r = _act_step(a, x, r, lin)
             lin = lin and a.is_identity

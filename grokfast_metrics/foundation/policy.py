@@ -2,6 +2,8 @@
 
 - :data:`CONST_RTOL`: the constant-path rule. A path whose output varies by no more than
   rounding (``std_t(y) <= CONST_RTOL * eps * max_t |y|``) is a degenerate linear map: r² = 1.
+- :data:`UNDERFLOW_TINY`: the underflow policy. An output whose spread over the path is below
+  ``UNDERFLOW_TINY * sum_h |W_kh|`` (``W``: the tail's last Linear; 1 for a tail ending in an activation) is constant.
 - :data:`FLAGGED`, :data:`FLAG_KAPPA`: the fp32 condition rule. A pair whose estimated condition
   error ``mean_k ~kappa_k``, ``kappa_k = eps * scale_k / std_t(yc_k)``, exceeds ``FLAG_KAPPA`` is written as ``FLAGGED`` by
   every fp32 backend and recomputed in fp64 by ``core`` (one mechanism for all backends).
@@ -18,6 +20,12 @@ import torch
 #: Constant-path rule (docs/lmn.md, "Policies for the undefined cases"): ``std_t(y) <= CONST_RTOL * eps * max_t |y|`` counts as
 #: constant (r² = 1).
 CONST_RTOL = 16.0
+#: Underflow policy (issue 24): ``std_t(y_k) <= UNDERFLOW_TINY * sum_h |W_kh|`` counts as constant (r² = 1), in every
+#: float64 computation and in the yardstick (``exact.TINY``). Below it exp/erfc-based units have crossed the float64
+#: underflow threshold (absolute error ~2.2e-308 |x|, flushed to 0 by some libraries) and no backend meets the 1e-10
+#: contract; above it that error is below 1e-14 of the spread. Relative to the last Linear's row: invariant under
+#: scaling an output, like r². (fp32 never reaches it: such pairs are flagged and recomputed in float64.)
+UNDERFLOW_TINY = 1e-290
 #: Sentinel an fp32 backend writes for a pair it cannot resolve to the accuracy contract (recomputed in fp64).
 FLAGGED = -1.0
 #: fp32 condition threshold (see docs/lmn.md, "Accuracy contract"): a pair whose estimated error

@@ -69,7 +69,9 @@ CONFIGS = {
     "h256_d3_mixed": (_mlp(64, [256, 256, 256, 31], [nn.ReLU(), nn.GELU(), nn.Sigmoid()]), F32, None),
     "h512_d3_silu": (_mlp(64, [512, 512, 512, 31], [nn.SiLU()] * 3), F32, None),
     "h64_d4": (_mlp(16, [64, 48, 40, 24, 10], [nn.SiLU(), nn.Tanh(), nn.ReLU(), nn.GELU()]), F32, None),
+    "h100_d1_sigmoid": (_mlp(64, [100, 31], [nn.Sigmoid()]), F32, None),     # depth 1 saturating: _sat_bounds
     "fp64_default": (_mlp(64, [100, 31], [nn.SiLU()]), F64, None),
+    "fp64_h100_d1_tanh": (_mlp(64, [100, 31], [nn.Tanh()]), F64, None),
     "fp64_h512_d1_gelu": (_mlp(64, [512, 31], [nn.GELU()]), F64, None),
     "fp64_h256_d2_tanh": (_mlp(64, [256, 256, 31], [nn.Tanh(), nn.Sigmoid()]), F64, None),
     "fp64_h100_d2_silu_gelu": (_mlp(64, [100, 100, 31], [nn.SiLU(), nn.GELU()]), F64, None),  # erfc-GELU, chained
