@@ -1,6 +1,6 @@
-"""Long fuzz run of issue 24 in the background: ``nice python benchmarks/fuzz_corners.py fp64 3000 --log run.log``.
+"""The long fuzz run of docs/lmn.md, "Accuracy in the corners", in the background: ``nice python benchmarks/fuzz_corners.py fp64 3000 --log run.log``.
 
-Draws the corners of ``tests/test_corners.py`` (``_corner``: activation, width 1-5, weight / ``h`` scale, saturating
+Draws the corners of ``tests/compute/test_corners.py`` (``_corner``: activation, width 1-5, weight / ``h`` scale, saturating
 bias, ``h`` offset; N = 5) and checks every CPU backend against the cheap yardstick (``yardstick``: the float64 reference
 where the torch fp64 error estimate and the two float64 paths vouch for it, ``exact`` elsewhere), auditing every
 ``--audit``-th draw against ``exact`` on all pairs. One line per draw goes to the log; the worst error per regime and

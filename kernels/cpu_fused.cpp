@@ -654,7 +654,7 @@ inline __m256 first_stage_scale(__m256 m, __m256 zi, __m256 zj, int code, float 
         default: G = nl; s = _mm256_set1_ps(1.2f); break;  // SiLU
     }
     // G overflows fp32 from |lo| ~ 1.8e19 (GELU x^2; GELU-tanh x^3 from ~1.6e12), where such a unit is exactly 0: m G
-    // was 0 * inf = NaN, the scale NaN and the pair neither flagged nor constant (r2 0 / 0 read 0; fuzz, issue 24)
+    // was 0 * inf = NaN, the scale NaN and the pair neither flagged nor constant (r2 0 / 0 read 0; found by the fuzz run)
     G = _mm256_min_ps(G, _mm256_set1_ps(3.4028235e38f));
     __m256 mv = _mm256_fmadd_ps(m, _mm256_add_ps(_mm256_set1_ps(2.0f), G), _mm256_mul_ps(s, R));
     if (smooth) mv = _mm256_fmadd_ps(_mm256_set1_ps(kFloor), _mm256_add_ps(one, R), mv);
@@ -876,7 +876,7 @@ void run_rows(const Problem& p, std::atomic<int64_t>* next_row) {
                             // silu = -0.2785), rises to 0 at x = 0 and grows after it, so on the segment [z_i, z_j]
                             // it peaks at an end, or at x* when the segment crosses it (0.2785). It was
                             // |a_0| + max_t |a_t - a_0|, up to twice that: 3.10% of the default N=961 tail's pairs
-                            // were flagged for fp64, 0.60% now (issue 24).
+                            // were flagged for fp64, 0.60% now (benchmarks/RESULTS.md).
                             __m256 a0 = _mm256_loadu_ps(p.sz + i * kp0 + q), aj = _mm256_loadu_ps(p.sz + j * kp0 + q);
                             const __m256 xstar = _mm256_set1_ps(-1.2784645f);
                             __m256 cross = _mm256_and_ps(_mm256_cmp_ps(_mm256_min_ps(vzi, vzj), xstar, _CMP_LT_OQ),
@@ -1229,7 +1229,7 @@ void r2_stats64_all(const double* y, int T, int ld, int O, const double* lam_c, 
     for (; c < O; c += 4) r2_stats64<1>(y, T, ld, c, lam_c, ll, st, rr, am);
 }
 
-// Underflow policy (issue 24; _policy.UNDERFLOW_TINY, exact.TINY): std_k <= kUnderflowTiny sum_h |W_kh| is constant.
+// Underflow policy (docs/lmn.md, "Accuracy in the corners"; policy.UNDERFLOW_TINY, exact.TINY): std_k <= kUnderflowTiny sum_h |W_kh| is constant.
 constexpr double kUnderflowTiny = 1e-290;
 
 // Mean over the first O outputs of r2_k, 1 where std_k <= tol f sc[k] (the constant-path rule; any_const: it fired)

@@ -192,7 +192,7 @@ def _centred_input(x3, ACT: tl.constexpr, SLOPE: tl.constexpr, T: tl.constexpr, 
         a3 = _act_offset_free(x3, x0[:, None, :], ACT, SLOPE)
     else:
         a3 = _act(x3, ACT, SLOPE)
-    if (ACT == _SIGMOID) or (ACT == _TANH):  # offset free: |a| + |x act'(x)| pointwise (homogeneous, issue 24)
+    if (ACT == _SIGMOID) or (ACT == _TANH):  # offset free: |a| + |x act'(x)| pointwise (homogeneous)
         m3 = tl.where(m_t3, tl.abs(a3) + tl.abs(x3) * _slope_bound(x3, a3, ACT, SLOPE), 0.0)
     else:
         m3 = tl.where(m_t3, tl.abs(a3) * _amp(x3, ACT), 0.0)
@@ -232,7 +232,7 @@ def _end_bounds(b_zi, b_zj, b_ai, b_aj, o_k, ACT: tl.constexpr, H_LAST: tl.const
 def _sat_bounds(b_amax, b_smax, b_zi, b_zj, o_k, H_LAST: tl.constexpr):
     """Depth 1, sigmoid/tanh (offset free): ``m_h = max_t |a_th| + max(|z_ih|, |z_jh|) max_t |act'(x_th)|`` over the
     ``T`` points (``b_amax``, ``b_smax``: those maxima, ``[P, K]``), the torch path's ``_through``: the unit's own
-    rounding plus its input's through its slope at the points where it is evaluated. Homogeneous (issue 24): the
+    rounding plus its input's through its slope at the points where it is evaluated. Homogeneous: the
     ends' ``max |a| (1 + 2 max |z|)`` grew like the scale of the weights or ``h`` (on the far side of a step ``a`` is the
     whole step, ``act'`` ~ 0), so fp64 fired the constant rule on a step from |z| ~ 1e15 (0.55-0.75 off) and fp32
     flagged such pairs at any scale."""
@@ -245,7 +245,7 @@ def _floor(x):
     """``tiny / eps`` of ``x``'s dtype: below the smallest normal number an exp-based unit keeps no relative accuracy
     (absolute error up to ``tiny |x|``; C++ ``kFloor``, ``torch_backend._through``). Without it a unit that underflowed
     to 0 on the whole path (sigmoid at x ~ -1000 in fp32) made the output exactly constant, the scale 0 and the pair
-    neither flagged nor resolvable (0.86 off, issue 24): now fp32 flags it and the fp64 recompute resolves it."""
+    neither flagged nor resolvable (0.86 off before): now fp32 flags it and the fp64 recompute resolves it."""
     if x.dtype == tl.float64:
         f = 1.0020841800044864e-292
     else:
@@ -267,7 +267,7 @@ def _pair_l(b_ss, b_cov, b_ll, b_scale, b_dn, T: tl.constexpr, O: tl.constexpr, 
     """``L`` per pair from ``sum_t yc^2``, ``sum_t yc lc`` (``[P, PO]``), ``sum_t lc^2`` and the rounding scale per
     output: clamped ``r2``, the constant-path rule, the mean over the ``O`` real outputs and (``FLAG``) ``FLAGGED``
     where the error estimate exceeds ``FLAG_KAPPA`` (``b_dn == 0``: an exactly constant path, 1). ``b_tiny``
-    (float64): ``UNDERFLOW_TINY sum_h |W_kh|`` in the units of the moments; a smaller std is constant (issue 24)."""
+    (float64): ``UNDERFLOW_TINY sum_h |W_kh|`` in the units of the moments; a smaller std is constant (docs/lmn.md, "Accuracy in the corners")."""
     b_den = tl.where(b_ss > 0.0, b_ss * b_ll, 1.0)
     b_r2 = tl.minimum(tl.maximum(b_cov * b_cov / b_den, 0.0), 1.0)
     b_var = b_ss * (1.0 / T)                                                           # std_t(y)^2
@@ -295,7 +295,7 @@ def _centred_scale(b_mmax, b_msq, wn_ptr, PO: tl.constexpr):
     """``min(max_h m_h |W_k|_1, |m|_2 |W_k|_2) >= sum_h |W_kh| m_h`` (Hoelder, Cauchy-Schwarz): ``[P, PO]``."""
     o_po = tl.arange(0, PO)
     # |m|_2 >= max_h m_h: a sum of squares below that underflowed (floor-sized m_h, the units' underflow floor) and the
-    # scale read 0 (as in the C++ kernel, issue 24)
+    # scale read 0 (as in the C++ kernel)
     b_m2 = tl.maximum(tl.sqrt(b_msq), b_mmax)
     return tl.minimum(b_mmax[:, None] * tl.load(wn_ptr + o_po)[None, :], b_m2[:, None] * tl.load(wn_ptr + PO + o_po)[None, :])
 

@@ -64,7 +64,7 @@ MAX_T = 128
 BLOCK_K = 16
 #: Most outputs v2 runs (``PO <= 64``): with ``p = 113`` logits (``PO = 128``) its ``[M, PO]`` accumulator spills on
 #: sm_90 and sm_80 (triton 3.9: 40 bytes at 4 warps, tf32x3; triton 3.6: 64-136 bytes even at 8 warps and 32-row
-#: "ieee" tiles), where v1 compiles without spills: wider tails run v1 (tests/test_triton_compile.py, ``*_o113*``).
+#: "ieee" tiles), where v1 compiles without spills: wider tails run v1 (tests/kernels/test_triton_compile.py, ``*_o113*``).
 MAX_OUT = 64
 
 
@@ -194,7 +194,7 @@ def _pair_bounds(z_ptr, a0_ptr, i, j0, N, K0: tl.constexpr, BP: tl.constexpr, BP
                        other=0.0)                                                      # [BPP, BKE]
         b_ai = tl.load(a0_ptr + i.to(tl.int64) * K0 + o_k, mask=o_k < K0, other=0.0)
         b_aj = _act_v2(b_zj, b_zi[None, :], ACT, SLOPE, FAST_ACT, REL, INTERP)
-        if (ACT == _SIGMOID) or (ACT == _TANH):  # saturating: pointwise over the T points (_sat_bounds, issue 24)
+        if (ACT == _SIGMOID) or (ACT == _TANH):  # saturating: pointwise over the T points (_sat_bounds)
             b_amax = tl.zeros([BPP, BLOCK_KE], dtype=DT)
             b_smax = tl.zeros([BPP, BLOCK_KE], dtype=DT)
             for t in tl.static_range(T):

@@ -14,7 +14,7 @@ import torch
 
 from .gpu_day_budget import _left
 
-#: test files whose tests skip on the CPU for want of CUDA (``tests/test_gpu_day.py`` checks the list is complete)
+#: test files whose tests skip on the CPU for want of CUDA (``tests/bench/test_gpu_day.py`` checks the list is complete)
 CUDA_TESTS = ("tests/kernels/test_triton_kernel.py", "tests/kernels/test_triton_skip.py")
 
 
@@ -22,8 +22,8 @@ SKIP_NO_CUDA = "SKIPPED: no CUDA"
 
 
 def repo_root() -> Path:
-    """The repository the tests and the trainer run from (``$GPU_DAY_REPO``, else the folder above this package)."""
-    env = os.environ.get("GPU_DAY_REPO")
+    """The repository the tests and the trainer run from (``$GROKFAST_METRICS_GPU_DAY_REPO``, else the folder above this package)."""
+    env = os.environ.get("GROKFAST_METRICS_GPU_DAY_REPO")
     return Path(env) if env else Path(__file__).resolve().parents[2]
 
 

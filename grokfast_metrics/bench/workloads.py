@@ -89,7 +89,7 @@ def make_inputs(n: int, hidden: int, seed: int = 0, device: torch.device | str =
     return torch.nn.functional.silu(2.0 * x).to(device)
 
 
-#: the lowered transformer tail of the GPU day (issue 20's target shape): Nanda's 1-layer transformer, p = 113
+#: the lowered transformer tail of the GPU day (the target shape of docs/targets.md): Nanda's 1-layer transformer, p = 113
 TRANSFORMER_TAIL = dict(p=113, d_model=128, d_mlp=512)
 
 

@@ -55,7 +55,7 @@ def test_dry_run_results_file(dry_run):
     assert {"roof", "connectivity", "lmn_e2e", "eigen", "dense_tracking"} <= kinds
     conn = {(r["backend"], r["N"]): r for r in rows if r["kind"] == "connectivity" and "workload default" in r["note"]}
     assert set(conn) == {(b, n) for b in gpu_day.BACKENDS for n in gpu_day.DRY_NS}
-    # the lowered transformer tail (issue 20): every backend and N, the torch rows checked against the reference first
+    # the lowered transformer tail: every backend and N, the torch rows checked against the reference first
     # (observed ~3e-7); on a loaded machine its torch rows may find the timing budget spent
     tr = {(r["backend"], r["N"]): r for r in rows if r["kind"] == "connectivity" and "workload transformer" in r["note"]}
     assert set(tr) == set(conn)

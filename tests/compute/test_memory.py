@@ -1,5 +1,5 @@
 """Peak memory of ``connectivity``: O(N^2 + chunk), measured in a fresh process; refusal before allocating (also under
-an address-space limit, issue 22 §3)."""
+an address-space limit)."""
 from __future__ import annotations
 
 import subprocess

@@ -1,4 +1,4 @@
-"""Issue 20 item 3: ``compile=True``, the generic tail (attention after the cut: not lowered) through ``torch.compile``.
+"""``compile=True`` (docs/dropin.md), the generic tail (attention after the cut: not lowered) through ``torch.compile``.
 
 Compiling is slow (tens of seconds on a loaded CPU): one real compile runs in CI (the agreement test below), the
 other real compiles are marked ``slow`` (``pytest -m slow``); the batching and the fallback are tested with

@@ -81,7 +81,7 @@ CONFIGS = {
     "h512_o113_relu": (_mlp(128, [512, 113], [nn.ReLU()]), F32, None),
     "h100_o113_ieee": (_mlp(64, [100, 113], [nn.SiLU()]), F32, "ieee"),
     "fp64_h512_o113_relu": (_mlp(128, [512, 113], [nn.ReLU()]), F64, None),
-    # lowered transformer tails with a skip term (issue 20): the Nanda tail (d_model 128, d_mlp 512, p = 113)
+    # lowered transformer tails with a skip term (docs/dropin.md): the Nanda tail (d_model 128, d_mlp 512, p = 113)
     "lowered_nanda_relu": (_lowered(128, 512, 113, "relu"), F32, None),
     "lowered_nanda_gelu_ieee": (_lowered(128, 512, 113, "gelu"), F32, "ieee"),
     "fp64_lowered_nanda_relu": (_lowered(128, 512, 113, "relu"), F64, None),

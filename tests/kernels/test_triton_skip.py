@@ -1,4 +1,4 @@
-"""Issue 20 item 2 on the GPU side: lowered transformer tails (a skip term ``lam (u_j - u_i)``) in the Triton kernel.
+"""The GPU side of docs/dropin.md, "Lowered split tails": lowered transformer tails (a skip term ``lam (u_j - u_i)``) in the Triton kernel.
 
 ``grokfast_metrics._lower`` turns the Nanda-style tail into one hidden layer, a folded output matrix and a skip term
 ``u = W_skip x`` (float64, once per sample); the C++ kernel runs it on the CPU, and the Triton kernel v1 on CUDA
@@ -114,7 +114,7 @@ def test_auto_picks_triton_for_a_lowered_tail_on_cuda(dtype):
 
 
 def test_v2_leaves_the_skip_term_and_wide_outputs_to_v1():
-    """v2 has no skip term; and with p = 113 logits (PO = 128) its accumulator spills (tests/test_triton_compile.py), so
+    """v2 has no skip term; and with p = 113 logits (PO = 128) its accumulator spills (tests/kernels/test_triton_compile.py), so
     the lowered Nanda tail of the targets runs v1 even without a skip term."""
     spec = _lowered_nanda().lowering.tail.lowered_spec
     assert not kc2.supported(spec, 21)

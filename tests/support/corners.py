@@ -90,7 +90,7 @@ YARD_KAPPA = 1e-12
 
 
 def yardstick(h: torch.Tensor, tail: nn.Module) -> tuple[np.ndarray, int]:
-    """``(L, number of pairs sent to exact)``: the cheap yardstick of the fuzz (issue 24).
+    """``(L, number of pairs sent to exact)``: the cheap yardstick of the fuzz.
 
     The float64 reference where it is provably close to exact: the torch fp64 path's error estimate (the fp32 flag's
     ``mean_k min(1, 2 kappa sqrt(r2 (1 - r2)) + kappa^2)``, computed in float64) below :data:`YARD_KAPPA` and the
