@@ -1,4 +1,5 @@
-"""The long fuzz run of docs/lmn.md, "Accuracy in the corners", in the background: ``nice python benchmarks/fuzz_corners.py fp64 3000 --log run.log``.
+"""The long fuzz run of docs/lmn.md, "Accuracy in the corners", in the background:
+ ``nice python benchmarks/fuzz_corners.py fp64 3000 --log run.log``.
 
 Draws the corners of ``tests/compute/test_corners.py`` (``_corner``: activation, width 1-5, weight / ``h`` scale, saturating
 bias, ``h`` offset; N = 5) and checks every CPU backend against the cheap yardstick (``yardstick``: the float64 reference

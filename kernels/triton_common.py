@@ -267,7 +267,7 @@ def _pair_l(b_ss, b_cov, b_ll, b_scale, b_dn, T: tl.constexpr, O: tl.constexpr, 
     """``L`` per pair from ``sum_t yc^2``, ``sum_t yc lc`` (``[P, PO]``), ``sum_t lc^2`` and the rounding scale per
     output: clamped ``r2``, the constant-path rule, the mean over the ``O`` real outputs and (``FLAG``) ``FLAGGED``
     where the error estimate exceeds ``FLAG_KAPPA`` (``b_dn == 0``: an exactly constant path, 1). ``b_tiny``
-    (float64): ``UNDERFLOW_TINY sum_h |W_kh|`` in the units of the moments; a smaller std is constant (docs/lmn.md, "Accuracy in the corners")."""
+    (float64): ``UNDERFLOW_TINY sum_h |W_kh|`` in the units of the moments; a smaller std is constant (docs/lmn.md)."""
     b_den = tl.where(b_ss > 0.0, b_ss * b_ll, 1.0)
     b_r2 = tl.minimum(tl.maximum(b_cov * b_cov / b_den, 0.0), 1.0)
     b_var = b_ss * (1.0 / T)                                                           # std_t(y)^2

@@ -125,7 +125,7 @@ def r2_from_centred(yc: torch.Tensor, scale: torch.Tensor, lam_c: torch.Tensor, 
     r2 = (cov * cov / (ss * ll)).clamp_(0.0, 1.0)
     std = (ss / T).sqrt()
     const = std <= CONST_RTOL * eps * scale
-    if yc.dtype == torch.float64:  # underflow policy (docs/lmn.md, "Accuracy in the corners"; fp32 never gets there: std 0 fires the rule above)
+    if yc.dtype == torch.float64:  # underflow policy (docs/lmn.md; fp32 never gets there: std 0 fires the rule above)
         const |= torch.ldexp(std, e.clamp(-1021, 1021)) <= UNDERFLOW_TINY * wsum
     r2 = torch.where(const, torch.ones_like(r2), r2)
     out = r2.mean(dim=1)

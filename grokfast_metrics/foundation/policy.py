@@ -20,7 +20,7 @@ import torch
 #: Constant-path rule (docs/lmn.md, "Policies for the undefined cases"): ``std_t(y) <= CONST_RTOL * eps * max_t |y|`` counts as
 #: constant (r² = 1).
 CONST_RTOL = 16.0
-#: Underflow policy (docs/lmn.md, "Accuracy in the corners"): ``std_t(y_k) <= UNDERFLOW_TINY * sum_h |W_kh|`` counts as constant (r² = 1), in every
+#: Underflow policy (docs/lmn.md): ``std_t(y_k) <= UNDERFLOW_TINY * sum_h |W_kh|`` counts as constant (r² = 1), in every
 #: float64 computation and in the yardstick (``exact.TINY``). Below it exp/erfc-based units have crossed the float64
 #: underflow threshold (absolute error ~2.2e-308 |x|, flushed to 0 by some libraries) and no backend meets the 1e-10
 #: contract; above it that error is below 1e-14 of the spread. Relative to the last Linear's row: invariant under
