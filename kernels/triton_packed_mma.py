@@ -197,8 +197,9 @@ def _pair_bounds(z_ptr, a0_ptr, i, j0, N, K0: tl.constexpr, BP: tl.constexpr, BP
         if (ACT == _SIGMOID) or (ACT == _TANH):  # saturating: pointwise over the T points (_sat_bounds)
             b_amax = tl.zeros([BPP, BLOCK_KE], dtype=DT)
             b_smax = tl.zeros([BPP, BLOCK_KE], dtype=DT)
-            for t in tl.static_range(T):
-                b_x = b_zi[None, :] + (t / (T - 1)) * (b_zj - b_zi[None, :])
+            for t in range(T):  # a runtime loop: unrolled (static_range) it spilled 168 B fp32 / 1408 B fp64 on sm_90
+                b_lam = (t + tl.zeros([1], dtype=DT)) / (T - 1)
+                b_x = b_zi[None, :] + b_lam[None, :] * (b_zj - b_zi[None, :])
                 b_amax = tl.maximum(b_amax, tl.abs(_act_v2(b_x, b_zi[None, :], ACT, SLOPE, FAST_ACT, REL, INTERP)))
                 b_smax = tl.maximum(b_smax, _slope_bound(b_x, b_x, ACT, SLOPE))
             b_m = _sat_bounds(b_amax, b_smax, b_zi, b_zj, o_k, H_LAST)
