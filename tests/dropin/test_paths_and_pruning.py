@@ -165,7 +165,7 @@ def test_affine_shortcut_reports_itself_not_the_previous_run():
     dropin.lmn_at(model, probe, at, **kw)                      # a real computation first: 66 pairs, the fused kernel
     assert last_run_info()["pairs"] == 66
     model, probe, _, kw = _build("grokfast", n=7)
-    with pytest.warns(dropin.AffineTailWarning):
+    with pytest.warns(AffineTailWarning):
         dropin.lmn_at(model, probe, "ln_f", **kw)
     info = last_run_info()
     assert info["backend"] is None and info["kernel"] is None, info
