@@ -208,7 +208,7 @@ def test_kernel_allocation_failure_is_a_python_exception() -> None:
     import subprocess
     code = (
         "import torch, ctypes\n"
-        "from grokfast_metrics.kernels import connectivity_cpu as kc\n"
+        "from grokfast_metrics.kernels import cpu_fused as kc\n"
         "from torch import nn\n"
         "from grokfast_metrics.foundation.tail import parse_tail\n"
         "lib = kc._library()\n"
