@@ -2,7 +2,7 @@
 
 ``train`` is implemented here (see :mod:`grokfast_metrics.experiment.trainer`); its options are generated from
 the fields of :class:`~grokfast_metrics.experiment.config.TrainConfig` (:mod:`grokfast_metrics.experiment.options`).
-``bench``, ``plot`` and ``sweep`` live in ``grokfast_metrics.bench.command``, ``grokfast_metrics.cli.main.plot`` and
+``bench``, ``plot`` and ``sweep`` live in ``grokfast_metrics.bench.command``, ``grokfast_metrics.cli.plot`` and
 ``grokfast_metrics.sweep.command``; each exposes ``add_arguments(parser)`` and ``run(args) -> int`` and is imported
 only when its subcommand is used. Every import of the package here is inside a function: this module is imported
 before torch (``__main__``), so that Ctrl-C during start-up is one line.
@@ -30,7 +30,7 @@ PROG = "grokfast-metrics"
 #: lazily loaded subcommands: name -> (module, help)
 LAZY = {
     "bench": ("grokfast_metrics.bench.command", "benchmark the LMN backends"),
-    "plot": ("grokfast_metrics.cli.main.plot", "plot figures from run directories"),
+    "plot": ("grokfast_metrics.cli.plot", "plot figures from run directories"),
     "sweep": ("grokfast_metrics.sweep.command", "train a grid of runs (local process pool or Ray) and draw the phase diagram"),
 }
 

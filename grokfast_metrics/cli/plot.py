@@ -1,4 +1,4 @@
-"""``grokfast-metrics plot RUN_DIR | SWEEP_DIR``: a run's figures (:mod:`grokfast_metrics.figures.run.run`), or a
+"""``grokfast-metrics plot RUN_DIR | SWEEP_DIR``: a run's figures (:mod:`grokfast_metrics.figures.run`), or a
 sweep's outputs rewritten (:func:`grokfast_metrics.sweep.command.plot_sweep`)."""
 from __future__ import annotations
 

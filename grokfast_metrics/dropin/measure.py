@@ -27,8 +27,8 @@ While ``lmn_at`` runs, the forward hooks and forward pre-hooks the user register
 modules are suspended (``user_hooks=True`` keeps them firing); the pre-hooks that compute weights
 (``weight_norm``, ``spectral_norm``, pruning) always run.
 
-The pieces: :mod:`grokfast_metrics.dropin.measure.plan` (:class:`Plan`, the cut check, the affine-tail warning),
-:mod:`grokfast_metrics.dropin.measure.split` (the chain, split and hook tails) and :mod:`grokfast_metrics.dropin.measure.hooks`
+The pieces: :mod:`grokfast_metrics.dropin.plan` (:class:`Plan`, the cut check, the affine-tail warning),
+:mod:`grokfast_metrics.dropin.split` (the chain, split and hook tails) and :mod:`grokfast_metrics.dropin.hooks`
 (inputs, names, outputs, hooks, layouts).
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The tails :class:`~grokfast_metrics.dropin.measure.plan.Plan` builds for ``lmn_at``, and how affine they are.
+"""The tails :class:`~grokfast_metrics.dropin.plan.Plan` builds for ``lmn_at``, and how affine they are.
 
 A **chain** tail (:func:`_chain_tail`) is the modules after ``at`` in (nested) plain ``nn.Sequential``
 chains; a **split** tail (:class:`_SplitTail`) is the ``torch.fx`` sub-graph after ``at``
@@ -21,7 +21,7 @@ from .hooks import OutputSelector, _run_replaced, _select, _select_to, _take
 
 
 class PlanView(Protocol):
-    """What a tail reads of the :class:`~grokfast_metrics.dropin.measure.plan.Plan` that builds it."""
+    """What a tail reads of the :class:`~grokfast_metrics.dropin.plan.Plan` that builds it."""
 
     model: nn.Module
     module: nn.Module

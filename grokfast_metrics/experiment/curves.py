@@ -1,6 +1,6 @@
 """``curves.png``: the training curves the trainer draws at the end of a run (accuracy, loss, LMN and L2 vs step;
 the paper's Figure 2), and how a figure is written (:func:`save_figure`). The other figures of a run are
-:mod:`grokfast_metrics.figures.run.run`; importing this module selects matplotlib's Agg backend (the trainer imports
+:mod:`grokfast_metrics.figures.run`; importing this module selects matplotlib's Agg backend (the trainer imports
 it only to draw, after training)."""
 from __future__ import annotations
 

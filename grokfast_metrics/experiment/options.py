@@ -109,7 +109,7 @@ def expand_layers(chosen: list[str], model: str = "mlp") -> list[str]:
 
 def given_options(args: argparse.Namespace) -> set[str]:
     """The destinations of the options given on the command line (not left at their defaults), for the subcommand
-    ``args`` was parsed by (``args._parser`` and ``args._argv``, set by :func:`grokfast_metrics.cli.main.main.main`); empty when unknown."""
+    ``args`` was parsed by (``args._parser`` and ``args._argv``, set by :func:`grokfast_metrics.cli.main.main`); empty when unknown."""
     parser, argv = getattr(args, "_parser", None), getattr(args, "_argv", None)
     if parser is None or argv is None:
         return set()

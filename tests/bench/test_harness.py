@@ -433,5 +433,5 @@ def test_mlp_tail_layout_and_seed():
 
 
 def test_bench_does_not_import_the_trainer():
-    code = "import sys, grokfast_metrics.bench; sys.exit('grokfast_metrics.experiment.trainer' in sys.modules)"
+    code = "import sys, grokfast_metrics.bench.command; sys.exit('grokfast_metrics.experiment.trainer' in sys.modules)"
     assert subprocess.run([*PYTHON, "-c", code], check=False).returncode == 0
