@@ -1,4 +1,10 @@
-"""Shared fixtures and the hypothesis profiles."""
+"""Shared fixtures and the hypothesis profiles.
+
+The tests mirror the package's layers: ``tests/<layer>/`` (foundation, kernels, lmn, dropin, tracking, experiment,
+sweep, figures, bench, cli) and ``tests/project/`` (README, environment, examples, what a new user meets). The shared
+helpers are in ``tests/support/`` (on ``sys.path`` through pytest.ini's ``pythonpath``): ``helpers``, ``models``,
+``regimes``, and ``contract`` (the accuracy contract's one table and the one backend tester).
+"""
 from __future__ import annotations
 
 import os

@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import sweep_tasks_in_this_process
 
 from grokfast_metrics.cli import main as cli
 from grokfast_metrics.experiment import runlog
@@ -242,7 +243,8 @@ def test_plot_with_a_damaged_summary_draws_the_rest(tmp_path, capsys):
     assert err.count("\n") == 1 and "summary.json" in err
 
 
-def test_sweep_plot_with_one_damaged_summary(tmp_path, capsys):
+def test_sweep_plot_with_one_damaged_summary(tmp_path, capsys, monkeypatch):
+    sweep_tasks_in_this_process(monkeypatch)  # the sweep directory is the set-up, not what is checked
     out = tmp_path / "sweep"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -259,6 +261,7 @@ def test_sweep_plot_with_one_damaged_summary(tmp_path, capsys):
 
 
 def test_sweep_outputs_into_a_full_disk(tmp_path, monkeypatch, capsys):
+    sweep_tasks_in_this_process(monkeypatch)  # the sweep directory is the set-up, not what is checked
     out = tmp_path / "sweep"
     argv = ["sweep", *TINY, "--steps", "10", "--lmn-every", "5", "--grid", "lr=0.001", "--workers", "1", "--no-plot",
             "--out", str(out)]

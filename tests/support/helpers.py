@@ -111,3 +111,17 @@ def interrupted_and_resumed(cfg: dict, tmp_path: Path, monkeypatch, cut_at: int,
     assert not resumed.interrupted and resumed.exit_code == 0
     assert rows_without_time(tmp_path / "cut") == rows_without_time(tmp_path / "full")
     return full, cut, resumed
+
+
+def sweep_tasks_in_this_process(monkeypatch) -> None:
+    """The sweeps of this test run their tasks in the test's process: ``sweep.engines.run_local`` without its pool of
+    spawned workers (each a fresh interpreter importing torch: seconds). For tests of what a sweep's command records,
+    not of the pool (the 4-run sweep of tests/sweep/test_sweep.py and the signal and kill tests of
+    tests/sweep/test_sweep_faults.py keep the pool)."""
+    from grokfast_metrics.sweep import engines
+
+    def run_here(tasks, workers, plot, on_done):
+        for task in tasks:
+            engines._report(task, lambda task=task: engines.run_task(*engines._args(task, plot)), on_done)
+
+    monkeypatch.setattr(engines, "run_local", run_here)

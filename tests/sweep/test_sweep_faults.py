@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from filelock import FileLock
-from helpers import PYTHON
+from helpers import PYTHON, sweep_tasks_in_this_process
 
 from grokfast_metrics.cli import main as cli
 from grokfast_metrics.experiment.config import TrainConfig
@@ -94,15 +94,8 @@ def test_two_sweeps_on_one_directory_are_refused(tmp_path, capsys):
     assert not (out / "sweep.json").exists()
 
 
-def _in_this_process(tasks, workers, plot, on_done):
-    """``engines.run_local`` without its pool: each task's ``run_task`` here (the pool has its own tests: the 4-run
-    sweep of test_sweep.py, the signal and kill tests below; a pool's spawned workers cost seconds each)."""
-    for task in tasks:
-        engines._report(task, lambda task=task: engines.run_task(*engines._args(task, plot)), on_done)
-
-
 def test_a_finished_sweep_rerun_with_other_options_is_refused_unless_overwrite(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(engines, "run_local", _in_this_process)  # what is checked is the command's, not the pool's
+    sweep_tasks_in_this_process(monkeypatch)  # what is checked is the command's, not the pool's
     out = tmp_path / "s"
     base = ["sweep", *TINY, "--workers", "1", "--grid", "weight_decay=0.1", "--out", str(out)]
     assert cli.main([*base, "--steps", "3"]) == 0
