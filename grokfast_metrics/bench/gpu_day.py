@@ -33,7 +33,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -47,7 +47,7 @@ from .gpu_day_dense import DENSE_STEPS, DENSE_TARGET_S, DRY_DENSE_STEPS, dense_t
 from .gpu_day_report import FORMAT, RESULTS_NAME
 from .harness import BenchRow, Timing, check_agreement, fill_speed, fraction_recomputed, machine_info, n_pairs, refuse, time_fn
 from .sweep import row_maker
-from .workloads import make_inputs, make_tail
+from .workloads import Workload, make_inputs, make_tail
 
 GPU_NS = (961, 4096, 16384)
 DRY_NS = (12, 20)
@@ -59,21 +59,6 @@ BACKENDS = ("triton-v2", "triton-v1", "torch")
 
 # --------------------------------------------------------------------------------------------
 # workloads
-
-
-@dataclass
-class Workload:
-    """What the timing stage measures: ``make(n, device) -> (h (n, D), tail)``, and its useful FLOP per pair.
-
-    ``H``, ``O``, ``depth`` are the row fields (``H`` = width of the interpolated representation).
-    """
-
-    name: str
-    make: Callable[[int, torch.device], tuple[torch.Tensor, nn.Module]]
-    H: int
-    O: int
-    depth: int
-    flop_per_pair: int
 
 
 def default_workload(n_lambda: int = 21) -> Workload:

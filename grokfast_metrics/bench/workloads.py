@@ -115,18 +115,32 @@ def transformer_residuals(n: int, p: int = 113, d_model: int = 128, d_mlp: int =
     return model, x, acts[0].reshape(n, -1)
 
 
-def transformer_tail_workload(n_lambda: int = 21):
+@dataclass
+class Workload:
+    """What the timing stage measures: ``make(n, device) -> (h (n, D), tail)``, and its useful FLOP per pair.
+
+    ``H``, ``O``, ``depth`` are the row fields (``H`` = width of the interpolated representation).
+    """
+
+    name: str
+    make: Callable[[int, torch.device], tuple[torch.Tensor, nn.Module]]
+    H: int
+    O: int
+    depth: int
+    flop_per_pair: int
+
+
+def transformer_tail_workload(n_lambda: int = 21) -> Workload:
     """The GPU day's lowered transformer tail (the hook of :func:`grokfast_metrics.bench.gpu_day.workloads`).
 
     :func:`transformer_residuals` at :data:`TRANSFORMER_TAIL`'s sizes; the tail is what ``lmn_at``'s plan lowers the
-    model to at ``blocks.0.hook_resid_mid`` (:mod:`grokfast_metrics._lower`: the last position, ``Linear(128, 512)``
+    model to at ``blocks.0.hook_resid_mid`` (:mod:`grokfast_metrics.dropin.lower`: the last position, ``Linear(128, 512)``
     absorbed, ReLU, the folded ``113 x 512`` output matrix, the skip term ``lam (u_j - u_i)``): the C++ kernel runs it
     on the CPU, Triton v1 on CUDA, ``backend="torch"`` the generic path through the lowered module. Useful FLOP per
     pair: ``2 T d_mlp p`` (the output matrix, as for the MLP).
     """
     from ..dropin.plan import Plan
     from ..experiment.transformer import TRANSFORMER_LAYER
-    from .gpu_day import Workload
 
     sizes = TRANSFORMER_TAIL
 

@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import operator
 import warnings
+import weakref
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -176,12 +178,7 @@ class _Interp:
 
         if kw:
             raise NotLowerable(f"module {name!r} is called with keyword arguments")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                graph = _Tracer().trace(m)
-        except Exception as e:
-            raise NotLowerable(f"module {name!r} ({type(m).__name__}) does not trace: {type(e).__name__}") from None
+        graph = _traced(m, _Tracer, name)
         return self.run_graph(fx.GraphModule(m, graph), list(a))
 
     # ---------------------------------------------------------------------------------- ops
@@ -467,12 +464,7 @@ def lower(graph_module: nn.Module, act_shape: tuple[int, ...], output=None, dtyp
             if isinstance(out, (tuple, list)):
                 out = out[output]
         elif output is not None:
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    sel = fx.symbolic_trace(output)
-            except Exception:
-                raise NotLowerable("the output= selector does not trace (use an int or a traceable callable)") from None
+            sel = _traced_selector(output)
             out = it.run_graph(sel, [out])
         if not isinstance(out, _Sym):
             raise NotLowerable("the selected output is not one tensor computed from the representation")
@@ -492,3 +484,49 @@ def lower(graph_module: nn.Module, act_shape: tuple[int, ...], output=None, dtyp
         return Lowering(None, str(e))
     except Exception as e:  # a graph the interpreter does not expect must never break lmn_at: the generic path runs
         return Lowering(None, f"lowering failed ({type(e).__name__}: {e})")
+
+
+#: module -> (its submodules' identities, its traced graph): a lowered tail is re-folded whenever a parameter changes
+#: (every training step), and tracing again each time would patch ``torch.nn.Module`` globally (``torch.fx`` does while
+#: it traces) under a training loop running in another thread (docs/dropin.md, "Threads"). The graph depends only on
+#: the code and the submodules, which the key checks; the folded values are read from the parameters every time.
+_TRACES: weakref.WeakKeyDictionary[Any, tuple[tuple[tuple[str, int], ...], Any]] = weakref.WeakKeyDictionary()
+
+
+def _traced(m: nn.Module, tracer: Any, name: str) -> Any:
+    """``tracer().trace(m)``, once per module and set of submodules (:data:`_TRACES`)."""
+    key = tuple((n, id(c)) for n, c in m.named_modules())
+    hit = _TRACES.get(m)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = tracer().trace(m)
+    except Exception as e:
+        raise NotLowerable(f"module {name!r} ({type(m).__name__}) does not trace: {type(e).__name__}") from None
+    _TRACES[m] = (key, graph)
+    return graph
+
+
+def _traced_selector(output: Any) -> Any:
+    """``fx.symbolic_trace(output)`` for an ``output=`` callable, once per callable (:data:`_TRACES`)."""
+    import torch.fx as fx
+
+    try:
+        hit = _TRACES.get(output)
+    except TypeError:  # not weakly referenceable: traced every time
+        hit = None
+    if hit is not None:
+        return hit[1]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sel = fx.symbolic_trace(output)
+    except Exception:
+        raise NotLowerable("the output= selector does not trace (use an int or a traceable callable)") from None
+    try:
+        _TRACES[output] = ((), sel)
+    except TypeError:
+        pass
+    return sel
