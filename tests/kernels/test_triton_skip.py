@@ -17,7 +17,7 @@ import types
 import numpy as np
 import pytest
 import torch
-from models import nanda
+from models import nanda, nanda_offset
 from torch import nn
 
 triton = pytest.importorskip("triton")
@@ -209,36 +209,10 @@ def test_gpu_tiling_with_skip_matches_reference(arch, dtype):
 # ill-conditioned regimes through the skip term
 
 
-class _Offset(nn.Module):
-    def __init__(self, inner, offset):
-        super().__init__()
-        self.inner = inner
-        self.register_buffer("offset", offset)
-
-    def forward(self, x):
-        return self.inner(x) + self.offset
-
-
-def _offset_model(scale: float, n: int = 8):
-    """Nanda-style model whose last-position residual carries a large common offset ``scale v`` the MLP cannot see
-    (``W_in v = 0``): the skip term ``W_U x`` holds a logit offset shared by all samples, ``u_j - u_i`` does not."""
-    model, probe, kw = nanda(n=n)
-    mlp = model.blocks[0].mlp
-    g = torch.Generator().manual_seed(7)
-    v = torch.randn(mlp.W_in.shape[1], generator=g)
-    v /= v.norm()
-    with torch.no_grad():
-        mlp.W_in -= (mlp.W_in @ v)[:, None] * v[None, :]
-    offset = torch.zeros(3, v.numel())
-    offset[2] = scale * v
-    model.blocks[0].attn = _Offset(model.blocks[0].attn, offset)  # before the cut: resid_mid gains the offset
-    return model, probe, kw
-
-
 @here
 @pytest.mark.parametrize("scale", [1e3, 1e5])
 def test_large_common_logit_offset_through_the_skip(scale):
-    plan = _plan(*_offset_model(scale))
+    plan = _plan(*nanda_offset(scale, n=8))
     L = plan.connectivity(backend="triton")
     info = core.last_run_info()
     assert plan.ran.startswith("split, lowered (triton)"), plan.ran

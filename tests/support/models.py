@@ -161,6 +161,34 @@ def nanda(n=12, p=13, d_model=32, d_mlp=128, seed=0):
     return model, probe, dict(at="blocks.0.hook_resid_mid", output=lambda out: out[:, -1])
 
 
+class _Offset(nn.Module):
+    """``inner(x) + offset``: a constant added to a block's output."""
+
+    def __init__(self, inner, offset):
+        super().__init__()
+        self.inner = inner
+        self.register_buffer("offset", offset)
+
+    def forward(self, x):
+        return self.inner(x) + self.offset
+
+
+def nanda_offset(scale: float, n: int = 12):
+    """Nanda-style model whose last-position residual carries a large common offset ``scale v`` the MLP cannot see
+    (``W_in v = 0``): the skip term ``W_U x`` holds a logit offset shared by all samples, ``u_j - u_i`` does not."""
+    model, probe, kw = nanda(n=n)
+    mlp = model.blocks[0].mlp
+    g = torch.Generator().manual_seed(7)
+    v = torch.randn(mlp.W_in.shape[1], generator=g)
+    v /= v.norm()
+    with torch.no_grad():
+        mlp.W_in -= (mlp.W_in @ v)[:, None] * v[None, :]
+    offset = torch.zeros(3, v.numel())
+    offset[2] = scale * v
+    model.blocks[0].attn = _Offset(model.blocks[0].attn, offset)  # before the cut: resid_mid gains the offset
+    return model, probe, kw
+
+
 # --------------------------------------------------------------------------------------------
 # ironjr/grokfast: sequence-first decoder with LayerNorm and ln_f (examples/grokfast_transformer.py)
 
