@@ -1,4 +1,5 @@
 """Helpers shared by the pytest-benchmark files (not a test module)."""
+
 from __future__ import annotations
 
 import os
@@ -17,6 +18,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 def timed(fn, device: torch.device):
     """``fn`` followed by a device sync, so the benchmark times the work, not the launch."""
+
     def call():
         out = fn()
         synchronize(device)

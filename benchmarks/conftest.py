@@ -5,6 +5,7 @@ Every timed test first checks its backend against the NumPy reference on the fir
 refuse-on-disagreement rule of ``grokfast_metrics.bench``. Set ``GROKFAST_METRICS_BENCH_LARGE=1`` to add the
 N=961 rows on the CPU (about a minute per round on 2 shared cores).
 """
+
 from __future__ import annotations
 
 import pytest

@@ -9,6 +9,7 @@ now (``plan.path``, pruned where the selected logits allow). Both in the same ru
 
 :func:`time_plan` is the function the ``bench --dropin`` section can call per model.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))
 
 #: issue-sized models (d_model 128; Nanda d_mlp 512, p=113)
-SIZES = {"nanda": dict(p=113, d_model=128, d_mlp=512), "grokfast": dict(p=97, dim=128), "mamay": dict(p=97, dim=128),
-         "grok": dict(p=97, d_model=128), "omnigrok": dict(width=200)}
+SIZES = {
+    "nanda": dict(p=113, d_model=128, d_mlp=512),
+    "grokfast": dict(p=97, dim=128),
+    "mamay": dict(p=97, dim=128),
+    "grok": dict(p=97, d_model=128),
+    "omnigrok": dict(width=200),
+}
 #: the path each model took before the pruning and the untraceable-model split (None: the split, unpruned)
 BEFORE = {"nanda": "split", "grokfast": "split", "mamay": "hooks", "grok": "hooks", "omnigrok": "chain"}
 
@@ -41,8 +47,14 @@ def time_plan(model, probe, at, *, prune: bool = True, path: str = "auto", repea
         L = plan.connectivity(warn_affine=False)
         best = min(best, time.perf_counter() - t)
     n = plan.n
-    return {"path": plan.path, "pruned": plan.pruned, "reason": plan.reason, "seconds": best,
-            "us_per_pair": best * 1e6 / (n * (n - 1) / 2), "L": L}
+    return {
+        "path": plan.path,
+        "pruned": plan.pruned,
+        "reason": plan.reason,
+        "seconds": best,
+        "us_per_pair": best * 1e6 / (n * (n - 1) / 2),
+        "L": L,
+    }
 
 
 def main(argv=None) -> list[dict]:
@@ -63,9 +75,12 @@ def main(argv=None) -> list[dict]:
         after = time_plan(model, probe, at, **kw)
         diff = float((before["L"].double() - after["L"].double()).abs().max())
         rows.append(dict(model=name, before=before, after=after, diff=diff))
-        print(f"{name:9s} before {before['path']:5s} {before['us_per_pair']:9.1f} us/pair | after {after['path']:5s}"
-              f"{' pruned' if after['pruned'] else '       '} {after['us_per_pair']:9.1f} us/pair | "
-              f"x{before['us_per_pair'] / after['us_per_pair']:.2f} | max|dL| {diff:.1e}", flush=True)
+        print(
+            f"{name:9s} before {before['path']:5s} {before['us_per_pair']:9.1f} us/pair | after {after['path']:5s}"
+            f"{' pruned' if after['pruned'] else '       '} {after['us_per_pair']:9.1f} us/pair | "
+            f"x{before['us_per_pair'] / after['us_per_pair']:.2f} | max|dL| {diff:.1e}",
+            flush=True,
+        )
     return rows
 
 

@@ -7,6 +7,7 @@ where the torch fp64 error estimate and the two float64 paths vouch for it, ``ex
 ``--audit``-th draw against ``exact`` on all pairs. One line per draw goes to the log; the worst error per regime and
 backend is printed (and written as JSON with ``--json``) at the end and every 250 draws.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,12 @@ def main() -> None:
     ap.add_argument("--audit", type=int, default=20, help="audit every n-th draw against exact (0: never)")
     ap.add_argument("--log", default=None, help="append one line per draw here")
     ap.add_argument("--json", default=None, help="write the summary here")
-    ap.add_argument("--backends", default=None, help="comma-separated, instead of every CPU backend (e.g. triton, "
-                    "under TRITON_INTERPRET=1; GROKFAST_METRICS_TRITON_KERNEL picks v1 / v2)")
+    ap.add_argument(
+        "--backends",
+        default=None,
+        help="comma-separated, instead of every CPU backend (e.g. triton, "
+        "under TRITON_INTERPRET=1; GROKFAST_METRICS_TRITON_KERNEL picks v1 / v2)",
+    )
     a = ap.parse_args()
     torch.set_num_threads(1)
     dtype = torch.float32 if a.dtype == "fp32" else torch.float64
@@ -38,9 +43,14 @@ def main() -> None:
     t0 = time.time()
 
     def summary(stats: dict) -> dict:
-        return {"dtype": a.dtype, "seed": a.seed + (dtype == torch.float64), "seconds": round(time.time() - t0, 1),
-                **{k: v for k, v in stats.items() if k != "worst"}, "failures": tc.fuzz_failures(stats, dtype),
-                "worst": {k: {b: float(f"{v:.3g}") for b, v in w.items()} for k, w in sorted(stats["worst"].items())}}
+        return {
+            "dtype": a.dtype,
+            "seed": a.seed + (dtype == torch.float64),
+            "seconds": round(time.time() - t0, 1),
+            **{k: v for k, v in stats.items() if k != "worst"},
+            "failures": tc.fuzz_failures(stats, dtype),
+            "worst": {k: {b: float(f"{v:.3g}") for b, v in w.items()} for k, w in sorted(stats["worst"].items())},
+        }
 
     def log(k, key, e, sent):
         logf.write(f"{k} {key} exact_pairs={sent} " + " ".join(f"{b}={v:.2e}" for b, v in e.items()) + "\n")

@@ -5,6 +5,7 @@ Run: ``pytest benchmarks/ --benchmark-only`` (add ``GROKFAST_METRICS_BENCH_LARGE
 ``extra_info`` of each row carries pairs/s, useful GFLOP/s (2*T*H*O per pair) and the fraction of
 the matmul roof; the ratios between rows are in the pytest-benchmark table (same session).
 """
+
 from __future__ import annotations
 
 import functools
@@ -42,8 +43,9 @@ def test_connectivity(benchmark, roof_gflops, dev, backend, n, depth):
     h = bench_workloads.make_inputs(n, H, seed=1, device=device)
     diff = check_or_refuse(h, tail, backend, T)
     rounds = 20 if dev == "cuda" else 3
-    L = benchmark.pedantic(timed(functools.partial(bench_baselines.backend_fn(backend), h, tail, T), device),
-                           rounds=rounds, iterations=1, warmup_rounds=1)
+    L = benchmark.pedantic(
+        timed(functools.partial(bench_baselines.backend_fn(backend), h, tail, T), device), rounds=rounds, iterations=1, warmup_rounds=1
+    )
     assert L.shape == (n, n)
     _extra(benchmark, n, depth, roof_gflops[dev], diff)
 
@@ -53,8 +55,9 @@ def test_naive_torch_baseline(benchmark, roof_gflops, dev):
     device, n = torch.device(dev), (256 if dev == "cpu" else 961)
     tail, h = bench_workloads.make_tail(H, O, 1, device=device), bench_workloads.make_inputs(n, H, seed=1, device=device)
     diff = check_or_refuse(h, tail, "naive", T)
-    benchmark.pedantic(timed(functools.partial(bench_baselines.naive_connectivity, h, tail, T), device),
-                       rounds=3, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(
+        timed(functools.partial(bench_baselines.naive_connectivity, h, tail, T), device), rounds=3, iterations=1, warmup_rounds=1
+    )
     _extra(benchmark, n, 1, roof_gflops[dev], diff)
 
 

@@ -15,6 +15,7 @@ Run under pytest-benchmark (``pytest benchmarks/test_dropin_speed.py --benchmark
 per repeat and prints the median (and min) table recorded in ``benchmarks/RESULTS.md``. On a shared
 machine the min is the steadier figure (other jobs only ever add time).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,7 +31,7 @@ import grokfast_metrics as gm
 from grokfast_metrics.dropin.plan import Plan
 
 ROOT = Path(__file__).resolve().parents[1]
-ATS = ("layers.0", "layers.1")                  # first and last block
+ATS = ("layers.0", "layers.1")  # first and last block
 LAST = lambda out: out[-1]
 
 
@@ -83,7 +84,7 @@ def main() -> None:
         for at in ATS:
             times: dict[str, list[float]] = {k: [] for k in ("hooks_v1", "hooks", "auto")}
             out = {}
-            for _ in range(a.repeats):                       # alternate, so load changes hit all three alike
+            for _ in range(a.repeats):  # alternate, so load changes hit all three alike
                 for how in times:
                     t = time.perf_counter()
                     out[how] = run(model, probe, at, how)
@@ -92,8 +93,11 @@ def main() -> None:
             low = {k: min(v) for k, v in times.items()}
             diff = max(float((out[k].connectivity - out["auto"].connectivity).abs().max()) for k in out)
             cell = {k: f"{med[k]:.2f} (min {low[k]:.2f})" for k in med}
-            print(f"| {n} | {at} | {cell['hooks_v1']} | {cell['hooks']} | {cell['auto']} | "
-                  f"{med['hooks_v1'] / med['auto']:.1f}x / {low['hooks_v1'] / low['auto']:.1f}x | {diff:.1e} |", flush=True)
+            print(
+                f"| {n} | {at} | {cell['hooks_v1']} | {cell['hooks']} | {cell['auto']} | "
+                f"{med['hooks_v1'] / med['auto']:.1f}x / {low['hooks_v1'] / low['auto']:.1f}x | {diff:.1e} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ number of the JSON file as written there. A 20,000-step run is not repeated by t
 after a change that moves them, rerun the command, then this script with ``--write``, then fix the docs until
 the test passes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,8 +74,13 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(numbers, indent=1))
         return 0
     config = read_json(Path(args.run_dir) / "config.json")
-    record = {"source": args.source, "command": " ".join(["grokfast-metrics", *config.get("argv", [])[1:]]),
-              "torch": config.get("torch"), "device_name": config.get("device_name"), "numbers": numbers}
+    record = {
+        "source": args.source,
+        "command": " ".join(["grokfast-metrics", *config.get("argv", [])[1:]]),
+        "torch": config.get("torch"),
+        "device_name": config.get("device_name"),
+        "numbers": numbers,
+    }
     Path(args.write).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     return 0
 

@@ -7,6 +7,7 @@ to the existing loop.
 
 Run: ``python examples/grokfast_transformer.py --steps 2000``
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,8 +67,18 @@ def modular_data(p: int, eq_token: int, op_token: int) -> torch.Tensor:
     return torch.stack([x, op, y, eq, (x + y) % p])
 
 
-def main(steps: int = 2000, p: int = 97, dim: int = 128, num_layers: int = 2, num_heads: int = 4,
-         batch_size: int = 512, n_probe: int = 128, every="log", seed: int = 0, device: str = "cpu") -> dict:
+def main(
+    steps: int = 2000,
+    p: int = 97,
+    dim: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    batch_size: int = 512,
+    n_probe: int = 128,
+    every="log",
+    seed: int = 0,
+    device: str = "cpu",
+) -> dict:
     """Train and track LMN at the output of the first block. Returns ``tracker.as_dict()`` plus losses."""
     torch.manual_seed(seed)
     eq_token, op_token = p, p + 1

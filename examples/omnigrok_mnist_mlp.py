@@ -12,6 +12,7 @@ The model is an ``nn.Sequential`` and ``at="2"`` (output of the first ReLU) leav
 
 Run: ``python examples/omnigrok_mnist_mlp.py --steps 5000``
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,16 +26,24 @@ import grokfast_metrics as gm  # [LMN] 1/3
 
 def make_mlp(width: int = 200, init_scale: float = 8.0) -> nn.Sequential:
     """Omnigrok's MNIST MLP, ``(N, 1, 28, 28) -> (N, 10)``, weights multiplied by ``init_scale``."""
-    mlp = nn.Sequential(nn.Flatten(), nn.Linear(784, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
-                        nn.Linear(width, 10))
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(784, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
     with torch.no_grad():
         for p in mlp.parameters():
             p.mul_(init_scale)
     return mlp
 
 
-def main(steps: int = 5000, n_train: int = 1000, width: int = 200, init_scale: float = 8.0, batch_size: int = 200,
-         n_probe: int = 256, every="log", seed: int = 0, device: str = "cpu") -> dict:
+def main(
+    steps: int = 5000,
+    n_train: int = 1000,
+    width: int = 200,
+    init_scale: float = 8.0,
+    batch_size: int = 200,
+    n_probe: int = 256,
+    every="log",
+    seed: int = 0,
+    device: str = "cpu",
+) -> dict:
     """Train on random MNIST-shaped data and track LMN after the first hidden layer."""
     torch.manual_seed(seed)
     x = torch.rand(n_train, 1, 28, 28, device=device)

@@ -9,6 +9,7 @@ and LMN takes the fused fast path. The three lines marked ``# [LMN]`` are all th
 
 Run: ``python examples/sequential_mlp.py --steps 5000`` (probe = all p^2 = 961 pairs)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,15 +24,27 @@ import grokfast_metrics as gm  # [LMN] 1/3
 def make_model(p: int = 31, emb: int = 32, width: int = 100) -> nn.Sequential:
     """``(N, 2)`` operand indices -> ``(N, p)`` logits."""
     return nn.Sequential(
-        nn.Embedding(p, emb), nn.Flatten(),                 # 0, 1: (N, 2 * emb)
-        nn.Linear(2 * emb, width), nn.SiLU(),               # 2, 3: first hidden layer
-        nn.Linear(width, width), nn.SiLU(),                 # 4, 5
-        nn.Linear(width, p),                                # 6: logits
+        nn.Embedding(p, emb),
+        nn.Flatten(),  # 0, 1: (N, 2 * emb)
+        nn.Linear(2 * emb, width),
+        nn.SiLU(),  # 2, 3: first hidden layer
+        nn.Linear(width, width),
+        nn.SiLU(),  # 4, 5
+        nn.Linear(width, p),  # 6: logits
     )
 
 
-def main(steps: int = 5000, p: int = 31, emb: int = 32, width: int = 100, train_frac: float = 0.5,
-         n_probe: int | None = None, every="log", seed: int = 0, device: str = "cpu") -> dict:
+def main(
+    steps: int = 5000,
+    p: int = 31,
+    emb: int = 32,
+    width: int = 100,
+    train_frac: float = 0.5,
+    n_probe: int | None = None,
+    every="log",
+    seed: int = 0,
+    device: str = "cpu",
+) -> dict:
     """Full-batch training on a random ``train_frac`` of all pairs; LMN of ``n_probe`` pairs (default: all)."""
     torch.manual_seed(seed)
     pairs = torch.cartesian_prod(torch.arange(p), torch.arange(p)).to(device)  # (p^2, 2)

@@ -9,6 +9,7 @@ Requires ``tensorboard`` (``pip install "grokfast_metrics[tensorboard]"``).
 
 Run: ``python examples/tensorboard_logging.py --steps 3000 --logdir runs/tb`` then ``tensorboard --logdir runs/tb``
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,18 +23,19 @@ import grokfast_metrics as gm  # [LMN] 1/3
 
 def make_model(p: int = 31, emb: int = 32, width: int = 100) -> nn.Sequential:
     """``(N, 2)`` operand indices -> ``(N, p)`` logits (embedding 2x32 -> 100 -> 100 -> p, SiLU)."""
-    return nn.Sequential(nn.Embedding(p, emb), nn.Flatten(), nn.Linear(2 * emb, width), nn.SiLU(),
-                         nn.Linear(width, width), nn.SiLU(), nn.Linear(width, p))
+    return nn.Sequential(
+        nn.Embedding(p, emb), nn.Flatten(), nn.Linear(2 * emb, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, p)
+    )
 
 
-def main(logdir: str, steps: int = 3000, p: int = 31, emb: int = 32, width: int = 100, train_frac: float = 0.5,
-         every="log", seed: int = 0) -> dict:
+def main(
+    logdir: str, steps: int = 3000, p: int = 31, emb: int = 32, width: int = 100, train_frac: float = 0.5, every="log", seed: int = 0
+) -> dict:
     """Train, log ``train/loss`` every step and ``lmn/hidden1`` when computed; returns the tracker's history."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as e:
-        raise ImportError('this example needs tensorboard: pip install tensorboard '
-                          '(or pip install "grokfast_metrics[tensorboard]")') from e
+        raise ImportError('this example needs tensorboard: pip install tensorboard (or pip install "grokfast_metrics[tensorboard]")') from e
     torch.manual_seed(seed)
     pairs = torch.cartesian_prod(torch.arange(p), torch.arange(p))
     labels = pairs.sum(1) % p

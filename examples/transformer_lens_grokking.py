@@ -18,6 +18,7 @@ removed ``HookedTransformer``.
 
 Run: ``python examples/transformer_lens_grokking.py --steps 3000``
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,22 +38,45 @@ def make_model(p: int = 113, d_model: int = 128, n_heads: int = 4, d_mlp: int = 
             warnings.simplefilter("ignore", DeprecationWarning)
             from transformer_lens import HookedTransformer, HookedTransformerConfig
     except ImportError as e:
-        raise ImportError('this example needs TransformerLens 2.x/3.x: pip install "transformer-lens<4" '
-                          '(or pip install "grokfast_metrics[transformer-lens]")') from e
-    cfg = HookedTransformerConfig(n_layers=1, d_model=d_model, d_head=d_model // n_heads, n_heads=n_heads, d_mlp=d_mlp,
-                                  d_vocab=p + 1, d_vocab_out=p, n_ctx=3, act_fn="relu", normalization_type=None,
-                                  seed=seed, device="cpu")
+        raise ImportError(
+            'this example needs TransformerLens 2.x/3.x: pip install "transformer-lens<4" '
+            '(or pip install "grokfast_metrics[transformer-lens]")'
+        ) from e
+    cfg = HookedTransformerConfig(
+        n_layers=1,
+        d_model=d_model,
+        d_head=d_model // n_heads,
+        n_heads=n_heads,
+        d_mlp=d_mlp,
+        d_vocab=p + 1,
+        d_vocab_out=p,
+        n_ctx=3,
+        act_fn="relu",
+        normalization_type=None,
+        seed=seed,
+        device="cpu",
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         return HookedTransformer(cfg)
 
 
-def main(steps: int = 3000, p: int = 113, d_model: int = 128, n_heads: int = 4, d_mlp: int = 512,
-         train_frac: float = 0.3, n_probe: int = 128, every="log", seed: int = 0, device: str = "cpu") -> dict:
+def main(
+    steps: int = 3000,
+    p: int = 113,
+    d_model: int = 128,
+    n_heads: int = 4,
+    d_mlp: int = 512,
+    train_frac: float = 0.3,
+    n_probe: int = 128,
+    every="log",
+    seed: int = 0,
+    device: str = "cpu",
+) -> dict:
     """Full-batch training on ``train_frac`` of all pairs; LMN at ``blocks.0.hook_resid_mid`` of a fixed probe."""
     torch.manual_seed(seed)
     a, b = torch.cartesian_prod(torch.arange(p), torch.arange(p)).T
-    tokens = torch.stack([a, b, torch.full_like(a, p)], dim=1).to(device)      # (p^2, 3), batch-first
+    tokens = torch.stack([a, b, torch.full_like(a, p)], dim=1).to(device)  # (p^2, 3), batch-first
     labels = ((a + b) % p).to(device)
     perm = torch.randperm(p * p, device=device)
     train = perm[: int(train_frac * p * p)]

@@ -10,6 +10,7 @@ The public names (and the layer packages, ``gm.compute``, ``gm.dropin``, ...) ar
 ``import grokfast_metrics`` alone does not import torch, so the ``grokfast-metrics`` command answers Ctrl-C during its start-up
 with one line (its ``main`` handles it) instead of a traceback from inside torch's import.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -39,9 +40,7 @@ _EXPORTS = {
 #: ``from grokfast_metrics import *`` works without it)
 _OPTIONAL = {"LMNMetric": "torchmetrics"}
 
-__all__ = sorted(
-    ["__version__", *(n for n in _EXPORTS if n not in _OPTIONAL or importlib.util.find_spec(_OPTIONAL[n]) is not None)]
-)
+__all__ = sorted(["__version__", *(n for n in _EXPORTS if n not in _OPTIONAL or importlib.util.find_spec(_OPTIONAL[n]) is not None)])
 
 
 def __getattr__(name: str):

@@ -1,4 +1,5 @@
 """``python -m grokfast_metrics ...``: same as the ``grokfast-metrics`` console script."""
+
 import sys
 
 from .cli.main import main, starting  # the standard library only: Ctrl-C is handled from here on

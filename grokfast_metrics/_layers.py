@@ -5,6 +5,7 @@ index is its place in :data:`LAYERS`, bottom first. ``kernels/`` is installed as
 The package's root modules (``__init__``, ``__main__``, ``_moved``, this one) form the top layer: they name
 the public API and the old module paths, and only import lazily.
 """
+
 from __future__ import annotations
 
 #: bottom first: each entry is one layer (the subpackages of ``grokfast_metrics`` in it)

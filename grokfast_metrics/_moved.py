@@ -5,6 +5,7 @@ access, in the modules that define them now (:data:`MOVED`). Nothing here import
 is imported at the first attribute access. Only the paths a user could have read in the README, the docs
 or the examples are kept; inside the library every import names the new module.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -25,8 +26,16 @@ MOVED: dict[str, tuple[str, ...]] = {
     "complexity": ("experiment.complexity",),
     "config": ("experiment.config",),
     "runlog": ("experiment.runlog",),
-    "train": ("experiment.trainer", "experiment.run", "experiment.preflight", "experiment.config", "experiment.collapse",
-              "experiment.checkpoint", "experiment.runlog", "experiment.trainctl"),
+    "train": (
+        "experiment.trainer",
+        "experiment.run",
+        "experiment.preflight",
+        "experiment.config",
+        "experiment.collapse",
+        "experiment.checkpoint",
+        "experiment.runlog",
+        "experiment.trainctl",
+    ),
 }
 _PACKAGE = __name__.rpartition(".")[0]
 

@@ -18,6 +18,7 @@ When the CPU lacks AVX2/FMA, no C++ compiler is found, the build fails, the tail
 :func:`unsupported_reason` say so and the caller uses torch ops instead. A missing compiler or a failed build is
 warned once (:class:`CPUKernelUnavailableWarning`, one line naming the cause and the cost: LMN 10-20x slower).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -112,9 +113,7 @@ def _build() -> ctypes.CDLL:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
         os.close(fd)
         try:
-            res = subprocess.run(
-                [cxx, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=600, check=False
-            )
+            res = subprocess.run([cxx, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=600, check=False)
             if res.returncode != 0:
                 raise RuntimeError(f"compiling {_SOURCE.name} failed:\n{res.stderr[-4000:]}")
             os.replace(tmp, lib_path)  # atomic: concurrent builders never see a partial file
@@ -156,8 +155,7 @@ def _library() -> ctypes.CDLL | None:
             except (RuntimeError, OSError, subprocess.SubprocessError) as e:
                 _state["error"] = str(e)
                 # one line wherever it is shown: no library file and source line under it (lineno 0 has no source)
-                warnings.warn_explicit(unavailable_message(), CPUKernelUnavailableWarning, "grokfast_metrics", 0,
-                                       module="grokfast_metrics")
+                warnings.warn_explicit(unavailable_message(), CPUKernelUnavailableWarning, "grokfast_metrics", 0, module="grokfast_metrics")
         _state["tried"] = True
     return _state["lib"]
 
@@ -183,7 +181,6 @@ def build(force: bool = False) -> dict:
         warnings.simplefilter("ignore", CPUKernelUnavailableWarning)
         _library()
     return build_info()
-
 
 
 def available() -> bool:
@@ -305,8 +302,18 @@ class _Packed:
     def head(self) -> list:
         """The arguments every kernel entry point takes after ``T``: stages, widths, weights, activations, O."""
         addr = ctypes.addressof
-        return [len(self.packs), addr(self.c_kp), addr(self.c_kin), addr(self.c_np), addr(self.c_packs),
-                addr(self.c_biases), addr(self.c_off), addr(self.c_codes), addr(self.c_slopes), self.out_dim]
+        return [
+            len(self.packs),
+            addr(self.c_kp),
+            addr(self.c_kin),
+            addr(self.c_np),
+            addr(self.c_packs),
+            addr(self.c_biases),
+            addr(self.c_off),
+            addr(self.c_codes),
+            addr(self.c_slopes),
+            self.out_dim,
+        ]
 
 
 def _ints(v: list[int]) -> ctypes.Array:
@@ -317,8 +324,9 @@ def _threads(num_threads: int | None) -> int:
     return max(1, int(num_threads if num_threads is not None else torch.get_num_threads()))
 
 
-def connectivity_cpu(z: torch.Tensor, spec: MLPTail, n_lambda: int, num_threads: int | None = None,
-                     flag: bool = False, u: torch.Tensor | None = None) -> torch.Tensor:
+def connectivity_cpu(
+    z: torch.Tensor, spec: MLPTail, n_lambda: int, num_threads: int | None = None, flag: bool = False, u: torch.Tensor | None = None
+) -> torch.Tensor:
     """Connectivity matrix of an MLP tail from the absorbed representations, fused on the CPU.
 
     Args:
@@ -345,9 +353,7 @@ def connectivity_cpu(z: torch.Tensor, spec: MLPTail, n_lambda: int, num_threads:
         raise ValueError(f"fused CPU kernel cannot run this tail: {reason}")
     lib = _library()
     if z.dim() != 2 or z.shape[1] != spec.stages[0][1].in_features:
-        raise ValueError(
-            f"z must be (N, {spec.stages[0][1].in_features}) (the first stage's input width); got {tuple(z.shape)}"
-        )
+        raise ValueError(f"z must be (N, {spec.stages[0][1].in_features}) (the first stage's input width); got {tuple(z.shape)}")
     n_lambda = check_n_lambda(n_lambda)
     if z.shape[0] < 2:
         raise ValueError(f"z needs at least 2 rows (samples); got {z.shape[0]}")
@@ -368,9 +374,21 @@ def connectivity_cpu(z: torch.Tensor, spec: MLPTail, n_lambda: int, num_threads:
     check_fits(4 * n * n, 4 * (n + 8) * pk.kps[0] * 3, "cpu")
     out = torch.empty(n, n, dtype=torch.float32)
     rc = lib.gm_connectivity_mlp(
-        n, n_lambda, *pk.head(), zp.data_ptr(), lam32.data_ptr(), lam_c.data_ptr(), ll,
-        torch.finfo(torch.float32).eps, CONST_RTOL, out.data_ptr(), _threads(num_threads), pk.wabs.data_ptr(),
-        pk.wnorm.data_ptr(), FLAG_KAPPA if flag else 0.0, None if u64 is None else u64.ctypes.data,
+        n,
+        n_lambda,
+        *pk.head(),
+        zp.data_ptr(),
+        lam32.data_ptr(),
+        lam_c.data_ptr(),
+        ll,
+        torch.finfo(torch.float32).eps,
+        CONST_RTOL,
+        out.data_ptr(),
+        _threads(num_threads),
+        pk.wabs.data_ptr(),
+        pk.wnorm.data_ptr(),
+        FLAG_KAPPA if flag else 0.0,
+        None if u64 is None else u64.ctypes.data,
     )
     if rc == 2:
         raise MemoryError(f"fused CPU kernel ran out of memory (N={n}, widths {[*pk.kins, pk.out_dim]})")
@@ -396,8 +414,9 @@ def pairs_f64_unsupported(spec: MLPTail, device: torch.device) -> str | None:
     return _shared_reason(spec, device)
 
 
-def pairs_f64(h: torch.Tensor, spec: MLPTail, i: torch.Tensor, j: torch.Tensor, n_lambda: int,
-              num_threads: int | None = None) -> torch.Tensor:
+def pairs_f64(
+    h: torch.Tensor, spec: MLPTail, i: torch.Tensor, j: torch.Tensor, n_lambda: int, num_threads: int | None = None
+) -> torch.Tensor:
     """``L_ij`` of the pairs ``(i[p], j[p])`` in float64, in one C++ call (``core``'s recompute of flagged pairs).
 
     The float64 kernel of :func:`connectivity_cpu` (the algebra of ``torch_backend._pairs_values`` in float64:
@@ -424,8 +443,9 @@ def pairs_f64(h: torch.Tensor, spec: MLPTail, i: torch.Tensor, j: torch.Tensor, 
     n_lambda = check_n_lambda(n_lambda)
     # NumPy and C++ only from here: a torch op over more than 32768 elements is an OpenMP region, and on a
     # loaded 2-core box each one waited a scheduler tick (4-24 ms for the fp64 absorb of N=961 alone).
-    pij = np.concatenate([np.asarray(i.detach().cpu().numpy(), dtype=np.int64).reshape(-1),
-                          np.asarray(j.detach().cpu().numpy(), dtype=np.int64).reshape(-1)])
+    pij = np.concatenate(
+        [np.asarray(i.detach().cpu().numpy(), dtype=np.int64).reshape(-1), np.asarray(j.detach().cpu().numpy(), dtype=np.int64).reshape(-1)]
+    )
     n_pairs = pij.size // 2
     if n_pairs == 0:
         return torch.from_numpy(np.empty(0, dtype=np.float64))
@@ -443,7 +463,7 @@ def _selected_f64(h: torch.Tensor, spec: MLPTail) -> np.ndarray:
     hd = h.detach()
     hn = hd.numpy() if hd.dtype in (torch.float32, torch.float64) else hd.to(torch.float64).numpy()
     if spec.select is not None:
-        hn = hn[:, spec.select[0]:spec.select[1]]
+        hn = hn[:, spec.select[0] : spec.select[1]]
     return np.ascontiguousarray(hn, dtype=np.float64)
 
 
@@ -466,8 +486,16 @@ def absorb_f64(h: torch.Tensor, spec: MLPTail) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(z, dtype=np.float64 if h.dtype == torch.float64 else np.float32))
 
 
-def _run_f64(lib: ctypes.CDLL, z: np.ndarray, spec: MLPTail, pi: np.ndarray | None, pj: np.ndarray | None,
-             n_lambda: int, num_threads: int | None, u: np.ndarray | None = None) -> np.ndarray:
+def _run_f64(
+    lib: ctypes.CDLL,
+    z: np.ndarray,
+    spec: MLPTail,
+    pi: np.ndarray | None,
+    pj: np.ndarray | None,
+    n_lambda: int,
+    num_threads: int | None,
+    u: np.ndarray | None = None,
+) -> np.ndarray:
     """The float64 kernel on the rows of ``z`` (``(n, H0)``, absorbed): ``L`` ``(n, n)`` when ``pi`` is ``None``,
     else the ``(P,)`` values of the pairs ``(pi[p], pj[p])``."""
     pk = _Packed(spec, torch.float64)
@@ -485,9 +513,23 @@ def _run_f64(lib: ctypes.CDLL, z: np.ndarray, spec: MLPTail, pi: np.ndarray | No
         out = np.empty(pi.size, dtype=np.float64)
         n_pairs, p_i, p_j = pi.size, pi.ctypes.data, pj.ctypes.data
     rc = lib.gm_mlp_f64(
-        n, n_pairs, p_i, p_j, n_lambda, *pk.head(), zp.ctypes.data, lam.ctypes.data, lam_c.ctypes.data, ll,
-        float(np.finfo(np.float64).eps), CONST_RTOL, out.ctypes.data, _threads(num_threads), pk.wabs.data_ptr(),
-        pk.wnorm.data_ptr(), None if u is None else u.ctypes.data,
+        n,
+        n_pairs,
+        p_i,
+        p_j,
+        n_lambda,
+        *pk.head(),
+        zp.ctypes.data,
+        lam.ctypes.data,
+        lam_c.ctypes.data,
+        ll,
+        float(np.finfo(np.float64).eps),
+        CONST_RTOL,
+        out.ctypes.data,
+        _threads(num_threads),
+        pk.wabs.data_ptr(),
+        pk.wnorm.data_ptr(),
+        None if u is None else u.ctypes.data,
     )
     if rc == 2:
         raise MemoryError(f"fp64 CPU kernel ran out of memory (N={n}, widths {[*pk.kins, pk.out_dim]})")

@@ -11,6 +11,7 @@ kernels in one run this way), ``$GROKFAST_METRICS_TRITON_KERNEL`` (read in :func
 Both launchers take the absorbed representations ``z = spec.absorb(h)``, as the fused CPU kernel does
 (:func:`grokfast_metrics.kernels.cpu_fused.connectivity_cpu`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -57,8 +58,14 @@ def variant_for(spec: MLPTail, n_lambda: int, variant: str | None = None) -> str
 
 
 def connectivity_triton(
-    z: torch.Tensor, spec: MLPTail, n_lambda: int, *, u: torch.Tensor | None = None, input_precision: str | None = None,
-    config: LaunchConfig | None = None, variant: str | None = None,
+    z: torch.Tensor,
+    spec: MLPTail,
+    n_lambda: int,
+    *,
+    u: torch.Tensor | None = None,
+    input_precision: str | None = None,
+    config: LaunchConfig | None = None,
+    variant: str | None = None,
 ) -> torch.Tensor:
     """Connectivity matrix ``L`` of an MLP tail from ``z = spec.absorb(h)`` (and a lowered tail's skip term
     ``u = spec.skip_values(h)``) with the chosen Triton kernel (v2 runs no skip term: :func:`variant_for`).

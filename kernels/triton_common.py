@@ -6,6 +6,7 @@ the centred input of the last Linear (``_centred_input``) and the per-pair ``r2`
 (``_pair_l``). The activation codes come from the one table ``_tail.ACT_CODES``. Used by
 :mod:`.triton_rowblock` (v1) and :mod:`.triton_packed_mma` (v2).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -120,8 +121,7 @@ def _act_offset_free(x, ref, ACT: tl.constexpr, SLOPE: tl.constexpr):
     elif ACT == _TANH:
         e = tl.exp(-2.0 * tl.abs(x))
         r = 2.0 / (1.0 + e)
-        a = tl.where(ref > 0.0, -tl.where(x >= 0.0, e * r, r),
-                     tl.where(ref < 0.0, tl.where(x >= 0.0, r, e * r), _tanh(x)))
+        a = tl.where(ref > 0.0, -tl.where(x >= 0.0, e * r, r), tl.where(ref < 0.0, tl.where(x >= 0.0, r, e * r), _tanh(x)))
     else:
         a = _act(x, ACT, SLOPE)
     return a
@@ -175,8 +175,7 @@ def _slope_bound(x, a, ACT: tl.constexpr, SLOPE: tl.constexpr):
 
 
 @triton.jit
-def _centred_input(x3, ACT: tl.constexpr, SLOPE: tl.constexpr, T: tl.constexpr, col0, H_LAST: tl.constexpr,
-                   CENTRE: tl.constexpr = True):
+def _centred_input(x3, ACT: tl.constexpr, SLOPE: tl.constexpr, T: tl.constexpr, col0, H_LAST: tl.constexpr, CENTRE: tl.constexpr = True):
     """Input of the last Linear from its pre-activation ``x3`` ``[BLOCK_J, T_PAD, W]`` (columns ``col0..``).
 
     Returns ``a - mean_t a`` (padded ``t`` zeroed; sigmoid/tanh offset free relative to ``x`` at ``t = 0``;
@@ -188,7 +187,7 @@ def _centred_input(x3, ACT: tl.constexpr, SLOPE: tl.constexpr, T: tl.constexpr, 
     o_t = tl.arange(0, TP)
     m_t3 = (o_t < T)[None, :, None]
     if CENTRE:
-        x0 = tl.sum(tl.where(o_t[None, :, None] == 0, x3, 0.0), axis=1)               # [BJ, W]
+        x0 = tl.sum(tl.where(o_t[None, :, None] == 0, x3, 0.0), axis=1)  # [BJ, W]
         a3 = _act_offset_free(x3, x0[:, None, :], ACT, SLOPE)
     else:
         a3 = _act(x3, ACT, SLOPE)
@@ -262,28 +261,41 @@ def _pow2_above(b_amax):
 
 
 @triton.jit
-def _pair_l(b_ss, b_cov, b_ll, b_scale, b_dn, T: tl.constexpr, O: tl.constexpr, CONST_TOL: tl.constexpr,
-            EPS: tl.constexpr, FLAG: tl.constexpr, FLAG_KAPPA: tl.constexpr, FLAGGED: tl.constexpr, b_tiny=None):
+def _pair_l(
+    b_ss,
+    b_cov,
+    b_ll,
+    b_scale,
+    b_dn,
+    T: tl.constexpr,
+    O: tl.constexpr,
+    CONST_TOL: tl.constexpr,
+    EPS: tl.constexpr,
+    FLAG: tl.constexpr,
+    FLAG_KAPPA: tl.constexpr,
+    FLAGGED: tl.constexpr,
+    b_tiny=None,
+):
     """``L`` per pair from ``sum_t yc^2``, ``sum_t yc lc`` (``[P, PO]``), ``sum_t lc^2`` and the rounding scale per
     output: clamped ``r2``, the constant-path rule, the mean over the ``O`` real outputs and (``FLAG``) ``FLAGGED``
     where the error estimate exceeds ``FLAG_KAPPA`` (``b_dn == 0``: an exactly constant path, 1). ``b_tiny``
     (float64): ``UNDERFLOW_TINY sum_h |W_kh|`` in the units of the moments; a smaller std is constant (docs/lmn.md)."""
     b_den = tl.where(b_ss > 0.0, b_ss * b_ll, 1.0)
     b_r2 = tl.minimum(tl.maximum(b_cov * b_cov / b_den, 0.0), 1.0)
-    b_var = b_ss * (1.0 / T)                                                           # std_t(y)^2
+    b_var = b_ss * (1.0 / T)  # std_t(y)^2
     b_tol = CONST_TOL * b_scale
-    b_const = b_var <= b_tol * b_tol                                                   # std <= CONST_TOL eps scale
+    b_const = b_var <= b_tol * b_tol  # std <= CONST_TOL eps scale
     if b_tiny is not None:
         b_const = b_const | (b_var <= b_tiny * b_tiny)
     b_r2 = tl.where(b_const, 1.0, b_r2)
     m_o = tl.arange(0, b_ss.shape[1]) < O
-    b_l = tl.sum(tl.where(m_o[None, :], b_r2, 0.0), axis=1) / O                        # [P]
+    b_l = tl.sum(tl.where(m_o[None, :], b_r2, 0.0), axis=1) / O  # [P]
     if FLAG:  # torch_backend.pair_error_estimate: kappa = eps scale / std, mean_k min(1, ...) > FLAG_KAPPA
         b_err = EPS * b_scale
-        b_kap = tl.where(b_err > 0.0, b_err * tl.math.rsqrt(b_var), 0.0)               # err / std; std == 0 < err: inf
+        b_kap = tl.where(b_err > 0.0, b_err * tl.math.rsqrt(b_var), 0.0)  # err / std; std == 0 < err: inf
         b_est = 2.0 * b_kap * tl.sqrt(tl.maximum(b_r2 * (1.0 - b_r2), b_kap)) + b_kap * b_kap
-        b_est = tl.where(b_est < 1.0, b_est, 1.0)                                      # inf and nan -> 1
-        b_e = tl.sum(tl.where(m_o[None, :], b_est, 0.0), axis=1) / O                   # [P]
+        b_est = tl.where(b_est < 1.0, b_est, 1.0)  # inf and nan -> 1
+        b_e = tl.sum(tl.where(m_o[None, :], b_est, 0.0), axis=1) / O  # [P]
         b_l = tl.where(b_e > FLAG_KAPPA, FLAGGED, b_l)
         # an exactly constant path (z_j == z_i: duplicate samples) is exact, r2 = 1, never flagged
         b_l = tl.where(b_dn == 0.0, 1.0, b_l)

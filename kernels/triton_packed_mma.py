@@ -28,6 +28,7 @@ the static estimate of ``bench --static-gpu`` went down, see ``benchmarks/RESULT
 Anything else (depth >= 2, a trailing activation, ``T > 128``, more than 64 outputs, a lowered tail's skip term)
 runs v1: :func:`supported`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -58,7 +59,7 @@ from .triton_rowblock import launch_config as _v1_launch_config
 #: Relative error the interpreter's emulation gives each approximate ``ex2`` / ``rcp``: an assumed budget of 2-4 fp32
 #: ulp (the PTX ISA's stated bounds for ``ex2.approx.ftz.f32`` / ``rcp.approx.ftz.f32`` are of that order); not
 #: checked on hardware yet (no GPU lent): compare v2 with v1 on a GPU before relying on it.
-APPROX_REL = 2.0 ** -22
+APPROX_REL = 2.0**-22
 #: Largest ``T`` v2 packs (one tile holds at least one pair of ``T`` rows, ``M <= 128``).
 MAX_T = 128
 BLOCK_K = 16
@@ -94,10 +95,8 @@ def _silu_fast(x, INTERP: tl.constexpr, REL: tl.constexpr):
     """``x / (1 + e^-x)`` as ``x * rcp(1 + ex2(-x log2 e))``: PTX approx ftz, or the interpreter's emulation."""
     u = x * -1.4426950408889634
     if not INTERP:
-        e = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [u], dtype=tl.float32, is_pure=True,
-                                      pack=1)
-        r = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [1.0 + e], dtype=tl.float32,
-                                      is_pure=True, pack=1)
+        e = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [u], dtype=tl.float32, is_pure=True, pack=1)
+        r = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [1.0 + e], dtype=tl.float32, is_pure=True, pack=1)
     else:
         e = _approx(tl.exp2(u), u, REL)
         d = 1.0 + e
@@ -106,8 +105,7 @@ def _silu_fast(x, INTERP: tl.constexpr, REL: tl.constexpr):
 
 
 @triton.jit
-def _act_v2(x, ref, ACT: tl.constexpr, SLOPE: tl.constexpr, FAST_ACT: tl.constexpr, REL: tl.constexpr,
-            INTERP: tl.constexpr):
+def _act_v2(x, ref, ACT: tl.constexpr, SLOPE: tl.constexpr, FAST_ACT: tl.constexpr, REL: tl.constexpr, INTERP: tl.constexpr):
     """v1's offset-free activation, or (``FAST_ACT``, fp32) the fast SiLU."""
     if FAST_ACT and (ACT == _SILU):
         a = _silu_fast(x, INTERP, REL)
@@ -145,8 +143,7 @@ def _row_sums(sel, y, HILO: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constex
 
 
 @triton.jit
-def _tile_stats(y, r_p, sel, T: tl.constexpr, BPP: tl.constexpr, HILO: tl.constexpr, PREC: tl.constexpr,
-                INTERP: tl.constexpr):
+def _tile_stats(y, r_p, sel, T: tl.constexpr, BPP: tl.constexpr, HILO: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr):
     """Per pair ``sum_t yc^2`` and ``sum_t lc yc`` (``[BPP, PO]``, ``lc = 2t - (T-1)``) of the tile's ``y [M, PO]``,
     divided by ``p2^2`` and ``p2`` (the third result, ``[PO]``: the power of two nearest ``max |y - c|`` over the tile).
 
@@ -160,24 +157,38 @@ def _tile_stats(y, r_p, sel, T: tl.constexpr, BPP: tl.constexpr, HILO: tl.conste
     back = tl.where((r_p[:, None] == o_s[None, :]) & (o_s < BPP)[None, :], 1.0 / T, 0.0).to(y.dtype)  # [M, 2 BPP]
     if HILO:
         s1 = tl.dot(sel, _hw(y, INTERP), input_precision="tf32")
-        c = tl.dot(_hw(back, INTERP), _hw(s1, INTERP), input_precision="tf32")                   # [M, PO]
+        c = tl.dot(_hw(back, INTERP), _hw(s1, INTERP), input_precision="tf32")  # [M, PO]
     else:
-        c = tl.dot(back, tl.dot(sel, y, input_precision=PREC, out_dtype=y.dtype), input_precision=PREC,
-                   out_dtype=y.dtype)
+        c = tl.dot(back, tl.dot(sel, y, input_precision=PREC, out_dtype=y.dtype), input_precision=PREC, out_dtype=y.dtype)
     yc = y - c
-    p2 = _pow2_above(tl.max(tl.abs(yc), axis=0))                                        # [PO] scale-free moments
-    yc = yc / p2[None, :]                                                               # (one scale per tile: exact)
+    p2 = _pow2_above(tl.max(tl.abs(yc), axis=0))  # [PO] scale-free moments
+    yc = yc / p2[None, :]  # (one scale per tile: exact)
     s2 = tl.reshape(_row_sums(sel, yc, HILO, PREC, INTERP), [2, BPP, PO])
-    s2a, s2b = tl.split(tl.permute(s2, (1, 2, 0)))                                      # sum yc, sum lc yc
+    s2a, s2b = tl.split(tl.permute(s2, (1, 2, 0)))  # sum yc, sum lc yc
     s3 = tl.reshape(_row_sums(sel, yc * yc, HILO, PREC, INTERP), [2, BPP, PO])
     s3a, _s3b = tl.split(tl.permute(s3, (1, 2, 0)))
     return s3a - s2a * s2a / T, s2b, p2
 
 
 @triton.jit
-def _pair_bounds(z_ptr, a0_ptr, i, j0, N, K0: tl.constexpr, BP: tl.constexpr, BPP: tl.constexpr, BLOCK_KE: tl.constexpr,
-                 ACT: tl.constexpr, SLOPE: tl.constexpr, FAST_ACT: tl.constexpr, REL: tl.constexpr,
-                 INTERP: tl.constexpr, H_LAST: tl.constexpr, T: tl.constexpr = 21):
+def _pair_bounds(
+    z_ptr,
+    a0_ptr,
+    i,
+    j0,
+    N,
+    K0: tl.constexpr,
+    BP: tl.constexpr,
+    BPP: tl.constexpr,
+    BLOCK_KE: tl.constexpr,
+    ACT: tl.constexpr,
+    SLOPE: tl.constexpr,
+    FAST_ACT: tl.constexpr,
+    REL: tl.constexpr,
+    INTERP: tl.constexpr,
+    H_LAST: tl.constexpr,
+    T: tl.constexpr = 21,
+):
     """Per pair of the tile: ``max_h m_h``, ``sum_h m_h^2`` of v1's depth-1 rounding scale (``_end_bounds``, exact
     activation) and ``max_h |z_jh - z_ih|``, from the path's ends only: ``[BPP, BLOCK_KE]`` chunks of ``z``."""
     DT = z_ptr.dtype.element_ty
@@ -189,9 +200,10 @@ def _pair_bounds(z_ptr, a0_ptr, i, j0, N, K0: tl.constexpr, BP: tl.constexpr, BP
     b_dn = tl.zeros([BPP], dtype=DT)
     for k0 in range(0, K0, BLOCK_KE):
         o_k = k0 + tl.arange(0, BLOCK_KE)
-        b_zi = tl.load(z_ptr + i.to(tl.int64) * K0 + o_k, mask=o_k < K0, other=0.0)   # [BKE]
-        b_zj = tl.load(z_ptr + p_j.to(tl.int64)[:, None] * K0 + o_k[None, :], mask=p_m[:, None] & (o_k < K0)[None, :],
-                       other=0.0)                                                      # [BPP, BKE]
+        b_zi = tl.load(z_ptr + i.to(tl.int64) * K0 + o_k, mask=o_k < K0, other=0.0)  # [BKE]
+        b_zj = tl.load(
+            z_ptr + p_j.to(tl.int64)[:, None] * K0 + o_k[None, :], mask=p_m[:, None] & (o_k < K0)[None, :], other=0.0
+        )  # [BPP, BKE]
         b_ai = tl.load(a0_ptr + i.to(tl.int64) * K0 + o_k, mask=o_k < K0, other=0.0)
         b_aj = _act_v2(b_zj, b_zi[None, :], ACT, SLOPE, FAST_ACT, REL, INTERP)
         if (ACT == _SIGMOID) or (ACT == _TANH):  # saturating: pointwise over the T points (_sat_bounds)
@@ -212,8 +224,17 @@ def _pair_bounds(z_ptr, a0_ptr, i, j0, N, K0: tl.constexpr, BP: tl.constexpr, BP
 
 
 @triton.jit
-def _act0_kernel(z_ptr, a0_ptr, n, ACT: tl.constexpr, SLOPE: tl.constexpr, FAST_ACT: tl.constexpr, REL: tl.constexpr,
-                 INTERP: tl.constexpr, BLOCK: tl.constexpr):
+def _act0_kernel(
+    z_ptr,
+    a0_ptr,
+    n,
+    ACT: tl.constexpr,
+    SLOPE: tl.constexpr,
+    FAST_ACT: tl.constexpr,
+    REL: tl.constexpr,
+    INTERP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """``a0 = act(z)`` (offset free relative to ``z`` itself) for ``n`` elements: the path's start, once per sample."""
     o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     z = tl.load(z_ptr + o, mask=o < n, other=0.0)
@@ -226,19 +247,45 @@ def _selection(r_p, T: tl.constexpr, BP: tl.constexpr, BPP: tl.constexpr, DT: tl
     M: tl.constexpr = r_p.shape[0]
     o_r = tl.arange(0, M)
     o_s = tl.arange(0, 2 * BPP)
-    same = (r_p[None, :] == (o_s % BPP)[:, None]) & (r_p < BP)[None, :]                # [2 BPP, M]
+    same = (r_p[None, :] == (o_s % BPP)[:, None]) & (r_p < BP)[None, :]  # [2 BPP, M]
     lc = (2 * (o_r % T) - (T - 1)).to(DT)
     return tl.where(same, tl.where((o_s < BPP)[:, None], 1.0, lc[None, :]), 0.0).to(DT)
 
 
 @triton.jit
 def _connectivity_v2_kernel(
-    z_ptr, a0_ptr, tiles_ptr, w_ptr, wlo_ptr, wn_ptr, out_ptr, N, n_tiles,
-    T: tl.constexpr, M: tl.constexpr, BP: tl.constexpr, BPP: tl.constexpr, BLOCK_K: tl.constexpr,
-    K0: tl.constexpr, PO: tl.constexpr, O: tl.constexpr, ACT: tl.constexpr, SLOPE: tl.constexpr,
-    FAST_ACT: tl.constexpr, REL: tl.constexpr, INTERP: tl.constexpr, HILO: tl.constexpr, PREC: tl.constexpr,
-    LL: tl.constexpr, CONST_TOL: tl.constexpr, EPS: tl.constexpr, FLAG: tl.constexpr, FLAG_KAPPA: tl.constexpr,
-    FLAGGED: tl.constexpr, H_LAST: tl.constexpr, BLOCK_KE: tl.constexpr,
+    z_ptr,
+    a0_ptr,
+    tiles_ptr,
+    w_ptr,
+    wlo_ptr,
+    wn_ptr,
+    out_ptr,
+    N,
+    n_tiles,
+    T: tl.constexpr,
+    M: tl.constexpr,
+    BP: tl.constexpr,
+    BPP: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    K0: tl.constexpr,
+    PO: tl.constexpr,
+    O: tl.constexpr,
+    ACT: tl.constexpr,
+    SLOPE: tl.constexpr,
+    FAST_ACT: tl.constexpr,
+    REL: tl.constexpr,
+    INTERP: tl.constexpr,
+    HILO: tl.constexpr,
+    PREC: tl.constexpr,
+    LL: tl.constexpr,
+    CONST_TOL: tl.constexpr,
+    EPS: tl.constexpr,
+    FLAG: tl.constexpr,
+    FLAG_KAPPA: tl.constexpr,
+    FLAGGED: tl.constexpr,
+    H_LAST: tl.constexpr,
+    BLOCK_KE: tl.constexpr,
 ):
     """``L[i, j] = L[j, i]`` for the pairs of the tiles ``pid, pid + programs, ...`` of ``tiles [n_tiles, 2] = (i, j0)``.
 
@@ -252,7 +299,7 @@ def _connectivity_v2_kernel(
     DT = z_ptr.dtype.element_ty
     o_r = tl.arange(0, M)
     r_p = o_r // T
-    r_lam = (o_r % T).to(DT) / (T - 1)                                                 # [M]
+    r_lam = (o_r % T).to(DT) / (T - 1)  # [M]
     o_po = tl.arange(0, PO)
     o_kb = tl.arange(0, BLOCK_K)
     for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
@@ -260,23 +307,22 @@ def _connectivity_v2_kernel(
         j0 = tl.load(tiles_ptr + 2 * tile + 1)
         r_j = j0 + r_p
         r_m = (r_p < BP) & (r_j < N)
-        p_zi = z_ptr + i.to(tl.int64) * K0 + o_kb                                         # [BK] pointers
+        p_zi = z_ptr + i.to(tl.int64) * K0 + o_kb  # [BK] pointers
         p_a0 = a0_ptr + i.to(tl.int64) * K0 + o_kb
-        p_zj = z_ptr + r_j.to(tl.int64)[:, None] * K0 + o_kb[None, :]                     # [M, BK] pointers
+        p_zj = z_ptr + r_j.to(tl.int64)[:, None] * K0 + o_kb[None, :]  # [M, BK] pointers
         acc = tl.zeros([M, PO], dtype=DT)
         for k0 in range(0, K0, BLOCK_K):
-            b_zi = tl.load(p_zi + k0)                                                      # [BK]
-            b_zj = tl.load(p_zj + k0, mask=r_m[:, None], other=0.0)                        # [M, BK]
-            b_x = b_zi[None, :] + r_lam[:, None] * (b_zj - b_zi[None, :])                  # [M, BK]
-            b_a0 = tl.load(p_a0 + k0)                                                      # a at t = 0: [BK]
+            b_zi = tl.load(p_zi + k0)  # [BK]
+            b_zj = tl.load(p_zj + k0, mask=r_m[:, None], other=0.0)  # [M, BK]
+            b_x = b_zi[None, :] + r_lam[:, None] * (b_zj - b_zi[None, :])  # [M, BK]
+            b_a0 = tl.load(p_a0 + k0)  # a at t = 0: [BK]
             b_a = _act_v2(b_x, b_zi[None, :], ACT, SLOPE, FAST_ACT, REL, INTERP) - b_a0[None, :]  # [M, BK]
-            b_w = tl.load(w_ptr + (k0 + o_kb)[:, None] * PO + o_po[None, :])               # [BK, PO]
+            b_w = tl.load(w_ptr + (k0 + o_kb)[:, None] * PO + o_po[None, :])  # [BK, PO]
             b_wlo = b_w
             if HILO:
                 b_wlo = tl.load(wlo_ptr + (k0 + o_kb)[:, None] * PO + o_po[None, :])
             acc = _mma(b_a, b_w, b_wlo, acc, HILO, PREC, INTERP)
-        b_mmax, b_msq, b_dn = _pair_bounds(z_ptr, a0_ptr, i, j0, N, K0, BP, BPP, BLOCK_KE, ACT, SLOPE, FAST_ACT, REL,
-                                           INTERP, H_LAST, T)
+        b_mmax, b_msq, b_dn = _pair_bounds(z_ptr, a0_ptr, i, j0, N, K0, BP, BPP, BLOCK_KE, ACT, SLOPE, FAST_ACT, REL, INTERP, H_LAST, T)
         b_ss, b_cov, b_p2 = _tile_stats(acc, r_p, _selection(r_p, T, BP, BPP, DT), T, BPP, HILO, PREC, INTERP)
         b_scale = _centred_scale(b_mmax, b_msq, wn_ptr, PO) / b_p2[None, :]
         b_tiny = None
@@ -298,8 +344,15 @@ def _connectivity_v2_kernel(
 def supported(spec: MLPTail, n_lambda: int) -> bool:
     """Whether v2 runs ``spec``: a non-affine depth-1 tail without a trailing activation, ``T <= MAX_T``, at most
     :data:`MAX_OUT` outputs, and without a skip term (a lowered transformer tail's ``lam (u_j - u_i)`` runs in v1)."""
-    return (not spec.is_affine and unsupported_reason(spec) is None and len(spec.stages) == 1 and not spec.final
-            and n_lambda <= MAX_T and spec.skip is None and spec.stages[0][1].out_features <= MAX_OUT)
+    return (
+        not spec.is_affine
+        and unsupported_reason(spec) is None
+        and len(spec.stages) == 1
+        and not spec.final
+        and n_lambda <= MAX_T
+        and spec.skip is None
+        and spec.stages[0][1].out_features <= MAX_OUT
+    )
 
 
 @functools.cache
@@ -317,8 +370,16 @@ def min_dot_k(fp64: bool) -> int:
         return BLOCK_K
 
 
-def launch_config(spec: MLPTail, dtype: torch.dtype, n_lambda: int, *, interpret: bool,
-                  input_precision: str | None = None, n: int | None = None, arch: int | None = None):
+def launch_config(
+    spec: MLPTail,
+    dtype: torch.dtype,
+    n_lambda: int,
+    *,
+    interpret: bool,
+    input_precision: str | None = None,
+    n: int | None = None,
+    arch: int | None = None,
+):
     """v2's :class:`kernels.triton_common.LaunchConfig` (v1's checks, activation codes and flag constants).
 
     ``M`` rows hold ``BP = min(8, M // T)`` pairs (``T = 21``: 128 rows, 6 pairs); ``H`` is padded to
@@ -351,10 +412,22 @@ def launch_config(spec: MLPTail, dtype: torch.dtype, n_lambda: int, *, interpret
     # pairs padded to a power of two; 2 BPP is the K of the per-pair sums' broadcast back (``_tile_stats``)
     bpp = triton.next_power_of_2(bp) if interpret else max(triton.next_power_of_2(bp), min_dot_k(fp64) // 2)
     const = {
-        "T": n_lambda, "M": m, "BP": bp, "BPP": bpp, "BLOCK_K": block_k, "K0": k0, "PO": po,
-        "O": c1["O"], "ACT": c1["ACT1"], "SLOPE": c1["SLOPE1"], "FAST_ACT": not fp64, "REL": APPROX_REL,
+        "T": n_lambda,
+        "M": m,
+        "BP": bp,
+        "BPP": bpp,
+        "BLOCK_K": block_k,
+        "K0": k0,
+        "PO": po,
+        "O": c1["O"],
+        "ACT": c1["ACT1"],
+        "SLOPE": c1["SLOPE1"],
+        "FAST_ACT": not fp64,
+        "REL": APPROX_REL,
         "INTERP": interpret,
-        "BLOCK_KE": min(64 if sm80_hilo else 128, triton.next_power_of_2(k0)), "HILO": hilo, "PREC": prec,
+        "BLOCK_KE": min(64 if sm80_hilo else 128, triton.next_power_of_2(k0)),
+        "HILO": hilo,
+        "PREC": prec,
         "LL": (n_lambda - 1) * n_lambda * (n_lambda + 1) / 3.0,
         **{k: c1[k] for k in ("CONST_TOL", "EPS", "FLAG", "FLAG_KAPPA", "FLAGGED", "H_LAST")},
     }
@@ -390,9 +463,11 @@ def pair_tiles(n: int, bp: int, device=None) -> torch.Tensor:
 
 def tf32_split(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(hi, lo)``: ``w`` rounded to tf32 (nearest, ties away, as ``_tf32_rna``) and the rest, also rounded."""
+
     def rna(x):
         b = x.contiguous().view(torch.int32)
         return ((b + 0x1000) & -0x2000).view(torch.float32)
+
     hi = rna(w)
     return hi, rna(w - hi)
 
@@ -404,15 +479,15 @@ def default_programs(n_tiles: int, device: torch.device) -> int:
     return max(1, min(n_tiles, 8 * torch.cuda.get_device_properties(device).multi_processor_count))
 
 
-def connectivity_packed_mma(z: torch.Tensor, spec: MLPTail, n_lambda: int, *, input_precision: str | None = None,
-                            config=None, programs: int | None = None) -> torch.Tensor:
+def connectivity_packed_mma(
+    z: torch.Tensor, spec: MLPTail, n_lambda: int, *, input_precision: str | None = None, config=None, programs: int | None = None
+) -> torch.Tensor:
     """``L`` from ``z = spec.absorb(h)`` with the v2 kernel (same contract as
     :func:`.triton_rowblock.connectivity_rowblock`, for the tails :func:`supported` accepts). ``programs``:
     persistent grid size (default :func:`default_programs`)."""
     n = z.shape[0]
     dtype, dev = z.dtype, z.device
-    cfg = config or launch_config(spec, dtype, n_lambda, interpret=kernel_is_interpreted(),
-                                  input_precision=input_precision, n=n)
+    cfg = config or launch_config(spec, dtype, n_lambda, interpret=kernel_is_interpreted(), input_precision=input_precision, n=n)
     c = cfg.constexprs
     elem = z.element_size()  # refuse before allocating: L, z and a0 padded to K0, the tile list (8 B per tile)
     check_fits(n * n * elem, 2 * n * c["K0"] * elem + 8 * (n * (n - 1) // 2 // c["BP"] + n), dev)
@@ -423,7 +498,7 @@ def connectivity_packed_mma(z: torch.Tensor, spec: MLPTail, n_lambda: int, *, in
     w[: lin.in_features, : lin.out_features] = lin.weight.detach().t().to(dtype)
     w, w_lo = tf32_split(w) if c["HILO"] else (w, w)
     w_last = lin.weight.detach().to(dtype)
-    wn = torch.zeros(2, c["PO"], dtype=dtype, device=dev)                               # |W_k|_1, |W_k|_2
+    wn = torch.zeros(2, c["PO"], dtype=dtype, device=dev)  # |W_k|_1, |W_k|_2
     wn[0, : w_last.shape[0]] = w_last.abs().sum(dim=1)
     wn[1, : w_last.shape[0]] = torch.linalg.vector_norm(w_last, dim=1)
     a0 = torch.empty_like(zp)
@@ -433,7 +508,8 @@ def connectivity_packed_mma(z: torch.Tensor, spec: MLPTail, n_lambda: int, *, in
     out = torch.full((n, n), float("nan"), dtype=dtype, device=dev)
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
         _act0_kernel[(triton.cdiv(zp.numel(), 1024),)](zp, a0, zp.numel(), **act0, BLOCK=1024)
-        _connectivity_v2_kernel[grid](zp, a0, tiles, w, w_lo, wn, out, n, tiles.shape[0], **c, num_warps=cfg.num_warps,
-                                      num_stages=cfg.num_stages)
+        _connectivity_v2_kernel[grid](
+            zp, a0, tiles, w, w_lo, wn, out, n, tiles.shape[0], **c, num_warps=cfg.num_warps, num_stages=cfg.num_stages
+        )
     out.diagonal().fill_(1.0)
     return out

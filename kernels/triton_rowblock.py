@@ -20,6 +20,7 @@ registers; only the last accumulator (and Linear 4's input) is full width. Weigh
 the host as zero-padded ``W^T`` (``[K_PAD, N_PAD]``), so padded columns contribute exactly 0 and
 only the pair dimension needs masks. Every ``tl.dot`` accumulates in the compute dtype.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -59,10 +60,26 @@ DEFAULT_FP32_PRECISION = "tf32x3"
 
 @triton.jit
 def _first_linear(
-    z_ptr, w1_ptr, c1_ptr, i, o_j, m_j, b_lam, n0,
-    K0: tl.constexpr, P1: tl.constexpr, BN: tl.constexpr, T_PAD: tl.constexpr, BLOCK_J: tl.constexpr,
-    BLOCK_K: tl.constexpr, ACT1: tl.constexpr, SLOPE1: tl.constexpr, PREC: tl.constexpr,
-    LAST: tl.constexpr = False, H_LAST: tl.constexpr = 0, STATS: tl.constexpr = False,
+    z_ptr,
+    w1_ptr,
+    c1_ptr,
+    i,
+    o_j,
+    m_j,
+    b_lam,
+    n0,
+    K0: tl.constexpr,
+    P1: tl.constexpr,
+    BN: tl.constexpr,
+    T_PAD: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ACT1: tl.constexpr,
+    SLOPE1: tl.constexpr,
+    PREC: tl.constexpr,
+    LAST: tl.constexpr = False,
+    H_LAST: tl.constexpr = 0,
+    STATS: tl.constexpr = False,
 ):
     """``W1 act1(z_i + lam (z_j - z_i)) + c1`` for output columns ``n0 .. n0+BN``: ``[BLOCK_J * T_PAD, BN]``.
 
@@ -75,30 +92,30 @@ def _first_linear(
     """
     DT = z_ptr.dtype.element_ty
     o_n = n0 + tl.arange(0, BN)
-    b_acc = tl.zeros([BLOCK_J * T_PAD, BN], dtype=DT)                                  # [M, BN]
+    b_acc = tl.zeros([BLOCK_J * T_PAD, BN], dtype=DT)  # [M, BN]
     b_mmax = tl.zeros([BLOCK_J], dtype=DT)
     b_msq = tl.zeros([BLOCK_J], dtype=DT)
     b_dn = tl.zeros([BLOCK_J], dtype=DT)
     for k0 in range(0, K0, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K)
-        b_zi = tl.load(z_ptr + i.to(tl.int64) * K0 + o_k)                             # [BLOCK_K]
+        b_zi = tl.load(z_ptr + i.to(tl.int64) * K0 + o_k)  # [BLOCK_K]
         p_zj = z_ptr + o_j.to(tl.int64)[:, None] * K0 + o_k[None, :]
-        b_zj = tl.load(p_zj, mask=m_j[:, None], other=0.0)                             # [BLOCK_J, BLOCK_K]
-        b_d = b_zj - b_zi[None, :]                                                     # [BLOCK_J, BLOCK_K]
+        b_zj = tl.load(p_zj, mask=m_j[:, None], other=0.0)  # [BLOCK_J, BLOCK_K]
+        b_d = b_zj - b_zi[None, :]  # [BLOCK_J, BLOCK_K]
         b_dn = tl.maximum(b_dn, tl.max(tl.abs(b_d), axis=1))
-        b_x = b_zi[None, None, :] + b_lam[None, :, None] * b_d[:, None, :]             # [BLOCK_J, T_PAD, BLOCK_K]
-        b_xp = b_x                                                                     # pre-activation
+        b_x = b_zi[None, None, :] + b_lam[None, :, None] * b_d[:, None, :]  # [BLOCK_J, T_PAD, BLOCK_K]
+        b_xp = b_x  # pre-activation
         if LAST:
-            b_ai = _act_offset_free(b_zi, b_zi, ACT1, SLOPE1)                          # [BLOCK_K]  a at t = 0
+            b_ai = _act_offset_free(b_zi, b_zi, ACT1, SLOPE1)  # [BLOCK_K]  a at t = 0
             b_x = _act_offset_free(b_x, b_zi[None, None, :], ACT1, SLOPE1) - b_ai[None, None, :]  # padded t: masked later
-            b_aj = _act_offset_free(b_zj, b_zi[None, :], ACT1, SLOPE1)                 # [BLOCK_J, BLOCK_K]
+            b_aj = _act_offset_free(b_zj, b_zi[None, :], ACT1, SLOPE1)  # [BLOCK_J, BLOCK_K]
         else:
             b_x = _act(b_x, ACT1, SLOPE1)
             b_ai = _act(b_zi, ACT1, SLOPE1)
             b_aj = _act(b_zj, ACT1, SLOPE1)
         if (LAST or STATS) and ((ACT1 == _SIGMOID) or (ACT1 == _TANH)):  # saturating: pointwise (_sat_bounds)
-            b_p = tl.abs(b_x + b_ai[None, None, :]) if LAST else tl.abs(b_x)       # |a| at the T points (LAST: offset free)
-            b_in = (b_lam <= 1.0)[None, :, None]                                   # padded t (lam > 1) left out
+            b_p = tl.abs(b_x + b_ai[None, None, :]) if LAST else tl.abs(b_x)  # |a| at the T points (LAST: offset free)
+            b_in = (b_lam <= 1.0)[None, :, None]  # padded t (lam > 1) left out
             b_amax = tl.max(tl.where(b_in, b_p, 0.0), axis=1)
             b_smax = tl.max(tl.where(b_in, _slope_bound(b_xp, b_p, ACT1, SLOPE1), 0.0), axis=1)
             b_m = _sat_bounds(b_amax, b_smax, b_zi, b_zj, o_k, H_LAST)
@@ -108,8 +125,8 @@ def _first_linear(
             b_m = _end_bounds(b_zi, b_zj, b_ai, b_aj, o_k, ACT1, H_LAST)
             b_mmax = tl.maximum(b_mmax, tl.max(b_m, axis=1))
             b_msq += tl.sum(b_m * b_m, axis=1)
-        b_x = tl.reshape(b_x, [BLOCK_J * T_PAD, BLOCK_K])                              # [M, BLOCK_K]
-        b_w = tl.load(w1_ptr + o_k[:, None] * P1 + o_n[None, :])                       # [BLOCK_K, BN]
+        b_x = tl.reshape(b_x, [BLOCK_J * T_PAD, BLOCK_K])  # [M, BLOCK_K]
+        b_w = tl.load(w1_ptr + o_k[:, None] * P1 + o_n[None, :])  # [BLOCK_K, BN]
         b_acc = tl.dot(b_x, b_w, b_acc, input_precision=PREC, out_dtype=b_acc.dtype)
     if not LAST:
         b_acc += tl.load(c1_ptr + o_n)[None, :]
@@ -121,22 +138,58 @@ def _dense(b_x, w_ptr, c_ptr, K: tl.constexpr, P: tl.constexpr, PREC: tl.constex
     """``b_x @ W^T + c`` with ``W^T`` packed as ``[K, P]``: ``[M, K] -> [M, P]``."""
     o_k = tl.arange(0, K)
     o_n = tl.arange(0, P)
-    b_w = tl.load(w_ptr + o_k[:, None] * P + o_n[None, :])                            # [K, P]
+    b_w = tl.load(w_ptr + o_k[:, None] * P + o_n[None, :])  # [K, P]
     return tl.dot(b_x, b_w, input_precision=PREC, out_dtype=b_x.dtype) + tl.load(c_ptr + o_n)[None, :]
 
 
 @triton.jit
 def _connectivity_fwd_kernel(
-    z_ptr, w1_ptr, c1_ptr, w2_ptr, c2_ptr, w3_ptr, c3_ptr, w4_ptr, c4_ptr, wn_ptr, u_ptr, out_ptr, N,
-    T: tl.constexpr, T_PAD: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N1: tl.constexpr,
+    z_ptr,
+    w1_ptr,
+    c1_ptr,
+    w2_ptr,
+    c2_ptr,
+    w3_ptr,
+    c3_ptr,
+    w4_ptr,
+    c4_ptr,
+    wn_ptr,
+    u_ptr,
+    out_ptr,
+    N,
+    T: tl.constexpr,
+    T_PAD: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N1: tl.constexpr,
     BLOCK_N2: tl.constexpr,
-    K0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr, P4: tl.constexpr,
-    PO: tl.constexpr, O: tl.constexpr, DEPTH: tl.constexpr,
-    ACT1: tl.constexpr, SLOPE1: tl.constexpr, ACT2: tl.constexpr, SLOPE2: tl.constexpr,
-    ACT3: tl.constexpr, SLOPE3: tl.constexpr, ACT4: tl.constexpr, SLOPE4: tl.constexpr,
-    ACT_F: tl.constexpr, SLOPE_F: tl.constexpr, CONST_TOL: tl.constexpr, PREC: tl.constexpr,
-    EPS: tl.constexpr, FLAG: tl.constexpr, FLAG_KAPPA: tl.constexpr, FLAGGED: tl.constexpr,
-    CENTRED: tl.constexpr, H_LAST: tl.constexpr, SKIP: tl.constexpr,
+    K0: tl.constexpr,
+    P1: tl.constexpr,
+    P2: tl.constexpr,
+    P3: tl.constexpr,
+    P4: tl.constexpr,
+    PO: tl.constexpr,
+    O: tl.constexpr,
+    DEPTH: tl.constexpr,
+    ACT1: tl.constexpr,
+    SLOPE1: tl.constexpr,
+    ACT2: tl.constexpr,
+    SLOPE2: tl.constexpr,
+    ACT3: tl.constexpr,
+    SLOPE3: tl.constexpr,
+    ACT4: tl.constexpr,
+    SLOPE4: tl.constexpr,
+    ACT_F: tl.constexpr,
+    SLOPE_F: tl.constexpr,
+    CONST_TOL: tl.constexpr,
+    PREC: tl.constexpr,
+    EPS: tl.constexpr,
+    FLAG: tl.constexpr,
+    FLAG_KAPPA: tl.constexpr,
+    FLAGGED: tl.constexpr,
+    CENTRED: tl.constexpr,
+    H_LAST: tl.constexpr,
+    SKIP: tl.constexpr,
 ):
     """``L[i, j] = L[j, i] = mean_k r2_k`` for row ``i`` and ``BLOCK_J`` columns ``j > i``.
 
@@ -170,105 +223,121 @@ def _connectivity_fwd_kernel(
     j0 = i + 1 + jb * BLOCK_J
     if j0 < N:
         DT = z_ptr.dtype.element_ty
-        o_j = j0 + tl.arange(0, BLOCK_J)                                               # [BLOCK_J]
+        o_j = j0 + tl.arange(0, BLOCK_J)  # [BLOCK_J]
         m_j = o_j < N
-        o_t = tl.arange(0, T_PAD)                                                      # [T_PAD]
+        o_t = tl.arange(0, T_PAD)  # [T_PAD]
         m_t = o_t < T
-        b_lam = o_t.to(DT) / (T - 1)                                                   # [T_PAD]
+        b_lam = o_t.to(DT) / (T - 1)  # [T_PAD]
 
         # CENTRED (no trailing activation): the last Linear maps its centred input, no bias (docs/lmn.md, "Accuracy contract" (a));
         # b_mmax, b_msq: max_h m_h and sum_h m_h^2 of its input's rounding scale m_h (torch_backend._through)
         b_mmax = tl.zeros([BLOCK_J], dtype=DT)
         b_msq = tl.zeros([BLOCK_J], dtype=DT)
-        b_dn = tl.zeros([BLOCK_J], dtype=DT)                                           # max_h |z_jh - z_ih|
+        b_dn = tl.zeros([BLOCK_J], dtype=DT)  # max_h |z_jh - z_ih|
         # TRAIL (fp32, a trailing activation): the same statistics of the last Linear's plain input, for the flag
         TRAIL: tl.constexpr = FLAG and not CENTRED
         if DEPTH == 1:
-            b_y, b_mmax, b_msq, b_dn = _first_linear(z_ptr, w1_ptr, c1_ptr, i, o_j, m_j, b_lam, 0, K0, P1, P1, T_PAD,
-                                               BLOCK_J, BLOCK_K, ACT1, SLOPE1, PREC, CENTRED, H_LAST, TRAIL)  # [M, P1]
+            b_y, b_mmax, b_msq, b_dn = _first_linear(
+                z_ptr,
+                w1_ptr,
+                c1_ptr,
+                i,
+                o_j,
+                m_j,
+                b_lam,
+                0,
+                K0,
+                P1,
+                P1,
+                T_PAD,
+                BLOCK_J,
+                BLOCK_K,
+                ACT1,
+                SLOPE1,
+                PREC,
+                CENTRED,
+                H_LAST,
+                TRAIL,
+            )  # [M, P1]
         else:
             # layer 1 -> 2 (-> 3) chained in column blocks: x1 cols [BLOCK_N1] feed x2 cols [BLOCK_N2],
             # which feed x3 [P3] when DEPTH >= 3 (layer 1 is recomputed P2 / BLOCK_N2 times).
             PY: tl.constexpr = P2 if DEPTH == 2 else P3
-            b_y = tl.zeros([BLOCK_J * T_PAD, PY], dtype=DT)                            # [M, PY]
+            b_y = tl.zeros([BLOCK_J * T_PAD, PY], dtype=DT)  # [M, PY]
             for n2 in range(0, P2, BLOCK_N2):
                 o_n2 = n2 + tl.arange(0, BLOCK_N2)
-                b_x2 = tl.zeros([BLOCK_J * T_PAD, BLOCK_N2], dtype=DT)                 # [M, BLOCK_N2]
+                b_x2 = tl.zeros([BLOCK_J * T_PAD, BLOCK_N2], dtype=DT)  # [M, BLOCK_N2]
                 for n1 in range(0, P1, BLOCK_N1):
-                    b_h, _m, _s, b_dn = _first_linear(z_ptr, w1_ptr, c1_ptr, i, o_j, m_j, b_lam, n1, K0, P1, BLOCK_N1,
-                                                T_PAD, BLOCK_J, BLOCK_K, ACT1, SLOPE1, PREC)  # [M, BLOCK_N1]
+                    b_h, _m, _s, b_dn = _first_linear(
+                        z_ptr, w1_ptr, c1_ptr, i, o_j, m_j, b_lam, n1, K0, P1, BLOCK_N1, T_PAD, BLOCK_J, BLOCK_K, ACT1, SLOPE1, PREC
+                    )  # [M, BLOCK_N1]
                     if (CENTRED or TRAIL) and DEPTH == 2:
-                        b_h3, b_m, b_s = _centred_input(tl.reshape(b_h, [BLOCK_J, T_PAD, BLOCK_N1]), ACT2, SLOPE2, T,
-                                                        n1, H_LAST, CENTRED)
+                        b_h3, b_m, b_s = _centred_input(tl.reshape(b_h, [BLOCK_J, T_PAD, BLOCK_N1]), ACT2, SLOPE2, T, n1, H_LAST, CENTRED)
                         b_h = tl.reshape(b_h3, [BLOCK_J * T_PAD, BLOCK_N1])
                         b_mmax = tl.maximum(b_mmax, b_m)
                         b_msq += b_s
                     else:
                         b_h = _act(b_h, ACT2, SLOPE2)
                     o_n1 = n1 + tl.arange(0, BLOCK_N1)
-                    b_w = tl.load(w2_ptr + o_n1[:, None] * P2 + o_n2[None, :])         # [BLOCK_N1, BLOCK_N2]
+                    b_w = tl.load(w2_ptr + o_n1[:, None] * P2 + o_n2[None, :])  # [BLOCK_N1, BLOCK_N2]
                     b_x2 = tl.dot(b_h, b_w, b_x2, input_precision=PREC, out_dtype=b_x2.dtype)
                 if not (CENTRED and DEPTH == 2):
                     b_x2 += tl.load(c2_ptr + o_n2)[None, :]
                 if DEPTH == 2:
-                    b_y = b_x2                                                         # BLOCK_N2 == P2: one pass
+                    b_y = b_x2  # BLOCK_N2 == P2: one pass
                 else:
                     if (CENTRED or TRAIL) and DEPTH == 3:
-                        b_x23, b_m, b_s = _centred_input(tl.reshape(b_x2, [BLOCK_J, T_PAD, BLOCK_N2]), ACT3, SLOPE3,
-                                                         T, n2, H_LAST, CENTRED)
+                        b_x23, b_m, b_s = _centred_input(tl.reshape(b_x2, [BLOCK_J, T_PAD, BLOCK_N2]), ACT3, SLOPE3, T, n2, H_LAST, CENTRED)
                         b_x2 = tl.reshape(b_x23, [BLOCK_J * T_PAD, BLOCK_N2])
                         b_mmax = tl.maximum(b_mmax, b_m)
                         b_msq += b_s
                     else:
                         b_x2 = _act(b_x2, ACT3, SLOPE3)
                     o_p3 = tl.arange(0, P3)
-                    b_w = tl.load(w3_ptr + o_n2[:, None] * P3 + o_p3[None, :])         # [BLOCK_N2, P3]
+                    b_w = tl.load(w3_ptr + o_n2[:, None] * P3 + o_p3[None, :])  # [BLOCK_N2, P3]
                     b_y = tl.dot(b_x2, b_w, b_y, input_precision=PREC, out_dtype=b_y.dtype)
             if DEPTH >= 3:
                 if not (CENTRED and DEPTH == 3):
                     b_y += tl.load(c3_ptr + tl.arange(0, P3))[None, :]
             if DEPTH >= 4:
                 if CENTRED:
-                    b_y3, b_mmax, b_msq = _centred_input(tl.reshape(b_y, [BLOCK_J, T_PAD, P3]), ACT4, SLOPE4, T, 0,
-                                                         H_LAST)
+                    b_y3, b_mmax, b_msq = _centred_input(tl.reshape(b_y, [BLOCK_J, T_PAD, P3]), ACT4, SLOPE4, T, 0, H_LAST)
                     o_k4 = tl.arange(0, P3)
                     o_n4 = tl.arange(0, P4)
-                    b_w = tl.load(w4_ptr + o_k4[:, None] * P4 + o_n4[None, :])        # [P3, P4]
-                    b_y = tl.dot(tl.reshape(b_y3, [BLOCK_J * T_PAD, P3]), b_w, input_precision=PREC,
-                                 out_dtype=DT)                                         # [M, P4], no bias
+                    b_w = tl.load(w4_ptr + o_k4[:, None] * P4 + o_n4[None, :])  # [P3, P4]
+                    b_y = tl.dot(tl.reshape(b_y3, [BLOCK_J * T_PAD, P3]), b_w, input_precision=PREC, out_dtype=DT)  # [M, P4], no bias
                 elif TRAIL:
-                    b_y3, b_mmax, b_msq = _centred_input(tl.reshape(b_y, [BLOCK_J, T_PAD, P3]), ACT4, SLOPE4, T, 0,
-                                                         H_LAST, False)
+                    b_y3, b_mmax, b_msq = _centred_input(tl.reshape(b_y, [BLOCK_J, T_PAD, P3]), ACT4, SLOPE4, T, 0, H_LAST, False)
                     b_y = _dense(tl.reshape(b_y3, [BLOCK_J * T_PAD, P3]), w4_ptr, c4_ptr, P3, P4, PREC)  # [M, P4]
                 else:
                     b_y = _dense(_act(b_y, ACT4, SLOPE4), w4_ptr, c4_ptr, P3, P4, PREC)  # [M, P4]
-        b_xs3 = tl.reshape(b_y, [BLOCK_J, T_PAD, PO])                                  # pre-activation (TRAIL)
-        b_y = _act(b_y, ACT_F, SLOPE_F)                                                # [M, PO]
-        b_y3 = tl.reshape(b_y, [BLOCK_J, T_PAD, PO])                                   # [BLOCK_J, T_PAD, PO]
+        b_xs3 = tl.reshape(b_y, [BLOCK_J, T_PAD, PO])  # pre-activation (TRAIL)
+        b_y = _act(b_y, ACT_F, SLOPE_F)  # [M, PO]
+        b_y3 = tl.reshape(b_y, [BLOCK_J, T_PAD, PO])  # [BLOCK_J, T_PAD, PO]
         o_j64 = o_j.to(tl.int64)
         i64 = i.to(tl.int64)
         if SKIP:  # + lam_t (u_j - u_i): exact and linear in lam; the difference in float64, rounded once
             o_pu = tl.arange(0, PO)
-            b_ui = tl.load(u_ptr + i64 * PO + o_pu)                                    # [PO] fp64
+            b_ui = tl.load(u_ptr + i64 * PO + o_pu)  # [PO] fp64
             b_uj = tl.load(u_ptr + o_j64[:, None] * PO + o_pu[None, :], mask=m_j[:, None], other=0.0)  # [BLOCK_J, PO]
-            b_du = (b_uj - b_ui[None, :]).to(DT)                                       # [BLOCK_J, PO]
+            b_du = (b_uj - b_ui[None, :]).to(DT)  # [BLOCK_J, PO]
             b_y3 += b_lam[None, :, None] * b_du[:, None, :]
 
         m_t3 = m_t[None, :, None]
-        b_mean = tl.sum(tl.where(m_t3, b_y3, 0.0), axis=1) / T                         # [BLOCK_J, PO]
-        b_yc = tl.where(m_t3, b_y3 - b_mean[:, None, :], 0.0)                          # [BLOCK_J, T_PAD, PO]
-        b_p2 = _pow2_above(tl.max(tl.abs(b_yc), axis=1))                               # [BLOCK_J, PO] scale-free moments
+        b_mean = tl.sum(tl.where(m_t3, b_y3, 0.0), axis=1) / T  # [BLOCK_J, PO]
+        b_yc = tl.where(m_t3, b_y3 - b_mean[:, None, :], 0.0)  # [BLOCK_J, T_PAD, PO]
+        b_p2 = _pow2_above(tl.max(tl.abs(b_yc), axis=1))  # [BLOCK_J, PO] scale-free moments
         b_yc = b_yc / b_p2[:, None, :]
-        b_lc = tl.where(m_t, b_lam - 0.5, 0.0)                                         # [T_PAD]
+        b_lc = tl.where(m_t, b_lam - 0.5, 0.0)  # [T_PAD]
         b_ll = tl.sum(b_lc * b_lc, axis=0)
-        b_ss = tl.sum(b_yc * b_yc, axis=1)                                             # [BLOCK_J, PO]
-        b_cov = tl.sum(b_yc * b_lc[None, :, None], axis=1)                             # [BLOCK_J, PO]
+        b_ss = tl.sum(b_yc * b_yc, axis=1)  # [BLOCK_J, PO]
+        b_cov = tl.sum(b_yc * b_lc[None, :, None], axis=1)  # [BLOCK_J, PO]
         if CENTRED:
             b_scale = _centred_scale(b_mmax, b_msq, wn_ptr, PO)
             if SKIP:  # the skip term's rounding scale |u_j - u_i|
                 b_scale += tl.abs(b_du)
         else:  # max_t |y| (its own rounding)
-            b_scale = tl.max(tl.where(m_t3, tl.abs(b_y3), 0.0), axis=1)                # [BLOCK_J, PO]
+            b_scale = tl.max(tl.where(m_t3, tl.abs(b_y3), 0.0), axis=1)  # [BLOCK_J, PO]
             if TRAIL:  # + max_t |act_F'(x)| (sum_h |W_kh| m_h + |c_k|): the last Linear's rounding passed through act_F
                 o_po = tl.arange(0, PO)
                 b_d = tl.max(tl.where(m_t3, _slope_bound(b_xs3, b_y3, ACT_F, SLOPE_F), 0.0), axis=1)
@@ -287,11 +356,10 @@ def _connectivity_fwd_kernel(
         b_tiny = None
         if DT == tl.float64:  # the underflow policy (_policy.UNDERFLOW_TINY; fp32 never gets there)
             if CENTRED:
-                b_tiny = 1e-290 * tl.load(wn_ptr + tl.arange(0, PO))[None, :] / b_p2    # 1e-290 sum_h |W_kh|
+                b_tiny = 1e-290 * tl.load(wn_ptr + tl.arange(0, PO))[None, :] / b_p2  # 1e-290 sum_h |W_kh|
             else:
                 b_tiny = 1e-290 / b_p2
-        b_l = _pair_l(b_ss, b_cov, b_ll, b_scale / b_p2, b_dn, T, O, CONST_TOL, EPS, FLAG, FLAG_KAPPA, FLAGGED,
-                      b_tiny)
+        b_l = _pair_l(b_ss, b_cov, b_ll, b_scale / b_p2, b_dn, T, O, CONST_TOL, EPS, FLAG, FLAG_KAPPA, FLAGGED, b_tiny)
 
         tl.store(out_ptr + i64 * N + o_j64, b_l.to(out_ptr.dtype.element_ty), mask=m_j)
         tl.store(out_ptr + o_j64 * N + i64, b_l.to(out_ptr.dtype.element_ty), mask=m_j)
@@ -332,13 +400,18 @@ def _pad(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-POINTER_ARGS = ("z_ptr", "w1_ptr", "c1_ptr", "w2_ptr", "c2_ptr", "w3_ptr", "c3_ptr", "w4_ptr", "c4_ptr", "wn_ptr",
-                "u_ptr", "out_ptr")
+POINTER_ARGS = ("z_ptr", "w1_ptr", "c1_ptr", "w2_ptr", "c2_ptr", "w3_ptr", "c3_ptr", "w4_ptr", "c4_ptr", "wn_ptr", "u_ptr", "out_ptr")
 
 
 def launch_config(
-    spec: MLPTail, dtype: torch.dtype, n_lambda: int, *, interpret: bool, input_precision: str | None = None,
-    n: int | None = None, arch: int | None = None,
+    spec: MLPTail,
+    dtype: torch.dtype,
+    n_lambda: int,
+    *,
+    interpret: bool,
+    input_precision: str | None = None,
+    n: int | None = None,
+    arch: int | None = None,
 ) -> LaunchConfig:
     """The (constexprs, signature, launch options) :func:`connectivity_rowblock` uses for this shape.
 
@@ -403,10 +476,20 @@ def launch_config(
     acts = [next((a for a in stage if not a.is_identity), None) for stage, _ in spec.stages]
     fin = spec.final[0] if spec.final else None
     const = {
-        "T": n_lambda, "T_PAD": t_pad, "BLOCK_J": block_j, "BLOCK_K": block_k, "BLOCK_N1": block_n1,
+        "T": n_lambda,
+        "T_PAD": t_pad,
+        "BLOCK_J": block_j,
+        "BLOCK_K": block_k,
+        "BLOCK_N1": block_n1,
         "BLOCK_N2": block_n2,
-        "K0": k0, "P1": p[0], "P2": p[1] if depth >= 2 else 16, "P3": p[2] if depth >= 3 else 16,
-        "P4": p[3] if depth >= 4 else 16, "PO": p[-1], "O": widths[-1], "DEPTH": depth,
+        "K0": k0,
+        "P1": p[0],
+        "P2": p[1] if depth >= 2 else 16,
+        "P3": p[2] if depth >= 3 else 16,
+        "P4": p[3] if depth >= 4 else 16,
+        "PO": p[-1],
+        "O": widths[-1],
+        "DEPTH": depth,
     }
     for l in range(MAX_DEPTH):
         a = acts[l] if l < depth else None
@@ -454,7 +537,12 @@ def check_can_run(z: torch.Tensor) -> None:
 
 
 def connectivity_rowblock(
-    z: torch.Tensor, spec: MLPTail, n_lambda: int, *, u: torch.Tensor | None = None, input_precision: str | None = None,
+    z: torch.Tensor,
+    spec: MLPTail,
+    n_lambda: int,
+    *,
+    u: torch.Tensor | None = None,
+    input_precision: str | None = None,
     config: LaunchConfig | None = None,
 ) -> torch.Tensor:
     """Connectivity matrix ``L`` of an MLP tail with one fused Triton launch (the v1 kernel).
@@ -493,10 +581,12 @@ def connectivity_rowblock(
     check_can_run(z)
     interpret = kernel_is_interpreted()
     cc = torch.cuda.get_device_capability(dev) if dev.type == "cuda" else (9, 0)  # the GPU tiling depends on it
-    cfg = config or launch_config(spec, dtype, n_lambda, interpret=interpret, input_precision=input_precision, n=n,
-                                  arch=10 * cc[0] + cc[1])
-    if (cfg.constexprs["T"] != n_lambda or cfg.widths[0] != spec.stages[0][1].in_features
-            or cfg.constexprs["SKIP"] != (spec.skip is not None)):
+    cfg = config or launch_config(spec, dtype, n_lambda, interpret=interpret, input_precision=input_precision, n=n, arch=10 * cc[0] + cc[1])
+    if (
+        cfg.constexprs["T"] != n_lambda
+        or cfg.widths[0] != spec.stages[0][1].in_features
+        or cfg.constexprs["SKIP"] != (spec.skip is not None)
+    ):
         raise ValueError("config does not match this tail / n_lambda; build it with launch_config")
     zp = torch.zeros(n, cfg.pads[0], dtype=dtype, device=dev)
     zp[:, : z.shape[1]] = z
@@ -504,8 +594,8 @@ def connectivity_rowblock(
     for l, (_, lin) in enumerate(spec.stages):
         packed.extend(_pack(lin.weight, lin.bias, cfg.pads[l], cfg.pads[l + 1], dtype, dev))
     packed.extend([zp] * (2 * MAX_DEPTH - len(packed)))
-    w_last = spec.stages[-1][1].weight.detach().to(dtype)                              # [O, H_LAST]
-    wn = torch.zeros(2, cfg.pads[-1], dtype=dtype, device=dev)                         # |W_k|_1, |W_k|_2
+    w_last = spec.stages[-1][1].weight.detach().to(dtype)  # [O, H_LAST]
+    wn = torch.zeros(2, cfg.pads[-1], dtype=dtype, device=dev)  # |W_k|_1, |W_k|_2
     wn[0, : w_last.shape[0]] = w_last.abs().sum(dim=1)
     wn[1, : w_last.shape[0]] = torch.linalg.vector_norm(w_last, dim=1)
     packed.append(wn)
@@ -519,9 +609,7 @@ def connectivity_rowblock(
     out = torch.full((n, n), float("nan"), dtype=dtype, device=dev)
     grid = (n, triton.cdiv(n - 1, cfg.block_j))
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
-        _connectivity_fwd_kernel[grid](
-            zp, *packed, out, n, **cfg.constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages
-        )
+        _connectivity_fwd_kernel[grid](zp, *packed, out, n, **cfg.constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     out.diagonal().fill_(1.0)
     return out
 

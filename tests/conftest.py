@@ -5,6 +5,7 @@ sweep, figures, bench, cli) and ``tests/project/`` (README, environment, example
 helpers are in ``tests/support/`` (on ``sys.path`` through pytest.ini's ``pythonpath``): ``helpers``, ``models``,
 ``regimes``, and ``contract`` (the accuracy contract's one table and the one backend tester).
 """
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """``python -m grokfast_metrics.bench [options]``: same as ``grokfast-metrics bench``."""
+
 import sys
 
 from ..foundation.runtime import drop_checkout_from_path

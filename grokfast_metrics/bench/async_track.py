@@ -7,6 +7,7 @@ thread) and asynchronous (L in the training thread, the eigen step on host worke
 alternate in blocks of consecutive steps within each round, so machine drift hits them alike; a block of the
 asynchronous mode ends with ``flush()``, so the eigen steps still running are counted, not hidden.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -43,6 +44,7 @@ class AsyncTracking:
 
 def _tracker(work: TrainingWorkload, backend: str, n_lambda: int, workers: int) -> Tracker:
     """LMN of the tracked layer at every step: in ``update`` (``workers=0``) or with the eigen step on threads."""
+
     def connectivity() -> dict[str, torch.Tensor]:
         with torch.no_grad():
             h, tail = representation(work.model, work.x_track, TRACKED_LAYER)
@@ -54,12 +56,19 @@ def _tracker(work: TrainingWorkload, backend: str, n_lambda: int, workers: int) 
     return Tracker(work.model, Schedule.for_tracker(1), measure, connectivity=connectivity, workers=workers)
 
 
-def async_tracking(device: torch.device, n_track: int = 961, steps: int = 5, rounds: int = 3, backend: str = "auto",
-                   workers: int = 1, seed: int = 0, n_lambda: int = 21) -> AsyncTracking:
+def async_tracking(
+    device: torch.device,
+    n_track: int = 961,
+    steps: int = 5,
+    rounds: int = 3,
+    backend: str = "auto",
+    workers: int = 1,
+    seed: int = 0,
+    n_lambda: int = 21,
+) -> AsyncTracking:
     """Time ``rounds`` x ``steps`` training steps of each mode (after one warm-up step each); see the module."""
     work = addition_training(device, n_track, seed)
-    trackers = {"none": None, "sync": _tracker(work, backend, n_lambda, 0),
-                "async": _tracker(work, backend, n_lambda, workers)}
+    trackers = {"none": None, "sync": _tracker(work, backend, n_lambda, 0), "async": _tracker(work, backend, n_lambda, workers)}
     out = AsyncTracking(n_track, steps, workers, torch.get_num_threads(), {m: [] for m in MODES})
     step = 0
     for r in range(rounds + 1):  # round 0 is the warm-up (one step per mode, untimed)
@@ -90,15 +99,19 @@ def async_tracking(device: torch.device, n_track: int = 961, steps: int = 5, rou
 def format_async_tracking(res: AsyncTracking) -> str:
     """The figure as a small table: ms/step (median, min-max over rounds) and the overhead over no tracking."""
     base = res.median("none")
-    lines = [f"training step with LMN of {res.n_track} inputs every step (addition mod 31, full-batch AdamW), "
-             f"{len(res.per_step['none'])} rounds x {res.steps} steps per mode, torch threads {res.threads}, "
-             f"eigen worker threads {res.workers}",
-             "| tracking | ms/step (median) | min-max ms | overhead ratio (/ no tracking) |", "|---|---|---|---|"]
+    lines = [
+        f"training step with LMN of {res.n_track} inputs every step (addition mod 31, full-batch AdamW), "
+        f"{len(res.per_step['none'])} rounds x {res.steps} steps per mode, torch threads {res.threads}, "
+        f"eigen worker threads {res.workers}",
+        "| tracking | ms/step (median) | min-max ms | overhead ratio (/ no tracking) |",
+        "|---|---|---|---|",
+    ]
     for mode in MODES:
         t = res.per_step[mode]
-        lines.append(f"| {mode} | {1e3 * res.median(mode):.2f} | {1e3 * min(t):.2f}-{1e3 * max(t):.2f} | "
-                     f"{res.median(mode) / base:.1f} |")
+        lines.append(f"| {mode} | {1e3 * res.median(mode):.2f} | {1e3 * min(t):.2f}-{1e3 * max(t):.2f} | {res.median(mode) / base:.1f} |")
     saved = res.median("sync") - res.median("async")
-    lines.append(f"sync - async: {1e3 * saved:.2f} ms/step; the eigen step alone "
-                 f"(lmn_from_connectivity of one L, in the training thread): {1e3 * res.eigen_s:.2f} ms")
+    lines.append(
+        f"sync - async: {1e3 * saved:.2f} ms/step; the eigen step alone "
+        f"(lmn_from_connectivity of one L, in the training thread): {1e3 * res.eigen_s:.2f} ms"
+    )
     return "\n".join(lines)

@@ -7,6 +7,7 @@
 * ``roof``: the GFLOP/s of one large square fp32 matmul (:func:`matmul_roof`, :func:`paired_roof`; fp64 for the
   fp64 kernel's row).
 """
+
 from __future__ import annotations
 
 import functools
@@ -83,8 +84,8 @@ def naive_connectivity(h: torch.Tensor, tail: nn.Module, n_lambda: int = 21, chu
     with torch.no_grad():
         for c in range(0, iu.numel(), chunk_pairs):
             i, j = iu[c : c + chunk_pairs], ju[c : c + chunk_pairs]
-            x = h[i, None, :] + lam[None, :, None] * (h[j] - h[i])[:, None, :]   # [P, T, D]
-            y = tail(x.reshape(-1, h.shape[1])).reshape(len(i), n_lambda, -1)    # [P, T, O]
+            x = h[i, None, :] + lam[None, :, None] * (h[j] - h[i])[:, None, :]  # [P, T, D]
+            y = tail(x.reshape(-1, h.shape[1])).reshape(len(i), n_lambda, -1)  # [P, T, O]
             yc = y - y.mean(dim=1, keepdim=True)
             lc = lam - lam.mean()
             cov = (yc * lc[None, :, None]).sum(dim=1)
@@ -94,8 +95,9 @@ def naive_connectivity(h: torch.Tensor, tail: nn.Module, n_lambda: int = 21, chu
     return L
 
 
-def naive_seconds_per_pair(h: torch.Tensor, tail: nn.Module, n_lambda: int, device: torch.device, repeats: int,
-                           budget_s: float | None = None) -> float:
+def naive_seconds_per_pair(
+    h: torch.Tensor, tail: nn.Module, n_lambda: int, device: torch.device, repeats: int, budget_s: float | None = None
+) -> float:
     """Median seconds per pair of :func:`naive_connectivity` on all of ``h`` (after a warm-up on 32 rows)."""
     naive_connectivity(h[:32], tail, n_lambda)  # warm-up
     timing = time_fn(functools.partial(naive_connectivity, h, tail, n_lambda), device, repeats, budget_s=budget_s)
@@ -129,8 +131,9 @@ def reference_timed(h: torch.Tensor, tail: nn.Module, n_lambda: int = 21) -> tup
     return L, (time.perf_counter() - t0) / n_pairs(n)
 
 
-def square_matmul(device: torch.device, size: int | None = None,
-                  dtype: torch.dtype = torch.float32) -> tuple[Callable[[], torch.Tensor], int]:
+def square_matmul(
+    device: torch.device, size: int | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[Callable[[], torch.Tensor], int]:
     """A warmed-up ``(size, size) @ (size, size)`` matmul into a preallocated output: the roof's workload.
 
     Args:
@@ -168,8 +171,9 @@ def matmul_roof(device: torch.device, size: int | None = None, repeats: int = 5)
     return 2.0 * size**3 / timing.min / 1e9, timing, size
 
 
-def paired_roof(fn: Callable[[], object], flop: float, device: torch.device, repeats: int,
-                size: int | None = None, dtype: torch.dtype = torch.float32) -> tuple[list[float], list[float], list[float]]:
+def paired_roof(
+    fn: Callable[[], object], flop: float, device: torch.device, repeats: int, size: int | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[list[float], list[float], list[float]]:
     """Fraction of the matmul roof (a ``dtype`` matmul) with the roof and ``fn`` timed alternately, one ratio per
     repetition.
 

@@ -3,6 +3,7 @@
 :func:`add_arguments` and :func:`run` are what the CLI loads lazily; :func:`run_benchmarks` is the
 whole measurement (roof, sweep, exponents, rows after the sweep) without any output.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,44 +61,69 @@ def run_benchmarks(cfg: BenchConfig, device: torch.device) -> list[BenchRow]:
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``bench`` options to ``parser`` (used by ``grokfast-metrics bench`` and ``python -m``)."""
     add = parser.add_argument
-    add("--n", type=int, nargs="+", default=None,
-        help=f"sample counts N (default {list(FULL_N)}; on CUDA up to 16384; --quick: {list(QUICK_N)})")
-    add("--hidden", type=int, nargs="+", default=None,
-        help=f"hidden widths H (default {list(FULL_HIDDEN)}; --quick: {list(QUICK_HIDDEN)})")
-    add("--depth", type=int, nargs="+", default=None,
-        help=f"nonlinear stages after the absorbed first Linear (default {list(FULL_DEPTH)})")
-    add("--backends", nargs="+", default=None,
+    add(
+        "--n",
+        type=int,
+        nargs="+",
+        default=None,
+        help=f"sample counts N (default {list(FULL_N)}; on CUDA up to 16384; --quick: {list(QUICK_N)})",
+    )
+    add("--hidden", type=int, nargs="+", default=None, help=f"hidden widths H (default {list(FULL_HIDDEN)}; --quick: {list(QUICK_HIDDEN)})")
+    add("--depth", type=int, nargs="+", default=None, help=f"nonlinear stages after the absorbed first Linear (default {list(FULL_DEPTH)})")
+    add(
+        "--backends",
+        nargs="+",
+        default=None,
         help="backends to time: torch (stock torch ops), cpu (the fused C++ kernel), triton, triton-v1, triton-v2 "
-             "(triton with one kernel variant), auto (the fused C++ kernel on CPU, Triton on CUDA) (default: torch "
-             "auto on CPU, torch triton-v1 triton-v2 auto on CUDA; "
-             "an auto that resolves to a listed backend is timed once)")
+        "(triton with one kernel variant), auto (the fused C++ kernel on CPU, Triton on CUDA) (default: torch "
+        "auto on CPU, torch triton-v1 triton-v2 auto on CUDA; "
+        "an auto that resolves to a listed backend is timed once)",
+    )
     add("--out", type=int, default=31, help="output logits O (default 31: addition mod 31)")
     add("--n-lambda", type=int, default=21, help="interpolation points T (default 21)")
     add("--repeats", type=int, default=None, help="timed runs per row (default 5, --quick 2)")
-    add("--quick", action="store_true",
-        help="smoke run: N 64 256, H 100, depth 1 2, 2 repeats, small baselines and training overhead")
+    add("--quick", action="store_true", help="smoke run: N 64 256, H 100, depth 1 2, 2 repeats, small baselines and training overhead")
     add("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
-    add("--out-dir", default=None,
+    add(
+        "--out-dir",
+        default=None,
         help="directory of the results (results.csv, RESULTS.md and its plots); default: the checkout's benchmarks/ "
-             "when run from inside this package's source checkout, else ./bench-results")
+        "when run from inside this package's source checkout, else ./bench-results",
+    )
     add("--csv", default=None, help=f"CSV to append rows to (default --out-dir/{DEFAULT_CSV})")
     add("--no-csv", action="store_true", help="do not append to the CSV (nor update --results-md)")
-    add("--results-md", default=None,
-        help=f"markdown file whose generated section is refreshed from the CSV (default --out-dir/{DEFAULT_MD}; '' to skip)")
-    add("--max-row-seconds", type=float, default=None,
-        help="skip a row whose call is predicted (small-N probe) to take longer (default 60 CPU, 30 CUDA)")
+    add(
+        "--results-md",
+        default=None,
+        help=f"markdown file whose generated section is refreshed from the CSV (default --out-dir/{DEFAULT_MD}; '' to skip)",
+    )
+    add(
+        "--max-row-seconds",
+        type=float,
+        default=None,
+        help="skip a row whose call is predicted (small-N probe) to take longer (default 60 CPU, 30 CUDA)",
+    )
     add("--n-ref", type=int, default=24, help="samples for the reference check/baseline (default 24)")
     add("--n-naive", type=int, default=None, help="samples for the naive baseline (default 128, --quick 64)")
-    add("--train-n", type=int, default=None,
-        help="inputs tracked per training step in the overhead ratio (default 961, --quick 64; 0 skips)")
-    add("--all-n", action="store_true",
-        help="on CPU, also run shapes other than H=100 depth=1 above N=961 (default: capped)")
+    add(
+        "--train-n",
+        type=int,
+        default=None,
+        help="inputs tracked per training step in the overhead ratio (default 961, --quick 64; 0 skips)",
+    )
+    add("--all-n", action="store_true", help="on CPU, also run shapes other than H=100 depth=1 above N=961 (default: capped)")
     add("--no-e2e", action="store_true", help="skip the end-to-end L/eigen/entropy split")
-    add("--no-paired-roof", action="store_true",
-        help="skip the N=961 fraction of the roof timed alternately with the matmul (robust to machine drift)")
-    add("--no-fp64-roof", action="store_true",
+    add(
+        "--no-paired-roof",
+        action="store_true",
+        help="skip the N=961 fraction of the roof timed alternately with the matmul (robust to machine drift)",
+    )
+    add(
+        "--no-fp64-roof",
+        action="store_true",
         help="skip the fp64 row: the fused CPU kernel on an fp64 model at N=961 against an fp64 matmul timed "
-             "alternately, and its speed-up over the torch-op fp64 path")
+        "alternately, and its speed-up over the torch-op fp64 path",
+    )
     add("--roof-size", type=int, default=None, help="side of the roof matmul (default 2048 CPU, 8192 CUDA)")
     add("--threads", type=int, default=None, help="torch.set_num_threads for the run (default: torch's)")
     add("--seed", type=int, default=0)
@@ -105,32 +131,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-
 def _add_mode_arguments(add) -> None:
     """The options that run one other measurement instead of the LMN rows (static GPU estimate, tracking overhead,
     GPU-day merge, sweep throughput, drop-in)."""
-    add("--static-gpu", action="store_true",
+    add(
+        "--static-gpu",
+        action="store_true",
         help="no GPU needed: compile the Triton kernels (v1 and v2 where v2 runs the shape) for sm_90 and sm_80, "
-             "count their SASS instructions per "
-             "execution unit and print a static estimate of L's time per resource (N from --n, default 961 "
-             "4096; H, depth from --hidden, --depth); writes its own block of --results-md")
-    add("--async-tracking", action="store_true",
+        "count their SASS instructions per "
+        "execution unit and print a static estimate of L's time per resource (N from --n, default 961 "
+        "4096; H, depth from --hidden, --depth); writes its own block of --results-md",
+    )
+    add(
+        "--async-tracking",
+        action="store_true",
         help="only the training-step time of the paper's MLP with LMN of --train-n inputs (default 961) every "
-             "step: no tracking vs synchronous vs asynchronous tracker (eigen step on a host thread), same run, "
-             "--repeats rounds (default 3) of 5 steps per mode; backend: the first of --backends (default auto)")
+        "step: no tracking vs synchronous vs asynchronous tracker (eigen step on a host thread), same run, "
+        "--repeats rounds (default 3) of 5 steps per mode; backend: the first of --backends (default auto)",
+    )
     add("--no-progress", action="store_true", help="no progress bar or per-row log")
-    add("--merge-gpu-day", metavar="RESULTS", default=None,
+    add(
+        "--merge-gpu-day",
+        metavar="RESULTS",
+        default=None,
         help="instead of measuring: append the rows of a GPU day's gpu_day.json (written by benchmarks/gpu_day.sh; "
-             "a file or its folder) to --csv and write its block of --results-md, with the device name")
+        "a file or its folder) to --csv and write its block of --results-md, with the device name",
+    )
     add("--allow-dry-run", action="store_true", help="--merge-gpu-day: merge a --dry-run results file too")
-    add("--sweep-throughput", action="store_true",
+    add(
+        "--sweep-throughput",
+        action="store_true",
         help="instead of the LMN rows: runs per hour of a 16-run sweep grid (add, LMN every 100 steps on 128 inputs; "
-             "--quick: 4 runs) trained sequentially, with sweep --engine local and with sweep --batched, in this run")
-    add("--dropin", action="store_true",
+        "--quick: 4 runs) trained sequentially, with sweep --engine local and with sweep --batched, in this run",
+    )
+    add(
+        "--dropin",
+        action="store_true",
         help="only lmn_at on the test models shaped like the public grokking codebases (tests/support/models.py): each timed "
-             "before/after (the tail lowered into the fused kernel vs the generic path) in this run, µs per pair and "
-             "the fraction of the matmul roof for lowered tails, and the tails left on the generic path with compile=True "
-             "(torch.compile) vs eager, alternately; N from --n (default 961 for the Nanda-style tail)")
+        "before/after (the tail lowered into the fused kernel vs the generic path) in this run, µs per pair and "
+        "the fraction of the matmul roof for lowered tails, and the tails left on the generic path with compile=True "
+        "(torch.compile) vs eager, alternately; N from --n (default 961 for the Nanda-style tail)",
+    )
     add("--sweep-steps", type=int, default=None, help="steps per run of --sweep-throughput (default 2000, --quick 200)")
     add("--sweep-workers", type=int, default=2, help="processes of the two sweep modes of --sweep-throughput (default 2)")
 
@@ -160,13 +201,24 @@ def config_from_args(args: argparse.Namespace, device: torch.device) -> BenchCon
         raise ValueError(f"--repeats must be >= 1; got {repeats}")
     train_n = args.train_n if args.train_n is not None else (64 if args.quick else 961)
     return BenchConfig(
-        ns=sorted(set(ns)), hiddens=list(dict.fromkeys(hiddens)), depths=sorted(set(depths)), backends=args.backends,
-        out=args.out, n_lambda=args.n_lambda, repeats=repeats, device=str(device), n_ref=args.n_ref,
+        ns=sorted(set(ns)),
+        hiddens=list(dict.fromkeys(hiddens)),
+        depths=sorted(set(depths)),
+        backends=args.backends,
+        out=args.out,
+        n_lambda=args.n_lambda,
+        repeats=repeats,
+        device=str(device),
+        n_ref=args.n_ref,
         n_naive=args.n_naive or (64 if args.quick else 128),
         max_n_other=None if (gpu or args.all_n) else 961,
-        max_row_seconds=args.max_row_seconds or (30.0 if gpu else 60.0), roof_size=args.roof_size,
-        lmn_parts=not args.no_e2e, paired_roof=not args.no_paired_roof,
-        fp64_roof=not args.no_fp64_roof, train_n=train_n or None, seed=args.seed,
+        max_row_seconds=args.max_row_seconds or (30.0 if gpu else 60.0),
+        roof_size=args.roof_size,
+        lmn_parts=not args.no_e2e,
+        paired_roof=not args.no_paired_roof,
+        fp64_roof=not args.no_fp64_roof,
+        train_n=train_n or None,
+        seed=args.seed,
         progress=not args.no_progress,
     )
 
@@ -279,9 +331,14 @@ def _run_static_gpu(args: argparse.Namespace) -> int:
     from . import static_gpu
 
     try:
-        rows = [static_gpu.estimate(n, h, args.out, d, arch, args.n_lambda, variant=v)
-                for arch in (90, 80) for h in (args.hidden or [100]) for d in (args.depth or [1])
-                for v in static_gpu.variants_for(h, args.out, d, args.n_lambda) for n in (args.n or [961, 4096])]
+        rows = [
+            static_gpu.estimate(n, h, args.out, d, arch, args.n_lambda, variant=v)
+            for arch in (90, 80)
+            for h in (args.hidden or [100])
+            for d in (args.depth or [1])
+            for v in static_gpu.variants_for(h, args.out, d, args.n_lambda)
+            for n in (args.n or [961, 4096])
+        ]
     except (RuntimeError, ValueError) as e:
         return _error(f"static GPU estimate unavailable: {e}")
     print("static estimate (not a measurement): SASS instructions x programs / per-SM throughput, perfect overlap")
@@ -299,8 +356,9 @@ def _run_async_tracking(args: argparse.Namespace, device: torch.device) -> int:
     n = 961 if args.train_n is None else args.train_n
     if not 2 <= n <= 961 or (args.repeats is not None and args.repeats < 1):
         return _error(f"--async-tracking needs 2 <= --train-n <= 961 and --repeats >= 1; got {n}, {args.repeats}")
-    res = async_tracking(device, n_track=n, rounds=args.repeats or 3, backend=(args.backends or ["auto"])[0],
-                         seed=args.seed, n_lambda=args.n_lambda)
+    res = async_tracking(
+        device, n_track=n, rounds=args.repeats or 3, backend=(args.backends or ["auto"])[0], seed=args.seed, n_lambda=args.n_lambda
+    )
     print(format_async_tracking(res))
     return 0
 
@@ -312,8 +370,9 @@ def _run_sweep_throughput(args: argparse.Namespace, device: torch.device) -> int
     steps = args.sweep_steps or (200 if args.quick else 2000)
     if steps < 1 or args.sweep_workers < 1:
         return _error("--sweep-steps and --sweep-workers must be >= 1")
-    rows = sweep_throughput(steps, args.sweep_workers, args.quick, device,
-                            log=(lambda m: None) if args.no_progress else (lambda m: print(m, file=sys.stderr)))
+    rows = sweep_throughput(
+        steps, args.sweep_workers, args.quick, device, log=(lambda m: None) if args.no_progress else (lambda m: print(m, file=sys.stderr))
+    )
     print(format_table(rows))
     return 0
 

@@ -18,6 +18,7 @@ included), then ``repeats`` computations alternating with the eager plan in the 
 (``compiled_us`` vs ``eager_us``); ``compiled_graphs`` counts the graphs dynamo compiled after the first call (0: no
 recompiles).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -106,11 +107,19 @@ def _compiled_timing(builder, n: int, extra: dict, n_lambda: int, repeats: int) 
             w, cpu = _time_plan(plan, n_lambda)
             best[key] = (min(best[key][0], w), min(best[key][1], cpu))
     pairs = n * (n - 1) // 2
-    return dict(compiled_n=n, compiled_ok=bool(info.get("compiled")), compiled_why=info.get("why") or info.get("failed"),
-                compiled_first_s=first, compiled_first_cpu_s=first_cpu, compiled_rows=info.get("rows"),
-                compiled_graphs=counters["stats"]["unique_graphs"] - graphs,
-                eager_us=best["eager"][0] / pairs * 1e6, eager_cpu_us=best["eager"][1] / pairs * 1e6,
-                compiled_us=best["compiled"][0] / pairs * 1e6, compiled_cpu_us=best["compiled"][1] / pairs * 1e6)
+    return dict(
+        compiled_n=n,
+        compiled_ok=bool(info.get("compiled")),
+        compiled_why=info.get("why") or info.get("failed"),
+        compiled_first_s=first,
+        compiled_first_cpu_s=first_cpu,
+        compiled_rows=info.get("rows"),
+        compiled_graphs=counters["stats"]["unique_graphs"] - graphs,
+        eager_us=best["eager"][0] / pairs * 1e6,
+        eager_cpu_us=best["eager"][1] / pairs * 1e6,
+        compiled_us=best["compiled"][0] / pairs * 1e6,
+        compiled_cpu_us=best["compiled"][1] / pairs * 1e6,
+    )
 
 
 def _subset(builder, n: int, **kw):
@@ -149,8 +158,17 @@ def _dense_us_per_pair(plan, n_pairs_max: int, n_lambda: int) -> float | None:
     return (time.perf_counter() - t) / (n * (n - 1) // 2) * 1e6
 
 
-def dropin_rows(n: int = 961, n_before: int = 48, n_small: int = 32, n_lambda: int = 21, log=print,
-                roof_size: int = 2048, dense_pairs: int = 40000, compiled: bool = False, repeats: int = 3) -> list[dict]:
+def dropin_rows(
+    n: int = 961,
+    n_before: int = 48,
+    n_small: int = 32,
+    n_lambda: int = 21,
+    log=print,
+    roof_size: int = 2048,
+    dense_pairs: int = 40000,
+    compiled: bool = False,
+    repeats: int = 3,
+) -> list[dict]:
     """Measure every model (see the module docstring); returns one dict per model.
 
     ``n``: samples of the Nanda-style tail of the targets; ``n_before``: at most this many for the generic path
@@ -169,9 +187,18 @@ def dropin_rows(n: int = 961, n_before: int = 48, n_small: int = 32, n_lambda: i
         roof1 = _roof_gflops(roof_size)
         ran = plan.ran
         pairs = n_after * (n_after - 1) // 2
-        row = dict(model=name, n=n_after, path=plan.path, ran=ran, after_s=t_after, after_us=t_after / pairs * 1e6,
-                   after_cpu_s=c_after, after_cpu_us=c_after / pairs * 1e6,
-                   roof_gflops=max(roof0[0], roof1[0]), roof_cpu_gflops=max(roof0[1], roof1[1]))
+        row = dict(
+            model=name,
+            n=n_after,
+            path=plan.path,
+            ran=ran,
+            after_s=t_after,
+            after_us=t_after / pairs * 1e6,
+            after_cpu_s=c_after,
+            after_cpu_us=c_after / pairs * 1e6,
+            roof_gflops=max(roof0[0], roof1[0]),
+            roof_cpu_gflops=max(roof0[1], roof1[1]),
+        )
         low = plan.lowering.tail if plan.lowering is not None else None
         if low is not None and "lowered" in ran:
             flop = n_lambda * low.flop_per_pair_t
@@ -193,8 +220,7 @@ def dropin_rows(n: int = 961, n_before: int = 48, n_small: int = 32, n_lambda: i
         if compiled and plan.path == "split" and not ran.startswith("split, lowered"):
             log(f"  compile=True at N={n_small} (the first call compiles) ...")
             row.update(_compiled_timing(builder, n_small, extra, n_lambda, repeats))
-            log(f"  compiled {row['compiled_us']:.1f} us/pair vs eager {row['eager_us']:.1f} (first call "
-                f"{row['compiled_first_s']:.1f} s)")
+            log(f"  compiled {row['compiled_us']:.1f} us/pair vs eager {row['eager_us']:.1f} (first call {row['compiled_first_s']:.1f} s)")
         rows.append(row)
         log(f"  after {row['after_us']:.1f} us/pair ({ran[:60]}), before {row['before_us']:.1f} us/pair")
     return rows
@@ -202,20 +228,24 @@ def dropin_rows(n: int = 961, n_before: int = 48, n_small: int = 32, n_lambda: i
 
 def format_rows(rows: list[dict]) -> str:
     """Markdown table of :func:`dropin_rows`."""
-    head = ("| model | path after (what ran) | N | L after: wall s (CPU s) | µs/pair after: wall (CPU) | "
-            "µs/pair before: wall (CPU) (N; path) | speedup: wall (CPU) | useful GFLOP/s | roof GFLOP/s | "
-            "frac. roof: wall (CPU) | dense µs/pair (frac. roof) | crossing units | compile=True: µs/pair wall (CPU) vs "
-            "eager, alternated (N) | compile=True: speedup wall (CPU) | compile=True: first call s (recompiles after) |")
+    head = (
+        "| model | path after (what ran) | N | L after: wall s (CPU s) | µs/pair after: wall (CPU) | "
+        "µs/pair before: wall (CPU) (N; path) | speedup: wall (CPU) | useful GFLOP/s | roof GFLOP/s | "
+        "frac. roof: wall (CPU) | dense µs/pair (frac. roof) | crossing units | compile=True: µs/pair wall (CPU) vs "
+        "eager, alternated (N) | compile=True: speedup wall (CPU) | compile=True: first call s (recompiles after) |"
+    )
     out = [head, "|" + "---|" * 15]
     for r in rows:
         fr = f"{r['frac_roof']:.2f} ({r['frac_roof_cpu']:.2f})" if "frac_roof" in r else "-"
         ug = f"{r['useful_gflops']:.1f}" if "useful_gflops" in r else "-"
         dn = f"{r['dense_us']:.1f} ({r['dense_frac_roof']:.2f})" if "dense_us" in r else "-"
         cr = f"{100 * r['crossing']:.1f}%" if "crossing" in r else "-"
-        out.append(f"| {r['model']} | {r['ran']} | {r['n']} | {r['after_s']:.2f} ({r['after_cpu_s']:.2f}) | "
-                   f"{r['after_us']:.1f} ({r['after_cpu_us']:.1f}) | {r['before_us']:.1f} ({r['before_cpu_us']:.1f}) "
-                   f"({r['before_n']}; {r['before_ran'].split(';')[0]}) | {r['speedup']:.1f}x ({r['speedup_cpu']:.1f}x) | "
-                   f"{ug} | {r['roof_gflops']:.1f} | {fr} | {dn} | {cr} | {_compiled_cells(r)} |")
+        out.append(
+            f"| {r['model']} | {r['ran']} | {r['n']} | {r['after_s']:.2f} ({r['after_cpu_s']:.2f}) | "
+            f"{r['after_us']:.1f} ({r['after_cpu_us']:.1f}) | {r['before_us']:.1f} ({r['before_cpu_us']:.1f}) "
+            f"({r['before_n']}; {r['before_ran'].split(';')[0]}) | {r['speedup']:.1f}x ({r['speedup_cpu']:.1f}x) | "
+            f"{ug} | {r['roof_gflops']:.1f} | {fr} | {dn} | {cr} | {_compiled_cells(r)} |"
+        )
     return "\n".join(out)
 
 
@@ -224,17 +254,19 @@ def _compiled_cells(r: dict) -> str:
         return "- | - | -"
     if not r["compiled_ok"]:
         return f"not compiled: {r['compiled_why']} | - | -"
-    return (f"{r['compiled_us']:.1f} ({r['compiled_cpu_us']:.1f}) vs {r['eager_us']:.1f} ({r['eager_cpu_us']:.1f}) "
-            f"({r['compiled_n']}) | {r['eager_us'] / r['compiled_us']:.2f}x ({r['eager_cpu_us'] / r['compiled_cpu_us']:.2f}x) | "
-            f"{r['compiled_first_s']:.1f} ({r['compiled_graphs']})")
+    return (
+        f"{r['compiled_us']:.1f} ({r['compiled_cpu_us']:.1f}) vs {r['eager_us']:.1f} ({r['eager_cpu_us']:.1f}) "
+        f"({r['compiled_n']}) | {r['eager_us'] / r['compiled_us']:.2f}x ({r['eager_cpu_us'] / r['compiled_cpu_us']:.2f}x) | "
+        f"{r['compiled_first_s']:.1f} ({r['compiled_graphs']})"
+    )
 
 
-def run_dropin(n: int = 961, n_before: int = 48, n_small: int = 32, n_lambda: int = 21, quiet: bool = False,
-               compiled: bool = True) -> int:
+def run_dropin(n: int = 961, n_before: int = 48, n_small: int = 32, n_lambda: int = 21, quiet: bool = False, compiled: bool = True) -> int:
     """``bench --dropin``: print the table (and the machine)."""
     try:
-        rows = dropin_rows(n, n_before, n_small, n_lambda, log=(lambda m: None) if quiet else
-                           (lambda m: print(m, file=sys.stderr)), compiled=compiled)
+        rows = dropin_rows(
+            n, n_before, n_small, n_lambda, log=(lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr)), compiled=compiled
+        )
     except FileNotFoundError as e:
         print(f"grokfast-metrics bench: error: {e}", file=sys.stderr)
         return 2

@@ -1,5 +1,6 @@
 """The rows after the sweep: fraction of the roof timed alternately (fp32, and the fp64 kernel against an fp64
 roof), the end-to-end split, the training overhead."""
+
 from __future__ import annotations
 
 import functools
@@ -56,9 +57,15 @@ def paired_roof_rows(cfg: BenchConfig, device: torch.device, backends: list[str]
     h = make_inputs(n, H, cfg.seed + 1, device)
     flop = useful_flops_per_pair(T, H, cfg.out, depth) * n_pairs(n)
     for b in backends:
-        row = _paired_row(cfg, device, new_row, functools.partial(backend_fn(b), h, tail, T), flop,
-                          dict(backend=backend_label(b, h, tail), N=n, H=H, O=cfg.out, T=T, depth=depth,
-                               dtype="float32"), torch.float32)
+        row = _paired_row(
+            cfg,
+            device,
+            new_row,
+            functools.partial(backend_fn(b), h, tail, T),
+            flop,
+            dict(backend=backend_label(b, h, tail), N=n, H=H, O=cfg.out, T=T, depth=depth, dtype="float32"),
+            torch.float32,
+        )
         row.fraction_recomputed = fraction_recomputed(b)  # of the backend's last call, the last one timed
         row.kernel = ran_kernel(b)
         if row.fraction_recomputed is not None:
@@ -67,18 +74,25 @@ def paired_roof_rows(cfg: BenchConfig, device: torch.device, backends: list[str]
     return out
 
 
-def _paired_row(cfg: BenchConfig, device: torch.device, new_row: NewRow, fn, flop: float, shape: dict,
-                dtype: torch.dtype) -> BenchRow:
+def _paired_row(cfg: BenchConfig, device: torch.device, new_row: NewRow, fn, flop: float, shape: dict, dtype: torch.dtype) -> BenchRow:
     """A ``roof_paired`` row: ``fn`` and a ``dtype`` matmul timed alternately (``fn`` runs last)."""
     ratios, secs, roofs = paired_roof(fn, flop, device, max(cfg.repeats, 5), cfg.roof_size, dtype)
     q = np.percentile(ratios, [25, 50, 75])
-    log(f"paired roof ({shape['backend']}, {shape['dtype']}, N={shape['N']}): median ratio {q[1]:.3f} "
-        f"(IQR {q[0]:.3f}-{q[2]:.3f})", cfg.progress)
+    log(
+        f"paired roof ({shape['backend']}, {shape['dtype']}, N={shape['N']}): median ratio {q[1]:.3f} (IQR {q[0]:.3f}-{q[2]:.3f})",
+        cfg.progress,
+    )
     return new_row(
-        kind="roof_paired", **shape, repeats=len(ratios), time_median_s=float(np.median(secs)), time_min_s=min(secs),
-        time_max_s=max(secs), frac_roof=float(q[1]),
+        kind="roof_paired",
+        **shape,
+        repeats=len(ratios),
+        time_median_s=float(np.median(secs)),
+        time_min_s=min(secs),
+        time_max_s=max(secs),
+        frac_roof=float(q[1]),
         note=f"roof ({shape['dtype']} matmul) and backend timed alternately {len(ratios)}x; per-repetition ratio IQR "
-             f"{q[0]:.3f}-{q[2]:.3f}, min-max {min(ratios):.3f}-{max(ratios):.3f}; roof {min(roofs):.0f}-{max(roofs):.0f} GFLOP/s")
+        f"{q[0]:.3f}-{q[2]:.3f}, min-max {min(ratios):.3f}-{max(ratios):.3f}; roof {min(roofs):.0f}-{max(roofs):.0f} GFLOP/s",
+    )
 
 
 def fp64_roof_rows(cfg: BenchConfig, device: torch.device, new_row: NewRow) -> list[BenchRow]:
@@ -105,14 +119,17 @@ def fp64_roof_rows(cfg: BenchConfig, device: torch.device, new_row: NewRow) -> l
     t_ops = float(np.median([a for a, _ in times]))
     row.check_n, row.max_abs_diff = cfg.n_ref, diff
     row.speedup_vs_torch = float(np.median([a / b for a, b in times]))
-    row.note += (f"; torch-op fp64 path (backend='torch') {t_ops:.3g} s median, timed alternately with the kernel "
-                 f"{len(times)}x: speed-up {row.speedup_vs_torch:.1f}x")
+    row.note += (
+        f"; torch-op fp64 path (backend='torch') {t_ops:.3g} s median, timed alternately with the kernel "
+        f"{len(times)}x: speed-up {row.speedup_vs_torch:.1f}x"
+    )
     log(f"fp64 kernel N={n}: {row.time_median_s:.3g} s, torch ops {t_ops:.3g} s", cfg.progress)
     return [row]
 
 
-def lmn_parts_rows(cfg: BenchConfig, device: torch.device, e2e_L: dict[int, tuple[BenchRow, torch.Tensor]],
-                   e2e_skip: dict[int, str], new_row: NewRow) -> list[BenchRow]:
+def lmn_parts_rows(
+    cfg: BenchConfig, device: torch.device, e2e_L: dict[int, tuple[BenchRow, torch.Tensor]], e2e_skip: dict[int, str], new_row: NewRow
+) -> list[BenchRow]:
     """End-to-end ``gm.lmn`` split into L / eigen / the rest, for every N of the sweep.
 
     ``time_L_s`` is the sweep's median ``gm.connectivity`` time of that N (the backend ``"auto"``
@@ -142,16 +159,28 @@ def lmn_parts_rows(cfg: BenchConfig, device: torch.device, e2e_L: dict[int, tupl
             if sum(t_eig) + sum(t_post) > cfg.max_row_seconds:
                 break
         split = e2e_split(src.time_median_s, Timing(t_eig), Timing(t_post))
-        r = new_row(kind="lmn_e2e", backend=src.backend, N=N, **shape, pairs=n_pairs(N),
-                    repeats=min(src.repeats, len(t_post)), time_iqr_s=src.time_iqr_s + Timing(t_post).iqr,
-                    time_min_s=src.time_min_s + min(t_post), time_max_s=src.time_max_s + max(t_post), **split,
-                    kernel=src.kernel,
-                    note="total = L (sweep row's median) + eigen + entropy (medians over the same paired samples); "
-                         "eigen = eigvalsh(float64); entropy = the rest of lmn_from_connectivity (its time - eigen in "
-                         "the same repetition, >= 0); spread summed over L and lmn_from_connectivity")
+        r = new_row(
+            kind="lmn_e2e",
+            backend=src.backend,
+            N=N,
+            **shape,
+            pairs=n_pairs(N),
+            repeats=min(src.repeats, len(t_post)),
+            time_iqr_s=src.time_iqr_s + Timing(t_post).iqr,
+            time_min_s=src.time_min_s + min(t_post),
+            time_max_s=src.time_max_s + max(t_post),
+            **split,
+            kernel=src.kernel,
+            note="total = L (sweep row's median) + eigen + entropy (medians over the same paired samples); "
+            "eigen = eigvalsh(float64); entropy = the rest of lmn_from_connectivity (its time - eigen in "
+            "the same repetition, >= 0); spread summed over L and lmn_from_connectivity",
+        )
         out.append(r)
-        log(f"lmn e2e N={N}: L {src.time_median_s * 1e3:.2f} ms, eigen {r.time_eigen_s * 1e3:.2f} ms, "
-            f"entropy {r.time_entropy_s * 1e3:.3f} ms, eigen share {r.eigen_share:.3f}", cfg.progress)
+        log(
+            f"lmn e2e N={N}: L {src.time_median_s * 1e3:.2f} ms, eigen {r.time_eigen_s * 1e3:.2f} ms, "
+            f"entropy {r.time_entropy_s * 1e3:.3f} ms, eigen share {r.eigen_share:.3f}",
+            cfg.progress,
+        )
     return out
 
 
@@ -166,12 +195,18 @@ def e2e_split(l_median: float, eigen: Timing, post: Timing) -> dict[str, float]:
     rest = [max(p - e, 0.0) for e, p in zip(eigen.times[:n], post.times[:n])]
     t_eig, t_rest = float(np.median(eigen.times[:n])), float(np.median(rest))
     total = l_median + t_eig + t_rest
-    return {"time_median_s": total, "time_L_s": l_median, "time_eigen_s": t_eig, "time_entropy_s": t_rest,
-            "eigen_share": t_eig / total if total > 0 else 0.0}
+    return {
+        "time_median_s": total,
+        "time_L_s": l_median,
+        "time_eigen_s": t_eig,
+        "time_entropy_s": t_rest,
+        "eigen_share": t_eig / total if total > 0 else 0.0,
+    }
 
 
-def train_overhead_rows(cfg: BenchConfig, device: torch.device, backends: list[str], new_row: NewRow,
-                        refused: dict[str, str] | None = None) -> list[BenchRow]:
+def train_overhead_rows(
+    cfg: BenchConfig, device: torch.device, backends: list[str], new_row: NewRow, refused: dict[str, str] | None = None
+) -> list[BenchRow]:
     """One ``train_overhead`` row per backend: step time with LMN tracking / without.
 
     A backend in ``refused`` (failed its agreement check in this run) gets a refused row, untimed.
@@ -180,14 +215,14 @@ def train_overhead_rows(cfg: BenchConfig, device: torch.device, backends: list[s
     n = min(cfg.train_n, ADD_MODULUS**2)
     n_train = len(make_task("add", TRAIN_FRACTION, cfg.seed).train_idx)
     for b in backends:
-        r = new_row(kind="train_overhead", backend=b, N=n, H=100, O=ADD_MODULUS, T=cfg.n_lambda, depth=1,
-                    dtype="float32")
+        r = new_row(kind="train_overhead", backend=b, N=n, H=100, O=ADD_MODULUS, T=cfg.n_lambda, depth=1, dtype="float32")
         if refused and b in refused:
             out.append(refuse(r, refused[b]))
             continue
         try:
-            plain, tracked = train_overhead(device, n_track=n, backend=b, steps=cfg.repeats, seed=cfg.seed,
-                                            budget_s=cfg.max_row_seconds, n_lambda=cfg.n_lambda)
+            plain, tracked = train_overhead(
+                device, n_track=n, backend=b, steps=cfg.repeats, seed=cfg.seed, budget_s=cfg.max_row_seconds, n_lambda=cfg.n_lambda
+            )
         except Exception as e:
             out.append(refuse(r, f"training step with tracking raised {type(e).__name__}: {str(e)[:160]}"))
             continue
@@ -195,9 +230,14 @@ def train_overhead_rows(cfg: BenchConfig, device: torch.device, backends: list[s
         r.repeats = len(tracked.times)
         r.overhead_ratio = tracked.median / plain.median
         r.kernel = ran_kernel(b)
-        r.note = (f"addition mod 31, GrokMLP (shared embedding), full-batch AdamW on {n_train} samples; "
-                  f"LMN of layer-1 output on {n} inputs every step; plain step {plain.median * 1e3:.3f} ms")
+        r.note = (
+            f"addition mod 31, GrokMLP (shared embedding), full-batch AdamW on {n_train} samples; "
+            f"LMN of layer-1 output on {n} inputs every step; plain step {plain.median * 1e3:.3f} ms"
+        )
         out.append(r)
-        log(f"train overhead ({b}, N={n}): step {plain.median * 1e3:.2f} ms, with LMN {tracked.median * 1e3:.2f} ms, "
-            f"ratio {r.overhead_ratio:.1f}", cfg.progress)
+        log(
+            f"train overhead ({b}, N={n}): step {plain.median * 1e3:.2f} ms, with LMN {tracked.median * 1e3:.2f} ms, "
+            f"ratio {r.overhead_ratio:.1f}",
+            cfg.progress,
+        )
     return out

@@ -23,6 +23,7 @@ predicted not to fit it, so the whole run ends about ``--budget-s`` after it sta
 ``--dry-run`` runs the same stages on the CPU at tiny sizes (the CUDA-only parts are rows marked
 ``SKIPPED: no CUDA``), so the script is known to work before a GPU is lent; the tests run it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,6 +64,7 @@ BACKENDS = ("triton-v2", "triton-v1", "torch")
 
 def default_workload(n_lambda: int = 21) -> Workload:
     """The default tail (docs/lmn.md, "Which layer"): ``Linear(100,100) -> SiLU -> Linear(100,31)`` (seeded), paper-like inputs."""
+
     def make(n: int, device: torch.device):
         return make_inputs(n, 100, 1, device), make_tail(100, 31, 1, 0, device)
 
@@ -123,8 +125,9 @@ def _fill(row: BenchRow, timing: Timing, w: Workload, roof: float | None) -> Ben
     return row
 
 
-def time_workload(w: Workload, device: torch.device, ns: Sequence[int], T: int, repeats: int, roof: float | None,
-                  deadline: float, new_row, n_ref: int) -> list[BenchRow]:
+def time_workload(
+    w: Workload, device: torch.device, ns: Sequence[int], T: int, repeats: int, roof: float | None, deadline: float, new_row, n_ref: int
+) -> list[BenchRow]:
     """``connectivity`` rows of each backend of :data:`BACKENDS` at each N of workload ``w``.
 
     Each backend's L on the first ``n_ref`` inputs is checked against the reference first (refused rows are not
@@ -138,8 +141,7 @@ def time_workload(w: Workload, device: torch.device, ns: Sequence[int], T: int, 
     last: dict[str, tuple[int, float]] = {}
     checks: dict[str, tuple[float, str | None]] = {}
     for k, (b, N) in enumerate(todo):
-        r = _row(new_row, w, T, kind="connectivity", backend=b, N=N, check_n=n_ref,
-                 note=f"gpu day, workload {w.name}")
+        r = _row(new_row, w, T, kind="connectivity", backend=b, N=N, check_n=n_ref, note=f"gpu day, workload {w.name}")
         why = backend_can_run(b, device) or _variant_skips(b, tail, T)
         if why:
             r.status = why
@@ -178,8 +180,7 @@ def time_workload(w: Workload, device: torch.device, ns: Sequence[int], T: int, 
     return rows
 
 
-def e2e_rows(device: torch.device, ns: Sequence[int], T: int, repeats: int, deadline: float,
-             new_row) -> list[BenchRow]:
+def e2e_rows(device: torch.device, ns: Sequence[int], T: int, repeats: int, deadline: float, new_row) -> list[BenchRow]:
     """``gm.lmn`` end to end on the default tail (backend ``auto``), split into L / eigen / the rest, per N.
 
     ``time_median_s`` is the measured ``gm.lmn`` call; ``time_L_s`` ``gm.connectivity``; ``time_eigen_s``
@@ -189,8 +190,7 @@ def e2e_rows(device: torch.device, ns: Sequence[int], T: int, repeats: int, dead
     rows = []
     core.lmn_from_connectivity(torch.eye(2, device=device))  # loads the eigensolver's library
     for k, N in enumerate(ns):
-        r = _row(new_row, w, T, kind="lmn_e2e", backend=core.resolve_backend(*w.make(2, device), "auto"), N=N,
-                 pairs=n_pairs(N))
+        r = _row(new_row, w, T, kind="lmn_e2e", backend=core.resolve_backend(*w.make(2, device), "auto"), N=N, pairs=n_pairs(N))
         share = _left(deadline) / (len(ns) - k) / 4
         if share <= 0:
             r.status = "SKIPPED: timing budget spent"
@@ -218,8 +218,7 @@ def _eig(L: torch.Tensor, device: str | None) -> torch.Tensor:
     return torch.linalg.eigvalsh(L.to(device=device or L.device, dtype=torch.float64))
 
 
-def eigen_rows(device: torch.device, ns: Sequence[int], T: int, repeats: int, deadline: float,
-               new_row) -> list[BenchRow]:
+def eigen_rows(device: torch.device, ns: Sequence[int], T: int, repeats: int, deadline: float, new_row) -> list[BenchRow]:
     """The eigen step (``eigvalsh`` in float64) of a real L on the device vs on the host (LAPACK) at 1, 4, all threads.
 
     Host rows include the device-to-host copy of L. ``kind="eigen"``; ``threads`` says how many host threads.
@@ -256,8 +255,11 @@ def eigen_rows(device: torch.device, ns: Sequence[int], T: int, repeats: int, de
                 t = time_fn(fn, device, repeats, budget_s=share)
                 r.repeats = len(t.times)
                 r.time_median_s, r.time_iqr_s, r.time_min_s, r.time_max_s = t.median, t.iqr, t.min, t.max
-                r.note = ("eigvalsh(float64) of a real L on the device" if place == "device" else
-                          f"eigvalsh(float64) on the host, {threads} LAPACK threads, device-to-host copy included")
+                r.note = (
+                    "eigvalsh(float64) of a real L on the device"
+                    if place == "device"
+                    else f"eigvalsh(float64) on the host, {threads} LAPACK threads, device-to-host copy included"
+                )
                 rows.append(r)
                 last[label] = (N, t.median)
     finally:
@@ -274,15 +276,28 @@ def timing_stage(device: torch.device, dry_run: bool, deadline: float, new_row, 
     note = f"({size},{size}) @ ({size},{size}) fp32"
     if device.type == "cuda":
         note += f", allow_tf32={torch.backends.cuda.matmul.allow_tf32}"
-    rows = [new_row(kind="roof", backend="torch.mm", N=size, dtype="float32", repeats=len(t.times),
-                    time_median_s=t.median, time_iqr_s=t.iqr, time_min_s=t.min, time_max_s=t.max,
-                    gflop=2 * size**3 / 1e9, gflops=roof, frac_roof=1.0, note=note)]
+    rows = [
+        new_row(
+            kind="roof",
+            backend="torch.mm",
+            N=size,
+            dtype="float32",
+            repeats=len(t.times),
+            time_median_s=t.median,
+            time_iqr_s=t.iqr,
+            time_min_s=t.min,
+            time_max_s=t.max,
+            gflop=2 * size**3 / 1e9,
+            gflops=roof,
+            frac_roof=1.0,
+            note=note,
+        )
+    ]
     conn_deadline = time.monotonic() + 0.6 * _left(deadline)
     ws = workloads(T)
     for k, w in enumerate(ws):  # an equal share of what is left each: the default tail cannot starve the next one
         share = (conn_deadline - time.monotonic()) / (len(ws) - k)
-        rows += time_workload(w, device, ns, T, repeats, roof, time.monotonic() + share, new_row,
-                              n_ref=8 if dry_run else 24)
+        rows += time_workload(w, device, ns, T, repeats, roof, time.monotonic() + share, new_row, n_ref=8 if dry_run else 24)
     rows += e2e_rows(device, e2e_ns, T, repeats, time.monotonic() + 0.5 * _left(deadline), new_row)
     rows += eigen_rows(device, e2e_ns, T, repeats, deadline, new_row)
     return rows
@@ -292,8 +307,9 @@ def timing_stage(device: torch.device, dry_run: bool, deadline: float, new_row, 
 # stage 3: the static model's error
 
 
-def static_model_stage(rows: Sequence[BenchRow], device: torch.device, deadline: float,
-                       estimate: Callable[..., dict] | None = None) -> list[dict]:
+def static_model_stage(
+    rows: Sequence[BenchRow], device: torch.device, deadline: float, estimate: Callable[..., dict] | None = None
+) -> list[dict]:
     """Measured time / static estimate for every timed Triton row of the default workload.
 
     ``estimate`` defaults to :func:`.static_gpu.estimate` for the device's architecture (sm_90 or sm_80 models;
@@ -315,8 +331,7 @@ def static_model_stage(rows: Sequence[BenchRow], device: torch.device, deadline:
     for r in rows:
         if r.kind != "connectivity" or r.backend not in TRITON_VARIANTS or "workload default" not in r.note:
             continue
-        d = {"kernel": TRITON_VARIANTS[r.backend], "N": r.N, "arch": arch, "measured_ms": None, "estimate_ms": None,
-             "ratio": None}
+        d = {"kernel": TRITON_VARIANTS[r.backend], "N": r.N, "arch": arch, "measured_ms": None, "estimate_ms": None, "ratio": None}
         if r.status != "ok":
             d["status"] = f"not measured ({r.status})"
         elif _left(deadline) <= 0:
@@ -327,9 +342,14 @@ def static_model_stage(rows: Sequence[BenchRow], device: torch.device, deadline:
             except Exception as exc:
                 d["status"] = f"estimate failed: {type(exc).__name__}: {str(exc)[:160]}"
             else:
-                d.update(measured_ms=1e3 * r.time_median_s, estimate_ms=e["total_ms"], gpu_model=e["gpu"],
-                         loops_verified=e["loops_verified"],
-                         ratio=1e3 * r.time_median_s / e["total_ms"], status="ok")
+                d.update(
+                    measured_ms=1e3 * r.time_median_s,
+                    estimate_ms=e["total_ms"],
+                    gpu_model=e["gpu"],
+                    loops_verified=e["loops_verified"],
+                    ratio=1e3 * r.time_median_s / e["total_ms"],
+                    status="ok",
+                )
         out.append(d)
     return out or [{"status": "no Triton row was timed"}]
 
@@ -355,12 +375,14 @@ def _jsonable(x):
 
 
 def _stage(results: dict, name: str, budget: float, t0: float, status: str, **extra) -> None:
-    results["stages"].append({"name": name, "budget_s": round(budget, 1), "spent_s": round(time.monotonic() - t0, 2),
-                              "status": status, **extra})
+    results["stages"].append(
+        {"name": name, "budget_s": round(budget, 1), "spent_s": round(time.monotonic() - t0, 2), "status": status, **extra}
+    )
 
 
-def run(outdir: Path, dry_run: bool = False, total_s: float = TOTAL_BUDGET_S, skip_tests: bool = False,
-        dense_steps: int = DENSE_STEPS) -> int:
+def run(
+    outdir: Path, dry_run: bool = False, total_s: float = TOTAL_BUDGET_S, skip_tests: bool = False, dense_steps: int = DENSE_STEPS
+) -> int:
     """All stages; returns 0 (done), 3 (the CUDA tests failed: stopped after them)."""
     budget = Budget(total_s)
     py = [sys.executable, "-P"]
@@ -370,16 +392,27 @@ def run(outdir: Path, dry_run: bool = False, total_s: float = TOTAL_BUDGET_S, sk
     probe = new_row()
     info = machine_info(device)
     results: dict = {
-        "format": FORMAT, "dry_run": dry_run, "run_id": probe.run_id, "started": probe.timestamp,
-        "device_name": info["gpu"] or f"no CUDA ({info['cpu']})", "machine": info,
+        "format": FORMAT,
+        "dry_run": dry_run,
+        "run_id": probe.run_id,
+        "started": probe.timestamp,
+        "device_name": info["gpu"] or f"no CUDA ({info['cpu']})",
+        "machine": info,
         "cuda_capability": list(torch.cuda.get_device_capability(device)) if device.type == "cuda" else None,
-        "budget_s": total_s, "budgets_s": budgets, "stages": [], "cuda_tests": None, "rows": [],
-        "static_model": [], "dense_tracking": None,
+        "budget_s": total_s,
+        "budgets_s": budgets,
+        "stages": [],
+        "cuda_tests": None,
+        "rows": [],
+        "static_model": [],
+        "dense_tracking": None,
     }
     log = _logger()
-    log(f"gpu day{' (dry run)' if dry_run else ''}: {results['device_name']}, budget {total_s:.0f} s -> {outdir}\n"
+    log(
+        f"gpu day{' (dry run)' if dry_run else ''}: {results['device_name']}, budget {total_s:.0f} s -> {outdir}\n"
         f"    python {sys.version.split()[0]}, torch {torch.__version__}, triton {info['triton_version'] or '-'}, "
-        f"package from {Path(__file__).parents[1]}, tests from {repo_root()}")
+        f"package from {Path(__file__).parents[1]}, tests from {repo_root()}"
+    )
 
     t0 = time.monotonic()
     if skip_tests:
@@ -432,12 +465,12 @@ def _static_model(results: dict, rows: list[BenchRow], device: torch.device, dea
     log(f"[3 static_model] {status}")
     for d in results["static_model"]:
         if d.get("ratio"):
-            log(f"    {d['kernel']} N={d['N']}: measured {d['measured_ms']:.3f} ms / estimate {d['estimate_ms']:.3f} ms"
-                f" = {d['ratio']:.2f}")
+            log(f"    {d['kernel']} N={d['N']}: measured {d['measured_ms']:.3f} ms / estimate {d['estimate_ms']:.3f} ms = {d['ratio']:.2f}")
 
 
-def _dense_tracking(results: dict, py: list[str], device: torch.device, dry_run: bool, budget: Budget, dense_steps: int,
-                    new_row, log) -> None:
+def _dense_tracking(
+    results: dict, py: list[str], device: torch.device, dry_run: bool, budget: Budget, dense_steps: int, new_row, log
+) -> None:
     """Stage 4 into ``results`` (and the summary rows), logged."""
     t0 = time.monotonic()
     # on a GPU the dense job takes what the other stages left; the dry run keeps to its own few seconds
@@ -450,8 +483,10 @@ def _dense_tracking(results: dict, py: list[str], device: torch.device, dry_run:
     results["dense_tracking"] = dense
     _stage(results, "dense_tracking", dense_budget, t0, dense["status"])
     results["rows"] += [asdict(r) for r in summary_rows(results, new_row)]
-    log(f"[4 dense_tracking] {dense['status']}: {dense.get('steps_done')} of {dense_steps} steps, total "
-        f"{dense.get('total_s', float('nan')):.1f} s (target {DENSE_TARGET_S:.0f} s)")
+    log(
+        f"[4 dense_tracking] {dense['status']}: {dense.get('steps_done')} of {dense_steps} steps, total "
+        f"{dense.get('total_s', float('nan')):.1f} s (target {DENSE_TARGET_S:.0f} s)"
+    )
 
 
 def summary_rows(results: dict, new_row) -> list[BenchRow]:
@@ -460,20 +495,32 @@ def summary_rows(results: dict, new_row) -> list[BenchRow]:
     for d in results["static_model"]:
         if "kernel" not in d:
             continue
-        r = new_row(kind="static_model", backend=f"triton-{d['kernel']}", N=d["N"], H=100, O=31, T=21, depth=1,
-                    dtype="float32", status=d["status"])
+        r = new_row(
+            kind="static_model", backend=f"triton-{d['kernel']}", N=d["N"], H=100, O=31, T=21, depth=1, dtype="float32", status=d["status"]
+        )
         if d["ratio"] is not None:
             r.time_median_s = d["measured_ms"] / 1e3
-            r.note = (f"measured {d['measured_ms']:.4g} ms / static estimate {d['estimate_ms']:.4g} ms "
-                      f"({d['gpu_model']}) = {d['ratio']:.3g}")
+            r.note = f"measured {d['measured_ms']:.4g} ms / static estimate {d['estimate_ms']:.4g} ms ({d['gpu_model']}) = {d['ratio']:.3g}"
         out.append(r)
     d = results["dense_tracking"] or {}
-    r = new_row(kind="dense_tracking", backend="auto", N=d.get("n_probe"), H=100, O=31, T=21, depth=1,
-                dtype="float32", status=d.get("status", "not run"))
+    r = new_row(
+        kind="dense_tracking",
+        backend="auto",
+        N=d.get("n_probe"),
+        H=100,
+        O=31,
+        T=21,
+        depth=1,
+        dtype="float32",
+        status=d.get("status", "not run"),
+    )
     if "total_s" in d:
         r.time_median_s = d["total_s"]
-        r.note = (f"{d.get('steps_done')} of {d.get('steps_planned')} steps run"
-                  + (", total extrapolated" if d.get("extrapolated") else "") + f"; target {DENSE_TARGET_S:g} s")
+        r.note = (
+            f"{d.get('steps_done')} of {d.get('steps_planned')} steps run"
+            + (", total extrapolated" if d.get("extrapolated") else "")
+            + f"; target {DENSE_TARGET_S:g} s"
+        )
     out.append(r)
     return out
 
@@ -483,8 +530,10 @@ def _finish(outdir: Path, results: dict, log, code: int) -> int:
     results["wall_s"] = round(sum(s["spent_s"] for s in results["stages"]), 2)
     results["exit_code"] = code
     path = write_results(outdir, results)
-    log(f"[5 results] {path} ({results['wall_s']:.0f} s in the stages)"
-        + ("; STOPPED: the CUDA tests did not pass, nothing was timed" if code == 3 else ""))
+    log(
+        f"[5 results] {path} ({results['wall_s']:.0f} s in the stages)"
+        + ("; STOPPED: the CUDA tests did not pass, nothing was timed" if code == 3 else "")
+    )
     return code
 
 
@@ -500,11 +549,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="gpu_day", description=__doc__.split("\n\n")[0])
     p.add_argument("outdir", help=f"folder for {RESULTS_NAME} (created)")
     p.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU; CUDA-only stages say 'SKIPPED: no CUDA'")
-    p.add_argument("--budget-s", type=float, default=None,
-                   help=f"seconds for all stages (default {TOTAL_BUDGET_S:g}; dry run {sum(DRY_BUDGETS.values()) + RESERVE_S:g})")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help=f"seconds for all stages (default {TOTAL_BUDGET_S:g}; dry run {sum(DRY_BUDGETS.values()) + RESERVE_S:g})",
+    )
     p.add_argument("--skip-tests", action="store_true", help="skip stage 1 (the CUDA tests)")
-    p.add_argument("--dense-steps", type=int, default=None,
-                   help=f"steps of the dense job (default {DENSE_STEPS}; dry run {DRY_DENSE_STEPS})")
+    p.add_argument(
+        "--dense-steps", type=int, default=None, help=f"steps of the dense job (default {DENSE_STEPS}; dry run {DRY_DENSE_STEPS})"
+    )
     args = p.parse_args(argv)
     total = args.budget_s or (sum(DRY_BUDGETS.values()) + RESERVE_S if args.dry_run else TOTAL_BUDGET_S)
     dense_steps = args.dense_steps or (DRY_DENSE_STEPS if args.dry_run else DENSE_STEPS)

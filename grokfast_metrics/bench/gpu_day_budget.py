@@ -1,4 +1,5 @@
 """The GPU day's time: the budget of each stage and of the whole run (:mod:`.gpu_day`)."""
+
 from __future__ import annotations
 
 import time

@@ -1,4 +1,5 @@
 """Stage 1 of the GPU day (:mod:`.gpu_day`): the tests that skip on the CPU for want of CUDA, run on the GPU."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -38,40 +39,75 @@ def cuda_tests(py: Sequence[str], deadline: float, dry_run: bool) -> dict:
         or ``SKIPPED: no CUDA``.
     """
     root = repo_root()
-    cmd = [*py, "-m", "pytest", "-q", "-rfE", "--maxfail=5", "--rootdir", str(root),
-           "-c", str(root / "pytest.ini"), *(str(root / t) for t in CUDA_TESTS)]
+    cmd = [
+        *py,
+        "-m",
+        "pytest",
+        "-q",
+        "-rfE",
+        "--maxfail=5",
+        "--rootdir",
+        str(root),
+        "-c",
+        str(root / "pytest.ini"),
+        *(str(root / t) for t in CUDA_TESTS),
+    ]
     if dry_run or not torch.cuda.is_available():
         t0 = time.monotonic()
         try:
-            proc = subprocess.run([*cmd, "--collect-only"], capture_output=True, text=True, cwd=tempfile.gettempdir(),
-                                  timeout=max(5.0, _left(deadline)), env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+            proc = subprocess.run(
+                [*cmd, "--collect-only"],
+                capture_output=True,
+                text=True,
+                cwd=tempfile.gettempdir(),
+                timeout=max(5.0, _left(deadline)),
+                env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+            )
         except subprocess.TimeoutExpired:
-            return {"status": SKIP_NO_CUDA, "summary": f"collect only: not finished in {time.monotonic() - t0:.0f} s",
-                    "failures": [], "seconds": time.monotonic() - t0, "command": " ".join(cmd)}
+            return {
+                "status": SKIP_NO_CUDA,
+                "summary": f"collect only: not finished in {time.monotonic() - t0:.0f} s",
+                "failures": [],
+                "seconds": time.monotonic() - t0,
+                "command": " ".join(cmd),
+            }
         lines = proc.stdout.strip().splitlines()
         last = lines[-1] if lines else proc.stderr[-300:]
         ok = proc.returncode == 0
-        return {"status": SKIP_NO_CUDA if ok else "FAILED", "summary": f"collect only: {last}",
-                "failures": [] if ok else [ln for ln in lines if ln.startswith("ERROR")], "seconds": time.monotonic() - t0,
-                "command": " ".join(cmd), **({} if ok else {"tail": proc.stdout[-3000:] + proc.stderr[-1000:]})}
+        return {
+            "status": SKIP_NO_CUDA if ok else "FAILED",
+            "summary": f"collect only: {last}",
+            "failures": [] if ok else [ln for ln in lines if ln.startswith("ERROR")],
+            "seconds": time.monotonic() - t0,
+            "command": " ".join(cmd),
+            **({} if ok else {"tail": proc.stdout[-3000:] + proc.stderr[-1000:]}),
+        }
     if importlib.util.find_spec("xdist") is not None:  # pytest-xdist: optional, not a dependency
         cmd += ["-n", "4"]
     t0 = time.monotonic()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(1.0, _left(deadline)),
-                              cwd=tempfile.gettempdir())
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(1.0, _left(deadline)), cwd=tempfile.gettempdir())
     except subprocess.TimeoutExpired as e:
         out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
         # a failure already seen stops the day like a finished failing run; else the timing stage's own agreement
         # checks still guard every row
-        failed = any(re.fullmatch(r"[.sxXFE]+(\s+\[\s*\d+%\])?", ln.strip()) and ("F" in ln or "E" in ln)
-                     for ln in out.splitlines())
-        return {"status": "FAILED" if failed else "TIMEOUT",
-                "summary": f"not finished in {time.monotonic() - t0:.0f} s" + ("; some tests failed" if failed else ""),
-                "failures": [], "seconds": time.monotonic() - t0, "command": " ".join(cmd), "tail": out[-3000:]}
+        failed = any(re.fullmatch(r"[.sxXFE]+(\s+\[\s*\d+%\])?", ln.strip()) and ("F" in ln or "E" in ln) for ln in out.splitlines())
+        return {
+            "status": "FAILED" if failed else "TIMEOUT",
+            "summary": f"not finished in {time.monotonic() - t0:.0f} s" + ("; some tests failed" if failed else ""),
+            "failures": [],
+            "seconds": time.monotonic() - t0,
+            "command": " ".join(cmd),
+            "tail": out[-3000:],
+        }
     lines = proc.stdout.strip().splitlines()
     failures = [ln for ln in lines if ln.startswith(("FAILED ", "ERROR "))]
     status = "ok" if proc.returncode == 0 else "FAILED"
-    return {"status": status, "summary": lines[-1] if lines else proc.stderr[-500:], "failures": failures,
-            "seconds": time.monotonic() - t0, "command": " ".join(cmd),
-            **({} if status == "ok" else {"tail": (proc.stdout[-4000:] + proc.stderr[-1000:])})}
+    return {
+        "status": status,
+        "summary": lines[-1] if lines else proc.stderr[-500:],
+        "failures": failures,
+        "seconds": time.monotonic() - t0,
+        "command": " ".join(cmd),
+        **({} if status == "ok" else {"tail": (proc.stdout[-4000:] + proc.stderr[-1000:])}),
+    }

@@ -1,5 +1,6 @@
 """Stage 4 of the GPU day (:mod:`.gpu_day`): the trainer's dense job (addition mod 31, 20,000 steps, LMN every step on
 all 961 inputs) for what is left of the budget, then stopped (SIGTERM) and its total extrapolated, or whole if it fits."""
+
 from __future__ import annotations
 
 import itertools
@@ -58,7 +59,7 @@ def extrapolate(rows: list[dict], steps: int) -> dict:
     if len(pts) < 3:
         raise ValueError(f"too few logged steps to extrapolate ({len(pts)})")
     dts = [(s1, (t1 - t0) / (s1 - s0)) for (s0, t0), (s1, t1) in itertools.pairwise(pts) if s1 > s0]
-    half = dts[len(dts) // 2:]
+    half = dts[len(dts) // 2 :]
     per_step = statistics.median(d for _, d in half)
     cx = set(complexity_steps(steps))
     extras = [d - per_step for s, d in dts if s in cx and s > 1]
@@ -66,12 +67,17 @@ def extrapolate(rows: list[dict], steps: int) -> dict:
     last_step, last_t = pts[-1]
     remaining_cx = sum(1 for s in cx if s > last_step)
     total = last_t + (steps - last_step) * per_step + remaining_cx * extra
-    return {"steps_done": last_step, "time_at_last_step_s": last_t, "median_step_s": per_step,
-            "complexity_extra_s": extra, "complexity_evals_remaining": remaining_cx, "total_s": total}
+    return {
+        "steps_done": last_step,
+        "time_at_last_step_s": last_t,
+        "median_step_s": per_step,
+        "complexity_extra_s": extra,
+        "complexity_evals_remaining": remaining_cx,
+        "total_s": total,
+    }
 
 
-def dense_tracking_stage(py: Sequence[str], device: torch.device, dry_run: bool, deadline: float,
-                         steps: int = DENSE_STEPS) -> dict:
+def dense_tracking_stage(py: Sequence[str], device: torch.device, dry_run: bool, deadline: float, steps: int = DENSE_STEPS) -> dict:
     """Run ``grokfast-metrics train --task add`` with LMN every step on all inputs until done or ``deadline``.
 
     On CUDA the trainer's defaults are the dense job (``--lmn-every 1``, ``--probe all``, a row per step); the dry run
@@ -87,8 +93,7 @@ def dense_tracking_stage(py: Sequence[str], device: torch.device, dry_run: bool,
         run_dir = Path(d) / "run"
         cmd = [*py, "-m", "grokfast_metrics", "train", *args, "--out", str(run_dir)]
         t0 = time.monotonic()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                cwd=tempfile.gettempdir())
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tempfile.gettempdir())
         stopped = False
         try:
             out, _ = proc.communicate(timeout=max(1.0, _left(deadline)))
@@ -104,9 +109,16 @@ def dense_tracking_stage(py: Sequence[str], device: torch.device, dry_run: bool,
         rows = _read_rows(run_dir / "metrics.jsonl")
         summary_path = run_dir / "summary.json"
         summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.exists() else {}
-    res = {"command": " ".join(cmd[len(py):]), "steps_planned": steps, "process_wall_s": wall, "stopped": stopped,
-           "returncode": proc.returncode, "target_s": DENSE_TARGET_S, "timings_s": summary.get("timings_s"),
-           "n_probe": 16 if (dry_run or device.type != "cuda") else 961}
+    res = {
+        "command": " ".join(cmd[len(py) :]),
+        "steps_planned": steps,
+        "process_wall_s": wall,
+        "stopped": stopped,
+        "returncode": proc.returncode,
+        "target_s": DENSE_TARGET_S,
+        "timings_s": summary.get("timings_s"),
+        "n_probe": 16 if (dry_run or device.type != "cuda") else 961,
+    }
     if not rows:
         res.update(status=f"FAILED: no step logged (exit {proc.returncode})", output_tail=(out or "")[-2000:])
         return res

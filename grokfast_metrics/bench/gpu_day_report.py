@@ -5,6 +5,7 @@
 ``RESULTS.md`` for that device (:func:`format_gpu_day`): the stages, the CUDA tests, L and end-to-end times against
 the targets of docs/targets.md, eigen on the device vs host LAPACK, the static model's error, the dense-tracking total.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,9 @@ def load_results(path: str | os.PathLike) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{p} is not readable JSON ({e}); was the GPU day cut off before it wrote its results?") from None
     if not isinstance(res, dict) or res.get("format") != FORMAT:
-        raise ValueError(f"{p} is not a GPU-day results file (format {res.get('format') if isinstance(res, dict) else None!r}, "
-                         f"expected {FORMAT!r})")
+        raise ValueError(
+            f"{p} is not a GPU-day results file (format {res.get('format') if isinstance(res, dict) else None!r}, expected {FORMAT!r})"
+        )
     missing = [k for k in _KEYS if k not in res]
     if missing:
         raise ValueError(f"{p} lacks {missing}; it was not written whole by this version's gpu_day")
@@ -57,8 +59,9 @@ def rows_of(res: dict) -> list[BenchRow]:
     return [BenchRow(**{k: v for k, v in r.items() if k in names}) for r in res["rows"]]
 
 
-def merge(path: str | os.PathLike, csv_path: str | os.PathLike, md_path: str | os.PathLike | None,
-          allow_dry_run: bool = False) -> list[Path]:
+def merge(
+    path: str | os.PathLike, csv_path: str | os.PathLike, md_path: str | os.PathLike | None, allow_dry_run: bool = False
+) -> list[Path]:
     """Append the GPU day's rows to ``csv_path`` and refresh ``md_path`` (its generated tables and the device's block).
 
     Nothing is written when the file is refused.
@@ -98,11 +101,16 @@ def _status(r: dict) -> str:
 def format_gpu_day(res: dict) -> str:
     """The GPU day's Markdown block: stages, tests, L and end-to-end vs the targets, eigen, static model, dense job."""
     m = res.get("machine") or {}
-    lines = [f"### GPU day · {res['device_name']}{' (DRY RUN on the CPU)' if res['dry_run'] else ''}", "",
-             f"run `{res['run_id']}` ({res.get('started', '')}), torch {m.get('torch_version', '-')}, "
-             f"triton {m.get('triton_version') or '-'}, CUDA capability {res.get('cuda_capability') or '-'}, "
-             f"{res.get('wall_s', '-')} s in the stages (budget {res.get('budget_s', '-')} s)", "",
-             "| stage | budget s | spent s | status |", "|---|---:|---:|---|"]
+    lines = [
+        f"### GPU day · {res['device_name']}{' (DRY RUN on the CPU)' if res['dry_run'] else ''}",
+        "",
+        f"run `{res['run_id']}` ({res.get('started', '')}), torch {m.get('torch_version', '-')}, "
+        f"triton {m.get('triton_version') or '-'}, CUDA capability {res.get('cuda_capability') or '-'}, "
+        f"{res.get('wall_s', '-')} s in the stages (budget {res.get('budget_s', '-')} s)",
+        "",
+        "| stage | budget s | spent s | status |",
+        "|---|---:|---:|---|",
+    ]
     lines += [f"| {s['name']} | {s['budget_s']} | {s['spent_s']} | {s['status']} |" for s in res["stages"]]
     ct = res["cuda_tests"] or {}
     lines += ["", f"CUDA tests: {ct.get('status', '-')}{': ' + ct['summary'] if ct.get('summary') else ''}"]
@@ -110,14 +118,19 @@ def format_gpu_day(res: dict) -> str:
     rows = res["rows"]
     conn = [r for r in rows if r["kind"] == "connectivity"]
     if conn:
-        lines += ["", "| L (`connectivity`) | workload | N | median ms | GFLOP/s | of roof | x torch | status |",
-                  "|---|---|---:|---:|---:|---:|---:|---|"]
+        lines += [
+            "",
+            "| L (`connectivity`) | workload | N | median ms | GFLOP/s | of roof | x torch | status |",
+            "|---|---|---:|---:|---:|---:|---:|---|",
+        ]
         for r in conn:
             wl = (r.get("note") or "").replace("gpu day, workload ", "")
-            lines.append(f"| {r['backend']} | {wl} | {r['N']} | {_ms(r['time_median_s'])} | "
-                         f"{'-' if r['gflops'] is None else format(r['gflops'], '.4g')} | "
-                         f"{'-' if r['frac_roof'] is None else format(r['frac_roof'], '.3f')} | "
-                         f"{'-' if r['speedup_vs_torch'] is None else format(r['speedup_vs_torch'], '.3g')} | {r['status']} |")
+            lines.append(
+                f"| {r['backend']} | {wl} | {r['N']} | {_ms(r['time_median_s'])} | "
+                f"{'-' if r['gflops'] is None else format(r['gflops'], '.4g')} | "
+                f"{'-' if r['frac_roof'] is None else format(r['frac_roof'], '.3f')} | "
+                f"{'-' if r['speedup_vs_torch'] is None else format(r['speedup_vs_torch'], '.3g')} | {r['status']} |"
+            )
         lines += _target_lines(rows)
     e2e = [r for r in rows if r["kind"] in ("lmn_e2e", "eigen")]
     if e2e:
@@ -125,18 +138,24 @@ def format_gpu_day(res: dict) -> str:
         for r in e2e:
             what = "gm.lmn" if r["kind"] == "lmn_e2e" else "eigvalsh fp64"
             eig = r["time_eigen_s"] if r["kind"] == "lmn_e2e" else r["time_median_s"]
-            lines.append(f"| {what} | {r['backend']} | {r['N']} | {_ms(r['time_median_s'])} | {_ms(r['time_L_s'])} | "
-                         f"{_ms(eig)} | {r['status']} |")
+            lines.append(
+                f"| {what} | {r['backend']} | {r['N']} | {_ms(r['time_median_s'])} | {_ms(r['time_L_s'])} | {_ms(eig)} | {r['status']} |"
+            )
     sm = [d for d in res["static_model"] if "kernel" in d]
     lines += ["", "Static model error (measured time / static estimate of `bench --static-gpu`, same kernel and N):"]
     if sm:
-        lines += ["", "| kernel | N | model | measured ms | estimate ms | measured / estimate | status |",
-                  "|---|---:|---|---:|---:|---:|---|"]
+        lines += [
+            "",
+            "| kernel | N | model | measured ms | estimate ms | measured / estimate | status |",
+            "|---|---:|---|---:|---:|---:|---|",
+        ]
         for d in sm:
-            lines.append(f"| {d['kernel']} | {d['N']} | {d.get('gpu_model', '-')}{'' if d.get('loops_verified', True) else ' *'} | "
-                         f"{'-' if d['measured_ms'] is None else format(d['measured_ms'], '.4g')} | "
-                         f"{'-' if d['estimate_ms'] is None else format(d['estimate_ms'], '.4g')} | "
-                         f"{'-' if d['ratio'] is None else format(d['ratio'], '.3g')} | {_status(d)} |")
+            lines.append(
+                f"| {d['kernel']} | {d['N']} | {d.get('gpu_model', '-')}{'' if d.get('loops_verified', True) else ' *'} | "
+                f"{'-' if d['measured_ms'] is None else format(d['measured_ms'], '.4g')} | "
+                f"{'-' if d['estimate_ms'] is None else format(d['estimate_ms'], '.4g')} | "
+                f"{'-' if d['ratio'] is None else format(d['ratio'], '.3g')} | {_status(d)} |"
+            )
         if not all(d.get("loops_verified", True) for d in sm):
             lines.append("\n\\* the estimate's loop trip counts could not be checked against the kernel's MMA work.")
     else:
@@ -150,8 +169,12 @@ def _target_lines(rows: list[dict]) -> list[str]:
     out = []
     by_n: dict[int, list[dict]] = {}
     for r in rows:
-        if r["kind"] == "connectivity" and r["status"] == "ok" and r["backend"].startswith("triton-") and \
-                "workload default" in (r.get("note") or ""):
+        if (
+            r["kind"] == "connectivity"
+            and r["status"] == "ok"
+            and r["backend"].startswith("triton-")
+            and "workload default" in (r.get("note") or "")
+        ):
             by_n.setdefault(r["N"], []).append(r)
     if by_n:
         best = ", ".join(f"N={n}: {min(rs, key=lambda r: r['time_median_s'])['backend']}" for n, rs in sorted(by_n.items()))
@@ -163,16 +186,23 @@ def _target_lines(rows: list[dict]) -> list[str]:
     e2e = [r for r in rows if r["kind"] == "lmn_e2e" and r["N"] == 961 and r["status"] == "ok"]
     if e2e:
         t = e2e[0]["time_median_s"]
-        out.append(f"gm.lmn end to end at N=961: {1e3 * t:.3f} ms (target <= {TARGET_E2E_MS:g} ms: "
-                   f"{'met' if 1e3 * t <= TARGET_E2E_MS else 'NOT met'}).")
+        out.append(
+            f"gm.lmn end to end at N=961: {1e3 * t:.3f} ms (target <= {TARGET_E2E_MS:g} ms: "
+            f"{'met' if 1e3 * t <= TARGET_E2E_MS else 'NOT met'})."
+        )
     return out
 
 
 def _dense_line(d: dict) -> str:
     if "total_s" not in d:
         return f"Dense tracking: {d.get('status', 'not run')}."
-    how = (f"extrapolated from {d.get('steps_done')} of {d.get('steps_planned')} steps run in {d.get('process_wall_s', 0):.0f} s"
-           if d.get("extrapolated") else f"all {d.get('steps_planned')} steps run")
+    how = (
+        f"extrapolated from {d.get('steps_done')} of {d.get('steps_planned')} steps run in {d.get('process_wall_s', 0):.0f} s"
+        if d.get("extrapolated")
+        else f"all {d.get('steps_planned')} steps run"
+    )
     verdict = "" if d.get("meets_target") is None else f" (target <= {TARGET_DENSE_S:g} s: {'met' if d['meets_target'] else 'NOT met'})"
-    return (f"Dense tracking (addition mod 31, LMN every step on {d.get('n_probe')} inputs, `{d.get('command', '')}`): "
-            f"total {d['total_s']:.1f} s{verdict}, {how}.")
+    return (
+        f"Dense tracking (addition mod 31, LMN every step on {d.get('n_probe')} inputs, `{d.get('command', '')}`): "
+        f"total {d['total_s']:.1f} s{verdict}, {how}."
+    )

@@ -4,6 +4,7 @@ Every result is a :class:`BenchRow`. A backend is timed only after its ``L`` agr
 reference (:func:`check_agreement`); a row that did not agree is :func:`refuse`-d: its status says
 why and every speed field is cleared.
 """
+
 from __future__ import annotations
 
 import functools
@@ -91,9 +92,22 @@ class BenchRow:
 
 FIELDS: tuple[str, ...] = tuple(f.name for f in fields(BenchRow))
 SPEED_FIELDS = (
-    "time_median_s", "time_iqr_s", "time_min_s", "time_max_s", "pairs_per_s", "gflops", "frac_roof",
-    "speedup_vs_reference", "speedup_vs_naive", "speedup_vs_torch", "time_L_s", "time_eigen_s", "time_entropy_s",
-    "eigen_share", "overhead_ratio", "exponent",
+    "time_median_s",
+    "time_iqr_s",
+    "time_min_s",
+    "time_max_s",
+    "pairs_per_s",
+    "gflops",
+    "frac_roof",
+    "speedup_vs_reference",
+    "speedup_vs_naive",
+    "speedup_vs_torch",
+    "time_L_s",
+    "time_eigen_s",
+    "time_entropy_s",
+    "eigen_share",
+    "overhead_ratio",
+    "exponent",
 )
 
 
@@ -256,8 +270,7 @@ def time_fn(fn: Callable[[], object], device: torch.device, repeats: int, budget
     return Timing(times, result)
 
 
-def estimate_seconds(call: Callable[[int], object], n: int, device: torch.device, budget_s: float,
-                     start: int = 128) -> float:
+def estimate_seconds(call: Callable[[int], object], n: int, device: torch.device, budget_s: float, start: int = 128) -> float:
     """Predicted seconds of ``call(n)`` from timing ``call(m)`` on ``m = start, 2 start, ...`` rows, scaled by pairs.
 
     Small probes overestimate (fixed costs per call), so the probe doubles while the prediction is above
@@ -292,8 +305,9 @@ def refusal(diff: float, atol: float) -> str | None:
     return None
 
 
-def check_agreement(compute: Callable[[], torch.Tensor], L_ref: torch.Tensor | np.ndarray,
-                    atol: float = ATOL[torch.float32]) -> tuple[float, str | None]:
+def check_agreement(
+    compute: Callable[[], torch.Tensor], L_ref: torch.Tensor | np.ndarray, atol: float = ATOL[torch.float32]
+) -> tuple[float, str | None]:
     """Run ``compute`` (an ``L`` on the reference subset) and compare it with ``L_ref``: the check before any timing.
 
     ``atol`` defaults to the fp32 tolerance (:data:`ATOL`).

@@ -3,6 +3,7 @@
 ``results.csv`` has one column per :class:`~.harness.BenchRow` field (:data:`~.harness.FIELDS`);
 the section of ``RESULTS.md`` between :data:`MD_BEGIN` and :data:`MD_END` is regenerated from it.
 """
+
 from __future__ import annotations
 
 import csv
@@ -117,12 +118,17 @@ def _e2e_lines(rs: list[dict]) -> list[str]:
     e2e = [r for r in rs if r["kind"] == "lmn_e2e"]
     if not e2e:
         return []
-    lines = ["", "| end to end (gm.lmn) | N | L ms | eigen ms | entropy ms | total ms | eigen share | status |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        "",
+        "| end to end (gm.lmn) | N | L ms | eigen ms | entropy ms | total ms | eigen share | status |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for r in e2e:
         ms = [_ms(r[k]) for k in ("time_L_s", "time_eigen_s", "time_entropy_s", "time_median_s")]
-        lines.append(f"| {r['backend']} | {r['N']} | {_f(ms[0], '.4g')} | {_f(ms[1], '.3g')} | {_f(ms[2], '.2g')} | "
-                     f"{_f(ms[3], '.4g')} | {_f(r['eigen_share'], '.3g')} | {r['status']} |")
+        lines.append(
+            f"| {r['backend']} | {r['N']} | {_f(ms[0], '.4g')} | {_f(ms[1], '.3g')} | {_f(ms[2], '.2g')} | "
+            f"{_f(ms[3], '.4g')} | {_f(r['eigen_share'], '.3g')} | {r['status']} |"
+        )
     return lines
 
 
@@ -131,11 +137,12 @@ def _figure_line(r: dict) -> str:
         return f"| matmul roof GFLOP/s | {r['backend']} | {_f(r['gflops'], '.4g')} | {r['note']} |"
     if r["kind"] == "roof_paired":
         roof = "the fp64 roof" if r["dtype"] == "float64" else "the roof"
-        return (f"| fraction of {roof}, timed alternately (N={r['N']}, H={r['H']}) | {r['backend']} | "
-                f"{_f(r['frac_roof'], '.3f')} | {r['note']} |")
+        return (
+            f"| fraction of {roof}, timed alternately (N={r['N']}, H={r['H']}) | {r['backend']} | "
+            f"{_f(r['frac_roof'], '.3f')} | {r['note']} |"
+        )
     if r["kind"] == "scaling":
-        return (f"| exponent of L time vs N (H={r['H']}, depth={r['depth']}) | {r['backend']} | "
-                f"{_f(r['exponent'], '.3f')} | {r['note']} |")
+        return f"| exponent of L time vs N (H={r['H']}, depth={r['depth']}) | {r['backend']} | {_f(r['exponent'], '.3f')} | {r['note']} |"
     val = _f(r["overhead_ratio"], ".3g") if r["status"] == "ok" else r["status"]
     return f"| training step with LMN / without (N={r['N']}) | {r['backend']} | {val} | {r['note']} |"
 
@@ -169,8 +176,15 @@ def _plot_default_tail(ax, series, backends: list[str], colors: dict[str, str], 
         pts = series.get((b, *default), [])
         if pts:
             ns, ts = zip(*pts)
-            ax.plot(ns, ts, color=colors[b], linestyle="--" if b in BASELINES else "-", marker="o", ms=4,
-                    label=b + (" (extrapolated per pair)" if b in BASELINES else ""))
+            ax.plot(
+                ns,
+                ts,
+                color=colors[b],
+                linestyle="--" if b in BASELINES else "-",
+                marker="o",
+                ms=4,
+                label=b + (" (extrapolated per pair)" if b in BASELINES else ""),
+            )
     anchor = series.get((backends[0], *default)) or next(iter(series.values()))
     n0, t0 = anchor[-1]
     guide = sorted({n for pts in series.values() for n, _ in pts})
@@ -185,8 +199,7 @@ def _plot_by_shape(ax, series, backends: list[str], colors: dict[str, str], shap
         if b in BASELINES:
             continue
         ns, ts = zip(*pts)
-        ax.plot(ns, ts, color=colors[b], linestyle="-" if d == "1" else "--", marker=markers[int(H)], ms=4,
-                label=f"{b} H={H} depth={d}")
+        ax.plot(ns, ts, color=colors[b], linestyle="-" if d == "1" else "--", marker=markers[int(H)], ms=4, label=f"{b} H={H} depth={d}")
     ax.set_title("library backends by width H and depth (solid: depth 1, dashed: depth 2)", fontsize=9)
 
 
@@ -223,7 +236,7 @@ def plot_time_vs_n(rows: Sequence[BenchRow | dict], path: str | os.PathLike, tit
         fig.savefig(buf, dpi=120, format="png")
     finally:
         plt.close(fig)
-    return write_atomic(path, buf.getvalue())   # a failed write leaves the previous figure as it was
+    return write_atomic(path, buf.getvalue())  # a failed write leaves the previous figure as it was
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,8 +266,10 @@ def _run_section(rs: list[dict[str, str]], md_path: Path) -> list[str]:
     lines = [
         f"### {machine} · {device} · {hw}",
         "",
-        (f"run `{r0['run_id']}` ({r0['timestamp']}), torch {r0['torch_version']}, "
-         f"triton {r0['triton_version'] or '-'}, {r0['threads']} threads, {r0['platform']}"),
+        (
+            f"run `{r0['run_id']}` ({r0['timestamp']}), torch {r0['torch_version']}, "
+            f"triton {r0['triton_version'] or '-'}, {r0['threads']} threads, {r0['platform']}"
+        ),
         "",
         format_table(rs),
         "",

@@ -14,6 +14,7 @@ Every number here is a **static estimate**: it assumes perfect overlap between p
 stalls and full occupancy of every SM, so it is a lower bound of what the kernel can do, not a
 measurement. It is checked against a measured timing whenever a GPU is lent (``RESULTS.md``).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -40,14 +41,14 @@ class GPU:
     arch: int
     sms: int
     clock_ghz: float
-    fp32_lanes: int           # FFMA/FADD/FMUL/FMNMX/FSETP/FSEL
-    int_lanes: int            # IMAD/IADD3/LOP3/SHF/LEA/SEL/ISETP/...
+    fp32_lanes: int  # FFMA/FADD/FMUL/FMNMX/FSETP/FSEL
+    int_lanes: int  # IMAD/IADD3/LOP3/SHF/LEA/SEL/ISETP/...
     fp64_lanes: int
-    mufu_lanes: int           # MUFU (ex2, rcp, rsq, ...)
-    shfl_lanes: int           # SHFL
-    lsu_lanes: int            # LDS/STS/LDSM/STSM/LDG/STG/LDGSTS
-    tensor_fma_tf32: int      # dense tf32 multiply-adds per SM per clock
-    tensor_fma_fp64: int      # dense fp64 multiply-adds per SM per clock (DMMA)
+    mufu_lanes: int  # MUFU (ex2, rcp, rsq, ...)
+    shfl_lanes: int  # SHFL
+    lsu_lanes: int  # LDS/STS/LDSM/STSM/LDG/STG/LDGSTS
+    tensor_fma_tf32: int  # dense tf32 multiply-adds per SM per clock
+    tensor_fma_fp64: int  # dense fp64 multiply-adds per SM per clock (DMMA)
     issue_per_clock: int = 4  # one warp instruction per SM sub-partition per clock
     max_regs: int = 65536
     max_threads: int = 2048
@@ -64,8 +65,34 @@ GPUS = {
 #: SASS opcode (before the first '.') -> execution resource
 _PIPES = {
     "fp32": {"FFMA", "FADD", "FMUL", "FMNMX", "FSETP", "FSEL", "FSWZADD", "FCHK", "FRND", "FSET", "FMNMX3"},
-    "int": {"IMAD", "IADD3", "LOP3", "SHF", "LEA", "SEL", "ISETP", "IMNMX", "PRMT", "SGXT", "I2FP", "F2I", "I2F",
-            "F2F", "FLO", "POPC", "BREV", "IABS", "PLOP3", "LOP", "IADD", "SHL", "SHR", "BMSK", "VIMNMX", "F2FP"},
+    "int": {
+        "IMAD",
+        "IADD3",
+        "LOP3",
+        "SHF",
+        "LEA",
+        "SEL",
+        "ISETP",
+        "IMNMX",
+        "PRMT",
+        "SGXT",
+        "I2FP",
+        "F2I",
+        "I2F",
+        "F2F",
+        "FLO",
+        "POPC",
+        "BREV",
+        "IABS",
+        "PLOP3",
+        "LOP",
+        "IADD",
+        "SHL",
+        "SHR",
+        "BMSK",
+        "VIMNMX",
+        "F2FP",
+    },
     "fp64": {"DFMA", "DADD", "DMUL", "DSETP", "DMNMX"},
     "mufu": {"MUFU"},
     "shfl": {"SHFL"},
@@ -127,15 +154,13 @@ def kernel_fn(variant: str):
     return m._connectivity_fwd_kernel if variant == "v1" else m._connectivity_v2_kernel
 
 
-def compile_kernel(spec, dtype: torch.dtype, n_lambda: int, arch: int, input_precision: str | None = None,
-                   variant: str = "v1"):
+def compile_kernel(spec, dtype: torch.dtype, n_lambda: int, arch: int, input_precision: str | None = None, variant: str = "v1"):
     """``(compiled kernel, LaunchConfig)`` for ``spec`` on ``sm_<arch>``, as the launcher would pick on a GPU."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    cfg = kernel_module(variant).launch_config(spec, dtype, n_lambda, interpret=False,
-                                               input_precision=input_precision, arch=arch)
+    cfg = kernel_module(variant).launch_config(spec, dtype, n_lambda, interpret=False, input_precision=input_precision, arch=arch)
     fn = kernel_fn(variant)
     # the JIT marks 16-byte aligned pointers (every fresh torch allocation) as divisible by 16
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, t in cfg.signature.items() if t.startswith("*")}
@@ -151,8 +176,7 @@ def sass_of(compiled) -> tuple[str, dict[str, int]]:
         with open(path, "wb") as f:
             f.write(compiled.asm["cubin"])
         sass = subprocess.run([_tool("cuobjdump"), "-sass", path], capture_output=True, text=True, check=True).stdout
-        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", path], capture_output=True, text=True,
-                               check=True).stdout
+        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", path], capture_output=True, text=True, check=True).stdout
     res = {k: int(v) for k, v in re.findall(r"\b(REG|SHARED|LOCAL|STACK):(\d+)", usage)}
     return sass, res
 
@@ -203,8 +227,7 @@ def dynamic_counts(sass: Sass, loop_trip: list[int], warps: int) -> tuple[dict[s
     return pipes, fma
 
 
-def map_loops(sass: Sass, trips: list[int], warps: int, expected_fma: int,
-              one_each: bool = False) -> tuple[list[int], bool]:
+def map_loops(sass: Sass, trips: list[int], warps: int, expected_fma: int, one_each: bool = False) -> tuple[list[int], bool]:
     """Trip counts for the SASS loops, and whether the MMA work they imply equals the kernel's ``expected_fma``.
 
     The compiler may unroll a short loop or add loops of its own, so the kernel's loops (``trips``) are
@@ -262,8 +285,17 @@ def schedule(cfg, variant: str, n: int, gpu: GPU) -> tuple[list, int, int, float
     return trips, programs, programs, per * per_tile
 
 
-def estimate(n: int, hidden: int, out: int, depth: int, arch: int, n_lambda: int = 21,
-             dtype: torch.dtype = torch.float32, input_precision: str | None = None, variant: str = "v1") -> dict:
+def estimate(
+    n: int,
+    hidden: int,
+    out: int,
+    depth: int,
+    arch: int,
+    n_lambda: int = 21,
+    dtype: torch.dtype = torch.float32,
+    input_precision: str | None = None,
+    variant: str = "v1",
+) -> dict:
     """Static estimate of the kernel's time for ``N`` samples and the benchmark tail (see module docstring).
 
     Returns:
@@ -289,8 +321,15 @@ def estimate(n: int, hidden: int, out: int, depth: int, arch: int, n_lambda: int
         return 1e3 * warp_instr_total * 32 / (lanes_per_clock * gpu.sms * clock)
 
     per_pipe_ms = {}
-    lanes = {"fp32": gpu.fp32_lanes, "int": gpu.int_lanes, "fp64": gpu.fp64_lanes, "mufu": gpu.mufu_lanes,
-             "shfl": gpu.shfl_lanes, "shared": gpu.lsu_lanes, "global": gpu.lsu_lanes}
+    lanes = {
+        "fp32": gpu.fp32_lanes,
+        "int": gpu.int_lanes,
+        "fp64": gpu.fp64_lanes,
+        "mufu": gpu.mufu_lanes,
+        "shfl": gpu.shfl_lanes,
+        "shared": gpu.lsu_lanes,
+        "global": gpu.lsu_lanes,
+    }
     for pipe, count in pipes.items():
         if pipe in lanes:
             per_pipe_ms[pipe] = ms(count * warps * active, lanes[pipe])
@@ -300,19 +339,36 @@ def estimate(n: int, hidden: int, out: int, depth: int, arch: int, n_lambda: int
     issue_ms = 1e3 * issued / (gpu.issue_per_clock * gpu.sms * clock)
     floors = _floors(gpu, n, hidden, out, depth, n_lambda, dtype, input_precision)
     return {
-        "gpu": gpu.name, "arch": arch, "n": n, "hidden": hidden, "out": out, "depth": depth, "variant": variant,
-        "config": {k: v for k, v in cfg.constexprs.items()
-                   if k in ("BLOCK_J", "T_PAD", "BLOCK_K", "BLOCK_N1", "BLOCK_N2", "K0", "P1", "M", "BP", "PO", "FAST_ACT")},
-        "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "precision": cfg.constexprs["PREC"],
-        "registers": res.get("REG"), "spill_bytes": res.get("LOCAL", 0) + res.get("STACK", 0),
-        "shared_bytes": compiled.metadata.shared, "ctas_per_sm": occupancy(gpu, res.get("REG", 0),
-                                                                           compiled.metadata.shared, threads),
-        "programs_active": active, "programs_grid": grid, "static_instructions": len(sass.instructions),
-        "loop_trips": loop_trip, "loops_verified": verified,
+        "gpu": gpu.name,
+        "arch": arch,
+        "n": n,
+        "hidden": hidden,
+        "out": out,
+        "depth": depth,
+        "variant": variant,
+        "config": {
+            k: v
+            for k, v in cfg.constexprs.items()
+            if k in ("BLOCK_J", "T_PAD", "BLOCK_K", "BLOCK_N1", "BLOCK_N2", "K0", "P1", "M", "BP", "PO", "FAST_ACT")
+        },
+        "num_warps": cfg.num_warps,
+        "num_stages": cfg.num_stages,
+        "precision": cfg.constexprs["PREC"],
+        "registers": res.get("REG"),
+        "spill_bytes": res.get("LOCAL", 0) + res.get("STACK", 0),
+        "shared_bytes": compiled.metadata.shared,
+        "ctas_per_sm": occupancy(gpu, res.get("REG", 0), compiled.metadata.shared, threads),
+        "programs_active": active,
+        "programs_grid": grid,
+        "static_instructions": len(sass.instructions),
+        "loop_trips": loop_trip,
+        "loops_verified": verified,
         "per_program_warp_instructions": {k: round(v) for k, v in sorted(pipes.items())},
-        "mma_fma_per_program": mma_fma, "mma_fma_expected": round(expected_fma, 3),
+        "mma_fma_per_program": mma_fma,
+        "mma_fma_expected": round(expected_fma, 3),
         "ms": {k: round(v, 4) for k, v in sorted(per_pipe_ms.items())},
-        "issue_ms": round(issue_ms, 4), "total_ms": round(max(max(per_pipe_ms.values()), issue_ms), 4),
+        "issue_ms": round(issue_ms, 4),
+        "total_ms": round(max(max(per_pipe_ms.values()), issue_ms), 4),
         "floors_ms": floors,
     }
 
@@ -339,8 +395,7 @@ def _instructions_before_exit(sass: Sass) -> int:
     return len(sass.instructions)
 
 
-def _floors(gpu: GPU, n: int, hidden: int, out: int, depth: int, n_lambda: int, dtype: torch.dtype,
-            input_precision: str | None) -> dict:
+def _floors(gpu: GPU, n: int, hidden: int, out: int, depth: int, n_lambda: int, dtype: torch.dtype, input_precision: str | None) -> dict:
     """Roofline floors (ms) of the useful work: the tensor cores on the Linears, the MUFU on SiLU (ex2 + rcp)."""
     from .harness import useful_flops_per_pair
 
@@ -365,8 +420,7 @@ def variants_for(hidden: int, out: int, depth: int, n_lambda: int = 21) -> list[
 
 def estimate_rows(ns=(961, 4096), hidden: int = 100, out: int = 31, depth: int = 1, archs=(90, 80)) -> list[dict]:
     """:func:`estimate` for every ``N``, architecture and kernel variant (the default benchmark shape)."""
-    return [estimate(n, hidden, out, depth, arch, variant=v) for arch in archs
-            for v in variants_for(hidden, out, depth) for n in ns]
+    return [estimate(n, hidden, out, depth, arch, variant=v) for arch in archs for v in variants_for(hidden, out, depth) for n in ns]
 
 
 MD_BEGIN = "<!-- static-gpu:begin (generated by grokfast-metrics bench --static-gpu; static estimates, not measurements) -->"
@@ -378,16 +432,22 @@ def update_results_md(rows: list[dict], md_path) -> object:
     from .report import replace_block
 
     verified = all(r["loops_verified"] for r in rows)
-    note = ("" if verified else "\nRows marked * could not be checked: the MMA work counted from their SASS loops "
-            "differs from what the kernel's dots perform, so their loop trip counts are a guess.\n")
+    note = (
+        ""
+        if verified
+        else "\nRows marked * could not be checked: the MMA work counted from their SASS loops "
+        "differs from what the kernel's dots perform, so their loop trip counts are a guess.\n"
+    )
     block = "\n".join([MD_BEGIN, "", format_estimates(rows), note, MD_END])
     return replace_block(md_path, MD_BEGIN, MD_END, block)
 
 
 def format_estimates(rows: list[dict]) -> str:
     """A Markdown table of static estimates, every number labelled as such."""
-    head = ("| GPU (static estimate) | kernel | N | regs | spills | CTAs/SM | tensor ms | MUFU ms | FP32 ms | INT ms | "
-            "shuffle ms | shared ms | issue ms | **estimate ms** | floors: tensor / MUFU ms |")
+    head = (
+        "| GPU (static estimate) | kernel | N | regs | spills | CTAs/SM | tensor ms | MUFU ms | FP32 ms | INT ms | "
+        "shuffle ms | shared ms | issue ms | **estimate ms** | floors: tensor / MUFU ms |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         m = r["ms"]
@@ -399,4 +459,3 @@ def format_estimates(rows: list[dict]) -> str:
             f"{r['floors_ms']['tensor']:.3f} / {r['floors_ms']['activation_unit']:.3f} |"
         )
     return "\n".join(lines)
-

@@ -5,6 +5,7 @@ reference and naive baselines and every backend's agreement check, before any ti
 (:func:`prepare_shape`), then per N each backend's ``L`` time (:func:`n_rows`). The roof row
 (:func:`roof_row`) comes before it and the exponents (:func:`scaling_rows`) after it.
 """
+
 from __future__ import annotations
 
 import functools
@@ -127,9 +128,21 @@ def roof_row(cfg: BenchConfig, device: torch.device, new_row: NewRow) -> BenchRo
     if device.type == "cuda":
         note += f", allow_tf32={torch.backends.cuda.matmul.allow_tf32}"
     log(f"matmul roof {size}^2 fp32: {roof:.1f} GFLOP/s ({torch.get_num_threads()} threads)", cfg.progress)
-    return new_row(kind="roof", backend="torch.mm", N=size, dtype="float32", repeats=len(t.times),
-                   time_median_s=t.median, time_iqr_s=t.iqr, time_min_s=t.min, time_max_s=t.max,
-                   gflop=2 * size**3 / 1e9, gflops=roof, frac_roof=1.0, note=note)
+    return new_row(
+        kind="roof",
+        backend="torch.mm",
+        N=size,
+        dtype="float32",
+        repeats=len(t.times),
+        time_median_s=t.median,
+        time_iqr_s=t.iqr,
+        time_min_s=t.min,
+        time_max_s=t.max,
+        gflop=2 * size**3 / 1e9,
+        gflops=roof,
+        frac_roof=1.0,
+        note=note,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,15 +300,15 @@ def skip_reason(cfg: BenchConfig, device: torch.device, s: ShapeRun, b: str, N: 
     return None
 
 
-def backend_row(cfg: BenchConfig, device: torch.device, s: ShapeRun, b: str, N: int, roof: float,
-                new_row: NewRow) -> tuple[BenchRow, Timing | None]:
+def backend_row(
+    cfg: BenchConfig, device: torch.device, s: ShapeRun, b: str, N: int, roof: float, new_row: NewRow
+) -> tuple[BenchRow, Timing | None]:
     """Backend ``b``'s ``connectivity`` row at N: refused (failed its check), skipped, or timed (``repeats`` calls).
 
     Returns:
         ``(row, timing)``, ``timing`` ``None`` when not timed.
     """
-    r = new_row(kind="connectivity", backend=s.label(b), N=N, **s.shape, check_n=s.n_ref,
-                max_abs_diff=s.checks[b][0], note=s.note(b))
+    r = new_row(kind="connectivity", backend=s.label(b), N=N, **s.shape, check_n=s.n_ref, max_abs_diff=s.checks[b][0], note=s.note(b))
     if s.checks[b][1]:
         return refuse(r, s.checks[b][1]), None
     why = skip_reason(cfg, device, s, b, N)
@@ -307,8 +320,7 @@ def backend_row(cfg: BenchConfig, device: torch.device, s: ShapeRun, b: str, N: 
     return fill_speed(r, timing, roof), timing
 
 
-def n_rows(cfg: BenchConfig, device: torch.device, s: ShapeRun, N: int, roof: float, new_row: NewRow,
-           state: SweepState) -> list[BenchRow]:
+def n_rows(cfg: BenchConfig, device: torch.device, s: ShapeRun, N: int, roof: float, new_row: NewRow, state: SweepState) -> list[BenchRow]:
     """The rows of N on one shape: reference, naive, then each timed backend with its speed-ups.
 
     ``speedup_vs_torch`` is set on the backends after ``torch`` in the list (same N, same shape).
@@ -327,14 +339,16 @@ def n_rows(cfg: BenchConfig, device: torch.device, s: ShapeRun, N: int, roof: fl
             torch_t = r.time_median_s
         elif torch_t is not None:
             r.speedup_vs_torch = torch_t / r.time_median_s
-        log(f"{r.backend:>8} N={N:>5} H={s.H:>3} depth={s.depth}: {r.time_median_s * 1e3:10.2f} ms  "
+        log(
+            f"{r.backend:>8} N={N:>5} H={s.H:>3} depth={s.depth}: {r.time_median_s * 1e3:10.2f} ms  "
             f"{r.gflops:7.2f} GFLOP/s  {r.frac_roof:.3f} of roof  x{r.speedup_vs_reference:.1f} vs reference"
-            + (f"  x{r.speedup_vs_naive:.2f} vs naive" if r.speedup_vs_naive else ""), cfg.progress)
+            + (f"  x{r.speedup_vs_naive:.2f} vs naive" if r.speedup_vs_naive else ""),
+            cfg.progress,
+        )
     return rows
 
 
-def scaling_rows(cfg: BenchConfig, l_times: dict[tuple[int, int, str], dict[int, float]],
-                 new_row: NewRow) -> list[BenchRow]:
+def scaling_rows(cfg: BenchConfig, l_times: dict[tuple[int, int, str], dict[int, float]], new_row: NewRow) -> list[BenchRow]:
     """One ``scaling`` row per (shape, backend) timed at >= 2 N: the exponent over N >= 256 (all N if fewer than two)."""
     rows = []
     for (H, depth, label), by_n in l_times.items():
@@ -343,14 +357,25 @@ def scaling_rows(cfg: BenchConfig, l_times: dict[tuple[int, int, str], dict[int,
             continue
         big = [n for n in ns if n >= 256]
         fit_ns = big if len(big) >= 2 else ns
-        rows.append(new_row(kind="scaling", backend=label, H=H, O=cfg.out, T=cfg.n_lambda, depth=depth,
-                            dtype="float32", exponent=fit_exponent(fit_ns, [by_n[n] for n in fit_ns]),
-                            note="log-log least-squares slope of L time vs N over N=" + ",".join(map(str, fit_ns))))
+        rows.append(
+            new_row(
+                kind="scaling",
+                backend=label,
+                H=H,
+                O=cfg.out,
+                T=cfg.n_lambda,
+                depth=depth,
+                dtype="float32",
+                exponent=fit_exponent(fit_ns, [by_n[n] for n in fit_ns]),
+                note="log-log least-squares slope of L time vs N over N=" + ",".join(map(str, fit_ns)),
+            )
+        )
     return rows
 
 
-def sweep_shapes(cfg: BenchConfig, device: torch.device, backends: Sequence[str], roof: float,
-                 new_row: NewRow) -> tuple[list[BenchRow], SweepState]:
+def sweep_shapes(
+    cfg: BenchConfig, device: torch.device, backends: Sequence[str], roof: float, new_row: NewRow
+) -> tuple[list[BenchRow], SweepState]:
     """The ``connectivity`` rows of every (H, depth) and N of ``cfg`` (H outermost, N innermost).
 
     Returns:
@@ -360,8 +385,9 @@ def sweep_shapes(cfg: BenchConfig, device: torch.device, backends: Sequence[str]
 
     rows: list[BenchRow] = []
     state = SweepState(e2e_shape(cfg), timed=list(backends))
-    bar = tqdm(total=len(cfg.hiddens) * len(cfg.depths) * len(cfg.ns), desc="bench",
-               disable=None if cfg.progress else True, file=sys.stderr)
+    bar = tqdm(
+        total=len(cfg.hiddens) * len(cfg.depths) * len(cfg.ns), desc="bench", disable=None if cfg.progress else True, file=sys.stderr
+    )
     for H in cfg.hiddens:
         for depth in cfg.depths:
             s = prepare_shape(cfg, device, backends, H, depth)

@@ -17,6 +17,7 @@ the wall time depends on the load, CPU seconds per run much less. The rows also 
 on LMN (the trainer's own timers) and, for the two sweep modes, how many
 runs reach the same memorization and generalization steps as the sequential ones.
 """
+
 from __future__ import annotations
 
 import json
@@ -83,8 +84,7 @@ def _same_phases(a: dict[str, dict], b: dict[str, dict]) -> int:
     return sum(all(a[n][k] == b[n][k] for k in keys) for n in a)
 
 
-def sweep_throughput(steps: int = 2000, workers: int = 2, quick: bool = False, device: torch.device | None = None,
-                     log=print) -> list[dict]:
+def sweep_throughput(steps: int = 2000, workers: int = 2, quick: bool = False, device: torch.device | None = None, log=print) -> list[dict]:
     """Time the grid in each of :data:`MODES`; one dict per mode (runs, wall seconds, runs per hour, speed-up over
     ``sequential``, LMN share, runs whose phase steps match the sequential runs')."""
     device = device or torch.device("cpu")
@@ -96,10 +96,17 @@ def sweep_throughput(steps: int = 2000, workers: int = 2, quick: bool = False, d
             wall, cpu = _time_mode(mode, runs, workers)
             summaries = _summaries(runs)
             reference = reference or summaries
-            row = {"mode": mode, "runs": len(runs), "steps": steps, "workers": MODES[mode][0] or workers,
-                   "wall_s": wall, "runs_per_hour": len(runs) / wall * 3600, "cpu_s_per_run": cpu / len(runs),
-                   "lmn_share": _lmn_share(summaries, mode),
-                   "same_phase_steps": _same_phases(reference, summaries)}
+            row = {
+                "mode": mode,
+                "runs": len(runs),
+                "steps": steps,
+                "workers": MODES[mode][0] or workers,
+                "wall_s": wall,
+                "runs_per_hour": len(runs) / wall * 3600,
+                "cpu_s_per_run": cpu / len(runs),
+                "lmn_share": _lmn_share(summaries, mode),
+                "same_phase_steps": _same_phases(reference, summaries),
+            }
             row["speedup"] = rows[0]["wall_s"] / wall if rows else 1.0
             row["cpu_speedup"] = rows[0]["cpu_s_per_run"] / row["cpu_s_per_run"] if rows else 1.0
             rows.append(row)
@@ -109,13 +116,17 @@ def sweep_throughput(steps: int = 2000, workers: int = 2, quick: bool = False, d
 
 def format_row(r: dict) -> str:
     """One row of :func:`format_table`."""
-    return (f"| {r['mode']} | {r['runs']} x {r['steps']} | {r['workers']} | {r['wall_s']:.1f} | {r['runs_per_hour']:.0f} | "
-            f"{r['speedup']:.2f} | {r['cpu_s_per_run']:.2f} | {r['cpu_speedup']:.2f} | {100 * r['lmn_share']:.0f}% | "
-            f"{r['same_phase_steps']}/{r['runs']} |")
+    return (
+        f"| {r['mode']} | {r['runs']} x {r['steps']} | {r['workers']} | {r['wall_s']:.1f} | {r['runs_per_hour']:.0f} | "
+        f"{r['speedup']:.2f} | {r['cpu_s_per_run']:.2f} | {r['cpu_speedup']:.2f} | {100 * r['lmn_share']:.0f}% | "
+        f"{r['same_phase_steps']}/{r['runs']} |"
+    )
 
 
 def format_table(rows: list[dict]) -> str:
     """The rows as a markdown table."""
-    head = ("| mode | runs x steps | processes | wall s | runs/hour | x sequential (wall) | CPU s per run | x sequential "
-            "(CPU) | LMN share | same phase steps as sequential |\n|---|---|---|---|---|---|---|---|---|---|")
+    head = (
+        "| mode | runs x steps | processes | wall s | runs/hour | x sequential (wall) | CPU s per run | x sequential "
+        "(CPU) | LMN share | same phase steps as sequential |\n|---|---|---|---|---|---|---|---|---|---|"
+    )
     return "\n".join([head, *map(format_row, rows)])

@@ -5,6 +5,7 @@
 embedding) on addition mod 31 (:func:`grokfast_metrics.experiment.tasks.make_task`), used for the training
 overhead of tracking the LMN.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -38,9 +39,16 @@ def seeded(seed: int | None) -> Iterator[None]:
         yield
 
 
-def mlp_tail(widths: Sequence[int], act: Callable[[], nn.Module] = nn.SiLU, *, bias: bool = True,
-             final_act: Callable[[], nn.Module] | None = None, seed: int | None = 0,
-             dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> nn.Sequential:
+def mlp_tail(
+    widths: Sequence[int],
+    act: Callable[[], nn.Module] = nn.SiLU,
+    *,
+    bias: bool = True,
+    final_act: Callable[[], nn.Module] | None = None,
+    seed: int | None = 0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> nn.Sequential:
     """``Linear(w0, w1) -> act -> Linear(w1, w2) -> act ... -> Linear(w_k-1, w_k)`` with torch's default init.
 
     Args:
@@ -206,8 +214,13 @@ def addition_training(device: torch.device | str, n_track: int = 961, seed: int 
 
 
 def train_overhead(
-    device: torch.device, n_track: int = 961, steps: int = 5, backend: str = "auto", seed: int = 0,
-    budget_s: float | None = None, n_lambda: int = 21,
+    device: torch.device,
+    n_track: int = 961,
+    steps: int = 5,
+    backend: str = "auto",
+    seed: int = 0,
+    budget_s: float | None = None,
+    n_lambda: int = 21,
 ) -> tuple[Timing, Timing]:
     """Time a training step of :func:`addition_training` without / with LMN tracking after it.
 

@@ -12,6 +12,7 @@ the file and the cause; the rows and the last checkpoint written are kept whole)
 subcommand, 3 training diverged (non-finite loss), 130 interrupted by SIGINT, 143 stopped by SIGTERM (logs, summary
 and plot kept in every case).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,8 +69,7 @@ def _resume_steps(args: argparse.Namespace, cfg) -> int | None:
     if args.out is not None and Path(args.out).resolve() != run_dir.resolve():
         raise UsageError(f"{PROG} train: error: --resume {run_dir} continues that directory; do not give another --out")
     if args.overwrite:
-        raise UsageError(f"{PROG} train: error: --resume continues the run in {run_dir}; --overwrite would replace it "
-                         "(give one of them)")
+        raise UsageError(f"{PROG} train: error: --resume continues the run in {run_dir}; --overwrite would replace it (give one of them)")
     try:
         stored = read_json(run_dir / "config.json")["config"]
         recorded = TrainConfig(**stored)
@@ -86,8 +86,10 @@ def _resume_steps(args: argparse.Namespace, cfg) -> int | None:
             mine = value
         if str(mine) != str(was):
             flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
-            raise UsageError(f"{PROG} train: error: {flag} {value} differs from the resumed run's config ({was}); a "
-                             "resumed run keeps its configuration (only --steps may change)")
+            raise UsageError(
+                f"{PROG} train: error: {flag} {value} differs from the resumed run's config ({was}); a "
+                "resumed run keeps its configuration (only --steps may change)"
+            )
     return cfg.steps if "steps" in given else None
 
 
@@ -143,8 +145,10 @@ def _report(res, out: Path, no_plot: bool) -> int:
     from ..experiment.runlog import collapse_message, format_summary
 
     print(format_summary(res.summary))
-    print(f"logs: {out / 'metrics.jsonl'}, {out / 'metrics.csv'}; summary: {out / 'summary.json'}"
-          + ("" if no_plot else f"; plot: {out / 'curves.png'}"))
+    print(
+        f"logs: {out / 'metrics.jsonl'}, {out / 'metrics.csv'}; summary: {out / 'summary.json'}"
+        + ("" if no_plot else f"; plot: {out / 'curves.png'}")
+    )
     if res.summary.get("numerical_collapse") is not None:  # the warning, last, where it is seen
         print(f"{PROG} train: warning: {collapse_message(res.summary)}", file=sys.stderr)
     if res.stop_reason is not None:
@@ -202,16 +206,22 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{train,bench,plot,sweep,build-kernel}", parser_class=_Parser)
     sub.required = True
-    p = sub.add_parser("train", help="train on add/s4/xor with LMN tracked (the main job)",
-                       description="Full-batch AdamW on an algorithmic task with LMN tracked; writes metrics.jsonl, "
-                                   "metrics.csv, config.json, summary.json and curves.png into the run directory.")
+    p = sub.add_parser(
+        "train",
+        help="train on add/s4/xor with LMN tracked (the main job)",
+        description="Full-batch AdamW on an algorithmic task with LMN tracked; writes metrics.jsonl, "
+        "metrics.csv, config.json, summary.json and curves.png into the run directory.",
+    )
     add_train_arguments(p)
     p.set_defaults(_run=_run_train, _parser=p)
-    p = sub.add_parser("build-kernel", help="compile the fused CPU kernel now (else it is built on first use)",
-                       description="Compile the fused C++ CPU kernel into its cache (TORCH_EXTENSIONS_DIR, else torch's "
-                                   "default build root) so that the first LMN does not wait for it; with CXX set, that "
-                                   "compiler. Exit 1, with the reason, where it cannot be built: LMN then runs on torch "
-                                   "ops, about 10-20x slower.")
+    p = sub.add_parser(
+        "build-kernel",
+        help="compile the fused CPU kernel now (else it is built on first use)",
+        description="Compile the fused C++ CPU kernel into its cache (TORCH_EXTENSIONS_DIR, else torch's "
+        "default build root) so that the first LMN does not wait for it; with CXX set, that "
+        "compiler. Exit 1, with the reason, where it cannot be built: LMN then runs on torch "
+        "ops, about 10-20x slower.",
+    )
     p.set_defaults(_run=_run_build_kernel)
     selected = _selected_command(argv or [])
     for name, (module, help_) in LAZY.items():

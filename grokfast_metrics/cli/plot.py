@@ -1,5 +1,6 @@
 """``grokfast-metrics plot RUN_DIR | SWEEP_DIR``: a run's figures (:mod:`grokfast_metrics.figures.run`), or a
 sweep's outputs rewritten (:func:`grokfast_metrics.sweep.command.plot_sweep`)."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,8 +14,11 @@ from ..sweep.manifest import is_sweep_dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", help="run directory written by 'grokfast-metrics train', or a sweep directory written by "
-                                    "'grokfast-metrics sweep' (its sweep.csv, phase.png and lmn_predicts.png are rewritten)")
+    parser.add_argument(
+        "run",
+        help="run directory written by 'grokfast-metrics train', or a sweep directory written by "
+        "'grokfast-metrics sweep' (its sweep.csv, phase.png and lmn_predicts.png are rewritten)",
+    )
     parser.add_argument("--out", default=None, help="where to write a run's figures (default: the run directory)")
 
 
@@ -37,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{key}: {res[key] or 'skipped (nothing logged for it)'}")
     sc = res["scatter"]
     fmt = lambda v: "n/a" if v is None else f"{v:+.3f}"
-    print(f"generalizing phase: {sc['phase_points']} points; Pearson r with test loss: "
-          f"LMN {fmt(sc['pearson_lmn_test_loss'])}, L2 {fmt(sc['pearson_l2_test_loss'])}  ({sc['path']})")
+    print(
+        f"generalizing phase: {sc['phase_points']} points; Pearson r with test loss: "
+        f"LMN {fmt(sc['pearson_lmn_test_loss'])}, L2 {fmt(sc['pearson_l2_test_loss'])}  ({sc['path']})"
+    )
     return 0

@@ -5,6 +5,7 @@ single name) and calls it from one table (``_DISPATCH``). The math lives in ``to
 (torch), ``grokfast_metrics.kernels.triton`` (Triton), ``grokfast_metrics.kernels.cpu_fused``
 (the fused C++ CPU kernel) and ``reference`` (NumPy).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -23,8 +24,7 @@ from .result import LMNResult
 #: what ``backend=`` accepts; every name but ``"auto"`` is also what :func:`resolve_backend` can return
 BACKENDS = ("auto", "triton", "cpu", "torch", "reference")
 
-__all__ = ["BACKENDS", "LMNResult", "backend_info", "connectivity", "last_run_info", "lmn",
-           "lmn_from_connectivity", "resolve_backend"]
+__all__ = ["BACKENDS", "LMNResult", "backend_info", "connectivity", "last_run_info", "lmn", "lmn_from_connectivity", "resolve_backend"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,8 +121,10 @@ def _unavailable(name: str, h: torch.Tensor, dtype: torch.dtype, spec: MLPTail |
         from ..kernels import triton_rowblock as kc
 
         if not h.is_cuda and not (triton_interpreting() and kc.kernel_is_interpreted()):
-            return ("CPU tensors run only under the Triton interpreter (set TRITON_INTERPRET=1 before Python "
-                    "imports triton); use backend='torch' on the CPU")
+            return (
+                "CPU tensors run only under the Triton interpreter (set TRITON_INTERPRET=1 before Python "
+                "imports triton); use backend='torch' on the CPU"
+            )
         reason: str | None = kc.unsupported_reason(spec)
         return reason
     if name == "cpu":
@@ -221,16 +223,22 @@ def backend_info(h: torch.Tensor, tail: nn.Module, backend: str = "auto", n_lamb
     fallback = None
     if backend == "auto" and name == "torch" and spec is not None and not spec.is_affine:
         fallback = _unavailable("triton" if h.is_cuda else "cpu", h, dtype, spec)
-    return {"requested": backend, "backend": name, "kernel": _kernel_of(name, dtype, spec, n_lambda),
-            "dtype": str(dtype).replace("torch.", ""), "fallback": fallback}
+    return {
+        "requested": backend,
+        "backend": name,
+        "kernel": _kernel_of(name, dtype, spec, n_lambda),
+        "dtype": str(dtype).replace("torch.", ""),
+        "fallback": fallback,
+    }
 
 
 #: ``(h in its compute dtype, tail, spec, n_lambda, chunk_bytes, y_end) -> L``: one backend of :data:`_DISPATCH`
 Runner = Callable[[torch.Tensor, nn.Module, "MLPTail | None", int, "int | None", torch.Tensor], torch.Tensor]
 
 
-def _run_triton(h: torch.Tensor, tail: nn.Module, spec: MLPTail | None, n_lambda: int, chunk_bytes: int | None,
-                y_end: torch.Tensor) -> torch.Tensor:
+def _run_triton(
+    h: torch.Tensor, tail: nn.Module, spec: MLPTail | None, n_lambda: int, chunk_bytes: int | None, y_end: torch.Tensor
+) -> torch.Tensor:
     from ..kernels.triton import connectivity_triton
 
     assert spec is not None  # the dispatch runs Triton on MLP tails only
@@ -241,8 +249,9 @@ def _run_triton(h: torch.Tensor, tail: nn.Module, spec: MLPTail | None, n_lambda
     return L
 
 
-def _run_cpu(h: torch.Tensor, tail: nn.Module, spec: MLPTail | None, n_lambda: int, chunk_bytes: int | None,
-             y_end: torch.Tensor) -> torch.Tensor:
+def _run_cpu(
+    h: torch.Tensor, tail: nn.Module, spec: MLPTail | None, n_lambda: int, chunk_bytes: int | None, y_end: torch.Tensor
+) -> torch.Tensor:
     assert spec is not None  # _choose picks "cpu" only for an MLP tail
     if spec.is_affine:
         return torch.ones(h.shape[0], h.shape[0], dtype=h.dtype, device=h.device)
@@ -256,8 +265,9 @@ def _run_cpu(h: torch.Tensor, tail: nn.Module, spec: MLPTail | None, n_lambda: i
     return L
 
 
-def _run_torch(h: torch.Tensor, tail: nn.Module, spec: MLPTail | None, n_lambda: int, chunk_bytes: int | None,
-               y_end: torch.Tensor) -> torch.Tensor:
+def _run_torch(
+    h: torch.Tensor, tail: nn.Module, spec: MLPTail | None, n_lambda: int, chunk_bytes: int | None, y_end: torch.Tensor
+) -> torch.Tensor:
     flag = h.dtype == torch.float32
     if spec is not None and spec.skip is None:
         return torch_backend.connectivity_mlp(h, spec, n_lambda, chunk_bytes, flag=flag)
@@ -267,8 +277,9 @@ def _run_torch(h: torch.Tensor, tail: nn.Module, spec: MLPTail | None, n_lambda:
         return generic.connectivity_tail(h, tail, n_lambda, h.dtype, h.dtype, chunk_bytes, y_end=y_end, flag=flag)
 
 
-def _run_reference(h: torch.Tensor, tail: nn.Module, spec: MLPTail | None, n_lambda: int, chunk_bytes: int | None,
-                   y_end: torch.Tensor) -> torch.Tensor:
+def _run_reference(
+    h: torch.Tensor, tail: nn.Module, spec: MLPTail | None, n_lambda: int, chunk_bytes: int | None, y_end: torch.Tensor
+) -> torch.Tensor:
     if spec is None or spec.skip is not None:  # any other module: the paper-literal float64 loop through the module
         from .generic import reference_connectivity
 
@@ -300,8 +311,15 @@ def last_run_info() -> dict[str, Any]:
     return dict(_LAST_RUN)
 
 
-def _recompute_flagged(L: torch.Tensor, h: torch.Tensor, tail: nn.Module, spec: MLPTail | None, n_lambda: int,
-                       chunk_bytes: int | None, groups: torch.Tensor | None) -> int:
+def _recompute_flagged(
+    L: torch.Tensor,
+    h: torch.Tensor,
+    tail: nn.Module,
+    spec: MLPTail | None,
+    n_lambda: int,
+    chunk_bytes: int | None,
+    groups: torch.Tensor | None,
+) -> int:
     """Recompute in fp64 every pair an fp32 backend wrote as ``FLAGGED``; returns how many.
 
     MLP tails on the CPU go through the C++ fp64 pair kernel (one call for all pairs; the same algebra as
@@ -415,8 +433,13 @@ def connectivity(
             L[groups[:, None] == groups[None, :]] = 1.0
     n = h.shape[0]
     _LAST_RUN.clear()
-    _LAST_RUN.update(backend=name, kernel=_kernel_of(name, dtype, spec, n_lambda), pairs=n * (n - 1) // 2, recomputed=recomputed,
-                     fraction_recomputed=recomputed / max(1, n * (n - 1) // 2))
+    _LAST_RUN.update(
+        backend=name,
+        kernel=_kernel_of(name, dtype, spec, n_lambda),
+        pairs=n * (n - 1) // 2,
+        recomputed=recomputed,
+        fraction_recomputed=recomputed / max(1, n * (n - 1) // 2),
+    )
     return L
 
 
@@ -466,9 +489,7 @@ def lmn_from_connectivity(L: torch.Tensor) -> LMNResult:
     return LMNResult(lmn=2.0**s, entropy_bits=s, eigenvalues=ev.sort(descending=True).values, connectivity=L)
 
 
-def lmn(
-    h: torch.Tensor, tail: nn.Module, n_lambda: int = 21, backend: str = "auto", *, chunk_bytes: int | None = None
-) -> LMNResult:
+def lmn(h: torch.Tensor, tail: nn.Module, n_lambda: int = 21, backend: str = "auto", *, chunk_bytes: int | None = None) -> LMNResult:
     """Linear mapping number of ``h`` through ``tail``: :func:`connectivity` then :func:`lmn_from_connectivity`.
 
     Same arguments and errors as :func:`connectivity`.
@@ -480,5 +501,3 @@ def lmn(
     (True, True, torch.Size([6, 6]))
     """
     return lmn_from_connectivity(connectivity(h, tail, n_lambda, backend, chunk_bytes=chunk_bytes))
-
-

@@ -12,6 +12,7 @@ contract) counts as constant (``r2 = 1``).
 It costs about ``N^2/2 * T * (sum of layer sizes)`` multiprecision operations: keep ``N`` and the
 widths small (``N <= 12``, widths <= ~30). Tests use it to arbitrate between backends.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
@@ -147,9 +148,9 @@ def _pair_r2(h: Any, tail: nn.Module, i: int, j: int, n_lambda: int, dps: int) -
             if kind == "linear":
                 xs = [_forward([(kind, a, b)], x) for x in xs]
             else:
-                unresolved = unresolved or _lost(xs, tiny)   # the activation's input (an offset hides its variation)
+                unresolved = unresolved or _lost(xs, tiny)  # the activation's input (an offset hides its variation)
                 xs = [[a(v) for v in x] for x in xs]
-                unresolved = unresolved or _lost(xs, tiny)   # its output (a saturated unit: 1 - tiny)
+                unresolved = unresolved or _lost(xs, tiny)  # its output (a saturated unit: 1 - tiny)
         lc = [l - mpmath.mpf(1) / 2 for l in lam]
         ll = mpmath.fsum(v * v for v in lc)
         if last is not None:
@@ -180,8 +181,7 @@ def _pair_r2(h: Any, tail: nn.Module, i: int, j: int, n_lambda: int, dps: int) -
     return np.asarray(out), unresolved
 
 
-def connectivity(h: Any, tail: nn.Module, n_lambda: int = 21, dps: int = 50,
-                 pairs: Iterable[tuple[int, int]] | None = None) -> np.ndarray:
+def connectivity(h: Any, tail: nn.Module, n_lambda: int = 21, dps: int = 50, pairs: Iterable[tuple[int, int]] | None = None) -> np.ndarray:
     """Exact ``L`` (``(N, N)`` float64). ``pairs``: only these ``(i, j)`` (others left NaN)."""
     if hasattr(h, "detach"):
         h = h.detach().cpu().double().numpy()

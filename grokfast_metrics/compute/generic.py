@@ -15,6 +15,7 @@ Both take ``h`` (``(N, D)``) and a ``tail`` module mapping a ``(B, D)`` batch to
   purpose; ``backend="reference"`` runs it for every tail that is not an MLP (``gm.lmn``,
   ``gm.connectivity`` and ``lmn_at``'s split and hook tails alike).
 """
+
 from __future__ import annotations
 
 import copy
@@ -63,21 +64,21 @@ def run_tail(tail: Forward, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Te
         raise ValueError(f"tail failed on a batch of h or its interpolations (B={x.shape[0]}, D={x.shape[1]}): {e}") from e
     if not isinstance(y, torch.Tensor) or y.dim() != 2 or y.shape[0] != x.shape[0] or not y.is_floating_point():
         shape = f"{tuple(y.shape)} {y.dtype}" if isinstance(y, torch.Tensor) else type(y).__name__
-        raise ValueError(f"tail must map a (B, {x.shape[1]}) batch to (B, O) floating-point logits; for "
-                         f"B={x.shape[0]} it returned {shape}")
+        raise ValueError(f"tail must map a (B, {x.shape[1]}) batch to (B, O) floating-point logits; for B={x.shape[0]} it returned {shape}")
     return y.to(out_dtype)
 
 
 def end_outputs(tail: Forward, h: torch.Tensor, run_dtype: torch.dtype, out_dtype: torch.dtype) -> torch.Tensor:
     """The tail (a module or a callable) on the samples themselves (``(N, O)``); ``NonFiniteOutputError`` when
     not finite."""
-    y = run_tail(tail, h.to(run_dtype, copy=True), out_dtype)     # a copy: the tail may work in place
+    y = run_tail(tail, h.to(run_dtype, copy=True), out_dtype)  # a copy: the tail may work in place
     bad = ~torch.isfinite(y).all(dim=1)
     if bool(bad.any()):
         rows = bad.nonzero().flatten().tolist()
         raise NonFiniteOutputError(
             f"the tail's outputs are NaN/Inf for {len(rows)} of the {h.shape[0]} samples (first: {rows[0]}): the "
-            "model has diverged or overflows its dtype, and LMN is undefined there")
+            "model has diverged or overflows its dtype, and LMN is undefined there"
+        )
     return y
 
 
@@ -106,9 +107,16 @@ def _call(tail: nn.Module, params: dict[str, torch.Tensor] | None, x: torch.Tens
     return run_tail(lambda b: torch.func.functional_call(tail, params, (b,)), x, out_dtype)
 
 
-def connectivity_tail(h: torch.Tensor, tail: nn.Module, n_lambda: int, run_dtype: torch.dtype,
-                      out_dtype: torch.dtype, chunk_bytes: int | None = None,
-                      y_end: torch.Tensor | None = None, flag: bool = False) -> torch.Tensor:
+def connectivity_tail(
+    h: torch.Tensor,
+    tail: nn.Module,
+    n_lambda: int,
+    run_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    chunk_bytes: int | None = None,
+    y_end: torch.Tensor | None = None,
+    flag: bool = False,
+) -> torch.Tensor:
     """``(N, N)`` connectivity of any tail, the ends of every path computed once.
 
     Args:
@@ -129,8 +137,7 @@ def connectivity_tail(h: torch.Tensor, tail: nn.Module, n_lambda: int, run_dtype
     """
     dev, n = h.device, h.shape[0]
     run_dtype = torch.float64 if run_dtype == torch.float64 else torch.float32
-    params = None if all(p.dtype == run_dtype for p in tail.parameters() if p.is_floating_point()) \
-        else tail_params(tail, run_dtype)
+    params = None if all(p.dtype == run_dtype for p in tail.parameters() if p.is_floating_point()) else tail_params(tail, run_dtype)
     hr = h.to(run_dtype)
     if y_end is None or y_end.dtype != run_dtype:  # computed in another dtype (a bf16 module): recompute
         y_end = end_outputs(lambda b: _call(tail, params, b, run_dtype), hr, run_dtype, run_dtype)
@@ -146,13 +153,23 @@ def connectivity_tail(h: torch.Tensor, tail: nn.Module, n_lambda: int, run_dtype
     return L
 
 
-def _path_r2(hr: torch.Tensor, tail: nn.Module, params: dict[str, torch.Tensor] | None, i: torch.Tensor, j: torch.Tensor,
-             inner: torch.Tensor, y_end: torch.Tensor, lam_c: torch.Tensor, eps: float, flag: bool) -> torch.Tensor:
+def _path_r2(
+    hr: torch.Tensor,
+    tail: nn.Module,
+    params: dict[str, torch.Tensor] | None,
+    i: torch.Tensor,
+    j: torch.Tensor,
+    inner: torch.Tensor,
+    y_end: torch.Tensor,
+    lam_c: torch.Tensor,
+    eps: float,
+    flag: bool,
+) -> torch.Tensor:
     """``L_ij`` of the pairs ``(i, j)``: the interior points through the tail, the ends from ``y_end``."""
     hi = hr[i]
-    x = torch.addcmul(hi.unsqueeze(1), inner, (hr[j] - hi).unsqueeze(1))                   # [P, T-2, D]
+    x = torch.addcmul(hi.unsqueeze(1), inner, (hr[j] - hi).unsqueeze(1))  # [P, T-2, D]
     y_in = _call(tail, params, x.flatten(0, 1), hr.dtype).view(x.shape[0], inner.shape[1], -1)
-    y = torch.cat([y_end[i].unsqueeze(1), y_in, y_end[j].unsqueeze(1)], dim=1)             # [P, T, O]
+    y = torch.cat([y_end[i].unsqueeze(1), y_in, y_end[j].unsqueeze(1)], dim=1)  # [P, T, O]
     if not flag:
         return r2_from_paths(y, lam_c, eps, flag)
     # The module cannot be centred or seen into: its input's rounding (eps |x|, and every inner Linear's eps |W||x|)
@@ -161,13 +178,14 @@ def _path_r2(hr: torch.Tensor, tail: nn.Module, params: dict[str, torch.Tensor] 
     # to the flag's
     # rounding scale as std_t(y) * IN_GAIN * max(|h_i|, |h_j|) / |h_j - h_i|.
     hj = hr[j]
-    ratio = torch.maximum(hi.norm(dim=1), hj.norm(dim=1)) / (hj - hi).norm(dim=1)                # [P]
+    ratio = torch.maximum(hi.norm(dim=1), hj.norm(dim=1)) / (hj - hi).norm(dim=1)  # [P]
     return r2_from_paths(y, lam_c, eps, flag, in_ratio=IN_GAIN * ratio)
 
 
 @torch.no_grad()
-def pairs_connectivity(h: torch.Tensor, tail: nn.Module, i: torch.Tensor, j: torch.Tensor, n_lambda: int,
-                       chunk_bytes: int | None = None) -> torch.Tensor:
+def pairs_connectivity(
+    h: torch.Tensor, tail: nn.Module, i: torch.Tensor, j: torch.Tensor, n_lambda: int, chunk_bytes: int | None = None
+) -> torch.Tensor:
     """``L_ij`` of the listed pairs through any module, in ``h``'s dtype (parameters converted to it).
 
     ``core`` recomputes the pairs an fp32 pass flagged with it, in fp64.
@@ -178,8 +196,9 @@ def pairs_connectivity(h: torch.Tensor, tail: nn.Module, i: torch.Tensor, j: tor
     inner = lam[1:-1].view(1, -1, 1)
     chunk = max(1, _batch_rows(tail, h, chunk_bytes) // (n_lambda - 2))
     eps = torch.finfo(h.dtype).eps
-    return torch.cat([_path_r2(h, tail, params, i[c:c + chunk], j[c:c + chunk], inner, y_end, lam_c, eps, False)
-                      for c in range(0, i.numel(), chunk)])
+    return torch.cat(
+        [_path_r2(h, tail, params, i[c : c + chunk], j[c : c + chunk], inner, y_end, lam_c, eps, False) for c in range(0, i.numel(), chunk)]
+    )
 
 
 def reference_connectivity(h: torch.Tensor, tail: nn.Module, n_lambda: int = 21) -> np.ndarray:
@@ -206,7 +225,7 @@ def reference_connectivity(h: torch.Tensor, tail: nn.Module, n_lambda: int = 21)
                 if torch.equal(h64[i], h64[j]):
                     L[i, j] = L[j, i] = 1.0
                     continue
-                x = h64[i] + lam_t * (h64[j] - h64[i])                               # (T, D)
+                x = h64[i] + lam_t * (h64[j] - h64[i])  # (T, D)
                 y = tail64(x).detach().to(torch.float64).cpu().numpy()
                 L[i, j] = L[j, i] = pair_r2(y, lam).mean()
     return L
@@ -245,17 +264,17 @@ class CompiledTail(nn.Module):
         self.first_call_s: float | None = None
         self.graphs = 0
         self.failed: str | None = None
-        object.__setattr__(self, "_fn", None)   # not a submodule: the parameters stay the tail's, once
+        object.__setattr__(self, "_fn", None)  # not a submodule: the parameters stay the tail's, once
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_fn": None}    # copies and pickles compile again at their first call
+        return {**self.__dict__, "_fn": None}  # copies and pickles compile again at their first call
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.failed is not None or x.dtype != self.dtype or torch.is_grad_enabled() or 4 * x.shape[0] < self.rows:
             return _run_module(self.tail, x)
         outs = []
         for s in range(0, x.shape[0], self.rows):
-            piece = x[s:s + self.rows]
+            piece = x[s : s + self.rows]
             k = piece.shape[0]
             if 4 * k < self.rows:
                 outs.append(_run_module(self.tail, piece))
@@ -281,11 +300,12 @@ class CompiledTail(nn.Module):
         try:
             y = self._fn(self.tail, piece)  # type: ignore[misc]  # set just above
         except Exception as e:
-            y = _run_module(self.tail, piece)      # the tail's own error is raised here, as it is; else compiling failed
+            y = _run_module(self.tail, piece)  # the tail's own error is raised here, as it is; else compiling failed
             msg = (str(e).strip().splitlines() or [""])[0][:200]
             self.failed = f"{type(e).__name__}: {msg}"
-            warnings.warn(f"compile=True: torch.compile failed on the tail ({self.failed}); it runs uncompiled",
-                          RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"compile=True: torch.compile failed on the tail ({self.failed}); it runs uncompiled", RuntimeWarning, stacklevel=2
+            )
             return y
         if self.first_call_s is None:
             self.first_call_s = time.perf_counter() - t
@@ -295,8 +315,13 @@ class CompiledTail(nn.Module):
     def info(self) -> dict[str, Any]:
         """``{"compiled", "first_call_s", "graphs", "rows", "failed"}`` for :func:`~grokfast_metrics.core.last_run_info`
         (``compiled``: dynamo compiled a graph of the tail and it ran)."""
-        return {"compiled": self.failed is None and self.graphs > 0, "first_call_s": self.first_call_s,
-                "graphs": self.graphs, "rows": self.rows, "failed": self.failed}
+        return {
+            "compiled": self.failed is None and self.graphs > 0,
+            "first_call_s": self.first_call_s,
+            "graphs": self.graphs,
+            "rows": self.rows,
+            "failed": self.failed,
+        }
 
 
 def _run_module(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

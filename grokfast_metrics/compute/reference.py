@@ -14,6 +14,7 @@ tail ends in a Linear, its output is taken centred over ``t`` *before* that Line
 never enter), and a saturating activation (sigmoid/tanh) just before it is taken offset free
 (``sigmoid(x) - 1 = -sigmoid(-x)``; see ``_tail.numpy_offset_free``).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -67,14 +68,14 @@ def path_r2(x: np.ndarray, tail: NumpyTail, lam: np.ndarray) -> np.ndarray:
     W, _ = tail.last
     if tail.sat is not None:  # x is the saturating activation's input
         a = numpy_offset_free(tail.sat, x, x[:1])
-        k = 1.0 if tail.sat == "sigmoid" else 2.0       # |act'(x)| = k sigmoid(kx) sigmoid(-kx)
+        k = 1.0 if tail.sat == "sigmoid" else 2.0  # |act'(x)| = k sigmoid(kx) sigmoid(-kx)
         slope = k * _np_sigmoid(k * x) * _np_sigmoid(-k * x)
         amax = (np.abs(a) + np.abs(x) * slope).max(axis=0)  # its own rounding plus x's, amplified by act'(x) (pointwise:
         # max_t |a| * max_t |x| grew like the scale of h squared and fired the constant rule; docs/lmn.md, "Accuracy in the corners")
     else:
         a = x
         amax = np.abs(a).max(axis=0)
-    yc = (a - a.mean(axis=0)) @ W.T                  # centred before the last Linear: no bias, no offset
+    yc = (a - a.mean(axis=0)) @ W.T  # centred before the last Linear: no bias, no offset
     return pair_r2(yc, lam, np.abs(W) @ amax, np.abs(W).sum(axis=1))
 
 
@@ -102,7 +103,7 @@ def connectivity(h: Any, tail: nn.Module, n_lambda: int = 21) -> np.ndarray:
                 if np.array_equal(h[i], h[j]):
                     L[i, j] = L[j, i] = 1.0  # identical representations
                     continue
-                x = h[i] + lam[:, None] * (h[j] - h[i])      # (T, D)
+                x = h[i] + lam[:, None] * (h[j] - h[i])  # (T, D)
                 L[i, j] = L[j, i] = path_r2(x, nt, lam).mean()
     return L
 
@@ -122,8 +123,9 @@ def lmn_from_connectivity(L: Any) -> LMNResult:
     p = ev / ev.sum()
     nz = p[p > 0]
     s = float(-(nz * np.log2(nz)).sum())
-    return LMNResult(lmn=float(2.0**s), entropy_bits=s, eigenvalues=torch.from_numpy(np.sort(ev)[::-1].copy()),
-                     connectivity=torch.from_numpy(L))
+    return LMNResult(
+        lmn=float(2.0**s), entropy_bits=s, eigenvalues=torch.from_numpy(np.sort(ev)[::-1].copy()), connectivity=torch.from_numpy(L)
+    )
 
 
 def lmn(h: Any, tail: nn.Module, n_lambda: int = 21) -> LMNResult:

@@ -3,6 +3,7 @@
 Defined below both :mod:`grokfast_metrics.core` and :mod:`grokfast_metrics.reference` (core dispatches to the
 reference, so neither may import the other for it); ``grokfast_metrics.LMNResult`` and ``core.LMNResult`` are this class.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

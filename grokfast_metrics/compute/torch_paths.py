@@ -16,6 +16,7 @@ Both run on whatever device ``h`` lives on (CPU or CUDA) in fp32 or fp64. With `
 written as :data:`~._policy.FLAGGED` and ``core`` recomputes it in fp64 (:func:`mlp_pairs`,
 :func:`grokfast_metrics.compute.generic.pairs_connectivity`).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -98,8 +99,9 @@ def _linear_scale(r: torch.Tensor, wt: torch.Tensor, b: torch.Tensor | None, las
     return out if b is None else out + b.abs()
 
 
-def r2_from_centred(yc: torch.Tensor, scale: torch.Tensor, lam_c: torch.Tensor, eps: float,
-                    flag: bool = False, wsum: torch.Tensor | float = 1.0) -> torch.Tensor:
+def r2_from_centred(
+    yc: torch.Tensor, scale: torch.Tensor, lam_c: torch.Tensor, eps: float, flag: bool = False, wsum: torch.Tensor | float = 1.0
+) -> torch.Tensor:
     """Mean over outputs of r2 of centred paths, constant-path rule and (optionally) the fp32 flag.
 
     Args:
@@ -116,12 +118,12 @@ def r2_from_centred(yc: torch.Tensor, scale: torch.Tensor, lam_c: torch.Tensor, 
         ``(P,)`` values of ``L_ij`` (or :data:`FLAGGED`).
     """
     T = yc.shape[1]
-    yc = yc - yc.mean(dim=1, keepdim=True)                      # second pass: exact centring of rounding
-    _, e = torch.frexp(yc.abs().amax(dim=1))                   # the power of two scale_free divides by
+    yc = yc - yc.mean(dim=1, keepdim=True)  # second pass: exact centring of rounding
+    _, e = torch.frexp(yc.abs().amax(dim=1))  # the power of two scale_free divides by
     yc, scale = scale_free(yc, scale)
-    cov = torch.matmul(lam_c, yc)                              # [P, O]
-    ss = yc.square().sum(dim=1)                                # [P, O]  T * var(y)
-    ll = torch.dot(lam_c, lam_c)                               # T * var(lam)
+    cov = torch.matmul(lam_c, yc)  # [P, O]
+    ss = yc.square().sum(dim=1)  # [P, O]  T * var(y)
+    ll = torch.dot(lam_c, lam_c)  # T * var(lam)
     r2 = (cov * cov / (ss * ll)).clamp_(0.0, 1.0)
     std = (ss / T).sqrt()
     const = std <= CONST_RTOL * eps * scale
@@ -141,8 +143,8 @@ def scale_free(yc: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, tor
     (docs/lmn.md, "Accuracy in the corners": unscaled, fp32 lost every output above ~1e19 and L read 0 or 1). r2, ``std / scale`` and
     the flag's
     ``kappa`` are unchanged by it."""
-    _, e = torch.frexp(yc.abs().amax(dim=1))                   # [P, O]; 0 -> e = 0
-    lim = 125 if yc.dtype != torch.float64 else 1021           # 2^-e itself must be finite
+    _, e = torch.frexp(yc.abs().amax(dim=1))  # [P, O]; 0 -> e = 0
+    lim = 125 if yc.dtype != torch.float64 else 1021  # 2^-e itself must be finite
     e = e.clamp_(-lim, lim)
     return torch.ldexp(yc, -e.unsqueeze(1)), torch.ldexp(scale, -e)
 
@@ -161,11 +163,12 @@ def pair_error_estimate(err: torch.Tensor, std: torch.Tensor, r2: torch.Tensor) 
     return est.nan_to_num_(nan=1.0).clamp_(max=1.0).mean(dim=1)
 
 
-def r2_from_paths(y: torch.Tensor, lam_c: torch.Tensor, eps: float, flag: bool = False,
-                  in_ratio: torch.Tensor | None = None) -> torch.Tensor:
+def r2_from_paths(
+    y: torch.Tensor, lam_c: torch.Tensor, eps: float, flag: bool = False, in_ratio: torch.Tensor | None = None
+) -> torch.Tensor:
     """:func:`r2_from_centred` of uncentred outputs ``(P, T, O)`` with scale ``max_t |y|`` (plus, with ``in_ratio``
     ``(P,)``, ``std_t(y) * in_ratio``: the input's rounding relative to the path, for the flag and the constant rule)."""
-    amax = torch.maximum(y.amax(dim=1), -y.amin(dim=1))         # [P, O]  max_t |y|
+    amax = torch.maximum(y.amax(dim=1), -y.amin(dim=1))  # [P, O]  max_t |y|
     yc = y - y.mean(dim=1, keepdim=True)
     if in_ratio is not None:
         amax = amax + yc.abs().amax(dim=1) * in_ratio.unsqueeze(1)  # max_t |yc| >= std_t(y): no overflowing square
@@ -174,7 +177,7 @@ def r2_from_paths(y: torch.Tensor, lam_c: torch.Tensor, eps: float, flag: bool =
 
 def triu_pair_chunks(n: int, chunk: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(i, j)`` index tensors covering every pair ``i < j`` of ``n`` items, ``chunk`` at a time."""
-    counts = torch.arange(n - 1, -1, -1, device=device)        # pairs in row i: n - 1 - i
+    counts = torch.arange(n - 1, -1, -1, device=device)  # pairs in row i: n - 1 - i
     offsets = torch.zeros(n + 1, dtype=torch.long, device=device)
     torch.cumsum(counts, 0, out=offsets[1:])
     total = n * (n - 1) // 2
@@ -217,14 +220,21 @@ Stages = list[tuple[list[Act], torch.Tensor, torch.Tensor | None]]
 
 def _prepare(spec: MLPTail, dtype: torch.dtype, device: torch.device | None = None) -> Stages:
     return [
-        (acts, lin.weight.to(device=device, dtype=dtype).t(),
-         None if lin.bias is None else lin.bias.to(device=device, dtype=dtype))
+        (acts, lin.weight.to(device=device, dtype=dtype).t(), None if lin.bias is None else lin.bias.to(device=device, dtype=dtype))
         for acts, lin in spec.stages
     ]
 
 
-def _pairs_values(z: torch.Tensor, spec: MLPTail, stages: Stages, i: torch.Tensor, j: torch.Tensor, n_lambda: int,
-                  flag: bool, u: torch.Tensor | None = None) -> torch.Tensor:
+def _pairs_values(
+    z: torch.Tensor,
+    spec: MLPTail,
+    stages: Stages,
+    i: torch.Tensor,
+    j: torch.Tensor,
+    n_lambda: int,
+    flag: bool,
+    u: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``L_ij`` of the pairs ``(i[p], j[p])`` from the absorbed ``z`` (``(P,)`` in ``z``'s dtype).
 
     ``u`` (``(N, O)`` float64, a lowered tail's skip term ``W_skip h``): the centred outputs gain ``lam_c (u_j - u_i)``
@@ -241,8 +251,8 @@ def _pairs_values(z: torch.Tensor, spec: MLPTail, stages: Stages, i: torch.Tenso
     eps = torch.finfo(dtype).eps
     zi = z[i]
     x = torch.addcmul(zi.unsqueeze(1), lam.view(1, -1, 1), (z[j] - zi).unsqueeze(1))  # [P, T, H0]
-    r = torch.maximum(x[:, 0].abs(), x[:, -1].abs())                                   # [P, H0] max_t |x_0|
-    lin = True                                    # x still linear in t (the first layer's): slope bounds from its ends
+    r = torch.maximum(x[:, 0].abs(), x[:, -1].abs())  # [P, H0] max_t |x_0|
+    lin = True  # x still linear in t (the first layer's): slope bounds from its ends
     centred = not spec.final
     last = len(stages) - 1
     for s, (acts, wt, b) in enumerate(stages):
@@ -256,10 +266,10 @@ def _pairs_values(z: torch.Tensor, spec: MLPTail, stages: Stages, i: torch.Tenso
                 r = _through(last_act, x, y, r, lin)
             else:
                 y, r = _act_step(last_act, x, r, lin)
-            yc = torch.matmul(y - y.mean(dim=1, keepdim=True), wt)                # [P, T, O], no bias
+            yc = torch.matmul(y - y.mean(dim=1, keepdim=True), wt)  # [P, T, O], no bias
             scale = torch.matmul(r, wt.abs())
             if u is not None:  # skip term: exact and linear in lam
-                du = (u[j] - u[i]).to(dtype)                                       # [P, O]
+                du = (u[j] - u[i]).to(dtype)  # [P, O]
                 yc = torch.addcmul(yc, lam_c.view(1, -1, 1), du.unsqueeze(1))
                 scale = scale + du.abs()
             return r2_from_centred(yc, scale, lam_c, eps, flag, wt.abs().sum(dim=0))
@@ -284,8 +294,7 @@ def _act_step(act: Act, x: torch.Tensor, r: torch.Tensor, linear: bool = False) 
 
 
 @torch.no_grad()
-def connectivity_mlp(h: torch.Tensor, spec: MLPTail, n_lambda: int, chunk_bytes: int | None = None,
-                     flag: bool = False) -> torch.Tensor:
+def connectivity_mlp(h: torch.Tensor, spec: MLPTail, n_lambda: int, chunk_bytes: int | None = None, flag: bool = False) -> torch.Tensor:
     """Connectivity matrix ``(N, N)`` of an MLP tail with chunked stock torch ops, in ``h``'s dtype.
 
     Peak extra memory: ``L`` (``N^2``) plus one chunk of activations (``chunk_bytes``, a few times).
@@ -317,13 +326,15 @@ def connectivity_mlp(h: torch.Tensor, spec: MLPTail, n_lambda: int, chunk_bytes:
 
 
 @torch.no_grad()
-def mlp_pairs(h: torch.Tensor, spec: MLPTail, i: torch.Tensor, j: torch.Tensor, n_lambda: int,
-              chunk_bytes: int | None = None) -> torch.Tensor:
+def mlp_pairs(
+    h: torch.Tensor, spec: MLPTail, i: torch.Tensor, j: torch.Tensor, n_lambda: int, chunk_bytes: int | None = None
+) -> torch.Tensor:
     """``L_ij`` of the listed pairs only, in ``h``'s dtype (the fp64 recompute of flagged pairs; a lowered tail's skip
     term included)."""
     stages = _prepare(spec, h.dtype, h.device)
     z, u = spec.absorb(h), spec.skip_values(h)
     width = max([z.shape[1]] + [w.shape[1] for _, w, _ in stages])
     chunk = chunk_pairs(width, n_lambda, h.element_size(), h.device, chunk_bytes)
-    return torch.cat([_pairs_values(z, spec, stages, i[c:c + chunk], j[c:c + chunk], n_lambda, False, u)
-                      for c in range(0, i.numel(), chunk)])
+    return torch.cat(
+        [_pairs_values(z, spec, stages, i[c : c + chunk], j[c : c + chunk], n_lambda, False, u) for c in range(0, i.numel(), chunk)]
+    )

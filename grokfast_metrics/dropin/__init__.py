@@ -5,6 +5,7 @@ the rest of the model runs (``plan``), its tails (``split``), pruning (``prune``
 The names this module re-exported before the layer packages (``grokfast_metrics.dropin.measure.Plan``, ...) still import,
 with a ``DeprecationWarning`` naming the module that defines them.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -12,9 +13,17 @@ import warnings
 
 #: name importable from here before the layer packages -> the module that defines it
 _MOVED = {
-    "lmn_at": "measure", "check_cut": "measure",
-    "CUT_CHECK_SAMPLES": "checks", "PATHS": "plan", "AffineTailWarning": "plan", "Plan": "plan", "emit_affine_warning": "plan",
-    "LastPosition": "hooks", "OutputSelector": "hooks", "suspend_user_hooks": "hooks", "unwrap_compiled": "hooks",
+    "lmn_at": "measure",
+    "check_cut": "measure",
+    "CUT_CHECK_SAMPLES": "checks",
+    "PATHS": "plan",
+    "AffineTailWarning": "plan",
+    "Plan": "plan",
+    "emit_affine_warning": "plan",
+    "LastPosition": "hooks",
+    "OutputSelector": "hooks",
+    "suspend_user_hooks": "hooks",
+    "unwrap_compiled": "hooks",
 }
 
 

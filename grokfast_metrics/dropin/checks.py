@@ -1,6 +1,7 @@
 """What a :class:`~grokfast_metrics.dropin.plan.Plan` checks, as functions: the cut check (the pairs it mixes, its error
 and tolerance), a split tail's agreement with the model's outputs, how affine a split tail is, a tail that reads one
 position, the layout hints of its error messages, and ``L = 1`` of an affine tail."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -33,7 +34,7 @@ def _cut_rtol(dtype: torch.dtype) -> float:
 def _pairs(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     k = min(n, CUT_CHECK_SAMPLES)
     dst = torch.arange(k, device=device)
-    return torch.roll(dst, 1), dst                 # input of sample i-1, activation of sample i
+    return torch.roll(dst, 1), dst  # input of sample i-1, activation of sample i
 
 
 def _read_at_one_position(gm):
@@ -44,8 +45,7 @@ def _read_at_one_position(gm):
     g = copy.deepcopy(gm.graph)
     ph = next(n for n in g.nodes if n.op == "placeholder")
     users = list(ph.users)
-    keys = {tuple(u.args[1:]) if u.op == "call_method" and u.target == "narrow" and not u.kwargs else None
-            for u in users}
+    keys = {tuple(u.args[1:]) if u.op == "call_method" and u.target == "narrow" and not u.kwargs else None for u in users}
     if len(keys) != 1 or None in keys or len(next(iter(keys))) != 3 or next(iter(keys))[2] != 1:
         return None
     k, p, _ = next(iter(keys))
@@ -78,9 +78,11 @@ def _samples_hint(act: torch.Tensor, at: str, batch_dim: int, rows: int) -> str:
     axes = [d for d in range(act.dim()) if act.shape[d] == rows and d != batch_dim]
     if rows < 0 or not axes:
         return ""
-    return (f" The activation at {at!r} ({tuple(act.shape)}) has {rows} along axis {axes[0]}: if the samples are "
-            f"there, pass batch_dim={axes[0]} (e.g. a sequence-first model fed (seq, batch) tokens; "
-            "input_batch_dim defaults to batch_dim).")
+    return (
+        f" The activation at {at!r} ({tuple(act.shape)}) has {rows} along axis {axes[0]}: if the samples are "
+        f"there, pass batch_dim={axes[0]} (e.g. a sequence-first model fed (seq, batch) tokens; "
+        "input_batch_dim defaults to batch_dim)."
+    )
 
 
 def _rows(out, output) -> int:
@@ -105,8 +107,9 @@ def _agrees(a: torch.Tensor, b: torch.Tensor) -> bool:
 def _ones_if_finite(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``L = 1`` for an affine tail, in the dtype ``connectivity`` would return; NaN/Inf logits raise as there."""
     if not bool(torch.isfinite(y).all()):
-        raise NonFiniteOutputError("the model's outputs on the probe are NaN/Inf: the model has diverged or overflows "
-                                   "its dtype, and LMN is undefined there")
+        raise NonFiniteOutputError(
+            "the model's outputs on the probe are NaN/Inf: the model has diverged or overflows its dtype, and LMN is undefined there"
+        )
     dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
     return torch.ones(h.shape[0], h.shape[0], dtype=dtype, device=h.device)
 

@@ -1,6 +1,7 @@
 """``compile=True``: a split tail on the generic path through ``torch.compile`` at one batch shape
 (:class:`~grokfast_metrics.compute.generic.CompiledTail`, kept on the plan for its next computations), and what a plan
 reports to :func:`grokfast_metrics.compute.core.last_run_info` (its path, the affine shortcut, what compiling did)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -12,17 +13,21 @@ from ..compute import core, generic
 from ..compute.core import connectivity
 
 
-def run_generic(plan: Any, h: torch.Tensor, tail: nn.Module, n_lambda: int, backend: str,
-                chunk_bytes: int | None) -> torch.Tensor:
+def run_generic(plan: Any, h: torch.Tensor, tail: nn.Module, n_lambda: int, backend: str, chunk_bytes: int | None) -> torch.Tensor:
     """``connectivity`` through a split or hook tail of ``plan``; with ``plan.compile`` a split tail runs compiled, at
     one batch shape (``plan._compiled`` keeps it; ``plan.compile_info`` says what happened)."""
     if not plan.compile:
         return connectivity(h, tail, n_lambda, backend, chunk_bytes=chunk_bytes)
     dtype = core._compute_dtype(h, tail)
-    why = ("the hook tail re-runs the whole model (split tails only)" if plan.path != "split" else
-           f"backend={backend!r}" if backend not in ("auto", "torch") else
-           "the tail's parameters are not in the compute dtype" if any(
-               p.dtype != dtype for p in tail.parameters() if p.is_floating_point()) else None)
+    why = (
+        "the hook tail re-runs the whole model (split tails only)"
+        if plan.path != "split"
+        else f"backend={backend!r}"
+        if backend not in ("auto", "torch")
+        else "the tail's parameters are not in the compute dtype"
+        if any(p.dtype != dtype for p in tail.parameters() if p.is_floating_point())
+        else None
+    )
     if why is not None:
         plan.compile_info = {"compiled": False, "why": why}
         return connectivity(h, tail, n_lambda, backend, chunk_bytes=chunk_bytes)

@@ -6,6 +6,7 @@ The probe inputs (:func:`_as_args`, :func:`_n_samples`, :func:`_check_devices`),
 :func:`_run_replaced`), the suspension of the user's hooks (:func:`suspend_user_hooks`) and the
 layout checks whose errors name the axis that holds the samples.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -43,8 +44,10 @@ class LastPosition:
         elif not isinstance(out, torch.Tensor) and isinstance(getattr(out, "logits", None), torch.Tensor):
             out = out.logits
         if not isinstance(out, torch.Tensor) or out.dim() < 2:
-            raise ValueError(f"output='last' needs a (batch, seq, ...) or (seq, batch, ...) tensor; got "
-                             f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
+            raise ValueError(
+                f"output='last' needs a (batch, seq, ...) or (seq, batch, ...) tensor; got "
+                f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}"
+            )
         return out[-1] if self.batch_dim == 1 else out[:, -1]
 
     def __repr__(self) -> str:
@@ -55,8 +58,10 @@ def _as_selector(output, batch_dim: int):
     """``output`` as given, ``"last"`` as a :class:`LastPosition`; other strings are a ``ValueError``."""
     if isinstance(output, str):
         if output != "last":
-            raise ValueError(f"output={output!r}: the only named selector is 'last' (the last sequence position); "
-                             "else pass None, a tuple index or a callable")
+            raise ValueError(
+                f"output={output!r}: the only named selector is 'last' (the last sequence position); "
+                "else pass None, a tuple index or a callable"
+            )
         return LastPosition(batch_dim)
     return output
 
@@ -121,7 +126,7 @@ def unwrap_compiled(model: nn.Module) -> nn.Module:
 def _plain_name(at: str) -> str:
     """``at`` without the ``_orig_mod.`` prefixes ``torch.compile`` adds to submodule names."""
     while at.startswith("_orig_mod."):
-        at = at[len("_orig_mod."):]
+        at = at[len("_orig_mod.") :]
     return at
 
 
@@ -173,8 +178,10 @@ def _select_to(out, output: OutputSelector, n: int, batch_dim: int) -> torch.Ten
         return _select(out, output, n)
     y = _first_tensor(out)
     if y.dim() <= batch_dim or y.shape[batch_dim] != n:
-        raise ValueError(f"the output of `to` has shape {tuple(y.shape)}, without the {n} samples along "
-                         f"batch_dim={batch_dim}; pass output=... to select (B, O) from it")
+        raise ValueError(
+            f"the output of `to` has shape {tuple(y.shape)}, without the {n} samples along "
+            f"batch_dim={batch_dim}; pass output=... to select (B, O) from it"
+        )
     return y.movedim(batch_dim, 0).reshape(n, -1)
 
 
@@ -184,9 +191,7 @@ def _first_tensor(out) -> torch.Tensor:
         return out
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
         return out[0]
-    raise ValueError(
-        f"its output is a {type(out).__name__}; lmn_at needs a tensor (or a tuple whose first element is one)"
-    )
+    raise ValueError(f"its output is a {type(out).__name__}; lmn_at needs a tensor (or a tuple whose first element is one)")
 
 
 def _replace_first(out, new: torch.Tensor):
@@ -208,8 +213,11 @@ def _weight_hook_types() -> tuple[type, ...]:
     import importlib
 
     found = []
-    for mod, name in (("torch.nn.utils.weight_norm", "WeightNorm"), ("torch.nn.utils.spectral_norm", "SpectralNorm"),
-                      ("torch.nn.utils.prune", "BasePruningMethod")):
+    for mod, name in (
+        ("torch.nn.utils.weight_norm", "WeightNorm"),
+        ("torch.nn.utils.spectral_norm", "SpectralNorm"),
+        ("torch.nn.utils.prune", "BasePruningMethod"),
+    ):
         try:
             found.append(getattr(importlib.import_module(mod), name))
         except (ImportError, AttributeError):  # pragma: no cover - older/newer torch
@@ -313,15 +321,19 @@ def _call_model(model: nn.Module, args: tuple[torch.Tensor, ...]):
         if any(x.is_floating_point() for x in args) and any(isinstance(m, nn.Embedding) for m in model.modules()):
             hints.append("the model embeds tokens: pass token ids as an integer tensor (e.g. probe.long())")
         if isinstance(e, IndexError) or "out of range" in str(e) or "size" in str(e) or "shape" in str(e):
-            hints.append("check the probe's layout: a batch-first probe given to a sequence-first model (or the "
-                         "reverse) fails like this; give the inputs in the layout forward() expects and set "
-                         "input_batch_dim to the samples' axis")
-        raise ValueError(f"the model failed on the probe inputs ({_shapes(args)}): {type(e).__name__}: {e}"
-                         + "".join(f"; {h}" for h in hints)) from e
+            hints.append(
+                "check the probe's layout: a batch-first probe given to a sequence-first model (or the "
+                "reverse) fails like this; give the inputs in the layout forward() expects and set "
+                "input_batch_dim to the samples' axis"
+            )
+        raise ValueError(
+            f"the model failed on the probe inputs ({_shapes(args)}): {type(e).__name__}: {e}" + "".join(f"; {h}" for h in hints)
+        ) from e
 
 
-def _capture(model: nn.Module, module: nn.Module, name: str, args: tuple[torch.Tensor, ...],
-             to: nn.Module | None = None, to_name: str | None = None):
+def _capture(
+    model: nn.Module, module: nn.Module, name: str, args: tuple[torch.Tensor, ...], to: nn.Module | None = None, to_name: str | None = None
+):
     """Run ``model(*args)``; return ``(model output or to's output, activation of module, raw output is a tensor)``."""
     seen: list = []
     seen_to: list = []
@@ -333,7 +345,7 @@ def _capture(model: nn.Module, module: nn.Module, name: str, args: tuple[torch.T
     def grab_to(_m, _inp, out):
         seen_to.append(out.clone() if isinstance(out, torch.Tensor) else out)
 
-    with _hook(module, grab), (_hook(to, grab_to) if to is not None else nullcontext()):
+    with _hook(module, grab), _hook(to, grab_to) if to is not None else nullcontext():
         out = _call_model(model, args)
     if not seen:
         raise ValueError(
@@ -360,16 +372,13 @@ def _capture(model: nn.Module, module: nn.Module, name: str, args: tuple[torch.T
     return out, act, isinstance(seen[0], torch.Tensor)
 
 
-def _run_replaced(model: nn.Module, module: nn.Module, args: tuple[torch.Tensor, ...], act: torch.Tensor,
-                  to: nn.Module | None = None):
+def _run_replaced(model: nn.Module, module: nn.Module, args: tuple[torch.Tensor, ...], act: torch.Tensor, to: nn.Module | None = None):
     """``model(*args)`` with ``module``'s output replaced by ``act``; with ``to``: ``to``'s output (forward stopped)."""
 
     def replace(_m, _inp, out):
         old = _first_tensor(out)
         if old.shape != act.shape:
-            raise ValueError(
-                f"activation shape changed: forward gave {tuple(old.shape)}, replacement {tuple(act.shape)}"
-            )
+            raise ValueError(f"activation shape changed: forward gave {tuple(old.shape)}, replacement {tuple(act.shape)}")
         return _replace_first(out, act.to(old.dtype, copy=True))  # a copy: the rest may work in place
 
     if to is None:
@@ -398,8 +407,10 @@ def _layout_hint(args, input_batch_dim: int, rows: int) -> str:
     axes = sorted({d for x in args for d in range(x.dim()) if x.shape[d] == rows and d != input_batch_dim})
     if not axes:
         return ""
-    return (f" N was read from the inputs along input_batch_dim={input_batch_dim} ({_shapes(args)}); {rows} is "
-            f"the size of input axis {axes[0]}: if the samples are along that axis, pass input_batch_dim={axes[0]}.")
+    return (
+        f" N was read from the inputs along input_batch_dim={input_batch_dim} ({_shapes(args)}); {rows} is "
+        f"the size of input axis {axes[0]}: if the samples are along that axis, pass input_batch_dim={axes[0]}."
+    )
 
 
 def _check_act_layout(act: torch.Tensor, at: str, n: int, batch_dim: int, input_batch_dim: int, args) -> None:
@@ -408,14 +419,17 @@ def _check_act_layout(act: torch.Tensor, at: str, n: int, batch_dim: int, input_
     shape = tuple(act.shape)
     match = [d for d in range(act.dim()) if shape[d] == n]
     got = f"axis {batch_dim} (batch_dim) has {shape[batch_dim]}" if act.dim() > batch_dim else f"it has no axis {batch_dim}"
-    msg = (f"module {at!r} outputs shape {shape}: {got}, not the N={n} samples read from the inputs along "
-           f"input_batch_dim={input_batch_dim} ({_shapes(args)}). ")
+    msg = (
+        f"module {at!r} outputs shape {shape}: {got}, not the N={n} samples read from the inputs along "
+        f"input_batch_dim={input_batch_dim} ({_shapes(args)}). "
+    )
     msg += f"The activation has {n} along axis {match[0]}." if match else "No axis of the activation has N."
     hint = _layout_hint(args, input_batch_dim, shape[batch_dim]) if act.dim() > batch_dim else ""
-    if hint:   # batch_dim's size is an axis of the inputs: most likely the inputs' sample axis is elsewhere
-        msg += hint + " (input_batch_dim defaults to batch_dim; a model fed batch-first whose blocks run " \
-                      "sequence-first needs input_batch_dim=0, batch_dim=1)"
+    if hint:  # batch_dim's size is an axis of the inputs: most likely the inputs' sample axis is elsewhere
+        msg += (
+            hint + " (input_batch_dim defaults to batch_dim; a model fed batch-first whose blocks run "
+            "sequence-first needs input_batch_dim=0, batch_dim=1)"
+        )
     elif match:
-        msg += (f" Pass batch_dim={match[0]} (the activation's sample axis; input_batch_dim, the inputs' sample "
-                "axis, defaults to batch_dim)")
+        msg += f" Pass batch_dim={match[0]} (the activation's sample axis; input_batch_dim, the inputs' sample axis, defaults to batch_dim)"
     raise ValueError(msg)

@@ -27,6 +27,7 @@ is not affine along the interpolation path, so neither the absorption nor the sk
 reshapes that mix positions and features, more than one hidden layer, more than one output position,
 sequence-first layouts (``batch_dim != 0``) and ``to=``.
 """
+
 from __future__ import annotations
 
 import operator
@@ -50,9 +51,9 @@ class NotLowerable(Exception):
 class _Hidden:
     """One hidden layer: ``act(A x_pos + c)`` at each of its positions (``pos``, ``c``: flattened positions)."""
 
-    A: torch.Tensor          # (H, F_in)
-    c: torch.Tensor          # (n_pos, H)
-    pos: torch.Tensor        # (n_pos,) input position of each of its positions
+    A: torch.Tensor  # (H, F_in)
+    c: torch.Tensor  # (n_pos, H)
+    pos: torch.Tensor  # (n_pos,) input position of each of its positions
     acts: list[Act]
 
 
@@ -80,28 +81,51 @@ class _Sym:
         if W.dim() != 2 or W.shape[1] != self.width:
             raise NotLowerable(f"a linear map of shape {tuple(W.shape)} does not fit width {self.width}")
         c = self.c @ W.t() + (0.0 if b is None else b)
-        return _Sym(self.pos, None if self.A is None else W @ self.A, c, self.hid,
-                    None if self.Wh is None else W @ self.Wh, self.hidx)
+        return _Sym(self.pos, None if self.A is None else W @ self.A, c, self.hid, None if self.Wh is None else W @ self.Wh, self.hidx)
 
     def scale(self, v: torch.Tensor) -> _Sym:
         """Elementwise product with a constant broadcasting over the feature axis only (a scalar or ``(F,)``)."""
         if v.numel() == 1:
             v = v.reshape(())
-            return _Sym(self.pos, None if self.A is None else v * self.A, v * self.c, self.hid,
-                        None if self.Wh is None else v * self.Wh, self.hidx)
+            return _Sym(
+                self.pos, None if self.A is None else v * self.A, v * self.c, self.hid, None if self.Wh is None else v * self.Wh, self.hidx
+            )
         if v.dim() >= 1 and v.shape[-1] == self.width and v.numel() == self.width:
             v = v.reshape(-1)
-            return _Sym(self.pos, None if self.A is None else v[:, None] * self.A, v * self.c, self.hid,
-                        None if self.Wh is None else v[:, None] * self.Wh, self.hidx)
+            return _Sym(
+                self.pos,
+                None if self.A is None else v[:, None] * self.A,
+                v * self.c,
+                self.hid,
+                None if self.Wh is None else v[:, None] * self.Wh,
+                self.hidx,
+            )
         raise NotLowerable(f"a product with a constant of shape {tuple(v.shape)} (only scalars and per-feature)")
 
 
-_ACT_FUNCS = {F.relu: "relu", torch.relu: "relu", F.silu: "silu", torch.tanh: "tanh", F.tanh: "tanh",
-              torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", F.gelu: "gelu", F.leaky_relu: "leaky_relu"}
+_ACT_FUNCS = {
+    F.relu: "relu",
+    torch.relu: "relu",
+    F.silu: "silu",
+    torch.tanh: "tanh",
+    F.tanh: "tanh",
+    torch.sigmoid: "sigmoid",
+    F.sigmoid: "sigmoid",
+    F.gelu: "gelu",
+    F.leaky_relu: "leaky_relu",
+}
 _ACT_METHODS = {"relu": "relu", "tanh": "tanh", "sigmoid": "sigmoid"}
 _NOOP_METHODS = {"contiguous", "clone", "float", "double", "to", "detach"}
-_NORMS = tuple(t for t in (getattr(nn, "LayerNorm", None), getattr(nn, "RMSNorm", None), getattr(nn, "GroupNorm", None),
-                           getattr(nn, "BatchNorm1d", None)) if t is not None)
+_NORMS = tuple(
+    t
+    for t in (
+        getattr(nn, "LayerNorm", None),
+        getattr(nn, "RMSNorm", None),
+        getattr(nn, "GroupNorm", None),
+        getattr(nn, "BatchNorm1d", None),
+    )
+    if t is not None
+)
 
 
 def _is_identity_module(m: nn.Module) -> bool:
@@ -162,8 +186,10 @@ class _Interp:
         if act is not None:
             return self.activate(x, act)
         if isinstance(m, _NORMS):
-            raise NotLowerable(f"{type(m).__name__} {name!r} follows the cut: it divides by the path's own standard "
-                               "deviation (not affine along the path), so the tail is not an MLP")
+            raise NotLowerable(
+                f"{type(m).__name__} {name!r} follows the cut: it divides by the path's own standard "
+                "deviation (not affine along the path), so the tail is not an MLP"
+            )
         if isinstance(m, nn.MultiheadAttention):
             raise NotLowerable(f"attention ({name!r}) follows the cut")
         return self.trace_through(m, name, a, kw)
@@ -173,8 +199,12 @@ class _Interp:
 
         class _Tracer(fx.Tracer):
             def is_leaf_module(self, mod: nn.Module, qualname: str) -> bool:
-                return (type(mod) is nn.Linear or activation_of(mod) is not None or _is_identity_module(mod)
-                        or isinstance(mod, (*_NORMS, nn.MultiheadAttention)))
+                return (
+                    type(mod) is nn.Linear
+                    or activation_of(mod) is not None
+                    or _is_identity_module(mod)
+                    or isinstance(mod, (*_NORMS, nn.MultiheadAttention))
+                )
 
         if kw:
             raise NotLowerable(f"module {name!r} is called with keyword arguments")
@@ -206,8 +236,10 @@ class _Interp:
         if not isinstance(y, _Sym):
             c = _const(y) * sign
             if c.dim() > x.c.dim() or any(s not in (1, t) for s, t in zip(c.shape[::-1], x.c.shape[::-1])):
-                raise NotLowerable(f"a constant of shape {tuple(c.shape)} added to a value of per-sample shape "
-                                   f"{tuple(x.c.shape)} (it would broadcast over the batch)")
+                raise NotLowerable(
+                    f"a constant of shape {tuple(c.shape)} added to a value of per-sample shape "
+                    f"{tuple(x.c.shape)} (it would broadcast over the batch)"
+                )
             return _Sym(x.pos, x.A, x.c + c, x.hid, x.Wh, x.hidx)
         if x.pos.shape != y.pos.shape or not torch.equal(x.pos, y.pos):
             raise NotLowerable("a sum of values at different positions (positions are mixed)")
@@ -233,8 +265,7 @@ class _Interp:
             return a[0].scale(torch.tensor(-1.0, dtype=torch.float64)) if isinstance(a[0], _Sym) else -_const(a[0])
         if f in (operator.mul, torch.mul) and len(a) == 2:
             return self.mul(a[0], a[1])
-        if f in (operator.truediv, torch.div) and len(a) == 2 and not kw and isinstance(a[0], _Sym) \
-                and not isinstance(a[1], _Sym):
+        if f in (operator.truediv, torch.div) and len(a) == 2 and not kw and isinstance(a[0], _Sym) and not isinstance(a[1], _Sym):
             return a[0].scale(1.0 / _const(a[1]))
         if f in (operator.matmul, torch.matmul) and isinstance(a[0], _Sym) and not isinstance(a[1], _Sym):
             W = _const(a[1])
@@ -316,7 +347,7 @@ class _Interp:
         nd = 1 + x.pos.dim() + 1  # batch, positions, features
         if any(i is Ellipsis for i in idx):
             e = idx.index(Ellipsis)
-            idx = idx[:e] + (slice(None),) * (nd - len(idx) + 1) + idx[e + 1:]
+            idx = idx[:e] + (slice(None),) * (nd - len(idx) + 1) + idx[e + 1 :]
         idx = idx + (slice(None),) * (nd - len(idx))
         if len(idx) != nd or idx[0] != slice(None) or idx[-1] != slice(None):
             raise NotLowerable(f"indexing {idx!r} touches the batch or feature axis (only positions are selected)")
@@ -388,8 +419,15 @@ class LoweredTail(nn.Module):
         full = in_positions * in_width
 
         def spec(lin_in, lin_out, w_skip, exact):
-            return MLPTail(pre=[lin_in], stages=[(self.acts or [IDENTITY], lin_out)], final=[], in_features=full,
-                           select=self.select, skip=w_skip, exact=exact)
+            return MLPTail(
+                pre=[lin_in],
+                stages=[(self.acts or [IDENTITY], lin_out)],
+                final=[],
+                in_features=full,
+                select=self.select,
+                skip=w_skip,
+                exact=exact,
+            )
 
         exact = None
         if dtype != torch.float64:
@@ -402,7 +440,7 @@ class LoweredTail(nn.Module):
         return 2 * self.fc_out.in_features * self.fc_out.out_features
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        x = h[:, self.select[0]:self.select[1]]
+        x = h[:, self.select[0] : self.select[1]]
         a = self.fc_in(x)
         for act in self.acts:
             a = act.torch(a)
@@ -429,8 +467,9 @@ class Lowering:
     reason: str
 
 
-def lower(graph_module: nn.Module, act_shape: tuple[int, ...], output=None, dtype: torch.dtype = torch.float32,
-          batch_dim: int = 0) -> Lowering:
+def lower(
+    graph_module: nn.Module, act_shape: tuple[int, ...], output=None, dtype: torch.dtype = torch.float32, batch_dim: int = 0
+) -> Lowering:
     """Lower a traced tail (``h`` of per-sample shape ``act_shape``, batch first, -> its output, then ``output``).
 
     Args:
@@ -474,8 +513,12 @@ def lower(graph_module: nn.Module, act_shape: tuple[int, ...], output=None, dtyp
             raise NotLowerable("the tail is affine (no activation reaches the selected logits)")
         q = int(out.pos)
         H, O = out.hid.A.shape[0], out.width
-        parts = [f"position {q} of {S}" if len(act_shape) == 2 else "the representation",
-                 f"Linear({F_in}, {H}) absorbed", "-".join(a.name for a in out.hid.acts), f"Linear({H}, {O}) folded"]
+        parts = [
+            f"position {q} of {S}" if len(act_shape) == 2 else "the representation",
+            f"Linear({F_in}, {H}) absorbed",
+            "-".join(a.name for a in out.hid.acts),
+            f"Linear({H}, {O}) folded",
+        ]
         if out.A is not None and bool(out.A.any()):
             parts.append(f"skip Linear({F_in}, {O}) as lam (u_j - u_i)")
         tail = LoweredTail(out, S, F_in, dtype, " -> ".join(parts))

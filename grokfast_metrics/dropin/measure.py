@@ -31,6 +31,7 @@ The pieces: :mod:`grokfast_metrics.dropin.plan` (:class:`Plan`, the cut check, t
 :mod:`grokfast_metrics.dropin.split` (the chain, split and hook tails) and :mod:`grokfast_metrics.dropin.hooks`
 (inputs, names, outputs, hooks, layouts).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -46,8 +47,16 @@ __all__ = ["check_cut", "lmn_at"]
 
 
 @keyword_only("check_cut(model, inputs, at='blocks.0', to=None, output=None, batch_dim=0, input_batch_dim=None)")
-def check_cut(model: nn.Module, inputs: Any, at: str, *, to: str | None = None, output: OutputSelector = None,
-              batch_dim: int = 0, input_batch_dim: int | None = None) -> float:
+def check_cut(
+    model: nn.Module,
+    inputs: Any,
+    at: str,
+    *,
+    to: str | None = None,
+    output: OutputSelector = None,
+    batch_dim: int = 0,
+    input_batch_dim: int | None = None,
+) -> float:
     """Check that the rest of ``model`` (or the sub-network up to ``to``) depends on ``inputs`` only through ``at``.
 
     For ``k = min(N, 8)`` samples, sample ``i - 1``'s input is run with sample ``i``'s activation at
@@ -76,10 +85,24 @@ def check_cut(model: nn.Module, inputs: Any, at: str, *, to: str | None = None, 
 
 
 @keyword_only("lmn_at(model, inputs, at='blocks.0', to=None, output=None, batch_dim=0, n_lambda=21, ...)")
-def lmn_at(model: nn.Module, inputs: Any, at: str, *, to: str | None = None, output: OutputSelector = None,
-           batch_dim: int = 0, input_batch_dim: int | None = None, n_lambda: int = 21, backend: str = "auto",
-           check: bool = True, path: str = "auto", user_hooks: bool = False, chunk_bytes: int | None = None,
-           warn_affine: bool = True, compile: bool = False) -> LMNResult:
+def lmn_at(
+    model: nn.Module,
+    inputs: Any,
+    at: str,
+    *,
+    to: str | None = None,
+    output: OutputSelector = None,
+    batch_dim: int = 0,
+    input_batch_dim: int | None = None,
+    n_lambda: int = 21,
+    backend: str = "auto",
+    check: bool = True,
+    path: str = "auto",
+    user_hooks: bool = False,
+    chunk_bytes: int | None = None,
+    warn_affine: bool = True,
+    compile: bool = False,
+) -> LMNResult:
     """Linear mapping number at the output of the submodule ``at`` of ``model``, over the probe ``inputs``.
 
     ``h`` is ``at``'s output with each sample's activation flattened (``(N, D)``, ``D`` the product of

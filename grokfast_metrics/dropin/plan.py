@@ -6,6 +6,7 @@ current weights; :class:`~grokfast_metrics.LMNTracker` builds one and reuses it.
 warning (:class:`AffineTailWarning`, :func:`emit_affine_warning`) is emitted from here.
 :mod:`grokfast_metrics.dropin.measure` re-exports every public name.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -92,16 +93,27 @@ def emit_affine_warning(at: str, to: str | None, how: str, stacklevel: int = 4, 
     hidden-layer advice; without ``model``, both.
     """
     target = f"module {to!r}" if to else "the output"
-    mlp = "the output of a hidden layer's activation that has another Linear and activation after it (the paper's " \
-          "choice: the first hidden layer's post-activation)"
-    transformer = "the residual stream before the last nonlinearity (e.g. the last block's input, or " \
-                  "'blocks.<k>.hook_resid_mid' before the last MLP in TransformerLens)"
-    advice = (mlp if model is not None and not _has_attention(model) else
-              transformer if model is not None else f"{transformer}, or in an MLP {mlp}")
+    mlp = (
+        "the output of a hidden layer's activation that has another Linear and activation after it (the paper's "
+        "choice: the first hidden layer's post-activation)"
+    )
+    transformer = (
+        "the residual stream before the last nonlinearity (e.g. the last block's input, or "
+        "'blocks.<k>.hook_resid_mid' before the last MLP in TransformerLens)"
+    )
+    advice = (
+        mlp
+        if model is not None and not _has_attention(model)
+        else transformer
+        if model is not None
+        else f"{transformer}, or in an MLP {mlp}"
+    )
     warnings.warn(
         f"LMN at {at!r} is 1 at every step: the map from {at!r} to {target} is affine ({how}), so every "
         f"interpolation path is a straight line. Measure at a layer with a nonlinearity after it: {advice}.",
-        AffineTailWarning, stacklevel=stacklevel)
+        AffineTailWarning,
+        stacklevel=stacklevel,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,9 +139,20 @@ class Plan:
             position 2 of 3 -> Linear(128, 512) absorbed -> relu -> ..."``.
     """
 
-    def __init__(self, model: nn.Module, inputs, at: str, to: str | None = None, output: OutputSelector = None,
-                 batch_dim: int = 0, input_batch_dim: int | None = None, path: str = "auto",
-                 user_hooks: bool = False, *, compile: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        inputs,
+        at: str,
+        to: str | None = None,
+        output: OutputSelector = None,
+        batch_dim: int = 0,
+        input_batch_dim: int | None = None,
+        path: str = "auto",
+        user_hooks: bool = False,
+        *,
+        compile: bool = False,
+    ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
         for name, v in (("batch_dim", batch_dim), ("input_batch_dim", input_batch_dim)):
@@ -149,28 +172,27 @@ class Plan:
         self.args = _as_args(inputs)
         self.n = _n_samples(self.args, self.input_batch_dim)
         if self.n < 2:
-            raise ValueError(f"inputs hold {self.n} sample(s) along input_batch_dim={self.input_batch_dim}; "
-                             "LMN needs at least 2")
+            raise ValueError(f"inputs hold {self.n} sample(s) along input_batch_dim={self.input_batch_dim}; LMN needs at least 2")
         _check_devices(self.model, self.args)
         self.requested = path
         self.user_hooks = bool(user_hooks)
-        self.compile = bool(compile)   # a split tail on the generic path runs through torch.compile (generic.CompiledTail)
-        self._compiled: dict = {}      # (tail id, rows, dtype) -> CompiledTail
-        self.compile_info: dict | None = None   # what compile=True did in the last computation (last_run_info's "compile")
+        self.compile = bool(compile)  # a split tail on the generic path runs through torch.compile (generic.CompiledTail)
+        self._compiled: dict = {}  # (tail id, rows, dtype) -> CompiledTail
+        self.compile_info: dict | None = None  # what compile=True did in the last computation (last_run_info's "compile")
         self.path: str | None = None
         self.reason: str = "not built yet (the plan runs the probe at its first computation)"
         self.tail: nn.Module | None = None
         self.act_shape: tuple[int, ...] | None = None
         self.checked = False
-        self.affine: bool | None = None   # structurally affine (None: unknown until L is seen)
+        self.affine: bool | None = None  # structurally affine (None: unknown until L is seen)
         self.affine_warned = False
-        self.prune = True          # position pruning of a split tail (False: run every position, as before)
-        self.pruned = False        # whether the split tail runs pruned
-        self.full_tail: nn.Module | None = None   # the split tail at every position (the reference runs it)
+        self.prune = True  # position pruning of a split tail (False: run every position, as before)
+        self.pruned = False  # whether the split tail runs pruned
+        self.full_tail: nn.Module | None = None  # the split tail at every position (the reference runs it)
         self.sliced_tail: nn.Module | None = None  # the pruned tail taking h at its one needed position only
         self.sliced: tuple[int, int] | None = None  # (axis, position) of that slice of at's output
-        self.lowering = None              # _lower.Lowering of a split tail (set by _build)
-        self._lowered_at = None           # parameter versions the lowered tail's folded weights were taken at
+        self.lowering = None  # _lower.Lowering of a split tail (set by _build)
+        self._lowered_at = None  # parameter versions the lowered tail's folded weights were taken at
         self.ran = ""
 
     def _find_modules(self) -> None:
@@ -206,8 +228,12 @@ class Plan:
             y = _select_to(out, self.output, self.n, self.batch_dim)
         else:
             rows = _rows(out, self.output)
-            y = _select(out, self.output, self.n, _samples_hint(act, self.at, self.batch_dim, rows)
-                        or _layout_hint(self.args, self.input_batch_dim, rows))
+            y = _select(
+                out,
+                self.output,
+                self.n,
+                _samples_hint(act, self.at, self.batch_dim, rows) or _layout_hint(self.args, self.input_batch_dim, rows),
+            )
         if self.path is None:
             self._build(act)
         return y, act
@@ -224,16 +250,26 @@ class Plan:
                 self.affine = bool(spec is not None and spec.is_affine) or isinstance(self.tail, nn.Identity)
                 return
         if req == "chain":
-            raise ValueError(f"path='chain' needs at={self.at!r} in plain nn.Sequential chains, output=None, "
-                             "batch_dim=0 and a 2-D activation")
+            raise ValueError(
+                f"path='chain' needs at={self.at!r} in plain nn.Sequential chains, output=None, batch_dim=0 and a 2-D activation"
+            )
         why_not = why_not_chain(self, act) if req == "auto" else "path='split' requested"
         if req in ("auto", "split"):
-            gm, why = _trace_split(self.model, self.at, self.to, explain=True, args=self.args,
-                                   input_batch_dim=self.input_batch_dim, tuple_at=not self._raw_is_tensor)
+            gm, why = _trace_split(
+                self.model,
+                self.at,
+                self.to,
+                explain=True,
+                args=self.args,
+                input_batch_dim=self.input_batch_dim,
+                tuple_at=not self._raw_is_tensor,
+            )
             if gm is not None:
                 self.path, self.tail = "split", _SplitTail(gm, self)
-                self.reason = (f"{why_not}; torch.fx traces the model and the layers after {self.at!r} depend on the "
-                               "input only through it: the traced tail runs alone")
+                self.reason = (
+                    f"{why_not}; torch.fx traces the model and the layers after {self.at!r} depend on the "
+                    "input only through it: the traced tail runs alone"
+                )
                 self._lower()  # from the whole split tail, before pruning replaces self.tail
                 self._prune(gm, act)
                 self.affine = _tail_kind(gm) <= _AFFINE and (self.to is not None or _selector_affine(self.output))
@@ -244,19 +280,23 @@ class Plan:
                 gm, inner = _container_split(self.model, self.at, self.args, not self._raw_is_tensor)
                 if gm is not None:
                     self.path, self.tail = "split", _SplitTail(gm, self)
-                    self.reason = (f"{why_not}; torch.fx cannot trace the model ({why.split('(', 1)[-1].rstrip(')')}), "
-                                   f"but the model returns {inner!r}'s output as it is and {inner!r} traces: the "
-                                   f"layers after {self.at!r} inside it run alone")
+                    self.reason = (
+                        f"{why_not}; torch.fx cannot trace the model ({why.split('(', 1)[-1].rstrip(')')}), "
+                        f"but the model returns {inner!r}'s output as it is and {inner!r} traces: the "
+                        f"layers after {self.at!r} inside it run alone"
+                    )
                     self._lower()
                     self._prune(gm, act)
                     self.affine = (_tail_kind(gm) <= _AFFINE and _selector_affine(self.output)) or None
                     return
         if req == "split":
-            raise ValueError(f"path='split' cannot run: torch.fx does not split the model at {self.at!r} ({why}); "
-                             "use path='hooks'")
+            raise ValueError(f"path='split' cannot run: torch.fx does not split the model at {self.at!r} ({why}); use path='hooks'")
         self.path, self.tail = "hooks", _HookTail(self)
-        self.reason = (f"{why_not}; no fx split: {why}: the whole model re-runs with {self.at!r}'s output replaced"
-                       if req == "auto" else "path='hooks' requested")
+        self.reason = (
+            f"{why_not}; no fx split: {why}: the whole model re-runs with {self.at!r}'s output replaced"
+            if req == "auto"
+            else "path='hooks' requested"
+        )
 
     def _prune(self, gm, act: torch.Tensor) -> None:
         """Position pruning of the split tail (:mod:`grokfast_metrics.dropin.prune`): only what the selected logits need."""
@@ -275,7 +315,7 @@ class Plan:
                 self.sliced, self.sliced_tail = (k, p), _SplitTail(gm_s, self)
                 shape = list(act.shape)
                 shape[k] = 1
-                self.sliced_tail._act_shape = tuple(torch.Size(shape)[:self.batch_dim] + torch.Size(shape)[self.batch_dim + 1:])
+                self.sliced_tail._act_shape = tuple(torch.Size(shape)[: self.batch_dim] + torch.Size(shape)[self.batch_dim + 1 :])
                 self.reason += f" (h itself only at position {p} of axis {k}: only that position is interpolated)"
 
     def _lower(self):
@@ -315,8 +355,7 @@ class Plan:
         """Whether module ``name`` passes the cut check (False when it cannot be checked)."""
         try:
             out, act, _ = _capture(self.model, modules[name], name, self.args, self.to_module, self.to)
-            y = (_select_to(out, self.output, self.n, self.batch_dim) if self.to is not None
-                 else _select(out, self.output, self.n))
+            y = _select_to(out, self.output, self.n, self.batch_dim) if self.to is not None else _select(out, self.output, self.n)
             if act.dim() <= self.batch_dim or act.shape[self.batch_dim] != self.n:
                 return False
             src, dst = _pairs(self.n, y.device)
@@ -342,23 +381,23 @@ class Plan:
                 h.remove()
         if self.at not in order:
             return []
-        before = order[:order.index(self.at)]
+        before = order[: order.index(self.at)]
         return [n for n in reversed(before) if not self.at.startswith(n + ".")]
 
     def _not_a_cut_message(self, err: float, tol: float) -> str:
         parts = self.at.split(".")
         modules = dict(self.model.named_modules())
-        enclosing = next((p for p in (".".join(parts[:k]) for k in range(len(parts) - 1, 0, -1))
-                          if self._is_cut(p, modules)), None)
+        enclosing = next((p for p in (".".join(parts[:k]) for k in range(len(parts) - 1, 0, -1)) if self._is_cut(p, modules)), None)
         suggestion, note = enclosing, ""
         if enclosing is not None and self._affine_after(enclosing):
             # e.g. TransformerLens' blocks.0.mlp.hook_post: 'blocks.0' is a cut, but only the unembedding follows it
-            earlier = next((n for n in self._earlier_modules(modules)[:24]
-                            if self._is_cut(n, modules) and not self._affine_after(n)), None)
+            earlier = next((n for n in self._earlier_modules(modules)[:24] if self._is_cut(n, modules) and not self._affine_after(n)), None)
             if earlier is not None:
                 suggestion = earlier
-                note = (f" ({enclosing!r} is a cut too, but only affine layers follow it, so its LMN is 1; "
-                        f"{earlier!r} is the nearest earlier module that is a cut with a nonlinearity after it)")
+                note = (
+                    f" ({enclosing!r} is a cut too, but only affine layers follow it, so its LMN is 1; "
+                    f"{earlier!r} is the nearest earlier module that is a cut with a nonlinearity after it)"
+                )
         if suggestion is None:
             hint = " Use the output of a whole block (e.g. a full residual block) instead of a sub-layer."
         elif suggestion == enclosing:
@@ -366,18 +405,21 @@ class Plan:
         else:
             hint = f" Use a module that is a cut, e.g. at={suggestion!r}{note}."
         target = f"module {self.to!r}'s output (to=)" if self.to else "logits"
-        return (f"module {self.at!r} is not a cut of the model: feeding sample i's input with sample j's activation "
-                f"at {self.at!r} does not reproduce sample j's {target} (relative error {err:.2e} > {tol:.0e}), so "
-                f"part of the output bypasses it (e.g. a skip connection around it).{hint}")
+        return (
+            f"module {self.at!r} is not a cut of the model: feeding sample i's input with sample j's activation "
+            f"at {self.at!r} does not reproduce sample j's {target} (relative error {err:.2e} > {tol:.0e}), so "
+            f"part of the output bypasses it (e.g. a skip connection around it).{hint}"
+        )
 
-    def compute(self, n_lambda: int = 21, backend: str = "auto", *, check: bool = True,
-                chunk_bytes: int | None = None, warn_affine: bool = True) -> LMNResult:
+    def compute(
+        self, n_lambda: int = 21, backend: str = "auto", *, check: bool = True, chunk_bytes: int | None = None, warn_affine: bool = True
+    ) -> LMNResult:
         """One LMN computation on the model's current weights (see :func:`lmn_at`)."""
-        return lmn_from_connectivity(self.connectivity(n_lambda, backend, check=check, chunk_bytes=chunk_bytes,
-                                                       warn_affine=warn_affine))
+        return lmn_from_connectivity(self.connectivity(n_lambda, backend, check=check, chunk_bytes=chunk_bytes, warn_affine=warn_affine))
 
-    def connectivity(self, n_lambda: int = 21, backend: str = "auto", *, check: bool = True,
-                     chunk_bytes: int | None = None, warn_affine: bool = True) -> torch.Tensor:
+    def connectivity(
+        self, n_lambda: int = 21, backend: str = "auto", *, check: bool = True, chunk_bytes: int | None = None, warn_affine: bool = True
+    ) -> torch.Tensor:
         """The connectivity matrix ``L`` on the model's current weights: :meth:`compute` without the eigen step."""
         n_lambda = check_n_lambda(n_lambda)
         self.compile_info = None
@@ -401,12 +443,17 @@ class Plan:
         if warn_affine and not self.affine_warned:
             if self.affine:
                 self.affine_warned = True
-                emit_affine_warning(self.at, self.to, "structurally: only affine layers follow it; L = 1 exactly, "
-                                                      "not computed", model=self.model)
+                emit_affine_warning(
+                    self.at, self.to, "structurally: only affine layers follow it; L = 1 exactly, not computed", model=self.model
+                )
             elif numerically_affine:
                 self.affine_warned = True
-                emit_affine_warning(self.at, self.to, "L is 1 to rounding, and in float64 the tail maps every "
-                                                      "probed path to a straight line", model=self.model)
+                emit_affine_warning(
+                    self.at,
+                    self.to,
+                    "L is 1 to rounding, and in float64 the tail maps every probed path to a straight line",
+                    model=self.model,
+                )
         return L
 
     def _affine_probe(self, h: torch.Tensor, L: torch.Tensor) -> bool:
@@ -465,7 +512,7 @@ class Plan:
                 return L
         if self.path == "split" and self.pruned:
             h_run, tail = h, self.tail
-            if self.sliced_tail is not None:   # the tail reads h at one position only: interpolate that position
+            if self.sliced_tail is not None:  # the tail reads h at one position only: interpolate that position
                 k, p = self.sliced
                 h_run, tail = act.narrow(k, p, 1).movedim(self.batch_dim, 0).reshape(self.n, -1), self.sliced_tail
             y_end = generic.end_outputs(tail, h_run, _param_dtype(tail, h_run.dtype), y.dtype)
@@ -478,18 +525,19 @@ class Plan:
                 return L
             # the pruned graph does not reproduce the model: every position from now on
             self.tail, self.pruned, self.sliced_tail = self.full_tail, False, None
-            self.reason = self.reason.replace("; pruned to the positions the selected logits depend on",
-                                              "; the pruned tail disagreed with the model: every position runs")
+            self.reason = self.reason.replace(
+                "; pruned to the positions the selected logits depend on", "; the pruned tail disagreed with the model: every position runs"
+            )
         if self.path == "split":
             y_end = generic.end_outputs(self.tail, h, _param_dtype(self.tail, h.dtype), y.dtype)
             if not _agrees(y_end, y):
                 # the traced graph does not reproduce the model (e.g. an in-place op it lost): hooks from now on
                 self.path, self.tail, self.affine = "hooks", _HookTail(self), None
-                self.reason = ("the traced tail's outputs differed from the model's on the probe (e.g. an op "
-                               "torch.fx lost): the whole model re-runs with at's output replaced")
+                self.reason = (
+                    "the traced tail's outputs differed from the model's on the probe (e.g. an op "
+                    "torch.fx lost): the whole model re-runs with at's output replaced"
+                )
         L = run_generic(self, h, self.tail, n_lambda, backend, chunk_bytes)
         why = "" if low is None else (f"; not lowered: {low.reason}" if low.tail is None else f"; backend={backend!r}")
         self.ran = f"{self.path}, generic ({core.last_run_info().get('backend')}){why}"
         return L
-
-

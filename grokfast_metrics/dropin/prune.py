@@ -13,6 +13,7 @@ reshape, an unknown module, ``tril``) needs its inputs whole, and what feeds it 
 Where nothing can be pruned the tail is returned unchanged (``None``). The plan checks the pruned tail's
 outputs on the samples against the model's own at every computation and falls back to the whole tail.
 """
+
 from __future__ import annotations
 
 import builtins
@@ -27,16 +28,91 @@ from torch import nn
 FULL = "full"
 
 # ops acting elementwise (after broadcasting): any axis is position-wise
-_ELEMENTWISE_FUNCS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pos,
-                      torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.relu, torch.tanh, torch.sigmoid,
-                      torch.exp, torch.sqrt, torch.rsqrt, torch.abs, torch.where, torch.eq, torch.ne, operator.eq,
-                      operator.ne, operator.pow, torch.pow, torch.erf,
-                      F.relu, F.gelu, F.silu, F.tanh, F.sigmoid, F.softplus, F.leaky_relu, F.elu, F.mish, F.dropout}
-_ELEMENTWISE_METHODS = {"add", "sub", "mul", "div", "neg", "relu", "tanh", "sigmoid", "exp", "sqrt", "rsqrt", "abs",
-                        "float", "double", "to", "contiguous", "clone", "pow", "eq", "ne", "masked_fill",
-                        "masked_fill_", "add_", "mul_", "sub_", "div_", "relu_", "type_as", "detach"}
-_ELEMENTWISE_MODULES = (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.Softplus, nn.Mish,
-                        nn.Identity, nn.Dropout, nn.ReLU6, nn.Hardtanh, nn.GLU)
+_ELEMENTWISE_FUNCS = {
+    operator.add,
+    operator.sub,
+    operator.mul,
+    operator.truediv,
+    operator.neg,
+    operator.pos,
+    torch.add,
+    torch.sub,
+    torch.mul,
+    torch.div,
+    torch.neg,
+    torch.relu,
+    torch.tanh,
+    torch.sigmoid,
+    torch.exp,
+    torch.sqrt,
+    torch.rsqrt,
+    torch.abs,
+    torch.where,
+    torch.eq,
+    torch.ne,
+    operator.eq,
+    operator.ne,
+    operator.pow,
+    torch.pow,
+    torch.erf,
+    F.relu,
+    F.gelu,
+    F.silu,
+    F.tanh,
+    F.sigmoid,
+    F.softplus,
+    F.leaky_relu,
+    F.elu,
+    F.mish,
+    F.dropout,
+}
+_ELEMENTWISE_METHODS = {
+    "add",
+    "sub",
+    "mul",
+    "div",
+    "neg",
+    "relu",
+    "tanh",
+    "sigmoid",
+    "exp",
+    "sqrt",
+    "rsqrt",
+    "abs",
+    "float",
+    "double",
+    "to",
+    "contiguous",
+    "clone",
+    "pow",
+    "eq",
+    "ne",
+    "masked_fill",
+    "masked_fill_",
+    "add_",
+    "mul_",
+    "sub_",
+    "div_",
+    "relu_",
+    "type_as",
+    "detach",
+}
+_ELEMENTWISE_MODULES = (
+    nn.ReLU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.Softplus,
+    nn.Mish,
+    nn.Identity,
+    nn.Dropout,
+    nn.ReLU6,
+    nn.Hardtanh,
+    nn.GLU,
+)
 
 
 def _is_leaf(m: nn.Module) -> bool:
@@ -48,7 +124,7 @@ def _traced_len(x):
     import torch.fx as fx
 
     if isinstance(x, fx.Proxy):
-        return x.size(0)        # recorded as a method call: the graph re-traces (unpickling) without patching len
+        return x.size(0)  # recorded as a method call: the graph re-traces (unpickling) without patching len
     return builtins.len(x)
 
 
@@ -196,9 +272,9 @@ class _Analysis:
         self.gm = gm
         self.mods = dict(gm.named_modules())
         self.force_full = force_full
-        self.demand: dict = {}          # node -> FULL or (axis, pos)
-        self.expect: dict = {}          # (user, input node) -> FULL, ("narrow", axis, pos) or ("expand", axis, pos)
-        self.mha_query: dict = {}       # attention node -> (axis, pos) of a query that is also its keys/values
+        self.demand: dict = {}  # node -> FULL or (axis, pos)
+        self.expect: dict = {}  # (user, input node) -> FULL, ("narrow", axis, pos) or ("expand", axis, pos)
+        self.mha_query: dict = {}  # attention node -> (axis, pos) of a query that is also its keys/values
 
     def place(self, user, node, how):
         if not hasattr(node, "op"):
@@ -233,8 +309,7 @@ class _Analysis:
             return _elementwise(n, axis, pos, shape)
         if isinstance(mod, nn.Linear) and axis != nd - 1:
             return _elementwise(n, axis, pos, shape)
-        if isinstance(mod, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))) \
-                and axis < nd - len(mod.normalized_shape):
+        if isinstance(mod, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))) and axis < nd - len(mod.normalized_shape):
             return _elementwise(n, axis, pos, shape)
         if isinstance(mod, nn.Softmax) and mod.dim is not None and mod.dim % nd != axis:
             return _elementwise(n, axis, pos, shape)
@@ -254,11 +329,12 @@ class _Analysis:
             return _elementwise(n, axis, pos, shape)
         if n.op == "call_function" and t in (F.linear,) and axis != nd - 1:
             return _elementwise(n, axis, pos, shape)
-        if (n.op == "call_function" and t in (F.softmax, torch.softmax, F.log_softmax)) or \
-                (n.op == "call_method" and t in ("softmax", "log_softmax")):
+        if (n.op == "call_function" and t in (F.softmax, torch.softmax, F.log_softmax)) or (
+            n.op == "call_method" and t in ("softmax", "log_softmax")
+        ):
             dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else None)
             return _elementwise(n, axis, pos, shape) if isinstance(dim, int) and dim % nd != axis else None
-        if (n.op == "call_function" and t is F.layer_norm):
+        if n.op == "call_function" and t is F.layer_norm:
             ns = n.args[1] if len(n.args) > 1 else n.kwargs.get("normalized_shape")
             return _elementwise(n, axis, pos, shape) if ns is not None and axis < nd - len(ns) else None
         if (n.op == "call_function" and t in (torch.transpose,)) or (n.op == "call_method" and t == "transpose"):
@@ -329,9 +405,14 @@ class _Analysis:
                 for m in n.all_input_nodes:
                     self.place(n, m, ("expand", axis, pos) if m is target else FULL)
                 continue
-            if n not in self.demand and n.op == "call_method" and n.target.endswith("_") and n.args \
-                    and self.demand.get(n.args[0]) is not None:
-                self.demand[n] = self.demand[n.args[0]]     # an in-place op on a needed tensor runs where it does
+            if (
+                n not in self.demand
+                and n.op == "call_method"
+                and n.target.endswith("_")
+                and n.args
+                and self.demand.get(n.args[0]) is not None
+            ):
+                self.demand[n] = self.demand[n.args[0]]  # an in-place op on a needed tensor runs where it does
             if n not in self.demand:
                 continue
             d = self.demand[n]
@@ -370,8 +451,9 @@ def prune_positions(gm: nn.Module, act_model_layout: torch.Tensor, output) -> nn
     for _ in range(8):
         an = _Analysis(deep, force_full)
         an.run(out_node, demand)
-        bad = {n for n in deep.graph.nodes if an.pruned(n) and n.op == "call_method" and n.target.endswith("_")
-               and not an.pruned(n.args[0])}
+        bad = {
+            n for n in deep.graph.nodes if an.pruned(n) and n.op == "call_method" and n.target.endswith("_") and not an.pruned(n.args[0])
+        }
         if not bad:
             break
         force_full |= bad
@@ -386,6 +468,7 @@ def _rebuild(deep, an: _Analysis, fx) -> nn.Module | None:
     g = fx.Graph()
     env: dict = {}
     for n in deep.graph.nodes:
+
         def arg(m, user=n):
             v = env[m]
             how = an.expect.get((user, m), FULL)
@@ -401,7 +484,7 @@ def _rebuild(deep, an: _Analysis, fx) -> nn.Module | None:
             return v
 
         new = g.node_copy(n, arg)
-        if n in an.mha_query and an.pruned(n):        # the query, also the keys/values: narrowed here alone
+        if n in an.mha_query and an.pruned(n):  # the query, also the keys/values: narrowed here alone
             axis, pos = an.mha_query[n]
             q = g.call_method("narrow", (new.args[0], axis, pos, 1))
             new.prepend(q)

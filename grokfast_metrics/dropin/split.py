@@ -6,6 +6,7 @@ chains; a **split** tail (:class:`_SplitTail`) is the ``torch.fx`` sub-graph aft
 output replaced. :func:`_graph_kind` and :func:`_selector_affine` tell, from the graph alone, whether
 the tail is affine (then LMN is 1 at every step).
 """
+
 from __future__ import annotations
 
 import operator
@@ -47,10 +48,10 @@ class _HookTail(nn.Module):
 
     def __init__(self, plan: PlanView):
         super().__init__()
-        self.model = plan.model                  # registered: its parameters decide dtype/device checks
-        self._modules_at = [plan.module, plan.to_module]   # a list: not registered twice
+        self.model = plan.model  # registered: its parameters decide dtype/device checks
+        self._modules_at = [plan.module, plan.to_module]  # a list: not registered twice
         for k, x in enumerate(_take(plan.args, torch.zeros(1, dtype=torch.long), plan.input_batch_dim)):
-            self.register_buffer(f"_arg{k}", x, persistent=False)   # buffers: .double() converts float probes
+            self.register_buffer(f"_arg{k}", x, persistent=False)  # buffers: .double() converts float probes
         self._n_args = len(plan.args)
         self._act_shape = tuple(plan.act_shape)
         self._output = plan.output
@@ -110,17 +111,32 @@ def _chain_tail(model: nn.Module, at: str, to: str | None) -> nn.Sequential | No
     stop = len(leaves) if to is None else ends[to]
     if stop <= ends[at]:
         if to is None:
-            first = next((n for n, k in ends.items() if 0 < k < len(leaves) and "." not in n
-                          and not isinstance(leaves[k - 1], (nn.Linear, nn.Flatten, nn.Dropout))), None)
+            first = next(
+                (
+                    n
+                    for n, k in ends.items()
+                    if 0 < k < len(leaves) and "." not in n and not isinstance(leaves[k - 1], (nn.Linear, nn.Flatten, nn.Dropout))
+                ),
+                None,
+            )
             eg = f", e.g. at={first!r} (the first hidden activation)" if first is not None else ""
-            raise ValueError(f"at={at!r} is the model's last layer: its output is the model's output, so no layer "
-                             f"is left after it and LMN would be 1. Measure at an earlier layer{eg}")
+            raise ValueError(
+                f"at={at!r} is the model's last layer: its output is the model's output, so no layer "
+                f"is left after it and LMN would be 1. Measure at an earlier layer{eg}"
+            )
         raise ValueError(f"to={to!r} must come after at={at!r} in the model")
-    return nn.Sequential(*leaves[ends[at]:stop])
+    return nn.Sequential(*leaves[ends[at] : stop])
 
 
-def _trace_split(model: nn.Module, at: str, to: str | None, explain: bool = False, args: tuple | None = None,
-                 input_batch_dim: int = 0, tuple_at: bool = False):
+def _trace_split(
+    model: nn.Module,
+    at: str,
+    to: str | None,
+    explain: bool = False,
+    args: tuple | None = None,
+    input_batch_dim: int = 0,
+    tuple_at: bool = False,
+):
     """A ``torch.fx`` GraphModule computing the output (or ``to``'s) from ``at``'s output alone, or None.
 
     Every module that does not contain ``at``/``to`` is a leaf; None when the model does not trace,
@@ -197,7 +213,7 @@ def _container_split(model: nn.Module, at: str, args: tuple, tuple_at: bool):
     for c in names:
         if outs.get(c) is not out:
             continue
-        gm, _ = _trace_split_why(modules[c], at[len(c) + 1:], None, None, 0, tuple_at)
+        gm, _ = _trace_split_why(modules[c], at[len(c) + 1 :], None, None, 0, tuple_at)
         if gm is not None:
             return gm, c
     return None, None
@@ -214,21 +230,22 @@ def _trace_through(model: nn.Module, at: str, to: str | None, explain: bool = Fa
             through.update(".".join(parts[:k]) for k in range(1, len(parts)))
 
     class _Tracer(fx.Tracer):
-        proxy_buffer_attributes = True   # a buffer sliced by a traced size (openai/grok's mask) traces
+        proxy_buffer_attributes = True  # a buffer sliced by a traced size (openai/grok's mask) traces
 
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
             return qualname not in through
 
     concrete = None
-    if n_args is not None:   # the forward's arguments the probe does not pass: traced at their defaults
+    if n_args is not None:  # the forward's arguments the probe does not pass: traced at their defaults
         import inspect
 
         try:
             params = list(inspect.signature(model.forward).parameters.values())[n_args:]
         except (TypeError, ValueError):
             params = []
-        concrete = {p.name: p.default for p in params
-                    if p.default is not inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD} or None
+        concrete = {
+            p.name: p.default for p in params if p.default is not inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD
+        } or None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -256,13 +273,12 @@ def _shape_constants(nodes: list, args: tuple, input_batch_dim: int) -> dict:
     for n in nodes:
         src = n.args[0] if n.args else None
         if n.op == "call_method" and n.target in _SAME_SHAPE_METHODS and src in values:
-            values[n] = values[src]           # x.to(device): the same sizes
+            values[n] = values[src]  # x.to(device): the same sizes
         elif n.op == "call_function" and n.target is getattr and src in values and n.args[1] == "shape":
             shapes[n] = values[src]
         elif n.op == "call_function" and n.target is operator.getitem and src in shapes and axis_ok(shapes[src], n.args[1]):
             consts[n] = int(shapes[src].shape[n.args[1]])
-        elif n.op == "call_method" and n.target == "size" and src in values and len(n.args) == 2 \
-                and axis_ok(values[src], n.args[1]):
+        elif n.op == "call_method" and n.target == "size" and src in values and len(n.args) == 2 and axis_ok(values[src], n.args[1]):
             consts[n] = int(values[src].shape[n.args[1]])
         elif n.op == "call_function" and n.target is len and src in values and axis_ok(values[src], 0):
             consts[n] = int(values[src].shape[0])
@@ -317,12 +333,48 @@ def _sub_graph_module(model: nn.Module, nodes: list, needed: set, a, result, con
 # structural affinity of a traced tail: const < affine < nonlinear
 _CONST, _AFFINE, _NONLINEAR = 0, 1, 2
 _LINEAR_MODULES = (nn.Linear, nn.Identity, nn.Dropout, nn.Flatten, nn.Unflatten)
-_LINEAR_FUNCS = {operator.add, operator.sub, operator.neg, operator.pos, operator.getitem, torch.add, torch.sub,
-                 torch.cat, torch.stack, torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze,
-                 torch.unsqueeze, torch.movedim, F.dropout, getattr}
-_LINEAR_METHODS = {"reshape", "view", "permute", "transpose", "flatten", "unflatten", "contiguous", "squeeze",
-                   "unsqueeze", "expand", "expand_as", "movedim", "add", "sub", "neg", "clone", "float", "double",
-                   "to", "size"}
+_LINEAR_FUNCS = {
+    operator.add,
+    operator.sub,
+    operator.neg,
+    operator.pos,
+    operator.getitem,
+    torch.add,
+    torch.sub,
+    torch.cat,
+    torch.stack,
+    torch.flatten,
+    torch.reshape,
+    torch.permute,
+    torch.transpose,
+    torch.squeeze,
+    torch.unsqueeze,
+    torch.movedim,
+    F.dropout,
+    getattr,
+}
+_LINEAR_METHODS = {
+    "reshape",
+    "view",
+    "permute",
+    "transpose",
+    "flatten",
+    "unflatten",
+    "contiguous",
+    "squeeze",
+    "unsqueeze",
+    "expand",
+    "expand_as",
+    "movedim",
+    "add",
+    "sub",
+    "neg",
+    "clone",
+    "float",
+    "double",
+    "to",
+    "size",
+}
 _SCALE = {operator.mul, operator.matmul, torch.mul, torch.matmul, "mul", "matmul", F.linear}
 _DIV = {operator.truediv, torch.div, "div"}
 

@@ -7,6 +7,7 @@ row is written (with its connectivity snapshot, if one is due) as soon as everyt
 complete. :meth:`RowQueue.flush` waits for all of them: the trainer calls it before a checkpoint, when it
 stops and at the end, so the run directory holds the same rows and snapshots as a synchronous run.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,16 +26,16 @@ from .runlog import save_connectivity
 __all__ = ["RowQueue", "StepTracker", "lmn_columns", "track_connectivity"]
 
 
-def track_connectivity(model: GrokMLP, x_probe: torch.Tensor, layers: list[str], n_lambda: int = 21,
-                       backend: str = "auto") -> dict[str, torch.Tensor]:
+def track_connectivity(
+    model: GrokMLP, x_probe: torch.Tensor, layers: list[str], n_lambda: int = 21, backend: str = "auto"
+) -> dict[str, torch.Tensor]:
     """``L`` of the probe inputs at each of ``layers``: what :func:`grokfast_metrics.experiment.trainer.track_lmn` computes
     before the eigen step (the same representations, tails and kernel, so the LMN values are bit-identical)."""
     reps = representations(model, x_probe, layers)
     return {layer: connectivity(h, tail, n_lambda, backend) for layer, (h, tail) in reps.items()}
 
 
-def lmn_columns(run_dir: Path, layers: list[str], step: int, results: dict[str, LMNResult] | None,
-                snapshot: bool) -> dict:
+def lmn_columns(run_dir: Path, layers: list[str], step: int, results: dict[str, LMNResult] | None, snapshot: bool) -> dict:
     """The LMN columns of ``step``'s row from its ``results`` (NaN: ``None``, a diverged model); saves the
     first layer's connectivity snapshot when ``snapshot`` is due and there is one."""
     row = {f"lmn_{layer}": math.nan if results is None else results[layer].lmn for layer in layers}

@@ -7,6 +7,7 @@ not fit the run) before anything in the run directory changes; :func:`roll_back`
 the checkpoint and :func:`restore_checkpoint` loads it into a freshly set-up run.
 :func:`grokfast_metrics.experiment.trainer.resume` is the entry point.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,8 +22,7 @@ from .config import TrainConfig
 from .run import Phases, Run, build_model
 from .runlog import RunLogError, drop_snapshots_after, read_metrics, torch_bytes, write_atomic
 
-__all__ = ["CHECKPOINT", "check_restorable", "load_checkpoint", "prepare_resume", "restore_checkpoint", "roll_back",
-           "save_checkpoint"]
+__all__ = ["CHECKPOINT", "check_restorable", "load_checkpoint", "prepare_resume", "restore_checkpoint", "roll_back", "save_checkpoint"]
 
 #: the checkpoint file in the run directory (the latest one; replaced atomically)
 CHECKPOINT = "checkpoint.pt"
@@ -45,8 +45,7 @@ def save_checkpoint(run: Run, step: int) -> Path:
         "model": run.model.state_dict(),
         "optimizer": run.opt.state_dict(),
         "grad_filter": None if run.grad_filter is None else run.grad_filter.state_dict(),
-        "rng": {"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
         "tracker": run.tracker.state_dict(),
         "phases": asdict(run.phases),
         "collapse": asdict(run.collapse) if run.collapse is not None else None,
@@ -68,23 +67,24 @@ def load_checkpoint(run_dir: str | Path) -> dict:
     """
     path = Path(run_dir) / CHECKPOINT
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: nothing to resume (train with --checkpoint-every K to write "
-                                "checkpoints)")
+        raise FileNotFoundError(f"{path} does not exist: nothing to resume (train with --checkpoint-every K to write checkpoints)")
     try:
         state = torch.load(path, weights_only=False, map_location="cpu")
     except Exception as e:  # truncated, empty, random bytes: torch and pickle raise many kinds
-        raise RunLogError(f"{path} is damaged ({path.stat().st_size} bytes; {_one_line(e)}): it cannot be resumed; "
-                          "the run directory is left as it is") from None
+        raise RunLogError(
+            f"{path} is damaged ({path.stat().st_size} bytes; {_one_line(e)}): it cannot be resumed; the run directory is left as it is"
+        ) from None
     missing = [k for k in _KEYS if not isinstance(state, dict) or k not in state]
     if missing:
-        raise RunLogError(f"{path} is not a checkpoint of this trainer (missing {', '.join(missing)}): it cannot be "
-                          "resumed; the run directory is left as it is")
+        raise RunLogError(
+            f"{path} is not a checkpoint of this trainer (missing {', '.join(missing)}): it cannot be "
+            "resumed; the run directory is left as it is"
+        )
     return state
 
 
 #: what :func:`save_checkpoint` writes
-_KEYS = ("step", "config", "model", "optimizer", "grad_filter", "rng", "tracker", "phases", "collapse", "timer",
-         "elapsed_s", "rows")
+_KEYS = ("step", "config", "model", "optimizer", "grad_filter", "rng", "tracker", "phases", "collapse", "timer", "elapsed_s", "rows")
 
 
 def _one_line(e: BaseException, limit: int = 160) -> str:
@@ -116,12 +116,13 @@ def check_restorable(cfg: TrainConfig, state: dict, path: Path) -> None:
             for key, value in opt.state.get(p, {}).items():
                 if key != "step" and isinstance(value, torch.Tensor) and value.shape != p.shape:
                     raise ValueError(f"optimizer state {key} has shape {tuple(value.shape)}, its parameter {tuple(p.shape)}")
-        grad_filter = make_filter(cfg.grokfast, ema_alpha=cfg.ema_alpha, ema_lamb=cfg.ema_lamb, ma_window=cfg.ma_window,
-                                  ma_lamb=cfg.ma_lamb)
+        grad_filter = make_filter(
+            cfg.grokfast, ema_alpha=cfg.ema_alpha, ema_lamb=cfg.ema_lamb, ma_window=cfg.ma_window, ma_lamb=cfg.ma_lamb
+        )
         if grad_filter is not None and state["grad_filter"] is not None:
             grad_filter.load_state_dict(state["grad_filter"], device=torch.device("cpu"))
             for name, value in grad_filter.state.items():
-                for t in (value if not isinstance(value, torch.Tensor) else [value]):
+                for t in value if not isinstance(value, torch.Tensor) else [value]:
                     if name not in shapes or t.shape != shapes[name]:
                         raise ValueError(f"Grokfast filter state {name!r} does not match the model's parameters")
         with torch.random.fork_rng(devices=[]):
@@ -130,12 +131,10 @@ def check_restorable(cfg: TrainConfig, state: dict, path: Path) -> None:
         dataclasses.replace(Phases(), **state["phases"])
         if state["collapse"] is not None:
             Collapse(**state["collapse"])
-        if not all(isinstance(v, (int, float)) for v in dict(state["timer"]).values()) or not isinstance(
-                state["elapsed_s"], (int, float)):
+        if not all(isinstance(v, (int, float)) for v in dict(state["timer"]).values()) or not isinstance(state["elapsed_s"], (int, float)):
             raise ValueError("timers are not numbers")
     except Exception as e:
-        raise RunLogError(f"{path} cannot be restored into this run ({_one_line(e)}); the run directory is left as "
-                          "it is") from None
+        raise RunLogError(f"{path} cannot be restored into this run ({_one_line(e)}); the run directory is left as it is") from None
 
 
 def prepare_resume(run_dir: Path, steps: int | None) -> tuple[TrainConfig, dict, list[dict]]:
@@ -165,8 +164,10 @@ def prepare_resume(run_dir: Path, steps: int | None) -> tuple[TrainConfig, dict,
     rows = read_metrics(run_dir)
     rows = [r for r in rows if r["step"] <= state["step"]]
     if len(rows) != state["rows"]:
-        raise RunLogError(f"{run_dir / 'metrics.jsonl'} has {len(rows)} rows up to step {state['step']}, the checkpoint "
-                          f"expects {state['rows']}; the run directory was modified")
+        raise RunLogError(
+            f"{run_dir / 'metrics.jsonl'} has {len(rows)} rows up to step {state['step']}, the checkpoint "
+            f"expects {state['rows']}; the run directory was modified"
+        )
     return cfg, state, rows
 
 

@@ -4,6 +4,7 @@
 ``collapse_fraction`` and ``collapse_spike`` of :class:`~grokfast_metrics.experiment.config.TrainConfig`, and the
 event goes into ``summary.json`` (``numerical_collapse``) with a :class:`NumericalCollapseWarning`.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,8 +42,7 @@ class Collapse:
             self.detail["at_fraction_step"] = {"train_loss": train_loss, "train_p1_frac": p1_fraction}
         if self.spike_step is None and 0.0 < self.min_loss and train_loss > self.spike * self.min_loss:
             self.spike_step = step
-            self.detail["at_spike_step"] = {"train_loss": train_loss, "min_train_loss_before": self.min_loss,
-                                            "train_p1_frac": p1_fraction}
+            self.detail["at_spike_step"] = {"train_loss": train_loss, "min_train_loss_before": self.min_loss, "train_p1_frac": p1_fraction}
         if train_loss < self.min_loss:
             self.min_loss = train_loss
         return before is None and self.step is not None
@@ -57,8 +57,14 @@ class Collapse:
         """``summary.json``'s ``numerical_collapse`` entry (``None`` when no collapse)."""
         if self.step is None:
             return None
-        return {"step": self.step, "p1_fraction_step": self.fraction_step, "loss_spike_step": self.spike_step,
-                "p1_fraction_threshold": self.fraction, "loss_spike_factor": self.spike, **self.detail}
+        return {
+            "step": self.step,
+            "p1_fraction_step": self.fraction_step,
+            "loss_spike_step": self.spike_step,
+            "p1_fraction_threshold": self.fraction,
+            "loss_spike_factor": self.spike,
+            **self.detail,
+        }
 
 
 class NumericalCollapseWarning(UserWarning):

@@ -8,6 +8,7 @@
   quantisation), serialise deterministically, compress with ``bz2`` and ``lzma``, and keep the smallest
   compressed size among the coarse-grainings whose training loss stays within ``eps`` of the original.
 """
+
 from __future__ import annotations
 
 import bz2

@@ -4,6 +4,7 @@ Each field carries its command-line help in ``metadata`` (``help``, and where it
 from the registries of tasks, filters, embeddings, layers and LMN backends, ``flag``, ``group``,
 ``sep``, ``action``); ``grokfast-metrics train`` generates its options from them (:mod:`grokfast_metrics.cli.main`).
 """
+
 from __future__ import annotations
 
 import math
@@ -31,10 +32,15 @@ MODELS = ("mlp", "transformer")
 #: the defaults of the fields left ``None``, per model. The transformer's grok on a 2-core CPU in minutes
 #: (``--p 113 --d-model 128 --d-mlp 512 --train-fraction 0.3 --lr 1e-3`` is Nanda's setup, for a GPU)
 MODEL_DEFAULTS = {
-    "mlp": {"steps": 20_000, "lr": 1e-3, "weight_decay": 0.2, "train_fraction": 0.8, "p": ADD_MODULUS,
-            "lmn_layers": [DEFAULT_LAYER]},
-    "transformer": {"steps": 2_500, "lr": 3e-3, "weight_decay": 1.0, "train_fraction": 0.5, "p": ADD_MODULUS,
-                    "lmn_layers": [TRANSFORMER_LAYER]},
+    "mlp": {"steps": 20_000, "lr": 1e-3, "weight_decay": 0.2, "train_fraction": 0.8, "p": ADD_MODULUS, "lmn_layers": [DEFAULT_LAYER]},
+    "transformer": {
+        "steps": 2_500,
+        "lr": 3e-3,
+        "weight_decay": 1.0,
+        "train_fraction": 0.5,
+        "p": ADD_MODULUS,
+        "lmn_layers": [TRANSFORMER_LAYER],
+    },
 }
 #: the seeds torch accepts (``torch.manual_seed``)
 SEED_RANGE = (-(2**63), 2**64 - 1)
@@ -59,86 +65,156 @@ class TrainConfig:
     the default). Step ``s`` is the model after ``s`` optimizer updates.
     """
 
-    task: str = field(default="add", metadata=_meta("add: (a+b) mod p (--p); s4: composition in S4; xor: 5-bit XOR", _MODEL,
-                                                    choices=TASKS))
-    model: str = field(default="mlp", metadata=_meta(
-        "mlp: the paper's 3-layer SiLU MLP; transformer: a Nanda-style one-layer transformer (token + positional "
-        "embedding, attention, ReLU MLP, unembedding, no LayerNorm; input 'a b =', logits at the last position). "
-        "Fields marked 'per model' take that model's default", _MODEL, choices=MODELS))
-    p: int | None = field(default=None, metadata=_meta(
-        "modulus of the add task (default 31; Nanda's transformer setup: 113)", _MODEL))
-    steps: int | None = field(default=None, metadata=_meta(
-        "full-batch AdamW steps (per model: 20000 for the mlp, 2500 for the transformer)", _OPT))
+    task: str = field(default="add", metadata=_meta("add: (a+b) mod p (--p); s4: composition in S4; xor: 5-bit XOR", _MODEL, choices=TASKS))
+    model: str = field(
+        default="mlp",
+        metadata=_meta(
+            "mlp: the paper's 3-layer SiLU MLP; transformer: a Nanda-style one-layer transformer (token + positional "
+            "embedding, attention, ReLU MLP, unembedding, no LayerNorm; input 'a b =', logits at the last position). "
+            "Fields marked 'per model' take that model's default",
+            _MODEL,
+            choices=MODELS,
+        ),
+    )
+    p: int | None = field(default=None, metadata=_meta("modulus of the add task (default 31; Nanda's transformer setup: 113)", _MODEL))
+    steps: int | None = field(
+        default=None, metadata=_meta("full-batch AdamW steps (per model: 20000 for the mlp, 2500 for the transformer)", _OPT)
+    )
     lr: float | None = field(default=None, metadata=_meta("learning rate (per model: 1e-3 for the mlp, 3e-3 for the transformer)", _OPT))
-    weight_decay: float | None = field(default=None, metadata=_meta(
-        "AdamW weight decay (per model: 0.2 for the mlp, 1 for the transformer)", _OPT))
-    adam_eps: float = field(default=1e-6, metadata=_meta(
-        "AdamW epsilon. 1e-6 (not torch's 1e-8) keeps float32 runs clear of the late softmax collapse, which "
-        "stops S4 short of generalizing; the paper does not state its eps", _OPT))
-    train_fraction: float | None = field(default=None, metadata=_meta(
-        "fraction of all inputs used for training, in (0, 1) (per model: 0.8 for the mlp, 0.5 for the transformer)", _MODEL))
+    weight_decay: float | None = field(
+        default=None, metadata=_meta("AdamW weight decay (per model: 0.2 for the mlp, 1 for the transformer)", _OPT)
+    )
+    adam_eps: float = field(
+        default=1e-6,
+        metadata=_meta(
+            "AdamW epsilon. 1e-6 (not torch's 1e-8) keeps float32 runs clear of the late softmax collapse, which "
+            "stops S4 short of generalizing; the paper does not state its eps",
+            _OPT,
+        ),
+    )
+    train_fraction: float | None = field(
+        default=None,
+        metadata=_meta("fraction of all inputs used for training, in (0, 1) (per model: 0.8 for the mlp, 0.5 for the transformer)", _MODEL),
+    )
     seed: int = field(default=0, metadata=_meta("seed of the split and the initialization", _MODEL))
     init_scale: float = field(default=1.0, metadata=_meta("Omnigrok alpha: multiply initial parameters by it", _MODEL))
     embed_dim: int = field(default=32, metadata=_meta("mlp: embedding width per operand", _MODEL))
     hidden: int = field(default=100, metadata=_meta("mlp: hidden width", _MODEL))
-    embedding: str = field(default="separate", metadata=_meta(
-        "mlp: one table per operand (the paper's setup) or one table shared by both operands", _MODEL, choices=EMBEDDINGS))
+    embedding: str = field(
+        default="separate",
+        metadata=_meta("mlp: one table per operand (the paper's setup) or one table shared by both operands", _MODEL, choices=EMBEDDINGS),
+    )
     d_model: int = field(default=32, metadata=_meta("transformer: residual stream width (Nanda: 128)", _MODEL))
     d_mlp: int = field(default=128, metadata=_meta("transformer: MLP hidden width (Nanda: 512)", _MODEL))
     n_heads: int = field(default=4, metadata=_meta("transformer: attention heads (d_model must be a multiple)", _MODEL))
-    dtype: str = field(default="float32", metadata=_meta(
-        "training precision of the parameters and activations (LMN is computed on the model as it is)", _OPT,
-        choices=DTYPES))
+    dtype: str = field(
+        default="float32",
+        metadata=_meta(
+            "training precision of the parameters and activations (LMN is computed on the model as it is)", _OPT, choices=DTYPES
+        ),
+    )
     grokfast: str = field(default="none", metadata=_meta("Grokfast gradient filter", _OPT, choices=FILTERS))
     ema_alpha: float = field(default=0.98, metadata=_meta("grokfast ema momentum", _OPT))
     ema_lamb: float = field(default=2.0, metadata=_meta("grokfast ema amplification", _OPT))
     ma_window: int = field(default=100, metadata=_meta("grokfast ma window", _OPT))
     ma_lamb: float = field(default=5.0, metadata=_meta("grokfast ma amplification", _OPT))
-    collapse_fraction: float = field(default=COLLAPSE_FRACTION, metadata=_meta(
-        "numerical collapse when this fraction of the training samples has correct-class probability exactly 1 in the "
-        "training dtype", _OPT))
-    collapse_spike: float = field(default=COLLAPSE_SPIKE, metadata=_meta(
-        "numerical collapse when the train loss exceeds this factor times its lowest value so far", _OPT))
+    collapse_fraction: float = field(
+        default=COLLAPSE_FRACTION,
+        metadata=_meta(
+            "numerical collapse when this fraction of the training samples has correct-class probability exactly 1 in the training dtype",
+            _OPT,
+        ),
+    )
+    collapse_spike: float = field(
+        default=COLLAPSE_SPIKE,
+        metadata=_meta("numerical collapse when the train loss exceeds this factor times its lowest value so far", _OPT),
+    )
     device: str = field(default="auto", metadata=_meta("auto (CUDA if available), cpu, cuda, cuda:N", _LMN))
-    lmn_every: int | None = field(default=None, metadata=_meta(
-        "LMN every k steps, 0 = off (default: 1 on CUDA, 100 on CPU)", _LMN))
-    lmn_early: bool = field(default=True, metadata=_meta(
-        "skip the extra log-spaced LMN steps floor(1.5 ** k) (1, 2, 3, 5, ...) below --lmn-every (about 11 at every=100; "
-        "they resolve the memorization phase on a log axis)", _LMN, flag="--no-lmn-early"))
-    probe: str | int | None = field(default=None, metadata=_meta(
-        "LMN samples: all, train, test or a seeded subset size n (default: all on CUDA; on CPU 256 for the mlp, 128 for the "
-        "transformer)", _LMN))
+    lmn_every: int | None = field(default=None, metadata=_meta("LMN every k steps, 0 = off (default: 1 on CUDA, 100 on CPU)", _LMN))
+    lmn_early: bool = field(
+        default=True,
+        metadata=_meta(
+            "skip the extra log-spaced LMN steps floor(1.5 ** k) (1, 2, 3, 5, ...) below --lmn-every (about 11 at every=100; "
+            "they resolve the memorization phase on a log axis)",
+            _LMN,
+            flag="--no-lmn-early",
+        ),
+    )
+    probe: str | int | None = field(
+        default=None,
+        metadata=_meta(
+            "LMN samples: all, train, test or a seeded subset size n (default: all on CUDA; on CPU 256 for the mlp, 128 for the "
+            "transformer)",
+            _LMN,
+        ),
+    )
     probe_seed: int = field(default=0, metadata=_meta("seed of the probe subset (its own generator)", _LMN))
-    lmn_layers: list[str] | None = field(default=None, metadata=_meta(
-        f"reading to track: a layer ({', '.join(LAYERS)}) to the logits, or FROM:TO for the segment between two layers "
-        "(TO may be 'logits'); repeat for several, the first is the 'lmn' column; 'all' = every layer to the logits, "
-        f"'fig3' = the paper's three layers to the logits and to the next layer. Transformer: {' or '.join(TRANSFORMER_LAYERS)} "
-        f"('all' = both). Per model: {DEFAULT_LAYER} for the mlp, {TRANSFORMER_LAYER} for the transformer", _LMN,
-        flag="--lmn-layer", action="append"))
+    lmn_layers: list[str] | None = field(
+        default=None,
+        metadata=_meta(
+            f"reading to track: a layer ({', '.join(LAYERS)}) to the logits, or FROM:TO for the segment between two layers "
+            "(TO may be 'logits'); repeat for several, the first is the 'lmn' column; 'all' = every layer to the logits, "
+            f"'fig3' = the paper's three layers to the logits and to the next layer. Transformer: {' or '.join(TRANSFORMER_LAYERS)} "
+            f"('all' = both). Per model: {DEFAULT_LAYER} for the mlp, {TRANSFORMER_LAYER} for the transformer",
+            _LMN,
+            flag="--lmn-layer",
+            action="append",
+        ),
+    )
     n_lambda: int = field(default=21, metadata=_meta("interpolation points per pair", _LMN))
     lmn_backend: str = field(default="auto", metadata=_meta("LMN backend passed to grokfast_metrics.lmn", _LMN, choices=BACKENDS))
-    lmn_async: bool = field(default=False, metadata=_meta(
-        "compute the eigen step of LMN on a host worker thread while training goes on (L itself stays in the training "
-        "thread); rows wait until their LMN lands, so the logs are the same as without it", _LMN))
-    spectral_entropy_weight: float = field(default=0.0, metadata=_meta(
-        "add this times the spectral entropy of every Linear weight to the loss (0 = off; train_loss in the logs stays "
-        "the cross-entropy)", _CX))
-    complexity: str = field(default="log", metadata=_meta(
-        "compression-based complexity schedule: off, log (0 and powers of two) or every k steps; the last step always", _CX))
-    complexity_eps: list[float] = field(default_factory=lambda: [1e-3, 1e-2, 1e-1], metadata=_meta(
-        "loss tolerances of the compression complexity (one complexity_bits_eps<e> column each)", _CX))
-    save_connectivity: list[str] = field(default_factory=lambda: list(SNAPSHOT_DEFAULT), metadata=_meta(
-        "steps at which to save L of the first tracked layer for Figure 4: comma-separated integers and/or memorization, "
-        "generalization, final; '' = none", _CX, sep=","))
-    checkpoint_every: int = field(default=0, metadata=_meta(
-        "write checkpoint.pt (model, optimizer, filter, RNG, tracker state) every k steps, for --resume; 0 = never", _OUT,
-        sweep_help="write checkpoint.pt in each run directory every k steps (train --resume <run dir> continues one); "
-                   "0 = never"))
-    log_every: int | None = field(default=None, metadata=_meta(
-        "log a row every k steps; LMN, complexity and key steps always (default: 1 on CUDA, 10 on CPU)", _OUT))
-    threads: int | None = field(default=None, metadata=_meta(
-        "torch CPU threads during the run, restored afterwards (default: 1 on CPU, where 2 threads measured 6-20x slower "
-        "on the tiny model; unchanged on CUDA)", _OUT))
+    lmn_async: bool = field(
+        default=False,
+        metadata=_meta(
+            "compute the eigen step of LMN on a host worker thread while training goes on (L itself stays in the training "
+            "thread); rows wait until their LMN lands, so the logs are the same as without it",
+            _LMN,
+        ),
+    )
+    spectral_entropy_weight: float = field(
+        default=0.0,
+        metadata=_meta(
+            "add this times the spectral entropy of every Linear weight to the loss (0 = off; train_loss in the logs stays "
+            "the cross-entropy)",
+            _CX,
+        ),
+    )
+    complexity: str = field(
+        default="log",
+        metadata=_meta("compression-based complexity schedule: off, log (0 and powers of two) or every k steps; the last step always", _CX),
+    )
+    complexity_eps: list[float] = field(
+        default_factory=lambda: [1e-3, 1e-2, 1e-1],
+        metadata=_meta("loss tolerances of the compression complexity (one complexity_bits_eps<e> column each)", _CX),
+    )
+    save_connectivity: list[str] = field(
+        default_factory=lambda: list(SNAPSHOT_DEFAULT),
+        metadata=_meta(
+            "steps at which to save L of the first tracked layer for Figure 4: comma-separated integers and/or memorization, "
+            "generalization, final; '' = none",
+            _CX,
+            sep=",",
+        ),
+    )
+    checkpoint_every: int = field(
+        default=0,
+        metadata=_meta(
+            "write checkpoint.pt (model, optimizer, filter, RNG, tracker state) every k steps, for --resume; 0 = never",
+            _OUT,
+            sweep_help="write checkpoint.pt in each run directory every k steps (train --resume <run dir> continues one); 0 = never",
+        ),
+    )
+    log_every: int | None = field(
+        default=None, metadata=_meta("log a row every k steps; LMN, complexity and key steps always (default: 1 on CUDA, 10 on CPU)", _OUT)
+    )
+    threads: int | None = field(
+        default=None,
+        metadata=_meta(
+            "torch CPU threads during the run, restored afterwards (default: 1 on CPU, where 2 threads measured 6-20x slower "
+            "on the tiny model; unchanged on CUDA)",
+            _OUT,
+        ),
+    )
 
     def __post_init__(self) -> None:
         """Fill the fields left ``None`` that have a per-model default (:data:`MODEL_DEFAULTS`; ``p`` for ``add`` only)."""
@@ -162,8 +238,9 @@ class TrainConfig:
         for name in ("seed", "probe_seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
-                raise ValueError(f"{name.replace('_', ' ')} must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}] "
-                                 f"(torch's seed range); got {value}")
+                raise ValueError(
+                    f"{name.replace('_', ' ')} must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}] (torch's seed range); got {value}"
+                )
 
     def _validate_training(self) -> None:
         self._validate_numbers()
@@ -192,10 +269,13 @@ class TrainConfig:
             raise ValueError(f"collapse fraction must be in (0, 1]; got {self.collapse_fraction}")
         if not (self.collapse_spike > 1.0):
             raise ValueError(f"collapse spike must be > 1; got {self.collapse_spike}")
-        for name, value, positive in (("lr", self.lr, True), ("weight decay", self.weight_decay, False),
-                                      ("adam eps", self.adam_eps, True),
-                                      ("init scale", self.init_scale, True),
-                                      ("spectral entropy weight", self.spectral_entropy_weight, False)):
+        for name, value, positive in (
+            ("lr", self.lr, True),
+            ("weight decay", self.weight_decay, False),
+            ("adam eps", self.adam_eps, True),
+            ("init scale", self.init_scale, True),
+            ("spectral entropy weight", self.spectral_entropy_weight, False),
+        ):
             if not ((value > 0 if positive else value >= 0) and math.isfinite(value)):
                 raise ValueError(f"{name} must be {'a positive number' if positive else '>= 0'}; got {value}")
         if self.embedding not in EMBEDDINGS:
@@ -216,8 +296,9 @@ class TrainConfig:
         for layer in self.lmn_layers:
             if self.model == "transformer":
                 if layer not in TRANSFORMER_LAYERS:
-                    raise ValueError(f"LMN layer {layer!r} is not a reading of the transformer; choose from "
-                                     f"{', '.join(TRANSFORMER_LAYERS)}")
+                    raise ValueError(
+                        f"LMN layer {layer!r} is not a reading of the transformer; choose from {', '.join(TRANSFORMER_LAYERS)}"
+                    )
             else:
                 check_layer_spec(layer)
         if len(set(self.lmn_layers)) != len(self.lmn_layers):

@@ -2,6 +2,7 @@
 the paper's Figure 2), and how a figure is written (:func:`save_figure`). The other figures of a run are
 :mod:`grokfast_metrics.figures.run`; importing this module selects matplotlib's Agg backend (the trainer imports
 it only to draw, after training)."""
+
 from __future__ import annotations
 
 import io
@@ -37,8 +38,9 @@ def _xy(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def plot_curves(rows: list[dict], path: str | Path, *, summary: dict | None = None, layers: list[str] | None = None,
-                title: str | None = None) -> Path:
+def plot_curves(
+    rows: list[dict], path: str | Path, *, summary: dict | None = None, layers: list[str] | None = None, title: str | None = None
+) -> Path:
     """Write a 1x4 figure: accuracy, loss, LMN, L2 norm vs step (symlog x: linear in [0, 1], log above).
 
     The memorization and generalization steps are marked and the three phases shaded.
@@ -111,8 +113,7 @@ def _lmn_panel(ax, rows: list[dict], summary: dict, layers: list[str] | None) ->
     for i, key in enumerate(keys):
         xs, ys = _xy(rows, key)
         if xs:
-            ax.plot(xs, ys, marker="." if len(xs) <= 120 else None, ms=4, color=f"C{2 + i}",
-                    label=key[4:] if len(keys) > 1 else None)
+            ax.plot(xs, ys, marker="." if len(xs) <= 120 else None, ms=4, color=f"C{2 + i}", label=key[4:] if len(keys) > 1 else None)
     if len(keys) > 1:
         ax.legend(fontsize=8)
     where = summary.get("lmn_layer", keys[0][4:] if layers else "tracked layer")

@@ -10,6 +10,7 @@ is replaced in place by ``g_t + lamb * s_t`` where ``s_t`` is a low-pass filter 
 
 Parameters without a gradient at a step are skipped (their filter state is not advanced).
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -107,8 +108,9 @@ class MAFilter:
 
     def load_state_dict(self, state: dict, device: torch.device | None = None) -> None:
         """Restore :meth:`state_dict` (tensors moved to ``device`` if given)."""
-        self.state = {k: deque((g.to(device) if device is not None else g.clone() for g in q), maxlen=self.window)
-                      for k, q in state["state"].items()}
+        self.state = {
+            k: deque((g.to(device) if device is not None else g.clone() for g in q), maxlen=self.window) for k, q in state["state"].items()
+        }
 
 
 def make_filter(kind: str, *, ema_alpha: float = 0.98, ema_lamb: float = 2.0, ma_window: int = 100, ma_lamb: float = 5.0):

@@ -14,6 +14,7 @@ network. Interpolating the input of a Linear equals interpolating its output, so
 ``embeddings == hidden1_pre`` and ``hidden1_post == hidden2_pre`` give the same ``L``, and the
 tail after ``hidden2_post`` is the affine ``fc3`` (LMN = 1 always). See ``docs/training.md``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -94,8 +95,9 @@ class GrokMLP(nn.Module):
             raise ValueError(f"unknown layer {to_layer!r}; choose one of {', '.join((*LAYERS, OUTPUT))}")
         start, stop = _POSITION[from_layer], _POSITION[to_layer]
         if stop <= start:
-            raise ValueError(f"segment {from_layer}:{to_layer}: {to_layer} must come after {from_layer} "
-                             f"(order: {', '.join((*LAYERS, OUTPUT))})")
+            raise ValueError(
+                f"segment {from_layer}:{to_layer}: {to_layer} must come after {from_layer} (order: {', '.join((*LAYERS, OUTPUT))})"
+            )
         mods: list[nn.Module] = [self.fc1, self.act1, self.fc2, self.act2, self.fc3]
         return nn.Sequential(*mods[start:stop])
 
@@ -119,8 +121,10 @@ def check_layer_spec(spec: str) -> None:
     """
     a, b = split_spec(spec)
     if a not in LAYERS:
-        raise ValueError(f"unknown LMN layer {a!r} in {spec!r}; choose from {', '.join(LAYERS)} "
-                         f"(or FROM:TO with TO one of {', '.join((*LAYERS, OUTPUT))})")
+        raise ValueError(
+            f"unknown LMN layer {a!r} in {spec!r}; choose from {', '.join(LAYERS)} "
+            f"(or FROM:TO with TO one of {', '.join((*LAYERS, OUTPUT))})"
+        )
     if b not in _POSITION:
         raise ValueError(f"unknown LMN target layer {b!r} in {spec!r}; choose from {', '.join((*LAYERS, OUTPUT))}")
     if _POSITION[b] <= _POSITION[a]:
@@ -194,4 +198,3 @@ def scale_init(model: nn.Module, alpha: float) -> None:
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(alpha)
-

@@ -1,6 +1,7 @@
 """The ``train`` command-line options, generated from the fields of :class:`~grokfast_metrics.experiment.config.TrainConfig`
 (help, choices and defaults in one place), and the config of parsed options. ``grokfast-metrics train`` and
 ``grokfast-metrics sweep`` (each run's options) both read them."""
+
 from __future__ import annotations
 
 import argparse
@@ -23,25 +24,39 @@ def add_train_arguments(p: argparse.ArgumentParser, sweep: bool = False) -> None
     for f in fields(TrainConfig):
         kw = _argument(f, hints[f.name])
         if sweep and f.metadata.get("sweep_help"):
-            kw["help"] = f.metadata["sweep_help"] + kw["help"][len(f.metadata["help"]):]
+            kw["help"] = f.metadata["sweep_help"] + kw["help"][len(f.metadata["help"]) :]
         groups[f.metadata["group"]].add_argument(f.metadata.get("flag", "--" + f.name.replace("_", "-")), **kw)
     g = groups["output"]
     if sweep:
-        g.add_argument("--out", default=None, help="sweep directory (default runs/sweep-<task>-<time>): one run directory "
-                       "per grid point and seed, plus sweep.csv, sweep.json, phase.png, lmn_predicts.png; a run already "
-                       "finished there is kept, not re-run")
+        g.add_argument(
+            "--out",
+            default=None,
+            help="sweep directory (default runs/sweep-<task>-<time>): one run directory "
+            "per grid point and seed, plus sweep.csv, sweep.json, phase.png, lmn_predicts.png; a run already "
+            "finished there is kept, not re-run",
+        )
         g.add_argument("--no-progress", action="store_true", help="no progress bar")
         g.add_argument("--no-plot", action="store_true", help="do not write each run's curves.png")
-        g.add_argument("--overwrite", action="store_true", help="re-run the finished runs in --out that were trained "
-                       "with other options than this sweep's (without it such a sweep is refused)")
+        g.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="re-run the finished runs in --out that were trained "
+            "with other options than this sweep's (without it such a sweep is refused)",
+        )
         g.add_argument("--resume", default=None, help=argparse.SUPPRESS)  # refused with its reason (sweep.command)
         return
-    g.add_argument("--out", default=None, help="run directory (default runs/<task>-s<seed>-<time>); one that already "
-                   "holds a run is refused unless --overwrite or --resume")
+    g.add_argument(
+        "--out",
+        default=None,
+        help="run directory (default runs/<task>-s<seed>-<time>); one that already holds a run is refused unless --overwrite or --resume",
+    )
     g.add_argument("--overwrite", action="store_true", help="replace the run in --out (its run files are removed first)")
-    g.add_argument("--resume", default=None, metavar="DIR",
-                   help="continue the run in DIR from its checkpoint (--checkpoint-every); its config is kept, --steps "
-                        "may extend it")
+    g.add_argument(
+        "--resume",
+        default=None,
+        metavar="DIR",
+        help="continue the run in DIR from its checkpoint (--checkpoint-every); its config is kept, --steps may extend it",
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--no-plot", action="store_true", help="do not write curves.png")
 
@@ -113,7 +128,7 @@ def given_options(args: argparse.Namespace) -> set[str]:
     parser, argv = getattr(args, "_parser", None), getattr(args, "_argv", None)
     if parser is None or argv is None:
         return set()
-    rest = argv[argv.index(args.command) + 1:] if args.command in argv else argv
+    rest = argv[argv.index(args.command) + 1 :] if args.command in argv else argv
     saved = {}
     for action in parser._actions:
         saved[action] = action.default

@@ -1,4 +1,5 @@
 """What a run is refused for before its directory is touched: the memory estimate and the LMN backend on the device."""
+
 from __future__ import annotations
 
 from dataclasses import asdict
@@ -53,7 +54,8 @@ def preflight(cfg: TrainConfig) -> None:
         raise MemoryError(
             f"the run needs about {need / 2**30:.1f} GiB ({n_parameters(cfg, task):,} parameters in {cfg.dtype}, with their "
             f"gradients, AdamW moments and filter state, and the activations) but {cfg.device} has {free / 2**30:.1f} GiB "
-            "available (free memory, the address-space and cgroup limits); use a smaller --hidden / --embed-dim")
+            "available (free memory, the address-space and cgroup limits); use a smaller --hidden / --embed-dim"
+        )
     if not cfg.lmn_every:
         return
     if cfg.model == "transformer":  # measured through lmn_at: its cut check and one LMN on two inputs

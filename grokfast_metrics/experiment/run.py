@@ -1,6 +1,7 @@
 """One training job's state: the model it builds (:func:`build_model`), its probe set, the phases it reached and
 everything it holds while it runs (:class:`Run`), and what :func:`~grokfast_metrics.experiment.trainer.train`
 returns (:class:`RunResult`). Checkpoints (:mod:`.checkpoint`) save and restore a :class:`Run`."""
+
 from __future__ import annotations
 
 import time

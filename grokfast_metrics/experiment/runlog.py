@@ -6,6 +6,7 @@
 - ``connectivity/step_<step>_<layer>.pt``: connectivity snapshots (:func:`save_connectivity`,
   :func:`load_connectivity`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -60,7 +61,7 @@ def _write_fd(fd: int, data: bytes) -> None:
     """Write all of ``data`` to ``fd`` (the one place run files' bytes are written; tests make it fail)."""
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 def write_atomic(path: str | Path, data: bytes, tmp: str | Path | None = None) -> Path:
@@ -116,8 +117,7 @@ def prepare_run_dir(run_dir: str | Path, overwrite: bool = False) -> None:
     d = Path(run_dir)
     found = existing_run_files(d)
     if found and not overwrite:
-        raise RunDirError(f"{d} already holds a run ({', '.join(found)}); pass --overwrite to replace it or "
-                          f"--resume {d} to continue it")
+        raise RunDirError(f"{d} already holds a run ({', '.join(found)}); pass --overwrite to replace it or --resume {d} to continue it")
     for name in (*RUN_FILES, *FIGURE_FILES):
         (d / name).unlink(missing_ok=True)
     snaps = d / SNAPSHOT_DIR
@@ -227,7 +227,7 @@ class MetricsLog:
                     with contextlib.suppress(OSError):
                         os.ftruncate(self._fds[j], self._sizes[j])
                         os.lseek(self._fds[j], self._sizes[j], os.SEEK_SET)
-                del self.rows[self._on_disk:]
+                del self.rows[self._on_disk :]
                 self._pending[0].clear()
                 self._pending[1].clear()
                 self.failed = RunWriteError.of(path, e)
@@ -271,8 +271,9 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         line_start, line_no = data.rfind(b"\n", 0, e.start) + 1, data.count(b"\n", 0, e.start) + 1
-        raise RunLogError(f"{path}, line {line_no}: not UTF-8 text (byte 0x{data[e.start]:02x} "
-                          f"at column {e.start - line_start + 1}); the file is damaged") from None
+        raise RunLogError(
+            f"{path}, line {line_no}: not UTF-8 text (byte 0x{data[e.start]:02x} at column {e.start - line_start + 1}); the file is damaged"
+        ) from None
     parts = text.replace("\r\n", "\n").split("\n")
     lines = [p + "\n" for p in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
     for i, line in enumerate(lines, start=1):
@@ -338,8 +339,16 @@ def lmn_at_step(rows: list[dict], step: int | None, column: str = "lmn") -> tupl
     return None
 
 
-def summarize(rows: list[dict], cfg: TrainConfig, phases: dict, collapse: dict | None, timings: dict, interrupted: bool,
-              steps_done: int, stop_reason: str | None = None) -> dict:
+def summarize(
+    rows: list[dict],
+    cfg: TrainConfig,
+    phases: dict,
+    collapse: dict | None,
+    timings: dict,
+    interrupted: bool,
+    steps_done: int,
+    stop_reason: str | None = None,
+) -> dict:
     """Summary dict: key steps, LMN at init / peak / phase steps / end, numerical collapse, timings.
 
     Args:
@@ -399,15 +408,19 @@ def collapse_message(summary: dict) -> str:
     c = summary["numerical_collapse"]
     why = []
     if c.get("p1_fraction_step") is not None:
-        why.append(f"from step {c['p1_fraction_step']} at least {c['p1_fraction_threshold']:.0%} of the training samples "
-                   f"have correct-class probability exactly 1 in {summary.get('dtype', 'the training dtype')}")
+        why.append(
+            f"from step {c['p1_fraction_step']} at least {c['p1_fraction_threshold']:.0%} of the training samples "
+            f"have correct-class probability exactly 1 in {summary.get('dtype', 'the training dtype')}"
+        )
     if c.get("loss_spike_step") is not None:
         why.append(f"at step {c['loss_spike_step']} the train loss spiked above {c['loss_spike_factor']:g}x its lowest value")
     before = summary.get("lmn_before_collapse")
-    return (f"numerical collapse at step {c['step']}: " + "; ".join(why) + ". The final values (step "
-            f"{summary.get('steps_done')}) come after it" + (f"; LMN before it: {before['lmn']:.2f} (step {before['step']})"
-                                                             if before else "")
-            + ". Train in --dtype float64 (or with a larger --adam-eps) to avoid it.")
+    return (
+        f"numerical collapse at step {c['step']}: " + "; ".join(why) + ". The final values (step "
+        f"{summary.get('steps_done')}) come after it"
+        + (f"; LMN before it: {before['lmn']:.2f} (step {before['step']})" if before else "")
+        + ". Train in --dtype float64 (or with a larger --adam-eps) to avoid it."
+    )
 
 
 def format_summary(summary: dict) -> str:
@@ -423,24 +436,28 @@ def format_summary(summary: dict) -> str:
     t = summary.get("timings_s", {})
     after = "  [after the numerical collapse]" if summary.get("final_after_collapse") else ""
     lines = [
-        (f"task {summary.get('task')}: {summary.get('steps_done')}/{summary.get('steps_planned')} steps"
-         + (f"  [{summary['stop_reason']}]" if summary.get("stop_reason") else
-            "  [interrupted]" if summary.get("interrupted") else "")),
+        (
+            f"task {summary.get('task')}: {summary.get('steps_done')}/{summary.get('steps_planned')} steps"
+            + (f"  [{summary['stop_reason']}]" if summary.get("stop_reason") else "  [interrupted]" if summary.get("interrupted") else "")
+        ),
         f"  memorization step (train acc 100%):     {summary.get('memorization_step')}",
         f"  generalization step (test acc 100%):    {summary.get('generalization_step')}",
         f"  generalization step (test acc >= 99%):  {summary.get('generalization_step_99')}",
         f"  final accuracy train {pct(summary.get('final_train_acc'))}, test {pct(summary.get('final_test_acc'))}"
         f" (best test {pct(summary.get('best_test_acc'))}){after}",
-        (f"  LMN ({summary.get('lmn_layer')}): init {lm('lmn_init')}, peak {lm('lmn_peak')}, "
-         f"at memorization {lm('lmn_at_memorization')}, at generalization {lm('lmn_at_generalization')}, "
-         f"final {lm('lmn_final')}{after}"),
+        (
+            f"  LMN ({summary.get('lmn_layer')}): init {lm('lmn_init')}, peak {lm('lmn_peak')}, "
+            f"at memorization {lm('lmn_at_memorization')}, at generalization {lm('lmn_at_generalization')}, "
+            f"final {lm('lmn_final')}{after}"
+        ),
     ]
     if summary.get("numerical_collapse") is not None:
         lines.append("  WARNING: " + collapse_message(summary))
     lines.append(
         f"  time {t.get('total', 0):.1f} s (train {t.get('train', 0):.1f} s, LMN {t.get('lmn', 0):.1f} s "
         f"over {summary.get('lmn_evaluations')} evaluations, complexity/norms {t.get('complexity', 0):.1f} s, "
-        f"logging {t.get('log', 0):.1f} s)")
+        f"logging {t.get('log', 0):.1f} s)"
+    )
     return "\n".join(lines)
 
 
@@ -470,10 +487,14 @@ def load_snapshot(path: str | Path) -> dict:
     try:
         snap = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:  # torch.load raises what its readers raise: RuntimeError, EOFError, UnpicklingError, ...
-        raise RunLogError(f"{path}: not a connectivity snapshot ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-                          ) from None
-    if not (isinstance(snap, dict) and isinstance(snap.get("L"), torch.Tensor) and snap["L"].dim() == 2
-            and isinstance(snap.get("step"), int) and isinstance(snap.get("layer"), str)):
+        raise RunLogError(f"{path}: not a connectivity snapshot ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if not (
+        isinstance(snap, dict)
+        and isinstance(snap.get("L"), torch.Tensor)
+        and snap["L"].dim() == 2
+        and isinstance(snap.get("step"), int)
+        and isinstance(snap.get("layer"), str)
+    ):
         raise RunLogError(f"{path}: not a connectivity snapshot (a dict with step, layer, lmn and a 2-D L)")
     return snap
 

@@ -11,6 +11,7 @@ name       operation                                    inputs    classes
 ``xor``    5-bit bitwise XOR ``a ^ b``                  1024      32
 =========  ==========================================  ========  =======
 """
+
 from __future__ import annotations
 
 import itertools

@@ -4,6 +4,7 @@
 :class:`_Progress` is the tqdm bar (imported only when shown) and :class:`_Signals` turns SIGINT and
 SIGTERM into a clean stop of the run.
 """
+
 from __future__ import annotations
 
 import signal
@@ -50,8 +51,7 @@ class _Progress:
     def __init__(self, cfg: TrainConfig, initial: int = 0):
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=cfg.steps, initial=initial, desc=f"{cfg.task}", unit="step", dynamic_ncols=True,
-                        mininterval=0.5)
+        self.bar = tqdm(total=cfg.steps, initial=initial, desc=f"{cfg.task}", unit="step", dynamic_ncols=True, mininterval=0.5)
         self.last_postfix = 0.0
 
     def update(self, metrics: dict, lmn_value: float | None, final: bool, now: float) -> None:
@@ -61,8 +61,9 @@ class _Progress:
         if now - self.last_postfix > 0.5 or final:
             self.last_postfix = now
             m, lm = metrics, "-" if lmn_value is None else f"{lmn_value:.2f}"
-            self.bar.set_postfix_str(f"loss {m['train_loss']:.3g}/{m['test_loss']:.3g} acc {m['train_acc']:.3f}/"
-                                     f"{m['test_acc']:.3f} LMN {lm}", refresh=False)
+            self.bar.set_postfix_str(
+                f"loss {m['train_loss']:.3g}/{m['test_loss']:.3g} acc {m['train_acc']:.3f}/{m['test_acc']:.3f} LMN {lm}", refresh=False
+            )
 
     def close(self) -> None:
         """Close the bar."""
@@ -120,4 +121,3 @@ class _Signals(SignalCatcher):
             yield
         finally:
             self._defer = False
-

@@ -22,6 +22,7 @@ The numerical-collapse detector is :mod:`.collapse`, checkpoints and resume chec
 timers / progress bar / signals are :mod:`.trainctl`, the run's state and model :mod:`.run`, the checks before
 the run directory is touched :mod:`.preflight`.
 """
+
 from __future__ import annotations
 
 import math
@@ -85,8 +86,7 @@ def weight_measures(model: torch.nn.Module, ranks: bool) -> dict[str, float]:
     return row
 
 
-def track_lmn(model: GrokMLP, x_probe: torch.Tensor, layers: list[str], n_lambda: int = 21,
-              backend: str = "auto") -> dict[str, LMNResult]:
+def track_lmn(model: GrokMLP, x_probe: torch.Tensor, layers: list[str], n_lambda: int = 21, backend: str = "auto") -> dict[str, LMNResult]:
     """LMN of the probe inputs at each of ``layers`` (no grad, RNG and modes untouched).
 
     The same computation as :func:`grokfast_metrics.lmn_at` on a plain ``nn.Sequential``: the
@@ -115,8 +115,13 @@ def layer_tracker(model: GrokMLP, x_probe: torch.Tensor, cfg: TrainConfig, sched
         return Tracker(model, schedule, track_transformer_lmn(model, x_probe, layers, *args))
     if not cfg.lmn_async:
         return Tracker(model, schedule, lambda: track_lmn(model, x_probe, layers, *args))
-    return StepTracker(model, schedule, lambda: track_lmn(model, x_probe, layers, *args),
-                       connectivity=lambda: track_connectivity(model, x_probe, layers, *args), workers=1)
+    return StepTracker(
+        model,
+        schedule,
+        lambda: track_lmn(model, x_probe, layers, *args),
+        connectivity=lambda: track_connectivity(model, x_probe, layers, *args),
+        workers=1,
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -157,18 +162,36 @@ def setup(cfg: TrainConfig, run_dir: Path, resume_rows: list[dict] | None = None
     data = {"x_tr": x[tr], "y_tr": y[tr], "x_te": x[te], "y_te": y[te], "x_probe": x[probe_idx.to(device)]}
     schedule = Schedule.from_config(cfg)
     backend = lmn_backend_info(model, data["x_probe"], cfg)
-    write_json(run_dir / "config.json", {**_run_info(cfg, task, model, len(probe_idx), schedule), "lmn_backend": backend,
-                                         **(info or {})})
+    write_json(run_dir / "config.json", {**_run_info(cfg, task, model, len(probe_idx), schedule), "lmn_backend": backend, **(info or {})})
     for layer in cfg.lmn_layers if cfg.model == "mlp" else ():  # the transformer's readings are not affine
         if parse_tail(segment_of(model, layer)).is_affine:
-            warnings.warn(f"LMN at {layer}: the map from there to {layer_target(layer)} is affine, so its LMN is 1 at "
-                          "every step (see docs/lmn.md, 'Which layer')", stacklevel=2)
+            warnings.warn(
+                f"LMN at {layer}: the map from there to {layer_target(layer)} is affine, so its LMN is 1 at "
+                "every step (see docs/lmn.md, 'Which layer')",
+                stacklevel=2,
+            )
     norm_cols, rank_cols = weight_columns(model)
-    columns = [*BASE_COLUMNS, *(f"lmn_{layer}" for layer in cfg.lmn_layers), *norm_cols, *rank_cols,
-               *map(complexity_column, cfg.complexity_eps)]
-    run = Run(cfg=cfg, run_dir=run_dir, model=model, opt=opt, grad_filter=grad_filter, data=data, schedule=schedule,
-              tracker=layer_tracker(model, data["x_probe"], cfg, schedule), log=MetricsLog(run_dir, columns, rows=resume_rows),
-              timer=Timer(device), collapse=Collapse(cfg.collapse_fraction, cfg.collapse_spike), backend=backend)
+    columns = [
+        *BASE_COLUMNS,
+        *(f"lmn_{layer}" for layer in cfg.lmn_layers),
+        *norm_cols,
+        *rank_cols,
+        *map(complexity_column, cfg.complexity_eps),
+    ]
+    run = Run(
+        cfg=cfg,
+        run_dir=run_dir,
+        model=model,
+        opt=opt,
+        grad_filter=grad_filter,
+        data=data,
+        schedule=schedule,
+        tracker=layer_tracker(model, data["x_probe"], cfg, schedule),
+        log=MetricsLog(run_dir, columns, rows=resume_rows),
+        timer=Timer(device),
+        collapse=Collapse(cfg.collapse_fraction, cfg.collapse_spike),
+        backend=backend,
+    )
     run.held = RowQueue(run.tracker, run_dir, cfg.lmn_layers, lambda row, metrics, now: write_row(run, row, metrics, now))
     return run
 
@@ -189,7 +212,7 @@ def lmn_backend_info(model: GrokMLP, x_probe: torch.Tensor, cfg: TrainConfig) ->
 
         lmn_at(model, x_probe[:2], at=cfg.lmn_layers[0], n_lambda=cfg.n_lambda, backend=cfg.lmn_backend)
         return {"requested": cfg.lmn_backend, "fallback": None, **last_run_info(), "warning": None}
-    (h, tail), = representations(model, x_probe[:2], [cfg.lmn_layers[0]]).values()
+    ((h, tail),) = representations(model, x_probe[:2], [cfg.lmn_layers[0]]).values()
     info = backend_info(h, tail, cfg.lmn_backend, cfg.n_lambda)
     info["warning"] = kcpu.unavailable_message() if info["fallback"] and h.device.type == "cpu" else None
     return info
@@ -200,11 +223,19 @@ def _run_info(cfg: TrainConfig, task: Task, model: GrokMLP, n_probe: int, schedu
     device = torch.device(cfg.device)
     return {
         "config": asdict(cfg),
-        "n_inputs": task.n_inputs, "n_train": len(task.train_idx), "n_test": len(task.test_idx), "n_classes": task.n_classes,
-        "n_probe": n_probe, "lmn_early_steps": schedule.early_lmn_steps(), "n_params": sum(p.numel() for p in model.parameters()),
-        "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+        "n_inputs": task.n_inputs,
+        "n_train": len(task.train_idx),
+        "n_test": len(task.test_idx),
+        "n_classes": task.n_classes,
+        "n_probe": n_probe,
+        "lmn_early_steps": schedule.early_lmn_steps(),
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch_threads": torch.get_num_threads(), "argv": sys.argv,
+        "torch_threads": torch.get_num_threads(),
+        "argv": sys.argv,
     }
 
 
@@ -232,14 +263,16 @@ def forward_backward(run: Run, step: int, final: bool) -> tuple[dict, tuple[str,
     with torch.no_grad():
         te_logits = model(d["x_te"])
         p_correct = torch.softmax(logits.detach(), 1).gather(1, d["y_tr"][:, None])
-        stats = torch.stack([
-            loss.detach(),
-            (logits.argmax(1) == d["y_tr"]).sum().to(loss.dtype),
-            F.cross_entropy(te_logits, d["y_te"]),
-            (te_logits.argmax(1) == d["y_te"]).sum().to(loss.dtype),
-            torch.stack(torch._foreach_norm([p.detach() for p in model.parameters()])).norm(),
-            (p_correct == 1).sum().to(loss.dtype),
-        ]).tolist()
+        stats = torch.stack(
+            [
+                loss.detach(),
+                (logits.argmax(1) == d["y_tr"]).sum().to(loss.dtype),
+                F.cross_entropy(te_logits, d["y_te"]),
+                (te_logits.argmax(1) == d["y_te"]).sum().to(loss.dtype),
+                torch.stack(torch._foreach_norm([p.detach() for p in model.parameters()])).norm(),
+                (p_correct == 1).sum().to(loss.dtype),
+            ]
+        ).tolist()
     return step_metrics(run, step, stats)
 
 
@@ -250,8 +283,15 @@ def step_metrics(run: Run, step: int, stats: list[float]) -> tuple[dict, tuple[s
     n_tr, n_te = len(run.data["y_tr"]), len(run.data["y_te"])
     tr_acc, te_acc = tr_correct / n_tr, te_correct / n_te
     events = run.phases.observe(step, tr_correct == n_tr, te_correct == n_te, te_acc)
-    metrics = {"step": step, "train_loss": tr_loss, "train_acc": tr_acc, "test_loss": te_loss, "test_acc": te_acc, "l2": l2,
-               "train_p1_frac": n_p1 / n_tr}
+    metrics = {
+        "step": step,
+        "train_loss": tr_loss,
+        "train_acc": tr_acc,
+        "test_loss": te_loss,
+        "test_acc": te_acc,
+        "l2": l2,
+        "train_p1_frac": n_p1 / n_tr,
+    }
     if run.collapse is not None and run.collapse.observe(step, tr_loss, n_p1 / n_tr):
         events = (*events, "collapse")
     return metrics, events
@@ -272,8 +312,9 @@ def measure(run: Run, step: int, due: Due, events: tuple[str, ...], metrics: dic
     with run.timer("complexity"):  # also the norms and ranks
         if due.complexity:
             x_tr, y_tr = run.data["x_tr"], run.data["y_tr"]
-            cc = compression_complexity(run.model, lambda m: float(F.cross_entropy(m(x_tr), y_tr)), cfg.complexity_eps,
-                                        COMPLEXITY_BINS, COMPLEXITY_RANK_FRACTIONS)
+            cc = compression_complexity(
+                run.model, lambda m: float(F.cross_entropy(m(x_tr), y_tr)), cfg.complexity_eps, COMPLEXITY_BINS, COMPLEXITY_RANK_FRACTIONS
+            )
             row.update({complexity_column(e): b for e, b in cc.bits.items()})
         if due.row:  # norms / effective ranks of the same weights as the rest of the row
             metrics.update(weight_measures(run.model, ranks=due.ranks))
@@ -358,8 +399,7 @@ def _loop(run: Run, progress: _Progress | None, signals: _Signals) -> _Stop | No
 # the entry points
 
 
-def train(cfg: TrainConfig, run_dir: str | Path, *, progress: bool = True, plot: bool = True,
-          overwrite: bool = False) -> RunResult:
+def train(cfg: TrainConfig, run_dir: str | Path, *, progress: bool = True, plot: bool = True, overwrite: bool = False) -> RunResult:
     """Run one training job and write its logs, summary and plot into ``run_dir``.
 
     SIGINT (Ctrl-C) and SIGTERM stop training early; a non-finite train loss stops it too. The logs,
@@ -418,13 +458,14 @@ def resume(run_dir: str | Path, *, steps: int | None = None, progress: bool = Tr
             before = read_json(run_dir / "config.json")
         except (OSError, RunLogError):
             before = {}
-        info = {"argv": before.get("argv"),
-                "resumes": [*(before.get("resumes") or []), {"argv": sys.argv, "from_step": state["step"], "steps": cfg.steps}]}
+        info = {
+            "argv": before.get("argv"),
+            "resumes": [*(before.get("resumes") or []), {"argv": sys.argv, "from_step": state["step"], "steps": cfg.steps}],
+        }
         return _execute(cfg, run_dir, (state, rows, info), progress, plot)
 
 
-def _execute(cfg: TrainConfig, run_dir: Path, resumed: tuple[dict, list[dict], dict] | None, progress: bool,
-             plot: bool) -> RunResult:
+def _execute(cfg: TrainConfig, run_dir: Path, resumed: tuple[dict, list[dict], dict] | None, progress: bool, plot: bool) -> RunResult:
     run_dir.mkdir(parents=True, exist_ok=True)
     threads_before = torch.get_num_threads()
     if cfg.threads is not None:
@@ -432,8 +473,7 @@ def _execute(cfg: TrainConfig, run_dir: Path, resumed: tuple[dict, list[dict], d
     try:
         with _Signals() as signals:
             try:
-                run = setup(cfg, run_dir, resume_rows=None if resumed is None else resumed[1],
-                            info=None if resumed is None else resumed[2])
+                run = setup(cfg, run_dir, resume_rows=None if resumed is None else resumed[1], info=None if resumed is None else resumed[2])
             except KeyboardInterrupt:
                 if resumed is None:  # interrupted while starting: the run files written so far go
                     _discard_start(run_dir)
@@ -474,14 +514,21 @@ def _finish(run: Run, stop: _Stop | None, plot: bool, signals: _Signals) -> RunR
     steps_done = rows[-1]["step"] if rows else 0
     interrupted = stop is not None and stop.exit_code in (EXIT_SIGINT, EXIT_SIGTERM)
     with signals.deferred():
-        summary = summarize(rows, run.cfg, asdict(run.phases), run.collapse.summary() if run.collapse else None, timings,
-                            interrupted, steps_done, None if stop is None else stop.reason)
+        summary = summarize(
+            rows,
+            run.cfg,
+            asdict(run.phases),
+            run.collapse.summary() if run.collapse else None,
+            timings,
+            interrupted,
+            steps_done,
+            None if stop is None else stop.reason,
+        )
         summary["lmn_backend"] = run.backend
         try:
             write_json(run.run_dir / "summary.json", summary)
         except RunWriteError as e:  # atomic: no summary.json rather than a partial one
-            stop = _Stop(stop.reason if stop is not None and stop.exit_code == EXIT_WRITE else f"{e} (errno {e.errno})",
-                         EXIT_WRITE)
+            stop = _Stop(stop.reason if stop is not None and stop.exit_code == EXIT_WRITE else f"{e} (errno {e.errno})", EXIT_WRITE)
             plot = False
     if plot and rows:
         try:
@@ -495,5 +542,4 @@ def _finish(run: Run, stop: _Stop | None, plot: bool, signals: _Signals) -> RunR
     collapse = summary.get("numerical_collapse")
     if collapse is not None:
         warnings.warn(collapse_message(summary), NumericalCollapseWarning, stacklevel=4)  # at train()'s caller
-    return RunResult(run.run_dir, summary, rows, interrupted, 0 if stop is None else stop.exit_code,
-                     None if stop is None else stop.reason)
+    return RunResult(run.run_dir, summary, rows, interrupted, 0 if stop is None else stop.exit_code, None if stop is None else stop.reason)

@@ -18,6 +18,7 @@ position's logits are read, so ``L`` is that of the last position's representati
 ``x -> (x + mlp(x)) @ W_U``: a one-hidden-layer ReLU MLP with a skip connection and an unembedding.
 The tail is not affine, and the cut is exact: nothing after it sees the tokens except through it.
 """
+
 from __future__ import annotations
 
 import math
@@ -145,8 +146,7 @@ class GrokTransformer(nn.Module):
 
     def __init__(self, n_tokens: int, n_classes: int, d_model: int = 128, d_mlp: int = 512, n_heads: int = 4):
         super().__init__()
-        for name, v in (("n_tokens", n_tokens), ("n_classes", n_classes), ("d_model", d_model), ("d_mlp", d_mlp),
-                        ("n_heads", n_heads)):
+        for name, v in (("n_tokens", n_tokens), ("n_classes", n_classes), ("d_model", d_model), ("d_mlp", d_mlp), ("n_heads", n_heads)):
             if int(v) < 1:
                 raise ValueError(f"{name} must be >= 1; got {v}")
         if d_model % n_heads:
@@ -171,8 +171,9 @@ class GrokTransformer(nn.Module):
         return self.unembed(resid)[:, -1]
 
 
-def track_transformer_lmn(model: GrokTransformer, x_probe: torch.Tensor, layers: list[str] | tuple[str, ...],
-                          n_lambda: int = 21, backend: str = "auto") -> Callable[[], dict]:
+def track_transformer_lmn(
+    model: GrokTransformer, x_probe: torch.Tensor, layers: list[str] | tuple[str, ...], n_lambda: int = 21, backend: str = "auto"
+) -> Callable[[], dict]:
     """The trainer's LMN measurement of the transformer: ``{layer: lmn_at(model, x_probe, at=layer)}``.
 
     The cut check runs here, once per layer (it is structural); each call of the returned function then

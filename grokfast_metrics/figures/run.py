@@ -15,6 +15,7 @@ The run directory's files (metrics, summary, connectivity snapshots written by t
 ``--save-connectivity STEPS``) are read and written by :mod:`grokfast_metrics.experiment.runlog`, which needs no
 matplotlib; importing this module selects matplotlib's Agg backend.
 """
+
 from __future__ import annotations
 
 import json
@@ -88,15 +89,17 @@ def plot_layers(rows: list[dict], path: str | Path, summary: dict | None = None)
     cols = _layer_columns(rows)
     if not cols:
         return None
-    panels = [("each layer to the logits", [c for c in cols if ":" not in c]),
-              ("each layer to the next layer (segments)", [c for c in cols if ":" in c])]
+    panels = [
+        ("each layer to the logits", [c for c in cols if ":" not in c]),
+        ("each layer to the next layer (segments)", [c for c in cols if ":" in c]),
+    ]
     panels = [(t, cs) for t, cs in panels if cs]
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4), squeeze=False)
     for ax, (title, cs) in zip(axes[0], panels):
         for c in cs:
             pts = [(r["step"], r[c]) for r in rows if r.get(c) is not None and r["step"] >= 1]
             if pts:
-                ax.plot(*zip(*pts), label=c[len("lmn_"):].replace(":", " \u2192 "), lw=1.4)
+                ax.plot(*zip(*pts), label=c[len("lmn_") :].replace(":", " \u2192 "), lw=1.4)
         _mark_phases(ax, summary)
         ax.set(xscale="log", xlabel="step", ylabel="LMN", title=f"LMN: {title}")
         ax.legend(fontsize=8)
@@ -123,8 +126,9 @@ def plot_connectivity(snaps: list[dict], path: str | Path) -> Path | None:
     # one colour scale for all panels, from the data: L often lives in [0.8, 1], where 0..1 shows nothing
     vmin = min(float(s["L"].min()) for s in snaps)
     vmin = min(vmin, 0.999)
-    fig, axes = plt.subplots(2, n, figsize=(max(3.4 * n, 6.0), 6.4), squeeze=False, layout="constrained",
-                             gridspec_kw={"height_ratios": [3, 2]})
+    fig, axes = plt.subplots(
+        2, n, figsize=(max(3.4 * n, 6.0), 6.4), squeeze=False, layout="constrained", gridspec_kw={"height_ratios": [3, 2]}
+    )
     for c, s in enumerate(snaps):
         L = s["L"].double().numpy()
         perm = spectral_order(L)
@@ -197,7 +201,7 @@ def make_figures(run_dir: str | Path, out_dir: str | Path | None = None) -> dict
     except RunLogError as e:  # the figures need only the rows: drawn without the phase marks
         warnings.warn(f"{e}; the figures are drawn without it", stacklevel=2)
         summary = {}
-    layers = [c[len("lmn_"):] for c in _layer_columns(rows)] or None
+    layers = [c[len("lmn_") :] for c in _layer_columns(rows)] or None
     snaps = load_connectivity(run_dir, skip_damaged=True)  # a damaged snapshot is skipped with a warning naming it
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -206,8 +210,7 @@ def make_figures(run_dir: str | Path, out_dir: str | Path | None = None) -> dict
     res = {
         "fig2": str(plot_curves(rows, out / "fig2_curves.png", summary=summary, layers=layers)),
         "fig3": _s(plot_layers(rows, out / "fig3_layers.png", summary)),
-        "fig4": _s(plot_connectivity([s for s in snaps if s["layer"] == _first_layer(snaps, summary)],
-                                     out / "fig4_connectivity.png")),
+        "fig4": _s(plot_connectivity([s for s in snaps if s["layer"] == _first_layer(snaps, summary)], out / "fig4_connectivity.png")),
         "scatter": plot_scatter(rows, summary, out / "scatter_test_loss.png"),
     }
     write_atomic(out / "figures.json", json.dumps(res, indent=2).encode("utf-8"))
@@ -227,5 +230,3 @@ def _s(p: Path | None) -> str | None:
 
 # ------------------------------------------------------------------------------------------
 # CLI (grokfast-metrics plot RUN)
-
-

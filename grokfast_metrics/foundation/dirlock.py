@@ -3,6 +3,7 @@
 The lock is ``filelock``'s (an OS advisory lock, ``flock`` on POSIX, released by the OS when the process dies,
 so a killed run never leaves a stale lock); the lock file itself stays in the directory, empty.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -33,8 +34,7 @@ def locked(directory: str | Path, name: str, what: str, error: type[Exception] =
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        raise error(f"another {what} is writing to {d} (it holds {d / name}); wait for it to end or choose "
-                             "another directory") from None
+        raise error(f"another {what} is writing to {d} (it holds {d / name}); wait for it to end or choose another directory") from None
     try:
         yield
     finally:

@@ -1,4 +1,5 @@
 """Errors raised in one layer and handled in another."""
+
 from __future__ import annotations
 
 

@@ -11,6 +11,7 @@
 - :func:`check_n_lambda`: what counts as a valid number of interpolation points.
 - :func:`lambdas`: the interpolation grid ``lam_t = t / (T - 1)`` and its centred copy.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -96,8 +97,13 @@ def _cgroup_roots() -> list:
         with open("/proc/self/cgroup") as f:
             for line in f:
                 _, controllers, path = line.rstrip("\n").split(":", 2)
-                base = Path("/sys/fs/cgroup") if controllers == "" else Path("/sys/fs/cgroup/memory") \
-                    if "memory" in controllers.split(",") else None
+                base = (
+                    Path("/sys/fs/cgroup")
+                    if controllers == ""
+                    else Path("/sys/fs/cgroup/memory")
+                    if "memory" in controllers.split(",")
+                    else None
+                )
                 if base is not None:
                     roots += [base / path.lstrip("/"), base]
     except (OSError, ValueError):

@@ -7,6 +7,7 @@ Each decision here is made once: :func:`resolve_device` is the one parser of dev
 ``docs/environment.md``) and :func:`keyword_only` the one check of the public call style (``model, inputs, at``
 positional, the rest by keyword).
 """
+
 from __future__ import annotations
 
 import functools
@@ -102,8 +103,7 @@ def env(name: str) -> str | None:
     value = os.environ.get(ENV_PREFIX + name)
     if not value and name in ENV_OLD_NAMES and os.environ.get(ENV_OLD_NAMES[name]):
         old = ENV_OLD_NAMES[name]
-        warnings.warn(f"the environment variable {old} is deprecated; set {ENV_PREFIX}{name} instead", DeprecationWarning,
-                      stacklevel=3)
+        warnings.warn(f"the environment variable {old} is deprecated; set {ENV_PREFIX}{name} instead", DeprecationWarning, stacklevel=3)
         value = os.environ[old]
     return value or None
 
@@ -126,6 +126,7 @@ def keyword_only(call: str, name: str | None = None) -> Callable[[F], F]:
     unchanged (``inspect.signature`` follows ``__wrapped__``); a well-formed call costs one length check. ``name``: what
     the message calls it (default: the function's, or the class's for ``__init__``).
     """
+
     def wrap(fn: F) -> F:
         params = list(inspect.signature(fn).parameters.values())
         first = 1 if params and params[0].name == "self" else 0
@@ -137,9 +138,11 @@ def keyword_only(call: str, name: str | None = None) -> Callable[[F], F]:
         def checked(*args: Any, **kwargs: Any) -> Any:
             given = len(args) - first
             if given > len(positional):
-                raise TypeError(f"{label}() takes {', '.join(p.name for p in positional)} positionally, the rest by "
-                                f"keyword ({given} positional arguments given); call it as {call}")
-            missing = [p for p in required[max(given, 0):] if p not in kwargs]
+                raise TypeError(
+                    f"{label}() takes {', '.join(p.name for p in positional)} positionally, the rest by "
+                    f"keyword ({given} positional arguments given); call it as {call}"
+                )
+            missing = [p for p in required[max(given, 0) :] if p not in kwargs]
             if missing:
                 raise TypeError(f"{label}() needs {', '.join(missing)} (no default); call it as {call}")
             return fn(*args, **kwargs)
@@ -157,6 +160,7 @@ def drop_checkout_from_path() -> None:
     ``import kernels``, the name of Hugging Face's package that ``transformers`` 5 imports. Only an entry
     that is this checkout's root is removed (recognised by ``kernels/cpu_fused.cpp`` beside ``setup.py``).
     """
+
     def is_checkout(entry: str) -> bool:
         root = Path(entry or os.getcwd())
         return (root / "setup.py").is_file() and (root / "kernels" / "cpu_fused.cpp").is_file()

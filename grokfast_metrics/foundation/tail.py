@@ -16,6 +16,7 @@ recognised, the integer code both fused kernels use (the Triton kernel's ``const
 the C++ kernel's ``ActCode`` enum are generated from it), the torch function and the float64
 NumPy function of the reference.
 """
+
 from __future__ import annotations
 
 import math
@@ -74,24 +75,39 @@ def _inplace(method: str) -> Callable[[torch.Tensor, float, bool], torch.Tensor]
 
 
 #: name -> :class:`ActivationKind`, in kernel-code order.
-ACTIVATIONS: dict[str, ActivationKind] = {k.name: k for k in (
-    ActivationKind("identity", 0, nn.Identity, lambda x, s, inplace: x, lambda x, s: x),
-    ActivationKind("silu", 1, nn.SiLU, lambda x, s, inplace: F.silu(x, inplace=inplace),
-                   lambda x, s: x * _np_sigmoid(x)),
-    ActivationKind("relu", 2, nn.ReLU, lambda x, s, inplace: F.relu(x, inplace=inplace),
-                   lambda x, s: np.maximum(x, 0.0)),
-    ActivationKind("gelu", 3, nn.GELU, lambda x, s, inplace: 0.5 * x * torch.special.erfc(x * -_SQRT_HALF),
-                   lambda x, s: 0.5 * x * _np_erfc(-x * _SQRT_HALF),
-                   matches=lambda m: m.approximate != "tanh"),
-    ActivationKind("gelu_tanh", 4, nn.GELU,
-                   lambda x, s, inplace: x * torch.sigmoid(2.0 * _SQRT_2_OVER_PI * (x + 0.044715 * x**3)),
-                   lambda x, s: x * _np_sigmoid(2.0 * _SQRT_2_OVER_PI * (x + 0.044715 * x**3)),
-                   matches=lambda m: m.approximate == "tanh"),
-    ActivationKind("tanh", 5, nn.Tanh, _inplace("tanh"), lambda x, s: np.tanh(x)),
-    ActivationKind("sigmoid", 6, nn.Sigmoid, _inplace("sigmoid"), lambda x, s: _np_sigmoid(x)),
-    ActivationKind("leaky_relu", 7, nn.LeakyReLU, lambda x, s, inplace: F.leaky_relu(x, s, inplace=inplace),
-                   lambda x, s: np.where(x >= 0.0, x, s * x)),
-)}
+ACTIVATIONS: dict[str, ActivationKind] = {
+    k.name: k
+    for k in (
+        ActivationKind("identity", 0, nn.Identity, lambda x, s, inplace: x, lambda x, s: x),
+        ActivationKind("silu", 1, nn.SiLU, lambda x, s, inplace: F.silu(x, inplace=inplace), lambda x, s: x * _np_sigmoid(x)),
+        ActivationKind("relu", 2, nn.ReLU, lambda x, s, inplace: F.relu(x, inplace=inplace), lambda x, s: np.maximum(x, 0.0)),
+        ActivationKind(
+            "gelu",
+            3,
+            nn.GELU,
+            lambda x, s, inplace: 0.5 * x * torch.special.erfc(x * -_SQRT_HALF),
+            lambda x, s: 0.5 * x * _np_erfc(-x * _SQRT_HALF),
+            matches=lambda m: m.approximate != "tanh",
+        ),
+        ActivationKind(
+            "gelu_tanh",
+            4,
+            nn.GELU,
+            lambda x, s, inplace: x * torch.sigmoid(2.0 * _SQRT_2_OVER_PI * (x + 0.044715 * x**3)),
+            lambda x, s: x * _np_sigmoid(2.0 * _SQRT_2_OVER_PI * (x + 0.044715 * x**3)),
+            matches=lambda m: m.approximate == "tanh",
+        ),
+        ActivationKind("tanh", 5, nn.Tanh, _inplace("tanh"), lambda x, s: np.tanh(x)),
+        ActivationKind("sigmoid", 6, nn.Sigmoid, _inplace("sigmoid"), lambda x, s: _np_sigmoid(x)),
+        ActivationKind(
+            "leaky_relu",
+            7,
+            nn.LeakyReLU,
+            lambda x, s, inplace: F.leaky_relu(x, s, inplace=inplace),
+            lambda x, s: np.where(x >= 0.0, x, s * x),
+        ),
+    )
+}
 #: activations bounded by a constant they saturate to (sigmoid -> 0 / 1, tanh -> -1 / +1)
 SATURATING = ("sigmoid", "tanh")
 #: activations computed through exp/erfc (relative accuracy only down to the dtype's smallest normal number)
@@ -194,7 +210,7 @@ class MLPTail:
 
     def selected(self, h: torch.Tensor) -> torch.Tensor:
         """The columns of ``h`` the tail reads (``h`` itself unless :attr:`select` is set)."""
-        return h if self.select is None else h[:, self.select[0]:self.select[1]]
+        return h if self.select is None else h[:, self.select[0] : self.select[1]]
 
     def skip_values(self, h: torch.Tensor) -> torch.Tensor | None:
         """``u = W_skip h_sel`` in float64 on ``h``'s device, ``(N, O)`` (``None`` without a skip term)."""
@@ -299,8 +315,7 @@ def numpy_layers(tail: nn.Module) -> list[Callable[[np.ndarray], np.ndarray]]:
         act = activation_of(m) if layers is not None else None
         if act is None:
             raise ValueError(
-                "the reference backend runs nn.Linear and elementwise activations "
-                f"({', '.join(ACTIVATIONS)}) only; got {type(m).__name__}"
+                f"the reference backend runs nn.Linear and elementwise activations ({', '.join(ACTIVATIONS)}) only; got {type(m).__name__}"
             )
         out.append(act.numpy)
     return out
@@ -328,7 +343,7 @@ def numpy_tail(tail: nn.Module) -> NumpyTail:
     layers = _flatten(tail) or [tail]
     fns = numpy_layers(tail)
     last_lin = max((k for k, m in enumerate(layers) if type(m) is nn.Linear), default=None)
-    trailing = [] if last_lin is None else [m for m in layers[last_lin + 1:] if not activation_of(m).is_identity]
+    trailing = [] if last_lin is None else [m for m in layers[last_lin + 1 :] if not activation_of(m).is_identity]
     if last_lin is None or trailing:
         return NumpyTail(fns, None, None, [])
     lin = layers[last_lin]

@@ -19,6 +19,7 @@ A finished run (``summary.json`` not interrupted) is never re-run; a run that fa
 its error (``error.txt``, ``status`` in ``sweep.csv``) and the others continue; Ctrl-C leaves every
 finished run intact.
 """
+
 from __future__ import annotations
 
 from .command import add_arguments, run
@@ -26,5 +27,4 @@ from .engines import ENGINES, run_sweep
 from .grid import Run, parse_axis, plan_runs
 from .outcomes import OUTCOMES, classify, sweep_rows
 
-__all__ = ["ENGINES", "OUTCOMES", "Run", "add_arguments", "classify", "parse_axis", "plan_runs", "run", "run_sweep",
-           "sweep_rows"]
+__all__ = ["ENGINES", "OUTCOMES", "Run", "add_arguments", "classify", "parse_axis", "plan_runs", "run", "run_sweep", "sweep_rows"]

@@ -15,6 +15,7 @@ of the stack (a loop over the fused kernel: ``gm.lmn`` takes one tail).
 What may differ between the runs of one stack is :data:`PER_MODEL`; every other option must be equal
 (:func:`stack_key`). Runs that cannot be stacked (:func:`unstackable_reason`) run one by one.
 """
+
 from __future__ import annotations
 
 import copy
@@ -45,11 +46,28 @@ from ..experiment.trainer import (
 from .grid import Run as GridRun
 
 #: options that may differ between the runs of one stack; all others must be equal
-PER_MODEL = frozenset({
-    "seed", "lr", "weight_decay", "adam_eps", "init_scale", "probe", "probe_seed", "collapse_fraction", "collapse_spike",
-    "lmn_every", "lmn_early", "lmn_layers", "n_lambda", "lmn_backend", "complexity", "complexity_eps",
-    "save_connectivity", "log_every",
-})
+PER_MODEL = frozenset(
+    {
+        "seed",
+        "lr",
+        "weight_decay",
+        "adam_eps",
+        "init_scale",
+        "probe",
+        "probe_seed",
+        "collapse_fraction",
+        "collapse_spike",
+        "lmn_every",
+        "lmn_early",
+        "lmn_layers",
+        "n_lambda",
+        "lmn_backend",
+        "complexity",
+        "complexity_eps",
+        "save_connectivity",
+        "log_every",
+    }
+)
 #: AdamW's betas (torch's defaults, as the trainer's ``torch.optim.AdamW``)
 BETAS = (0.9, 0.999)
 
@@ -89,8 +107,7 @@ class Stack:
         self.data = {k: torch.stack([r.data[k] for r in runs]) for k in ("x_tr", "y_tr", "x_te", "y_te")}
         first = next(iter(self.params.values()))
         shape = lambda p: (len(runs),) + (1,) * (p.dim() - 1)
-        hyper = {k: torch.tensor([float(getattr(r.cfg, k)) for r in runs], dtype=torch.float64)
-                 for k in ("lr", "weight_decay", "adam_eps")}
+        hyper = {k: torch.tensor([float(getattr(r.cfg, k)) for r in runs], dtype=torch.float64) for k in ("lr", "weight_decay", "adam_eps")}
         # the scalars torch's single-tensor AdamW forms in Python floats, here per model (rounded once to the dtype)
         self.decay = {n: (1 - hyper["lr"] * hyper["weight_decay"]).to(first).view(shape(p)) for n, p in self.params.items()}
         self.lr = {n: hyper["lr"].view(shape(p)) for n, p in self.params.items()}
@@ -117,14 +134,17 @@ class Stack:
             te_logits = forward(self.params, self.buffers, d["x_te"])
             p_correct = torch.softmax(logits.detach(), 2).gather(2, d["y_tr"][..., None])
             norms = torch.stack([p.detach().flatten(1).norm(dim=1) for p in self.params.values()])
-            stats = torch.stack([
-                loss.detach(),
-                (logits.argmax(2) == d["y_tr"]).sum(1).to(loss.dtype),
-                vmap(F.cross_entropy)(te_logits, d["y_te"]),
-                (te_logits.argmax(2) == d["y_te"]).sum(1).to(loss.dtype),
-                norms.norm(dim=0),
-                (p_correct == 1).sum((1, 2)).to(loss.dtype),
-            ], dim=1)
+            stats = torch.stack(
+                [
+                    loss.detach(),
+                    (logits.argmax(2) == d["y_tr"]).sum(1).to(loss.dtype),
+                    vmap(F.cross_entropy)(te_logits, d["y_te"]),
+                    (te_logits.argmax(2) == d["y_te"]).sum(1).to(loss.dtype),
+                    norms.norm(dim=0),
+                    (p_correct == 1).sum((1, 2)).to(loss.dtype),
+                ],
+                dim=1,
+            )
         return stats.tolist()
 
     @torch.no_grad()
@@ -147,8 +167,7 @@ class Stack:
             p.add_(step_size * exp_avg / denom)  # addcdiv_'s order: self + value * t1 / t2
 
 
-def _step(stack: Stack, runs: dict[int, Run], step: int, final: bool, stops: dict[int, _Stop],
-          pending: dict[int, dict]) -> None:
+def _step(stack: Stack, runs: dict[int, Run], step: int, final: bool, stops: dict[int, _Stop], pending: dict[int, dict]) -> None:
     """One step of every live run: the stack's forward/backward, each run's metrics and measurements, the
     stack's update, each run's row. A run whose loss or norm is not finite stops (its row is written)."""
     timer = next(iter(runs.values())).timer
@@ -198,8 +217,9 @@ def _loop(stack: Stack, runs: list[Run], signals: _Signals) -> dict[int, _Stop]:
     return stops
 
 
-def train_stack(cfgs: list[TrainConfig], run_dirs: list[str | Path], *, plot: bool = True,
-                overwrite: bool = False) -> list[RunResult | Exception]:
+def train_stack(
+    cfgs: list[TrainConfig], run_dirs: list[str | Path], *, plot: bool = True, overwrite: bool = False
+) -> list[RunResult | Exception]:
     """Train the runs of ``cfgs`` as one stack, each into its directory, as :func:`~grokfast_metrics.experiment.trainer.train` would.
 
     A run whose setup fails (e.g. a probe larger than the task) gets its exception in the result list and
@@ -281,9 +301,13 @@ def plan_stacks(runs: list[GridRun], workers: int) -> tuple[list[list[GridRun]],
         pieces = math.ceil(len(group) / size)
         tasks += [group[k::pieces] for k in range(pieces)]
     if len(groups) > 1:
-        notes.append(f"--batched: the runs differ in options that cannot vary within a stack (only "
-                     f"{', '.join(sorted(PER_MODEL))} can): {len(groups)} groups trained as separate stacks")
+        notes.append(
+            f"--batched: the runs differ in options that cannot vary within a stack (only "
+            f"{', '.join(sorted(PER_MODEL))} can): {len(groups)} groups trained as separate stacks"
+        )
     stacks = [len(t) for t in tasks if len(t) > 1]
-    notes.append(f"--batched: {sum(stacks)} runs in {len(stacks)} stacks of {', '.join(map(str, stacks)) or '-'}; "
-                 f"{len(tasks) - len(stacks)} run(s) one by one")
+    notes.append(
+        f"--batched: {sum(stacks)} runs in {len(stacks)} stacks of {', '.join(map(str, stacks)) or '-'}; "
+        f"{len(tasks) - len(stacks)} run(s) one by one"
+    )
     return tasks, notes

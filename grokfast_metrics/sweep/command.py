@@ -1,4 +1,5 @@
 """``grokfast-metrics sweep``: every ``train`` option, plus the grid, the seeds and the engine."""
+
 from __future__ import annotations
 
 import argparse
@@ -26,20 +27,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The ``train`` options (each run's settings; a grid axis overrides one) and the sweep's own options."""
     add_train_arguments(parser, sweep=True)
     g = parser.add_argument_group("sweep")
-    g.add_argument("--grid", nargs="+", default=[], metavar="NAME=V1,V2",
-                   help="grid axes: any train option and its values, e.g. init_scale=0.5,1,2 weight_decay=0,0.2 "
-                        "(the first two axes are the phase diagram's)")
+    g.add_argument(
+        "--grid",
+        nargs="+",
+        default=[],
+        metavar="NAME=V1,V2",
+        help="grid axes: any train option and its values, e.g. init_scale=0.5,1,2 weight_decay=0,0.2 "
+        "(the first two axes are the phase diagram's)",
+    )
     g.add_argument("--seeds", type=int, default=1, help="seeds per grid point: 0 .. SEEDS-1 (default 1)")
-    g.add_argument("--engine", choices=ENGINES, default="local",
-                   help="local: a process pool on this machine (default); ray: Ray tasks (pip install "
-                        "\"grokfast_metrics[ray]\")")
-    g.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help="runs at a time (default: the core count; each run uses one thread on the CPU)")
+    g.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="local",
+        help='local: a process pool on this machine (default); ray: Ray tasks (pip install "grokfast_metrics[ray]")',
+    )
+    g.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="runs at a time (default: the core count; each run uses one thread on the CPU)",
+    )
     g.add_argument("--ray-address", default=None, help="address of an existing Ray cluster (default: start Ray locally)")
-    g.add_argument("--batched", action="store_true",
-                   help="train the runs that share architecture, task and steps as stacks of models in one process "
-                        "each (torch.func vmap; lr, weight decay, adam eps, init scale, seed, probe and schedules may "
-                        "vary within a stack); other runs run one by one (docs/sweeps.md)")
+    g.add_argument(
+        "--batched",
+        action="store_true",
+        help="train the runs that share architecture, task and steps as stacks of models in one process "
+        "each (torch.func vmap; lr, weight decay, adam eps, init scale, seed, probe and schedules may "
+        "vary within a stack); other runs run one by one (docs/sweeps.md)",
+    )
     return parser
 
 
@@ -86,8 +102,10 @@ def replot(out: str | Path) -> tuple[list[dict], dict]:
 
 
 #: train options that mean nothing to a sweep: each run's seed comes from --seeds, a sweep resumes by running again
-_NOT_SWEEP_OPTIONS = {"resume": "a sweep resumes by running the same command again (finished runs are skipped)",
-                      "seed": "each run's seed comes from --seeds (0 .. SEEDS-1)"}
+_NOT_SWEEP_OPTIONS = {
+    "resume": "a sweep resumes by running the same command again (finished runs are skipped)",
+    "seed": "each run's seed comes from --seeds (0 .. SEEDS-1)",
+}
 
 
 def _inapplicable(args: argparse.Namespace) -> str | None:
@@ -136,8 +154,7 @@ class _Stop(SignalCatcher):
         self.received.append(signal.Signals(signum).name)
         if len(self.received) == 1 and self.armed:
             raise KeyboardInterrupt(self.received[0])
-        print(f"{self.received[-1]} received: the sweep is stopping its runs and writing its outputs", file=sys.stderr,
-              flush=True)
+        print(f"{self.received[-1]} received: the sweep is stopping its runs and writing its outputs", file=sys.stderr, flush=True)
 
 
 def _truthful(run: Run, result: dict | None) -> dict:
@@ -177,9 +194,11 @@ def _run_locked(args: argparse.Namespace, axes: list, out: Path, runs: list[Run]
     differ = recorded_elsewise(runs)
     if differ and not args.overwrite:
         run, what = differ[0]
-        print(f"grokfast-metrics sweep: error: {len(differ)} finished run(s) in {out} were trained with other options "
-              f"({run.name}: {what}); pass --overwrite to re-run them with this sweep's options, or choose another --out",
-              file=sys.stderr)
+        print(
+            f"grokfast-metrics sweep: error: {len(differ)} finished run(s) in {out} were trained with other options "
+            f"({run.name}: {what}); pass --overwrite to re-run them with this sweep's options, or choose another --out",
+            file=sys.stderr,
+        )
         return 2
     window = max(1, (runs[0].config.steps if runs else 10) // 10)  # the runs' steps (per model when not given)
     try:
@@ -192,10 +211,18 @@ def _run_locked(args: argparse.Namespace, axes: list, out: Path, runs: list[Run]
     results: dict[str, dict] = {}
     with _Stop() as stop:
         try:
-            run_sweep(runs, args.engine, args.workers, plot=not args.no_plot, ray_address=args.ray_address,
-                      on_done=lambda run, res: bar.update(1) if bar is not None else None,
-                      batched=args.batched, notes=lambda m: print(m, file=sys.stderr),
-                      rerun={run.name for run, _ in differ}, results=results)
+            run_sweep(
+                runs,
+                args.engine,
+                args.workers,
+                plot=not args.no_plot,
+                ray_address=args.ray_address,
+                on_done=lambda run, res: bar.update(1) if bar is not None else None,
+                batched=args.batched,
+                notes=lambda m: print(m, file=sys.stderr),
+                rerun={run.name for run, _ in differ},
+                results=results,
+            )
         except KeyboardInterrupt:
             interrupted = True
         except (RuntimeError, ValueError) as e:

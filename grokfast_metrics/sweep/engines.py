@@ -1,4 +1,5 @@
 """Where the runs of a sweep execute: a local process pool or Ray tasks. Neither is a scheduler of ours."""
+
 from __future__ import annotations
 
 import contextlib
@@ -18,7 +19,7 @@ from .grid import Run
 ENGINES = ("local", "ray")
 #: where a failed run's traceback goes, in its run directory
 ERROR_FILE = "error.txt"
-RAY_MISSING = "--engine ray needs ray: pip install \"grokfast_metrics[ray]\" (or pip install ray)"
+RAY_MISSING = '--engine ray needs ray: pip install "grokfast_metrics[ray]" (or pip install ray)'
 #: written into a run directory by the worker process that starts the run (its pid), removed when the task returns:
 #: after a worker died, the runs that still hold it were running in it
 WORKER_FILE = ".sweep-worker"
@@ -194,8 +195,7 @@ def run_local(tasks: list[list[Run]], workers: int, plot: bool, on_done: Callabl
         for task in remaining:
             for run in task:
                 (Path(run.run_dir) / WORKER_FILE).unlink(missing_ok=True)
-        pool = ProcessPoolExecutor(max_workers=min(workers, len(remaining)), mp_context=ctx, initializer=_worker_init,
-                                   initargs=(stop,))
+        pool = ProcessPoolExecutor(max_workers=min(workers, len(remaining)), mp_context=ctx, initializer=_worker_init, initargs=(stop,))
         futures = {pool.submit(run_task, *_args(t, plot)): t for t in remaining}
         procs = dict(getattr(pool, "_processes", None) or {})
         broken = False
@@ -292,7 +292,7 @@ def check_ray_address(address: str, timeout: float = RAY_CONNECT_TIMEOUT_S) -> N
     """
     import socket
 
-    target = address[len("ray://"):] if address.startswith("ray://") else address
+    target = address[len("ray://") :] if address.startswith("ray://") else address
     host, sep, port = target.rpartition(":")
     if not sep or not port.isdigit():
         return  # "auto", "local" or a form Ray resolves itself
@@ -300,12 +300,12 @@ def check_ray_address(address: str, timeout: float = RAY_CONNECT_TIMEOUT_S) -> N
         with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout):
             pass
     except OSError as e:
-        raise RuntimeError(f"cannot reach a Ray cluster at --ray-address {address}: {e.strerror or e} (is `ray start "
-                           "--head` running there?)") from None
+        raise RuntimeError(
+            f"cannot reach a Ray cluster at --ray-address {address}: {e.strerror or e} (is `ray start --head` running there?)"
+        ) from None
 
 
-def run_ray(tasks: list[list[Run]], workers: int, plot: bool, on_done: Callable[[Run, dict], None],
-            address: str | None = None) -> None:
+def run_ray(tasks: list[list[Run]], workers: int, plot: bool, on_done: Callable[[Run, dict], None], address: str | None = None) -> None:
     """Each task (a run, or a stack of runs) as a Ray task (one CPU each); a local Ray with ``workers`` CPUs unless
     ``address`` names a cluster.
 
@@ -322,8 +322,9 @@ def run_ray(tasks: list[list[Run]], workers: int, plot: bool, on_done: Callable[
     if started and address:
         check_ray_address(address)
     if started:
-        ray.init(address=address, num_cpus=None if address else workers, include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
+        ray.init(
+            address=address, num_cpus=None if address else workers, include_dashboard=False, log_to_driver=False, configure_logging=False
+        )
     remote = ray.remote(num_cpus=1)(run_task)
     refs = {remote.remote(*_args(t, plot, resolve=True)): t for t in tasks}
     pending = list(refs)
@@ -341,10 +342,18 @@ def run_ray(tasks: list[list[Run]], workers: int, plot: bool, on_done: Callable[
             ray.shutdown()
 
 
-def run_sweep(runs: list[Run], engine: str = "local", workers: int = 1, plot: bool = True,
-              ray_address: str | None = None, on_done: Callable[[Run, dict], None] | None = None,
-              batched: bool = False, notes: Callable[[str], None] | None = None,
-              rerun: Collection[str] = (), results: dict[str, dict] | None = None) -> dict[str, dict]:
+def run_sweep(
+    runs: list[Run],
+    engine: str = "local",
+    workers: int = 1,
+    plot: bool = True,
+    ray_address: str | None = None,
+    on_done: Callable[[Run, dict], None] | None = None,
+    batched: bool = False,
+    notes: Callable[[str], None] | None = None,
+    rerun: Collection[str] = (),
+    results: dict[str, dict] | None = None,
+) -> dict[str, dict]:
     """Run every run that is not finished yet; returns ``{run name: {"status", ["error"]}}`` for all runs.
 
     Finished runs get ``{"status": "skipped"}`` and are not touched, except those named in ``rerun`` (trained

@@ -1,4 +1,5 @@
 """The sweep's figures: an Omnigrok-style phase diagram and "does LMN predict grokking?"."""
+
 from __future__ import annotations
 
 import math
@@ -8,8 +9,7 @@ from pathlib import Path
 from .outcomes import OUTCOMES, lmn_drop_feature
 
 #: outcome -> colour of its phase-diagram cells
-COLOURS = {"comprehension": "#4caf50", "grokking": "#ffb300", "memorization": "#e53935", "confusion": "#9e9e9e",
-           "not run": "#ffffff"}
+COLOURS = {"comprehension": "#4caf50", "grokking": "#ffb300", "memorization": "#e53935", "confusion": "#9e9e9e", "not run": "#ffffff"}
 
 
 def _pyplot():
@@ -118,15 +118,13 @@ def plot_lmn_predicts(rows: list[dict], window: int, path: str | Path) -> dict:
     """
     points = predictor_points(rows, window)
     x, y = [p[0] for p in points], [p[1] for p in points]
-    stats = {"n": len(points), "pearson": _pearson(x, y), "spearman": _pearson(_ranks(x), _ranks(y)),
-             "window": window, "path": None}
+    stats = {"n": len(points), "pearson": _pearson(x, y), "spearman": _pearson(_ranks(x), _ranks(y)), "window": window, "path": None}
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.0, 4.0))
     ax.scatter(x, y, s=18)
     ax.set_xlabel(f"relative LMN drop from memorization to {window} steps later")
     ax.set_ylabel("generalization delay (steps)")
-    ax.set_title(f"n={stats['n']} runs; Pearson {_signed(stats['pearson'])}, Spearman {_signed(stats['spearman'])}",
-                 fontsize=9)
+    ax.set_title(f"n={stats['n']} runs; Pearson {_signed(stats['pearson'])}, Spearman {_signed(stats['spearman'])}", fontsize=9)
     fig.tight_layout()
     _save(fig, path)
     stats["path"] = str(path)

@@ -1,4 +1,5 @@
 """The grid of a sweep: axes of ``train`` options, one :class:`Run` per grid point and seed."""
+
 from __future__ import annotations
 
 import argparse

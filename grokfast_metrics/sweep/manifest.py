@@ -5,6 +5,7 @@
 ``config.json``) and :func:`run_status` reads each run's state from its directory, so the outputs can be
 (re)written from the directory alone.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,9 +27,12 @@ def is_sweep_dir(path: str | Path) -> bool:
 
 def write_manifest(out: Path, axes: list[str], runs: list[Run], window: int, lmn_predicts: dict | None = None) -> Path:
     """Write ``sweep.json``: the grid axes, the predictor window, every run (name, grid values, seed, config)."""
-    manifest = {"axes": axes, "window": window, "lmn_predicts": lmn_predicts,
-                "runs": [{"run": r.name, "values": dict(r.values), "seed": r.seed, "config": r.config_dict()}
-                         for r in runs]}
+    manifest = {
+        "axes": axes,
+        "window": window,
+        "lmn_predicts": lmn_predicts,
+        "runs": [{"run": r.name, "values": dict(r.values), "seed": r.seed, "config": r.config_dict()} for r in runs],
+    }
     return write_atomic(Path(out) / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
 
 
@@ -44,11 +48,15 @@ def load_sweep(out: str | Path) -> tuple[list[str], list[Run], int]:
     axes = list(manifest.get("axes") or [])
     try:
         if "runs" in manifest:
-            runs = [Run(tuple((a, r["values"][a]) for a in axes), r["seed"], TrainConfig(**r["config"]), out / r["run"])
-                    for r in manifest["runs"]]
+            runs = [
+                Run(tuple((a, r["values"][a]) for a in axes), r["seed"], TrainConfig(**r["config"]), out / r["run"])
+                for r in manifest["runs"]
+            ]
         else:  # written before the run list was kept: the run directories' own configurations
-            runs = sorted((_from_run_dir(d, axes) for d in out.iterdir() if (d / "config.json").is_file()),
-                          key=lambda r: (*(v for _, v in r.values), r.seed))
+            runs = sorted(
+                (_from_run_dir(d, axes) for d in out.iterdir() if (d / "config.json").is_file()),
+                key=lambda r: (*(v for _, v in r.values), r.seed),
+            )
     except (KeyError, TypeError) as e:
         raise RunLogError(f"{out / MANIFEST}: not a sweep manifest ({type(e).__name__}: {e})") from None
     window = manifest.get("window") or max(1, (runs[0].config.steps if runs else 10) // 10)

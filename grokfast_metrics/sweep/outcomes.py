@@ -1,4 +1,5 @@
 """One ``sweep.csv`` row per run, and the outcome of a run (definitions in ``docs/sweeps.md``)."""
+
 from __future__ import annotations
 
 import csv
@@ -49,8 +50,14 @@ def _collapse(summary: dict) -> tuple[bool, int | None]:
 
 def run_row(run: Run, result: dict) -> dict:
     """The ``sweep.csv`` row of ``run``: grid values, seed, status, phase steps, accuracies, LMN and L2, wall time."""
-    row = {**dict(run.values), "seed": run.seed, "run": run.name, "run_dir": str(run.run_dir),
-           "status": result.get("status"), "error": result.get("error", "")}
+    row = {
+        **dict(run.values),
+        "seed": run.seed,
+        "run": run.name,
+        "run_dir": str(run.run_dir),
+        "status": result.get("status"),
+        "error": result.get("error", ""),
+    }
     path = Path(run.run_dir) / "summary.json"
     if not path.is_file():
         return row
@@ -63,19 +70,29 @@ def run_row(run: Run, result: dict) -> dict:
     mem, gen = s.get("memorization_step"), s.get("generalization_step")
     peak, end = s.get("lmn_peak"), s.get("lmn_final")
     collapsed, collapse_step = _collapse(s)
-    row.update({
-        "outcome": classify(mem, gen), "memorization_step": mem, "generalization_step": gen,
-        "generalization_delay": None if mem is None or gen is None else gen - mem,
-        "final_train_acc": s.get("final_train_acc"), "final_test_acc": s.get("final_test_acc"),
-        "lmn_init": _value(s.get("lmn_init")), "lmn_peak": _value(peak),
-        "lmn_memorization": _value(s.get("lmn_at_memorization")),
-        "lmn_generalization": _value(s.get("lmn_at_generalization")), "lmn_end": _value(end),
-        "collapse": collapsed, "collapse_step": collapse_step,
-        "l2_init": _l2_at(rows, 0), "l2_peak": _l2_at(rows, None if peak is None else peak["step"]),
-        "l2_memorization": _l2_at(rows, mem), "l2_generalization": _l2_at(rows, gen),
-        "l2_end": rows[-1].get("l2") if rows else None,
-        "wall_s": (s.get("timings_s") or {}).get("total"),
-    })
+    row.update(
+        {
+            "outcome": classify(mem, gen),
+            "memorization_step": mem,
+            "generalization_step": gen,
+            "generalization_delay": None if mem is None or gen is None else gen - mem,
+            "final_train_acc": s.get("final_train_acc"),
+            "final_test_acc": s.get("final_test_acc"),
+            "lmn_init": _value(s.get("lmn_init")),
+            "lmn_peak": _value(peak),
+            "lmn_memorization": _value(s.get("lmn_at_memorization")),
+            "lmn_generalization": _value(s.get("lmn_at_generalization")),
+            "lmn_end": _value(end),
+            "collapse": collapsed,
+            "collapse_step": collapse_step,
+            "l2_init": _l2_at(rows, 0),
+            "l2_peak": _l2_at(rows, None if peak is None else peak["step"]),
+            "l2_memorization": _l2_at(rows, mem),
+            "l2_generalization": _l2_at(rows, gen),
+            "l2_end": rows[-1].get("l2") if rows else None,
+            "wall_s": (s.get("timings_s") or {}).get("total"),
+        }
+    )
     return row
 
 

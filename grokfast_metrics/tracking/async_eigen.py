@@ -9,6 +9,7 @@ the caller goes on. Results come back in the order they were submitted; nothing 
 
 On the CPU it is the same pipeline (the copy is skipped), which is how it is tested.
 """
+
 from __future__ import annotations
 
 import threading
@@ -115,8 +116,7 @@ class AsyncEigen:
                     break  # hand over what came before it; the next call raises
                 self._pending.popleft()
                 if error is not None:
-                    raise EigenStepError(f"the eigen step of {key!r} failed: {type(error).__name__}: {error}",
-                                         key) from error
+                    raise EigenStepError(f"the eigen step of {key!r} failed: {type(error).__name__}: {error}", key) from error
                 result = fut.result()
                 out.append((key, result if many else result[None]))
         return out

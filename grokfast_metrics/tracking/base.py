@@ -1,6 +1,7 @@
 """``Tracker``: LMN on a schedule with a history and a NaN policy, the machinery every tracker shares, with a
 pluggable measurement. :class:`~grokfast_metrics.tracking.tracker.LMNTracker` measures with ``lmn_at``; the trainer
 (:mod:`grokfast_metrics.experiment.trainer`) tracks the layers of its MLP through the same class."""
+
 from __future__ import annotations
 
 import math
@@ -62,8 +63,15 @@ class Tracker:
             asynchronous: of the latest one landed).
     """
 
-    def __init__(self, model: nn.Module, schedule: Schedule, measure: Callable[[], dict[str, LMNResult]], *,
-                 connectivity: Callable[[], dict[str, torch.Tensor]] | None = None, workers: int = 0):
+    def __init__(
+        self,
+        model: nn.Module,
+        schedule: Schedule,
+        measure: Callable[[], dict[str, LMNResult]],
+        *,
+        connectivity: Callable[[], dict[str, torch.Tensor]] | None = None,
+        workers: int = 0,
+    ):
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
             raise ValueError(f"workers must be an int >= 0 (0: synchronous); got {workers!r}")
         if workers and connectivity is None:
@@ -233,12 +241,14 @@ class Tracker:
     def _check_state(self, state) -> None:
         """ValueError naming what is missing from ``state`` (before anything is changed)."""
         if not isinstance(state, dict):
-            raise ValueError(f"{type(self).__name__}.load_state_dict: not a state_dict (a dict from state_dict()); got "
-                             f"{type(state).__name__}")
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: not a state_dict (a dict from state_dict()); got {type(state).__name__}"
+            )
         missing = [k for k in self.state_keys if k not in state]
         if missing:
-            raise ValueError(f"{type(self).__name__}.load_state_dict: the state has no {', '.join(map(repr, missing))}; "
-                             "pass what state_dict() returned")
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: the state has no {', '.join(map(repr, missing))}; pass what state_dict() returned"
+            )
         if not isinstance(state["history"], list) or not all(isinstance(r, dict) for r in state["history"]):
             raise ValueError(f"{type(self).__name__}.load_state_dict: state['history'] must be a list of dicts")
 

@@ -3,6 +3,7 @@
 Defined on first use (``grokfast_metrics.tracking.metric.LMNMetric``), only when torchmetrics is installed: importing
 torchmetrics imports matplotlib, and it is not a dependency.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -28,8 +29,7 @@ class _LMNMetricMethods(_MetricBase):
 
     @keyword_only("LMNMetric(model, probe_inputs, at='blocks.0', every=1, ...)", name="LMNMetric")
     def __init__(self, model: nn.Module, probe_inputs, at: str | Sequence[str], *, every: int | str = 1, **kwargs):
-        tracker_keys = ("output", "batch_dim", "n_lambda", "backend", "log_base", "check", "to",
-                        "input_batch_dim", "path", "user_hooks")
+        tracker_keys = ("output", "batch_dim", "n_lambda", "backend", "log_base", "check", "to", "input_batch_dim", "path", "user_hooks")
         tracker_kw = {k: kwargs.pop(k) for k in tracker_keys if k in kwargs}
         super().__init__(**kwargs)
         self._tracker = LMNTracker(model, probe_inputs, at=at, every=every, **tracker_kw)
@@ -102,8 +102,9 @@ def __getattr__(name: str):
         try:
             cls = _make_lmn_metric()
         except ImportError as e:
-            raise ImportError('LMNMetric needs torchmetrics: pip install torchmetrics (or pip install '
-                              '"grokfast_metrics[torchmetrics]")') from e
+            raise ImportError(
+                'LMNMetric needs torchmetrics: pip install torchmetrics (or pip install "grokfast_metrics[torchmetrics]")'
+            ) from e
         globals()["LMNMetric"] = cls
         return cls
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

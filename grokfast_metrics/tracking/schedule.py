@@ -12,6 +12,7 @@ Every schedule of the library is stated here once:
 
 All log-spaced steps come from :func:`log_steps`, which differs between schedules only in its base.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,6 +31,7 @@ class ScheduleConfig(Protocol):
     log_every: int
     complexity: str
     save_connectivity: list[str]
+
 
 #: base of ``LMNTracker(every="log")``: steps 0 and floor(LOG_BASE ** k), k = 0, 1, 2, ...
 LOG_BASE = 1.3
@@ -182,10 +184,17 @@ class Schedule:
         if cfg.lmn_every > 0:
             early = EARLY_BASE if cfg.lmn_early else None
             lmn = Steps(every=cfg.lmn_every, log_base=early, log_below=cfg.lmn_every, events=phases_and_end)
-        snapshots = Steps(extra=frozenset(int(s) for s in cfg.save_connectivity if str(s).isdigit()),
-                          events=frozenset(s for s in cfg.save_connectivity if s in SNAPSHOT_EVENTS))
-        return cls(lmn=lmn, snapshots=snapshots, complexity=complexity_steps(cfg.complexity),
-                   rows=Steps(every=cfg.log_every, events=phases_and_end), last=cfg.steps)
+        snapshots = Steps(
+            extra=frozenset(int(s) for s in cfg.save_connectivity if str(s).isdigit()),
+            events=frozenset(s for s in cfg.save_connectivity if s in SNAPSHOT_EVENTS),
+        )
+        return cls(
+            lmn=lmn,
+            snapshots=snapshots,
+            complexity=complexity_steps(cfg.complexity),
+            rows=Steps(every=cfg.log_every, events=phases_and_end),
+            last=cfg.steps,
+        )
 
     def due(self, step: int, events: Collection[str] = ()) -> Due:
         """What is due at ``step``, given the phase ``events`` first reached there (``"final"`` is added at ``last``)."""

@@ -16,6 +16,7 @@ pluggable measurement; the schedules live in :mod:`grokfast_metrics.tracking.sch
 ``LMNMetric`` (a ``torchmetrics.Metric`` wrapping a tracker) exists only when torchmetrics is
 installed; it is not a dependency.
 """
+
 from __future__ import annotations
 
 import copy
@@ -47,8 +48,13 @@ def _follow_model(probe, model: nn.Module):
     def move(x):
         return x.to(ref.device, ref.dtype) if x.is_floating_point() else x.to(ref.device)
 
-    return move(probe) if isinstance(probe, torch.Tensor) else type(probe)(move(x) for x in probe) \
-        if isinstance(probe, (tuple, list)) else probe
+    return (
+        move(probe)
+        if isinstance(probe, torch.Tensor)
+        else type(probe)(move(x) for x in probe)
+        if isinstance(probe, (tuple, list))
+        else probe
+    )
 
 
 def _next_after(step: int, every: int | str, log_base: float) -> int:
@@ -143,10 +149,27 @@ class LMNTracker(Tracker):
     """
 
     @keyword_only("LMNTracker(model, probe_inputs, at='blocks.0', every=1, to=None, output=None, ...)")
-    def __init__(self, model: nn.Module, probe_inputs: Any, at: str | Sequence[str], *, every: int | str = 1,
-                 to: str | None = None, output: OutputSelector = None, batch_dim: int = 0, input_batch_dim: int | None = None,
-                 n_lambda: int = 21, backend: str = "auto", check: bool = True, path: str = "auto", user_hooks: bool = False,
-                 log_base: float = LOG_BASE, asynchronous: bool | int = False, lazy: bool = False, compile: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        probe_inputs: Any,
+        at: str | Sequence[str],
+        *,
+        every: int | str = 1,
+        to: str | None = None,
+        output: OutputSelector = None,
+        batch_dim: int = 0,
+        input_batch_dim: int | None = None,
+        n_lambda: int = 21,
+        backend: str = "auto",
+        check: bool = True,
+        path: str = "auto",
+        user_hooks: bool = False,
+        log_base: float = LOG_BASE,
+        asynchronous: bool | int = False,
+        lazy: bool = False,
+        compile: bool = False,
+    ):
         if isinstance(every, str):
             if every != "log":
                 raise ValueError(f"every must be a positive int or 'log'; got {every!r}")
@@ -162,8 +185,9 @@ class LMNTracker(Tracker):
             raise ValueError(f"at must be a submodule name or a non-empty list of distinct names; got {at!r}")
         if not isinstance(asynchronous, int) or asynchronous < 0:
             raise ValueError(f"asynchronous must be a bool or a number of threads >= 0; got {asynchronous!r}")
-        super().__init__(model, Schedule.for_tracker(every, log_base), self._lmn_at,
-                         connectivity=self._connectivity_at, workers=int(asynchronous))
+        super().__init__(
+            model, Schedule.for_tracker(every, log_base), self._lmn_at, connectivity=self._connectivity_at, workers=int(asynchronous)
+        )
         self.probe_inputs = probe_inputs
         self.at = at
         self.to = to
@@ -190,11 +214,12 @@ class LMNTracker(Tracker):
         the model after ``__init__``)."""
         if self._plans is None:
             to, output, batch_dim, input_batch_dim, path, user_hooks, check, *more = self._plan_args
-            compile_ = bool(more and more[0])   # a tracker pickled before compile= existed has 7 plan arguments
+            compile_ = bool(more and more[0])  # a tracker pickled before compile= existed has 7 plan arguments
             probe = _follow_model(self.probe_inputs, self.model) if self.lazy else self.probe_inputs
-            plans = {name: Plan(self.model, probe, name, to, output, batch_dim, input_batch_dim, path, user_hooks,
-                                compile=compile_)
-                     for name in self._names}
+            plans = {
+                name: Plan(self.model, probe, name, to, output, batch_dim, input_batch_dim, path, user_hooks, compile=compile_)
+                for name in self._names
+            }
             for plan in plans.values():
                 self._validate(plan, check)
             self._plans = plans
@@ -211,8 +236,7 @@ class LMNTracker(Tracker):
         plan.checked = plan.checked or not check
         if plan.affine:
             plan.affine_warned = True
-            emit_affine_warning(plan.at, plan.to, "structurally: only affine layers follow it", stacklevel=4,
-                                model=plan.model)
+            emit_affine_warning(plan.at, plan.to, "structurally: only affine layers follow it", stacklevel=4, model=plan.model)
 
     def _lmn_at(self) -> dict[str, LMNResult]:
         return {name: plan.compute(self.n_lambda, self.backend) for name, plan in self._build_plans().items()}
@@ -254,8 +278,10 @@ class LMNTracker(Tracker):
             self._next_due = _next_after(step, self.every, self.log_base)
             return None if self.asynchronous else self._latest()
         if self._last_seen is not None and step <= self._last_seen:
-            raise ValueError(f"update(step={step}) after update(step={self._last_seen}): steps must increase (call "
-                             "update once per training step; reset() starts over)")
+            raise ValueError(
+                f"update(step={step}) after update(step={self._last_seen}): steps must increase (call "
+                "update once per training step; reset() starts over)"
+            )
         self._calls += 1
         self._last_seen = step
         if not force and step < self._next_due:
@@ -279,8 +305,7 @@ class LMNTracker(Tracker):
             return super()._rows(step, results)
         if results is None:
             return [{"step": step, "at": a, "lmn": math.nan, "entropy_bits": math.nan} for a in self._names]
-        return [{"step": step, "at": a, "lmn": float(r.lmn), "entropy_bits": float(r.entropy_bits)}
-                for a, r in results.items()]
+        return [{"step": step, "at": a, "lmn": float(r.lmn), "entropy_bits": float(r.entropy_bits)} for a, r in results.items()]
 
     def _latest(self):
         if not self._multi:
@@ -314,8 +339,14 @@ class LMNTracker(Tracker):
 
     def state_dict(self) -> dict:
         """What a checkpoint needs to resume: the history and the schedule position (not the model or probe)."""
-        return {**super().state_dict(), "at": self.at, "every": self.every, "log_base": self.log_base,
-                "next_due": self._next_due, "last_seen": self._last_seen}
+        return {
+            **super().state_dict(),
+            "at": self.at,
+            "every": self.every,
+            "log_base": self.log_base,
+            "next_due": self._next_due,
+            "last_seen": self._last_seen,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from :meth:`state_dict` (same ``at`` and ``every``; ValueError otherwise, or for a key missing)."""
@@ -324,8 +355,10 @@ class LMNTracker(Tracker):
         theirs = state.get("at")
         theirs = theirs if isinstance(theirs, str) else list(theirs or [])
         if theirs != mine or state.get("every") != self.every or state.get("log_base", self.log_base) != self.log_base:
-            raise ValueError(f"state is of a tracker with at={state.get('at')!r}, every={state.get('every')!r}; this one "
-                             f"has at={self.at!r}, every={self.every!r}")
+            raise ValueError(
+                f"state is of a tracker with at={state.get('at')!r}, every={state.get('every')!r}; this one "
+                f"has at={self.at!r}, every={self.every!r}"
+            )
         super().load_state_dict(state)
         self._next_due = int(state["next_due"])
         self._last_seen = None if state["last_seen"] is None else int(state["last_seen"])
@@ -342,4 +375,3 @@ class LMNTracker(Tracker):
     def __repr__(self) -> str:
         last = f", last={self._history[-1]}" if self._history else ""  # what has landed: repr never waits
         return f"LMNTracker(at={self.at!r}, every={self.every!r}, computed={len(self.history)}{last})"
-

@@ -1,4 +1,5 @@
 """``grokfast-metrics bench --async-tracking`` at a tiny size: the figure's shape, not its speed (no timed assertions)."""
+
 from __future__ import annotations
 
 import argparse

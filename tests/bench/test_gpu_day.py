@@ -3,6 +3,7 @@
 The dry run is the same script a lent GPU machine runs, at tiny sizes, with the CUDA-only parts marked
 ``SKIPPED: no CUDA``; it runs in a child process exactly as on the GPU machine (package from the shim, ``python -P``).
 """
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,14 @@ def dry_run(tmp_path_factory) -> tuple[Path, dict, float]:
     env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}
     env.pop("TRITON_INTERPRET", None)
     t0 = time.monotonic()
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_day.sh"), str(out), "--dry-run"], env=env,
-                          capture_output=True, text=True, timeout=300, check=False)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_day.sh"), str(out), "--dry-run"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     seconds = time.monotonic() - t0
     assert proc.returncode == 0, f"dry run failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-3000:]}"
     path = out / "gpu_day.json"
@@ -91,8 +98,7 @@ def test_merge_into_csv_and_results_md(dry_run, tmp_path, capsys):
     # a dry run is not GPU figures: refused unless asked for, nothing written
     assert _bench("--merge-gpu-day", str(path), "--csv", str(csv), "--results-md", str(md)) == 2
     assert "dry run" in capsys.readouterr().err and not csv.exists()
-    assert _bench("--merge-gpu-day", str(path.parent), "--csv", str(csv), "--results-md", str(md),
-                  "--allow-dry-run") == 0
+    assert _bench("--merge-gpu-day", str(path.parent), "--csv", str(csv), "--results-md", str(md), "--allow-dry-run") == 0
     merged = read_csv(csv)
     assert len(merged) == len(res["rows"]) and {r["run_id"] for r in merged} == {res["run_id"]}
     text = md.read_text(encoding="utf-8")
@@ -104,11 +110,14 @@ def test_merge_into_csv_and_results_md(dry_run, tmp_path, capsys):
     assert "already in" in capsys.readouterr().err and csv.read_bytes() == before
 
 
-@pytest.mark.parametrize("content, message", [
-    ("{not json", "not readable JSON"),
-    ('{"format": "something else"}', "not a GPU-day results file"),
-    (json.dumps({"format": gpu_day_report.FORMAT}), "lacks"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{not json", "not readable JSON"),
+        ('{"format": "something else"}', "not a GPU-day results file"),
+        (json.dumps({"format": gpu_day_report.FORMAT}), "lacks"),
+    ],
+)
 def test_merge_refuses_bad_files_in_one_line(tmp_path, capsys, content, message):
     bad = tmp_path / "gpu_day.json"
     bad.write_text(content, encoding="utf-8")
@@ -123,8 +132,7 @@ def test_merge_refuses_bad_files_in_one_line(tmp_path, capsys, content, message)
 def test_cuda_test_list_is_complete():
     """Every test file that runs on CUDA when it is there (and skips or interprets without) is in the GPU day's list."""
     uses_cuda = re.compile(r'skipif\(not torch\.cuda\.is_available\(\)|"cuda" if torch\.cuda\.is_available\(\)')
-    found = {p.relative_to(ROOT).as_posix() for p in (ROOT / "tests").rglob("test_*.py")
-             if uses_cuda.search(p.read_text(encoding="utf-8"))}
+    found = {p.relative_to(ROOT).as_posix() for p in (ROOT / "tests").rglob("test_*.py") if uses_cuda.search(p.read_text(encoding="utf-8"))}
     assert found == set(gpu_day_cuda_tests.CUDA_TESTS)
 
 
@@ -144,11 +152,31 @@ def test_extrapolate_steady_steps_and_remaining_complexity():
 
 
 def test_static_model_ratio_per_kernel_and_n():
-    rows = [BenchRow(kind="connectivity", backend="triton-v1", N=961, H=100, O=31, T=21, depth=1, time_median_s=2e-3,
-                     note="gpu day, workload default"),
-            BenchRow(kind="connectivity", backend="triton-v2", N=961, H=100, O=31, T=21, depth=1,
-                     status="REFUSED: disagrees", note="gpu day, workload default"),
-            BenchRow(kind="connectivity", backend="torch", N=961, note="gpu day, workload default")]
+    rows = [
+        BenchRow(
+            kind="connectivity",
+            backend="triton-v1",
+            N=961,
+            H=100,
+            O=31,
+            T=21,
+            depth=1,
+            time_median_s=2e-3,
+            note="gpu day, workload default",
+        ),
+        BenchRow(
+            kind="connectivity",
+            backend="triton-v2",
+            N=961,
+            H=100,
+            O=31,
+            T=21,
+            depth=1,
+            status="REFUSED: disagrees",
+            note="gpu day, workload default",
+        ),
+        BenchRow(kind="connectivity", backend="torch", N=961, note="gpu day, workload default"),
+    ]
     calls = []
 
     def fake_estimate(n, h, o, depth, arch, t, variant):

@@ -1,4 +1,5 @@
 """Unit tests of the benchmark harness (grokfast_metrics.bench) at tiny sizes; no timed assertions."""
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,21 @@ from grokfast_metrics.bench import workloads as bench_workloads
 from grokfast_metrics.compute import core, reference
 from grokfast_metrics.experiment.model import GrokMLP
 
-TINY = bench_sweep.BenchConfig(ns=(5, 9), hiddens=(6,), depths=(1, 2), out=3, n_lambda=5, repeats=1, n_ref=5, n_naive=9,
-                         max_row_seconds=60.0, roof_size=32, lmn_parts=True, train_n=None, progress=False)
+TINY = bench_sweep.BenchConfig(
+    ns=(5, 9),
+    hiddens=(6,),
+    depths=(1, 2),
+    out=3,
+    n_lambda=5,
+    repeats=1,
+    n_ref=5,
+    n_naive=9,
+    max_row_seconds=60.0,
+    roof_size=32,
+    lmn_parts=True,
+    train_n=None,
+    progress=False,
+)
 CPU = torch.device("cpu")
 
 
@@ -241,8 +255,7 @@ def test_triton_variants_are_bench_backends(monkeypatch):
     from grokfast_metrics.kernels.triton import kernel_variant
 
     seen = []
-    monkeypatch.setattr(baselines.core, "connectivity",
-                        lambda h, tail, n_lambda, backend: seen.append((backend, kernel_variant())))
+    monkeypatch.setattr(baselines.core, "connectivity", lambda h, tail, n_lambda, backend: seen.append((backend, kernel_variant())))
     monkeypatch.setenv("GROKFAST_METRICS_TRITON_KERNEL", "v2")
     baselines.backend_fn("triton-v1")(None, None, 21)
     # the variant is chosen by argument for the call only: the environment is never edited
@@ -321,9 +334,34 @@ def _parse(argv):
 
 def test_cli_run_writes_csv(tmp_path, capsys):
     out = tmp_path / "r.csv"
-    argv = ["--n", "4", "6", "--hidden", "5", "--depth", "1", "--out", "2", "--n-lambda", "5", "--repeats", "1",
-            "--n-ref", "4", "--n-naive", "6", "--roof-size", "32", "--train-n", "8", "--no-progress",
-            "--csv", str(out), "--results-md", str(tmp_path / "R.md")]
+    argv = [
+        "--n",
+        "4",
+        "6",
+        "--hidden",
+        "5",
+        "--depth",
+        "1",
+        "--out",
+        "2",
+        "--n-lambda",
+        "5",
+        "--repeats",
+        "1",
+        "--n-ref",
+        "4",
+        "--n-naive",
+        "6",
+        "--roof-size",
+        "32",
+        "--train-n",
+        "8",
+        "--no-progress",
+        "--csv",
+        str(out),
+        "--results-md",
+        str(tmp_path / "R.md"),
+    ]
     assert bench_command.run(_parse(argv)) == 0
     text = capsys.readouterr().out
     assert "| torch | 6 | 5 | 2 | 1 |" in text
@@ -381,9 +419,20 @@ def test_paired_roof_ratio_formula():
 
 
 def test_paired_roof_row_in_sweep():
-    cfg = bench_sweep.BenchConfig(**{**TINY.__dict__, "ns": (5, 961), "hiddens": (100,), "depths": (1,), "out": 31,
-                               "n_lambda": 21, "backends": ("auto",), "max_row_seconds": 0.0, "repeats": 1,
-                               "fp64_roof": False})
+    cfg = bench_sweep.BenchConfig(
+        **{
+            **TINY.__dict__,
+            "ns": (5, 961),
+            "hiddens": (100,),
+            "depths": (1,),
+            "out": 31,
+            "n_lambda": 21,
+            "backends": ("auto",),
+            "max_row_seconds": 0.0,
+            "repeats": 1,
+            "fp64_roof": False,
+        }
+    )
     rows = bench_command.run_benchmarks(cfg, CPU)
     paired = _rows("roof_paired", rows)
     assert len(paired) == 1 and paired[0].N == 961 and paired[0].repeats == 5 and 0 < paired[0].frac_roof

@@ -4,6 +4,7 @@ No GPU is needed: the kernel is compiled for sm_90/sm_80 on the CPU. Nothing her
 checks are that the counted work is the kernel's work (MMA multiply-adds counted from the SASS loops
 equal what its ``tl.dot`` calls perform) and that the estimate is assembled from its parts.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -31,7 +32,7 @@ SASS = """
 def test_parse_sass_finds_loops_pipes_and_mma_shapes():
     sass = sg.parse_sass(SASS)
     assert [op for _, op, _, _ in sass.instructions][:4] == ["MOV", "EXIT", "FFMA", "MUFU"]
-    assert sass.loops == [(2, 5)]                       # FFMA .. BRA; the trailing self-branch is no loop
+    assert sass.loops == [(2, 5)]  # FFMA .. BRA; the trailing self-branch is no loop
     pipes, fma = sg.dynamic_counts(sass, [3], warps=4)
     assert pipes["fp32"] == 3 and pipes["mufu"] == 3 and pipes["tensor"] == 3 + 2
     # HGMMA: a quarter of 64x32x8 per warp, 4 warps, 3 trips; HMMA m16n8k8 and DMMA m8n8k4 per warp, once
@@ -40,10 +41,10 @@ def test_parse_sass_finds_loops_pipes_and_mma_shapes():
 
 
 def test_active_programs_and_occupancy():
-    active, grid = sg.active_programs(5, 2)            # rows i=0..3 have 4,3,2,1 columns -> 2,2,1,1 programs
+    active, grid = sg.active_programs(5, 2)  # rows i=0..3 have 4,3,2,1 columns -> 2,2,1,1 programs
     assert (active, grid) == (6, 5 * 2)
     h100 = sg.GPUS[90]
-    assert sg.occupancy(h100, regs=64, smem=0, threads=128) == 8       # 64 regs x 128 threads = 8 KiB regs
+    assert sg.occupancy(h100, regs=64, smem=0, threads=128) == 8  # 64 regs x 128 threads = 8 KiB regs
     assert sg.occupancy(h100, regs=255, smem=0, threads=128) == 2
     assert sg.occupancy(h100, regs=32, smem=100 * 1024, threads=128) == 2
 
@@ -70,7 +71,7 @@ def default_estimate():
 def test_default_shape_estimate_is_self_consistent(default_estimate, arch):
     r = default_estimate[arch, "v1"]
     assert r["loops_verified"], "the SASS loops do not reproduce the kernel's MMA work"
-    assert r["mma_fma_per_program"] == r["mma_fma_expected"] == 128 * 128 * 32 * 3   # M x K0 x P1 x tf32x3
+    assert r["mma_fma_per_program"] == r["mma_fma_expected"] == 128 * 128 * 32 * 3  # M x K0 x P1 x tf32x3
     assert r["spill_bytes"] == 0 and r["registers"] <= 255 and r["ctas_per_sm"] >= 1
     assert r["programs_active"] == sum(-(-(960 - i) // r["config"]["BLOCK_J"]) for i in range(960))
     assert r["total_ms"] == max(r["issue_ms"], *r["ms"].values())
@@ -86,7 +87,7 @@ def test_v2_estimate_is_self_consistent(default_estimate, arch):
     assert (c["M"], c["BP"], c["K0"], c["BLOCK_K"], c["PO"]) == (128, 6, 112, 16, 32)
     tiles = sg.v2_tiles(961, 6)
     assert r["programs_active"] == r["programs_grid"] == min(tiles, 8 * sg.GPUS[arch].sms)
-    per_tile = 128 * 112 * 32 * 3 + 6 * 16 * 128 * 32          # tf32x3 main product; the sums over t (6 tf32 passes)
+    per_tile = 128 * 112 * 32 * 3 + 6 * 16 * 128 * 32  # tf32x3 main product; the sums over t (6 tf32 passes)
     assert r["loops_verified"], "the SASS loops do not reproduce the kernel's MMA work"
     assert r["mma_fma_per_program"] == pytest.approx(per_tile * tiles / r["programs_active"], rel=1e-9)
     # the K loop (7 chunks) and, on sm_80, _pair_bounds' loop over K0 in two chunks of BLOCK_KE = 64
@@ -99,7 +100,7 @@ def test_results_md_block_is_labelled_and_separate(default_estimate, tmp_path):
     md = tmp_path / "RESULTS.md"
     md.write_text("# Benchmark results\n\nmeasured text\n")
     sg.update_results_md(list(default_estimate.values()), md)
-    sg.update_results_md(list(default_estimate.values()), md)   # rewritten in place, not appended twice
+    sg.update_results_md(list(default_estimate.values()), md)  # rewritten in place, not appended twice
     text = md.read_text()
     assert text.count(sg.MD_BEGIN) == 1 and "measured text" in text and "static estimate" in text
     assert "| v1 |" in text and "| v2 |" in text

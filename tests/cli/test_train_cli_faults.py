@@ -1,4 +1,5 @@
 """Clean failures of ``grokfast-metrics train`` (docs/training.md): one line on stderr, exit 2, nothing left behind."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,24 @@ from grokfast_metrics.cli import main as cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = ["--steps", "3", "--device", "cpu", "--hidden", "8", "--embed-dim", "4", "--probe", "8", "--lmn-every", "2",
-        "--complexity", "off", "--no-progress", "--no-plot"]
+TINY = [
+    "--steps",
+    "3",
+    "--device",
+    "cpu",
+    "--hidden",
+    "8",
+    "--embed-dim",
+    "4",
+    "--probe",
+    "8",
+    "--lmn-every",
+    "2",
+    "--complexity",
+    "off",
+    "--no-progress",
+    "--no-plot",
+]
 
 
 def _one_line_exit_2(argv, capsys, match):
@@ -25,15 +42,18 @@ def _one_line_exit_2(argv, capsys, match):
     return err
 
 
-@pytest.mark.parametrize("args, match", [
-    (["--seed", str(2**70)], "seed"),
-    (["--probe-seed", str(2**70)], "probe seed"),
-    (["--device", "meta"], "device"),
-    (["--ema-lamb", "nan"], "ema lamb"),
-    (["--lr", "inf"], "lr"),
-    (["--ma-lamb=-inf"], "ma lamb"),
-    (["--ema-alpha", "nan"], "ema alpha"),
-])
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--seed", str(2**70)], "seed"),
+        (["--probe-seed", str(2**70)], "probe seed"),
+        (["--device", "meta"], "device"),
+        (["--ema-lamb", "nan"], "ema lamb"),
+        (["--lr", "inf"], "lr"),
+        (["--ma-lamb=-inf"], "ma lamb"),
+        (["--ema-alpha", "nan"], "ema alpha"),
+    ],
+)
 def test_bad_values_are_one_line_and_leave_no_directory(tmp_path, capsys, args, match):
     out = tmp_path / "run"
     _one_line_exit_2(["train", *TINY, "--out", str(out), *args], capsys, match)
@@ -73,7 +93,8 @@ def test_memory_estimate_counts_the_training_state():
     f64 = estimate_bytes(TrainConfig(hidden=100, embed_dim=32, dtype="float64"))
     n = n_parameters(TrainConfig(hidden=100, embed_dim=32), task)
     model = __import__("grokfast_metrics.experiment.model", fromlist=["GrokMLP"]).GrokMLP(
-        task.n_tokens, task.n_classes, 32, 100, "separate")
+        task.n_tokens, task.n_classes, 32, 100, "separate"
+    )
     assert n == sum(p.numel() for p in model.parameters())
     assert 4 * n * 4 < small < 64 << 20  # the paper's model: 17k parameters, a few MB with the activations
     assert ma - small == 100 * n * 4  # the MA filter keeps ma_window gradients
@@ -102,8 +123,12 @@ def test_ctrl_c_during_start_up_is_one_line_and_130(tmp_path):
     """SIGINT while the command starts (importing torch, NumPy, the trainer): one line, exit 130, no run left.
     The three commands run side by side (each is a fresh interpreter: most of its time is the imports)."""
     modules = ["torch", "numpy", "grokfast_metrics.experiment.trainer"]
-    procs = {m: subprocess.Popen([*PYTHON, "-c", _SIGINT_IN_IMPORT, m, str(tmp_path / m)], stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True) for m in modules}
+    procs = {
+        m: subprocess.Popen(
+            [*PYTHON, "-c", _SIGINT_IN_IMPORT, m, str(tmp_path / m)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for m in modules
+    }
     for module, p in procs.items():
         stdout, stderr = p.communicate(timeout=300)
         assert stdout.split()[0] == "False", module  # importing the CLI does not import torch: main() is in charge at once
@@ -130,8 +155,13 @@ def test_ctrl_c_while_the_run_is_set_up_removes_what_it_wrote(tmp_path, monkeypa
 @pytest.mark.skipif(sys.platform != "linux", reason="POSIX signals to a child process")
 def test_ctrl_c_to_the_command_while_it_starts(tmp_path):
     """The real command, interrupted 0.3 s in (mid-import on any machine here): one line, exit 130."""
-    p = subprocess.Popen([*PYTHON, "-m", "grokfast_metrics", "train", *TINY, "--out", str(tmp_path / "run")],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    p = subprocess.Popen(
+        [*PYTHON, "-m", "grokfast_metrics", "train", *TINY, "--out", str(tmp_path / "run")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
     time.sleep(0.3)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=300)
@@ -149,11 +179,9 @@ def test_summary_of_a_good_run_is_json(tmp_path):
 def test_sweep_with_an_unreachable_ray_address_fails_naming_it(tmp_path):
     """``--ray-address 127.0.0.1:1`` (nothing listens there): one line naming the address, not a wait of minutes."""
     pytest.importorskip("ray")
-    argv = ["sweep", *TINY, "--grid", "lr=0.001", "--engine", "ray", "--ray-address", "127.0.0.1:1",
-            "--out", str(tmp_path / "sweep")]
+    argv = ["sweep", *TINY, "--grid", "lr=0.001", "--engine", "ray", "--ray-address", "127.0.0.1:1", "--out", str(tmp_path / "sweep")]
     try:
-        p = subprocess.run([*PYTHON, "-m", "grokfast_metrics", *argv], capture_output=True, text=True, timeout=120,
-                           cwd=tmp_path)
+        p = subprocess.run([*PYTHON, "-m", "grokfast_metrics", *argv], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     except subprocess.TimeoutExpired:
         pytest.fail("no answer in 120 s")
     assert p.returncode == 2 and "127.0.0.1:1" in p.stderr and p.stderr.strip().count("\n") == 0, p.stderr[-3000:]

@@ -1,4 +1,5 @@
 """torch backend and public API against the NumPy reference, the properties of docs/lmn.md, input errors."""
+
 from __future__ import annotations
 
 import itertools
@@ -27,8 +28,7 @@ def _compare(h, tail, backend="torch", n_lambda=21, **kw):
 
 
 @pytest.mark.parametrize("dtype", list(CONTRACT))
-@pytest.mark.parametrize("n, widths", [(2, [5, 7, 3]), (3, [4, 37, 1]), (17, [9, 100, 31]), (40, [6, 13, 11, 5]),
-                                       (23, [8, 19, 10, 7, 3])])
+@pytest.mark.parametrize("n, widths", [(2, [5, 7, 3]), (3, [4, 37, 1]), (17, [9, 100, 31]), (40, [6, 13, 11, 5]), (23, [8, 19, 10, 7, 3])])
 def test_torch_matches_reference_shapes(n, widths, dtype):
     h = torch.randn(n, widths[0], generator=torch.Generator().manual_seed(n), dtype=dtype)
     _compare(h, mlp_tail(widths, "silu", dtype=dtype, seed=n))
@@ -103,8 +103,10 @@ def test_low_precision_input_computes_in_fp32():
 # the properties every implementation satisfies (docs/lmn.md)
 
 
-@pytest.mark.parametrize("tail", [nn.Linear(6, 3), nn.Sequential(nn.Linear(6, 9), nn.Identity(), nn.Linear(9, 2)),
-                                  nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 4))])
+@pytest.mark.parametrize(
+    "tail",
+    [nn.Linear(6, 3), nn.Sequential(nn.Linear(6, 9), nn.Identity(), nn.Linear(9, 2)), nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 4))],
+)
 @pytest.mark.parametrize("backend", ["torch", "reference"])
 def test_affine_tail_gives_exactly_one(tail, backend):
     h = torch.randn(25, 6, generator=torch.Generator().manual_seed(9))
@@ -162,8 +164,14 @@ def test_constant_output_dimension_counts_as_linear():
 
 
 @settings(max_examples=20, deadline=None)
-@given(n=st.integers(2, 24), d=st.integers(1, 6), hid=st.integers(1, 20), o=st.integers(1, 5),
-       act=st.sampled_from(sorted(ACTS)), seed=st.integers(0, 10**6))
+@given(
+    n=st.integers(2, 24),
+    d=st.integers(1, 6),
+    hid=st.integers(1, 20),
+    o=st.integers(1, 5),
+    act=st.sampled_from(sorted(ACTS)),
+    seed=st.integers(0, 10**6),
+)
 def test_properties_hypothesis(n, d, hid, o, act, seed):
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(n, d, generator=g, dtype=torch.float64)
@@ -281,24 +289,27 @@ def test_autocast_does_not_lower_the_precision():
     torch.testing.assert_close(L, gm.connectivity(h, tail), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("h, tail, kwargs, exc, match", [
-    ([[1.0, 2.0]], _tail(), {}, TypeError, "torch.Tensor"),
-    (torch.randn(5), _tail(), {}, ValueError, "2-D"),
-    (torch.randn(1, 4), _tail(), {}, ValueError, "at least 2"),
-    (torch.ones(5, 4, dtype=torch.long), _tail(), {}, TypeError, "floating"),
-    (torch.randn(5, 3), _tail(), {}, ValueError, "expects 4"),
-    (torch.randn(5, 4), "not a module", {}, TypeError, "nn.Module"),
-    (torch.randn(5, 4), _tail(), {"n_lambda": 2}, ValueError, "n_lambda"),
-    (torch.randn(5, 4), _tail(), {"n_lambda": 21.0}, TypeError, "n_lambda"),
-    (torch.randn(5, 4), _tail(), {"backend": "cuda"}, ValueError, "backend must be one of"),
-    (torch.randn(5, 4), Wrapped(_tail()), {"backend": "triton"}, ValueError, "MLP tail"),
-    (torch.randn(5, 3), Wrapped(_tail()), {}, ValueError, "tail failed"),
-    (torch.randn(5, 4), Wrapped(nn.Flatten(0)), {}, ValueError, r"\(B, O\)"),
-    (torch.randn(5, 4), _tail(), {"n_lambda": 10**9}, ValueError, "n_lambda must be <="),
-    (torch.empty(5, 4, device="meta"), _tail(), {}, ValueError, "meta device"),
-    (torch.randn(5, 4), _IntLogits(), {}, ValueError, "floating-point logits"),
-    (torch.randn(5, 4), _ComplexLogits(), {}, ValueError, "floating-point logits"),
-])
+@pytest.mark.parametrize(
+    "h, tail, kwargs, exc, match",
+    [
+        ([[1.0, 2.0]], _tail(), {}, TypeError, "torch.Tensor"),
+        (torch.randn(5), _tail(), {}, ValueError, "2-D"),
+        (torch.randn(1, 4), _tail(), {}, ValueError, "at least 2"),
+        (torch.ones(5, 4, dtype=torch.long), _tail(), {}, TypeError, "floating"),
+        (torch.randn(5, 3), _tail(), {}, ValueError, "expects 4"),
+        (torch.randn(5, 4), "not a module", {}, TypeError, "nn.Module"),
+        (torch.randn(5, 4), _tail(), {"n_lambda": 2}, ValueError, "n_lambda"),
+        (torch.randn(5, 4), _tail(), {"n_lambda": 21.0}, TypeError, "n_lambda"),
+        (torch.randn(5, 4), _tail(), {"backend": "cuda"}, ValueError, "backend must be one of"),
+        (torch.randn(5, 4), Wrapped(_tail()), {"backend": "triton"}, ValueError, "MLP tail"),
+        (torch.randn(5, 3), Wrapped(_tail()), {}, ValueError, "tail failed"),
+        (torch.randn(5, 4), Wrapped(nn.Flatten(0)), {}, ValueError, r"\(B, O\)"),
+        (torch.randn(5, 4), _tail(), {"n_lambda": 10**9}, ValueError, "n_lambda must be <="),
+        (torch.empty(5, 4, device="meta"), _tail(), {}, ValueError, "meta device"),
+        (torch.randn(5, 4), _IntLogits(), {}, ValueError, "floating-point logits"),
+        (torch.randn(5, 4), _ComplexLogits(), {}, ValueError, "floating-point logits"),
+    ],
+)
 def test_bad_input_raises(h, tail, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         gm.connectivity(h, tail, **kwargs)
@@ -327,12 +338,18 @@ def test_triton_on_cpu_without_interpreter(monkeypatch):
         gm.connectivity(torch.randn(5, 4), _tail(), backend="triton")
 
 
-@pytest.mark.parametrize("L, exc, match", [
-    (torch.ones(3, 4), ValueError, "square"), (torch.full((3, 3), float("nan")), ValueError, "NaN"),
-    (torch.zeros(3, 3), ValueError, "all zeros"), (torch.eye(3, dtype=torch.bool), TypeError, "real floating"),
-    (torch.eye(3, dtype=torch.complex64), TypeError, "real floating"), (torch.eye(3, dtype=torch.long), TypeError, "real"),
-    (torch.tensor([[1.0, 0.5], [0.2, 1.0]]), ValueError, "not symmetric"),
-])
+@pytest.mark.parametrize(
+    "L, exc, match",
+    [
+        (torch.ones(3, 4), ValueError, "square"),
+        (torch.full((3, 3), float("nan")), ValueError, "NaN"),
+        (torch.zeros(3, 3), ValueError, "all zeros"),
+        (torch.eye(3, dtype=torch.bool), TypeError, "real floating"),
+        (torch.eye(3, dtype=torch.complex64), TypeError, "real floating"),
+        (torch.eye(3, dtype=torch.long), TypeError, "real"),
+        (torch.tensor([[1.0, 0.5], [0.2, 1.0]]), ValueError, "not symmetric"),
+    ],
+)
 def test_lmn_from_connectivity_bad_input(L, exc, match):
     with pytest.raises(exc, match=match):
         gm.lmn_from_connectivity(L)

@@ -5,6 +5,7 @@ adaptive precision) for small tails or the float64 NumPy reference (scale-free, 
 for the paper-sized ones. Contract: 1e-5 (fp32) / 1e-10 (fp64); every assert keeps >= 5x margin to the worst error
 observed (recorded beside it). ``pytest -m fuzz`` draws these corners at random (``GROKFAST_METRICS_FUZZ_DRAWS``, default 200).
 """
+
 from __future__ import annotations
 
 import copy
@@ -54,10 +55,10 @@ def test_h_scale_paper_tail(h_scale):
     h, tail = paper(h_scale=h_scale)
     X = reference.connectivity(h, tail)
     for b in ("auto", "torch"):
-        assert err(gm.connectivity(h, tail, backend=b), X) <= 2e-6, b            # worst observed 3.6e-7
+        assert err(gm.connectivity(h, tail, backend=b), X) <= 2e-6, b  # worst observed 3.6e-7
     t64 = copy.deepcopy(tail).double()
     for b in ("auto", "torch"):
-        assert err(gm.connectivity(h.double(), t64, backend=b), X) <= 2e-11, b   # worst observed 2.2e-15
+        assert err(gm.connectivity(h.double(), t64, backend=b), X) <= 2e-11, b  # worst observed 2.2e-15
 
 
 def test_reference_is_scale_free_against_exact():
@@ -128,9 +129,9 @@ def test_leaky_relu_h_offset_generic(seed, width, deep, offset):
     h, tail = _leaky_tail(seed, width, deep)
     h = h + offset
     X = exact.connectivity(h, tail)
-    assert err(gm.connectivity(h, Wrapped(tail), backend="torch"), X) <= 2e-6   # worst observed 1.3e-6
+    assert err(gm.connectivity(h, Wrapped(tail), backend="torch"), X) <= 2e-6  # worst observed 1.3e-6
     for b in ("auto", "torch"):
-        assert err(gm.connectivity(h, tail, backend=b), X) <= 2e-6, b          # worst observed 2.4e-7
+        assert err(gm.connectivity(h, tail, backend=b), X) <= 2e-6, b  # worst observed 2.4e-7
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -182,10 +183,10 @@ def test_fuzz_sample(dtype):
     """The fuzz in CI: a few derandomized draws (the full run is ``pytest -m fuzz``), every draw audited against
     exact (the cheap yardstick itself is checked)."""
     stats = fuzz_run(8, dtype, seed=2400 + (dtype == torch.float64), audit_every=1)
-    assert stats["pairs"] >= 40, stats                       # not every draw overflowed
+    assert stats["pairs"] >= 40, stats  # not every draw overflowed
     assert not fuzz_failures(stats, dtype), stats["worst"]
     audit = max(w["yardstick"] for w in stats["worst"].values())
-    assert audit <= 1e-11, stats["worst"]                    # worst observed 1e-14
+    assert audit <= 1e-11, stats["worst"]  # worst observed 1e-14
 
 
 @pytest.mark.fuzz
@@ -209,11 +210,11 @@ def test_fuzz_corners(dtype):
 # the underflow policy (fuzz draw 257): float64 variation below UNDERFLOW_TINY sum_h |W_kh| is constant everywhere
 
 UNDERFLOW_CASES = [  # (act, seed, hidden bias): the unit's values cross the float64 underflow threshold on some paths
-    ("gelu", 257, -36.73375651976007),   # fuzz draw 257: pre-activations -37.4..-38.0, values 4e-304..1e-314
+    ("gelu", 257, -36.73375651976007),  # fuzz draw 257: pre-activations -37.4..-38.0, values 4e-304..1e-314
     ("gelu", 3, -36.5),
     ("silu", 257, -668.0),
     ("gelu_tanh", 3, -20.2),
-    ("sigmoid", 257, 668.0),             # offset free before the last Linear: -sigmoid(-x) ~ -e^-668
+    ("sigmoid", 257, 668.0),  # offset free before the last Linear: -sigmoid(-x) ~ -e^-668
     ("tanh", 3, 334.0),
 ]
 

@@ -6,6 +6,7 @@ so that ``grokfast_metrics.compute.exact`` (mpmath, 50 digits) gives the true ``
 to the worst error observed on these cases (recorded beside each assertion). The long fuzz run over
 many seeds is ``pytest -m fuzz`` (deselected by default).
 """
+
 from __future__ import annotations
 
 import copy
@@ -45,7 +46,7 @@ def test_gelu_case_all_backends():
     for backend in ("torch", "reference", "auto"):
         L = gm.connectivity(h, tail, backend=backend)
         assert abs(float(L[3, 16]) - GELU_EXACT) <= CONTRACT[torch.float64], backend  # worst observed 4e-15
-        check_backend(L, X, dtype=torch.float64)                                  # worst observed 3.6e-15
+        check_backend(L, X, dtype=torch.float64)  # worst observed 3.6e-15
     # not asserted: the generic path (any module) cannot centre inside the module; in fp64 it has no wider
     # dtype to recompute in, and this draw's output variation (1e-15 on 0.65) is below its resolution
 

@@ -1,5 +1,6 @@
 """Peak memory of ``connectivity``: O(N^2 + chunk), measured in a fresh process; refusal before allocating (also under
 an address-space limit)."""
+
 from __future__ import annotations
 
 import subprocess
@@ -27,8 +28,7 @@ print(after - before, L.numel() * L.element_size())
 
 
 def test_peak_extra_memory_is_L_plus_a_chunk():
-    out = subprocess.run([*PYTHON, "-c", _PEAK], capture_output=True, text=True, check=True,
-                         timeout=600).stdout.split()
+    out = subprocess.run([*PYTHON, "-c", _PEAK], capture_output=True, text=True, check=True, timeout=600).stdout.split()
     extra, l_bytes = int(out[-2]), int(out[-1])
     # beyond L itself: worst observed 6.4 MiB (5.9 MiB at T=21; N=1000 and N=2000 alike: the chunk, not N^2); bound 32 MiB
     assert extra - l_bytes <= 32 << 20, f"peak grew by {extra / 2**20:.0f} MiB for a {l_bytes / 2**20:.0f} MiB L"
@@ -36,10 +36,10 @@ def test_peak_extra_memory_is_L_plus_a_chunk():
 
 @pytest.mark.parametrize("backend", ["auto", "torch", "reference"])
 def test_refuses_before_allocating_what_cannot_fit(monkeypatch, backend):
-    monkeypatch.setattr(_policy, "available_bytes", lambda device: 1 << 20)   # pretend 1 MiB is free
+    monkeypatch.setattr(_policy, "available_bytes", lambda device: 1 << 20)  # pretend 1 MiB is free
     tail = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
     with pytest.raises(MemoryError, match="only 1 MiB is free"):
-        gm.connectivity(torch.randn(1000, 3), tail, backend=backend)         # L alone: 4 MB
+        gm.connectivity(torch.randn(1000, 3), tail, backend=backend)  # L alone: 4 MB
 
 
 #: N=40000 in fp32: L alone is 6.4 GB. The address-space limit is set to what the process maps now plus 1 GiB,

@@ -3,6 +3,7 @@
 Compiling is slow (tens of seconds on a loaded CPU): one real compile runs in CI (the agreement test below), the
 other real compiles are marked ``slow`` (``pytest -m slow``); the batching and the fallback are tested with
 ``torch.compile`` replaced (no compile at all)."""
+
 from __future__ import annotations
 
 import warnings
@@ -48,14 +49,14 @@ def test_compiled_tail_agrees_with_the_reference_and_compiles_once():
     info = last_run_info()["compile"]
     assert info["compiled"] and info["graphs"] == 1 and info["first_call_s"] > 0 and info["failed"] is None, info
     assert _graphs() - g0 == 1 and "compiled (torch.compile" in plan.ran, plan.ran
-    assert float((L.double() - _ref(model, probe, at, kw)).abs().max()) < 1e-5     # observed 1.2e-06
+    assert float((L.double() - _ref(model, probe, at, kw)).abs().max()) < 1e-5  # observed 1.2e-06
     with torch.no_grad():
-        for p in model.layers[1].parameters():    # a training step: in place, the tensors stay the same
+        for p in model.layers[1].parameters():  # a training step: in place, the tensors stay the same
             p.mul_(1.5)
     L2 = plan.connectivity()
-    assert _graphs() - g0 == 1 and last_run_info()["compile"]["graphs"] == 1      # no recompile
-    assert float((L2 - L).abs().max()) > 1e-3                                       # the new weights were used
-    assert float((L2.double() - _ref(model, probe, at, kw)).abs().max()) < 1e-5    # observed 3.0e-07
+    assert _graphs() - g0 == 1 and last_run_info()["compile"]["graphs"] == 1  # no recompile
+    assert float((L2 - L).abs().max()) > 1e-3  # the new weights were used
+    assert float((L2.double() - _ref(model, probe, at, kw)).abs().max()) < 1e-5  # observed 3.0e-07
 
 
 class _Recorder(nn.Module):
@@ -75,16 +76,16 @@ def test_compiled_tail_runs_one_batch_shape(monkeypatch):
     """Every batch reaching the compiled function has exactly ``rows`` rows: longer batches are cut, a remainder of
     at least rows/4 is padded (and the padding dropped), a smaller one runs eager; outputs equal the eager tail's."""
     compiled_calls: list[int] = []
-    monkeypatch.setattr(torch, "compile", lambda f, **k: (lambda m, x: compiled_calls.append(x.shape[0]) or f(m, x)))
+    monkeypatch.setattr(torch, "compile", lambda f, **k: lambda m, x: compiled_calls.append(x.shape[0]) or f(m, x))
     tail = _Recorder()
     ct = generic.CompiledTail(tail, rows=8)
     x = torch.randn(29, 3, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        for b in (8, 29, 17, 3, 1):          # 29 = 8 + 8 + 8 + 5 (padded); 17 = 8 + 8 + 1 (eager); 3: padded; 1: eager
+        for b in (8, 29, 17, 3, 1):  # 29 = 8 + 8 + 8 + 5 (padded); 17 = 8 + 8 + 1 (eager); 3: padded; 1: eager
             assert torch.equal(ct(x[:b]), tail(x[:b]))
     assert set(compiled_calls) == {8} and len(compiled_calls) == 1 + 4 + 2 + 1
     assert ct.graphs == 0 and ct.first_call_s is not None and ct.failed is None
-    assert not ct.info()["compiled"]          # nothing was compiled (torch.compile replaced): not reported as compiled
+    assert not ct.info()["compiled"]  # nothing was compiled (torch.compile replaced): not reported as compiled
     with torch.no_grad():
         torch.func.functional_call(ct, {k: v.double() for k, v in ct.state_dict().items()}, (x[:8].double(),))
         # another dtype (the fp64 recomputation of flagged pairs, on fp64 copies of the parameters): eager
@@ -94,9 +95,11 @@ def test_compiled_tail_runs_one_batch_shape(monkeypatch):
 def test_a_compile_failure_warns_once_and_runs_the_eager_tail(monkeypatch):
     """Where inductor cannot compile (here: every compile raises), one warning line and the uncompiled tail, with the
     same values; the plan reports it (``last_run_info()["compile"]``, ``plan.ran``)."""
+
     def broken(f, **k):
         def fn(m, x):
             raise RuntimeError("InductorError: C++ compile error\n(a long compiler log)")
+
         return fn
 
     model, probe, at, kw = _build("grok", n=6)
@@ -110,7 +113,7 @@ def test_a_compile_failure_warns_once_and_runs_the_eager_tail(monkeypatch):
     msgs = [str(x.message) for x in w if issubclass(x.category, RuntimeWarning)]
     assert len(msgs) == 1 and "\n" not in msgs[0] and "torch.compile failed" in msgs[0], msgs
     assert "InductorError" in msgs[0] and "compiler log" not in msgs[0]
-    assert float((L - L_eager).abs().max()) < 1e-6       # the eager tail ran: observed 0
+    assert float((L - L_eager).abs().max()) < 1e-6  # the eager tail ran: observed 0
     info = last_run_info()["compile"]
     assert not info["compiled"] and "InductorError" in info["failed"] and "not compiled" in plan.ran, plan.ran
 
@@ -119,6 +122,7 @@ def test_the_tails_own_error_is_raised_not_reported_as_a_compile_failure(monkeyp
     def broken(f, **k):
         def fn(m, x):
             raise RuntimeError("dynamo: something")
+
         return fn
 
     class Bad(nn.Module):
@@ -152,7 +156,7 @@ def test_compile_is_reported_where_it_does_not_apply():
 def test_tracker_and_lmn_at_take_compile(monkeypatch):
     """``compile=`` reaches the plans of ``LMNTracker`` and ``lmn_at`` (torch.compile replaced: no real compile)."""
     calls = []
-    monkeypatch.setattr(torch, "compile", lambda f, **k: (calls.append(k) or f))
+    monkeypatch.setattr(torch, "compile", lambda f, **k: calls.append(k) or f)
     model, probe, at, kw = _build("grokfast", n=6)
     tracker = gm.LMNTracker(model, probe, at, compile=True, **kw)
     tracker.update(0)
@@ -171,7 +175,7 @@ def test_other_attention_tails_compiled_agree_with_the_reference(name):
     plan = Plan(model, probe, at, **kw, compile=True)
     L = plan.connectivity()
     assert last_run_info()["compile"]["compiled"], plan.ran
-    assert float((L.double() - _ref(model, probe, at, kw)).abs().max()) < 1e-5     # observed 1.8e-06 (grok), 1.2e-06 (mamay)
+    assert float((L.double() - _ref(model, probe, at, kw)).abs().max()) < 1e-5  # observed 1.8e-06 (grok), 1.2e-06 (mamay)
 
 
 @pytest.mark.slow
@@ -183,14 +187,14 @@ def test_compiled_tail_in_an_ill_conditioned_regime_matches_the_reference():
     plan = Plan(model, probe, at, **kw, compile=True)
     L = plan.connectivity()
     assert last_run_info()["compile"]["compiled"] and last_run_info()["recomputed"] > 0
-    assert float((L.double() - _ref(model, probe, at, kw)).abs().max()) < 1e-5     # observed 0 (all 45 pairs recomputed in fp64)
+    assert float((L.double() - _ref(model, probe, at, kw)).abs().max()) < 1e-5  # observed 0 (all 45 pairs recomputed in fp64)
 
 
 def test_each_compiled_tail_has_its_own_code_object(monkeypatch):
     """Dynamo keeps at most 8 graphs per code object: compiled through one shared ``forward``, the 9th tail of a
     process ran uncompiled (measured: three models at three batch sizes). Each CompiledTail compiles its own copy."""
     compiled = []
-    monkeypatch.setattr(torch, "compile", lambda f, **k: (compiled.append(f) or f))
+    monkeypatch.setattr(torch, "compile", lambda f, **k: compiled.append(f) or f)
     with torch.no_grad():
         for _ in range(2):
             generic.CompiledTail(_Recorder(), rows=2)(torch.zeros(2, 3))
@@ -204,13 +208,14 @@ def test_bench_dropin_times_the_compiled_generic_tails(monkeypatch):
     from grokfast_metrics.bench import dropin as bench_dropin
 
     monkeypatch.setattr(torch, "compile", lambda f, **k: f)
-    rows = bench_dropin.dropin_rows(n=5, n_before=4, n_small=4, n_lambda=5, log=lambda m: None, roof_size=32,
-                                    dense_pairs=10, compiled=True, repeats=1)
+    rows = bench_dropin.dropin_rows(
+        n=5, n_before=4, n_small=4, n_lambda=5, log=lambda m: None, roof_size=32, dense_pairs=10, compiled=True, repeats=1
+    )
     for r in rows:
         generic_tail = r["path"] == "split" and not r["ran"].startswith("split, lowered")
         assert ("compiled_us" in r) == generic_tail, r["ran"]
         if generic_tail:
             assert r["compiled_us"] > 0 and r["eager_us"] > 0 and r["compiled_n"] == 4 and r["compiled_graphs"] == 0
-    assert sum("compiled_us" in r for r in rows) >= 3       # grokfast, mamay, grok (and nanda without the C++ kernel)
+    assert sum("compiled_us" in r for r in rows) >= 3  # grokfast, mamay, grok (and nanda without the C++ kernel)
     table = bench_dropin.format_rows(rows)
-    assert table.count("\n") == len(rows) + 1 and "not compiled: " in table   # nothing compiled: said so
+    assert table.count("\n") == len(rows) + 1 and "not compiled: " in table  # nothing compiled: said so

@@ -1,4 +1,5 @@
 """``lmn_at``: agreement with ``gm.lmn`` on a manual split, layouts, the cut check, no side effects, errors."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -47,7 +48,7 @@ class SeqFirst(nn.Module):
         self.head = nn.Linear(seq * d, out)
 
     def forward(self, tok):
-        x = self.enc(self.emb(tok))                               # (S, B, d)
+        x = self.enc(self.emb(tok))  # (S, B, d)
         return self.head(torch.tanh(x.permute(1, 0, 2).reshape(tok.shape[1], -1)))
 
 
@@ -85,12 +86,12 @@ def test_sequential_equals_manual_split_fast_path(k, dtype, monkeypatch):
 
         monkeypatch.setattr(module, attr, spy)
     res = gm.lmn_at(model, x, at=str(k), backend="torch")
-    if k == 3:   # only the last Linear follows: structurally affine, L = 1 exactly without computing
+    if k == 3:  # only the last Linear follows: structurally affine, L = 1 exactly without computing
         assert calls == {"mlp": 0, "generic": 0} and bool((res.connectivity == 1).all()) and res.lmn == 1.0
         return
-    assert calls == {"mlp": 1, "generic": 0}            # fused MLP path, no model re-runs
+    assert calls == {"mlp": 1, "generic": 0}  # fused MLP path, no model re-runs
     with torch.no_grad():
-        h, tail = model[: k + 1](x), model[k + 1:]
+        h, tail = model[: k + 1](x), model[k + 1 :]
     manual = gm.lmn(h, tail, backend="torch")
     torch.testing.assert_close(res.connectivity, manual.connectivity, rtol=0, atol=0)
     assert res.lmn == manual.lmn
@@ -101,7 +102,7 @@ def test_nested_sequential_takes_fast_path(monkeypatch):
     flat = _seq_model()
     model = nn.Sequential(nn.Sequential(flat[0], flat[1]), nn.Sequential(flat[2], flat[3]), flat[4])
     x = torch.randn(10, 5, generator=torch.Generator().manual_seed(4))
-    monkeypatch.setattr(generic, "connectivity_tail", None)             # any generic call would fail
+    monkeypatch.setattr(generic, "connectivity_tail", None)  # any generic call would fail
     for at, k in [("0.0", 0), ("0", 1), ("1.0", 2)]:
         res = gm.lmn_at(model, x, at=at)
         torch.testing.assert_close(res.connectivity, gm.lmn_at(flat, x, at=str(k)).connectivity, rtol=0, atol=0)
@@ -127,7 +128,7 @@ def test_inplace_ops_after_the_cut_do_not_corrupt_h():
     torch.manual_seed(0)
     seq = nn.Sequential(nn.Linear(5, 8), nn.ReLU(inplace=True), nn.Linear(8, 3))
     x = torch.randn(9, 5)
-    res = gm.lmn_at(Wrapped(seq), x, at="inner.0")             # hook path, ReLU rewrites the Linear's output
+    res = gm.lmn_at(Wrapped(seq), x, at="inner.0")  # hook path, ReLU rewrites the Linear's output
     with torch.no_grad():
         h = seq[0](x)
     L_ref = reference.connectivity(h, nn.Sequential(nn.ReLU(), seq[2]), 21)
@@ -137,7 +138,7 @@ def test_inplace_ops_after_the_cut_do_not_corrupt_h():
 def test_sequence_first_layout_matches_batch_first_flattening():
     torch.manual_seed(0)
     model = SeqFirst()
-    tok = torch.randint(6, (3, 10))                             # (S, B), distinct enough samples
+    tok = torch.randint(6, (3, 10))  # (S, B), distinct enough samples
     res = gm.lmn_at(model, tok, at="enc", batch_dim=1, n_lambda=9)
     with torch.no_grad():
         h = model.enc(model.emb(tok)).permute(1, 0, 2).reshape(10, -1)
@@ -221,7 +222,7 @@ def test_never_perturbs_the_model_or_rng():
     x = torch.randn(12, 5)
     model.train()
     wrapped.train()
-    wrapped.fc2.eval()                                          # a mixed-mode model stays mixed
+    wrapped.fc2.eval()  # a mixed-mode model stays mixed
     state = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
     for m, at in [(model, "3"), (model, "2"), (wrapped, "act1")]:
@@ -233,7 +234,7 @@ def test_never_perturbs_the_model_or_rng():
         assert all(p.grad is None and p.requires_grad for p in m.parameters())
         assert not res.connectivity.requires_grad
     assert torch.equal(torch.get_rng_state(), rng)
-    for k, v in model.state_dict().items():                     # BatchNorm stats untouched
+    for k, v in model.state_dict().items():  # BatchNorm stats untouched
         assert torch.equal(v, state[k]), k
 
 
@@ -241,7 +242,7 @@ def test_hooks_removed_on_error():
     model = FCNet(_seq_model())
     x = torch.randn(6, 5)
     with pytest.raises(ValueError):
-        gm.lmn_at(model, x, at="act1", output=lambda out: out[0])     # 1-D logits
+        gm.lmn_at(model, x, at="act1", output=lambda out: out[0])  # 1-D logits
 
     def boom(out):
         raise RuntimeError("selector failed")
@@ -294,7 +295,7 @@ def test_output_not_2d():
             self.lin = nn.Linear(4, 4)
 
         def forward(self, x):
-            return self.lin(x).unsqueeze(0).repeat(3, 1, 1)    # (S, B, O)
+            return self.lin(x).unsqueeze(0).repeat(3, 1, 1)  # (S, B, O)
 
     x = torch.randn(5, 4)
     with pytest.raises(ValueError, match=r"shape \(3, 5, 4\); expected 2-D \(B, O\) = \(5, O\)"):
@@ -305,7 +306,7 @@ def test_output_not_2d():
         gm.lmn_at(Seq3(), x, at="lin", output=1)
     with pytest.raises(TypeError, match="output must be"):
         gm.lmn_at(Seq3(), x, at="lin", output=2.5)
-    with pytest.raises(ValueError, match="the only named selector is 'last'"):     # "last" is a selector
+    with pytest.raises(ValueError, match="the only named selector is 'last'"):  # "last" is a selector
         gm.lmn_at(Seq3(), x, at="lin", output="first")
 
 

@@ -3,6 +3,7 @@
 Every lowered value is compared with the module's own float64 reference (``backend="reference"``: the paper-literal
 loop through the traced, un-lowered tail). Models: ``tests/support/models.py`` (shaped like the public codebases).
 """
+
 from __future__ import annotations
 
 import copy
@@ -251,10 +252,13 @@ def test_plain_module_lowers_and_matches_its_forward():
         torch.testing.assert_close(low.tail(x), m(x), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize(("kwargs", "why"), [
-    (dict(depth=2), "more than one nonlinear layer"),
-    (dict(norm=True), "LayerNorm 'norm' follows the cut"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "why"),
+    [
+        (dict(depth=2), "more than one nonlinear layer"),
+        (dict(norm=True), "LayerNorm 'norm' follows the cut"),
+    ],
+)
 def test_not_lowered_says_why(kwargs, why):
     low = _lower.lower(_ResMLP(**kwargs), (6,))
     assert low.tail is None and why in low.reason
@@ -277,8 +281,7 @@ def test_bench_dropin_rows_before_and_after():
     """``bench --dropin`` on tiny sizes: every model gets both timings, the lowered ones a roof fraction."""
     from grokfast_metrics.bench import dropin as bench_dropin
 
-    rows = bench_dropin.dropin_rows(n=6, n_before=4, n_small=4, n_lambda=5, log=lambda m: None, roof_size=64,
-                                    dense_pairs=10)
+    rows = bench_dropin.dropin_rows(n=6, n_before=4, n_small=4, n_lambda=5, log=lambda m: None, roof_size=64, dense_pairs=10)
     assert {r["model"].split(" ")[0] for r in rows} == set(BUILDERS)
     for r in rows:
         assert r["after_us"] > 0 and r["before_us"] > 0 and r["before_n"] == 4

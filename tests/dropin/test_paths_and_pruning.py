@@ -1,6 +1,7 @@
 """docs/dropin.md, "How the rest of the model is run", and the drop-in defects: which path runs and why, position
 pruning, the split of models fx could not trace, and the defects found on the way. Models: ``tests/support/models.py`` (shaped
 like the public codebases)."""
+
 from __future__ import annotations
 
 import pytest
@@ -47,12 +48,12 @@ def test_untraceable_model_splits_inside_the_module_it_returns():
     plan = Plan(model, probe, at, **kw)
     calls = []
     emb = model.token_embeddings
-    emb.forward = lambda x, f=emb.forward: calls.append(1) or f(x)   # counted even while user hooks are suspended
+    emb.forward = lambda x, f=emb.forward: calls.append(1) or f(x)  # counted even while user hooks are suspended
     plan.connectivity()
     assert plan.path == "split" and "'layers' traces" in plan.reason, plan.reason
     n_forwards = len(calls)
     plan.connectivity()
-    assert len(calls) == n_forwards + 1          # the probe forward only: no embedding per interpolation batch
+    assert len(calls) == n_forwards + 1  # the probe forward only: no embedding per interpolation batch
 
 
 def test_openai_grok_tuple_blocks_split_instead_of_hooks():
@@ -63,7 +64,7 @@ def test_openai_grok_tuple_blocks_split_instead_of_hooks():
     L = plan.connectivity()
     assert plan.path == "split", plan.reason
     ref = dropin.lmn_at(model, probe, at, backend="reference", **kw).connectivity.double()
-    check_backend(L, ref)                   # observed 1.4e-06
+    check_backend(L, ref)  # observed 1.4e-06
 
 
 # --------------------------------------------------------------------------------------------
@@ -79,11 +80,12 @@ def test_every_model_agrees_with_the_float64_reference(name):
     L = plan.connectivity()
     assert plan.pruned == (name != "omnigrok"), plan.reason
     ref = dropin.lmn_at(model, probe, at, backend="reference", **kw).connectivity.double()
-    check_backend(L, ref)                    # observed worst 3.0e-06 (mamay, hooks)
+    check_backend(L, ref)  # observed worst 3.0e-06 (mamay, hooks)
 
 
-@pytest.mark.parametrize("name,module", [("grokfast", "head"), ("grok", "linear"),
-                                         ("grokfast", "layers.1.mlp.0"), ("grok", "decoder.blocks.1.ffn.ffn.0")])
+@pytest.mark.parametrize(
+    "name,module", [("grokfast", "head"), ("grok", "linear"), ("grokfast", "layers.1.mlp.0"), ("grok", "decoder.blocks.1.ffn.ffn.0")]
+)
 def test_pruned_tail_runs_the_layers_after_attention_at_one_position(name, module):
     model, probe, at, kw = _build(name)
     plan = Plan(model, probe, at, **kw)
@@ -122,7 +124,7 @@ def test_no_pruning_where_every_position_reaches_the_logits():
     L = plan.connectivity()
     assert plan.path == "split" and not plan.pruned
     ref = dropin.lmn_at(model, probe, "emb", backend="reference").connectivity.double()
-    check_backend(L, ref)                    # observed 4.8e-07
+    check_backend(L, ref)  # observed 4.8e-07
 
 
 # --------------------------------------------------------------------------------------------
@@ -136,13 +138,14 @@ def test_affine_tail_on_the_hooks_path_warns_in_fp32_at_n64():
     with pytest.warns(AffineTailWarning, match="float64"):
         plan = Plan(model, probe, "decoder.blocks.1", path="hooks", **kw)
         L = plan.connectivity()
-    assert float((1 - L).abs().max()) > 64 * torch.finfo(torch.float32).eps   # the old threshold missed it
+    assert float((1 - L).abs().max()) > 64 * torch.finfo(torch.float32).eps  # the old threshold missed it
 
 
 def test_nonlinear_tail_near_one_does_not_warn():
     """A LayerNorm after the cut bends the paths a little (L within 1e-3 of 1): no warning."""
     model, probe, _, kw = _build("mamay", n=16)
     import warnings
+
     with warnings.catch_warnings():
         warnings.simplefilter("error", AffineTailWarning)
         L = Plan(model, probe, "layers.1", **kw).connectivity()
@@ -152,6 +155,7 @@ def test_nonlinear_tail_near_one_does_not_warn():
 def test_structurally_affine_tail_returns_exactly_one_without_computing(monkeypatch):
     model, probe, _, kw = _build("grokfast")
     from grokfast_metrics.dropin import plan as plan_mod
+
     monkeypatch.setattr(plan_mod, "connectivity", lambda *a, **k: pytest.fail("computed an affine tail"))
     with pytest.warns(AffineTailWarning, match="not computed"):
         r = dropin.lmn_at(model, probe, "ln_f", **kw)
@@ -162,7 +166,7 @@ def test_affine_shortcut_reports_itself_not_the_previous_run():
     """After a known-affine tail's L = 1 shortcut, ``last_run_info()`` said what the *previous* computation ran (its
     backend, kernel and pair counts: here the 12-sample Nanda run's) and the plan's ``ran`` was empty."""
     model, probe, at, kw = _build("nanda", n=12)
-    dropin.lmn_at(model, probe, at, **kw)                      # a real computation first: 66 pairs, the fused kernel
+    dropin.lmn_at(model, probe, at, **kw)  # a real computation first: 66 pairs, the fused kernel
     assert last_run_info()["pairs"] == 66
     model, probe, _, kw = _build("grokfast", n=7)
     with pytest.warns(AffineTailWarning):
@@ -202,41 +206,45 @@ class _LightningLike(torch.nn.Module):
     def __init__(self, lazy):
         super().__init__()
         torch.manual_seed(0)
-        self.net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16), torch.nn.Tanh(),
-                                       torch.nn.Linear(16, 4))
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)
+        )
         probe = torch.randn(8, 6, generator=torch.Generator().manual_seed(0))
         import grokfast_metrics as gm
+
         self.tracker = gm.LMNTracker(self.net, probe, at="1", every=1, lazy=lazy)
 
 
 def test_lazy_tracker_checks_at_the_first_update_after_the_trainer_casts_the_model():
-    module = _LightningLike(lazy=True).double()          # what the trainer does after __init__
-    assert module.tracker._plans is None                 # nothing ran at construction
+    module = _LightningLike(lazy=True).double()  # what the trainer does after __init__
+    assert module.tracker._plans is None  # nothing ran at construction
     v = module.tracker.update(0)
     assert v > 1.0 and module.tracker._plans["1"].args[0].dtype == torch.float64
-    eager = _LightningLike(lazy=False).double()          # the eager tracker checked a float32 model
+    eager = _LightningLike(lazy=False).double()  # the eager tracker checked a float32 model
     with pytest.raises((RuntimeError, ValueError), match=r"[Dd]ouble|dtype|float"):
         eager.tracker.update(0)
 
 
 def test_lazy_tracker_raises_its_errors_at_the_first_update():
     import grokfast_metrics as gm
+
     model, probe, _, _ = _build("omnigrok")
     tracker = gm.LMNTracker(model, probe, at="no_such_layer", lazy=True)
     with pytest.raises(ValueError, match="no submodule named 'no_such_layer'"):
         tracker.update(0)
 
 
-@pytest.mark.parametrize("name", ["nanda", "grok", "mamay"])   # (grokfast's class lives in an example: not importable)
+@pytest.mark.parametrize("name", ["nanda", "grok", "mamay"])  # (grokfast's class lives in an example: not importable)
 def test_output_last_is_picklable_and_selects_the_last_position(name, tmp_path):
     import grokfast_metrics as gm
+
     model, probe, at, kw = _build(name)
     lam = dropin.lmn_at(model, probe, at, **kw)
     kw["output"] = "last"
     assert dropin.lmn_at(model, probe, at, **kw).lmn == pytest.approx(lam.lmn, rel=1e-6)
     model.tracker = gm.LMNTracker(model, probe, at, **kw)
     model.tracker.update(0)
-    torch.save(model, tmp_path / "model.pt")              # a lambda output= made this fail
+    torch.save(model, tmp_path / "model.pt")  # a lambda output= made this fail
     back = torch.load(tmp_path / "model.pt", weights_only=False)
     assert back.tracker.compute() == model.tracker.compute()
 
@@ -249,7 +257,7 @@ def test_nanda_tail_interpolates_only_the_last_position():
     L = plan.connectivity()
     assert plan.sliced == (1, 2), plan.reason
     ref = dropin.lmn_at(model, probe, at, backend="reference", **kw).connectivity.double()
-    check_backend(L, ref)                    # observed 1.3e-06
+    check_backend(L, ref)  # observed 1.3e-06
 
 
 @pytest.mark.parametrize("name", ["grokfast", "nanda"])
@@ -266,4 +274,4 @@ def test_pruned_tails_in_ill_conditioned_regimes_match_the_reference(name):
     L = plan.connectivity()
     assert plan.pruned
     ref = dropin.lmn_at(model, probe, at, backend="reference", **kw).connectivity.double()
-    check_backend(L, ref)                    # observed 0 (grokfast, all pairs fp64), 1.6e-06 (nanda)
+    check_backend(L, ref)  # observed 0 (grokfast, all pairs fp64), 1.6e-06 (nanda)

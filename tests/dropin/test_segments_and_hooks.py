@@ -1,4 +1,5 @@
 """``lmn_at`` (docs/dropin.md): affine warning, mixed layouts, ``to=``, the split tail, the generic reference, hooks, compile."""
+
 from __future__ import annotations
 
 import warnings
@@ -89,7 +90,7 @@ def test_affine_tail_warns_structurally_and_numerically():
         gm.LMNTracker(model, tok, at="blocks.0", n_lambda=5)
     with warnings.catch_warnings():
         warnings.simplefilter("error", AffineTailWarning)
-        res = gm.lmn_at(model, tok, at="embed", n_lambda=5, check=False)          # LN + GELU after it
+        res = gm.lmn_at(model, tok, at="embed", n_lambda=5, check=False)  # LN + GELU after it
         assert res.lmn > 1.0
 
 
@@ -99,13 +100,13 @@ def test_affine_tail_warns_structurally_and_numerically():
 
 def test_mixed_layout_input_batch_dim():
     model = Mixed()
-    tok = torch.randint(9, (6, 4), generator=torch.Generator().manual_seed(3))      # (batch 6, seq 4)
+    tok = torch.randint(9, (6, 4), generator=torch.Generator().manual_seed(3))  # (batch 6, seq 4)
     res = gm.lmn_at(model, tok, at="layers.0", batch_dim=1, input_batch_dim=0, n_lambda=7)
     m64 = __import__("copy").deepcopy(model).double().eval()
     with torch.no_grad():
-        h = m64.layers[0](m64.emb(tok).transpose(0, 1))                           # (4, 6, 8)
+        h = m64.layers[0](m64.emb(tok).transpose(0, 1))  # (4, 6, 8)
 
-    class Rest(nn.Module):                                                       # (B, 32) -> (B, 9), by hand
+    class Rest(nn.Module):  # (B, 32) -> (B, 9), by hand
         def forward(self, x):
             return m64.head(m64.layers[1](x.reshape(-1, 4, 8).transpose(0, 1))[-1])
 
@@ -124,9 +125,9 @@ def test_mixed_layout_input_batch_dim():
 
 def test_to_on_an_mlp_segment_keeps_the_fused_path(monkeypatch):
     a, b = mlp_tail([5, 12, 9, 7], act="tanh", seed=4), mlp_tail([7, 4], seed=5)
-    model = nn.Sequential(a[0], nn.SiLU(), a[1], a[2], a[3], a[4], nn.ReLU(), b[0])    # 0..7
+    model = nn.Sequential(a[0], nn.SiLU(), a[1], a[2], a[3], a[4], nn.ReLU(), b[0])  # 0..7
     x = torch.randn(12, 5, generator=torch.Generator().manual_seed(6))
-    monkeypatch.setattr(generic, "connectivity_tail", None)                            # no generic path at all
+    monkeypatch.setattr(generic, "connectivity_tail", None)  # no generic path at all
     res = gm.lmn_at(model, x, at="1", to="4")
     with torch.no_grad():
         h = model[:2](x)
@@ -151,18 +152,18 @@ def _brute_force_segment(model, probe, at, to, n_lambda):
         hk = mods[at].register_forward_hook(lambda _m, _i, o: acts.append(o.clone()))
         m(probe)
         hk.remove()
-        act = acts[0]                                                                 # (S, N, d)
+        act = acts[0]  # (S, N, d)
         n = act.shape[1]
         L = np.eye(n)
         for i in range(n):
             for j in range(i + 1, n):
                 ys = []
                 for t in lam:
-                    rep = act[:, i:i + 1] + t * (act[:, j:j + 1] - act[:, i:i + 1])
+                    rep = act[:, i : i + 1] + t * (act[:, j : j + 1] - act[:, i : i + 1])
                     got = []
                     h1 = mods[at].register_forward_hook(lambda _m, _i, o, r=rep: r)
                     h2 = mods[to].register_forward_hook(lambda _m, _i, o: got.append(o))
-                    m(probe[:, i:i + 1])
+                    m(probe[:, i : i + 1])
                     h1.remove()
                     h2.remove()
                     ys.append(got[0].reshape(-1).numpy())
@@ -200,21 +201,21 @@ def test_split_tail_skips_the_prefix_and_computes_ends_once(decoder, monkeypatch
         for at in ("layers.0", "layers.1"):
             results[path, at] = gm.lmn_at(model, probe, at=at, output=LAST, batch_dim=1, n_lambda=T, path=path)
         if path == "split":
-            assert sum(emb_rows) == 2 * (n + min(n, 8))                # capture + cut check per call; no re-runs
+            assert sum(emb_rows) == 2 * (n + min(n, 8))  # capture + cut check per call; no re-runs
         else:
-            assert sum(emb_rows) > 2 * n * (n - 1) // 2 * (T - 2)       # the prefix re-runs per interpolation point
+            assert sum(emb_rows) > 2 * n * (n - 1) // 2 * (T - 2)  # the prefix re-runs per interpolation point
         # interior points once per pair; the ends (the samples themselves) a few times per call at most: core's
         # output check, the path ends, and for a split tail its agreement check with the model's own output
         interior = n * (n - 1) // 2 * (T - 2)
         assert 2 * (interior + n) <= sum(tail_rows) <= 2 * (interior + 3 * n)
     for at in ("layers.0", "layers.1"):
         a, b = results["split", at].connectivity, results["hooks", at].connectivity
-        assert float((a - b).abs().max()) <= 2e-6                      # observed 0 (same ops and batches); 2e-6: batch-size rounding
+        assert float((a - b).abs().max()) <= 2e-6  # observed 0 (same ops and batches); 2e-6: batch-size rounding
 
 
 def test_split_falls_back_to_hooks_when_it_does_not_trace(decoder):
     model, probe = decoder
-    plan = Plan(model, probe, "layers.0.mlp", None, LAST, 1, path="auto")   # Block.forward uses len(x)
+    plan = Plan(model, probe, "layers.0.mlp", None, LAST, 1, path="auto")  # Block.forward uses len(x)
     with plan.running():
         plan.forward()
     assert plan.path == "hooks"
@@ -270,7 +271,7 @@ def test_user_hooks_are_suspended_unless_asked(decoder):
         calls.clear()
         with torch.no_grad():
             model(probe)
-        assert len(calls) == 2                                                    # still registered afterwards
+        assert len(calls) == 2  # still registered afterwards
     finally:
         handle.remove()
         pre.remove()
@@ -284,7 +285,7 @@ def test_weight_norm_prehook_still_runs():
         normed = __import__("copy").deepcopy(plain)
         nn.utils.weight_norm(normed[2])
         with torch.no_grad():
-            normed[2].weight_g.mul_(2.0)                                         # weight recomputed by the pre-hook
+            normed[2].weight_g.mul_(2.0)  # weight recomputed by the pre-hook
             plain[2].weight.mul_(2.0)
     x = torch.randn(7, 5, generator=torch.Generator().manual_seed(1))
 
@@ -313,7 +314,7 @@ def test_torch_compile_plain_names():
             return self.body(x)
 
     net = Net()
-    compiled = torch.compile(net)                                           # lazy: never compiled here
+    compiled = torch.compile(net)  # lazy: never compiled here
     x = torch.randn(6, 5, generator=torch.Generator().manual_seed(2))
     want = gm.lmn_at(net, x, at="body.0").connectivity
     for at in ("body.0", "_orig_mod.body.0"):

@@ -3,6 +3,7 @@
 Deterministic overlap: a gate module at the model's input makes the LMN thread wait (at its first forward,
 inside ``lmn_at`` with its hooks installed) until the other thread has run the model once.
 """
+
 from __future__ import annotations
 
 import threading
@@ -72,6 +73,7 @@ def _together(*fns, timeout: float = 60.0) -> list[threading.Thread]:
                 fn()
             except BaseException as e:
                 errors.append(e)
+
         return target
 
     threads = [threading.Thread(target=guarded(fn)) for fn in fns]

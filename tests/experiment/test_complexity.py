@@ -1,4 +1,5 @@
 """Weight norms, spectral entropy and compression complexity against direct formulas and their properties."""
+
 from __future__ import annotations
 
 import math
@@ -61,6 +62,7 @@ def _loss_fn(x, teacher):
 
     def f(model):
         return float(nn.functional.mse_loss(model(x), y))
+
     return f
 
 

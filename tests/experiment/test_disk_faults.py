@@ -4,6 +4,7 @@ A full disk is simulated by making ``runlog._write_fd`` (where every run file's 
 its data and then raise ``OSError(ENOSPC)``; a read-only directory by raising ``EROFS`` (tests run as root, where
 ``chmod`` does not stop writes; the chmod version runs only as another user).
 """
+
 from __future__ import annotations
 
 import errno
@@ -20,8 +21,7 @@ from grokfast_metrics.experiment import runlog
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = ["--device", "cpu", "--hidden", "8", "--embed-dim", "4", "--probe", "8", "--complexity", "off", "--no-progress",
-        "--log-every", "1"]
+TINY = ["--device", "cpu", "--hidden", "8", "--embed-dim", "4", "--probe", "8", "--complexity", "off", "--no-progress", "--log-every", "1"]
 
 
 _REAL_WRITE = runlog._write_fd
@@ -119,8 +119,9 @@ def test_a_failed_checkpoint_leaves_the_previous_one_whole(tmp_path, monkeypatch
         return real(run, step)
 
     monkeypatch.setattr(train_mod, "save_checkpoint", save)
-    cfg = TrainConfig(steps=40, device="cpu", hidden=8, embed_dim=4, probe=8, complexity="off", lmn_every=5, log_every=1,
-                      checkpoint_every=10)
+    cfg = TrainConfig(
+        steps=40, device="cpu", hidden=8, embed_dim=4, probe=8, complexity="off", lmn_every=5, log_every=1, checkpoint_every=10
+    )
     res = train(cfg, tmp_path / "run", progress=False, plot=False)
     assert res.exit_code == 1 and "checkpoint.pt" in res.stop_reason and "No space left" in res.stop_reason
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["step"] == 10
@@ -171,8 +172,10 @@ def test_atomic_writes_leave_the_old_file(tmp_path, monkeypatch, what):
 
 def _small_run(tmp_path):
     run = tmp_path / "run"
-    assert cli.main(["train", *TINY, "--steps", "20", "--lmn-every", "5", "--save-connectivity", "0,10,final",
-                     "--no-plot", "--out", str(run)]) == 0
+    assert (
+        cli.main(["train", *TINY, "--steps", "20", "--lmn-every", "5", "--save-connectivity", "0,10,final", "--no-plot", "--out", str(run)])
+        == 0
+    )
     return run
 
 
@@ -248,8 +251,26 @@ def test_sweep_plot_with_one_damaged_summary(tmp_path, capsys, monkeypatch):
     out = tmp_path / "sweep"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert cli.main(["sweep", *TINY, "--steps", "10", "--lmn-every", "5", "--grid", "lr=0.001,0.002", "--workers", "1",
-                         "--no-plot", "--out", str(out)]) == 0
+        assert (
+            cli.main(
+                [
+                    "sweep",
+                    *TINY,
+                    "--steps",
+                    "10",
+                    "--lmn-every",
+                    "5",
+                    "--grid",
+                    "lr=0.001,0.002",
+                    "--workers",
+                    "1",
+                    "--no-plot",
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
     runs = sorted(d for d in out.iterdir() if (d / "summary.json").is_file())
     (runs[0] / "summary.json").write_text('{"task": "add", "memoriz')
     capsys.readouterr()
@@ -263,8 +284,7 @@ def test_sweep_plot_with_one_damaged_summary(tmp_path, capsys, monkeypatch):
 def test_sweep_outputs_into_a_full_disk(tmp_path, monkeypatch, capsys):
     sweep_tasks_in_this_process(monkeypatch)  # the sweep directory is the set-up, not what is checked
     out = tmp_path / "sweep"
-    argv = ["sweep", *TINY, "--steps", "10", "--lmn-every", "5", "--grid", "lr=0.001", "--workers", "1", "--no-plot",
-            "--out", str(out)]
+    argv = ["sweep", *TINY, "--steps", "10", "--lmn-every", "5", "--grid", "lr=0.001", "--workers", "1", "--no-plot", "--out", str(out)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert cli.main(argv) == 0

@@ -1,4 +1,5 @@
 """Grokfast EMA and MA filters against their direct formulas on a toy sequence of gradients."""
+
 import pytest
 import torch
 from torch import nn
@@ -39,7 +40,7 @@ def test_ma_matches_window_mean(window, lamb, warmup):
         if warmup and t + 1 < window:
             expected = g
         else:
-            recent = grads[max(0, t - window + 1): t + 1]
+            recent = grads[max(0, t - window + 1) : t + 1]
             expected = g + lamb * torch.stack(recent).mean(0)
         torch.testing.assert_close(out[t], expected, atol=1e-12, rtol=0)
 

@@ -1,6 +1,7 @@
 """docs/training.md, "Run directories, stopping, checkpoints and resume": a resume checks everything before it touches the run
 directory; options given with --resume are compared with the run's recorded config (not with the defaults); config.json
 keeps the original command line and each resume's; one writer per run directory (filelock)."""
+
 from __future__ import annotations
 
 import shutil
@@ -14,16 +15,46 @@ from grokfast_metrics.cli import main as cli
 from grokfast_metrics.experiment import trainer as train_mod
 from grokfast_metrics.experiment.runlog import read_json
 
-TINY = ["--task", "add", "--device", "cpu", "--hidden", "8", "--embed-dim", "4", "--probe", "8", "--complexity", "off",
-        "--lmn-every", "10", "--log-every", "5", "--no-progress", "--no-plot"]
+TINY = [
+    "--task",
+    "add",
+    "--device",
+    "cpu",
+    "--hidden",
+    "8",
+    "--embed-dim",
+    "4",
+    "--probe",
+    "8",
+    "--complexity",
+    "off",
+    "--lmn-every",
+    "10",
+    "--log-every",
+    "5",
+    "--no-progress",
+    "--no-plot",
+]
 
 
 @pytest.fixture(scope="module")
 def checkpointed(tmp_path_factory):
     """A 30-step run with checkpoints at steps 10 and 20 and a snapshot at step 25 (after the checkpoint), lr 0.002."""
     out = tmp_path_factory.mktemp("ckpt") / "run"
-    argv = ["train", *TINY, "--steps", "30", "--lr", "0.002", "--checkpoint-every", "10", "--save-connectivity",
-            "0,25,final", "--out", str(out)]
+    argv = [
+        "train",
+        *TINY,
+        "--steps",
+        "30",
+        "--lr",
+        "0.002",
+        "--checkpoint-every",
+        "10",
+        "--save-connectivity",
+        "0,25,final",
+        "--out",
+        str(out),
+    ]
     saved = sys.argv
     sys.argv = ["grokfast-metrics", *argv]
     try:
@@ -73,8 +104,9 @@ def _wrong_shape(path):
     torch.save(state, path)
 
 
-@pytest.mark.parametrize("damage", [_truncate, _empty, _random, _empty_dict, _wrong_shape],
-                         ids=["truncated", "empty", "random", "empty-dict", "wrong-shape"])
+@pytest.mark.parametrize(
+    "damage", [_truncate, _empty, _random, _empty_dict, _wrong_shape], ids=["truncated", "empty", "random", "empty-dict", "wrong-shape"]
+)
 def test_damaged_checkpoint_is_refused_with_one_line_and_the_run_left_intact(checkpointed, tmp_path, capsys, damage):
     run = _copy(checkpointed, tmp_path)
     damage(run / "checkpoint.pt")
@@ -84,11 +116,10 @@ def test_damaged_checkpoint_is_refused_with_one_line_and_the_run_left_intact(che
     assert cli.main(["train", "--resume", str(run), "--no-progress", "--no-plot"]) == 2
     line = _one_error_line(capsys)
     assert "checkpoint.pt" in line and "cannot resume" in line
-    assert _contents(run) == before                      # summary.json, every row and every snapshot kept, byte for byte
+    assert _contents(run) == before  # summary.json, every row and every snapshot kept, byte for byte
 
 
-def test_resume_compares_given_options_with_the_recorded_config_not_the_defaults(checkpointed, tmp_path, capsys,
-                                                                                  monkeypatch):
+def test_resume_compares_given_options_with_the_recorded_config_not_the_defaults(checkpointed, tmp_path, capsys, monkeypatch):
     run = _copy(checkpointed, tmp_path)
     before = _contents(run)
     capsys.readouterr()
@@ -103,11 +134,31 @@ def test_resume_compares_given_options_with_the_recorded_config_not_the_defaults
         raise ValueError("stop here")
 
     monkeypatch.setattr(train_mod, "resume", fake_resume)
-    assert cli.main(["train", "--resume", str(run), "--steps", "20000", "--lr", "0.002", "--hidden", "8",
-                     "--device", "auto", "--probe", "8", "--no-progress", "--no-plot"]) == 2
-    assert seen == {"steps": 20000}                       # 20000 equals the default: still the new length
+    assert (
+        cli.main(
+            [
+                "train",
+                "--resume",
+                str(run),
+                "--steps",
+                "20000",
+                "--lr",
+                "0.002",
+                "--hidden",
+                "8",
+                "--device",
+                "auto",
+                "--probe",
+                "8",
+                "--no-progress",
+                "--no-plot",
+            ]
+        )
+        == 2
+    )
+    assert seen == {"steps": 20000}  # 20000 equals the default: still the new length
     assert cli.main(["train", "--resume", str(run), "--no-progress", "--no-plot"]) == 2
-    assert seen == {"steps": None}                        # not given: the run's own
+    assert seen == {"steps": None}  # not given: the run's own
     capsys.readouterr()
     assert cli.main(["train", "--resume", str(run), "--overwrite", "--no-progress", "--no-plot"]) == 2
     assert "--overwrite" in _one_error_line(capsys)
@@ -131,7 +182,7 @@ def test_resume_extends_and_config_json_keeps_both_command_lines(checkpointed, t
 def test_a_run_directory_has_one_writer(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
-    with FileLock(str(out / ".run.lock")):              # another process (or thread) is training into it
+    with FileLock(str(out / ".run.lock")):  # another process (or thread) is training into it
         assert cli.main(["train", *TINY, "--steps", "5", "--out", str(out)]) == 2
         assert "another run is writing to" in _one_error_line(capsys)
         assert not (out / "config.json").exists()

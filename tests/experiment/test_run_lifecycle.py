@@ -1,5 +1,6 @@
 """The paper's defaults, precision options, numerical collapse, run directories, failure paths,
 checkpoints and bit-identical resume, sub-network (segment) readings. Short runs of a tiny model only."""
+
 from __future__ import annotations
 
 import json
@@ -56,10 +57,8 @@ def test_generalization_is_test_accuracy_100_and_99_is_reported(tmp_path):
 
 def test_dtype_float64_and_adam_eps(tmp_path):
     r32 = train(TrainConfig(steps=20, lmn_every=10, complexity="off", **TINY), tmp_path / "32", progress=False, plot=False)
-    r64 = train(TrainConfig(steps=20, lmn_every=10, complexity="off", dtype="float64", **TINY), tmp_path / "64",
-                progress=False, plot=False)
-    eps = train(TrainConfig(steps=20, lmn_every=0, complexity="off", adam_eps=1e-3, **TINY), tmp_path / "eps",
-                progress=False, plot=False)
+    r64 = train(TrainConfig(steps=20, lmn_every=10, complexity="off", dtype="float64", **TINY), tmp_path / "64", progress=False, plot=False)
+    eps = train(TrainConfig(steps=20, lmn_every=0, complexity="off", adam_eps=1e-3, **TINY), tmp_path / "eps", progress=False, plot=False)
     l32, l64 = [r["train_loss"] for r in r32.rows], [r["train_loss"] for r in r64.rows]
     assert l32[0] == pytest.approx(l64[0], rel=1e-6) and l32 != l64  # same init, different rounding
     assert l64[-1] == pytest.approx(l32[-1], rel=1e-3)
@@ -104,8 +103,25 @@ def test_collapse_recorded_in_summary_plot_and_warning(tmp_path, capsys):
 
 def test_existing_run_refused_unless_overwrite(tmp_path, capsys):
     out = tmp_path / "run"
-    base = ["train", "--steps", "8", "--lmn-every", "4", "--probe", "8", "--hidden", "8", "--device", "cpu",
-            "--complexity", "off", "--out", str(out), "--no-progress", "--no-plot"]
+    base = [
+        "train",
+        "--steps",
+        "8",
+        "--lmn-every",
+        "4",
+        "--probe",
+        "8",
+        "--hidden",
+        "8",
+        "--device",
+        "cpu",
+        "--complexity",
+        "off",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--no-plot",
+    ]
     assert cli.main([*base, "--save-connectivity", "0,3,8"]) == 0
     assert len(list((out / "connectivity").glob("*.pt"))) == 3
     (out / "notes.txt").write_text("mine")
@@ -131,8 +147,26 @@ def test_nonfinite_loss_stops_cleanly(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(train_mod, "optimizer_step", poison)
     out = tmp_path / "run"
-    rc = cli.main(["train", "--steps", "50", "--lmn-every", "2", "--probe", "8", "--hidden", "8", "--device", "cpu",
-                   "--complexity", "off", "--out", str(out), "--no-progress"])
+    rc = cli.main(
+        [
+            "train",
+            "--steps",
+            "50",
+            "--lmn-every",
+            "2",
+            "--probe",
+            "8",
+            "--hidden",
+            "8",
+            "--device",
+            "cpu",
+            "--complexity",
+            "off",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 3
     assert "non-finite train loss (nan) at step 5" in capsys.readouterr().err
     rows = _rows(out)
@@ -144,9 +178,33 @@ def test_nonfinite_loss_stops_cleanly(tmp_path, monkeypatch, capsys):
 
 def test_sigterm_behaves_like_sigint(tmp_path):
     out = tmp_path / "run"
-    p = subprocess.Popen([*PYTHON, "-m", "grokfast_metrics", "train", "--steps", "100000", "--lmn-every", "0",
-                          "--hidden", "8", "--device", "cpu", "--complexity", "off", "--log-every", "1", "--out", str(out),
-                          "--no-progress", "--no-plot"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [
+            *PYTHON,
+            "-m",
+            "grokfast_metrics",
+            "train",
+            "--steps",
+            "100000",
+            "--lmn-every",
+            "0",
+            "--hidden",
+            "8",
+            "--device",
+            "cpu",
+            "--complexity",
+            "off",
+            "--log-every",
+            "1",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--no-plot",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 60
     while time.time() < deadline and not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").stat().st_size > 2000):
         time.sleep(0.2)
@@ -205,8 +263,17 @@ def test_plot_names_the_bad_line(tmp_path, capsys):
 @pytest.mark.parametrize(("grokfast", "lmn_async"), [("ema", False), ("ma", False), ("ema", True)])
 def test_resume_after_interruption_is_bit_identical(tmp_path, monkeypatch, grokfast, lmn_async):
     """lmn_async: the interrupted and resumed run tracks LMN asynchronously and writes the synchronous run."""
-    cfg = dict(steps=60, lmn_every=10, lr=1e-2, complexity="20", checkpoint_every=20, grokfast=grokfast, ma_window=5,
-               save_connectivity=["0", "35", "memorization", "final"], **TINY)
+    cfg = dict(
+        steps=60,
+        lmn_every=10,
+        lr=1e-2,
+        complexity="20",
+        checkpoint_every=20,
+        grokfast=grokfast,
+        ma_window=5,
+        save_connectivity=["0", "35", "memorization", "final"],
+        **TINY,
+    )
     # Ctrl-C during step 47's update, after the checkpoint at step 40
     full, _, resumed = interrupted_and_resumed(cfg, tmp_path, monkeypatch, 47, lmn_async=lmn_async)
     assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["step"] == 40
@@ -227,8 +294,12 @@ def test_resume_cli_extends_steps_and_refuses_other_changes(tmp_path, capsys):
     assert cli.main(["train", "--resume", str(out), "--steps", "40", *base]) == 0
     rows = _rows(out)
     assert rows[-1]["step"] == 40 and [r["step"] for r in rows] == sorted({r["step"] for r in rows})
-    ref = train(TrainConfig(steps=40, lmn_every=10, probe=8, hidden=8, device="cpu", complexity="off", log_every=10,
-                            threads=1), tmp_path / "ref", progress=False, plot=False)
+    ref = train(
+        TrainConfig(steps=40, lmn_every=10, probe=8, hidden=8, device="cpu", complexity="off", log_every=10, threads=1),
+        tmp_path / "ref",
+        progress=False,
+        plot=False,
+    )
     assert _without_time(rows) == _without_time(ref.rows)
     assert cli.main(["train", "--resume", str(tmp_path / "nothing"), *base]) == 2
 
@@ -274,9 +345,33 @@ def test_segment_readings_match_reference_and_forward():
 def test_fig3_readings_tracked_and_plotted(tmp_path, capsys):
     run = tmp_path / "run"
     with pytest.warns(UserWarning, match="affine"):
-        rc = cli.main(["train", "--steps", "10", "--lmn-every", "5", "--probe", "10", "--hidden", "8", "--device", "cpu",
-                       "--lmn-layer", "fig3", "--lmn-layer", "hidden2_pre:logits", "--complexity", "off",
-                       "--save-connectivity", "0", "--out", str(run), "--no-progress", "--no-plot"])
+        rc = cli.main(
+            [
+                "train",
+                "--steps",
+                "10",
+                "--lmn-every",
+                "5",
+                "--probe",
+                "10",
+                "--hidden",
+                "8",
+                "--device",
+                "cpu",
+                "--lmn-layer",
+                "fig3",
+                "--lmn-layer",
+                "hidden2_pre:logits",
+                "--complexity",
+                "off",
+                "--save-connectivity",
+                "0",
+                "--out",
+                str(run),
+                "--no-progress",
+                "--no-plot",
+            ]
+        )
     assert rc == 0
     rows = [r for r in _rows(run) if r["lmn"] is not None]
     assert all(r[f"lmn_{k}"] >= 1.0 for r in rows for k in (*FIG3_READINGS, "hidden2_pre"))

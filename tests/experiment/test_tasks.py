@@ -1,4 +1,5 @@
 """Tasks: sizes, labels, split disjointness and seeding, S4 composition against permutation matrices."""
+
 import itertools
 
 import pytest
@@ -11,7 +12,7 @@ from grokfast_metrics.experiment.tasks import TASKS, compose, make_task, s4_elem
 def test_sizes_and_split(name, n_inputs, n_classes, n_train):
     t = make_task(name, 0.8, seed=3)
     assert t.x.shape == (n_inputs, 2) and t.y.shape == (n_inputs,)
-    assert t.n_classes == n_classes and t.n_tokens ** 2 == n_inputs
+    assert t.n_classes == n_classes and t.n_tokens**2 == n_inputs
     assert len(t.train_idx) == n_train and len(t.test_idx) == n_inputs - n_train
     assert not set(t.train_idx.tolist()) & set(t.test_idx.tolist())
     assert sorted(t.train_idx.tolist() + t.test_idx.tolist()) == list(range(n_inputs))

@@ -1,4 +1,5 @@
 """Model layers and tails, tracker non-interference, logs/plot of a short run, the CLI."""
+
 import csv
 import json
 import math
@@ -74,8 +75,12 @@ def test_probe_subset_seeded_and_rng_untouched():
 def test_tracking_does_not_perturb_training(tmp_path):
     """Bit-identical losses and parameters with LMN at every step (two layers) and without tracking."""
     state = torch.get_rng_state()
-    on = train(TrainConfig(steps=25, lmn_every=1, lmn_layers=["hidden1_post", "embeddings"], grokfast="ema", **TINY),
-               tmp_path / "on", progress=False, plot=False)
+    on = train(
+        TrainConfig(steps=25, lmn_every=1, lmn_layers=["hidden1_post", "embeddings"], grokfast="ema", **TINY),
+        tmp_path / "on",
+        progress=False,
+        plot=False,
+    )
     off = train(TrainConfig(steps=25, lmn_every=0, grokfast="ema", **TINY), tmp_path / "off", progress=False, plot=False)
     assert torch.equal(torch.get_rng_state(), state)
     loss_on = [r["train_loss"] for r in on.rows]
@@ -97,8 +102,28 @@ def test_key_steps_match_logged_accuracies(tmp_path):
 
 def test_cli_short_run_writes_valid_logs_and_plot(tmp_path, capsys):
     out = tmp_path / "run"
-    rc = cli.main(["train", "--task", "s4", "--steps", "12", "--lmn-every", "5", "--probe", "16", "--hidden", "16",
-                   "--device", "cpu", "--out", str(out), "--no-progress", "--log-every", "3"])
+    rc = cli.main(
+        [
+            "train",
+            "--task",
+            "s4",
+            "--steps",
+            "12",
+            "--lmn-every",
+            "5",
+            "--probe",
+            "16",
+            "--hidden",
+            "16",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--log-every",
+            "3",
+        ]
+    )
     assert rc == 0
     assert "memorization step" in capsys.readouterr().out
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -130,8 +155,26 @@ def test_interrupt_leaves_valid_logs_and_plot(tmp_path, monkeypatch):
         return real(*a, **k)
 
     monkeypatch.setattr(train_mod, "track_lmn", flaky)
-    rc = cli.main(["train", "--steps", "50", "--lmn-every", "4", "--probe", "8", "--hidden", "8", "--device", "cpu",
-                   "--out", str(tmp_path), "--no-progress", "--log-every", "1"])
+    rc = cli.main(
+        [
+            "train",
+            "--steps",
+            "50",
+            "--lmn-every",
+            "4",
+            "--probe",
+            "8",
+            "--hidden",
+            "8",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+            "--log-every",
+            "1",
+        ]
+    )
     assert rc == 130
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     # step 8's metrics were computed before its LMN call was interrupted: logged, without LMN
@@ -141,21 +184,24 @@ def test_interrupt_leaves_valid_logs_and_plot(tmp_path, monkeypatch):
     assert (tmp_path / "curves.png").exists()
 
 
-@pytest.mark.parametrize("argv, msg", [
-    (["train", "--task", "mul"], "invalid choice"),
-    (["train", "--train-fraction", "1.0"], "train fraction"),
-    (["train", "--steps", "0"], "steps"),
-    (["train", "--probe", "1"], "probe"),
-    (["train", "--probe", "2000"], "larger than the task"),
-    (["train", "--lmn-layer", "hidden3"], "unknown LMN layer 'hidden3'"),
-    (["train", "--lmn-layer", "hidden2_pre:hidden1_post"], "must come after"),
-    (["train", "--dtype", "float16"], "invalid choice"),
-    (["train", "--adam-eps", "0"], "adam eps"),
-    (["train", "--checkpoint-every", "-1"], "checkpoint_every"),
-    (["train", "--grokfast", "ema", "--ema-alpha", "1.5"], "alpha"),
-    (["train", "--bogus"], "unrecognized"),
-    ([], "required"),
-])
+@pytest.mark.parametrize(
+    "argv, msg",
+    [
+        (["train", "--task", "mul"], "invalid choice"),
+        (["train", "--train-fraction", "1.0"], "train fraction"),
+        (["train", "--steps", "0"], "steps"),
+        (["train", "--probe", "1"], "probe"),
+        (["train", "--probe", "2000"], "larger than the task"),
+        (["train", "--lmn-layer", "hidden3"], "unknown LMN layer 'hidden3'"),
+        (["train", "--lmn-layer", "hidden2_pre:hidden1_post"], "must come after"),
+        (["train", "--dtype", "float16"], "invalid choice"),
+        (["train", "--adam-eps", "0"], "adam eps"),
+        (["train", "--checkpoint-every", "-1"], "checkpoint_every"),
+        (["train", "--grokfast", "ema", "--ema-alpha", "1.5"], "alpha"),
+        (["train", "--bogus"], "unrecognized"),
+        ([], "required"),
+    ],
+)
 def test_cli_bad_arguments_one_line_exit_2(argv, msg, capsys):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
@@ -187,8 +233,29 @@ def test_python_dash_m_entry_point():
 
 def test_all_layers_in_one_run_with_equivalences_and_affine_warning(tmp_path):
     with pytest.warns(UserWarning, match="hidden2_post: the map from there to the logits is affine"):
-        rc = cli.main(["train", "--steps", "6", "--lmn-every", "3", "--probe", "12", "--hidden", "12", "--device", "cpu",
-                       "--lmn-layer", "all", "--complexity", "off", "--out", str(tmp_path), "--no-progress", "--no-plot"])
+        rc = cli.main(
+            [
+                "train",
+                "--steps",
+                "6",
+                "--lmn-every",
+                "3",
+                "--probe",
+                "12",
+                "--hidden",
+                "12",
+                "--device",
+                "cpu",
+                "--lmn-layer",
+                "all",
+                "--complexity",
+                "off",
+                "--out",
+                str(tmp_path),
+                "--no-progress",
+                "--no-plot",
+            ]
+        )
     assert rc == 0
     rows = [r for r in (json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()) if r["lmn"] is not None]
     assert rows and all(r["lmn"] == r["lmn_hidden1_post"] for r in rows)  # default layer first
@@ -200,9 +267,30 @@ def test_all_layers_in_one_run_with_equivalences_and_affine_warning(tmp_path):
 
 def test_connectivity_snapshots_and_plot_command(tmp_path, capsys):
     run = tmp_path / "run"
-    rc = cli.main(["train", "--steps", "30", "--lr", "1e-2", "--lmn-every", "10", "--probe", "20", "--hidden", "16",
-                   "--device", "cpu", "--complexity", "10", "--save-connectivity", "0,7,memorization,final",
-                   "--out", str(run), "--no-progress"])
+    rc = cli.main(
+        [
+            "train",
+            "--steps",
+            "30",
+            "--lr",
+            "1e-2",
+            "--lmn-every",
+            "10",
+            "--probe",
+            "20",
+            "--hidden",
+            "16",
+            "--device",
+            "cpu",
+            "--complexity",
+            "10",
+            "--save-connectivity",
+            "0,7,memorization,final",
+            "--out",
+            str(run),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     summary = json.loads((run / "summary.json").read_text())
     saved = sorted(int(p.name.split("_")[1]) for p in (run / "connectivity").glob("step_*.pt"))
@@ -232,12 +320,15 @@ def test_spectral_entropy_regularizer_lowers_effective_rank(tmp_path):
     assert erank1 < erank0 * 0.9
 
 
-@pytest.mark.parametrize("args, match", [
-    (["--complexity", "sometimes"], "complexity must be"),
-    (["--complexity-eps", "-1"], "complexity eps"),
-    (["--spectral-entropy-weight", "-0.5"], "spectral entropy weight"),
-    (["--save-connectivity", "0,later"], "save-connectivity"),
-])
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--complexity", "sometimes"], "complexity must be"),
+        (["--complexity-eps", "-1"], "complexity eps"),
+        (["--spectral-entropy-weight", "-0.5"], "spectral entropy weight"),
+        (["--save-connectivity", "0,later"], "save-connectivity"),
+    ],
+)
 def test_issue6_bad_arguments(tmp_path, capsys, args, match):
     assert cli.main(["train", "--steps", "2", "--device", "cpu", "--out", str(tmp_path), *args]) == 2
     assert match in capsys.readouterr().err
@@ -258,8 +349,26 @@ def test_cli_defaults_are_the_dataclass_defaults():
 
 
 def test_cli_options_map_to_fields():
-    cfg = _parse_train(["--lmn-layer", "embeddings", "--lmn-layer", "all", "--no-lmn-early", "--save-connectivity", " 5, final ",
-                        "--complexity-eps", "0.5", "0.25", "--probe", "64", "--lmn-every", "3", "--lmn-backend", "cpu"])
+    cfg = _parse_train(
+        [
+            "--lmn-layer",
+            "embeddings",
+            "--lmn-layer",
+            "all",
+            "--no-lmn-early",
+            "--save-connectivity",
+            " 5, final ",
+            "--complexity-eps",
+            "0.5",
+            "0.25",
+            "--probe",
+            "64",
+            "--lmn-every",
+            "3",
+            "--lmn-backend",
+            "cpu",
+        ]
+    )
     assert cfg.lmn_layers == ["embeddings", "hidden1_post", "hidden1_pre", "hidden2_pre", "hidden2_post"]
     assert not cfg.lmn_early and cfg.save_connectivity == ["5", "final"] and cfg.complexity_eps == [0.5, 0.25]
     assert cfg.probe == "64" and cfg.lmn_every == 3 and cfg.lmn_backend == "cpu"
@@ -276,8 +385,7 @@ def test_trainer_tracker_records_nan_when_parameters_diverge(model_and_x):
     from grokfast_metrics.tracking.schedule import Schedule
 
     model, x = model_and_x
-    tracker = train_mod.layer_tracker(model, x, TrainConfig(lmn_layers=["hidden1_post", "embeddings"], n_lambda=5),
-                                      Schedule.for_tracker(1))
+    tracker = train_mod.layer_tracker(model, x, TrainConfig(lmn_layers=["hidden1_post", "embeddings"], n_lambda=5), Schedule.for_tracker(1))
     assert tracker.update(0) == tracker.results["hidden1_post"].lmn >= 1.0
     bad = GrokMLP(model.embed_a.num_embeddings, model.fc3.out_features, 8, 16)
     with torch.no_grad():

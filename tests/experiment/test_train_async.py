@@ -2,6 +2,7 @@
 (every column but ``time_s``, the snapshots, the summary but its timings), stopped early too. An interrupted
 asynchronous run resumed from its checkpoint: ``test_resume_after_interruption_is_bit_identical``
 (tests/experiment/test_run_lifecycle.py)."""
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,14 @@ from grokfast_metrics.tracking.schedule import Schedule
 
 TINY = {"task": "add", "device": "cpu", "hidden": 16, "embed_dim": 8, "log_every": 1, "probe": 12, "threads": 1}
 #: LMN at steps 0, 3, 6, ... and the early steps, two layers, snapshots at fixed steps, a phase and the end
-DENSE = dict(lmn_every=3, lr=3e-2, complexity="20", lmn_layers=["hidden1_post", "embeddings"],
-             save_connectivity=["0", "35", "memorization", "final"], **TINY)
+DENSE = dict(
+    lmn_every=3,
+    lr=3e-2,
+    complexity="20",
+    lmn_layers=["hidden1_post", "embeddings"],
+    save_connectivity=["0", "35", "memorization", "final"],
+    **TINY,
+)
 
 
 def _rows(run_dir):

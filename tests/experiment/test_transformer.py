@@ -2,6 +2,7 @@
 
 LMN at its cut (``blocks.0.hook_resid_mid``) against the float64 reference through the module itself
 and against an independent last-position tail; short runs through ``train`` and the CLI; resume."""
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,18 @@ from grokfast_metrics.experiment.transformer import TRANSFORMER_LAYER, GrokTrans
 # tiny models: one intra-op thread (two measured ~2000x slower per einsum on the loaded 2-core CPU)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = {"model": "transformer", "device": "cpu", "p": 7, "d_model": 8, "d_mlp": 16, "n_heads": 2, "log_every": 1,
-        "probe": 12, "threads": 1, "complexity": "off"}
+TINY = {
+    "model": "transformer",
+    "device": "cpu",
+    "p": 7,
+    "d_model": 8,
+    "d_mlp": 16,
+    "n_heads": 2,
+    "log_every": 1,
+    "probe": 12,
+    "threads": 1,
+    "complexity": "off",
+}
 
 
 def _model(p=7, d_model=8, d_mlp=16, n_heads=2, seed=0, dtype=torch.float32) -> GrokTransformer:
@@ -62,8 +73,18 @@ def test_model_shapes_hook_names_and_causal_attention():
     x = _probe(7, 5)
     assert model(x).shape == (5, 7)
     names = dict(model.named_modules())
-    for name in ("embed", "pos_embed", "blocks.0.attn", "blocks.0.mlp", "unembed", "blocks.0.hook_resid_pre",
-                 "blocks.0.hook_resid_mid", "blocks.0.hook_resid_post", "blocks.0.mlp.hook_post", "blocks.0.attn.hook_attn"):
+    for name in (
+        "embed",
+        "pos_embed",
+        "blocks.0.attn",
+        "blocks.0.mlp",
+        "unembed",
+        "blocks.0.hook_resid_pre",
+        "blocks.0.hook_resid_mid",
+        "blocks.0.hook_resid_post",
+        "blocks.0.mlp.hook_post",
+        "blocks.0.attn.hook_attn",
+    ):
         assert name in names
     assert not any(isinstance(m, nn.LayerNorm) for m in model.modules())
     pattern = {}
@@ -142,13 +163,16 @@ def test_model_defaults_fill_only_unset_fields():
     assert TrainConfig(model="transformer", device="cpu").resolved().probe == 128
 
 
-@pytest.mark.parametrize(("kw", "msg"), [
-    ({"lmn_layers": ["hidden1_post"]}, "not a reading of the transformer"),
-    ({"lmn_async": True}, "lmn_async is not supported"),
-    ({"task": "s4", "p": 7}, "modulus of the add task"),
-    ({"d_model": 10, "n_heads": 4}, "multiple of n_heads"),
-    ({"model": "cnn"}, "unknown model"),
-])
+@pytest.mark.parametrize(
+    ("kw", "msg"),
+    [
+        ({"lmn_layers": ["hidden1_post"]}, "not a reading of the transformer"),
+        ({"lmn_async": True}, "lmn_async is not supported"),
+        ({"task": "s4", "p": 7}, "modulus of the add task"),
+        ({"d_model": 10, "n_heads": 4}, "multiple of n_heads"),
+        ({"model": "cnn"}, "unknown model"),
+    ],
+)
 def test_bad_transformer_options_are_refused(kw, msg):
     with pytest.raises(ValueError, match=msg):
         TrainConfig(**{**TINY, **kw}).validate()
@@ -183,24 +207,65 @@ def test_both_readings_tracked(tmp_path):
     argv = ["train", "--model", "transformer", "--lmn-layer", "all"]
     layers = options.train_config(cli.build_parser(argv).parse_args(argv)).lmn_layers
     assert layers == [TRANSFORMER_LAYER, "blocks.0.hook_resid_pre"]
-    res = train(TrainConfig(steps=2, lmn_every=2, lmn_early=False, lmn_layers=layers, **TINY), tmp_path / "run",
-                progress=False, plot=False)
+    res = train(TrainConfig(steps=2, lmn_every=2, lmn_early=False, lmn_layers=layers, **TINY), tmp_path / "run", progress=False, plot=False)
     first = res.rows[0]
     assert all(1.0 < first[f"lmn_{layer}"] < 12 for layer in layers) and first["lmn"] == first[f"lmn_{TRANSFORMER_LAYER}"]
 
 
 def test_cli_transformer_run(tmp_path, capsys):
     out = tmp_path / "run"
-    rc = cli.main(["train", "--model", "transformer", "--p", "7", "--d-model", "8", "--d-mlp", "16", "--n-heads", "2",
-                   "--steps", "5", "--lmn-every", "5", "--probe", "10", "--device", "cpu", "--complexity", "off",
-                   "--no-progress", "--no-plot", "--out", str(out)])
+    rc = cli.main(
+        [
+            "train",
+            "--model",
+            "transformer",
+            "--p",
+            "7",
+            "--d-model",
+            "8",
+            "--d-mlp",
+            "16",
+            "--n-heads",
+            "2",
+            "--steps",
+            "5",
+            "--lmn-every",
+            "5",
+            "--probe",
+            "10",
+            "--device",
+            "cpu",
+            "--complexity",
+            "off",
+            "--no-progress",
+            "--no-plot",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["step"] == 0 and rows[0][f"lmn_{TRANSFORMER_LAYER}"] > 1.0 and rows[-1]["step"] == 5
     stored = json.loads((out / "config.json").read_text())["config"]
     assert (stored["model"], stored["weight_decay"], stored["lmn_layers"]) == ("transformer", 1.0, [TRANSFORMER_LAYER])
-    assert cli.main(["train", "--model", "transformer", "--lmn-layer", "hidden1_post", "--steps", "1", "--device", "cpu",
-                     "--out", str(tmp_path / "bad")]) == 2
+    assert (
+        cli.main(
+            [
+                "train",
+                "--model",
+                "transformer",
+                "--lmn-layer",
+                "hidden1_post",
+                "--steps",
+                "1",
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path / "bad"),
+            ]
+        )
+        == 2
+    )
     assert "not a reading of the transformer" in capsys.readouterr().err
 
 
@@ -224,6 +289,8 @@ def test_sweep_without_steps_takes_the_models_steps(tmp_path, monkeypatch, capsy
 
     monkeypatch.setattr(command, "run_sweep", interrupted)
     out = tmp_path / "sweep"
-    assert cli.main(["sweep", "--model", model, "--grid", "init_scale=1", "--device", "cpu", "--out", str(out), "--no-progress",
-                     "--no-plot"]) == 130
+    assert (
+        cli.main(["sweep", "--model", model, "--grid", "init_scale=1", "--device", "cpu", "--out", str(out), "--no-progress", "--no-plot"])
+        == 130
+    )
     assert json.loads((out / "sweep.json").read_text())["window"] == window

@@ -1,4 +1,5 @@
 """Figures from a run directory: spectral reordering, correlations, rendering."""
+
 from __future__ import annotations
 
 import argparse
@@ -37,12 +38,22 @@ def _fake_run(tmp_path):
     for s in range(0, 401, 20):
         mem, gen = 100, 300
         lmn = 5 + s / 20 if s < mem else 10 - 8 * (s - mem) / (gen - mem) if s <= gen else 2.0
-        rows.append({"step": s, "train_loss": 1 / (s + 1), "train_acc": min(1.0, s / mem), "test_loss": 0.3 * lmn + 0.01,
-                     "test_acc": 0.1 if s < gen else 1.0, "l2": 40 - s / 20, "lmn": lmn,
-                     "lmn_hidden1_post": lmn, "lmn_embeddings": lmn * 1.5, "time_s": s / 100})
+        rows.append(
+            {
+                "step": s,
+                "train_loss": 1 / (s + 1),
+                "train_acc": min(1.0, s / mem),
+                "test_loss": 0.3 * lmn + 0.01,
+                "test_acc": 0.1 if s < gen else 1.0,
+                "l2": 40 - s / 20,
+                "lmn": lmn,
+                "lmn_hidden1_post": lmn,
+                "lmn_embeddings": lmn * 1.5,
+                "time_s": s / 100,
+            }
+        )
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "summary.json").write_text(json.dumps({"memorization_step": 100, "generalization_step": 300,
-                                                       "lmn_layer": "hidden1_post"}))
+    (tmp_path / "summary.json").write_text(json.dumps({"memorization_step": 100, "generalization_step": 300, "lmn_layer": "hidden1_post"}))
     for step, c in ((100, 6), (300, 2)):
         labels = torch.arange(24) % c
         L = (labels[:, None] == labels[None, :]).float()

@@ -1,5 +1,6 @@
 """How much memory the device leaves (``_policy.available_bytes``): the smallest of free memory, the address-space
 limit and the cgroup limit."""
+
 from __future__ import annotations
 
 from grokfast_metrics.foundation import policy as _policy

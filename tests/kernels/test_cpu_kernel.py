@@ -3,6 +3,7 @@
 The kernel is built on first use (a few seconds); tests that need it skip when it cannot run here
 (no AVX2/FMA, no compiler), the fallback tests run everywhere.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -21,9 +22,7 @@ from grokfast_metrics.compute import torch_paths as torch_backend
 from grokfast_metrics.foundation.policy import FLAGGED
 from grokfast_metrics.foundation.tail import parse_tail
 
-needs_kernel = pytest.mark.skipif(
-    not kc.available(), reason=f"fused CPU kernel unavailable: {kc.build_info()['error']}"
-)
+needs_kernel = pytest.mark.skipif(not kc.available(), reason=f"fused CPU kernel unavailable: {kc.build_info()['error']}")
 
 FUSED_ACTS = [a for a in ACTS if a != "identity"]
 
@@ -33,8 +32,7 @@ def make_tail(d: int, widths: list[int], act: str, bias: bool = True, trailing: 
     return mlp_tail([d, *widths], act, bias=bias, final_act=act if trailing else None, seed=sum(widths) + d)
 
 
-def fused(h: torch.Tensor, tail: nn.Module, n_lambda: int = 21, num_threads: int | None = None,
-          flag: bool = True) -> torch.Tensor:
+def fused(h: torch.Tensor, tail: nn.Module, n_lambda: int = 21, num_threads: int | None = None, flag: bool = True) -> torch.Tensor:
     spec = parse_tail(tail)
     with torch.no_grad():
         # as core does: z absorbed in float64, rounded once
@@ -237,6 +235,7 @@ def test_kernel_allocation_failure_is_a_python_exception() -> None:
     """A failed allocation inside the C++ kernel (here: absurd widths through a mocked z row count) must come
     back as a Python exception, never std::terminate/SIGABRT; run in a subprocess so an abort cannot kill pytest."""
     import subprocess
+
     code = (
         "import torch, ctypes\n"
         "from grokfast_metrics.kernels import cpu_fused as kc\n"
@@ -255,16 +254,16 @@ def test_kernel_allocation_failure_is_a_python_exception() -> None:
         " w.data_ptr(), w.data_ptr(), 0.0, None)\n"
         "print('rc', rc)\n"
     )
-    proc = subprocess.run([*PYTHON, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, "MALLOC_ARENA_MAX": "2"})
+    proc = subprocess.run(
+        [*PYTHON, "-c", code], capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "MALLOC_ARENA_MAX": "2"}
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "rc 2" in proc.stdout, proc.stdout
 
 
 @needs_kernel
 @pytest.mark.parametrize("act", FUSED_ACTS)
-@pytest.mark.parametrize("widths, bias, trailing", [([13, 3], True, False), ([9, 7, 4], False, False),
-                                                    ([9, 7, 4], True, True)])
+@pytest.mark.parametrize("widths, bias, trailing", [([13, 3], True, False), ([9, 7, 4], False, False), ([9, 7, 4], True, True)])
 def test_fp64_pair_kernel_matches_torch_fp64(act: str, widths: list[int], bias: bool, trailing: bool) -> None:
     """The C++ fp64 recompute of flagged pairs (``kc.pairs_f64``) is the torch fp64 path's algebra."""
     tail = make_tail(5, widths, act, bias=bias, trailing=trailing)
@@ -302,11 +301,17 @@ def fused64(h: torch.Tensor, tail: nn.Module, n_lambda: int = 21, num_threads: i
 
 @needs_kernel
 @pytest.mark.parametrize("act", FUSED_ACTS)
-@pytest.mark.parametrize("n, d, widths, bias, trailing", [
-    (2, 5, [100, 31], True, False), (9, 5, [13, 3], True, False), (17, 7, [9, 7, 4], False, False),
-    (10, 6, [9, 7, 5, 3], True, True), (11, 3, [31, 1], False, True)])
-def test_fp64_kernel_matches_reference(act: str, n: int, d: int, widths: list[int], bias: bool,
-                                       trailing: bool) -> None:
+@pytest.mark.parametrize(
+    "n, d, widths, bias, trailing",
+    [
+        (2, 5, [100, 31], True, False),
+        (9, 5, [13, 3], True, False),
+        (17, 7, [9, 7, 4], False, False),
+        (10, 6, [9, 7, 5, 3], True, True),
+        (11, 3, [31, 1], False, True),
+    ],
+)
+def test_fp64_kernel_matches_reference(act: str, n: int, d: int, widths: list[int], bias: bool, trailing: bool) -> None:
     """Depth 1-3, every activation, with and without bias and a trailing activation, odd N and widths."""
     tail = make_tail(d, widths, act, bias=bias, trailing=trailing).double()
     h = torch.randn(n, d, generator=torch.Generator().manual_seed(n + len(act)), dtype=torch.float64)

@@ -6,6 +6,7 @@ to PTX and a cubin for sm_90 and sm_80 with exactly the constexprs/signature the
 This needs the compiled (``JITFunction``) kernel: when this session runs under ``TRITON_INTERPRET=1``
 the file reruns itself in a child pytest without it.
 """
+
 from __future__ import annotations
 
 import os
@@ -49,9 +50,13 @@ def _lowered(d_model: int, d_mlp: int, o: int, act: str, positions: int = 3) -> 
     kernel runs with ``SKIP``."""
     torch.manual_seed(0)
     m = nn.Module()
-    m.lowered_spec = MLPTail(pre=[nn.Linear(d_model, d_mlp)], stages=[([Act(act)], nn.Linear(d_mlp, o))],
-                             in_features=positions * d_model, select=((positions - 1) * d_model, positions * d_model),
-                             skip=torch.randn(o, d_model, dtype=torch.float64))
+    m.lowered_spec = MLPTail(
+        pre=[nn.Linear(d_model, d_mlp)],
+        stages=[([Act(act)], nn.Linear(d_mlp, o))],
+        in_features=positions * d_model,
+        select=((positions - 1) * d_model, positions * d_model),
+        skip=torch.randn(o, d_model, dtype=torch.float64),
+    )
     return m
 
 
@@ -69,14 +74,13 @@ CONFIGS = {
     "h256_d3_mixed": (_mlp(64, [256, 256, 256, 31], [nn.ReLU(), nn.GELU(), nn.Sigmoid()]), F32, None),
     "h512_d3_silu": (_mlp(64, [512, 512, 512, 31], [nn.SiLU()] * 3), F32, None),
     "h64_d4": (_mlp(16, [64, 48, 40, 24, 10], [nn.SiLU(), nn.Tanh(), nn.ReLU(), nn.GELU()]), F32, None),
-    "h100_d1_sigmoid": (_mlp(64, [100, 31], [nn.Sigmoid()]), F32, None),     # depth 1 saturating: _sat_bounds
+    "h100_d1_sigmoid": (_mlp(64, [100, 31], [nn.Sigmoid()]), F32, None),  # depth 1 saturating: _sat_bounds
     "fp64_default": (_mlp(64, [100, 31], [nn.SiLU()]), F64, None),
     "fp64_h100_d1_tanh": (_mlp(64, [100, 31], [nn.Tanh()]), F64, None),
     "fp64_h512_d1_gelu": (_mlp(64, [512, 31], [nn.GELU()]), F64, None),
     "fp64_h256_d2_tanh": (_mlp(64, [256, 256, 31], [nn.Tanh(), nn.Sigmoid()]), F64, None),
     "fp64_h100_d2_silu_gelu": (_mlp(64, [100, 100, 31], [nn.SiLU(), nn.GELU()]), F64, None),  # erfc-GELU, chained
-    "fp64_h512_d3": (_mlp(64, [512, 512, 512, 31], [nn.SiLU(), nn.LeakyReLU(0.01), nn.GELU(approximate="tanh")]),
-                     F64, None),
+    "fp64_h512_d3": (_mlp(64, [512, 512, 512, 31], [nn.SiLU(), nn.LeakyReLU(0.01), nn.GELU(approximate="tanh")]), F64, None),
     # p = 113 logits (PO = 128): v2's wide accumulator (the lowered Nanda tail without a skip term runs v2)
     "h512_o113_relu": (_mlp(128, [512, 113], [nn.ReLU()]), F32, None),
     "h100_o113_ieee": (_mlp(64, [100, 113], [nn.SiLU()]), F32, "ieee"),
@@ -163,11 +167,11 @@ def test_compiles_for_gpu(name, cc, variant, cuda_compiler):
 @pytest.mark.parametrize("cc", [90, 80])
 def test_v2_prepass_compiles_with_fast_silu(cc, cuda_compiler):
     """v2's ``a0 = act(z)`` pre-pass with the inline-PTX SiLU (``ex2.approx.ftz``, ``rcp.approx.ftz``)."""
-    const = {"ACT": ACT_CODES["silu"], "SLOPE": 0.0, "FAST_ACT": True, "REL": kc2.APPROX_REL, "INTERP": False,
-             "BLOCK": 1024}
+    const = {"ACT": ACT_CODES["silu"], "SLOPE": 0.0, "FAST_ACT": True, "REL": kc2.APPROX_REL, "INTERP": False, "BLOCK": 1024}
     sig = {"z_ptr": "*fp32", "a0_ptr": "*fp32", "n": "i32", **{k: "constexpr" for k in const}}
-    k = triton.compile(ASTSource(fn=kc2._act0_kernel, signature=sig, constexprs=const),
-                       target=GPUTarget("cuda", cc, 32), options={"num_warps": 4})
+    k = triton.compile(
+        ASTSource(fn=kc2._act0_kernel, signature=sig, constexprs=const), target=GPUTarget("cuda", cc, 32), options={"num_warps": 4}
+    )
     ptx = k.asm["ptx"]
     assert "ex2.approx.ftz.f32" in ptx and "rcp.approx.ftz.f32" in ptx and "div.rn" not in ptx
 

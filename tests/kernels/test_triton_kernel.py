@@ -6,6 +6,7 @@ imported (``triton.jit`` decides at definition time, also for ``tl.zeros``/``tl.
 session cannot interpret, every test here is skipped and :func:`test_interpreter_subprocess` reruns
 this file in a child pytest with the variable set (its output is shown on failure).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -57,28 +58,43 @@ CASES = {
     "default_silu": (33, 8, lambda: _seq(nn.Linear(8, 100), nn.SiLU(), nn.Linear(100, 31))),
     "relu_o1": (17, 5, lambda: _seq(nn.Linear(5, 20), nn.ReLU(), nn.Linear(20, 1))),
     "gelu_erf": (17, 6, lambda: _seq(nn.Linear(6, 24), nn.GELU(), nn.Linear(24, 7))),
-    "gelu_tanh_nobias": (
-        3, 6, lambda: _seq(nn.Linear(6, 24, bias=False), nn.GELU(approximate="tanh"), nn.Linear(24, 5, bias=False))
-    ),
+    "gelu_tanh_nobias": (3, 6, lambda: _seq(nn.Linear(6, 24, bias=False), nn.GELU(approximate="tanh"), nn.Linear(24, 5, bias=False))),
     "tanh": (17, 4, lambda: _seq(nn.Linear(4, 18), nn.Tanh(), nn.Linear(18, 3))),
     "sigmoid": (2, 4, lambda: _seq(nn.Linear(4, 18), nn.Sigmoid(), nn.Linear(18, 3))),
     "leaky": (17, 4, lambda: _seq(nn.Linear(4, 18), nn.LeakyReLU(0.2), nn.Linear(18, 6))),
     "no_absorbed_linear": (17, 9, lambda: _seq(nn.Tanh(), nn.Linear(9, 4))),
     "depth2_o1_nobias": (
-        17, 6, lambda: _seq(nn.Linear(6, 24), nn.GELU(), nn.Linear(24, 13, bias=False), nn.Tanh(),
-                            nn.Linear(13, 1, bias=False))
+        17,
+        6,
+        lambda: _seq(nn.Linear(6, 24), nn.GELU(), nn.Linear(24, 13, bias=False), nn.Tanh(), nn.Linear(13, 1, bias=False)),
     ),
     "depth2_identity_trailing": (
-        17, 6, lambda: _seq(nn.Linear(6, 20), nn.SiLU(), nn.Linear(20, 11), nn.Identity(), nn.Linear(11, 5),
-                            nn.Sigmoid())
+        17,
+        6,
+        lambda: _seq(nn.Linear(6, 20), nn.SiLU(), nn.Linear(20, 11), nn.Identity(), nn.Linear(11, 5), nn.Sigmoid()),
     ),
     "depth3_mixed": (
-        17, 5, lambda: _seq(nn.Linear(5, 24), nn.Sigmoid(), nn.Linear(24, 40), nn.LeakyReLU(0.1), nn.Linear(40, 9),
-                            nn.SiLU(), nn.Linear(9, 5, bias=False))
+        17,
+        5,
+        lambda: _seq(
+            nn.Linear(5, 24), nn.Sigmoid(), nn.Linear(24, 40), nn.LeakyReLU(0.1), nn.Linear(40, 9), nn.SiLU(), nn.Linear(9, 5, bias=False)
+        ),
     ),
     "depth4": (
-        3, 5, lambda: _seq(nn.Linear(5, 12), nn.Tanh(), nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 9),
-                           nn.GELU(approximate="tanh"), nn.Linear(9, 7), nn.SiLU(), nn.Linear(7, 2), nn.Tanh())
+        3,
+        5,
+        lambda: _seq(
+            nn.Linear(5, 12),
+            nn.Tanh(),
+            nn.Linear(12, 10),
+            nn.ReLU(),
+            nn.Linear(10, 9),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(9, 7),
+            nn.SiLU(),
+            nn.Linear(7, 2),
+            nn.Tanh(),
+        ),
     ),
 }
 
@@ -244,17 +260,38 @@ def test_other_n_lambda(n_lambda, variant):
 # interpreter: few rows keep it fast, the widths force several chunks in every loop.
 GPU_TILING = [  # (name, n, tail factory, dtype, arch of the GPU configuration)
     ("h256_depth1_gelu", 3, lambda: _seq(nn.Linear(4, 256), nn.GELU(), nn.Linear(256, 31)), torch.float32, 90),
-    ("h512_depth2_silu", 3, lambda: _seq(nn.Linear(4, 512), nn.SiLU(), nn.Linear(512, 200), nn.Tanh(),
-                                         nn.Linear(200, 31)), torch.float32, 90),
-    ("h150_depth3_fp64", 3, lambda: _seq(nn.Linear(4, 150), nn.SiLU(), nn.Linear(150, 150), nn.Sigmoid(),
-                                         nn.Linear(150, 130), nn.ReLU(), nn.Linear(130, 1)), torch.float64, 90),
+    (
+        "h512_depth2_silu",
+        3,
+        lambda: _seq(nn.Linear(4, 512), nn.SiLU(), nn.Linear(512, 200), nn.Tanh(), nn.Linear(200, 31)),
+        torch.float32,
+        90,
+    ),
+    (
+        "h150_depth3_fp64",
+        3,
+        lambda: _seq(nn.Linear(4, 150), nn.SiLU(), nn.Linear(150, 150), nn.Sigmoid(), nn.Linear(150, 130), nn.ReLU(), nn.Linear(130, 1)),
+        torch.float64,
+        90,
+    ),
     # the configurations that keep shapes from spilling: sm_80 fp32 depth >= 3 (32-row tiles, 4 warps) and fp64
     # erfc-GELU (64-row tiles, 16-column layer-1 blocks)
-    ("h100_depth3_fp32_final_sm80", 3, lambda: _seq(nn.Linear(4, 40), nn.SiLU(), nn.Linear(40, 100), nn.GELU(),
-                                                    nn.Linear(100, 70), nn.Tanh(), nn.Linear(70, 5), nn.Tanh()),
-     torch.float32, 80),
-    ("h40_depth2_gelu_fp64", 3, lambda: _seq(nn.Linear(4, 40), nn.GELU(), nn.Linear(40, 40), nn.GELU(),
-                                             nn.Linear(40, 31)), torch.float64, 90),
+    (
+        "h100_depth3_fp32_final_sm80",
+        3,
+        lambda: _seq(
+            nn.Linear(4, 40), nn.SiLU(), nn.Linear(40, 100), nn.GELU(), nn.Linear(100, 70), nn.Tanh(), nn.Linear(70, 5), nn.Tanh()
+        ),
+        torch.float32,
+        80,
+    ),
+    (
+        "h40_depth2_gelu_fp64",
+        3,
+        lambda: _seq(nn.Linear(4, 40), nn.GELU(), nn.Linear(40, 40), nn.GELU(), nn.Linear(40, 31)),
+        torch.float64,
+        90,
+    ),
     ("default_n17", 17, lambda: _seq(nn.Linear(4, 100), nn.SiLU(), nn.Linear(100, 31)), torch.float32, 90),
 ]
 
@@ -293,7 +330,7 @@ def test_v2_gpu_tiling_matches_reference(dtype, n):
     k = kc2.min_dot_k(True)  # fp64: no tf32 split, smaller tiles, K chunks of 8 (16 where Triton needs it: 3.6)
     want = (128, 6, 16, 112) if dtype == torch.float32 else (64, 3, k, -(-100 // k) * k)
     assert (c["M"], c["BP"], c["BLOCK_K"], c["K0"]) == want
-    assert kc2.pair_tiles(n, c["BP"]).shape[0] > 3                       # every program walks several tiles
+    assert kc2.pair_tiles(n, c["BP"]).shape[0] > 3  # every program walks several tiles
     L = _v2_L(h, spec, 21, config=cfg, programs=3)
     check_against_reference(L, h, tail, dtype=dtype, direct=True)
 
@@ -309,9 +346,9 @@ def test_tf32_split_is_exact_and_tf32():
     w = torch.randn(1000, dtype=torch.float32) * 10.0 ** torch.randint(-6, 6, (1000,))
     hi, lo = kc2.tf32_split(w)
     for part in (hi, lo):
-        assert bool(((part.view(torch.int32) & 0x1FFF) == 0).all())     # 10-bit mantissas
+        assert bool(((part.view(torch.int32) & 0x1FFF) == 0).all())  # 10-bit mantissas
     err = (hi.double() + lo.double() - w.double()).abs() / w.double().abs()
-    assert float(err.max()) <= 2.0 ** -21                                # hi + lo carries 2 x 11 bits
+    assert float(err.max()) <= 2.0**-21  # hi + lo carries 2 x 11 bits
 
 
 def test_variant_switch(monkeypatch):

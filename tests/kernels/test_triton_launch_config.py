@@ -4,6 +4,7 @@ CI compiles every kernel with triton 3.6 too (``.ci/run``'s second virtual envir
 installed Triton, that the tiles follow :func:`kernels.triton_packed_mma.min_dot_k` and that nothing changes where the
 installed Triton allows ``K = 8`` (triton 3.9).
 """
+
 from __future__ import annotations
 
 import pytest

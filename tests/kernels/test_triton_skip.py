@@ -7,6 +7,7 @@ paper-literal loop through the traced, un-lowered tail) and with the C++ kernel.
 under the Triton interpreter (a child pytest with ``TRITON_INTERPRET=1`` when this process cannot interpret, as in
 ``test_triton_kernel.py``); keep ``N`` tiny there. The dispatch and the torch fp64 recompute run in this process.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -183,8 +184,8 @@ def test_kernel_without_the_skip_term_disagrees():
     L = _triton(h, spec, 21)
     L0 = _triton(h, dataclasses.replace(spec, skip=None), 21)
     R = _ref(plan)
-    assert _direct_err(L, R) <= 2e-6                   # observed 1.2e-7
-    assert _direct_err(L0, R) > 1e-2                   # observed 0.14
+    assert _direct_err(L, R) <= 2e-6  # observed 1.2e-7
+    assert _direct_err(L0, R) > 1e-2  # observed 0.14
 
 
 @here

@@ -1,4 +1,5 @@
 """The test environment is what the README's command makes it: the repository root never shadows installed packages."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -53,8 +54,24 @@ def test_readme_test_command_is_hermetic():
     # every direct dependency, extras included, has an exact version in the lock
     setup = (ROOT / "setup.py").read_text(encoding="utf-8")
     declared = {re.split(r"[<>=\[]", d)[0].lower().replace("_", "-") for d in re.findall(r'"([A-Za-z][\w.-]*(?:[<>=][^"]*)?)"', setup)}
-    direct = {"torch", "numpy", "scipy", "tqdm", "matplotlib", "mpmath", "filelock", "pytest", "pytest-benchmark", "hypothesis",
-              "ruff", "triton", "ray", "torchmetrics", "tensorboard", "transformer-lens"}
+    direct = {
+        "torch",
+        "numpy",
+        "scipy",
+        "tqdm",
+        "matplotlib",
+        "mpmath",
+        "filelock",
+        "pytest",
+        "pytest-benchmark",
+        "hypothesis",
+        "ruff",
+        "triton",
+        "ray",
+        "torchmetrics",
+        "tensorboard",
+        "transformer-lens",
+    }
     assert direct <= declared, direct - declared
     assert direct <= pinned, direct - pinned
 

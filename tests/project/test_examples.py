@@ -1,4 +1,5 @@
 """The worked integrations in ``examples/`` run at tiny size and add exactly three marked lines."""
+
 from __future__ import annotations
 
 import math
@@ -13,7 +14,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = {
     "grokfast_transformer": {
-        "steps": 12, "p": 5, "dim": 8, "num_layers": 2, "num_heads": 2, "batch_size": 8, "n_probe": 6,
+        "steps": 12,
+        "p": 5,
+        "dim": 8,
+        "num_layers": 2,
+        "num_heads": 2,
+        "batch_size": 8,
+        "n_probe": 6,
     },
     "omnigrok_mnist_mlp": {"steps": 12, "n_train": 32, "width": 16, "batch_size": 8, "n_probe": 8},
     "sequential_mlp": {"steps": 12, "p": 5, "emb": 4, "width": 8},
@@ -22,7 +29,6 @@ TINY = {
 }
 #: the optional package an example needs (installed by the ``test`` extra; skipped with the reason otherwise)
 NEEDS = {"transformer_lens_grokking": "transformer_lens", "tensorboard_logging": "tensorboard"}
-
 
 
 @pytest.mark.parametrize("name", sorted(TINY))
@@ -57,7 +63,7 @@ def test_tensorboard_example_logs_what_the_tracker_computed(tmp_path):
     events.Reload()
     lmn = events.Scalars("lmn/hidden1")
     assert [e.step for e in lmn] == out["step"]
-    assert all(abs(e.value - v) <= 1e-6 * v for e, v in zip(lmn, out["lmn"]))     # float32 in the event file
+    assert all(abs(e.value - v) <= 1e-6 * v for e, v in zip(lmn, out["lmn"]))  # float32 in the event file
     assert len(events.Scalars("train/loss")) == TINY["tensorboard_logging"]["steps"]
 
 

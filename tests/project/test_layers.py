@@ -1,5 +1,6 @@
 """The package's shape: every import points down the layer order of ``grokfast_metrics._layers``, and no modules
 import each other in a cycle (function-local and ``TYPE_CHECKING`` imports included)."""
+
 from __future__ import annotations
 
 import ast
@@ -36,8 +37,11 @@ def imports(module: str, source: str, is_package: bool, known: set[str]) -> set[
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
-            base = (node.module or "") if node.level == 0 else ".".join(
-                package[:len(package) - node.level + 1] + ([node.module] if node.module else []))
+            base = (
+                (node.module or "")
+                if node.level == 0
+                else ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else []))
+            )
             targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
         else:
             continue
@@ -52,8 +56,12 @@ def graph(srcs: dict[str, tuple[str, bool]]) -> dict[str, set[str]]:
 
 def upward(edges: dict[str, set[str]]) -> list[str]:
     """``a -> b`` for every import of a module ``b`` of a higher layer than ``a``'s."""
-    return sorted(f"{a} ({LAYERS[layer_of(a)][0] or 'root'}) -> {b} ({LAYERS[layer_of(b)][0] or 'root'})"
-                  for a, bs in edges.items() for b in bs if layer_of(b) > layer_of(a))
+    return sorted(
+        f"{a} ({LAYERS[layer_of(a)][0] or 'root'}) -> {b} ({LAYERS[layer_of(b)][0] or 'root'})"
+        for a, bs in edges.items()
+        for b in bs
+        if layer_of(b) > layer_of(a)
+    )
 
 
 def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
@@ -108,8 +116,7 @@ def test_the_checks_catch_an_upward_import_and_a_cycle() -> None:
     """The walk sees a function-local upward import, a TYPE_CHECKING one, and the cycle they close."""
     srcs = {
         "grokfast_metrics.compute.core": ("def f():\n    from ..dropin import plan\n", False),
-        "grokfast_metrics.dropin.plan": ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
-                                         "    from ..compute.core import f\n", False),
+        "grokfast_metrics.dropin.plan": ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ..compute.core import f\n", False),
         "grokfast_metrics.dropin": ("", True),
         "grokfast_metrics.compute": ("", True),
     }

@@ -1,4 +1,5 @@
 """Module paths from before the layer packages still import, each with a DeprecationWarning naming its new place."""
+
 from __future__ import annotations
 
 import importlib
@@ -11,8 +12,15 @@ import grokfast_metrics as gm
 from grokfast_metrics import _moved
 
 #: the 8 top-level names and the modules users imported them from before the layer packages
-OLD_PATHS = {"BACKENDS": "core", "LMNResult": "core", "connectivity": "core", "lmn": "core",
-             "lmn_from_connectivity": "core", "lmn_at": "dropin", "LMNTracker": "tracker"}
+OLD_PATHS = {
+    "BACKENDS": "core",
+    "LMNResult": "core",
+    "connectivity": "core",
+    "lmn": "core",
+    "lmn_from_connectivity": "core",
+    "lmn_at": "dropin",
+    "LMNTracker": "tracker",
+}
 
 
 def _fresh(name: str):

@@ -1,5 +1,6 @@
 """What a new user hits: which backend ran, the kernel build, bench outputs, help and advice texts,
 and the docs' backend policy against the code."""
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,18 @@ from grokfast_metrics.experiment.config import TrainConfig
 from grokfast_metrics.experiment.trainer import train
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = {"task": "add", "device": "cpu", "hidden": 16, "embed_dim": 8, "log_every": 1, "probe": 12, "threads": 1,
-        "steps": 4, "lmn_every": 2, "complexity": "off"}
+TINY = {
+    "task": "add",
+    "device": "cpu",
+    "hidden": 16,
+    "embed_dim": 8,
+    "log_every": 1,
+    "probe": 12,
+    "threads": 1,
+    "steps": 4,
+    "lmn_every": 2,
+    "complexity": "off",
+}
 needs_kernel = pytest.mark.skipif(not kc.available(), reason=f"fused CPU kernel unavailable: {kc.build_info()['error']}")
 
 
@@ -91,11 +102,13 @@ def test_run_records_the_fused_kernel_in_config_and_summary(tmp_path):
     res = train(TrainConfig(**TINY), tmp_path / "run", progress=False, plot=False)
     for name in ("config.json", "summary.json"):
         rec = json.loads((tmp_path / "run" / name).read_text())["lmn_backend"]
-        assert rec == {"requested": "auto", "backend": "cpu", "kernel": "fp32", "dtype": "float32", "fallback": None,
-                       "warning": None}, name
+        assert rec == {"requested": "auto", "backend": "cpu", "kernel": "fp32", "dtype": "float32", "fallback": None, "warning": None}, name
     assert res.summary["lmn_backend"]["backend"] == "cpu"
-    rec = json.loads((train(TrainConfig(**{**TINY, "dtype": "float64"}), tmp_path / "f64", progress=False, plot=False)
-                      .run_dir / "config.json").read_text())["lmn_backend"]
+    rec = json.loads(
+        (
+            train(TrainConfig(**{**TINY, "dtype": "float64"}), tmp_path / "f64", progress=False, plot=False).run_dir / "config.json"
+        ).read_text()
+    )["lmn_backend"]
     assert (rec["backend"], rec["kernel"]) == ("cpu", "fp64")  # fp64 runs the kernel's fp64 instantiation
 
 
@@ -103,15 +116,46 @@ def test_run_without_compiler_warns_once_in_one_line_and_records_it(tmp_path):
     """A fresh process without a usable compiler: one warning line (cause and cost) and the fallback in the run."""
     env = {**os.environ, "CXX": "/nonexistent", "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
     out = tmp_path / "run"
-    p = subprocess.run([*PYTHON, "-m", "grokfast_metrics", "train", "--task", "add", "--steps", "3", "--lmn-every", "2",
-                        "--probe", "8", "--hidden", "8", "--embed-dim", "4", "--complexity", "off", "--device", "cpu",
-                        "--no-plot", "--no-progress", "--out", str(out)],
-                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    p = subprocess.run(
+        [
+            *PYTHON,
+            "-m",
+            "grokfast_metrics",
+            "train",
+            "--task",
+            "add",
+            "--steps",
+            "3",
+            "--lmn-every",
+            "2",
+            "--probe",
+            "8",
+            "--hidden",
+            "8",
+            "--embed-dim",
+            "4",
+            "--complexity",
+            "off",
+            "--device",
+            "cpu",
+            "--no-plot",
+            "--no-progress",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr
     warned = [line for line in p.stderr.splitlines() if "kernel" in line]
-    assert warned == ["grokfast-metrics: warning: grokfast_metrics: fused CPU kernel unavailable (CXX='/nonexistent' "
-                      "is not an executable C++ compiler (fix or unset CXX)); LMN runs on torch ops instead, about "
-                      "10-20x slower"], p.stderr
+    assert warned == [
+        "grokfast-metrics: warning: grokfast_metrics: fused CPU kernel unavailable (CXX='/nonexistent' "
+        "is not an executable C++ compiler (fix or unset CXX)); LMN runs on torch ops instead, about "
+        "10-20x slower"
+    ], p.stderr
     for name in ("config.json", "summary.json"):
         rec = json.loads((out / name).read_text())["lmn_backend"]
         assert rec["backend"] == "torch" and "CXX='/nonexistent'" in rec["fallback"], name
@@ -126,10 +170,8 @@ def test_e2e_split_parts_add_up_under_load(monkeypatch):
     is at least L + eigen (timed apart, the old split gave share 1.263 on a loaded box; here it would be 1.67)."""
     samples = iter([1.0, 0.5] * 3)  # eigen 1.0 s, then the whole lmn_from_connectivity 0.5 s, per repetition
     monkeypatch.setattr(extras, "time_fn", lambda fn, device, repeats, budget_s=None: Timing([next(samples)]))
-    cfg = bench_sweep.BenchConfig(ns=[4], hiddens=[5], depths=[1], backends=["torch"], repeats=3, lmn_parts=True,
-                            progress=False)
-    src = BenchRow(backend="torch", time_median_s=0.1, time_iqr_s=0.0, time_min_s=0.1, time_max_s=0.1, repeats=3,
-                   kernel="torch/mlp")
+    cfg = bench_sweep.BenchConfig(ns=[4], hiddens=[5], depths=[1], backends=["torch"], repeats=3, lmn_parts=True, progress=False)
+    src = BenchRow(backend="torch", time_median_s=0.1, time_iqr_s=0.0, time_min_s=0.1, time_max_s=0.1, repeats=3, kernel="torch/mlp")
     (r,) = extras.lmn_parts_rows(cfg, torch.device("cpu"), {4: (src, torch.eye(4))}, {}, BenchRow)
     assert 0 < r.eigen_share <= 1
     assert r.time_median_s >= r.time_L_s + r.time_eigen_s
@@ -152,8 +194,30 @@ def test_bench_outputs_go_to_the_checkout_only_from_inside_it(tmp_path):
 
 def test_bench_run_outside_a_checkout_writes_bench_results_and_records_kernels(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    argv = ["--n", "4", "6", "--hidden", "5", "--depth", "1", "--out", "2", "--n-lambda", "5", "--repeats", "1",
-            "--n-ref", "4", "--n-naive", "6", "--roof-size", "32", "--train-n", "8", "--no-progress"]
+    argv = [
+        "--n",
+        "4",
+        "6",
+        "--hidden",
+        "5",
+        "--depth",
+        "1",
+        "--out",
+        "2",
+        "--n-lambda",
+        "5",
+        "--repeats",
+        "1",
+        "--n-ref",
+        "4",
+        "--n-naive",
+        "6",
+        "--roof-size",
+        "32",
+        "--train-n",
+        "8",
+        "--no-progress",
+    ]
     assert bench_command.run(_parse(argv)) == 0
     out = capsys.readouterr().out
     assert f"to {tmp_path / 'bench-results' / 'results.csv'} (not in a source checkout" in out
@@ -233,8 +297,7 @@ def _policy_case(case: str):
         "CPU, MLP tail, `GROKFAST_METRICS_CPU_KERNEL=0`": (h, mlp, {"GROKFAST_METRICS_CPU_KERNEL": "0"}),
         "CPU without AVX2/FMA, MLP tail": (h, mlp, {"no_avx2": True}),
         "any device, affine tail (only Linears)": (h, nn.Sequential(nn.Linear(4, 3)), {}),
-        "any device, other module (not an MLP `nn.Sequential`)": (h, nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6),
-                                                                                 nn.Linear(6, 3)), {}),
+        "any device, other module (not an MLP `nn.Sequential`)": (h, nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 3)), {}),
         "CUDA, MLP tail, triton installed": (None, mlp, {}),
         "CUDA, MLP tail, no triton": (None, mlp, {}),
     }
@@ -284,15 +347,21 @@ def _quoted_numbers():
 
 def test_quoted_numbers_script_reads_a_real_run(tmp_path):
     """The script behind docs/numbers_add_default.json, on a short real run: each number from the run's own files."""
-    res = train(TrainConfig(**{**TINY, "hidden": 64, "steps": 80, "lr": 1e-2, "lmn_every": 5}), tmp_path / "run",
-                progress=False, plot=False)
+    res = train(
+        TrainConfig(**{**TINY, "hidden": 64, "steps": 80, "lr": 1e-2, "lmn_every": 5}), tmp_path / "run", progress=False, plot=False
+    )
     q, s = _quoted_numbers().quoted(tmp_path / "run"), res.summary
     assert s["memorization_step"] is not None  # observed: step 58 (the phase below is not empty)
     assert q["memorization_step"] == f"{s['memorization_step']:,}"
     assert q["lmn_init"] == f"{s['lmn_init']['lmn']:.2f}" and q["lmn_final"] == f"{s['lmn_final']['lmn']:.2f}"
     assert q["lmn_peak"] == f"{max(r['lmn'] for r in res.rows if r.get('lmn') is not None):.2f}"
-    phase = [r for r in res.rows if r.get("lmn") is not None and r["step"] >= s["memorization_step"]
-             and (s["generalization_step"] is None or r["step"] <= s["generalization_step"])]
+    phase = [
+        r
+        for r in res.rows
+        if r.get("lmn") is not None
+        and r["step"] >= s["memorization_step"]
+        and (s["generalization_step"] is None or r["step"] <= s["generalization_step"])
+    ]
     assert q["generalizing_phase_points"] == len(phase) >= 3
     r = np.corrcoef([p["lmn"] for p in phase], [p["test_loss"] for p in phase])[0, 1]
     assert q["pearson_lmn_test_loss"] == f"{r:.3f}"
@@ -314,8 +383,7 @@ def test_docs_quote_the_recorded_numbers_of_the_default_run():
     ):
         assert phrase in readme, phrase
     for phrase in (
-        f"memorization at step {n['memorization_step']}, generalization (test accuracy 100%) at step "
-        f"**{n['generalization_step']}**",
+        f"memorization at step {n['memorization_step']}, generalization (test accuracy 100%) at step **{n['generalization_step']}**",
         f"test accuracy ≥ 99% at step {n['generalization_step_99']}.",
         f"{n['lmn_init']} at init, {n['lmn_at_memorization']} at memorization, a peak of {n['lmn_peak']} at step "
         f"{n['lmn_peak_step']}, {n['lmn_at_generalization']} at generalization, {n['lmn_10k_20k']} from step 10,000 to "

@@ -2,6 +2,7 @@
 
 docs/api.md lists the names, docs/environment.md the variables; these tests keep the code and those pages in step.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -26,9 +27,18 @@ ROOT = Path(__file__).resolve().parents[2]
 
 #: public name -> (module that defines it, the object's name there)
 DEFINED_IN = {
-    "NonFiniteOutputError": errors, "resolve_backend": core, "LMNResult": core, "connectivity": core, "lmn": core,
-    "lmn_from_connectivity": core, "BACKENDS": core, "AffineTailWarning": plan, "EigenStepError": async_eigen,
-    "check_cut": dropin, "lmn_at": dropin, "LMNTracker": tracker,
+    "NonFiniteOutputError": errors,
+    "resolve_backend": core,
+    "LMNResult": core,
+    "connectivity": core,
+    "lmn": core,
+    "lmn_from_connectivity": core,
+    "BACKENDS": core,
+    "AffineTailWarning": plan,
+    "EigenStepError": async_eigen,
+    "check_cut": dropin,
+    "lmn_at": dropin,
+    "LMNTracker": tracker,
 }
 
 
@@ -40,8 +50,7 @@ def _metric(*args, **kwargs):
 
 def _mlp() -> torch.nn.Sequential:
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.SiLU(), torch.nn.Linear(8, 8), torch.nn.SiLU(),
-                               torch.nn.Linear(8, 3))
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.SiLU(), torch.nn.Linear(8, 8), torch.nn.SiLU(), torch.nn.Linear(8, 3))
 
 
 # ------------------------------------------------------------------------------------------
@@ -63,11 +72,13 @@ def test_lmn_metric_is_top_level_with_torchmetrics():
 
 def test_without_torchmetrics_lmn_metric_says_what_to_install():
     """A fresh interpreter where torchmetrics does not import: ``import *`` works, ``gm.LMNMetric`` is one line."""
-    code = ("import sys; sys.modules['torchmetrics'] = None\n"
-            "from grokfast_metrics import *\n"
-            "import grokfast_metrics as gm\n"
-            "assert 'LMNMetric' not in gm.__all__, gm.__all__\n"
-            "try:\n    gm.LMNMetric\nexcept ImportError as e:\n    print(str(e))\nelse:\n    raise SystemExit('no error')\n")
+    code = (
+        "import sys; sys.modules['torchmetrics'] = None\n"
+        "from grokfast_metrics import *\n"
+        "import grokfast_metrics as gm\n"
+        "assert 'LMNMetric' not in gm.__all__, gm.__all__\n"
+        "try:\n    gm.LMNMetric\nexcept ImportError as e:\n    print(str(e))\nelse:\n    raise SystemExit('no error')\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("\n") == 1 and "pip install torchmetrics" in out.stdout
@@ -88,8 +99,17 @@ def test_reference_lmn_returns_lmn_result_like_core():
 # keyword-only arguments after ``at``
 
 #: the arguments lmn_at, check_cut and LMNTracker share, with their one default
-SHARED = {"to": None, "output": None, "batch_dim": 0, "input_batch_dim": None, "n_lambda": 21, "backend": "auto",
-          "check": True, "path": "auto", "user_hooks": False}
+SHARED = {
+    "to": None,
+    "output": None,
+    "batch_dim": 0,
+    "input_batch_dim": None,
+    "n_lambda": 21,
+    "backend": "auto",
+    "check": True,
+    "path": "auto",
+    "user_hooks": False,
+}
 
 
 @pytest.mark.parametrize("fn", [dropin.lmn_at, dropin.check_cut, tracker.LMNTracker], ids=["lmn_at", "check_cut", "LMNTracker"])
@@ -104,15 +124,18 @@ def test_keyword_only_after_at_same_order_and_defaults(fn):
     assert {"to", "output", "batch_dim", "input_batch_dim"} <= {p.name for p in shared}
 
 
-@pytest.mark.parametrize("call, fix", [
-    (lambda m, x: gm.lmn_at(m, x, "1", "3"), "lmn_at(model, inputs, at="),        # to was positional
-    (lambda m, x: gm.lmn_at(m, x), "lmn_at(model, inputs, at="),                  # at had a default
-    (lambda m, x: gm.check_cut(m, x, "1", None), "check_cut(model, inputs, at="),
-    (lambda m, x: gm.LMNTracker(m, x, "1", 10), "every=1"),                       # every was positional
-    (lambda m, x: gm.LMNTracker(m, x, at="1").update(0, True), "update(step, force=True)"),
-    (lambda m, x: _metric(m, x, "1", 10), "every=1"),
-    (lambda m, x: _metric(m, x, "1", every=2).update(0, True), "update(step, force=True)"),
-])
+@pytest.mark.parametrize(
+    "call, fix",
+    [
+        (lambda m, x: gm.lmn_at(m, x, "1", "3"), "lmn_at(model, inputs, at="),  # to was positional
+        (lambda m, x: gm.lmn_at(m, x), "lmn_at(model, inputs, at="),  # at had a default
+        (lambda m, x: gm.check_cut(m, x, "1", None), "check_cut(model, inputs, at="),
+        (lambda m, x: gm.LMNTracker(m, x, "1", 10), "every=1"),  # every was positional
+        (lambda m, x: gm.LMNTracker(m, x, at="1").update(0, True), "update(step, force=True)"),
+        (lambda m, x: _metric(m, x, "1", 10), "every=1"),
+        (lambda m, x: _metric(m, x, "1", every=2).update(0, True), "update(step, force=True)"),
+    ],
+)
 def test_old_call_styles_get_one_line_saying_how(call, fix):
     with pytest.raises(TypeError) as e:
         call(_mlp(), torch.randn(6, 4))
@@ -140,9 +163,12 @@ def test_tracker_update_keeps_its_base_class_signature():
 # one environment prefix, documented in one file
 
 #: files the project's variables could be read or named in
-SCANNED = [p for d in ("grokfast_metrics", "kernels", "tests", "benchmarks", "docs", "examples", ".ci")
-           for p in sorted((ROOT / d).rglob("*")) if p.is_file() and p.suffix in (".py", ".sh", ".md", ".cpp", "")
-           and "__pycache__" not in p.parts and p.name != Path(__file__).name] + [ROOT / "README.md", ROOT / "setup.py"]
+SCANNED = [
+    p
+    for d in ("grokfast_metrics", "kernels", "tests", "benchmarks", "docs", "examples", ".ci")
+    for p in sorted((ROOT / d).rglob("*"))
+    if p.is_file() and p.suffix in (".py", ".sh", ".md", ".cpp", "") and "__pycache__" not in p.parts and p.name != Path(__file__).name
+] + [ROOT / "README.md", ROOT / "setup.py"]
 
 
 def test_no_variable_outside_the_prefix():
@@ -154,8 +180,11 @@ def test_no_variable_outside_the_prefix():
             if m.group().startswith("GM_ACT_"):  # the C++ kernel's activation codes, not variables
                 continue
             found.append(f"{path.relative_to(ROOT)}: {m.group()}")
-    allowed = {f"{where}: {old}" for old in _runtime.ENV_OLD_NAMES.values()
-               for where in ("grokfast_metrics/foundation/runtime.py", "docs/environment.md")}
+    allowed = {
+        f"{where}: {old}"
+        for old in _runtime.ENV_OLD_NAMES.values()
+        for where in ("grokfast_metrics/foundation/runtime.py", "docs/environment.md")
+    }
     assert set(found) <= allowed, sorted(set(found) - allowed)
 
 
@@ -173,7 +202,7 @@ def test_every_variable_documented_and_read_in_one_place():
         assert f"`{_runtime.ENV_PREFIX}{suffix}`" in doc
     assert {n: f for n, f in read_in.items() if len(f) > 1} == {}
     library = {n: f for n, f in read_in.items() if any(p.startswith(("grokfast_metrics/", "kernels/")) for p in f)}
-    assert not any(n[len(_runtime.ENV_PREFIX):] in _runtime.ENV_VARS for n in library), library  # only via env()
+    assert not any(n[len(_runtime.ENV_PREFIX) :] in _runtime.ENV_VARS for n in library), library  # only via env()
 
 
 def test_triton_kernel_variable_and_its_deprecated_old_name(monkeypatch):
@@ -227,8 +256,7 @@ def test_citations_point_at_sections_that_exist():
         assert not re.search(r"SPEC §|\b[Ii]ssues? \d+", text), path.relative_to(ROOT)
         for doc, heading in re.findall(r"((?:docs|benchmarks)/\w+\.md),\s+\"([^\"]+)\"", text):
             heading = re.sub(r"\s+(?:(?:#:?|//)\s+)?", " ", heading)  # a citation wrapped over comment lines
-            headings = [h.lstrip("#").strip() for h in (ROOT / doc).read_text(encoding="utf-8").splitlines()
-                        if h.startswith("#")]
+            headings = [h.lstrip("#").strip() for h in (ROOT / doc).read_text(encoding="utf-8").splitlines() if h.startswith("#")]
             assert any(h.startswith(heading) for h in headings), f"{path.relative_to(ROOT)} cites {doc}, {heading!r}"
             cited += 1
     assert cited >= 20  # the pointers this test keeps true (61 when written)
@@ -238,14 +266,23 @@ def test_citations_point_at_sections_that_exist():
 # the public API's doctests run in CI
 
 #: the public names whose docstrings carry examples (doctests)
-WITH_EXAMPLES = ["connectivity", "lmn", "lmn_from_connectivity", "resolve_backend", "NonFiniteOutputError",
-                 "AffineTailWarning", "lmn_at", "check_cut", "LMNTracker"]
+WITH_EXAMPLES = [
+    "connectivity",
+    "lmn",
+    "lmn_from_connectivity",
+    "resolve_backend",
+    "NonFiniteOutputError",
+    "AffineTailWarning",
+    "lmn_at",
+    "check_cut",
+    "LMNTracker",
+]
 
 
 def test_ci_runs_the_public_api_doctests():
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     start = ci.index("--doctest-modules")
-    command = ci[start:ci.index("\n", ci.index("\\\n", start) + 2)]  # the command, one continuation line
+    command = ci[start : ci.index("\n", ci.index("\\\n", start) + 2)]  # the command, one continuation line
     assert ci.index("pytest -q\n") < start  # after the README's test command
     files = set(re.findall(r"grokfast_metrics/[\w/]+\.py", command))
     for name in WITH_EXAMPLES:

@@ -1,4 +1,5 @@
 """The README's API snippet runs as written, and its two commands match what CI runs."""
+
 from __future__ import annotations
 
 import re

@@ -14,6 +14,7 @@ or a kernel's direct output) against a float64 yardstick (the NumPy reference, o
 
 It returns the worst error, for the callers that assert a tighter bound (each with its observed worst beside it).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -40,8 +41,9 @@ def max_err(L, want, mask=None) -> float:
     return float(diff[np.asarray(mask)].max() if mask is not None else diff.max())
 
 
-def check_backend(L: torch.Tensor, want, *, atol: float | None = None, dtype: torch.dtype | None = None,
-                  direct: bool = False, lmn: bool = False) -> float:
+def check_backend(
+    L: torch.Tensor, want, *, atol: float | None = None, dtype: torch.dtype | None = None, direct: bool = False, lmn: bool = False
+) -> float:
     """Assert the invariants of one backend's ``L`` against the float64 yardstick ``want``; return the worst error.
 
     ``atol``: default the contract of ``L``'s dtype (a caller may pass a tighter bound, never a looser one without its

@@ -1,6 +1,7 @@
 """What the accuracy-corner tests and the fuzz run share (tests/compute/test_corners.py, the Triton saturating-unit
 test, benchmarks/fuzz_corners.py): tails built into a corner (``narrow``, ``paper``), the cheap yardstick and the fuzz
 draws (docs/lmn.md, "Accuracy in the corners")."""
+
 from __future__ import annotations
 
 import copy
@@ -16,13 +17,32 @@ import grokfast_metrics as gm
 from grokfast_metrics.compute import exact, reference
 from grokfast_metrics.foundation.errors import NonFiniteOutputError
 
-ACTS = {"silu": nn.SiLU, "gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "tanh": nn.Tanh,
-        "sigmoid": nn.Sigmoid, "leaky_relu": nn.LeakyReLU, "relu": nn.ReLU}
+ACTS = {
+    "silu": nn.SiLU,
+    "gelu": nn.GELU,
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "leaky_relu": nn.LeakyReLU,
+    "relu": nn.ReLU,
+}
 TOL = CONTRACT  # the contract's one table (tests/support/contract.py)
 
 
-def narrow(act: str, width: int, seed: int, gain: float = 1.5, bias: float | None = None, n: int = 6, d: int = 4,
-           o: int = 3, h_offset: float = 0.0, scale: float = 1.0, h_scale: float = 1.0, dtype=torch.float32):
+def narrow(
+    act: str,
+    width: int,
+    seed: int,
+    gain: float = 1.5,
+    bias: float | None = None,
+    n: int = 6,
+    d: int = 4,
+    o: int = 3,
+    h_offset: float = 0.0,
+    scale: float = 1.0,
+    h_scale: float = 1.0,
+    dtype=torch.float32,
+):
     """``(h, Linear(d, width) - act - Linear(width, o))``; ``bias`` fixes every hidden bias (saturation), ``scale``
     multiplies every weight and bias, ``h_scale`` / ``h_offset`` the representations."""
     g = torch.Generator().manual_seed(seed)
@@ -64,7 +84,7 @@ def _corner(rng: np.random.Generator):
     kind = str(rng.choice(["scale", "h_scale", "bias", "offset", "plain"]))
     kw = {}
     if kind == "scale":
-        kw["scale"] = float(10.0 ** rng.uniform(-6, 15))   # y ~ scale^2: fp32 overflows near 1e18
+        kw["scale"] = float(10.0 ** rng.uniform(-6, 15))  # y ~ scale^2: fp32 overflows near 1e18
     elif kind == "h_scale":
         kw["h_scale"] = float(10.0 ** rng.uniform(-6, 30))
     elif kind == "bias":
@@ -109,8 +129,7 @@ def yardstick(h: torch.Tensor, tail: nn.Module) -> tuple[np.ndarray, int]:
     finally:
         torch_backend.FLAG_KAPPA = old
     n = h.shape[0]
-    todo = [(i, j) for i in range(n) for j in range(i + 1, n)
-            if F[i, j] < 0 or not abs(F[i, j] - R[i, j]) <= YARD_KAPPA]
+    todo = [(i, j) for i in range(n) for j in range(i + 1, n) if F[i, j] < 0 or not abs(F[i, j] - R[i, j]) <= YARD_KAPPA]
     if todo:
         X = exact.connectivity(h, tail, pairs=todo)
         for i, j in todo:

@@ -1,4 +1,5 @@
 """Small builders shared by the test files."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -32,15 +33,18 @@ def load_example(name: str):
 
 #: activation name -> module factory, one per entry of the library's activation table
 ACTS = {
-    name: (lambda: nn.GELU(approximate="tanh")) if name == "gelu_tanh"
-    else (lambda: nn.LeakyReLU(0.1)) if name == "leaky_relu"
+    name: (lambda: nn.GELU(approximate="tanh"))
+    if name == "gelu_tanh"
+    else (lambda: nn.LeakyReLU(0.1))
+    if name == "leaky_relu"
     else kind.module
     for name, kind in ACTIVATIONS.items()
 }
 
 
-def mlp_tail(widths: list[int], act: str = "silu", bias: bool = True, final_act: str | None = None,
-             dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Sequential:
+def mlp_tail(
+    widths: list[int], act: str = "silu", bias: bool = True, final_act: str | None = None, dtype: torch.dtype = torch.float32, seed: int = 0
+) -> nn.Sequential:
     """``Linear(w0,w1) -> act -> Linear(w1,w2) -> act ... -> Linear`` with seeded init."""
     g = torch.Generator().manual_seed(seed)
     layers: list[nn.Module] = []

@@ -16,6 +16,7 @@ larger ones for benchmarks.
   attention heads with an in-place ``masked_fill_``.
 - :func:`omnigrok_mlp`: Omnigrok's MNIST MLP, a plain ``nn.Sequential``.
 """
+
 from __future__ import annotations
 
 import math
@@ -72,7 +73,7 @@ class PosEmbed(nn.Module):
         self.W_pos = nn.Parameter(torch.randn(max_ctx, d_model) / math.sqrt(d_model))
 
     def forward(self, x):
-        return x + self.W_pos[:x.shape[-2]]
+        return x + self.W_pos[: x.shape[-2]]
 
 
 class NandaAttention(nn.Module):
@@ -92,10 +93,10 @@ class NandaAttention(nn.Module):
         q = self.hook_q(torch.einsum("ihd,bpd->biph", self.W_Q, x))
         v = self.hook_v(torch.einsum("ihd,bpd->biph", self.W_V, x))
         attn_scores_pre = torch.einsum("biph,biqh->biqp", k, q)
-        attn_scores_masked = torch.tril(attn_scores_pre) - 1e10 * (1 - self.mask[:x.shape[-2], :x.shape[-2]])
+        attn_scores_masked = torch.tril(attn_scores_pre) - 1e10 * (1 - self.mask[: x.shape[-2], : x.shape[-2]])
         attn_matrix = self.hook_attn(F.softmax(self.hook_attn_pre(attn_scores_masked / math.sqrt(self.d_head)), dim=-1))
         z = self.hook_z(torch.einsum("biph,biqp->biqh", v, attn_matrix))
-        z_flat = z.permute(0, 2, 1, 3).reshape(z.shape[0], z.shape[2], -1)     # einops 'b i q h -> b q (i h)'
+        z_flat = z.permute(0, 2, 1, 3).reshape(z.shape[0], z.shape[2], -1)  # einops 'b i q h -> b q (i h)'
         return torch.einsum("df,bqf->bqd", self.W_O, z_flat)
 
 
@@ -137,8 +138,9 @@ class NandaTransformer(nn.Module):
         super().__init__()
         self.embed = Embed(p + 1, d_model)
         self.pos_embed = PosEmbed(n_ctx, d_model)
-        self.blocks = nn.ModuleList([NandaBlock(d_model, d_mlp, d_model // num_heads, num_heads, n_ctx, act_type)
-                                     for _ in range(num_layers)])
+        self.blocks = nn.ModuleList(
+            [NandaBlock(d_model, d_mlp, d_model // num_heads, num_heads, n_ctx, act_type) for _ in range(num_layers)]
+        )
         self.unembed = Unembed(p, d_model)
         for name, module in self.named_modules():
             if isinstance(module, HookPoint):
@@ -157,7 +159,7 @@ def nanda(n=12, p=13, d_model=32, d_mlp=128, seed=0):
     model = NandaTransformer(p=p, d_model=d_model, d_mlp=d_mlp)
     g = torch.Generator().manual_seed(seed)
     a, b = torch.randint(p, (n,), generator=g), torch.randint(p, (n,), generator=g)
-    probe = torch.stack([a, b, torch.full_like(a, p)], dim=1)                    # (n, 3) batch-first
+    probe = torch.stack([a, b, torch.full_like(a, p)], dim=1)  # (n, 3) batch-first
     return model, probe, dict(at="blocks.0.hook_resid_mid", output=lambda out: out[:, -1])
 
 
@@ -238,8 +240,9 @@ class MamayTransformer(nn.Module):
         super().__init__()
         self.token_embeddings = nn.Embedding(num_tokens, dim_model)
         self.position_embeddings = nn.Embedding(seq_len, dim_model)
-        self.layers = nn.Sequential(*[MamayBlock(dim_model, num_heads) for _ in range(num_layers)],
-                                    nn.LayerNorm(dim_model), nn.Linear(dim_model, num_tokens))
+        self.layers = nn.Sequential(
+            *[MamayBlock(dim_model, num_heads) for _ in range(num_layers)], nn.LayerNorm(dim_model), nn.Linear(dim_model, num_tokens)
+        )
 
     def forward(self, inputs):
         batch_size, context_len = inputs.shape
@@ -292,8 +295,7 @@ class GrokMultiHead(nn.Module):
         self.Wo = nn.Linear(d_model, d_model, bias=False)
 
     def forward(self, queries, keys, values, mask=None, save_activations=False):
-        head_outputs = [h(queries=queries, keys=keys, values=values, mask=mask, save_activations=save_activations)
-                        for h in self.attn_heads]
+        head_outputs = [h(queries=queries, keys=keys, values=values, mask=mask, save_activations=save_activations) for h in self.attn_heads]
         head_results = [output[0] for output in head_outputs]
         if save_activations:
             layer_attns = torch.cat([output[1] for output in head_outputs])
@@ -362,8 +364,10 @@ class GrokTransformer(nn.Module):
 
     @staticmethod
     def _position_encoding(context_len, d_model):
-        rows = [[math.sin(pos / 10000 ** (i / d_model)) if i % 2 == 0 else math.cos(pos / 10000 ** ((i - 1) / d_model))
-                 for i in range(d_model)] for pos in range(context_len)]
+        rows = [
+            [math.sin(pos / 10000 ** (i / d_model)) if i % 2 == 0 else math.cos(pos / 10000 ** ((i - 1) / d_model)) for i in range(d_model)]
+            for pos in range(context_len)
+        ]
         return torch.tensor(rows)
 
     def embed(self, indices):

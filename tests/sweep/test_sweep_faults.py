@@ -4,6 +4,7 @@ not passed off as this sweep's; options a sweep cannot honour are refused; one s
 
 The signal tests run the CLI in a subprocess of its own session and wait for states by polling files (deadlines, no
 sleeps standing in for a state)."""
+
 from __future__ import annotations
 
 import csv
@@ -23,8 +24,24 @@ from grokfast_metrics.experiment.config import TrainConfig
 from grokfast_metrics.sweep import engines, plan_runs
 
 #: a tiny model, no LMN, no complexity, no plots: a run is its training loop only
-TINY = ["--task", "add", "--device", "cpu", "--hidden", "8", "--embed-dim", "4", "--lmn-every", "0", "--complexity", "off",
-        "--save-connectivity", "", "--no-plot", "--no-progress"]
+TINY = [
+    "--task",
+    "add",
+    "--device",
+    "cpu",
+    "--hidden",
+    "8",
+    "--embed-dim",
+    "4",
+    "--lmn-every",
+    "0",
+    "--complexity",
+    "off",
+    "--save-connectivity",
+    "",
+    "--no-plot",
+    "--no-progress",
+]
 #: long enough never to finish while a test waits for it (it is always stopped)
 LONG = 10**7
 
@@ -52,8 +69,14 @@ def _wait_for(what: str, ok, deadline_s: float = 180.0, proc: subprocess.Popen |
 
 def _start(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, Path]:
     out = tmp_path / "sweep"
-    proc = subprocess.Popen([*PYTHON, "-m", "grokfast_metrics", "sweep", *TINY, "--out", str(out), *args], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [*PYTHON, "-m", "grokfast_metrics", "sweep", *TINY, "--out", str(out), *args],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     return proc, out
 
 
@@ -77,9 +100,11 @@ def _summary(run_dir: Path) -> dict:
 
 def test_options_a_sweep_cannot_honour_are_refused(tmp_path, capsys):
     out = str(tmp_path / "s")
-    for extra, words in ((["--resume", str(tmp_path)], "--resume does not apply to a sweep"),
-                         (["--seed", "3"], "--seed does not apply to a sweep"),
-                         (["--ray-address", "127.0.0.1:1"], "--ray-address needs --engine ray")):
+    for extra, words in (
+        (["--resume", str(tmp_path)], "--resume does not apply to a sweep"),
+        (["--seed", "3"], "--seed does not apply to a sweep"),
+        (["--ray-address", "127.0.0.1:1"], "--ray-address needs --engine ray"),
+    ):
         assert cli.main(["sweep", *TINY, "--steps", "3", "--out", out, *extra]) == 2
         assert words in _one_error_line(capsys)
     assert not (tmp_path / "s").exists()
@@ -88,7 +113,7 @@ def test_options_a_sweep_cannot_honour_are_refused(tmp_path, capsys):
 def test_two_sweeps_on_one_directory_are_refused(tmp_path, capsys):
     out = tmp_path / "s"
     out.mkdir()
-    with FileLock(str(out / ".sweep.lock")):           # another sweep holds the directory
+    with FileLock(str(out / ".sweep.lock")):  # another sweep holds the directory
         assert cli.main(["sweep", *TINY, "--steps", "3", "--out", str(out)]) == 2
         assert "another sweep is writing to" in _one_error_line(capsys)
     assert not (out / "sweep.json").exists()
@@ -102,14 +127,14 @@ def test_a_finished_sweep_rerun_with_other_options_is_refused_unless_overwrite(t
     run = out / "weight_decay=0.1_seed=0"
     manifest, summary = (out / "sweep.json").read_bytes(), (run / "summary.json").read_bytes()
     capsys.readouterr()
-    assert cli.main([*base, "--steps", "5"]) == 2            # not "skipped" as if it had run 5 steps
+    assert cli.main([*base, "--steps", "5"]) == 2  # not "skipped" as if it had run 5 steps
     line = _one_error_line(capsys)
     assert "weight_decay=0.1_seed=0: steps 3 (this sweep: 5)" in line and "--overwrite" in line
     assert (out / "sweep.json").read_bytes() == manifest and (run / "summary.json").read_bytes() == summary
     assert cli.main([*base, "--steps", "5", "--overwrite"]) == 0
     assert _summary(run)["steps_done"] == 5 and _rows(out)["weight_decay=0.1_seed=0"]["status"] == "done"
     assert json.loads((out / "sweep.json").read_text())["runs"][0]["config"]["steps"] == 5
-    assert cli.main([*base, "--steps", "5"]) == 0             # the same options again: skipped, untouched
+    assert cli.main([*base, "--steps", "5"]) == 0  # the same options again: skipped, untouched
     assert _rows(out)["weight_decay=0.1_seed=0"]["status"] == "skipped"
 
 
@@ -143,7 +168,7 @@ def test_kill_9_of_a_worker_fails_only_its_run(tmp_path):
     rows = _rows(out)
     assert rc == 1, proc.stdout.read()
     assert rows["steps=20_seed=0"]["status"] == "done" and _summary(out / "steps=20_seed=0")["steps_done"] == 20
-    assert rows["steps=30_seed=0"]["status"] == "done"      # queued behind the killed run: ran in a new pool
+    assert rows["steps=30_seed=0"]["status"] == "done"  # queued behind the killed run: ran in a new pool
     bad = rows[f"steps={LONG}_seed=0"]
     assert bad["status"] == "failed" and "killed by SIGKILL" in bad["error"] and "BrokenProcessPool" not in bad["error"]
     assert "killed by SIGKILL" in (long_dir / "error.txt").read_text()
@@ -153,13 +178,16 @@ def test_kill_9_of_a_worker_fails_only_its_run(tmp_path):
 def test_a_signal_to_the_sweep_stops_its_runs_and_reports_the_finished_ones_done(tmp_path, sig, code):
     proc, out = _start(tmp_path, "--workers", "2", "--grid", f"steps=20,{LONG}")
     done_dir, long_dir = out / "steps=20_seed=0", out / f"steps={LONG}_seed=0"
-    _wait_for("one run to finish and the other to run",
-              lambda: (done_dir / "summary.json").is_file() and (long_dir / "metrics.jsonl").is_file(), proc=proc)
-    os.kill(proc.pid, sig)                                    # the parent only: it stops its workers' runs itself
+    _wait_for(
+        "one run to finish and the other to run",
+        lambda: (done_dir / "summary.json").is_file() and (long_dir / "metrics.jsonl").is_file(),
+        proc=proc,
+    )
+    os.kill(proc.pid, sig)  # the parent only: it stops its workers' runs itself
     rc = _finish(proc)
     rows = _rows(out)
     assert rc == code, proc.stdout.read()
-    assert rows["steps=20_seed=0"]["status"] == "done"      # finished: not "not run"
+    assert rows["steps=20_seed=0"]["status"] == "done"  # finished: not "not run"
     assert rows[f"steps={LONG}_seed=0"]["status"] == "interrupted"
     assert _summary(long_dir)["interrupted"] and _summary(long_dir)["steps_done"] < LONG
 
@@ -168,7 +196,7 @@ def test_ctrl_c_to_the_process_group_starts_no_queued_run(tmp_path):
     proc, out = _start(tmp_path, "--workers", "1", "--grid", f"steps={LONG},{LONG + 1}")
     first, queued = out / f"steps={LONG}_seed=0", out / f"steps={LONG + 1}_seed=0"
     _wait_for("the first run to run", lambda: (first / "metrics.jsonl").is_file(), proc=proc)
-    os.killpg(proc.pid, signal.SIGINT)                        # what Ctrl-C at a terminal does
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C at a terminal does
     rc = _finish(proc)
     rows = _rows(out)
     assert rc == 130, proc.stdout.read()

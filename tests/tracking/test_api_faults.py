@@ -1,5 +1,6 @@
 """Clean failures of the library API (docs/dropin.md, "Errors"): meta tensors, tracker state and schedules (the memory limits:
 tests/foundation/test_memory_limits.py, tests/compute/test_memory.py)."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """AsyncEigen: the eigen step on host worker threads gives the synchronous results, in submission order."""
+
 from __future__ import annotations
 
 import threading
@@ -33,7 +34,7 @@ def test_same_results_as_synchronous_in_submission_order():
 def test_ready_does_not_wait_and_keeps_order():
     gate = threading.Event()
     with AsyncEigen(workers=2) as eig:
-        eig._pool.submit(gate.wait)            # occupies one worker until released
+        eig._pool.submit(gate.wait)  # occupies one worker until released
         eig.submit("slow", _L(80, 1))
         eig.submit("fast", _L(5, 2))
         gate.set()
@@ -46,11 +47,11 @@ def test_a_failed_matrix_raises_in_order_and_loses_nothing():
         eig.submit(0, _L(8, 0))
         eig.submit(1, torch.full((3, 3), float("nan")))
         eig.submit(2, _L(6, 2))
-        assert [k for k, _ in eig.wait()] == [0]      # what came before the failure
+        assert [k for k, _ in eig.wait()] == [0]  # what came before the failure
         with pytest.raises(EigenStepError, match="of 1 failed: ValueError: L has NaN") as info:
             eig.wait()
         assert info.value.key == 1 and isinstance(info.value.__cause__, ValueError)
-        assert [k for k, _ in eig.wait()] == [2]      # and what came after it
+        assert [k for k, _ in eig.wait()] == [2]  # and what came after it
 
 
 def test_several_matrices_in_one_job_and_discard():
@@ -63,7 +64,7 @@ def test_several_matrices_in_one_job_and_discard():
         assert all(got[k].lmn == gm.lmn_from_connectivity(L).lmn for k, L in mats.items())
         eig._pool.submit(gate.wait)
         eig.submit(1, mats)
-        eig.discard()                                  # does not wait for the blocked worker
+        eig.discard()  # does not wait for the blocked worker
         assert eig.pending() == 0 and eig.wait() == []
         gate.set()
 

@@ -1,4 +1,5 @@
 """``Schedule``: the one log-spaced-steps function reproduces each schedule it replaced, step for step."""
+
 from __future__ import annotations
 
 import math
@@ -81,15 +82,17 @@ def _old_trainer(cfg: TrainConfig, step: int, key: bool, events: set[str]) -> tu
     return lmn, lmn and snap, cx, lmn or cx or key or final or step % cfg.log_every == 0
 
 
-@pytest.mark.parametrize("every, early, log_every, snaps", [
-    (100, True, 10, ["0", "memorization", "generalization", "final"]),
-    (7, False, 3, ["5", "final"]),
-    (0, True, 4, ["0", "memorization"]),
-    (1, True, 1, []),
-])
+@pytest.mark.parametrize(
+    "every, early, log_every, snaps",
+    [
+        (100, True, 10, ["0", "memorization", "generalization", "final"]),
+        (7, False, 3, ["5", "final"]),
+        (0, True, 4, ["0", "memorization"]),
+        (1, True, 1, []),
+    ],
+)
 def test_trainer_schedule_matches_former_rules(every, early, log_every, snaps):
-    cfg = TrainConfig(steps=300, lmn_every=every, lmn_early=early, log_every=log_every, save_connectivity=snaps,
-                      complexity="log")
+    cfg = TrainConfig(steps=300, lmn_every=every, lmn_early=early, log_every=log_every, save_connectivity=snaps, complexity="log")
     sched = Schedule.from_config(cfg)
     phase_events = {143: ("memorization",), 221: ("generalization",), 250: ("memorization", "generalization")}
     for step in range(cfg.steps + 1):

@@ -1,4 +1,5 @@
 """``LMNTracker``: schedules, values, history, and a training run left bit-identical."""
+
 from __future__ import annotations
 
 import math
@@ -16,8 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _model(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 16), nn.Dropout(0.2), nn.BatchNorm1d(16), nn.SiLU(),
-                         nn.Linear(16, 16), nn.SiLU(), nn.Linear(16, 3))
+    return nn.Sequential(nn.Linear(6, 16), nn.Dropout(0.2), nn.BatchNorm1d(16), nn.SiLU(), nn.Linear(16, 16), nn.SiLU(), nn.Linear(16, 3))
 
 
 class Custom(nn.Module):
@@ -63,7 +63,7 @@ def _train(model, x, y, steps, tracker=None, every=1, at="3"):
         loss = F.cross_entropy(model(x[idx]), y[idx])
         opt.zero_grad()
         loss.backward()
-        if tr is not None and step % 2:                 # between backward and step: grads must survive
+        if tr is not None and step % 2:  # between backward and step: grads must survive
             tr.update(step)
         opt.step()
         if tr is not None and not step % 2:
@@ -81,7 +81,7 @@ def test_tracker_leaves_training_bit_identical(make, at):
     l1, tr, rng1 = _train(m1, x, y, steps=6, tracker=True, at=at)
     assert l0 == l1 and torch.equal(rng0, rng1)
     s0, s1 = m0.state_dict(), m1.state_dict()
-    assert all(torch.equal(s0[k], s1[k]) for k in s0)              # weights and BatchNorm buffers
+    assert all(torch.equal(s0[k], s1[k]) for k in s0)  # weights and BatchNorm buffers
     assert [r["step"] for r in tr.history] == list(range(6))
     assert all(m.training for m in m1.modules())
 
@@ -103,7 +103,7 @@ def test_values_history_and_reset():
     tr = gm.LMNTracker(model, x, at="3", every=3, n_lambda=9)
     with pytest.raises(RuntimeError, match="before any LMN"):
         tr.compute()
-    got = [tr.update() for _ in range(7)]                    # internal counter: steps 0..6
+    got = [tr.update() for _ in range(7)]  # internal counter: steps 0..6
     assert [g is not None for g in got] == [True, False, False, True, False, False, True]
     want = gm.lmn_at(model, x, at="3", n_lambda=9)
     v = tr.compute()
@@ -115,7 +115,7 @@ def test_values_history_and_reset():
     assert tr.update(torch.tensor(9)) == want.lmn
     tr.reset()
     assert tr.history == [] and tr.as_dict() == {"step": [], "lmn": [], "entropy_bits": []}
-    assert tr.update() == want.lmn                           # counter restarted at step 0
+    assert tr.update() == want.lmn  # counter restarted at step 0
 
 
 def test_misspelled_at_fails_at_construction():
@@ -140,8 +140,8 @@ def test_overflowing_outputs_record_nan():
     tr = gm.LMNTracker(model, x, at="3", n_lambda=5)
     with torch.no_grad():
         model[4].weight.zero_()
-        model[4].bias.fill_(1.0)        # every hidden unit SiLU(1) = 0.73
-        model[6].weight.fill_(3e38)     # logits = 3e38 * 16 * 0.73 overflow fp32
+        model[4].bias.fill_(1.0)  # every hidden unit SiLU(1) = 0.73
+        model[6].weight.fill_(3e38)  # logits = 3e38 * 16 * 0.73 overflow fp32
     with pytest.warns(UserWarning, match="NaN/Inf for"):
         assert math.isnan(tr.update(0))
     assert math.isnan(tr.compute())

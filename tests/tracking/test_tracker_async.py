@@ -1,4 +1,5 @@
 """``LMNTracker(asynchronous=...)`` gives the synchronous history, bit for bit, in step order."""
+
 from __future__ import annotations
 
 import copy
@@ -45,21 +46,24 @@ def _gate(tracker: gm.LMNTracker) -> threading.Event:
     return gate
 
 
-@pytest.mark.parametrize("at, every, steps", [
-    ("1", 1, range(30)),                                   # dense
-    ("1", "log", range(40)),                               # sparse schedule
-    (["0", "2"], 4, range(30)),                            # several layers
-    ("2", 5, [0, 3, 7, 12, 13, 21, 22, 40]),                # catch-up: scheduled steps no update hits
-])
+@pytest.mark.parametrize(
+    "at, every, steps",
+    [
+        ("1", 1, range(30)),  # dense
+        ("1", "log", range(40)),  # sparse schedule
+        (["0", "2"], 4, range(30)),  # several layers
+        ("2", 5, [0, 3, 7, 12, 13, 21, 22, 40]),  # catch-up: scheduled steps no update hits
+    ],
+)
 def test_same_history_as_synchronous(at, every, steps):
     model, x, sync, asyn = _twins(at, every)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     for step in steps:
-        assert asyn.update(step) is None                   # the value is not known yet: it lands in history
+        assert asyn.update(step) is None  # the value is not known yet: it lands in history
         sync.update(step)
         _train_step(model, x, opt)
-    got = asyn.history                                      # waits for the pending eigen steps
-    assert got == sync.history and len({r["lmn"] for r in got}) > 1   # bitwise-equal floats; weights did move
+    got = asyn.history  # waits for the pending eigen steps
+    assert got == sync.history and len({r["lmn"] for r in got}) > 1  # bitwise-equal floats; weights did move
     assert asyn.as_dict() == sync.as_dict() and asyn.compute(with_step=True) == sync.compute(with_step=True)
     assert asyn.state_dict() == sync.state_dict() and asyn.pending() == 0
     asyn.close()
@@ -69,11 +73,11 @@ def test_nothing_waits_until_asked():
     _, _, sync, asyn = _twins("1", 1)
     asyn.update(0)
     sync.update(0)
-    gate = _gate(asyn)                                      # step 0 may run; steps 1-3 queue behind the gate
+    gate = _gate(asyn)  # step 0 may run; steps 1-3 queue behind the gate
     for step in (1, 2, 3):
         asyn.update(step)
         sync.update(step)
-    landed = asyn.ready()                                   # does not wait (it would block forever)
+    landed = asyn.ready()  # does not wait (it would block forever)
     assert [r["step"] for r in landed] in ([], [0]) and asyn.pending() == 4 - len(landed)
     gate.set()
     asyn.flush()
@@ -86,19 +90,19 @@ def test_a_failed_eigen_step_is_raised_with_its_step():
     _, _, sync, asyn = _twins("1", 1)
     real = asyn._connectivity
 
-    def skewed():                                           # a non-symmetric L at step 2: the eigen step refuses it
+    def skewed():  # a non-symmetric L at step 2: the eigen step refuses it
         mats = real()
         return {k: L + torch.triu(torch.ones_like(L), 1) for k, L in mats.items()} if asyn._calls == 3 else mats
 
     asyn._connectivity = skewed
     for step in range(5):
-        asyn.update(step)                                   # never raises: the eigen step runs later
+        asyn.update(step)  # never raises: the eigen step runs later
         sync.update(step)
     with pytest.raises(EigenStepError, match=r"step 2: .*not symmetric") as info:
         asyn.flush()
     assert info.value.key == 2 and isinstance(info.value.__cause__, ValueError)
-    assert [r["step"] for r in asyn._history] == [0, 1]    # what came before it landed
-    assert asyn.history == [r for r in sync.history if r["step"] != 2]   # and what came after it follows
+    assert [r["step"] for r in asyn._history] == [0, 1]  # what came before it landed
+    assert asyn.history == [r for r in sync.history if r["step"] != 2]  # and what came after it follows
     asyn.close()
 
 
@@ -112,23 +116,23 @@ def test_state_dict_and_resume_with_pending_results():
         asyn.update(step)
         sync.update(step)
         _train_step(model, x, opt)
-    threading.Timer(0.05, gate.set).start()                # state_dict waits for the gate, then the rest
+    threading.Timer(0.05, gate.set).start()  # state_dict waits for the gate, then the rest
     state = asyn.state_dict()
     assert state == sync.state_dict() and asyn.pending() == 0
     resumed = gm.LMNTracker(model, x, at=["0", "2"], every=2, n_lambda=5, asynchronous=2)
     resumed.update(10)
     gate = _gate(resumed)
     resumed.update(12)
-    resumed.load_state_dict(state)                          # the pending computations are dropped
+    resumed.load_state_dict(state)  # the pending computations are dropped
     gate.set()
     for step in range(10, 16):
         resumed.update(step)
         sync.update(step)
         _train_step(model, x, opt)
-    with resumed:                                           # leaving the block flushes and stops the threads
+    with resumed:  # leaving the block flushes and stops the threads
         pass
     assert resumed.history == sync.history and resumed._eigen is None
-    resumed.update(16)                                      # a closed tracker starts new threads when needed
+    resumed.update(16)  # a closed tracker starts new threads when needed
     sync.update(16)
     assert resumed.history == sync.history
 
@@ -152,7 +156,7 @@ def test_copies_and_reset():
     for step in range(3):
         asyn.update(step)
         sync.update(step)
-    twin = copy.deepcopy(asyn)                              # carries the landed history, not the threads
+    twin = copy.deepcopy(asyn)  # carries the landed history, not the threads
     assert twin.history == sync.history and twin._eigen is None
     asyn.reset()
     assert asyn.pending() == 0 and asyn.history == [] and len(twin) == 3

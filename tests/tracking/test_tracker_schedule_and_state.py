@@ -1,4 +1,5 @@
 """``LMNTracker`` (docs/dropin.md): catch-up schedule, steps, fail fast, several layers, state, torchmetrics semantics."""
+
 from __future__ import annotations
 
 import copy
@@ -29,7 +30,7 @@ def _x(n: int = 8) -> torch.Tensor:
 
 def test_scheduled_steps_are_caught_up():
     tr = gm.LMNTracker(_model(), _x(), at="1", every="log", n_lambda=5)
-    for step in range(0, 301, 100):                           # update only in a logging block
+    for step in range(0, 301, 100):  # update only in a logging block
         tr.update(step)
     assert [r["step"] for r in tr.history] == [0, 100, 200, 300]
     tr = gm.LMNTracker(_model(), _x(), at="1", every=150, n_lambda=5)
@@ -46,8 +47,9 @@ def test_force_computes_off_schedule():
     assert tr.update(1000) is not None
 
 
-@pytest.mark.parametrize("bad, err", [(1.5, TypeError), ("3", TypeError), (torch.tensor(2.0), TypeError),
-                                      (True, TypeError), (-1, ValueError)])
+@pytest.mark.parametrize(
+    "bad, err", [(1.5, TypeError), ("3", TypeError), (torch.tensor(2.0), TypeError), (True, TypeError), (-1, ValueError)]
+)
 def test_bad_steps_are_errors(bad, err):
     tr = gm.LMNTracker(_model(), _x(), at="1", n_lambda=5)
     with pytest.raises(err, match="step"):
@@ -62,9 +64,9 @@ def test_repeated_or_decreasing_steps_are_errors():
         tr.update(5)
     with pytest.raises(ValueError, match="steps must increase"):
         tr.update(3)
-    tr.update(torch.tensor(10))                                   # 0-d integer tensors are steps
+    tr.update(torch.tensor(10))  # 0-d integer tensors are steps
     tr.reset()
-    assert tr.update(0) is not None                               # reset starts over
+    assert tr.update(0) is not None  # reset starts over
 
 
 # --------------------------------------------------------------------------------------------
@@ -76,7 +78,7 @@ def decoder():
     g = load_example("grokfast_transformer")
     torch.manual_seed(0)
     model = g.Decoder(dim=8, num_layers=2, num_heads=2, num_tokens=9, seq_len=5)
-    probe = g.modular_data(7, 7, 8)[:-1, :10]                    # (4, 10), sequence-first
+    probe = g.modular_data(7, 7, 8)[:-1, :10]  # (4, 10), sequence-first
     return model, probe
 
 
@@ -132,7 +134,7 @@ def test_state_dict_round_trip_and_copies_share_the_model():
     fresh = gm.LMNTracker(model, x, at="1", every=10, n_lambda=5)
     fresh.load_state_dict(copy.deepcopy(state))
     assert fresh.history == tr.history and fresh.last_step == 12
-    assert fresh.update(15) is None and fresh.update(20) is not None   # the schedule resumes where it was
+    assert fresh.update(15) is None and fresh.update(20) is not None  # the schedule resumes where it was
     with pytest.raises(ValueError, match="steps must increase"):
         fresh.update(20)
     with pytest.raises(ValueError, match=r"at=.2."):
@@ -155,13 +157,13 @@ def test_torchmetrics_semantics():
     model, x = _model(), _x()
     m = LMNMetric(model, x, at="1", every=2, n_lambda=5)
     with pytest.raises(RuntimeError, match="before any LMN"), pytest.warns(UserWarning):
-        m.compute()                                              # torchmetrics warns, the tracker refuses
+        m.compute()  # torchmetrics warns, the tracker refuses
     m.update(0)
     v0 = float(m.compute())
     assert v0 == gm.lmn_at(model, x, at="1", n_lambda=5).lmn and int(m.step) == 0
     state = m.state_dict()
     m.reset()
-    assert m.tracker.history == []                               # reset clears the tracker's history too
+    assert m.tracker.history == []  # reset clears the tracker's history too
     m.load_state_dict(state)
     assert m.tracker.history[0]["lmn"] == v0
     clone = m.clone()
@@ -170,7 +172,7 @@ def test_torchmetrics_semantics():
         model[0].weight.mul_(3.0)
     clone.update(2)
     assert float(clone.compute()) == gm.lmn_at(model, x, at="1", n_lambda=5).lmn != v0
-    assert len(m.tracker.history) == 1                           # the original is independent
+    assert len(m.tracker.history) == 1  # the original is independent
     two = LMNMetric(model, x, at=["1", "2"], n_lambda=5)
     out = two(0)
     assert set(out) == {"1", "2"} and float(out["2"]) == gm.lmn_at(model, x, at="2", n_lambda=5).lmn
