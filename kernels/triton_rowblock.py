@@ -456,7 +456,10 @@ def launch_config(
         # chained column blocks keep layers 1-2 narrow, the last accumulator is full width. Halved for fp64
         # erfc-GELU (a 40-term continued fraction per element). Without that, and the sm_80 rule below, they
         # spill on sm_80 / sm_90 (tests/kernels/test_triton_compile.py checks every shape on both).
-        gelu = fp64 and "gelu" in {a.name for a in (*(a for stage, _ in spec.stages for a in stage), *spec.final)}
+        names = {a.name for a in (*(a for stage, _ in spec.stages for a in stage), *spec.final)}
+        # fp64 GELU, and fp64 sigmoid/tanh past depth 1 (their pointwise rounding scale |a| + |x act'(x)|), take the
+        # half-size tiles: the full ones spilled 8 bytes on sm_90 (fp64_h256_d2_tanh, triton 3.9)
+        gelu = fp64 and ("gelu" in names or (depth >= 2 and bool(names & {"tanh", "sigmoid"})))
         cap = 8192 if not fp64 else (2048 if gelu else 4096)
         chunk = 64 if not fp64 else (16 if gelu else 32)
         block_k = 32 if not fp64 else 16

@@ -117,7 +117,7 @@ def yardstick(h: torch.Tensor, tail: nn.Module) -> tuple[np.ndarray, int]:
     reference within :data:`YARD_KAPPA` of it; ``exact`` (mpmath) for the other pairs: ill-conditioned ones, those where
     a constant or underflow rule fires on a nonzero scale, and those where the two float64 paths disagree.
     """
-    from grokfast_metrics import torch_backend
+    from grokfast_metrics.compute import torch_paths as torch_backend
     from grokfast_metrics.foundation.tail import parse_tail
 
     h64, t64 = h.detach().double(), copy.deepcopy(tail).double()
