@@ -41,13 +41,13 @@ import torch
 from torch import nn
 
 from ..compute import core
-from .baselines import TRITON_VARIANTS, backend_fn, matmul_roof, reference_timed
+from .baselines import TRITON_VARIANTS, backend_fn, reference_timed
 from .gpu_day_budget import BUDGETS, DRY_BUDGETS, RESERVE_S, TOTAL_BUDGET_S, Budget, _left
 from .gpu_day_cuda_tests import SKIP_NO_CUDA, cuda_tests, repo_root
 from .gpu_day_dense import DENSE_STEPS, DENSE_TARGET_S, DRY_DENSE_STEPS, dense_tracking_stage
 from .gpu_day_report import FORMAT, RESULTS_NAME
 from .harness import BenchRow, Timing, check_agreement, fill_speed, fraction_recomputed, machine_info, n_pairs, refuse, time_fn
-from .sweep import row_maker
+from .sweep import measured_roof_row, row_maker
 from .workloads import Workload, make_inputs, make_tail
 
 GPU_NS = (961, 4096, 16384)
@@ -272,27 +272,8 @@ def timing_stage(device: torch.device, dry_run: bool, deadline: float, new_row, 
     ns = DRY_NS if dry_run else GPU_NS
     e2e_ns = DRY_NS if dry_run else GPU_E2E_NS
     repeats = 2 if dry_run else 5
-    roof, t, size = matmul_roof(device, 256 if dry_run else 8192, repeats=3 if dry_run else 5)
-    note = f"({size},{size}) @ ({size},{size}) fp32"
-    if device.type == "cuda":
-        note += f", allow_tf32={torch.backends.cuda.matmul.allow_tf32}"
-    rows = [
-        new_row(
-            kind="roof",
-            backend="torch.mm",
-            N=size,
-            dtype="float32",
-            repeats=len(t.times),
-            time_median_s=t.median,
-            time_iqr_s=t.iqr,
-            time_min_s=t.min,
-            time_max_s=t.max,
-            gflop=2 * size**3 / 1e9,
-            gflops=roof,
-            frac_roof=1.0,
-            note=note,
-        )
-    ]
+    roof_row, roof, _ = measured_roof_row(device, 256 if dry_run else 8192, 3 if dry_run else 5, new_row)
+    rows = [roof_row]
     conn_deadline = time.monotonic() + 0.6 * _left(deadline)
     ws = workloads(T)
     for k, w in enumerate(ws):  # an equal share of what is left each: the default tail cannot starve the next one

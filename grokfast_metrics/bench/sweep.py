@@ -123,12 +123,19 @@ def e2e_shape(cfg: BenchConfig) -> tuple[int, int]:
 
 def roof_row(cfg: BenchConfig, device: torch.device, new_row: NewRow) -> BenchRow:
     """The ``roof`` row: the large fp32 matmul's GFLOP/s in this run (``max(3, repeats)`` timed runs)."""
-    roof, t, size = matmul_roof(device, cfg.roof_size, repeats=max(3, cfg.repeats))
+    row, roof, size = measured_roof_row(device, cfg.roof_size, max(3, cfg.repeats), new_row)
+    log(f"matmul roof {size}^2 fp32: {roof:.1f} GFLOP/s ({torch.get_num_threads()} threads)", cfg.progress)
+    return row
+
+
+def measured_roof_row(device: torch.device, size: int, repeats: int, new_row: NewRow) -> tuple[BenchRow, float, int]:
+    """Time the ``size``-square fp32 matmul (:func:`matmul_roof`) and make its ``roof`` row: ``(row, GFLOP/s, size)``
+    (the bench's sweep and the GPU day's timing stage both start with it)."""
+    roof, t, size = matmul_roof(device, size, repeats=repeats)
     note = f"({size},{size}) @ ({size},{size}) fp32"
     if device.type == "cuda":
         note += f", allow_tf32={torch.backends.cuda.matmul.allow_tf32}"
-    log(f"matmul roof {size}^2 fp32: {roof:.1f} GFLOP/s ({torch.get_num_threads()} threads)", cfg.progress)
-    return new_row(
+    row = new_row(
         kind="roof",
         backend="torch.mm",
         N=size,
@@ -143,6 +150,7 @@ def roof_row(cfg: BenchConfig, device: torch.device, new_row: NewRow) -> BenchRo
         frac_roof=1.0,
         note=note,
     )
+    return row, roof, size
 
 
 # --------------------------------------------------------------------------------------------
