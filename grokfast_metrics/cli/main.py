@@ -276,8 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        _one_line_kernel_warning()
-        with starting():
+        with starting():  # the kernel warning's import (torch, NumPy) too: a Ctrl-C there is one line and 130
+            _one_line_kernel_warning()
             parser = build_parser(argv)
             args, extra = parser.parse_known_args(argv)
             reason = getattr(args, "_unavailable", None)
