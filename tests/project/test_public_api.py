@@ -283,7 +283,7 @@ def test_ci_runs_the_public_api_doctests():
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     start = ci.index("--doctest-modules")
     command = ci[start : ci.index("\n", ci.index("\\\n", start) + 2)]  # the command, one continuation line
-    assert ci.index("pytest -q\n") < start  # after the README's test command
+    assert ci.index("&& pytest -q") < start  # after the README's test command
     files = set(re.findall(r"grokfast_metrics/[\w/]+\.py", command))
     for name in WITH_EXAMPLES:
         obj = getattr(gm, name)
