@@ -242,9 +242,9 @@ def _run_triton(
     from ..kernels.triton import connectivity_triton
 
     assert spec is not None  # the dispatch runs Triton on MLP tails only
-    # a lowered tail absorbs through its float64 twin, rounded once (as _run_cpu): a large component of h that W_in
-    # cancels keeps z accurate relative to |z|; its skip term u = W_skip h is float64
-    z = spec.absorb(h) if spec.exact is None else spec.exact.absorb(h.to(torch.float64)).to(h.dtype)
+    # z absorbed in float64 and rounded once (as _run_cpu): a large component of h that the first Linear cancels keeps z
+    # accurate relative to |z|; a lowered tail's skip term u = W_skip h is float64
+    z = spec.absorb_rounded_once(h)
     L: torch.Tensor = connectivity_triton(z, spec, n_lambda, u=spec.skip_values(h))
     return L
 

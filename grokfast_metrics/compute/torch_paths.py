@@ -314,7 +314,7 @@ def connectivity_mlp(h: torch.Tensor, spec: MLPTail, n_lambda: int, chunk_bytes:
     if spec.is_affine:  # affine tail: every path is a straight line, r2 = 1 exactly
         return torch.ones(n, n, dtype=dtype, device=dev)
     stages = _prepare(spec, dtype, dev)
-    z, u = spec.absorb(h), spec.skip_values(h)
+    z, u = spec.absorb_rounded_once(h), spec.skip_values(h)  # z: float64, rounded once (MLPTail.absorb_rounded_once)
     width = max([z.shape[1]] + [w.shape[1] for _, w, _ in stages])
     L = new_L(n, dtype, dev, _chunk_work(n, n_lambda, width, h.element_size(), chunk_bytes, dev))
     chunk = chunk_pairs(width, n_lambda, h.element_size(), dev, chunk_bytes)
@@ -332,7 +332,7 @@ def mlp_pairs(
     """``L_ij`` of the listed pairs only, in ``h``'s dtype (the fp64 recompute of flagged pairs; a lowered tail's skip
     term included)."""
     stages = _prepare(spec, h.dtype, h.device)
-    z, u = spec.absorb(h), spec.skip_values(h)
+    z, u = spec.absorb_rounded_once(h), spec.skip_values(h)
     width = max([z.shape[1]] + [w.shape[1] for _, w, _ in stages])
     chunk = chunk_pairs(width, n_lambda, h.element_size(), h.device, chunk_bytes)
     return torch.cat(

@@ -249,6 +249,17 @@ class MLPTail:
             z = F.linear(z, w, None if b is None else b.to(device=h.device, dtype=h.dtype))
         return z
 
+    def absorb_rounded_once(self, h: torch.Tensor) -> torch.Tensor:
+        """``z`` computed in float64 (a lowered tail: through its float64 :attr:`exact` twin) and rounded once to
+        ``h``'s dtype. An ``h`` carrying a large component that the absorbed Linear cancels (a residual stream's offset,
+        an offset on which the Linear's rows sum to 0) then keeps ``z`` accurate relative to ``|z|``, which is all a
+        fused path's error estimate sees (absorbed in fp32, ``h + 1e3`` read 3.6e-4 off, unflagged). The fused CPU
+        kernel does the same through its own GEMM (``kernels.cpu_fused.absorb_f64``)."""
+        src = self if self.exact is None else self.exact
+        if h.dtype == torch.float64 and src is self:
+            return self.absorb(h)
+        return src.absorb(h.to(torch.float64)).to(h.dtype)
+
 
 def _flatten(module: nn.Module) -> list[nn.Module] | None:
     """The leaves of nested plain Sequentials, or ``None`` if a container overrides its forward."""

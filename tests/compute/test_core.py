@@ -372,3 +372,21 @@ def test_resolve_backend_agrees_with_dispatch_for_low_precision_input():
     h = torch.randn(6, 4)
     tail = _tail()
     assert core.resolve_backend(h.to(torch.bfloat16), tail, "auto") == core.resolve_backend(h, tail, "auto")
+
+
+@pytest.mark.parametrize("offset", [1e2, 1e3, 1e4])
+def test_torch_path_h_offset_cancelled_by_the_first_linear(offset: float) -> None:
+    """An offset of ``h`` on which the first Linear's rows sum to 0 (``z = W h + b`` small, ``W h`` not): the torch path
+    absorbs in float64 and rounds ``z`` once, as the C++ kernel (``tests/kernels/test_cpu_kernel.py``). Absorbed in fp32
+    it read 2.6e-5 / 5.4e-4 / 5.2e-3 off at offsets 1e2 / 1e3 / 1e4, unflagged; worst observed after: 1.1e-6 (9x)."""
+    import copy
+
+    torch.manual_seed(0)
+    tail = nn.Sequential(nn.Linear(20, 16), nn.SiLU(), nn.Linear(16, 5))
+    with torch.no_grad():
+        tail[0].weight -= tail[0].weight.mean(dim=1, keepdim=True)
+    h = torch.randn(24, 20) + offset
+    L = gm.connectivity(h, tail, backend="torch").numpy()
+    L64 = reference.connectivity(h.double(), copy.deepcopy(tail).double())
+    err = np.abs(L - L64).max()
+    assert err <= CONTRACT[torch.float32], f"max |L - L_ref| = {err:.3g} at h offset {offset:g}"

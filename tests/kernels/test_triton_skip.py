@@ -56,7 +56,7 @@ def test_interpreter_subprocess():
 def _triton(h: torch.Tensor, spec, n_lambda: int, **kw) -> torch.Tensor:
     """``L`` through ``kernels.triton`` as ``core`` calls it: ``z`` absorbed through the float64 twin, rounded once,
     and the skip term ``u = spec.skip_values(h)``."""
-    z = spec.absorb(h) if spec.exact is None else spec.exact.absorb(h.to(torch.float64)).to(h.dtype)
+    z = spec.absorb_rounded_once(h)
     return kt.connectivity_triton(z, spec, n_lambda, u=spec.skip_values(h), **kw)
 
 
