@@ -16,11 +16,23 @@
 #include <memory>
 #include <new>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 extern "C" int gm_cpu_supported() {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+// The fp32 GEMM in 512-bit registers where the CPU has AVX-512F (gemm_cols512): the same packed panels, the same FMA
+// order per output (bias, then k = 0..K-1), so its results are bitwise those of the AVX2 GEMM; only the width of the
+// registers differs. Chosen once at load by the Python wrapper (gm_set_avx512; GROKFAST_METRICS_CPU_AVX512=0: AVX2).
+static int g_avx512 = 0;
+
+extern "C" int gm_set_avx512(int want) {
+    __builtin_cpu_init();
+    g_avx512 = want && __builtin_cpu_supports("avx512f");
+    return g_avx512;
 }
 
 // Activation codes come from the one activation table (grokfast_metrics._tail.ACTIVATIONS): the
@@ -334,6 +346,59 @@ void gemm_panel(const Real* A, int lda, int T, const Real* B, const int* idx, in
     }
 }
 
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+// The fp32 micro-kernel in 512-bit registers: R rows x NP packed panels of 16 columns (one zmm per panel row; panel p
+// starts pstride floats after panel 0). Same accumulation order as micro<> (bias, then k = 0..K-1, one FMA each).
+template <int R, int NP, bool IDX>
+inline void micro512(const float* A, int lda, const float* B, int64_t pstride, const int* idx, int K, const float* bias,
+                     float* C, int ldc) {
+    __m512 acc[R][NP];
+#pragma GCC unroll 8
+    for (int p = 0; p < NP; ++p) {
+        __m512 b = bias != nullptr ? _mm512_loadu_ps(bias + 16 * p) : _mm512_setzero_ps();
+#pragma GCC unroll 12
+        for (int r = 0; r < R; ++r) acc[r][p] = b;
+    }
+    for (int k = 0; k < K; ++k) {
+        const float* b_row = B + (int64_t)(IDX ? idx[k] : k) * 16;
+        __m512 b[NP];
+#pragma GCC unroll 8
+        for (int p = 0; p < NP; ++p) b[p] = _mm512_loadu_ps(b_row + p * pstride);
+#pragma GCC unroll 12
+        for (int r = 0; r < R; ++r) {
+            __m512 a = _mm512_set1_ps(A[r * lda + k]);
+#pragma GCC unroll 8
+            for (int p = 0; p < NP; ++p) acc[r][p] = _mm512_fmadd_ps(a, b[p], acc[r][p]);
+        }
+    }
+#pragma GCC unroll 12
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+        for (int p = 0; p < NP; ++p) _mm512_storeu_ps(C + r * ldc + 16 * p, acc[r][p]);
+}
+
+// Rows in ceil(T / 12) nearly equal blocks (T - 1 = 20: 10 + 10): 2 x 12 accumulators at most, 32 zmm registers.
+template <int NP, bool IDX>
+void gemm_panel512(const float* A, int lda, int T, const float* B, int64_t pstride, const int* idx, int K,
+                   const float* bias, float* C, int ldc) {
+    const int nb = (T + 11) / 12, base = T / nb, rem = T % nb;
+    for (int b = 0, t = 0; b < nb; ++b) {
+        const int R = base + (b < rem ? 1 : 0);
+        const float* a = A + (int64_t)t * lda;
+        float* c = C + (int64_t)t * ldc;
+        switch (R) {
+#define GM_MICRO512(n) case n: micro512<n, NP, IDX>(a, lda, B, pstride, idx, K, bias, c, ldc); break;
+            GM_MICRO512(12) GM_MICRO512(11) GM_MICRO512(10) GM_MICRO512(9) GM_MICRO512(8) GM_MICRO512(7)
+            GM_MICRO512(6) GM_MICRO512(5) GM_MICRO512(4) GM_MICRO512(3) GM_MICRO512(2) GM_MICRO512(1)
+#undef GM_MICRO512
+            default: break;
+        }
+        t += R;
+    }
+}
+#pragma GCC pop_options
+
 // C[T, np] = bias + A[T, :K] @ W^T[rows, :] (rows: 0..K-1, or idx[0..K) with IDX; bias nullptr: none); A rows have
 // stride lda, W^T (kp rows) is packed in column blocks of 2 W (last may be W; fp32: 16 and 8), each [kp, width].
 template <bool IDX, class Real>
@@ -341,7 +406,17 @@ void gemm_cols(const Real* A, int lda, int T, int kp, const int* idx, int K, int
                Real* C) {
     constexpr int W = Simd<Real>::W;
     const Real* B = wpack;
-    for (int c = 0; c < np; c += 2 * W) {
+    int c0 = 0;
+    if constexpr (std::is_same_v<Real, float>) {
+        if (g_avx512) {  // the full 16-column panels two at a time (then one) in zmm registers; an 8-wide last one below
+            const int64_t ps = (int64_t)kp * 16;
+            for (; np - c0 >= 32; c0 += 32, B += 2 * ps)
+                gemm_panel512<2, IDX>(A, lda, T, B, ps, idx, K, bias != nullptr ? bias + c0 : nullptr, C + c0, np);
+            for (; np - c0 >= 16; c0 += 16, B += ps)
+                gemm_panel512<1, IDX>(A, lda, T, B, ps, idx, K, bias != nullptr ? bias + c0 : nullptr, C + c0, np);
+        }
+    }
+    for (int c = c0; c < np; c += 2 * W) {
         const Real* bc = bias != nullptr ? bias + c : nullptr;
         if (np - c >= 2 * W) {
             gemm_panel<2, IDX>(A, lda, T, B, idx, K, bc, C + c, np);

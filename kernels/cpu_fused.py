@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from grokfast_metrics.foundation.policy import CONST_RTOL, FLAG_KAPPA, check_fits, check_n_lambda, lambdas
-from grokfast_metrics.foundation.runtime import cpu_kernel_switched_off
+from grokfast_metrics.foundation.runtime import cpu_kernel_switched_off, env
 from grokfast_metrics.foundation.tail import ACT_CODES, MLPTail
 
 _SOURCE = Path(__file__).with_name("cpu_fused.cpp")
@@ -47,7 +47,7 @@ _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fno-math-errno"
 _ENV_SWITCH = "GROKFAST_METRICS_CPU_KERNEL"  # read by _runtime.cpu_kernel_switched_off
 
 _lock = threading.Lock()
-_state: dict = {"lib": None, "tried": False, "error": None, "build_seconds": None, "path": None}
+_state: dict = {"lib": None, "tried": False, "error": None, "build_seconds": None, "path": None, "avx512": False}
 
 
 def _cpu_has_avx2_fma() -> bool:
@@ -134,8 +134,23 @@ def _build() -> ctypes.CDLL:
     lib.gm_mlp_f64.argtypes = [i64, i64, p, p, i32, i32, p, p, p, p, p, p, p, p, i32, p, p, p, f64, f64, f64, p, i32, p, p, p]
     lib.gm_affine_f64.restype = ctypes.c_int
     lib.gm_affine_f64.argtypes = [i64, i32, i32, p, p, p, p]
+    lib.gm_set_avx512.restype = ctypes.c_int
+    lib.gm_set_avx512.argtypes = [i32]
     _state["path"] = str(lib_path)
+    use_avx512(env("CPU_AVX512") not in ("0", "false", "False"), lib)
     return lib
+
+
+def use_avx512(want: bool, lib: ctypes.CDLL | None = None) -> bool:
+    """Run the fp32 GEMM in 512-bit registers (AVX-512F) when ``want`` and the CPU has them; returns whether it does.
+
+    The default where the CPU has AVX-512F (``GROKFAST_METRICS_CPU_AVX512=0`` turns it off at load). Both GEMMs add the
+    same products in the same order per output, so ``L`` is bitwise the same either way (``tests/kernels``); only the
+    speed differs (``benchmarks/RESULTS.md``). Not thread-safe against a running call: switch between calls.
+    """
+    lib = lib or _library()
+    _state["avx512"] = bool(lib.gm_set_avx512(int(want))) if lib is not None else False
+    return bool(_state["avx512"])
 
 
 def _library() -> ctypes.CDLL | None:
@@ -191,9 +206,9 @@ def available() -> bool:
 
 
 def build_info() -> dict:
-    """``{"path", "build_seconds", "error", "cache_dir"}`` of the kernel library (``build_seconds`` is ``None`` when it
-    came from the cache or was not built in this process)."""
-    return {**{k: _state[k] for k in ("path", "build_seconds", "error")}, "cache_dir": str(_cache_dir())}
+    """``{"path", "build_seconds", "error", "cache_dir", "avx512"}`` of the kernel library (``build_seconds`` is ``None``
+    when it came from the cache or was not built in this process; ``avx512``: the fp32 GEMM runs in 512-bit registers)."""
+    return {**{k: _state[k] for k in ("path", "build_seconds", "error", "avx512")}, "cache_dir": str(_cache_dir())}
 
 
 def unsupported_reason(spec: MLPTail, device: torch.device, dtype: torch.dtype) -> str | None:

@@ -6,6 +6,7 @@ The kernel is built on first use (a few seconds); tests that need it skip when i
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import numpy as np
@@ -210,6 +211,50 @@ def test_env_switch_disables_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "GROKFAST_METRICS_CPU_KERNEL" in kc.unsupported_reason(parse_tail(tail), h.device, h.dtype)
     assert core.resolve_backend(h, tail) == "torch"
     check_against_reference(gm.connectivity(h, tail), h, tail)
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "n, widths, act, n_lambda, trailing",
+    [
+        (40, [100, 31], "silu", 21, False),  # the default tail: two 16-column panels in one pass of zmm registers
+        (9, [37, 8], "gelu", 5, False),  # one 8-wide panel (AVX2 code either way)
+        (9, [24, 16], "tanh", 26, False),  # one 16-wide panel
+        (9, [40, 40], "sigmoid", 3, False),  # 16 + 16 + 8
+        (7, [13, 72, 9], "silu", 41, False),  # depth 2: 72 = 32 + 32 + 8 columns
+        (11, [30, 50], "relu", 21, False),  # the ReLU split: the indexed GEMM over the crossing units
+        (8, [20, 24, 5], "leaky_relu", 21, True),  # trailing activation: the uncentred GEMM with its bias
+    ],
+)
+def test_avx512_gemm_is_bitwise_the_avx2_gemm(n: int, widths: list[int], act: str, n_lambda: int, trailing: bool) -> None:
+    """Where the CPU has AVX-512F the fp32 GEMM runs in zmm registers (kernels.cpu_fused.use_avx512): the same products
+    added in the same order per output, so L must be bitwise that of the AVX2 GEMM (and within the contract)."""
+    was = kc.build_info()["avx512"]
+    if not kc.use_avx512(True):
+        kc.use_avx512(was)
+        pytest.skip("this CPU has no AVX-512F")
+    torch.manual_seed(n + n_lambda)
+    h = torch.randn(n, 6)
+    tail = make_tail(6, widths, act, trailing=trailing)
+    try:
+        wide = fused(h, tail, n_lambda)
+        kc.use_avx512(False)
+        narrow = fused(h, tail, n_lambda)
+    finally:
+        kc.use_avx512(was)
+    assert torch.equal(wide, narrow), f"max |difference| {float((wide - narrow).abs().max()):.3g}"
+    check_against_reference(wide, h, tail, n_lambda, direct=True)
+
+
+@needs_kernel
+def test_avx512_env_switch() -> None:
+    """``GROKFAST_METRICS_CPU_AVX512=0`` keeps the fp32 GEMM in AVX2 registers (read when the library loads)."""
+    import subprocess
+
+    code = "from grokfast_metrics.kernels import cpu_fused as k; print(k.available(), k.build_info()['avx512'])"
+    env = {**os.environ, "GROKFAST_METRICS_CPU_AVX512": "0"}
+    out = subprocess.run([*PYTHON, "-c", code], capture_output=True, text=True, env=env, timeout=300, check=True).stdout.split()
+    assert out == ["True", "False"], out
 
 
 def test_build_failure_warns_once_and_falls_back(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
