@@ -47,7 +47,14 @@ _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fno-math-errno"
 _ENV_SWITCH = "GROKFAST_METRICS_CPU_KERNEL"  # read by _runtime.cpu_kernel_switched_off
 
 _lock = threading.Lock()
-_state: dict = {"lib": None, "tried": False, "error": None, "build_seconds": None, "path": None, "avx512": False}
+
+
+def initial_state() -> dict:
+    """The loader's state before the first use (tests install a fresh one to rebuild or fail a build)."""
+    return {"lib": None, "tried": False, "error": None, "build_seconds": None, "path": None, "avx512": False}
+
+
+_state: dict = initial_state()
 
 
 def _cpu_has_avx2_fma() -> bool:

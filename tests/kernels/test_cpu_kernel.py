@@ -263,7 +263,7 @@ def test_build_failure_warns_once_and_falls_back(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(kc, "_SOURCE", bad)
     monkeypatch.setattr(kc, "_cache_dir", lambda: tmp_path / "cache")
     monkeypatch.setattr(kc, "_cpu_has_avx2_fma", lambda: True)
-    monkeypatch.setattr(kc, "_state", {"lib": None, "tried": False, "error": None, "build_seconds": None, "path": None})
+    monkeypatch.setattr(kc, "_state", kc.initial_state())
     with pytest.warns(RuntimeWarning, match="fused CPU kernel unavailable"):
         assert not kc.available()
     assert "failed" in kc.build_info()["error"]

@@ -50,7 +50,7 @@ needs_kernel = pytest.mark.skipif(not kc.available(), reason=f"fused CPU kernel 
 @pytest.fixture
 def fresh_kernel(monkeypatch, tmp_path):
     """The kernel module as in a new process (nothing tried yet), caching into ``tmp_path``."""
-    monkeypatch.setattr(kc, "_state", {"lib": None, "tried": False, "error": None, "build_seconds": None, "path": None})
+    monkeypatch.setattr(kc, "_state", kc.initial_state())
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
     return tmp_path / "ext"
 
@@ -315,7 +315,7 @@ def test_docs_auto_policy_table_matches_resolve_backend(monkeypatch, tmp_path):
         if not kc.available() and "kernel built" in case:
             continue
         with monkeypatch.context() as m:
-            m.setattr(kc, "_state", {"lib": None, "tried": False, "error": None, "build_seconds": None, "path": None})
+            m.setattr(kc, "_state", kc.initial_state())
             m.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
             for k, v in env.items():
                 if k == "no_avx2":
