@@ -16,7 +16,6 @@
 #include <memory>
 #include <new>
 #include <thread>
-#include <type_traits>
 #include <vector>
 
 extern "C" int gm_cpu_supported() {
@@ -24,9 +23,9 @@ extern "C" int gm_cpu_supported() {
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
 
-// The fp32 GEMM in 512-bit registers where the CPU has AVX-512F (gemm_cols512): the same packed panels, the same FMA
-// order per output (bias, then k = 0..K-1), so its results are bitwise those of the AVX2 GEMM; only the width of the
-// registers differs. Chosen once at load by the Python wrapper (gm_set_avx512; GROKFAST_METRICS_CPU_AVX512=0: AVX2).
+// The GEMMs (fp32 and fp64) in 512-bit registers where the CPU has AVX-512F (gemm_panel512): the same packed panels,
+// the same FMA order per output (bias, then k = 0..K-1), so their results are bitwise those of the AVX2 GEMMs; only
+// the width of the registers differs. Chosen once at load by the Python wrapper (gm_set_avx512; GROKFAST_METRICS_CPU_AVX512=0: AVX2).
 static int g_avx512 = 0;
 
 extern "C" int gm_set_avx512(int want) {
@@ -348,47 +347,73 @@ void gemm_panel(const Real* A, int lda, int T, const Real* B, const int* idx, in
 
 #pragma GCC push_options
 #pragma GCC target("avx512f")
-// The fp32 micro-kernel in 512-bit registers: R rows x NP packed panels of 16 columns (one zmm per panel row; panel p
-// starts pstride floats after panel 0). Same accumulation order as micro<> (bias, then k = 0..K-1, one FMA each).
-template <int R, int NP, bool IDX>
-inline void micro512(const float* A, int lda, const float* B, int64_t pstride, const int* idx, int K, const float* bias,
-                     float* C, int ldc) {
-    __m512 acc[R][NP];
+// One zmm register per row of a packed panel: 16 floats (the fp32 panels of 2 W = 16 columns) or 8 doubles (fp64: 8).
+template <class Real>
+struct Zmm;
+template <>
+struct Zmm<float> {
+    using reg = __m512;
+    static constexpr int W = 16;
+    static reg load(const float* p) { return _mm512_loadu_ps(p); }
+    static void store(float* p, reg v) { _mm512_storeu_ps(p, v); }
+    static reg set1(float v) { return _mm512_set1_ps(v); }
+    static reg zero() { return _mm512_setzero_ps(); }
+    static reg fmadd(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
+};
+template <>
+struct Zmm<double> {
+    using reg = __m512d;
+    static constexpr int W = 8;
+    static reg load(const double* p) { return _mm512_loadu_pd(p); }
+    static void store(double* p, reg v) { _mm512_storeu_pd(p, v); }
+    static reg set1(double v) { return _mm512_set1_pd(v); }
+    static reg zero() { return _mm512_setzero_pd(); }
+    static reg fmadd(reg a, reg b, reg c) { return _mm512_fmadd_pd(a, b, c); }
+};
+
+// The micro-kernel in 512-bit registers: R rows x NP packed panels of Zmm::W columns (one register per panel row;
+// panel p starts pstride elements after panel 0). Same accumulation order as micro<> (bias, then k = 0..K-1, one FMA
+// each), so the same results bit for bit.
+template <int R, int NP, bool IDX, class Real>
+inline void micro512(const Real* A, int lda, const Real* B, int64_t pstride, const int* idx, int K, const Real* bias,
+                     Real* C, int ldc) {
+    using Z = Zmm<Real>;
+    typename Z::reg acc[R][NP];
 #pragma GCC unroll 8
     for (int p = 0; p < NP; ++p) {
-        __m512 b = bias != nullptr ? _mm512_loadu_ps(bias + 16 * p) : _mm512_setzero_ps();
+        typename Z::reg b = bias != nullptr ? Z::load(bias + Z::W * p) : Z::zero();
 #pragma GCC unroll 12
         for (int r = 0; r < R; ++r) acc[r][p] = b;
     }
     for (int k = 0; k < K; ++k) {
-        const float* b_row = B + (int64_t)(IDX ? idx[k] : k) * 16;
-        __m512 b[NP];
+        const Real* b_row = B + (int64_t)(IDX ? idx[k] : k) * Z::W;
+        typename Z::reg b[NP];
 #pragma GCC unroll 8
-        for (int p = 0; p < NP; ++p) b[p] = _mm512_loadu_ps(b_row + p * pstride);
+        for (int p = 0; p < NP; ++p) b[p] = Z::load(b_row + p * pstride);
 #pragma GCC unroll 12
         for (int r = 0; r < R; ++r) {
-            __m512 a = _mm512_set1_ps(A[r * lda + k]);
+            typename Z::reg a = Z::set1(A[r * lda + k]);
 #pragma GCC unroll 8
-            for (int p = 0; p < NP; ++p) acc[r][p] = _mm512_fmadd_ps(a, b[p], acc[r][p]);
+            for (int p = 0; p < NP; ++p) acc[r][p] = Z::fmadd(a, b[p], acc[r][p]);
         }
     }
 #pragma GCC unroll 12
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-        for (int p = 0; p < NP; ++p) _mm512_storeu_ps(C + r * ldc + 16 * p, acc[r][p]);
+        for (int p = 0; p < NP; ++p) Z::store(C + r * ldc + Z::W * p, acc[r][p]);
 }
 
 // Rows in ceil(T / 12) nearly equal blocks (T - 1 = 20: 10 + 10): 2 x 12 accumulators at most, 32 zmm registers.
-template <int NP, bool IDX>
-void gemm_panel512(const float* A, int lda, int T, const float* B, int64_t pstride, const int* idx, int K,
-                   const float* bias, float* C, int ldc) {
+template <int NP, bool IDX, class Real>
+void gemm_panel512(const Real* A, int lda, int T, const Real* B, int64_t pstride, const int* idx, int K,
+                   const Real* bias, Real* C, int ldc) {
     const int nb = (T + 11) / 12, base = T / nb, rem = T % nb;
     for (int b = 0, t = 0; b < nb; ++b) {
         const int R = base + (b < rem ? 1 : 0);
-        const float* a = A + (int64_t)t * lda;
-        float* c = C + (int64_t)t * ldc;
+        const Real* a = A + (int64_t)t * lda;
+        Real* c = C + (int64_t)t * ldc;
         switch (R) {
-#define GM_MICRO512(n) case n: micro512<n, NP, IDX>(a, lda, B, pstride, idx, K, bias, c, ldc); break;
+#define GM_MICRO512(n) case n: micro512<n, NP, IDX, Real>(a, lda, B, pstride, idx, K, bias, c, ldc); break;
             GM_MICRO512(12) GM_MICRO512(11) GM_MICRO512(10) GM_MICRO512(9) GM_MICRO512(8) GM_MICRO512(7)
             GM_MICRO512(6) GM_MICRO512(5) GM_MICRO512(4) GM_MICRO512(3) GM_MICRO512(2) GM_MICRO512(1)
 #undef GM_MICRO512
@@ -407,14 +432,12 @@ void gemm_cols(const Real* A, int lda, int T, int kp, const int* idx, int K, int
     constexpr int W = Simd<Real>::W;
     const Real* B = wpack;
     int c0 = 0;
-    if constexpr (std::is_same_v<Real, float>) {
-        if (g_avx512) {  // the full 16-column panels two at a time (then one) in zmm registers; an 8-wide last one below
-            const int64_t ps = (int64_t)kp * 16;
-            for (; np - c0 >= 32; c0 += 32, B += 2 * ps)
-                gemm_panel512<2, IDX>(A, lda, T, B, ps, idx, K, bias != nullptr ? bias + c0 : nullptr, C + c0, np);
-            for (; np - c0 >= 16; c0 += 16, B += ps)
-                gemm_panel512<1, IDX>(A, lda, T, B, ps, idx, K, bias != nullptr ? bias + c0 : nullptr, C + c0, np);
-        }
+    if (g_avx512) {  // the full panels (2 W columns: one zmm) two at a time, then one; a W-wide last one below
+        const int64_t ps = (int64_t)kp * 2 * W;
+        for (; np - c0 >= 4 * W; c0 += 4 * W, B += 2 * ps)
+            gemm_panel512<2, IDX, Real>(A, lda, T, B, ps, idx, K, bias != nullptr ? bias + c0 : nullptr, C + c0, np);
+        for (; np - c0 >= 2 * W; c0 += 2 * W, B += ps)
+            gemm_panel512<1, IDX, Real>(A, lda, T, B, ps, idx, K, bias != nullptr ? bias + c0 : nullptr, C + c0, np);
     }
     for (int c = c0; c < np; c += 2 * W) {
         const Real* bc = bias != nullptr ? bias + c : nullptr;

@@ -226,16 +226,17 @@ def test_env_switch_disables_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
         (8, [20, 24, 5], "leaky_relu", 21, True),  # trailing activation: the uncentred GEMM with its bias
     ],
 )
-def test_avx512_gemm_is_bitwise_the_avx2_gemm(n: int, widths: list[int], act: str, n_lambda: int, trailing: bool) -> None:
-    """Where the CPU has AVX-512F the fp32 GEMM runs in zmm registers (kernels.cpu_fused.use_avx512): the same products
-    added in the same order per output, so L must be bitwise that of the AVX2 GEMM (and within the contract)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_avx512_gemm_is_bitwise_the_avx2_gemm(n: int, widths: list[int], act: str, n_lambda: int, trailing: bool, dtype) -> None:
+    """Where the CPU has AVX-512F the GEMMs run in zmm registers (kernels.cpu_fused.use_avx512): the same products
+    added in the same order per output, so L must be bitwise that of the AVX2 GEMMs (and within the contract)."""
     was = kc.build_info()["avx512"]
     if not kc.use_avx512(True):
         kc.use_avx512(was)
         pytest.skip("this CPU has no AVX-512F")
     torch.manual_seed(n + n_lambda)
-    h = torch.randn(n, 6)
-    tail = make_tail(6, widths, act, trailing=trailing)
+    h = torch.randn(n, 6, dtype=dtype)
+    tail = make_tail(6, widths, act, trailing=trailing).to(dtype)
     try:
         wide = fused(h, tail, n_lambda)
         kc.use_avx512(False)
@@ -243,7 +244,7 @@ def test_avx512_gemm_is_bitwise_the_avx2_gemm(n: int, widths: list[int], act: st
     finally:
         kc.use_avx512(was)
     assert torch.equal(wide, narrow), f"max |difference| {float((wide - narrow).abs().max()):.3g}"
-    check_against_reference(wide, h, tail, n_lambda, direct=True)
+    check_against_reference(wide, h, tail, n_lambda, dtype=dtype, direct=True)
 
 
 @needs_kernel
