@@ -413,10 +413,10 @@ void gemm_panel512(const Real* A, int lda, int T, const Real* B, int64_t pstride
         const Real* a = A + (int64_t)t * lda;
         Real* c = C + (int64_t)t * ldc;
         switch (R) {
-#define GM_MICRO512(n) case n: micro512<n, NP, IDX, Real>(a, lda, B, pstride, idx, K, bias, c, ldc); break;
-            GM_MICRO512(12) GM_MICRO512(11) GM_MICRO512(10) GM_MICRO512(9) GM_MICRO512(8) GM_MICRO512(7)
-            GM_MICRO512(6) GM_MICRO512(5) GM_MICRO512(4) GM_MICRO512(3) GM_MICRO512(2) GM_MICRO512(1)
-#undef GM_MICRO512
+#define MICRO512_CASE(n) case n: micro512<n, NP, IDX, Real>(a, lda, B, pstride, idx, K, bias, c, ldc); break;
+            MICRO512_CASE(12) MICRO512_CASE(11) MICRO512_CASE(10) MICRO512_CASE(9) MICRO512_CASE(8) MICRO512_CASE(7)
+            MICRO512_CASE(6) MICRO512_CASE(5) MICRO512_CASE(4) MICRO512_CASE(3) MICRO512_CASE(2) MICRO512_CASE(1)
+#undef MICRO512_CASE
             default: break;
         }
         t += R;
