@@ -46,7 +46,7 @@ from .plan import Plan
 __all__ = ["check_cut", "lmn_at"]
 
 
-@keyword_only("check_cut(model, inputs, at='blocks.0', to=None, output=None, batch_dim=0, input_batch_dim=None)")
+@keyword_only("check_cut(model, inputs, at='<layer name>', to=None, output=None, batch_dim=0, input_batch_dim=None)")
 def check_cut(
     model: nn.Module,
     inputs: Any,
@@ -84,7 +84,7 @@ def check_cut(
         return plan.enforce_cut(act, y)
 
 
-@keyword_only("lmn_at(model, inputs, at='blocks.0', to=None, output=None, batch_dim=0, n_lambda=21, ...)")
+@keyword_only("lmn_at(model, inputs, at='<layer name>', to=None, output=None, batch_dim=0, n_lambda=21, ...)")
 def lmn_at(
     model: nn.Module,
     inputs: Any,

@@ -123,7 +123,7 @@ def keyword_only(call: str, name: str | None = None) -> Callable[[F], F]:
     The wrapped function's positional-or-keyword parameters (after ``self``) are the ones that may be passed
     positionally, the rest are keyword-only. A call with too many positional arguments, or without one of the
     required ones, raises a ``TypeError`` ending in ``call it as <call>`` (``call``: e.g.
-    ``"lmn_at(model, inputs, at='blocks.0', to='head')"``), instead of Python's generic message. The signature is
+    ``"lmn_at(model, inputs, at='<layer name>', to=None, ...)"``), instead of Python's generic message. The signature is
     unchanged (``inspect.signature`` follows ``__wrapped__``); a well-formed call costs one length check. ``name``: what
     the message calls it (default: the function's, or the class's for ``__init__``).
     """

@@ -27,7 +27,7 @@ class _LMNMetricMethods(_MetricBase):
     value: torch.Tensor  # the states add_state registers: the latest LMN per layer, and its step
     step: torch.Tensor
 
-    @keyword_only("LMNMetric(model, probe_inputs, at='blocks.0', every=1, ...)", name="LMNMetric")
+    @keyword_only("LMNMetric(model, probe_inputs, at='<layer name>', every=1, ...)", name="LMNMetric")
     def __init__(self, model: nn.Module, probe_inputs, at: str | Sequence[str], *, every: int | str = 1, **kwargs):
         tracker_keys = ("output", "batch_dim", "n_lambda", "backend", "log_base", "check", "to", "input_batch_dim", "path", "user_hooks")
         tracker_kw = {k: kwargs.pop(k) for k in tracker_keys if k in kwargs}

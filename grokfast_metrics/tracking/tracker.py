@@ -148,7 +148,7 @@ class LMNTracker(Tracker):
     ([0, 10], True)
     """
 
-    @keyword_only("LMNTracker(model, probe_inputs, at='blocks.0', every=1, to=None, output=None, ...)")
+    @keyword_only("LMNTracker(model, probe_inputs, at='<layer name>', every=1, to=None, output=None, ...)")
     def __init__(
         self,
         model: nn.Module,
