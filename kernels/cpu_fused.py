@@ -149,7 +149,8 @@ def _build() -> ctypes.CDLL:
 
 
 def use_avx512(want: bool, lib: ctypes.CDLL | None = None) -> bool:
-    """Run the fp32 GEMM in 512-bit registers (AVX-512F) when ``want`` and the CPU has them; returns whether it does.
+    """Run the GEMMs (fp32 and fp64) in 512-bit registers (AVX-512F) when ``want`` and the CPU has them; returns whether
+    they do.
 
     The default where the CPU has AVX-512F (``GROKFAST_METRICS_CPU_AVX512=0`` turns it off at load). Both GEMMs add the
     same products in the same order per output, so ``L`` is bitwise the same either way (``tests/kernels``); only the
@@ -214,7 +215,7 @@ def available() -> bool:
 
 def build_info() -> dict:
     """``{"path", "build_seconds", "error", "cache_dir", "avx512"}`` of the kernel library (``build_seconds`` is ``None``
-    when it came from the cache or was not built in this process; ``avx512``: the fp32 GEMM runs in 512-bit registers)."""
+    when it came from the cache or was not built in this process; ``avx512``: the GEMMs run in 512-bit registers)."""
     return {**{k: _state[k] for k in ("path", "build_seconds", "error", "avx512")}, "cache_dir": str(_cache_dir())}
 
 

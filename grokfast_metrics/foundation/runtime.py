@@ -83,7 +83,7 @@ ENV_PREFIX = "GROKFAST_METRICS_"
 #: the library's variables (name after the prefix -> what it does); docs/environment.md documents each
 ENV_VARS = {
     "CPU_KERNEL": "0 / false / False turns the fused C++ CPU kernel off (backend='auto' then runs torch ops)",
-    "CPU_AVX512": "0 / false / False: the C++ kernel's fp32 GEMM in AVX2 registers where the CPU has AVX-512F (same L)",
+    "CPU_AVX512": "0 / false / False: the C++ kernel's GEMMs in AVX2 registers where the CPU has AVX-512F (same L)",
     "TRITON_KERNEL": "v1 or v2: the Triton kernel variant of every call (default: v2 where it applies, else v1)",
 }
 #: old names a user could have set, still read (with a DeprecationWarning) when the new one is unset
