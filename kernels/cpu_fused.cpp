@@ -655,7 +655,7 @@ void precompute_exp(const Real* z, int64_t n, int kp, Real* ez, Real* sz, uint8_
 }
 
 // Tails ending in an activation (no centring possible): the flag's rounding scale must carry the inner
-// layers' rounding through the trailing activations (torch_backend._through / _slope_bound).
+// layers' rounding through the trailing activations (compute.torch_paths._through / _slope_bound).
 // Bound on |act'(x)| from x and a = act(x).
 inline float slope_bound(int code, float slope, float x, float a) {
     switch (code) {
@@ -959,7 +959,7 @@ void run_rows(const Problem& p, std::atomic<int64_t>* next_row) {
                     const float* xm = x + mid * kp;
                     // m_h: rounding scale of input h of the last Linear, max_t |a_th| (|a_0| + max |a_t - a_0|
                     // when the rows already hold differences), times (1 + max(|z_i|, |z_j|)) for a single
-                    // stage (the input's rounding amplified by x act'(x), see torch_backend._through)
+                    // stage (the input's rounding amplified by x act'(x), see compute.torch_paths._through)
                     // or 2 for deeper tails. The scale of output k is sum_h |W_kh| m_h (computed below only
                     // when the bound max_h m_h sum_h |W_kh| does not already clear the pair).
                     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
@@ -1107,7 +1107,7 @@ void run_rows_safe(const Problem& p, std::atomic<int64_t>* next_row) {
 // ---------------------------------------------------------------------------------------------
 // fp64 kernel: the whole connectivity matrix of a float64 model (rows shared between threads as in the fp32
 // kernel) and core's recompute of a list of pairs the fp32 kernel flagged, through one per-pair function.
-// The algebra of torch_backend._pairs_values in float64: the last projection centred (rows 1..T-1 of its
+// The algebra of compute.torch_paths._pairs_values in float64: the last projection centred (rows 1..T-1 of its
 // input hold a_t - a_0, so the bias and a common offset never enter; its row 0 is 0 and the GEMM skips it),
 // stable activations (a saturating one before the last Linear taken offset free), the constant-path rule on
 // the same rounding scale. No flags: fp64 meets its own contract (docs/lmn.md). The default tail runs the
@@ -1221,7 +1221,7 @@ inline double rounding_gain64(int code, double x, bool sat) {
 }
 
 // The input of the centred last projection (stage s) from x[T, kp] (its input before its activations), into
-// a: row 0 a_0, rows t >= 1 a_t - a_0. mv[h] = max_t |a_th| (1 + g(x_th)), torch_backend._rounding_scale.
+// a: row 0 a_0, rows t >= 1 a_t - a_0. mv[h] = max_t |a_th| (1 + g(x_th)), compute.torch_paths._through.
 // Returns max_h mv[h].
 double centre_last64(const Pairs64& p, int s, double* x, double* a, double* mv) {
     const int T = p.T, K = p.kin[s], kp = p.kp[s];

@@ -40,11 +40,11 @@ from grokfast_metrics.foundation.runtime import cpu_kernel_switched_off, env
 from grokfast_metrics.foundation.tail import ACT_CODES, MLPTail
 
 _SOURCE = Path(__file__).with_name("cpu_fused.cpp")
-#: compiler flags; the activation codes of the C++ ``ActCode`` enum come from ``_tail.ACT_CODES``
+#: compiler flags; the activation codes of the C++ ``ActCode`` enum come from ``foundation.tail.ACT_CODES``
 _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fno-math-errno"] + [
     f"-DGM_ACT_{name.upper()}={code}" for name, code in ACT_CODES.items()
 ]
-_ENV_SWITCH = "GROKFAST_METRICS_CPU_KERNEL"  # read by _runtime.cpu_kernel_switched_off
+_ENV_SWITCH = "GROKFAST_METRICS_CPU_KERNEL"  # read by foundation.runtime.cpu_kernel_switched_off
 
 _lock = threading.Lock()
 
@@ -357,8 +357,8 @@ def connectivity_cpu(
         spec: normalised MLP tail with at least one stage.
         n_lambda: interpolation points ``T`` per pair (>= 3).
         num_threads: worker threads (default ``torch.get_num_threads()``).
-        flag: float32 only: write ``_policy.FLAGGED`` for pairs whose estimated fp32 error exceeds
-            ``_policy.FLAG_KAPPA`` (``core`` recomputes them in fp64). The estimate is that of the torch path with a
+        flag: float32 only: write ``foundation.policy.FLAGGED`` for pairs whose estimated fp32 error exceeds
+            ``foundation.policy.FLAG_KAPPA`` (``core`` recomputes them in fp64). The estimate is that of the torch path with a
             coarser rounding scale per hidden unit (``max_t |a| (1 + max(|z_i|, |z_j|))``). float64 never flags.
         u: ``(N, O)`` skip term ``u = W_skip h`` (float64; ``spec.skip_values(h)``), required when ``spec.skip`` is
             set: each pair's output gains ``lam (u_j - u_i)``, the difference taken in float64.
@@ -442,7 +442,7 @@ def pairs_f64(
 ) -> torch.Tensor:
     """``L_ij`` of the pairs ``(i[p], j[p])`` in float64, in one C++ call (``core``'s recompute of flagged pairs).
 
-    The float64 kernel of :func:`connectivity_cpu` (the algebra of ``torch_backend._pairs_values`` in float64:
+    The float64 kernel of :func:`connectivity_cpu` (the algebra of ``compute.torch_paths._pairs_values`` in float64:
     centred last projection, offset-free saturating activation before it, constant-path rule on the same
     rounding scale) on the listed pairs only: no per-op dispatch, no chunk of activations held in memory.
 
@@ -525,7 +525,7 @@ def _run_f64(
     n = z.shape[0]
     zp = np.zeros((n, pk.kps[0]), dtype=np.float64)
     zp[:, : z.shape[1]] = z
-    lam = np.arange(n_lambda, dtype=np.float64) / (n_lambda - 1)  # = _policy.lambdas in float64
+    lam = np.arange(n_lambda, dtype=np.float64) / (n_lambda - 1)  # = foundation.policy.lambdas in float64
     lam_c = lam - 0.5
     ll = float((lam_c**2).sum())
     if pi is None:

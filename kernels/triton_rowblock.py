@@ -203,10 +203,10 @@ def _connectivity_fwd_kernel(
     ``CENTRED`` (no trailing activation, docs/lmn.md, "Accuracy contract"): the last Linear maps its input centred
     over ``t`` (depth 1: ``a_t - a_0``), without its bias, sigmoid/tanh just before it offset free, and
     ``scale_k = min(max_h m_h |W_k|_1, |m|_2 |W_k|_2) >= sum_h |W_kh| m_h`` (``m_h``: the rounding scale of
-    ``torch_backend._through``, depth 1 bounded from the path's ends). Otherwise (an activation follows
+    ``compute.torch_paths._through``, depth 1 bounded from the path's ends). Otherwise (an activation follows
     the last Linear) ``scale_k = max_t |y_k| + max_t |act_F'(x_k)| (min(max_h m_h |W_k|_1, |m|_2 |W_k|_2) + |c_k|)``
     with ``m_h`` the same bound on the plain input (in fp32, for the flag; fp64: ``max_t |y_k|``).
-    ``FLAG`` (fp32): a pair whose ``torch_backend.pair_error_estimate`` of ``EPS * scale`` exceeds
+    ``FLAG`` (fp32): a pair whose ``compute.torch_paths.pair_error_estimate`` of ``EPS * scale`` exceeds
     ``FLAG_KAPPA`` is written ``FLAGGED`` (``core`` recomputes it in fp64); an exactly constant path
     (``z_j == z_i``) is 1, never flagged.
 
@@ -230,7 +230,7 @@ def _connectivity_fwd_kernel(
         b_lam = o_t.to(DT) / (T - 1)  # [T_PAD]
 
         # CENTRED (no trailing activation): the last Linear maps its centred input, no bias (docs/lmn.md, "Accuracy contract" (a));
-        # b_mmax, b_msq: max_h m_h and sum_h m_h^2 of its input's rounding scale m_h (torch_backend._through)
+        # b_mmax, b_msq: max_h m_h and sum_h m_h^2 of its input's rounding scale m_h (compute.torch_paths._through)
         b_mmax = tl.zeros([BLOCK_J], dtype=DT)
         b_msq = tl.zeros([BLOCK_J], dtype=DT)
         b_dn = tl.zeros([BLOCK_J], dtype=DT)  # max_h |z_jh - z_ih|
@@ -354,7 +354,7 @@ def _connectivity_fwd_kernel(
                     b_r = 2.0 * b_r
                 b_scale += b_d * (b_r + tl.abs(b_c)[None, :])
         b_tiny = None
-        if DT == tl.float64:  # the underflow policy (_policy.UNDERFLOW_TINY; fp32 never gets there)
+        if DT == tl.float64:  # the underflow policy (foundation.policy.UNDERFLOW_TINY; fp32 never gets there)
             if CENTRED:
                 b_tiny = 1e-290 * tl.load(wn_ptr + tl.arange(0, PO))[None, :] / b_p2  # 1e-290 sum_h |W_kh|
             else:

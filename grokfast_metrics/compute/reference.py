@@ -4,7 +4,7 @@ For every pair ``i < j`` it builds the ``T`` interpolation points ``h_i + lam_t 
 space of ``h``, runs the *whole* tail layer by layer in float64 NumPy from the module's weights
 (no absorption of the first Linear), takes the squared Pearson correlation of every output
 dimension with ``lam`` and averages them. The activations' float64 formulas come from the one
-activation table (``_tail.ACTIVATIONS``; stable forms: GELU through ``erfc``, sigmoid/SiLU through
+activation table (``foundation.tail.ACTIVATIONS``; stable forms: GELU through ``erfc``, sigmoid/SiLU through
 ``e^{-|x|}``). This file is the fast yardstick the fused paths are checked against
 (``grokfast_metrics.compute.exact`` is the arbitrary-precision one); it is not edited to match them.
 
@@ -12,7 +12,7 @@ Two exact rewritings keep it accurate on ill-conditioned paths (docs/lmn.md, "Ac
 tail ends in a Linear, its output is taken centred over ``t`` *before* that Linear,
 ``yc = (a - mean_t a) W^T`` (r2 is shift invariant, so the bias and a logit offset shared along the path
 never enter), and a saturating activation (sigmoid/tanh) just before it is taken offset free
-(``sigmoid(x) - 1 = -sigmoid(-x)``; see ``_tail.numpy_offset_free``).
+(``sigmoid(x) - 1 = -sigmoid(-x)``; see ``foundation.tail.numpy_offset_free``).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Two paths share one reduction (:func:`r2_from_centred`):
 
-* :func:`connectivity_mlp` for MLP tails (``_tail.MLPTail``): the leading Linear is absorbed
+* :func:`connectivity_mlp` for MLP tails (``foundation.tail.MLPTail``): the leading Linear is absorbed
   (``z = W h + b`` once per sample, interpolation on ``z``), only the upper triangle is computed,
   and a chunk of ``P`` pairs materialises ``P * T * H`` activations, never ``N^2 * T * H``. When the
   tail ends in a Linear, its output is taken centred over ``t`` *before* that Linear,
@@ -13,7 +13,7 @@ Two paths share one reduction (:func:`r2_from_centred`):
 
 Both run on whatever device ``h`` lives on (CPU or CUDA) in fp32 or fp64. With ``flag=True`` (what
 ``core`` asks for in fp32) a pair the fp32 computation cannot resolve to the accuracy contract is
-written as :data:`~._policy.FLAGGED` and ``core`` recomputes it in fp64 (:func:`mlp_pairs`,
+written as :data:`~grokfast_metrics.foundation.policy.FLAGGED` and ``core`` recomputes it in fp64 (:func:`mlp_pairs`,
 :func:`grokfast_metrics.compute.generic.pairs_connectivity`).
 """
 
@@ -304,7 +304,7 @@ def connectivity_mlp(h: torch.Tensor, spec: MLPTail, n_lambda: int, chunk_bytes:
         spec: normalised MLP tail.
         n_lambda: interpolation points per pair.
         chunk_bytes: size of one chunk of activations.
-        flag: write :data:`~._policy.FLAGGED` for pairs fp32 cannot resolve (``core`` recomputes them).
+        flag: write :data:`~grokfast_metrics.foundation.policy.FLAGGED` for pairs fp32 cannot resolve (``core`` recomputes them).
 
     Raises:
         MemoryError: ``L`` and a chunk cannot fit in the device's memory (checked before allocating).
