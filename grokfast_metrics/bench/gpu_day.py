@@ -105,10 +105,10 @@ def _variant_skips(b: str, tail: nn.Module, T: int) -> str | None:
     if b != "triton-v2":
         return None
     from ..foundation.tail import parse_tail
-    from ..kernels import connectivity_v2 as kv2
+    from ..kernels.triton import variant_for
 
     spec = parse_tail(tail)
-    if spec is None or not kv2.supported(spec, T):
+    if spec is None or variant_for(spec, T, "v2") != "v2":
         return "SKIPPED: v2 leaves this tail to v1 (the triton-v1 row)"
     return None
 

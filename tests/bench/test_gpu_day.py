@@ -206,3 +206,14 @@ def test_transformer_hook_adds_a_workload(monkeypatch):
     fake = gpu_day.Workload("transformer", gpu_day.default_workload().make, 100, 31, 1, 1)
     monkeypatch.setattr(wl, "transformer_tail_workload", lambda n_lambda: fake, raising=False)
     assert [w.name for w in gpu_day.workloads()] == ["default", "transformer"]
+
+
+def test_v2_rows_skip_the_tails_v2_leaves_to_v1():
+    """``triton-v2`` is timed only on a tail v2 runs (its import named a kernel module renamed since: on a GPU this
+    stage raised ImportError before timing anything)."""
+    pytest.importorskip("triton")
+    from grokfast_metrics.bench.workloads import make_tail
+
+    assert gpu_day._variant_skips("triton-v2", make_tail(100, 31), 21) is None
+    assert gpu_day._variant_skips("triton-v2", make_tail(16, 100), 21).startswith("SKIPPED: v2 leaves")  # > 64 outputs
+    assert gpu_day._variant_skips("triton-v1", make_tail(16, 100), 21) is None
