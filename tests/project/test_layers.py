@@ -29,6 +29,13 @@ def sources() -> dict[str, tuple[str, bool]]:
     return {module_name(f): (f.read_text(encoding="utf-8"), f.name == "__init__.py") for f in files}
 
 
+def from_base(node: ast.ImportFrom, package: list[str]) -> str:
+    """The absolute module of ``from <base> import ...`` in a module of ``package``."""
+    if node.level == 0:
+        return node.module or ""
+    return ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else []))
+
+
 def imports(module: str, source: str, is_package: bool, known: set[str]) -> set[str]:
     """The modules of the package that ``module`` imports anywhere in its source (any depth, any condition)."""
     package = module.split(".") if is_package else module.split(".")[:-1]
@@ -37,11 +44,7 @@ def imports(module: str, source: str, is_package: bool, known: set[str]) -> set[
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
-            base = (
-                (node.module or "")
-                if node.level == 0
-                else ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else []))
-            )
+            base = from_base(node, package)
             targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
         else:
             continue
@@ -155,7 +158,7 @@ def unresolved(srcs: dict[str, tuple[str, bool]]) -> list[str]:
             if isinstance(node, ast.Import):
                 bad += [f"{module}: import {a.name}" for a in node.names if a.name.startswith("grokfast_metrics.") and a.name not in known]
             elif isinstance(node, ast.ImportFrom):
-                base = (node.module or "") if node.level == 0 else ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else []))
+                base = from_base(node, package)
                 if not base.startswith("grokfast_metrics"):
                     continue
                 if base not in known:
