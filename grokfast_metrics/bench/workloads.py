@@ -139,7 +139,7 @@ class Workload:
 
 
 def transformer_tail_workload(n_lambda: int = 21) -> Workload:
-    """The GPU day's lowered transformer tail (the hook of :func:`grokfast_metrics.bench.gpu_day.workloads`).
+    """The GPU day's lowered transformer tail (the hook of :func:`grokfast_metrics.bench.gpu_day_timing.workloads`).
 
     :func:`transformer_residuals` at :data:`TRANSFORMER_TAIL`'s sizes; the tail is what ``lmn_at``'s plan lowers the
     model to at ``blocks.0.hook_resid_mid`` (:mod:`grokfast_metrics.dropin.lower`: the last position, ``Linear(128, 512)``

@@ -17,8 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from grokfast_metrics.bench import gpu_day, gpu_day_cuda_tests, gpu_day_dense, gpu_day_report
+from grokfast_metrics.bench import gpu_day, gpu_day_cuda_tests, gpu_day_dense, gpu_day_report, gpu_day_timing
 from grokfast_metrics.bench.harness import ATOL, BenchRow
+from grokfast_metrics.bench.sweep import row_maker
+from grokfast_metrics.bench.workloads import Workload
 from grokfast_metrics.bench.report import read_csv
 from grokfast_metrics.cli import main as cli
 
@@ -61,16 +63,16 @@ def test_dry_run_results_file(dry_run):
     kinds = {r["kind"] for r in rows}
     assert {"roof", "connectivity", "lmn_e2e", "eigen", "dense_tracking"} <= kinds
     conn = {(r["backend"], r["N"]): r for r in rows if r["kind"] == "connectivity" and "workload default" in r["note"]}
-    assert set(conn) == {(b, n) for b in gpu_day.BACKENDS for n in gpu_day.DRY_NS}
+    assert set(conn) == {(b, n) for b in gpu_day_timing.BACKENDS for n in gpu_day_timing.DRY_NS}
     # the lowered transformer tail: every backend and N, the torch rows checked against the reference first
     # (observed ~3e-7); on a loaded machine its torch rows may find the timing budget spent
     tr = {(r["backend"], r["N"]): r for r in rows if r["kind"] == "connectivity" and "workload transformer" in r["note"]}
     assert set(tr) == set(conn)
-    for n in gpu_day.DRY_NS:
+    for n in gpu_day_timing.DRY_NS:
         assert tr[("torch", n)]["status"] in ("ok", "SKIPPED: timing budget spent"), tr[("torch", n)]
         assert tr[("torch", n)]["max_abs_diff"] <= ATOL[torch.float32] / 5 and tr[("torch", n)]["O"] == 113
         assert all(tr[(b, n)]["status"] == gpu_day.SKIP_NO_CUDA for b in ("triton-v1", "triton-v2"))
-    for n in gpu_day.DRY_NS:
+    for n in gpu_day_timing.DRY_NS:
         torch_row = conn[("torch", n)]
         # checked against the reference before it was timed (observed max abs diff ~1e-7 here)
         assert torch_row["status"] == "ok" and torch_row["max_abs_diff"] <= ATOL[torch.float32] / 5
@@ -78,7 +80,7 @@ def test_dry_run_results_file(dry_run):
         for b in ("triton-v1", "triton-v2"):
             assert conn[(b, n)]["status"] == gpu_day.SKIP_NO_CUDA and conn[(b, n)]["time_median_s"] is None
     e2e = [r for r in rows if r["kind"] == "lmn_e2e"]
-    assert [r["N"] for r in e2e] == list(gpu_day.DRY_NS) and all(r["time_L_s"] > 0 and r["time_eigen_s"] > 0 for r in e2e)
+    assert [r["N"] for r in e2e] == list(gpu_day_timing.DRY_NS) and all(r["time_L_s"] > 0 and r["time_eigen_s"] > 0 for r in e2e)
     eig = [r for r in rows if r["kind"] == "eigen"]
     assert eig and all(r["backend"].startswith("eigvalsh-host-lapack-") and r["threads"] >= 1 for r in eig)
     dense = res["dense_tracking"]
@@ -191,9 +193,9 @@ def test_static_model_ratio_per_kernel_and_n():
 
 
 def test_timing_rows_skip_once_the_budget_is_spent(one_thread):
-    new_row = gpu_day.row_maker(torch.device("cpu"))
-    w = gpu_day.default_workload()
-    rows = gpu_day.time_workload(w, torch.device("cpu"), (8, 12), 21, 1, None, time.monotonic() - 1, new_row, n_ref=6)
+    new_row = row_maker(torch.device("cpu"))
+    w = gpu_day_timing.default_workload()
+    rows = gpu_day_timing.time_workload(w, torch.device("cpu"), (8, 12), 21, 1, None, time.monotonic() - 1, new_row, n_ref=6)
     torch_rows = [r for r in rows if r.backend == "torch"]
     assert [r.status for r in torch_rows] == ["SKIPPED: timing budget spent"] * 2
     assert all(r.max_abs_diff <= ATOL[torch.float32] / 5 for r in torch_rows)  # still checked (observed ~1e-7)
@@ -202,10 +204,10 @@ def test_timing_rows_skip_once_the_budget_is_spent(one_thread):
 def test_transformer_hook_adds_a_workload(monkeypatch):
     from grokfast_metrics.bench import workloads as wl
 
-    assert gpu_day.workloads()[0].name == "default"
-    fake = gpu_day.Workload("transformer", gpu_day.default_workload().make, 100, 31, 1, 1)
+    assert gpu_day_timing.workloads()[0].name == "default"
+    fake = Workload("transformer", gpu_day_timing.default_workload().make, 100, 31, 1, 1)
     monkeypatch.setattr(wl, "transformer_tail_workload", lambda n_lambda: fake, raising=False)
-    assert [w.name for w in gpu_day.workloads()] == ["default", "transformer"]
+    assert [w.name for w in gpu_day_timing.workloads()] == ["default", "transformer"]
 
 
 def test_v2_rows_skip_the_tails_v2_leaves_to_v1():
@@ -214,6 +216,6 @@ def test_v2_rows_skip_the_tails_v2_leaves_to_v1():
     pytest.importorskip("triton")
     from grokfast_metrics.bench.workloads import make_tail
 
-    assert gpu_day._variant_skips("triton-v2", make_tail(100, 31), 21) is None
-    assert gpu_day._variant_skips("triton-v2", make_tail(16, 100), 21).startswith("SKIPPED: v2 leaves")  # > 64 outputs
-    assert gpu_day._variant_skips("triton-v1", make_tail(16, 100), 21) is None
+    assert gpu_day_timing._variant_skips("triton-v2", make_tail(100, 31), 21) is None
+    assert gpu_day_timing._variant_skips("triton-v2", make_tail(16, 100), 21).startswith("SKIPPED: v2 leaves")  # > 64 outputs
+    assert gpu_day_timing._variant_skips("triton-v1", make_tail(16, 100), 21) is None
