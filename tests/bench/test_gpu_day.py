@@ -19,9 +19,9 @@ import torch
 
 from grokfast_metrics.bench import gpu_day, gpu_day_cuda_tests, gpu_day_dense, gpu_day_report, gpu_day_timing
 from grokfast_metrics.bench.harness import ATOL, BenchRow
+from grokfast_metrics.bench.report import read_csv
 from grokfast_metrics.bench.sweep import row_maker
 from grokfast_metrics.bench.workloads import Workload
-from grokfast_metrics.bench.report import read_csv
 from grokfast_metrics.cli import main as cli
 
 ROOT = Path(__file__).resolve().parents[2]
