@@ -92,6 +92,7 @@ def _row(new_row, w: Workload, T: int, **kw) -> BenchRow:
 
 def _fill(row: BenchRow, timing: Timing, w: Workload, roof: float | None) -> BenchRow:
     fill_speed(row, timing, roof)
+    assert row.pairs is not None  # fill_speed sets it
     row.gflop = w.flop_per_pair * row.pairs / 1e9  # the workload's own useful FLOP (not the MLP formula)
     row.gflops = row.gflop / timing.median
     row.frac_roof = row.gflops / roof if roof else None
@@ -122,7 +123,7 @@ def time_workload(
             continue
         fn = backend_fn(b)
         if b not in checks:
-            checks[b] = check_agreement(lambda fn=fn: fn(h_all[:n_ref], tail, T), L_ref)
+            checks[b] = check_agreement(functools.partial(fn, h_all[:n_ref], tail, T), L_ref)
             if checks[b][1] is None:
                 fn(h_all[: min(256, max(ns))], tail, T)  # warm-up: compilation, autotuning, allocator
         r.max_abs_diff, refused = checks[b]
@@ -146,9 +147,9 @@ def time_workload(
         r.fraction_recomputed = fraction_recomputed(b)
         rows.append(_fill(r, timing, w, roof))
         last[b] = (N, timing.median)
-    torch_t = {r.N: r.time_median_s for r in rows if r.backend == "torch" and r.status == "ok"}
+    torch_t = {r.N: r.time_median_s for r in rows if r.backend == "torch" and r.status == "ok" and r.time_median_s}
     for r in rows:
-        if r.status == "ok" and r.backend != "torch" and r.N in torch_t:
+        if r.status == "ok" and r.backend != "torch" and r.N in torch_t and r.time_median_s:
             r.speedup_vs_torch = torch_t[r.N] / r.time_median_s
     return rows
 
@@ -174,6 +175,7 @@ def e2e_rows(device: torch.device, ns: Sequence[int], T: int, repeats: int, dead
         total = time_fn(functools.partial(core.lmn, h, tail, T), device, repeats, budget_s=share)
         t_L = time_fn(functools.partial(core.connectivity, h, tail, T), device, repeats, budget_s=share)
         L = t_L.result
+        assert isinstance(L, torch.Tensor)
         t_eig = time_fn(functools.partial(_eig, L, None), device, repeats, budget_s=share)
         t_post = time_fn(functools.partial(core.lmn_from_connectivity, L), device, repeats, budget_s=share)
         r.repeats = len(total.times)
