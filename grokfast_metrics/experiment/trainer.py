@@ -26,7 +26,6 @@ the run directory is touched :mod:`.preflight`.
 from __future__ import annotations
 
 import math
-import platform
 import sys
 import time
 import warnings
@@ -36,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..compute.core import LMNResult, backend_info, lmn
+from ..compute.core import LMNResult, lmn
 from ..foundation.dirlock import RUN_LOCK, locked
 from ..foundation.tail import parse_tail
 from ..tracking.base import Tracker
@@ -44,14 +43,23 @@ from ..tracking.schedule import Due, Schedule
 from .asyncrows import RowQueue, StepTracker, lmn_columns, track_connectivity
 from .checkpoint import prepare_resume, restore_checkpoint, roll_back, save_checkpoint
 from .collapse import Collapse, NumericalCollapseWarning
-from .complexity import compression_complexity, spectral_entropies, spectral_entropy_penalty, weight_matrices, weight_norms
+from .complexity import compression_complexity, spectral_entropy_penalty
 from .config import TrainConfig
 from .grokfast import make_filter
+from .measures import (
+    COMPLEXITY_BINS,
+    COMPLEXITY_RANK_FRACTIONS,
+    complexity_column,
+    lmn_backend_info,
+    run_info,
+    weight_columns,
+    weight_measures,
+)
 from .model import GrokMLP, layer_target, representations, segment_of
 from .preflight import preflight
 from .run import Run, RunResult, build_model, probe_indices
 from .runlog import MetricsLog, RunDirError, RunLogError, RunWriteError, collapse_message, prepare_run_dir, read_json, summarize, write_json
-from .tasks import Task, make_task
+from .tasks import make_task
 from .trainctl import Timer, _Progress, _Signals
 from .transformer import GrokTransformer, track_transformer_lmn
 
@@ -59,31 +67,10 @@ __all__ = ["BASE_COLUMNS", "resume", "track_lmn", "train"]
 
 #: columns always present in the logs; ``lmn_<layer>`` columns follow
 BASE_COLUMNS = ("step", "train_loss", "train_acc", "test_loss", "test_acc", "l2", "lmn", "time_s", "train_p1_frac")
-#: the trainer's compression-complexity grid (7 bin sizes x 4 rank fractions, ~1.6 s per evaluation on the
-#: paper's model on one CPU core); ``grokfast_metrics.experiment.complexity`` has the finer default grid
-COMPLEXITY_BINS = tuple(2.0**-k for k in range(12, -1, -2))
-COMPLEXITY_RANK_FRACTIONS = (1.0, 0.9, 0.7, 0.5)
 
 
 # ------------------------------------------------------------------------------------------
 # building blocks
-
-
-def weight_columns(model: torch.nn.Module) -> tuple[list[str], list[str]]:
-    """Column names of the per-layer norms (``l2_<module>``, ``l2_last``) and effective ranks (``erank_<linear>``)."""
-    norms = [f"l2_{name}" for name in weight_norms(model)["layers"]] + ["l2_last"]
-    ranks = [f"erank_{name}" for name in weight_matrices(model)]
-    return norms, ranks
-
-
-def weight_measures(model: torch.nn.Module, ranks: bool) -> dict[str, float]:
-    """Per-layer L2 norms, the last layer's norm and (if ``ranks``) the effective rank of each Linear."""
-    wn = weight_norms(model)
-    row = {f"l2_{name}": v for name, v in wn["layers"].items()}
-    row["l2_last"] = wn["last"]
-    if ranks:
-        row.update({f"erank_{name}": v["effective_rank"] for name, v in spectral_entropies(model).items()})
-    return row
 
 
 def track_lmn(model: GrokMLP, x_probe: torch.Tensor, layers: list[str], n_lambda: int = 21, backend: str = "auto") -> dict[str, LMNResult]:
@@ -162,7 +149,7 @@ def setup(cfg: TrainConfig, run_dir: Path, resume_rows: list[dict] | None = None
     data = {"x_tr": x[tr], "y_tr": y[tr], "x_te": x[te], "y_te": y[te], "x_probe": x[probe_idx.to(device)]}
     schedule = Schedule.from_config(cfg)
     backend = lmn_backend_info(model, data["x_probe"], cfg)
-    write_json(run_dir / "config.json", {**_run_info(cfg, task, model, len(probe_idx), schedule), "lmn_backend": backend, **(info or {})})
+    write_json(run_dir / "config.json", {**run_info(cfg, task, model, len(probe_idx), schedule), "lmn_backend": backend, **(info or {})})
     for layer in cfg.lmn_layers if cfg.model == "mlp" else ():  # the transformer's readings are not affine
         if parse_tail(segment_of(model, layer)).is_affine:
             warnings.warn(
@@ -194,54 +181,6 @@ def setup(cfg: TrainConfig, run_dir: Path, resume_rows: list[dict] | None = None
     )
     run.held = RowQueue(run.tracker, run_dir, cfg.lmn_layers, lambda row, metrics, now: write_row(run, row, metrics, now))
     return run
-
-
-def lmn_backend_info(model: GrokMLP, x_probe: torch.Tensor, cfg: TrainConfig) -> dict:
-    """What computes LMN in this run (``config.json`` and ``summary.json``'s ``lmn_backend``): the first tracked layer's
-    :func:`grokfast_metrics.compute.core.backend_info` (``requested``, ``backend``, ``kernel``, ``dtype``, ``fallback``), plus
-    ``warning``: the one-line cause-and-cost message when ``"auto"`` fell back to torch ops because the fused CPU kernel
-    could not be built (no compiler, a failed build), else ``None``. Every tracked layer has the same tail type, so
-    the first one stands for all. The fallback is warned once per process (by the kernel module)."""
-    from ..kernels import cpu_fused as kcpu
-
-    if not cfg.lmn_layers:
-        return None
-    if isinstance(model, GrokTransformer):  # measured through lmn_at: what its plan ran on two probe inputs
-        from ..compute.core import last_run_info
-        from ..dropin.measure import lmn_at
-
-        lmn_at(model, x_probe[:2], at=cfg.lmn_layers[0], n_lambda=cfg.n_lambda, backend=cfg.lmn_backend)
-        return {"requested": cfg.lmn_backend, "fallback": None, **last_run_info(), "warning": None}
-    ((h, tail),) = representations(model, x_probe[:2], [cfg.lmn_layers[0]]).values()
-    info = backend_info(h, tail, cfg.lmn_backend, cfg.n_lambda)
-    info["warning"] = kcpu.unavailable_message() if info["fallback"] and h.device.type == "cpu" else None
-    return info
-
-
-def _run_info(cfg: TrainConfig, task: Task, model: GrokMLP, n_probe: int, schedule: Schedule) -> dict:
-    """The contents of ``config.json``."""
-    device = torch.device(cfg.device)
-    return {
-        "config": asdict(cfg),
-        "n_inputs": task.n_inputs,
-        "n_train": len(task.train_idx),
-        "n_test": len(task.test_idx),
-        "n_classes": task.n_classes,
-        "n_probe": n_probe,
-        "lmn_early_steps": schedule.early_lmn_steps(),
-        "n_params": sum(p.numel() for p in model.parameters()),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch_threads": torch.get_num_threads(),
-        "argv": sys.argv,
-    }
-
-
-def complexity_column(eps: float) -> str:
-    """Log column of the compression complexity at loss tolerance ``eps``."""
-    return f"complexity_bits_eps{eps:g}"
 
 
 def forward_backward(run: Run, step: int, final: bool) -> tuple[dict, tuple[str, ...]]:
