@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from grokfast_metrics.kernels import cpu_fused as cpu_kernel
-from helpers import PYTHON
+from helpers import PYTHON, TINY_BENCH
 from torch import nn
 
 import grokfast_metrics as gm
@@ -335,28 +335,7 @@ def _parse(argv):
 def test_cli_run_writes_csv(tmp_path, capsys):
     out = tmp_path / "r.csv"
     argv = [
-        "--n",
-        "4",
-        "6",
-        "--hidden",
-        "5",
-        "--depth",
-        "1",
-        "--out",
-        "2",
-        "--n-lambda",
-        "5",
-        "--repeats",
-        "1",
-        "--n-ref",
-        "4",
-        "--n-naive",
-        "6",
-        "--roof-size",
-        "32",
-        "--train-n",
-        "8",
-        "--no-progress",
+        *TINY_BENCH,
         "--csv",
         str(out),
         "--results-md",

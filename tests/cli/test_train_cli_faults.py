@@ -9,30 +9,13 @@ import sys
 import time
 
 import pytest
-from helpers import PYTHON
+from helpers import PYTHON, TINY_MODEL
 
 from grokfast_metrics.cli import main as cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = [
-    "--steps",
-    "3",
-    "--device",
-    "cpu",
-    "--hidden",
-    "8",
-    "--embed-dim",
-    "4",
-    "--probe",
-    "8",
-    "--lmn-every",
-    "2",
-    "--complexity",
-    "off",
-    "--no-progress",
-    "--no-plot",
-]
+TINY = [*TINY_MODEL, "--steps", "3", "--probe", "8", "--lmn-every", "2", "--complexity", "off", "--no-progress", "--no-plot"]
 
 
 def _one_line_exit_2(argv, capsys, match):

@@ -10,31 +10,13 @@ import sys
 import pytest
 import torch
 from filelock import FileLock
+from helpers import TINY_MODEL
 
 from grokfast_metrics.cli import main as cli
 from grokfast_metrics.experiment import trainer as train_mod
 from grokfast_metrics.experiment.runlog import read_json
 
-TINY = [
-    "--task",
-    "add",
-    "--device",
-    "cpu",
-    "--hidden",
-    "8",
-    "--embed-dim",
-    "4",
-    "--probe",
-    "8",
-    "--complexity",
-    "off",
-    "--lmn-every",
-    "10",
-    "--log-every",
-    "5",
-    "--no-progress",
-    "--no-plot",
-]
+TINY = [*TINY_MODEL, "--probe", "8", "--complexity", "off", "--lmn-every", "10", "--log-every", "5", "--no-progress", "--no-plot"]
 
 
 @pytest.fixture(scope="module")

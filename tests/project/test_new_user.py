@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from grokfast_metrics.kernels import cpu_fused as kc
-from helpers import PYTHON, mlp_tail
+from helpers import PYTHON, TINY_BENCH, mlp_tail
 from torch import nn
 
 import grokfast_metrics as gm
@@ -195,28 +195,7 @@ def test_bench_outputs_go_to_the_checkout_only_from_inside_it(tmp_path):
 def test_bench_run_outside_a_checkout_writes_bench_results_and_records_kernels(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     argv = [
-        "--n",
-        "4",
-        "6",
-        "--hidden",
-        "5",
-        "--depth",
-        "1",
-        "--out",
-        "2",
-        "--n-lambda",
-        "5",
-        "--repeats",
-        "1",
-        "--n-ref",
-        "4",
-        "--n-naive",
-        "6",
-        "--roof-size",
-        "32",
-        "--train-n",
-        "8",
-        "--no-progress",
+        *TINY_BENCH,
     ]
     assert bench_command.run(_parse(argv)) == 0
     out = capsys.readouterr().out

@@ -22,6 +22,14 @@ PYTHON = [sys.executable, "-P"] if sys.version_info >= (3, 11) else [sys.executa
 #: the repository's examples/ folder (standalone scripts the tests import and run)
 EXAMPLES = ROOT / "examples"
 
+#: ``train`` options of a tiny addition model on the CPU, which the tiny runs of the CLI, resume and sweep tests share
+TINY_MODEL = ["--task", "add", "--device", "cpu", "--hidden", "8", "--embed-dim", "4"]
+#: the smallest ``bench`` run through every stage (two N, one tail, every baseline): seconds
+TINY_BENCH = [
+    *("--n", "4", "6", "--hidden", "5", "--depth", "1", "--out", "2", "--n-lambda", "5", "--repeats", "1"),
+    *("--n-ref", "4", "--n-naive", "6", "--roof-size", "32", "--train-n", "8", "--no-progress"),
+]
+
 
 def load_example(name: str):
     """Import ``examples/<name>.py`` as a fresh module (not registered in ``sys.modules``)."""

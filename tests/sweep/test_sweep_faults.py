@@ -17,31 +17,14 @@ from pathlib import Path
 
 import pytest
 from filelock import FileLock
-from helpers import PYTHON, sweep_tasks_in_this_process
+from helpers import PYTHON, TINY_MODEL, sweep_tasks_in_this_process
 
 from grokfast_metrics.cli import main as cli
 from grokfast_metrics.experiment.config import TrainConfig
 from grokfast_metrics.sweep import engines, plan_runs
 
 #: a tiny model, no LMN, no complexity, no plots: a run is its training loop only
-TINY = [
-    "--task",
-    "add",
-    "--device",
-    "cpu",
-    "--hidden",
-    "8",
-    "--embed-dim",
-    "4",
-    "--lmn-every",
-    "0",
-    "--complexity",
-    "off",
-    "--save-connectivity",
-    "",
-    "--no-plot",
-    "--no-progress",
-]
+TINY = [*TINY_MODEL, "--lmn-every", "0", "--complexity", "off", "--save-connectivity", "", "--no-plot", "--no-progress"]
 #: long enough never to finish while a test waits for it (it is always stopped)
 LONG = 10**7
 
