@@ -333,15 +333,20 @@ def refuse(row: BenchRow, why: str) -> BenchRow:
 
 
 def ran_kernel(backend: str) -> str:
-    """``<backend>/<kernel>`` of the last library call (``core.last_run_info``); ``""`` for a baseline (``naive``)."""
+    """``<backend>/<kernel>`` of the last library call (``core.last_run_info``); ``""`` for a baseline (``naive``). The
+    C++ kernel with its GEMMs in AVX-512F registers is ``cpu/fp32+avx512`` (``cpu/fp32``: AVX2)."""
     if backend == "naive":
         return ""
     from ..compute import core
+    from ..kernels import cpu_fused
 
     info = core.last_run_info()
     if not info:
         return ""
-    return f"{info['backend']}/{info['kernel']}" if info.get("kernel") else str(info["backend"])
+    if not info.get("kernel"):
+        return str(info["backend"])
+    isa = "+avx512" if info["backend"] == "cpu" and cpu_fused.build_info()["avx512"] else ""
+    return f"{info['backend']}/{info['kernel']}{isa}"
 
 
 def fraction_recomputed(backend: str) -> float | None:

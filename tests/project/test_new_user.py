@@ -206,7 +206,8 @@ def test_bench_run_outside_a_checkout_writes_bench_results_and_records_kernels(t
     assert kernels[("connectivity", "torch")] == "torch/mlp" and kernels[("train_overhead", "torch")] == "torch/mlp"
     assert kernels[("connectivity", "naive")] == "" and kernels[("roof", "torch.mm")] == ""
     auto = [k for (kind, b), k in kernels.items() if kind == "connectivity" and b.startswith("auto")]
-    assert auto == (["cpu/fp32"] if kc.available() else ["torch/mlp"])
+    isa = "+avx512" if kc.build_info()["avx512"] else ""
+    assert auto == ([f"cpu/fp32{isa}"] if kc.available() else ["torch/mlp"])
     assert all(float(r["eigen_share"]) <= 1 for r in rows if r["kind"] == "lmn_e2e" and r["eigen_share"])
 
 
