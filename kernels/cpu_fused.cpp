@@ -811,8 +811,7 @@ float relu_pair(const Problem& p, int64_t i, int64_t j, ReluWork& w) {
     const int T = p.T, kp = p.kp[0], K = p.kin[0], np = p.np[0], O = p.out_dim;
     const float* zi = p.z + i * kp;
     const float* zj = p.z + j * kp;
-    const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
-    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256 zero = _mm256_setzero_ps();
     __m256 mmax = zero, m2 = zero;
     int nc = 0, nl = 0;
     for (int q = 0; q < kp; q += 8) {
@@ -1249,7 +1248,7 @@ double centre_last64(const Pairs64& p, int s, double* x, double* a, double* mv) 
                 continue;
             }
             const double xv = x[t * kp + h];
-            double v = xv, g = 0.0;
+            double v = xv;
             if (sat) v = offset_free64(last, xv, x[h]);
             else if (smooth) v = act64(xv, last, slopes[na - 1]);
             double r = std::fabs(v);
