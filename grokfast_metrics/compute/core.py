@@ -394,7 +394,9 @@ def connectivity(
 
     Returns:
         ``(N, N)`` symmetric tensor on ``h``'s device, entries in [0, 1], unit diagonal; fp64 if
-        ``h`` or the tail is fp64, else fp32.
+        ``h`` or the tail is fp64, else fp32. On the generic path (a tail that is not an MLP) a pair that float64
+        cannot resolve from outside the module is NaN, with one ``RuntimeWarning`` (docs/lmn.md, "Accuracy in the
+        corners"; ``last_run_info()["unresolved"]`` counts them).
 
     Raises:
         TypeError: ``h`` is not a float tensor, ``tail`` not a module, ``n_lambda`` not an int.

@@ -8,7 +8,9 @@ Both take ``h`` (``(N, D)``) and a ``tail`` module mapping a ``(B, D)`` batch to
   ends of every path are the samples themselves) and on the ``T - 2`` interior points of each pair
   only, in batches of up to ``chunk_bytes`` of interpolated input (cache-sized on the CPU, as large
   as free memory allows on CUDA: see :func:`default_chunk_bytes`), reusing the shared r² reduction
-  (:func:`grokfast_metrics.compute.torch_paths.r2_from_paths`, constant-path rule included).
+  (:func:`grokfast_metrics.compute.torch_paths.r2_from_paths`, constant-path rule included). Its float64 passes (fp64
+  models; the fp64 recompute of an fp32 pass's flagged pairs, :func:`pairs_connectivity`) return NaN for a pair they
+  cannot resolve to the contract from outside the module (a unit saturated beyond float64's rounding).
 * :func:`reference_connectivity` is the yardstick: for every pair ``i < j`` it runs the ``T``
   points ``h_i + lam_t (h_j - h_i)`` through a float64 copy of the module itself, one pair at a
   time, and reduces with the NumPy reference's :func:`grokfast_metrics.compute.reference.pair_r2`. Slow on
@@ -140,7 +142,9 @@ def connectivity_tail(
             contract (``core`` recomputes it in fp64).
 
     Returns:
-        ``L`` in ``out_dtype`` on ``h``'s device (identical rows are *not* set to 1 here).
+        ``L`` in ``out_dtype`` on ``h``'s device (identical rows are *not* set to 1 here). In float64 a pair whose error
+        estimate exceeds :data:`UNRESOLVED_KAPPA` is NaN (docs/lmn.md, "Accuracy in the corners": the module cannot be
+        centred from outside; ``core`` warns).
     """
     dev, n = h.device, h.shape[0]
     run_dtype = torch.float64 if run_dtype == torch.float64 else torch.float32
