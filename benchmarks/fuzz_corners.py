@@ -5,7 +5,8 @@ Draws the corners of ``tests/compute/test_corners.py`` (``_corner``: activation,
 bias, ``h`` offset; N = 5) and checks every CPU backend against the cheap yardstick (``yardstick``: the float64 reference
 where the torch fp64 error estimate and the two float64 paths vouch for it, ``exact`` elsewhere), auditing every
 ``--audit``-th draw against ``exact`` on all pairs. One line per draw goes to the log; the worst error per regime and
-backend is printed (and written as JSON with ``--json``) at the end and every 250 draws.
+backend (the generic path: over its resolved pairs, its NaN pairs counted as ``nan:generic``) is printed (and written
+as JSON with ``--json``) at the end and every 250 draws.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ single name) and calls it from one table (``_DISPATCH``). The math lives in ``to
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -299,9 +300,10 @@ _LAST_RUN: dict[str, Any] = {}
 
 
 def last_run_info() -> dict[str, Any]:
-    """``{"backend", "kernel", "pairs", "recomputed", "fraction_recomputed"}`` of the last :func:`connectivity` call
-    in this process: the backend and kernel variant that ran (see :func:`backend_info`) and how many pairs the fp32
-    backend flagged as ill-conditioned and recomputed in fp64. After ``lmn_at`` (or a tracker) also ``"path"``
+    """``{"backend", "kernel", "pairs", "recomputed", "fraction_recomputed", "unresolved"}`` of the last
+    :func:`connectivity` call in this process: the backend and kernel variant that ran (see :func:`backend_info`), how
+    many pairs the fp32 backend flagged as ill-conditioned and recomputed in fp64, and how many the generic path could
+    not resolve in float64 (their ``L_ij`` NaN; docs/lmn.md, "Accuracy in the corners"). After ``lmn_at`` (or a tracker) also ``"path"``
     (``"chain"``, ``"split"``, ``"hooks"``), ``"path_reason"`` (why that path ran:
     :attr:`grokfast_metrics.dropin.plan.Plan.reason`), ``"ran"`` (whether the tail was lowered to the fused kernel, and
     what it computes or why not: :attr:`grokfast_metrics.dropin.plan.Plan.ran`) and ``"compile"`` (``None`` unless
@@ -392,7 +394,9 @@ def connectivity(
 
     Returns:
         ``(N, N)`` symmetric tensor on ``h``'s device, entries in [0, 1], unit diagonal; fp64 if
-        ``h`` or the tail is fp64, else fp32.
+        ``h`` or the tail is fp64, else fp32. On the generic path (a tail that is not an MLP) a pair that float64
+        cannot resolve from outside the module is NaN, with one ``RuntimeWarning`` (docs/lmn.md, "Accuracy in the
+        corners"; ``last_run_info()["unresolved"]`` counts them).
 
     Raises:
         TypeError: ``h`` is not a float tensor, ``tail`` not a module, ``n_lambda`` not an int.
@@ -431,6 +435,7 @@ def connectivity(
             recomputed = _recompute_flagged(L, h, tail, spec, n_lambda, chunk_bytes, groups)
         if groups is not None:  # docs/lmn.md, "Policies for the undefined cases": identical rows give 1
             L[groups[:, None] == groups[None, :]] = 1.0
+        unresolved = _warn_unresolved(L) if name == "torch" and (spec is None or spec.skip is not None) else 0
     n = h.shape[0]
     _LAST_RUN.clear()
     _LAST_RUN.update(
@@ -439,8 +444,25 @@ def connectivity(
         pairs=n * (n - 1) // 2,
         recomputed=recomputed,
         fraction_recomputed=recomputed / max(1, n * (n - 1) // 2),
+        unresolved=unresolved,
     )
     return L
+
+
+def _warn_unresolved(L: torch.Tensor) -> int:
+    """The generic path's NaN pairs (unresolvable in float64 from outside the module), with one warning line; how many."""
+    bad = int(torch.isnan(L).sum().item()) // 2  # symmetric, the diagonal is 1
+    if bad:
+        n = L.shape[0]
+        warnings.warn(
+            f"{bad} of the {n * (n - 1) // 2} pairs cannot be resolved in float64 through this tail (a unit saturated beyond "
+            "float64's rounding: its variation is lost inside the module); their L_ij are NaN, so LMN is NaN. Pass the "
+            "tail as a plain nn.Sequential of Linear and activation layers (the fused paths centre it and take saturating "
+            "units offset free), or use grokfast_metrics.compute.exact for small N",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return bad
 
 
 def lmn_from_connectivity(L: torch.Tensor) -> LMNResult:
@@ -453,9 +475,12 @@ def lmn_from_connectivity(L: torch.Tensor) -> LMNResult:
     Args:
         L: ``(N, N)`` symmetric matrix (only the lower triangle is read by the eigensolver).
 
+    NaN entries (the pairs the generic path cannot resolve in float64: docs/lmn.md, "Accuracy in the corners") give
+    ``lmn``, ``entropy_bits`` and every eigenvalue NaN: an undefined LMN, never a plausible one.
+
     Raises:
         TypeError: ``L`` is not a real floating-point tensor (complex, bool and integer matrices are refused).
-        ValueError: ``L`` is not square, is empty, is on the meta device, is not symmetric, has NaN/Inf, or is all zeros.
+        ValueError: ``L`` is not square, is empty, is on the meta device, is not symmetric, has Inf, or is all zeros.
 
     Example (two equal blocks of perfectly connected samples: LMN = 2):
 
@@ -472,8 +497,12 @@ def lmn_from_connectivity(L: torch.Tensor) -> LMNResult:
         raise TypeError(f"L must be a real floating-point matrix; got {L.dtype}")
     if L.device.type == "meta":
         raise ValueError("L is on the meta device, which holds no values; pass a matrix on the CPU or a GPU")
-    if not bool(torch.isfinite(L).all()):
-        raise ValueError("L has NaN/Inf entries")
+    if bool(torch.isinf(L).any()):
+        raise ValueError("L has Inf entries")
+    if bool(torch.isnan(L).any()):  # unresolved pairs (the generic path, which warned): LMN undefined
+        nan = float("nan")
+        ev = torch.full((L.shape[0],), nan, dtype=torch.float64, device=L.device)
+        return LMNResult(lmn=nan, entropy_bits=nan, eigenvalues=ev, connectivity=L)
     asym = float((L - L.T).abs().max())
     if asym > 64 * torch.finfo(L.dtype).eps * max(1.0, float(L.abs().max())):
         raise ValueError(f"L is not symmetric (max |L - L^T| = {asym:.3g}); a connectivity matrix is symmetric")

@@ -8,7 +8,9 @@ Both take ``h`` (``(N, D)``) and a ``tail`` module mapping a ``(B, D)`` batch to
   ends of every path are the samples themselves) and on the ``T - 2`` interior points of each pair
   only, in batches of up to ``chunk_bytes`` of interpolated input (cache-sized on the CPU, as large
   as free memory allows on CUDA: see :func:`default_chunk_bytes`), reusing the shared r² reduction
-  (:func:`grokfast_metrics.compute.torch_paths.r2_from_paths`, constant-path rule included).
+  (:func:`grokfast_metrics.compute.torch_paths.r2_from_paths`, constant-path rule included). Its float64 passes (fp64
+  models; the fp64 recompute of an fp32 pass's flagged pairs, :func:`pairs_connectivity`) return NaN for a pair they
+  cannot resolve to the contract from outside the module (a unit saturated beyond float64's rounding).
 * :func:`reference_connectivity` is the yardstick: for every pair ``i < j`` it runs the ``T``
   points ``h_i + lam_t (h_j - h_i)`` through a float64 copy of the module itself, one pair at a
   time, and reduces with the NumPy reference's :func:`grokfast_metrics.compute.reference.pair_r2`. Slow on
@@ -19,6 +21,7 @@ Both take ``h`` (``(N, D)``) and a ``tail`` module mapping a ``(B, D)`` batch to
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -26,14 +29,20 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..foundation import policy
 from ..foundation.errors import NonFiniteOutputError
-from ..foundation.policy import lambdas
+from ..foundation.policy import CONST_RTOL, FLAGGED, lambdas
 from ..foundation.runtime import eval_mode
-from .torch_paths import new_L, r2_from_paths, triu_pair_chunks
+from .torch_paths import new_L, r2_from_centred, r2_from_paths, triu_pair_chunks
 
 #: the generic path's input-rounding gain (see ``_path_r2``): its flag treats each output's error as at least
 #: ``eps * IN_GAIN * |x| / |h_j - h_i|`` of its spread
 IN_GAIN = 16.0
+#: the generic path's float64 check for fp64 models (docs/lmn.md, "Accuracy in the corners"): a pair whose float64 error
+#: estimate (the fp32 flag's, computed in float64) exceeds it cannot be resolved from outside the module to the 1e-10
+#: fp64 contract; its ``L_ij`` is NaN. (The fp64 recompute of an fp32 model's flagged pairs uses ``FLAG_KAPPA``, the fp32
+#: contract's threshold.)
+UNRESOLVED_KAPPA = 1e-10
 #: default batch of interpolated tail input per forward: CPU (bytes), CUDA (cap; also <= 1/8 of free memory)
 CHUNK_BYTES_CPU = 1 << 20
 CHUNK_BYTES_CUDA = 1 << 30
@@ -133,7 +142,9 @@ def connectivity_tail(
             contract (``core`` recomputes it in fp64).
 
     Returns:
-        ``L`` in ``out_dtype`` on ``h``'s device (identical rows are *not* set to 1 here).
+        ``L`` in ``out_dtype`` on ``h``'s device (identical rows are *not* set to 1 here). In float64 a pair whose error
+        estimate exceeds :data:`UNRESOLVED_KAPPA` is NaN (docs/lmn.md, "Accuracy in the corners": the module cannot be
+        centred from outside; ``core`` warns).
     """
     dev, n = h.device, h.shape[0]
     run_dtype = torch.float64 if run_dtype == torch.float64 else torch.float32
@@ -164,13 +175,16 @@ def _path_r2(
     lam_c: torch.Tensor,
     eps: float,
     flag: bool,
+    kappa64: float | None = None,
 ) -> torch.Tensor:
-    """``L_ij`` of the pairs ``(i, j)``: the interior points through the tail, the ends from ``y_end``."""
+    """``L_ij`` of the pairs ``(i, j)``: the interior points through the tail, the ends from ``y_end``. In float64 a pair
+    whose error estimate exceeds ``kappa64`` (default ``UNRESOLVED_KAPPA``) is NaN."""
     hi = hr[i]
     x = torch.addcmul(hi.unsqueeze(1), inner, (hr[j] - hi).unsqueeze(1))  # [P, T-2, D]
     y_in = _call(tail, params, x.flatten(0, 1), hr.dtype).view(x.shape[0], inner.shape[1], -1)
     y = torch.cat([y_end[i].unsqueeze(1), y_in, y_end[j].unsqueeze(1)], dim=1)  # [P, T, O]
-    if not flag:
+    fp64 = hr.dtype == torch.float64
+    if not flag and not fp64:
         return r2_from_paths(y, lam_c, eps, flag)
     # The module cannot be centred or seen into: its input's rounding (eps |x|, and every inner Linear's eps |W||x|)
     # moves the path by about eps |x| / |h_j - h_i| of its own variation, however small max_t |y| is (an offset on h
@@ -179,7 +193,58 @@ def _path_r2(
     # rounding scale as std_t(y) * IN_GAIN * max(|h_i|, |h_j|) / |h_j - h_i|.
     hj = hr[j]
     ratio = torch.maximum(hi.norm(dim=1), hj.norm(dim=1)) / (hj - hi).norm(dim=1)  # [P]
-    return r2_from_paths(y, lam_c, eps, flag, in_ratio=IN_GAIN * ratio)
+    if not fp64:
+        return r2_from_paths(y, lam_c, eps, flag, in_ratio=IN_GAIN * ratio)
+    # float64 has no wider dtype to recompute in: a pair whose estimate is still over the threshold (a unit saturated
+    # beyond float64's rounding of its value: its variation is lost in the module's forward; the constant rule firing
+    # on outputs of nonzero scale) is NaN, never a plausible wrong number (core warns). An output whose variation along
+    # the path is within rounding and stays so far beyond its ends (``_constant_beyond``: an output that does not read
+    # the coordinates the path moves, e.g. another sequence position) is constant, r2 = 1, not unresolved.
+    kappa = UNRESOLVED_KAPPA if kappa64 is None else kappa64
+    amax = torch.maximum(y.amax(dim=1), -y.amin(dim=1))  # [P, O]  max_t |y|
+    yc = y - y.mean(dim=1, keepdim=True)
+    dev = yc.abs().amax(dim=1)  # [P, O]  max_t |yc| >= std_t(y)
+    scale = amax + dev * (IN_GAIN * ratio).unsqueeze(1)
+    noise = dev + (CONST_RTOL * eps * math.sqrt(y.shape[1])) * scale  # what rounding may move an output by
+    suspect = (eps * math.sqrt(y.shape[1])) * scale > kappa * dev  # kappa_k above the threshold: would make it NaN
+    suspect &= scale > 0
+    if bool(suspect.any()):
+        rows = suspect.any(dim=1).nonzero().squeeze(1)
+        const = torch.zeros_like(suspect)
+        const[rows] = suspect[rows] & _constant_beyond(hr, tail, params, i[rows], j[rows], y[rows].mean(dim=1), NOISE_GAIN * noise[rows])
+        yc = torch.where(const.unsqueeze(1), torch.zeros_like(yc), yc)
+        scale = torch.where(const, torch.zeros_like(scale), scale)
+    v = r2_from_centred(yc, scale, lam_c, eps, True, kappa=kappa)
+    return torch.where(v == FLAGGED, torch.full_like(v, float("nan")), v)
+
+
+#: how far beyond its ends (in units of ``h_j - h_i``, both ways from ``h_i``) a path whose output is constant to
+#: rounding is followed to tell an output that does not depend on the path (constant there too) from a unit saturated
+#: beyond float64's rounding (which leaves saturation, or saturates the other way, when moved that far)
+EXTRAPOLATE = (-1e8, -1e4, -1e2, 1e2, 1e4, 1e8)
+#: there, an output that moves by at most this times its rounding noise along the path counts as not depending on it
+NOISE_GAIN = 4.0
+
+
+def _constant_beyond(
+    hr: torch.Tensor,
+    tail: nn.Module,
+    params: dict[str, torch.Tensor] | None,
+    i: torch.Tensor,
+    j: torch.Tensor,
+    mean: torch.Tensor,
+    band: torch.Tensor,
+) -> torch.Tensor:
+    """``(P, O)``: whether each output stays within ``band`` of its path mean ``mean`` at ``h_i + s (h_j - h_i)`` for
+    every ``s`` in :data:`EXTRAPOLATE` (finite outputs only; a tail failing there proves nothing)."""
+    s = torch.tensor(EXTRAPOLATE, dtype=hr.dtype, device=hr.device).view(1, -1, 1)
+    hi = hr[i]
+    x = torch.addcmul(hi.unsqueeze(1), s, (hr[j] - hi).unsqueeze(1))  # [P, S, D]
+    try:
+        ys = _call(tail, params, x.flatten(0, 1), hr.dtype).view(x.shape[0], s.shape[1], -1)
+    except ValueError:
+        return torch.zeros_like(band, dtype=torch.bool)
+    return ((ys - mean.unsqueeze(1)).abs() <= band.unsqueeze(1)).all(dim=1)  # NaN/Inf: False
 
 
 @torch.no_grad()
@@ -188,7 +253,9 @@ def pairs_connectivity(
 ) -> torch.Tensor:
     """``L_ij`` of the listed pairs through any module, in ``h``'s dtype (parameters converted to it).
 
-    ``core`` recomputes the pairs an fp32 pass flagged with it, in fp64.
+    ``core`` recomputes the pairs an fp32 pass flagged with it, in fp64: a pair whose float64 error estimate is still
+    over ``FLAG_KAPPA`` (the fp32 contract's threshold: the result is an fp32 ``L``) cannot be resolved from outside the
+    module and is NaN (docs/lmn.md, "Accuracy in the corners").
     """
     params = tail_params(tail, h.dtype)
     y_end = end_outputs(lambda b: _call(tail, params, b, h.dtype), h, h.dtype, h.dtype)
@@ -197,7 +264,10 @@ def pairs_connectivity(
     chunk = max(1, _batch_rows(tail, h, chunk_bytes) // (n_lambda - 2))
     eps = torch.finfo(h.dtype).eps
     return torch.cat(
-        [_path_r2(h, tail, params, i[c : c + chunk], j[c : c + chunk], inner, y_end, lam_c, eps, False) for c in range(0, i.numel(), chunk)]
+        [
+            _path_r2(h, tail, params, i[c : c + chunk], j[c : c + chunk], inner, y_end, lam_c, eps, False, policy.FLAG_KAPPA)
+            for c in range(0, i.numel(), chunk)
+        ]
     )
 
 

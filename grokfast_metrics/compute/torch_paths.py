@@ -100,7 +100,13 @@ def _linear_scale(r: torch.Tensor, wt: torch.Tensor, b: torch.Tensor | None, las
 
 
 def r2_from_centred(
-    yc: torch.Tensor, scale: torch.Tensor, lam_c: torch.Tensor, eps: float, flag: bool = False, wsum: torch.Tensor | float = 1.0
+    yc: torch.Tensor,
+    scale: torch.Tensor,
+    lam_c: torch.Tensor,
+    eps: float,
+    flag: bool = False,
+    wsum: torch.Tensor | float = 1.0,
+    kappa: float | None = None,
 ) -> torch.Tensor:
     """Mean over outputs of r2 of centred paths, constant-path rule and (optionally) the fp32 flag.
 
@@ -113,6 +119,9 @@ def r2_from_centred(
             ``eps * scale``) exceeds :data:`FLAG_KAPPA` (this includes the constant rule firing on a nonzero scale).
         wsum: ``(O,)`` ``sum_h |W_kh|`` of the last Linear (centred outputs; 1 otherwise): the underflow policy
             ``std_t(yc_k) <= UNDERFLOW_TINY * wsum_k`` counts as constant.
+        kappa: the flag's threshold (default :data:`FLAG_KAPPA`; the generic path's float64 check passes its own). In
+            float64 an output the underflow policy calls constant whose rounding ``eps * scale_k`` is itself at or below
+            ``UNDERFLOW_TINY * wsum_k`` adds nothing to the estimate (the policy's answer, not an unresolved one).
 
     Returns:
         ``(P,)`` values of ``L_ij`` (or :data:`FLAGGED`).
@@ -127,12 +136,18 @@ def r2_from_centred(
     r2 = (cov * cov / (ss * ll)).clamp_(0.0, 1.0)
     std = (ss / T).sqrt()
     const = std <= CONST_RTOL * eps * scale
+    tiny = None
     if yc.dtype == torch.float64:  # underflow policy (docs/lmn.md; fp32 never gets there: std 0 fires the rule above)
-        const |= torch.ldexp(std, e.clamp(-1021, 1021)) <= UNDERFLOW_TINY * wsum
+        e = e.clamp(-1021, 1021)
+        tiny = torch.ldexp(std, e) <= UNDERFLOW_TINY * wsum
+        const |= tiny
     r2 = torch.where(const, torch.ones_like(r2), r2)
     out = r2.mean(dim=1)
     if flag:
-        bad = pair_error_estimate(eps * scale, std, r2) > FLAG_KAPPA
+        err = eps * scale
+        if tiny is not None:  # constant by the underflow policy with rounding below its threshold too: the policy's answer
+            err = torch.where(tiny & (torch.ldexp(err, e) <= UNDERFLOW_TINY * wsum), torch.zeros_like(err), err)
+        bad = pair_error_estimate(err, std, r2) > (FLAG_KAPPA if kappa is None else kappa)
         out = torch.where(bad, torch.full_like(out, FLAGGED), out)
     return out
 
@@ -164,15 +179,21 @@ def pair_error_estimate(err: torch.Tensor, std: torch.Tensor, r2: torch.Tensor) 
 
 
 def r2_from_paths(
-    y: torch.Tensor, lam_c: torch.Tensor, eps: float, flag: bool = False, in_ratio: torch.Tensor | None = None
+    y: torch.Tensor,
+    lam_c: torch.Tensor,
+    eps: float,
+    flag: bool = False,
+    in_ratio: torch.Tensor | None = None,
+    kappa: float | None = None,
 ) -> torch.Tensor:
     """:func:`r2_from_centred` of uncentred outputs ``(P, T, O)`` with scale ``max_t |y|`` (plus, with ``in_ratio``
-    ``(P,)``, ``std_t(y) * in_ratio``: the input's rounding relative to the path, for the flag and the constant rule)."""
+    ``(P,)``, ``std_t(y) * in_ratio``: the input's rounding relative to the path, for the flag and the constant rule;
+    ``kappa``: the flag's threshold, default ``FLAG_KAPPA``)."""
     amax = torch.maximum(y.amax(dim=1), -y.amin(dim=1))  # [P, O]  max_t |y|
     yc = y - y.mean(dim=1, keepdim=True)
     if in_ratio is not None:
         amax = amax + yc.abs().amax(dim=1) * in_ratio.unsqueeze(1)  # max_t |yc| >= std_t(y): no overflowing square
-    return r2_from_centred(yc, amax, lam_c, eps, flag)
+    return r2_from_centred(yc, amax, lam_c, eps, flag, kappa=kappa)
 
 
 def triu_pair_chunks(n: int, chunk: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

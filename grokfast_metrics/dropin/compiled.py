@@ -58,7 +58,7 @@ def report_affine_shortcut(plan: Any) -> None:
     backend ran and no pair was computed (not the previous computation's backend and counts)."""
     n = plan.n
     core._LAST_RUN.clear()
-    core._LAST_RUN.update(backend=None, kernel=None, pairs=n * (n - 1) // 2, recomputed=0, fraction_recomputed=0.0)
+    core._LAST_RUN.update(backend=None, kernel=None, pairs=n * (n - 1) // 2, recomputed=0, fraction_recomputed=0.0, unresolved=0)
     plan.ran = f"{plan.path}, affine: L = 1 exactly, not computed (only affine layers follow {plan.at!r})"
 
 

@@ -342,7 +342,7 @@ def test_triton_on_cpu_without_interpreter(monkeypatch):
     "L, exc, match",
     [
         (torch.ones(3, 4), ValueError, "square"),
-        (torch.full((3, 3), float("nan")), ValueError, "NaN"),
+        (torch.full((3, 3), float("inf")), ValueError, "Inf"),
         (torch.zeros(3, 3), ValueError, "all zeros"),
         (torch.eye(3, dtype=torch.bool), TypeError, "real floating"),
         (torch.eye(3, dtype=torch.complex64), TypeError, "real floating"),
@@ -353,6 +353,16 @@ def test_triton_on_cpu_without_interpreter(monkeypatch):
 def test_lmn_from_connectivity_bad_input(L, exc, match):
     with pytest.raises(exc, match=match):
         gm.lmn_from_connectivity(L)
+
+
+def test_lmn_from_connectivity_nan_entries_give_nan():
+    """NaN entries (pairs the generic path cannot resolve in float64) make LMN NaN, not an error (it raised before):
+    an asynchronous tracker's eigen step records it."""
+    L = torch.eye(4)
+    L[1, 2] = L[2, 1] = float("nan")
+    res = gm.lmn_from_connectivity(L)
+    assert np.isnan(res.lmn) and np.isnan(res.entropy_bits) and res.eigenvalues.shape == (4,)
+    assert bool(torch.isnan(res.eigenvalues).all()) and res.connectivity is L
 
 
 def test_resolve_backend_names_what_runs(monkeypatch):
