@@ -23,7 +23,8 @@ the static estimate of ``bench --static-gpu`` went down, see ``benchmarks/RESULT
   and anchors every row (``a - a0``, as v1's ``a_t - a_0``);
 - **sums over t by MMA**: per-pair sums are ``[2 BPP, M] @ [M, PO]`` products with an exact 0/1 and integer
   (``2t - (T-1)``) selection matrix; a shift ``c ~ mean_t y`` is broadcast back with one exact 0/1 product and
-  corrected for exactly (``_tile_stats``): only ``y - c`` and its square are elementwise.
+  corrected for exactly (``_tile_stats``): only ``y - c`` and its square are elementwise; the moments are
+  scaled by a power of two per pair and output (``sum_t |y - c|``, broadcast back by another exact 0/1 product).
 
 Anything else (depth >= 2, a trailing activation, ``T > 128``, more than 64 outputs, a lowered tail's skip term)
 runs v1: :func:`supported`.
@@ -49,7 +50,6 @@ from .triton_common import (
     _centred_scale,
     _end_bounds,
     _pair_l,
-    _pow2_above,
     _sat_bounds,
     _slope_bound,
 )
@@ -143,31 +143,59 @@ def _row_sums(sel, y, HILO: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constex
 
 
 @triton.jit
+def _pow2_pair(s, DT: tl.constexpr):
+    """``2^floor(log2 s)`` (1 where ``s <= 0``), clamped to the normal range with its inverse (fp32 ``2^-126 .. 2^126``,
+    fp64 ``2^-1022 .. 2^1022``): both are exact tf32 / fp64 MMA operands (no subnormal to flush) and exact divisors."""
+    if DT == tl.float64:
+        lo: tl.constexpr = -1022.0
+    else:
+        lo: tl.constexpr = -126.0
+    e = tl.floor(tl.log2(tl.where(s > 0.0, s, 1.0)))
+    e = tl.minimum(tl.maximum(e, lo), -lo)
+    return tl.exp2(e).to(DT)
+
+
+@triton.jit
 def _tile_stats(y, r_p, sel, T: tl.constexpr, BPP: tl.constexpr, HILO: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr):
     """Per pair ``sum_t yc^2`` and ``sum_t lc yc`` (``[BPP, PO]``, ``lc = 2t - (T-1)``) of the tile's ``y [M, PO]``,
-    divided by ``p2^2`` and ``p2`` (the third result, ``[PO]``: the power of two nearest ``max |y - c|`` over the tile).
+    divided by ``p2^2`` and ``p2`` (the third result, ``[BPP, PO]``: per pair and output, the power of two at or below
+    ``sum_t |y - c|``, clamped to the normal range).
 
     ``sel [2 BPP, M]``: rows ``p`` select pair ``p``'s rows (1), rows ``BPP + p`` weight them by ``lc``. ``y`` is
     shifted by ``c ~ mean_t y``, the same for every row of a pair (one plain product each way: ``c`` need not be
-    exact), then ``sum_t (y - c)`` corrects ``sum_t (y - c)^2`` exactly: ``sum_t yc^2 = sum_t (y - c)^2 - (sum_t (y - c))^2
-    / T``; ``sum_t lc = 0``.
+    exact), then divided by its pair's ``p2`` (broadcast back to the pair's rows by an exact 0/1 product: ``|y - c| / p2
+    < 2``), and ``sum_t (y - c)`` corrects ``sum_t (y - c)^2`` exactly: ``sum_t yc^2 = sum_t (y - c)^2 - (sum_t (y - c))^2
+    / T``; ``sum_t lc = 0``. The scale was one per tile and output (the max over every row, the padding pairs' rows on
+    ``z_j = 0`` included): a pair whose variation was small beside the tile's largest had its squares underflow (``ss =
+    0``, the constant rule: fp64 GELU under a bias of -39.7 read ``r2 = 1``, 0.86 off) or go subnormal (fp32 tanh, 0.046
+    off unflagged; docs/lmn.md, "Accuracy in the corners").
     """
     PO: tl.constexpr = y.shape[1]
     o_s = tl.arange(0, 2 * BPP)
-    back = tl.where((r_p[:, None] == o_s[None, :]) & (o_s < BPP)[None, :], 1.0 / T, 0.0).to(y.dtype)  # [M, 2 BPP]
+    pick = (r_p[:, None] == o_s[None, :]) & (o_s < BPP)[None, :]  # [M, 2 BPP]: row -> its pair
+    one = tl.where(pick, 1.0, 0.0).to(y.dtype)
+    back = tl.where(pick, 1.0 / T, 0.0).to(y.dtype)
     if HILO:
         s1 = tl.dot(sel, _hw(y, INTERP), input_precision="tf32")
         c = tl.dot(_hw(back, INTERP), _hw(s1, INTERP), input_precision="tf32")  # [M, PO]
     else:
         c = tl.dot(back, tl.dot(sel, y, input_precision=PREC, out_dtype=y.dtype), input_precision=PREC, out_dtype=y.dtype)
     yc = y - c
-    p2 = _pow2_above(tl.max(tl.abs(yc), axis=0))  # [PO] scale-free moments
-    yc = yc / p2[None, :]  # (one scale per tile: exact)
+    if HILO:
+        s0 = tl.dot(sel, _hw(tl.abs(yc), INTERP), input_precision="tf32")  # [2 BPP, PO]: a magnitude, tf32 is enough
+    else:
+        s0 = tl.dot(sel, tl.abs(yc), input_precision=PREC, out_dtype=y.dtype)
+    p2 = _pow2_pair(s0, y.dtype)  # rows >= BPP (lc-weighted) are picked by no row
+    if HILO:
+        yc = yc * tl.dot(one, 1.0 / p2, input_precision="tf32")  # exact: one 1 per row, powers of two
+    else:
+        yc = yc * tl.dot(one, 1.0 / p2, input_precision=PREC, out_dtype=y.dtype)
     s2 = tl.reshape(_row_sums(sel, yc, HILO, PREC, INTERP), [2, BPP, PO])
     s2a, s2b = tl.split(tl.permute(s2, (1, 2, 0)))  # sum yc, sum lc yc
     s3 = tl.reshape(_row_sums(sel, yc * yc, HILO, PREC, INTERP), [2, BPP, PO])
     s3a, _s3b = tl.split(tl.permute(s3, (1, 2, 0)))
-    return s3a - s2a * s2a / T, s2b, p2
+    p2a, _p2b = tl.split(tl.permute(tl.reshape(p2, [2, BPP, PO]), (1, 2, 0)))
+    return s3a - s2a * s2a / T, s2b, p2a
 
 
 @triton.jit
@@ -322,12 +350,14 @@ def _connectivity_v2_kernel(
             if HILO:
                 b_wlo = tl.load(wlo_ptr + (k0 + o_kb)[:, None] * PO + o_po[None, :])
             acc = _mma(b_a, b_w, b_wlo, acc, HILO, PREC, INTERP)
-        b_mmax, b_msq, b_dn = _pair_bounds(z_ptr, a0_ptr, i, j0, N, K0, BP, BPP, BLOCK_KE, ACT, SLOPE, FAST_ACT, REL, INTERP, H_LAST, T)
+        # the moments first: acc is dead before the bounds' loops (the other order spilled 8-64 bytes on sm_90 / sm_80
+        # once the moments were scaled per pair)
         b_ss, b_cov, b_p2 = _tile_stats(acc, r_p, _selection(r_p, T, BP, BPP, DT), T, BPP, HILO, PREC, INTERP)
-        b_scale = _centred_scale(b_mmax, b_msq, wn_ptr, PO) / b_p2[None, :]
+        b_mmax, b_msq, b_dn = _pair_bounds(z_ptr, a0_ptr, i, j0, N, K0, BP, BPP, BLOCK_KE, ACT, SLOPE, FAST_ACT, REL, INTERP, H_LAST, T)
+        b_scale = _centred_scale(b_mmax, b_msq, wn_ptr, PO) / b_p2
         b_tiny = None
         if DT == tl.float64:  # the underflow policy (_policy.UNDERFLOW_TINY): std <= 1e-290 sum_h |W_kh| is constant
-            b_tiny = 1e-290 * tl.load(wn_ptr + o_po)[None, :] / b_p2[None, :]
+            b_tiny = 1e-290 * tl.load(wn_ptr + o_po)[None, :] / b_p2
         b_l = _pair_l(b_ss, b_cov, LL, b_scale, b_dn, T, O, CONST_TOL, EPS, FLAG, FLAG_KAPPA, FLAGGED, b_tiny)
         p_j = j0 + tl.arange(0, BPP)
         p_m = (tl.arange(0, BPP) < BP) & (p_j < N)
@@ -386,7 +416,7 @@ def launch_config(
     ``BLOCK_K``. The interpreter takes bigger tiles (up to 48 pairs, ``min(48, n - 1)``) and ``H`` in one
     chunk: fewer Python-level steps. ``arch`` (as v1's; ``None``: 90): on sm_80 the tf32x3 tiles read the path's
     ends (``_pair_bounds``) in ``[BPP, 64]`` chunks, and the fp32 "ieee" tiles run on 8 warps on both archs: since
-    the moments became scale-free (``_pow2_above``) they spilled otherwise (8 warps do not help the tf32x3 tile:
+    the moments became scale-free (``_tile_stats``) they spilled otherwise (8 warps do not help the tf32x3 tile:
     it still spills on sm_80, and the ``[2 BPP, M]`` sums' MMAs would be repeated by the extra warps).
     """
     if not supported(spec, n_lambda):

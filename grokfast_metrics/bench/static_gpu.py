@@ -280,7 +280,8 @@ def schedule(cfg, variant: str, n: int, gpu: GPU) -> tuple[list, int, int, float
     programs = min(tiles, 8 * gpu.sms)
     per = tiles / programs
     passes, sum_passes = (3, 2) if c["HILO"] else (1, 1)
-    per_tile = c["M"] * c["K0"] * c["PO"] * passes + (2 + 2 * sum_passes) * 2 * c["BPP"] * c["M"] * c["PO"]
+    # _tile_stats: the mean and its broadcast back, the per-pair scale and its broadcast back (one pass each), the sums
+    per_tile = c["M"] * c["K0"] * c["PO"] * passes + (4 + 2 * sum_passes) * 2 * c["BPP"] * c["M"] * c["PO"]
     trips = [t for t in (c["K0"] // c["BLOCK_K"], -(-c["K0"] // c["BLOCK_KE"]), per) if t > 1]
     return trips, programs, programs, per * per_tile
 
