@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeGuard
 
 import numpy as np
 import torch
@@ -180,7 +181,7 @@ def activation_of(m: nn.Module) -> Act | None:
     return None
 
 
-def is_plain_sequential(m: nn.Module) -> bool:
+def is_plain_sequential(m: nn.Module) -> TypeGuard[nn.Sequential]:
     """True for an ``nn.Sequential`` whose forward is the plain chain (not a subclass overriding it)."""
     return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
 
