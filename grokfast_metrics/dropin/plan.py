@@ -129,11 +129,12 @@ def emit_affine_warning(at: str, to: str | None, how: str, stacklevel: int = 4, 
 _T = TypeVar("_T")
 
 
-def _built(tail: _T | None) -> _T:
-    """A tail of the plan, which its first forward builds (:meth:`Plan.forward`) before any computation reads it."""
-    if tail is None:
+def _built(part: _T | None) -> _T:
+    """A part of the plan its first forward builds (:meth:`Plan.forward`: the tail, the activation's shape) before any
+    computation reads it."""
+    if part is None:
         raise RuntimeError("the plan's tail was read before the probe's forward built it")
-    return tail
+    return part
 
 
 class Plan:
