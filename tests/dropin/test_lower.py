@@ -335,5 +335,5 @@ def test_a_tail_that_stops_lowering_after_a_step_says_why():
     L = plan.connectivity(n_lambda=5).double().numpy()
     assert plan.lowering.tail is None and "more than one nonlinear layer" in plan.lowering.reason
     assert "not lowered: more than one nonlinear layer" in plan.ran and "failed on the probe" not in plan.ran, plan.ran
-    # observed worst 6.0e-8
-    np.testing.assert_allclose(L, _ref(plan, 5), rtol=0, atol=1e-6)
+    # observed worst 6.0e-7 (this 2-core CPU): 17x margin
+    np.testing.assert_allclose(L, _ref(plan, 5), rtol=0, atol=1e-5)
