@@ -4,18 +4,23 @@ position, the layout hints of its error messages, and ``L = 1`` of an affine tai
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.fx as fx
 
 from ..foundation.errors import NonFiniteOutputError
+from .hooks import _Selector
 from .split import _AFFINE, _graph_kind
 
 #: samples used by the cut check (pairs ``(i, i+1 mod k)`` among the first ``k`` samples).
 CUT_CHECK_SAMPLES = 8
 
 
-def _cut_error(run_mixed, y, idx_src, idx_dst) -> float:
+def _cut_error(
+    run_mixed: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], y: torch.Tensor, idx_src: torch.Tensor, idx_dst: torch.Tensor
+) -> float:
     """Max |model(input i, activation j) - model(input j)| over the pairs, relative to max |logits|."""
     y_mix = run_mixed(idx_src, idx_dst)
     ref = y.index_select(0, idx_dst)
@@ -37,7 +42,7 @@ def _pairs(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.roll(dst, 1), dst  # input of sample i-1, activation of sample i
 
 
-def _read_at_one_position(gm):
+def _read_at_one_position(gm: fx.GraphModule) -> tuple[fx.GraphModule, tuple[int, int]] | None:
     """When the pruned tail reads its input ``h`` only through ``h.narrow(k, p, 1)`` (one ``(k, p)``): a copy
     taking that slice as its input, and ``(k, p)``; else None."""
     import copy
@@ -46,21 +51,22 @@ def _read_at_one_position(gm):
     ph = next(n for n in g.nodes if n.op == "placeholder")
     users = list(ph.users)
     keys = {tuple(u.args[1:]) if u.op == "call_method" and u.target == "narrow" and not u.kwargs else None for u in users}
-    if len(keys) != 1 or None in keys or len(next(iter(keys))) != 3 or next(iter(keys))[2] != 1:
+    key = next(iter(keys)) if len(keys) == 1 else None
+    if key is None or len(key) != 3 or key[2] != 1:
         return None
-    k, p, _ = next(iter(keys))
+    k, p, _ = key
+    if not (isinstance(k, int) and isinstance(p, int)):  # a position computed in the graph: not one known position
+        return None
     for u in users:
         u.replace_all_uses_with(ph)
         g.erase_node(u)
-    import torch.fx as fx
-
     try:
         return fx.GraphModule(gm, g), (k, p)
     except Exception:
         return None
 
 
-def _tail_kind(gm) -> int:
+def _tail_kind(gm: fx.GraphModule) -> int:
     """How affine a split tail is, seen through the user's modules (TransformerLens' ``Unembed``: ``x @ W_U``)."""
     from .prune import _deep_trace
 
@@ -85,7 +91,7 @@ def _samples_hint(act: torch.Tensor, at: str, batch_dim: int, rows: int) -> str:
     )
 
 
-def _rows(out, output) -> int:
+def _rows(out: Any, output: _Selector) -> int:
     try:
         y = out if output is None else (out[output] if isinstance(output, int) else output(out))
         return int(y.shape[0])
@@ -93,7 +99,7 @@ def _rows(out, output) -> int:
         return -1
 
 
-def _device_type(args) -> str:
+def _device_type(args: tuple[torch.Tensor, ...]) -> str:
     return args[0].device.type
 
 

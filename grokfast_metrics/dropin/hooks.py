@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
@@ -23,6 +23,8 @@ __all__ = ["LastPosition", "OutputSelector", "model_lock", "suspend_user_hooks",
 
 #: what ``output`` may be: ``None`` (the model returns ``(B, O)``), a tuple index, ``"last"``, or a callable.
 OutputSelector = int | str | Callable[[Any], torch.Tensor] | None
+#: an :data:`OutputSelector` as a plan keeps it (:func:`_as_selector`: ``"last"`` is a :class:`LastPosition`).
+_Selector = int | Callable[[Any], torch.Tensor] | None
 
 
 class LastPosition:
@@ -38,7 +40,7 @@ class LastPosition:
     def __init__(self, batch_dim: int = 0):
         self.batch_dim = batch_dim
 
-    def __call__(self, out) -> torch.Tensor:
+    def __call__(self, out: Any) -> torch.Tensor:
         if isinstance(out, (tuple, list)) and out:
             out = out[0]
         elif not isinstance(out, torch.Tensor) and isinstance(getattr(out, "logits", None), torch.Tensor):
@@ -54,7 +56,7 @@ class LastPosition:
         return f"LastPosition(batch_dim={self.batch_dim})"
 
 
-def _as_selector(output, batch_dim: int):
+def _as_selector(output: OutputSelector, batch_dim: int) -> _Selector:
     """``output`` as given, ``"last"`` as a :class:`LastPosition`; other strings are a ``ValueError``."""
     if isinstance(output, str):
         if output != "last":
@@ -70,7 +72,7 @@ def _as_selector(output, batch_dim: int):
 # inputs, names, outputs
 
 
-def _as_args(inputs) -> tuple[torch.Tensor, ...]:
+def _as_args(inputs: object) -> tuple[torch.Tensor, ...]:
     """Positional arguments of the model: a tensor, or a tuple/list of tensors."""
     if isinstance(inputs, torch.Tensor):
         return (inputs,)
@@ -87,7 +89,7 @@ def _shapes(args: tuple[torch.Tensor, ...]) -> str:
 
 
 def _n_samples(args: tuple[torch.Tensor, ...], input_batch_dim: int) -> int:
-    sizes = set()
+    sizes: set[int] = set()
     for k, x in enumerate(args):
         if x.dim() <= input_batch_dim:
             raise ValueError(f"inputs[{k}] has shape {tuple(x.shape)}, which has no input_batch_dim={input_batch_dim}")
@@ -136,7 +138,8 @@ def _find_module(model: nn.Module, at: str, what: str = "at") -> nn.Module:
         raise TypeError(f"{what} must be a submodule name (str) as in model.named_modules(); got {type(at).__name__}")
     modules = dict(model.named_modules())
     if at in modules and at != "":
-        return modules[at]
+        found: nn.Module = modules[at]  # (named_modules is typed loosely)
+        return found
     names = [n for n in modules if n]
     if not names:
         raise ValueError(f"model {type(model).__name__} has no submodules; there is no layer named {at!r} to cut at")
@@ -146,7 +149,7 @@ def _find_module(model: nn.Module, at: str, what: str = "at") -> nn.Module:
     raise ValueError(f"model has no submodule named {at!r} ({what}=).{hint} Valid names: {shown}")
 
 
-def _select(out, output: OutputSelector, n: int, layout: str = "") -> torch.Tensor:
+def _select(out: Any, output: OutputSelector, n: int, layout: str = "") -> torch.Tensor:
     """Apply the ``output`` selector and check that it gives ``(n, O)`` logits."""
     if output is None:
         y = out
@@ -172,7 +175,7 @@ def _select(out, output: OutputSelector, n: int, layout: str = "") -> torch.Tens
     return y
 
 
-def _select_to(out, output: OutputSelector, n: int, batch_dim: int) -> torch.Tensor:
+def _select_to(out: Any, output: OutputSelector, n: int, batch_dim: int) -> torch.Tensor:
     """``to``'s output as ``(n, O)``: through ``output`` if given, else flattened per sample along ``batch_dim``."""
     if output is not None:
         return _select(out, output, n)
@@ -185,7 +188,7 @@ def _select_to(out, output: OutputSelector, n: int, batch_dim: int) -> torch.Ten
     return y.movedim(batch_dim, 0).reshape(n, -1)
 
 
-def _first_tensor(out) -> torch.Tensor:
+def _first_tensor(out: object) -> torch.Tensor:
     """A module's output as a tensor: the tensor itself or element 0 of a tuple (e.g. MultiheadAttention)."""
     if isinstance(out, torch.Tensor):
         return out
@@ -194,7 +197,7 @@ def _first_tensor(out) -> torch.Tensor:
     raise ValueError(f"its output is a {type(out).__name__}; lmn_at needs a tensor (or a tuple whose first element is one)")
 
 
-def _replace_first(out, new: torch.Tensor):
+def _replace_first(out: torch.Tensor | tuple[Any, ...] | list[Any], new: torch.Tensor) -> object:
     if isinstance(out, torch.Tensor):
         return new
     return type(out)([new, *out[1:]]) if isinstance(out, list) else (new, *out[1:])
@@ -228,7 +231,7 @@ def _weight_hook_types() -> tuple[type, ...]:
 #: per thread: how deep it is inside :func:`suspend_user_hooks` (the user's hooks skip only that thread's calls)
 _SUSPENDED = threading.local()
 #: one lock per model: ``lmn_at`` computations on one model run one at a time (see :func:`model_lock`)
-_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
 
 
@@ -246,10 +249,10 @@ class _SkipInSuspendingThread:
     """A user's hook, wrapped while ``lmn_at`` runs: it does not fire in the thread computing LMN and fires as
     usual in every other thread (a training thread's own hooks keep working)."""
 
-    def __init__(self, hook):
+    def __init__(self, hook: Callable[..., Any]):
         self.hook = hook
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if getattr(_SUSPENDED, "depth", 0):
             return None
         return self.hook(*args, **kwargs)
@@ -259,7 +262,7 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks")
 
 
 @contextmanager
-def suspend_user_hooks(model: nn.Module, keep: bool = False):
+def suspend_user_hooks(model: nn.Module, keep: bool = False) -> Iterator[None]:
     """Suspend the forward (pre-)hooks registered on ``model``'s modules for the calling thread; restored on exit.
 
     Each hook is wrapped in place (the dicts keep their keys, so a handle still removes it) so that it does not
@@ -270,7 +273,7 @@ def suspend_user_hooks(model: nn.Module, keep: bool = False):
         yield
         return
     weight_hooks = _weight_hook_types()
-    wrapped = []
+    wrapped: list[tuple[dict[int, Any], int, _SkipInSuspendingThread]] = []
     for m in model.modules():
         for name in _HOOK_DICTS:
             hooks = getattr(m, name, None)
@@ -293,12 +296,12 @@ def suspend_user_hooks(model: nn.Module, keep: bool = False):
 
 
 @contextmanager
-def _hook(module: nn.Module, fn):
+def _hook(module: nn.Module, fn: Callable[[nn.Module, Any, Any], Any]) -> Iterator[None]:
     """``fn`` as a forward hook of ``module`` that acts only on this thread's calls (another thread running the
     model meanwhile is not captured, replaced or stopped)."""
     me = threading.get_ident()
 
-    def this_thread_only(m, inp, out):
+    def this_thread_only(m: nn.Module, inp: Any, out: Any) -> Any:
         return fn(m, inp, out) if threading.get_ident() == me else None
 
     handle = module.register_forward_hook(this_thread_only)
@@ -312,7 +315,7 @@ class _Stop(Exception):
     """Raised by the hook on ``to`` to end a forward once the sub-network's output is known."""
 
 
-def _call_model(model: nn.Module, args: tuple[torch.Tensor, ...]):
+def _call_model(model: nn.Module, args: tuple[torch.Tensor, ...]) -> Any:
     """``model(*args)``; torch's own errors on the probe become a ``ValueError`` saying what to check."""
     try:
         return model(*args)
@@ -333,16 +336,16 @@ def _call_model(model: nn.Module, args: tuple[torch.Tensor, ...]):
 
 def _capture(
     model: nn.Module, module: nn.Module, name: str, args: tuple[torch.Tensor, ...], to: nn.Module | None = None, to_name: str | None = None
-):
+) -> tuple[Any, torch.Tensor, bool]:
     """Run ``model(*args)``; return ``(model output or to's output, activation of module, raw output is a tensor)``."""
-    seen: list = []
-    seen_to: list = []
+    seen: list[Any] = []
+    seen_to: list[Any] = []
 
-    def grab(_m, _inp, out):
+    def grab(_m: nn.Module, _inp: Any, out: Any) -> None:
         # a copy: later in-place ops (ReLU(inplace=True), x += ...) must not rewrite the activation
         seen.append(out.clone() if isinstance(out, torch.Tensor) else out)
 
-    def grab_to(_m, _inp, out):
+    def grab_to(_m: nn.Module, _inp: Any, out: Any) -> None:
         seen_to.append(out.clone() if isinstance(out, torch.Tensor) else out)
 
     with _hook(module, grab), _hook(to, grab_to) if to is not None else nullcontext():
@@ -372,10 +375,12 @@ def _capture(
     return out, act, isinstance(seen[0], torch.Tensor)
 
 
-def _run_replaced(model: nn.Module, module: nn.Module, args: tuple[torch.Tensor, ...], act: torch.Tensor, to: nn.Module | None = None):
+def _run_replaced(
+    model: nn.Module, module: nn.Module, args: tuple[torch.Tensor, ...], act: torch.Tensor, to: nn.Module | None = None
+) -> Any:
     """``model(*args)`` with ``module``'s output replaced by ``act``; with ``to``: ``to``'s output (forward stopped)."""
 
-    def replace(_m, _inp, out):
+    def replace(_m: nn.Module, _inp: Any, out: Any) -> object:
         old = _first_tensor(out)
         if old.shape != act.shape:
             raise ValueError(f"activation shape changed: forward gave {tuple(old.shape)}, replacement {tuple(act.shape)}")
@@ -384,9 +389,9 @@ def _run_replaced(model: nn.Module, module: nn.Module, args: tuple[torch.Tensor,
     if to is None:
         with _hook(module, replace):
             return _call_model(model, args)
-    got: list = []
+    got: list[Any] = []
 
-    def stop(_m, _inp, out):
+    def stop(_m: nn.Module, _inp: Any, out: Any) -> None:
         got.append(out)
         raise _Stop
 
@@ -402,7 +407,7 @@ def _run_replaced(model: nn.Module, module: nn.Module, args: tuple[torch.Tensor,
 # layouts
 
 
-def _layout_hint(args, input_batch_dim: int, rows: int) -> str:
+def _layout_hint(args: tuple[torch.Tensor, ...], input_batch_dim: int, rows: int) -> str:
     """Which axes of the inputs hold ``rows`` items (for errors where the sample count came out wrong)."""
     axes = sorted({d for x in args for d in range(x.dim()) if x.shape[d] == rows and d != input_batch_dim})
     if not axes:
@@ -413,7 +418,7 @@ def _layout_hint(args, input_batch_dim: int, rows: int) -> str:
     )
 
 
-def _check_act_layout(act: torch.Tensor, at: str, n: int, batch_dim: int, input_batch_dim: int, args) -> None:
+def _check_act_layout(act: torch.Tensor, at: str, n: int, batch_dim: int, input_batch_dim: int, args: tuple[torch.Tensor, ...]) -> None:
     if act.dim() > batch_dim and act.shape[batch_dim] == n:
         return
     shape = tuple(act.shape)

@@ -33,14 +33,21 @@ from __future__ import annotations
 import operator
 import warnings
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
 from ..foundation.tail import IDENTITY, Act, MLPTail, activation_of
+from .hooks import _Selector
+
+#: a value of the interpreter: a :class:`_Sym` (it depends on the representation) or a constant the graph computes
+#: (a tensor, a number, a tuple of values, ...), as loosely typed as the graph itself
+_Value = Any
 
 
 class NotLowerable(Exception):
@@ -75,6 +82,13 @@ class _Sym:
     @property
     def width(self) -> int:
         return self.c.shape[-1]
+
+    def hidden(self) -> tuple[_Hidden, torch.Tensor, torch.Tensor] | None:
+        """``(hid, Wh, hidx)`` when a hidden layer reaches this value (every constructor sets the three together)."""
+        if self.hid is None:
+            return None
+        assert self.Wh is not None and self.hidx is not None, "hid, Wh and hidx are set together"
+        return self.hid, self.Wh, self.hidx
 
     def affine_map(self, W: torch.Tensor, b: torch.Tensor | None) -> _Sym:
         """``x W^T + b`` on the feature axis."""
@@ -144,8 +158,8 @@ class _Interp:
         return _Sym(pos, torch.eye(self.F_in, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64))
 
     # ---------------------------------------------------------------------------------- graphs
-    def run_graph(self, gm: nn.Module, args: list):
-        env: dict = {}
+    def run_graph(self, gm: fx.GraphModule, args: list[_Value]) -> _Value:
+        env: dict[fx.Node, _Value] = {}
         placeholders = iter(args)
         result = None
         for n in gm.graph.nodes:
@@ -158,21 +172,21 @@ class _Interp:
                     else:
                         raise NotLowerable(f"graph input {n.name!r} has no value") from None
             elif n.op == "get_attr":
-                env[n] = _const(_fetch(gm, n.target))
+                env[n] = _const(_fetch(gm, str(n.target)))  # (the target of get_attr, call_module, call_method: a name)
             elif n.op == "output":
                 result = _map(n.args[0], env)
             else:
                 a = _map(n.args, env)
                 kw = _map(n.kwargs, env)
                 if n.op == "call_module":
-                    env[n] = self.module(gm.get_submodule(n.target), n.target, a, kw)
+                    env[n] = self.module(gm.get_submodule(str(n.target)), str(n.target), a, kw)
                 elif n.op == "call_function":
                     env[n] = self.function(n.target, a, kw)
                 else:
-                    env[n] = self.method(n.target, a, kw)
+                    env[n] = self.method(str(n.target), a, kw)
         return result
 
-    def module(self, m: nn.Module, name: str, a, kw):
+    def module(self, m: nn.Module, name: str, a: tuple[_Value, ...], kw: dict[str, _Value]) -> _Value:
         if len(a) != 1 or kw:
             return self.trace_through(m, name, a, kw)
         x = a[0]
@@ -194,9 +208,7 @@ class _Interp:
             raise NotLowerable(f"attention ({name!r}) follows the cut")
         return self.trace_through(m, name, a, kw)
 
-    def trace_through(self, m: nn.Module, name: str, a, kw):
-        import torch.fx as fx
-
+    def trace_through(self, m: nn.Module, name: str, a: tuple[_Value, ...] | list[_Value], kw: dict[str, _Value]) -> _Value:
         class _Tracer(fx.Tracer):
             def is_leaf_module(self, mod: nn.Module, qualname: str) -> bool:
                 return (
@@ -228,7 +240,7 @@ class _Interp:
         hidx = torch.arange(n_pos).reshape(shape)
         return _Sym(x.pos, None, torch.zeros_like(x.c), hid, torch.eye(x.width, dtype=torch.float64), hidx)
 
-    def add(self, x, y, sign: float = 1.0):
+    def add(self, x: _Value, y: _Value, sign: float = 1.0) -> _Value:
         if not isinstance(x, _Sym):
             if not isinstance(y, _Sym):
                 return _const(x) + sign * _const(y)
@@ -246,17 +258,18 @@ class _Interp:
         if x.width != y.width:
             raise NotLowerable("a sum of values of different widths")
         hid, Wh, hidx = x.hid, x.Wh, x.hidx
-        if y.hid is not None:
-            if hid is None:
-                hid, Wh, hidx = y.hid, sign * y.Wh, y.hidx
-            elif hid is not y.hid or not torch.equal(hidx, y.hidx):
+        hx, hy = x.hidden(), y.hidden()
+        if hy is not None:
+            if hx is None:
+                hid, Wh, hidx = hy[0], sign * hy[1], hy[2]
+            elif hx[0] is not hy[0] or not torch.equal(hx[2], hy[2]):
                 raise NotLowerable("a sum of two different hidden layers (more than one MLP after the cut)")
             else:
-                Wh = Wh + sign * y.Wh
+                Wh = hx[1] + sign * hy[1]
         A = x.A if y.A is None else (sign * y.A if x.A is None else x.A + sign * y.A)
         return _Sym(x.pos, A, x.c + sign * y.c, hid, Wh, hidx)
 
-    def function(self, f, a, kw):
+    def function(self, f: Callable[..., Any], a: tuple[_Value, ...], kw: dict[str, _Value]) -> _Value:
         if f in (operator.add, torch.add) and len(a) == 2 and not kw:
             return self.add(a[0], a[1])
         if f in (operator.sub, torch.sub) and len(a) == 2 and not kw:
@@ -292,7 +305,7 @@ class _Interp:
                 raise NotLowerable(f"{getattr(f, '__name__', f)} on constants failed: {e}") from None
         raise NotLowerable(f"{getattr(f, '__name__', repr(f))} of the representation is not an MLP operation")
 
-    def method(self, name: str, a, kw):
+    def method(self, name: str, a: tuple[_Value, ...], kw: dict[str, _Value]) -> _Value:
         x = a[0]
         if not isinstance(x, _Sym):
             try:
@@ -309,7 +322,7 @@ class _Interp:
             return self.mul(x, a[1])
         raise NotLowerable(f".{name}() of the representation (a reshape or a reduction) is not lowered")
 
-    def mul(self, x, y):
+    def mul(self, x: _Value, y: _Value) -> _Value:
         if isinstance(x, _Sym) and isinstance(y, _Sym):
             raise NotLowerable("a product of two values that depend on the representation")
         if isinstance(y, _Sym):
@@ -318,7 +331,7 @@ class _Interp:
             return _const(x) * _const(y)
         return x.scale(_const(y))
 
-    def einsum(self, a):
+    def einsum(self, a: tuple[_Value, ...]) -> _Value:
         eq, ops = a[0], list(a[1:])
         if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
             ops = list(ops[0])
@@ -338,7 +351,7 @@ class _Interp:
             raise NotLowerable(f"einsum {eq!r} is not a per-position linear map")
         return ops[k].affine_map(W if sw == m + d else W.t(), None)
 
-    def getitem(self, x, idx):
+    def getitem(self, x: _Value, idx: _Value) -> _Value:
         if not isinstance(x, _Sym):
             if isinstance(x, (tuple, list, dict)):
                 return x[idx]
@@ -354,12 +367,13 @@ class _Interp:
         pidx = idx[1:-1]
         if not all(isinstance(i, (int, slice)) for i in pidx):
             raise NotLowerable(f"indexing positions by {pidx!r} (ints and slices are lowered)")
-        c = x.c[(*pidx, slice(None))]
+        per_position = (*pidx, slice(None))
+        c = x.c[per_position]
         return _Sym(x.pos[pidx], x.A, c, x.hid, x.Wh, None if x.hidx is None else x.hidx[pidx])
 
 
-def _fetch(gm: nn.Module, target: str):
-    obj = gm
+def _fetch(gm: nn.Module, target: str) -> _Value:
+    obj: _Value = gm
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
@@ -369,7 +383,7 @@ def _f64(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(device="cpu", dtype=torch.float64)
 
 
-def _const(v):
+def _const(v: _Value) -> _Value:
     if isinstance(v, _Sym):
         raise NotLowerable("a value that depends on the representation used where a constant is needed")
     if isinstance(v, torch.Tensor):
@@ -379,9 +393,7 @@ def _const(v):
     return v
 
 
-def _map(v, env):
-    import torch.fx as fx
-
+def _map(v: fx.node.Argument, env: dict[fx.Node, _Value]) -> _Value:
     return fx.node.map_aggregate(v, lambda n: env[n] if isinstance(n, fx.Node) else n)
 
 
@@ -402,14 +414,17 @@ class LoweredTail(nn.Module):
 
     def __init__(self, sym: _Sym, in_positions: int, in_width: int, dtype: torch.dtype, describe: str):
         super().__init__()
-        hid = sym.hid
+        hidden = sym.hidden()
+        if hidden is None:
+            raise NotLowerable("the tail is affine (no activation reaches the selected logits)")
+        hid, w_out, hidx = hidden
         q = int(sym.pos)
-        hp = int(sym.hidx)
+        hp = int(hidx)
         if int(hid.pos[hp]) != q:
             raise NotLowerable("the hidden layer reads another position than the output")
         self.select = (q * in_width, (q + 1) * in_width)
         self.in_positions = in_positions
-        w_in, b_in, w_out, b_out = hid.A, hid.c[hp], sym.Wh, sym.c.reshape(-1)
+        w_in, b_in, b_out = hid.A, hid.c[hp], sym.c.reshape(-1)
         skip = None if sym.A is None or not bool(sym.A.any()) else sym.A
         self.fc_in = _linear(w_in, b_in, dtype)
         self.fc_out = _linear(w_out, b_out, dtype)
@@ -418,7 +433,7 @@ class LoweredTail(nn.Module):
         self.describe = describe
         full = in_positions * in_width
 
-        def spec(lin_in, lin_out, w_skip, exact):
+        def spec(lin_in: nn.Linear, lin_out: nn.Linear, w_skip: torch.Tensor | None, exact: MLPTail | None) -> MLPTail:
             return MLPTail(
                 pre=[lin_in],
                 stages=[(self.acts or [IDENTITY], lin_out)],
@@ -444,14 +459,16 @@ class LoweredTail(nn.Module):
         a = self.fc_in(x)
         for act in self.acts:
             a = act.torch(a)
-        y = self.fc_out(a)
+        y: torch.Tensor = self.fc_out(a)
         if self.skip is not None:
             y = y + self.skip(x)
         return y
 
 
 def _linear(W: torch.Tensor, b: torch.Tensor | None, dtype: torch.dtype) -> nn.Linear:
-    lin = torch.nn.utils.skip_init(nn.Linear, W.shape[1], W.shape[0], bias=b is not None, dtype=dtype)
+    lin: nn.Linear = torch.nn.utils.skip_init(  # type: ignore[no-untyped-call]  # torch leaves skip_init unannotated
+        nn.Linear, W.shape[1], W.shape[0], bias=b is not None, dtype=dtype
+    )
     lin.weight = nn.Parameter(W.to(dtype).contiguous(), requires_grad=False)
     if b is not None:
         lin.bias = nn.Parameter(b.to(dtype).contiguous(), requires_grad=False)
@@ -468,7 +485,7 @@ class Lowering:
 
 
 def lower(
-    graph_module: nn.Module, act_shape: tuple[int, ...], output=None, dtype: torch.dtype = torch.float32, batch_dim: int = 0
+    graph_module: nn.Module, act_shape: tuple[int, ...], output: _Selector = None, dtype: torch.dtype = torch.float32, batch_dim: int = 0
 ) -> Lowering:
     """Lower a traced tail (``h`` of per-sample shape ``act_shape``, batch first, -> its output, then ``output``).
 
@@ -483,8 +500,6 @@ def lower(
     Returns:
         :class:`Lowering`: the tail and what it computes, or ``None`` and the reason.
     """
-    import torch.fx as fx
-
     if batch_dim != 0:
         return Lowering(None, f"batch_dim={batch_dim} (sequence-first blocks are not lowered)")
     if dtype not in (torch.float32, torch.float64):
@@ -554,8 +569,6 @@ def _traced(m: nn.Module, tracer: Any, name: str) -> Any:
 
 def _traced_selector(output: Any) -> Any:
     """``fx.symbolic_trace(output)`` for an ``output=`` callable, once per callable (:data:`_TRACES`)."""
-    import torch.fx as fx
-
     try:
         hit = _TRACES.get(output)
     except TypeError:  # not weakly referenceable: traced every time

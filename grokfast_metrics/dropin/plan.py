@@ -10,9 +10,12 @@ warning (:class:`AffineTailWarning`, :func:`emit_affine_warning`) is emitted fro
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 from ..compute import core
@@ -55,6 +58,10 @@ from .hooks import (
     unwrap_compiled,
 )
 from .split import _AFFINE, _chain_tail, _container_split, _HookTail, _selector_affine, _SplitTail, _trace_split
+
+if TYPE_CHECKING:
+    from ..compute.generic import CompiledTail
+    from .lower import Lowering
 
 __all__ = ["PATHS", "AffineTailWarning", "Plan", "emit_affine_warning"]
 
@@ -119,6 +126,16 @@ def emit_affine_warning(at: str, to: str | None, how: str, stacklevel: int = 4, 
 # --------------------------------------------------------------------------------------------
 # the plan: everything decided once per (model, inputs, at, to, layout)
 
+_T = TypeVar("_T")
+
+
+def _built(part: _T | None) -> _T:
+    """A part of the plan its first forward builds (:meth:`Plan.forward`: the tail, the activation's shape) before any
+    computation reads it."""
+    if part is None:
+        raise RuntimeError("the plan's tail was read before the probe's forward built it")
+    return part
+
 
 class Plan:
     """What ``lmn_at`` runs for one model, probe set, ``at``/``to`` and layout; built once, run many times.
@@ -142,7 +159,7 @@ class Plan:
     def __init__(
         self,
         model: nn.Module,
-        inputs,
+        inputs: Any,
         at: str,
         to: str | None = None,
         output: OutputSelector = None,
@@ -177,8 +194,8 @@ class Plan:
         self.requested = path
         self.user_hooks = bool(user_hooks)
         self.compile = bool(compile)  # a split tail on the generic path runs through torch.compile (generic.CompiledTail)
-        self._compiled: dict = {}  # (tail id, rows, dtype) -> CompiledTail
-        self.compile_info: dict | None = None  # what compile=True did in the last computation (last_run_info's "compile")
+        self._compiled: dict[tuple[int, int, torch.dtype], CompiledTail] = {}  # (tail id, rows, dtype) -> CompiledTail
+        self.compile_info: dict[str, Any] | None = None  # what compile=True did in the last computation (last_run_info's "compile")
         self.path: str | None = None
         self.reason: str = "not built yet (the plan runs the probe at its first computation)"
         self.tail: nn.Module | None = None
@@ -188,11 +205,11 @@ class Plan:
         self.affine_warned = False
         self.prune = True  # position pruning of a split tail (False: run every position, as before)
         self.pruned = False  # whether the split tail runs pruned
-        self.full_tail: nn.Module | None = None  # the split tail at every position (the reference runs it)
-        self.sliced_tail: nn.Module | None = None  # the pruned tail taking h at its one needed position only
+        self.full_tail: _SplitTail | None = None  # the split tail at every position (the reference runs it)
+        self.sliced_tail: _SplitTail | None = None  # the pruned tail taking h at its one needed position only
         self.sliced: tuple[int, int] | None = None  # (axis, position) of that slice of at's output
-        self.lowering = None  # _lower.Lowering of a split tail (set by _build)
-        self._lowered_at = None  # parameter versions the lowered tail's folded weights were taken at
+        self.lowering: Lowering | None = None  # of a split tail (set by _build)
+        self._lowered_at: tuple[tuple[int, int], ...] | None = None  # parameter versions the lowered tail's folded weights were taken at
         self.ran = ""
 
     def _find_modules(self) -> None:
@@ -212,7 +229,7 @@ class Plan:
         self.lowering, self._lowered_at, self.ran, self._compiled = None, None, "", {}
 
     @contextmanager
-    def running(self):
+    def running(self) -> Iterator[None]:
         """Context of every computation: no grad, eval mode (restored), RNG forked, user hooks suspended (in this
         thread), one computation on the model at a time (:func:`~grokfast_metrics.dropin.hooks.model_lock`)."""
         with model_lock(self.model), torch.no_grad(), eval_mode(self.model), suspend_user_hooks(self.model, self.user_hooks):
@@ -266,6 +283,7 @@ class Plan:
             )
             if gm is not None:
                 self.path, self.tail = "split", _SplitTail(gm, self)
+                self.full_tail = self.tail
                 self.reason = (
                     f"{why_not}; torch.fx traces the model and the layers after {self.at!r} depend on the "
                     "input only through it: the traced tail runs alone"
@@ -280,6 +298,7 @@ class Plan:
                 gm, inner = _container_split(self.model, self.at, self.args, not self._raw_is_tensor)
                 if gm is not None:
                     self.path, self.tail = "split", _SplitTail(gm, self)
+                    self.full_tail = self.tail
                     self.reason = (
                         f"{why_not}; torch.fx cannot trace the model ({why.split('(', 1)[-1].rstrip(')')}), "
                         f"but the model returns {inner!r}'s output as it is and {inner!r} traces: the "
@@ -298,11 +317,10 @@ class Plan:
             else "path='hooks' requested"
         )
 
-    def _prune(self, gm, act: torch.Tensor) -> None:
+    def _prune(self, gm: fx.GraphModule, act: torch.Tensor) -> None:
         """Position pruning of the split tail (:mod:`grokfast_metrics.dropin.prune`): only what the selected logits need."""
         from .prune import prune_positions
 
-        self.full_tail = self.tail
         if self.to is not None or self.user_hooks or not self.prune:
             return
         pruned = prune_positions(gm, act, self.output)
@@ -318,11 +336,11 @@ class Plan:
                 self.sliced_tail._act_shape = tuple(torch.Size(shape)[: self.batch_dim] + torch.Size(shape)[self.batch_dim + 1 :])
                 self.reason += f" (h itself only at position {p} of axis {k}: only that position is interpolated)"
 
-    def _lower(self):
+    def _lower(self) -> Lowering:
         """Lower the split tail (:mod:`grokfast_metrics.dropin.lower`) unless its parameters are unchanged since the last time."""
         from .lower import Lowering, lower
 
-        graph = (self.full_tail if self.full_tail is not None else self.tail).graph  # never the pruned tail
+        graph = _built(self.full_tail).graph  # never the pruned tail
         key = tuple((id(t), t._version) for t in [*graph.parameters(), *graph.buffers()])
         if self.lowering is not None and key == self._lowered_at:
             return self.lowering
@@ -330,7 +348,7 @@ class Plan:
             self.lowering = Lowering(None, "to= sub-networks are not lowered")
         else:
             dtype = _param_dtype(self.model, torch.float32)
-            self.lowering = lower(graph, self.act_shape, self.output, dtype, self.batch_dim)
+            self.lowering = lower(graph, _built(self.act_shape), self.output, dtype, self.batch_dim)
         self._lowered_at = key
         return self.lowering
 
@@ -344,14 +362,14 @@ class Plan:
         self.checked = True
         return err
 
-    def _mixed(self, module, act, src, dst) -> torch.Tensor:
+    def _mixed(self, module: nn.Module, act: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
         moved = act.index_select(self.batch_dim, dst)
         out = _run_replaced(self.model, module, _take(self.args, src, self.input_batch_dim), moved, self.to_module)
         if self.to is not None:
             return _select_to(out, self.output, len(src), self.batch_dim)
         return _select(out, self.output, len(src))
 
-    def _is_cut(self, name: str, modules: dict) -> bool:
+    def _is_cut(self, name: str, modules: dict[str, nn.Module]) -> bool:
         """Whether module ``name`` passes the cut check (False when it cannot be checked)."""
         try:
             out, act, _ = _capture(self.model, modules[name], name, self.args, self.to_module, self.to)
@@ -359,7 +377,8 @@ class Plan:
             if act.dim() <= self.batch_dim or act.shape[self.batch_dim] != self.n:
                 return False
             src, dst = _pairs(self.n, y.device)
-            return _cut_error(lambda s, d, m=modules[name], a=act: self._mixed(m, a, s, d), y, src, dst) <= _cut_rtol(y.dtype)
+            module = modules[name]
+            return _cut_error(lambda s, d: self._mixed(module, act, s, d), y, src, dst) <= _cut_rtol(y.dtype)
         except (ValueError, _Stop):
             return False
 
@@ -368,7 +387,7 @@ class Plan:
         gm = _trace_split(self.model, name, self.to, args=self.args, input_batch_dim=self.input_batch_dim)
         return gm is not None and _tail_kind(gm) <= _AFFINE and (self.to is not None or _selector_affine(self.output))
 
-    def _earlier_modules(self, modules: dict) -> list[str]:
+    def _earlier_modules(self, modules: dict[str, nn.Module]) -> list[str]:
         """Modules that finish before ``at`` in the forward, nearest first (ancestors of ``at`` excluded)."""
         order: list[str] = []
         handles = [m.register_forward_hook(lambda _m, _i, _o, n=n: order.append(n)) for n, m in modules.items() if n]
@@ -433,7 +452,7 @@ class Plan:
                 L = _ones_if_finite(h, y)
                 report_affine_shortcut(self)
             elif self.path == "chain":
-                L = connectivity(h, self.tail, n_lambda, backend, chunk_bytes=chunk_bytes)
+                L = connectivity(h, _built(self.tail), n_lambda, backend, chunk_bytes=chunk_bytes)
                 self.ran = f"chain ({core.last_run_info().get('backend')})"
             else:
                 L = self._generic(h, act, y, n_lambda, backend, chunk_bytes)
@@ -469,7 +488,7 @@ class Plan:
         n = h.shape[0]
         dev.fill_diagonal_(-1.0)
         h64 = h.detach().double()
-        tail64 = copy.deepcopy(self.tail).double()
+        tail64 = copy.deepcopy(_built(self.tail)).double()
         lam = torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64, device=h.device).view(-1, 1)
         for flat in dev.flatten().topk(min(8, n * (n - 1))).indices.tolist():
             i, j = divmod(flat, n)
@@ -482,37 +501,51 @@ class Plan:
                 return False
         return True
 
-    def _generic(self, h, act, y, n_lambda, backend, chunk_bytes) -> torch.Tensor:
+    def _run_lowered(
+        self, low: Lowering, h: torch.Tensor, y: torch.Tensor, n_lambda: int, backend: str, chunk_bytes: int | None
+    ) -> torch.Tensor | None:
+        """L through the lowered tail, or ``None`` (``low.tail`` is dropped, ``low.reason`` says why) when it did not
+        lower after a parameter change or does not reproduce the model's outputs ``y``."""
+        from ..compute import generic
+
+        if low.tail is None:  # re-folded after a parameter change, it no longer lowers: low.reason says why
+            return None
+        # folded on the CPU in float64; runs where h is: the C++ kernel on the CPU, the Triton kernel on CUDA
+        # (core._choose), else the generic path through the module
+        low.tail.to(h.device)
+        # the lowered tail must reproduce the model's own outputs (checked on every computation: one forward)
+        try:
+            y_low = generic.end_outputs(low.tail, h, _param_dtype(low.tail, h.dtype), y.dtype)
+            agrees = _agrees(y_low, y)
+        except Exception as e:  # e.g. non-finite outputs: the split tail decides, as before
+            agrees, low.reason = False, f"{low.reason}; it failed on the probe: {type(e).__name__}: {e}"
+        if not agrees:
+            low.tail, low.reason = None, f"the lowered tail did not reproduce the model's outputs ({low.reason})"
+            return None
+        L = connectivity(h, low.tail, n_lambda, backend, chunk_bytes=chunk_bytes)
+        self.ran = f"split, lowered ({core.last_run_info().get('backend')}): {low.reason}"
+        return L
+
+    def _generic(
+        self, h: torch.Tensor, act: torch.Tensor, y: torch.Tensor, n_lambda: int, backend: str, chunk_bytes: int | None
+    ) -> torch.Tensor:
         """L through the split or hook tail, by ``gm.connectivity`` (core chooses the backend, runs the generic path)."""
         from ..compute import generic
 
         if self.path == "split" and self.pruned and backend == "reference":
             # the yardstick runs every position: it checks the pruning too
-            L = connectivity(h, self.full_tail, n_lambda, backend, chunk_bytes=chunk_bytes)
+            L = connectivity(h, _built(self.full_tail), n_lambda, backend, chunk_bytes=chunk_bytes)
             self.ran = f"split, generic ({core.last_run_info().get('backend')}); backend={backend!r} (every position)"
             return L
         low = self.lowering if self.path == "split" else None
         if low is not None and low.tail is not None and backend != "reference":
             low = self._lower()  # the folded weights follow the model's (re-folded when a parameter changed)
-            if low.tail is not None:
-                # folded on the CPU in float64; runs where h is: the C++ kernel on the CPU, the Triton kernel on CUDA
-                # (core._choose), else the generic path through the module
-                low.tail.to(h.device)
-            # the lowered tail must reproduce the model's own outputs (checked on every computation: one forward)
-            try:
-                y_low = generic.end_outputs(low.tail, h, _param_dtype(low.tail, h.dtype), y.dtype)
-                agrees = _agrees(y_low, y)
-            except Exception as e:  # e.g. non-finite outputs: the split tail decides, as before
-                agrees, low.reason = False, f"{low.reason}; it failed on the probe: {type(e).__name__}: {e}"
-            if not agrees:
-                low.tail, low.reason = None, f"the lowered tail did not reproduce the model's outputs ({low.reason})"
-            if low.tail is not None:
-                L = connectivity(h, low.tail, n_lambda, backend, chunk_bytes=chunk_bytes)
-                self.ran = f"split, lowered ({core.last_run_info().get('backend')}): {low.reason}"
-                return L
+            L_low = self._run_lowered(low, h, y, n_lambda, backend, chunk_bytes)
+            if L_low is not None:
+                return L_low
         if self.path == "split" and self.pruned:
-            h_run, tail = h, self.tail
-            if self.sliced_tail is not None:  # the tail reads h at one position only: interpolate that position
+            h_run, tail = h, _built(self.tail)
+            if self.sliced_tail is not None and self.sliced is not None:  # the tail reads h at one position only: that position
                 k, p = self.sliced
                 h_run, tail = act.narrow(k, p, 1).movedim(self.batch_dim, 0).reshape(self.n, -1), self.sliced_tail
             y_end = generic.end_outputs(tail, h_run, _param_dtype(tail, h_run.dtype), y.dtype)
@@ -529,7 +562,8 @@ class Plan:
                 "; pruned to the positions the selected logits depend on", "; the pruned tail disagreed with the model: every position runs"
             )
         if self.path == "split":
-            y_end = generic.end_outputs(self.tail, h, _param_dtype(self.tail, h.dtype), y.dtype)
+            split = _built(self.tail)
+            y_end = generic.end_outputs(split, h, _param_dtype(split, h.dtype), y.dtype)
             if not _agrees(y_end, y):
                 # the traced graph does not reproduce the model (e.g. an in-place op it lost): hooks from now on
                 self.path, self.tail, self.affine = "hooks", _HookTail(self), None
@@ -537,7 +571,7 @@ class Plan:
                     "the traced tail's outputs differed from the model's on the probe (e.g. an op "
                     "torch.fx lost): the whole model re-runs with at's output replaced"
                 )
-        L = run_generic(self, h, self.tail, n_lambda, backend, chunk_bytes)
+        L = run_generic(self, h, _built(self.tail), n_lambda, backend, chunk_bytes)
         why = "" if low is None else (f"; not lowered: {low.reason}" if low.tail is None else f"; backend={backend!r}")
         self.ran = f"{self.path}, generic ({core.last_run_info().get('backend')}){why}"
         return L

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import operator
 import warnings
-from typing import Protocol
+from collections.abc import Callable, Container
+from typing import Any, Literal, Protocol, overload
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
 from ..foundation.tail import is_plain_sequential
-from .hooks import OutputSelector, _run_replaced, _select, _select_to, _take
+from .hooks import _run_replaced, _select, _select_to, _Selector, _take
 
 
 class PlanView(Protocol):
@@ -28,15 +30,21 @@ class PlanView(Protocol):
     module: nn.Module
     to_module: nn.Module | None
     to: str | None
-    args: tuple
-    act_shape: tuple[int, ...]
-    output: OutputSelector
+    args: tuple[torch.Tensor, ...]
+    act_shape: tuple[int, ...] | None
+    output: _Selector
     batch_dim: int
     input_batch_dim: int
 
 
 # --------------------------------------------------------------------------------------------
 # tails
+
+
+def _act_shape(plan: PlanView) -> tuple[int, ...]:
+    """The activation's shape without the samples' axis: a plan builds its tails after the probe has set it."""
+    assert plan.act_shape is not None, "a tail is built before the plan has seen the activation"
+    return tuple(plan.act_shape)
 
 
 class _HookTail(nn.Module):
@@ -49,11 +57,11 @@ class _HookTail(nn.Module):
     def __init__(self, plan: PlanView):
         super().__init__()
         self.model = plan.model  # registered: its parameters decide dtype/device checks
-        self._modules_at = [plan.module, plan.to_module]  # a list: not registered twice
+        self._modules_at = (plan.module, plan.to_module)  # a tuple: not registered twice
         for k, x in enumerate(_take(plan.args, torch.zeros(1, dtype=torch.long), plan.input_batch_dim)):
             self.register_buffer(f"_arg{k}", x, persistent=False)  # buffers: .double() converts float probes
         self._n_args = len(plan.args)
-        self._act_shape = tuple(plan.act_shape)
+        self._act_shape = _act_shape(plan)
         self._output = plan.output
         self._batch_dim = plan.batch_dim
         self._input_batch_dim = plan.input_batch_dim
@@ -73,10 +81,10 @@ class _HookTail(nn.Module):
 class _SplitTail(nn.Module):
     """``(B, D)`` interpolated activations -> ``(B, O)`` through the traced sub-graph after ``at`` only."""
 
-    def __init__(self, graph_module: nn.Module, plan: PlanView):
+    def __init__(self, graph_module: fx.GraphModule, plan: PlanView):
         super().__init__()
         self.graph = graph_module
-        self._act_shape = tuple(plan.act_shape)
+        self._act_shape = _act_shape(plan)
         self._output = plan.output
         self._batch_dim = plan.batch_dim
         self._to = plan.to is not None
@@ -128,15 +136,35 @@ def _chain_tail(model: nn.Module, at: str, to: str | None) -> nn.Sequential | No
     return nn.Sequential(*leaves[ends[at] : stop])
 
 
+@overload
+def _trace_split(
+    model: nn.Module,
+    at: str,
+    to: str | None,
+    explain: Literal[False] = False,
+    args: tuple[torch.Tensor, ...] | None = None,
+    input_batch_dim: int = 0,
+    tuple_at: bool = False,
+) -> fx.GraphModule | None: ...
+@overload
+def _trace_split(
+    model: nn.Module,
+    at: str,
+    to: str | None,
+    explain: Literal[True],
+    args: tuple[torch.Tensor, ...] | None = None,
+    input_batch_dim: int = 0,
+    tuple_at: bool = False,
+) -> tuple[fx.GraphModule | None, str]: ...
 def _trace_split(
     model: nn.Module,
     at: str,
     to: str | None,
     explain: bool = False,
-    args: tuple | None = None,
+    args: tuple[torch.Tensor, ...] | None = None,
     input_batch_dim: int = 0,
     tuple_at: bool = False,
-):
+) -> fx.GraphModule | tuple[fx.GraphModule | None, str] | None:
     """A ``torch.fx`` GraphModule computing the output (or ``to``'s) from ``at``'s output alone, or None.
 
     Every module that does not contain ``at``/``to`` is a leaf; None when the model does not trace,
@@ -154,15 +182,18 @@ def _trace_split(
     return (gm, why) if explain else gm
 
 
-def _trace_split_why(model: nn.Module, at: str, to: str | None, args, input_batch_dim, tuple_at):
+def _trace_split_why(
+    model: nn.Module, at: str, to: str | None, args: tuple[torch.Tensor, ...] | None, input_batch_dim: int, tuple_at: bool
+) -> tuple[fx.GraphModule | None, str]:
     graph, err = _trace_through(model, at, to, explain=True, n_args=None if args is None else len(args))
     if graph is None:
         return None, f"torch.fx cannot trace the model ({err})"
     nodes = list(graph.nodes)
-    a = [n for n in nodes if n.op == "call_module" and n.target == at]
-    if len(a) != 1:
-        return None, f"{at!r} is called {len(a)} times in the traced graph"
-    a = a[0]
+    calls = [n for n in nodes if n.op == "call_module" and n.target == at]
+    if len(calls) != 1:
+        return None, f"{at!r} is called {len(calls)} times in the traced graph"
+    a = calls[0]
+    result: fx.node.Argument
     if to is None:
         out_nodes = [n for n in nodes if n.op == "output"]
         if len(out_nodes) != 1:
@@ -194,7 +225,9 @@ def _trace_split_why(model: nn.Module, at: str, to: str | None, args, input_batc
     return gm, ("" if gm is not None else "the traced tail cannot be rebuilt as a GraphModule")
 
 
-def _container_split(model: nn.Module, at: str, args: tuple, tuple_at: bool):
+def _container_split(
+    model: nn.Module, at: str, args: tuple[torch.Tensor, ...], tuple_at: bool
+) -> tuple[fx.GraphModule, str] | tuple[None, None]:
     """The split of the innermost module containing ``at`` whose output *is* the model's output (the model
     returns it as it is), when the model itself does not trace (danielmamay's einops ``rearrange`` before the
     blocks): the tail is traced alone, inside that module. ``(GraphModule, its name)`` or ``(None, None)``."""
@@ -203,8 +236,8 @@ def _container_split(model: nn.Module, at: str, args: tuple, tuple_at: bool):
     parts = at.split(".")
     names = [".".join(parts[:k]) for k in range(len(parts) - 1, 0, -1)]
     modules = dict(model.named_modules())
-    outs: dict = {}
-    handles = [modules[c].register_forward_hook(lambda m, i, o, c=c: outs.setdefault(c, o)) for c in names]
+    outs: dict[str, Any] = {}
+    handles = [modules[c].register_forward_hook(_first_output_hook(outs, c)) for c in names]
     try:
         out = _call_model(model, args)
     finally:
@@ -219,11 +252,28 @@ def _container_split(model: nn.Module, at: str, args: tuple, tuple_at: bool):
     return None, None
 
 
-def _trace_through(model: nn.Module, at: str, to: str | None, explain: bool = False, n_args: int | None = None):
-    """The ``torch.fx`` graph of ``model`` with every module not containing ``at``/``to`` a leaf; None if it does not trace."""
-    import torch.fx as fx
+def _first_output_hook(outs: dict[str, Any], name: str) -> Callable[[nn.Module, Any, Any], None]:
+    """A forward hook keeping the first output of module ``name`` in ``outs``."""
 
-    through = set()
+    def hook(m: nn.Module, i: Any, o: Any) -> None:
+        outs.setdefault(name, o)
+
+    return hook
+
+
+@overload
+def _trace_through(
+    model: nn.Module, at: str, to: str | None, explain: Literal[False] = False, n_args: int | None = None
+) -> fx.Graph | None: ...
+@overload
+def _trace_through(
+    model: nn.Module, at: str, to: str | None, explain: Literal[True], n_args: int | None = None
+) -> tuple[fx.Graph | None, str]: ...
+def _trace_through(
+    model: nn.Module, at: str, to: str | None, explain: bool = False, n_args: int | None = None
+) -> fx.Graph | tuple[fx.Graph | None, str] | None:
+    """The ``torch.fx`` graph of ``model`` with every module not containing ``at``/``to`` a leaf; None if it does not trace."""
+    through: set[str] = set()
     for name in (at, to):
         if name is not None:
             parts = name.split(".")
@@ -259,39 +309,47 @@ def _trace_through(model: nn.Module, at: str, to: str | None, explain: bool = Fa
 _SAME_SHAPE_METHODS = {"to", "contiguous", "long", "int", "cpu", "cuda", "clone", "detach"}
 
 
-def _shape_constants(nodes: list, args: tuple, input_batch_dim: int) -> dict:
+def _shape_constants(nodes: list[fx.Node], args: tuple[torch.Tensor, ...], input_batch_dim: int) -> dict[fx.Node, int]:
     """Nodes reading a size of a probe input along an axis other than the samples' (``x.shape[-1]``,
     ``x.size(1)``, ``len(x)`` of a batch-second input) and their values: the same for every batch of the tail."""
     phs = [n for n in nodes if n.op == "placeholder"]
     values = {ph: x for ph, x in zip(phs, args)}
-    consts: dict = {}
+    consts: dict[fx.Node, int] = {}
 
-    def axis_ok(x, k) -> bool:
-        return isinstance(k, int) and -x.dim() <= k < x.dim() and k % x.dim() != input_batch_dim
+    def axis_ok(x: torch.Tensor, k: int) -> bool:
+        return -x.dim() <= k < x.dim() and k % x.dim() != input_batch_dim
 
-    shapes = {}
+    shapes: dict[fx.Node, torch.Tensor] = {}
     for n in nodes:
         src = n.args[0] if n.args else None
+        if not isinstance(src, fx.Node):  # every rule below reads a node's sizes
+            continue
+        k = n.args[1] if len(n.args) > 1 else None
         if n.op == "call_method" and n.target in _SAME_SHAPE_METHODS and src in values:
             values[n] = values[src]  # x.to(device): the same sizes
-        elif n.op == "call_function" and n.target is getattr and src in values and n.args[1] == "shape":
+        elif n.op == "call_function" and n.target is getattr and src in values and k == "shape":
             shapes[n] = values[src]
-        elif n.op == "call_function" and n.target is operator.getitem and src in shapes and axis_ok(shapes[src], n.args[1]):
-            consts[n] = int(shapes[src].shape[n.args[1]])
-        elif n.op == "call_method" and n.target == "size" and src in values and len(n.args) == 2 and axis_ok(values[src], n.args[1]):
-            consts[n] = int(values[src].shape[n.args[1]])
+        elif n.op == "call_function" and n.target is operator.getitem and src in shapes and isinstance(k, int) and axis_ok(shapes[src], k):
+            consts[n] = int(shapes[src].shape[k])
+        elif (
+            n.op == "call_method"
+            and n.target == "size"
+            and src in values
+            and len(n.args) == 2
+            and isinstance(k, int)
+            and axis_ok(values[src], k)
+        ):
+            consts[n] = int(values[src].shape[k])
         elif n.op == "call_function" and n.target is len and src in values and axis_ok(values[src], 0):
             consts[n] = int(values[src].shape[0])
     return consts
 
 
-def _needed_nodes(result, a, stop=()) -> set:
+def _needed_nodes(result: fx.node.Argument, a: fx.Node, stop: Container[fx.Node] = ()) -> set[fx.Node]:
     """The nodes ``result`` depends on, walking back no further than ``a`` (and the constants in ``stop``)."""
-    import torch.fx as fx
-
-    needed: set = set()
-    stack = []
-    fx.node.map_arg(result, lambda n: stack.append(n))
+    needed: set[fx.Node] = set()
+    stack: list[fx.Node] = []
+    fx.node.map_arg(result, stack.append)
     while stack:
         n = stack.pop()
         if n in needed:
@@ -302,9 +360,9 @@ def _needed_nodes(result, a, stop=()) -> set:
     return needed
 
 
-def _input_dependent(nodes: list, a, consts=()) -> set:
+def _input_dependent(nodes: list[fx.Node], a: fx.Node, consts: Container[fx.Node] = ()) -> set[fx.Node]:
     """The nodes that depend on a placeholder (the input) other than through ``a`` (or the shape ``consts``)."""
-    dep_in: set = set()
+    dep_in: set[fx.Node] = set()
     for n in nodes:
         if n is a or n in consts:
             continue
@@ -313,13 +371,18 @@ def _input_dependent(nodes: list, a, consts=()) -> set:
     return dep_in
 
 
-def _sub_graph_module(model: nn.Module, nodes: list, needed: set, a, result, consts=None) -> nn.Module | None:
+def _sub_graph_module(
+    model: nn.Module,
+    nodes: list[fx.Node],
+    needed: set[fx.Node],
+    a: fx.Node,
+    result: fx.node.Argument,
+    consts: dict[fx.Node, int] | None = None,
+) -> fx.GraphModule | None:
     """The GraphModule of the ``needed`` nodes, with ``a``'s output its input ``h`` and the ``consts`` nodes
     replaced by their values; None if it cannot be built."""
-    import torch.fx as fx
-
     g2 = fx.Graph()
-    env = {a: g2.placeholder("h"), **(consts or {})}
+    env: dict[fx.Node, fx.node.Argument] = {a: g2.placeholder("h"), **(consts or {})}
     for n in nodes:
         if n in needed and n not in env:
             env[n] = g2.node_copy(n, lambda m: env[m])
@@ -379,9 +442,9 @@ _SCALE = {operator.mul, operator.matmul, torch.mul, torch.matmul, "mul", "matmul
 _DIV = {operator.truediv, torch.div, "div"}
 
 
-def _graph_kind(gm) -> int:
+def _graph_kind(gm: fx.GraphModule) -> int:
     """``_CONST``/``_AFFINE``/``_NONLINEAR``: how the traced graph's output depends on its input."""
-    kind: dict = {}
+    kind: dict[fx.Node, int] = {}
     mods = dict(gm.named_modules())
     out = _NONLINEAR
     for n in gm.graph.nodes:
@@ -410,14 +473,12 @@ def _graph_kind(gm) -> int:
     return out
 
 
-def _selector_affine(output: OutputSelector) -> bool:
+def _selector_affine(output: _Selector) -> bool:
     """Whether the output selector is structurally affine (None, an index, or a traceable affine callable)."""
     from .hooks import LastPosition
 
     if output is None or isinstance(output, (int, LastPosition)):
         return True
-    import torch.fx as fx
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -6,6 +6,7 @@ so a killed run never leaves a stale lock); the lock file itself stays in the di
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,7 +23,7 @@ class DirLockedError(RuntimeError):
 
 
 @contextmanager
-def locked(directory: str | Path, name: str, what: str, error: type[Exception] = DirLockedError):
+def locked(directory: str | Path, name: str, what: str, error: type[Exception] = DirLockedError) -> Iterator[None]:
     """Hold ``directory/name`` for the block; another holder makes it raise :class:`DirLockedError` at once.
 
     ``what`` names the writer in the message (``"run"``, ``"sweep"``); ``error`` is the exception raised (default

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import numbers
+from pathlib import Path
 
 import torch
 
@@ -38,7 +39,7 @@ FLAG_KAPPA = 3e-5
 MAX_N_LAMBDA = 10_000
 
 
-def check_n_lambda(n_lambda) -> int:
+def check_n_lambda(n_lambda: object) -> int:
     """Validate the number of interpolation points per pair and return it as a plain ``int``.
 
     Raises:
@@ -88,11 +89,9 @@ def _address_space_left() -> int | None:
         return None
 
 
-def _cgroup_roots() -> list:
+def _cgroup_roots() -> list[Path]:
     """This process's memory cgroup directories (v2 ``0::/path``, v1 ``memory:/path``), innermost first."""
-    from pathlib import Path
-
-    roots = []
+    roots: list[Path] = []
     try:
         with open("/proc/self/cgroup") as f:
             for line in f:
@@ -111,11 +110,9 @@ def _cgroup_roots() -> list:
     return roots
 
 
-def _cgroup_left(roots: list | None = None) -> int | None:
+def _cgroup_left(roots: list[Path] | None = None) -> int | None:
     """What the memory cgroup leaves: ``memory.max - memory.current`` (v2) or ``memory.limit_in_bytes -
     memory.usage_in_bytes`` (v1), the smallest over ``roots`` (``None``: no limit found)."""
-    from pathlib import Path
-
     left = None
     for root in _cgroup_roots() if roots is None else roots:
         for limit_name, usage_name in (("memory.max", "memory.current"), ("memory.limit_in_bytes", "memory.usage_in_bytes")):

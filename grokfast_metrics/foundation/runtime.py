@@ -15,7 +15,7 @@ import inspect
 import os
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -51,10 +51,11 @@ def synchronize(device: torch.device | str | None) -> None:
 
 
 @contextmanager
-def eval_mode(module: nn.Module):
+def eval_mode(module: nn.Module) -> Iterator[None]:
     """Run ``module`` in eval mode and leave every submodule's mode as it was; the global RNG is forked."""
     modes = [(m, m.training) for m in module.modules()]
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    cuda_up = torch.cuda.is_available() and torch.cuda.is_initialized()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
+    devices = [torch.cuda.current_device()] if cuda_up else []
     with torch.random.fork_rng(devices=devices):
         module.eval()
         try:

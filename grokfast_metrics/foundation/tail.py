@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeGuard
 
 import numpy as np
 import torch
@@ -35,13 +36,15 @@ _SQRT_HALF = math.sqrt(0.5)
 def _np_erfc(x: np.ndarray) -> np.ndarray:
     from scipy.special import erfc
 
-    return erfc(x)
+    y: np.ndarray = erfc(x)  # (scipy is untyped)
+    return y
 
 
 def _np_sigmoid(x: np.ndarray) -> np.ndarray:
     """``1 / (1 + e^-x)`` without overflow: ``e^x / (1 + e^x)`` for ``x < 0`` (relative accuracy everywhere)."""
     e = np.exp(-np.abs(x))
-    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    y: np.ndarray = np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))  # (numpy types where(c, x, y) as Any)
+    return y
 
 
 # Stable formulas (docs/lmn.md, "Accuracy contract"): GELU as 0.5 x erfc(-x/sqrt 2) (the erf form cancels for very negative x),
@@ -174,11 +177,11 @@ def activation_of(m: nn.Module) -> Act | None:
     """The :class:`Act` an activation module computes, or ``None`` if it is not one of :data:`ACTIVATIONS`."""
     for kind in ACTIVATIONS.values():
         if type(m) is kind.module and kind.matches(m):
-            return Act(kind.name, float(m.negative_slope) if kind.name == "leaky_relu" else 0.0)
+            return Act(kind.name, float(m.negative_slope) if isinstance(m, nn.LeakyReLU) else 0.0)
     return None
 
 
-def is_plain_sequential(m: nn.Module) -> bool:
+def is_plain_sequential(m: nn.Module) -> TypeGuard[nn.Sequential]:
     """True for an ``nn.Sequential`` whose forward is the plain chain (not a subclass overriding it)."""
     return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
 
@@ -309,27 +312,43 @@ def parse_tail(tail: nn.Module) -> MLPTail | None:
     return spec
 
 
+def _layer_kinds(tail: nn.Module) -> list[nn.Linear | Act]:
+    """The tail's layers (nested plain Sequentials flattened), each an ``nn.Linear`` or the :class:`Act` it computes.
+
+    Raises:
+        ValueError: the tail contains something other than ``nn.Linear`` and :data:`ACTIVATIONS`.
+    """
+    out: list[nn.Linear | Act] = []
+    for m in _flatten(tail) or [tail]:  # a Sequential overriding its forward (or an empty one) is refused whole
+        if type(m) is nn.Linear:
+            out.append(m)
+            continue
+        act = activation_of(m)
+        if act is None:
+            raise ValueError(
+                f"the reference backend runs nn.Linear and elementwise activations ({', '.join(ACTIVATIONS)}) only; got {type(m).__name__}"
+            )
+        out.append(act)
+    return out
+
+
+def _numpy_linear(lin: nn.Linear) -> Callable[[np.ndarray], np.ndarray]:
+    W = lin.weight.detach().cpu().double().numpy()
+    b = None if lin.bias is None else lin.bias.detach().cpu().double().numpy()
+    return lambda x: x @ W.T + (0.0 if b is None else b)
+
+
+def _numpy_fn(layer: nn.Linear | Act) -> Callable[[np.ndarray], np.ndarray]:
+    return _numpy_linear(layer) if isinstance(layer, nn.Linear) else layer.numpy
+
+
 def numpy_layers(tail: nn.Module) -> list[Callable[[np.ndarray], np.ndarray]]:
     """The tail, layer by layer, as float64 NumPy callables (the reference runs these, nothing absorbed).
 
     Raises:
         ValueError: the tail contains something other than ``nn.Linear`` and :data:`ACTIVATIONS`.
     """
-    layers = _flatten(tail)
-    out: list[Callable[[np.ndarray], np.ndarray]] = []
-    for m in layers or [tail]:
-        if type(m) is nn.Linear:
-            W = m.weight.detach().cpu().double().numpy()
-            b = None if m.bias is None else m.bias.detach().cpu().double().numpy()
-            out.append(lambda x, W=W, b=b: x @ W.T + (0.0 if b is None else b))
-            continue
-        act = activation_of(m) if layers is not None else None
-        if act is None:
-            raise ValueError(
-                f"the reference backend runs nn.Linear and elementwise activations ({', '.join(ACTIVATIONS)}) only; got {type(m).__name__}"
-            )
-        out.append(act.numpy)
-    return out
+    return [_numpy_fn(layer) for layer in _layer_kinds(tail)]
 
 
 @dataclass
@@ -351,19 +370,22 @@ class NumpyTail:
 
 def numpy_tail(tail: nn.Module) -> NumpyTail:
     """Split :func:`numpy_layers` for the centred evaluation (see :class:`NumpyTail`)."""
-    layers = _flatten(tail) or [tail]
-    fns = numpy_layers(tail)
-    last_lin = max((k for k, m in enumerate(layers) if type(m) is nn.Linear), default=None)
-    trailing = [] if last_lin is None else [m for m in layers[last_lin + 1 :] if not activation_of(m).is_identity]
-    if last_lin is None or trailing:
+    layers = _layer_kinds(tail)
+    fns = [_numpy_fn(layer) for layer in layers]
+    linears = [(k, m) for k, m in enumerate(layers) if isinstance(m, nn.Linear)]
+    if not linears:
         return NumpyTail(fns, None, None, [])
-    lin = layers[last_lin]
+    last_lin, lin = linears[-1]
+    if any(isinstance(a, Act) and not a.is_identity for a in layers[last_lin + 1 :]):
+        return NumpyTail(fns, None, None, [])
     W = lin.weight.detach().cpu().double().numpy()
     b = None if lin.bias is None else lin.bias.detach().cpu().double().numpy()
     body = fns[:last_lin]
-    prev = [k for k in range(last_lin) if not (type(layers[k]) is not nn.Linear and activation_of(layers[k]).is_identity)]
+    prev = [(k, m) for k, m in enumerate(layers[:last_lin]) if not (isinstance(m, Act) and m.is_identity)]
     sat = None
-    if prev and type(layers[prev[-1]]) is not nn.Linear and activation_of(layers[prev[-1]]).name in SATURATING:
-        sat = activation_of(layers[prev[-1]]).name
-        body = [f for k, f in enumerate(fns[:last_lin]) if k != prev[-1]]  # identities after it are no-ops
+    if prev:
+        k_sat, before = prev[-1]
+        if isinstance(before, Act) and before.name in SATURATING:
+            sat = before.name
+            body = [f for k, f in enumerate(fns[:last_lin]) if k != k_sat]  # identities after it are no-ops
     return NumpyTail(body, (W, b), sat, [])

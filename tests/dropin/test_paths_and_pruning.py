@@ -127,6 +127,31 @@ def test_no_pruning_where_every_position_reaches_the_logits():
     check_backend(L, ref)  # observed 4.8e-07
 
 
+class _AttentionOut(torch.nn.Module):
+    """A tail that returns ``nn.MultiheadAttention``'s own ``(output, weights)`` tuple, read by the selector."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.act = torch.nn.Linear(4, 8), torch.nn.Tanh()
+        self.attn = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x):
+        h = self.act(self.emb(x))
+        return self.attn(h, h, h)
+
+
+def test_a_selector_reading_inside_a_leaf_modules_tuple_runs_unpruned():
+    """The selected element lies inside one node's value (the attention's tuple): pruning leaves the tail whole (it used
+    to walk into the node and raise ``TypeError: 'Node' object is not subscriptable``)."""
+    model, probe = _AttentionOut(), torch.randn(5, 3, 4, generator=torch.Generator().manual_seed(0))
+    plan = Plan(model, probe, "act", output=lambda out: out[0][:, -1])
+    L = plan.connectivity()
+    assert plan.path == "split" and not plan.pruned
+    ref = dropin.lmn_at(model, probe, "act", output=lambda out: out[0][:, -1], backend="reference").connectivity.double()
+    check_backend(L, ref)  # observed 5.4e-07
+
+
 # --------------------------------------------------------------------------------------------
 # drop-in defects
 
