@@ -28,7 +28,7 @@ _EXPORTS = {
     "lmn": "compute.core",
     "lmn_from_connectivity": "compute.core",
     "resolve_backend": "compute.core",
-    "AffineTailWarning": "dropin.plan",
+    "AffineTailWarning": "dropin.affine",
     "check_cut": "dropin.measure",
     "lmn_at": "dropin.measure",
     "EigenStepError": "tracking.async_eigen",

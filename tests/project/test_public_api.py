@@ -17,8 +17,8 @@ import torch
 
 import grokfast_metrics as gm
 from grokfast_metrics.compute import core, reference
+from grokfast_metrics.dropin import affine
 from grokfast_metrics.dropin import measure as dropin
-from grokfast_metrics.dropin import plan
 from grokfast_metrics.foundation import errors
 from grokfast_metrics.foundation import runtime as _runtime
 from grokfast_metrics.tracking import async_eigen, metric, tracker
@@ -34,7 +34,7 @@ DEFINED_IN = {
     "lmn": core,
     "lmn_from_connectivity": core,
     "BACKENDS": core,
-    "AffineTailWarning": plan,
+    "AffineTailWarning": affine,
     "EigenStepError": async_eigen,
     "check_cut": dropin,
     "lmn_at": dropin,
