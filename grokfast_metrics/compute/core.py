@@ -186,6 +186,12 @@ def resolve_backend(h: torch.Tensor, tail: nn.Module, backend: str = "auto") -> 
     return _choose(backend, h, _compute_dtype(h, tail), parse_tail(tail))
 
 
+def _runs_as_module(spec: MLPTail | None) -> bool:
+    """Whether the torch and reference backends run the tail as a module (the generic path): not an MLP tail, or a
+    lowered tail with a skip term (only the fused kernels take the skip term; the torch MLP path does not)."""
+    return spec is None or spec.skip is not None
+
+
 def _kernel_of(name: str, dtype: torch.dtype, spec: MLPTail | None, n_lambda: int) -> str | None:
     """The kernel variant backend ``name`` runs: ``"fp32"``/``"fp64"`` (the C++ kernel's instantiation), ``"v1"``/``"v2"``
     (the Triton kernel), ``"generic"`` (torch ops on a non-MLP module), ``"mlp"`` (torch ops on an MLP tail); ``None``
@@ -200,7 +206,7 @@ def _kernel_of(name: str, dtype: torch.dtype, spec: MLPTail | None, n_lambda: in
         variant: str = variant_for(spec, n_lambda)
         return variant
     if name == "torch":
-        return "mlp" if spec is not None else "generic"
+        return "generic" if _runs_as_module(spec) else "mlp"
     return None
 
 
@@ -270,7 +276,8 @@ def _run_torch(
     h: torch.Tensor, tail: nn.Module, spec: MLPTail | None, n_lambda: int, chunk_bytes: int | None, y_end: torch.Tensor
 ) -> torch.Tensor:
     flag = h.dtype == torch.float32
-    if spec is not None and spec.skip is None:
+    if not _runs_as_module(spec):
+        assert spec is not None
         return torch_backend.connectivity_mlp(h, spec, n_lambda, chunk_bytes, flag=flag)
     from . import generic
 
@@ -281,7 +288,7 @@ def _run_torch(
 def _run_reference(
     h: torch.Tensor, tail: nn.Module, spec: MLPTail | None, n_lambda: int, chunk_bytes: int | None, y_end: torch.Tensor
 ) -> torch.Tensor:
-    if spec is None or spec.skip is not None:  # any other module: the paper-literal float64 loop through the module
+    if _runs_as_module(spec):  # any other module: the paper-literal float64 loop through the module
         from .generic import reference_connectivity
 
         return torch.from_numpy(reference_connectivity(h, tail, n_lambda)).to(device=h.device, dtype=h.dtype)
@@ -435,7 +442,7 @@ def connectivity(
             recomputed = _recompute_flagged(L, h, tail, spec, n_lambda, chunk_bytes, groups)
         if groups is not None:  # docs/lmn.md, "Policies for the undefined cases": identical rows give 1
             L[groups[:, None] == groups[None, :]] = 1.0
-        unresolved = _warn_unresolved(L) if name == "torch" and (spec is None or spec.skip is not None) else 0
+        unresolved = _warn_unresolved(L) if name == "torch" and _runs_as_module(spec) else 0
     n = h.shape[0]
     _LAST_RUN.clear()
     _LAST_RUN.update(

@@ -185,6 +185,19 @@ def test_pairs_f64_with_skip_matches_reference():
     np.testing.assert_allclose(v, L_ref[i, j], rtol=0, atol=1e-12)
 
 
+def test_lowered_tail_on_the_torch_backend_is_named_generic():
+    """``backend="torch"`` runs a lowered tail (skip term) as a module, on the generic path: ``backend_info`` and
+    ``last_run_info`` say so (they said ``"mlp"``, the torch MLP path, which does not take the skip term)."""
+    model, probe, kw = nanda(n=6)
+    plan = _plan(model, probe, kw)
+    plan.connectivity(n_lambda=3)
+    h, low = _h(plan), plan.lowering.tail
+    assert low is not None, plan.lowering.reason
+    assert core.backend_info(h, low, "torch")["kernel"] == "generic"
+    gm.connectivity(h, low, n_lambda=3, backend="torch")
+    assert core.last_run_info()["kernel"] == "generic"
+
+
 # --------------------------------------------------------------------------------------------
 # weights change: the folded weights follow
 
