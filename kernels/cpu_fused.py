@@ -413,11 +413,16 @@ def connectivity_cpu(
         FLAG_KAPPA if flag else 0.0,
         None if u64 is None else u64.ctypes.data,
     )
-    if rc == 2:
-        raise MemoryError(f"fused CPU kernel ran out of memory (N={n}, widths {[*pk.kins, pk.out_dim]})")
-    if rc != 0:
-        raise RuntimeError(f"fused CPU kernel failed with code {rc}")
+    _check_rc(rc, "fused CPU kernel", n, [*pk.kins, pk.out_dim])
     return out
+
+
+def _check_rc(rc: int, what: str, n: int, widths: list[int]) -> None:
+    """The kernels' return codes: 0 ok, 2 out of memory (a ``MemoryError``), anything else a ``RuntimeError``."""
+    if rc == 2:
+        raise MemoryError(f"{what} ran out of memory (N={n}, widths {widths})")
+    if rc != 0:
+        raise RuntimeError(f"{what} failed with code {rc}")
 
 
 def _skip_array(spec: MLPTail, u: torch.Tensor | np.ndarray | None, n: int) -> np.ndarray | None:
@@ -554,10 +559,7 @@ def _run_f64(
         pk.wnorm.data_ptr(),
         None if u is None else u.ctypes.data,
     )
-    if rc == 2:
-        raise MemoryError(f"fp64 CPU kernel ran out of memory (N={n}, widths {[*pk.kins, pk.out_dim]})")
-    if rc != 0:
-        raise RuntimeError(f"fp64 CPU kernel failed with code {rc}")
+    _check_rc(rc, "fp64 CPU kernel", n, [*pk.kins, pk.out_dim])
     return out
 
 
